@@ -1,0 +1,72 @@
+"""Entry point: ``qmpd`` and ``python -m qmpd``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Sequence
+
+from qmpd.cli import Config, parse_args
+from qmpd.errors import ConfigError
+
+
+def _daemonize() -> int:
+    """Fork into the background; the parent exits once the child is ready.
+
+    Returns the write end of the readiness pipe in the daemon process.
+    """
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        status = b"".join(chunks)
+        if status.startswith(b"\0"):
+            os._exit(0)
+        sys.stderr.write(status.decode(errors="replace") or "qmpd: daemon failed to start\n")
+        os._exit(1)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return write_fd
+
+
+async def _run(config: Config, ready_fd: int | None) -> int:
+    from qmpd.daemon import Daemon
+
+    daemon = Daemon(config)
+    return await daemon.run(ready_fd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"qmpd: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper()),
+        format="qmpd: %(levelname)s: %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ready_fd = _daemonize() if config.daemonize else None
+    try:
+        return asyncio.run(_run(config, ready_fd))
+    except ConfigError as exc:
+        print(f"qmpd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The daemon: owns the event loop, the signals and the start-up/shutdown order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+import qmpd.commands  # noqa: F401  (registers the command handlers)
+from qmpd import __version__
+from qmpd.cli import Config, HttpConfig
+from qmpd.errors import ConfigError
+from qmpd.http import build_app
+from qmpd.metrics import Metrics
+from qmpd.qmp.dispatch import Dispatcher
+from qmpd.qmp.events import EventBus
+from qmpd.qmp.server import MonitorConfig, QMPServer
+from qmpd.runstate import RunState
+from qmpd.schema import Schema
+from qmpd.vm import VirtualMachine
+
+log = logging.getLogger("qmpd")
+
+#: Run states in which the daemon is not doing its job yet (or any more).
+NOT_READY_STATES = frozenset(
+    {
+        RunState.INMIGRATE,
+        RunState.FINISH_MIGRATE,
+        RunState.SHUTDOWN,
+        RunState.INTERNAL_ERROR,
+        RunState.IO_ERROR,
+        RunState.GUEST_PANICKED,
+        RunState.RESTORE_VM,
+        RunState.SAVE_VM,
+    }
+)
+
+
+class Daemon:
+    """One qmpd process: QMP monitors, run state, HTTP, lifecycle."""
+
+    def __init__(self, config: Config, schema: Schema | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.version_info = config.version_info()
+        self.started = time.monotonic()
+        self.metrics = Metrics()
+        check = os.environ.get("QMPD_CHECK_SCHEMA") == "1"
+        self.schema = schema or Schema()
+        self.events = EventBus(self.metrics, self.schema if check else None)
+        if config.incoming is not None:
+            initial = RunState.INMIGRATE
+        else:
+            initial = RunState.PRELAUNCH
+        self.vm = VirtualMachine(
+            self.events, initial, autostart=not config.paused, metrics=self.metrics
+        )
+        self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
+        self.qmp = QMPServer(
+            self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit
+        )
+        self.http_runners: list[web.AppRunner] = []
+        self.http_bound: list[str] = []
+        self.shutting_down = False
+        self.shutdown_cause: str | None = None
+        self._stopped = asyncio.Event()
+        self._signals_seen = 0
+
+    # --- services for command handlers --------------------------------
+
+    def request_shutdown(self, cause: str) -> None:
+        """Begin a graceful shutdown: SHUTDOWN now, the rest after this turn."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.shutdown_cause = cause
+        self.metrics.ready.set(0)
+        _sd_notify("STOPPING=1")
+        self.events.emit("SHUTDOWN", {"guest": False, "reason": cause})
+        # Let the current command's reply go out before listeners close.
+        asyncio.get_running_loop().call_soon(self._stopped.set)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "run-state": self.vm.state.value,
+            "uptime": round(time.monotonic() - self.started, 3),
+            "version": __version__,
+        }
+
+    def readiness_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.shutting_down:
+            problems.append("shutting down")
+        for monitor in self.qmp.monitors:
+            if not monitor.listening:
+                problems.append(f"monitor {monitor.config.id} is not listening")
+        if len(self.qmp.monitors) < len(self.config.monitors):
+            problems.append("not every monitor has started")
+        if self.vm.state in NOT_READY_STATES:
+            problems.append(f"run state is {self.vm.state.value}")
+        return problems
+
+    # --- lifecycle ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Carry out the command line's actions in order, then start running."""
+        for action in self.config.actions:
+            if isinstance(action, MonitorConfig):
+                try:
+                    monitor = await self.qmp.add_monitor(action)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {action.address}: {exc.strerror}") from None
+                log.info("QMP monitor %s listening on %s", action.id, monitor.bound)
+            elif isinstance(action, HttpConfig):
+                await self._start_http(action)
+        if self.vm.state == RunState.PRELAUNCH and self.vm.autostart:
+            self.vm.start()
+
+    async def _start_http(self, cfg: HttpConfig) -> None:
+        runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+        self.http_runners.append(runner)
+        for addr in runner.addresses:
+            host, port = addr[0], addr[1]
+            shown = f"[{host}]" if ":" in host else host
+            self.http_bound.append(f"http://{shown}:{port}")
+            log.info("HTTP listening on http://%s:%s", shown, port)
+
+    def listening_summary(self) -> str:
+        parts = [f"QMP on {m.bound}" for m in self.qmp.monitors]
+        parts += [f"HTTP on {h}" for h in self.http_bound]
+        return "qmpd listening: " + ", ".join(parts)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Close in a fixed order: QMP (clients flushed), then HTTP, then files."""
+        self.shutting_down = True
+        await self.qmp.close()
+        for runner in self.http_runners:
+            await runner.cleanup()
+        self.http_runners.clear()
+        if self.config.pidfile:
+            try:
+                os.unlink(self.config.pidfile)
+            except FileNotFoundError:
+                pass
+
+    def on_signal(self, signum: int) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            log.error("second signal %d: exiting at once", signum)
+            os._exit(1)
+        print(f"qmpd: terminating on signal {signum}", file=sys.stderr, flush=True)
+        self.request_shutdown("host-signal")
+
+    async def run(self, ready_fd: int | None = None) -> int:
+        """Run until quit or a signal; the exit status is returned."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.on_signal, signum)
+        try:
+            await self.start()
+        except ConfigError as exc:
+            await self.shutdown()
+            if ready_fd is not None:
+                os.write(ready_fd, f"qmpd: {exc}\n".encode())
+                os.close(ready_fd)
+            raise
+        if self.config.pidfile:
+            _write_pidfile(self.config.pidfile)
+        self.metrics.ready.set(0 if self.readiness_problems() else 1)
+        print(self.listening_summary(), flush=True)
+        _sd_notify("READY=1")
+        if ready_fd is not None:
+            os.write(ready_fd, b"\0")
+            os.close(ready_fd)
+        await self.wait_stopped()
+        await self.shutdown()
+        return 0
+
+
+def _write_pidfile(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd about our state when it asked (NOTIFY_SOCKET set)."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(target)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)

@@ -1,0 +1,305 @@
+"""The thin asyncio layer: monitor listeners and client connections.
+
+Each connection is an :class:`asyncio.Protocol` that feeds whole buffers to
+its :class:`~qmpd.qmp.session.QMPSession` and writes what comes back.
+Requests of one connection run one at a time, in order; different
+connections never wait for each other.  A client that stops reading is
+paused (no more of its requests run) and, if events keep piling up for it
+past the output limit, disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Union
+
+from qmpd.qmp.session import Incoming, QMPSession
+
+if TYPE_CHECKING:
+    from qmpd.metrics import Metrics
+    from qmpd.qmp.dispatch import Dispatcher
+    from qmpd.qmp.events import EventBus
+
+log = logging.getLogger(__name__)
+
+#: Parsed requests a connection may hold before it stops reading its socket.
+MAX_QUEUED_REQUESTS = 8
+#: Output buffered for one client before it counts as not reading.
+WRITE_HIGH_WATER = 256 * 1024
+#: Output buffered for one client before it is disconnected.
+DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
+class InetAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+SocketAddress = Union[UnixAddress, InetAddress]
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """One QMP monitor: where it listens and how it formats output."""
+
+    id: str
+    address: SocketAddress
+    pretty: bool = False
+
+
+class QMPConnection(asyncio.Protocol):
+    """One client of one monitor."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.session = QMPSession(monitor.server.version, pretty=monitor.config.pretty)
+        self.pretty = monitor.config.pretty
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[Incoming] = deque()
+        self.busy = False
+        self.write_paused = False
+        self.read_paused = False
+        self.closed = False
+        self.eof = False
+
+    # --- asyncio callbacks ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.monitor.attach(self)
+        self._write(self.session.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        self.queue.extend(self.session.receive_data(data))
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        # QEMU notices end of input only after running what came before it,
+        # so a client that half-closes still gets every reply.
+        self.eof = True
+        self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.session.parser.reset()
+        self.monitor.detach(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._process()
+
+    # --- work ------------------------------------------------------------
+
+    def _process(self) -> None:
+        dispatcher = self.monitor.server.dispatcher
+        queue = self.queue
+        while queue and not self.busy and not self.write_paused and not self.closed:
+            item = queue.popleft()
+            if isinstance(item, bytes):
+                self._write(item)
+                continue
+            reply = dispatcher.dispatch(self.session, item)
+            if isinstance(reply, bytes):
+                self._write(reply)
+            else:
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._finish(reply))
+        if self.eof and not queue and not self.busy:
+            self.close()
+            return
+        self._flow_control()
+
+    async def _finish(self, reply: Awaitable[bytes]) -> None:
+        try:
+            data = await reply
+        finally:
+            self.busy = False
+        if not self.closed:
+            self._write(data)
+            self._process()
+
+    def _flow_control(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        backlog = len(self.queue) > MAX_QUEUED_REQUESTS or self.write_paused
+        if backlog and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
+        elif not backlog and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.monitor.server.output_limit:
+            log.warning(
+                "%s: client does not read its output (%d bytes queued); disconnecting",
+                self.monitor.config.id,
+                transport.get_write_buffer_size(),
+            )
+            if self.monitor.server.metrics is not None:
+                self.monitor.server.metrics.disconnects_for_backlog.inc()
+            self.closed = True
+            transport.abort()
+
+    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
+        if self.session.negotiating or self.closed:
+            return
+        self._write(pretty if self.pretty and pretty is not None else plain)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class Monitor:
+    """A listening QMP monitor and its connected clients."""
+
+    def __init__(self, server: QMPServer, config: MonitorConfig) -> None:
+        self.server = server
+        self.config = config
+        self.connections: set[QMPConnection] = set()
+        self.listener: asyncio.AbstractServer | None = None
+        self.bound: str | None = None  # where it really listens (port 0 resolved)
+
+    @property
+    def listening(self) -> bool:
+        return self.listener is not None and self.listener.is_serving()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        address = self.config.address
+        if isinstance(address, UnixAddress):
+            sock = _bind_unix(address.path)
+            self.listener = await loop.create_unix_server(
+                lambda: QMPConnection(self), sock=sock, backlog=128
+            )
+            self.bound = str(address)
+        else:
+            self.listener = await loop.create_server(
+                lambda: QMPConnection(self), address.host, address.port, backlog=128,
+                reuse_address=True,
+            )
+            sockname = self.listener.sockets[0].getsockname()
+            self.bound = str(InetAddress(address.host, int(sockname[1])))
+
+    def attach(self, conn: QMPConnection) -> None:
+        self.connections.add(conn)
+        self.server.events.subscribe(conn)
+        metrics = self.server.metrics
+        if metrics is not None:
+            metrics.connections.labels(self.config.id).inc()
+            metrics.clients.labels(self.config.id).inc()
+
+    def detach(self, conn: QMPConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            metrics = self.server.metrics
+            if metrics is not None:
+                metrics.clients.labels(self.config.id).dec()
+        self.server.events.unsubscribe(conn)
+
+    async def stop(self) -> None:
+        """Stop listening, close every client, remove the socket file."""
+        if self.listener is not None:
+            self.listener.close()
+        for conn in list(self.connections):
+            conn.close()
+        address = self.config.address
+        if isinstance(address, UnixAddress):
+            _unlink_socket(address.path)
+        if self.listener is not None:
+            try:
+                await asyncio.wait_for(self.listener.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+            self.listener = None
+
+
+class QMPServer:
+    """All monitors of the daemon, sharing one dispatcher and event bus."""
+
+    def __init__(
+        self,
+        version: dict[str, Any],
+        dispatcher: Dispatcher,
+        events: EventBus,
+        metrics: Metrics | None = None,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+    ) -> None:
+        self.version = version
+        self.dispatcher = dispatcher
+        self.events = events
+        self.metrics = metrics
+        self.output_limit = output_limit
+        self.monitors: list[Monitor] = []
+
+    async def add_monitor(self, config: MonitorConfig) -> Monitor:
+        monitor = Monitor(self, config)
+        await monitor.start()
+        self.monitors.append(monitor)
+        return monitor
+
+    @property
+    def all_listening(self) -> bool:
+        return bool(self.monitors) and all(m.listening for m in self.monitors)
+
+    async def close(self) -> None:
+        for monitor in self.monitors:
+            await monitor.stop()
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """A listening UNIX socket at ``path`` that only its owner may use."""
+    _unlink_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # On Linux the mode of the socket inode set before bind() is what
+        # bind() gives the file, so it is never reachable by others.
+        os.fchmod(sock.fileno(), 0o600)
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,160 @@
+"""Sans-IO state of one QMP connection: greeting, negotiation, request checks.
+
+Bytes in (:meth:`QMPSession.receive_data`), requests and ready-made error
+replies out; replies and events are encoded here too.  The session knows
+nothing about sockets or about which commands exist: the dispatcher does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Union
+
+from qmpd.errors import CommandNotFound, GenericError, QMPError
+from qmpd.qmp.encode import encode_message, qdict_order
+from qmpd.qmp.json_stream import JSONStreamParser, ParseFailure
+
+#: Capabilities qmpd can offer; a socket monitor offers all of them.
+QMP_CAPABILITIES = ("oob",)
+
+NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
+
+_UNSET = object()
+
+
+@dataclass(slots=True)
+class Request:
+    """A request that passed the envelope checks and awaits dispatch."""
+
+    command: str
+    arguments: dict[str, Any]
+    id: Any = _UNSET
+    oob: bool = False
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _UNSET
+
+
+Incoming = Union[Request, bytes]
+
+
+class QMPSession:
+    """Protocol state of one client connection."""
+
+    __slots__ = ("parser", "pretty", "negotiating", "capabilities", "offered", "_greeting")
+
+    def __init__(
+        self,
+        version: dict[str, Any],
+        offered: tuple[str, ...] = QMP_CAPABILITIES,
+        pretty: bool = False,
+    ) -> None:
+        self.parser = JSONStreamParser()
+        self.pretty = pretty
+        self.negotiating = True
+        self.capabilities: frozenset[str] = frozenset()
+        self.offered = offered
+        self._greeting = self.encode({"QMP": {"version": version, "capabilities": list(offered)}})
+
+    @property
+    def oob_enabled(self) -> bool:
+        return "oob" in self.capabilities
+
+    def greeting(self) -> bytes:
+        """The first message a client receives."""
+        return self._greeting
+
+    def encode(self, message: dict[str, Any]) -> bytes:
+        return encode_message(message, self.pretty)
+
+    def receive_data(self, data: bytes) -> list[Incoming]:
+        """Parse ``data``; return requests to dispatch and immediate replies."""
+        out: list[Incoming] = []
+        for item in self.parser.feed(data):
+            if isinstance(item, ParseFailure):
+                out.append(self.encode({"error": GenericError(item.desc).to_qmp()}))
+            elif not isinstance(item, dict):
+                out.append(
+                    self.encode({"error": GenericError("QMP input must be a JSON object").to_qmp()})
+                )
+            else:
+                out.append(self._check_request(item))
+        return out
+
+    def _check_request(self, msg: dict[str, Any]) -> Incoming:
+        # Members are checked in QEMU's QDict order; the first problem wins.
+        allow_oob = self.oob_enabled
+        exec_key: str | None = None
+        problem: str | None = None
+        for key in qdict_order(list(msg)):
+            value = msg[key]
+            if key == "execute" or (key == "exec-oob" and allow_oob):
+                if not isinstance(value, str):
+                    problem = f"QMP input member '{key}' must be a string"
+                    break
+                if exec_key is not None:
+                    problem = f"QMP input member '{key}' clashes with '{exec_key}'"
+                    break
+                exec_key = key
+            elif key == "arguments":
+                if not isinstance(value, dict):
+                    problem = "QMP input member 'arguments' must be an object"
+                    break
+            elif key != "id":
+                problem = f"QMP input member '{key}' is unexpected"
+                break
+        if problem is None and exec_key is None:
+            problem = "QMP input lacks member 'execute'"
+        request_id = msg.get("id", _UNSET)
+        if problem is not None:
+            return self._error_bytes(request_id, GenericError(problem))
+        assert exec_key is not None
+        return Request(
+            command=msg[exec_key],
+            arguments=msg.get("arguments", {}),
+            id=request_id,
+            oob=exec_key == "exec-oob",
+        )
+
+    def accept_capabilities(self, enable: list[str]) -> None:
+        """qmp_capabilities: leave negotiation mode with ``enable`` in effect."""
+        if not self.negotiating:
+            raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
+        unavailable = [cap for cap in QMP_CAPABILITIES if cap in enable and cap not in self.offered]
+        if unavailable:
+            raise GenericError(f"Capability {', '.join(unavailable)} not available")
+        self.capabilities = frozenset(enable)
+        self.negotiating = False
+
+    def return_reply(self, request: Request, value: Any) -> bytes:
+        if request.id is _UNSET:
+            return self.encode({"return": value})
+        return self.encode({"return": value, "id": request.id})
+
+    def error_reply(self, request: Request, error: QMPError) -> bytes:
+        return self._error_bytes(request.id, error)
+
+    def _error_bytes(self, request_id: Any, error: QMPError) -> bytes:
+        info = error.to_qmp()
+        if self.negotiating and isinstance(error, CommandNotFound):
+            info = {"class": info["class"], "desc": NEGOTIATION_HINT}
+        if request_id is _UNSET:
+            return self.encode({"error": info})
+        return self.encode({"id": request_id, "error": info})
+
+
+def event_message(name: str, data: dict[str, Any] | None, now: float | None = None) -> dict[str, Any]:
+    """An event as QEMU shapes it; ``data`` is left out when there is none."""
+    if now is None:
+        now = time.time()
+    seconds = int(now)
+    micro = int((now - seconds) * 1_000_000)
+    msg: dict[str, Any] = {
+        "timestamp": {"seconds": seconds, "microseconds": micro},
+        "event": name,
+    }
+    if data is not None:
+        msg["data"] = data
+    return msg

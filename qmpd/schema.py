@@ -1,0 +1,478 @@
+"""The QMP schema: loading, argument validation in QAPI's words, introspection.
+
+The JSON Schema documents under ``schema/`` (shipped in the wheel as
+``qmpd/_schema``) are the single source for what commands and events exist,
+what their arguments and results look like, ``query-commands`` and
+``query-qmp-schema``.  Layout:
+
+* ``types.json``: named types under ``$defs`` (QAPI names);
+* ``commands/<name>.json``: ``command``, ``arguments`` (an object schema),
+  optional ``returns``, optional ``allow-oob``;
+* ``events/<NAME>.json``: ``event`` and optional ``data``.
+
+Integers carry ``x-qapi-type`` (``int``, ``int8`` … ``uint64``, ``size``)
+so that range errors read as QEMU's; alternates carry ``x-qapi-alternate``
+with their QAPI type name and list their branches under ``anyOf``.
+
+Validation uses jsonschema validators built once at start-up.  QEMU reports
+only the first error its visitor meets (schema member order, depth first,
+unexpected members after the known ones), so every jsonschema error is
+given a position in that order and the earliest one is translated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import referencing
+import referencing.jsonschema
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from qmpd.errors import ArgumentError
+
+_BASE_URI = "file:///qmpd-schema/"
+_DEFS_PREFIX = "#/$defs/"
+
+_INT_RANGES = {
+    "int8": (-(1 << 7), (1 << 7) - 1),
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "int": (-(1 << 63), (1 << 63) - 1),
+    "uint8": (0, (1 << 8) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "uint64": (-(1 << 63), (1 << 64) - 1),
+    "size": (-(1 << 63), (1 << 64) - 1),
+}
+_C_TYPE_NAMES = {
+    "int8": "int8_t",
+    "int16": "int16_t",
+    "int32": "int32_t",
+    "uint8": "uint8_t",
+    "uint16": "uint16_t",
+    "uint32": "uint32_t",
+}
+_JSON_TYPE_NAMES = {
+    "object": "object",
+    "array": "array",
+    "integer": "integer",
+    "boolean": "boolean",
+    "string": "string",
+    "number": "number",
+    "null": "null",
+}
+
+
+def _is_int(_checker: object, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _is_number(_checker: object, instance: object) -> bool:
+    return isinstance(instance, (int, float)) and not isinstance(instance, bool)
+
+
+# QAPI never takes 2.0 for an integer, unlike JSON Schema.
+_TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
+    {"integer": _is_int, "number": _is_number}
+)
+QMPValidator = jsonschema.validators.extend(Draft202012Validator, type_checker=_TYPE_CHECKER)
+
+
+def schema_dir() -> Path:
+    """Where the schema files are: inside the installed package, or the checkout."""
+    packaged = resources.files("qmpd").joinpath("_schema")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "schema"
+
+
+@dataclass
+class CommandSchema:
+    """One command: its argument and result schemas and their validators."""
+
+    name: str
+    arguments: dict[str, Any]
+    returns: dict[str, Any] | None
+    allow_oob: bool
+    module: str
+    arguments_validator: Any = field(repr=False)
+    returns_validator: Any = field(repr=False)
+    takes_arguments: bool = True
+
+
+@dataclass
+class EventSchema:
+    """One event and the validator of its data (None when it has no data)."""
+
+    name: str
+    data: dict[str, Any] | None
+    module: str
+    data_validator: Any = field(repr=False)
+
+
+class Schema:
+    """All commands, events and types, with validators built once."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        root = root or schema_dir()
+        self.root = root
+        types_doc = json.loads((root / "types.json").read_text())
+        self.types: dict[str, dict[str, Any]] = types_doc["$defs"]
+        resources_: list[tuple[str, referencing.Resource[Any]]] = [
+            (_BASE_URI + "types.json", referencing.jsonschema.DRAFT202012.create_resource(types_doc))
+        ]
+        self.commands: dict[str, CommandSchema] = {}
+        self.events: dict[str, EventSchema] = {}
+        raw_commands = [
+            (path, json.loads(path.read_text()))
+            for path in sorted((root / "commands").glob("*.json"))
+        ]
+        raw_events = [
+            (path, json.loads(path.read_text())) for path in sorted((root / "events").glob("*.json"))
+        ]
+        registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources_)
+        self._registry = registry
+        for _path, doc in raw_commands:
+            name = doc["command"]
+            args = doc.get("arguments") or {"type": "object", "additionalProperties": False}
+            returns = doc.get("returns")
+            self.commands[name] = CommandSchema(
+                name=name,
+                arguments=args,
+                returns=returns,
+                allow_oob=bool(doc.get("allow-oob", False)),
+                module=doc.get("module", ""),
+                arguments_validator=self._validator(f"commands/{name}.json", args),
+                returns_validator=self._validator(f"commands/{name}.json", returns)
+                if returns is not None
+                else None,
+                takes_arguments=bool(args.get("properties")),
+            )
+        for _path, doc in raw_events:
+            name = doc["event"]
+            data = doc.get("data")
+            self.events[name] = EventSchema(
+                name=name,
+                data=data,
+                module=doc.get("module", ""),
+                data_validator=self._validator(f"events/{name}.json", data)
+                if data is not None
+                else None,
+            )
+        self._introspection: list[dict[str, Any]] | None = None
+
+    def _validator(self, relpath: str, schema: dict[str, Any]) -> Any:
+        wrapped = dict(schema)
+        wrapped["$id"] = _BASE_URI + relpath
+        QMPValidator.check_schema(wrapped)
+        return QMPValidator(wrapped, registry=self._registry)
+
+    # --- references --------------------------------------------------------
+
+    def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """Follow ``$ref`` to a named type (all refs point into types.json)."""
+        while "$ref" in schema:
+            ref = schema["$ref"]
+            name = ref.split(_DEFS_PREFIX, 1)[1]
+            schema = self.types[name]
+        return schema
+
+    @staticmethod
+    def ref_name(schema: dict[str, Any]) -> str | None:
+        ref = schema.get("$ref")
+        if ref is None:
+            return None
+        return str(ref).split(_DEFS_PREFIX, 1)[1]
+
+    # --- validation --------------------------------------------------------
+
+    def validate_arguments(self, command: str, arguments: dict[str, Any]) -> None:
+        """Raise ArgumentError with QEMU's text for the first problem found."""
+        cmd = self.commands[command]
+        if not arguments and not cmd.takes_arguments:
+            return
+        errors = list(cmd.arguments_validator.iter_errors(arguments))
+        if errors:
+            raise ArgumentError(self._first_error(cmd.arguments, arguments, errors))
+
+    def validate_returns(self, command: str, value: Any) -> list[str]:
+        """Problems with a command's return value (empty when it conforms)."""
+        cmd = self.commands[command]
+        if cmd.returns_validator is None:
+            return [] if value == {} else [f"{command} returns no data, got {value!r}"]
+        return [e.message for e in cmd.returns_validator.iter_errors(value)]
+
+    def validate_event(self, event: str, data: Any) -> list[str]:
+        """Problems with an event's data (empty when it conforms)."""
+        ev = self.events.get(event)
+        if ev is None:
+            return [f"unknown event {event}"]
+        if ev.data_validator is None:
+            return [] if data is None else [f"{event} has no data, got {data!r}"]
+        return [e.message for e in ev.data_validator.iter_errors(data)]
+
+    def _first_error(
+        self, schema: dict[str, Any], instance: Any, errors: list[ValidationError]
+    ) -> str:
+        candidates: list[tuple[tuple[int, ...], str]] = []
+        for error in errors:
+            candidates.extend(self._translate(schema, error, ()))
+        candidates.sort(key=lambda c: c[0])
+        return candidates[0][1] if candidates else "Invalid arguments"
+
+    def _translate(
+        self, root: dict[str, Any], error: ValidationError, base: tuple[Any, ...]
+    ) -> Iterator[tuple[tuple[int, ...], str]]:
+        path = base + tuple(error.path)
+        order, schema = self._position(root, path)
+        value = error.instance
+        kind = error.validator
+        full = _full_name(path)
+        bare = _bare_name(path)
+        qapi_int = schema.get("x-qapi-type")
+        if kind == "required":
+            props = list(schema.get("properties", {}))
+            for name in error.validator_value:
+                if isinstance(value, dict) and name not in value:
+                    index = props.index(name) if name in props else len(props)
+                    yield order + (index, 0), f"Parameter '{_full_name(path + (name,))}' is missing"
+        elif kind in ("additionalProperties", "unevaluatedProperties"):
+            props = schema.get("properties", {})
+            if isinstance(value, dict):
+                for name in value:
+                    if name not in props:
+                        msg = f"Parameter '{_full_name(path + (name,))}' is unexpected"
+                        yield order + (len(props), 0), msg
+        elif kind in ("anyOf", "oneOf") and "x-qapi-alternate" in schema:
+            branch = _alternate_branch(self, schema, value)
+            if branch is None:
+                msg = f"Invalid parameter type for '{bare}', expected: {schema['x-qapi-alternate']}"
+                yield order + (-1,), msg
+            else:
+                for sub in error.context or ():
+                    if sub.relative_schema_path and sub.relative_schema_path[0] == branch:
+                        yield from self._translate(root, sub, path)
+        elif qapi_int in ("uint64", "size") or (
+            qapi_int in _C_TYPE_NAMES and qapi_int.startswith("u")
+        ):
+            lo, hi = _INT_RANGES["uint64"]
+            if not _is_int(None, value) or not lo <= value <= hi:
+                yield order + (-1,), f"Parameter '{full}' expects uint64"
+            else:
+                yield order + (-1,), f"Parameter '{bare}' expects {_C_TYPE_NAMES[qapi_int]}"
+        elif qapi_int in _C_TYPE_NAMES:
+            lo, hi = _INT_RANGES["int"]
+            if not _is_int(None, value) or not lo <= value <= hi:
+                yield order + (-1,), f"Invalid parameter type for '{full}', expected: integer"
+            else:
+                yield order + (-1,), f"Parameter '{bare}' expects {_C_TYPE_NAMES[qapi_int]}"
+        elif kind == "type" or qapi_int == "int":
+            expected = schema.get("type", "object")
+            if isinstance(expected, list):
+                expected = expected[0]
+            yield order + (-1,), (
+                f"Invalid parameter type for '{full}', "
+                f"expected: {_JSON_TYPE_NAMES.get(expected, expected)}"
+            )
+        elif kind == "enum":
+            if isinstance(value, str):
+                yield order + (0,), f"Parameter '{bare}' does not accept value '{value}'"
+        else:
+            yield order + (1,), f"Parameter '{full}' is invalid: {error.message}"
+
+    def _position(
+        self, root: dict[str, Any], path: tuple[Any, ...]
+    ) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """Where ``path`` falls in QEMU's visiting order, and its schema."""
+        schema = self.resolve(root)
+        order: list[int] = []
+        for step in path:
+            if isinstance(step, int):
+                order.append(step)
+                schema = self.resolve(schema.get("items", {}))
+                continue
+            props = schema.get("properties", {})
+            if step in props:
+                order.append(list(props).index(step))
+                schema = self.resolve(props[step])
+            else:
+                order.append(len(props))
+                schema = {}
+        return tuple(order), schema
+
+    # --- introspection -----------------------------------------------------
+
+    def introspect(self) -> list[dict[str, Any]]:
+        """query-qmp-schema's SchemaInfo list for exactly what qmpd implements."""
+        if self._introspection is None:
+            self._introspection = _Introspector(self).run()
+        return self._introspection
+
+
+def _alternate_branch(schema_: Schema, alternate: dict[str, Any], value: Any) -> int | None:
+    """The branch QEMU's alternate visitor picks by JSON type, if any."""
+    json_type = _json_type(value)
+    for index, branch in enumerate(alternate.get("anyOf", alternate.get("oneOf", []))):
+        resolved = schema_.resolve(branch)
+        expected = resolved.get("type")
+        if expected == json_type or (expected == "number" and json_type == "integer"):
+            return index
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _full_name(path: tuple[Any, ...]) -> str:
+    out = ""
+    for step in path:
+        if isinstance(step, int):
+            out += f"[{step}]"
+        elif out:
+            out += "." + step
+        else:
+            out = step
+    return out
+
+
+def _bare_name(path: tuple[Any, ...]) -> str:
+    if path and isinstance(path[-1], str):
+        return path[-1]
+    return "null"
+
+
+_BUILTIN_JSON_TYPES = {
+    "str": "string",
+    "int": "int",
+    "number": "number",
+    "bool": "boolean",
+    "null": "null",
+    "any": "value",
+}
+_BUILTIN_FOR_TYPE = {
+    "string": "str",
+    "integer": "int",
+    "number": "number",
+    "boolean": "bool",
+    "null": "null",
+}
+
+
+class _Introspector:
+    """Builds SchemaInfo entries; non-command, non-event names are masked."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.entries: list[dict[str, Any]] = []
+        self.names: dict[str, str] = {}  # identity key -> public name
+        self.counter = 0
+
+    def run(self) -> list[dict[str, Any]]:
+        for name, cmd in self.schema.commands.items():
+            entry: dict[str, Any] = {
+                "name": name,
+                "meta-type": "command",
+                "arg-type": self.type_name(cmd.arguments, f"q_obj_{name}-arg"),
+                "ret-type": self.type_name(cmd.returns, None)
+                if cmd.returns is not None
+                else self.type_name({"type": "object", "properties": {}}, "q_empty"),
+            }
+            if cmd.allow_oob:
+                entry["allow-oob"] = True
+            self.entries.append(entry)
+        for name, ev in self.schema.events.items():
+            arg = (
+                self.type_name(ev.data, f"q_obj_{name}-arg")
+                if ev.data is not None
+                else self.type_name({"type": "object", "properties": {}}, "q_empty")
+            )
+            self.entries.append({"name": name, "meta-type": "event", "arg-type": arg})
+        return self.entries
+
+    def _mask(self) -> str:
+        name = str(self.counter)
+        self.counter += 1
+        return name
+
+    def type_name(self, schema: dict[str, Any], anon_key: str | None) -> str:
+        ref = Schema.ref_name(schema)
+        if ref is not None:
+            key = "def:" + ref
+            if key in self.names:
+                return self.names[key]
+            resolved = self.schema.types[ref]
+            return self._define(key, resolved)
+        if not schema:
+            return self._builtin("any")
+        json_type = schema.get("type")
+        if json_type == "array":
+            element = self.type_name(schema.get("items", {}), None)
+            name = f"[{element}]"
+            if "arr:" + name not in self.names:
+                self.names["arr:" + name] = name
+                self.entries.append({"name": name, "meta-type": "array", "element-type": element})
+            return name
+        if json_type in _BUILTIN_FOR_TYPE and "enum" not in schema:
+            return self._builtin(_BUILTIN_FOR_TYPE[json_type])
+        key = "anon:" + (anon_key or json.dumps(schema, sort_keys=True))
+        if key in self.names:
+            return self.names[key]
+        return self._define(key, schema)
+
+    def _builtin(self, name: str) -> str:
+        key = "builtin:" + name
+        if key not in self.names:
+            self.names[key] = name
+            self.entries.append(
+                {"name": name, "meta-type": "builtin", "json-type": _BUILTIN_JSON_TYPES[name]}
+            )
+        return name
+
+    def _define(self, key: str, schema: dict[str, Any]) -> str:
+        name = self._mask()
+        self.names[key] = name
+        if "enum" in schema:
+            values = list(schema["enum"])
+            self.entries.append(
+                {
+                    "name": name,
+                    "meta-type": "enum",
+                    "members": [{"name": v} for v in values],
+                    "values": values,
+                }
+            )
+            return name
+        if "x-qapi-alternate" in schema:
+            entry: dict[str, Any] = {"name": name, "meta-type": "alternate", "members": []}
+            self.entries.append(entry)
+            for branch in schema.get("anyOf", schema.get("oneOf", [])):
+                entry["members"].append({"type": self.type_name(branch, None)})
+            return name
+        entry = {"name": name, "meta-type": "object", "members": []}
+        self.entries.append(entry)
+        required = set(schema.get("required", []))
+        for member, sub in schema.get("properties", {}).items():
+            info: dict[str, Any] = {"name": member, "type": self.type_name(sub, None)}
+            if member not in required:
+                info["default"] = None
+            entry["members"].append(info)
+        return name
