@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from qmpd.cli import Config, parse_args
 from qmpd.errors import ConfigError
@@ -28,6 +28,8 @@ def _daemonize() -> int:
             chunks.append(chunk)
         status = b"".join(chunks)
         if status.startswith(b"\0"):
+            sys.stdout.write(status[1:].decode(errors="replace"))
+            sys.stdout.flush()
             os._exit(0)
         sys.stderr.write(status.decode(errors="replace") or "qmpd: daemon failed to start\n")
         os._exit(1)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 from qmpd import __version__
 from qmpd.errors import ConfigError
@@ -36,7 +37,7 @@ class HttpConfig:
     port: int
 
 
-Action = Union[MonitorConfig, HttpConfig]
+Action = MonitorConfig | HttpConfig
 
 
 @dataclass

@@ -117,7 +117,9 @@ class Daemon:
                 try:
                     monitor = await self.qmp.add_monitor(action)
                 except OSError as exc:
-                    raise ConfigError(f"cannot listen on {action.address}: {exc.strerror}") from None
+                    raise ConfigError(
+                        f"cannot listen on {action.address}: {exc.strerror}"
+                    ) from None
                 log.info("QMP monitor %s listening on %s", action.id, monitor.bound)
             elif isinstance(action, HttpConfig):
                 await self._start_http(action)
@@ -132,7 +134,9 @@ class Daemon:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise ConfigError(f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}"
+            ) from None
         self.http_runners.append(runner)
         for addr in runner.addresses:
             host, port = addr[0], addr[1]
@@ -185,13 +189,23 @@ class Daemon:
         if self.config.pidfile:
             _write_pidfile(self.config.pidfile)
         self.metrics.ready.set(0 if self.readiness_problems() else 1)
-        print(self.listening_summary(), flush=True)
         _sd_notify("READY=1")
         if ready_fd is not None:
-            os.write(ready_fd, b"\0")
+            # The parent prints the banner and exits; like QEMU, the daemon
+            # lets go of the terminal's stderr once it is up.
+            os.write(ready_fd, b"\0" + self.listening_summary().encode() + b"\n")
             os.close(ready_fd)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        else:
+            print(self.listening_summary(), flush=True)
         await self.wait_stopped()
         await self.shutdown()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+            # Past this point the process is exiting with status 0 anyway.
+            signal.signal(signum, signal.SIG_IGN)
         return 0
 
 

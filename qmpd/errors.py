@@ -7,10 +7,10 @@ logged and reported as a GenericError so the daemon keeps serving.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorClass(str, Enum):
+class ErrorClass(StrEnum):
     """QapiErrorClass: the five error classes QMP knows."""
 
     GENERIC_ERROR = "GenericError"

@@ -23,10 +23,11 @@ given a position in that order and the earliest one is translated.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import referencing
@@ -124,8 +125,9 @@ class Schema:
         self.root = root
         types_doc = json.loads((root / "types.json").read_text())
         self.types: dict[str, dict[str, Any]] = types_doc["$defs"]
+        types_resource = referencing.jsonschema.DRAFT202012.create_resource(types_doc)
         resources_: list[tuple[str, referencing.Resource[Any]]] = [
-            (_BASE_URI + "types.json", referencing.jsonschema.DRAFT202012.create_resource(types_doc))
+            (_BASE_URI + "types.json", types_resource)
         ]
         self.commands: dict[str, CommandSchema] = {}
         self.events: dict[str, EventSchema] = {}
@@ -134,7 +136,8 @@ class Schema:
             for path in sorted((root / "commands").glob("*.json"))
         ]
         raw_events = [
-            (path, json.loads(path.read_text())) for path in sorted((root / "events").glob("*.json"))
+            (path, json.loads(path.read_text()))
+            for path in sorted((root / "events").glob("*.json"))
         ]
         registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources_)
         self._registry = registry
@@ -222,17 +225,19 @@ class Schema:
     ) -> str:
         candidates: list[tuple[tuple[int, ...], str]] = []
         for error in errors:
-            candidates.extend(self._translate(schema, error, ()))
+            candidates.extend(self._translate(schema, instance, error, ()))
         candidates.sort(key=lambda c: c[0])
         return candidates[0][1] if candidates else "Invalid arguments"
 
     def _translate(
-        self, root: dict[str, Any], error: ValidationError, base: tuple[Any, ...]
+        self, root: dict[str, Any], instance: Any, error: ValidationError, base: tuple[Any, ...]
     ) -> Iterator[tuple[tuple[int, ...], str]]:
         path = base + tuple(error.path)
-        order, schema = self._position(root, path)
+        order, schema = self._position(root, instance, path)
         value = error.instance
         kind = error.validator
+        if kind not in ("anyOf", "oneOf"):
+            schema = self._select_branch(schema, value)
         full = _full_name(path)
         bare = _bare_name(path)
         qapi_int = schema.get("x-qapi-type")
@@ -241,70 +246,90 @@ class Schema:
             for name in error.validator_value:
                 if isinstance(value, dict) and name not in value:
                     index = props.index(name) if name in props else len(props)
-                    yield order + (index, 0), f"Parameter '{_full_name(path + (name,))}' is missing"
+                    yield (*order, index, 0), f"Parameter '{_full_name((*path, name))}' is missing"
         elif kind in ("additionalProperties", "unevaluatedProperties"):
             props = schema.get("properties", {})
             if isinstance(value, dict):
                 for name in value:
                     if name not in props:
-                        msg = f"Parameter '{_full_name(path + (name,))}' is unexpected"
-                        yield order + (len(props), 0), msg
+                        msg = f"Parameter '{_full_name((*path, name))}' is unexpected"
+                        yield (*order, len(props), 0), msg
         elif kind in ("anyOf", "oneOf") and "x-qapi-alternate" in schema:
             branch = _alternate_branch(self, schema, value)
             if branch is None:
                 msg = f"Invalid parameter type for '{bare}', expected: {schema['x-qapi-alternate']}"
-                yield order + (-1,), msg
+                yield (*order, -1), msg
             else:
                 for sub in error.context or ():
                     if sub.relative_schema_path and sub.relative_schema_path[0] == branch:
-                        yield from self._translate(root, sub, path)
+                        yield from self._translate(root, instance, sub, path)
         elif qapi_int in ("uint64", "size") or (
             qapi_int in _C_TYPE_NAMES and qapi_int.startswith("u")
         ):
             lo, hi = _INT_RANGES["uint64"]
             if not _is_int(None, value) or not lo <= value <= hi:
-                yield order + (-1,), f"Parameter '{full}' expects uint64"
+                yield (*order, -1), f"Parameter '{full}' expects uint64"
             else:
-                yield order + (-1,), f"Parameter '{bare}' expects {_C_TYPE_NAMES[qapi_int]}"
+                yield (*order, -1), f"Parameter '{bare}' expects {_C_TYPE_NAMES[qapi_int]}"
         elif qapi_int in _C_TYPE_NAMES:
             lo, hi = _INT_RANGES["int"]
             if not _is_int(None, value) or not lo <= value <= hi:
-                yield order + (-1,), f"Invalid parameter type for '{full}', expected: integer"
+                yield (*order, -1), f"Invalid parameter type for '{full}', expected: integer"
             else:
-                yield order + (-1,), f"Parameter '{bare}' expects {_C_TYPE_NAMES[qapi_int]}"
+                yield (*order, -1), f"Parameter '{bare}' expects {_C_TYPE_NAMES[qapi_int]}"
         elif kind == "type" or qapi_int == "int":
             expected = schema.get("type", "object")
             if isinstance(expected, list):
                 expected = expected[0]
-            yield order + (-1,), (
+            yield (*order, -1), (
                 f"Invalid parameter type for '{full}', "
                 f"expected: {_JSON_TYPE_NAMES.get(expected, expected)}"
             )
         elif kind == "enum":
             if isinstance(value, str):
-                yield order + (0,), f"Parameter '{bare}' does not accept value '{value}'"
+                yield (*order, 0), f"Parameter '{bare}' does not accept value '{value}'"
         else:
-            yield order + (1,), f"Parameter '{full}' is invalid: {error.message}"
+            yield (*order, 1), f"Parameter '{full}' is invalid: {error.message}"
 
     def _position(
-        self, root: dict[str, Any], path: tuple[Any, ...]
+        self, root: dict[str, Any], instance: Any, path: tuple[Any, ...]
     ) -> tuple[tuple[int, ...], dict[str, Any]]:
-        """Where ``path`` falls in QEMU's visiting order, and its schema."""
-        schema = self.resolve(root)
+        """Where ``path`` falls in QEMU's visiting order, and its schema.
+
+        Alternates are followed into the branch the instance selects, as
+        QEMU's visitor does.
+        """
+        schema = self._select_branch(self.resolve(root), instance)
+        value = instance
         order: list[int] = []
         for step in path:
             if isinstance(step, int):
                 order.append(step)
                 schema = self.resolve(schema.get("items", {}))
-                continue
-            props = schema.get("properties", {})
-            if step in props:
-                order.append(list(props).index(step))
-                schema = self.resolve(props[step])
             else:
-                order.append(len(props))
-                schema = {}
+                props = schema.get("properties", {})
+                if step in props:
+                    order.append(list(props).index(step))
+                    schema = self.resolve(props[step])
+                else:
+                    order.append(len(props))
+                    schema = {}
+            try:
+                value = value[step]
+            except (KeyError, IndexError, TypeError):
+                value = None
+            schema = self._select_branch(schema, value, last=step == path[-1])
         return tuple(order), schema
+
+    def _select_branch(
+        self, schema: dict[str, Any], value: Any, last: bool = False
+    ) -> dict[str, Any]:
+        if "x-qapi-alternate" not in schema or last:
+            return schema
+        branch = _alternate_branch(self, schema, value)
+        if branch is None:
+            return schema
+        return self.resolve(schema.get("anyOf", schema.get("oneOf", []))[branch])
 
     # --- introspection -----------------------------------------------------
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from qmpd.errors import CommandNotFound, GenericError, QMPError
 from qmpd.qmp.session import QMPSession, Request
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[["CommandContext", dict[str, Any]], Any]
-Reply = Union[bytes, Awaitable[bytes]]
+Reply = bytes | Awaitable[bytes]
 
 #: Handlers registered by the command modules, by command name, in
 #: registration order (query-commands lists them newest first).

@@ -56,8 +56,8 @@ def _escape_char(m: re.Match[str]) -> str:
         cp = 0xFFFD  # a lone surrogate cannot be valid UTF-8 in QEMU either
     if cp > 0xFFFF:
         cp -= 0x10000
-        return "\\u%04X\\u%04X" % (0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF))
-    return "\\u%04X" % cp
+        return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
+    return f"\\u{cp:04X}"
 
 
 def quote_string(text: str) -> str:
@@ -66,7 +66,7 @@ def quote_string(text: str) -> str:
 
 
 def _number(value: float) -> str:
-    return "%.17g" % value
+    return f"{value:.17g}"
 
 
 def encode(value: Any, pretty: bool = False) -> str:

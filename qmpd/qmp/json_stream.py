@@ -29,7 +29,7 @@ MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
 MAX_NESTING = 1024
 
-JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
+JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class ParseFailure:
     desc: str
 
 
-ParseResult = Union[JSONValue, ParseFailure]
+ParseResult = JSONValue | ParseFailure
 
 # Lexer states.  Tokens are emitted on the transitions out of these.
 _START = 0
@@ -145,6 +145,13 @@ def _mod_utf8_codepoint(data: bytes, i: int, n: int) -> tuple[int, int]:
     return cp, i
 
 
+def _run_end(pattern: re.Pattern[bytes], data: bytes, i: int) -> int:
+    """End of the run ``pattern`` matches at ``data[i]`` (these always match)."""
+    m = pattern.match(data, i)
+    assert m is not None
+    return m.end()
+
+
 class _ParseError(Exception):
     def __init__(self, desc: str) -> None:
         super().__init__(desc)
@@ -243,6 +250,10 @@ _UINT64_MAX = (1 << 64) - 1
 def parse_number_token(token: bytes) -> int | float:
     """Integers that fit int64 or uint64 stay integers; anything else is a double."""
     if b"." in token or b"e" in token or b"E" in token:
+        return float(token)
+    if len(token) > 21:
+        # Past uint64 anyway (JSON has no leading zeros); also keeps int()
+        # away from huge digit strings.
         return float(token)
     value = int(token)
     if _INT64_MIN <= value <= _UINT64_MAX:
@@ -378,17 +389,17 @@ class JSONStreamParser:
     """Turns a byte stream into JSON values and parse failures, like QEMU's monitor."""
 
     __slots__ = (
-        "_state",
-        "_partial",
-        "_tokens",
-        "_token_size",
         "_braces",
         "_brackets",
         "_out",
+        "_partial",
+        "_state",
+        "_token_size",
+        "_tokens",
         "_ws_run",
-        "max_token_size",
-        "max_token_count",
         "max_nesting",
+        "max_token_count",
+        "max_token_size",
     )
 
     def __init__(
@@ -452,7 +463,7 @@ class JSONStreamParser:
             if c in _WS:
                 # Whitespace is a token to QEMU too, of a kind that is
                 # dropped; only its size limit is observable, so count it.
-                end = _WS_RUN.match(data, i).end()
+                end = _run_end(_WS_RUN, data, i)
                 self._ws_run = 0
                 self._count_whitespace(end - i)
                 if end >= n:
@@ -478,19 +489,19 @@ class JSONStreamParser:
                 self._lex_error()
             return i + 1
         if state == _RECOVERY:
-            end = _RECOVERY_RUN.match(data, i).end()
+            end = _run_end(_RECOVERY_RUN, data, i)
             if end < n:
                 self._state = _START
             return end
         if state == _WHITESPACE:
-            end = _WS_RUN.match(data, i).end()
+            end = _run_end(_WS_RUN, data, i)
             self._count_whitespace(end - i)
             if end < n:
                 self._state = _START
             return end
         if state == _DQ or state == _SQ:
             run = _DQ_RUN if state == _DQ else _SQ_RUN
-            end = run.match(data, i).end()
+            end = _run_end(run, data, i)
             i = self._extend_run(data, i, end)
             if i < end or i >= n or self._state != state:
                 return i
@@ -518,7 +529,7 @@ class JSONStreamParser:
                 self._lex_error()
             return i + 1
         if state == _KEYWORD:
-            end = _KEYWORD_RUN.match(data, i).end()
+            end = _run_end(_KEYWORD_RUN, data, i)
             i = self._extend_run(data, i, end)
             if i >= n or self._state != _KEYWORD:
                 return i
@@ -527,7 +538,7 @@ class JSONStreamParser:
         # Numbers.
         c = data[i]
         if state in (_INT, _MANTISSA_DIGITS, _EXP_DIGITS):
-            end = _DIGIT_RUN.match(data, i).end()
+            end = _run_end(_DIGIT_RUN, data, i)
             if end > i:
                 return self._extend_run(data, i, end)
             if state == _INT and c in b".eE":

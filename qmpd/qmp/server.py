@@ -16,8 +16,9 @@ import os
 import socket
 import stat
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from qmpd.qmp.session import Incoming, QMPSession
 
@@ -54,7 +55,7 @@ class InetAddress:
         return f"tcp:{host}:{self.port}"
 
 
-SocketAddress = Union[UnixAddress, InetAddress]
+SocketAddress = UnixAddress | InetAddress
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class Monitor:
         if self.listener is not None:
             try:
                 await asyncio.wait_for(self.listener.wait_closed(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self.listener = None
 

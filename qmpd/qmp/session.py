@@ -37,13 +37,13 @@ class Request:
         return self.id is not _UNSET
 
 
-Incoming = Union[Request, bytes]
+Incoming = Request | bytes
 
 
 class QMPSession:
     """Protocol state of one client connection."""
 
-    __slots__ = ("parser", "pretty", "negotiating", "capabilities", "offered", "_greeting")
+    __slots__ = ("_greeting", "capabilities", "negotiating", "offered", "parser", "pretty")
 
     def __init__(
         self,
@@ -145,7 +145,9 @@ class QMPSession:
         return self.encode({"id": request_id, "error": info})
 
 
-def event_message(name: str, data: dict[str, Any] | None, now: float | None = None) -> dict[str, Any]:
+def event_message(
+    name: str, data: dict[str, Any] | None, now: float | None = None
+) -> dict[str, Any]:
     """An event as QEMU shapes it; ``data`` is left out when there is none."""
     if now is None:
         now = time.time()

@@ -1,0 +1,180 @@
+"""Shared fixtures: real qmpd processes on real sockets, raw and qemu.qmp clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpd.schema import Schema
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+
+_SCHEMA: Schema | None = None
+
+
+def schema() -> Schema:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = Schema()
+    return _SCHEMA
+
+
+def require_tool(name: str) -> str:
+    """Path of a QEMU tool; skip without it, but fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI but is not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def check_message(msg: dict[str, Any], command: str | None = None) -> None:
+    """Validate a return value or event against the schema the daemon ships."""
+    if "event" in msg:
+        problems = schema().validate_event(msg["event"], msg.get("data"))
+        assert not problems, f"event {msg['event']} outside its schema: {problems}"
+    elif "return" in msg and command is not None:
+        problems = schema().validate_returns(command, msg["return"])
+        assert not problems, f"{command} returned data outside its schema: {problems}"
+
+
+class RawClient:
+    """A blocking line-oriented QMP client on a real socket, for exact wire checks."""
+
+    def __init__(self, path: str | tuple[str, int], timeout: float = 10.0) -> None:
+        if isinstance(path, tuple):
+            self.sock = socket.create_connection(path, timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        self.buf = b""
+        self.greeting = self.recv()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def recv_line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("server closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def recv(self) -> dict[str, Any]:
+        msg = json.loads(self.recv_line())
+        assert isinstance(msg, dict)
+        return msg
+
+    def cmd(self, execute: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """Send a command; return its reply (events before it are checked and dropped)."""
+        req: dict[str, Any] = {"execute": execute, **extra}
+        if arguments is not None:
+            req["arguments"] = arguments
+        self.send(json.dumps(req) + "\n")
+        while True:
+            msg = self.recv()
+            check_message(msg, execute)
+            if "return" in msg or "error" in msg:
+                return msg
+
+    def negotiate(self) -> None:
+        assert self.cmd("qmp_capabilities") == {"return": {}}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class QmpdProcess:
+    """A qmpd started as a real process, stopped at teardown."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
+                 default_qmp: bool = True) -> None:
+        self.tmp = tmp
+        self.sock = str(tmp / "qmp.sock")
+        argv = [sys.executable, "-m", "qmpd", "--log-level", "warning"]
+        if default_qmp:
+            argv += ["--qmp", f"unix:{self.sock}"]
+        argv += list(args)
+        full_env = dict(os.environ)
+        full_env["QMPD_CHECK_SCHEMA"] = "1"
+        full_env.update(env or {})
+        self.stderr_path = tmp / f"qmpd-{time.monotonic_ns()}.stderr"
+        self.stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.stderr, env=full_env, cwd=tmp
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("qmpd listening:"):
+            self.proc.wait(5)
+            raise RuntimeError(f"qmpd did not start: {line!r} {self.read_stderr()}")
+        self.banner = line.strip()
+
+    def read_stderr(self) -> str:
+        self.stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def http_url(self) -> str:
+        for part in self.banner.split(", "):
+            if "HTTP on " in part:
+                return part.split("HTTP on ", 1)[1]
+        raise AssertionError(f"no HTTP listener in {self.banner!r}")
+
+    def client(self) -> RawClient:
+        return RawClient(self.sock)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        log = self.stderr_path.read_text(errors="replace")
+        assert "outside its schema" not in log, log
+        assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def qmpd_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[QmpdProcess] = []
+
+    def start(*args: str, **kw: Any) -> QmpdProcess:
+        proc = QmpdProcess(tmp_path, *args, **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def qmpd(qmpd_factory: Any) -> QmpdProcess:
+    return qmpd_factory()  # type: ignore[no-any-return]

@@ -1,0 +1,109 @@
+"""HTTP health, readiness and metrics (pytest-aiohttp and a real process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from qmpd.cli import parse_args
+from qmpd.daemon import Daemon
+from qmpd.http import build_app
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    d = Daemon(parse_args(["--qmp", f"unix:{tmp_path}/qmp.sock"]))
+    await d.start()
+    yield d
+    await d.shutdown()
+
+
+async def qmp(path: str, *commands: str) -> list[dict[str, Any]]:
+    reader, writer = await asyncio.open_unix_connection(path)
+    await reader.readline()
+    out = []
+    for cmd in ("qmp_capabilities", *commands):
+        writer.write(json.dumps({"execute": cmd}).encode())
+        while True:
+            msg = json.loads(await reader.readline())
+            if "event" not in msg:
+                break
+        out.append(msg)
+    writer.close()
+    return out
+
+
+async def test_health_and_ready(daemon: Daemon, aiohttp_client: Any) -> None:
+    client: TestClient = await aiohttp_client(build_app(daemon))
+    for path in ("/health", "/healthz", "/livez"):
+        resp = await client.get(path)
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["status"] == "ok" and body["run-state"] == "running"
+        assert body["version"] and body["uptime"] >= 0
+    for path in ("/ready", "/readyz"):
+        resp = await client.get(path)
+        assert resp.status == 200, await resp.text()
+
+
+async def test_metrics_count_commands_and_events(daemon: Daemon, aiohttp_client: Any) -> None:
+    client: TestClient = await aiohttp_client(build_app(daemon))
+    sock = str(daemon.config.monitors[0].address.path)  # type: ignore[union-attr]
+    await qmp(sock, "query-status", "stop", "no-such", "cont")
+    text = await (await client.get("/metrics")).text()
+    assert 'qmpd_qmp_commands_total{command="query-status",result="success"} 1.0' in text
+    assert 'qmpd_qmp_commands_total{command="<unknown>",result="CommandNotFound"} 1.0' in text
+    assert 'qmpd_qmp_events_total{event="STOP"} 1.0' in text
+    assert 'qmpd_qmp_command_duration_seconds_count{command="stop"} 1.0' in text
+    assert 'qmpd_run_state{qmpd_run_state="running"} 1.0' in text
+    assert "qmpd_qmp_clients" in text
+
+
+async def test_not_ready_while_inmigrate(tmp_path: Path, aiohttp_client: Any) -> None:
+    d = Daemon(parse_args(["--qmp", f"unix:{tmp_path}/q.sock", "--incoming", "defer"]))
+    await d.start()
+    try:
+        client: TestClient = await aiohttp_client(build_app(d))
+        resp = await client.get("/ready")
+        assert resp.status == 503
+        assert "run state is inmigrate" in (await resp.json())["reasons"]
+        assert (await client.get("/health")).status == 200
+    finally:
+        await d.shutdown()
+
+
+async def test_not_ready_once_shutting_down(daemon: Daemon, aiohttp_client: Any) -> None:
+    client: TestClient = await aiohttp_client(build_app(daemon))
+    daemon.request_shutdown("host-signal")
+    resp = await client.get("/ready")
+    assert resp.status == 503
+    assert "shutting down" in (await resp.json())["reasons"]
+
+
+async def test_not_ready_when_a_monitor_stops_listening(daemon: Daemon, aiohttp_client: Any) -> None:
+    client: TestClient = await aiohttp_client(build_app(daemon))
+    await daemon.qmp.monitors[0].stop()
+    resp = await client.get("/ready")
+    assert resp.status == 503
+
+
+def test_real_process_serves_http(qmpd_factory: Any) -> None:
+    proc = qmpd_factory("--http", "127.0.0.1:0")
+    url = proc.http_url()
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert b"qmpd_run_state" in resp.read()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url + "/nope", timeout=5)
+    assert info.value.code == 404

@@ -1,0 +1,151 @@
+"""The daemon as a process: signals, pidfile, daemonize, sd_notify, sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import QmpdProcess, RawClient
+
+
+def test_sigterm_sends_shutdown_and_cleans_up(qmpd_factory: Any, tmp_path: Path) -> None:
+    pidfile = tmp_path / "qmpd.pid"
+    proc: QmpdProcess = qmpd_factory("--pidfile", str(pidfile))
+    assert int(pidfile.read_text()) == proc.proc.pid
+    client = proc.client()
+    client.negotiate()
+    proc.signal(signal.SIGTERM)
+    event = client.recv()
+    assert event["event"] == "SHUTDOWN"
+    assert event["data"] == {"guest": False, "reason": "host-signal"}
+    with pytest.raises(EOFError):
+        client.recv()
+    assert proc.wait() == 0
+    assert not Path(proc.sock).exists()
+    assert not pidfile.exists()
+    assert "terminating on signal 15" in proc.read_stderr()
+
+
+def test_sigint_is_a_graceful_shutdown_too(qmpd: QmpdProcess) -> None:
+    qmpd.signal(signal.SIGINT)
+    assert qmpd.wait() == 0
+    assert not Path(qmpd.sock).exists()
+
+
+def test_quit_over_the_wire(qmpd: QmpdProcess) -> None:
+    client = qmpd.client()
+    client.negotiate()
+    client.send('{"execute": "quit", "id": "q"}\n')
+    event = client.recv()
+    assert event["event"] == "SHUTDOWN"
+    assert event["data"]["reason"] == "host-qmp-quit"
+    assert client.recv() == {"return": {}, "id": "q"}
+    with pytest.raises(EOFError):
+        client.recv()
+    assert qmpd.wait() == 0
+
+
+def test_unnegotiated_client_gets_no_shutdown_event(qmpd: QmpdProcess) -> None:
+    quiet = qmpd.client()
+    talker = qmpd.client()
+    talker.negotiate()
+    talker.cmd("quit")
+    # The negotiating client only sees the connection close.
+    with pytest.raises(EOFError):
+        quiet.recv()
+
+
+def test_unix_socket_is_private(qmpd: QmpdProcess) -> None:
+    mode = stat.S_IMODE(os.stat(qmpd.sock).st_mode)
+    assert mode == 0o600
+
+
+def test_tcp_monitor_binds_loopback_and_chardev_spelling(qmpd_factory: Any, tmp_path: Path) -> None:
+    sock2 = tmp_path / "pretty.sock"
+    proc = qmpd_factory(
+        "--qmp", "tcp::0",
+        "--chardev", f"socket,id=m1,path={sock2},server=on,wait=off",
+        "--monitor", "chardev=m1,mode=control,pretty=on",
+    )
+    tcp = next(p for p in proc.banner.split(", ") if "tcp:" in p)
+    host, port = tcp.split("tcp:", 1)[1].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    client = RawClient((host, int(port)))
+    client.negotiate()
+    pretty = socket.socket(socket.AF_UNIX)
+    pretty.connect(str(sock2))
+    data = b""
+    while not data.endswith(b"}\r\n"):
+        data += pretty.recv(4096)
+    assert data.startswith(b'{\r\n    "QMP": {\r\n')
+    assert json.loads(data) == client.greeting
+    pretty.close()
+
+
+def test_daemonize_reports_ready_and_detaches(tmp_path: Path) -> None:
+    sock = tmp_path / "d.sock"
+    pidfile = tmp_path / "d.pid"
+    result = subprocess.run(
+        [sys.executable, "-m", "qmpd", "--daemonize", "--qmp", f"unix:{sock}",
+         "--pidfile", str(pidfile), "--log-level", "error"],
+        capture_output=True, timeout=20, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    # The parent returned only once the daemon was ready.
+    assert sock.exists() and pidfile.exists()
+    pid = int(pidfile.read_text())
+    assert pid != os.getpid()
+    client = RawClient(str(sock))
+    client.negotiate()
+    assert client.cmd("query-status")["return"]["status"] == "running"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pidfile.exists() and not sock.exists()
+
+
+def test_daemonize_failure_is_reported_by_the_parent(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qmpd", "--daemonize", "--qmp", f"unix:{tmp_path}/no/such/dir.sock"],
+        capture_output=True, timeout=20, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert b"cannot listen on unix:" in result.stderr
+
+
+def test_sd_notify_ready(tmp_path: Path, qmpd_factory: Any) -> None:
+    path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(path)
+    notify.settimeout(10)
+    proc = qmpd_factory(env={"NOTIFY_SOCKET": path})
+    assert notify.recv(100) == b"READY=1"
+    proc.signal(signal.SIGTERM)
+    assert notify.recv(100) == b"STOPPING=1"
+    notify.close()
+
+
+def test_bad_option_exits_1(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qmpd", "--monitor", "chardev=nope"],
+        capture_output=True, timeout=20, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert b'chardev "nope" not found' in result.stderr
+
+
+def test_python_dash_m_and_console_script_agree(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "qmpd", "--version"], capture_output=True,
+                         timeout=20)
+    assert out.returncode == 0 and out.stdout.startswith(b"qmpd ")
