@@ -11,7 +11,7 @@ import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from qmpd import __version__
 from qmpd.errors import ConfigError

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from qmpd.errors import CommandNotFound, GenericError, QMPError
 from qmpd.qmp.session import QMPSession, Request

@@ -18,7 +18,7 @@ import stat
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from qmpd.qmp.session import Incoming, QMPSession
 

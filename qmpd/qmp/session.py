@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from qmpd.errors import CommandNotFound, GenericError, QMPError
 from qmpd.qmp.encode import encode_message, qdict_order

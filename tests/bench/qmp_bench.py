@@ -72,6 +72,8 @@ METRICS = [
     ("seq_version_cmds_s", "query-version sequential rate", "cmd/s", "higher"),
     ("seq_version_server_cpu_us", "server CPU per query-version", "us", "lower"),
     ("seq_version_client_cpu_us", "client CPU per query-version", "us", "lower"),
+    ("seq1cpu_p50_us", "query-version p50, one CPU for both", "us", "lower"),
+    ("seq1cpu_server_cpu_us", "server CPU/query-version, one CPU", "us", "lower"),
     ("seq_status_p50_us", "query-status sequential p50", "us", "lower"),
     ("seq_status_p99_us", "query-status sequential p99", "us", "lower"),
     ("seq_status_server_cpu_us", "server CPU per query-status", "us", "lower"),
@@ -110,6 +112,10 @@ class BenchError(Exception):
 
 class Stall(BenchError):
     pass
+
+
+class Skip(Exception):
+    """A test that does not apply to this configuration."""
 
 
 # ---------------------------------------------------------------------------
@@ -235,6 +241,12 @@ class ReplyChecker:
 # ---------------------------------------------------------------------------
 
 _LIVE: dict[int, subprocess.Popen[bytes]] = {}
+# CPU placement: {"client": cpu or None, "server": cpu or None}; see --pin.
+PIN: dict[str, int | None] = {"client": None, "server": None}
+
+
+def _pin_server() -> None:
+    os.sched_setaffinity(0, {PIN["server"]})
 
 
 class Server:
@@ -260,6 +272,7 @@ class Server:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env, cwd=os.path.dirname(self.log), start_new_session=True,
+                preexec_fn=_pin_server if PIN["server"] is not None else None,
             )
         _LIVE[self.proc.pid] = self.proc
 
@@ -501,6 +514,18 @@ def bench_seq(srv: Server, cmd: str, key: str, n: int, warmup: int, chk: ReplyCh
     }
 
 
+def bench_seq_one_cpu(srv: Server, n: int, warmup: int, chk: ReplyChecker) -> dict:
+    """bench_seq with the client moved onto the server's CPU: every round trip is then
+    two context switches on one CPU instead of two cross-CPU wake-ups."""
+    if PIN["server"] is None or PIN["server"] == PIN["client"]:
+        raise Skip("needs --pin split")
+    os.sched_setaffinity(0, {PIN["server"]})
+    try:
+        return bench_seq(srv, "query-version", "qemu", n, warmup, chk)
+    finally:
+        os.sched_setaffinity(0, {PIN["client"]})
+
+
 def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> dict:
     """Queue requests without waiting for replies (all of them, or at most `window`
     outstanding); read replies concurrently so that neither side can block the other."""
@@ -730,6 +755,8 @@ def run_test(rep_res: dict, problems: list[str], rep: int, target: str, srv: Ser
     t0 = time.monotonic()
     try:
         res = fn()
+    except Skip:
+        return
     except BenchError as exc:
         msg = f"rep {rep} {target} {name}: {exc}"
         if not srv.alive():
@@ -764,6 +791,7 @@ def one_rep(rep: int, order: list[str], args: argparse.Namespace, tmp: str,
         tests = [
             ("seq version", "seq_version",
              lambda s, ch: bench_seq(s, "query-version", "qemu", n, w, ch)),
+            ("seq 1 CPU", "seq1cpu", lambda s, ch: bench_seq_one_cpu(s, n, w, ch)),
             ("seq status", "seq_status",
              lambda s, ch: bench_seq(s, "query-status", "status", n, w, ch)),
             ("pipe all", "pipe_all", lambda s, ch: bench_pipe(s, n, None, ch)),
@@ -876,6 +904,10 @@ def render(summary: dict, targets: list[str], args: argparse.Namespace, meta: di
                  f"reqsize n={args.reqsize_n}, connect n={args.connect_n})")
     lines.append(f"host: {meta['host'].get('cpu', '?')}, {meta['host']['nproc']} CPUs, "
                  f"Python {meta['host']['python']}, kernel {meta['host']['kernel']}")
+    pin = meta["pin"]
+    lines.append(f"placement (--pin {args.pin}): client on CPU {pin['client']}, "
+                 f"servers on CPU {pin['server']}" if args.pin != "none"
+                 else "placement: not pinned (--pin none)")
     for t in targets:
         g = meta["greetings"].get(t)
         if g:
@@ -961,6 +993,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qmpd-sockets", choices=["one", "many"], default="one",
                    help="multi-client run: all qmpd clients on one socket (default) or one "
                         "socket per client like QEMU")
+    p.add_argument("--pin", choices=["split", "same", "none"], default=None,
+                   help="CPU placement: 'split' (default with 2+ CPUs) puts the client on "
+                        "the first usable CPU and every server on the second; 'same' puts "
+                        "all on one CPU; 'none' lets the scheduler choose, which on VMs "
+                        "makes round trips bimodal")
     a = p.parse_args(argv)
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 3)
     a.n = a.n if a.n is not None else (300 if a.quick else 5000)
@@ -978,6 +1015,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not targets or len(set(targets)) != len(targets):
         p.error("--targets: give qemu and/or qmpd, each once")
     a.target_list = targets
+    if a.pin is None:
+        a.pin = "split" if len(os.sched_getaffinity(0)) >= 2 else "none"
+    if a.pin != "none" and len(os.sched_getaffinity(0)) < (2 if a.pin == "split" else 1):
+        p.error("--pin split needs two usable CPUs")
     if a.reps < 1 or a.n < 1 or a.window < 1 or a.clients < 0:
         p.error("--reps, -n and --window must be positive, --clients not negative")
     if "qemu" in targets and shutil.which(a.qemu) is None:
@@ -1001,6 +1042,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     targets = args.target_list
     _raise_nofile(4 * args.clients + 256)
+    if args.pin != "none":
+        cpus = sorted(os.sched_getaffinity(0))
+        PIN["client"] = cpus[0]
+        PIN["server"] = cpus[1] if args.pin == "split" else cpus[0]
+        os.sched_setaffinity(0, {PIN["client"]})
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     atexit.register(kill_leftovers)
@@ -1014,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         "greetings": greetings,
         "args": {k: v for k, v in vars(args).items() if k != "target_list"},
         "targets": targets,
+        "pin": dict(PIN),
     }
     try:
         with open("/proc/cpuinfo") as f:
