@@ -26,12 +26,22 @@ def qdict_bucket(key: str) -> int:
     return ((1103515243 * value + 12345) & _MASK32) % _QDICT_BUCKETS
 
 
+_ORDER_CACHE: dict[tuple[str, ...], list[str]] = {}
+_ORDER_CACHE_MAX = 4096
+
+
 def qdict_order(keys: list[str]) -> list[str]:
     """Keys (given in insertion order) in the order QEMU iterates them."""
     if len(keys) < 2:
         return keys
-    indexed = sorted(range(len(keys)), key=lambda i: (qdict_bucket(keys[i]), -i))
-    return [keys[i] for i in indexed]
+    cache_key = tuple(keys)
+    order = _ORDER_CACHE.get(cache_key)
+    if order is None:
+        indexed = sorted(range(len(keys)), key=lambda i: (qdict_bucket(keys[i]), -i))
+        order = [keys[i] for i in indexed]
+        if len(_ORDER_CACHE) < _ORDER_CACHE_MAX:
+            _ORDER_CACHE[cache_key] = order
+    return order
 
 
 _SHORT_ESCAPES = {
@@ -62,6 +72,8 @@ def _escape_char(m: re.Match[str]) -> str:
 
 def quote_string(text: str) -> str:
     """A JSON string literal exactly as QEMU writes it."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
     return '"' + _NEEDS_ESCAPE.sub(_escape_char, text) + '"'
 
 

@@ -21,8 +21,10 @@ whole buffers at C speed rather than byte by byte.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
@@ -74,6 +76,22 @@ _FAST_TOKEN = re.compile(
     )""",
     re.X,
 )
+# Whole-message fast path: a run of plain tokens only (ASCII strings
+# without escapes, short integers, true/false/null, structure, whitespace).
+# Inside such a run QEMU's parser and json.loads agree on every value, so a
+# complete object found here is handed to json.loads; anything unusual
+# (errors included) takes the exact token-by-token path instead.
+_PLAIN_MESSAGE = re.compile(
+    rb"""[ \t\r\n]*\{(?:
+        [ \t\r\n{}\[\]:,]
+      | "[\x20\x21\x23-\x5b\x5d-\x7e]*"
+      | -?(?:0|[1-9][0-9]{0,17})(?![0-9.eE])
+      | true | false | null
+    )*""",
+    re.X,
+)
+_PLAIN_STRUCTURE = re.compile(rb'[{}\[\]]|"[^"]*"')
+_FAST_MESSAGE_MAX = 1 << 20
 _WS_RUN = re.compile(rb"[ \t\r\n]*")
 _DQ_RUN = re.compile(rb'[^"\\\x00-\x1f\xfe\xff]*')
 _SQ_RUN = re.compile(rb"[^'\\\x00-\x1f\xfe\xff]*")
@@ -149,6 +167,17 @@ def _run_end(pattern: re.Pattern[bytes], data: bytes, i: int) -> int:
     m = pattern.match(data, i)
     assert m is not None
     return m.end()
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _DuplicateKey
+    return value
 
 
 class _ParseError(Exception):
@@ -397,6 +426,7 @@ class JSONStreamParser:
         "_tokens",
         "_ws_run",
         "max_nesting",
+        "fast_messages",
         "max_token_count",
         "max_token_size",
     )
@@ -406,6 +436,7 @@ class JSONStreamParser:
         max_token_size: int = MAX_TOKEN_SIZE,
         max_token_count: int = MAX_TOKEN_COUNT,
         max_nesting: int = MAX_NESTING,
+        fast_messages: bool = True,
     ) -> None:
         self._state = _START
         self._partial = bytearray()  # bytes of a token cut by a buffer end
@@ -418,6 +449,7 @@ class JSONStreamParser:
         self.max_token_size = max_token_size
         self.max_token_count = max_token_count
         self.max_nesting = max_nesting
+        self.fast_messages = fast_messages
 
     @property
     def pending_bytes(self) -> int:
@@ -442,6 +474,11 @@ class JSONStreamParser:
         emit = self._emit
         while i < n:
             if self._state == _START and not self._partial:
+                if self.fast_messages and not self._tokens:
+                    end = self._fast_message(data, i)
+                    if end:
+                        i = end
+                        continue
                 m = fast(data, i)
                 if m is not None:
                     i = m.end()
@@ -449,6 +486,44 @@ class JSONStreamParser:
                     continue
             i = self._step(data, i, n)
         return out
+
+    def _fast_message(self, data: bytes, i: int) -> int:
+        """Parse one complete plain object at ``data[i:]``; 0 if not possible."""
+        if data[i] != _TOKEN_LBRACE and not data[i : i + 1].isspace():
+            return 0
+        braces = brackets = depth = 0
+        end = 0
+        limit = min(len(data), i + _FAST_MESSAGE_MAX)
+        for m in _PLAIN_STRUCTURE.finditer(data, i, limit):
+            c = data[m.start()]
+            if c == 0x22:
+                continue
+            if c == _TOKEN_LBRACE:
+                braces += 1
+            elif c == _TOKEN_RBRACE:
+                braces -= 1
+            elif c == _TOKEN_LBRACKET:
+                brackets += 1
+            else:
+                brackets -= 1
+            if braces < 0 or brackets < 0:
+                return 0
+            if braces + brackets > depth:
+                depth = braces + brackets
+            if braces == 0 and brackets == 0:
+                end = m.end()
+                break
+        if not end or depth > min(self.max_nesting, 64):
+            return 0
+        # Only now look at the tokens: all of them must be plain.
+        if _PLAIN_MESSAGE.fullmatch(data, i, end) is None:
+            return 0
+        try:
+            value = json.loads(data[i:end], object_pairs_hook=_pairs_without_duplicates)
+        except ValueError:
+            return 0
+        self._out.append(value)
+        return end
 
     # --- lexer -----------------------------------------------------------
 

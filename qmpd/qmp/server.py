@@ -85,8 +85,7 @@ class QMPConnection(asyncio.Protocol):
     # --- asyncio callbacks ---------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.monitor.attach(self)
         self._write(self.session.greeting())

@@ -564,7 +564,8 @@ class Runner:
                 else:
                     chunks = [_payload(st)]
                 default_wait = {}
-            barrier = st.get("barrier", op == "send" and "wait" not in st)
+            wait_keys = set(st.get("wait", {})) - {"timeout", "also", "settle"}
+            barrier = st.get("barrier", op == "send" and not wait_keys)
             delay = float(st.get("delay", 0.02))
             sent = bytearray()
             ok = True
@@ -716,17 +717,22 @@ def _mask_version(v: dict[str, Any]) -> dict[str, Any]:
     return {"qemu": {k: "<VERSION>" for k in v["qemu"]}, "package": "<PACKAGE>"}
 
 
-def _shrink(v: Any, tmp: str) -> Any:
-    """Replace the temp dir by {tmp}; huge/deep values by a stable token."""
+def _shrink(v: Any, tmp: str, top: bool = False) -> Any:
+    """Replace the temp dir by {tmp}; huge/deep values by a stable token.
+
+    The message object itself is kept, so only its oversized members
+    become tokens.
+    """
     if isinstance(v, str):
         if tmp and tmp in v:
             v = v.replace(tmp, "{tmp}")
         if len(v) > MAX_STR:
             return f"<STR len={len(v)} sha256={sha(v)}>"
         return v
-    d = _depth(v)
-    if d > MAX_DEPTH:
-        return f"<DEEP {type(v).__name__} depth={d} sha256={sha(canon(v))}>"
+    if not top:
+        d = _depth(v)
+        if d > MAX_DEPTH:
+            return f"<DEEP {type(v).__name__} depth={d} sha256={sha(canon(v))}>"
     if isinstance(v, list):
         if len(v) > MAX_LIST:
             return f"<LIST len={len(v)} sha256={sha(canon(v))}>"
@@ -807,7 +813,7 @@ def normalize(records: list[dict[str, Any]], tmp: str = "",
                 if summary is not None:
                     msg = summary
                     raw = "<SUMMARY>"
-            msg = _shrink(msg, tmp)
+            msg = _shrink(msg, tmp, top=True)
             if raw is not None:
                 if tmp:
                     raw = raw.replace(tmp, "{tmp}")
@@ -876,8 +882,6 @@ def _item(rec: dict[str, Any], raw: bool) -> str:
         parts.append(rec.get("raw"))
     elif kind == "exit":
         parts.append(rec.get("status", rec.get("signal")))
-    elif kind == "eof":
-        parts.append(bool(rec.get("reset")))
     elif kind in ("harness-error", "connect-failed", "send-failed"):
         parts.append(rec.get("error"))
     if rec.get("repeat", 1) != 1:
@@ -927,6 +931,8 @@ def compare(ref: list[dict[str, Any]], act: list[dict[str, Any]],
     case = case or {}
     excluded = set(exclude)
     no_raw_steps = {i for i, st in enumerate(case.get("steps", [])) if st.get("raw") is False}
+    unordered = {i for i, st in enumerate(case.get("steps", []))
+                 if st.get("compare") == "unordered"}
 
     def group(records: list[dict[str, Any]]) -> dict[Any, dict[str, list[dict[str, Any]]]]:
         g: dict[Any, dict[str, list[dict[str, Any]]]] = {}
@@ -945,6 +951,9 @@ def compare(ref: list[dict[str, Any]], act: list[dict[str, Any]],
             a = gr.get(st, {}).get(sk, [])
             b = ga.get(st, {}).get(sk, [])
             use_raw = raw and st not in no_raw_steps
+            if st in unordered:
+                a = sorted(a, key=lambda r: _item(r, use_raw))
+                b = sorted(b, key=lambda r: _item(r, use_raw))
             block = _diff_stream(a, b, names, False)
             if not block and use_raw:
                 block = _diff_stream(a, b, names, True)
@@ -956,11 +965,20 @@ def compare(ref: list[dict[str, Any]], act: list[dict[str, Any]],
                 sent = [r for r in ref if r["step"] == st and r["kind"] == "send"
                         and r.get("conn") == sk and not r.get("barrier")]
                 if sent:
-                    s0 = sent[0]
-                    shown = s0.get("data", s0.get("hex", s0.get("sha256")))
-                    head += "\n  sent: " + json.dumps(shown, ensure_ascii=False)[:300]
+                    head += "\n  sent: " + _sent_text(sent[0])
                 diffs.append(head + "\n" + "\n".join(block))
     return diffs
+
+
+def _sent_text(rec: dict[str, Any]) -> str:
+    if "data" in rec:
+        text = json.dumps(rec["data"], ensure_ascii=False)
+    elif "hex" in rec:
+        text = "hex " + rec["hex"]
+    else:
+        text = (f"{rec.get('len')} bytes: " + json.dumps(rec.get("head"), ensure_ascii=False)
+                + " ... " + json.dumps(rec.get("tail"), ensure_ascii=False))
+    return text if len(text) <= 300 else text[:240] + " ... " + text[-50:]
 
 
 def _diff_stream(a: list[dict[str, Any]], b: list[dict[str, Any]], names: tuple[str, str],

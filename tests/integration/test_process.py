@@ -149,3 +149,16 @@ def test_python_dash_m_and_console_script_agree(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "qmpd", "--version"], capture_output=True,
                          timeout=20)
     assert out.returncode == 0 and out.stdout.startswith(b"qmpd ")
+
+
+def test_installed_package_ships_its_schema(tmp_path: Path) -> None:
+    # Run outside the checkout so the installed qmpd is the one imported.
+    out = subprocess.run(
+        [sys.executable, "-c", "from qmpd.schema import schema_dir; print(schema_dir())"],
+        capture_output=True, timeout=20, cwd=tmp_path, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    root = Path(out.stdout.strip())
+    assert (root / "types.json").is_file()
+    assert (root / "commands" / "query-status.json").is_file()
+    assert (root / "events" / "SHUTDOWN.json").is_file()

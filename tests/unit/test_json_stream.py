@@ -222,3 +222,37 @@ def test_garbage_never_breaks_the_parser(garbage: bytes) -> None:
     # A client can always resynchronise with a control byte, then be heard.
     tail = parser.feed(b'\x04"\x04]}]}\x04{"execute": "query-status"}')
     assert tail[-1] == {"execute": "query-status"}
+
+
+def _run(data: bytes, fast: bool, splits: list[int]) -> list[Any]:
+    parser = JSONStreamParser(fast_messages=fast)
+    out: list[Any] = []
+    last = 0
+    for point in [*sorted(p % (len(data) + 1) for p in splits), len(data)]:
+        out += parser.feed(data[last:point])
+        last = point
+    out += parser.feed(b'\x04{"execute": "end"}')
+    return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.text(alphabet='{}[]:,"0123456789-.e truefalsnl\'\\x\n', max_size=80),
+    splits=st.lists(st.integers(min_value=0, max_value=100), max_size=3),
+)
+def test_fast_path_agrees_with_token_path(text: str, splits: list[int]) -> None:
+    data = text.encode()
+    # Compare on one buffer and on random splits: the whole-message fast
+    # path must never change what a stream means.
+    assert _run(data, True, []) == _run(data, False, [])
+    assert _run(data, True, splits) == _run(data, False, [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=st.lists(st.dictionaries(st.text(max_size=6), json_values, max_size=4), max_size=4))
+def test_fast_path_agrees_on_valid_messages(messages: list[dict[str, Any]]) -> None:
+    data = b"".join(json.dumps(m).encode() + b"\n" for m in messages)
+    fast = _run(data, True, [])
+    slow = _run(data, False, [])
+    assert len(fast) == len(slow)
+    assert all(_equal(a, b) for a, b in zip(fast, slow, strict=True))
