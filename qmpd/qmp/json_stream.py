@@ -425,8 +425,8 @@ class JSONStreamParser:
         "_token_size",
         "_tokens",
         "_ws_run",
-        "max_nesting",
         "fast_messages",
+        "max_nesting",
         "max_token_count",
         "max_token_size",
     )

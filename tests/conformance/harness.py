@@ -1057,8 +1057,7 @@ def _show_transcript(records: list[dict[str, Any]]) -> None:
             print(f"--- step {r['step']}: {r.get('label', '')}")
         conn = r.get("conn", "-")
         if r["kind"] == "send":
-            what = "<barrier>" if r.get("barrier") else json.dumps(
-                r.get("data", r.get("hex", r.get("sha256"))), ensure_ascii=False)[:200]
+            what = "<barrier>" if r.get("barrier") else _sent_text(r)
             print(f"  {conn} >> {what}")
         elif r["kind"] in ("recv", "recv-raw"):
             print(f"  {conn} << {_show(r, r['kind'] == 'recv-raw')}")
