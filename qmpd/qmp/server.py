@@ -18,7 +18,7 @@ import stat
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qmpd.qmp.session import Incoming, QMPSession
 
@@ -85,8 +85,11 @@ class QMPConnection(asyncio.Protocol):
     # --- asyncio callbacks ---------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses, so no
+        # isinstance check: any stream transport will do.
+        stream = cast(asyncio.Transport, transport)
+        self.transport = stream
+        stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.monitor.attach(self)
         self._write(self.session.greeting())
 
