@@ -68,13 +68,19 @@ class RawClient:
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
 
     def recv_line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
+        buf = bytearray(self.buf)
+        searched = 0
+        while True:
+            end = buf.find(b"\r\n", max(0, searched - 1))
+            if end >= 0:
+                break
+            searched = len(buf)
+            chunk = self.sock.recv(1 << 20)
             if not chunk:
                 raise EOFError("server closed the connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
+            buf += chunk
+        self.buf = bytes(buf[end + 2 :])
+        return bytes(buf[:end])
 
     def recv(self) -> dict[str, Any]:
         msg = json.loads(self.recv_line())
@@ -178,3 +184,13 @@ def qmpd_factory(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def qmpd(qmpd_factory: Any) -> QmpdProcess:
     return qmpd_factory()  # type: ignore[no-any-return]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long randomized and soak variants run only with QMPD_SLOW=1."""
+    if os.environ.get("QMPD_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow variant: set QMPD_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

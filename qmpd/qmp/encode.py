@@ -84,82 +84,74 @@ def _number(value: float) -> str:
 def encode(value: Any, pretty: bool = False) -> str:
     """Serialise ``value`` as QEMU's JSON writer would (no trailing newline)."""
     parts: list[str] = []
-    if pretty:
-        _write_pretty(value, parts, 0)
-    else:
-        _write(value, parts)
+    _write(value, parts, pretty)
     return "".join(parts)
 
 
-def _write(value: Any, out: list[str]) -> None:
+def _scalar(value: Any) -> str:
     if isinstance(value, str):
-        out.append(quote_string(value))
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif value is None:
-        out.append("null")
-    elif isinstance(value, int):
-        out.append(str(value))
-    elif isinstance(value, float):
-        out.append(_number(value))
-    elif isinstance(value, dict):
-        if not value:
-            out.append("{}")
-            return
-        out.append("{")
-        first = True
-        for key in qdict_order(list(value)):
-            if not first:
-                out.append(", ")
-            first = False
-            out.append(quote_string(key))
-            out.append(": ")
-            _write(value[key], out)
-        out.append("}")
-    elif isinstance(value, (list, tuple)):
-        if not value:
-            out.append("[]")
-            return
-        out.append("[")
-        first = True
-        for item in value:
-            if not first:
-                out.append(", ")
-            first = False
-            _write(item, out)
-        out.append("]")
-    else:
-        raise TypeError(f"cannot encode {type(value).__name__} as QMP JSON")
-
-
-def _write_pretty(value: Any, out: list[str], depth: int) -> None:
-    # QEMU's pretty writer: each member on its own line, four spaces per
-    # level, and a closing bracket always on a new line (so an empty
-    # container prints as "{" newline "}").
+        return quote_string(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _number(value)
     if isinstance(value, dict):
-        out.append("{")
-        inner = "\n" + "    " * (depth + 1)
-        first = True
-        for key in qdict_order(list(value)):
-            out.append(inner if first else "," + inner)
-            first = False
-            out.append(quote_string(key))
-            out.append(": ")
-            _write_pretty(value[key], out, depth + 1)
-        out.append("\n" + "    " * depth + "}")
-    elif isinstance(value, (list, tuple)):
-        out.append("[")
-        inner = "\n" + "    " * (depth + 1)
-        first = True
-        for item in value:
-            out.append(inner if first else "," + inner)
-            first = False
-            _write_pretty(item, out, depth + 1)
-        out.append("\n" + "    " * depth + "]")
-    else:
-        _write(value, out)
+        return "{}"
+    if isinstance(value, (list, tuple)):
+        return "[]"
+    raise TypeError(f"cannot encode {type(value).__name__} as QMP JSON")
+
+
+_END = object()
+
+
+def _write(value: Any, out: list[str], pretty: bool) -> None:
+    # Iterative, because a request may nest 1024 levels deep and its id is
+    # echoed back; Python's recursion limit is lower than that.
+    #
+    # QEMU's pretty writer puts each member on its own line, four spaces per
+    # level, and a closing bracket always on a new line (so an empty
+    # container nested in a pretty message prints as "{" newline "}").
+    stack: list[list[Any]] = []  # [container, iterator, is_dict, first]
+    current = value
+    while True:
+        if isinstance(current, dict) and (current or pretty):
+            out.append("{")
+            stack.append([current, iter(qdict_order(list(current))), True, True])
+        elif isinstance(current, (list, tuple)) and (current or pretty):
+            out.append("[")
+            stack.append([current, iter(current), False, True])
+        else:
+            out.append(_scalar(current))
+        while stack:
+            frame = stack[-1]
+            item = next(frame[1], _END)
+            if item is _END:
+                stack.pop()
+                if pretty:
+                    out.append("\n" + "    " * len(stack))
+                out.append("}" if frame[2] else "]")
+                continue
+            if pretty:
+                out.append(("\n" if frame[3] else ",\n") + "    " * len(stack))
+            elif not frame[3]:
+                out.append(", ")
+            frame[3] = False
+            if frame[2]:
+                out.append(quote_string(item))
+                out.append(": ")
+                current = frame[0][item]
+            else:
+                current = item
+            break
+        else:
+            return
 
 
 def encode_message(value: Any, pretty: bool = False) -> bytes:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from qmpd.errors import GenericError
 from qmpd.qmp.session import Incoming, QMPSession
 
 if TYPE_CHECKING:
@@ -94,7 +95,11 @@ class QMPConnection(asyncio.Protocol):
         self._write(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
-        self.queue.extend(self.session.receive_data(data))
+        try:
+            self.queue.extend(self.session.receive_data(data))
+        except Exception:  # a parser bug must not take the connection down
+            log.exception("%s: cannot parse client input; input dropped", self.monitor.config.id)
+            self.session.parser.reset()
         self._process()
 
     def eof_received(self) -> bool | None:
@@ -127,7 +132,11 @@ class QMPConnection(asyncio.Protocol):
             if isinstance(item, bytes):
                 self._write(item)
                 continue
-            reply = dispatcher.dispatch(self.session, item)
+            try:
+                reply = dispatcher.dispatch(self.session, item)
+            except Exception as exc:  # e.g. a reply that cannot be encoded
+                log.exception("%s: %s failed", self.monitor.config.id, item.command)
+                reply = self.session.error_reply(item, GenericError(f"internal error: {exc}"))
             if isinstance(reply, bytes):
                 self._write(reply)
             else:
@@ -164,6 +173,14 @@ class QMPConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         transport.write(data)
+
+    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
+        if self.session.negotiating or self.closed or self.transport is None:
+            return
+        transport = self.transport
+        self._write(pretty if self.pretty and pretty is not None else plain)
+        # Replies cannot pile up (requests stop running while output is
+        # unread); events can, so they are what the output limit bounds.
         if transport.get_write_buffer_size() > self.monitor.server.output_limit:
             log.warning(
                 "%s: client does not read its output (%d bytes queued); disconnecting",
@@ -174,11 +191,6 @@ class QMPConnection(asyncio.Protocol):
                 self.monitor.server.metrics.disconnects_for_backlog.inc()
             self.closed = True
             transport.abort()
-
-    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
-        if self.session.negotiating or self.closed:
-            return
-        self._write(pretty if self.pretty and pretty is not None else plain)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -35,6 +35,18 @@ The client is deliberately simple and identical for both targets: plain blocking
 UNIX sockets for one connection, one epoll loop for pipelining and for many
 clients, no asyncio.  Its own CPU cost per command is printed so that the client
 floor can be told apart from server cost.
+
+CPU placement matters a lot for round trips on small VMs: a wake-up on another
+vCPU costs tens of microseconds on each side, and an unpinned client/server pair
+drifts between "same CPU" and "two CPUs" during a run, which makes results
+bimodal.  By default (--pin split) the client runs on the first usable CPU and
+every server on the second; the sequential query-version run is repeated with the
+client moved onto the server's CPU ("one CPU" rows).  The share of the server's
+CPU used by other processes during the sequential run is printed too: when it is
+high, tails and rates of that run are not trustworthy.
+
+To measure a fixed version while the tree is being edited, export it and point
+--qmpd-src at it:  git archive HEAD | tar -x -C /tmp/snap; ... --qmpd-src /tmp/snap
 """
 
 from __future__ import annotations
@@ -62,7 +74,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE = "qemu"
 TARGETS = ("qemu", "qmpd")
 REQ_SIZES = (64, 256, 1024)
-STALL_S = 15.0           # no reply for this long: the server is reported as stalled
+STALL_S = 15.0  # no reply for this long: the server is reported as stalled
 START_TIMEOUT_S = 30.0
 
 # (metric key, label, unit, which direction is better)
@@ -72,6 +84,7 @@ METRICS = [
     ("seq_version_cmds_s", "query-version sequential rate", "cmd/s", "higher"),
     ("seq_version_server_cpu_us", "server CPU per query-version", "us", "lower"),
     ("seq_version_client_cpu_us", "client CPU per query-version", "us", "lower"),
+    ("seq_version_foreign_pct", "other load on server CPU, seq run", "%", "info"),
     ("seq1cpu_p50_us", "query-version p50, one CPU for both", "us", "lower"),
     ("seq1cpu_server_cpu_us", "server CPU/query-version, one CPU", "us", "lower"),
     ("seq_status_p50_us", "query-status sequential p50", "us", "lower"),
@@ -97,12 +110,17 @@ METRICS = [
     ("bad_replies", "wrong/missing/error replies", "count", "lower"),
 ]
 
+INFO_METRICS = {m[0] for m in METRICS if m[3] == "info"}
+
 # Goals: (label, metric, ratio qmpd/qemu must be <= or >= this value)
 GOALS = [
     ("server CPU per command", "seq_version_server_cpu_us", "<=", 0.3),
     ("query-version p50 latency", "seq_version_p50_us", "<=", 0.7),
     ("pipelined throughput", "pipe_all_cmds_s", ">=", 5.0),
-    ("1 KiB request latency", "req1024_p50_us", "<=", 0.1),   # i.e. >= 10x faster
+    ("1 KiB request latency", "req1024_p50_us", "<=", 0.1),  # i.e. >= 10x faster
+    # The same two goals with client and server sharing one CPU (shown for reference).
+    ("server CPU/cmd, one CPU", "seq1cpu_server_cpu_us", "<=", 0.3),
+    ("p50 latency, one CPU", "seq1cpu_p50_us", "<=", 0.7),
 ]
 
 
@@ -121,6 +139,7 @@ class Skip(Exception):
 # ---------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------
+
 
 def percentile(sorted_vals: list[float], p: float) -> float | None:
     if not sorted_vals:
@@ -167,7 +186,7 @@ def server_cpu_ns(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        ticks = int(fields[11]) + int(fields[12])     # utime + stime
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
         return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
@@ -182,6 +201,28 @@ def server_rss_kb(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def git_describe(path: str) -> str | None:
+    """Commit of the qmpd sources, with '+dirty' if qmpd/ has local changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", path, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", path, "status", "--porcelain", "--", "qmpd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def cpu_probe_ms() -> float:
@@ -252,8 +293,14 @@ def _pin_server() -> None:
 class Server:
     """One server process with its monitor socket paths."""
 
-    def __init__(self, target: str, argv: list[str], paths: list[str], log: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        argv: list[str],
+        paths: list[str],
+        log: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.target = target
         self.argv = argv
         self.paths = paths
@@ -270,8 +317,13 @@ class Server:
     def spawn(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=os.path.dirname(self.log), start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=os.path.dirname(self.log),
+                start_new_session=True,
                 preexec_fn=_pin_server if PIN["server"] is not None else None,
             )
         _LIVE[self.proc.pid] = self.proc
@@ -283,11 +335,14 @@ class Server:
         for path in dict.fromkeys([self.paths[0], self.paths[-1]]):
             while True:
                 if self.proc.poll() is not None:
-                    raise BenchError(f"{self.target} exited with status {self.proc.returncode}"
-                                     f" during start-up:\n{self.log_tail()}")
+                    raise BenchError(
+                        f"{self.target} exited with status {self.proc.returncode}"
+                        f" during start-up:\n{self.log_tail()}"
+                    )
                 if time.monotonic() > deadline:
-                    raise BenchError(f"{self.target} not ready after {START_TIMEOUT_S:.0f} s:"
-                                     f"\n{self.log_tail()}")
+                    raise BenchError(
+                        f"{self.target} not ready after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}"
+                    )
                 try:
                     c = Client(path, timeout=5.0)
                 except (OSError, BenchError):
@@ -335,8 +390,9 @@ def kill_leftovers() -> None:
         _LIVE.pop(pid, None)
 
 
-def make_server(target: str, args: argparse.Namespace, tmp: str, phase: str,
-                nsockets: int) -> Server:
+def make_server(
+    target: str, args: argparse.Namespace, tmp: str, phase: str, nsockets: int
+) -> Server:
     """Server for one phase; socket paths have the same length for both targets."""
     d = os.path.join(tmp, f"{target}-{phase}")
     os.makedirs(d, exist_ok=True)
@@ -354,13 +410,15 @@ def make_server(target: str, args: argparse.Namespace, tmp: str, phase: str,
         argv += args.qmpd_arg
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            [args.qmpd_src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         return Server(target, argv, paths, log, env)
     raise ValueError(target)
 
 
-def start_servers(targets: list[str], args: argparse.Namespace, tmp: str, phase: str,
-                  nsockets: dict[str, int]) -> dict[str, Server]:
+def start_servers(
+    targets: list[str], args: argparse.Namespace, tmp: str, phase: str, nsockets: dict[str, int]
+) -> dict[str, Server]:
     servers = {t: make_server(t, args, tmp, phase, nsockets[t]) for t in targets}
     try:
         for s in servers.values():
@@ -378,6 +436,7 @@ def start_servers(targets: list[str], args: argparse.Namespace, tmp: str, phase:
 # client
 # ---------------------------------------------------------------------------
 
+
 class Client:
     """Blocking QMP client on a UNIX socket.  The receive timeout is set in the kernel
     (SO_RCVTIMEO) so that each recv stays a single system call."""
@@ -389,8 +448,11 @@ class Client:
             self.sock.connect(path)
             self.sock.settimeout(None)
             sec = int(timeout)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 struct.pack("ll", sec, int((timeout - sec) * 1e6)))
+            self.sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_RCVTIMEO,
+                struct.pack("ll", sec, int((timeout - sec) * 1e6)),
+            )
             self.buf = b""
             self.events = 0
             line = self.readline()
@@ -415,8 +477,8 @@ class Client:
                     raise BenchError("server closed the connection")
                 buf += chunk
                 j = buf.find(b"\n")
-            line = buf[:j + 1]
-            self.buf = buf[j + 1:]
+            line = buf[: j + 1]
+            self.buf = buf[j + 1 :]
             if is_event(line):
                 self.events += 1
                 continue
@@ -452,6 +514,7 @@ def open_client(path: str) -> Client:
 # tests
 # ---------------------------------------------------------------------------
 
+
 def timed_round_trips(c: Client, reqs: list[bytes]) -> tuple[list[int], list[bytes], int]:
     """Send each request and wait for its reply; returns latencies (ns), replies and
     the wall time of the whole loop (ns)."""
@@ -477,8 +540,8 @@ def timed_round_trips(c: Client, reqs: list[bytes]) -> tuple[list[int], list[byt
                     raise BenchError(f"server closed the connection at request {i}")
                 buf += chunk
                 j = buf.find(b"\n")
-            line = buf[:j + 1]
-            buf = buf[j + 1:]
+            line = buf[: j + 1]
+            buf = buf[j + 1 :]
             if not is_event(line):
                 break
             c.events += 1
@@ -489,17 +552,36 @@ def timed_round_trips(c: Client, reqs: list[bytes]) -> tuple[list[int], list[byt
     return lat, replies, end - start
 
 
+def cpu_busy_ns(cpu: int | None) -> int | None:
+    """Non-idle time of one CPU (user, nice, system, irq, softirq, steal) in ns."""
+    if cpu is None:
+        return None
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"cpu%d " % cpu):
+                    v = [int(x) for x in line.split()[1:9]]
+                    ticks = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+                    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def bench_seq(srv: Server, cmd: str, key: str, n: int, warmup: int, chk: ReplyChecker) -> dict:
     c = open_client(srv.paths[0])
+    client_here = PIN["server"] is not None and os.sched_getaffinity(0) == {PIN["server"]}
     try:
         timed_round_trips(c, [request(cmd, 1_000_000 + i) for i in range(warmup)])
         reqs = [request(cmd, i) for i in range(n)]
         gc.collect()
         gc.disable()
         try:
+            busy0 = cpu_busy_ns(PIN["server"])
             cpu0, ccpu0 = server_cpu_ns(srv.pid), time.process_time_ns()
             lat, replies, wall = timed_round_trips(c, reqs)
             cpu1, ccpu1 = server_cpu_ns(srv.pid), time.process_time_ns()
+            busy1 = cpu_busy_ns(PIN["server"])
         finally:
             gc.enable()
     finally:
@@ -507,8 +589,16 @@ def bench_seq(srv: Server, cmd: str, key: str, n: int, warmup: int, chk: ReplyCh
     for i, line in enumerate(replies):
         chk.check(line, i, key)
     p50, p99 = lat_stats(lat)
+    foreign = None
+    if busy0 is not None and busy1 is not None and cpu0 is not None and cpu1 is not None:
+        # What else ran on the server's CPU meanwhile (tick resolution: a few %).
+        other = (busy1 - busy0) - (cpu1 - cpu0) - ((ccpu1 - ccpu0) if client_here else 0)
+        foreign = max(0.0, 100.0 * other / wall)
     return {
-        "p50_us": p50, "p99_us": p99, "cmds_s": n / (wall / 1e9),
+        "foreign_pct": foreign,
+        "p50_us": p50,
+        "p99_us": p99,
+        "cmds_s": n / (wall / 1e9),
         "server_cpu_us": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / n / 1e3,
         "client_cpu_us": (ccpu1 - ccpu0) / n / 1e3,
     }
@@ -563,8 +653,10 @@ def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> di
                     ep.modify(fd, select.EPOLLIN | (select.EPOLLOUT if want_out else 0))
                 events = ep.poll(STALL_S)
                 if not events:
-                    raise Stall(f"pipelined: stalled after {len(lines)} of {n} replies "
-                                f"({queued} requests queued, {len(out)} bytes unsent)")
+                    raise Stall(
+                        f"pipelined: stalled after {len(lines)} of {n} replies "
+                        f"({queued} requests queued, {len(out)} bytes unsent)"
+                    )
                 for _fd, ev in events:
                     if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                         try:
@@ -572,8 +664,10 @@ def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> di
                         except BlockingIOError:
                             continue
                         if not chunk:
-                            raise BenchError(f"pipelined: server closed the connection "
-                                             f"after {len(lines)} replies")
+                            raise BenchError(
+                                f"pipelined: server closed the connection "
+                                f"after {len(lines)} replies"
+                            )
                         buf += chunk
                         if b"\n" in chunk:
                             parts = buf.split(b"\n")
@@ -601,8 +695,9 @@ def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> di
     }
 
 
-def bench_reqsize(srv: Server, count: int, warmup: int, order: list[int],
-                 chk: ReplyChecker) -> dict:
+def bench_reqsize(
+    srv: Server, count: int, warmup: int, order: list[int], chk: ReplyChecker
+) -> dict:
     c = open_client(srv.paths[0])
     res: dict[int, tuple[float | None, float | None]] = {}
     try:
@@ -687,8 +782,10 @@ def bench_multi(srv: Server, clients: int, per_client: int, chk: ReplyChecker) -
                 events = ep.poll(STALL_S)
                 if not events:
                     waiting = sum(1 for k in count if k < per_client)
-                    raise Stall(f"multi: {waiting} clients got no reply within {STALL_S:.0f} s"
-                                f" ({sum(count)} of {clients * per_client} replies)")
+                    raise Stall(
+                        f"multi: {waiting} clients got no reply within {STALL_S:.0f} s"
+                        f" ({sum(count)} of {clients * per_client} replies)"
+                    )
                 for fd, _ev in events:
                     i = index[fd]
                     try:
@@ -701,8 +798,8 @@ def bench_multi(srv: Server, clients: int, per_client: int, chk: ReplyChecker) -
                     buf = bufs[i] + chunk
                     j = buf.find(b"\n")
                     while j >= 0:
-                        line = buf[:j + 1]
-                        buf = buf[j + 1:]
+                        line = buf[: j + 1]
+                        buf = buf[j + 1 :]
                         j = buf.find(b"\n")
                         if is_event(line):
                             continue
@@ -731,7 +828,9 @@ def bench_multi(srv: Server, clients: int, per_client: int, chk: ReplyChecker) -
     total = clients * per_client
     p50, p99 = lat_stats(lat)
     return {
-        "cmds_s": total / ((t1 - t0) / 1e9), "p50_us": p50, "p99_us": p99,
+        "cmds_s": total / ((t1 - t0) / 1e9),
+        "p50_us": p50,
+        "p99_us": p99,
         "server_cpu_us": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / total / 1e3,
         "client_cpu_us": (ccpu1 - ccpu0) / total / 1e3,
     }
@@ -741,12 +840,21 @@ def bench_multi(srv: Server, clients: int, per_client: int, chk: ReplyChecker) -
 # driver
 # ---------------------------------------------------------------------------
 
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_test(rep_res: dict, problems: list[str], rep: int, target: str, srv: Server,
-             name: str, fn, prefix: str) -> None:
+def run_test(
+    rep_res: dict,
+    problems: list[str],
+    rep: int,
+    target: str,
+    srv: Server,
+    name: str,
+    fn,
+    prefix: str,
+) -> None:
     """Run one test, store its numbers under prefix_*, record failures instead of
     aborting the whole benchmark."""
     if not srv.alive():
@@ -760,8 +868,10 @@ def run_test(rep_res: dict, problems: list[str], rep: int, target: str, srv: Ser
     except BenchError as exc:
         msg = f"rep {rep} {target} {name}: {exc}"
         if not srv.alive():
-            msg += f" (server exited with status {srv.proc.returncode}; log tail: " \
-                   f"{srv.log_tail(400)!r})"
+            msg += (
+                f" (server exited with status {srv.proc.returncode}; log tail: "
+                f"{srv.log_tail(400)!r})"
+            )
         problems.append(msg)
         log("  PROBLEM: " + msg)
         return
@@ -775,12 +885,18 @@ def run_test(rep_res: dict, problems: list[str], rep: int, target: str, srv: Ser
     log(f"  {target:5s} {name:14s} {time.monotonic() - t0:6.2f} s")
 
 
-def one_rep(rep: int, order: list[str], args: argparse.Namespace, tmp: str,
-            problems: list[str], greetings: dict) -> dict:
+def one_rep(
+    rep: int,
+    order: list[str],
+    args: argparse.Namespace,
+    tmp: str,
+    problems: list[str],
+    greetings: dict,
+) -> dict:
     res: dict[str, dict] = {t: {} for t in order}
     checkers = {t: ReplyChecker() for t in order}
     n = args.n
-    size_order = list(REQ_SIZES[rep % 3:] + REQ_SIZES[:rep % 3])
+    size_order = list(REQ_SIZES[rep % 3 :] + REQ_SIZES[: rep % 3])
 
     # Phase A: one monitor socket per target, one client at a time.
     servers = start_servers(order, args, tmp, f"r{rep}a", {t: 1 for t in order})
@@ -789,22 +905,39 @@ def one_rep(rep: int, order: list[str], args: argparse.Namespace, tmp: str,
             greetings[t] = s.greeting
         w = args.warmup
         tests = [
-            ("seq version", "seq_version",
-             lambda s, ch: bench_seq(s, "query-version", "qemu", n, w, ch)),
+            (
+                "seq version",
+                "seq_version",
+                lambda s, ch: bench_seq(s, "query-version", "qemu", n, w, ch),
+            ),
             ("seq 1 CPU", "seq1cpu", lambda s, ch: bench_seq_one_cpu(s, n, w, ch)),
-            ("seq status", "seq_status",
-             lambda s, ch: bench_seq(s, "query-status", "status", n, w, ch)),
+            (
+                "seq status",
+                "seq_status",
+                lambda s, ch: bench_seq(s, "query-status", "status", n, w, ch),
+            ),
             ("pipe all", "pipe_all", lambda s, ch: bench_pipe(s, n, None, ch)),
             ("pipe window", "pipe_win", lambda s, ch: bench_pipe(s, n, args.window, ch)),
-            ("reqsize", "",
-             lambda s, ch: bench_reqsize(s, args.reqsize_n, min(w, 20), size_order, ch)),
+            (
+                "reqsize",
+                "",
+                lambda s, ch: bench_reqsize(s, args.reqsize_n, min(w, 20), size_order, ch),
+            ),
             ("connect", "connect", lambda s, ch: bench_connect(s, args.connect_n, 10)),
         ]
         for name, prefix, fn in tests:
             for t in order:
                 s = servers[t]
-                run_test(res[t], problems, rep, t, s, name,
-                         lambda fn=fn, s=s, ch=checkers[t]: fn(s, ch), prefix)
+                run_test(
+                    res[t],
+                    problems,
+                    rep,
+                    t,
+                    s,
+                    name,
+                    lambda fn=fn, s=s, ch=checkers[t]: fn(s, ch),
+                    prefix,
+                )
         for t, s in servers.items():
             res[t]["server_rss_kb"] = server_rss_kb(s.pid)
     finally:
@@ -820,10 +953,16 @@ def one_rep(rep: int, order: list[str], args: argparse.Namespace, tmp: str,
         try:
             for t in order:
                 s = servers[t]
-                run_test(res[t], problems, rep, t, s, f"{args.clients} clients",
-                         lambda s=s, ch=checkers[t]: bench_multi(s, args.clients,
-                                                                args.per_client, ch),
-                         "multi")
+                run_test(
+                    res[t],
+                    problems,
+                    rep,
+                    t,
+                    s,
+                    f"{args.clients} clients",
+                    lambda s=s, ch=checkers[t]: bench_multi(s, args.clients, args.per_client, ch),
+                    "multi",
+                )
         finally:
             for s in servers.values():
                 s.stop()
@@ -831,8 +970,9 @@ def one_rep(rep: int, order: list[str], args: argparse.Namespace, tmp: str,
     for t in order:
         res[t]["bad_replies"] = checkers[t].bad
         if checkers[t].bad:
-            msg = (f"rep {rep} {t}: {checkers[t].bad} wrong replies, e.g. "
-                   + " | ".join(checkers[t].examples))
+            msg = f"rep {rep} {t}: {checkers[t].bad} wrong replies, e.g. " + " | ".join(
+                checkers[t].examples
+            )
             problems.append(msg)
             log("  PROBLEM: " + msg)
     return res
@@ -883,9 +1023,10 @@ def fmt_ratio(s: dict | None) -> str:
 def build_summary(reps: list[dict], targets: list[str]) -> dict:
     summary: dict = {"targets": {}, "ratio": {}}
     for key, *_ in METRICS:
-        summary["targets"][key] = {t: summarize([r["results"][t].get(key) for r in reps])
-                                   for t in targets}
-        if BASELINE in targets and "qmpd" in targets:
+        summary["targets"][key] = {
+            t: summarize([r["results"][t].get(key) for r in reps]) for t in targets
+        }
+        if BASELINE in targets and "qmpd" in targets and key not in INFO_METRICS:
             ratios = []
             for r in reps:
                 a = r["results"]["qmpd"].get(key)
@@ -896,25 +1037,44 @@ def build_summary(reps: list[dict], targets: list[str]) -> dict:
     return summary
 
 
-def render(summary: dict, targets: list[str], args: argparse.Namespace, meta: dict,
-           reps: list[dict], problems: list[str]) -> tuple[str, list[dict]]:
+def render(
+    summary: dict,
+    targets: list[str],
+    args: argparse.Namespace,
+    meta: dict,
+    reps: list[dict],
+    problems: list[str],
+) -> tuple[str, list[dict]]:
     lines = []
-    lines.append(f"QMP benchmark: {' vs '.join(targets)}  (reps={args.reps}, n={args.n}, "
-                 f"window={args.window}, clients={args.clients}x{args.per_client}, "
-                 f"reqsize n={args.reqsize_n}, connect n={args.connect_n})")
-    lines.append(f"host: {meta['host'].get('cpu', '?')}, {meta['host']['nproc']} CPUs, "
-                 f"Python {meta['host']['python']}, kernel {meta['host']['kernel']}")
+    lines.append(
+        f"QMP benchmark: {' vs '.join(targets)}  (reps={args.reps}, n={args.n}, "
+        f"window={args.window}, clients={args.clients}x{args.per_client}, "
+        f"reqsize n={args.reqsize_n}, connect n={args.connect_n})"
+    )
+    lines.append(
+        f"host: {meta['host'].get('cpu', '?')}, {meta['host']['nproc']} CPUs, "
+        f"Python {meta['host']['python']}, kernel {meta['host']['kernel']}"
+    )
     pin = meta["pin"]
-    lines.append(f"placement (--pin {args.pin}): client on CPU {pin['client']}, "
-                 f"servers on CPU {pin['server']}" if args.pin != "none"
-                 else "placement: not pinned (--pin none)")
+    lines.append(
+        f"placement (--pin {args.pin}): client on CPU {pin['client']}, "
+        f"servers on CPU {pin['server']}"
+        if args.pin != "none"
+        else "placement: not pinned (--pin none)"
+    )
+    lines.append(
+        f"qmpd sources: {meta['qmpd_src']}"
+        + (f" (git {meta['qmpd_git']})" if meta["qmpd_git"] else "")
+    )
     for t in targets:
         g = meta["greetings"].get(t)
         if g:
             v = g["QMP"]["version"]
             q = v.get("qemu", {})
-            lines.append(f"  {t}: reports {q.get('major')}.{q.get('minor')}.{q.get('micro')}"
-                         f" '{v.get('package', '')}'")
+            lines.append(
+                f"  {t}: reports {q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+                f" '{v.get('package', '')}'"
+            )
     probes = [f"{r['cpu_probe_ms']:.1f}" for r in reps]
     lines.append(f"client CPU probe per rep (ms, higher = busier machine): {', '.join(probes)}")
     lines.append("cells: median [min-max] over reps; ratio = median of per-rep qmpd/qemu")
@@ -935,6 +1095,18 @@ def render(summary: dict, targets: list[str], args: argparse.Namespace, meta: di
         if have_ratio:
             row += f" {fmt_ratio(summary['ratio'].get(key)):>18s}  {better}"
         lines.append(row)
+    busy = [
+        (r["rep"], t, r["results"][t].get("seq_version_foreign_pct"))
+        for r in reps
+        for t in targets
+        if (r["results"][t].get("seq_version_foreign_pct") or 0) > 10
+    ]
+    if busy:
+        lines.append(
+            "note: other processes used the server CPU during: "
+            + ", ".join(f"rep {rp} {t} ({v:.0f}%)" for rp, t, v in busy)
+            + "; latency tails (p99) and rates of those runs are inflated"
+        )
     goals = []
     if have_ratio:
         lines.append("")
@@ -954,8 +1126,9 @@ def render(summary: dict, targets: list[str], args: argparse.Namespace, meta: di
                 want = f"<= {limit:g}x QEMU"
             verdict = "n/a" if met is None else ("MET" if met else "NOT MET")
             lines.append(f"  {label:28s} {shown:>14s}   goal {want:18s} {verdict}")
-            goals.append({"goal": label, "metric": key, "op": op, "limit": limit,
-                          "ratio": r, "met": met})
+            goals.append(
+                {"goal": label, "metric": key, "op": op, "limit": limit, "ratio": r, "met": met}
+            )
     if problems:
         lines.append("")
         lines.append(f"Problems ({len(problems)}):")
@@ -966,48 +1139,93 @@ def render(summary: dict, targets: list[str], args: argparse.Namespace, meta: di
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="QMP latency/throughput benchmark: qmpd vs QEMU 7.2, side by side.")
+        description="QMP latency/throughput benchmark: qmpd vs QEMU 7.2, side by side."
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
-    p.add_argument("-n", "--n", type=int, default=None,
-                   help="commands per sequential / pipelined run (default 5000)")
+    p.add_argument(
+        "-n",
+        "--n",
+        type=int,
+        default=None,
+        help="commands per sequential / pipelined run (default 5000)",
+    )
     p.add_argument("--quick", action="store_true", help="small counts for a smoke run")
     p.add_argument("--json", metavar="OUT", help="write all results as JSON here")
-    p.add_argument("--targets", default="qemu,qmpd",
-                   help="comma-separated subset of qemu,qmpd (default: both)")
-    p.add_argument("--window", type=int, default=16,
-                   help="outstanding requests in the windowed pipelined run (default 16)")
-    p.add_argument("--clients", type=int, default=100,
-                   help="concurrent clients in the multi-client run (0 skips it)")
-    p.add_argument("--per-client", type=int, default=None,
-                   help="sequential commands per client in the multi-client run")
-    p.add_argument("--reqsize-n", type=int, default=None,
-                   help="samples per request size (default n/20, at least 50)")
-    p.add_argument("--connect-n", type=int, default=None,
-                   help="connect cycles (default n/10, at least 50)")
+    p.add_argument(
+        "--targets", default="qemu,qmpd", help="comma-separated subset of qemu,qmpd (default: both)"
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="outstanding requests in the windowed pipelined run (default 16)",
+    )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=100,
+        help="concurrent clients in the multi-client run (0 skips it)",
+    )
+    p.add_argument(
+        "--per-client",
+        type=int,
+        default=None,
+        help="sequential commands per client in the multi-client run",
+    )
+    p.add_argument(
+        "--reqsize-n",
+        type=int,
+        default=None,
+        help="samples per request size (default n/20, at least 50)",
+    )
+    p.add_argument(
+        "--connect-n", type=int, default=None, help="connect cycles (default n/10, at least 50)"
+    )
     p.add_argument("--warmup", type=int, default=100, help="untimed requests before a run")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
-    p.add_argument("--python", default=sys.executable,
-                   help="interpreter that runs 'python -m qmpd' (default: this one)")
-    p.add_argument("--qmpd-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for qmpd (repeatable)")
-    p.add_argument("--qmpd-sockets", choices=["one", "many"], default="one",
-                   help="multi-client run: all qmpd clients on one socket (default) or one "
-                        "socket per client like QEMU")
-    p.add_argument("--pin", choices=["split", "same", "none"], default=None,
-                   help="CPU placement: 'split' (default with 2+ CPUs) puts the client on "
-                        "the first usable CPU and every server on the second; 'same' puts "
-                        "all on one CPU; 'none' lets the scheduler choose, which on VMs "
-                        "makes round trips bimodal")
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter that runs 'python -m qmpd' (default: this one)",
+    )
+    p.add_argument(
+        "--qmpd-src",
+        default=str(REPO_ROOT),
+        metavar="DIR",
+        help="directory holding the qmpd package to run (default: this checkout;"
+        " e.g. an exported snapshot while the tree is being edited)",
+    )
+    p.add_argument(
+        "--qmpd-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for qmpd (repeatable)",
+    )
+    p.add_argument(
+        "--qmpd-sockets",
+        choices=["one", "many"],
+        default="one",
+        help="multi-client run: all qmpd clients on one socket (default) or one "
+        "socket per client like QEMU",
+    )
+    p.add_argument(
+        "--pin",
+        choices=["split", "same", "none"],
+        default=None,
+        help="CPU placement: 'split' (default with 2+ CPUs) puts the client on "
+        "the first usable CPU and every server on the second; 'same' puts "
+        "all on one CPU; 'none' lets the scheduler choose, which on VMs "
+        "makes round trips bimodal",
+    )
     a = p.parse_args(argv)
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 3)
     a.n = a.n if a.n is not None else (300 if a.quick else 5000)
     if a.quick:
         a.warmup = min(a.warmup, 20)
     a.per_client = a.per_client if a.per_client is not None else max(5, a.n // 50)
-    a.reqsize_n = a.reqsize_n if a.reqsize_n is not None else max(30 if a.quick else 50,
-                                                                  a.n // 20)
-    a.connect_n = a.connect_n if a.connect_n is not None else max(30 if a.quick else 50,
-                                                                  a.n // 10)
+    a.reqsize_n = a.reqsize_n if a.reqsize_n is not None else max(30 if a.quick else 50, a.n // 20)
+    a.connect_n = a.connect_n if a.connect_n is not None else max(30 if a.quick else 50, a.n // 10)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     for t in targets:
         if t not in TARGETS:
@@ -1021,6 +1239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--pin split needs two usable CPUs")
     if a.reps < 1 or a.n < 1 or a.window < 1 or a.clients < 0:
         p.error("--reps, -n and --window must be positive, --clients not negative")
+    a.qmpd_src = os.path.abspath(a.qmpd_src)
+    if "qmpd" in targets and not os.path.isfile(os.path.join(a.qmpd_src, "qmpd", "__main__.py")):
+        p.error(f"--qmpd-src {a.qmpd_src}: no qmpd package there")
     if "qemu" in targets and shutil.which(a.qemu) is None:
         p.error(f"QEMU binary {a.qemu!r} not found")
     return a
@@ -1028,6 +1249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _raise_nofile(need: int) -> None:
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -1055,12 +1277,18 @@ def main(argv: list[str] | None = None) -> int:
     greetings: dict = {}
     reps: list[dict] = []
     meta = {
-        "host": {"nproc": os.cpu_count(), "kernel": platform.release(),
-                 "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+        "host": {
+            "nproc": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "loadavg_start": os.getloadavg(),
+        },
         "greetings": greetings,
         "args": {k: v for k, v in vars(args).items() if k != "target_list"},
         "targets": targets,
         "pin": dict(PIN),
+        "qmpd_src": args.qmpd_src,
+        "qmpd_git": git_describe(args.qmpd_src),
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -1074,18 +1302,19 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         for rep in range(args.reps):
-            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
             probe = cpu_probe_ms()
-            log(f"rep {rep + 1}/{args.reps}: order {', '.join(order)}, "
-                f"CPU probe {probe:.1f} ms, load {os.getloadavg()[0]:.2f}")
+            log(
+                f"rep {rep + 1}/{args.reps}: order {', '.join(order)}, "
+                f"CPU probe {probe:.1f} ms, load {os.getloadavg()[0]:.2f}"
+            )
             try:
                 res = one_rep(rep, order, args, tmp, problems, greetings)
             except BenchError as exc:
                 problems.append(f"rep {rep}: {exc}")
                 log(f"  PROBLEM: rep {rep}: {exc}")
                 continue
-            reps.append({"rep": rep, "order": order, "cpu_probe_ms": probe,
-                         "results": res})
+            reps.append({"rep": rep, "order": order, "cpu_probe_ms": probe, "results": res})
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted; cleaning up")
@@ -1104,8 +1333,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\n(total wall time {meta['wall_s']:.0f} s)")
     if args.json:
-        doc = {"meta": meta, "reps": reps, "summary": summary, "goals": goals,
-               "problems": problems, "metrics": [list(m) for m in METRICS]}
+        doc = {
+            "meta": meta,
+            "reps": reps,
+            "summary": summary,
+            "goals": goals,
+            "problems": problems,
+            "metrics": [list(m) for m in METRICS],
+        }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")

@@ -40,8 +40,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CASES_DIR = HERE / "cases"
@@ -92,7 +93,7 @@ def load_case(path_or_name: str | Path) -> dict[str, Any]:
     p = Path(path_or_name)
     if not p.suffix:
         p = CASES_DIR / f"{p}.json"
-    case = json.loads(p.read_text(encoding="utf-8"))
+    case: dict[str, Any] = json.loads(p.read_text(encoding="utf-8"))
     case["name"] = p.stem
     return case
 
@@ -102,7 +103,11 @@ def all_case_names() -> list[str]:
 
 
 def qemu_binary() -> str | None:
-    return os.environ.get("QMPD_CONFORMANCE_QEMU") or shutil.which(QEMU_NAME)
+    """The QEMU binary, or None.  QMPD_CONFORMANCE_QEMU overrides (empty: no QEMU)."""
+    override = os.environ.get("QMPD_CONFORMANCE_QEMU")
+    if override is not None:
+        return shutil.which(override) if override else None
+    return shutil.which(QEMU_NAME)
 
 
 def step_label(case: dict[str, Any], index: int | str) -> str:
@@ -117,7 +122,7 @@ def _payload(spec: Any) -> bytes:
     if isinstance(spec, str):
         return spec.encode("utf-8")
     if "data" in spec:
-        return spec["data"].encode("utf-8")
+        return str(spec["data"]).encode("utf-8")
     if "hex" in spec:
         return bytes.fromhex(spec["hex"].replace(" ", ""))
     if "json" in spec:
@@ -153,7 +158,7 @@ class Conn:
     (missing or extra line ends, leading junk) show up in the raw text.
     """
 
-    def __init__(self, name: str, sock: socket.socket, runner: "Runner") -> None:
+    def __init__(self, name: str, sock: socket.socket, runner: Runner) -> None:
         self.name = name
         self.sock = sock
         self.runner = runner
@@ -277,10 +282,10 @@ class ServerSpec:
 
     def socket_path(self, monitor: str | None) -> str:
         if monitor is None:
-            return self.monitors[0]["path"]
+            return str(self.monitors[0]["path"])
         for m in self.monitors:
             if m["name"] == monitor:
-                return m["path"]
+                return str(m["path"])
         raise KeyError(f"unknown monitor {monitor!r}")
 
     def argv(self) -> list[str]:
@@ -981,8 +986,27 @@ def _sent_text(rec: dict[str, Any]) -> str:
     return text if len(text) <= 300 else text[:240] + " ... " + text[-50:]
 
 
+def _merge(records: list[dict[str, Any]], raw: bool) -> list[dict[str, Any]]:
+    """Collapse adjacent identical records of one stream (summing their repeat counts).
+
+    Records of other kinds (a barrier's send record, say) may have split a run when the
+    transcript was written; within a stream only the compared records count.
+    """
+    out: list[dict[str, Any]] = []
+    for r in records:
+        if out:
+            prev = out[-1]
+            if _item({**prev, "repeat": 1}, raw) == _item({**r, "repeat": 1}, raw):
+                out[-1] = {**prev, "repeat": prev.get("repeat", 1) + r.get("repeat", 1)}
+                continue
+        out.append(r)
+    return out
+
+
 def _diff_stream(a: list[dict[str, Any]], b: list[dict[str, Any]], names: tuple[str, str],
                  raw: bool) -> list[str]:
+    a = _merge(a, raw)
+    b = _merge(b, raw)
     ka = [_item(r, raw) for r in a]
     kb = [_item(r, raw) for r in b]
     if ka == kb:
@@ -1112,8 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "diff":
         a, b = read_transcript(Path(args.a)), read_transcript(Path(args.b))
         name = a[0].get("case") if a and a[0]["kind"] == "meta" else None
-        case = load_case(name) if name and (CASES_DIR / f"{name}.json").exists() else None
-        d = compare(a, b, case, names=("A", "B"))
+        known = isinstance(name, str) and (CASES_DIR / f"{name}.json").exists()
+        d = compare(a, b, load_case(str(name)) if known else None, names=("A", "B"))
         print("\n".join(d) if d else "no differences")
         return 1 if d else 0
 
