@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 _QDICT_BUCKETS = 512
 _MASK32 = 0xFFFFFFFF
@@ -144,7 +144,7 @@ def _write(value: Any, out: list[str], pretty: bool) -> None:
                 out.append(", ")
             frame[3] = False
             if frame[2]:
-                out.append(quote_string(item))
+                out.append(quote_string(cast(str, item)))
                 out.append(": ")
                 current = frame[0][item]
             else:
