@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qmpd.cli import Config, parse_args
 from qmpd.errors import ConfigError
@@ -62,12 +62,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="qmpd: %(levelname)s: %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    ready_fd = _daemonize() if config.daemonize else None
     try:
-        return asyncio.run(_run(config, ready_fd))
+        loop_factory = _loop_factory(config.event_loop)
     except ConfigError as exc:
         print(f"qmpd: {exc}", file=sys.stderr)
         return 1
+    ready_fd = _daemonize() if config.daemonize else None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_run(config, ready_fd))
+    except ConfigError as exc:
+        print(f"qmpd: {exc}", file=sys.stderr)
+        return 1
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked for, or when installed and not refused; else asyncio's."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("--event-loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

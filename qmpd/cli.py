@@ -54,6 +54,7 @@ class Config:
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     package: str = f"qmpd {__version__}"
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    event_loop: str = "asyncio"
     used_defaults: bool = False
 
     @property
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU version reported in the greeting and query-version")
     p.add_argument("--qmp-package", metavar="TEXT", default=None,
                    help="package string reported next to the version")
+    p.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop"], default="asyncio",
+                   help="asyncio (default), uvloop (if installed), or auto: uvloop when installed")
     p.add_argument("--max-client-output", type=int, metavar="BYTES",
                    default=DEFAULT_OUTPUT_LIMIT,
                    help="output queued for one client before it is disconnected")
@@ -135,6 +138,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         daemonize=ns.daemonize,
         log_level=ns.log_level,
         output_limit=ns.max_client_output,
+        event_loop=ns.event_loop,
     )
     m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", ns.qmp_version)
     if m is None:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Parsed requests a connection may hold before it stops reading its socket.
 MAX_QUEUED_REQUESTS = 8
+#: Requests of one connection run back to back before others get a turn.
+MAX_REQUESTS_PER_TURN = 64
 #: Output buffered for one client before it counts as not reading.
 WRITE_HIGH_WATER = 256 * 1024
 #: Output buffered for one client before it is disconnected.
@@ -82,6 +84,8 @@ class QMPConnection(asyncio.Protocol):
         self.read_paused = False
         self.closed = False
         self.eof = False
+        self._batch: list[bytes] | None = None
+        self._batch_size = 0
 
     # --- asyncio callbacks ---------------------------------------------
 
@@ -125,9 +129,43 @@ class QMPConnection(asyncio.Protocol):
     # --- work ------------------------------------------------------------
 
     def _process(self) -> None:
+        # Everything written while this runs (replies, and events raised by
+        # these commands) goes out in one write, in order.
+        if self._batch is not None:
+            return
+        self._batch = []
+        self._batch_size = 0
+        try:
+            self._run_queue()
+        finally:
+            self._flush_batch()
+            self._batch = None
+        if self.eof and not self.queue and not self.busy:
+            self.close()
+            return
+        self._flow_control()
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        if batch:
+            self._batch = []
+            self._batch_size = 0
+            if self.transport is not None and not self.closed:
+                self.transport.write(b"".join(batch))
+
+    def _run_queue(self) -> None:
         dispatcher = self.monitor.server.dispatcher
         queue = self.queue
+        done = 0
         while queue and not self.busy and not self.write_paused and not self.closed:
+            if self._batch_size > WRITE_HIGH_WATER:
+                self._flush_batch()  # may pause writing: re-checked above
+                continue
+            done += 1
+            if done > MAX_REQUESTS_PER_TURN:
+                # Let other clients in; carry on at the next loop iteration.
+                asyncio.get_running_loop().call_soon(self._process)
+                return
             item = queue.popleft()
             if isinstance(item, bytes):
                 self._write(item)
@@ -142,10 +180,7 @@ class QMPConnection(asyncio.Protocol):
             else:
                 self.busy = True
                 asyncio.get_running_loop().create_task(self._finish(reply))
-        if self.eof and not queue and not self.busy:
-            self.close()
-            return
-        self._flow_control()
+                return
 
     async def _finish(self, reply: Awaitable[bytes]) -> None:
         try:
@@ -169,6 +204,10 @@ class QMPConnection(asyncio.Protocol):
             transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
+        if self._batch is not None:
+            self._batch.append(data)
+            self._batch_size += len(data)
+            return
         transport = self.transport
         if transport is None or self.closed:
             return

@@ -41,9 +41,10 @@ vCPU costs tens of microseconds on each side, and an unpinned client/server pair
 drifts between "same CPU" and "two CPUs" during a run, which makes results
 bimodal.  By default (--pin split) the client runs on the first usable CPU and
 every server on the second; the sequential query-version run is repeated with the
-client moved onto the server's CPU ("one CPU" rows).  The share of the server's
-CPU used by other processes during the sequential run is printed too: when it is
-high, tails and rates of that run are not trustworthy.
+client moved onto the server's CPU ("one CPU" rows).  The time the server spent
+runnable but waiting for its CPU (schedstat run_delay) during the sequential run
+is printed too: when it is high, other processes were in the way and tails and
+rates of that run are not trustworthy.
 
 To measure a fixed version while the tree is being edited, export it and point
 --qmpd-src at it:  git archive HEAD | tar -x -C /tmp/snap; ... --qmpd-src /tmp/snap
@@ -84,7 +85,7 @@ METRICS = [
     ("seq_version_cmds_s", "query-version sequential rate", "cmd/s", "higher"),
     ("seq_version_server_cpu_us", "server CPU per query-version", "us", "lower"),
     ("seq_version_client_cpu_us", "client CPU per query-version", "us", "lower"),
-    ("seq_version_foreign_pct", "other load on server CPU, seq run", "%", "info"),
+    ("seq_version_server_wait_us", "server run-queue wait per cmd", "us", "info"),
     ("seq1cpu_p50_us", "query-version p50, one CPU for both", "us", "lower"),
     ("seq1cpu_server_cpu_us", "server CPU/query-version, one CPU", "us", "lower"),
     ("seq_status_p50_us", "query-status sequential p50", "us", "lower"),
@@ -93,6 +94,7 @@ METRICS = [
     ("pipe_all_cmds_s", "pipelined, all queued at once", "cmd/s", "higher"),
     ("pipe_all_server_cpu_us", "server CPU per pipelined cmd", "us", "lower"),
     ("pipe_all_client_cpu_us", "client CPU per pipelined cmd", "us", "lower"),
+    ("pipe_all_server_wait_us", "pipelined: server run-queue wait/cmd", "us", "info"),
     ("pipe_win_cmds_s", "pipelined, window {window}", "cmd/s", "higher"),
     ("multi_cmds_s", "{clients} clients aggregate rate", "cmd/s", "higher"),
     ("multi_p50_us", "{clients} clients p50", "us", "lower"),
@@ -552,36 +554,34 @@ def timed_round_trips(c: Client, reqs: list[bytes]) -> tuple[list[int], list[byt
     return lat, replies, end - start
 
 
-def cpu_busy_ns(cpu: int | None) -> int | None:
-    """Non-idle time of one CPU (user, nice, system, irq, softirq, steal) in ns."""
-    if cpu is None:
-        return None
+def server_wait_ns(pid: int) -> int | None:
+    """Time the server's threads spent runnable but waiting for a CPU (schedstat run_delay):
+    mostly how much other processes on its CPU delayed it.  QEMU reads QMP input in a
+    monitor I/O thread and runs commands in its main thread, so its figure also holds
+    those two waiting for each other."""
+    total = 0
     try:
-        with open("/proc/stat", "rb") as f:
-            for line in f:
-                if line.startswith(b"cpu%d " % cpu):
-                    v = [int(x) for x in line.split()[1:9]]
-                    ticks = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-                    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        pass
-    return None
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
 
 
 def bench_seq(srv: Server, cmd: str, key: str, n: int, warmup: int, chk: ReplyChecker) -> dict:
     c = open_client(srv.paths[0])
-    client_here = PIN["server"] is not None and os.sched_getaffinity(0) == {PIN["server"]}
     try:
         timed_round_trips(c, [request(cmd, 1_000_000 + i) for i in range(warmup)])
         reqs = [request(cmd, i) for i in range(n)]
         gc.collect()
         gc.disable()
         try:
-            busy0 = cpu_busy_ns(PIN["server"])
+            wait0 = server_wait_ns(srv.pid)
             cpu0, ccpu0 = server_cpu_ns(srv.pid), time.process_time_ns()
             lat, replies, wall = timed_round_trips(c, reqs)
             cpu1, ccpu1 = server_cpu_ns(srv.pid), time.process_time_ns()
-            busy1 = cpu_busy_ns(PIN["server"])
+            wait1 = server_wait_ns(srv.pid)
         finally:
             gc.enable()
     finally:
@@ -589,13 +589,8 @@ def bench_seq(srv: Server, cmd: str, key: str, n: int, warmup: int, chk: ReplyCh
     for i, line in enumerate(replies):
         chk.check(line, i, key)
     p50, p99 = lat_stats(lat)
-    foreign = None
-    if busy0 is not None and busy1 is not None and cpu0 is not None and cpu1 is not None:
-        # What else ran on the server's CPU meanwhile (tick resolution: a few %).
-        other = (busy1 - busy0) - (cpu1 - cpu0) - ((ccpu1 - ccpu0) if client_here else 0)
-        foreign = max(0.0, 100.0 * other / wall)
     return {
-        "foreign_pct": foreign,
+        "server_wait_us": None if wait0 is None or wait1 is None else (wait1 - wait0) / n / 1e3,
         "p50_us": p50,
         "p99_us": p99,
         "cmds_s": n / (wall / 1e9),
@@ -635,6 +630,7 @@ def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> di
         gc.collect()
         gc.disable()
         try:
+            wait0 = server_wait_ns(srv.pid)
             cpu0, ccpu0 = server_cpu_ns(srv.pid), time.process_time_ns()
             t0 = time.perf_counter_ns()
             while len(lines) < n:
@@ -679,6 +675,7 @@ def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> di
                                     lines.append(p)
             t1 = time.perf_counter_ns()
             cpu1, ccpu1 = server_cpu_ns(srv.pid), time.process_time_ns()
+            wait1 = server_wait_ns(srv.pid)
         finally:
             gc.enable()
             ep.close()
@@ -691,6 +688,7 @@ def bench_pipe(srv: Server, n: int, window: int | None, chk: ReplyChecker) -> di
     return {
         "cmds_s": n / ((t1 - t0) / 1e9),
         "server_cpu_us": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / n / 1e3,
+        "server_wait_us": None if wait0 is None or wait1 is None else (wait1 - wait0) / n / 1e3,
         "client_cpu_us": (ccpu1 - ccpu0) / n / 1e3,
     }
 
@@ -1095,17 +1093,19 @@ def render(
         if have_ratio:
             row += f" {fmt_ratio(summary['ratio'].get(key)):>18s}  {better}"
         lines.append(row)
-    busy = [
-        (r["rep"], t, r["results"][t].get("seq_version_foreign_pct"))
-        for r in reps
-        for t in targets
-        if (r["results"][t].get("seq_version_foreign_pct") or 0) > 10
-    ]
+    busy = []
+    for r in reps:
+        for t in targets:
+            res = r["results"][t]
+            wait, p50 = res.get("seq_version_server_wait_us"), res.get("seq_version_p50_us")
+            if wait is not None and p50 and wait > 0.2 * p50:
+                busy.append(f"rep {r['rep']} {t} ({wait:.0f} us/cmd)")
     if busy:
         lines.append(
-            "note: other processes used the server CPU during: "
-            + ", ".join(f"rep {rp} {t} ({v:.0f}%)" for rp, t, v in busy)
-            + "; latency tails (p99) and rates of those runs are inflated"
+            "note: other processes delayed the server (runnable, waiting for its CPU) during "
+            "the sequential run: " + ", ".join(busy) + "; tails and rates there are inflated"
+            " (QEMU's figure also holds its monitor I/O thread and main thread waiting for"
+            " each other on the one CPU)"
         )
     goals = []
     if have_ratio:

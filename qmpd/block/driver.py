@@ -1,0 +1,206 @@
+"""The interface every block driver implements, and what it is given.
+
+One driver class per format or protocol (``file``, ``raw``, ``qcow2``,
+``null-co``).  A driver instance belongs to one :class:`~qmpd.block.graph.BlockNode`
+and reaches its children through the node (``node.file``, ``node.backing``),
+never through the file system directly unless it is a protocol driver.
+
+All I/O methods are coroutines.  Blocking system calls run in the graph's
+thread pool (``node.graph.run_io``), never on the event loop.
+
+Mutable metadata (qcow2's L1/L2 tables, refcounts) may be cached by a
+driver.  Two methods manage that cache across a change of owner:
+
+* :meth:`BlockDriver.inactivate` flushes everything and marks the image
+  clean; afterwards the driver must not write, and must treat anything it
+  still caches as untrusted.
+* :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
+  of cached mutable metadata and reloads it from disk, keeping only the
+  immutable configuration (options).  It is only called on an inactive node.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockNode
+
+
+class Perm(enum.IntFlag):
+    """QEMU's block permissions (BLK_PERM_*); also the lock byte numbers."""
+
+    NONE = 0
+    CONSISTENT_READ = 0x1
+    WRITE = 0x2
+    WRITE_UNCHANGED = 0x4
+    RESIZE = 0x8
+
+
+PERM_ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
+
+PERM_NAMES = {
+    Perm.CONSISTENT_READ: "consistent read",
+    Perm.WRITE: "write",
+    Perm.WRITE_UNCHANGED: "write unchanged",
+    Perm.RESIZE: "resize",
+}
+
+
+def perm_names(perm: Perm) -> str:
+    """``'write, resize'``: the names QEMU prints for a permission set."""
+    return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
+
+
+class ChildRole(enum.Flag):
+    """What a child is to its parent (BDRV_CHILD_*)."""
+
+    DATA = enum.auto()
+    METADATA = enum.auto()
+    FILTERED = enum.auto()
+    COW = enum.auto()
+    PRIMARY = enum.auto()
+
+    @classmethod
+    def image(cls) -> ChildRole:
+        return cls.DATA | cls.METADATA | cls.PRIMARY
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    """What ``block_status`` reports for ``length`` bytes from the offset asked.
+
+    ``allocated``: the data comes from this node (or its file), not from a
+    backing node.  ``zero``: it reads as zeros.  ``data``: it is stored data
+    (not a hole).  ``depth``: how many backing levels down it was found.
+    ``offset``: where the range lives in the file child, when known.
+    """
+
+    length: int
+    data: bool
+    zero: bool
+    allocated: bool = True
+    depth: int = 0
+    offset: int | None = None
+
+
+class BlockDriverError(Exception):
+    """An I/O or metadata error inside a driver (maps to EIO and friends)."""
+
+    def __init__(self, message: str, errno: int = 5) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class BlockDriver(ABC):
+    """One instance per node.  Subclasses set the class variables below."""
+
+    #: The ``driver`` value in blockdev-add and ``drv`` in queries.
+    format_name: ClassVar[str]
+    #: Protocol drivers talk to storage; format drivers sit on a ``file`` child.
+    is_protocol: ClassVar[bool] = False
+    #: Whether activation has anything to reload (qcow2) or only to drop (file).
+    supports_backing: ClassVar[bool] = False
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    # --- lifecycle --------------------------------------------------------
+
+    @abstractmethod
+    async def open(self, options: dict[str, Any]) -> None:
+        """Open with the validated blockdev options (children already exist)."""
+
+    async def close(self) -> None:
+        """Release everything; the node is going away.  Flush first if writable."""
+
+    # --- I/O ----------------------------------------------------------------
+
+    @abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; reads past the end are an error."""
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        raise BlockDriverError("Operation not supported", 95)
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        await self.write(offset, bytes(length), fua)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """A hint: the range's contents may be dropped (no-op by default)."""
+
+    async def flush(self) -> None:
+        """Make every completed write stable."""
+
+    async def truncate(self, size: int) -> None:
+        raise BlockDriverError("Image format driver does not support resize", 95)
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return BlockStatus(length=length, data=True, zero=False)
+
+    # --- sizes and information ----------------------------------------------
+
+    @abstractmethod
+    def size(self) -> int:
+        """Virtual size in bytes (what the node presents to its users)."""
+
+    def allocated_size(self) -> int | None:
+        """Bytes the node occupies on the host (``actual-size``), if known."""
+        return None
+
+    def filename(self) -> str:
+        """The name QEMU shows as ``file``/``filename`` for this node."""
+        child = self.node.file
+        return child.driver.filename() if child is not None else ""
+
+    def image_info(self) -> dict[str, Any]:
+        """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,
+        ``dirty-flag``, backing-file names)."""
+        return {}
+
+    # --- permissions ----------------------------------------------------------
+
+    def child_perms(
+        self, role: ChildRole, parent_perm: Perm, parent_shared: Perm
+    ) -> tuple[Perm, Perm]:
+        """What this node asks of a child in ``role``, given its own parents' needs.
+
+        The default is QEMU's storage/COW rule set.
+        """
+        node = self.node
+        if role & ChildRole.COW:
+            perm = Perm.CONSISTENT_READ
+            shared = (
+                Perm.WRITE | Perm.RESIZE if parent_shared & Perm.WRITE else Perm.NONE
+            ) | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+        elif role & ChildRole.FILTERED:
+            perm, shared = parent_perm, parent_shared
+        else:
+            perm, shared = parent_perm, parent_shared
+            if role & ChildRole.METADATA:
+                if node.is_writable:
+                    perm |= Perm.WRITE | Perm.RESIZE
+                perm |= Perm.CONSISTENT_READ
+                shared &= ~(Perm.WRITE | Perm.RESIZE)
+            if role & ChildRole.DATA:
+                perm |= Perm.CONSISTENT_READ
+        if not node.active:
+            shared |= Perm.WRITE | Perm.RESIZE
+        return perm, shared
+
+    async def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Protocol drivers turn permissions into image locks here."""
+
+    # --- activation -----------------------------------------------------------
+
+    async def inactivate(self) -> None:
+        """Flush caches and mark the image clean; no writes after this."""
+        await self.flush()
+
+    async def invalidate_cache(self) -> None:
+        """Drop and reload all cached mutable metadata (the node is inactive)."""

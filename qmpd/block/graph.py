@@ -1,0 +1,413 @@
+"""The block graph: nodes, the edges between them, permissions, node state.
+
+A :class:`BlockNode` owns one driver instance and its children (``file``,
+``backing``) through :class:`BdrvChild` edges.  Each edge carries the
+permissions the parent needs and the ones it shares; a node's cumulative
+permissions decide what a protocol driver locks in the image file.
+
+Node state is explicit (:class:`NodeState`):
+
+* ``ACTIVE``: may hold write permission and locks, may trust its cache;
+* ``INACTIVE``: holds no write lock, refuses writes, its cached mutable
+  metadata is untrusted.
+
+The only way from inactive to active is :meth:`BlockGraph.activate`
+(invalidate_cache, children first); the only way back is
+:meth:`BlockGraph.inactivate` (flush first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from qmpd.block.driver import (
+    PERM_ALL,
+    BlockDriver,
+    BlockDriverError,
+    BlockStatus,
+    ChildRole,
+    Perm,
+    perm_names,
+)
+from qmpd.errors import GenericError
+
+if TYPE_CHECKING:
+    from qmpd.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class NodeState(enum.Enum):
+    """Whether a node may write and trust its cached metadata."""
+
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+
+
+#: Allowed node-state changes: activation and inactivation only.
+NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    NodeState.ACTIVE: frozenset({NodeState.INACTIVE}),
+    NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
+}
+
+
+@dataclass(eq=False)
+class BdrvChild:
+    """An edge: ``parent`` uses ``child`` in ``role`` under the name ``name``."""
+
+    name: str
+    role: ChildRole
+    child: BlockNode
+    parent: BlockNode | None = None
+    user: BlockUser | None = None
+    perm: Perm = Perm.NONE
+    shared: Perm = PERM_ALL
+
+    def describe(self) -> str:
+        if self.parent is not None:
+            return f"node '{self.parent.node_name}' (uses node '{self.child.node_name}' as '{self.name}' child)"
+        assert self.user is not None
+        return f"{self.user.describe()} (uses node '{self.child.node_name}' as '{self.name}' child)"
+
+
+@dataclass(eq=False)
+class BlockUser:
+    """Something outside the graph that uses a node (an export, a device)."""
+
+    kind: str
+    id: str
+    writable: bool
+    allow_inactive: bool = False
+
+    def describe(self) -> str:
+        return f"{self.kind} '{self.id}'"
+
+
+@dataclass
+class NodeStats:
+    """I/O counters of one node (exported as metrics)."""
+
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    rd_operations: int = 0
+    wr_operations: int = 0
+    flush_operations: int = 0
+    invalidations: int = 0
+
+
+@dataclass(eq=False)
+class BlockNode:
+    """One node of the graph."""
+
+    graph: BlockGraph
+    node_name: str
+    driver: BlockDriver = field(init=False)
+    options: dict[str, Any] = field(default_factory=dict)
+    auto_named: bool = False
+    read_only: bool = False
+    force_share: bool = False
+    detect_zeroes: str = "off"
+    discard_unmap: bool = False
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    monitor_owned: bool = False
+    state: NodeState = NodeState.ACTIVE
+    activation_error: str | None = None
+    children: dict[str, BdrvChild] = field(default_factory=dict)
+    parents: list[BdrvChild] = field(default_factory=list)
+    inline_children: list[BlockNode] = field(default_factory=list)
+    stats: NodeStats = field(default_factory=NodeStats)
+    serial: int = 0
+
+    # --- structure ----------------------------------------------------------
+
+    @property
+    def file(self) -> BlockNode | None:
+        edge = self.children.get("file")
+        return edge.child if edge is not None else None
+
+    @property
+    def backing(self) -> BlockNode | None:
+        edge = self.children.get("backing")
+        return edge.child if edge is not None else None
+
+    @property
+    def active(self) -> bool:
+        return self.state == NodeState.ACTIVE
+
+    @property
+    def is_writable(self) -> bool:
+        return not self.read_only and self.active
+
+    def set_state(self, state: NodeState) -> None:
+        if state != self.state and state not in NODE_TRANSITIONS[self.state]:
+            raise RuntimeError(f"node {self.node_name}: {self.state} -> {state} not allowed")
+        self.state = state
+
+    def cumulative_perms(self) -> tuple[Perm, Perm]:
+        perm, shared = Perm.NONE, PERM_ALL
+        for edge in self.parents:
+            perm |= edge.perm
+            shared &= edge.shared
+        return perm, shared
+
+    # --- I/O with the checks every caller needs -------------------------------
+
+    def size(self) -> int:
+        return self.driver.size()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.driver.size():
+            raise BlockDriverError("Input/output error: request beyond end of device", 5)
+
+    def _check_writable(self) -> None:
+        if not self.active:
+            raise BlockDriverError("Block node is inactive", 1)
+        if self.read_only:
+            raise BlockDriverError("Block node is read-only", 1)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        data = await self.driver.read(offset, length)
+        self.stats.rd_bytes += length
+        self.stats.rd_operations += 1
+        return data
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if self.detect_zeroes != "off" and data.count(0) == len(data):
+            await self.driver.write_zeroes(
+                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+            )
+        else:
+            await self.driver.write(offset, data, fua)
+        self.stats.wr_bytes += len(data)
+        self.stats.wr_operations += 1
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        self.stats.wr_bytes += length
+        self.stats.wr_operations += 1
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        await self.driver.discard(offset, length)
+
+    async def flush(self) -> None:
+        self.stats.flush_operations += 1
+        if self.cache_no_flush:
+            return
+        await self.driver.flush()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        self._check_range(offset, max(length, 0))
+        return await self.driver.block_status(offset, length)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Generic options of a node, after defaults and inheritance."""
+
+    read_only: bool
+    force_share: bool
+    detect_zeroes: str
+    discard_unmap: bool
+    cache_direct: bool
+    cache_no_flush: bool
+    auto_read_only: bool
+
+
+class BlockGraph:
+    """All nodes of the daemon, in creation order, and the I/O thread pool."""
+
+    def __init__(self, metrics: Metrics | None = None, io_threads: int = 16) -> None:
+        self.nodes: dict[str, BlockNode] = {}
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="qmpd-io")
+        self._serial = 0
+        self._auto_counter = 0
+        self._rng = random.Random()
+
+    async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in the I/O thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def new_auto_name(self) -> str:
+        name = f"#block{self._auto_counter}{self._rng.randrange(100):02d}"
+        self._auto_counter += 1
+        return name
+
+    def new_node(self, name: str, auto_named: bool, config: NodeConfig) -> BlockNode:
+        self._serial += 1
+        node = BlockNode(
+            graph=self,
+            node_name=name,
+            auto_named=auto_named,
+            read_only=config.read_only,
+            force_share=config.force_share,
+            detect_zeroes=config.detect_zeroes,
+            discard_unmap=config.discard_unmap,
+            cache_direct=config.cache_direct,
+            cache_no_flush=config.cache_no_flush,
+            serial=self._serial,
+        )
+        return node
+
+    def register(self, node: BlockNode) -> None:
+        self.nodes[node.node_name] = node
+
+    def unregister(self, node: BlockNode) -> None:
+        if self.nodes.get(node.node_name) is node:
+            del self.nodes[node.node_name]
+
+    def lookup(self, name: str) -> BlockNode | None:
+        return self.nodes.get(name)
+
+    def newest_first(self) -> list[BlockNode]:
+        return sorted(self.nodes.values(), key=lambda n: n.serial, reverse=True)
+
+    # --- permissions ----------------------------------------------------------
+
+    def attach(
+        self,
+        parent: BlockNode | None,
+        child: BlockNode,
+        name: str,
+        role: ChildRole,
+        user: BlockUser | None = None,
+    ) -> BdrvChild:
+        edge = BdrvChild(name=name, role=role, child=child, parent=parent, user=user)
+        child.parents.append(edge)
+        if parent is not None:
+            parent.children[name] = edge
+        return edge
+
+    def detach(self, edge: BdrvChild) -> None:
+        if edge in edge.child.parents:
+            edge.child.parents.remove(edge)
+        if edge.parent is not None and edge.parent.children.get(edge.name) is edge:
+            del edge.parent.children[edge.name]
+
+    async def refresh_perms(self, node: BlockNode) -> None:
+        """Recompute what ``node`` asks of its children, down to the locks.
+
+        Raises GenericError with QEMU's text on a conflict inside the
+        process; protocol drivers raise on a conflict with other processes.
+        """
+        perm, shared = node.cumulative_perms()
+        if node.force_share:
+            shared = PERM_ALL
+        await node.driver.set_perm(perm, shared)
+        for edge in node.children.values():
+            child_perm, child_shared = node.driver.child_perms(edge.role, perm, shared)
+            old = (edge.perm, edge.shared)
+            edge.perm, edge.shared = child_perm, child_shared
+            try:
+                self._check_conflicts(edge.child)
+                await self.refresh_perms(edge.child)
+            except Exception:
+                edge.perm, edge.shared = old
+                raise
+
+    def _check_conflicts(self, node: BlockNode) -> None:
+        for a in node.parents:
+            for b in node.parents:
+                if a is b:
+                    continue
+                clash = a.perm & ~b.shared
+                if clash:
+                    raise GenericError(
+                        f"Permission conflict on node '{node.node_name}': permissions "
+                        f"'{perm_names(clash)}' are both required by {a.describe()} "
+                        f"and unshared by {b.describe()}."
+                    )
+
+    # --- activation -------------------------------------------------------------
+
+    def roots(self) -> list[BlockNode]:
+        """Nodes no other node uses, oldest first (activation order)."""
+        return [
+            n for n in sorted(self.nodes.values(), key=lambda n: n.serial)
+            if not any(e.parent is not None for e in n.parents)
+        ]
+
+    async def activate(self, node: BlockNode, seen: set[int] | None = None) -> None:
+        """Activate ``node`` and its children, children first (bdrv_activate)."""
+        seen = seen if seen is not None else set()
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        for edge in list(node.children.values()):
+            await self.activate(edge.child, seen)
+        if node.active:
+            return
+        start = time.perf_counter()
+        node.set_state(NodeState.ACTIVE)
+        try:
+            await self.refresh_perms(node)
+            await node.driver.invalidate_cache()
+        except Exception as exc:
+            node.set_state(NodeState.INACTIVE)
+            node.activation_error = str(exc)
+            raise
+        node.activation_error = None
+        node.stats.invalidations += 1
+        for edge in node.parents:
+            if edge.parent is not None and edge.parent.active:
+                await self.refresh_perms(edge.parent)
+        if self.metrics is not None:
+            self.metrics.observe_activation(time.perf_counter() - start)
+
+    async def activate_all(self) -> None:
+        """Activate every inactive node; the first failure names its node."""
+        seen: set[int] = set()
+        for node in self.roots():
+            try:
+                await self.activate(node, seen)
+            except GenericError:
+                raise
+            except BlockDriverError as exc:
+                raise GenericError(str(exc)) from None
+
+    async def inactivate(self, node: BlockNode) -> None:
+        """Flush, mark clean, drop write permissions and locks (parents first)."""
+        if not node.active:
+            return
+        for edge in node.parents:
+            if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
+                raise GenericError(f"Node '{node.node_name}' is in use by {edge.user.describe()}")
+        await node.driver.inactivate()
+        node.set_state(NodeState.INACTIVE)
+        await self.refresh_perms(node)
+        for edge in list(node.children.values()):
+            child = edge.child
+            if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
+                await self.inactivate(child)
+
+    async def inactivate_all(self) -> None:
+        for node in self.roots():
+            await self.inactivate(node)
+
+    async def flush_all(self) -> None:
+        for node in sorted(self.nodes.values(), key=lambda n: n.serial, reverse=True):
+            if node.active:
+                await node.flush()
+
+    def all_nodes(self) -> Iterable[BlockNode]:
+        return list(self.nodes.values())
