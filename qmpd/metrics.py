@@ -63,6 +63,12 @@ class Metrics:
             registry=reg,
         )
         self.ready = Gauge("qmpd_ready", "1 when /ready answers 200", registry=reg)
+        self.activations = Histogram(
+            "qmpd_block_activation_seconds",
+            "Time to activate (invalidate the cache of) one block node",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
+            registry=reg,
+        )
         self._done_cache: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def command_done(self, command: str, result: str, seconds: float) -> None:
@@ -75,6 +81,9 @@ class Metrics:
             self._done_cache[(command, result)] = pair
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def observe_activation(self, seconds: float) -> None:
+        self.activations.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

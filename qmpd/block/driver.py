@@ -116,6 +116,7 @@ class BlockDriver(ABC):
 
     async def close(self) -> None:
         """Release everything; the node is going away.  Flush first if writable."""
+        return None
 
     # --- I/O ----------------------------------------------------------------
 
@@ -133,9 +134,11 @@ class BlockDriver(ABC):
 
     async def discard(self, offset: int, length: int) -> None:
         """A hint: the range's contents may be dropped (no-op by default)."""
+        return None
 
     async def flush(self) -> None:
         """Make every completed write stable."""
+        return None
 
     async def truncate(self, size: int) -> None:
         raise BlockDriverError("Image format driver does not support resize", 95)
@@ -195,6 +198,7 @@ class BlockDriver(ABC):
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
         """Protocol drivers turn permissions into image locks here."""
+        return None
 
     # --- activation -----------------------------------------------------------
 
@@ -204,3 +208,4 @@ class BlockDriver(ABC):
 
     async def invalidate_cache(self) -> None:
         """Drop and reload all cached mutable metadata (the node is inactive)."""
+        return None

@@ -75,7 +75,10 @@ class BdrvChild:
 
     def describe(self) -> str:
         if self.parent is not None:
-            return f"node '{self.parent.node_name}' (uses node '{self.child.node_name}' as '{self.name}' child)"
+            return (
+                f"node '{self.parent.node_name}' "
+                f"(uses node '{self.child.node_name}' as '{self.name}' child)"
+            )
         assert self.user is not None
         return f"{self.user.describe()} (uses node '{self.child.node_name}' as '{self.name}' child)"
 
