@@ -1,0 +1,222 @@
+"""The ``file`` protocol driver: a host file, read and written with pread/pwrite."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Any
+
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, Perm
+from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
+from qmpd.errors import GenericError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    """Read ``length`` bytes; what lies past the end of the file reads as zeros."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            parts.append(bytes(length - got))
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+class FileDriver(BlockDriver):
+    """Options: ``filename``, ``locking`` (on/off/auto), ``drop-cache``, ``aio``."""
+
+    format_name = "file"
+    is_protocol = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self.path = ""
+        self.fd = -1
+        self.lock: ImageLock | None = None
+        self.drop_cache = True
+        self._size = 0
+
+    async def open(self, options: dict[str, Any]) -> None:
+        node = self.node
+        self.path = options["filename"]
+        self.drop_cache = options.get("drop-cache", True)
+        locking = options.get("locking", "auto")
+        flags = os.O_CLOEXEC | (os.O_RDONLY if node.read_only else os.O_RDWR)
+        if node.cache_direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = await node.graph.run_io(os.open, self.path, flags)
+        except OSError as exc:
+            if (
+                not node.read_only
+                and options.get("_auto_read_only")
+                and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+            ):
+                node.read_only = True
+                flags = (flags & ~os.O_RDWR) | os.O_RDONLY
+                try:
+                    self.fd = await node.graph.run_io(os.open, self.path, flags)
+                except OSError as exc2:
+                    raise GenericError(f"Could not open '{self.path}': {exc2.strerror}") from None
+            else:
+                raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+        try:
+            st = await node.graph.run_io(os.fstat, self.fd)
+            if not (os.path.stat.S_ISREG(st.st_mode) or os.path.stat.S_ISBLK(st.st_mode)):
+                if os.path.stat.S_ISDIR(st.st_mode):
+                    raise GenericError(f"Could not open '{self.path}': Is a directory")
+            self._size = st.st_size
+            if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
+                self.lock = ImageLock(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    async def close(self) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        if self.lock is not None:
+            try:
+                self.lock.release()
+            except OSError:
+                pass
+        await self.node.graph.run_io(os.close, fd)
+
+    # --- I/O --------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.node.graph.run_io(_pread_full, self.fd, length, offset)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.node.graph.run_io(_pwrite_full, self.fd, data, offset)
+        end = offset + len(data)
+        if end > self._size:
+            self._size = end
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        mode = (
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE if may_unmap else _FALLOC_FL_ZERO_RANGE
+        )
+        try:
+            if offset + length > self._size and may_unmap:
+                raise OSError(errno.EOPNOTSUPP, "extends the file")
+            await self.node.graph.run_io(_fallocate, self.fd, mode, offset, length)
+        except OSError:
+            await self.node.graph.run_io(_pwrite_full, self.fd, bytes(length), offset)
+        self._size = max(self._size, offset + length)
+        if fua:
+            await self.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        if not self.node.discard_unmap:
+            return
+        try:
+            await self.node.graph.run_io(
+                _fallocate, self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length
+            )
+        except OSError:
+            pass  # discard is advisory
+
+    async def flush(self) -> None:
+        await self.node.graph.run_io(os.fdatasync, self.fd)
+
+    async def truncate(self, size: int) -> None:
+        await self.node.graph.run_io(os.ftruncate, self.fd, size)
+        self._size = size
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        def probe() -> BlockStatus:
+            end = min(offset + length, self._size)
+            if offset >= end:
+                return BlockStatus(length=length, data=False, zero=True, offset=offset)
+            try:
+                data_at = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                    return BlockStatus(length=end - offset, data=False, zero=True, offset=offset)
+                return BlockStatus(length=end - offset, data=True, zero=False, offset=offset)
+            if data_at > offset:
+                return BlockStatus(
+                    length=min(data_at, end) - offset, data=False, zero=True, offset=offset
+                )
+            hole_at = os.lseek(self.fd, offset, os.SEEK_HOLE)
+            return BlockStatus(
+                length=min(hole_at, end) - offset, data=True, zero=False, offset=offset
+            )
+
+        return await self.node.graph.run_io(probe)
+
+    # --- information ------------------------------------------------------------
+
+    def size(self) -> int:
+        return self._size
+
+    def allocated_size(self) -> int | None:
+        try:
+            return os.fstat(self.fd).st_blocks * 512
+        except OSError:
+            return None
+
+    def filename(self) -> str:
+        return self.path
+
+    # --- permissions and activation -----------------------------------------------
+
+    async def set_perm(self, perm: Perm, shared: Perm) -> None:
+        # An inactive node keeps whatever locks it had when it was inactivated
+        # (none, for a node opened inactive): QEMU returns early here too.
+        if self.lock is None or not self.node.active:
+            return
+        try:
+            self.lock.update(perm, shared)
+        except LockError as exc:
+            raise GenericError(str(exc)) from None
+        except OSError as exc:
+            raise GenericError(f"Failed to lock image: {exc.strerror}") from None
+
+    async def invalidate_cache(self) -> None:
+        if self.fd < 0:
+            raise BlockDriverError("The file descriptor is not open")
+
+        def refresh() -> int:
+            if self.drop_cache and not self.node.cache_direct:
+                os.fdatasync(self.fd)
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return os.fstat(self.fd).st_size
+
+        self._size = await self.node.graph.run_io(refresh)
