@@ -37,7 +37,15 @@ class HttpConfig:
     port: int
 
 
-Action = MonitorConfig | HttpConfig
+@dataclass(frozen=True)
+class BlockdevConfig:
+    """A node to create at start-up, as with blockdev-add."""
+
+    text: str
+    options: dict[str, Any]
+
+
+Action = MonitorConfig | HttpConfig | BlockdevConfig
 
 
 @dataclass
@@ -103,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a QMP monitor on a --chardev")
     p.add_argument("--http", action=_Ordered, metavar="[HOST:]PORT",
                    help="serve /health, /ready and /metrics here (loopback by default)")
+    p.add_argument("--blockdev", action=_Ordered, metavar="OPTIONS",
+                   help="a block node, as blockdev-add takes it (keyval or JSON)")
     p.add_argument("-S", "--paused", action="store_true",
                    help="start in prelaunch instead of running (like QEMU's -S)")
     p.add_argument("--incoming", metavar="defer|URI",
@@ -183,6 +193,8 @@ def parse_args(argv: Sequence[str]) -> Config:
                 )
             elif option == "http":
                 cfg.actions.append(parse_http(value))
+            elif option == "blockdev":
+                cfg.actions.append(BlockdevConfig(value, parse_blockdev(value)))
         except ConfigError as exc:
             raise ConfigError(f"--{option} {value}: {exc}") from None
     if not cfg.monitors and not cfg.http:
@@ -250,6 +262,44 @@ def parse_chardev(text: str) -> tuple[str, SocketAddress]:
     except ValueError:
         raise ConfigError(f"port '{port}' is not a number") from None
     return chardev_id, InetAddress(host or LOOPBACK, port_number)
+
+
+def parse_blockdev(text: str) -> dict[str, Any]:
+    """--blockdev in keyval or JSON form; keyval strings become typed values."""
+    if text.lstrip().startswith("{"):
+        return parse_option(text)
+    return coerce_keyval(parse_option(text))
+
+
+_BOOL_KEYS = frozenset({
+    "read-only", "auto-read-only", "force-share", "direct", "no-flush", "drop-cache",
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+    "read-zeroes", "active", "x-check-cache-dropped",
+})
+_INT_KEYS = frozenset({
+    "offset", "size", "cache-size", "l2-cache-size", "l2-cache-entry-size",
+    "refcount-cache-size", "cache-clean-interval", "aio-max-batch", "latency-ns",
+})
+
+
+def coerce_keyval(value: dict[str, Any]) -> dict[str, Any]:
+    """Give keyval strings the types blockdev-add expects (QEMU's keyval visitor)."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out[key] = coerce_keyval(item)
+        elif key in _BOOL_KEYS:
+            out[key] = parse_bool(item, key)
+        elif key in _INT_KEYS:
+            try:
+                out[key] = int(item, 0)
+            except ValueError:
+                raise ConfigError(f"Parameter '{key}' expects a number") from None
+        elif key == "backing" and item == "null":
+            out[key] = None
+        else:
+            out[key] = item
+    return out
 
 
 def parse_http(text: str) -> HttpConfig:

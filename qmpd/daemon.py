@@ -15,8 +15,9 @@ from aiohttp import web
 
 import qmpd.commands  # noqa: F401  (registers the command handlers)
 from qmpd import __version__
-from qmpd.cli import Config, HttpConfig
-from qmpd.errors import ConfigError
+from qmpd.block.core import BlockLayer
+from qmpd.cli import BlockdevConfig, Config, HttpConfig
+from qmpd.errors import ConfigError, QMPError
 from qmpd.http import build_app
 from qmpd.metrics import Metrics
 from qmpd.qmp.dispatch import Dispatcher
@@ -59,8 +60,10 @@ class Daemon:
             initial = RunState.INMIGRATE
         else:
             initial = RunState.PRELAUNCH
+        self.block = BlockLayer(self.metrics)
         self.vm = VirtualMachine(
-            self.events, initial, autostart=not config.paused, metrics=self.metrics
+            self.events, initial, autostart=not config.paused, block=self.block,
+            metrics=self.metrics,
         )
         self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
         self.qmp = QMPServer(
@@ -123,8 +126,17 @@ class Daemon:
                 log.info("QMP monitor %s listening on %s", action.id, monitor.bound)
             elif isinstance(action, HttpConfig):
                 await self._start_http(action)
+            elif isinstance(action, BlockdevConfig):
+                await self._add_blockdev(action)
         if self.vm.state == RunState.PRELAUNCH and self.vm.autostart:
             self.vm.start()
+
+    async def _add_blockdev(self, cfg: BlockdevConfig) -> None:
+        try:
+            self.schema.validate_arguments("blockdev-add", cfg.options)
+            await self.block.add(cfg.options, inactive=self.vm.state == RunState.INMIGRATE)
+        except QMPError as exc:
+            raise ConfigError(f"--blockdev {cfg.text}: {exc.desc}") from None
 
     async def _start_http(self, cfg: HttpConfig) -> None:
         runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
@@ -156,6 +168,8 @@ class Daemon:
         """Close in a fixed order: QMP (clients flushed), then HTTP, then files."""
         self.shutting_down = True
         await self.qmp.close()
+        # Then block nodes: flushed, marked clean, closed, locks released.
+        await self.block.close_all()
         for runner in self.http_runners:
             await runner.cleanup()
         self.http_runners.clear()

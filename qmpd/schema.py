@@ -155,7 +155,7 @@ class Schema:
                 returns_validator=self._validator(f"commands/{name}.json", returns)
                 if returns is not None
                 else None,
-                takes_arguments=bool(args.get("properties")),
+                takes_arguments=self._takes_arguments(args),
             )
         for _path, doc in raw_events:
             name = doc["event"]
@@ -169,6 +169,20 @@ class Schema:
                 else None,
             )
         self._introspection: list[dict[str, Any]] | None = None
+
+    def _takes_arguments(self, args: dict[str, Any]) -> bool:
+        resolved = self.resolve(args)
+        return bool(resolved.get("properties") or resolved.get("required"))
+
+    def properties(self, schema: dict[str, Any], value: Any) -> dict[str, Any]:
+        """The members QEMU visits for ``value``, in order (unions: base, then variant)."""
+        props: dict[str, Any] = schema.get("properties", {})
+        union = schema.get("x-qapi-union")
+        if union is not None and isinstance(value, dict):
+            variant = union["variants"].get(value.get(union["discriminator"]))
+            if variant is not None:
+                props = {**props, **self.resolve({"$ref": variant}).get("properties", {})}
+        return props
 
     def _validator(self, relpath: str, schema: dict[str, Any]) -> Any:
         wrapped = dict(schema)
@@ -242,18 +256,18 @@ class Schema:
         bare = _bare_name(path)
         qapi_int = schema.get("x-qapi-type")
         if kind == "required":
-            props = list(schema.get("properties", {}))
+            names = list(self.properties(schema, value))
             for name in error.validator_value:
                 if isinstance(value, dict) and name not in value:
-                    index = props.index(name) if name in props else len(props)
+                    index = names.index(name) if name in names else len(names)
                     yield (*order, index, 0), f"Parameter '{_full_name((*path, name))}' is missing"
         elif kind in ("additionalProperties", "unevaluatedProperties"):
-            props = schema.get("properties", {})
+            members = self.properties(schema, value)
             if isinstance(value, dict):
                 for name in value:
-                    if name not in props:
+                    if name not in members:
                         msg = f"Parameter '{_full_name((*path, name))}' is unexpected"
-                        yield (*order, len(props), 0), msg
+                        yield (*order, len(members), 0), msg
         elif kind in ("anyOf", "oneOf") and "x-qapi-alternate" in schema:
             branch = _alternate_branch(self, schema, value)
             if branch is None:
@@ -307,7 +321,7 @@ class Schema:
                 order.append(step)
                 schema = self.resolve(schema.get("items", {}))
             else:
-                props = schema.get("properties", {})
+                props = self.properties(schema, value)
                 if step in props:
                     order.append(list(props).index(step))
                     schema = self.resolve(props[step])
@@ -500,4 +514,11 @@ class _Introspector:
             if member not in required:
                 info["default"] = None
             entry["members"].append(info)
+        union = schema.get("x-qapi-union")
+        if union is not None:
+            entry["tag"] = union["discriminator"]
+            entry["variants"] = [
+                {"case": case, "type": self.type_name({"$ref": ref}, None)}
+                for case, ref in union["variants"].items()
+            ]
         return name

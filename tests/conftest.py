@@ -120,17 +120,30 @@ class QmpdProcess:
         full_env = dict(os.environ)
         full_env["QMPD_CHECK_SCHEMA"] = "1"
         full_env.update(env or {})
-        self.stderr_path = tmp / f"qmpd-{time.monotonic_ns()}.stderr"
+        stamp = time.monotonic_ns()
+        self.stderr_path = tmp / f"qmpd-{stamp}.stderr"
+        self.stdout_path = tmp / f"qmpd-{stamp}.stdout"
         self.stderr = open(self.stderr_path, "wb")
+        self.stdout = open(self.stdout_path, "wb")
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self.stderr, env=full_env, cwd=tmp
+            argv, stdout=self.stdout, stderr=self.stderr, env=full_env, cwd=tmp
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
+        deadline = time.monotonic() + 30
+        while True:
+            first = self.stdout_path.read_bytes().split(b"\n", 1)
+            if len(first) == 2:
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qmpd did not start: {self.read_stderr()}")
+            time.sleep(0.01)
+        line = first[0].decode()
         if not line.startswith("qmpd listening:"):
-            self.proc.wait(5)
             raise RuntimeError(f"qmpd did not start: {line!r} {self.read_stderr()}")
         self.banner = line.strip()
+
+    def read_stdout(self) -> str:
+        """What the daemon printed after its banner (qemu-io output, for one)."""
+        return self.stdout_path.read_text(errors="replace").split("\n", 1)[1]
 
     def read_stderr(self) -> str:
         self.stderr.flush()
@@ -160,8 +173,7 @@ class QmpdProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.stderr.close()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self.stdout.close()
         log = self.stderr_path.read_text(errors="replace")
         assert "outside its schema" not in log, log
         assert "Traceback" not in log, log

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, Perm
@@ -91,9 +92,8 @@ class FileDriver(BlockDriver):
                 raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
         try:
             st = await node.graph.run_io(os.fstat, self.fd)
-            if not (os.path.stat.S_ISREG(st.st_mode) or os.path.stat.S_ISBLK(st.st_mode)):
-                if os.path.stat.S_ISDIR(st.st_mode):
-                    raise GenericError(f"Could not open '{self.path}': Is a directory")
+            if stat.S_ISDIR(st.st_mode):
+                raise GenericError(f"Could not open '{self.path}': Is a directory")
             self._size = st.st_size
             if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
                 self.lock = ImageLock(self.fd)
@@ -182,6 +182,9 @@ class FileDriver(BlockDriver):
         return await self.node.graph.run_io(probe)
 
     # --- information ------------------------------------------------------------
+
+    def image_info(self) -> dict[str, Any]:
+        return {"dirty-flag": False}
 
     def size(self) -> int:
         return self._size

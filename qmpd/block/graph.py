@@ -257,7 +257,6 @@ class BlockGraph:
         return name
 
     def new_node(self, name: str, auto_named: bool, config: NodeConfig) -> BlockNode:
-        self._serial += 1
         node = BlockNode(
             graph=self,
             node_name=name,
@@ -268,11 +267,14 @@ class BlockGraph:
             discard_unmap=config.discard_unmap,
             cache_direct=config.cache_direct,
             cache_no_flush=config.cache_no_flush,
-            serial=self._serial,
         )
         return node
 
     def register(self, node: BlockNode) -> None:
+        # Registration order is creation order: an inline child is registered
+        # before its parent, as in QEMU, so queries list the parent first.
+        self._serial += 1
+        node.serial = self._serial
         self.nodes[node.node_name] = node
 
     def unregister(self, node: BlockNode) -> None:
@@ -319,6 +321,8 @@ class BlockGraph:
         await node.driver.set_perm(perm, shared)
         for edge in node.children.values():
             child_perm, child_shared = node.driver.child_perms(edge.role, perm, shared)
+            if child_perm & (Perm.WRITE | Perm.RESIZE) and edge.child.read_only:
+                raise GenericError("Block node is read-only")
             old = (edge.perm, edge.shared)
             edge.perm, edge.shared = child_perm, child_shared
             try:

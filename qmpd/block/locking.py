@@ -33,7 +33,7 @@ class LockError(Exception):
 
 def _fcntl_lock(fd: int, cmd: int, lock_type: int, offset: int) -> bytes:
     request = _FLOCK.pack(lock_type, os.SEEK_SET, offset, 1, 0)
-    return fcntl.fcntl(fd, cmd, request)  # type: ignore[no-any-return]
+    return fcntl.fcntl(fd, cmd, request)
 
 
 def lock_byte(fd: int, offset: int, shared: bool = True) -> None:
@@ -47,7 +47,8 @@ def unlock_byte(fd: int, offset: int) -> None:
 def byte_is_locked_by_others(fd: int, offset: int) -> bool:
     """Would an exclusive lock on ``offset`` conflict with someone's lock?"""
     answer = _fcntl_lock(fd, _F_OFD_GETLK, fcntl.F_WRLCK, offset)
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    lock_type: int = _FLOCK.unpack(answer)[0]
+    return lock_type != fcntl.F_UNLCK
 
 
 def ofd_locks_available(fd: int) -> bool:

@@ -3,6 +3,6 @@
 Importing this package registers every handler with the dispatcher.
 """
 
-from qmpd.commands import control, run_state
+from qmpd.commands import block_core, control, hmp, run_state
 
-__all__ = ["control", "run_state"]
+__all__ = ["block_core", "control", "hmp", "run_state"]

@@ -1,0 +1,371 @@
+"""The block layer as the rest of the daemon sees it: add, delete, query, activate.
+
+:class:`BlockLayer` turns validated QMP options into nodes (with QEMU's
+defaults, inheritance and errors), keeps the graph consistent when an add
+fails half-way, and implements the run-state hooks (flush all, activate
+all) and the node queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
+from qmpd.block.file import FileDriver
+from qmpd.block.graph import BlockGraph, BlockNode, BlockUser, NodeConfig, NodeState
+from qmpd.block.null import NullDriver
+from qmpd.block.raw import RawDriver
+from qmpd.errors import DeviceNotFound, GenericError
+
+if TYPE_CHECKING:
+    from qmpd.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_MAX_NODE_NAME = 31
+
+
+def _driver_classes() -> dict[str, type[BlockDriver]]:
+    classes: dict[str, type[BlockDriver]] = {
+        "file": FileDriver,
+        "raw": RawDriver,
+        "null-co": NullDriver,
+    }
+    try:
+        from qmpd.block.qcow2.driver import Qcow2Driver
+    except ImportError:  # pragma: no cover - the package ships qcow2
+        log.warning("qcow2 driver unavailable")
+    else:
+        classes["qcow2"] = Qcow2Driver
+    return classes
+
+
+def check_node_name(name: str) -> None:
+    if not _NODE_NAME.fullmatch(name):
+        raise GenericError(f"Invalid node-name: '{name}'")
+    if len(name) > _MAX_NODE_NAME:
+        raise GenericError("Node name too long")
+
+
+class BlockLayer:
+    """Block services for commands, the run state and migration."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.graph = BlockGraph(metrics)
+        self.drivers = _driver_classes()
+        self.metrics = metrics
+        #: Called with a node whenever a node is created or deleted.
+        self.listeners: list[Callable[[], None]] = []
+
+    # --- blockdev-add -------------------------------------------------------------
+
+    async def add(self, options: dict[str, Any], inactive: bool = False) -> BlockNode:
+        """blockdev-add: create the node tree ``options`` describes, or nothing."""
+        if "node-name" not in options:
+            raise GenericError("'node-name' must be specified for the root node")
+        created: list[BlockNode] = []
+        try:
+            node = await self._open(options, None, created, inactive, role_name=None)
+            await self.graph.refresh_perms(node)
+        except BaseException:
+            await self._rollback(created)
+            raise
+        node.monitor_owned = True
+        return node
+
+    async def _rollback(self, created: list[BlockNode]) -> None:
+        for node in reversed(created):
+            for edge in list(node.children.values()):
+                self.graph.detach(edge)
+            try:
+                await node.driver.close()
+            except Exception:  # best effort while unwinding
+                log.exception("closing %s after a failed add", node.node_name)
+            self.graph.unregister(node)
+
+    def _config(
+        self, options: dict[str, Any], parent: NodeConfig | None, role_name: str | None
+    ) -> NodeConfig:
+        cache = options.get("cache", {})
+        inherited = parent or NodeConfig(False, False, "off", False, False, False, False)
+        read_only = options.get("read-only", inherited.read_only if parent else False)
+        if role_name == "backing":
+            read_only = True
+        force_share = options.get("force-share", False)
+        if force_share and not read_only:
+            raise GenericError("force-share=on can only be used with read-only images")
+        discard = options.get("discard")
+        discard_unmap = inherited.discard_unmap if discard is None else discard == "unmap"
+        detect_zeroes = options.get("detect-zeroes", "off")
+        if detect_zeroes == "unmap" and not discard_unmap:
+            raise GenericError(
+                "setting detect-zeroes to unmap is not allowed without setting discard "
+                "operation to unmap"
+            )
+        return NodeConfig(
+            read_only=read_only,
+            force_share=force_share,
+            detect_zeroes=detect_zeroes,
+            discard_unmap=discard_unmap,
+            cache_direct=cache.get("direct", inherited.cache_direct),
+            cache_no_flush=cache.get("no-flush", inherited.cache_no_flush),
+            auto_read_only=options.get("auto-read-only", inherited.auto_read_only),
+        )
+
+    async def _open(
+        self,
+        options: dict[str, Any],
+        parent: NodeConfig | None,
+        created: list[BlockNode],
+        inactive: bool,
+        role_name: str | None,
+    ) -> BlockNode:
+        driver_name = options["driver"]
+        cls = self.drivers.get(driver_name)
+        if cls is None:
+            raise GenericError(f"Unknown driver '{driver_name}'")
+        name = options.get("node-name")
+        if name is not None:
+            check_node_name(name)
+            if self.graph.lookup(name) is not None:
+                raise GenericError(f"Duplicate nodes with node-name='{name}'")
+        config = self._config(options, parent, role_name)
+        if options.get("active") is False:
+            inactive = True
+        auto = name is None
+        node = self.graph.new_node(name or self.graph.new_auto_name(), auto, config)
+        node.options = options
+        node.state = NodeState.INACTIVE if inactive else NodeState.ACTIVE
+        node.driver = cls(node)
+        # Children first: QEMU registers an inline child before its parent.
+        for child_name in ("file", "backing"):
+            if child_name not in options:
+                continue
+            ref = options[child_name]
+            if ref is None:
+                continue
+            child = await self._resolve_ref(ref, config, created, inactive, child_name)
+            role = ChildRole.COW if child_name == "backing" else ChildRole.image()
+            self.graph.attach(node, child, child_name, role)
+            if isinstance(ref, dict):
+                node.inline_children.append(child)
+        self.graph.register(node)
+        created.append(node)
+        driver_opts = dict(options)
+        if config.auto_read_only:
+            driver_opts["_auto_read_only"] = True
+        try:
+            await node.driver.open(driver_opts)
+        except BlockDriverError as exc:
+            raise GenericError(str(exc)) from None
+        if (
+            driver_name == "qcow2"
+            and "backing" not in options
+            and hasattr(node.driver, "backing_file_name")
+        ):
+            await self._open_backing_from_header(node, config, created, inactive)
+        return node
+
+    async def _resolve_ref(
+        self,
+        ref: Any,
+        parent: NodeConfig,
+        created: list[BlockNode],
+        inactive: bool,
+        role_name: str,
+    ) -> BlockNode:
+        if isinstance(ref, str):
+            node = self.graph.lookup(ref)
+            if node is None:
+                raise GenericError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            return node
+        return await self._open(ref, parent, created, inactive, role_name)
+
+    async def _open_backing_from_header(
+        self, node: BlockNode, config: NodeConfig, created: list[BlockNode], inactive: bool
+    ) -> None:
+        driver: Any = node.driver
+        path = driver.backing_file_name()
+        if not path:
+            return
+        fmt = driver.backing_format() or "raw"
+        options = {
+            "driver": fmt,
+            "file": {"driver": "file", "filename": path},
+        }
+        child = await self._open(options, config, created, inactive, "backing")
+        self.graph.attach(node, child, "backing", ChildRole.COW)
+        node.inline_children.append(child)
+        # The image was opened before its backing node existed.
+        if hasattr(driver, "backing_attached"):
+            await driver.backing_attached()
+
+    # --- blockdev-del ------------------------------------------------------------------
+
+    async def delete(self, name: str) -> None:
+        node = self.graph.lookup(name)
+        if node is None:
+            raise GenericError(f"Failed to find node with node-name='{name}'")
+        if any(edge.user is not None for edge in node.parents):
+            raise GenericError(f"Node {name} is in use")
+        for edge in node.parents:
+            if edge.parent is not None and edge.name == "backing":
+                raise GenericError(
+                    f"Node '{name}' is busy: node is used as backing hd of "
+                    f"'{edge.parent.node_name}'"
+                )
+        if not node.monitor_owned:
+            raise GenericError(f"Node {name} is not owned by the monitor")
+        if node.parents:
+            raise GenericError(f"Block device {name} is in use")
+        await self.close_node(node)
+
+    async def close_node(self, node: BlockNode) -> None:
+        """Flush, mark clean, close; then the inline children nobody else uses."""
+        try:
+            if node.active and not node.read_only:
+                await node.driver.inactivate()
+            await node.driver.close()
+        finally:
+            self.graph.unregister(node)
+            for edge in list(node.children.values()):
+                self.graph.detach(edge)
+                child = edge.child
+                if child in node.inline_children and not child.parents:
+                    await self.close_node(child)
+                elif child.parents or child.monitor_owned:
+                    await self.graph.refresh_perms(child)
+
+    async def close_all(self) -> None:
+        """Clean shutdown: every root (and what hangs below it) flushed and closed."""
+        for node in reversed(self.graph.roots()):
+            try:
+                await self.close_node(node)
+            except Exception:
+                log.exception("closing node %s", node.node_name)
+
+    # --- run-state hooks ---------------------------------------------------------------
+
+    async def flush_all(self) -> None:
+        await self.graph.flush_all()
+
+    async def activate_all(self) -> None:
+        await self.graph.activate_all()
+
+    async def inactivate_all(self) -> None:
+        await self.graph.inactivate_all()
+
+    # --- other commands ----------------------------------------------------------------
+
+    def find(self, device: str | None, node_name: str | None) -> BlockNode:
+        name = node_name if node_name is not None else device
+        node = self.graph.lookup(name or "")
+        if node is None:
+            raise DeviceNotFound(
+                f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'"
+            )
+        return node
+
+    async def resize(self, node: BlockNode, size: int) -> None:
+        if size < 0:
+            raise GenericError("Parameter 'size' expects a >0 size")
+        if node.read_only or not node.active:
+            raise GenericError("Block node is read-only")
+        try:
+            await node.driver.truncate(size)
+        except BlockDriverError as exc:
+            raise GenericError(str(exc)) from None
+
+    async def set_active(self, node_name: str | None, active: bool) -> None:
+        nodes = [self.find(None, node_name)] if node_name is not None else None
+        try:
+            if active:
+                if nodes is None:
+                    await self.graph.activate_all()
+                else:
+                    await self.graph.activate(nodes[0])
+            elif nodes is None:
+                await self.graph.inactivate_all()
+            else:
+                for parent in nodes[0].parents:
+                    if parent.parent is not None and parent.parent.active:
+                        raise GenericError("Node has active parent node")
+                await self.graph.inactivate(nodes[0])
+        except BlockDriverError as exc:
+            raise GenericError(str(exc)) from None
+
+    # --- queries -------------------------------------------------------------------------
+
+    def named_nodes(self, flat: bool) -> list[dict[str, Any]]:
+        return [self.device_info(node, flat) for node in self.graph.newest_first()]
+
+    def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
+        image = self.image_info(node, flat)
+        depth = 0
+        backing = node.backing
+        while backing is not None:
+            depth += 1
+            backing = backing.backing
+        # Members in QAPI order: QEMU's output order depends on it.
+        info: dict[str, Any] = {
+            "file": node.driver.filename(),
+            "node-name": node.node_name,
+            "ro": node.read_only,
+            "drv": node.driver.format_name,
+        }
+        if node.backing is not None:
+            info["backing_file"] = node.backing.driver.filename()
+        info.update(
+            {
+                "backing_file_depth": depth,
+                "encrypted": False,
+                "detect_zeroes": node.detect_zeroes,
+                "bps": 0,
+                "bps_rd": 0,
+                "bps_wr": 0,
+                "iops": 0,
+                "iops_rd": 0,
+                "iops_wr": 0,
+                "image": image,
+                "cache": {
+                    "writeback": True,
+                    "direct": node.cache_direct,
+                    "no-flush": node.cache_no_flush,
+                },
+                "write_threshold": 0,
+                "active": node.active,
+            }
+        )
+        return info
+
+    def image_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
+        driver = node.driver
+        extra = driver.image_info()
+        image: dict[str, Any] = {
+            "filename": driver.filename(),
+            "format": driver.format_name,
+        }
+        if "dirty-flag" in extra:
+            image["dirty-flag"] = extra.pop("dirty-flag")
+        actual = driver.allocated_size()
+        if actual is not None:
+            image["actual-size"] = actual
+        image["virtual-size"] = driver.size()
+        for key in ("cluster-size", "backing-filename", "full-backing-filename",
+                    "backing-filename-format"):
+            if key in extra:
+                image[key] = extra.pop(key)
+        if not flat and node.backing is not None:
+            image["backing-image"] = self.image_info(node.backing, flat)
+        image.update(extra)
+        return image
+
+    def users(self, node: BlockNode) -> list[BlockUser]:
+        return [edge.user for edge in node.parents if edge.user is not None]
+
+    def node_stats(self) -> dict[str, Any]:
+        return {name: node.stats for name, node in self.graph.nodes.items()}
