@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -61,6 +62,7 @@ class Daemon:
         else:
             initial = RunState.PRELAUNCH
         self.block = BlockLayer(self.metrics)
+        self.metrics.watch_nodes(self.block.graph.all_nodes)
         self.vm = VirtualMachine(
             self.events, initial, autostart=not config.paused, block=self.block,
             metrics=self.metrics,
@@ -109,12 +111,16 @@ class Daemon:
             problems.append("not every monitor has started")
         if self.vm.state in NOT_READY_STATES:
             problems.append(f"run state is {self.vm.state.value}")
+        for node in self.block.graph.all_nodes():
+            if node.activation_error:
+                problems.append(f"node {node.node_name} failed activation: {node.activation_error}")
         return problems
 
     # --- lifecycle ------------------------------------------------------
 
     async def start(self) -> None:
         """Carry out the command line's actions in order, then start running."""
+        _raise_open_file_limit()
         for action in self.config.actions:
             if isinstance(action, MonitorConfig):
                 try:
@@ -221,6 +227,18 @@ class Daemon:
             # Past this point the process is exiting with status 0 anyway.
             signal.signal(signum, signal.SIG_IGN)
         return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Thousands of nodes need thousands of descriptors: take what the hard limit allows."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit: %s", exc)
 
 
 def _write_pidfile(path: str) -> None:

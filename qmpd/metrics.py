@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -13,6 +16,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from qmpd import __version__
 from qmpd.runstate import RunState
@@ -82,8 +87,62 @@ class Metrics:
         pair[0].inc()
         pair[1].observe(seconds)
 
+    def watch_nodes(self, nodes: Callable[[], Iterable[Any]]) -> None:
+        """Export per-node series, read from the live graph at each scrape."""
+        self.registry.register(_NodeCollector(nodes))
+
     def observe_activation(self, seconds: float) -> None:
         self.activations.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_NODE_COUNTERS = (
+    ("rd_bytes", "qmpd_block_read_bytes", "Bytes read from a block node"),
+    ("wr_bytes", "qmpd_block_written_bytes", "Bytes written to a block node"),
+    ("rd_operations", "qmpd_block_read_operations", "Read requests on a block node"),
+    ("wr_operations", "qmpd_block_write_operations", "Write requests on a block node"),
+    ("flush_operations", "qmpd_block_flush_operations", "Flushes of a block node"),
+    ("invalidations", "qmpd_block_invalidations", "Activations (cache invalidations) of a node"),
+)
+
+
+class _NodeCollector(Collector):
+    """Per-node I/O counters and driver cache statistics."""
+
+    def __init__(self, nodes: Callable[[], Iterable[Any]]) -> None:
+        self.nodes = nodes
+
+    def collect(self) -> Iterable[Any]:
+        nodes = list(self.nodes())
+        for attr, name, doc in _NODE_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["node", "driver"])
+            for node in nodes:
+                family.add_metric(
+                    [node.node_name, node.driver.format_name], getattr(node.stats, attr)
+                )
+            yield family
+        active = GaugeMetricFamily(
+            "qmpd_block_node_active", "1 when a node is active, 0 when inactive",
+            labels=["node"],
+        )
+        failed = GaugeMetricFamily(
+            "qmpd_block_node_activation_failed", "1 when the last activation of a node failed",
+            labels=["node"],
+        )
+        caches = CounterMetricFamily(
+            "qmpd_block_cache_lookups", "Metadata cache lookups (qcow2 L2 and refcount caches)",
+            labels=["node", "cache", "result"],
+        )
+        for node in nodes:
+            active.add_metric([node.node_name], 1 if node.active else 0)
+            failed.add_metric([node.node_name], 1 if node.activation_error else 0)
+            stats = getattr(node.driver, "cache_stats", None)
+            if stats is not None:
+                for cache, (hits, misses) in stats().items():
+                    caches.add_metric([node.node_name, cache, "hit"], hits)
+                    caches.add_metric([node.node_name, cache, "miss"], misses)
+        yield active
+        yield failed
+        yield caches

@@ -8,6 +8,7 @@ all) and the node queries.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections.abc import Callable
@@ -36,11 +37,11 @@ def _driver_classes() -> dict[str, type[BlockDriver]]:
         "null-co": NullDriver,
     }
     try:
-        from qmpd.block.qcow2.driver import Qcow2Driver
+        module = importlib.import_module("qmpd.block.qcow2.driver")
     except ImportError:  # pragma: no cover - the package ships qcow2
         log.warning("qcow2 driver unavailable")
     else:
-        classes["qcow2"] = Qcow2Driver
+        classes["qcow2"] = module.Qcow2Driver
     return classes
 
 

@@ -14,7 +14,7 @@ import fcntl
 import os
 import struct
 
-from qmpd.block.driver import PERM_NAMES, Perm
+from qmpd.block.driver import PERM_ALL, PERM_NAMES, Perm
 
 PERM_BASE = 100
 SHARED_BASE = 200
@@ -96,7 +96,7 @@ class ImageLock:
         conflicts, then drop what is no longer needed; on a conflict, go
         back to exactly the old set.
         """
-        unshared = ~shared & (Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE)
+        unshared = ~shared & PERM_ALL
         old_held, old_unshared = self.held, self.unshared
         try:
             self._apply(old_held | perm, old_unshared | unshared)

@@ -23,7 +23,8 @@ class RawDriver(BlockDriver):
         return self.offset == 0 and self.fixed_size is None
 
     def child_role(self) -> ChildRole:
-        return ChildRole.FILTERED | ChildRole.PRIMARY if self.is_filter else ChildRole.DATA | ChildRole.PRIMARY
+        kind = ChildRole.FILTERED if self.is_filter else ChildRole.DATA
+        return kind | ChildRole.PRIMARY
 
     async def open(self, options: dict[str, Any]) -> None:
         file = self.node.file

@@ -39,13 +39,13 @@ def parse_size(text: str) -> int:
 
 def cvtstr(value: float) -> str:
     """qemu-io's human sizes: "4 KiB", "40 bytes", "1.464844 KiB"."""
-    for unit, suffix in ((1 << 60, " EiB"), (1 << 50, " PiB"), (1 << 40, " TiB"),
-                         (1 << 30, " GiB"), (1 << 20, " MiB"), (1 << 10, " KiB")):
+    suffix = " bytes"
+    for unit, name in ((1 << 60, " EiB"), (1 << 50, " PiB"), (1 << 40, " TiB"),
+                       (1 << 30, " GiB"), (1 << 20, " MiB"), (1 << 10, " KiB")):
         if value >= unit:
             value /= unit
+            suffix = name
             break
-    else:
-        suffix = " bytes"
     text = f"{value:f}"
     if ".000" in text:
         return text[: text.index(".000")] + suffix
@@ -138,7 +138,9 @@ async def run_qemu_io(node: Any, line: str) -> str:
             await node.discard(offset, length)
         except (BlockDriverError, OSError) as exc:
             return f"discard failed: {_errno_text(exc)}\n"
-        return "" if opts.get("q") else report("discard", length, offset, time.perf_counter() - start)
+        if opts.get("q"):
+            return ""
+        return report("discard", length, offset, time.perf_counter() - start)
     if name == "flush":
         await node.flush()
         return ""
