@@ -5,7 +5,8 @@ The JSON Schema documents under ``schema/`` (shipped in the wheel as
 what their arguments and results look like, ``query-commands`` and
 ``query-qmp-schema``.  Layout:
 
-* ``types.json``: named types under ``$defs`` (QAPI names);
+* ``types.json`` (and ``types-<module>.json``): named types under ``$defs``
+  (QAPI names; a name is defined in exactly one file);
 * ``commands/<name>.json``: ``command``, ``arguments`` (an object schema),
   optional ``returns``, optional ``allow-oob``;
 * ``events/<NAME>.json``: ``event`` and optional ``data``.
@@ -123,12 +124,16 @@ class Schema:
     def __init__(self, root: Path | None = None) -> None:
         root = root or schema_dir()
         self.root = root
-        types_doc = json.loads((root / "types.json").read_text())
-        self.types: dict[str, dict[str, Any]] = types_doc["$defs"]
-        types_resource = referencing.jsonschema.DRAFT202012.create_resource(types_doc)
-        resources_: list[tuple[str, referencing.Resource[Any]]] = [
-            (_BASE_URI + "types.json", types_resource)
-        ]
+        self.types: dict[str, dict[str, Any]] = {}
+        resources_: list[tuple[str, referencing.Resource[Any]]] = []
+        for path in sorted(root.glob("types*.json")):
+            types_doc = json.loads(path.read_text())
+            for name, definition in types_doc["$defs"].items():
+                if name in self.types:
+                    raise ValueError(f"type {name} defined twice (again in {path.name})")
+                self.types[name] = definition
+            resource = referencing.jsonschema.DRAFT202012.create_resource(types_doc)
+            resources_.append((_BASE_URI + path.name, resource))
         self.commands: dict[str, CommandSchema] = {}
         self.events: dict[str, EventSchema] = {}
         raw_commands = [
@@ -193,7 +198,7 @@ class Schema:
     # --- references --------------------------------------------------------
 
     def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """Follow ``$ref`` to a named type (all refs point into types.json)."""
+        """Follow ``$ref`` to a named type (refs point into the types files)."""
         while "$ref" in schema:
             ref = schema["$ref"]
             name = ref.split(_DEFS_PREFIX, 1)[1]
