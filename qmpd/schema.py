@@ -37,6 +37,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from qmpd.errors import ArgumentError
+from qmpd.ghash import first_unexpected
+from qmpd.qmp.encode import qdict_order
 
 _BASE_URI = "file:///qmpd-schema/"
 _DEFS_PREFIX = "#/$defs/"
@@ -268,11 +270,13 @@ class Schema:
                     yield (*order, index, 0), f"Parameter '{_full_name((*path, name))}' is missing"
         elif kind in ("additionalProperties", "unevaluatedProperties"):
             members = self.properties(schema, value)
-            if isinstance(value, dict):
-                for name in value:
-                    if name not in members:
-                        msg = f"Parameter '{_full_name((*path, name))}' is unexpected"
-                        yield (*order, len(members), 0), msg
+            if isinstance(value, dict) and any(name not in members for name in value):
+                # QEMU names the leftover key its GLib hash table yields first.
+                visited = [name for name in members if name in value]
+                name = first_unexpected(qdict_order(list(value)), visited)
+                if name is not None:
+                    msg = f"Parameter '{_full_name((*path, name))}' is unexpected"
+                    yield (*order, len(members), 0), msg
         elif kind in ("anyOf", "oneOf") and "x-qapi-alternate" in schema:
             branch = _alternate_branch(self, schema, value)
             if branch is None:

@@ -51,7 +51,7 @@ README = HERE / "README.md"
 PROJECT_ROOT = HERE.parent.parent
 
 QEMU_NAME = "qemu-system-x86_64"
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
 END_QUIET = 0.1
 BARRIER_FMT = '{"execute": "query-version", "id": "barrier-%s"}\n'
@@ -258,6 +258,17 @@ class Conn:
             return
         self.step_msgs.append(msg)
         self.runner.record("recv", conn=self.name, msg=msg, raw=text)
+
+
+class _Sink:
+    """Stands in for a Runner where a Conn's messages are not recorded."""
+
+    def __init__(self) -> None:
+        self.msgs: list[dict[str, Any]] = []
+
+    def record(self, kind: str, **fields: Any) -> None:
+        if kind == "recv":
+            self.msgs.append(fields["msg"])
 
 
 # --------------------------------------------------------------------------
@@ -513,6 +524,36 @@ class Runner:
         except OSError:
             return ""
 
+    def _probe(self, spec: ServerSpec) -> str | None:
+        """Wait until the server answers a request on its first monitor; None when it does.
+
+        QEMU listens before it finishes starting: a client that connects during start-up
+        may see the RESUME of the initial vm_start after its greeting although it never
+        negotiated.  Any reply comes from the main loop, so once one arrives start-up is
+        over.  The probe connection is closed again before step 0.
+        """
+        res = self._connect(spec.socket_path(None))
+        if isinstance(res, str):
+            return res
+        res.setblocking(True)
+        res.settimeout(CONNECT_TIMEOUT)
+        sink = _Sink()
+        reader = Conn("probe", res, sink)  # type: ignore[arg-type]
+        try:
+            res.sendall(b'{"execute": "query-status", "id": "harness-probe"}\n')
+            # Read the whole reply: QEMU hands output still pending at a disconnect
+            # to the next client of the monitor.
+            while not any(m.get("id") == "harness-probe" for m in sink.msgs):
+                data = res.recv(65536)
+                if not data:
+                    return "server closed the probe connection"
+                reader.feed(data)
+        except OSError as exc:
+            return f"probe failed: {exc}"
+        finally:
+            res.close()
+        return None
+
     def _connect(self, path: str) -> socket.socket | str:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
@@ -610,7 +651,8 @@ class Runner:
             assert self.proc is not None
             self.proc.send_signal(sig)
             self.record("kill", signal=signal.Signals(sig).name)
-            self.wait(None, st.get("wait", {}))
+            # what the signal causes belongs to this step: wait for it here
+            self.wait(conn, st.get("wait", {}))
         elif op == "wait_exit":
             assert self.proc is not None
             deadline = time.monotonic() + float(st.get("timeout", self.timeout))
@@ -642,6 +684,10 @@ class Runner:
             meta["argv"] = [a.replace(self.tmp, "{tmp}") for a in self.argv]
             if self.impl == "qemu":
                 meta["version"] = qemu_version_string()
+            problem = self._probe(spec)
+            if problem:
+                self.record("harness-error", error=f"server did not start: {problem}")
+                return normalize(self.records, self.tmp, self.case)
             for index, st in enumerate(self.case["steps"]):
                 self.step = index
                 self.label = st.get("label", "")

@@ -167,3 +167,20 @@ def test_schema_files_are_in_one_layout() -> None:
         assert doc["arguments"].get("additionalProperties") is False
     for path in (root / "events").glob("*.json"):
         assert json.loads(path.read_text())["event"] == path.stem
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        # Observed on QEMU 7.2 (tests/conformance/golden/extra-arguments.jsonl).
+        (["foo", "bar"], "bar"),
+        (["a", "b"], "b"),
+        (["x", "y", "z"], "z"),
+        (["foo", "bar", "baz", "qux"], "baz"),
+        ([f"id{i}" for i in range(10)], "id1"),
+    ],
+)
+def test_unexpected_member_named_like_qemu(keys: list[str], named: str) -> None:
+    with pytest.raises(ArgumentError) as info:
+        Schema().validate_arguments("query-status", dict.fromkeys(keys, 1))
+    assert info.value.desc == f"Parameter '{named}' is unexpected"
