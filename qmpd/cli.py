@@ -16,6 +16,7 @@ from typing import Any
 from qmpd import __version__
 from qmpd.errors import ConfigError
 from qmpd.keyval import parse_bool, parse_option
+from qmpd.nbd.config import ExportConfig, NbdServerConfig, parse_export, parse_nbd_server
 from qmpd.qmp.server import (
     DEFAULT_OUTPUT_LIMIT,
     InetAddress,
@@ -45,7 +46,7 @@ class BlockdevConfig:
     options: dict[str, Any]
 
 
-Action = MonitorConfig | HttpConfig | BlockdevConfig
+Action = MonitorConfig | HttpConfig | BlockdevConfig | NbdServerConfig | ExportConfig
 
 
 @dataclass
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve /health, /ready and /metrics here (loopback by default)")
     p.add_argument("--blockdev", action=_Ordered, metavar="OPTIONS",
                    help="a block node, as blockdev-add takes it (keyval or JSON)")
+    p.add_argument("--nbd-server", action=_Ordered, metavar="addr.type=unix,addr.path=PATH",
+                   help="start the NBD server, as nbd-server-start (keyval or JSON)")
+    p.add_argument("--export", action=_Ordered, metavar="[type=]nbd,id=ID,node-name=NODE",
+                   help="export a node, as block-export-add (keyval or JSON)")
     p.add_argument("-S", "--paused", action="store_true",
                    help="start in prelaunch instead of running (like QEMU's -S)")
     p.add_argument("--incoming", metavar="defer|URI",
@@ -195,8 +200,12 @@ def parse_args(argv: Sequence[str]) -> Config:
                 cfg.actions.append(parse_http(value))
             elif option == "blockdev":
                 cfg.actions.append(BlockdevConfig(value, parse_blockdev(value)))
+            elif option == "nbd_server":
+                cfg.actions.append(parse_nbd_server(value))
+            elif option == "export":
+                cfg.actions.append(parse_export(value))
         except ConfigError as exc:
-            raise ConfigError(f"--{option} {value}: {exc}") from None
+            raise ConfigError(f"--{option.replace('_', '-')} {value}: {exc}") from None
     if not cfg.monitors and not cfg.http:
         cfg.actions.append(MonitorConfig("qmp0", UnixAddress(DEFAULT_QMP_SOCKET)))
         cfg.actions.append(parse_http(DEFAULT_HTTP))

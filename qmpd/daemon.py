@@ -21,6 +21,9 @@ from qmpd.cli import BlockdevConfig, Config, HttpConfig
 from qmpd.errors import ConfigError, QMPError
 from qmpd.http import build_app
 from qmpd.metrics import Metrics
+from qmpd.migration.manager import MigrationManager
+from qmpd.nbd.config import ExportConfig, NbdServerConfig
+from qmpd.nbd.exports import BlockExports
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
 from qmpd.qmp.server import MonitorConfig, QMPServer
@@ -63,10 +66,14 @@ class Daemon:
             initial = RunState.PRELAUNCH
         self.block = BlockLayer(self.metrics)
         self.metrics.watch_nodes(self.block.graph.all_nodes)
+        self.exports = BlockExports(self.block, self.events, self.metrics)
         self.vm = VirtualMachine(
             self.events, initial, autostart=not config.paused, block=self.block,
             metrics=self.metrics,
         )
+        self.migration = MigrationManager(self)
+        self.vm.after_activation.append(self.migration.after_cont_activation)
+        self.exit_status = 0
         self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
         self.qmp = QMPServer(
             self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit
@@ -89,7 +96,19 @@ class Daemon:
         self.metrics.ready.set(0)
         _sd_notify("STOPPING=1")
         self.events.emit("SHUTDOWN", {"guest": False, "reason": cause})
+        # Idle exports go now (their BLOCK_EXPORT_DELETED precedes quit's reply).
+        self.exports.request_shutdown()
         # Let the current command's reply go out before listeners close.
+        asyncio.get_running_loop().call_soon(self._stopped.set)
+
+    def request_exit(self, status: int) -> None:
+        """Leave at once with ``status`` (a failed incoming migration: QEMU exits 1)."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.exit_status = status
+        self.metrics.ready.set(0)
+        _sd_notify("STOPPING=1")
         asyncio.get_running_loop().call_soon(self._stopped.set)
 
     def health(self) -> dict[str, Any]:
@@ -134,8 +153,15 @@ class Daemon:
                 await self._start_http(action)
             elif isinstance(action, BlockdevConfig):
                 await self._add_blockdev(action)
+            elif isinstance(action, (NbdServerConfig, ExportConfig)):
+                await self._nbd_action(action)
         if self.vm.state == RunState.PRELAUNCH and self.vm.autostart:
             self.vm.start()
+        if self.config.incoming not in (None, "defer"):
+            try:
+                await self.migration.migrate_incoming(self.config.incoming)
+            except QMPError as exc:
+                raise ConfigError(f"--incoming {self.config.incoming}: {exc.desc}") from None
 
     async def _add_blockdev(self, cfg: BlockdevConfig) -> None:
         try:
@@ -143,6 +169,19 @@ class Daemon:
             await self.block.add(cfg.options, inactive=self.vm.state == RunState.INMIGRATE)
         except QMPError as exc:
             raise ConfigError(f"--blockdev {cfg.text}: {exc.desc}") from None
+
+    async def _nbd_action(self, cfg: NbdServerConfig | ExportConfig) -> None:
+        server = isinstance(cfg, NbdServerConfig)
+        name = "nbd-server-start" if server else "block-export-add"
+        try:
+            self.schema.validate_arguments(name, cfg.options)
+            if server:
+                await self.exports.start_server(cfg.options)
+            else:
+                await self.exports.add(cfg.options)
+        except QMPError as exc:
+            option = "--nbd-server" if server else "--export"
+            raise ConfigError(f"{option} {cfg.text}: {exc.desc}") from None
 
     async def _start_http(self, cfg: HttpConfig) -> None:
         runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
@@ -165,6 +204,8 @@ class Daemon:
     def listening_summary(self) -> str:
         parts = [f"QMP on {m.bound}" for m in self.qmp.monitors]
         parts += [f"HTTP on {h}" for h in self.http_bound]
+        if self.exports.server is not None:
+            parts.append(f"NBD on {self.exports.server.bound}")
         return "qmpd listening: " + ", ".join(parts)
 
     async def wait_stopped(self) -> None:
@@ -173,6 +214,9 @@ class Daemon:
     async def shutdown(self) -> None:
         """Close in a fixed order: QMP (clients flushed), then HTTP, then files."""
         self.shutting_down = True
+        await self.migration.close()
+        # Exports first: in-flight requests answered, BLOCK_EXPORT_DELETED sent.
+        await self.exports.shutdown()
         await self.qmp.close()
         # Then block nodes: flushed, marked clean, closed, locks released.
         await self.block.close_all()
@@ -224,9 +268,9 @@ class Daemon:
         await self.shutdown()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-            # Past this point the process is exiting with status 0 anyway.
+            # Past this point the process is exiting anyway.
             signal.signal(signum, signal.SIG_IGN)
-        return 0
+        return self.exit_status
 
 
 def _raise_open_file_limit() -> None:

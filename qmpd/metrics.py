@@ -74,6 +74,31 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
             registry=reg,
         )
+        self.migration_state = Enum(
+            "qmpd_migration_status", "Status of the current or last migration",
+            states=["none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
+                    "postcopy-paused", "postcopy-recover", "completed", "failed", "colo",
+                    "pre-switchover", "device", "wait-unplug"],
+            registry=reg,
+        )
+        self.migration_total = Gauge(
+            "qmpd_migration_total_seconds", "Total time of the last completed migration",
+            registry=reg,
+        )
+        self.migration_downtime = Gauge(
+            "qmpd_migration_downtime_seconds",
+            "Downtime (stop to end of stream) of the last completed outgoing migration",
+            registry=reg,
+        )
+        self.migration_bytes = Counter(
+            "qmpd_migration_bytes", "Migration stream bytes, by direction", ["direction"],
+            registry=reg,
+        )
+        self.activate_all_seconds = Histogram(
+            "qmpd_migration_activation_seconds",
+            "Time to activate every block node at the end of an incoming migration",
+            registry=reg,
+        )
         self._done_cache: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def command_done(self, command: str, result: str, seconds: float) -> None:
@@ -90,6 +115,16 @@ class Metrics:
     def watch_nodes(self, nodes: Callable[[], Iterable[Any]]) -> None:
         """Export per-node series, read from the live graph at each scrape."""
         self.registry.register(_NodeCollector(nodes))
+
+    def migration_status(self, status: str) -> None:
+        self.migration_state.state(status)
+
+    def migration_done(self, total: float, downtime: float) -> None:
+        self.migration_total.set(total)
+        self.migration_downtime.set(downtime)
+
+    def observe_activate_all(self, seconds: float) -> None:
+        self.activate_all_seconds.observe(seconds)
 
     def observe_activation(self, seconds: float) -> None:
         self.activations.observe(seconds)

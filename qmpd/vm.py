@@ -8,6 +8,7 @@ events behave as QEMU 7.2's do.  Block devices are reached through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from qmpd.errors import GenericError
@@ -52,6 +53,8 @@ class VirtualMachine:
         self.autostart = autostart
         self.block: BlockHooks = block or NoBlockDevices()
         self.metrics = metrics
+        #: Called after cont has activated every node.
+        self.after_activation: list[Callable[[], None]] = []
         self._publish()
 
     @property
@@ -95,6 +98,8 @@ class VirtualMachine:
         if state == RunState.FINISH_MIGRATE:
             raise GenericError("Migration is not finalized yet")
         await self.block.activate_all()
+        for hook in self.after_activation:
+            hook()
         if self.machine.state == RunState.INMIGRATE:
             self.autostart = True
         else:

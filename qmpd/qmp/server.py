@@ -10,6 +10,7 @@ past the output limit, disconnected.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
@@ -86,6 +87,7 @@ class QMPConnection(asyncio.Protocol):
         self.eof = False
         self._batch: list[bytes] | None = None
         self._batch_size = 0
+        self._fd_sock: socket.socket | None = None
 
     # --- asyncio callbacks ---------------------------------------------
 
@@ -96,7 +98,68 @@ class QMPConnection(asyncio.Protocol):
         self.transport = stream
         stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.monitor.attach(self)
+        if isinstance(self.monitor.config.address, UnixAddress):
+            self._take_over_reading(stream)
         self._write(self.session.greeting())
+
+    # --- file descriptors over UNIX sockets (getfd) -------------------------------
+
+    def _take_over_reading(self, transport: asyncio.Transport) -> None:
+        """Read with recvmsg ourselves, so SCM_RIGHTS descriptors arrive too.
+
+        The transport still does all the writing.  Only asyncio's own loop
+        lets two parties share a descriptor like this; under other loops
+        (uvloop) descriptors cannot be passed.
+        """
+        loop = asyncio.get_running_loop()
+        sock = transport.get_extra_info("socket")
+        if sock is None or not isinstance(loop, asyncio.SelectorEventLoop):
+            return
+        try:
+            transport.pause_reading()
+            self._fd_sock = socket.socket(fileno=os.dup(sock.fileno()))
+            self._fd_sock.setblocking(False)
+            loop.add_reader(self._fd_sock.fileno(), self._on_readable)
+        except (OSError, RuntimeError, NotImplementedError):
+            self._fd_sock = None
+            transport.resume_reading()
+
+    def _on_readable(self) -> None:
+        sock = self._fd_sock
+        if sock is None:
+            return
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(
+                256 * 1024, socket.CMSG_SPACE(16 * 4)
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._stop_fd_reading()
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                for fd in array.array("i", payload[:usable]):
+                    self.session.add_passed_fd(fd)
+        if not data:
+            self._stop_fd_reading()
+            self.eof_received()
+            return
+        self.data_received(data)
+
+    def _stop_fd_reading(self) -> None:
+        sock = self._fd_sock
+        if sock is None:
+            return
+        self._fd_sock = None
+        try:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        except RuntimeError:
+            pass
+        sock.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -115,8 +178,10 @@ class QMPConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_fd_reading()
         self.queue.clear()
         self.session.parser.reset()
+        self.session.close_passed_fds()
         self.monitor.detach(self)
 
     def pause_writing(self) -> None:
@@ -198,10 +263,16 @@ class QMPConnection(asyncio.Protocol):
         backlog = len(self.queue) > MAX_QUEUED_REQUESTS or self.write_paused
         if backlog and not self.read_paused:
             self.read_paused = True
-            transport.pause_reading()
+            if self._fd_sock is not None:
+                asyncio.get_running_loop().remove_reader(self._fd_sock.fileno())
+            else:
+                transport.pause_reading()
         elif not backlog and self.read_paused:
             self.read_paused = False
-            transport.resume_reading()
+            if self._fd_sock is not None:
+                asyncio.get_running_loop().add_reader(self._fd_sock.fileno(), self._on_readable)
+            else:
+                transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
         if self._batch is not None:

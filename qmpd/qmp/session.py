@@ -7,6 +7,7 @@ nothing about sockets or about which commands exist: the dispatcher does.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,9 @@ Incoming = Request | bytes
 class QMPSession:
     """Protocol state of one client connection."""
 
-    __slots__ = ("_greeting", "capabilities", "negotiating", "offered", "parser", "pretty")
+    __slots__ = (
+        "_fds", "_greeting", "capabilities", "negotiating", "offered", "parser", "pretty",
+    )
 
     def __init__(
         self,
@@ -57,6 +60,7 @@ class QMPSession:
         self.capabilities: frozenset[str] = frozenset()
         self.offered = offered
         self._greeting = self.encode({"QMP": {"version": version, "capabilities": list(offered)}})
+        self._fds: list[int] = []
 
     @property
     def oob_enabled(self) -> bool:
@@ -117,6 +121,22 @@ class QMPSession:
             id=request_id,
             oob=exec_key == "exec-oob",
         )
+
+    def add_passed_fd(self, fd: int) -> None:
+        """A descriptor that arrived with the client's bytes (SCM_RIGHTS)."""
+        self._fds.append(fd)
+
+    def take_passed_fd(self) -> int | None:
+        """The most recent descriptor passed, for getfd (older ones are closed)."""
+        if not self._fds:
+            return None
+        fd = self._fds.pop()
+        self.close_passed_fds()
+        return fd
+
+    def close_passed_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
 
     def accept_capabilities(self, enable: list[str]) -> None:
         """qmp_capabilities: leave negotiation mode with ``enable`` in effect."""

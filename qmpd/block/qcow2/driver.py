@@ -1,0 +1,370 @@
+"""The qcow2 format driver: options, open/close, activation, queries.
+
+The mutable image state lives in :class:`~qmpd.block.qcow2.cluster.Qcow2Image`;
+this class keeps only the immutable configuration (the options) and swaps
+the whole image object on :meth:`Qcow2Driver.invalidate_cache`, which is how
+QEMU's ``qcow2_co_invalidate_cache`` behaves too (close, zero the state, open
+again with the same options).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
+from qmpd.block.qcow2.cluster import (
+    DISCARD_OTHER,
+    DISCARD_REQUEST,
+    DISCARD_SNAPSHOT,
+    CacheConfig,
+    Qcow2Image,
+)
+from qmpd.block.qcow2.format import (
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    MIN_CLUSTER_BITS,
+    Header,
+    Qcow2FormatError,
+)
+from qmpd.errors import GenericError
+
+log = logging.getLogger(__name__)
+
+#: QEMU's defaults on Linux (block/qcow2.h).
+DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024
+MIN_L2_CACHE_SIZE = 2  # entries
+MIN_REFCOUNT_CACHE_SIZE = 4  # clusters
+DEFAULT_CACHE_CLEAN_INTERVAL = 600
+INT_MAX = 2**31 - 1
+UINT_MAX = 2**32 - 1
+
+ENOMEDIUM = 123
+
+
+def _opt_int(options: dict[str, Any], key: str) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise GenericError(f"Parameter '{key}' expects a number")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 0)
+    except ValueError:
+        raise GenericError(f"Parameter '{key}' expects a number") from None
+
+
+def _opt_bool(options: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value in ("on", "true", "yes")
+    return bool(value)
+
+
+def read_cache_sizes(
+    options: dict[str, Any], virtual_size: int, cluster_size: int, l2_entry_bytes: int = 8
+) -> tuple[int, int, int]:
+    """QEMU 7.2's ``read_cache_sizes``: (L2 cache bytes, L2 entry size, refcount bytes).
+
+    Raises GenericError with QEMU's texts for invalid combinations.
+    """
+    min_refcount_cache = MIN_REFCOUNT_CACHE_SIZE * cluster_size
+    max_l2_entries = -(-virtual_size // cluster_size)
+    max_l2_cache = -(-(max_l2_entries * l2_entry_bytes) // cluster_size) * cluster_size
+
+    combined = _opt_int(options, "cache-size")
+    l2_set = _opt_int(options, "l2-cache-size")
+    rc_set = _opt_int(options, "refcount-cache-size")
+    entry_set = _opt_int(options, "l2-cache-entry-size")
+    for key, value in (("cache-size", combined), ("l2-cache-size", l2_set),
+                       ("refcount-cache-size", rc_set), ("l2-cache-entry-size", entry_set)):
+        if value is not None and value < 0:
+            raise GenericError(
+                f"Parameter '{key}' expects a non-negative number below 2^64")
+
+    l2_max_setting = l2_set if l2_set is not None else DEFAULT_L2_CACHE_MAX_SIZE
+    refcount_size = rc_set if rc_set is not None else 0
+    entry_size = entry_set if entry_set is not None else cluster_size
+    l2_size = min(max_l2_cache, l2_max_setting)
+
+    if combined is not None:
+        if l2_set is not None and rc_set is not None:
+            raise GenericError(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+            )
+        if l2_set is not None and l2_max_setting > combined:
+            raise GenericError("l2-cache-size may not exceed cache-size")
+        if refcount_size > combined:
+            raise GenericError("refcount-cache-size may not exceed cache-size")
+        if l2_set is not None:
+            refcount_size = combined - l2_size
+        elif rc_set is not None:
+            l2_size = combined - refcount_size
+        elif combined >= max_l2_cache + min_refcount_cache:
+            l2_size = max_l2_cache
+            refcount_size = combined - l2_size
+        else:
+            refcount_size = min(combined, min_refcount_cache)
+            l2_size = combined - refcount_size
+
+    if l2_size < max_l2_cache and entry_set is None:
+        entry_size = min(cluster_size, 4096)
+
+    if (entry_size < (1 << MIN_CLUSTER_BITS) or entry_size > cluster_size
+            or entry_size & (entry_size - 1)):
+        raise GenericError(
+            "L2 cache entry size must be a power of two between "
+            f"{1 << MIN_CLUSTER_BITS} and the cluster size ({cluster_size})"
+        )
+    return l2_size, entry_size, refcount_size
+
+
+def cache_config(options: dict[str, Any], virtual_size: int, cluster_size: int) -> CacheConfig:
+    """Cache sizes in entries, with QEMU's minimums and overflow errors."""
+    l2_bytes, entry_size, refcount_bytes = read_cache_sizes(options, virtual_size, cluster_size)
+    l2_entries = max(l2_bytes // entry_size, MIN_L2_CACHE_SIZE)
+    if l2_entries > INT_MAX:
+        raise GenericError("L2 cache size too big")
+    refcount_entries = max(refcount_bytes // cluster_size, MIN_REFCOUNT_CACHE_SIZE)
+    if refcount_entries > INT_MAX:
+        raise GenericError("Refcount cache size too big")
+    return CacheConfig(l2_entries, entry_size, refcount_entries)
+
+
+def path_combine(base: str, name: str) -> str:
+    """QEMU's ``path_combine``: ``name`` relative to the directory of ``base``."""
+    if not name or name.startswith("/") or "://" in name:
+        return name
+    slash = base.rfind("/")
+    return name if slash < 0 else base[: slash + 1] + name
+
+
+class Qcow2Driver(BlockDriver):
+    """qcow2 v2/v3 (QEMU 7.2 on-disk format), read and write."""
+
+    format_name = "qcow2"
+    supports_backing = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self._options: dict[str, Any] = {}
+        self._image: Qcow2Image | None = None
+        self._broken: str | None = None
+        self._inactive = False
+        self._size = 0
+        self._header: Header | None = None
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def _validate_static_options(self, options: dict[str, Any]) -> None:
+        interval = _opt_int(options, "cache-clean-interval")
+        if interval is not None and (interval < 0 or interval > UINT_MAX):
+            raise GenericError("Cache clean interval too big")
+
+    def _config_for(self, header: Header) -> CacheConfig:
+        if _opt_bool(self._options, "lazy-refcounts") and header.version < 3:
+            raise GenericError(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                "compatibility level"
+            )
+        return cache_config(self._options, header.size, header.cluster_size)
+
+    async def open(self, options: dict[str, Any]) -> None:
+        self._options = dict(options)
+        self._validate_static_options(self._options)
+        try:
+            await self._load()
+        except Qcow2FormatError as exc:
+            raise GenericError(str(exc)) from None
+        except BlockDriverError as exc:
+            raise GenericError(f"Could not open qcow2 image: {exc}") from None
+
+    async def _load(self) -> None:
+        node = self.node
+        image = await Qcow2Image.load(node, self._config_for, not node.read_only, node.active)
+        default_request = bool(node.discard_unmap)
+        opts = self._options
+        image.pass_discard[DISCARD_REQUEST] = _opt_bool(opts, "pass-discard-request",
+                                                        default_request)
+        image.pass_discard[DISCARD_SNAPSHOT] = _opt_bool(opts, "pass-discard-snapshot", True)
+        image.pass_discard[DISCARD_OTHER] = _opt_bool(opts, "pass-discard-other")
+        self._image = image
+        self._header = image.header
+        self._size = image.size
+        self._inactive = not node.active
+
+    async def close(self) -> None:
+        image = self._image
+        if image is None:
+            return
+        try:
+            if image.writable and not self._inactive and image.broken is None:
+                await image.flush()
+        finally:
+            self._image = None
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _img(self) -> Qcow2Image:
+        image = self._image
+        if image is None:
+            raise BlockDriverError(self._broken or "No medium found", ENOMEDIUM)
+        return image
+
+    def _img_for_write(self) -> Qcow2Image:
+        image = self._img()
+        if self._inactive:
+            raise BlockDriverError("Block node is inactive", 1)
+        return image
+
+    @property
+    def image(self) -> Qcow2Image | None:
+        """The current image state (None while unusable); for tests and tools."""
+        return self._image
+
+    # --- I/O ---------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        image = self._image
+        if image is None:
+            raise BlockDriverError(self._broken or "No medium found", ENOMEDIUM)
+        return await image.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        image = self._img_for_write()
+        await image.write(offset, data)
+        if fua:
+            await image.flush()
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        image = self._img_for_write()
+        await image.write_zeroes(offset, length, may_unmap)
+        if fua:
+            await image.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        image = self._img_for_write()
+        await image.discard(offset, length)
+
+    async def flush(self) -> None:
+        image = self._image
+        if image is None:
+            if self._broken is not None:
+                raise BlockDriverError(self._broken, ENOMEDIUM)
+            return
+        if self._inactive:
+            return
+        await image.flush()
+
+    async def truncate(self, size: int) -> None:
+        image = self._img_for_write()
+        await image.truncate(size)
+        self._size = image.size
+        config = cache_config(self._options, image.size, image.cluster_size)
+        image.l2cache.capacity = max(
+            config.l2_entries * config.l2_entry_size // image.slice_bytes, 2)
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return await self._img().block_status(offset, length)
+
+    # --- activation ---------------------------------------------------------------------
+
+    async def inactivate(self) -> None:
+        """Write everything back and stop writing (``qcow2_inactivate``)."""
+        image = self._image
+        if image is not None and not self._inactive and image.writable:
+            await image.flush()
+            # We never set the dirty bit (no lazy refcounts), so the image is clean.
+            image.writable = False
+        self._inactive = True
+
+    async def invalidate_cache(self) -> None:
+        """Drop all mutable metadata and load it again from disk (activation)."""
+        image = self._image
+        if image is not None and not self._inactive and image.writable and image.broken is None:
+            # Activation of a node that was never inactivated: like QEMU's
+            # qcow2_do_close, write our own state back first.
+            await image.flush()
+        self._image = None
+        try:
+            await self._load()
+        except (Qcow2FormatError, GenericError, BlockDriverError, OSError) as exc:
+            self._broken = f"Could not reopen qcow2 layer: {exc}"
+            self._image = None
+            errno = getattr(exc, "errno", None) or 5
+            raise BlockDriverError(self._broken, errno) from None
+        self._broken = None
+
+    # --- information ------------------------------------------------------------------------
+
+    def size(self) -> int:
+        image = self._image
+        return image.size if image is not None else self._size
+
+    def allocated_size(self) -> int | None:
+        child = self.node.file
+        return child.driver.allocated_size() if child is not None else None
+
+    def raw_backing_file_name(self) -> str | None:
+        """The backing file name exactly as stored in the header (None without one)."""
+        return self._header.backing_file if self._header is not None else None
+
+    def backing_file_name(self) -> str | None:
+        """The backing file to open: the header's name resolved against the
+        directory of the image, as QEMU does (``bdrv_get_full_backing_filename``)."""
+        name = self.raw_backing_file_name()
+        if name is None:
+            return None
+        return path_combine(self.filename(), name)
+
+    full_backing_file_name = backing_file_name
+
+    def backing_format(self) -> str | None:
+        """The backing format from the header extension (None if absent)."""
+        return self._header.backing_format if self._header is not None else None
+
+    def snapshots(self) -> list[dict[str, object]]:
+        image = self._image
+        return [s.info() for s in image.snapshots] if image is not None else []
+
+    def image_info(self) -> dict[str, Any]:
+        hdr = self._header
+        if hdr is None:
+            return {}
+        info: dict[str, Any] = {
+            "cluster-size": hdr.cluster_size,
+            "dirty-flag": bool(hdr.incompatible_features & INCOMPAT_DIRTY),
+        }
+        compression = COMPRESSION_NAMES.get(hdr.compression_type, "zlib")
+        data: dict[str, Any]
+        if hdr.version < 3:
+            data = {"compat": "0.10", "compression-type": compression,
+                    "refcount-bits": hdr.refcount_bits}
+        else:
+            corrupt = bool(hdr.incompatible_features & INCOMPAT_CORRUPT)
+            if self._image is not None:
+                corrupt = corrupt or self._image.corrupt
+            data = {
+                "compat": "1.1",
+                "compression-type": compression,
+                "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
+                "refcount-bits": hdr.refcount_bits,
+                "corrupt": corrupt,
+                "extended-l2": bool(hdr.incompatible_features & INCOMPAT_EXTL2),
+            }
+        info["format-specific"] = {"type": "qcow2", "data": data}
+        if hdr.backing_file is not None:
+            info["backing-filename"] = hdr.backing_file
+            info["full-backing-filename"] = self.backing_file_name()
+            if hdr.backing_format:
+                info["backing-filename-format"] = hdr.backing_format
+        return info

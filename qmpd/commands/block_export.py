@@ -1,0 +1,42 @@
+"""Block export commands: the NBD server and its exports (QAPI's block-export module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmpd.qmp.dispatch import CommandContext, command
+
+
+@command("nbd-server-start")
+async def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.exports.start_server(args)
+
+
+@command("nbd-server-stop")
+async def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.exports.stop_server()
+
+
+@command("block-export-add")
+async def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.exports.add(args)
+
+
+@command("block-export-del")
+async def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.exports.delete(args["id"], args.get("mode", "safe"))
+
+
+@command("query-block-exports")
+def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    return ctx.services.exports.query()  # type: ignore[no-any-return]
+
+
+@command("nbd-server-add")
+async def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.exports.legacy_add(args)
+
+
+@command("nbd-server-remove")
+async def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.exports.delete(args["name"], args.get("mode", "safe"))

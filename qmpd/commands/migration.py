@@ -1,0 +1,69 @@
+"""Migration commands (QEMU 7.2's set), getfd and closefd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmpd.errors import GenericError
+from qmpd.qmp.dispatch import CommandContext, command
+
+
+@command("migrate")
+def migrate(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.services.migration.migrate(args)
+
+
+@command("migrate-incoming")
+async def migrate_incoming(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.migration.migrate_incoming(args["uri"], args.get("exit-on-error", True))
+
+
+@command("query-migrate")
+def query_migrate(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    return ctx.services.migration.query()  # type: ignore[no-any-return]
+
+
+@command("migrate_cancel")
+def migrate_cancel(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.services.migration.cancel()
+
+
+@command("migrate-continue")
+def migrate_continue(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.services.migration.continue_(args["state"])
+
+
+@command("migrate-set-capabilities")
+def migrate_set_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.services.migration.set_capabilities(args["capabilities"])
+
+
+@command("query-migrate-capabilities")
+def query_migrate_capabilities(ctx: CommandContext, args: dict[str, Any]) -> list[Any]:
+    return ctx.services.migration.query_capabilities()  # type: ignore[no-any-return]
+
+
+@command("migrate-set-parameters")
+def migrate_set_parameters(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.services.migration.set_parameters(args)
+
+
+@command("query-migrate-parameters")
+def query_migrate_parameters(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    return ctx.services.migration.query_parameters()  # type: ignore[no-any-return]
+
+
+@command("getfd")
+def getfd(ctx: CommandContext, args: dict[str, Any]) -> None:
+    name = args["fdname"]
+    if name[:1].isdigit():
+        raise GenericError("Parameter 'fdname' expects a name not starting with a digit")
+    fd = ctx.session.take_passed_fd()
+    if fd is None:
+        raise GenericError("No file descriptor supplied via SCM_RIGHTS")
+    ctx.services.migration.fds.add(name, fd)
+
+
+@command("closefd")
+def closefd(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.services.migration.fds.close(args["fdname"])

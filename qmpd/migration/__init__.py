@@ -1,0 +1,1 @@
+"""Live migration: QEMU's stream format (:mod:`qmpd.migration.stream`) and its users."""

@@ -1,0 +1,510 @@
+"""Live migration on shared storage: the source and destination sides.
+
+The order of things is QEMU 7.2's, because management tools depend on it:
+
+Source: ``setup`` (event before migrate's reply), pass 1, ``active``, stop
+(STOP) and flush, [``pre-switchover`` until migrate-continue, ``device``],
+inactivate every block node (flush, mark clean, drop write locks), pass 2,
+the rest of the stream and EOF, ``completed``, run state ``postmigrate``.
+Any failure after the stop re-activates the nodes (their caches are
+re-read: another process may have opened the images meanwhile) and resumes
+the VM if it was running.
+
+Destination: nodes added while ``inmigrate`` are inactive (no write locks,
+nothing cached is trusted).  Only once the whole stream has arrived and
+parsed: invalidate-all (every node re-reads its metadata, children first),
+then run state from the stream's globalstate and autostart.  If activation
+fails the daemon stays paused with its nodes inactive; ``cont`` retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from qmpd.errors import GenericError
+from qmpd.migration import stream
+from qmpd.migration.channels import (
+    Channel,
+    ChannelError,
+    FdStore,
+    Listener,
+    MigrationURI,
+    connect,
+    parse_uri,
+)
+from qmpd.migration.state import (
+    CAPABILITIES,
+    DEFAULT_PARAMETERS,
+    RUNNING_STATES,
+    TRANSITIONS,
+    MigrationStatus,
+    check_parameters,
+)
+from qmpd.runstate import RunState
+
+if TYPE_CHECKING:
+    from qmpd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+_S = MigrationStatus
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _ram_stats() -> dict[str, Any]:
+    """A -M none QEMU has no RAM: every counter is zero but the page size."""
+    keys = (
+        "transferred", "remaining", "total", "duplicate", "skipped", "normal",
+        "normal-bytes", "dirty-pages-rate", "mbps", "dirty-sync-count", "postcopy-requests",
+        "page-size", "multifd-bytes", "pages-per-second", "precopy-bytes", "downtime-bytes",
+        "postcopy-bytes", "dirty-sync-missed-zero-copy",
+    )
+    out: dict[str, Any] = dict.fromkeys(keys, 0)
+    out["mbps"] = 0
+    out["page-size"] = 4096
+    out["dirty-sync-count"] = 2
+    return out
+
+
+class MigrationManager:
+    """Both directions of migration for one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.capabilities: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
+        self.parameters: dict[str, Any] = dict(DEFAULT_PARAMETERS)
+        self.fds = FdStore()
+        # Outgoing.
+        self.status = _S.NONE
+        self.error: str | None = None
+        self.start_time = 0.0
+        self.setup_time = 0
+        self.total_time = 0
+        self.downtime = 0
+        self.task: asyncio.Task[None] | None = None
+        self.channel: Channel | None = None
+        self.continue_event = asyncio.Event()
+        self.cancel_requested = False
+        # Incoming.
+        self.incoming_started = False
+        self.incoming_status = _S.NONE
+        self.incoming_error: str | None = None
+        self.listener: Listener | None = None
+        self.incoming_task: asyncio.Task[None] | None = None
+        self.exit_on_error = True
+        self.activation_error: str | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # --- helpers ------------------------------------------------------------------
+
+    @property
+    def events(self) -> Any:
+        return self.daemon.events
+
+    @property
+    def vm(self) -> Any:
+        return self.daemon.vm
+
+    def _event(self, status: MigrationStatus) -> None:
+        if self.capabilities["events"]:
+            self.events.emit("MIGRATION", {"status": status.value})
+
+    def _set(self, status: MigrationStatus) -> None:
+        if status != self.status and status not in TRANSITIONS[self.status]:
+            raise RuntimeError(f"migration: {self.status.value} -> {status.value} not allowed")
+        self.status = status
+        self._event(status)
+        self.daemon.metrics.migration_status(status.value)
+
+    def _set_incoming(self, status: MigrationStatus) -> None:
+        self.incoming_status = status
+        self._event(status)
+        self.daemon.metrics.migration_status(status.value)
+
+    @property
+    def running(self) -> bool:
+        return self.status in RUNNING_STATES
+
+    # --- capabilities and parameters ---------------------------------------------------
+
+    def set_capabilities(self, caps: list[dict[str, Any]]) -> None:
+        if self.running:
+            raise GenericError("There's a migration process in progress")
+        new = dict(self.capabilities)
+        for item in caps:
+            new[item["capability"]] = item["state"]
+        if new["postcopy-ram"] and new["compress"]:
+            raise GenericError(
+                "Postcopy is not currently compatible with compression"
+            )
+        if new["postcopy-preempt"] and not new["postcopy-ram"]:
+            raise GenericError("Postcopy preempt requires postcopy-ram")
+        self.capabilities = new
+
+    def query_capabilities(self) -> list[dict[str, Any]]:
+        return [{"capability": name, "state": self.capabilities[name]} for name in CAPABILITIES]
+
+    def set_parameters(self, params: dict[str, Any]) -> None:
+        params = {k: ("" if v is None else v) for k, v in params.items()}
+        merged = {**self.parameters, **params}
+        check_parameters(params)
+        if "max-cpu-throttle" in params or "cpu-throttle-initial" in params:
+            check_parameters(
+                {"max-cpu-throttle": merged["max-cpu-throttle"],
+                 "cpu-throttle-initial": merged["cpu-throttle-initial"]}
+            )
+        self.parameters = merged
+
+    def query_parameters(self) -> dict[str, Any]:
+        return dict(self.parameters)
+
+    # --- query-migrate --------------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        # The destination's view first; the source's overwrites it.
+        if self.incoming_started:
+            if self.incoming_status != _S.NONE:
+                info["status"] = self.incoming_status.value
+            if self.listener is not None and self.incoming_status in (_S.NONE, _S.ACTIVE):
+                if self.listener.addresses:
+                    info["socket-address"] = self.listener.addresses
+            if self.incoming_error and self.incoming_status == _S.FAILED:
+                info["error-desc"] = self.incoming_error
+            if self.activation_error:
+                info["error-desc"] = self.activation_error
+        status = self.status
+        if status == _S.NONE:
+            return info
+        info = {"status": status.value}
+        if status == _S.SETUP:
+            return info
+        if status in (_S.ACTIVE, _S.PRE_SWITCHOVER, _S.DEVICE, _S.CANCELLING, _S.COMPLETED):
+            now = time.monotonic()
+            info["setup-time"] = self.setup_time
+            if status == _S.COMPLETED:
+                info["downtime"] = self.downtime
+                info["total-time"] = self.total_time
+            else:
+                info["total-time"] = _ms(now - self.start_time)
+                info["expected-downtime"] = self.parameters["downtime-limit"]
+            info["ram"] = _ram_stats()
+            return info
+        if self.error is not None:
+            info["error-desc"] = self.error
+        return info
+
+    # --- source -------------------------------------------------------------------------
+
+    def migrate(self, args: dict[str, Any]) -> None:
+        """Checks, the setup event, and the migration task; returns at once."""
+        if args.get("resume"):
+            raise GenericError("Cannot resume if there is no paused migration")
+        if self.running:
+            raise GenericError("There's a migration process in progress")
+        state = self.vm.state
+        if state == RunState.INMIGRATE:
+            raise GenericError("Guest is waiting for an incoming migration")
+        if state == RunState.POSTMIGRATE:
+            raise GenericError("Can't migrate the vm that was paused due to previous migration")
+        if args.get("blk") or args.get("inc") or self.capabilities["block"]:
+            raise GenericError(
+                "qmpd migrates over shared storage: block migration (blk, inc, the 'block' "
+                "capability) is not supported"
+            )
+        self.error = None
+        self.cancel_requested = False
+        self.continue_event = asyncio.Event()
+        self.start_time = time.monotonic()
+        self._set(_S.SETUP)
+        try:
+            uri = parse_uri(args["uri"])
+        except GenericError:
+            self._set(_S.FAILED)
+            raise
+        self.task = asyncio.get_running_loop().create_task(self._outgoing(uri))
+
+    async def _outgoing(self, uri: MigrationURI) -> None:
+        writer = stream.StreamWriter(self.capabilities)
+        stopped = False
+        was_running = False
+        inactivated = False
+        try:
+            try:
+                self.channel = await connect(uri, self.fds)
+            except ChannelError as exc:
+                self.error = str(exc)
+                self._set(_S.FAILED)
+                return
+            channel = self.channel
+            if self.cancel_requested:
+                raise asyncio.CancelledError
+            if self.capabilities["events"]:
+                self.events.emit("MIGRATION_PASS", {"pass": 1})
+            await self._send(channel, writer.setup())
+            self.setup_time = _ms(time.monotonic() - self.start_time)
+            self._set(_S.ACTIVE)
+            await asyncio.sleep(0)  # the iterative phase: nothing more to send
+            # Switchover.
+            runstate_at_switchover = self.vm.state
+            was_running = runstate_at_switchover == RunState.RUNNING
+            stop_time = time.monotonic()
+            await self._stop_for_switchover()
+            stopped = True
+            if self.capabilities["pause-before-switchover"]:
+                self._set(_S.PRE_SWITCHOVER)
+                await self.continue_event.wait()
+                if self.cancel_requested:
+                    raise asyncio.CancelledError
+                self._set(_S.DEVICE)
+            try:
+                await self.daemon.block.inactivate_all()
+            except Exception as exc:
+                print(
+                    "qmpd: qemu_savevm_state_complete_precopy_non_iterable: "
+                    "bdrv_inactivate_all() failed (-1)", file=sys.stderr, flush=True,
+                )
+                raise ChannelError(f"Block inactivate failed during switchover: {exc}") from None
+            inactivated = True
+            if self.capabilities["events"]:
+                self.events.emit("MIGRATION_PASS", {"pass": 2})
+            await self._send(channel, writer.complete(runstate_at_switchover.value))
+            if writer.return_path:
+                await self._wait_for_shut(channel)
+            await channel.close()
+            self.channel = None
+            self.downtime = _ms(time.monotonic() - stop_time)
+            self.total_time = _ms(time.monotonic() - self.start_time)
+            self.daemon.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
+            self._set(_S.COMPLETED)
+            self.vm.set_state(RunState.POSTMIGRATE)
+        except asyncio.CancelledError:
+            await self._abort_outgoing(stopped, was_running, inactivated, cancelled=True)
+        except (ChannelError, OSError, ConnectionError) as exc:
+            self.error = str(exc) if isinstance(exc, ChannelError) else _socket_error(exc)
+            await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
+
+    async def _send(self, channel: Channel, data: bytes) -> None:
+        assert channel.writer is not None
+        limit = self.parameters["max-bandwidth"]
+        view = memoryview(data)
+        chunk = 64 * 1024
+        while view:
+            part, view = view[:chunk], view[chunk:]
+            start = time.monotonic()
+            try:
+                channel.writer.write(part)
+                await channel.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ChannelError(_socket_error(exc)) from None
+            self.bytes_sent += len(part)
+            if limit > 0:
+                wanted = len(part) / limit
+                spent = time.monotonic() - start
+                if wanted > spent:
+                    await asyncio.sleep(wanted - spent)
+
+    async def _wait_for_shut(self, channel: Channel) -> None:
+        """With a return path, the destination says SHUT once it has loaded everything."""
+        while True:
+            try:
+                head = await channel.reader.readexactly(4)
+                kind = int.from_bytes(head[:2], "big")
+                length = int.from_bytes(head[2:], "big")
+                data = await channel.reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                raise ChannelError("Return path: the destination closed the channel") from None
+            if kind == stream.RPMessageType.PONG:
+                continue
+            if kind != stream.RPMessageType.SHUT or int.from_bytes(data[:4] or b"\0", "big"):
+                raise ChannelError("The destination reported a failure")
+            return
+
+    async def _stop_for_switchover(self) -> None:
+        vm = self.vm
+        if vm.state == RunState.RUNNING:
+            vm.set_state(RunState.FINISH_MIGRATE)
+            self.events.emit("STOP")
+        else:
+            vm.set_state(RunState.FINISH_MIGRATE)
+        await self.daemon.block.flush_all()
+
+    async def _abort_outgoing(
+        self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool
+    ) -> None:
+        if self.channel is not None:
+            self.channel.abort()
+            self.channel = None
+        if cancelled:
+            self._set(_S.CANCELLED)
+        else:
+            if self.status == _S.CANCELLING:
+                self._set(_S.CANCELLED)
+            else:
+                self._set(_S.FAILED)
+            log.error("migration failed: %s", self.error)
+        if inactivated or stopped:
+            # Another process may have opened the images while we were
+            # inactive: activation re-reads everything.
+            try:
+                await self.daemon.block.activate_all()
+            except Exception as exc:
+                log.error("could not re-activate block nodes after migration: %s", exc)
+        if stopped:
+            if was_running:
+                self.vm.start()
+            else:
+                self.vm.set_state(RunState.POSTMIGRATE)
+
+    def cancel(self) -> None:
+        if not self.running:
+            return
+        self.cancel_requested = True
+        if self.status == _S.SETUP and self.channel is None:
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self._set(_S.CANCELLING)
+        self.continue_event.set()
+        if self.channel is not None:
+            self.channel.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+    def continue_(self, state: str) -> None:
+        if self.status.value != state:
+            raise GenericError(f"Migration not in expected state: {self.status.value}")
+        self.continue_event.set()
+
+    # --- destination ---------------------------------------------------------------------
+
+    async def migrate_incoming(self, uri_text: str, exit_on_error: bool = True) -> None:
+        if self.vm.state != RunState.INMIGRATE:
+            raise GenericError("'-incoming' was not specified on the command line")
+        if self.incoming_started:
+            raise GenericError("The incoming migration has already been started")
+        uri = parse_uri(uri_text)
+        listener = Listener(uri, self.fds)
+        await listener.start()
+        self.listener = listener
+        self.incoming_started = True
+        self.exit_on_error = exit_on_error
+        # QEMU 7.2 sends this one whatever the events capability says.
+        self.events.emit("MIGRATION", {"status": "setup"})
+        self.incoming_task = asyncio.get_running_loop().create_task(self._incoming())
+
+    async def _incoming(self) -> None:
+        assert self.listener is not None
+        try:
+            channel = await self.listener.accept()
+        except asyncio.CancelledError:
+            return
+        self._set_incoming(_S.ACTIVE)
+        reader = stream.StreamReader(self.capabilities)
+        globalstate: str | None = None
+        return_path = False
+        try:
+            while not reader.done:
+                data = await channel.reader.read(256 * 1024)
+                self.bytes_received += len(data)
+                events = reader.feed(data) if data else reader.close()
+                for event in events:
+                    if isinstance(event, stream.GlobalState):
+                        globalstate = event.runstate
+                    elif (
+                        isinstance(event, stream.Command)
+                        and event.command == stream.MigCommand.PING
+                        and reader.return_path_open
+                        and channel.writer is not None
+                    ):
+                        channel.writer.write(stream.encode_rp_message(
+                            stream.RPMessageType.PONG, event.ping_value.to_bytes(4, "big")))
+                    elif isinstance(event, stream.StreamWarning):
+                        print(f"qmpd: {event.message}", file=sys.stderr, flush=True)
+                if not data:
+                    break
+            return_path = reader.return_path_open
+        except stream.MigrationStreamError as exc:
+            await self._incoming_failed(channel, exc.render("qmpd"), exc.reason)
+            return
+        except (ConnectionError, OSError) as exc:
+            await self._incoming_failed(
+                channel, f"qmpd: load of migration failed: {exc.strerror or exc}", str(exc)
+            )
+            return
+        await self._incoming_complete(globalstate)
+        if return_path and channel.writer is not None:
+            try:
+                channel.writer.write(stream.encode_rp_message(stream.RPMessageType.SHUT,
+                                                              (0).to_bytes(4, "big")))
+                await channel.writer.drain()
+            except (ConnectionError, OSError):
+                pass
+        self._set_incoming(_S.COMPLETED)
+        await channel.close()
+        self.listener.close()
+
+    async def _incoming_failed(self, channel: Channel, text: str, reason: str) -> None:
+        print(text.rstrip("\n"), file=sys.stderr, flush=True)
+        self.incoming_error = reason
+        self._set_incoming(_S.FAILED)
+        channel.abort()
+        if self.listener is not None:
+            self.listener.close()
+        if self.exit_on_error:
+            self.daemon.request_exit(1)
+
+    async def _incoming_complete(self, globalstate: str | None) -> None:
+        vm = self.vm
+        late = self.capabilities["late-block-activate"]
+        if not (late and not vm.autostart):
+            start = time.monotonic()
+            try:
+                await self.daemon.block.activate_all()
+            except Exception as exc:
+                # Never run on stale caches: stay paused, nodes inactive; cont retries.
+                self.activation_error = f"Could not activate block devices: {exc}"
+                print(f"qmpd: {self.activation_error}", file=sys.stderr, flush=True)
+                vm.autostart = False
+            else:
+                self.activation_error = None
+                self.daemon.metrics.observe_activate_all(time.monotonic() - start)
+        if globalstate is None or globalstate == "running":
+            if vm.autostart:
+                vm.start()
+            else:
+                vm.set_state(RunState.PAUSED)
+        else:
+            try:
+                vm.set_state(RunState(globalstate))
+            except ValueError:
+                vm.set_state(RunState.PAUSED)
+
+    def after_cont_activation(self) -> None:
+        """cont activated everything: a failed activation is resolved."""
+        self.activation_error = None
+
+    async def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.cancel()
+        if self.listener is not None:
+            self.listener.close()
+        if self.incoming_task is not None and not self.incoming_task.done():
+            self.incoming_task.cancel()
+
+
+def _socket_error(exc: BaseException) -> str:
+    if isinstance(exc, BrokenPipeError):
+        return "Unable to write to socket: Broken pipe"
+    if isinstance(exc, ConnectionResetError):
+        return "Unable to write to socket: Connection reset by peer"
+    strerror = getattr(exc, "strerror", None)
+    return f"Unable to write to socket: {strerror or exc}"

@@ -1,0 +1,461 @@
+"""A small asyncio NBD client, for tests and tooling.
+
+It speaks the fixed newstyle handshake (structured replies, meta contexts,
+NBD_OPT_GO with NBD_INFO_BLOCK_SIZE, NBD_OPT_LIST, NBD_OPT_INFO) and
+pipelines requests: every command is a coroutine, any number may be in
+flight, and replies are matched by cookie in whatever order they come.
+
+::
+
+    async with await NbdClient.connect("nbd+unix:///disk?socket=/run/nbd.sock") as c:
+        data = await c.read(0, 4096)
+        await c.write(0, b"x" * 512, fua=True)
+        extents = await c.block_status(0, c.size)
+
+Errors from the server raise :class:`NbdError` (``errno`` is the NBD error
+value, ``message`` the text of a structured error chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from qmpd.nbd import protocol as p
+
+
+class NbdError(Exception):
+    """A request or option the server refused."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        super().__init__(f"NBD error {errno}: {message}" if message else f"NBD error {errno}")
+        self.errno = errno
+        self.message = message
+
+
+class NbdOptionError(NbdError):
+    """An option answered with an NBD_REP_ERR_* reply (``errno`` is the reply type)."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where an NBD server listens: a UNIX socket path or a TCP host and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int = p.DEFAULT_PORT
+
+
+def parse_uri(uri: str) -> tuple[Address, str]:
+    """``nbd://host[:port]/name`` or ``nbd+unix:///name?socket=PATH`` -> (address, name)."""
+    parsed = urllib.parse.urlsplit(uri)
+    name = urllib.parse.unquote(parsed.path[1:] if parsed.path.startswith("/") else parsed.path)
+    if parsed.scheme == "nbd+unix":
+        query = urllib.parse.parse_qs(parsed.query)
+        if "socket" not in query:
+            raise ValueError(f"{uri}: nbd+unix needs ?socket=PATH")
+        return Address(path=query["socket"][0]), name
+    if parsed.scheme in ("nbd", "nbd+tcp"):
+        host = parsed.hostname or "localhost"
+        return Address(host=host, port=parsed.port or p.DEFAULT_PORT), name
+    raise ValueError(f"{uri}: not an NBD URI")
+
+
+@dataclass
+class _Pending:
+    kind: int
+    length: int
+    offset: int
+    future: asyncio.Future[object]
+    buffer: bytearray | None = None
+    error: NbdError | None = None
+    extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    covered: int = 0
+
+
+class NbdClient:
+    """One connection to one export (after a successful GO or EXPORT_NAME)."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: p.ExportInfo,
+        structured: bool,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.info = info
+        self.structured = structured
+        self._cookies = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._failure: BaseException | None = None
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies())
+
+    # --- connecting -----------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str | Address,
+        export: str | None = None,
+        *,
+        structured: bool = True,
+        contexts: Sequence[str] = (p.BASE_ALLOCATION,),
+        use_go: bool = True,
+    ) -> NbdClient:
+        """Connect to an export, given a URI or an address plus the export name."""
+        if isinstance(target, str):
+            address, name = parse_uri(target)
+            if export is not None:
+                name = export
+        else:
+            address, name = target, export or ""
+        reader, writer = await _open(address)
+        try:
+            hs = _ClientHandshake(reader, writer)
+            await hs.start()
+            got_structured = structured and await hs.structured_reply()
+            selected: dict[int, str] = {}
+            if got_structured and contexts:
+                selected = await hs.set_meta_context(name, contexts)
+            if use_go:
+                info = await hs.info_or_go(p.Opt.GO, name, [p.Info.BLOCK_SIZE, p.Info.NAME])
+            else:
+                info = await hs.export_name(name)
+            info.contexts = selected
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, info, got_structured)
+
+    @staticmethod
+    async def list_exports(target: str | Address) -> list[tuple[str, str]]:
+        """NBD_OPT_LIST: ``(name, description)`` for every export, then ABORT."""
+        address = parse_uri(target)[0] if isinstance(target, str) else target
+        reader, writer = await _open(address)
+        try:
+            hs = _ClientHandshake(reader, writer)
+            await hs.start()
+            return await hs.list()
+        finally:
+            await hs.abort()
+            writer.close()
+
+    @staticmethod
+    async def export_info(target: str | Address, name: str) -> p.ExportInfo:
+        """NBD_OPT_INFO for one export, then ABORT."""
+        address = parse_uri(target)[0] if isinstance(target, str) else target
+        reader, writer = await _open(address)
+        try:
+            hs = _ClientHandshake(reader, writer)
+            await hs.start()
+            await hs.structured_reply()
+            return await hs.info_or_go(
+                p.Opt.INFO, name, [p.Info.BLOCK_SIZE, p.Info.NAME, p.Info.DESCRIPTION]
+            )
+        finally:
+            await hs.abort()
+            writer.close()
+
+    # --- properties -----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def flags(self) -> int:
+        return self.info.flags
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int, flags: int = 0) -> bytes:
+        result = await self._submit(p.Cmd.READ, offset, length, flags)
+        assert isinstance(result, bytearray)
+        return bytes(result)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False, flags: int = 0) -> None:
+        flags |= p.CmdFlag.FUA if fua else 0
+        await self._submit(p.Cmd.WRITE, offset, len(data), flags, data)
+
+    async def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
+        await self._submit(p.Cmd.WRITE_ZEROES, offset, length, flags)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._submit(p.Cmd.TRIM, offset, length, p.CmdFlag.FUA if fua else 0)
+
+    async def flush(self) -> None:
+        await self._submit(p.Cmd.FLUSH, 0, 0, 0)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._submit(p.Cmd.CACHE, offset, length, 0)
+
+    async def block_status(
+        self, offset: int, length: int, req_one: bool = False
+    ) -> dict[str, list[tuple[int, int]]]:
+        """Extents per selected context name: ``[(length, flags), ...]``."""
+        flags = p.CmdFlag.REQ_ONE if req_one else 0
+        result = await self._submit(p.Cmd.BLOCK_STATUS, offset, length, flags)
+        assert isinstance(result, dict)
+        return {self.info.contexts.get(cid, str(cid)): ext for cid, ext in result.items()}
+
+    async def command(
+        self, kind: int, offset: int = 0, length: int = 0, flags: int = 0,
+        payload: bytes | None = None,
+    ) -> object:
+        """Any request, for tests that need unusual ones."""
+        return await self._submit(kind, offset, length, flags, payload)
+
+    async def disconnect(self) -> None:
+        """NBD_CMD_DISC (no reply), then wait for the server to close."""
+        if self.writer.is_closing():
+            return
+        self.writer.write(p.request_header(p.Cmd.DISC, next(self._cookies)))
+        try:
+            await self.writer.drain()
+            await asyncio.wait_for(asyncio.shield(self._reader_task), 10)
+        except (TimeoutError, ConnectionError, NbdError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self._reader_task.cancel()
+        self.writer.close()
+
+    async def __aenter__(self) -> NbdClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    # --- machinery ------------------------------------------------------------------------
+
+    async def _submit(
+        self, kind: int, offset: int, length: int, flags: int, payload: bytes | None = None
+    ) -> object:
+        if self._failure is not None:
+            raise ConnectionError(f"connection failed: {self._failure}")
+        cookie = next(self._cookies)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[cookie] = _Pending(kind, length, offset, future)
+        header = p.request_header(kind, cookie, offset, length, flags)
+        if payload is not None:
+            self.writer.writelines([header, payload])
+        else:
+            self.writer.write(header)
+        await self.writer.drain()
+        return await future
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                head = await self.reader.readexactly(4)
+                magic = p.parse_reply_magic(head)
+                if magic == p.SIMPLE_REPLY_MAGIC:
+                    rest = await self.reader.readexactly(p.SIMPLE_REPLY_SIZE - 4)
+                    reply = p.parse_simple_reply(head + rest)
+                    await self._simple(reply)
+                elif magic == p.STRUCTURED_REPLY_MAGIC:
+                    rest = await self.reader.readexactly(p.CHUNK_HEADER_SIZE - 4)
+                    reply = p.parse_chunk_header(head + rest)
+                    payload = await self.reader.readexactly(reply.length)
+                    self._chunk(reply, payload)
+                else:
+                    raise p.ProtocolError(f"bad reply magic 0x{magic:x}")
+        except (asyncio.IncompleteReadError, ConnectionError, p.ProtocolError) as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            self._fail(ConnectionError("client closed"))
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(ConnectionError(f"connection lost: {exc}"))
+        self._pending.clear()
+
+    def _take(self, cookie: int) -> _Pending:
+        pending = self._pending.get(cookie)
+        if pending is None:
+            raise p.ProtocolError(f"reply for unknown cookie {cookie}")
+        return pending
+
+    async def _simple(self, reply: p.ReplyHeader) -> None:
+        pending = self._take(reply.cookie)
+        del self._pending[reply.cookie]
+        if reply.error:
+            pending.future.set_exception(NbdError(reply.error))
+            return
+        if pending.kind == p.Cmd.READ:
+            if self.structured:
+                raise p.ProtocolError("simple reply when structured reply chunk was expected")
+            data = await self.reader.readexactly(pending.length)
+            pending.future.set_result(bytearray(data))
+        elif pending.kind == p.Cmd.BLOCK_STATUS:
+            pending.future.set_exception(
+                NbdError(p.Errno.EIO, "Server did not reply with any status extents")
+            )
+        else:
+            pending.future.set_result(None)
+
+    def _chunk(self, reply: p.ReplyHeader, payload: bytes) -> None:
+        pending = self._take(reply.cookie)
+        kind = reply.type
+        if kind in (p.ReplyType.ERROR, p.ReplyType.ERROR_OFFSET):
+            errno, message = p.parse_error_payload(payload)
+            pending.error = pending.error or NbdError(errno, message)
+        elif kind == p.ReplyType.OFFSET_DATA:
+            self._place(pending, int.from_bytes(payload[:8], "big"), payload[8:])
+        elif kind == p.ReplyType.OFFSET_HOLE:
+            offset = int.from_bytes(payload[:8], "big")
+            size = int.from_bytes(payload[8:12], "big")
+            if size == 0:
+                raise p.ProtocolError("zero-length hole chunk")
+            self._place(pending, offset, None, size)
+        elif kind == p.ReplyType.BLOCK_STATUS:
+            cid, extents = p.parse_extents(payload)
+            if cid in pending.extents:
+                raise p.ProtocolError("Several BLOCK_STATUS chunks in reply")
+            pending.extents[cid] = extents
+        elif kind != p.ReplyType.NONE:
+            raise p.ProtocolError(f"unexpected chunk type {kind}")
+        if reply.flags & p.ReplyFlag.DONE:
+            del self._pending[reply.cookie]
+            if pending.error is not None:
+                pending.future.set_exception(pending.error)
+            elif pending.kind == p.Cmd.READ:
+                if pending.covered != pending.length:
+                    raise p.ProtocolError("read reply does not cover the request")
+                pending.future.set_result(pending.buffer or bytearray())
+            elif pending.kind == p.Cmd.BLOCK_STATUS:
+                pending.future.set_result(pending.extents)
+            else:
+                pending.future.set_result(None)
+
+    def _place(
+        self, pending: _Pending, offset: int, data: bytes | None, size: int = 0
+    ) -> None:
+        length = len(data) if data is not None else size
+        start = offset - pending.offset
+        if pending.kind != p.Cmd.READ or start < 0 or start + length > pending.length:
+            raise p.ProtocolError("read chunk outside the request")
+        if pending.buffer is None:
+            pending.buffer = bytearray(pending.length)
+        if data is not None:
+            pending.buffer[start : start + length] = data
+        pending.covered += length
+
+
+async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    limit = 64 * 1024 * 1024
+    if address.path is not None:
+        return await asyncio.open_unix_connection(address.path, limit=limit)
+    return await asyncio.open_connection(address.host, address.port, limit=limit)
+
+
+class _ClientHandshake:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.no_zeroes = False
+
+    async def start(self) -> None:
+        flags = p.parse_greeting(await self.reader.readexactly(18))
+        self.no_zeroes = bool(flags & p.HandshakeFlag.NO_ZEROES)
+        self.writer.write(p.client_flags_bytes(self.no_zeroes))
+
+    async def _send(self, option: int, data: bytes = b"") -> None:
+        self.writer.write(p.option_request(option, data))
+        await self.writer.drain()
+
+    async def _reply(self) -> p.OptionReply:
+        option, reply, length = p.parse_option_reply_header(
+            await self.reader.readexactly(p.OPTION_REPLY_HEADER_SIZE)
+        )
+        return p.OptionReply(option, reply, await self.reader.readexactly(length))
+
+    async def structured_reply(self) -> bool:
+        await self._send(p.Opt.STRUCTURED_REPLY)
+        reply = await self._reply()
+        return reply.reply == p.Rep.ACK
+
+    async def set_meta_context(self, name: str, queries: Sequence[str]) -> dict[int, str]:
+        await self._send(p.Opt.SET_META_CONTEXT, p.meta_request_data(name, queries))
+        selected: dict[int, str] = {}
+        while True:
+            reply = await self._reply()
+            if reply.reply == p.Rep.META_CONTEXT:
+                cid = int.from_bytes(reply.data[:4], "big")
+                selected[cid] = reply.data[4:].decode()
+            elif reply.reply == p.Rep.ACK:
+                return selected
+            else:
+                return {}
+
+    async def list(self) -> list[tuple[str, str]]:
+        await self._send(p.Opt.LIST)
+        out: list[tuple[str, str]] = []
+        while True:
+            reply = await self._reply()
+            if reply.reply == p.Rep.SERVER:
+                length = int.from_bytes(reply.data[:4], "big")
+                out.append(
+                    (reply.data[4 : 4 + length].decode(), reply.data[4 + length :].decode())
+                )
+            elif reply.reply == p.Rep.ACK:
+                return out
+            else:
+                raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"))
+
+    async def info_or_go(self, option: int, name: str, infos: Sequence[int]) -> p.ExportInfo:
+        await self._send(option, p.info_request_data(name, infos))
+        info = p.ExportInfo(name)
+        while True:
+            reply = await self._reply()
+            if reply.reply == p.Rep.INFO:
+                kind = int.from_bytes(reply.data[:2], "big")
+                body = reply.data[2:]
+                if kind == p.Info.EXPORT:
+                    info.size, info.flags = p.parse_export_info(body)
+                elif kind == p.Info.NAME:
+                    info.canonical_name = body.decode()
+                elif kind == p.Info.DESCRIPTION:
+                    info.description = body.decode()
+                elif kind == p.Info.BLOCK_SIZE:
+                    info.block_size = (
+                        int.from_bytes(body[0:4], "big"),
+                        int.from_bytes(body[4:8], "big"),
+                        int.from_bytes(body[8:12], "big"),
+                    )
+            elif reply.reply == p.Rep.ACK:
+                if not info.flags & p.TFlag.HAS_FLAGS:
+                    raise p.ProtocolError("broken server omitted NBD_INFO_EXPORT")
+                return info
+            else:
+                raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"))
+
+    async def export_name(self, name: str) -> p.ExportInfo:
+        await self._send(p.Opt.EXPORT_NAME, name.encode())
+        head = await self.reader.readexactly(10)
+        info = p.ExportInfo(name)
+        info.size, info.flags = p.parse_export_info(head)
+        if not self.no_zeroes:
+            await self.reader.readexactly(124)
+        return info
+
+    async def abort(self) -> None:
+        try:
+            self.writer.write(p.option_request(p.Opt.ABORT))
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass

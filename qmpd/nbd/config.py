@@ -1,0 +1,164 @@
+"""NBD server addresses and the ``--nbd-server``/``--export`` command-line options.
+
+QMP's ``nbd-server-start`` takes QEMU 7.2's legacy address form
+(``{"type": "unix", "data": {"path": ...}}``); qemu-storage-daemon's
+``--nbd-server`` takes the flat form (``addr.type=unix,addr.path=...``).
+qmpd accepts both in both places; :func:`parse_address` turns either into
+one of the address classes below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qmpd.errors import ConfigError, GenericError
+from qmpd.keyval import parse_bool, parse_option
+
+
+@dataclass(frozen=True)
+class UnixAddr:
+    path: str
+    abstract: bool = False
+    tight: bool = True
+
+    def __str__(self) -> str:
+        return f"unix:{'@' if self.abstract else ''}{self.path}"
+
+
+@dataclass(frozen=True)
+class InetAddr:
+    host: str
+    port: str
+    numeric: bool = False
+    to: int | None = None
+    ipv4: bool | None = None
+    ipv6: bool | None = None
+    keep_alive: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class VsockAddr:
+    cid: str
+    port: str
+
+    def __str__(self) -> str:
+        return f"vsock:{self.cid}:{self.port}"
+
+
+@dataclass(frozen=True)
+class FdAddr:
+    name: str
+
+    def __str__(self) -> str:
+        return f"fd:{self.name}"
+
+
+ServerAddress = UnixAddr | InetAddr | VsockAddr | FdAddr
+
+#: The members of each address type in the flat (QEMU 8+/--nbd-server) form.
+FLAT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "inet": ("host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp"),
+    "unix": ("path", "abstract", "tight"),
+    "vsock": ("cid", "port"),
+    "fd": ("str",),
+}
+
+
+def parse_address(addr: dict[str, Any]) -> ServerAddress:
+    """A schema-validated ``addr`` (legacy or flat form) as an address object."""
+    kind = addr["type"]
+    if "data" in addr:
+        for member in FLAT_MEMBERS[kind]:
+            if member in addr:
+                raise GenericError(f"Parameter 'addr.{member}' is unexpected")
+        data: dict[str, Any] = addr["data"]
+    else:
+        data = addr
+    if kind == "unix":
+        return UnixAddr(data["path"], data.get("abstract", False), data.get("tight", True))
+    if kind == "inet":
+        return InetAddr(
+            data["host"], data["port"], data.get("numeric", False), data.get("to"),
+            data.get("ipv4"), data.get("ipv6"), data.get("keep-alive", False),
+        )
+    if kind == "vsock":
+        return VsockAddr(data["cid"], data["port"])
+    return FdAddr(data["str"])
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NbdServerConfig:
+    """``--nbd-server``: start the NBD server, as nbd-server-start does."""
+
+    text: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``--export``: add an export, as block-export-add does."""
+
+    text: str
+    options: dict[str, Any]
+
+
+_SERVER_BOOLS = frozenset({"numeric", "ipv4", "ipv6", "keep-alive", "mptcp", "abstract", "tight"})
+_EXPORT_BOOLS = frozenset(
+    {"writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread"}
+)
+
+
+def _integer(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value), 0)
+    except ValueError:
+        raise ConfigError(f"Parameter '{key}' expects integer") from None
+
+
+def parse_nbd_server(text: str) -> NbdServerConfig:
+    """``--nbd-server addr.type=unix,addr.path=P[,max-connections=N]`` or JSON."""
+    options = parse_option(text)
+    if text.lstrip().startswith("{"):
+        return NbdServerConfig(text, options)
+    if "max-connections" in options:
+        options["max-connections"] = _integer(options["max-connections"], "max-connections")
+    addr = options.get("addr")
+    if isinstance(addr, dict):
+        for target in (addr, addr.get("data")):
+            if not isinstance(target, dict):
+                continue
+            for key in list(target):
+                if key in _SERVER_BOOLS:
+                    target[key] = parse_bool(target[key], key)
+                elif key == "to":
+                    target[key] = _integer(target[key], key)
+    return NbdServerConfig(text, options)
+
+
+def parse_export(text: str) -> ExportConfig:
+    """``--export [type=]nbd,id=ID,node-name=NODE[,name=N][,writable=on]...`` or JSON."""
+    if text.lstrip().startswith("{"):
+        return ExportConfig(text, parse_option(text))
+    options = parse_option(text, implied_key="type")
+    for key in list(options):
+        if key in _EXPORT_BOOLS:
+            options[key] = parse_bool(options[key], key)
+    bitmaps = options.get("bitmaps")
+    if isinstance(bitmaps, dict):
+        # keyval lists: bitmaps.0=a,bitmaps.1.node=n,bitmaps.1.name=b
+        try:
+            keys = sorted(bitmaps, key=int)
+        except ValueError:
+            raise ConfigError("Parameter 'bitmaps' expects a list") from None
+        options["bitmaps"] = [bitmaps[k] for k in keys]
+    return ExportConfig(text, options)

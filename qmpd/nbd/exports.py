@@ -1,0 +1,698 @@
+"""Block exports: the NBD server's lifecycle, the export registry, export I/O.
+
+:class:`BlockExports` is what the QMP commands (``nbd-server-start``,
+``block-export-add`` ...) and the daemon's shutdown talk to
+(``ctx.services.exports``).  It also is the export catalog the protocol's
+handshake consults.
+
+An export is a *user* of its block node: it hangs off the node as a
+``root`` edge (as a QEMU BlockBackend would), which is what makes
+``blockdev-del`` answer ``Node x is in use`` and what carries its
+permissions into the graph.  A writable export needs ``write`` on its node
+(hence the image lock, as with QEMU); every export leaves everything but
+``resize`` shared.  While its node is inactive an export asks for no
+write permission at all, so that inactivation really drops the write lock
+and activation takes it back.
+
+Every connection to an export goes through the same :class:`BlockNode`, so
+all clients share one coherent view of the image, and a FLUSH on one
+connection covers the writes acknowledged on all of them:
+``NBD_FLAG_CAN_MULTI_CONN`` is advertised unless ``max-connections`` is 1
+(QEMU's rule).
+
+Deletion follows QEMU 7.2 (``block/export/export.c``): an export without
+clients disappears at once and ``BLOCK_EXPORT_DELETED`` is sent before the
+command returns; ``mode: hard`` with clients connected returns first,
+finishes the clients' in-flight requests, drops them, and then sends the
+event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from qmpd.block.driver import PERM_ALL, BlockStatus, ChildRole, Perm
+from qmpd.block.graph import BdrvChild, BlockNode, BlockUser
+from qmpd.errors import GenericError
+from qmpd.nbd import protocol as p
+from qmpd.nbd.config import parse_address
+from qmpd.nbd.server import NbdConnection, NbdFailure, NbdServer
+
+if TYPE_CHECKING:
+    from qmpd.block.core import BlockLayer
+    from qmpd.metrics import Metrics
+    from qmpd.qmp.events import EventBus
+
+log = logging.getLogger(__name__)
+
+#: QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
+_EXPORT_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+#: Block-status calls one BLOCK_STATUS reply may make (the client asks again
+#: for the rest).
+MAX_STATUS_CALLS = 4096
+#: Reads at least this long are built from block status (holes are sent as
+#: NBD_REPLY_TYPE_OFFSET_HOLE chunks); shorter ones are sent as data.
+SPARSE_READ_MIN = 64 * 1024
+#: Data ranges an export remembers (see :class:`DataRanges`).
+MAX_DATA_RANGES = 64
+
+_SHARED = PERM_ALL & ~Perm.RESIZE
+
+
+class ExportUser(BlockUser):
+    """An export as a user of a node, described as QEMU describes it."""
+
+    def describe(self) -> str:
+        # Exports use an anonymous BlockBackend in QEMU.
+        return "an unnamed block device"
+
+
+class ExportEdge(BdrvChild):
+    """The edge from an export to its node.
+
+    Its permissions follow the node's state: ``write`` only for a writable
+    export of an active node.
+    """
+
+    writable: bool = False
+
+    @property
+    def perm(self) -> Perm:
+        perm = Perm.CONSISTENT_READ
+        if self.writable and self.child.active:
+            perm |= Perm.WRITE
+        return perm
+
+    @perm.setter
+    def perm(self, value: Perm) -> None:  # computed: writes are ignored
+        return None
+
+    @property
+    def shared(self) -> Perm:
+        return _SHARED
+
+    @shared.setter
+    def shared(self, value: Perm) -> None:
+        return None
+
+
+@dataclass
+class ExportStats:
+    """Counters of one export (the /metrics series)."""
+
+    connections_total: int = 0
+    requests: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class DataRanges:
+    """Ranges block status reported as data, so that READs skip the query.
+
+    QEMU keeps the same kind of cache per node (its block-status cache):
+    finding where data ends can cost a scan of the file (SEEK_HOLE on tmpfs
+    walks the page cache).  Only data is remembered, never holes: should a
+    range have become a hole since (another writer punched it), sending it
+    as data (zeros) is still a correct READ reply.  This export's own
+    WRITE_ZEROES and TRIM forget what they touch.
+    """
+
+    def __init__(self, limit: int = MAX_DATA_RANGES) -> None:
+        self.limit = limit
+        self.ranges: list[tuple[int, int]] = []  # disjoint, sorted
+
+    def covers(self, start: int, end: int) -> bool:
+        for a, b in self.ranges:
+            if a <= start and end <= b:
+                return True
+            if a > start:
+                return False
+        return False
+
+    def add(self, start: int, end: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for a, b in self.ranges:
+            if b < start or a > end:
+                merged.append((a, b))
+            else:
+                start, end = min(a, start), max(b, end)
+        merged.append((start, end))
+        merged.sort()
+        if len(merged) > self.limit:
+            merged = [r for r in merged if r != (start, end)][: self.limit - 1]
+            merged.append((start, end))
+            merged.sort()
+        self.ranges = merged
+
+    def forget(self, start: int, end: int) -> None:
+        self.ranges = [(a, b) for a, b in self.ranges if b <= start or a >= end]
+
+
+def _status_flags(status: BlockStatus) -> int:
+    return (0 if status.data else p.STATE_HOLE) | (p.STATE_ZERO if status.zero else 0)
+
+
+def _depth(status: BlockStatus) -> int:
+    if status.allocated:
+        return status.depth + 1
+    return status.depth + 1 if status.depth else 0
+
+
+class NbdExport:
+    """One export: a node, a name, its options, its clients and its I/O."""
+
+    def __init__(
+        self,
+        owner: BlockExports,
+        export_id: str,
+        node: BlockNode,
+        name: str,
+        description: str,
+        writable: bool,
+        writethrough: bool,
+        allow_inactive: bool,
+        allocation_depth: bool,
+    ) -> None:
+        self.owner = owner
+        self.id = export_id
+        self.node = node
+        self.name = name
+        self.description = description
+        self.writable = writable
+        self.writethrough = writethrough
+        self.allow_inactive = allow_inactive
+        self.allocation_depth = allocation_depth
+        self.connections: set[NbdConnection] = set()
+        self.shutting_down = False
+        self.finished: asyncio.Future[None] | None = None
+        self.stats = ExportStats()
+        self.data_ranges = DataRanges()
+        for name_ in p.COMMAND_NAMES.values():
+            self.stats.requests[name_] = 0
+            self.stats.bytes[name_] = 0
+            self.stats.errors[name_] = 0
+        self.user = ExportUser(
+            kind="export", id=export_id, writable=writable, allow_inactive=allow_inactive
+        )
+        self.edge = ExportEdge(
+            name="root", role=ChildRole.image(), child=node, parent=None, user=self.user
+        )
+        self.edge.writable = writable
+
+    # --- what clients see -----------------------------------------------------------------
+
+    def size(self) -> int:
+        # As QEMU: the export size is the node's, rounded down to 512 bytes.
+        return self.node.size() // 512 * 512
+
+    def protocol_description(self, multi_conn: bool) -> p.ExportDescription:
+        flags = p.TFlag.HAS_FLAGS | p.TFlag.SEND_FLUSH | p.TFlag.SEND_FUA | p.TFlag.SEND_CACHE
+        if self.writable:
+            flags |= p.TFlag.SEND_TRIM | p.TFlag.SEND_WRITE_ZEROES | p.TFlag.SEND_FAST_ZERO
+        else:
+            flags |= p.TFlag.READ_ONLY
+        if multi_conn:
+            flags |= p.TFlag.CAN_MULTI_CONN
+        contexts: tuple[str, ...] = (p.BASE_ALLOCATION,)
+        if self.allocation_depth:
+            contexts += (p.ALLOCATION_DEPTH,)
+        return p.ExportDescription(
+            name=self.name, size=self.size(), flags=flags, description=self.description,
+            contexts=contexts,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """BlockExportInfo, members in QAPI order."""
+        return {
+            "id": self.id,
+            "type": "nbd",
+            "node-name": self.node.node_name,
+            "shutting-down": self.shutting_down,
+        }
+
+    # --- clients --------------------------------------------------------------------------
+
+    def connection_opened(self, conn: NbdConnection) -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+
+    def connection_closed(self, conn: NbdConnection) -> None:
+        self.connections.discard(conn)
+
+    def count_error(self, command: str) -> None:
+        self.stats.errors[command] = self.stats.errors.get(command, 0) + 1
+
+    def _count(self, command: str, length: int) -> None:
+        stats = self.stats
+        stats.requests[command] += 1
+        stats.bytes[command] += length
+
+    def _check_active(self) -> None:
+        if not self.node.active:
+            raise NbdFailure(p.Errno.EPERM, "export is inactive")
+
+    # --- I/O ------------------------------------------------------------------------------
+
+    async def read(
+        self, offset: int, length: int, sparse: bool
+    ) -> list[tuple[int, int, bytes | None]]:
+        """READ: ``(offset, length, data)`` pieces covering the request, data None for zeros."""
+        self._count("read", length)
+        if not length:
+            return []
+        node = self.node
+        end = offset + length
+        if (
+            not sparse
+            or length < SPARSE_READ_MIN
+            or not node.active
+            or self.data_ranges.covers(offset, end)
+        ):
+            return [(offset, length, await node.read(offset, length))]
+        ranges: list[tuple[int, int, bool]] = []  # offset, length, zero
+        pos = offset
+        calls = 0
+        while pos < end:
+            # Ask up to the end of the node: a protocol driver finds the
+            # extent's end at no extra cost, and the answer serves later reads.
+            status = await node.block_status(pos, max(node.size(), end) - pos)
+            if status.data and not status.zero and status.length > 0:
+                self.data_ranges.add(pos, pos + status.length)
+            n = min(status.length, end - pos)
+            calls += 1
+            if n <= 0 or calls > MAX_STATUS_CALLS:
+                ranges.append((pos, end - pos, False))
+                break
+            zero = status.zero
+            if ranges and ranges[-1][2] == zero:
+                start, prev, _ = ranges[-1]
+                ranges[-1] = (start, prev + n, zero)
+            else:
+                ranges.append((pos, n, zero))
+            pos += n
+        if len(ranges) == 1 and not ranges[0][2]:
+            return [(offset, length, await node.read(offset, length))]
+        pieces: list[tuple[int, int, bytes | None]] = []
+        for start, n, zero in ranges:
+            pieces.append((start, n, None if zero else await node.read(start, n)))
+        return pieces
+
+    def _forget_data(self, offset: int, length: int) -> None:
+        self.data_ranges.forget(offset, offset + length)
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self._count("write", len(data))
+        self._check_active()
+        await self.node.write(offset, data, fua or self.writethrough)
+
+    async def write_zeroes(
+        self, offset: int, length: int, no_hole: bool, fast: bool, fua: bool
+    ) -> None:
+        self._count("write zeroes", length)
+        self._check_active()
+        self._forget_data(offset, length)
+        if fast:
+            # Honoured only when there is nothing to do: the range already
+            # reads as zeros (and is allocated, if NO_HOLE asks for that).
+            # Anything else could need real writing, which is not "fast".
+            pos, end = offset, offset + length
+            while pos < end:
+                status = await self.node.block_status(pos, end - pos)
+                n = min(status.length, end - pos)
+                if n <= 0 or not status.zero or (no_hole and not status.data):
+                    raise NbdFailure(p.Errno.ENOTSUP, "writing to file failed")
+                pos += n
+            return
+        await self.node.write_zeroes(offset, length, not no_hole, fua or self.writethrough)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._count("trim", length)
+        self._check_active()
+        self._forget_data(offset, length)
+        await self.node.discard(offset, length)
+        if fua or self.writethrough:
+            await self.node.flush()
+
+    async def flush(self) -> None:
+        self._count("flush", 0)
+        self._check_active()
+        await self.node.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        # A prefetch hint; the page cache does this job for qmpd's drivers.
+        self._count("cache", length)
+        self._check_active()
+
+    async def block_status(
+        self, offset: int, length: int, req_one: bool, contexts: dict[int, str]
+    ) -> list[tuple[int, list[tuple[int, int]]]]:
+        """One extent list per selected context, ``(length, flags)`` each."""
+        self._count("block status", length)
+        self._check_active()
+        node = self.node
+        statuses: list[tuple[int, BlockStatus]] = []
+        pos, end = offset, offset + length
+        while pos < end and len(statuses) < MAX_STATUS_CALLS:
+            status = await node.block_status(pos, end - pos)
+            n = min(status.length, end - pos)
+            if n <= 0:
+                if not statuses:
+                    statuses.append((end - pos, BlockStatus(end - pos, True, False)))
+                break
+            statuses.append((n, status))
+            pos += n
+            if req_one:
+                break
+        out: list[tuple[int, list[tuple[int, int]]]] = []
+        for cid in sorted(contexts):
+            name = contexts[cid]
+            if name == p.BASE_ALLOCATION:
+                extents = [(n, _status_flags(st)) for n, st in statuses]
+            else:
+                extents = [(n, _depth(st)) for n, st in statuses]
+            merged = p.merge_extents(extents)
+            out.append((cid, merged[:1] if req_one else merged))
+        return out
+
+
+class BlockExports:
+    """The NBD server and every export (QEMU's block-export and nbd modules)."""
+
+    def __init__(
+        self, block: BlockLayer, events: EventBus, metrics: Metrics | None = None
+    ) -> None:
+        self.block = block
+        self.events = events
+        self.server: NbdServer | None = None
+        #: Every export by id, oldest first (shutting-down ones included).
+        self.exports: dict[str, NbdExport] = {}
+        #: Live exports by NBD name, oldest first (the NBD_OPT_LIST order).
+        self.names: dict[str, NbdExport] = {}
+        self.protocol_errors = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._detached: list[BlockNode] = []
+        self._shutdown_requested = False
+        if metrics is not None:
+            metrics.registry.register(ExportCollector(self))
+
+    # --- the catalog the handshake consults -----------------------------------------------
+
+    def lookup(self, name: str) -> p.ExportDescription | None:
+        export = self.names.get(name)
+        if export is None or self.server is None:
+            return None
+        return export.protocol_description(self.server.multi_conn)
+
+    def listing(self) -> list[tuple[str, str]]:
+        return [(e.name, e.description) for e in self.names.values()]
+
+    def export_by_name(self, name: str) -> NbdExport | None:
+        return self.names.get(name)
+
+    def stats_protocol_error(self) -> None:
+        self.protocol_errors += 1
+
+    # --- nbd-server-start / nbd-server-stop -----------------------------------------------
+
+    async def start_server(self, args: dict[str, Any]) -> None:
+        address = parse_address(args["addr"])
+        if self.server is not None:
+            raise GenericError("NBD server already running")
+        if self._shutdown_requested:
+            raise GenericError("The daemon is shutting down")
+        server = NbdServer(self, address, args.get("max-connections", 0))
+        await server.start()
+        if "tls-creds" in args:
+            server.stop_listening()
+            raise GenericError(f"No TLS credentials with id '{args['tls-creds']}'")
+        self.server = server
+
+    async def stop_server(self) -> None:
+        server = self.server
+        if server is None:
+            raise GenericError("NBD server not running")
+        self.server = None
+        server.stop_listening()
+        server.abort_negotiating()
+        # Every export goes, oldest first, each event before the return.
+        for export in list(self.exports.values()):
+            if not export.shutting_down:
+                self._begin_shutdown(export)
+                await self._drain_and_finalize(export)
+            elif export.finished is not None:
+                await asyncio.shield(export.finished)
+
+    # --- block-export-add -----------------------------------------------------------------
+
+    async def add(self, args: dict[str, Any]) -> None:
+        export_id = args["id"]
+        if not _EXPORT_ID.fullmatch(export_id):
+            raise GenericError("Invalid block export id")
+        if export_id in self.exports:
+            raise GenericError(f"Block export id '{export_id}' is already in use")
+        node_name = args["node-name"]
+        node = self.block.graph.lookup(node_name)
+        if node is None:
+            raise GenericError(f"Cannot find device='' nor node-name='{node_name}'")
+        allow_inactive = args.get("allow-inactive", False)
+        if not node.active and not allow_inactive:
+            # QEMU 7.2 silently activates the node here (and so serves stale
+            # data on a migration destination); qmpd refuses instead.
+            raise GenericError(
+                f"Cannot export inactive node '{node_name}' without allow-inactive"
+            )
+        if "iothread" in args:
+            raise GenericError(f'iothread "{args["iothread"]}" not found')
+        writable = args.get("writable", False)
+        if writable and node.read_only:
+            raise GenericError("Cannot export read-only node as writable")
+        name = args.get("name", node_name)
+        export = NbdExport(
+            self, export_id, node, name, args.get("description", ""), writable,
+            args.get("writethrough", False), allow_inactive, args.get("allocation-depth", False),
+        )
+        await self._attach(export)
+        try:
+            if self.server is None:
+                raise GenericError("NBD server not running")
+            if len(name.encode()) > p.MAX_STRING:
+                raise GenericError(f"export name '{name}' too long")
+            description = args.get("description")
+            if description is not None and len(description.encode()) > p.MAX_STRING:
+                raise GenericError(f"description '{description}' too long")
+            if name in self.names:
+                raise GenericError(f"NBD server already has export named '{name}'")
+            for bitmap in args.get("bitmaps", []):
+                self._check_bitmap(bitmap)
+        except BaseException:
+            await self._detach(export)
+            raise
+        self.exports[export_id] = export
+        self.names[name] = export
+
+    def _check_bitmap(self, bitmap: Any) -> None:
+        # qmpd has no dirty bitmaps (yet): every reference is unknown.
+        if isinstance(bitmap, str):
+            raise GenericError(f"Bitmap '{bitmap}' is not found")
+        if self.block.graph.lookup(bitmap["node"]) is None:
+            raise GenericError(f"Node '{bitmap['node']}' not found")
+        raise GenericError(f"Dirty bitmap '{bitmap['name']}' not found")
+
+    async def _attach(self, export: NbdExport) -> None:
+        graph = self.block.graph
+        node = export.node
+        node.parents.append(export.edge)
+        try:
+            graph._check_conflicts(node)
+            await graph.refresh_perms(node)
+        except BaseException:
+            await self._detach(export)
+            raise
+
+    async def _detach(self, export: NbdExport) -> None:
+        graph = self.block.graph
+        graph.detach(export.edge)
+        try:
+            await graph.refresh_perms(export.node)
+        except Exception:  # dropping permissions cannot really fail
+            log.exception("export %s: releasing node %s", export.id, export.node.node_name)
+
+    # --- nbd-server-add (deprecated, QEMU 7.2 still has it) -------------------------------
+
+    async def legacy_add(self, args: dict[str, Any]) -> None:
+        device = args["device"]
+        node = self.block.graph.lookup(device)
+        if node is None:
+            raise GenericError(f"Cannot find device='{device}' nor node-name='{device}'")
+        if self.server is None:
+            raise GenericError("NBD server not running")
+        name = args.get("name", device)
+        options: dict[str, Any] = {
+            "type": "nbd",
+            "id": name,
+            "node-name": device,
+            "name": name,
+            # nbd-server-add quietly downgrades a read-only node's export.
+            "writable": args.get("writable", False) and not node.read_only,
+        }
+        if "description" in args:
+            options["description"] = args["description"]
+        if "bitmap" in args:
+            options["bitmaps"] = [args["bitmap"]]
+        await self.add(options)
+
+    # --- block-export-del / nbd-server-remove ---------------------------------------------
+
+    async def delete(self, export_id: str, mode: str = "safe") -> None:
+        export = self.exports.get(export_id)
+        if export is None:
+            raise GenericError(f"Export '{export_id}' is not found")
+        if export.shutting_down:
+            raise GenericError(f"Export '{export_id}' is already shutting down")
+        if mode == "safe" and export.connections:
+            raise GenericError(f"export '{export_id}' still in use")
+        self._begin_shutdown(export)
+        if not export.connections:
+            await self._finalize(export)
+            return
+        task = asyncio.get_running_loop().create_task(self._drain_and_finalize(export))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _begin_shutdown(self, export: NbdExport) -> None:
+        export.shutting_down = True
+        export.finished = asyncio.get_running_loop().create_future()
+        if self.names.get(export.name) is export:
+            del self.names[export.name]
+
+    async def _drain_and_finalize(self, export: NbdExport) -> None:
+        conns = list(export.connections)
+        await asyncio.gather(*(c.drain() for c in conns), return_exceptions=True)
+        await self._finalize(export)
+
+    async def _finalize(self, export: NbdExport) -> None:
+        await self._detach(export)
+        self._forget(export)
+
+    def _forget(self, export: NbdExport) -> None:
+        if self.exports.get(export.id) is export:
+            del self.exports[export.id]
+        if export.finished is not None and not export.finished.done():
+            export.finished.set_result(None)
+        self.events.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
+
+    # --- query-block-exports --------------------------------------------------------------
+
+    def query(self) -> list[dict[str, Any]]:
+        return [e.info() for e in reversed(self.exports.values())]
+
+    # --- daemon shutdown ------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """quit or a signal: stop listening; idle exports go now (events before the reply).
+
+        Exports with clients are drained by :meth:`shutdown`.
+        """
+        if self._shutdown_requested:
+            return
+        self._shutdown_requested = True
+        if self.server is not None:
+            self.server.stop_listening()
+            self.server.abort_negotiating()
+        for export in list(self.exports.values()):
+            if export.shutting_down:
+                continue
+            self._begin_shutdown(export)
+            if export.connections:
+                task = asyncio.get_running_loop().create_task(self._drain_and_finalize(export))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                self.block.graph.detach(export.edge)
+                self._detached.append(export.node)
+                self._forget(export)
+
+    async def shutdown(self) -> None:
+        """Drain every export (in-flight requests answered) before nodes close."""
+        self.request_shutdown()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for export in list(self.exports.values()):  # pragma: no cover - defensive
+            await self._finalize(export)
+        for node in self._detached:
+            try:
+                await self.block.graph.refresh_perms(node)
+            except Exception:
+                log.exception("releasing node %s", node.node_name)
+        self._detached.clear()
+        server, self.server = self.server, None
+        if server is not None:
+            await server.close()
+
+
+class ExportCollector(Collector):
+    """Per-export series for /metrics, read from the live registry at each scrape."""
+
+    def __init__(self, exports: BlockExports) -> None:
+        self.exports = exports
+
+    def collect(self) -> Iterable[Any]:
+        exports = list(self.exports.exports.values())
+        server = self.exports.server
+        running = GaugeMetricFamily(
+            "qmpd_nbd_server_running", "1 while the NBD server is listening"
+        )
+        running.add_metric([], 1 if server is not None else 0)
+        yield running
+        clients = GaugeMetricFamily(
+            "qmpd_nbd_server_connections", "Connections to the NBD server (any phase)"
+        )
+        clients.add_metric([], len(server.connections) if server is not None else 0)
+        yield clients
+        violations = CounterMetricFamily(
+            "qmpd_nbd_protocol_errors",
+            "NBD connections dropped for breaking the protocol",
+        )
+        violations.add_metric([], self.exports.protocol_errors)
+        yield violations
+        current = GaugeMetricFamily(
+            "qmpd_nbd_export_clients", "Clients connected to an export", labels=["export"]
+        )
+        total = CounterMetricFamily(
+            "qmpd_nbd_export_connections", "Clients that connected to an export",
+            labels=["export"],
+        )
+        requests = CounterMetricFamily(
+            "qmpd_nbd_export_requests", "NBD requests by export and command",
+            labels=["export", "command"],
+        )
+        nbytes = CounterMetricFamily(
+            "qmpd_nbd_export_bytes", "Bytes covered by NBD requests, by export and command",
+            labels=["export", "command"],
+        )
+        errors = CounterMetricFamily(
+            "qmpd_nbd_export_errors", "NBD requests answered with an error, by export and command",
+            labels=["export", "command"],
+        )
+        for export in exports:
+            stats = export.stats
+            current.add_metric([export.id], len(export.connections))
+            total.add_metric([export.id], stats.connections_total)
+            for command, count in stats.requests.items():
+                requests.add_metric([export.id, command], count)
+                nbytes.add_metric([export.id, command], stats.bytes[command])
+            for command, count in stats.errors.items():
+                errors.add_metric([export.id, command], count)
+        yield current
+        yield total
+        yield requests
+        yield nbytes
+        yield errors

@@ -1,0 +1,330 @@
+"""The qcow2 driver on images made in Python (no QEMU tools needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from qmpd.block.driver import BlockDriverError
+from qmpd.block.graph import BlockGraph, BlockNode, NodeState
+from qmpd.block.qcow2.cluster import entry_type
+from qmpd.block.qcow2.create import create_image
+from qmpd.block.qcow2.driver import Qcow2Driver
+from qmpd.block.qcow2.format import (
+    INCOMPAT_CORRUPT,
+    QCOW_OFLAG_COPIED,
+    ClusterType,
+)
+from qmpd.block.qcow2.standalone import close_image, open_image
+from qmpd.errors import GenericError
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[BlockGraph]:
+    g = BlockGraph(io_threads=4)
+    yield g
+    g.executor.shutdown(wait=False)
+
+
+def drv(node: BlockNode) -> Qcow2Driver:
+    d = node.driver
+    assert isinstance(d, Qcow2Driver)
+    return d
+
+
+async def entry_of(node: BlockNode, offset: int) -> int:
+    img = drv(node).image
+    assert img is not None
+    return int((await img.entries(offset >> img.cluster_bits, 1))[0])
+
+
+async def test_write_read_reopen(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "a.qcow2"
+    create_image(str(path), 64 * MiB)
+    node = await open_image(graph, str(path))
+    data = os.urandom(300_000)
+    await node.write(65536 * 3 + 123, data)
+    assert await node.read(65536 * 3 + 123, len(data)) == data
+    assert await node.read(0, 4096) == bytes(4096)
+    e = await entry_of(node, 65536 * 3)
+    assert e & QCOW_OFLAG_COPIED and entry_type(e) == ClusterType.NORMAL
+    await close_image(node)
+    node = await open_image(graph, str(path), read_only=True)
+    assert await node.read(65536 * 3 + 123, len(data)) == data
+    await close_image(node)
+
+
+async def test_v3_zero_and_discard_semantics(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "z.qcow2"
+    create_image(str(path), 16 * MiB)
+    node = await open_image(graph, str(path), discard_unmap=True)
+    await node.write(0, b"\x55" * (4 * 65536))
+    # write_zeroes without unmap keeps the cluster (ZERO_ALLOC)
+    await node.write_zeroes(0, 65536)
+    assert entry_type(await entry_of(node, 0)) == ClusterType.ZERO_ALLOC
+    # with unmap the cluster is released (ZERO_PLAIN)
+    await node.write_zeroes(65536, 65536, may_unmap=True)
+    assert entry_type(await entry_of(node, 65536)) == ClusterType.ZERO_PLAIN
+    # a partial zero write into a data cluster writes zeros as data
+    await node.write_zeroes(2 * 65536 + 100, 200)
+    assert entry_type(await entry_of(node, 2 * 65536)) == ClusterType.NORMAL
+    # discard: partial clusters are ignored, whole ones read as zero
+    await node.discard(3 * 65536 + 512, 1024)
+    assert await node.read(3 * 65536, 65536) == b"\x55" * 65536
+    await node.discard(3 * 65536, 65536)
+    assert entry_type(await entry_of(node, 3 * 65536)) == ClusterType.ZERO_PLAIN
+    assert await node.read(0, 4 * 65536) == (
+        bytes(2 * 65536) + b"\x55" * 100 + bytes(200) + b"\x55" * (65536 - 300) + bytes(65536))
+    # writing into a ZERO_ALLOC cluster reuses it in place
+    host = await entry_of(node, 0)
+    await node.write(1000, b"\x66" * 10)
+    assert await entry_of(node, 0) == (host & ~1) | QCOW_OFLAG_COPIED
+    assert await node.read(0, 2000) == bytes(1000) + b"\x66" * 10 + bytes(990)
+    st = await node.block_status(0, 16 * MiB)
+    assert st.data and not st.zero and st.allocated
+    st = await node.block_status(65536, 16 * MiB - 65536)
+    assert st.zero and not st.data and st.allocated and st.length == 65536
+    st = await node.block_status(4 * 65536, 16 * MiB - 4 * 65536)
+    assert not st.allocated and st.zero and st.length == 16 * MiB - 4 * 65536
+    await close_image(node)
+
+
+async def test_v2_writes_real_zeros(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "v2.qcow2"
+    create_image(str(path), 8 * MiB, version=2)
+    node = await open_image(graph, str(path), discard_unmap=True)
+    await node.write_zeroes(0, 65536, may_unmap=True)
+    assert entry_type(await entry_of(node, 0)) == ClusterType.NORMAL
+    await node.write(65536, b"\x01" * 65536)
+    await node.discard(65536, 65536)  # no backing: becomes unallocated
+    assert entry_type(await entry_of(node, 65536)) == ClusterType.UNALLOCATED
+    assert await node.read(0, 2 * 65536) == bytes(2 * 65536)
+    info = drv(node).image_info()
+    assert info["format-specific"] == {
+        "type": "qcow2", "data": {"compat": "0.10", "compression-type": "zlib",
+                                  "refcount-bits": 16}}
+    await close_image(node)
+
+
+async def test_backing_reads_and_cow(tmp_path: Path, graph: BlockGraph) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\xab" * (MiB + 1000))  # shorter than the overlay
+    top = tmp_path / "top.qcow2"
+    create_image(str(top), 4 * MiB, backing_file="base.raw", backing_format="raw")
+    node = await open_image(graph, str(top))
+    d = drv(node)
+    assert d.raw_backing_file_name() == "base.raw"
+    assert d.backing_file_name() == str(tmp_path / "base.raw")
+    assert d.backing_format() == "raw"
+    info = d.image_info()
+    assert info["backing-filename"] == "base.raw"
+    assert info["full-backing-filename"] == str(tmp_path / "base.raw")
+    assert info["backing-filename-format"] == "raw"
+    assert node.backing is not None
+    # past the backing file's end: zeros
+    assert await node.read(MiB, 2000) == b"\xab" * 1000 + bytes(1000)
+    st = await node.block_status(0, 4 * MiB)
+    assert not st.allocated and not st.zero and st.length == MiB + 1000
+    # a partial write copies the rest of the cluster from the backing file
+    await node.write(100, b"\x01" * 10)
+    assert await node.read(0, 65536) == b"\xab" * 100 + b"\x01" * 10 + b"\xab" * (65536 - 110)
+    # discard on v3 with a backing file stores zero clusters
+    await node.discard(65536, 65536)
+    assert await node.read(65536, 65536) == bytes(65536)
+    assert entry_type(await entry_of(node, 65536)) == ClusterType.ZERO_PLAIN
+    await close_image(node)
+
+
+async def test_concurrent_writes_same_cluster(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "c.qcow2"
+    create_image(str(path), 16 * MiB, cluster_size=65536)
+    node = await open_image(graph, str(path))
+    rng = random.Random(3)
+    expect = bytearray(16 * MiB)
+    writes = []
+    for k in range(64):
+        off = (k * 4096) % (4 * 65536) + rng.randrange(0, 4 * MiB, 4 * 65536)
+        data = bytes([k + 1]) * 4096
+        writes.append(node.write(off, data))
+        expect[off : off + 4096] = data
+    await asyncio.gather(*writes)
+    assert await node.read(0, 16 * MiB) == bytes(expect)
+    await close_image(node)
+
+
+async def test_unknown_autoclear_bits_cleared_on_rw_open(tmp_path: Path, graph: BlockGraph
+                                                         ) -> None:
+    path = tmp_path / "ac.qcow2"
+    create_image(str(path), 8 * MiB)
+    with open(path, "r+b") as f:
+        f.seek(88)
+        f.write(struct.pack(">Q", (1 << 5) | 1))
+        f.seek(80)
+        f.write(struct.pack(">Q", 1 << 7))
+    node = await open_image(graph, str(path), read_only=True)
+    await close_image(node)
+    assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == (1 << 5) | 1
+    node = await open_image(graph, str(path))
+    await close_image(node)
+    raw = path.read_bytes()
+    assert struct.unpack_from(">Q", raw, 88)[0] == 0  # bitmaps bit too: we keep no bitmaps
+    assert struct.unpack_from(">Q", raw, 80)[0] == 1 << 7  # compatible bits untouched
+
+
+async def test_open_errors(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "e.qcow2"
+    path.write_bytes(bytes(8192))
+    with pytest.raises(GenericError, match="^Image is not in qcow2 format$"):
+        await open_image(graph, str(path), node_name="e1")
+    create_image(str(path), 8 * MiB)
+    with open(path, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", INCOMPAT_CORRUPT))
+    with pytest.raises(GenericError,
+                       match=r"^qcow2: Image is corrupt; cannot be opened read/write$"):
+        await open_image(graph, str(path), node_name="e2")
+    node = await open_image(graph, str(path), node_name="e3", read_only=True)
+    assert drv(node).image_info()["format-specific"]["data"]["corrupt"] is True
+    await close_image(node)
+    create_image(str(path), 8 * MiB, version=2)
+    with pytest.raises(GenericError, match="^Lazy refcounts require"):
+        await open_image(graph, str(path), node_name="e4", options={"lazy-refcounts": True})
+    with pytest.raises(GenericError, match="^L2 cache entry size must be a power of two"):
+        await open_image(graph, str(path), node_name="e5", options={"l2-cache-entry-size": 100})
+    with pytest.raises(GenericError, match="^Cache clean interval too big$"):
+        await open_image(graph, str(path), node_name="e6",
+                         options={"cache-clean-interval": 2**32})
+
+
+async def test_inactivate_refuses_writes_and_invalidate_reloads(tmp_path: Path) -> None:
+    """Two owners of one file, handing over like a migration (no QEMU tools)."""
+    path = tmp_path / "m.qcow2"
+    create_image(str(path), 1024 * MiB)
+    g1 = BlockGraph(io_threads=2)
+    g2 = BlockGraph(io_threads=2)
+    try:
+        a = await open_image(g1, str(path), node_name="a", locking="off")
+        await a.write(0, b"\x11" * 65536)
+        assert await a.read(MiB, 4096) == bytes(4096)  # caches the L2 slice
+        assert await a.read(600 * MiB, 4096) == bytes(4096)
+        await drv(a).inactivate()
+        a.state = NodeState.INACTIVE
+        with pytest.raises(BlockDriverError):
+            await drv(a).write(0, b"x")
+        b = await open_image(g2, str(path), node_name="b", locking="off")
+        await b.write(MiB, b"\x22" * 4096)  # new cluster, cached L2 table
+        await b.write(600 * MiB, b"\x33" * 4096)  # new L2 table
+        await close_image(b)
+        assert await a.read(MiB, 4096) == bytes(4096)  # stale
+        a.state = NodeState.ACTIVE
+        await drv(a).invalidate_cache()
+        assert await a.read(MiB, 4096) == b"\x22" * 4096
+        assert await a.read(600 * MiB, 4096) == b"\x33" * 4096
+        await a.write(300 * MiB, b"\x44" * 4096)  # allocates after b's clusters
+        assert await a.read(0, 65536) == b"\x11" * 65536
+        await close_image(a)
+        c = await open_image(g2, str(path), node_name="c", read_only=True, locking="off")
+        for off, byte in ((0, 0x11), (MiB, 0x22), (600 * MiB, 0x33), (300 * MiB, 0x44)):
+            assert await c.read(off, 4096) == bytes([byte]) * 4096
+        await close_image(c)
+    finally:
+        g1.executor.shutdown(wait=False)
+        g2.executor.shutdown(wait=False)
+
+
+async def test_failed_invalidate_leaves_driver_unusable(tmp_path: Path,
+                                                       graph: BlockGraph) -> None:
+    path = tmp_path / "f.qcow2"
+    create_image(str(path), 8 * MiB)
+    node = await open_image(graph, str(path), locking="off")
+    await drv(node).inactivate()
+    good = path.read_bytes()
+    path.write_bytes(b"garbage!" * 1024)
+    with pytest.raises(BlockDriverError, match="^Could not reopen qcow2 layer: "
+                                               "Image is not in qcow2 format$"):
+        await drv(node).invalidate_cache()
+    with pytest.raises(BlockDriverError):
+        await drv(node).read(0, 512)
+    path.write_bytes(good)
+    await drv(node).invalidate_cache()
+    assert await drv(node).read(0, 512) == bytes(512)
+    await close_image(node)
+
+
+async def test_truncate_grow_and_shrink(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "t.qcow2"
+    create_image(str(path), 1024 * 1024, cluster_size=4096)  # 1 MiB: one L2 table is 2 MiB
+    node = await open_image(graph, str(path))
+    await node.write(0, b"\x77" * 8192)
+    await drv(node).truncate(64 * MiB)  # needs a bigger L1 table
+    assert node.size() == 64 * MiB
+    await node.write(63 * MiB, b"\x78" * 4096)
+    assert await node.read(0, 8192) == b"\x77" * 8192
+    with pytest.raises(BlockDriverError, match="multiple of 512"):
+        await drv(node).truncate(1000)
+    await drv(node).truncate(4096)
+    assert await node.read(0, 4096) == b"\x77" * 4096
+    await drv(node).truncate(8 * MiB)
+    assert await node.read(4096, 4096) == bytes(4096)  # cropped clusters are gone
+    await close_image(node)
+    node = await open_image(graph, str(path), read_only=True)
+    assert node.size() == 8 * MiB
+    await close_image(node)
+
+
+async def test_unaligned_l2_entry_marks_corrupt(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "bad.qcow2"
+    create_image(str(path), 8 * MiB)
+    node = await open_image(graph, str(path))
+    await node.write(0, b"\x01" * 65536)
+    await close_image(node)
+    raw = bytearray(path.read_bytes())
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    e = struct.unpack_from(">Q", raw, l2)[0]
+    struct.pack_into(">Q", raw, l2, e + 0x200)  # data offset no longer cluster aligned
+    path.write_bytes(raw)
+    node = await open_image(graph, str(path))
+    with pytest.raises(BlockDriverError):
+        await node.read(0, 512)
+    with pytest.raises(BlockDriverError):
+        await node.write(65536 * 4, b"x")  # the image is now unusable
+    incompat = struct.unpack_from(">Q", path.read_bytes(), 72)[0]
+    assert incompat & INCOMPAT_CORRUPT
+    await drv(node).close()
+
+
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536])
+@pytest.mark.parametrize("refcount_bits", [1, 8, 64])
+async def test_refcount_structures_grow(tmp_path: Path, graph: BlockGraph,
+                                        cluster_size: int, refcount_bits: int) -> None:
+    """Enough allocation to need new refcount blocks (and, for small clusters,
+    a bigger refcount table); then every byte reads back after a reopen."""
+    path = tmp_path / "g.qcow2"
+    size = 48 * MiB if cluster_size == 512 else 64 * MiB
+    create_image(str(path), size, cluster_size=cluster_size, refcount_bits=refcount_bits)
+    node = await open_image(graph, str(path))
+    rng = random.Random(cluster_size + refcount_bits)
+    chunks = {}
+    step = max(cluster_size, 65536)
+    for k in range(0, size // step, 3):
+        data = rng.randbytes(min(step, 32768))
+        chunks[k * step] = data
+        await node.write(k * step, data)
+    img = drv(node).image
+    assert img is not None
+    blocks = sum(1 for e in img.refs.reftable if e)
+    assert blocks >= 1
+    await close_image(node)
+    node = await open_image(graph, str(path), read_only=True)
+    for off, data in chunks.items():
+        assert await node.read(off, len(data)) == data
+    await close_image(node)
