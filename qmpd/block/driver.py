@@ -146,6 +146,12 @@ class BlockDriver(ABC):
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         return BlockStatus(length=length, data=True, zero=False)
 
+    def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``(fd, file offset)`` when the range is stored unchanged in a host file
+        (page-cached, no O_DIRECT), so that it may be sent with sendfile(2).
+        None when it is not (or not known)."""
+        return None
+
     # --- sizes and information ----------------------------------------------
 
     @abstractmethod

@@ -27,6 +27,21 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_TMPFS_MAGIC = 0x01021994
+#: Largest request done on the event loop itself for a memory-backed file.
+_INLINE_MAX = 1 << 20
+
+
+def _memory_backed(fd: int) -> bool:
+    """Whether ``fd`` is on tmpfs, where I/O is a memory copy that never waits
+    for a device: such requests skip the thread pool (a hop costs more than
+    the copy)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little") == _TMPFS_MAGIC
+
+
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
     """Read ``length`` bytes; what lies past the end of the file reads as zeros."""
     data = os.pread(fd, length, offset)
@@ -65,6 +80,7 @@ class FileDriver(BlockDriver):
         self.lock: ImageLock | None = None
         self.drop_cache = True
         self._size = 0
+        self._inline = False
 
     async def open(self, options: dict[str, Any]) -> None:
         node = self.node
@@ -95,6 +111,7 @@ class FileDriver(BlockDriver):
             if stat.S_ISDIR(st.st_mode):
                 raise GenericError(f"Could not open '{self.path}': Is a directory")
             self._size = st.st_size
+            self._inline = _memory_backed(self.fd) and not node.cache_direct
             if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
                 self.lock = ImageLock(self.fd)
         except BaseException:
@@ -116,10 +133,20 @@ class FileDriver(BlockDriver):
     # --- I/O --------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        if self._inline and length <= _INLINE_MAX:
+            return _pread_full(self.fd, length, offset)
         return await self.node.graph.run_io(_pread_full, self.fd, length, offset)
 
+    def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
+        if self.fd < 0 or self.node.cache_direct or offset + length > self._size:
+            return None
+        return self.fd, offset
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self.node.graph.run_io(_pwrite_full, self.fd, data, offset)
+        if self._inline and len(data) <= _INLINE_MAX:
+            _pwrite_full(self.fd, data, offset)
+        else:
+            await self.node.graph.run_io(_pwrite_full, self.fd, data, offset)
         end = offset + len(data)
         if end > self._size:
             self._size = end

@@ -81,6 +81,11 @@ class RawDriver(BlockDriver):
             raise GenericError("Cannot resize fixed-size raw disks")
         await self._file().driver.truncate(size)
 
+    def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
+        if offset + length > self.size():
+            return None
+        return self._file().driver.host_file(self.offset + offset, length)  # type: ignore[no-any-return]
+
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         status: BlockStatus = await self._file().driver.block_status(self.offset + offset, length)
         return BlockStatus(

@@ -8,7 +8,9 @@ A channel is a pair of asyncio streams.  Outgoing channels are connected
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import signal
 import socket
 import stat
 from dataclasses import dataclass
@@ -25,23 +27,41 @@ class ChannelError(Exception):
 class MigrationURI:
     scheme: str  # tcp, unix, exec, fd
     target: str  # path, "host:port", command or fd name
-    host: str = ""
-    port: int = 0
+    host: str = ""  # tcp: as given, without [] around an IPv6 address
+    port: int = 0  # tcp: the port when numeric (else 0: resolved at connect time)
+    service: str = ""  # tcp: the port as given
+
+
+_BAD_PROTOCOL = "Parameter 'uri' expects a valid migration protocol"
 
 
 def parse_uri(uri: str) -> MigrationURI:
+    """Split a migration URI; errors carry QEMU 7.2's texts."""
     for scheme in ("tcp", "unix", "exec", "fd"):
         prefix = scheme + ":"
         if uri.startswith(prefix):
             rest = uri[len(prefix):]
             if scheme == "tcp":
-                host, sep, port = rest.rpartition(":")
-                if not sep or not port.isdigit():
-                    raise GenericError("Parameter 'uri' expects a valid migration protocol")
-                host = host.strip("[]") or "0.0.0.0"
-                return MigrationURI(scheme, rest, host, int(port))
+                if rest.startswith("["):
+                    close = rest.find("]")
+                    host, sep, service = rest[1:close], ":", rest[close + 2:]
+                    if close < 0 or rest[close + 1:close + 2] != ":":
+                        raise GenericError(f"error parsing address '{rest}'")
+                else:
+                    host, sep, service = rest.rpartition(":")
+                if not sep:
+                    raise GenericError(f"error parsing address '{rest}'")
+                port = int(service) if service.isdigit() else 0
+                return MigrationURI(scheme, rest, host, port, service)
+            if scheme == "unix" and not rest:
+                raise GenericError("invalid Unix socket address")
             return MigrationURI(scheme, rest)
-    raise GenericError("Parameter 'uri' expects a valid migration protocol")
+    raise GenericError(_BAD_PROTOCOL)
+
+
+def is_protocol_error(exc: GenericError) -> bool:
+    """The one URI error after which QEMU records no error-desc."""
+    return exc.desc == _BAD_PROTOCOL
 
 
 @dataclass
@@ -49,6 +69,8 @@ class Channel:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter | None
     process: asyncio.subprocess.Process | None = None
+    #: What QEMU's I/O channel would be: "socket", "command" (exec:) or "file".
+    kind: str = "socket"
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -60,15 +82,81 @@ class Channel:
         if self.process is not None:
             try:
                 await asyncio.wait_for(self.process.wait(), 10)
-            except asyncio.TimeoutError:
-                self.process.kill()
+            except TimeoutError:
+                self._kill()
 
     def abort(self) -> None:
+        """Drop the connection at once; safe to call in any state, more than once."""
         if self.writer is not None:
             transport = self.writer.transport
-            transport.abort()
+            if not transport.is_closing():
+                try:
+                    transport.abort()
+                except Exception:  # a transport half torn down already
+                    pass
+        self._kill()
+
+    def _kill(self) -> None:
+        # os.kill, not Process.kill: Popen.send_signal polls first, which reaps
+        # a command that has just exited under asyncio's child watcher (it then
+        # logs "Unknown child process").  Until the watcher reaps it, the pid
+        # is ours (a zombie at worst), so the signal cannot hit another process.
         if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def reap(self) -> None:
+        """After abort(): wait (briefly) for an exec: command to be gone.
+
+        Otherwise a daemon that exits right after a failure closes the
+        subprocess transport first, which reaps the child under asyncio's
+        child watcher ("Unknown child process pid N" on stderr).
+        """
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except TimeoutError:
+                pass
+
+    def write_error(self, exc: BaseException) -> str:
+        """QEMU's error-desc for a failed write (``Unable to write to socket: Broken pipe``).
+
+        asyncio reports a lost connection as a bare ConnectionResetError; the
+        real errno, if the transport saw one, is on the reader.
+        """
+        err = getattr(exc, "errno", None)
+        if err is None:
+            err = getattr(self.reader.exception(), "errno", None)
+        if err == errno.ECONNRESET and self._family() == socket.AF_UNIX:
+            # Our read side saw the reset (the peer died with data unread); a
+            # write, which is what QEMU reports on, gets EPIPE on a unix socket.
+            err = errno.EPIPE
+        strerror = os.strerror(err) if err else os.strerror(errno.EPIPE)
+        return f"Unable to write to {self.kind}: {strerror}"
+
+    def _family(self) -> int | None:
+        if self.writer is None:
+            return None
+        sock = self.writer.transport.get_extra_info("socket")
+        return getattr(sock, "family", None)
+
+    def check_peer(self) -> None:
+        """Raise ChannelError if the peer is known to be gone (nothing is read or written).
+
+        A socket peer that closed shows as EOF (or an error) on our reading
+        side, an exec: command as an exited process.  A destination never
+        sends anything before the end of the stream except return-path
+        messages, which are still buffered then, so EOF is only taken as a
+        hang-up when nothing is buffered.
+        """
+        if self.process is not None:
+            if self.process.returncode is not None:
+                raise ChannelError(f"Unable to write to {self.kind}: {os.strerror(errno.EPIPE)}")
+            return
+        if self.reader.exception() is not None or self.reader.at_eof():
+            raise ChannelError(self.write_error(ChannelError()))
 
 
 class FdStore:
@@ -82,6 +170,9 @@ class FdStore:
         if old is not None:
             os.close(old)
         self.fds[name] = fd
+
+    def has(self, name: str) -> bool:
+        return name in self.fds
 
     def take(self, name: str) -> int:
         fd = self.fds.pop(name, None)
@@ -108,7 +199,31 @@ async def _channel_from_fd(fd: int) -> Channel:
     protocol = asyncio.StreamReaderProtocol(reader)
     transport, _ = await loop.connect_write_pipe(lambda: protocol, pipe)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Channel(reader, writer)
+    return Channel(reader, writer, kind="file")
+
+
+async def _tcp_connect(host: str, service: str) -> socket.socket:
+    """inet_connect: every address in turn; the last failure is reported."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host or None, service, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ChannelError(
+            f"address resolution failed for {host}:{service}: {exc.strerror}"
+        ) from None
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return sock
+    assert last is not None
+    raise last
 
 
 async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
@@ -118,7 +233,8 @@ async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
             reader, writer = await asyncio.open_unix_connection(uri.target)
             return Channel(reader, writer)
         if uri.scheme == "tcp":
-            reader, writer = await asyncio.open_connection(uri.host, uri.port)
+            sock = await _tcp_connect(uri.host, uri.service)
+            reader, writer = await asyncio.open_connection(sock=sock)
             return Channel(reader, writer)
         if uri.scheme == "exec":
             process = await asyncio.create_subprocess_exec(
@@ -127,10 +243,12 @@ async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
             )
             assert process.stdout is not None and process.stdin is not None
             writer = process.stdin
-            return Channel(process.stdout, writer, process)
+            return Channel(process.stdout, writer, process, kind="command")
         return await _channel_from_fd(fds.take(uri.target))
     except OSError as exc:
-        raise ChannelError(f"Failed to connect to '{uri.target}': {exc.strerror}") from None
+        target = f"{uri.host}:{uri.service}" if uri.scheme == "tcp" else uri.target
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ChannelError(f"Failed to connect to '{target}': {reason}") from None
 
 
 class Listener:
@@ -167,7 +285,9 @@ class Listener:
                 self.server = await asyncio.start_unix_server(on_client, uri.target)
                 self.addresses = [{"path": uri.target, "type": "unix"}]
             elif uri.scheme == "tcp":
-                self.server = await asyncio.start_server(on_client, uri.host, uri.port)
+                self.server = await asyncio.start_server(
+                    on_client, uri.host or "0.0.0.0", uri.service
+                )
                 self.addresses = [
                     {"host": sock.getsockname()[0], "port": str(sock.getsockname()[1]),
                      "type": "inet"}
@@ -178,7 +298,7 @@ class Listener:
                     "/bin/sh", "-c", uri.target, stdout=asyncio.subprocess.PIPE,
                 )
                 assert process.stdout is not None
-                self._accepted.set_result(Channel(process.stdout, None, process))
+                self._accepted.set_result(Channel(process.stdout, None, process, kind="command"))
             else:
                 self._accepted.set_result(await _channel_from_fd(self.fds.take(uri.target)))
         except OSError as exc:

@@ -34,6 +34,7 @@ from qmpd.migration.channels import (
     Listener,
     MigrationURI,
     connect,
+    is_protocol_error,
     parse_uri,
 )
 from qmpd.migration.state import (
@@ -58,8 +59,31 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def _ram_stats() -> dict[str, Any]:
-    """A -M none QEMU has no RAM: every counter is zero but the page size."""
+def _mbps(nbytes: int, total_ms: int) -> float:
+    """QEMU's figure: megabits per second over the whole migration."""
+    if total_ms <= 0:
+        return 0
+    return nbytes * 8.0 / (total_ms / 1000.0) / 1000.0 / 1000.0
+
+
+class _Cancelled(Exception):
+    """migrate_cancel was asked: unwind at the next step."""
+
+
+class _Failed(Exception):
+    """The migration failed; ``desc`` is the error-desc (None: QEMU records none)."""
+
+    def __init__(self, desc: str | None) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+
+def _ram_stats(dirty_sync_count: int, mbps: float) -> dict[str, Any]:
+    """A -M none QEMU has no RAM: every counter is zero but the page size.
+
+    The dirty bitmap is synchronised once at setup and once at completion;
+    mbps is computed when the migration completes (0 before).
+    """
     keys = (
         "transferred", "remaining", "total", "duplicate", "skipped", "normal",
         "normal-bytes", "dirty-pages-rate", "mbps", "dirty-sync-count", "postcopy-requests",
@@ -67,9 +91,9 @@ def _ram_stats() -> dict[str, Any]:
         "postcopy-bytes", "dirty-sync-missed-zero-copy",
     )
     out: dict[str, Any] = dict.fromkeys(keys, 0)
-    out["mbps"] = 0
+    out["mbps"] = mbps
     out["page-size"] = 4096
-    out["dirty-sync-count"] = 2
+    out["dirty-sync-count"] = dirty_sync_count
     return out
 
 
@@ -92,6 +116,11 @@ class MigrationManager:
         self.channel: Channel | None = None
         self.continue_event = asyncio.Event()
         self.cancel_requested = False
+        self.committed = False
+        self.mbps = 0.0
+        self._bytes_at_start = 0
+        self._window_end = 0.0
+        self._window_used = 0
         # Incoming.
         self.incoming_started = False
         self.incoming_status = _S.NONE
@@ -196,7 +225,10 @@ class MigrationManager:
             else:
                 info["total-time"] = _ms(now - self.start_time)
                 info["expected-downtime"] = self.parameters["downtime-limit"]
-            info["ram"] = _ram_stats()
+            if status == _S.COMPLETED:
+                info["ram"] = _ram_stats(2, self.mbps)
+            else:
+                info["ram"] = _ram_stats(1 if status == _S.ACTIVE else 2, 0)
             return info
         if self.error is not None:
             info["error-desc"] = self.error
@@ -222,12 +254,22 @@ class MigrationManager:
             )
         self.error = None
         self.cancel_requested = False
+        self.committed = False
+        self.mbps = 0.0
+        self._bytes_at_start = self.bytes_sent
+        self._window_end = 0.0
+        self._window_used = 0
         self.continue_event = asyncio.Event()
         self.start_time = time.monotonic()
         self._set(_S.SETUP)
         try:
             uri = parse_uri(args["uri"])
-        except GenericError:
+            if uri.scheme == "fd" and not self.fds.has(uri.target):
+                # QEMU looks the descriptor up before answering.
+                raise GenericError(f"File descriptor named '{uri.target}' has not been found")
+        except GenericError as exc:
+            if not is_protocol_error(exc):
+                self.error = exc.desc
             self._set(_S.FAILED)
             raise
         self.task = asyncio.get_running_loop().create_task(self._outgoing(uri))
@@ -242,78 +284,132 @@ class MigrationManager:
                 self.channel = await connect(uri, self.fds)
             except ChannelError as exc:
                 self.error = str(exc)
+                print(f"qmpd: {self.error}", file=sys.stderr, flush=True)
                 self._set(_S.FAILED)
                 return
             channel = self.channel
-            if self.cancel_requested:
-                raise asyncio.CancelledError
+            self._check_cancel()
             if self.capabilities["events"]:
                 self.events.emit("MIGRATION_PASS", {"pass": 1})
-            await self._send(channel, writer.setup())
+            # As in QEMU, setup ends once the setup data is queued; sending it
+            # (rate-limited by max-bandwidth) is part of the active phase.
             self.setup_time = _ms(time.monotonic() - self.start_time)
             self._set(_S.ACTIVE)
+            await self._send(channel, writer.setup(), throttled=True)
             await asyncio.sleep(0)  # the iterative phase: nothing more to send
+            self._check_cancel()
+            # A destination that went away while we were iterating is noticed
+            # here, before the VM stops, as a QEMU source notices it at its next
+            # iteration's write.
+            channel.check_peer()
             # Switchover.
             runstate_at_switchover = self.vm.state
             was_running = runstate_at_switchover == RunState.RUNNING
             stop_time = time.monotonic()
-            await self._stop_for_switchover()
             stopped = True
+            await self._stop_for_switchover()
             if self.capabilities["pause-before-switchover"]:
                 self._set(_S.PRE_SWITCHOVER)
                 await self.continue_event.wait()
-                if self.cancel_requested:
-                    raise asyncio.CancelledError
+                self._check_cancel()
                 self._set(_S.DEVICE)
+            self._check_cancel()
+            # QEMU 7.2 completes its iterable state (ram: the pass-2 sync) before
+            # it inactivates the images, so pass 2 is announced even if that fails.
+            if self.capabilities["events"]:
+                self.events.emit("MIGRATION_PASS", {"pass": 2})
             try:
                 await self.daemon.block.inactivate_all()
-            except Exception as exc:
+            except Exception:
+                inactivated = True  # some nodes may be: re-activate them all
+                # QEMU 7.2 reports this on stderr only; query-migrate shows no error-desc.
                 print(
                     "qmpd: qemu_savevm_state_complete_precopy_non_iterable: "
                     "bdrv_inactivate_all() failed (-1)", file=sys.stderr, flush=True,
                 )
-                raise ChannelError(f"Block inactivate failed during switchover: {exc}") from None
+                raise _Failed(None) from None
             inactivated = True
-            if self.capabilities["events"]:
-                self.events.emit("MIGRATION_PASS", {"pass": 2})
-            await self._send(channel, writer.complete(runstate_at_switchover.value))
+            # The downtime phase is never rate-limited (QEMU lifts the limit too).
+            await self._send(channel, writer.complete(runstate_at_switchover.value),
+                             throttled=False)
+            # The whole stream is out: the destination may be running already,
+            # so a cancel from now on would only risk two active sides.
+            self.committed = True
             if writer.return_path:
                 await self._wait_for_shut(channel)
             await channel.close()
             self.channel = None
-            self.downtime = _ms(time.monotonic() - stop_time)
-            self.total_time = _ms(time.monotonic() - self.start_time)
+            now = time.monotonic()
+            self.downtime = _ms(now - stop_time)
+            self.total_time = _ms(now - self.start_time)
+            self.mbps = _mbps(self.bytes_sent - self._bytes_at_start, self.total_time)
             self.daemon.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, _Cancelled):
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=True)
-        except (ChannelError, OSError, ConnectionError) as exc:
-            self.error = str(exc) if isinstance(exc, ChannelError) else _socket_error(exc)
+        except (_Failed, ChannelError, OSError, ConnectionError) as exc:
+            if self.cancel_requested:
+                await self._abort_outgoing(stopped, was_running, inactivated, cancelled=True)
+                return
+            if isinstance(exc, _Failed):
+                self.error = exc.desc
+            elif isinstance(exc, ChannelError):
+                self.error = str(exc)
+            else:
+                self.error = _socket_error(exc)
+            if self.error is not None:
+                print(f"qmpd: {self.error}", file=sys.stderr, flush=True)
+            await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
+        except Exception as exc:  # a bug: never leave the VM stopped with inactive nodes
+            log.exception("migration failed unexpectedly")
+            self.error = f"qmpd: internal error: {exc}"
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
 
-    async def _send(self, channel: Channel, data: bytes) -> None:
+    def _check_cancel(self) -> None:
+        if self.cancel_requested:
+            raise _Cancelled
+
+    async def _send(self, channel: Channel, data: bytes, throttled: bool) -> None:
+        """Write ``data``; while ``throttled``, at most max-bandwidth/10 bytes per 100 ms.
+
+        QEMU's rate limit works in windows of 100 ms (XFER_LIMIT_RATIO 10); a
+        limit under 10 bytes/s gives a zero budget, which QEMU treats as no
+        limit.  The parameter is read again for every window, so a change made
+        with migrate-set-parameters during the migration takes effect at once.
+        """
         assert channel.writer is not None
-        limit = self.parameters["max-bandwidth"]
         view = memoryview(data)
-        chunk = 64 * 1024
         while view:
-            part, view = view[:chunk], view[chunk:]
-            start = time.monotonic()
+            budget = self.parameters["max-bandwidth"] // 10 if throttled else 0
+            if budget <= 0:
+                part, view = view, view[len(view):]
+            else:
+                now = time.monotonic()
+                if now >= self._window_end:
+                    self._window_end = now + 0.1
+                    self._window_used = 0
+                room = budget - self._window_used
+                if room <= 0:
+                    await asyncio.sleep(self._window_end - now)
+                    self._check_cancel()
+                    continue
+                part, view = view[:room], view[room:]
+                self._window_used += len(part)
             try:
                 channel.writer.write(part)
                 await channel.writer.drain()
             except (ConnectionError, OSError) as exc:
-                raise ChannelError(_socket_error(exc)) from None
+                raise ChannelError(channel.write_error(exc)) from None
             self.bytes_sent += len(part)
-            if limit > 0:
-                wanted = len(part) / limit
-                spent = time.monotonic() - start
-                if wanted > spent:
-                    await asyncio.sleep(wanted - spent)
+            self.daemon.metrics.migration_bytes.labels("out").inc(len(part))
 
     async def _wait_for_shut(self, channel: Channel) -> None:
-        """With a return path, the destination says SHUT once it has loaded everything."""
+        """With a return path, the destination says SHUT once it has loaded everything.
+
+        QEMU 7.2 marks the return path bad and fails without an error-desc
+        (and without a message); qmpd says why on stderr.
+        """
         while True:
             try:
                 head = await channel.reader.readexactly(4)
@@ -321,11 +417,15 @@ class MigrationManager:
                 length = int.from_bytes(head[2:], "big")
                 data = await channel.reader.readexactly(length)
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                raise ChannelError("Return path: the destination closed the channel") from None
+                print("qmpd: return path: the destination closed the channel before SHUT",
+                      file=sys.stderr, flush=True)
+                raise _Failed(None) from None
             if kind == stream.RPMessageType.PONG:
                 continue
             if kind != stream.RPMessageType.SHUT or int.from_bytes(data[:4] or b"\0", "big"):
-                raise ChannelError("The destination reported a failure")
+                print("qmpd: return path: the destination reported a failure",
+                      file=sys.stderr, flush=True)
+                raise _Failed(None)
             return
 
     async def _stop_for_switchover(self) -> None:
@@ -340,17 +440,20 @@ class MigrationManager:
     async def _abort_outgoing(
         self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool
     ) -> None:
+        """Give the images back to this side and resume, in QEMU 7.2's order.
+
+        A failure is announced first (MIGRATION failed, then RESUME); a
+        cancel last (RESUME, then MIGRATION cancelled), as QEMU's migration
+        thread sets ``cancelled`` only when it cleans up.
+        """
         if self.channel is not None:
             self.channel.abort()
+            await self.channel.reap()
             self.channel = None
-        if cancelled:
-            self._set(_S.CANCELLED)
-        else:
-            if self.status == _S.CANCELLING:
-                self._set(_S.CANCELLED)
-            else:
-                self._set(_S.FAILED)
-            log.error("migration failed: %s", self.error)
+        cancelled = cancelled or self.status == _S.CANCELLING
+        if not cancelled:
+            self._set(_S.FAILED)
+            log.error("migration failed: %s", self.error or "see above")
         if inactivated or stopped:
             # Another process may have opened the images while we were
             # inactive: activation re-reads everything.
@@ -362,10 +465,19 @@ class MigrationManager:
             if was_running:
                 self.vm.start()
             else:
+                # QEMU 7.2 (sic): a source that was not running ends in postmigrate.
                 self.vm.set_state(RunState.POSTMIGRATE)
+        if cancelled:
+            self._set(_S.CANCELLED)
 
     def cancel(self) -> None:
-        if not self.running:
+        """migrate_cancel: never interrupts a block operation half-way.
+
+        The migration task notices the request at its next step (a write to
+        the aborted channel fails, the pre-switchover wait ends, or it checks
+        the flag); only a connect still in progress is interrupted.
+        """
+        if not self.running or self.cancel_requested or self.committed:
             return
         self.cancel_requested = True
         if self.status == _S.SETUP and self.channel is None:
@@ -376,8 +488,6 @@ class MigrationManager:
         self.continue_event.set()
         if self.channel is not None:
             self.channel.abort()
-        if self.task is not None:
-            self.task.cancel()
 
     def continue_(self, state: str) -> None:
         if self.status.value != state:
@@ -457,6 +567,7 @@ class MigrationManager:
         self.incoming_error = reason
         self._set_incoming(_S.FAILED)
         channel.abort()
+        await channel.reap()
         if self.listener is not None:
             self.listener.close()
         if self.exit_on_error:

@@ -8,7 +8,7 @@ from typing import Any
 from qmpd.errors import GenericError
 
 
-class MigrationStatus(str, enum.Enum):
+class MigrationStatus(enum.StrEnum):
     """MigrationStatus, QEMU 7.2's values in order."""
 
     NONE = "none"

@@ -282,6 +282,7 @@ class NbdClient:
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(ConnectionError(f"connection lost: {exc}"))
+                pending.future.exception()  # whoever still awaits it gets it; nobody else cares
         self._pending.clear()
 
     def _take(self, cookie: int) -> _Pending:

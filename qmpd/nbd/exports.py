@@ -34,12 +34,12 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from qmpd.block.driver import PERM_ALL, BlockStatus, ChildRole, Perm
+from qmpd.block.driver import PERM_ALL, BlockStatus, ChildRole, Perm, perm_names
 from qmpd.block.graph import BdrvChild, BlockNode, BlockUser
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
@@ -263,7 +263,7 @@ class NbdExport:
 
     async def read(
         self, offset: int, length: int, sparse: bool
-    ) -> list[tuple[int, int, bytes | None]]:
+    ) -> list[tuple[int, int, p.ReadData]]:
         """READ: ``(offset, length, data)`` pieces covering the request, data None for zeros."""
         self._count("read", length)
         if not length:
@@ -276,7 +276,7 @@ class NbdExport:
             or not node.active
             or self.data_ranges.covers(offset, end)
         ):
-            return [(offset, length, await node.read(offset, length))]
+            return [(offset, length, await self._data(offset, length))]
         ranges: list[tuple[int, int, bool]] = []  # offset, length, zero
         pos = offset
         calls = 0
@@ -299,19 +299,36 @@ class NbdExport:
                 ranges.append((pos, n, zero))
             pos += n
         if len(ranges) == 1 and not ranges[0][2]:
-            return [(offset, length, await node.read(offset, length))]
-        pieces: list[tuple[int, int, bytes | None]] = []
+            return [(offset, length, await self._data(offset, length))]
+        pieces: list[tuple[int, int, p.ReadData]] = []
         for start, n, zero in ranges:
-            pieces.append((start, n, None if zero else await node.read(start, n)))
+            pieces.append((start, n, None if zero else await self._data(start, n)))
         return pieces
+
+    async def _data(self, offset: int, length: int) -> bytes | p.FileSpan:
+        """The bytes of a range, or where they sit in a host file for larger reads.
+
+        A span is sent with sendfile(2) (one copy, in the kernel) instead of
+        being read into memory and written out again.
+        """
+        node = self.node
+        if length >= SPARSE_READ_MIN:
+            host = node.driver.host_file(offset, length)
+            if host is not None:
+                node.stats.rd_bytes += length
+                node.stats.rd_operations += 1
+                return p.FileSpan(host[0], host[1], length)
+        return await node.read(offset, length)
 
     def _forget_data(self, offset: int, length: int) -> None:
         self.data_ranges.forget(offset, offset + length)
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         self._count("write", len(data))
         self._check_active()
-        await self.node.write(offset, data, fua or self.writethrough)
+        # The payload was received straight into a bytearray that belongs to
+        # this request alone; drivers only read it, so it stands in for bytes.
+        await self.node.write(offset, cast(bytes, data), fua or self.writethrough)
 
     async def write_zeroes(
         self, offset: int, length: int, no_hole: bool, fast: bool, fua: bool
@@ -507,12 +524,22 @@ class BlockExports:
         raise GenericError(f"Dirty bitmap '{bitmap['name']}' not found")
 
     async def _attach(self, export: NbdExport) -> None:
-        graph = self.block.graph
         node = export.node
-        node.parents.append(export.edge)
+        edge = export.edge
+        # QEMU's order: the new user's needs against each other user's
+        # sharing, then the other way round.
+        for other in node.parents:
+            for needs, refuses in ((edge, other), (other, edge)):
+                clash = needs.perm & ~refuses.shared
+                if clash:
+                    raise GenericError(
+                        f"Permission conflict on node '{node.node_name}': permissions "
+                        f"'{perm_names(clash)}' are both required by {needs.describe()} "
+                        f"and unshared by {refuses.describe()}."
+                    )
+        node.parents.append(edge)
         try:
-            graph._check_conflicts(node)
-            await graph.refresh_perms(node)
+            await self.block.graph.refresh_perms(node)
         except BaseException:
             await self._detach(export)
             raise

@@ -443,7 +443,7 @@ class ServerHandshake:
                     return NEED_DATA
                 flags = _U32.unpack_from(buf)[0]
                 del buf[:4]
-                if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+                if flags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
                     raise ProtocolError(f"Unknown client flags 0x{flags:x} received")
                 self.fixed = bool(flags & ClientFlag.FIXED_NEWSTYLE)
                 self.no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
@@ -686,7 +686,7 @@ class Request:
     cookie: int
     offset: int
     length: int
-    payload: bytes | None = None
+    payload: bytes | bytearray | None = None
 
     @property
     def command_name(self) -> str:
@@ -749,7 +749,19 @@ class Transmission:
     ``read_only``, ``structured`` and ``contexts`` are what the handshake
     agreed.  Validation follows QEMU 7.2's server: every refusal is EINVAL
     (even a write to a read-only export), with QEMU's message.
+
+    Bytes come in either through :meth:`receive_data` or, without copying,
+    through :meth:`get_buffer` / :meth:`buffer_updated` (receive straight
+    into the returned buffer: a WRITE's payload lands in the very bytearray
+    that is handed to the block layer).
     """
+
+    #: Size of the parse buffer for request headers.
+    BUFFER_SIZE = 256 * 1024
+    #: After a large WRITE, the next header most likely starts another one:
+    #: take only this much into the parse buffer, so that the payload is
+    #: received in place instead of being copied out of the parse buffer.
+    SMALL_WINDOW = 4096
 
     def __init__(
         self,
@@ -764,42 +776,77 @@ class Transmission:
         self.structured = structured
         self.contexts = dict(contexts or {})
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._pos = 0
-        self._header: Request | None = None
-        self._chunks: list[bytes] = []
-        self._have = 0
+        self._buf = bytearray(self.BUFFER_SIZE)
+        self._start = 0
+        self._end = 0
+        self._header: Request | None = None  # a WRITE waiting for its payload
+        self._payload = bytearray()
+        self._filled = 0
+        self._small_window = False
         self.finished = False  # after DISC or a violation nothing more is parsed
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet turned into events."""
-        return len(self._buf) - self._pos + self._have
+        return self._end - self._start + (self._filled if self._header is not None else 0)
+
+    # --- input ----------------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._header is not None and self._filled < len(self._payload):
+            return memoryview(self._payload)[self._filled :]
+        buf = self._buf
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(buf) - self._end < REQUEST_SIZE * 16:
+            # Move the unparsed tail to the front; grow only when it is full.
+            tail = self._end - self._start
+            buf[:tail] = buf[self._start : self._end]
+            self._start, self._end = 0, tail
+            if len(buf) - tail < REQUEST_SIZE * 16:
+                buf.extend(bytes(len(buf)))
+        if self._small_window:
+            return memoryview(buf)[self._end : self._end + self.SMALL_WINDOW]
+        return memoryview(buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._header is not None and self._filled < len(self._payload):
+            self._filled += nbytes
+        else:
+            self._end += nbytes
 
     def receive_data(self, data: bytes) -> None:
         if self.finished:
             return
-        if self._header is not None and not self._buf:
-            self._chunks.append(data)
-            self._have += len(data)
-        else:
-            self._buf += data
+        view = memoryview(data)
+        while view:
+            target = self.get_buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    # --- events -----------------------------------------------------------------------------
 
     def next_event(self) -> TransmissionEvent | NeedData:
         if self.finished:
             return NEED_DATA
         header = self._header
         if header is not None:
-            return self._finish_payload(header)
-        buf = self._buf
-        pos = self._pos
-        if len(buf) - pos < REQUEST_SIZE:
-            if pos:
-                del buf[:pos]
-                self._pos = 0
+            if self._filled < len(self._payload):
+                return NEED_DATA
+            header.payload = self._payload
+            self._header = None
+            self._payload = bytearray()
+            return self.validate(header)
+        start = self._start
+        if self._end - start < REQUEST_SIZE:
             return NEED_DATA
-        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(buf, pos)
-        self._pos = pos = pos + REQUEST_SIZE
+        buf = self._buf
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(buf, start)
+        start += REQUEST_SIZE
+        self._start = start
         if magic != REQUEST_MAGIC:
             self.finished = True
             return Violation(f"invalid magic (got 0x{magic:x})")
@@ -807,6 +854,7 @@ class Transmission:
         if kind == Cmd.DISC:
             self.finished = True
             return Disconnect()
+        self._small_window = kind == Cmd.WRITE and length >= 16 * self.SMALL_WINDOW
         if kind == Cmd.WRITE:
             if length > self.max_payload:
                 self.finished = True
@@ -814,40 +862,18 @@ class Transmission:
                     request, Errno.EINVAL,
                     f"len ({length}) is larger than max len ({self.max_payload})", fatal=True,
                 )
-            # Collect the payload: what is buffered first, then whole chunks.
-            available = len(buf) - pos
-            if available >= length:
-                request.payload = bytes(buf[pos : pos + length])
-                self._pos = pos + length
+            payload = bytearray(length)
+            have = min(self._end - start, length)
+            payload[:have] = memoryview(buf)[start : start + have]
+            self._start = start + have
+            if have == length:
+                request.payload = payload
                 return self.validate(request)
             self._header = request
-            if available:
-                self._chunks.append(bytes(buf[pos:]))
-                self._have = available
-            del buf[:]
-            self._pos = 0
+            self._payload = payload
+            self._filled = have
             return NEED_DATA
         return self.validate(request)
-
-    def _finish_payload(self, header: Request) -> TransmissionEvent | NeedData:
-        if self._buf:  # data arrived while the header was pending in the buffer
-            self._chunks.append(bytes(self._buf[self._pos :]))
-            self._have += len(self._buf) - self._pos
-            del self._buf[:]
-            self._pos = 0
-        need = header.length
-        if self._have < need:
-            return NEED_DATA
-        joined = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
-        self._chunks = []
-        self._have = 0
-        self._header = None
-        if len(joined) > need:
-            self._buf += memoryview(joined)[need:]
-            header.payload = joined[:need]
-        else:
-            header.payload = joined
-        return self.validate(header)
 
     def validate(self, request: Request) -> Request | Rejected:
         """QEMU's checks, in QEMU's order; the request itself when it passes."""
@@ -870,9 +896,9 @@ class Transmission:
                     request, Errno.EINVAL,
                     f"operation past EOF; From: {request.offset}, Len: {length}, Size: {size}",
                 )
-        allowed = _ALLOWED_FLAGS[cmd]
+        allowed = int(_ALLOWED_FLAGS[cmd])
         if cmd == Cmd.READ and not self.structured:
-            allowed &= ~CmdFlag.DF
+            allowed &= ~int(CmdFlag.DF)
         if request.flags & ~allowed:
             return Rejected(
                 request, Errno.EINVAL,
@@ -884,6 +910,28 @@ class Transmission:
             if not length:
                 return Rejected(request, Errno.EINVAL, "need non-zero length")
         return request
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """Reply data that is to be sent straight from a host file (sendfile).
+
+    The protocol only needs its length; the server moves the bytes.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+#: What a READ reply's data may be: bytes, a span of a host file, or None
+#: for a range that reads as zeros.
+ReadData = bytes | FileSpan | None
+#: One buffer of a reply, as the server sends it.
+ReplyPart = bytes | FileSpan
 
 
 # --- reply encoding (server side) ---------------------------------------------------------
@@ -944,13 +992,14 @@ class Replies:
         return simple_reply(cookie, error)
 
     def read_parts(
-        self, cookie: int, offset: int, pieces: Sequence[tuple[int, int, bytes | None]]
-    ) -> list[bytes]:
+        self, cookie: int, offset: int, pieces: Sequence[tuple[int, int, ReadData]]
+    ) -> list[ReplyPart]:
         """The buffers of a successful READ reply.
 
         ``pieces`` covers the request in order: ``(offset, length, data)``,
         with ``data`` None for a range that reads as zeros.
         """
+        out: list[ReplyPart]
         if not self.structured:
             out = [simple_reply(cookie)]
             for _off, length, data in pieces:

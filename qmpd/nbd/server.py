@@ -1,4 +1,4 @@
-"""The asyncio NBD server: a listener and one protocol object per connection.
+"""The asyncio NBD server: a listener and one connection object per client.
 
 Everything protocol-shaped happens in :mod:`qmpd.nbd.protocol`; this module
 moves bytes and runs the validated requests against the export
@@ -6,16 +6,21 @@ moves bytes and runs the validated requests against the export
 
 Per connection:
 
-* requests run concurrently (one task each) and are answered as soon as they
-  finish, so replies may overtake each other (cookies match them up);
+* requests run concurrently and are answered as soon as they finish, so
+  replies may overtake each other (cookies match them up).  A request starts
+  at once, in the callback that parsed it, and usually finishes there too;
+  only one that has to wait (for the I/O thread pool) continues later;
 * at most :data:`MAX_IN_FLIGHT` requests and :data:`MAX_IN_FLIGHT_BYTES` of
   payload are in flight; beyond that, and whenever the client does not read
-  its replies (the transport's write buffer is above its high-water mark),
-  the server stops reading the socket.  So a connection's memory is bounded
-  and a client that stops reading only ever stalls itself;
+  its replies (more than :data:`WRITE_HIGH_WATER` queued), the server stops
+  reading the socket.  So a connection's memory is bounded and a client that
+  stops reading only ever stalls itself;
 * a protocol violation (bad magic, unknown client flags, an option or WRITE
   too large to skip) closes the connection; an invalid request gets an error
-  reply and the connection goes on, as with QEMU.
+  reply and the connection goes on, as with QEMU;
+* no payload is copied in Python: WRITE data is received into its own
+  buffer, replies leave with one ``sendmsg`` each, and large READs of a
+  range stored as-is in a host file are sent with ``sendfile``.
 
 The listener accepts connections itself so that it can stop accepting while
 ``max-connections`` clients are connected (QEMU leaves further clients in the
@@ -26,12 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import itertools
 import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+import time
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriverError
 from qmpd.errors import GenericError
@@ -48,8 +57,16 @@ MAX_IN_FLIGHT = 64
 #: Payload bytes (READ and WRITE lengths) one connection may have in flight;
 #: a single request is always admitted, up to the protocol's 32 MiB.
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
-#: Replies queued for a client before it counts as not reading.
+#: Replies queued for a client before it counts as not reading ...
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: ... and until it has read this far down again.
+WRITE_LOW_WATER = 1024 * 1024
+#: Socket send buffer asked for (the kernel caps it).
+SOCKET_BUFFER = 1024 * 1024
+_IOV_MAX = 1024
+#: How long one connection may process requests before yielding the loop
+#: (to other clients and to the QMP monitor).
+PUMP_BUDGET = 0.0005
 #: A client must finish its handshake within this many seconds.
 HANDSHAKE_TIMEOUT = 10.0
 #: How long a drain waits for in-flight requests and unread replies.
@@ -76,76 +93,92 @@ _IO_MESSAGES = {
 }
 
 
-class NbdConnection(asyncio.Protocol):
-    """One client: handshake, then transmission."""
+class NbdConnection:
+    """One client: handshake, then transmission, on a non-blocking socket.
 
-    def __init__(self, server: NbdServer) -> None:
+    The connection does its own socket I/O through the loop's reader and
+    writer callbacks: requests are received straight into their buffers
+    (:meth:`qmpd.nbd.protocol.Transmission.get_buffer`), and replies leave
+    with one ``sendmsg`` of their parts (header and data), queued as
+    memoryviews when the socket is full, so no payload is copied in Python.
+
+    A request runs eagerly: its coroutine is stepped at once and finishes
+    inside the same callback when the block layer does not have to wait;
+    only if it suspends does it continue from the future it waits for.
+    """
+
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
         self.exports = server.exports
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.fd = sock.fileno()
         self.handshake: p.ServerHandshake | None = p.ServerHandshake(server.exports)
         self.tx: p.Transmission | None = None
         self.replies = p.Replies(False)
         self.export: NbdExport | None = None
-        self.transport: asyncio.Transport | None = None
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.write_paused = False
-        self.read_paused = False
+        self.reading = False
         self.draining = False
         self.closed = False
         self._close_when_idle = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._idle: asyncio.Event = asyncio.Event()
+        self._pumping = False
+        self._resume_pending = False
+        self._flush_pending = False
+        self._out: deque[memoryview | p.FileSpan] = deque()
+        self._out_bytes = 0
+        self._writing = False
+        self._idle = asyncio.Event()
         self._idle.set()
-        self._lost = asyncio.get_running_loop().create_future()
+        self._lost: asyncio.Future[None] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self.peer = "?"
 
-    # --- asyncio callbacks ----------------------------------------------------------------
+    # --- lifecycle ----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)
-        self.transport = stream
-        stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = stream.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    def start(self) -> None:
+        sock = self.sock
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.peer = str(stream.get_extra_info("peername") or "unix")
+            try:
+                self.peer = str(sock.getpeername())
+            except OSError:
+                pass
+        else:
+            self.peer = "unix"
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        except OSError:
+            pass
         self.server.connections.add(self)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         assert self.handshake is not None
-        stream.write(self.handshake.data_to_send())
+        self._send([self.handshake.data_to_send()])
+        self._set_reading(True)
 
-    def data_received(self, data: bytes) -> None:
+    def _close(self) -> None:
+        """Drop the connection now (whatever is queued is lost)."""
         if self.closed:
             return
-        try:
-            if self.tx is not None:
-                self.tx.receive_data(data)
-                self._pump()
-            elif self.handshake is not None:
-                self.handshake.receive_data(data)
-                self._pump_handshake()
-        except Exception:  # a bug must not take the daemon down: drop this client
-            log.exception("NBD client %s: internal error; disconnecting", self.peer)
-            self._abort()
-
-    def eof_received(self) -> bool | None:
-        # The client will send nothing more: answer what it sent, then close.
-        if self.tx is None or self.closed:
-            return False
-        self._close_when_idle = True
-        self._pump()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.draining = True
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+        self._out.clear()
+        self._out_bytes = 0
         if self._timer is not None:
             self._timer.cancel()
+        self.sock.close()
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.connection_closed(self)
@@ -153,44 +186,210 @@ class NbdConnection(asyncio.Protocol):
             self._lost.set_result(None)
         self.server.connection_gone()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self._set_reading(False)
+    def _finish(self, parse_rest: bool = False) -> None:
+        """No more requests: answer those in flight, send everything, close.
 
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tx is not None:
-            self._pump()
-        elif self.handshake is not None:
-            self._set_reading(True)
-            self._pump_handshake()
+        ``parse_rest``: requests already received still run (end of input);
+        otherwise nothing more is taken.  A client that does not take its
+        last replies is dropped after :data:`DRAIN_TIMEOUT`.
+        """
+        if not parse_rest:
+            self.draining = True
+        if self._close_when_idle:
+            return
+        self._close_when_idle = True
+        self._set_reading(False)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(DRAIN_TIMEOUT, self._close)
+
+    def _close_after_output(self) -> None:
+        """Close once every queued reply has been sent."""
+        self._finish()
+        if not self._out:
+            self._close()
+
+    # --- socket I/O --------------------------------------------------------------------------
+
+    def _set_reading(self, on: bool) -> None:
+        if self.closed or on == self.reading:
+            return
+        if on:
+            self.loop.add_reader(self.fd, self._readable)
+        else:
+            self.loop.remove_reader(self.fd)
+        self.reading = on
+
+    def _readable(self) -> None:
+        try:
+            if self.tx is not None:
+                tx = self.tx
+                buf = tx.get_buffer()
+                n = self.sock.recv_into(buf)
+                if n:
+                    tx.buffer_updated(n)
+            else:
+                data = self.sock.recv(65536)
+                n = len(data)
+                if n and self.handshake is not None:
+                    self.handshake.receive_data(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("NBD client %s: %s", self.peer, exc)
+            self._close()
+            return
+        try:
+            if not n:
+                self._eof()
+            elif self.tx is not None:
+                self._pump()
+            else:
+                self._pump_handshake()
+        except Exception:  # a bug must not take the daemon down: drop this client
+            log.exception("NBD client %s: internal error; disconnecting", self.peer)
+            self._close()
+
+    def _eof(self) -> None:
+        # The client sends nothing more: answer what it sent, then close.
+        self._set_reading(False)
+        if self.tx is None:
+            self._close()
+            return
+        self._finish(parse_rest=True)
+        self._pump()
+
+    def _send(self, parts: Sequence[p.ReplyPart]) -> None:
+        """Queue a reply's parts (in order, never interleaved with another reply's).
+
+        They leave together with whatever else is ready in this turn of the
+        loop (one sendmsg for many small replies): at the end of the pump,
+        or in a callback scheduled for that.
+        """
+        if self.closed:
+            return
+        out = self._out
+        for part in parts:
+            out.append(part if isinstance(part, p.FileSpan) else memoryview(part))
+            self._out_bytes += len(part)
+        if not self._pumping and not self._writing and not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._deferred_flush)
+        if self._out_bytes > WRITE_HIGH_WATER and not self.write_paused:
+            self.write_paused = True
+            self._set_reading(False)
+
+    def _deferred_flush(self) -> None:
+        self._flush_pending = False
+        self._kick()
+
+    def _kick(self) -> None:
+        """Send what can go now; wait for the socket to take the rest."""
+        if self.closed or self._writing:
+            return
+        if self._out:
+            self._flush()
+            if self.closed:
+                return
+        if self._out:
+            self.loop.add_writer(self.fd, self._writable)
+            self._writing = True
+        elif self._close_when_idle and self.in_flight == 0 and not self._resume_pending:
+            self._close()
+
+    def _flush(self) -> None:
+        """Send what the socket takes now: buffers with sendmsg, spans with sendfile."""
+        out = self._out
+        sock = self.sock
+        while out:
+            head = out[0]
+            try:
+                if isinstance(head, p.FileSpan):
+                    sent = os.sendfile(self.fd, head.fd, head.offset, head.length)
+                    if sent == 0:  # the file shrank: the promised bytes read as zeros
+                        out[0] = memoryview(bytes(head.length))
+                        continue
+                    self._out_bytes -= sent
+                    if sent < head.length:
+                        out[0] = p.FileSpan(head.fd, head.offset + sent, head.length - sent)
+                        return
+                    out.popleft()
+                    continue
+                buffers: list[memoryview] = []
+                for item in itertools.islice(out, _IOV_MAX):
+                    if isinstance(item, p.FileSpan):
+                        break
+                    buffers.append(item)
+                total = sum(len(b) for b in buffers)
+                sent = sock.sendmsg(buffers) if len(buffers) > 1 else sock.send(buffers[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if isinstance(head, p.FileSpan) and exc.errno in (errno.EINVAL, errno.ENOSYS):
+                    # sendfile cannot do this pair of descriptors: copy instead.
+                    out[0] = memoryview(_pread_zero_filled(head))
+                    continue
+                log.debug("NBD client %s: %s", self.peer, exc)
+                self._close()
+                return
+            self._out_bytes -= sent
+            remaining = sent
+            while remaining:
+                first = out[0]
+                assert not isinstance(first, p.FileSpan)
+                if remaining >= len(first):
+                    remaining -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = first[remaining:]
+                    remaining = 0
+            if sent < total:
+                return
+
+    def _writable(self) -> None:
+        self._flush()
+        if self.closed:
+            return
+        if not self._out:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+            if self._close_when_idle and self.in_flight == 0:
+                self._close()
+                return
+        if self.write_paused and self._out_bytes <= WRITE_LOW_WATER:
+            self.write_paused = False
+            if self.tx is not None:
+                self._pump()
+            elif self.handshake is not None:
+                self._set_reading(True)
+                self._pump_handshake()
 
     # --- handshake ------------------------------------------------------------------------
 
     def _handshake_timeout(self) -> None:
         if self.tx is None and not self.closed:
             log.info("NBD client %s: handshake timed out", self.peer)
-            self._abort()
+            self._close()
 
     def _pump_handshake(self) -> None:
         hs = self.handshake
-        assert hs is not None and self.transport is not None
-        while not self.write_paused:
+        assert hs is not None
+        while not self.write_paused and not self.closed:
             event = hs.next_event()
             out = hs.data_to_send()
             if out:
-                self.transport.write(out)
+                self._send([out])
             if isinstance(event, p.NeedData):
                 return
             self.handshake = None
             if isinstance(event, p.HandshakeClosed):
                 if event.graceful:
                     log.debug("NBD client %s: %s", self.peer, event.reason)
-                    self.transport.close()
+                    self._close_after_output()
                 else:
                     log.info("NBD client %s: %s; disconnecting", self.peer, event.reason)
-                    self.server.exports.stats_protocol_error()
-                    self._abort()
+                    self.exports.stats_protocol_error()
+                    self._close()
                 return
             self._start_transmission(event)
             return
@@ -199,7 +398,7 @@ class NbdConnection(asyncio.Protocol):
     def _start_transmission(self, done: p.HandshakeDone) -> None:
         export = self.exports.export_by_name(done.export.name)
         if export is None:  # pragma: no cover - looked up in this very turn
-            self._abort()
+            self._close()
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -214,7 +413,7 @@ class NbdConnection(asyncio.Protocol):
             self.tx.receive_data(done.leftover)
         self._pump()
 
-    # --- transmission ---------------------------------------------------------------------
+    # --- transmission ----------------------------------------------------------------------
 
     def _admit(self) -> bool:
         return (
@@ -225,58 +424,86 @@ class NbdConnection(asyncio.Protocol):
         )
 
     def _pump(self) -> None:
+        if self._pumping or self.closed:
+            return  # the outer call goes on with the next event
         tx = self.tx
         assert tx is not None
-        while self._admit():
-            event = tx.next_event()
-            if isinstance(event, p.Request):
-                self._start(event)
-            elif isinstance(event, p.NeedData):
-                break
-            elif isinstance(event, p.Rejected):
-                self._rejected(event)
-            elif isinstance(event, p.Disconnect):
-                self._close_when_idle = True
-                self.draining = True
-            else:
-                log.info("NBD client %s: %s; disconnecting", self.peer, event.reason)
-                self.exports.stats_protocol_error()
-                self._abort()
-                return
-        self._set_reading(self._admit() and not tx.finished)
-        if self._close_when_idle and self.in_flight == 0 and self.transport is not None:
-            self.transport.close()
-
-    def _set_reading(self, on: bool) -> None:
-        transport = self.transport
-        if transport is None or self.closed or on != self.read_paused:
+        self._pumping = True
+        deadline = time.perf_counter() + PUMP_BUDGET
+        count = 0
+        try:
+            while self._admit():
+                count += 1
+                if count & 7 == 0 and time.perf_counter() > deadline:
+                    # Long enough: let other clients and the monitor in.
+                    if not self._resume_pending:
+                        self._resume_pending = True
+                        self.loop.call_soon(self._resume)
+                    break
+                event = tx.next_event()
+                if isinstance(event, p.Request):
+                    self._start(event)
+                elif isinstance(event, p.NeedData):
+                    break
+                elif isinstance(event, p.Rejected):
+                    self._rejected(event)
+                elif isinstance(event, p.Disconnect):
+                    self._finish()
+                else:
+                    # Bad framing: nothing more can be parsed.  What is in
+                    # flight is still answered, then the connection closes.
+                    log.info("NBD client %s: %s; disconnecting", self.peer, event.reason)
+                    self.exports.stats_protocol_error()
+                    self._finish()
+        finally:
+            self._pumping = False
+        if self.closed:
             return
-        if on:
-            transport.resume_reading()
-            self.read_paused = False
-        else:
-            transport.pause_reading()
-            self.read_paused = True
+        self._kick()
+        self._set_reading(
+            self._admit() and not tx.finished and not self._close_when_idle
+            and not self._resume_pending
+        )
+        if self._close_when_idle and self.in_flight == 0 and not self._resume_pending:
+            self._close_after_output()
+
+    def _resume(self) -> None:
+        self._resume_pending = False
+        if not self.closed:
+            self._pump()
 
     def _rejected(self, event: p.Rejected) -> None:
-        assert self.export is not None and self.transport is not None
+        assert self.export is not None
         request = event.request
         self.export.count_error(request.command_name)
-        self.transport.write(self.replies.error(request.cookie, event.error, event.message))
+        self._send([self.replies.error(request.cookie, event.error, event.message)])
         if event.fatal:
             # The payload was not read: nothing after it can be parsed.
             log.info("NBD client %s: %s; disconnecting", self.peer, event.message)
-            self.draining = True
-            self._close_when_idle = True
+            self._finish()
 
     def _start(self, request: p.Request) -> None:
         self.in_flight += 1
         size = request.length if request.type in (p.Cmd.READ, p.Cmd.WRITE) else 0
         self.in_flight_bytes += size
         self._idle.clear()
-        task = asyncio.get_running_loop().create_task(self._execute(request, size))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._step(self._execute(request, size))
+
+    def _step(self, coro: Coroutine[Any, Any, None], _done: object = None) -> None:
+        """Run ``coro`` until it finishes or waits; continue when its future is done.
+
+        This is what an asyncio Task does, minus the Task: most requests
+        complete without ever waiting, and then cost no Task at all.
+        """
+        try:
+            waited = coro.send(None)
+        except StopIteration:
+            return
+        if waited is None:  # a bare yield (asyncio.sleep(0))
+            self.loop.call_soon(self._step, coro)
+            return
+        waited._asyncio_future_blocking = False
+        waited.add_done_callback(functools.partial(self._step, coro))
 
     async def _execute(self, request: p.Request, size: int) -> None:
         export = self.export
@@ -296,24 +523,15 @@ class NbdConnection(asyncio.Protocol):
             log.exception("NBD %s on export %s failed", request.command_name, export.id)
             message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
             parts = [self.replies.error(request.cookie, p.Errno.EIO, message)]
-        finally:
-            self.in_flight -= 1
-            self.in_flight_bytes -= size
-        transport = self.transport
-        if transport is not None and not self.closed:
-            if len(parts) == 1:
-                transport.write(parts[0])
-            elif sum(len(x) for x in parts) <= 65536:
-                transport.write(b"".join(parts))
-            else:
-                for part in parts:
-                    transport.write(part)
+        self.in_flight -= 1
+        self.in_flight_bytes -= size
+        self._send(parts)
         if self.in_flight == 0:
             self._idle.set()
-        if not self.closed and self.tx is not None:
+        if not self.closed:
             self._pump()
 
-    async def _run(self, export: NbdExport, request: p.Request) -> list[bytes]:
+    async def _run(self, export: NbdExport, request: p.Request) -> list[p.ReplyPart]:
         kind = request.type
         cookie = request.cookie
         flags = request.flags
@@ -348,31 +566,32 @@ class NbdConnection(asyncio.Protocol):
             return [self.replies.block_status(cookie, per_context)]
         return [self.replies.ok(cookie)]
 
-    # --- shutdown -------------------------------------------------------------------------
+    # --- shutdown ----------------------------------------------------------------------------
 
-    def _abort(self) -> None:
-        self.draining = True
-        if self.transport is not None and not self.closed:
-            self.transport.abort()
+    def abort(self) -> None:
+        self._close()
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Stop taking requests, answer those in flight, flush replies, close."""
         self.draining = True
         self._set_reading(False)
-        if self.transport is None or self.closed:
+        if self.closed:
             return
         if self.tx is None:  # still negotiating: nothing to finish
-            self._abort()
-            await self._lost
+            self._close()
             return
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-            self.transport.close()  # sends what is queued first
+            self._close_after_output()
             await asyncio.wait_for(asyncio.shield(self._lost), timeout)
         except TimeoutError:
             log.warning("NBD client %s did not finish in %.0f s; dropped", self.peer, timeout)
-            self._abort()
-            await self._lost
+            self._close()
+
+
+def _pread_zero_filled(span: p.FileSpan) -> bytes:
+    data = os.pread(span.fd, span.length, span.offset)
+    return data + bytes(span.length - len(data))
 
 
 class NbdServer:
@@ -429,11 +648,7 @@ class NbdServer:
                     return
                 log.warning("NBD server: accept failed: %s", exc)
                 continue
-            try:
-                await loop.connect_accepted_socket(lambda: NbdConnection(self), conn)
-            except OSError as exc:  # pragma: no cover - the client went away at once
-                log.debug("NBD server: connection setup failed: %s", exc)
-                conn.close()
+            NbdConnection(self, conn).start()
 
     def stop_listening(self) -> None:
         """Close the listening socket (synchronously); connections stay."""
@@ -451,7 +666,7 @@ class NbdServer:
         """Drop clients that have not reached an export yet."""
         for conn in list(self.connections):
             if conn.export is None:
-                conn._abort()
+                conn.abort()
 
     async def close(self) -> None:
         self.stop_listening()
@@ -571,5 +786,3 @@ def _unlink_socket(path: str) -> None:
     except OSError:
         pass
 
-
-ConnectionFactory = Callable[[], NbdConnection]

@@ -56,9 +56,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import qmpd.block.file as file_mod  # noqa: E402
-from qmpd.block.graph import BlockGraph, BlockNode  # noqa: E402
-from qmpd.block.qcow2.standalone import close_image, open_file_node, open_image  # noqa: E402
+import qmpd.block.file as file_mod
+from qmpd.block.graph import BlockGraph, BlockNode
+from qmpd.block.qcow2.standalone import close_image, open_file_node, open_image
 
 MiB = 1 << 20
 

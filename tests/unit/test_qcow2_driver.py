@@ -119,7 +119,7 @@ async def test_backing_reads_and_cow(tmp_path: Path, graph: BlockGraph) -> None:
     base.write_bytes(b"\xab" * (MiB + 1000))  # shorter than the overlay
     top = tmp_path / "top.qcow2"
     create_image(str(top), 4 * MiB, backing_file="base.raw", backing_format="raw")
-    node = await open_image(graph, str(top))
+    node = await open_image(graph, str(top), discard_unmap=True)
     d = drv(node)
     assert d.raw_backing_file_name() == "base.raw"
     assert d.backing_file_name() == str(tmp_path / "base.raw")
@@ -140,6 +140,17 @@ async def test_backing_reads_and_cow(tmp_path: Path, graph: BlockGraph) -> None:
     await node.discard(65536, 65536)
     assert await node.read(65536, 65536) == bytes(65536)
     assert entry_type(await entry_of(node, 65536)) == ClusterType.ZERO_PLAIN
+    await close_image(node)
+
+
+async def test_discard_ignored_without_discard_unmap(tmp_path: Path, graph: BlockGraph
+                                                     ) -> None:
+    path = tmp_path / "d.qcow2"
+    create_image(str(path), 4 * MiB)
+    node = await open_image(graph, str(path))
+    await node.write(0, b"\x01" * 65536)
+    await node.discard(0, 65536)
+    assert await node.read(0, 65536) == b"\x01" * 65536
     await close_image(node)
 
 
@@ -182,7 +193,7 @@ async def test_unknown_autoclear_bits_cleared_on_rw_open(tmp_path: Path, graph: 
 async def test_open_errors(tmp_path: Path, graph: BlockGraph) -> None:
     path = tmp_path / "e.qcow2"
     path.write_bytes(bytes(8192))
-    with pytest.raises(GenericError, match="^Image is not in qcow2 format$"):
+    with pytest.raises(GenericError, match=r"^Image is not in qcow2 format$"):
         await open_image(graph, str(path), node_name="e1")
     create_image(str(path), 8 * MiB)
     with open(path, "r+b") as f:
@@ -195,11 +206,11 @@ async def test_open_errors(tmp_path: Path, graph: BlockGraph) -> None:
     assert drv(node).image_info()["format-specific"]["data"]["corrupt"] is True
     await close_image(node)
     create_image(str(path), 8 * MiB, version=2)
-    with pytest.raises(GenericError, match="^Lazy refcounts require"):
+    with pytest.raises(GenericError, match=r"^Lazy refcounts require"):
         await open_image(graph, str(path), node_name="e4", options={"lazy-refcounts": True})
-    with pytest.raises(GenericError, match="^L2 cache entry size must be a power of two"):
+    with pytest.raises(GenericError, match=r"^L2 cache entry size must be a power of two"):
         await open_image(graph, str(path), node_name="e5", options={"l2-cache-entry-size": 100})
-    with pytest.raises(GenericError, match="^Cache clean interval too big$"):
+    with pytest.raises(GenericError, match=r"^Cache clean interval too big$"):
         await open_image(graph, str(path), node_name="e6",
                          options={"cache-clean-interval": 2**32})
 
@@ -248,7 +259,7 @@ async def test_failed_invalidate_leaves_driver_unusable(tmp_path: Path,
     await drv(node).inactivate()
     good = path.read_bytes()
     path.write_bytes(b"garbage!" * 1024)
-    with pytest.raises(BlockDriverError, match="^Could not reopen qcow2 layer: "
+    with pytest.raises(BlockDriverError, match=r"^Could not reopen qcow2 layer: "
                                                "Image is not in qcow2 format$"):
         await drv(node).invalidate_cache()
     with pytest.raises(BlockDriverError):
@@ -268,7 +279,7 @@ async def test_truncate_grow_and_shrink(tmp_path: Path, graph: BlockGraph) -> No
     assert node.size() == 64 * MiB
     await node.write(63 * MiB, b"\x78" * 4096)
     assert await node.read(0, 8192) == b"\x77" * 8192
-    with pytest.raises(BlockDriverError, match="multiple of 512"):
+    with pytest.raises(BlockDriverError, match=r"multiple of 512"):
         await drv(node).truncate(1000)
     await drv(node).truncate(4096)
     assert await node.read(0, 4096) == b"\x77" * 4096
@@ -327,4 +338,101 @@ async def test_refcount_structures_grow(tmp_path: Path, graph: BlockGraph,
     node = await open_image(graph, str(path), read_only=True)
     for off, data in chunks.items():
         assert await node.read(off, len(data)) == data
+    await close_image(node)
+
+
+async def test_direct_io_is_sector_aligned(tmp_path: Path, graph: BlockGraph,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With cache.direct=on every request to the image file is 512-byte aligned
+    (the file driver passes O_DIRECT requests through unchanged)."""
+    import qmpd.block.file as file_mod
+
+    seen: list[tuple[int, int, int]] = []
+    real_pread, real_pwrite = file_mod._pread_full, file_mod._pwrite_full
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        seen.append((fd, offset, length))
+        return real_pread(fd, length, offset)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> None:
+        seen.append((fd, offset, len(data)))
+        real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(file_mod, "_pread_full", pread)
+    monkeypatch.setattr(file_mod, "_pwrite_full", pwrite)
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x42" * (2 * MiB))
+    path = tmp_path / "d.qcow2"
+    create_image(str(path), 8 * MiB, cluster_size=4096, backing_file="base.raw",
+                 backing_format="raw")
+    node = await open_image(graph, str(path), discard_unmap=True)
+    img = drv(node).image
+    assert img is not None and node.file is not None
+    image_fd = node.file.driver.fd  # type: ignore[attr-defined]
+    img.direct = True  # what cache.direct=on sets (not used for real: /tmp may refuse O_DIRECT)
+    mirror = bytearray(b"\x42" * (2 * MiB) + bytes(6 * MiB))
+    rng = random.Random(9)
+    for _ in range(300):
+        off = rng.randrange(8 * MiB - 1)
+        n = min(rng.randrange(1, 20000), 8 * MiB - off)
+        k = rng.random()
+        if k < 0.5:
+            data = rng.randbytes(n)
+            await node.write(off, data)
+            mirror[off : off + n] = data
+        elif k < 0.6:
+            await node.write_zeroes(off, n)
+            mirror[off : off + n] = bytes(n)
+        elif k < 0.7:
+            await node.discard(off, n)
+            cs = 4096
+            a, b = -(-off // cs) * cs, (off + n) // cs * cs
+            if b > a:
+                mirror[a:b] = bytes(b - a)
+        else:
+            assert await node.read(off, n) == mirror[off : off + n]
+    await close_image(node)
+    ours = [(o, n) for fd, o, n in seen if fd == image_fd]
+    assert len(ours) > 100
+    assert [(o, n) for o, n in ours if (o | n) % 512] == []
+
+
+async def test_overlap_check_refuses_writes_onto_metadata(tmp_path: Path,
+                                                          graph: BlockGraph) -> None:
+    """An L2 entry pointing at the L1 table (a corrupt image): the write is
+    refused and the image marked corrupt instead of overwriting metadata."""
+    path = tmp_path / "ov.qcow2"
+    create_image(str(path), 8 * MiB)
+    node = await open_image(graph, str(path))
+    await node.write(0, b"\x01" * 65536)
+    await close_image(node)
+    raw = bytearray(path.read_bytes())
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", raw, l2 + 8, QCOW_OFLAG_COPIED | l1)  # cluster 1 -> the L1 table
+    path.write_bytes(raw)
+    node = await open_image(graph, str(path))
+    with pytest.raises(BlockDriverError):
+        await node.write(65536, b"\x02" * 512)
+    assert path.read_bytes()[l1 : l1 + 8] == raw[l1 : l1 + 8]  # L1 untouched
+    assert struct.unpack_from(">Q", path.read_bytes(), 72)[0] & INCOMPAT_CORRUPT
+    await drv(node).close()
+
+
+async def test_host_file_for_normal_clusters(tmp_path: Path, graph: BlockGraph) -> None:
+    path = tmp_path / "h.qcow2"
+    create_image(str(path), 8 * MiB)
+    node = await open_image(graph, str(path))
+    d = drv(node)
+    assert d.host_file(0, 65536) is None  # unallocated: nothing to send from the file
+    await node.write(0, b"\x07" * (3 * 65536))
+    img = d.image
+    assert img is not None and node.file is not None
+    where = d.host_file(100, 2 * 65536)
+    assert where is not None
+    fd, off = where
+    assert os.pread(fd, 4, off) == b"\x07" * 4
+    assert off == (await entry_of(node, 0) & 0x00FFFFFFFFFFFE00) + 100
+    await node.write_zeroes(65536, 65536)  # zero flag: not a plain data run any more
+    assert d.host_file(0, 2 * 65536) is None
     await close_image(node)

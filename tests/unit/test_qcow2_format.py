@@ -111,7 +111,7 @@ def test_extensions_round_trip_keeps_unknown_ones() -> None:
 def test_header_extension_too_large() -> None:
     buf = fresh()
     struct.pack_into(">II", buf, 0x70, 0x11111111, 0x10000)
-    with pytest.raises(Qcow2FormatError, match="^Header extension too large$"):
+    with pytest.raises(Qcow2FormatError, match=r"^Header extension too large$"):
         parse_header(buf)
 
 
@@ -136,7 +136,7 @@ def test_header_errors(offset: int, value: int, fmt: str, message: str) -> None:
 
 
 def test_not_qcow2_at_all() -> None:
-    with pytest.raises(Qcow2FormatError, match="^Image is not in qcow2 format$"):
+    with pytest.raises(Qcow2FormatError, match=r"^Image is not in qcow2 format$"):
         parse_header(bytes(4096))
 
 
@@ -193,12 +193,12 @@ def test_dirty_bit_is_known() -> None:
 
 
 def test_extended_l2_and_zstd_refused() -> None:
-    with pytest.raises(Qcow2FormatError, match="extended L2 entries"):
+    with pytest.raises(Qcow2FormatError, match=r"extended L2 entries"):
         check_features(_with_incompat(INCOMPAT_EXTL2), writable=False)
     buf = fresh()
     struct.pack_into(">Q", buf, 72, INCOMPAT_COMPRESSION)
     buf[104] = 1
-    with pytest.raises(Qcow2FormatError, match="^qcow2: unknown compression type: 1$"):
+    with pytest.raises(Qcow2FormatError, match=r"^qcow2: unknown compression type: 1$"):
         check_features(parse_header(buf), writable=False)
 
 
@@ -206,20 +206,20 @@ def test_table_checks() -> None:
     hdr = parse_header(fresh())
     check_tables(hdr)
     hdr.l1_size = 1
-    with pytest.raises(Qcow2FormatError, match="^L1 table is too small$"):
+    with pytest.raises(Qcow2FormatError, match=r"^L1 table is too small$"):
         check_tables(hdr)
     hdr = parse_header(fresh())
     hdr.refcount_table_clusters = 0
     with pytest.raises(Qcow2FormatError,
-                       match="^Image does not contain a reference count table$"):
+                       match=r"^Image does not contain a reference count table$"):
         check_tables(hdr)
     hdr = parse_header(fresh())
     hdr.refcount_table_offset += 512
-    with pytest.raises(Qcow2FormatError, match="^Invalid reference count table offset$"):
+    with pytest.raises(Qcow2FormatError, match=r"^Invalid reference count table offset$"):
         check_tables(hdr)
     hdr = parse_header(fresh())
     hdr.refcount_order = 7
-    with pytest.raises(Qcow2FormatError, match="may not exceed 64 bits"):
+    with pytest.raises(Qcow2FormatError, match=r"may not exceed 64 bits"):
         check_features(hdr, writable=False)
 
 

@@ -37,10 +37,11 @@ A crash can therefore only leak clusters, never point at a free one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,7 @@ from qmpd.block.qcow2.format import (
     Snapshot,
     check_features,
     check_tables,
+    cluster_type,
     l1_size_for,
     pack_header_fields,
     parse_header,
@@ -101,14 +103,21 @@ class CacheConfig:
     refcount_entries: int
 
 
-def entry_type(entry: int) -> int:
-    if entry & QCOW_OFLAG_COMPRESSED:
-        return ClusterType.COMPRESSED
-    if entry & QCOW_OFLAG_ZERO:
-        return ClusterType.ZERO_ALLOC if entry & L2E_OFFSET_MASK else ClusterType.ZERO_PLAIN
-    if entry & L2E_OFFSET_MASK:
-        return ClusterType.NORMAL
-    return ClusterType.UNALLOCATED
+@dataclass
+class _AllocPlan:
+    """An allocation in flight: guest clusters ``ci..ci+k-1`` -> host ``host``."""
+
+    ci: int
+    k: int
+    host: int
+    pos: int
+    run_end: int
+    old: list[int]
+    l2off: int
+    fut: asyncio.Future[None]
+
+
+entry_type = cluster_type
 
 
 def _write_category(entry: int) -> int:
@@ -147,6 +156,7 @@ class Qcow2Image:
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_size = 0
         self.lock = asyncio.Lock()
+        self._rmw_lock = asyncio.Lock()
         self.l2cache: MetadataCache[array[int]] = MetadataCache(
             "l2", config.l2_entries, self._load_l2_slice, file.write, array_to_u64_be, file.sync
         )
@@ -164,6 +174,8 @@ class Qcow2Image:
         self._epoch = 0
         self._inflight: dict[int, int] = {}
         self._drainers: list[tuple[int, asyncio.Future[None]]] = []
+        #: guest cluster index -> completion of the allocation in flight for it
+        self._allocs: dict[int, asyncio.Future[None]] = {}
 
     # --- loading ----------------------------------------------------------------------
 
@@ -347,6 +359,24 @@ class Qcow2Image:
         self.l2cache.entries.move_to_end(key)
         return int(ent.value[idx & self.slice_mask])
 
+    def host_run(self, offset: int, length: int) -> int | None:
+        """The host offset of guest range [offset, offset+length) if it is stored
+        in contiguous normal clusters whose L2 entries are cached, else None."""
+        cb = self.cluster_bits
+        ci = offset >> cb
+        last = (offset + length - 1) >> cb
+        e = self.lookup_cached(ci)
+        if e is None or e & _CZ or not e & L2E_OFFSET_MASK or e & L2E_OFFSET_MASK & self.cmask:
+            return None
+        host = e & L2E_OFFSET_MASK
+        nxt = host
+        for c in range(ci + 1, last + 1):
+            nxt += self.cluster_size
+            f = self.lookup_cached(c)
+            if f is None or f & (_CZ | L2E_OFFSET_MASK) != nxt:
+                return None
+        return host + (offset & self.cmask)
+
     async def entries(self, ci: int, n: int) -> array[int]:
         """L2 entries of up to ``n`` clusters from ``ci`` (never crossing a slice)."""
         l1i = ci >> self.l2_bits
@@ -383,8 +413,10 @@ class Qcow2Image:
     async def read(self, offset: int, length: int) -> bytes:
         if self.broken is not None:
             raise BlockDriverError(self.broken, 5)
-        if length <= 0:
-            return b""
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            if length == 0:
+                return b""
+            raise BlockDriverError("Input/output error: request beyond end of device", 5)
         cb = self.cluster_bits
         ci = offset >> cb
         in_off = offset & self.cmask
@@ -413,11 +445,14 @@ class Qcow2Image:
 
     async def _data_write(self, host: int, data: bytes | memoryview) -> None:
         if self.direct and (host | len(data)) & (META_ALIGN - 1):
+            # O_DIRECT needs whole sectors: read-modify-write, one at a time so
+            # that two writes to different bytes of one sector cannot race.
             start = host & ~(META_ALIGN - 1)
             end = (host + len(data) + META_ALIGN - 1) & ~(META_ALIGN - 1)
-            buf = bytearray(await self.file.read(start, end - start))
-            buf[host - start : host - start + len(data)] = data
-            await self.file.write(start, bytes(buf))
+            async with self._rmw_lock:
+                buf = bytearray(await self.file.read(start, end - start))
+                buf[host - start : host - start + len(data)] = data
+                await self.file.write(start, bytes(buf))
             return
         await self.file.write(host, data if isinstance(data, bytes) else bytes(data))
 
@@ -566,6 +601,8 @@ class Qcow2Image:
         n = len(data)
         if not n:
             return
+        if offset < 0 or offset + n > self.size:
+            raise BlockDriverError("Input/output error: request beyond end of device", 5)
         cb = self.cluster_bits
         ci = offset >> cb
         in_off = offset & self.cmask
@@ -596,9 +633,59 @@ class Qcow2Image:
                 finally:
                     self._leave(tok)
                 return
-        async with self.lock:
-            self.check_writable()
-            await self._write_locked(offset, memoryview(data) if isinstance(data, bytes) else data)
+        await self._write_slow(offset, memoryview(data) if isinstance(data, bytes) else data)
+
+    async def _write_slow(self, offset: int, data: memoryview) -> None:
+        """Writes that change metadata.  Allocations drop the lock for the data
+        write (like QEMU's in-flight ``QCowL2Meta``): the guest clusters are
+        registered as in flight, so any other request touching them waits."""
+        cb = self.cluster_bits
+        pos = offset
+        end = offset + len(data)
+        while pos < end:
+            async with self._exclusive(pos >> cb, (end - 1) >> cb):
+                self.check_writable()
+                pos, plan = await self._write_step(offset, data, pos, end, True)
+            if plan is not None:
+                await self._finish_alloc(plan, data[plan.pos - offset : plan.run_end - offset])
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, first: int, last: int) -> AsyncIterator[None]:
+        """The metadata lock, once no allocation of guest clusters first..last is
+        in flight."""
+        while True:
+            await self._wait_allocs(first, last)
+            await self.lock.acquire()
+            if not self._allocs_overlap(first, last):
+                break
+            self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def _allocs_overlap(self, first: int, last: int) -> bool:
+        allocs = self._allocs
+        if not allocs:
+            return False
+        if last - first < len(allocs):
+            return any(c in allocs for c in range(first, last + 1))
+        return any(first <= c <= last for c in allocs)
+
+    async def _wait_allocs(self, first: int, last: int) -> None:
+        while self._allocs_overlap(first, last):
+            allocs = self._allocs
+            if last - first < len(allocs):
+                fut = next(allocs[c] for c in range(first, last + 1) if c in allocs)
+            else:
+                fut = next(f for c, f in allocs.items() if first <= c <= last)
+            await asyncio.shield(fut)
+
+    async def quiesce(self) -> None:
+        """Wait for in-flight allocations and lock-free requests (inactivation)."""
+        while self._allocs:
+            await asyncio.shield(next(iter(self._allocs.values())))
+        await self._drain()
 
     async def _l2_for_write(self, l1i: int) -> int:
         """The offset of a writable (owned) L2 table for L1 index ``l1i``."""
@@ -654,69 +741,147 @@ class Qcow2Image:
         return bytes(stop - start)
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        cmask = self.cmask
+        """A whole write with the lock held throughout (zero-write fallbacks)."""
         pos = offset
         end = offset + len(data)
         while pos < end:
-            ci = pos >> cb
-            entry = await self._writable_slice(ci)
-            entry.pins += 1
-            try:
-                arr = entry.value
-                o = ci & self.slice_mask
-                m = min(((end - 1) >> cb) - ci + 1, self.slice_entries - o)
-                i = 0
-                while i < m:
-                    e = int(arr[o + i])
-                    cat = _write_category(e)
-                    j = i + 1
-                    if cat == _INPLACE:
-                        nxt = (e & L2E_OFFSET_MASK) + cs
-                        while j < m and int(arr[o + j]) & (
-                            _FAST_WRITE_MASK | L2E_OFFSET_MASK
-                        ) == QCOW_OFLAG_COPIED | nxt:
-                            j += 1
-                            nxt += cs
-                    elif cat == _ALLOC:
-                        while j < m and _write_category(int(arr[o + j])) == _ALLOC:
-                            j += 1
-                    run_end = min(end, (ci + j) << cb)
-                    chunk = data[pos - offset : run_end - offset]
-                    if cat == _INPLACE:
-                        host = (e & L2E_OFFSET_MASK) + (pos & cmask)
-                        if (e & L2E_OFFSET_MASK) & cmask:
-                            raise await self._bad_host(e, ci + i)
-                        if self._overlaps_metadata(host, len(chunk)):
-                            await self.mark_corrupt(
-                                f"Preventing invalid write on metadata (offset {host:#x})")
-                            raise BlockDriverError("Input/output error", 5)
-                        await self._data_write(host, chunk)
-                    elif cat == _REUSE:
-                        host = e & L2E_OFFSET_MASK
-                        if host & cmask:
-                            raise await self._bad_host(e, ci + i)
-                        if self._overlaps_metadata(host, cs):
-                            await self.mark_corrupt(
-                                f"Preventing invalid write on metadata (offset {host:#x})")
-                            raise BlockDriverError("Input/output error", 5)
-                        head = pos & cmask
-                        tail = ((run_end - 1) & cmask) + 1
-                        buf = b"".join((bytes(head), chunk, bytes(cs - tail)))
-                        await self._data_write(host, buf)
-                        self.l2cache.set_depends_on_flush()
-                        arr[o + i] = host | QCOW_OFLAG_COPIED
-                        self.l2cache.mark_dirty(entry)
-                    else:
-                        await self._alloc_run(ci + i, arr, o + i, j - i, pos, run_end, chunk,
-                                              entry)
-                    pos = run_end
-                    i = j
-            finally:
-                entry.pins -= 1
+            pos, _ = await self._write_step(offset, data, pos, end, False)
         await self.l2cache.trim()
         await self.refs.cache.trim()
+
+    async def _write_step(self, offset: int, data: memoryview, pos: int, end: int,
+                          defer_alloc: bool) -> tuple[int, _AllocPlan | None]:
+        """Write from ``pos`` through one L2 slice (lock held).  With
+        ``defer_alloc``, stop at the first run that needs new clusters: allocate
+        them, register the run as in flight and return its plan."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        cmask = self.cmask
+        ci = pos >> cb
+        entry = await self._writable_slice(ci)
+        entry.pins += 1
+        try:
+            arr = entry.value
+            o = ci & self.slice_mask
+            m = min(((end - 1) >> cb) - ci + 1, self.slice_entries - o)
+            i = 0
+            while i < m:
+                e = int(arr[o + i])
+                cat = _write_category(e)
+                j = i + 1
+                if cat == _INPLACE:
+                    nxt = (e & L2E_OFFSET_MASK) + cs
+                    while j < m and int(arr[o + j]) & (
+                        _FAST_WRITE_MASK | L2E_OFFSET_MASK
+                    ) == QCOW_OFLAG_COPIED | nxt:
+                        j += 1
+                        nxt += cs
+                elif cat == _ALLOC:
+                    while j < m and _write_category(int(arr[o + j])) == _ALLOC:
+                        j += 1
+                run_end = min(end, (ci + j) << cb)
+                chunk = data[pos - offset : run_end - offset]
+                if cat == _INPLACE:
+                    host = (e & L2E_OFFSET_MASK) + (pos & cmask)
+                    if (e & L2E_OFFSET_MASK) & cmask:
+                        raise await self._bad_host(e, ci + i)
+                    if self._overlaps_metadata(host, len(chunk)):
+                        await self.mark_corrupt(
+                            f"Preventing invalid write on metadata (offset {host:#x})")
+                        raise BlockDriverError("Input/output error", 5)
+                    await self._data_write(host, chunk)
+                elif cat == _REUSE:
+                    host = e & L2E_OFFSET_MASK
+                    if host & cmask:
+                        raise await self._bad_host(e, ci + i)
+                    if self._overlaps_metadata(host, cs):
+                        await self.mark_corrupt(
+                            f"Preventing invalid write on metadata (offset {host:#x})")
+                        raise BlockDriverError("Input/output error", 5)
+                    head = pos & cmask
+                    tail = ((run_end - 1) & cmask) + 1
+                    buf = b"".join((bytes(head), chunk, bytes(cs - tail)))
+                    await self._data_write(host, buf)
+                    self.l2cache.set_depends_on_flush()
+                    arr[o + i] = host | QCOW_OFLAG_COPIED
+                    self.l2cache.mark_dirty(entry)
+                elif defer_alloc:
+                    plan = await self._plan_alloc(ci + i, arr, o + i, j - i, pos, run_end)
+                    return run_end, plan
+                else:
+                    await self._alloc_run(ci + i, arr, o + i, j - i, pos, run_end, chunk,
+                                          entry)
+                pos = run_end
+                i = j
+        finally:
+            entry.pins -= 1
+        return pos, None
+
+    async def _plan_alloc(self, ci: int, arr: array[int], slot: int, k: int, pos: int,
+                          run_end: int) -> _AllocPlan:
+        """Allocate host clusters for guest clusters ``ci..ci+k-1`` and mark them
+        in flight; the data is written and the L2 entries linked later."""
+        old = [int(arr[slot + m]) for m in range(k)]
+        host = await self.refs.alloc(k)
+        if self._overlaps_metadata(host, k * self.cluster_size):
+            await self.mark_corrupt(f"Preventing invalid allocation at {host:#x}")
+            raise BlockDriverError("Input/output error", 5)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for c in range(ci, ci + k):
+            self._allocs[c] = fut
+        l2off = int(self.l1[ci >> self.l2_bits]) & L1E_OFFSET_MASK
+        return _AllocPlan(ci, k, host, pos, run_end, old, l2off, fut)
+
+    async def _finish_alloc(self, plan: _AllocPlan, chunk: memoryview) -> None:
+        """COW + data into the new clusters (no lock), then link the L2 entries."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        cmask = self.cmask
+        try:
+            try:
+                head_len = plan.pos & cmask
+                tail_start = ((plan.run_end - 1) & cmask) + 1
+                head = (await self.cow_part(plan.ci, plan.old[0], 0, head_len)
+                        if head_len else b"")
+                tail = (await self.cow_part(plan.ci + plan.k - 1, plan.old[-1], tail_start, cs)
+                        if tail_start < cs else b"")
+                buf = b"".join((head, chunk, tail)) if head or tail else chunk
+                await self._data_write(plan.host, buf)
+            except BaseException:
+                async with self.lock:
+                    await self.refs.update(plan.host >> cb, plan.k, -1)
+                raise
+            async with self.lock:
+                self.check_writable()
+                l1i = plan.ci >> self.l2_bits
+                if int(self.l1[l1i]) & L1E_OFFSET_MASK != plan.l2off:
+                    raise BlockDriverError("qcow2: L2 table moved during an allocation", 5)
+                self.l2cache.set_depends_on_flush()
+                await self.l2cache.set_dependency(self.refs.cache)
+                idx = plan.ci & self.l2_mask
+                entry = await self.l2cache.get(self._slice_key(plan.l2off, idx))
+                arr = entry.value
+                o = idx & self.slice_mask
+                for m in range(plan.k):
+                    if int(arr[o + m]) != plan.old[m]:
+                        raise BlockDriverError("qcow2: L2 entry changed during an allocation", 5)
+                    arr[o + m] = (plan.host + (m << cb)) | QCOW_OFLAG_COPIED
+                self.l2cache.mark_dirty(entry)
+                frees = [e for e in plan.old if e & L2E_OFFSET_MASK or e & QCOW_OFLAG_COMPRESSED]
+                if frees:
+                    entry.pins += 1
+                    try:
+                        await self._free_entries(frees, DISCARD_OTHER)
+                    finally:
+                        entry.pins -= 1
+                await self.l2cache.trim()
+                await self.refs.cache.trim()
+        finally:
+            for c in range(plan.ci, plan.ci + plan.k):
+                if self._allocs.get(c) is plan.fut:
+                    del self._allocs[c]
+            if not plan.fut.done():
+                plan.fut.set_result(None)
 
     async def _alloc_run(self, ci: int, arr: array[int], slot: int, k: int, pos: int,
                          run_end: int, chunk: memoryview, entry: CacheEntry[array[int]]) -> None:
@@ -837,7 +1002,10 @@ class Qcow2Image:
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self.check_writable()
-        async with self.lock:
+        if length <= 0:
+            return
+        cb = self.cluster_bits
+        async with self._exclusive(offset >> cb, (offset + length - 1) >> cb):
             self.check_writable()
             await self._write_zeroes_locked(offset, length, may_unmap)
 
@@ -906,7 +1074,10 @@ class Qcow2Image:
 
     async def discard(self, offset: int, length: int, full: bool = False) -> None:
         self.check_writable()
-        async with self.lock:
+        if length <= 0:
+            return
+        cb = self.cluster_bits
+        async with self._exclusive(offset >> cb, (offset + length - 1) >> cb):
             self.check_writable()
             await self._discard_locked(offset, length, full)
 
@@ -964,7 +1135,7 @@ class Qcow2Image:
         self.check_writable()
         if size % 512:
             raise BlockDriverError("The new size must be a multiple of 512", 22)
-        async with self.lock:
+        async with self._exclusive(0, 1 << 62):
             self.check_writable()
             if self.snapshots and self.version < 3:
                 raise BlockDriverError("Can't resize a v2 image which has snapshots", 95)

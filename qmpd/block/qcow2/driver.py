@@ -185,6 +185,8 @@ class Qcow2Driver(BlockDriver):
             raise GenericError(str(exc)) from None
         except BlockDriverError as exc:
             raise GenericError(f"Could not open qcow2 image: {exc}") from None
+        except OSError as exc:
+            raise GenericError(f"Could not read qcow2 header: {exc.strerror}") from None
 
     async def _load(self) -> None:
         node = self.node
@@ -253,6 +255,8 @@ class Qcow2Driver(BlockDriver):
 
     async def discard(self, offset: int, length: int) -> None:
         image = self._img_for_write()
+        if not self.node.discard_unmap:
+            return  # QEMU: discard requests are ignored without discard=unmap
         await image.discard(offset, length)
 
     async def flush(self) -> None:
@@ -276,13 +280,37 @@ class Qcow2Driver(BlockDriver):
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         return await self._img().block_status(offset, length)
 
+    def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
+        """Where the range lies in the host file, if it is one run of normal
+        clusters whose L2 entries are cached (no I/O here: it is synchronous).
+
+        Like any read, the answer is only as stable as the guest's use of the
+        range: a concurrent discard may free the clusters.
+        """
+        image = self._image
+        child = self.node.file
+        if image is None or child is None or image.broken is not None or length <= 0:
+            return None
+        if offset < 0 or offset + length > image.size:
+            return None
+        host = image.host_run(offset, length)
+        if host is None:
+            return None
+        return child.driver.host_file(host, length)
+
     # --- activation ---------------------------------------------------------------------
 
     async def inactivate(self) -> None:
         """Write everything back and stop writing (``qcow2_inactivate``)."""
         image = self._image
         if image is not None and not self._inactive and image.writable:
-            await image.flush()
+            self._inactive = True  # no new writes from here on
+            try:
+                await image.quiesce()
+                await image.flush()
+            except BaseException:
+                self._inactive = False
+                raise
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
         self._inactive = True

@@ -175,7 +175,7 @@ def _unsupported_features(table: list[tuple[int, int, str]], mask: int) -> str:
     return "Unsupported qcow2 feature(s): " + ", ".join(names)
 
 
-def parse_header(buf: bytes, file_size: int | None = None) -> Header:
+def parse_header(buf: bytes) -> Header:
     """Parse cluster 0 (at least the whole first cluster, or the whole file if shorter).
 
     Raises :class:`Qcow2FormatError` with QEMU's message for anything QEMU refuses

@@ -148,25 +148,31 @@ class RefBlock:
                     return idx
             pos += 1
 
-    def nonzero_from(self, start: int) -> int:
-        """Index of the first non-zero refcount at or after ``start``, or ``entries``."""
-        if start >= self.entries:
-            return self.entries
+    def nonzero_from(self, start: int, stop: int | None = None) -> int:
+        """Index of the first non-zero refcount in [start, stop), or ``stop``.
+
+        ``stop`` defaults to the end of the block; a short window keeps the
+        search cheap when only a few free clusters are wanted.
+        """
+        end = self.entries if stop is None else min(stop, self.entries)
+        if start >= end:
+            return end
         data = self.data
         if isinstance(data, array):
             size = data.itemsize
             view = memoryview(data).cast("B")
-            m = _NONZERO.search(view, start * size)
-            return self.entries if m is None else m.start() // size
+            m = _NONZERO.search(view, start * size, end * size)
+            return end if m is None else m.start() // size
         per_byte_bits = 3 - self.order
         pos = start >> per_byte_bits
+        last = (end + (1 << per_byte_bits) - 1) >> per_byte_bits
         while True:
-            m = _NONZERO.search(data, pos)
+            m = _NONZERO.search(data, pos, last)
             if m is None:
-                return self.entries
+                return end
             pos = m.start()
             first = max(start, pos << per_byte_bits)
-            for idx in range(first, (pos + 1) << per_byte_bits):
+            for idx in range(first, min(end, (pos + 1) << per_byte_bits)):
                 if self.get(idx) != 0:
                     return idx
             pos += 1
@@ -263,7 +269,7 @@ class Refcounts:
                         break
                     j = z
                     run_start = base + z
-                e = blk.nonzero_from(j)
+                e = blk.nonzero_from(j, j + n - run)
                 run += e - j
                 if run >= n:
                     return run_start

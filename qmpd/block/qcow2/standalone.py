@@ -9,7 +9,6 @@ through its ``file`` node directly.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from qmpd.block.driver import ChildRole
@@ -110,7 +109,3 @@ async def close_image(node: BlockNode) -> None:
                 await close_image(child)
         graph.unregister(node)
 
-
-def image_path(node: BlockNode) -> str:
-    child = node.file
-    return os.fspath(child.driver.filename()) if child is not None else ""
