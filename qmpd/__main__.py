@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -81,12 +82,13 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     if choice == "asyncio":
         return None
     try:
-        import uvloop
+        uvloop = importlib.import_module("uvloop")  # optional: not a dependency
     except ImportError:
         if choice == "uvloop":
             raise ConfigError("--event-loop uvloop: uvloop is not installed") from None
         return None
-    return uvloop.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 if __name__ == "__main__":

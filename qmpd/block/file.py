@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
 from typing import Any
@@ -57,6 +58,42 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+_DIRECT_ALIGN = 4096
+
+
+def _direct_pread(fd: int, length: int, offset: int) -> bytes:
+    """O_DIRECT read: page-aligned memory, and an aligned window around the range."""
+    start = offset - offset % _DIRECT_ALIGN
+    end = -(-(offset + length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    with mmap.mmap(-1, end - start) as buf:
+        got = os.preadv(fd, [buf], start)
+        data = bytes(buf[offset - start : offset - start + length])
+    if got < offset - start + length:
+        # Past the end of the file reads as zeros.
+        valid = max(got - (offset - start), 0)
+        data = data[:valid] + bytes(length - valid)
+    return data
+
+
+def _direct_pwrite(fd: int, data: bytes, offset: int) -> None:
+    """O_DIRECT write; an unaligned range is read, patched and written back."""
+    start = offset - offset % _DIRECT_ALIGN
+    end = -(-(offset + len(data)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    size = os.fstat(fd).st_size
+    with mmap.mmap(-1, end - start) as buf:
+        if start != offset or end != offset + len(data):
+            os.preadv(fd, [buf], start)
+        buf[offset - start : offset - start + len(data)] = data
+        view = memoryview(buf)
+        done = 0
+        while done < end - start:
+            done += os.pwritev(fd, [view[done:]], start + done)
+        view.release()
+    if offset + len(data) < end and end > size:
+        # Do not let the alignment padding grow the file.
+        os.ftruncate(fd, max(size, offset + len(data)))
 
 
 def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
@@ -135,6 +172,8 @@ class FileDriver(BlockDriver):
     async def read(self, offset: int, length: int) -> bytes:
         if self._inline and length <= _INLINE_MAX:
             return _pread_full(self.fd, length, offset)
+        if self.node.cache_direct:
+            return await self.node.graph.run_io(_direct_pread, self.fd, length, offset)
         return await self.node.graph.run_io(_pread_full, self.fd, length, offset)
 
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
@@ -145,6 +184,8 @@ class FileDriver(BlockDriver):
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self._inline and len(data) <= _INLINE_MAX:
             _pwrite_full(self.fd, data, offset)
+        elif self.node.cache_direct:
+            await self.node.graph.run_io(_direct_pwrite, self.fd, data, offset)
         else:
             await self.node.graph.run_io(_pwrite_full, self.fd, data, offset)
         end = offset + len(data)
@@ -164,7 +205,8 @@ class FileDriver(BlockDriver):
                 raise OSError(errno.EOPNOTSUPP, "extends the file")
             await self.node.graph.run_io(_fallocate, self.fd, mode, offset, length)
         except OSError:
-            await self.node.graph.run_io(_pwrite_full, self.fd, bytes(length), offset)
+            writer = _direct_pwrite if self.node.cache_direct else _pwrite_full
+            await self.node.graph.run_io(writer, self.fd, bytes(length), offset)
         self._size = max(self._size, offset + length)
         if fua:
             await self.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from qmpd.errors import GenericError
@@ -56,11 +57,13 @@ def query_migrate_parameters(ctx: CommandContext, args: dict[str, Any]) -> dict[
 @command("getfd")
 def getfd(ctx: CommandContext, args: dict[str, Any]) -> None:
     name = args["fdname"]
-    if name[:1].isdigit():
-        raise GenericError("Parameter 'fdname' expects a name not starting with a digit")
+    # QEMU looks for the descriptor first, then at the name.
     fd = ctx.session.take_passed_fd()
     if fd is None:
         raise GenericError("No file descriptor supplied via SCM_RIGHTS")
+    if name[:1].isdigit():
+        os.close(fd)
+        raise GenericError("Parameter 'fdname' expects a name not starting with a digit")
     ctx.services.migration.fds.add(name, fd)
 
 

@@ -301,6 +301,10 @@ class Listener:
                 self._accepted.set_result(Channel(process.stdout, None, process, kind="command"))
             else:
                 self._accepted.set_result(await _channel_from_fd(self.fds.take(uri.target)))
+        except socket.gaierror as exc:
+            raise GenericError(
+                f"address resolution failed for {uri.host}:{uri.service}: {exc.strerror}"
+            ) from None
         except OSError as exc:
             raise GenericError(
                 f"Failed to bind socket to {uri.target}: {exc.strerror}"

@@ -43,7 +43,9 @@ from qmpd.migration.state import (
     RUNNING_STATES,
     TRANSITIONS,
     MigrationStatus,
+    check_capabilities,
     check_parameters,
+    normalize_parameters,
 )
 from qmpd.runstate import RunState
 
@@ -170,25 +172,26 @@ class MigrationManager:
         new = dict(self.capabilities)
         for item in caps:
             new[item["capability"]] = item["state"]
-        if new["postcopy-ram"] and new["compress"]:
-            raise GenericError(
-                "Postcopy is not currently compatible with compression"
-            )
-        if new["postcopy-preempt"] and not new["postcopy-ram"]:
-            raise GenericError("Postcopy preempt requires postcopy-ram")
+        check_capabilities(new, self.parameters)
         self.capabilities = new
 
     def query_capabilities(self) -> list[dict[str, Any]]:
         return [{"capability": name, "state": self.capabilities[name]} for name in CAPABILITIES]
 
     def set_parameters(self, params: dict[str, Any]) -> None:
-        params = {k: ("" if v is None else v) for k, v in params.items()}
+        params = normalize_parameters(params)
         merged = {**self.parameters, **params}
         check_parameters(params)
         if "max-cpu-throttle" in params or "cpu-throttle-initial" in params:
             check_parameters(
                 {"max-cpu-throttle": merged["max-cpu-throttle"],
                  "cpu-throttle-initial": merged["cpu-throttle-initial"]}
+            )
+        if self.capabilities["zero-copy-send"] and (
+            params.get("multifd-compression", "none") != "none" or params.get("tls-creds")
+        ):
+            raise GenericError(
+                "Zero copy only available for non-compressed non-TLS multifd migration"
             )
         self.parameters = merged
 
@@ -501,14 +504,20 @@ class MigrationManager:
             raise GenericError("'-incoming' was not specified on the command line")
         if self.incoming_started:
             raise GenericError("The incoming migration has already been started")
-        uri = parse_uri(uri_text)
+        # QEMU 7.2 sends this one whatever the events capability says, and
+        # before it looks at the URI: a refused URI still shows it.
+        self.events.emit("MIGRATION", {"status": "setup"})
+        try:
+            uri = parse_uri(uri_text)
+        except GenericError as exc:
+            if is_protocol_error(exc):
+                raise GenericError(f"unknown migration protocol: {uri_text}") from None
+            raise
         listener = Listener(uri, self.fds)
         await listener.start()
         self.listener = listener
         self.incoming_started = True
         self.exit_on_error = exit_on_error
-        # QEMU 7.2 sends this one whatever the events capability says.
-        self.events.emit("MIGRATION", {"status": "setup"})
         self.incoming_task = asyncio.get_running_loop().create_task(self._incoming())
 
     async def _incoming(self) -> None:

@@ -214,3 +214,24 @@ def test_inmigrate_nodes_are_inactive(qmpd_factory: Any, tmp_path: Path) -> None
     assert all(n["active"] is True for n in nodes)
     assert hmp(c, 'qemu-io d "write -P 7 0 4k"') == ""
     assert path.read_bytes()[:4096] == b"\x07" * 4096
+
+
+def test_cache_direct_qcow2_unaligned_io(client: RawClient, qmpd: QmpdProcess,
+                                         tmp_path: Path) -> None:
+    img = tmp_path / "direct.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
+    reply = add(client, driver="qcow2", **{"node-name": "d"}, cache={"direct": True},
+                file={"driver": "file", "filename": str(img)})
+    if "error" in reply and "Invalid argument" in reply["error"]["desc"]:
+        pytest.skip("this file system does not support O_DIRECT")
+    assert reply == {"return": {}}
+    (node, _) = client.cmd("query-named-block-nodes")["return"]
+    assert node["cache"]["direct"] is True
+    hmp(client, 'qemu-io d "write -P 0x61 12345 70000"')
+    hmp(client, 'qemu-io d "write -P 0x62 32M 4k"')
+    hmp(client, 'qemu-io d "read -P 0x61 12345 70000"')
+    assert "Pattern verification failed" not in qmpd.read_stdout()
+    assert client.cmd("blockdev-del", {"node-name": "d"}) == {"return": {}}
+    assert qemu_img("check", str(img)).returncode == 0
+    out = qemu_io("-c", "read -P 0x61 12345 70000", "-c", "read -P 0x62 32M 4k", str(img))
+    assert "Pattern verification failed" not in out.stdout and out.returncode == 0
