@@ -8,6 +8,7 @@ import errno
 import mmap
 import os
 import stat
+import threading
 from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, Perm
@@ -61,15 +62,30 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
 
 
 _DIRECT_ALIGN = 4096
+_bounce = threading.local()
+
+
+def _bounce_buffer(size: int) -> memoryview:
+    """A page-aligned buffer of at least ``size`` bytes, reused per I/O thread."""
+    buf: mmap.mmap | None = getattr(_bounce, "buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = mmap.mmap(-1, max(size, 1 << 20))
+        _bounce.buf = buf
+    return memoryview(buf)[:size]
 
 
 def _direct_pread(fd: int, length: int, offset: int) -> bytes:
     """O_DIRECT read: page-aligned memory, and an aligned window around the range."""
     start = offset - offset % _DIRECT_ALIGN
     end = -(-(offset + length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-    with mmap.mmap(-1, end - start) as buf:
-        got = os.preadv(fd, [buf], start)
-        data = bytes(buf[offset - start : offset - start + length])
+    view = _bounce_buffer(end - start)
+    try:
+        got = os.preadv(fd, [view], start)
+        data = bytes(view[offset - start : offset - start + length])
+    finally:
+        view.release()
     if got < offset - start + length:
         # Past the end of the file reads as zeros.
         valid = max(got - (offset - start), 0)
@@ -81,17 +97,19 @@ def _direct_pwrite(fd: int, data: bytes, offset: int) -> None:
     """O_DIRECT write; an unaligned range is read, patched and written back."""
     start = offset - offset % _DIRECT_ALIGN
     end = -(-(offset + len(data)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-    size = os.fstat(fd).st_size
-    with mmap.mmap(-1, end - start) as buf:
-        if start != offset or end != offset + len(data):
-            os.preadv(fd, [buf], start)
-        buf[offset - start : offset - start + len(data)] = data
-        view = memoryview(buf)
+    unaligned_tail = end != offset + len(data)
+    size = os.fstat(fd).st_size if unaligned_tail else 0
+    view = _bounce_buffer(end - start)
+    try:
+        if start != offset or unaligned_tail:
+            os.preadv(fd, [view], start)
+        view[offset - start : offset - start + len(data)] = data
         done = 0
         while done < end - start:
             done += os.pwritev(fd, [view[done:]], start + done)
+    finally:
         view.release()
-    if offset + len(data) < end and end > size:
+    if unaligned_tail and end > size:
         # Do not let the alignment padding grow the file.
         os.ftruncate(fd, max(size, offset + len(data)))
 

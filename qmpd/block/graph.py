@@ -18,13 +18,11 @@ The only way from inactive to active is :meth:`BlockGraph.activate`
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +35,7 @@ from qmpd.block.driver import (
     Perm,
     perm_names,
 )
+from qmpd.block.iopool import IOPool
 from qmpd.errors import GenericError
 
 if TYPE_CHECKING:
@@ -242,14 +241,18 @@ class BlockGraph:
     def __init__(self, metrics: Metrics | None = None, io_threads: int = 16) -> None:
         self.nodes: dict[str, BlockNode] = {}
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="qmpd-io")
+        self.io = IOPool(io_threads)
         self._serial = 0
         self._auto_counter = 0
         self._rng = random.Random()
 
+    def close(self) -> None:
+        """Stop the I/O threads (the graph may still start them again on use)."""
+        self.io.shutdown()
+
     async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call in the I/O thread pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.io.run(fn, *args)
 
     def new_auto_name(self) -> str:
         name = f"#block{self._auto_counter}{self._rng.randrange(100):02d}"

@@ -235,7 +235,7 @@ async def ours(img: Path, fmt: str, bs: int, count: int, step: int, write: bool,
         await node.driver.close()
     if pool is not None:
         pool.stop(16)
-    graph.executor.shutdown(wait=True)
+    graph.close()
     if write:
         os.sync()
     return count / secs
@@ -399,7 +399,7 @@ async def invalidate_cost(dirpath: Path) -> dict[str, float]:
                 times.append(time.perf_counter() - t0)
             out[label] = statistics.median(times) * 1e3
             await close_image(node)
-            graph.executor.shutdown(wait=True)
+            graph.close()
     finally:
         shutil.rmtree(tmp)
     return out

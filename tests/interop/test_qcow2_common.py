@@ -82,7 +82,7 @@ async def opened(path: Path, **kw: Any) -> AsyncIterator[BlockNode]:
         try:
             await close_image(node)
         finally:
-            graph.executor.shutdown(wait=False)
+            graph.close()
 
 
 def run_async(coro: Any) -> Any:

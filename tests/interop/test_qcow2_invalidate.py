@@ -65,7 +65,7 @@ async def handover(tmp: Path, write_after: bool = True) -> dict[str, object]:
             await node.write(2 * MiB, b"\x55" * 65536)
         await close_image(node)
     finally:
-        graph.executor.shutdown(wait=False)
+        graph.close()
     result["check"] = check(img).returncode
     result["final"] = {
         where: pattern_ok(img, where, byte)

@@ -232,7 +232,7 @@ async def test_open_errors_match_qemu(tmp_path: Path, name: str, offset: int, va
             assert await node.read(0, 512) == bytes(512)
             await node.driver.close()
     finally:
-        graph.executor.shutdown(wait=False)
+        graph.close()
 
 
 @pytest.mark.parametrize("opts", [

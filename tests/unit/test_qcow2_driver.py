@@ -31,7 +31,7 @@ MiB = 1 << 20
 async def graph() -> AsyncIterator[BlockGraph]:
     g = BlockGraph(io_threads=4)
     yield g
-    g.executor.shutdown(wait=False)
+    g.close()
 
 
 def drv(node: BlockNode) -> Qcow2Driver:
@@ -247,8 +247,8 @@ async def test_inactivate_refuses_writes_and_invalidate_reloads(tmp_path: Path) 
             assert await c.read(off, 4096) == bytes([byte]) * 4096
         await close_image(c)
     finally:
-        g1.executor.shutdown(wait=False)
-        g2.executor.shutdown(wait=False)
+        g1.close()
+        g2.close()
 
 
 async def test_failed_invalidate_leaves_driver_unusable(tmp_path: Path,
