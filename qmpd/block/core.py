@@ -96,7 +96,7 @@ class BlockLayer:
         read_only = options.get("read-only", inherited.read_only if parent else False)
         if role_name == "backing":
             read_only = True
-        force_share = options.get("force-share", False)
+        force_share = options.get("force-share", inherited.force_share if parent else False)
         if force_share and not read_only:
             raise GenericError("force-share=on can only be used with read-only images")
         discard = options.get("discard")

@@ -285,13 +285,17 @@ class Listener:
                 self.server = await asyncio.start_unix_server(on_client, uri.target)
                 self.addresses = [{"path": uri.target, "type": "unix"}]
             elif uri.scheme == "tcp":
+                # No host: every address, IPv6 and IPv4, as QEMU listens.
                 self.server = await asyncio.start_server(
-                    on_client, uri.host or "0.0.0.0", uri.service
+                    on_client, uri.host or None, uri.service
                 )
+                sockets = sorted(self.server.sockets,
+                                 key=lambda sock: sock.family != socket.AF_INET6)
                 self.addresses = [
                     {"host": sock.getsockname()[0], "port": str(sock.getsockname()[1]),
+                     "ipv6" if sock.family == socket.AF_INET6 else "ipv4": True,
                      "type": "inet"}
-                    for sock in self.server.sockets
+                    for sock in sockets
                 ]
             elif uri.scheme == "exec":
                 process = await asyncio.create_subprocess_exec(

@@ -20,6 +20,11 @@ connection covers the writes acknowledged on all of them:
 ``NBD_FLAG_CAN_MULTI_CONN`` is advertised unless ``max-connections`` is 1
 (QEMU's rule).
 
+Reads: a READ of 64 KiB or more is built from block status (holes go out
+as hole chunks; the answer is remembered in :class:`DataRanges`), and a
+range the node stores as-is in a host file (raw over file) is handed to the
+server as a :class:`~qmpd.nbd.protocol.FileSpan` and sent with sendfile(2).
+
 Deletion follows QEMU 7.2 (``block/export/export.c``): an export without
 clients disappears at once and ``BLOCK_EXPORT_DELETED`` is sent before the
 command returns; ``mode: hard`` with clients connected returns first,
@@ -498,6 +503,8 @@ class BlockExports:
         )
         await self._attach(export)
         try:
+            if export_id in self.exports:  # added by another monitor meanwhile
+                raise GenericError(f"Block export id '{export_id}' is already in use")
             if self.server is None:
                 raise GenericError("NBD server not running")
             if len(name.encode()) > p.MAX_STRING:

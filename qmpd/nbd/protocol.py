@@ -786,6 +786,11 @@ class Transmission:
         self.finished = False  # after DISC or a violation nothing more is parsed
 
     @property
+    def receiving(self) -> bool:
+        """Whether part of a request has arrived (more of it is on its way)."""
+        return self._header is not None or self._end > self._start
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet turned into events."""
         return self._end - self._start + (self._filled if self._header is not None else 0)

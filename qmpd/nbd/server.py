@@ -19,8 +19,12 @@ Per connection:
   too large to skip) closes the connection; an invalid request gets an error
   reply and the connection goes on, as with QEMU;
 * no payload is copied in Python: WRITE data is received into its own
-  buffer, replies leave with one ``sendmsg`` each, and large READs of a
-  range stored as-is in a host file are sent with ``sendfile``.
+  buffer, replies leave with ``sendmsg`` (several small ones together while
+  the client is still sending), and large READs of a range stored as-is in
+  a host file are sent with ``sendfile``;
+* one connection never holds the event loop for long (:data:`PUMP_BUDGET`,
+  :data:`FLUSH_BUDGET`): other clients and the QMP monitor stay responsive
+  while an export runs at full speed.
 
 The listener accepts connections itself so that it can stop accepting while
 ``max-connections`` clients are connected (QEMU leaves further clients in the
@@ -31,12 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import functools
 import itertools
 import logging
 import os
 import socket
 import stat
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
@@ -64,6 +71,16 @@ WRITE_LOW_WATER = 1024 * 1024
 #: Socket send buffer asked for (the kernel caps it).
 SOCKET_BUFFER = 1024 * 1024
 _IOV_MAX = 1024
+#: Replies of a client that is still sending wait up to this long ...
+COALESCE_DELAY = 0.0005
+#: ... or until this many replies / bytes are queued.
+COALESCE_REPLIES = 32
+COALESCE_BYTES = 256 * 1024
+#: Bytes one flush sends before yielding the loop (the writer callback,
+#: level-triggered, comes back for the rest).
+FLUSH_BUDGET = 1024 * 1024
+#: Receives one wake-up of the reader may do while the socket fills the buffers.
+READS_PER_WAKEUP = 4
 #: How long one connection may process requests before yielding the loop
 #: (to other clients and to the QMP monitor).
 PUMP_BUDGET = 0.0005
@@ -126,7 +143,9 @@ class NbdConnection:
         self._close_when_idle = False
         self._pumping = False
         self._resume_pending = False
-        self._flush_pending = False
+        self._flush_soon = False
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._unsent_replies = 0
         self._out: deque[memoryview | p.FileSpan] = deque()
         self._out_bytes = 0
         self._writing = False
@@ -168,6 +187,8 @@ class NbdConnection:
             return
         self.closed = True
         self.draining = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
         if self.reading:
             self.loop.remove_reader(self.fd)
             self.reading = False
@@ -180,11 +201,15 @@ class NbdConnection:
             self._timer.cancel()
         self.sock.close()
         self.server.connections.discard(self)
-        if self.export is not None:
-            self.export.connection_closed(self)
         if not self._lost.done():
             self._lost.set_result(None)
         self.server.connection_gone()
+        self._release()
+
+    def _release(self) -> None:
+        """Leave the export once closed and nothing of ours runs against its node."""
+        if self.closed and self.in_flight == 0 and self.export is not None:
+            self.export.connection_closed(self)
 
     def _finish(self, parse_rest: bool = False) -> None:
         """No more requests: answer those in flight, send everything, close.
@@ -208,6 +233,8 @@ class NbdConnection:
         self._finish()
         if not self._out:
             self._close()
+        else:
+            self._schedule_flush()
 
     # --- socket I/O --------------------------------------------------------------------------
 
@@ -221,34 +248,46 @@ class NbdConnection:
         self.reading = on
 
     def _readable(self) -> None:
-        try:
-            if self.tx is not None:
-                tx = self.tx
-                buf = tx.get_buffer()
-                n = self.sock.recv_into(buf)
-                if n:
-                    tx.buffer_updated(n)
-            else:
-                data = self.sock.recv(65536)
-                n = len(data)
-                if n and self.handshake is not None:
-                    self.handshake.receive_data(data)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.debug("NBD client %s: %s", self.peer, exc)
-            self._close()
-            return
-        try:
-            if not n:
-                self._eof()
-            elif self.tx is not None:
-                self._pump()
-            else:
-                self._pump_handshake()
-        except Exception:  # a bug must not take the daemon down: drop this client
-            log.exception("NBD client %s: internal error; disconnecting", self.peer)
-            self._close()
+        # A few receives per wake-up while the socket keeps filling our
+        # buffers: fewer trips through the event loop for bulk transfers,
+        # within the same time budget as one pump.
+        deadline = time.perf_counter() + PUMP_BUDGET
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                if self.tx is not None:
+                    tx = self.tx
+                    buf = tx.get_buffer()
+                    want = len(buf)
+                    n = self.sock.recv_into(buf)
+                    if n:
+                        tx.buffer_updated(n)
+                else:
+                    want = 65536
+                    data = self.sock.recv(want)
+                    n = len(data)
+                    if n and self.handshake is not None:
+                        self.handshake.receive_data(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("NBD client %s: %s", self.peer, exc)
+                self._close()
+                return
+            try:
+                if not n:
+                    self._eof()
+                elif self.tx is not None:
+                    self._pump()
+                else:
+                    self._pump_handshake()
+            except Exception:  # a bug must not take the daemon down: drop this client
+                log.exception("NBD client %s: internal error; disconnecting", self.peer)
+                self._close()
+                return
+            if n < want or not self.reading or self._resume_pending:
+                return
+            if time.perf_counter() > deadline:
+                return
 
     def _eof(self) -> None:
         # The client sends nothing more: answer what it sent, then close.
@@ -272,15 +311,51 @@ class NbdConnection:
         for part in parts:
             out.append(part if isinstance(part, p.FileSpan) else memoryview(part))
             self._out_bytes += len(part)
-        if not self._pumping and not self._writing and not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._deferred_flush)
+        self._unsent_replies += 1
+        if not self._pumping:
+            self._schedule_flush()
         if self._out_bytes > WRITE_HIGH_WATER and not self.write_paused:
             self.write_paused = True
             self._set_reading(False)
 
+    def _schedule_flush(self) -> None:
+        """Flush soon; a little later while the client is still sending.
+
+        A client streaming WRITEs keeps many requests in flight, so its
+        replies can wait a fraction of a millisecond and leave together
+        (one sendmsg, one wake-up of the client instead of one per reply).
+        A client that has sent everything gets its replies at once.
+        """
+        if self._writing or self.closed:
+            return
+        tx = self.tx
+        busy = (
+            tx is not None and self._unsent_replies < COALESCE_REPLIES
+            and self._out_bytes < COALESCE_BYTES and not self._close_when_idle
+            and (tx.receiving or self._input_waiting())
+        )
+        if busy:
+            if self._flush_handle is None:
+                self._flush_handle = self.loop.call_later(COALESCE_DELAY, self._deferred_flush)
+        elif not self._flush_soon:
+            self._flush_soon = True
+            self.loop.call_soon(self._deferred_flush)
+
+    def _input_waiting(self) -> bool:
+        """Whether the client has sent more that we have not read yet."""
+        if not self.reading:
+            return False
+        try:
+            raw = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(raw, sys.byteorder) > 0
+
     def _deferred_flush(self) -> None:
-        self._flush_pending = False
+        self._flush_soon = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         self._kick()
 
     def _kick(self) -> None:
@@ -294,14 +369,34 @@ class NbdConnection:
         if self._out:
             self.loop.add_writer(self.fd, self._writable)
             self._writing = True
-        elif self._close_when_idle and self.in_flight == 0 and not self._resume_pending:
-            self._close()
+        self._after_flush()
+
+    def _after_flush(self) -> None:
+        """Bookkeeping once the socket took what it could: close, or read again."""
+        if not self._out:
+            if self._writing:
+                self.loop.remove_writer(self.fd)
+                self._writing = False
+            if self._close_when_idle and self.in_flight == 0 and not self._resume_pending:
+                self._close()
+                return
+        if self.write_paused and self._out_bytes <= WRITE_LOW_WATER:
+            self.write_paused = False
+            if self.tx is not None:
+                if not self._resume_pending:
+                    self._resume_pending = True
+                    self.loop.call_soon(self._resume)
+            elif self.handshake is not None:
+                self._set_reading(True)
+                self.loop.call_soon(self._resume_handshake)
 
     def _flush(self) -> None:
         """Send what the socket takes now: buffers with sendmsg, spans with sendfile."""
         out = self._out
+        self._unsent_replies = 0
         sock = self.sock
-        while out:
+        budget = FLUSH_BUDGET
+        while out and budget > 0:
             head = out[0]
             try:
                 if isinstance(head, p.FileSpan):
@@ -310,6 +405,7 @@ class NbdConnection:
                         out[0] = memoryview(bytes(head.length))
                         continue
                     self._out_bytes -= sent
+                    budget -= sent
                     if sent < head.length:
                         out[0] = p.FileSpan(head.fd, head.offset + sent, head.length - sent)
                         return
@@ -333,6 +429,7 @@ class NbdConnection:
                 self._close()
                 return
             self._out_bytes -= sent
+            budget -= sent
             remaining = sent
             while remaining:
                 first = out[0]
@@ -348,21 +445,8 @@ class NbdConnection:
 
     def _writable(self) -> None:
         self._flush()
-        if self.closed:
-            return
-        if not self._out:
-            self.loop.remove_writer(self.fd)
-            self._writing = False
-            if self._close_when_idle and self.in_flight == 0:
-                self._close()
-                return
-        if self.write_paused and self._out_bytes <= WRITE_LOW_WATER:
-            self.write_paused = False
-            if self.tx is not None:
-                self._pump()
-            elif self.handshake is not None:
-                self._set_reading(True)
-                self._pump_handshake()
+        if not self.closed:
+            self._after_flush()
 
     # --- handshake ------------------------------------------------------------------------
 
@@ -459,7 +543,8 @@ class NbdConnection:
             self._pumping = False
         if self.closed:
             return
-        self._kick()
+        if self._unsent_replies:
+            self._schedule_flush()
         self._set_reading(
             self._admit() and not tx.finished and not self._close_when_idle
             and not self._resume_pending
@@ -471,6 +556,10 @@ class NbdConnection:
         self._resume_pending = False
         if not self.closed:
             self._pump()
+
+    def _resume_handshake(self) -> None:
+        if not self.closed and self.handshake is not None:
+            self._pump_handshake()
 
     def _rejected(self, event: p.Rejected) -> None:
         assert self.export is not None
@@ -530,6 +619,8 @@ class NbdConnection:
             self._idle.set()
         if not self.closed:
             self._pump()
+        else:
+            self._release()
 
     async def _run(self, export: NbdExport, request: p.Request) -> list[p.ReplyPart]:
         kind = request.type
@@ -572,21 +663,26 @@ class NbdConnection:
         self._close()
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Stop taking requests, answer those in flight, flush replies, close."""
+        """Stop taking requests, answer those in flight, flush replies, close.
+
+        Returns once no request of this connection runs any more, even one
+        whose client went away: only then may its node be released.
+        """
         self.draining = True
         self._set_reading(False)
-        if self.closed:
-            return
-        if self.tx is None:  # still negotiating: nothing to finish
-            self._close()
-            return
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            self._close_after_output()
-            await asyncio.wait_for(asyncio.shield(self._lost), timeout)
-        except TimeoutError:
-            log.warning("NBD client %s did not finish in %.0f s; dropped", self.peer, timeout)
-            self._close()
+        if not self.closed:
+            if self.tx is None:  # still negotiating: nothing to finish
+                self._close()
+            else:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+                    self._close_after_output()
+                    await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+                except TimeoutError:
+                    log.warning("NBD client %s did not finish in %.0f s; dropped",
+                                self.peer, timeout)
+                    self._close()
+        await self._idle.wait()
 
 
 def _pread_zero_filled(span: p.FileSpan) -> bytes:

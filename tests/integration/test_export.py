@@ -635,11 +635,21 @@ def test_max_connections_one(qmpd_factory: Any, tmp_path: Path) -> None:
     run(scenario())
 
 
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise EOFError(f"got {len(out)} of {n} bytes")
+        out += chunk
+    return out
+
+
 def raw_connect(sock: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(5)
     s.connect(str(sock))
-    assert s.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+    assert recv_exact(s, 18)[:8] == b"NBDMAGIC"
     return s
 
 
@@ -677,7 +687,7 @@ def test_hostile_clients_do_not_disturb_others(qmpd_factory: Any, tmp_path: Path
     # Transmission: out-of-range offsets get QEMU's error; a request after DISC is ignored.
     s = raw_connect(sock)
     s.sendall(struct.pack(">I", 3) + p.option_request(p.Opt.EXPORT_NAME, b"f"))
-    assert len(s.recv(10, socket.MSG_WAITALL)) == 10
+    assert len(recv_exact(s, 10)) == 10
     s.sendall(p.request_header(p.Cmd.READ, 1, 4 << 20, 512) + p.request_header(p.Cmd.DISC, 2)
               + p.request_header(p.Cmd.READ, 3, 0, 512))
     reply = recv_until_eof(s)
@@ -685,14 +695,14 @@ def test_hostile_clients_do_not_disturb_others(qmpd_factory: Any, tmp_path: Path
     # Bad request magic after a good handshake: disconnect.
     s = raw_connect(sock)
     s.sendall(struct.pack(">I", 3) + p.option_request(p.Opt.EXPORT_NAME, b"f"))
-    s.recv(10, socket.MSG_WAITALL)
+    recv_exact(s, 10)
     s.sendall(b"\xff" * 28)
     assert recv_until_eof(s) == b""
     # A client that never reads its replies: it stalls alone.
     stuck = raw_connect(sock)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(struct.pack(">I", 3) + p.option_request(p.Opt.EXPORT_NAME, b"f"))
-    stuck.recv(10, socket.MSG_WAITALL)
+    recv_exact(stuck, 10)
     stuck.setblocking(False)
     flood = b"".join(p.request_header(p.Cmd.READ, i, 0, 1 << 20) for i in range(64))
     sent = 0
@@ -717,3 +727,78 @@ def test_hostile_clients_do_not_disturb_others(qmpd_factory: Any, tmp_path: Path
     stuck.close()
     # Still serving after all that.
     run(others())
+
+
+# --- commands, as a client sees them -----------------------------------------------------------
+
+
+def test_commands_through_client(qmpd_factory: Any, tmp_path: Path) -> None:
+    image = raw_image(tmp_path / "d.raw", size=4 << 20)
+    sock = tmp_path / "n.sock"
+    qmpd_factory(
+        "--blockdev", f"driver=file,node-name=f,filename={image}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "nbd,id=e0,node-name=f,writable=on,allocation-depth=on",
+    )
+
+    async def scenario() -> None:
+        c = await NbdClient.connect(uri(sock, "f"), contexts=[p.BASE_ALLOCATION, p.ALLOCATION_DEPTH])
+        assert c.info.contexts == {0: p.BASE_ALLOCATION, 1: p.ALLOCATION_DEPTH}
+        await c.write(0, b"\x42" * 65536, fua=True)
+        status = await c.block_status(0, 1 << 20)
+        assert status[p.BASE_ALLOCATION] == [(65536, 0), ((1 << 20) - 65536, 3)]
+        assert status[p.ALLOCATION_DEPTH] == [(1 << 20, 1)]
+        assert await c.block_status(0, 512, req_one=True) == {
+            p.BASE_ALLOCATION: [(512, 0)], p.ALLOCATION_DEPTH: [(512, 1)]}
+        # FAST_ZERO is honoured only where nothing needs doing.
+        await c.write_zeroes(1 << 20, 65536, flags=p.CmdFlag.FAST_ZERO)
+        with pytest.raises(NbdError) as exc:
+            await c.write_zeroes(0, 4096, flags=p.CmdFlag.FAST_ZERO)
+        assert (exc.value.errno, exc.value.message) == (p.Errno.ENOTSUP, "writing to file failed")
+        await c.write_zeroes(0, 4096, flags=p.CmdFlag.NO_HOLE | p.CmdFlag.FUA)
+        await c.trim(8192, 4096, fua=True)
+        await c.cache(0, 65536)
+        await c.flush()
+        data = await c.read(0, 65536, flags=p.CmdFlag.DF)
+        assert data[:4096] == bytes(4096) and data[4096:8192] == b"\x42" * 4096
+        # Replies overtake each other: a big read and small ones in flight at once.
+        big = asyncio.ensure_future(c.read(0, 4 << 20))
+        small = [asyncio.ensure_future(c.read(65536 - 512, 512)) for _ in range(8)]
+        assert all(r == b"\x42" * 512 for r in await asyncio.gather(*small))
+        assert (await big)[4096:65536] == b"\x42" * (65536 - 4096)
+        with pytest.raises(NbdError) as exc:
+            await c.command(p.Cmd.READ, 0, 512, flags=0x40)
+        assert exc.value.message == "unsupported flags for command read (got 0x40)"
+        with pytest.raises(NbdError) as exc:
+            await c.command(42)
+        assert exc.value.message == "invalid request type (42) received"
+        await c.disconnect()
+
+    run(scenario())
+
+
+def test_sparse_read_uses_hole_chunks(qmpd_factory: Any, tmp_path: Path) -> None:
+    image = raw_image(tmp_path / "d.raw", size=1 << 20, fill=b"\x01" * 65536)
+    sock = tmp_path / "n.sock"
+    qmpd_factory(
+        "--blockdev", f"driver=file,node-name=f,filename={image}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "nbd,id=e0,node-name=f",
+    )
+    s = raw_connect(sock)
+    s.sendall(struct.pack(">I", 3) + p.option_request(p.Opt.STRUCTURED_REPLY)
+              + p.option_request(p.Opt.GO, p.info_request_data("f", [])))
+    buf = b""
+    while not buf.endswith(struct.pack(">QIII", p.OPTION_REPLY_MAGIC, p.Opt.GO, p.Rep.ACK, 0)):
+        buf += s.recv(4096)
+    s.sendall(p.request_header(p.Cmd.READ, 7, 0, 1 << 20))
+    chunks = []
+    while True:
+        head = recv_exact(s, 20)
+        _magic, flags, kind, _cookie, length = struct.unpack(">IHHQI", head)
+        body = recv_exact(s, length)
+        chunks.append((kind, struct.unpack_from(">Q", body)[0], flags, len(body)))
+        if flags & p.ReplyFlag.DONE:
+            break
+    assert chunks == [(p.ReplyType.OFFSET_DATA, 0, 0, 8 + 65536), (p.ReplyType.OFFSET_HOLE, 65536, 1, 12)]
+    s.close()
