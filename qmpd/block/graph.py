@@ -18,6 +18,7 @@ The only way from inactive to active is :meth:`BlockGraph.activate`
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import random
@@ -357,16 +358,33 @@ class BlockGraph:
             if not any(e.parent is not None for e in n.parents)
         ]
 
-    async def activate(self, node: BlockNode, seen: set[int] | None = None) -> None:
-        """Activate ``node`` and its children, children first (bdrv_activate)."""
-        seen = seen if seen is not None else set()
-        if id(node) in seen:
+    async def activate(
+        self, node: BlockNode, seen: dict[int, asyncio.Future[None]] | None = None
+    ) -> None:
+        """Activate ``node`` and its children, children first (bdrv_activate).
+
+        ``seen`` lets concurrent activations share a child: the second one
+        waits for the first instead of racing it.
+        """
+        seen = seen if seen is not None else {}
+        pending = seen.get(id(node))
+        if pending is not None:
+            await pending
             return
-        seen.add(id(node))
-        for edge in list(node.children.values()):
-            await self.activate(edge.child, seen)
-        if node.active:
-            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        seen[id(node)] = done
+        try:
+            for edge in list(node.children.values()):
+                await self.activate(edge.child, seen)
+            if not node.active:
+                await self._activate_one(node)
+        except BaseException as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved here; waiters re-raise it
+            raise
+        done.set_result(None)
+
+    async def _activate_one(self, node: BlockNode) -> None:
         start = time.perf_counter()
         node.set_state(NodeState.ACTIVE)
         try:
@@ -375,6 +393,7 @@ class BlockGraph:
         except Exception as exc:
             node.set_state(NodeState.INACTIVE)
             node.activation_error = str(exc)
+            log.error("activation of node %s failed: %s", node.node_name, exc)
             raise
         node.activation_error = None
         node.stats.invalidations += 1
@@ -384,16 +403,30 @@ class BlockGraph:
         if self.metrics is not None:
             self.metrics.observe_activation(time.perf_counter() - start)
 
-    async def activate_all(self) -> None:
-        """Activate every inactive node; the first failure names its node."""
-        seen: set[int] = set()
-        for node in self.roots():
-            try:
-                await self.activate(node, seen)
-            except GenericError:
-                raise
-            except BlockDriverError as exc:
-                raise GenericError(str(exc)) from None
+    async def activate_all(self, concurrency: int = 64) -> None:
+        """Activate every inactive node, independent trees concurrently.
+
+        Each node is activated whole or not at all (it stays inactive, with
+        its error recorded and logged under its name); the first failure,
+        in creation order, is raised once every tree has been tried.
+        """
+        seen: dict[int, asyncio.Future[None]] = {}
+        limit = asyncio.Semaphore(concurrency)
+
+        async def tree(root: BlockNode) -> None:
+            async with limit:
+                await self.activate(root, seen)
+
+        results = await asyncio.gather(
+            *(tree(root) for root in self.roots()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, GenericError):
+                raise result
+            if isinstance(result, BlockDriverError):
+                raise GenericError(str(result)) from None
+            if isinstance(result, BaseException):
+                raise result
 
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first)."""

@@ -18,7 +18,6 @@ from qmpd.block.driver import PERM_ALL, PERM_NAMES, Perm
 
 PERM_BASE = 100
 SHARED_BASE = 200
-_BITS = [(i, Perm(1 << i)) for i in range(4)]
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start,
 # off_t l_len, pid_t l_pid (OFD locks need l_pid = 0).
@@ -62,32 +61,38 @@ def ofd_locks_available(fd: int) -> bool:
 
 
 class ImageLock:
-    """The lock bytes one open file holds, kept in step with its permissions."""
+    """The lock bytes one open file holds, kept in step with its permissions.
+
+    Permission sets are handled as plain ints here: this runs for every node
+    at every activation, and IntFlag arithmetic costs more than the syscalls.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.held = Perm.NONE  # bytes 100+bit we hold
-        self.unshared = Perm.NONE  # bytes 200+bit we hold
+        self.held = 0  # bits whose byte 100+bit we hold
+        self.unshared = 0  # bits whose byte 200+bit we hold
 
-    def _apply(self, held: Perm, unshared: Perm) -> None:
-        for i, bit in _BITS:
+    def _apply(self, held: int, unshared: int) -> None:
+        fd = self.fd
+        for i in range(4):
+            bit = 1 << i
             if held & bit and not self.held & bit:
-                lock_byte(self.fd, PERM_BASE + i)
+                lock_byte(fd, PERM_BASE + i)
             elif not held & bit and self.held & bit:
-                unlock_byte(self.fd, PERM_BASE + i)
+                unlock_byte(fd, PERM_BASE + i)
             if unshared & bit and not self.unshared & bit:
-                lock_byte(self.fd, SHARED_BASE + i)
+                lock_byte(fd, SHARED_BASE + i)
             elif not unshared & bit and self.unshared & bit:
-                unlock_byte(self.fd, SHARED_BASE + i)
+                unlock_byte(fd, SHARED_BASE + i)
         self.held, self.unshared = held, unshared
 
-    def _check(self, perm: Perm, shared: Perm) -> None:
-        for i, bit in _BITS:
-            if perm & bit and byte_is_locked_by_others(self.fd, SHARED_BASE + i):
-                raise LockError(f'Failed to get "{PERM_NAMES[bit]}" lock')
-        for i, bit in _BITS:
-            if not shared & bit and byte_is_locked_by_others(self.fd, PERM_BASE + i):
-                raise LockError(f'Failed to get shared "{PERM_NAMES[bit]}" lock')
+    def _check(self, perm: int, shared: int) -> None:
+        for i in range(4):
+            if perm & (1 << i) and byte_is_locked_by_others(self.fd, SHARED_BASE + i):
+                raise LockError(f'Failed to get "{PERM_NAMES[Perm(1 << i)]}" lock')
+        for i in range(4):
+            if not shared & (1 << i) and byte_is_locked_by_others(self.fd, PERM_BASE + i):
+                raise LockError(f'Failed to get shared "{PERM_NAMES[Perm(1 << i)]}" lock')
 
     def update(self, perm: Perm, shared: Perm) -> None:
         """Hold ``perm`` and refuse to share what ``shared`` leaves out.
@@ -96,15 +101,19 @@ class ImageLock:
         conflicts, then drop what is no longer needed; on a conflict, go
         back to exactly the old set.
         """
-        unshared = ~shared & PERM_ALL
+        perm_i = int(perm)
+        shared_i = int(shared)
+        unshared = ~shared_i & int(PERM_ALL)
         old_held, old_unshared = self.held, self.unshared
+        if perm_i == old_held and unshared == old_unshared:
+            return
         try:
-            self._apply(old_held | perm, old_unshared | unshared)
-            self._check(perm, shared)
+            self._apply(old_held | perm_i, old_unshared | unshared)
+            self._check(perm_i, shared_i)
         except (LockError, OSError):
             self._apply(old_held, old_unshared)
             raise
-        self._apply(perm, unshared)
+        self._apply(perm_i, unshared)
 
     def release(self) -> None:
-        self._apply(Perm.NONE, Perm.NONE)
+        self._apply(0, 0)
