@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.driver import BlockDriverError
 from qmpd.errors import GenericError
 from qmpd.migration import stream
 from qmpd.migration.channels import (
@@ -445,7 +444,13 @@ class MigrationManager:
             self.events.emit("STOP")
         else:
             vm.set_state(RunState.FINISH_MIGRATE)
-        await flush_all(self.daemon.block.graph)
+        # QEMU flushes every node when it stops the VM.  Held in pre-switchover,
+        # the images must be on disk (a storage daemon may take them over there);
+        # otherwise inactivation, which flushes every node it inactivates, comes
+        # next with nothing in between, and a flush here would only double the
+        # fdatasync calls in the downtime.
+        if self.capabilities["pause-before-switchover"]:
+            await flush_all(self.daemon.block.graph)
 
     async def _abort_outgoing(
         self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool
@@ -468,7 +473,7 @@ class MigrationManager:
             # Another process may have opened the images while we were
             # inactive: activation re-reads everything.
             try:
-                await activate_all(self.daemon.block.graph)
+                await self.daemon.block.activate_all()
             except Exception as exc:
                 log.error("could not re-activate block nodes after migration: %s", exc)
         if stopped:
@@ -597,12 +602,18 @@ class MigrationManager:
         if not (late and not vm.autostart):
             start = time.monotonic()
             try:
-                await activate_all(self.daemon.block.graph)
+                await self.daemon.block.activate_all()
             except Exception as exc:
                 # Never run on stale caches: stay paused, nodes inactive; cont retries.
                 self.activation_error = f"Could not activate block devices: {exc}"
                 print(f"qmpd: {self.activation_error}", file=sys.stderr, flush=True)
                 vm.autostart = False
+                # The trees that did activate give their locks back too (QEMU 7.2
+                # leaves them active): nothing is held while nothing may run.
+                try:
+                    await inactivate_all(self.daemon.block.graph)
+                except Exception as undo:
+                    log.error("could not inactivate block nodes again: %s", undo)
             else:
                 self.activation_error = None
                 spent = time.monotonic() - start
@@ -643,14 +654,14 @@ class MigrationManager:
             await asyncio.wait({incoming}, timeout=5)
 
 
-# --- the block graph at switchover: independent trees side by side ------------------------
+# --- the source's switchover: independent trees side by side -----------------------------
 #
-# Activation and inactivation walk each tree of nodes children first (or
-# parents first) and may not be reordered inside a tree; separate trees share
-# nothing, so they are handled concurrently.  Their I/O then overlaps in the
-# block layer's thread pool, which more than halves the time the VM spends
-# stopped with many images.  Errors are reported as the sequential walk would:
-# the first tree (in creation order) that failed names the node.
+# Inactivation walks each tree of nodes parents first and may not be reordered
+# inside a tree; separate trees share nothing, so they are handled
+# concurrently and their flushes overlap in the block layer's thread pool
+# (about half the time the VM spends stopped with 100 images).  Errors are
+# reported as the sequential walk would: the first tree, in creation order.
+# (Activation is the block layer's own activate_all, which does the same.)
 
 
 def _trees(graph: BlockGraph) -> list[tuple[list[BlockNode], list[BlockNode]]]:
@@ -695,19 +706,6 @@ async def _side_by_side(
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-async def activate_all(graph: BlockGraph) -> None:
-    """graph.activate_all, trees concurrently: invalidate_cache and locks, children first."""
-    async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
-        seen: set[int] = set()
-        for root in roots:
-            try:
-                await graph.activate(root, seen)
-            except BlockDriverError as exc:
-                raise GenericError(str(exc)) from None
-
-    await _side_by_side(graph, work)
 
 
 async def inactivate_all(graph: BlockGraph) -> None:

@@ -93,10 +93,14 @@ class Qmp:
         self.timeout = timeout
         self.check_schema = check_schema
         self.buf = b""
+        #: Raw lines both ways, for debugging a failed comparison.
+        self.transcript: list[bytes] = []
         #: Everything received after the greeting: ("event", msg) or ("reply", command, msg).
         self.log: list[tuple[Any, ...]] = []
         self.events: list[dict[str, Any]] = []
-        self._seen = 0
+        #: Replies that answered no command of ours (there should be none).
+        self.stray: list[dict[str, Any]] = []
+        self.next_id = 0
         self.greeting = self._recv()
         self.cmd("qmp_capabilities")
 
@@ -108,6 +112,7 @@ class Qmp:
                 raise EOFError("the server closed the QMP connection")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
+        self.transcript.append(b"<- " + line)
         msg: dict[str, Any] = json.loads(line)
         msg["_t"] = time.monotonic()
         if "event" in msg:
@@ -117,6 +122,7 @@ class Qmp:
 
     def send_raw(self, request: dict[str, Any], fds: Sequence[int] = ()) -> None:
         data = json.dumps(request).encode() + b"\n"
+        self.transcript.append(b"-> " + data.rstrip())
         if fds:
             socket.send_fds(self.sock, [data], list(fds))
         else:
@@ -124,7 +130,8 @@ class Qmp:
 
     def cmd(self, execute: str, arguments: dict[str, Any] | None = None,
             fds: Sequence[int] = (), timeout: float | None = None) -> dict[str, Any]:
-        req: dict[str, Any] = {"execute": execute}
+        self.next_id += 1
+        req: dict[str, Any] = {"execute": execute, "id": self.next_id}
         if arguments is not None:
             req["arguments"] = arguments
         self.send_raw(req, fds)
@@ -133,6 +140,9 @@ class Qmp:
             if "event" in msg:
                 continue
             msg.pop("_t", None)
+            if msg.pop("id", None) != self.next_id:
+                self.stray.append(msg)  # not the answer to this command
+                continue
             self.log.append(("reply", execute, msg))
             if self.check_schema:
                 check_message(msg, execute)
@@ -416,6 +426,8 @@ class Cluster:
                 log = peer.stderr_path.read_text(errors="replace")
                 if "Traceback" in log or "outside its schema" in log:
                     problems.append(f"{peer}: {log}")
+                if peer._qmp is not None and peer._qmp.stray:
+                    problems.append(f"{peer}: replies to no command: {peer._qmp.stray}")
         assert not problems, "\n".join(problems)
 
 
@@ -641,23 +653,29 @@ class LockWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        a1 = WRITE_LOCK in lock_bytes(self.a.pid, self.image)
+        b = WRITE_LOCK in lock_bytes(self.b.pid, self.image)
+        a2 = WRITE_LOCK in lock_bytes(self.a.pid, self.image)
+        self.samples += 1
+        if a1 == a2:
+            self.seen.add((a1, b))
+        if a1 and a2 and b:
+            self.overlaps += 1
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            a1 = WRITE_LOCK in lock_bytes(self.a.pid, self.image)
-            b = WRITE_LOCK in lock_bytes(self.b.pid, self.image)
-            a2 = WRITE_LOCK in lock_bytes(self.a.pid, self.image)
-            self.samples += 1
-            self.seen.add((a1, b))
-            if a1 and a2 and b:
-                self.overlaps += 1
+            self._sample()
 
     def __enter__(self) -> LockWatcher:
+        self._sample()  # the state the block starts in, before anything can move
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # the state the block ended in, however busy the machine was
         assert self.samples > 0
         assert self.overlaps == 0, f"both sides held the write lock in {self.overlaps} samples"
 

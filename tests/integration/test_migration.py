@@ -196,7 +196,8 @@ def test_migration_like_qemu(work: Path, qemu_reference: dict[str, Any],
     ref.pop("stale-after-failed-cont")
     if transport == "tcp":
         assert obs["dst-waiting"] == {
-            "socket-address": [{"host": "127.0.0.1", "port": "<port>", "type": "inet"}]
+            "socket-address": [{"host": "127.0.0.1", "port": "<port>", "ipv4": True,
+                                "type": "inet"}]
         }
         obs.pop("dst-waiting")
         ref.pop("dst-waiting")

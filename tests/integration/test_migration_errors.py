@@ -54,7 +54,8 @@ def run(peer: Peer, steps: Sequence[Step]) -> list[Any]:
         before = len(peer.qmp.events)
         reply = peer.qmp.cmd(execute, _for(peer, arguments))
         reply = json.loads(json.dumps(reply).replace(f"@{peer.kind}", "@{kind}"))
-        peer.qmp.pump(0.02 if execute.startswith("migrate") else 0)
+        events_follow = execute in ("migrate", "migrate-incoming", "migrate_cancel")
+        peer.qmp.pump(0.02 if events_follow else 0)
         events = [e["event"] + ":" + str((e.get("data") or {}).get("status", ""))
                   for e in peer.qmp.events[before:]]
         out.append((execute, arguments, reply, events))
@@ -67,7 +68,7 @@ def compare(mig: Cluster, steps: Sequence[Step], *, incoming: bool = False) -> l
     start(*peers.values())
     results = {kind: run(peer, steps) for kind, peer in peers.items()}
     for got, want in zip(results["qmpd"], results["qemu"], strict=True):
-        assert got == want
+        assert got == want, b"\n".join(peers["qemu"].qmp.transcript).decode()
     return results["qmpd"]
 
 
@@ -164,6 +165,21 @@ def test_capabilities_like_qemu(mig: Cluster) -> None:
     assert "Postcopy preempt requires postcopy-ram" in texts
 
 
+def test_every_capability_pair_like_qemu(mig: Cluster) -> None:
+    """Each capability alone and with every other one, from all-off each time."""
+    steps: list[Step] = []
+    off = {"capabilities": [{"capability": c, "state": False} for c in CAPABILITIES]}
+    for i, first in enumerate(CAPABILITIES):
+        for second in (None, *CAPABILITIES[i + 1:]):
+            caps = [{"capability": first, "state": True}]
+            if second is not None:
+                caps.append({"capability": second, "state": True})
+            steps += [("migrate-set-capabilities", {"capabilities": caps}),
+                      ("migrate-set-capabilities", off)]
+    results = compare(mig, steps)
+    assert sum("error" in r[2] for r in results) > 50
+
+
 def test_command_errors_like_qemu(mig: Cluster) -> None:
     missing = str(mig.dir / "no" / "such" / "dir" / "sock")
     results = compare(mig, [
@@ -224,6 +240,23 @@ def test_incoming_errors_like_qemu(mig: Cluster) -> None:
     refused = next(r for r in results if r[1] == {"uri": "bogus:x"})
     assert refused[2]["error"]["desc"] == "unknown migration protocol: bogus:x"
     assert refused[3] == ["MIGRATION:setup"]  # even for a refused URI
+
+
+def test_incoming_tcp_addresses_like_qemu(mig: Cluster) -> None:
+    """query-migrate's socket-address on a waiting destination, per tcp: form."""
+    uris = ["tcp:127.0.0.1:0", "tcp::0", "tcp:[::1]:0", "tcp:localhost:0"]
+    peers = {(kind, uri): mig.spawn(kind, f"{kind}{i}", incoming="defer")
+             for kind in ("qemu", "qmpd") for i, uri in enumerate(uris)}
+    start(*peers.values())
+    seen: dict[str, list[Any]] = {"qemu": [], "qmpd": []}
+    for (kind, uri), peer in peers.items():
+        reply = peer.qmp.cmd("migrate-incoming", {"uri": uri})
+        info = peer.migrate_info()
+        for addr in info.get("socket-address", []):
+            assert addr["port"].isdigit() and addr["port"] != "0"
+            addr["port"] = "<port>"
+        seen[kind].append((uri, reply, json.dumps(info)))
+    assert seen["qmpd"] == seen["qemu"]
 
 
 def test_getfd_and_migrate_fd_over_scm_rights(mig: Cluster) -> None:
