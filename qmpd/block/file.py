@@ -136,6 +136,9 @@ class FileDriver(BlockDriver):
         self.drop_cache = True
         self._size = 0
         self._inline = False
+        # Write generations: what has been written, and what is known stable.
+        self._writes = 0
+        self._flushed = 0
 
     async def open(self, options: dict[str, Any]) -> None:
         node = self.node
@@ -206,6 +209,7 @@ class FileDriver(BlockDriver):
             await self.node.graph.run_io(_direct_pwrite, self.fd, data, offset)
         else:
             await self.node.graph.run_io(_pwrite_full, self.fd, data, offset)
+        self._writes += 1  # counted once complete: a flush must cover it
         end = offset + len(data)
         if end > self._size:
             self._size = end
@@ -225,6 +229,7 @@ class FileDriver(BlockDriver):
         except OSError:
             writer = _direct_pwrite if self.node.cache_direct else _pwrite_full
             await self.node.graph.run_io(writer, self.fd, bytes(length), offset)
+        self._writes += 1
         self._size = max(self._size, offset + length)
         if fua:
             await self.flush()
@@ -238,12 +243,20 @@ class FileDriver(BlockDriver):
             )
         except OSError:
             pass  # discard is advisory
+        self._writes += 1
 
     async def flush(self) -> None:
+        # Nothing written through this descriptor since the last flush: QEMU
+        # skips the fdatasync too (it costs milliseconds on a real disk).
+        generation = self._writes
+        if generation == self._flushed:
+            return
         await self.node.graph.run_io(os.fdatasync, self.fd)
+        self._flushed = max(self._flushed, generation)
 
     async def truncate(self, size: int) -> None:
         await self.node.graph.run_io(os.ftruncate, self.fd, size)
+        self._writes += 1
         self._size = size
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -303,10 +316,17 @@ class FileDriver(BlockDriver):
         if self.fd < 0:
             raise BlockDriverError("The file descriptor is not open")
 
+        dirty = self._writes != self._flushed
+
         def refresh() -> int:
             if self.drop_cache and not self.node.cache_direct:
-                os.fdatasync(self.fd)
+                # Pages another host wrote may be stale here (NFS): drop them.
+                if dirty:
+                    os.fdatasync(self.fd)
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
             return os.fstat(self.fd).st_size
 
+        generation = self._writes
         self._size = await self.node.graph.run_io(refresh)
+        if dirty and self.drop_cache and not self.node.cache_direct:
+            self._flushed = max(self._flushed, generation)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qmpd.block.core import BlockLayer  # noqa: E402
+from qmpd.block.core import BlockLayer
 
 
 def make_images(directory: Path, count: int, size: str) -> list[Path]:
