@@ -1,0 +1,154 @@
+"""Image locking in both directions between qmpd and QEMU's tools, with QEMU's texts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import QmpdProcess, RawClient, require_tool
+
+SHARED = 'Failed to get shared "write" lock'
+WRITE = 'Failed to get "write" lock'
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.qcow2"
+    run(require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(path), "16M")
+    return path
+
+
+def add_qcow2(c: RawClient, image: Path, **extra: Any) -> dict[str, Any]:
+    return c.cmd("blockdev-add", {
+        "driver": "qcow2", "node-name": "disk",
+        "file": {"driver": "file", "filename": str(image)}, **extra,
+    })
+
+
+def held_bytes(path: Path) -> set[int]:
+    """Lock bytes anyone holds on ``path``, from /proc/locks."""
+    st = os.stat(path)
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    wanted = f"{major:02x}:{minor:02x}:{st.st_ino}"
+    out = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            # N: OFDLCK ADVISORY READ pid dev:ino start end
+            if "OFDLCK" in fields and wanted in line:
+                # Adjacent bytes of one holder show up merged as a range.
+                out.update(range(int(fields[-2]), int(fields[-1]) + 1))
+    return out
+
+
+def test_qmpd_read_write_holder_refuses_tools(qmpd: QmpdProcess, image: Path) -> None:
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image) == {"return": {}}
+    # What QEMU's read-write qcow2 holds: read, write, resize; unshares write, resize.
+    assert held_bytes(image) == {100, 101, 103, 201, 203}
+    info = run(require_tool("qemu-img"), "info", str(image))
+    assert info.returncode == 1
+    assert info.stderr.splitlines() == [
+        f"qemu-img: Could not open '{image}': {SHARED}",
+        f"Is another process using the image [{image}]?",
+    ]
+    write = run(require_tool("qemu-io"), "-c", "write 0 4k", str(image))
+    assert write.returncode == 1
+    assert f"qemu-io: can't open device {image}: {WRITE}" in write.stderr
+    read_only = run(require_tool("qemu-io"), "-r", "-c", "read 0 4k", str(image))
+    assert SHARED in read_only.stderr
+    # Force-share readers are let in, as with QEMU.
+    assert run(require_tool("qemu-img"), "info", "-U", str(image)).returncode == 0
+    # Deleting the node gives the locks back.
+    assert c.cmd("blockdev-del", {"node-name": "disk"}) == {"return": {}}
+    assert held_bytes(image) == set()
+    assert run(require_tool("qemu-io"), "-c", "write 0 4k", str(image)).returncode == 0
+
+
+def test_qmpd_read_only_holder_lets_readers_in(qmpd: QmpdProcess, image: Path) -> None:
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image, **{"read-only": True}) == {"return": {}}
+    assert run(require_tool("qemu-img"), "info", str(image)).returncode == 0
+    write = run(require_tool("qemu-io"), "-c", "write 0 4k", str(image))
+    assert f"qemu-io: can't open device {image}: {WRITE}" in write.stderr
+
+
+def test_read_only_force_share_blocks_nobody(qmpd: QmpdProcess, image: Path) -> None:
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image, **{"read-only": True, "force-share": True}) == {"return": {}}
+    write = run(require_tool("qemu-io"), "-c", "write -P 7 0 4k", str(image))
+    assert write.returncode == 0, write.stderr
+
+
+def test_raw_without_users_takes_no_lock(qmpd: QmpdProcess, tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(1 << 20))
+    c = qmpd.client()
+    c.negotiate()
+    c.cmd("blockdev-add", {"driver": "raw", "node-name": "r",
+                           "file": {"driver": "file", "filename": str(path)}})
+    assert held_bytes(path) == set()
+    assert run(require_tool("qemu-io"), "-f", "raw", "-c", "write 0 4k", str(path)).returncode == 0
+
+
+@pytest.fixture
+def qsd_holder(tmp_path: Path, image: Path) -> Any:
+    """qemu-storage-daemon holding the image read-write."""
+    qsd = require_tool("qemu-storage-daemon")
+    proc = subprocess.Popen(
+        [qsd, "--blockdev", f"driver=file,node-name=f,filename={image}",
+         "--blockdev", "driver=qcow2,node-name=q,file=f"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 10
+    while 101 not in held_bytes(image):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "qemu-storage-daemon did not take its locks"
+        time.sleep(0.02)
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_qemu_holder_refuses_qmpd(qmpd: QmpdProcess, image: Path, qsd_holder: Any) -> None:
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image)["error"] == {"class": "GenericError", "desc": WRITE}
+    assert add_qcow2(c, image, **{"read-only": True})["error"]["desc"] == SHARED
+    # A failed add leaves nothing behind, and force-share still reads.
+    assert c.cmd("query-named-block-nodes") == {"return": []}
+    assert add_qcow2(c, image, **{"read-only": True, "force-share": True}) == {"return": {}}
+
+
+def test_qmpd_holder_refuses_a_second_qemu(qmpd: QmpdProcess, image: Path) -> None:
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image) == {"return": {}}
+    qsd = run(require_tool("qemu-storage-daemon"),
+              "--blockdev", f"driver=file,node-name=f,filename={image}",
+              "--blockdev", "driver=qcow2,node-name=q,file=f")
+    assert qsd.returncode == 1
+    assert f"--blockdev driver=qcow2,node-name=q,file=f: {WRITE}" in qsd.stderr
+
+
+def test_two_nodes_on_one_file_conflict_inside_qmpd(qmpd: QmpdProcess, image: Path) -> None:
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image) == {"return": {}}
+    second = c.cmd("blockdev-add", {
+        "driver": "qcow2", "node-name": "again",
+        "file": {"driver": "file", "filename": str(image)},
+    })
+    assert second["error"]["desc"] == WRITE
