@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import collections
 import json
-import mmap
 import os
 import queue
 import random
@@ -56,7 +55,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import qmpd.block.file as file_mod
 from qmpd.block.graph import BlockGraph, BlockNode
 from qmpd.block.qcow2.standalone import close_image, open_file_node, open_image
 
@@ -130,56 +128,6 @@ class BatchedPool:
     def stop(self, threads: int) -> None:
         for _ in range(threads):
             self.q.put(None)
-
-
-def install_aligned_direct_io() -> bool:
-    """If the file driver's O_DIRECT path fails on unaligned buffers, patch in
-    page-aligned bounce buffers for this benchmark and say so."""
-    probe = Path(tempfile.mkdtemp(dir=ARGS.disk)) / "probe"
-    probe.write_bytes(os.urandom(65536))
-    fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
-    try:
-        try:
-            file_mod._pread_full(fd, 65536, 0)
-            file_mod._pwrite_full(fd, bytes(65536), 0)
-            return False
-        except OSError:
-            pass
-    finally:
-        os.close(fd)
-        shutil.rmtree(probe.parent)
-
-    local = threading.local()
-
-    def buffer(n: int) -> mmap.mmap:
-        size = (n + 4095) & ~4095
-        buf = getattr(local, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = mmap.mmap(-1, max(size, 1 << 20))
-            local.buf = buf
-        return buf
-
-    def pread_aligned(fd: int, length: int, offset: int) -> bytes:
-        buf = buffer(length)
-        got = os.preadv(fd, [memoryview(buf)[: (length + 4095) & ~4095]], offset)
-        data = bytes(memoryview(buf)[: min(got, length)])
-        return data + bytes(length - len(data))
-
-    def pwrite_aligned(fd: int, data: bytes, offset: int) -> None:
-        buf = buffer(len(data))
-        memoryview(buf)[: len(data)] = data
-        view = memoryview(buf)[: len(data)]
-        while view:
-            n = os.pwritev(fd, [view], offset)
-            view = view[n:]
-            offset += n
-
-    file_mod._pread_full = pread_aligned  # type: ignore[assignment]
-    file_mod._pwrite_full = pwrite_aligned  # type: ignore[assignment]
-    return True
-
-
-# --- the runs --------------------------------------------------------------------------
 
 
 def qemu_bench(img: Path, fmt: str, bs: int, count: int, step: int, write: bool,
@@ -440,12 +388,6 @@ def main() -> None:
         res = bench_target("tmpfs writeback", Path(ARGS.tmpfs), False)
         report["tmpfs"] = summarize(f"tmpfs ({ARGS.tmpfs}), writeback", res, bs_of)
     if ARGS.disk:
-        patched = install_aligned_direct_io()
-        if patched:
-            print("note: the file driver's O_DIRECT I/O failed on unaligned Python buffers; "
-                  "this run patches qmpd.block.file._pread_full/_pwrite_full with page-aligned "
-                  "bounce buffers", file=sys.stderr)
-        report["disk_direct_io_patched"] = patched
         res = bench_target("disk O_DIRECT", Path(ARGS.disk), True)
         report["disk"] = summarize(f"disk ({ARGS.disk}), O_DIRECT (-t none)", res, bs_of)
     target = Path(ARGS.tmpfs or ARGS.disk)
