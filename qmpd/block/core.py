@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
 from qmpd.block.file import FileDriver
-from qmpd.block.graph import BlockGraph, BlockNode, BlockUser, NodeConfig, NodeState
+from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
 from qmpd.errors import DeviceNotFound, GenericError
@@ -365,8 +365,3 @@ class BlockLayer:
         image.update(extra)
         return image
 
-    def users(self, node: BlockNode) -> list[BlockUser]:
-        return [edge.user for edge in node.parents if edge.user is not None]
-
-    def node_stats(self) -> dict[str, Any]:
-        return {name: node.stats for name, node in self.graph.nodes.items()}

@@ -23,7 +23,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -443,14 +443,70 @@ class BlockGraph:
             if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
                 await self.inactivate(child)
 
+    def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
+        """Connected groups of nodes: (roots oldest first, members newest first)."""
+        group: dict[int, int] = {}
+        members: list[list[BlockNode]] = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.serial):
+            if id(node) in group:
+                continue
+            index = len(members)
+            found: list[BlockNode] = []
+            stack = [node]
+            group[id(node)] = index
+            while stack:
+                current = stack.pop()
+                found.append(current)
+                neighbours = [e.child for e in current.children.values()]
+                neighbours += [e.parent for e in current.parents if e.parent is not None]
+                for other in neighbours:
+                    if id(other) not in group:
+                        group[id(other)] = index
+                        stack.append(other)
+            members.append(found)
+        roots: list[list[BlockNode]] = [[] for _ in members]
+        for root in self.roots():
+            roots[group[id(root)]].append(root)
+        return [
+            (roots[i], sorted(found, key=lambda n: n.serial, reverse=True))
+            for i, found in enumerate(members)
+        ]
+
+    async def _per_tree(
+        self, work: Callable[[list[BlockNode], list[BlockNode]], Awaitable[None]]
+    ) -> None:
+        """Run ``work`` on every tree; separate trees share nothing, so side by side.
+
+        The first error, in creation order, is raised once every tree is done.
+        """
+        trees = self.trees()
+        if len(trees) <= 1:
+            for roots, members in trees:
+                await work(roots, members)
+            return
+        results = await asyncio.gather(*(work(r, m) for r, m in trees), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def inactivate_all(self) -> None:
-        for node in self.roots():
-            await self.inactivate(node)
+        """Inactivate every node, parents first inside a tree, trees concurrently."""
+
+        async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
+            for root in roots:
+                await self.inactivate(root)
+
+        await self._per_tree(work)
 
     async def flush_all(self) -> None:
-        for node in sorted(self.nodes.values(), key=lambda n: n.serial, reverse=True):
-            if node.active:
-                await node.flush()
+        """Flush every active node, newest first inside a tree, trees concurrently."""
+
+        async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
+            for node in members:
+                if node.active:
+                    await node.flush()
+
+        await self._per_tree(work)
 
     def all_nodes(self) -> Iterable[BlockNode]:
         return list(self.nodes.values())

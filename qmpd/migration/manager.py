@@ -23,7 +23,6 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qmpd.errors import GenericError
@@ -51,7 +50,6 @@ from qmpd.migration.state import (
 from qmpd.runstate import RunState
 
 if TYPE_CHECKING:
-    from qmpd.block.graph import BlockGraph, BlockNode
     from qmpd.daemon import Daemon
 
 log = logging.getLogger(__name__)
@@ -326,7 +324,7 @@ class MigrationManager:
                 self.events.emit("MIGRATION_PASS", {"pass": 2})
             inactivating = time.monotonic()
             try:
-                await inactivate_all(self.daemon.block.graph)
+                await self.daemon.block.inactivate_all()
             except Exception:
                 inactivated = True  # some nodes may be: re-activate them all
                 # QEMU 7.2 reports this on stderr only; query-migrate shows no error-desc.
@@ -450,7 +448,7 @@ class MigrationManager:
         # next with nothing in between, and a flush here would only double the
         # fdatasync calls in the downtime.
         if self.capabilities["pause-before-switchover"]:
-            await flush_all(self.daemon.block.graph)
+            await self.daemon.block.flush_all()
 
     async def _abort_outgoing(
         self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool
@@ -611,7 +609,7 @@ class MigrationManager:
                 # The trees that did activate give their locks back too (QEMU 7.2
                 # leaves them active): nothing is held while nothing may run.
                 try:
-                    await inactivate_all(self.daemon.block.graph)
+                    await self.daemon.block.inactivate_all()
                 except Exception as undo:
                     log.error("could not inactivate block nodes again: %s", undo)
             else:
@@ -652,79 +650,6 @@ class MigrationManager:
         if incoming is not None and not incoming.done():
             incoming.cancel()
             await asyncio.wait({incoming}, timeout=5)
-
-
-# --- the source's switchover: independent trees side by side -----------------------------
-#
-# Inactivation walks each tree of nodes parents first and may not be reordered
-# inside a tree; separate trees share nothing, so they are handled
-# concurrently and their flushes overlap in the block layer's thread pool
-# (about half the time the VM spends stopped with 100 images).  Errors are
-# reported as the sequential walk would: the first tree, in creation order.
-# (Activation is the block layer's own activate_all, which does the same.)
-
-
-def _trees(graph: BlockGraph) -> list[tuple[list[BlockNode], list[BlockNode]]]:
-    """Connected groups of nodes: (roots oldest first, members newest first)."""
-    group: dict[int, int] = {}
-    members: list[list[BlockNode]] = []
-    for node in sorted(graph.nodes.values(), key=lambda n: n.serial):
-        if id(node) in group:
-            continue
-        index = len(members)
-        found: list[BlockNode] = []
-        stack = [node]
-        group[id(node)] = index
-        while stack:
-            current = stack.pop()
-            found.append(current)
-            neighbours = [e.child for e in current.children.values()]
-            neighbours += [e.parent for e in current.parents if e.parent is not None]
-            for other in neighbours:
-                if id(other) not in group:
-                    group[id(other)] = index
-                    stack.append(other)
-        members.append(found)
-    roots: list[list[BlockNode]] = [[] for _ in members]
-    for root in graph.roots():
-        roots[group[id(root)]].append(root)
-    return [
-        (roots[i], sorted(found, key=lambda n: n.serial, reverse=True))
-        for i, found in enumerate(members)
-    ]
-
-
-async def _side_by_side(
-    graph: BlockGraph, work: Callable[[list[BlockNode], list[BlockNode]], Awaitable[None]]
-) -> None:
-    trees = _trees(graph)
-    if len(trees) <= 1:
-        for roots, members in trees:
-            await work(roots, members)
-        return
-    results = await asyncio.gather(*(work(r, m) for r, m in trees), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
-async def inactivate_all(graph: BlockGraph) -> None:
-    """graph.inactivate_all, trees concurrently: flush, mark clean, drop write locks."""
-    async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
-        for root in roots:
-            await graph.inactivate(root)
-
-    await _side_by_side(graph, work)
-
-
-async def flush_all(graph: BlockGraph) -> None:
-    """graph.flush_all, trees concurrently (newest node first inside a tree)."""
-    async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
-        for node in members:
-            if node.active:
-                await node.flush()
-
-    await _side_by_side(graph, work)
 
 
 def _socket_error(exc: BaseException) -> str:
