@@ -15,6 +15,7 @@ from qmpd.qmp.json_stream import (
     JSONStreamParser,
     ParseFailure,
 )
+from tests.strategies import qemu_text
 
 E = "JSON parse error, "
 
@@ -171,9 +172,9 @@ json_values = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffe\uffff")),
+    | qemu_text(),
     lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    | st.dictionaries(qemu_text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
 
@@ -190,7 +191,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    messages=st.lists(st.dictionaries(st.text(max_size=6), json_values, max_size=4), min_size=1,
+    messages=st.lists(st.dictionaries(qemu_text(max_size=6), json_values, max_size=4), min_size=1,
                       max_size=5),
     cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20),
     pretty=st.booleans(),
@@ -249,7 +250,7 @@ def test_fast_path_agrees_with_token_path(text: str, splits: list[int]) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(messages=st.lists(st.dictionaries(st.text(max_size=6), json_values, max_size=4), max_size=4))
+@given(messages=st.lists(st.dictionaries(qemu_text(max_size=6), json_values, max_size=4), max_size=4))
 def test_fast_path_agrees_on_valid_messages(messages: list[dict[str, Any]]) -> None:
     data = b"".join(json.dumps(m).encode() + b"\n" for m in messages)
     fast = _run(data, True, [])
