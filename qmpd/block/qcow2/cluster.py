@@ -74,6 +74,7 @@ from qmpd.block.qcow2.format import (
     parse_snapshots,
 )
 from qmpd.block.qcow2.refcount import Refcounts, array_to_u64_be, u64_be_to_array
+from qmpd.block.status import block_status_above
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
@@ -1007,7 +1008,7 @@ class Qcow2Image:
             while a < b:
                 if a >= backing.size():
                     break
-                st = await backing.block_status(a, min(b, backing.size()) - a)
+                st = await block_status_above(backing, a, min(b, backing.size()) - a)
                 if not st.zero or st.length <= 0:
                     return False
                 a += st.length
