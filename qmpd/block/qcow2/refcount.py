@@ -19,10 +19,11 @@ Allocation is crash safe in QEMU's order:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.qcow2.cache import MetadataCache
@@ -298,6 +299,17 @@ class Refcounts:
             self.free_hint = start + n
             return start << self.cluster_bits
 
+    @contextlib.asynccontextmanager
+    async def freed_on_error(self, offset: int, n: int) -> AsyncIterator[None]:
+        """Give back ``n`` clusters just allocated at ``offset`` when what fills
+        them fails (a full disk, say), as QEMU frees a new L2 table or data
+        cluster whose write failed: a failed request leaks nothing."""
+        try:
+            yield
+        except BaseException:
+            await self.update(offset >> self.cluster_bits, n, -1)
+            raise
+
     async def update(self, cluster_index: int, n: int, delta: int) -> None:
         """Add ``delta`` to the refcounts of ``n`` clusters (their blocks must exist
         for increments; a decrement below zero is a corruption)."""
@@ -384,8 +396,13 @@ class Refcounts:
         else:
             await self._create_block(where_rt)
             return
-        await self.file.write(where << cb, blk.to_bytes())
-        await self.file.sync()
+        try:
+            await self.file.write(where << cb, blk.to_bytes())
+            await self.file.sync()
+        except BaseException:
+            if where_rt != rt_index:  # counted in an existing block: give it back
+                await self.update(where, 1, -1)
+            raise
         self.reftable[rt_index] = where << cb
         await self._write_reftable_entry(rt_index)
         self.cache.insert(where << cb, blk, dirty=False)
