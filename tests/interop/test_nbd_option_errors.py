@@ -170,10 +170,31 @@ def bad_magic(path: Path, structured: bool) -> bytes:
         peer.close()
 
 
+NBDINFO = {
+    "nbdinfo-unknown-export": ["nbd+unix:///nosuch?socket={}"],
+    "nbdinfo-long-unknown-export": ["nbd+unix:///" + "z" * 120 + "?socket={}"],
+    "nbdinfo-unknown-context": ["--map=qemu:nosuch", "nbd+unix:///e?socket={}"],
+    "nbdinfo-list": ["--list", "nbd+unix:///?socket={}"],
+}
+
+
+def nbdinfo(path: Path, args: list[str]) -> list[str]:
+    """What libnbd reports of the server's answers (its debug log names the texts)."""
+    result = subprocess.run(
+        [require_tool("nbdinfo"), *(a.format(path) for a in args)], capture_output=True,
+        text=True, timeout=30, env={"LIBNBD_DEBUG": "1", "PATH": "/usr/bin:/bin"},
+    )
+    keep = ("server error message", "replied with error", "does not support", "nbdinfo:")
+    return [line.replace(str(path), "SOCK") for line in result.stderr.splitlines()
+            if any(k in line for k in keep)] + [f"exit {result.returncode}"]
+
+
 def observe(path: Path) -> dict[str, Any]:
     seen: dict[str, Any] = {case: play(path, options) for case, options in CASES.items()}
     seen["bad-magic-simple"] = bad_magic(path, False)
     seen["bad-magic-structured"] = bad_magic(path, True)
+    for case, args in NBDINFO.items():
+        seen[case] = nbdinfo(path, args)
     return seen
 
 
@@ -211,9 +232,16 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     yield {"qemu": qemu, "qmpd": ours}
 
 
-@pytest.mark.parametrize("case", [*CASES, "bad-magic-simple", "bad-magic-structured"])
+@pytest.mark.parametrize("case", [*CASES, "bad-magic-simple", "bad-magic-structured", *NBDINFO])
 def test_as_qsd(observed: dict[str, Any], case: str) -> None:
     assert observed["qmpd"][case] == observed["qemu"][case]
+
+
+def test_nbdinfo_shows_qemu_texts(observed: dict[str, Any]) -> None:
+    lines = observed["qmpd"]["nbdinfo-unknown-export"]
+    assert any("server error message: export 'nosuch' not present" in x for x in lines)
+    lines = observed["qmpd"]["nbdinfo-long-unknown-export"]
+    assert any("export '" + "z" * 80 + "...' not present" in x for x in lines)
 
 
 def test_bad_magic_gets_einval_then_hang_up(observed: dict[str, Any]) -> None:
