@@ -78,6 +78,8 @@ class BlockStatus:
     (not a hole).  ``depth``: how many backing levels down it was found
     (:func:`qmpd.block.status.block_status_above`; 0 from a driver).
     ``offset``: where the range lives in the file child, when known.
+    ``recurse``: the file child's status at ``offset`` tells whether the data
+    reads as zeros (QEMU's BDRV_BLOCK_RECURSE: preallocated metadata).
     """
 
     length: int
@@ -86,6 +88,7 @@ class BlockStatus:
     allocated: bool = True
     depth: int = 0
     offset: int | None = None
+    recurse: bool = False
 
 
 class BlockDriverError(Exception):

@@ -12,7 +12,9 @@ below.  :func:`block_status_above` walks down the chain the way QEMU's
   QEMU's ``bdrv_filter_or_cow_bs``) is asked;
 * a layer that ends before the range starts (a backing file shorter than
   its overlay) reads as zeros allocated at that layer;
-* when no layer holds the range, the result is the last layer's.
+* when no layer holds the range, the result is the last layer's;
+* data a layer marks ``recurse`` (qcow2 with preallocated metadata) reads
+  as zeros where its file has a hole.
 
 The NBD exports build ``base:allocation`` and ``qemu:allocation-depth``
 from it, as QEMU's server does (``nbd/server.c``).
@@ -39,7 +41,20 @@ async def layer_status(node: BlockNode, offset: int, length: int) -> BlockStatus
     status = await node.block_status(offset, length)
     if status.length > length:
         status = replace(status, length=length)
+    if status.recurse and status.data and not status.zero and status.offset is not None:
+        status = await _zero_in_file(node, status)
     return status
+
+
+async def _zero_in_file(node: BlockNode, status: BlockStatus) -> BlockStatus:
+    """Data that lies in a hole of the file (or past its end) reads as zeros."""
+    file = node.file
+    if file is None or status.offset is None:
+        return status
+    found = await layer_status(file, status.offset, status.length)
+    if found is None or (found.zero and status.offset + found.length >= file.size()):
+        return replace(status, zero=True)
+    return replace(status, length=found.length, zero=found.zero)
 
 
 async def block_status_above(node: BlockNode, offset: int, length: int) -> BlockStatus:

@@ -12,8 +12,9 @@ The same images, the same command line, once served by qemu-storage-daemon
 
 The chains cover raw and qcow2 bases, zero clusters (plain and allocated),
 discarded clusters over backing data, unallocated tails, a chain of three,
-backing files shorter than their overlay (also not cluster-aligned), and
-the null-co driver with and without ``read-zeroes``.
+backing files shorter than their overlay (also not cluster-aligned),
+preallocated metadata, and the null-co driver with and without
+``read-zeroes``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ def build(tmp: Path) -> dict[str, dict[str, Any]]:
         f.truncate(2 * MiB)
     io(sparse, "raw", "write -P 19 64k 64k", "write -P 20 1M 4k")
 
+    # F: preallocated metadata (data clusters that are holes in the file read
+    # as zeros), alone and as a backing file.
+    prealloc = create(tmp / "f-prealloc.qcow2", 4 * MiB, "preallocation=metadata")
+    io(prealloc, "qcow2", "write -P 21 1M 64k", "write -P 22 3M 4k")
+    ftop = create(tmp / "f-top.qcow2", 4 * MiB, backing=prealloc)
+    io(ftop, "qcow2", "write -P 23 2M 64k")
+
     def image(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
         return {"driver": fmt, "read-only": True,
                 "file": {"driver": "file", "filename": str(path)}}
@@ -113,6 +121,7 @@ def build(tmp: Path) -> dict[str, dict[str, Any]]:
     return {
         "a": image(top), "a-mid": image(mid), "b": image(btop), "c": image(ctop),
         "d": image(dtop), "e": image(plain), "e-raw": image(sparse, "raw"),
+        "f": image(prealloc), "f-top": image(ftop),
         "null": {"driver": "null-co", "size": 2 * MiB},
         "null-zero": {"driver": "null-co", "size": 2 * MiB, "read-zeroes": True},
     }
@@ -195,7 +204,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     yield {"qemu": qemu, "qmpd": ours}
 
 
-NAMES = ["a", "a-mid", "b", "c", "d", "e", "e-raw", "null", "null-zero"]
+NAMES = ["a", "a-mid", "b", "c", "d", "e", "e-raw", "f", "f-top", "null", "null-zero"]
 
 
 WHAT = ["base:allocation", "qemu:allocation-depth", "qemu-img map", "content"]

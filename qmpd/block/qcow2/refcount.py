@@ -149,6 +149,13 @@ class RefBlock:
                     return idx
             pos += 1
 
+    def count_nonzero(self, stop: int) -> int:
+        """How many of the first ``stop`` refcounts are not zero."""
+        data = self.data
+        if isinstance(data, array):
+            return stop - data[:stop].count(0)
+        return sum(1 for i in range(stop) if self.get(i))
+
     def nonzero_from(self, start: int, stop: int | None = None) -> int:
         """Index of the first non-zero refcount in [start, stop), or ``stop``.
 
@@ -241,6 +248,17 @@ class Refcounts:
         if blk is None:
             return 0
         return blk.get(cluster_index & self.rb_mask)
+
+    async def count_referenced(self, end: int, enough: int) -> int:
+        """Clusters below ``end`` with a refcount, counted until ``enough`` are found."""
+        count = 0
+        for rt in range(0, (end + self.rb_entries - 1) >> self.rb_bits):
+            blk = await self.block(rt)
+            if blk is not None:
+                count += blk.count_nonzero(min(self.rb_entries, end - (rt << self.rb_bits)))
+            if count >= enough:
+                break
+        return count
 
     async def find_free(self, n: int) -> int:
         """The first cluster index of ``n`` contiguous free clusters at/after the hint."""
