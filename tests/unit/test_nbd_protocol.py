@@ -390,6 +390,10 @@ def test_errno_mapping() -> None:
     assert p.errno_to_nbd(errno.EOPNOTSUPP) == p.Errno.ENOTSUP
     assert p.errno_to_nbd(errno.EIO) == p.Errno.EIO
     assert p.errno_to_nbd(errno.ENOENT) == p.Errno.EINVAL
+    # As QEMU's system_errno_to_nbd_errno: EACCES is not EPERM; a full disk is ENOSPC.
+    assert p.errno_to_nbd(errno.EACCES) == p.Errno.EINVAL
+    assert p.errno_to_nbd(errno.ENOSPC) == p.Errno.ENOSPC
+    assert p.errno_to_nbd(errno.EFBIG) == p.Errno.ENOSPC
 
 
 def test_match_contexts() -> None:
