@@ -75,8 +75,11 @@ class BlockStatus:
 
     ``allocated``: the data comes from this node (or its file), not from a
     backing node.  ``zero``: it reads as zeros.  ``data``: it is stored data
-    (not a hole).  ``depth``: how many backing levels down it was found.
+    (not a hole).  ``depth``: how many backing levels down it was found
+    (:func:`qmpd.block.status.block_status_above`; 0 from a driver).
     ``offset``: where the range lives in the file child, when known.
+    ``recurse``: the file child's status at ``offset`` tells whether the data
+    reads as zeros (QEMU's BDRV_BLOCK_RECURSE: preallocated metadata).
     """
 
     length: int
@@ -85,6 +88,7 @@ class BlockStatus:
     allocated: bool = True
     depth: int = 0
     offset: int | None = None
+    recurse: bool = False
 
 
 class BlockDriverError(Exception):
@@ -144,7 +148,15 @@ class BlockDriver(ABC):
         raise BlockDriverError("Image format driver does not support resize", 95)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
+        """This layer only: ``allocated=False`` leaves the range to
+        :meth:`status_fallback` (see :mod:`qmpd.block.status`)."""
         return BlockStatus(length=length, data=True, zero=False)
+
+    def status_fallback(self) -> BlockNode | None:
+        """The node block status asks about ranges this one does not hold
+        (QEMU's ``bdrv_filter_or_cow_bs``): the backing node; a filter
+        driver returns the node it filters."""
+        return self.node.backing
 
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
         """``(fd, file offset)`` when the range is stored unchanged in a host file

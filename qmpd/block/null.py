@@ -38,7 +38,11 @@ class NullDriver(BlockDriver):
         return None
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
-        return BlockStatus(length=length, data=not self.read_zeroes, zero=self.read_zeroes)
+        # As QEMU: without read-zeroes the contents are undefined, which
+        # block status reports as neither data nor zeros (not allocated).
+        return BlockStatus(
+            length=length, data=False, zero=self.read_zeroes, allocated=self.read_zeroes
+        )
 
     def size(self) -> int:
         return self._size

@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 
 from qmpd.block.driver import PERM_ALL, BlockStatus, ChildRole, Perm, perm_names
 from qmpd.block.graph import BdrvChild, BlockNode, BlockUser
+from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
 from qmpd.nbd.config import parse_address
@@ -63,6 +64,8 @@ _EXPORT_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 #: Block-status calls one BLOCK_STATUS reply may make (the client asks again
 #: for the rest).
 MAX_STATUS_CALLS = 4096
+#: Extents in one BLOCK_STATUS chunk (QEMU's NBD_MAX_BLOCK_STATUS_EXTENTS).
+MAX_EXTENTS = (1 << 20) // 8
 #: Reads at least this long are built from block status (holes are sent as
 #: NBD_REPLY_TYPE_OFFSET_HOLE chunks); shorter ones are sent as data.
 SPARSE_READ_MIN = 64 * 1024
@@ -166,9 +169,8 @@ def _status_flags(status: BlockStatus) -> int:
 
 
 def _depth(status: BlockStatus) -> int:
-    if status.allocated:
-        return status.depth + 1
-    return status.depth + 1 if status.depth else 0
+    """qemu:allocation-depth: 1 for the node itself, 2 for its backing ..., 0 for none."""
+    return status.depth + 1 if status.allocated else 0
 
 
 class NbdExport:
@@ -288,7 +290,7 @@ class NbdExport:
         while pos < end:
             # Ask up to the end of the node: a protocol driver finds the
             # extent's end at no extra cost, and the answer serves later reads.
-            status = await node.block_status(pos, max(node.size(), end) - pos)
+            status = await block_status_above(node, pos, max(node.size(), end) - pos)
             if status.data and not status.zero and status.length > 0:
                 self.data_ranges.add(pos, pos + status.length)
             n = min(status.length, end - pos)
@@ -376,33 +378,45 @@ class NbdExport:
     async def block_status(
         self, offset: int, length: int, req_one: bool, contexts: dict[int, str]
     ) -> list[tuple[int, list[tuple[int, int]]]]:
-        """One extent list per selected context, ``(length, flags)`` each."""
+        """One extent list per selected context, ``(length, flags)`` each.
+
+        As QEMU's server: each context is walked over the whole backing
+        chain on its own, and a status equal to the previous extent's
+        extends it, so REQ_ONE's single extent runs as far as the status
+        stays the same.
+        """
         self._count("block status", length)
         self._check_active()
-        node = self.node
-        statuses: list[tuple[int, BlockStatus]] = []
+        limit = 1 if req_one else MAX_EXTENTS
+        return [
+            (cid, await self._extents(offset, length, limit, contexts[cid]))
+            for cid in sorted(contexts)
+        ]
+
+    async def _extents(
+        self, offset: int, length: int, limit: int, context: str
+    ) -> list[tuple[int, int]]:
+        depth = context == p.ALLOCATION_DEPTH
+        extents: list[tuple[int, int]] = []
         pos, end = offset, offset + length
-        while pos < end and len(statuses) < MAX_STATUS_CALLS:
-            status = await node.block_status(pos, end - pos)
+        calls = 0
+        while pos < end and calls < MAX_STATUS_CALLS:
+            calls += 1
+            status = await block_status_above(self.node, pos, end - pos)
             n = min(status.length, end - pos)
             if n <= 0:
-                if not statuses:
-                    statuses.append((end - pos, BlockStatus(end - pos, True, False)))
                 break
-            statuses.append((n, status))
-            pos += n
-            if req_one:
-                break
-        out: list[tuple[int, list[tuple[int, int]]]] = []
-        for cid in sorted(contexts):
-            name = contexts[cid]
-            if name == p.BASE_ALLOCATION:
-                extents = [(n, _status_flags(st)) for n, st in statuses]
+            flags = _depth(status) if depth else _status_flags(status)
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + n, flags)
+            elif len(extents) < limit:
+                extents.append((n, flags))
             else:
-                extents = [(n, _depth(st)) for n, st in statuses]
-            merged = p.merge_extents(extents)
-            out.append((cid, merged[:1] if req_one else merged))
-        return out
+                break
+            pos += n
+        if not extents:  # the node shrank under the export: report data
+            extents.append((length, 0 if not depth else 1))
+        return extents
 
 
 class BlockExports:

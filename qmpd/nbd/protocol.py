@@ -33,6 +33,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from qmpd.nbd.options import (
+    OptionInvalid,
+    OptionReader,
+    not_present,
+    option_name,
+    unexpected_length,
+)
+
 # --- magics and limits --------------------------------------------------------------------
 
 NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC"
@@ -211,7 +219,7 @@ def errno_to_nbd(err: int) -> Errno:
     """A host errno as QEMU's server maps it onto the NBD error values."""
     import errno as _errno
 
-    if err in (_errno.EPERM, _errno.EROFS, _errno.EACCES):
+    if err in (_errno.EPERM, _errno.EROFS):
         return Errno.EPERM
     if err in (_errno.EIO,):
         return Errno.EIO
@@ -347,44 +355,6 @@ def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
     return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data
 
 
-def _option_name(option: int) -> str:
-    try:
-        return OPTION_NAMES[Opt(option)]
-    except ValueError:
-        return "unknown"
-
-
-class _OptionData:
-    """A cursor over one option's payload; running short is ERR_INVALID."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, n: int) -> bytes:
-        if n > self.remaining:
-            raise _OptionInvalid("option data too short")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u16(self) -> int:
-        value: int = _U16.unpack(self.take(2))[0]
-        return value
-
-    def u32(self) -> int:
-        value: int = _U32.unpack(self.take(4))[0]
-        return value
-
-
-class _OptionInvalid(Exception):
-    """Malformed option data: answered NBD_REP_ERR_INVALID with this message."""
-
-
 class ServerHandshake:
     """The server's side of the fixed newstyle handshake.
 
@@ -504,8 +474,10 @@ class ServerHandshake:
             if option == Opt.ABORT:
                 self._reply(Rep.ACK)
                 return HandshakeClosed("client sent NBD_OPT_ABORT", graceful=True)
+            if option in (Opt.LIST, Opt.STARTTLS, Opt.STRUCTURED_REPLY) and data:
+                raise OptionInvalid(unexpected_length(option))
             if option == Opt.LIST:
-                self._list(data)
+                self._list()
             elif option == Opt.STARTTLS:
                 if self.tls:  # pragma: no cover - qmpd has no TLS objects yet
                     self._reply_error(Rep.ERR_UNSUP, "TLS is not supported")
@@ -514,12 +486,8 @@ class ServerHandshake:
             elif option in (Opt.INFO, Opt.GO):
                 return self._info(option, data)
             elif option == Opt.STRUCTURED_REPLY:
-                if data:
-                    raise _OptionInvalid(
-                        f"option '{_option_name(option)}' has unexpected length"
-                    )
                 if self.structured:
-                    raise _OptionInvalid("structured reply already negotiated")
+                    raise OptionInvalid("structured reply already negotiated")
                 self.structured = True
                 self._reply(Rep.ACK)
             elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
@@ -528,9 +496,9 @@ class ServerHandshake:
                 if not self.fixed:
                     raise ProtocolError(f"Unsupported option {option} in non-fixed handshake")
                 self._reply_error(
-                    Rep.ERR_UNSUP, f"Unsupported option {option} ({_option_name(option)})"
+                    Rep.ERR_UNSUP, f"Unsupported option {option} ({option_name(option)})"
                 )
-        except _OptionInvalid as exc:
+        except OptionInvalid as exc:
             self._reply_error(Rep.ERR_INVALID, str(exc))
         return None
 
@@ -558,9 +526,7 @@ class ServerHandshake:
             return {}
         return {cid: name for cid, name in self.meta[1].items() if name in export.contexts}
 
-    def _list(self, data: bytes) -> None:
-        if data:
-            raise _OptionInvalid(f"option '{_option_name(Opt.LIST)}' has unexpected length")
+    def _list(self) -> None:
         for name, description in self.catalog.listing():
             raw = name.encode("utf-8", "replace")
             self._reply(
@@ -568,24 +534,14 @@ class ServerHandshake:
             )
         self._reply(Rep.ACK)
 
-    def _read_name(self, cursor: _OptionData, tail: int) -> str:
-        length = cursor.u32()
-        if length > cursor.remaining - tail:
-            raise _OptionInvalid("name length is incorrect")
-        if length > MAX_STRING:
-            raise _OptionInvalid(f"export name too long ({length} bytes)")
-        return cursor.take(length).decode("utf-8", "replace")
-
     def _info(self, option: int, data: bytes) -> HandshakeEvent | None:
-        cursor = _OptionData(data)
-        name = self._read_name(cursor, 2)
-        count = cursor.u16()
-        if cursor.remaining != count * 2:
-            raise _OptionInvalid("request data length mismatch")
-        requests = [cursor.u16() for _ in range(count)]
-        export = self.catalog.lookup(name)
+        cursor = OptionReader(option, data)
+        raw = cursor.name()
+        requests = [cursor.u16() for _ in range(cursor.u16())]
+        cursor.end()
+        export = self.catalog.lookup(raw.decode("utf-8", "replace"))
         if export is None:
-            self._reply_error(Rep.ERR_UNKNOWN, f"export '{name}' not present")
+            self._reply_error(Rep.ERR_UNKNOWN, not_present(raw))
             return None
         if Info.NAME in requests:
             self._reply(Rep.INFO, _U16.pack(Info.NAME) + export.name.encode("utf-8", "replace"))
@@ -622,41 +578,37 @@ class ServerHandshake:
         is_set = option == Opt.SET_META_CONTEXT
         if is_set:
             self.meta = None  # every SET replaces the selection, even one that fails
-        if not self.structured:
-            raise _OptionInvalid(
-                f"request option '{_option_name(option)}' when structured reply is not "
+        if is_set and not self.structured:
+            raise OptionInvalid(
+                f"request option '{option_name(option)}' when structured reply is not "
                 "negotiated"
             )
-        cursor = _OptionData(data)
-        name = self._read_name(cursor, 4)
-        count = cursor.u32()
-        queries: list[str] = []
-        for _ in range(count):
-            length = cursor.u32()
-            if length > cursor.remaining:
-                raise _OptionInvalid("query length is incorrect")
-            raw = cursor.take(length)
-            if length <= MAX_STRING:  # longer ones are ignored, as QEMU does
-                queries.append(raw.decode("utf-8", "replace"))
-        if cursor.remaining:
-            raise _OptionInvalid("request data length mismatch")
-        export = self.catalog.lookup(name)
+        # As QEMU: the export first, then the queries; bytes after the last
+        # query are ignored.
+        cursor = OptionReader(option, data)
+        raw = cursor.name()
+        export = self.catalog.lookup(raw.decode("utf-8", "replace"))
         if export is None:
-            self._reply_error(Rep.ERR_UNKNOWN, f"export '{name}' not present")
+            self._reply_error(Rep.ERR_UNKNOWN, not_present(raw))
             return
+        count = cursor.u32()
+        raw_queries = [cursor.query() for _ in range(count)]
+        queries = [q.decode("utf-8", "replace") for q in raw_queries if q is not None]
         matched = match_contexts(export.contexts, queries, listing=not is_set)
         selected: dict[int, str] = {}
         for context in matched:
             cid = CONTEXT_IDS[context]
             selected[cid] = context
-            self._reply(Rep.META_CONTEXT, _U32.pack(cid) + context.encode())
+            # LIST replies carry id 0, as QEMU's.
+            self._reply(Rep.META_CONTEXT, _U32.pack(cid if is_set else 0) + context.encode())
         self._reply(Rep.ACK)
         if is_set:
             self.meta = (export.name, selected)
 
 
 def match_contexts(available: Sequence[str], queries: Sequence[str], listing: bool) -> list[str]:
-    """The contexts a LIST (``listing``) or SET query list selects, in query order.
+    """The contexts a LIST (``listing``) or SET query list selects, in ``available``
+    order (QEMU's: base first).
 
     LIST with no query lists everything, and a bare namespace (``base:``,
     ``qemu:``) lists that namespace; SET selects exact leaf names only.
@@ -664,14 +616,11 @@ def match_contexts(available: Sequence[str], queries: Sequence[str], listing: bo
     """
     if listing and not queries:
         return list(available)
-    out: list[str] = []
-    for query in queries:
-        for context in available:
-            namespace = context.split(":", 1)[0] + ":"
-            if query == context or (listing and query == namespace):
-                if context not in out:
-                    out.append(context)
-    return out
+    return [
+        context for context in available
+        if any(q == context or (listing and q == context.split(":", 1)[0] + ":")
+               for q in queries)
+    ]
 
 
 # --- transmission (server side) -----------------------------------------------------------
@@ -717,9 +666,14 @@ class Disconnect:
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    """The client broke framing (bad magic): close at once."""
+    """The client broke framing: nothing more can be parsed.
+
+    ``cookie``: a bad request magic is answered EINVAL with ``reason`` under
+    the header's cookie before the disconnect, as QEMU does.
+    """
 
     reason: str
+    cookie: int | None = None
 
 
 TransmissionEvent = Request | Rejected | Disconnect | Violation
@@ -854,7 +808,7 @@ class Transmission:
         self._start = start
         if magic != REQUEST_MAGIC:
             self.finished = True
-            return Violation(f"invalid magic (got 0x{magic:x})")
+            return Violation(f"invalid magic (got 0x{magic:x})", cookie)
         request = Request(flags, kind, cookie, offset, length)
         if kind == Cmd.DISC:
             self.finished = True

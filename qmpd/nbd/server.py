@@ -50,6 +50,7 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriverError
+from qmpd.block.errorlog import IO_ERRORS
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
 from qmpd.nbd.config import FdAddr, InetAddr, ServerAddress, UnixAddr, VsockAddr
@@ -538,6 +539,8 @@ class NbdConnection:
                     # flight is still answered, then the connection closes.
                     log.info("NBD client %s: %s; disconnecting", self.peer, event.reason)
                     self.exports.stats_protocol_error()
+                    if event.cookie is not None:
+                        self._send([self.replies.error(event.cookie, p.Errno.EINVAL, event.reason)])
                     self._finish()
         finally:
             self._pumping = False
@@ -602,14 +605,22 @@ class NbdConnection:
         except NbdFailure as exc:
             export.count_error(request.command_name)
             parts = [self.replies.error(request.cookie, exc.error, exc.message)]
-        except BlockDriverError as exc:
+        except (BlockDriverError, OSError) as exc:
+            # An I/O error keeps its errno on the wire (ENOSPC stays ENOSPC,
+            # as QEMU's), and is logged once per node and errno.
             export.count_error(request.command_name)
+            err = exc.errno or errno.EIO
             message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
-            log.debug("NBD %s on export %s: %s", request.command_name, export.id, exc)
-            parts = [self.replies.error(request.cookie, p.errno_to_nbd(exc.errno), message)]
-        except Exception:
+            IO_ERRORS.report_errno(
+                export.node.node_name, err, f"NBD {request.command_name} on export {export.id}"
+            )
+            parts = [self.replies.error(request.cookie, p.errno_to_nbd(err), message)]
+        except Exception as exc:
             export.count_error(request.command_name)
-            log.exception("NBD %s on export %s failed", request.command_name, export.id)
+            IO_ERRORS.report(
+                export.node.node_name, type(exc).__name__,
+                f"NBD {request.command_name} on export {export.id} failed", exc,
+            )
             message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
             parts = [self.replies.error(request.cookie, p.Errno.EIO, message)]
         self.in_flight -= 1

@@ -74,6 +74,7 @@ from qmpd.block.qcow2.format import (
     parse_snapshots,
 )
 from qmpd.block.qcow2.refcount import Refcounts, array_to_u64_be, u64_be_to_array
+from qmpd.block.status import block_status_above
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
@@ -718,9 +719,10 @@ class Qcow2Image:
         else:
             content = bytes(cs)
         # refcount of the new table, then the table, on disk before the L1 entry
-        await self.refs.cache.write_all()
-        await self.file.write(new, content)
-        await self.file.sync()
+        async with self.refs.freed_on_error(new, 1):
+            await self.refs.cache.write_all()
+            await self.file.write(new, content)
+            await self.file.sync()
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
         await self._write_l1_entry(l1i)
         if old:
@@ -909,11 +911,12 @@ class Qcow2Image:
             raise BlockDriverError("Input/output error", 5)
         head_len = pos & cmask
         tail_start = ((run_end - 1) & cmask) + 1
-        head = await self.cow_part(ci, old[0], 0, head_len) if head_len else b""
-        tail = (await self.cow_part(ci + k - 1, old[-1], tail_start, cs)
-                if tail_start < cs else b"")
-        buf = b"".join((head, chunk, tail)) if head or tail else bytes(chunk)
-        await self._data_write(host, buf)
+        async with self.refs.freed_on_error(host, k):
+            head = await self.cow_part(ci, old[0], 0, head_len) if head_len else b""
+            tail = (await self.cow_part(ci + k - 1, old[-1], tail_start, cs)
+                    if tail_start < cs else b"")
+            buf = b"".join((head, chunk, tail)) if head or tail else bytes(chunk)
+            await self._data_write(host, buf)
         # data before the L2 entry; refcount before the L2 entry
         self.l2cache.set_depends_on_flush()
         await self.l2cache.set_dependency(self.refs.cache)
@@ -1007,7 +1010,7 @@ class Qcow2Image:
             while a < b:
                 if a >= backing.size():
                     break
-                st = await backing.block_status(a, min(b, backing.size()) - a)
+                st = await block_status_above(backing, a, min(b, backing.size()) - a)
                 if not st.zero or st.length <= 0:
                     return False
                 a += st.length

@@ -10,6 +10,7 @@ again with the same options).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
@@ -157,6 +158,8 @@ class Qcow2Driver(BlockDriver):
         self._options: dict[str, Any] = {}
         self._image: Qcow2Image | None = None
         self._broken: str | None = None
+        #: Whether the open image has preallocated metadata (checked once).
+        self._prealloc: tuple[Qcow2Image, bool] | None = None
         self._inactive = False
         self._size = 0
         self._header: Header | None = None
@@ -278,7 +281,28 @@ class Qcow2Driver(BlockDriver):
             config.l2_entries * config.l2_entry_size // image.slice_bytes, 2)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self._img().block_status(offset, length)
+        image = self._img()
+        status = await image.block_status(offset, length)
+        if status.data and status.offset is not None and await self._preallocated(image):
+            return replace(status, recurse=True)
+        return status
+
+    async def _preallocated(self, image: Qcow2Image) -> bool:
+        """QEMU's qcow2_detect_metadata_preallocation, once per opened image: far
+        more clusters are referenced than the file really holds, so data
+        clusters may be holes in the file (which then read as zeros)."""
+        if self._prealloc is not None and self._prealloc[0] is image:
+            return self._prealloc[1]
+        child = self.node.file
+        real = child.driver.allocated_size() if child is not None else None
+        found = False
+        if child is not None and real is not None:
+            real_clusters = real // image.cluster_size
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end = -(-child.size() // image.cluster_size)
+            found = await image.refs.count_referenced(end, threshold) >= threshold
+        self._prealloc = (image, found)
+        return found
 
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
         """Where the range lies in the host file, if it is one run of normal

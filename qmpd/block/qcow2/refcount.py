@@ -19,10 +19,11 @@ Allocation is crash safe in QEMU's order:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.qcow2.cache import MetadataCache
@@ -148,6 +149,13 @@ class RefBlock:
                     return idx
             pos += 1
 
+    def count_nonzero(self, stop: int) -> int:
+        """How many of the first ``stop`` refcounts are not zero."""
+        data = self.data
+        if isinstance(data, array):
+            return stop - data[:stop].count(0)
+        return sum(1 for i in range(stop) if self.get(i))
+
     def nonzero_from(self, start: int, stop: int | None = None) -> int:
         """Index of the first non-zero refcount in [start, stop), or ``stop``.
 
@@ -241,6 +249,17 @@ class Refcounts:
             return 0
         return blk.get(cluster_index & self.rb_mask)
 
+    async def count_referenced(self, end: int, enough: int) -> int:
+        """Clusters below ``end`` with a refcount, counted until ``enough`` are found."""
+        count = 0
+        for rt in range(0, (end + self.rb_entries - 1) >> self.rb_bits):
+            blk = await self.block(rt)
+            if blk is not None:
+                count += blk.count_nonzero(min(self.rb_entries, end - (rt << self.rb_bits)))
+            if count >= enough:
+                break
+        return count
+
     async def find_free(self, n: int) -> int:
         """The first cluster index of ``n`` contiguous free clusters at/after the hint."""
         i = self.free_hint
@@ -297,6 +316,17 @@ class Refcounts:
             await self.update(start, n, 1)
             self.free_hint = start + n
             return start << self.cluster_bits
+
+    @contextlib.asynccontextmanager
+    async def freed_on_error(self, offset: int, n: int) -> AsyncIterator[None]:
+        """Give back ``n`` clusters just allocated at ``offset`` when what fills
+        them fails (a full disk, say), as QEMU frees a new L2 table or data
+        cluster whose write failed: a failed request leaks nothing."""
+        try:
+            yield
+        except BaseException:
+            await self.update(offset >> self.cluster_bits, n, -1)
+            raise
 
     async def update(self, cluster_index: int, n: int, delta: int) -> None:
         """Add ``delta`` to the refcounts of ``n`` clusters (their blocks must exist
@@ -384,8 +414,13 @@ class Refcounts:
         else:
             await self._create_block(where_rt)
             return
-        await self.file.write(where << cb, blk.to_bytes())
-        await self.file.sync()
+        try:
+            await self.file.write(where << cb, blk.to_bytes())
+            await self.file.sync()
+        except BaseException:
+            if where_rt != rt_index:  # counted in an existing block: give it back
+                await self.update(where, 1, -1)
+            raise
         self.reftable[rt_index] = where << cb
         await self._write_reftable_entry(rt_index)
         self.cache.insert(where << cb, blk, dirty=False)
