@@ -130,6 +130,11 @@ class Daemon:
             problems.append("not every monitor has started")
         if self.vm.state in NOT_READY_STATES:
             problems.append(f"run state is {self.vm.state.value}")
+        nodes = self.block.graph.all_nodes()
+        if self.vm.state == RunState.POSTMIGRATE and not any(n.active for n in nodes):
+            problems.append(
+                "migrated away: run state is postmigrate and every block node is inactive"
+            )
         for node in self.block.graph.all_nodes():
             if node.activation_error:
                 problems.append(f"node {node.node_name} failed activation: {node.activation_error}")

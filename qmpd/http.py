@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,9 +23,16 @@ async def ready(request: web.Request) -> web.Response:
     """200 when the daemon serves its job, 503 with the reasons otherwise."""
     daemon = request.app[DAEMON_KEY]
     reasons = daemon.readiness_problems()
+    body: dict[str, Any]
     if reasons:
-        return web.json_response({"status": "not-ready", "reasons": reasons}, status=503)
-    return web.json_response({"status": "ready", "run-state": daemon.vm.state.value})
+        body = {"status": "not-ready", "reasons": reasons}
+    else:
+        body = {"status": "ready", "run-state": daemon.vm.state.value}
+    # A failed migration leaves the source running (ready), but says why it failed.
+    failure = daemon.migration.last_failure
+    if failure is not None:
+        body["migration-failed"] = failure
+    return web.json_response(body, status=503 if reasons else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -73,11 +73,13 @@ class _Cancelled(Exception):
 
 
 class _Failed(Exception):
-    """The migration failed; ``desc`` is the error-desc (None: QEMU records none)."""
+    """The migration failed; ``desc`` is the error-desc (None: QEMU records none),
+    ``reason`` what the log says (``desc`` by default)."""
 
-    def __init__(self, desc: str | None) -> None:
+    def __init__(self, desc: str | None, reason: str | None = None) -> None:
         super().__init__(desc)
         self.desc = desc
+        self.reason = reason or desc
 
 
 def _ram_stats(dirty_sync_count: int, mbps: float) -> dict[str, Any]:
@@ -110,6 +112,8 @@ class MigrationManager:
         # Outgoing.
         self.status = _S.NONE
         self.error: str | None = None
+        #: Why the last outgoing migration failed, also when error-desc stays empty.
+        self.failure_reason: str | None = None
         self.start_time = 0.0
         self.setup_time = 0
         self.total_time = 0
@@ -163,6 +167,13 @@ class MigrationManager:
     @property
     def running(self) -> bool:
         return self.status in RUNNING_STATES
+
+    @property
+    def last_failure(self) -> str | None:
+        """Why the last outgoing migration failed (None unless it did)."""
+        if self.status != _S.FAILED:
+            return None
+        return self.failure_reason or self.error or "no reason recorded"
 
     # --- capabilities and parameters ---------------------------------------------------
 
@@ -256,6 +267,7 @@ class MigrationManager:
                 "capability) is not supported"
             )
         self.error = None
+        self.failure_reason = None
         self.cancel_requested = False
         self.committed = False
         self.mbps = 0.0
@@ -325,14 +337,15 @@ class MigrationManager:
             inactivating = time.monotonic()
             try:
                 await self.daemon.block.inactivate_all()
-            except Exception:
+            except Exception as exc:
                 inactivated = True  # some nodes may be: re-activate them all
-                # QEMU 7.2 reports this on stderr only; query-migrate shows no error-desc.
+                # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
+                # the reason too (query-migrate, log, /ready).
                 print(
                     "qmpd: qemu_savevm_state_complete_precopy_non_iterable: "
                     "bdrv_inactivate_all() failed (-1)", file=sys.stderr, flush=True,
                 )
-                raise _Failed(None) from None
+                raise _Failed(self._inactivation_failure(exc)) from None
             inactivated = True
             log.info("migration switchover: flush %.1f ms, inactivation %.1f ms",
                      (flushed - stop_time) * 1000, (time.monotonic() - inactivating) * 1000)
@@ -353,6 +366,9 @@ class MigrationManager:
             self.daemon.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
+            log.info("migration completed: %d block nodes handed over in %d ms "
+                     "(downtime %d ms); the source is in postmigrate",
+                     len(self.daemon.block.graph.nodes), self.total_time, self.downtime)
         except (asyncio.CancelledError, _Cancelled):
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=True)
         except (_Failed, ChannelError, OSError, ConnectionError) as exc:
@@ -361,6 +377,7 @@ class MigrationManager:
                 return
             if isinstance(exc, _Failed):
                 self.error = exc.desc
+                self.failure_reason = exc.reason
             elif isinstance(exc, ChannelError):
                 self.error = str(exc)
             else:
@@ -372,6 +389,17 @@ class MigrationManager:
             log.exception("migration failed unexpectedly")
             self.error = f"qmpd: internal error: {exc}"
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
+
+    def _inactivation_failure(self, exc: BaseException) -> str:
+        """error-desc for a refused inactivation: the users that refused it, by name."""
+        blockers = [
+            f"node '{node.node_name}' is in use by writable {edge.user.kind} "
+            f"'{edge.user.id}' without allow-inactive"
+            for node in self.daemon.block.graph.all_nodes() if node.active
+            for edge in node.parents
+            if edge.user is not None and edge.user.writable and not edge.user.allow_inactive
+        ]
+        return "Failed to inactivate block nodes: " + ("; ".join(blockers) or str(exc))
 
     def _check_cancel(self) -> None:
         if self.cancel_requested:
@@ -424,15 +452,15 @@ class MigrationManager:
                 length = int.from_bytes(head[2:], "big")
                 data = await channel.reader.readexactly(length)
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                print("qmpd: return path: the destination closed the channel before SHUT",
-                      file=sys.stderr, flush=True)
-                raise _Failed(None) from None
+                reason = "return path: the destination closed the channel before SHUT"
+                print(f"qmpd: {reason}", file=sys.stderr, flush=True)
+                raise _Failed(None, reason) from None
             if kind == stream.RPMessageType.PONG:
                 continue
             if kind != stream.RPMessageType.SHUT or int.from_bytes(data[:4] or b"\0", "big"):
-                print("qmpd: return path: the destination reported a failure",
-                      file=sys.stderr, flush=True)
-                raise _Failed(None)
+                reason = "return path: the destination reported a failure"
+                print(f"qmpd: {reason}", file=sys.stderr, flush=True)
+                raise _Failed(None, reason)
             return
 
     async def _stop_for_switchover(self) -> None:
@@ -466,7 +494,8 @@ class MigrationManager:
         cancelled = cancelled or self.status == _S.CANCELLING
         if not cancelled:
             self._set(_S.FAILED)
-            log.error("migration failed: %s", self.error or "see above")
+            self.failure_reason = self.failure_reason or self.error
+            log.error("migration failed: %s", self.failure_reason or "no reason recorded")
         if inactivated or stopped:
             # Another process may have opened the images while we were
             # inactive: activation re-reads everything.
@@ -580,6 +609,8 @@ class MigrationManager:
             except (ConnectionError, OSError):
                 pass
         self._set_incoming(_S.COMPLETED)
+        log.info("incoming migration completed: %d bytes received, run state %s",
+                 self.bytes_received, self.vm.state.value)
         await channel.close()
         self.listener.close()
 
