@@ -72,6 +72,15 @@ class _Cancelled(Exception):
     """migrate_cancel was asked: unwind at the next step."""
 
 
+class _IncomingFailed(Exception):
+    """The incoming migration failed: ``text`` for stderr, ``reason`` the error-desc."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(reason)
+        self.text = text
+        self.reason = reason
+
+
 class _Failed(Exception):
     """The migration failed; ``desc`` is the error-desc (None: QEMU records none),
     ``reason`` what the log says (``desc`` by default)."""
@@ -123,6 +132,7 @@ class MigrationManager:
         self.continue_event = asyncio.Event()
         self.cancel_requested = False
         self.committed = False
+        self.awaiting_shut = False
         self.mbps = 0.0
         self._bytes_at_start = 0
         self._window_end = 0.0
@@ -270,6 +280,7 @@ class MigrationManager:
         self.failure_reason = None
         self.cancel_requested = False
         self.committed = False
+        self.awaiting_shut = False
         self.mbps = 0.0
         self._bytes_at_start = self.bytes_sent
         self._window_end = 0.0
@@ -356,7 +367,14 @@ class MigrationManager:
             # so a cancel from now on would only risk two active sides.
             self.committed = True
             if writer.return_path:
-                await self._wait_for_shut(channel)
+                # Until SHUT the destination has not confirmed it loaded the
+                # stream: a cancel may still take the images back (if the
+                # destination activated them, image locking refuses that).
+                self.awaiting_shut = True
+                try:
+                    await self._wait_for_shut(channel)
+                finally:
+                    self.awaiting_shut = False
             await channel.close()
             self.channel = None
             now = time.monotonic()
@@ -519,7 +537,9 @@ class MigrationManager:
         the aborted channel fails, the pre-switchover wait ends, or it checks
         the flag); only a connect still in progress is interrupted.
         """
-        if not self.running or self.cancel_requested or self.committed:
+        if not self.running or self.cancel_requested:
+            return
+        if self.committed and not self.awaiting_shut:
             return
         self.cancel_requested = True
         if self.status == _S.SETUP and self.channel is None:
@@ -560,12 +580,26 @@ class MigrationManager:
         self.incoming_task = asyncio.get_running_loop().create_task(self._incoming())
 
     async def _incoming(self) -> None:
+        """The incoming task: however it ends, the status is final, and a failure
+        releases the images (or exits, as configured)."""
         assert self.listener is not None
+        channel: Channel | None = None
         try:
             channel = await self.listener.accept()
+            self._set_incoming(_S.ACTIVE)
+            await self._load(channel)
         except asyncio.CancelledError:
-            return
-        self._set_incoming(_S.ACTIVE)
+            if channel is not None:
+                channel.abort()
+            raise
+        except _IncomingFailed as exc:
+            await self._incoming_failed(channel, exc.text, exc.reason)
+        except Exception as exc:  # a bug or a refusal not foreseen: never hang holding images
+            reason = f"incoming migration failed: {exc}"
+            await self._incoming_failed(channel, f"qmpd: {reason}", reason)
+
+    async def _load(self, channel: Channel) -> None:
+        assert self.listener is not None
         reader = stream.StreamReader(self.capabilities)
         globalstate: str | None = None
         return_path = False
@@ -593,13 +627,12 @@ class MigrationManager:
                     break
             return_path = reader.return_path_open
         except stream.MigrationStreamError as exc:
-            await self._incoming_failed(channel, exc.render("qmpd"), exc.reason)
-            return
+            raise _IncomingFailed(exc.render("qmpd"), exc.reason) from None
         except (ConnectionError, OSError) as exc:
-            await self._incoming_failed(
-                channel, f"qmpd: load of migration failed: {exc.strerror or exc}", str(exc)
-            )
-            return
+            raise _IncomingFailed(
+                f"qmpd: load of migration failed: {exc.strerror or exc}", str(exc)
+            ) from None
+        self._check_globalstate(globalstate)
         await self._incoming_complete(globalstate)
         if return_path and channel.writer is not None:
             try:
@@ -614,14 +647,35 @@ class MigrationManager:
         await channel.close()
         self.listener.close()
 
-    async def _incoming_failed(self, channel: Channel, text: str, reason: str) -> None:
+    def _check_globalstate(self, globalstate: str | None) -> None:
+        """A run state this side may not enter from inmigrate fails the load before
+        anything is activated (QEMU 7.2 aborts the process there)."""
+        if globalstate is None or globalstate == "running":
+            return
+        try:
+            target = RunState(globalstate)
+        except ValueError:
+            return  # treated as paused
+        if not self.vm.machine.can_set(target):
+            reason = (f"invalid runstate transition: '{self.vm.state.value}' -> "
+                      f"'{globalstate}'")
+            raise _IncomingFailed(f"qmpd: {reason}", reason)
+
+    async def _incoming_failed(self, channel: Channel | None, text: str, reason: str) -> None:
         print(text.rstrip("\n"), file=sys.stderr, flush=True)
         self.incoming_error = reason
         self._set_incoming(_S.FAILED)
-        channel.abort()
-        await channel.reap()
+        if channel is not None:
+            channel.abort()
+            await channel.reap()
         if self.listener is not None:
             self.listener.close()
+        # Nodes activated early (cont, an export) or by a load that failed late
+        # give their locks back: a failed destination holds nothing.
+        try:
+            await self.daemon.block.inactivate_all()
+        except Exception as exc:
+            log.error("could not release the block nodes after the failed migration: %s", exc)
         if self.exit_on_error:
             self.daemon.request_exit(1)
 
