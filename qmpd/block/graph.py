@@ -428,6 +428,38 @@ class BlockGraph:
             if isinstance(result, BaseException):
                 raise result
 
+    async def reload_active(self, nodes: Iterable[BlockNode]) -> None:
+        """Flush and invalidate active ``nodes`` again, keeping them active.
+
+        A node activated early on a waiting migration destination (an export,
+        ``cont``) may hold metadata from before the source's last writes; this
+        writes back what it has (parents first, new writes refused meanwhile),
+        then re-reads everything (children first), as activation does.
+        """
+        order: list[BlockNode] = []
+        seen: set[int] = set()
+
+        def visit(node: BlockNode) -> None:
+            if id(node) in seen or not node.active:
+                return
+            seen.add(id(node))
+            for edge in node.children.values():
+                visit(edge.child)
+            order.append(node)
+
+        for node in nodes:
+            visit(node)
+        for node in reversed(order):
+            await node.driver.inactivate()
+        for node in order:
+            try:
+                await node.driver.invalidate_cache()
+            except Exception as exc:
+                node.activation_error = str(exc)
+                log.error("invalidation of node %s failed: %s", node.node_name, exc)
+                raise
+            node.stats.invalidations += 1
+
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first)."""
         if not node.active:

@@ -44,7 +44,14 @@ from typing import TYPE_CHECKING, Any, cast
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from qmpd.block.driver import PERM_ALL, BlockStatus, ChildRole, Perm, perm_names
+from qmpd.block.driver import (
+    PERM_ALL,
+    BlockDriverError,
+    BlockStatus,
+    ChildRole,
+    Perm,
+    perm_names,
+)
 from qmpd.block.graph import BdrvChild, BlockNode, BlockUser
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
@@ -500,11 +507,14 @@ class BlockExports:
             raise GenericError(f"Cannot find device='' nor node-name='{node_name}'")
         allow_inactive = args.get("allow-inactive", False)
         if not node.active and not allow_inactive:
-            # QEMU 7.2 silently activates the node here (and so serves stale
-            # data on a migration destination); qmpd refuses instead.
-            raise GenericError(
-                f"Cannot export inactive node '{node_name}' without allow-inactive"
-            )
+            # As QEMU 7.2/10.0 (libvirt's storage migration depends on it): the
+            # export activates its node, which image locking refuses while
+            # another process holds the image.  A waiting destination invalidates
+            # such a node again when its migration completes.
+            try:
+                await self.block.graph.activate(node)
+            except BlockDriverError as exc:
+                raise GenericError(str(exc)) from None
         if "iothread" in args:
             raise GenericError(f'iothread "{args["iothread"]}" not found')
         writable = args.get("writable", False)

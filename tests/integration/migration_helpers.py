@@ -237,6 +237,19 @@ NO_INVALIDATE = (
 )
 
 
+#: A destination that does not invalidate nodes activated early when its
+#: migration completes (QEMU 7.2's behaviour): the early-activation control.
+NO_REINVALIDATE = (
+    "import sys\n"
+    "import qmpd.block.graph as g\n"
+    "async def _skip(self, nodes):\n"
+    "    pass\n"
+    "g.BlockGraph.reload_active = _skip\n"
+    "from qmpd.__main__ import main\n"
+    "raise SystemExit(main(sys.argv[1:]))\n"
+)
+
+
 class Peer:
     """One qmpd or qemu-system-x86_64 -M none process with a QMP socket."""
 

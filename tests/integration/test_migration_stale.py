@@ -11,6 +11,10 @@ with the same writes.
 The negative control runs the same steps against a destination whose qcow2
 ``invalidate_cache`` does nothing (monkeypatched in that test process only):
 it must read stale data, which proves the test can fail.
+
+The same holds for a node the destination activated early (an export without
+allow-inactive, or ``cont``, while it waits): it is invalidated again when the
+migration completes; its negative control skips that step, as QEMU 7.2 does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pytest
 from tests.conftest import require_tool
 from tests.integration.migration_helpers import (
     NO_INVALIDATE,
+    NO_REINVALIDATE,
     Cluster,
     LockWatcher,
     Peer,
@@ -151,9 +156,8 @@ def test_negative_control_without_invalidation_reads_stale_data(mig: Cluster) ->
 
 
 def test_export_added_while_waiting_serves_fresh_data(mig: Cluster) -> None:
-    """QEMU 7.2 activates a node exported on a waiting destination and then serves
-    stale data (conformance fact 39); qmpd refuses such an export unless it is
-    allow-inactive, and an allow-inactive export reads what the source wrote."""
+    """An export of a node the source holds needs allow-inactive (activating it is
+    refused by image locking); an allow-inactive export reads what the source wrote."""
     require_tool("qemu-io")
     work = mig.dir
     image = create_qcow2(work / "disk.qcow2", "2G")
@@ -164,8 +168,9 @@ def test_export_added_while_waiting_serves_fresh_data(mig: Cluster) -> None:
     dst.add_disk(image)
     nbd = str(work / "nbd.sock")
     dst.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd}}})
+    # Without allow-inactive the export would activate the node: the source's lock refuses.
     assert dst.err("block-export-add", {"type": "nbd", "id": "e0", "node-name": "disk"}) == (
-        "Cannot export inactive node 'disk' without allow-inactive"
+        'Failed to get "write" lock'
     )
     dst.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "disk",
                                 "allow-inactive": True})
@@ -186,3 +191,79 @@ def test_export_added_while_waiting_serves_fresh_data(mig: Cluster) -> None:
     assert res.returncode == 0, res.stderr
     assert "Pattern verification failed" not in res.stdout, res.stdout
     assert res.stdout.count("read ") == len(AFTER), res.stdout
+
+
+# ---------------------------------------------------------------------------
+# A node activated early on the waiting destination (conformance fact 39)
+# ---------------------------------------------------------------------------
+
+
+def early_run(mig: Cluster, how: str, code: str | None = None) -> tuple[str, str]:
+    """The destination opens the image read-only with force-share (so the source
+    does not refuse its activation)
+    and activates it before the migration (an export without allow-inactive, or
+    cont); it reads (caches fill), the source writes AFTER, then migrates.
+    Returns what the destination (HMP qemu-io) and an NBD client read after it."""
+    require_tool("qemu-io")
+    work = mig.dir
+    image = create_qcow2(work / "disk.qcow2", "2G")
+    src = mig.spawn("qmpd", "src")
+    dst = mig.spawn("qmpd", "dst", incoming="defer", code=code)
+    start(src, dst)
+    src.add_disk(image)
+    for offset, length, pattern in BEFORE:
+        assert src.qemu_io("disk", f"write -P {pattern:#x} {offset} {length}") == ""
+    dst.ok("blockdev-add", {"driver": "qcow2", "node-name": "disk", "read-only": True,
+                            "force-share": True,
+                            "file": {"driver": "file", "filename": str(image)}})
+    nbd = str(work / "nbd.sock")
+    dst.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd}}})
+    if how == "export":
+        dst.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "disk"})
+    else:
+        dst.ok("cont")
+        dst.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "disk"})
+    assert dst.ok("query-named-block-nodes")[0]["active"] is True
+    assert dst.status() == "inmigrate"
+    for offset, length, pattern in BEFORE:
+        assert dst.qemu_io("disk", f"read -P {pattern:#x} {offset} {length}") == ""
+    for offset, length, _ in AFTER:
+        dst.qemu_io("disk", f"read {offset} {length}")
+    for offset, length, pattern in AFTER:
+        assert src.qemu_io("disk", f"write -P {pattern:#x} {offset} {length}") == ""
+    uri = f"unix:{work / 'mig.sock'}"
+    dst.ok("migrate-incoming", {"uri": uri})
+    src.ok("migrate", {"uri": uri})
+    assert src.wait_migration()["status"] == "completed"
+    assert dst.wait_migration()["status"] == "completed"
+    dst.mark = len(dst.stdout())  # type: ignore[attr-defined]
+    for offset, length, pattern in expected_reads():
+        assert dst.qemu_io("disk", f"read -P {pattern:#x} {offset} {length}") == ""
+    cmds: list[str] = []
+    for offset, length, pattern in expected_reads():
+        cmds += ["-c", f"read -P {pattern:#x} {offset} {length}"]
+    res = subprocess.run(["qemu-io", "-r", "-f", "raw", *cmds, f"nbd+unix:///disk?socket={nbd}"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout.count("read ") == len(expected_reads()), (res.stdout, res.stderr)
+    out = output_after_handover(dst)
+    dst.quit()
+    src.quit()
+    image_check(image)
+    return out, res.stdout
+
+
+@pytest.mark.parametrize("how", ["export", "cont"])
+def test_early_activated_node_reads_what_the_source_wrote_late(mig: Cluster, how: str) -> None:
+    out, nbd_out = early_run(mig, how)
+    assert "Pattern verification failed" not in out, out
+    assert out.count("read ") == len(expected_reads()), out
+    assert "Pattern verification failed" not in nbd_out, nbd_out
+
+
+def test_negative_control_early_activated_node_without_reinvalidation(mig: Cluster) -> None:
+    """Without the invalidation at completion, the early-activated node reads stale data."""
+    out, nbd_out = early_run(mig, "export", code=NO_REINVALIDATE)
+    for text in (out, nbd_out):
+        failed = [line for line in text.splitlines() if "Pattern verification failed" in line]
+        for offset, length, _ in AFTER[1:]:
+            assert f"Pattern verification failed at offset {offset}, {length} bytes" in failed, text
