@@ -511,11 +511,13 @@ def test_read_only_export_does_not_block_and_keeps_serving(mig: Cluster) -> None
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, res
     # QEMU 7.2 accepts a new read-only export here and refuses a writable one
-    # with 'Block node is read-only' (fact 37); qmpd refuses any new export of
-    # an inactive node unless it is allow-inactive.
-    assert src.err("block-export-add", {"type": "nbd", "id": "w1", "node-name": "disk",
-                                        "writable": True}) == (
-        "Cannot export inactive node 'disk' without allow-inactive")
+    # with 'Block node is read-only' (fact 37); in qmpd a new export without
+    # allow-inactive activates the node, which the destination's lock refuses.
+    for writable in (True, False):
+        assert src.err("block-export-add", {"type": "nbd", "id": "w1", "node-name": "disk",
+                                            "writable": writable}) == (
+            'Failed to get "write" lock')
+    assert src.ok("query-named-block-nodes")[0]["active"] is False
 
 
 @pytest.mark.parametrize("when", ["active", "pre-switchover"])
