@@ -17,6 +17,8 @@ driver.  Two methods manage that cache across a change of owner:
 * :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
   of cached mutable metadata and reloads it from disk, keeping only the
   immutable configuration (options).  It is only called on an inactive node.
+* :meth:`BlockDriver.refresh_inactive` runs before every read of an inactive
+  node: what it cached may have been changed by the image's new owner.
 """
 
 from __future__ import annotations
@@ -226,4 +228,14 @@ class BlockDriver(ABC):
 
     async def invalidate_cache(self) -> None:
         """Drop and reload all cached mutable metadata (the node is inactive)."""
+        return None
+
+    async def refresh_inactive(self) -> None:
+        """Before each read or block-status request on an inactive node.
+
+        Another process may own the image and change its metadata at any time,
+        so a driver that caches metadata re-reads what the request depends on
+        (qcow2 reloads its header and tables); :meth:`host_file` must not
+        answer from such caches either.  Nothing to do by default.
+        """
         return None

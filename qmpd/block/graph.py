@@ -181,6 +181,8 @@ class BlockNode:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
+        if not self.active:
+            await self.driver.refresh_inactive()
         data = await self.driver.read(offset, length)
         self.stats.rd_bytes += length
         self.stats.rd_operations += 1
@@ -220,6 +222,8 @@ class BlockNode:
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_range(offset, max(length, 0))
+        if not self.active:
+            await self.driver.refresh_inactive()
         return await self.driver.block_status(offset, length)
 
 

@@ -9,7 +9,8 @@ that ``qemu-img check`` finds clean and that equals a raw reference built
 with the same writes.
 
 The negative control runs the same steps against a destination whose qcow2
-``invalidate_cache`` does nothing (monkeypatched in that test process only):
+``invalidate_cache`` and ``refresh_inactive`` do nothing (monkeypatched in
+that test process only):
 it must read stale data, which proves the test can fail.
 
 The same holds for a node the destination activated early (an export without
@@ -267,3 +268,52 @@ def test_negative_control_early_activated_node_without_reinvalidation(mig: Clust
         failed = [line for line in text.splitlines() if "Pattern verification failed" in line]
         for offset, length, _ in AFTER[1:]:
             assert f"Pattern verification failed at offset {offset}, {length} bytes" in failed, text
+
+
+# ---------------------------------------------------------------------------
+# The migrated-away source: its nodes are inactive, the destination writes
+# ---------------------------------------------------------------------------
+
+
+def test_source_export_reads_what_the_destination_wrote(mig: Cluster) -> None:
+    """After the handover, the source's read-only export (added before it) serves
+    what the destination writes, new clusters and new L2 tables included: an
+    inactive qcow2 node re-reads its metadata for every request."""
+    require_tool("qemu-io")
+    work = mig.dir
+    image = create_qcow2(work / "disk.qcow2", "2G")
+    src = mig.spawn("qmpd", "src")
+    dst = mig.spawn("qmpd", "dst", incoming="defer")
+    start(src, dst)
+    src.add_disk(image)
+    dst.add_disk(image)
+    for offset, length, pattern in BEFORE:
+        assert src.qemu_io("disk", f"write -P {pattern:#x} {offset} {length}") == ""
+    nbd = str(work / "nbd.sock")
+    src.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd}}})
+    src.ok("block-export-add", {"type": "nbd", "id": "r0", "node-name": "disk"})
+
+    def nbd_read(ranges: list[tuple[int, int, int]]) -> str:
+        cmds: list[str] = []
+        for offset, length, pattern in ranges:
+            cmds += ["-c", f"read -P {pattern:#x} {offset} {length}"]
+        res = subprocess.run(["qemu-io", "-r", "-f", "raw", *cmds,
+                              f"nbd+unix:///disk?socket={nbd}"],
+                             capture_output=True, text=True, timeout=30)
+        assert res.stdout.count("read ") == len(ranges), (res.stdout, res.stderr)
+        return res.stdout
+
+    # The source's caches now hold the tables as they are before the handover.
+    assert "Pattern verification failed" not in nbd_read(BEFORE)
+    nbd_read([(offset, length, 0) for offset, length, _ in ON_DST])
+    uri = f"unix:{work / 'mig.sock'}"
+    dst.ok("migrate-incoming", {"uri": uri})
+    src.ok("migrate", {"uri": uri})
+    assert src.wait_migration()["status"] == "completed"
+    assert dst.wait_migration()["status"] == "completed"
+    for offset, length, pattern in ON_DST:
+        assert dst.qemu_io("disk", f"write -P {pattern:#x} {offset} {length}") == ""
+    assert dst.qemu_io("disk", "flush") == ""
+    out = nbd_read(ON_DST + BEFORE[1:])
+    assert "Pattern verification failed" not in out, out
+    assert src.ok("query-named-block-nodes")[0]["active"] is False

@@ -234,9 +234,17 @@ async def test_inactivate_refuses_writes_and_invalidate_reloads(tmp_path: Path) 
         await b.write(MiB, b"\x22" * 4096)  # new cluster, cached L2 table
         await b.write(600 * MiB, b"\x33" * 4096)  # new L2 table
         await close_image(b)
-        assert await a.read(MiB, 4096) == bytes(4096)  # stale
+        assert await drv(a).read(MiB, 4096) == bytes(4096)  # the driver's cache: stale
+        # Through the node, an inactive node re-reads its metadata (refresh_inactive).
+        assert await a.read(600 * MiB, 4096) == b"\x33" * 4096
+        assert await drv(a).read(2 * MiB, 4096) == bytes(4096)  # caches the L2 slice
+        b2 = await open_image(g2, str(path), node_name="b2", locking="off")
+        await b2.write(2 * MiB, b"\x55" * 4096)
+        await close_image(b2)
+        assert await drv(a).read(2 * MiB, 4096) == bytes(4096)
         a.state = NodeState.ACTIVE
         await drv(a).invalidate_cache()
+        assert await a.read(2 * MiB, 4096) == b"\x55" * 4096
         assert await a.read(MiB, 4096) == b"\x22" * 4096
         assert await a.read(600 * MiB, 4096) == b"\x33" * 4096
         await a.write(300 * MiB, b"\x44" * 4096)  # allocates after b's clusters

@@ -315,6 +315,8 @@ class Qcow2Driver(BlockDriver):
         child = self.node.file
         if image is None or child is None or image.broken is not None or length <= 0:
             return None
+        if not self.node.active:
+            return None  # its L2 cache is not to be trusted (refresh_inactive)
         if offset < 0 or offset + length > image.size:
             return None
         host = image.host_run(offset, length)
@@ -355,6 +357,15 @@ class Qcow2Driver(BlockDriver):
             errno = getattr(exc, "errno", None) or 5
             raise BlockDriverError(self._broken, errno) from None
         self._broken = None
+
+    async def refresh_inactive(self) -> None:
+        """An inactive node trusts nothing it cached: load the header and tables
+        again for each request (another host may be writing the image)."""
+        try:
+            await self._load()
+        except (Qcow2FormatError, GenericError, OSError) as exc:
+            raise BlockDriverError(f"Could not read qcow2 metadata: {exc}",
+                                   getattr(exc, "errno", None) or 5) from None
 
     # --- information ------------------------------------------------------------------------
 
