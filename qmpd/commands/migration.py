@@ -34,6 +34,18 @@ def migrate_continue(ctx: CommandContext, args: dict[str, Any]) -> None:
     ctx.services.migration.continue_(args["state"])
 
 
+@command("migrate-pause")
+def migrate_pause(ctx: CommandContext, args: dict[str, Any]) -> None:
+    # OOB-capable.  qmpd has no postcopy, the only state QEMU 7.2 pauses in.
+    raise GenericError("migrate-pause is currently only supported during postcopy-active state")
+
+
+@command("migrate-recover")
+def migrate_recover(ctx: CommandContext, args: dict[str, Any]) -> None:
+    # OOB-capable.  Without postcopy nothing can ever be paused to recover.
+    raise GenericError("Migrate recover can only be run when postcopy is paused.")
+
+
 @command("migrate-set-capabilities")
 def migrate_set_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
     ctx.services.migration.set_capabilities(args["capabilities"])

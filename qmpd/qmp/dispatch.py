@@ -87,6 +87,18 @@ class Dispatcher:
             return [n for n in NEGOTIATION_COMMANDS if n in self.handlers]
         return list(self.handlers)
 
+    def runs_out_of_band(self, session: QMPSession, request: Request) -> bool:
+        """An exec-oob of an OOB-capable command: answered as soon as it is parsed,
+        ahead of in-band requests still queued or running (QEMU's OOB rule)."""
+        name = request.command
+        return (
+            request.oob
+            and not session.negotiating
+            and name in self.handlers
+            and not self._is_async[name]
+            and self.schema.commands[name].allow_oob
+        )
+
     def dispatch(self, session: QMPSession, request: Request) -> Reply:
         """Reply bytes now, or an awaitable of them for a coroutine handler."""
         start = time.perf_counter()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from qmpd.errors import GenericError
-from qmpd.qmp.session import Incoming, QMPSession
+from qmpd.qmp.session import Incoming, QMPSession, Request
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
@@ -163,7 +163,13 @@ class QMPConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.queue.extend(self.session.receive_data(data))
+            dispatcher = self.monitor.server.dispatcher
+            for item in self.session.receive_data(data):
+                if isinstance(item, Request) and dispatcher.runs_out_of_band(self.session, item):
+                    # OOB handlers are synchronous: the reply is bytes.
+                    self._write(cast(bytes, dispatcher.dispatch(self.session, item)))
+                else:
+                    self.queue.append(item)
         except Exception:  # a parser bug must not take the connection down
             log.exception("%s: cannot parse client input; input dropped", self.monitor.config.id)
             self.session.parser.reset()
