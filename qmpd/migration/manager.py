@@ -375,6 +375,7 @@ class MigrationManager:
                     await self._wait_for_shut(channel)
                 finally:
                     self.awaiting_shut = False
+                self._check_cancel()  # a SHUT still buffered when the cancel came
             await channel.close()
             self.channel = None
             now = time.monotonic()
@@ -520,7 +521,11 @@ class MigrationManager:
             try:
                 await self.daemon.block.activate_all()
             except Exception as exc:
-                log.error("could not re-activate block nodes after migration: %s", exc)
+                # The destination may have taken the images (its lock refuses
+                # us): never run without them; cont retries the activation.
+                log.error("could not re-activate block nodes after migration: %s; "
+                          "the source stays stopped", exc)
+                was_running = False
         if stopped:
             if was_running:
                 self.vm.start()

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
 from qmpd.migration import stream
+from tests.conftest import require_tool
 from tests.integration.migration_helpers import (
     WRITE_LOCK,
     Cluster,
@@ -121,3 +123,38 @@ def test_illegal_globalstate_fails_and_releases_the_image(mig: Cluster, runstate
             assert WRITE_LOCK not in peer.lock_bytes(image)
             assert WRITE_LOCK not in locks_in_proc_locks(image)
         assert f"qmpd: {reason}" in peer.stderr()
+
+
+def test_cancel_after_the_destination_took_the_image(mig: Cluster) -> None:
+    """If the destination already holds the image when the cancel comes, the source
+    cannot re-activate: it stays stopped (never running without its disk), and
+    cont activates and runs once the image is free again."""
+    require_tool("qemu-io")
+    image = create_qcow2(mig.dir / "disk.qcow2", "64M")
+    src = mig("qmpd", "src")
+    src.caps(events=True, **{"return-path": True})
+    src.add_disk(image)
+    dst = SilentDestination(str(mig.dir / "mig.sock"))
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        src.ok("migrate", {"uri": f"unix:{dst.path}"})
+        assert dst.complete.wait(10), "the whole stream did not arrive"
+        wait_until(lambda: WRITE_LOCK not in src.lock_bytes(image), what="source inactive")
+        # The "destination" activates: another process takes the write lock.
+        holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: WRITE_LOCK in locks_in_proc_locks(image), what="holder locked")
+        src.ok("migrate_cancel")
+        assert src.wait_migration(timeout=10)["status"] == "cancelled"
+        assert src.status() == "postmigrate"
+        assert WRITE_LOCK not in src.lock_bytes(image)
+        assert 'Failed to get "write" lock' in src.err("cont")
+    finally:
+        dst.close()
+        if holder is not None:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(10)
+    src.ok("cont")
+    assert src.status() == "running"
+    assert WRITE_LOCK in src.lock_bytes(image)
