@@ -12,9 +12,12 @@ the VM if it was running.
 
 Destination: nodes added while ``inmigrate`` are inactive (no write locks,
 nothing cached is trusted).  Only once the whole stream has arrived and
-parsed: invalidate-all (every node re-reads its metadata, children first),
-then run state from the stream's globalstate and autostart.  If activation
-fails the daemon stays paused with its nodes inactive; ``cont`` retries.
+parsed: invalidate-all (every node re-reads its metadata, children first;
+nodes activated early by an export or ``cont`` are flushed and invalidated
+again), then run state from the stream's globalstate and autostart.  If
+activation fails the daemon stays paused with its nodes inactive; ``cont``
+retries.  Any other failure of the incoming task ends in ``failed`` with every
+node inactive again (no write lock held), or exits, as configured.
 """
 
 from __future__ import annotations
