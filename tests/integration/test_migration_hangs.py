@@ -158,3 +158,21 @@ def test_cancel_after_the_destination_took_the_image(mig: Cluster) -> None:
     src.ok("cont")
     assert src.status() == "running"
     assert WRITE_LOCK in src.lock_bytes(image)
+
+
+def test_failed_stream_releases_nodes_activated_early(mig: Cluster) -> None:
+    """A destination whose nodes cont activated early (nobody else held the image)
+    gives the write lock back when its incoming migration fails."""
+    image = create_qcow2(mig.dir / "disk.qcow2", "64M")
+    dst = mig("qmpd", "dst", incoming="defer")
+    dst.add_disk(image)
+    dst.ok("cont")
+    assert WRITE_LOCK in dst.lock_bytes(image)
+    sock = str(mig.dir / "in.sock")
+    dst.ok("migrate-incoming", {"uri": f"unix:{sock}", "exit-on-error": False})
+    feed_stream(sock, b"not a migration stream at all")
+    assert dst.wait_migration(timeout=10)["status"] == "failed"
+    assert dst.status() == "inmigrate"
+    assert all(not n["active"] for n in dst.ok("query-named-block-nodes"))
+    assert WRITE_LOCK not in dst.lock_bytes(image)
+    assert WRITE_LOCK not in locks_in_proc_locks(image)
