@@ -85,8 +85,9 @@ def pattern_ok(img: Path, where: str, byte: int) -> bool:
 async def test_stale_metadata_until_activation(tmp_path: Path) -> None:
     tools()
     r = await handover(tmp_path)
-    # stale before activation: this is the hazard activation must fix
-    assert r["stale_1m"] and r["stale_600m"]
+    # An inactive node re-reads its metadata for every request (refresh_inactive),
+    # so even before activation it never serves another writer's stale mappings.
+    assert not r["stale_1m"] and not r["stale_600m"]
     assert r["after_1m"] == b"\x22" * 65536
     assert r["after_600m"] == b"\x33" * 65536
     assert r["check"] == 0
@@ -102,6 +103,7 @@ async def test_without_invalidation_the_stale_read_is_observed(
         return None
 
     monkeypatch.setattr(Qcow2Driver, "invalidate_cache", noop)
+    monkeypatch.setattr(Qcow2Driver, "refresh_inactive", noop)
     r = await handover(tmp_path, write_after=False)
     assert r["stale_1m"] and r["stale_600m"]
     assert r["after_1m"] == bytes(65536)  # still stale after activation
@@ -118,7 +120,11 @@ async def test_writing_on_stale_metadata_damages_the_image(
         if self._image is not None:
             self._image.writable = True
 
+    async def noop(self: Qcow2Driver) -> None:
+        return None
+
     monkeypatch.setattr(Qcow2Driver, "invalidate_cache", keep_stale_cache)
+    monkeypatch.setattr(Qcow2Driver, "refresh_inactive", noop)
     r = await handover(tmp_path)
     assert r["after_1m"] == bytes(65536)
     final = r["final"]
