@@ -18,6 +18,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.integration.migration_helpers import (
+    Cluster,
+    create_qcow2,
+    mig_fixture,  # noqa: F401  (the mig fixture)
+)
 from tests.integration.test_locking import held_bytes
 
 ROUNDS = 200 if os.environ.get("QMPD_SLOW") == "1" else 12
@@ -174,3 +179,28 @@ def test_exit_during_del_keeps_acknowledged_writes(
                                   capture_output=True, text=True, timeout=60)
             assert "Pattern verification failed" not in read.stdout, (i, k, read.stdout)
             assert read.returncode == 0, read.stdout + read.stderr
+
+
+@pytest.mark.qemu
+def test_cont_races_migrate(mig: Cluster) -> None:
+    """Never a source that reports running while its disk is inactive."""
+    image = create_qcow2(mig.dir / "disk.qcow2", "64M")
+    for i in range(max(3, ROUNDS // 2)):
+        src = mig("qmpd", f"s{i}", paused=True)
+        sock = str(mig.dir / f"m{i}.sock")
+        dst = mig("qmpd", f"d{i}", incoming=f"unix:{sock}")
+        src.add_disk(image)
+        dst.add_disk(image)
+        a, b = RawClient(src.qmp_path), RawClient(src.qmp_path)
+        a.negotiate()
+        b.negotiate()
+        ra, _ = both(a, b, ("migrate", {"uri": f"unix:{sock}"}), ("cont", {}))
+        assert ra == {"return": {}}
+        src.wait_migration()
+        status = src.status()
+        if status == "running":
+            assert src.holds_write(image), f"round {i}: running with an inactive disk"
+        src.quit()
+        dst.quit()
+        a.close()
+        b.close()
