@@ -220,6 +220,9 @@ class Daemon:
         """Close in a fixed order: QMP (clients flushed), then HTTP, then files."""
         self.shutting_down = True
         await self.migration.close()
+        # Graph changes in flight (a blockdev-del flushing metadata) finish
+        # before anything closes; new ones are refused.
+        await self.block.lock.close()
         # Exports first: in-flight requests answered, BLOCK_EXPORT_DELETED sent.
         await self.exports.shutdown()
         await self.qmp.close()

@@ -19,6 +19,7 @@ from qmpd.block.file import FileDriver
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
+from qmpd.block.serial import GraphLock
 from qmpd.errors import DeviceNotFound, GenericError
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class BlockLayer:
         self.graph = BlockGraph(metrics)
         self.drivers = _driver_classes()
         self.metrics = metrics
+        #: Held by every operation that changes the graph or a node's state.
+        self.lock = GraphLock()
         #: Called with a node whenever a node is created or deleted.
         self.listeners: list[Callable[[], None]] = []
 

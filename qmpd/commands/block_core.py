@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from qmpd.commands.serialise import graph_changing
 from qmpd.qmp.dispatch import CommandContext, command
 from qmpd.runstate import RunState
 
 
 @command("blockdev-add")
+@graph_changing
 async def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     services = ctx.services
     # While waiting for an incoming migration, nodes open inactive: no write
@@ -18,6 +20,7 @@ async def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 @command("blockdev-del")
+@graph_changing
 async def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     await ctx.services.block.delete(args["node-name"])
 
@@ -34,6 +37,7 @@ def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any
 
 
 @command("block_resize")
+@graph_changing
 async def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
     block = ctx.services.block
     node = block.find(args.get("device"), args.get("node-name"))
@@ -41,5 +45,6 @@ async def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 @command("blockdev-set-active")
+@graph_changing
 async def blockdev_set_active(ctx: CommandContext, args: dict[str, Any]) -> None:
     await ctx.services.block.set_active(args.get("node-name"), args["active"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qmpd.commands.serialise import graph_changing
 from qmpd.qmp.dispatch import CommandContext, command
 
 
@@ -15,10 +16,12 @@ def query_status(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
 
 
 @command("stop")
+@graph_changing
 async def stop(ctx: CommandContext, args: dict[str, Any]) -> None:
     await ctx.services.vm.stop()
 
 
 @command("cont")
+@graph_changing
 async def cont(ctx: CommandContext, args: dict[str, Any]) -> None:
     await ctx.services.vm.cont()

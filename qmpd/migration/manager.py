@@ -336,7 +336,10 @@ class MigrationManager:
             was_running = runstate_at_switchover == RunState.RUNNING
             stop_time = time.monotonic()
             stopped = True
-            await self._stop_for_switchover()
+            # Under the graph lock: a cont already under way finishes first, and
+            # one that comes later sees finish-migrate.
+            async with self.daemon.block.lock.held():
+                await self._stop_for_switchover()
             flushed = time.monotonic()
             if self.capabilities["pause-before-switchover"]:
                 self._set(_S.PRE_SWITCHOVER)
@@ -350,7 +353,8 @@ class MigrationManager:
                 self.events.emit("MIGRATION_PASS", {"pass": 2})
             inactivating = time.monotonic()
             try:
-                await self.daemon.block.inactivate_all()
+                async with self.daemon.block.lock.held():
+                    await self.daemon.block.inactivate_all()
             except Exception as exc:
                 inactivated = True  # some nodes may be: re-activate them all
                 # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
@@ -681,7 +685,8 @@ class MigrationManager:
         # Nodes activated early (cont, an export) or by a load that failed late
         # give their locks back: a failed destination holds nothing.
         try:
-            await self.daemon.block.inactivate_all()
+            async with self.daemon.block.lock.held():
+                await self.daemon.block.inactivate_all()
         except Exception as exc:
             log.error("could not release the block nodes after the failed migration: %s", exc)
         if self.exit_on_error:
@@ -695,33 +700,34 @@ class MigrationManager:
         # Nodes activated before the stream ended (an export, cont) may cache
         # metadata from before the source's last writes: re-read them too
         # (QEMU 7.2 skips them, conformance fact 39).
-        early = [node for node in graph.all_nodes() if node.active]
-        if activate or early:
-            start = time.monotonic()
-            try:
-                if early:
-                    await graph.reload_active(early)
-                    log.info("incoming migration: %d block nodes activated early were "
-                             "invalidated again", len(early))
-                if activate:
-                    await self.daemon.block.activate_all()
-            except Exception as exc:
-                # Never run on stale caches: stay paused, nodes inactive; cont retries.
-                self.activation_error = f"Could not activate block devices: {exc}"
-                print(f"qmpd: {self.activation_error}", file=sys.stderr, flush=True)
-                vm.autostart = False
-                # The trees that did activate give their locks back too (QEMU 7.2
-                # leaves them active): nothing is held while nothing may run.
+        async with self.daemon.block.lock.held():
+            early = [node for node in graph.all_nodes() if node.active]
+            if activate or early:
+                start = time.monotonic()
                 try:
-                    await self.daemon.block.inactivate_all()
-                except Exception as undo:
-                    log.error("could not inactivate block nodes again: %s", undo)
-            else:
-                self.activation_error = None
-                spent = time.monotonic() - start
-                self.daemon.metrics.observe_activate_all(spent)
-                log.info("incoming migration: %d block nodes activated in %.1f ms",
-                         len(graph.nodes), spent * 1000)
+                    if early:
+                        await graph.reload_active(early)
+                        log.info("incoming migration: %d block nodes activated early were "
+                                 "invalidated again", len(early))
+                    if activate:
+                        await self.daemon.block.activate_all()
+                except Exception as exc:
+                    # Never run on stale caches: stay paused, nodes inactive; cont retries.
+                    self.activation_error = f"Could not activate block devices: {exc}"
+                    print(f"qmpd: {self.activation_error}", file=sys.stderr, flush=True)
+                    vm.autostart = False
+                    # The trees that did activate give their locks back too (QEMU 7.2
+                    # leaves them active): nothing is held while nothing may run.
+                    try:
+                        await self.daemon.block.inactivate_all()
+                    except Exception as undo:
+                        log.error("could not inactivate block nodes again: %s", undo)
+                else:
+                    self.activation_error = None
+                    spent = time.monotonic() - start
+                    self.daemon.metrics.observe_activate_all(spent)
+                    log.info("incoming migration: %d block nodes activated in %.1f ms",
+                             len(graph.nodes), spent * 1000)
         if globalstate is None or globalstate == "running":
             if vm.autostart:
                 vm.start()

@@ -1,0 +1,21 @@
+"""The decorator that puts a command under the graph lock."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from qmpd.qmp.dispatch import CommandContext
+
+AsyncHandler = Callable[[CommandContext, dict[str, Any]], Awaitable[Any]]
+
+
+def graph_changing(fn: AsyncHandler) -> AsyncHandler:
+    """Run the command alone among graph changes, and to its end (see block.serial)."""
+
+    @functools.wraps(fn)
+    async def run(ctx: CommandContext, args: dict[str, Any]) -> Any:
+        return await ctx.services.block.lock.run(lambda: fn(ctx, args))
+
+    return run
