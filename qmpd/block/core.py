@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,27 @@ def _driver_classes() -> dict[str, type[BlockDriver]]:
     else:
         classes["qcow2"] = module.Qcow2Driver
     return classes
+
+
+#: Deepest backing chain opened from image headers (qmpd opens it recursively).
+MAX_BACKING_CHAIN = 100
+
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_format(path: str) -> str:
+    """The format of a backing file its overlay names without one, as QEMU probes.
+
+    Only formats qmpd opens are told apart: qcow2 by its magic, anything else
+    raw (QEMU 7.2 also falls back to raw).  An unreadable file is left to the
+    open that follows, which reports it.
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return "raw"
+    return "qcow2" if magic == _QCOW2_MAGIC else "raw"
 
 
 def check_node_name(name: str) -> None:
@@ -127,6 +149,7 @@ class BlockLayer:
         created: list[BlockNode],
         inactive: bool,
         role_name: str | None,
+        chain: tuple[str, ...] = (),
     ) -> BlockNode:
         driver_name = options["driver"]
         cls = self.drivers.get(driver_name)
@@ -171,7 +194,7 @@ class BlockLayer:
             and "backing" not in options
             and hasattr(node.driver, "backing_file_name")
         ):
-            await self._open_backing_from_header(node, config, created, inactive)
+            await self._open_backing_from_header(node, config, created, inactive, chain)
         return node
 
     async def _resolve_ref(
@@ -190,18 +213,35 @@ class BlockLayer:
         return await self._open(ref, parent, created, inactive, role_name)
 
     async def _open_backing_from_header(
-        self, node: BlockNode, config: NodeConfig, created: list[BlockNode], inactive: bool
+        self,
+        node: BlockNode,
+        config: NodeConfig,
+        created: list[BlockNode],
+        inactive: bool,
+        chain: tuple[str, ...],
     ) -> None:
         driver: Any = node.driver
         path = driver.backing_file_name()
         if not path:
             return
-        fmt = driver.backing_format() or "raw"
+        # The images above, by real path: a header naming one of them loops.
+        chain = chain or (os.path.realpath(driver.filename()),)
+        real = os.path.realpath(path)
+        if real in chain:
+            raise GenericError(
+                f"Backing file '{driver.raw_backing_file_name()}' creates an infinite loop."
+            )
+        if len(chain) >= MAX_BACKING_CHAIN:
+            raise GenericError(
+                f"Backing chain of '{chain[0]}' is longer than {MAX_BACKING_CHAIN} images"
+            )
+        fmt = driver.backing_format() or probe_format(path)
         options = {
             "driver": fmt,
             "file": {"driver": "file", "filename": path},
         }
-        child = await self._open(options, config, created, inactive, "backing")
+        child = await self._open(options, config, created, inactive, "backing",
+                                 (*chain, real))
         self.graph.attach(node, child, "backing", ChildRole.COW)
         node.inline_children.append(child)
         # The image was opened before its backing node existed.

@@ -1,0 +1,109 @@
+"""Backing chains named by image headers: format probing, loops, depth."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpd.block.core import MAX_BACKING_CHAIN
+from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.integration.test_locking import held_bytes
+
+BACKING_FORMAT_EXT = bytes.fromhex("e2792aca")
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run([require_tool("qemu-img"), *args], check=True, capture_output=True,
+                   timeout=60)
+
+
+def qemu_io(image: Path, command: str, fmt: str = "qcow2") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_tool("qemu-io"), "-f", fmt, "-c", command, str(image)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def add(c: RawClient, image: Path) -> dict[str, Any]:
+    return c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                  "file": {"driver": "file", "filename": str(image)}})
+
+
+def hmp_io(c: RawClient, command: str) -> str:
+    reply = c.cmd("human-monitor-command", {"command-line": f'qemu-io top "{command}"'})
+    assert "return" in reply, reply
+    return str(reply["return"])
+
+
+def drop_backing_format(image: Path) -> None:
+    """Rename the header's backing-format extension: the header names no format."""
+    data = bytearray(image.read_bytes()[:65536])
+    at = data.find(BACKING_FORMAT_EXT, 72)
+    assert at > 0, "no backing format extension"
+    with open(image, "r+b") as f:
+        f.seek(at)
+        f.write(bytes.fromhex("0badf00d"))
+
+
+def test_backing_named_without_format_is_probed(qmpd: QmpdProcess, tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    assert qemu_io(base, "write -P 0x5a 0 128k").returncode == 0
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    drop_backing_format(top)
+    c = qmpd.client()
+    c.negotiate()
+    assert add(c, top) == {"return": {}}
+    nodes = c.cmd("query-named-block-nodes")["return"]
+    assert {n["drv"] for n in nodes if n["file"] == str(base)} >= {"qcow2"}
+    assert "Pattern verification failed" not in hmp_io(c, "read -P 0x5a 0 128k")
+    # A partial-cluster write copies the base's guest data, not its container bytes.
+    assert "error" not in hmp_io(c, "write -P 0x11 0 512").lower()
+    assert c.cmd("blockdev-del", {"node-name": "top"}) == {"return": {}}
+    # QEMU probes the same way and agrees on what the guest sees.
+    assert "verification failed" not in qemu_io(top, "read -P 0x11 0 512").stdout
+    check = qemu_io(top, "read -P 0x5a 512 127k")
+    assert check.returncode == 0 and "verification failed" not in check.stdout, check.stdout
+
+
+@pytest.mark.parametrize("shape", ["self", "pair"])
+def test_backing_loop_is_refused(qmpd: QmpdProcess, tmp_path: Path, shape: str) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(a), "1M")
+    if shape == "self":
+        qemu_img("rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", str(a))
+        top, named = a, "a.qcow2"
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", str(b))
+        qemu_img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", str(a))
+        top, named = b, "b.qcow2"
+    c = qmpd.client()
+    c.negotiate()
+    reply = add(c, top)
+    assert reply["error"] == {"class": "GenericError",
+                              "desc": f"Backing file '{named}' creates an infinite loop."}
+    assert c.cmd("query-named-block-nodes") == {"return": []}
+    assert held_bytes(a) == set()
+    assert c.cmd("query-status")["return"]["status"] == "running"
+
+
+def test_backing_chain_depth(qmpd: QmpdProcess, tmp_path: Path) -> None:
+    images = [tmp_path / "i0.qcow2"]
+    qemu_img("create", "-q", "-f", "qcow2", str(images[0]), "1M")
+    for i in range(1, MAX_BACKING_CHAIN + 1):
+        images.append(tmp_path / f"i{i}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", images[i - 1].name, "-F", "qcow2",
+                 str(images[i]))
+    c = qmpd.client()
+    c.negotiate()
+    # MAX_BACKING_CHAIN images open (top included)...
+    assert add(c, images[-2]) == {"return": {}}
+    assert len(c.cmd("query-named-block-nodes")["return"]) == 2 * MAX_BACKING_CHAIN
+    assert c.cmd("blockdev-del", {"node-name": "top"}) == {"return": {}}
+    # ...one more is refused with a clear error, nothing left open.
+    reply = add(c, images[-1])
+    assert reply["error"]["desc"] == (
+        f"Backing chain of '{images[-1]}' is longer than {MAX_BACKING_CHAIN} images")
+    assert c.cmd("query-named-block-nodes") == {"return": []}
+    assert held_bytes(images[0]) == set()
