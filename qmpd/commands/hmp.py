@@ -81,6 +81,10 @@ def dump_buffer(data: bytes, offset: int) -> str:
     return "".join(lines)
 
 
+#: QEMU's BDRV_REQUEST_MAX_BYTES: the largest request qemu-io sends at once.
+REQUEST_MAX_BYTES = 2147483136
+
+
 async def run_qemu_io(node: Any, line: str) -> str:
     """One qemu-io command on ``node``; returns what qemu-io prints."""
     argv = shlex.split(line)
@@ -104,6 +108,13 @@ async def run_qemu_io(node: Any, line: str) -> str:
             positional.append(arg)
         i += 1
     start = time.perf_counter()
+    if name in ("read", "r", "write", "w", "discard") and len(positional) >= 2:
+        # qemu-io refuses what the block layer would split (BDRV_REQUEST_MAX_BYTES),
+        # and a 3G read would otherwise hold 3G of buffers (twice, with -P).
+        if parse_size(positional[1]) > REQUEST_MAX_BYTES:
+            without = " without -n" if name in ("write", "w") else ""
+            return (f"length cannot exceed {REQUEST_MAX_BYTES}{without}, "
+                    f"given {positional[1]}\n")
     if name in ("read", "r"):
         offset, length = (parse_size(p) for p in positional[:2])
         try:

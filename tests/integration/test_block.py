@@ -235,3 +235,23 @@ def test_cache_direct_qcow2_unaligned_io(client: RawClient, qmpd: QmpdProcess,
     assert qemu_img("check", str(img)).returncode == 0
     out = qemu_io("-c", "read -P 0x61 12345 70000", "-c", "read -P 0x62 32M 4k", str(img))
     assert "Pattern verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_hmp_qemu_io_length_is_capped_as_in_qemu(client: RawClient, qmpd: QmpdProcess,
+                                                 tmp_path: Path) -> None:
+    """QEMU's BDRV_REQUEST_MAX_BYTES bound; a 3G read would otherwise take 6 GiB."""
+    path = tmp_path / "big.img"
+    qemu_img("create", "-q", "-f", "raw", str(path), "4G")
+    assert add(client, driver="raw", **{"node-name": "big"},
+               file={"driver": "file", "filename": str(path)}) == {"return": {}}
+    lines = ['read 0 3G', 'write 0 2147483137', 'discard 0 3G', 'read 0 2147483136']
+    for line in lines[:3]:
+        assert hmp(client, f'qemu-io big "{line}"') == ""
+    expected = [qemu_io("-f", "raw", "-c", line, str(path)).stdout for line in lines[:3]]
+    assert expected == ["length cannot exceed 2147483136, given 3G\n",
+                        "length cannot exceed 2147483136 without -n, given 2147483137\n",
+                        "length cannot exceed 2147483136, given 3G\n"]
+    assert qmpd.read_stdout() == "".join(expected)
+    status = Path(f"/proc/{qmpd.proc.pid}/status").read_text()
+    rss_kib = int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1])
+    assert rss_kib < 512 * 1024, rss_kib
