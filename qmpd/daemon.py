@@ -24,6 +24,7 @@ from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.nbd.exports import BlockExports
+from qmpd.pidfile import PidFile
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
 from qmpd.qmp.server import MonitorConfig, QMPServer
@@ -65,6 +66,7 @@ class Daemon:
         else:
             initial = RunState.PRELAUNCH
         self.block = BlockLayer(self.metrics)
+        self.pidfile = PidFile(config.pidfile) if config.pidfile else None
         self.metrics.watch_nodes(self.block.graph.all_nodes)
         self.exports = BlockExports(self.block, self.events, self.metrics)
         self.vm = VirtualMachine(
@@ -145,6 +147,10 @@ class Daemon:
     async def start(self) -> None:
         """Carry out the command line's actions in order, then start running."""
         _raise_open_file_limit()
+        # Before any socket exists: a second daemon with this pidfile leaves
+        # nothing behind.
+        if self.pidfile is not None:
+            self.pidfile.acquire()
         for action in self.config.actions:
             if isinstance(action, MonitorConfig):
                 try:
@@ -231,11 +237,8 @@ class Daemon:
         for runner in self.http_runners:
             await runner.cleanup()
         self.http_runners.clear()
-        if self.config.pidfile:
-            try:
-                os.unlink(self.config.pidfile)
-            except FileNotFoundError:
-                pass
+        if self.pidfile is not None:
+            self.pidfile.release()
 
     def on_signal(self, signum: int) -> None:
         self._signals_seen += 1
@@ -258,8 +261,8 @@ class Daemon:
                 os.write(ready_fd, f"qmpd: {exc}\n".encode())
                 os.close(ready_fd)
             raise
-        if self.config.pidfile:
-            _write_pidfile(self.config.pidfile)
+        if self.pidfile is not None:
+            self.pidfile.write_pid()
         self.metrics.ready.set(0 if self.readiness_problems() else 1)
         _sd_notify("READY=1")
         if ready_fd is not None:
@@ -291,13 +294,6 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as exc:
         log.warning("cannot raise the open-file limit: %s", exc)
-
-
-def _write_pidfile(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
 
 
 def _sd_notify(message: str) -> None:

@@ -162,3 +162,39 @@ def test_installed_package_ships_its_schema(tmp_path: Path) -> None:
     assert (root / "types.json").is_file()
     assert (root / "commands" / "query-status.json").is_file()
     assert (root / "events" / "SHUTDOWN.json").is_file()
+
+
+def _start_plain(*args: str, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
+    """A qmpd that is expected to refuse to start."""
+    return subprocess.run([sys.executable, "-m", "qmpd", *args], capture_output=True,
+                          text=True, timeout=30, preexec_fn=lambda: os.umask(umask))
+
+
+def test_pidfile_is_locked_and_private(qmpd_factory: Any, tmp_path: Path) -> None:
+    """QEMU's pidfile rules: 0600 whatever the umask, and a second daemon refused."""
+    pidfile = tmp_path / "qmpd.pid"
+    old = os.umask(0o002)
+    try:
+        first: QmpdProcess = qmpd_factory("--pidfile", str(pidfile))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(pidfile.stat().st_mode) == 0o600
+    second_sock = tmp_path / "second.sock"
+    second = _start_plain("--pidfile", str(pidfile), "--qmp", f"unix:{second_sock}")
+    assert second.returncode == 1
+    assert second.stderr == ("qmpd: cannot create PID file: Cannot lock pid file: "
+                             "Resource temporarily unavailable\n")
+    # The loser touched nothing: no socket, and the winner's pidfile intact.
+    assert not second_sock.exists()
+    assert int(pidfile.read_text()) == first.proc.pid
+    assert first.client().greeting["QMP"]
+
+
+def test_pidfile_in_missing_directory(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    missing = tmp_path / "nodir" / "qmpd.pid"
+    proc = _start_plain("--pidfile", str(missing), "--qmp", f"unix:{sock}")
+    assert proc.returncode == 1
+    assert proc.stderr == (f"qmpd: cannot create PID file: Could not create '{missing}': "
+                           "No such file or directory\n")
+    assert not sock.exists() and not missing.parent.exists()
