@@ -139,6 +139,7 @@ class FileDriver(BlockDriver):
         # Write generations: what has been written, and what is known stable.
         self._writes = 0
         self._flushed = 0
+        self._page_cache_inconsistent = False
 
     async def open(self, options: dict[str, Any]) -> None:
         node = self.node
@@ -246,12 +247,21 @@ class FileDriver(BlockDriver):
         self._writes += 1
 
     async def flush(self) -> None:
+        # After a failed fdatasync the kernel may have dropped the dirty pages
+        # and reports the error once: no later flush can vouch for the data
+        # (QEMU's page_cache_inconsistent), so every one fails.
+        if self._page_cache_inconsistent:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
         # Nothing written through this descriptor since the last flush: QEMU
         # skips the fdatasync too (it costs milliseconds on a real disk).
         generation = self._writes
         if generation == self._flushed:
             return
-        await self.node.graph.run_io(os.fdatasync, self.fd)
+        try:
+            await self.node.graph.run_io(os.fdatasync, self.fd)
+        except OSError:
+            self._page_cache_inconsistent = True
+            raise
         self._flushed = max(self._flushed, generation)
 
     async def truncate(self, size: int) -> None:
