@@ -19,7 +19,7 @@ from qmpd import __version__
 from qmpd.block.core import BlockLayer
 from qmpd.cli import BlockdevConfig, Config, HttpConfig
 from qmpd.errors import ConfigError, QMPError
-from qmpd.http import build_app
+from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app
 from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
@@ -81,6 +81,7 @@ class Daemon:
             self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit
         )
         self.http_runners: list[web.AppRunner] = []
+        self.http_servers: list[asyncio.Server] = []
         self.http_bound: list[str] = []
         self.shutting_down = False
         self.shutdown_cause: str | None = None
@@ -195,18 +196,23 @@ class Daemon:
             raise ConfigError(f"{option} {cfg.text}: {exc.desc}") from None
 
     async def _start_http(self, cfg: HttpConfig) -> None:
-        runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
+        guard = ConnectionGuard()
+        runner = web.AppRunner(build_app(self, guard), handle_signals=False,
+                               access_log=None, keepalive_timeout=REQUEST_TIMEOUT)
         await runner.setup()
-        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+        guard.factory = runner.server
         try:
-            await site.start()
+            server = await asyncio.get_running_loop().create_server(
+                guard, cfg.host, cfg.port, reuse_address=True)
         except OSError as exc:
             await runner.cleanup()
             raise ConfigError(
                 f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}"
             ) from None
+        self.http_servers.append(server)
         self.http_runners.append(runner)
-        for addr in runner.addresses:
+        for sock in server.sockets:
+            addr = sock.getsockname()
             host, port = addr[0], addr[1]
             shown = f"[{host}]" if ":" in host else host
             self.http_bound.append(f"http://{shown}:{port}")
@@ -234,6 +240,9 @@ class Daemon:
         await self.qmp.close()
         # Then block nodes: flushed, marked clean, closed, locks released.
         await self.block.close_all()
+        for server in self.http_servers:
+            server.close()
+        self.http_servers.clear()
         for runner in self.http_runners:
             await runner.cleanup()
         self.http_runners.clear()

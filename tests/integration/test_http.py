@@ -107,3 +107,63 @@ def test_real_process_serves_http(qmpd_factory: Any) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(url + "/nope", timeout=5)
     assert info.value.code == 404
+
+
+def _connect(url: str) -> Any:
+    import socket
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def _closed_by_peer(sock: Any, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_half_sent_requests_are_closed(qmpd_factory: Any) -> None:
+    """Neither an idle client nor one that never finishes its request keeps a connection."""
+    from qmpd.http import REQUEST_TIMEOUT
+
+    proc = qmpd_factory("--http", "127.0.0.1:0")
+    url = proc.http_url()
+    idle = _connect(url)
+    half = _connect(url)
+    half.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+    assert not _closed_by_peer(idle, 0.5)
+    assert _closed_by_peer(idle, REQUEST_TIMEOUT + 5)
+    assert _closed_by_peer(half, 5)
+    # A normal request is still served.
+    with urllib.request.urlopen(url + "/health", timeout=10) as resp:
+        assert resp.status == 200
+
+
+def test_connection_cap_keeps_qmp_working(qmpd_factory: Any) -> None:
+    from qmpd.http import MAX_CONNECTIONS
+
+    proc = qmpd_factory("--http", "127.0.0.1:0")
+    url = proc.http_url()
+    held = [_connect(url) for _ in range(MAX_CONNECTIONS)]
+    for sock in held[-3:]:
+        assert not _closed_by_peer(sock, 0.2)
+    extra = _connect(url)
+    assert _closed_by_peer(extra, 5)
+    c = proc.client()
+    c.negotiate()
+    assert c.cmd("query-status")["return"]["status"] == "running"
+    for sock in held:
+        sock.close()
+    deadline = 50
+    while deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=10) as resp:
+                assert resp.status == 200
+                break
+        except (urllib.error.URLError, ConnectionError):
+            deadline -= 1
+            asyncio.run(asyncio.sleep(0.1))
+    assert deadline
