@@ -27,7 +27,7 @@ from qmpd.nbd.exports import BlockExports
 from qmpd.pidfile import PidFile
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
-from qmpd.qmp.server import MonitorConfig, QMPServer
+from qmpd.qmp.server import MonitorConfig, QMPServer, UnixAddress
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
 from qmpd.vm import VirtualMachine
@@ -157,9 +157,10 @@ class Daemon:
                 try:
                     monitor = await self.qmp.add_monitor(action)
                 except OSError as exc:
-                    raise ConfigError(
-                        f"cannot listen on {action.address}: {exc.strerror}"
-                    ) from None
+                    address = action.address
+                    reason = (f"Failed to bind socket to {address.path}: {exc.strerror}"
+                              if isinstance(address, UnixAddress) else exc.strerror)
+                    raise ConfigError(f"cannot listen on {action.address}: {reason}") from None
                 log.info("QMP monitor %s listening on %s", action.id, monitor.bound)
             elif isinstance(action, HttpConfig):
                 await self._start_http(action)

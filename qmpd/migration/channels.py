@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from qmpd import net
 from qmpd.errors import GenericError
 
 
@@ -258,6 +259,7 @@ class Listener:
         self.uri = uri
         self.fds = fds
         self.server: asyncio.AbstractServer | None = None
+        self.unix: net.UnixListener | None = None
         self._accepted: asyncio.Future[Channel] | None = None
         self.addresses: list[dict[str, Any]] = []
 
@@ -277,12 +279,8 @@ class Listener:
 
         try:
             if uri.scheme == "unix":
-                try:
-                    if stat.S_ISSOCK(os.lstat(uri.target).st_mode):
-                        os.unlink(uri.target)
-                except FileNotFoundError:
-                    pass
-                self.server = await asyncio.start_unix_server(on_client, uri.target)
+                self.unix = net.bind_unix(uri.target, mode=None)
+                self.server = await asyncio.start_unix_server(on_client, sock=self.unix.sock)
                 self.addresses = [{"path": uri.target, "type": "unix"}]
             elif uri.scheme == "tcp":
                 # No host: every address, IPv6 and IPv4, as QEMU listens.
@@ -325,8 +323,6 @@ class Listener:
             self.server.close()
         if self._accepted is not None and not self._accepted.done():
             self._accepted.cancel()
-        if self.uri.scheme == "unix":
-            try:
-                os.unlink(self.uri.target)
-            except OSError:
-                pass
+        if self.unix is not None:
+            self.unix.unlink()
+            self.unix = None

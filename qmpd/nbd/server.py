@@ -41,7 +41,6 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import sys
 import termios
 import time
@@ -49,6 +48,7 @@ from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from qmpd import net
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.errorlog import IO_ERRORS
 from qmpd.errors import GenericError
@@ -715,7 +715,7 @@ class NbdServer:
         self.bound = str(address)
         self._accept_task: asyncio.Task[None] | None = None
         self._slot_free = asyncio.Event()
-        self._unlink_path: str | None = None
+        self._unix: net.UnixListener | None = None
 
     @property
     def multi_conn(self) -> bool:
@@ -723,10 +723,12 @@ class NbdServer:
         return self.max_connections != 1
 
     async def start(self) -> None:
-        self.sock = bind(self.address)
         if isinstance(self.address, UnixAddr) and not self.address.abstract:
-            self._unlink_path = self.address.path
-        elif isinstance(self.address, InetAddr):
+            self._unix = _bind_unix_path(self.address.path)
+            self.sock = self._unix.sock
+        else:
+            self.sock = bind(self.address)
+        if isinstance(self.address, InetAddr):
             host, port = self.sock.getsockname()[:2]
             self.bound = str(InetAddr(host, str(port)))
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
@@ -765,9 +767,9 @@ class NbdServer:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if self._unlink_path is not None:
-            _unlink_socket(self._unlink_path)
-            self._unlink_path = None
+        if self._unix is not None:
+            self._unix.unlink()
+            self._unix = None
 
     def abort_negotiating(self) -> None:
         """Drop clients that have not reached an export yet."""
@@ -811,8 +813,8 @@ def _bind_unix(address: UnixAddr) -> socket.socket:
                 name = name.ljust(_UNIX_PATH_MAX, b"\0")
             sock.bind(name)
         else:
-            _unlink_socket(path)
-            sock.bind(path)
+            sock.close()
+            return _bind_unix_path(path).sock
         sock.listen(128)
     except OSError as exc:
         sock.close()
@@ -885,11 +887,11 @@ def _bind_vsock(address: VsockAddr) -> socket.socket:
     return sock
 
 
-def _unlink_socket(path: str) -> None:
-    """Remove a stale socket at ``path``; never anything that is not a socket."""
+def _bind_unix_path(path: str) -> net.UnixListener:
+    if len(path.encode()) >= _UNIX_PATH_MAX:
+        raise GenericError(f"UNIX socket path '{path}' is too long")
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except OSError:
-        pass
+        return net.bind_unix(path, mode=None)
+    except OSError as exc:
+        raise GenericError(f"Failed to bind socket to {path}: {exc.strerror}") from None
 

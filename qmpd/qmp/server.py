@@ -15,12 +15,12 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from qmpd import net
 from qmpd.errors import GenericError
 from qmpd.qmp.session import Incoming, QMPSession, Request
 
@@ -321,6 +321,7 @@ class Monitor:
         self.config = config
         self.connections: set[QMPConnection] = set()
         self.listener: asyncio.AbstractServer | None = None
+        self.unix: net.UnixListener | None = None
         self.bound: str | None = None  # where it really listens (port 0 resolved)
 
     @property
@@ -331,9 +332,9 @@ class Monitor:
         loop = asyncio.get_running_loop()
         address = self.config.address
         if isinstance(address, UnixAddress):
-            sock = _bind_unix(address.path)
+            self.unix = net.bind_unix(address.path)
             self.listener = await loop.create_unix_server(
-                lambda: QMPConnection(self), sock=sock, backlog=128
+                lambda: QMPConnection(self), sock=self.unix.sock, backlog=128
             )
             self.bound = str(address)
         else:
@@ -366,9 +367,9 @@ class Monitor:
             self.listener.close()
         for conn in list(self.connections):
             conn.close()
-        address = self.config.address
-        if isinstance(address, UnixAddress):
-            _unlink_socket(address.path)
+        if self.unix is not None:
+            self.unix.unlink()
+            self.unix = None
         if self.listener is not None:
             try:
                 await asyncio.wait_for(self.listener.wait_closed(), 2.0)
@@ -410,27 +411,3 @@ class QMPServer:
             await monitor.stop()
 
 
-def _bind_unix(path: str) -> socket.socket:
-    """A listening UNIX socket at ``path`` that only its owner may use."""
-    _unlink_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # On Linux the mode of the socket inode set before bind() is what
-        # bind() gives the file, so it is never reachable by others.
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _unlink_socket(path: str) -> None:
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
