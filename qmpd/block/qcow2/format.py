@@ -350,17 +350,17 @@ def check_tables(hdr: Header) -> None:
     if problem == "too large":
         raise Qcow2FormatError("Reference count table too large")
     if problem:
-        raise Qcow2FormatError("Invalid reference count table offset")
+        raise Qcow2FormatError("Reference count table offset invalid")
     if hdr.nb_snapshots > QCOW_MAX_SNAPSHOTS:
-        raise Qcow2FormatError("Too many snapshots")
+        raise Qcow2FormatError("Snapshot table too large")
     if hdr.nb_snapshots and hdr.snapshots_offset & (cs - 1):
-        raise Qcow2FormatError("Invalid snapshot table offset")
+        raise Qcow2FormatError("Snapshot table offset invalid")
     if hdr.l1_size > QCOW_MAX_L1_SIZE // 8:
         raise Qcow2FormatError("Active L1 table too large", 27)
     if hdr.l1_size < hdr.min_l1_size():
         raise Qcow2FormatError("L1 table is too small")
     if hdr.l1_size and hdr.l1_table_offset & (cs - 1):
-        raise Qcow2FormatError("Invalid L1 table offset")
+        raise Qcow2FormatError("Active L1 table offset invalid")
 
 
 # --- header writing ------------------------------------------------------------------
