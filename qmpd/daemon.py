@@ -66,6 +66,7 @@ class Daemon:
         else:
             initial = RunState.PRELAUNCH
         self.block = BlockLayer(self.metrics)
+        self.block.graph.on_event = self.events.emit
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
         self.metrics.watch_nodes(self.block.graph.all_nodes)
         self.exports = BlockExports(self.block, self.events, self.metrics)

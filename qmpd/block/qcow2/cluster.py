@@ -73,6 +73,12 @@ from qmpd.block.qcow2.format import (
     parse_header,
     parse_snapshots,
 )
+from qmpd.block.qcow2.overlap import (
+    OL_ACTIVE_L2,
+    OverlapChecker,
+    overlap_message,
+    signal_corruption,
+)
 from qmpd.block.qcow2.refcount import Refcounts, array_to_u64_be, u64_be_to_array
 from qmpd.block.status import block_status_above
 
@@ -173,6 +179,9 @@ class Qcow2Image:
         self.direct = bool(node.cache_direct or (node.file is not None and node.file.cache_direct))
         self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
         self.broken: str | None = None
+        self.broken_errno = 5
+        self.signaled_corruption = False
+        self.overlap = OverlapChecker(self)
         self.pass_discard = {DISCARD_NEVER: False, DISCARD_REQUEST: False,
                              DISCARD_SNAPSHOT: True, DISCARD_OTHER: False}
         # lock-free request tracking (see the module docstring)
@@ -291,29 +300,25 @@ class Qcow2Image:
         self.header.refcount_table_clusters = clusters
         await self._write_header_fields()
 
-    async def mark_corrupt(self, message: str) -> None:
-        """QEMU's ``qcow2_signal_corruption`` (fatal): flag the image, stop I/O."""
-        log.error("qcow2: Marking image as corrupt: %s; further corruption events "
-                  "will be suppressed", message)
-        self.broken = f"qcow2: image is corrupt: {message}"
-        if self.writable and not self.corrupt:
-            self.corrupt = True
-            self.header.incompatible_features |= INCOMPAT_CORRUPT
-            try:
-                await self._write_header_fields()
-            except (BlockDriverError, OSError):
-                pass
+    async def mark_corrupt(self, message: str, offset: int | None = None,
+                           size: int | None = None) -> None:
+        """QEMU's fatal ``qcow2_signal_corruption`` (see overlap.py)."""
+        await signal_corruption(self, True, offset, size, message)
 
-    def _overlaps_metadata(self, host: int, length: int) -> bool:
-        """The constant part of QEMU's overlap check: header, L1 table, reftable."""
-        end = host + length
-        if host < self.cluster_size:
-            return True
-        l1 = self.l1_table_offset
-        if host < l1 + len(self.l1) * 8 and end > l1:
-            return True
-        rt = self.refs.reftable_offset
-        return host < rt + self.refs.reftable_clusters * self.cluster_size and end > rt
+    async def write_corrupt_bit(self) -> None:
+        """Set the corrupt bit on disk (best effort: the node is unusable anyway)."""
+        self.header.incompatible_features |= INCOMPAT_CORRUPT
+        try:
+            await self._write_header_fields()
+        except (BlockDriverError, OSError) as exc:
+            log.warning("qcow2: could not mark the image corrupt on disk: %s", exc)
+
+    async def pre_write_check(self, host: int, size: int, ign: int = 0) -> None:
+        """``qcow2_pre_write_overlap_check``: refuse (EIO) a write onto live metadata."""
+        bit = self.overlap.check(host, size, ign)
+        if bit:
+            await self.mark_corrupt(overlap_message(bit), host, size)
+            raise BlockDriverError("Input/output error", 5)
 
     # --- lock-free request tracking -----------------------------------------------------
 
@@ -422,11 +427,11 @@ class Qcow2Image:
 
     def check_usable(self) -> None:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
 
     async def read(self, offset: int, length: int) -> bytes:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
         if length <= 0 or offset < 0 or offset + length > self.size:
             if length == 0:
                 return b""
@@ -606,7 +611,7 @@ class Qcow2Image:
 
     def check_writable(self) -> None:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
         if not self.writable:
             raise BlockDriverError("qcow2: image is not open for writing", 1)
 
@@ -640,7 +645,7 @@ class Qcow2Image:
                     ):
                         ok = False
                         break
-            if ok and not self._overlaps_metadata(host + in_off, n):
+            if ok and not self.overlap.check(host + in_off, n):
                 tok = self._enter()
                 try:
                     await self._data_write(host + in_off, data)
@@ -719,6 +724,7 @@ class Qcow2Image:
         else:
             content = bytes(cs)
         # refcount of the new table, then the table, on disk before the L1 entry
+        await self.pre_write_check(new, cs, OL_ACTIVE_L2)
         async with self.refs.freed_on_error(new, 1):
             await self.refs.cache.write_all()
             await self.file.write(new, content)
@@ -800,19 +806,13 @@ class Qcow2Image:
                     host = (e & L2E_OFFSET_MASK) + (pos & cmask)
                     if (e & L2E_OFFSET_MASK) & cmask:
                         raise await self._bad_host(e, ci + i)
-                    if self._overlaps_metadata(host, len(chunk)):
-                        await self.mark_corrupt(
-                            f"Preventing invalid write on metadata (offset {host:#x})")
-                        raise BlockDriverError("Input/output error", 5)
+                    await self.pre_write_check(host, len(chunk))
                     await self._data_write(host, chunk)
                 elif cat == _REUSE:
                     host = e & L2E_OFFSET_MASK
                     if host & cmask:
                         raise await self._bad_host(e, ci + i)
-                    if self._overlaps_metadata(host, cs):
-                        await self.mark_corrupt(
-                            f"Preventing invalid write on metadata (offset {host:#x})")
-                        raise BlockDriverError("Input/output error", 5)
+                    await self.pre_write_check(host, cs)
                     head = pos & cmask
                     tail = ((run_end - 1) & cmask) + 1
                     buf = b"".join((bytes(head), chunk, bytes(cs - tail)))
@@ -838,9 +838,7 @@ class Qcow2Image:
         in flight; the data is written and the L2 entries linked later."""
         old = [int(arr[slot + m]) for m in range(k)]
         host = await self.refs.alloc(k)
-        if self._overlaps_metadata(host, k * self.cluster_size):
-            await self.mark_corrupt(f"Preventing invalid allocation at {host:#x}")
-            raise BlockDriverError("Input/output error", 5)
+        await self.pre_write_check(host, k * self.cluster_size)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for c in range(ci, ci + k):
             self._allocs[c] = fut
@@ -906,9 +904,7 @@ class Qcow2Image:
         cmask = self.cmask
         old = [int(arr[slot + m]) for m in range(k)]
         host = await self.refs.alloc(k)
-        if self._overlaps_metadata(host, k * cs):
-            await self.mark_corrupt(f"Preventing invalid allocation at {host:#x}")
-            raise BlockDriverError("Input/output error", 5)
+        await self.pre_write_check(host, k * cs)
         head_len = pos & cmask
         tail_start = ((run_end - 1) & cmask) + 1
         async with self.refs.freed_on_error(host, k):
@@ -1136,7 +1132,7 @@ class Qcow2Image:
 
     async def flush(self) -> None:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
         if not self.writable:
             return
         async with self.lock:

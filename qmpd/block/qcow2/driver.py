@@ -31,6 +31,7 @@ from qmpd.block.qcow2.format import (
     Header,
     Qcow2FormatError,
 )
+from qmpd.block.qcow2.overlap import overlap_checks
 from qmpd.errors import GenericError
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,10 @@ class Qcow2Driver(BlockDriver):
         interval = _opt_int(options, "cache-clean-interval")
         if interval is not None and (interval < 0 or interval > UINT_MAX):
             raise GenericError("Cache clean interval too big")
+        try:
+            overlap_checks(options.get("overlap-check"))
+        except Qcow2FormatError as exc:
+            raise GenericError(str(exc)) from None
 
     def _config_for(self, header: Header) -> CacheConfig:
         if _opt_bool(self._options, "lazy-refcounts") and header.version < 3:
@@ -200,6 +205,7 @@ class Qcow2Driver(BlockDriver):
                                                         default_request)
         image.pass_discard[DISCARD_SNAPSHOT] = _opt_bool(opts, "pass-discard-snapshot", True)
         image.pass_discard[DISCARD_OTHER] = _opt_bool(opts, "pass-discard-other")
+        image.overlap.checks = overlap_checks(opts.get("overlap-check"))
         self._image = image
         self._header = image.header
         self._size = image.size
