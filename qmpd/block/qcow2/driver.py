@@ -335,7 +335,8 @@ class Qcow2Driver(BlockDriver):
     async def inactivate(self) -> None:
         """Write everything back and stop writing (``qcow2_inactivate``)."""
         image = self._image
-        if image is not None and not self._inactive and image.writable:
+        # a fatally corrupt image has nothing to write back (QEMU: no driver)
+        if image is not None and not self._inactive and image.writable and image.broken is None:
             self._inactive = True  # no new writes from here on
             try:
                 await image.quiesce()

@@ -1,0 +1,305 @@
+"""Malicious qcow2 images: guest writes must never land on live metadata.
+
+Images are crafted with qemu-img and struct edits so that a guest write
+targets metadata: an L2 entry pointing at the active L2 table itself, at the
+refcount block, the L1 table, the refcount table, the snapshot table or a
+snapshot's (inactive) L1 table, and a zeroed refcount that makes the
+allocator hand out the header cluster (an L2 entry can never point at the
+header: offset 0 means "unallocated").  Each is written through an NBD export
+with qemu-io, once on qmpd and once on qemu-storage-daemon 7.2 with the same
+images and options, and the results must be identical: the write's error,
+the ``BLOCK_IMAGE_CORRUPTED`` event, the image left on disk (``qemu-img
+check``, the corrupt bit, the metadata untouched), the later I/O errors and
+the refusal to open the image read/write again.  Both daemons stay up, and a
+healthy node next to the corrupt ones keeps working.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import QmpdProcess, RawClient, check_message, require_tool
+from tests.interop.test_qcow2_common import run
+
+CS = 65536
+COPIED = 1 << 63
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+#: case -> (what the guest write overlaps, as QEMU names it)
+CASES = {
+    "l2": "active L2 table",
+    "refblock": "refcount block",
+    "l1": "active L1 table",
+    "reftable": "refcount table",
+    "header": "qcow2_header",
+    "snaptable": "snapshot table",
+    "snapl1": "inactive L1 table",
+}
+
+
+def _u64(raw: bytes | bytearray, offset: int) -> int:
+    return int(struct.unpack_from(">Q", raw, offset)[0])
+
+
+def craft(tmp: Path, case: str) -> tuple[Path, int, int]:
+    """An image for ``case``: (path, metadata offset the write targets, guest offset)."""
+    path = tmp / f"{case}.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "64M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path)
+    if case.startswith("snap"):
+        run("qemu-img", "snapshot", "-c", "s1", path)
+    raw = bytearray(path.read_bytes())
+    l1 = _u64(raw, 40)
+    reftable = _u64(raw, 48)
+    l2 = _u64(raw, l1) & OFFSET_MASK
+    guest = 0
+    if case == "header":
+        # refcount 0 for cluster 0 (16-bit refcounts): the next allocation is the header
+        struct.pack_into(">H", raw, _u64(raw, reftable), 0)
+        target, guest = 0, 1 << 20
+    else:
+        target = {
+            "l2": l2,
+            "refblock": _u64(raw, reftable),
+            "l1": l1,
+            "reftable": reftable,
+            "snaptable": _u64(raw, 64),
+            "snapl1": _u64(raw, _u64(raw, 64)),
+        }[case]
+        struct.pack_into(">Q", raw, l2, COPIED | target)
+    path.write_bytes(raw)
+    return path, target, guest
+
+
+def wait_for_socket(proc: subprocess.Popen[bytes], sock: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, "qemu-storage-daemon exited"
+        assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
+        time.sleep(0.02)
+
+
+def collect(client: RawClient, command: str, arguments: dict[str, Any] | None = None
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run a command; return its reply and the events that came before it."""
+    req: dict[str, Any] = {"execute": command}
+    if arguments is not None:
+        req["arguments"] = arguments
+    client.send(json.dumps(req) + "\n")
+    events = []
+    while True:
+        msg = client.recv()
+        check_message(msg, command)
+        if "event" in msg:
+            events.append(msg)
+        else:
+            return msg, events
+
+
+def qemu_io(uri: str, command: str) -> tuple[int, str]:
+    proc = run("qemu-io", "-f", "raw", "-c", command, uri, check=False)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def blockdev(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {"driver": "qcow2", "node-name": name,
+            "file": {"driver": "file", "filename": str(path)}, **extra}
+
+
+def command_line(images: dict[str, Path], healthy: Path, nbd: Path) -> list[str]:
+    argv = ["--nbd-server", f"addr.type=unix,addr.path={nbd}"]
+    for name, path in [*images.items(), ("healthy", healthy)]:
+        argv += ["--blockdev", json.dumps(blockdev(name, path)),
+                 "--export", f"nbd,id=e-{name},node-name={name},writable=on"]
+    return argv
+
+
+def scenario(qmp: Path, nbd: Path, guest: dict[str, int]) -> dict[str, Any]:
+    """The writes, their errors and events, as one daemon answers them."""
+    client = RawClient(str(qmp))
+    client.negotiate()
+    seen: dict[str, Any] = {}
+    try:
+        for case, offset in guest.items():
+            uri = f"nbd+unix:///{case}?socket={nbd}"
+            write = qemu_io(uri, f"write -P 0x55 {offset} 64k")
+            reply, events = collect(client, "query-version")
+            assert "return" in reply
+            seen[case] = {
+                "write": write,
+                "events": [(e["event"], e.get("data")) for e in events],
+                "again": qemu_io(uri, f"write -P 0x55 {offset} 4k"),
+                "read": qemu_io(uri, "read 0 4k"),
+            }
+        seen["healthy"] = qemu_io(f"nbd+unix:///healthy?socket={nbd}",
+                                  "write -P 0x66 0 64k")
+        reply, events = collect(client, "query-version")
+        seen["alive"] = "return" in reply and not events
+    finally:
+        client.close()
+    return seen
+
+
+def reopen(qmp: Path, images: dict[str, Path]) -> dict[str, Any]:
+    """blockdev-add of each corrupt image, read/write and read-only."""
+    client = RawClient(str(qmp))
+    client.negotiate()
+    out = {}
+    try:
+        for case, path in images.items():
+            rw = client.cmd("blockdev-add", blockdev(f"rw-{case}", path))
+            ro = client.cmd("blockdev-add", blockdev(f"ro-{case}", path, **{"read-only": True}))
+            out[case] = (rw.get("error", rw), ro)
+    finally:
+        client.close()
+    return out
+
+
+def serve_qsd(tmp: Path, argv: list[str]) -> subprocess.Popen[bytes]:
+    qmp = tmp / "qmp.sock"
+    proc = subprocess.Popen(
+        [require_tool("qemu-storage-daemon"),
+         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
+         *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(proc, qmp)
+    return proc
+
+
+def stop_qsd(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(10)
+
+
+def stop_qmpd(daemon: QmpdProcess) -> str:
+    """Stop; what the stop's own checks (no traceback in the log) found wrong."""
+    try:
+        daemon.stop()
+    except AssertionError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    for name in ("qemu-img", "qemu-io", "qemu-storage-daemon"):
+        require_tool(name)
+    base = tmp_path_factory.mktemp("overlap")
+    crafted = {case: craft(base, case) for case in CASES}
+    guest = {case: c[2] for case, c in crafted.items()}
+    result: dict[str, Any] = {"crafted": crafted}
+    for who in ("qemu", "qmpd"):
+        tmp = base / who
+        tmp.mkdir()
+        images = {case: tmp / c[0].name for case, c in crafted.items()}
+        for case, c in crafted.items():
+            shutil.copy(c[0], images[case])
+        healthy = tmp / "healthy.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", healthy, "64M")
+        argv = command_line(images, healthy, tmp / "nbd.sock")
+        if who == "qemu":
+            proc = serve_qsd(tmp, argv)
+            try:
+                seen = scenario(tmp / "qmp.sock", tmp / "nbd.sock", guest)
+            finally:
+                stop_qsd(proc)
+            proc = serve_qsd(tmp, [])
+            try:
+                seen["reopen"] = reopen(tmp / "qmp.sock", images)
+            finally:
+                stop_qsd(proc)
+        else:
+            daemon = QmpdProcess(tmp, *argv)
+            try:
+                seen = scenario(Path(daemon.sock), tmp / "nbd.sock", guest)
+            finally:
+                seen_stop = stop_qmpd(daemon)
+            seen["stop"] = seen_stop
+            daemon = QmpdProcess(tmp)
+            try:
+                seen["reopen"] = reopen(Path(daemon.sock), images)
+            finally:
+                daemon.stop()
+        seen["images"] = images
+        seen["healthy-image"] = healthy
+        result[who] = seen
+    yield result
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_write_refused_with_qemu_event(observed: dict[str, Any], case: str) -> None:
+    ours = observed["qmpd"][case]
+    _, target, guest = observed["crafted"][case]
+    assert ours["write"] == (1, "write failed: Input/output error")
+    # the write to the header case is a new cluster, hence offset 0
+    assert ours["events"] == [("BLOCK_IMAGE_CORRUPTED", {
+        "device": "", "node-name": case,
+        "msg": f"Preventing invalid write on metadata (overlaps with {CASES[case]})",
+        "offset": target, "size": CS, "fatal": True,
+    })]
+    assert guest >= 0
+    assert ours == observed["qemu"][case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_later_io_fails_as_in_qemu(observed: dict[str, Any], case: str) -> None:
+    ours = observed["qmpd"][case]
+    # QEMU drops the driver of a corrupt node: ENOMEDIUM, EINVAL over NBD
+    assert ours["again"] == (1, "write failed: Invalid argument")
+    assert ours["read"] == (1, "read failed: Invalid argument")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_metadata_untouched_and_marked_corrupt(observed: dict[str, Any], case: str) -> None:
+    orig_path, target, _ = observed["crafted"][case]
+    orig = orig_path.read_bytes()
+    after = observed["qmpd"]["images"][case].read_bytes()
+    assert _u64(after, 72) & 2, "corrupt bit not set"
+    assert _u64(after, 72) & ~2 == _u64(orig, 72)
+    assert b"\x55" * 4096 not in after
+    masked = bytearray(after)
+    masked[72:80] = orig[72:80]
+    end = min(target + CS, len(orig))  # a snapshot table may end the file
+    assert masked[target:end] == orig[target:end]
+    qemu_after = observed["qemu"]["images"][case].read_bytes()
+    assert after == qemu_after
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_check_as_qemu(observed: dict[str, Any], case: str) -> None:
+    ours = run("qemu-img", "check", observed["qmpd"]["images"][case], check=False)
+    theirs = run("qemu-img", "check", observed["qemu"]["images"][case], check=False)
+    assert ours.returncode == 2  # corruptions found
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        theirs.returncode, theirs.stdout, theirs.stderr)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reopen_read_write_refused(observed: dict[str, Any], case: str) -> None:
+    rw, ro = observed["qmpd"]["reopen"][case]
+    assert rw == {"class": "GenericError",
+                  "desc": "qcow2: Image is corrupt; cannot be opened read/write"}
+    assert ro == {"return": {}}
+    assert observed["qmpd"]["reopen"][case] == observed["qemu"]["reopen"][case]
+    proc = run("qemu-io", "-c", "read 0 4k", observed["qmpd"]["images"][case], check=False)
+    assert proc.stderr.strip() == (
+        f"qemu-io: can't open device {observed['qmpd']['images'][case]}: "
+        "qcow2: Image is corrupt; cannot be opened read/write")
+
+
+def test_daemon_and_other_nodes_unaffected(observed: dict[str, Any]) -> None:
+    assert observed["qmpd"]["stop"] == ""
+    for who in ("qmpd", "qemu"):
+        assert observed[who]["alive"]
+        assert observed[who]["healthy"][0] == 0
+    healthy = observed["qmpd"]["healthy-image"]
+    assert run("qemu-img", "check", healthy, check=False).returncode == 0
+    assert run("qemu-io", "-c", "read -P 0x66 0 64k", healthy, check=False).returncode == 0
