@@ -75,6 +75,7 @@ from qmpd.block.qcow2.format import (
 )
 from qmpd.block.qcow2.overlap import (
     OL_ACTIVE_L2,
+    OL_REFCOUNT_BLOCK,
     OverlapChecker,
     overlap_message,
     signal_corruption,
@@ -169,11 +170,13 @@ class Qcow2Image:
         self.lock = asyncio.Lock()
         self._rmw_lock = asyncio.Lock()
         self.l2cache: MetadataCache[array[int]] = MetadataCache(
-            "l2", config.l2_entries, self._load_l2_slice, file.write, array_to_u64_be, file.sync
+            "l2", config.l2_entries, self._load_l2_slice, self._store_l2_slice, array_to_u64_be,
+            file.sync,
         )
         self.refs = Refcounts(
             file, cb, header.refcount_order, array("Q"), header.refcount_table_offset,
             header.refcount_table_clusters, config.refcount_entries, self._write_reftable_pointer,
+            self._store_refblock,
         )
         self.writable = False
         self.direct = bool(node.cache_direct or (node.file is not None and node.file.cache_direct))
@@ -319,6 +322,14 @@ class Qcow2Image:
         if bit:
             await self.mark_corrupt(overlap_message(bit), host, size)
             raise BlockDriverError("Input/output error", 5)
+
+    async def _store_l2_slice(self, offset: int, data: bytes) -> None:
+        await self.pre_write_check(offset, len(data), OL_ACTIVE_L2)
+        await self.file.write(offset, data)
+
+    async def _store_refblock(self, offset: int, data: bytes) -> None:
+        await self.pre_write_check(offset, len(data), OL_REFCOUNT_BLOCK)
+        await self.file.write(offset, data)
 
     # --- lock-free request tracking -----------------------------------------------------
 
@@ -724,7 +735,7 @@ class Qcow2Image:
         else:
             content = bytes(cs)
         # refcount of the new table, then the table, on disk before the L1 entry
-        await self.pre_write_check(new, cs, OL_ACTIVE_L2)
+        await self.pre_write_check(new, self.slice_bytes, OL_ACTIVE_L2)
         async with self.refs.freed_on_error(new, 1):
             await self.refs.cache.write_all()
             await self.file.write(new, content)
@@ -812,7 +823,7 @@ class Qcow2Image:
                     host = e & L2E_OFFSET_MASK
                     if host & cmask:
                         raise await self._bad_host(e, ci + i)
-                    await self.pre_write_check(host, cs)
+                    await self.pre_write_check(host + (pos & cmask), len(chunk))
                     head = pos & cmask
                     tail = ((run_end - 1) & cmask) + 1
                     buf = b"".join((bytes(head), chunk, bytes(cs - tail)))
@@ -838,7 +849,8 @@ class Qcow2Image:
         in flight; the data is written and the L2 entries linked later."""
         old = [int(arr[slot + m]) for m in range(k)]
         host = await self.refs.alloc(k)
-        await self.pre_write_check(host, k * self.cluster_size)
+        # QEMU checks the guest data's range (its COW follows only if that passes)
+        await self.pre_write_check(host + (pos & self.cmask), run_end - pos)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for c in range(ci, ci + k):
             self._allocs[c] = fut
@@ -904,7 +916,7 @@ class Qcow2Image:
         cmask = self.cmask
         old = [int(arr[slot + m]) for m in range(k)]
         host = await self.refs.alloc(k)
-        await self.pre_write_check(host, k * cs)
+        await self.pre_write_check(host + (pos & cmask), len(chunk))
         head_len = pos & cmask
         tail_start = ((run_end - 1) & cmask) + 1
         async with self.refs.freed_on_error(host, k):

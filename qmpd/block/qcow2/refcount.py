@@ -203,6 +203,7 @@ class Refcounts:
         reftable_clusters: int,
         cache_entries: int,
         write_reftable_pointer: Callable[[int, int], Awaitable[None]],
+        store_block: Callable[[int, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.file = file
         self.cluster_bits = cluster_bits
@@ -222,7 +223,8 @@ class Refcounts:
         #: Whether freed clusters are discarded in the file (pass-discard-*).
         self.discard_passthrough = False
         self.cache: MetadataCache[RefBlock] = MetadataCache(
-            "refcount", cache_entries, self._load, file.write, RefBlock.to_bytes, file.sync
+            "refcount", cache_entries, self._load, store_block or file.write,
+            RefBlock.to_bytes, file.sync,
         )
 
     async def _load(self, offset: int) -> RefBlock:
