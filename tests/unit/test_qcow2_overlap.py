@@ -127,6 +127,10 @@ async def test_checks_follow_the_tables(tmp_path: Path, graph: BlockGraph) -> No
     await node.write((512 << 20) + 4096, b"\x22" * 512)
     new_l2 = image_of(node).l1[1] & MASK
     assert new_l2 and ov.check(new_l2 + 8, 8) == OL_ACTIVE_L2
+    # and forgotten once it is freed (shrinking drops L1 entry 1)
+    await node.driver.truncate(256 << 20)
+    assert image_of(node).l1[1] == 0
+    assert ov.check(new_l2, CS) == 0
     await close_image(node)
 
 

@@ -164,6 +164,8 @@ class Qcow2Image:
         self.slice_shift = self.slice_bits + 3
         self.comp = CompressedGeometry(cb)
         self.l1: array[int] = array("Q")
+        #: Bumped whenever an L1 entry changes in place (the overlap checks follow it).
+        self.l1_generation = 0
         self.l1_table_offset = header.l1_table_offset
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_size = 0
@@ -741,6 +743,7 @@ class Qcow2Image:
             await self.file.write(new, content)
             await self.file.sync()
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
+        self.l1_generation += 1
         await self._write_l1_entry(l1i)
         if old:
             await self._drain()
@@ -1218,6 +1221,7 @@ class Qcow2Image:
                 self.l1[i] = 0
         if not freed:
             return
+        self.l1_generation += 1
         await self.flush_metadata()
         cs = self.cluster_size
         await self.file.write(self.l1_table_offset,

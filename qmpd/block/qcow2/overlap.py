@@ -85,6 +85,7 @@ def overlap_checks(option: Any) -> int:
 
 class _Refcounts(Protocol):
     reftable: array[int]
+    generation: int
     reftable_offset: int
     reftable_clusters: int
 
@@ -99,6 +100,7 @@ class MetadataImage(Protocol):
     cluster_bits: int
     cluster_size: int
     l1: array[int]
+    l1_generation: int
     l1_table_offset: int
     snapshots: list[Snapshot]
     snapshot_table_size: int
@@ -127,33 +129,36 @@ class OverlapChecker:
     """``qcow2_check_metadata_overlap`` for one open image.
 
     The host clusters of the L2 tables and refcount blocks are kept as sets,
-    rebuilt only when the L1 table or the refcount table changed (compared in
-    C, so a check stays cheap whatever the image size).
+    rebuilt when the L1 table or the refcount table was replaced or changed
+    (its generation), so a check costs a few set lookups whatever the image
+    size.  A hit is confirmed against freshly built sets before it counts.
     """
 
     def __init__(self, image: MetadataImage, checks: int = OL_CACHED) -> None:
         self.image = image
         self.checks = checks
-        self._l1: array[int] = array("Q")
+        self._l1: tuple[array[int] | None, int] = (None, -1)
         self._l2_clusters: frozenset[int] = frozenset()
-        self._reftable: array[int] = array("Q")
+        self._reftable: tuple[array[int] | None, int] = (None, -1)
         self._refblock_clusters: frozenset[int] = frozenset()
 
-    def _l2_set(self) -> frozenset[int]:
+    def _l2_set(self, fresh: bool = False) -> frozenset[int]:
         img = self.image
-        if img.l1 != self._l1:
+        key = self._l1
+        if fresh or key[0] is not img.l1 or key[1] != img.l1_generation:
             self._l2_clusters = _clusters(img.l1, L1E_OFFSET_MASK, img.cluster_bits,
                                           img.cluster_size)
-            self._l1 = array("Q", img.l1)
+            self._l1 = (img.l1, img.l1_generation)
         return self._l2_clusters
 
-    def _refblock_set(self) -> frozenset[int]:
+    def _refblock_set(self, fresh: bool = False) -> frozenset[int]:
         img = self.image
-        table = img.refs.reftable
-        if table != self._reftable:
-            self._refblock_clusters = _clusters(table, REFT_OFFSET_MASK, img.cluster_bits,
-                                                img.cluster_size)
-            self._reftable = array("Q", table)
+        refs = img.refs
+        key = self._reftable
+        if fresh or key[0] is not refs.reftable or key[1] != refs.generation:
+            self._refblock_clusters = _clusters(refs.reftable, REFT_OFFSET_MASK,
+                                                img.cluster_bits, img.cluster_size)
+            self._reftable = (refs.reftable, refs.generation)
         return self._refblock_clusters
 
     def check(self, offset: int, size: int, ign: int = 0) -> int:
@@ -183,17 +188,19 @@ class OverlapChecker:
                     return OL_INACTIVE_L1
         cb = img.cluster_bits
         first, last = start >> cb, (end >> cb) - 1
-        if chk & OL_ACTIVE_L2 and self._any_in(self._l2_set(), first, last):
+        if (chk & OL_ACTIVE_L2 and _any_in(self._l2_set(), first, last)
+                and _any_in(self._l2_set(fresh=True), first, last)):
             return OL_ACTIVE_L2
-        if chk & OL_REFCOUNT_BLOCK and self._any_in(self._refblock_set(), first, last):
+        if (chk & OL_REFCOUNT_BLOCK and _any_in(self._refblock_set(), first, last)
+                and _any_in(self._refblock_set(fresh=True), first, last)):
             return OL_REFCOUNT_BLOCK
         return 0
 
-    @staticmethod
-    def _any_in(clusters: frozenset[int], first: int, last: int) -> bool:
-        if last - first < len(clusters):
-            return any(c in clusters for c in range(first, last + 1))
-        return any(first <= c <= last for c in clusters)
+
+def _any_in(clusters: frozenset[int], first: int, last: int) -> bool:
+    if last - first < len(clusters):
+        return any(c in clusters for c in range(first, last + 1))
+    return any(first <= c <= last for c in clusters)
 
 
 def overlap_message(bit: int) -> str:

@@ -214,6 +214,8 @@ class Refcounts:
         self.rb_mask = self.rb_entries - 1
         self.max_refcount = (1 << (1 << refcount_order)) - 1
         self.reftable = reftable
+        #: Bumped whenever a reftable entry changes in place (for the overlap checks).
+        self.generation = 0
         self.reftable_offset = reftable_offset
         self.reftable_clusters = reftable_clusters
         self._write_reftable_pointer = write_reftable_pointer
@@ -424,6 +426,7 @@ class Refcounts:
                 await self.update(where, 1, -1)
             raise
         self.reftable[rt_index] = where << cb
+        self.generation += 1
         await self._write_reftable_entry(rt_index)
         self.cache.insert(where << cb, blk, dirty=False)
 
