@@ -152,6 +152,12 @@ def scenario(qmp: Path, nbd: Path) -> dict[str, Any]:
             }
         seen["healthy"] = qemu_io(f"nbd+unix:///healthy?socket={nbd}",
                                   "write -P 0x66 0 64k")
+        # a corrupt node can still be deleted
+        seen["export-del"], events = collect(client, "block-export-del", {"id": "e-l2"})
+        if not any(e["event"] == "BLOCK_EXPORT_DELETED" for e in events):
+            while client.recv().get("event") != "BLOCK_EXPORT_DELETED":
+                pass
+        seen["blockdev-del"] = client.cmd("blockdev-del", {"node-name": "l2"})
         reply, events = collect(client, "query-version")
         seen["alive"] = "return" in reply and not events
     finally:
@@ -307,6 +313,8 @@ def test_reopen_read_write_refused(observed: dict[str, Any], case: str) -> None:
 
 def test_daemon_and_other_nodes_unaffected(observed: dict[str, Any]) -> None:
     assert observed["qmpd"]["stop"] == ""
+    for key in ("export-del", "blockdev-del"):
+        assert observed["qmpd"][key] == observed["qemu"][key] == {"return": {}}
     for who in ("qmpd", "qemu"):
         assert observed[who]["alive"]
         assert observed[who]["healthy"][0] == 0
