@@ -11,7 +11,8 @@ images and options, and the results must be identical: the write's error,
 the ``BLOCK_IMAGE_CORRUPTED`` event, the image left on disk (``qemu-img
 check``, the corrupt bit, the metadata untouched), the later I/O errors and
 the refusal to open the image read/write again.  Both daemons stay up, and a
-healthy node next to the corrupt ones keeps working.
+healthy node next to the corrupt ones keeps working.  HMP ``qemu-io`` is
+compared with ``qemu-system-x86_64 -M none``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QmpdProcess, RawClient, check_message, require_tool
+from tests.integration.migration_helpers import Peer, need_qemu
 from tests.interop.test_qcow2_common import run
 
 CS = 65536
@@ -321,3 +323,37 @@ def test_daemon_and_other_nodes_unaffected(observed: dict[str, Any]) -> None:
     healthy = observed["qmpd"]["healthy-image"]
     assert run("qemu-img", "check", healthy, check=False).returncode == 0
     assert run("qemu-io", "-c", "read -P 0x66 0 64k", healthy, check=False).returncode == 0
+
+
+def hmp_session(kind: str, tmp: Path, image: Path) -> dict[str, Any]:
+    peer = Peer(kind, tmp, kind).ready()
+    try:
+        peer.add_disk(image)
+        replies = [peer.qemu_io("disk", command) for command in (
+            "write -P 0x55 0 4k", "write -P 0x55 8M 4k", "read 0 4k")]
+        peer.ok("query-version")
+        events = [(e["event"], e.get("data")) for e in peer.qmp.events]
+        return {"replies": replies, "events": events, "stdout": peer.stdout(),
+                "alive": peer.alive()}
+    finally:
+        peer.close()
+
+
+def test_hmp_qemu_io_as_qemu_system(tmp_path: Path) -> None:
+    """HMP qemu-io onto the L2 table, as in qemu-system-x86_64 -M none."""
+    need_qemu()
+    path, target = craft(tmp_path, "l2")
+    seen = {}
+    for kind in ("qemu", "qmpd"):
+        image = tmp_path / f"{kind}.qcow2"
+        shutil.copy(path, image)
+        seen[kind] = hmp_session(kind, tmp_path, image)
+    assert seen["qmpd"]["stdout"] == (
+        "write failed: Input/output error\n"
+        "write failed: No medium found\n"
+        "read failed: No medium found\n")
+    assert seen["qmpd"]["events"] == [("BLOCK_IMAGE_CORRUPTED", {
+        "device": "", "node-name": "disk",
+        "msg": "Preventing invalid write on metadata (overlaps with active L2 table)",
+        "offset": target, "size": 4096, "fatal": True})]
+    assert seen["qmpd"] == seen["qemu"]
