@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpd.block.driver import BlockDriverError, BlockStatus
+from qmpd.block.qcow2 import resize, zero
 from qmpd.block.qcow2.cache import CacheEntry, MetadataCache
 from qmpd.block.qcow2.fileio import META_ALIGN, ImageFile
 from qmpd.block.qcow2.format import (
@@ -56,7 +57,6 @@ from qmpd.block.qcow2.format import (
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    QCOW_MAX_L1_SIZE,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
@@ -68,7 +68,6 @@ from qmpd.block.qcow2.format import (
     check_features,
     check_tables,
     cluster_type,
-    l1_size_for,
     pack_header_fields,
     parse_header,
     parse_snapshots,
@@ -81,7 +80,7 @@ from qmpd.block.qcow2.overlap import (
     signal_corruption,
 )
 from qmpd.block.qcow2.refcount import Refcounts, array_to_u64_be, u64_be_to_array
-from qmpd.block.status import block_status_above
+from qmpd.block.qcow2.zero import DISCARD_NEVER, DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
@@ -96,11 +95,6 @@ _INPLACE = 0  # normal, owned (COPIED): overwrite in place
 _REUSE = 1  # zero flag on an owned cluster: fill it, then clear the flag
 _ALLOC = 2  # anything else: new cluster, COW, then point the entry at it
 
-#: Free-request types, for the pass-discard-* options.
-DISCARD_NEVER = "never"
-DISCARD_REQUEST = "request"
-DISCARD_SNAPSHOT = "snapshot"
-DISCARD_OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -964,179 +958,16 @@ class Qcow2Image:
         finally:
             self.refs.discard_passthrough = old_pt
 
-    # --- zeroing and discarding -------------------------------------------------------------------
-
-    async def _rewrite_clusters(self, ci: int, n: int,
-                                decide: Callable[[int], tuple[int, bool] | None],
-                                kind: str) -> None:
-        """Apply ``decide(old) -> (new, free_old) | None`` to ``n`` clusters' entries."""
-        end = ci + n
-        unallocated_change = decide(0)
-        while ci < end:
-            l1i = ci >> self.l2_bits
-            o = ci & self.slice_mask
-            k = min(end - ci, self.slice_entries - o)
-            if not self.l1[l1i] & L1E_OFFSET_MASK and unallocated_change is None:
-                ci += min(end - ci, self.l2_entries - (ci & self.l2_mask))
-                continue
-            entry = await self._writable_slice(ci)
-            arr = entry.value
-            frees = []
-            changed = False
-            for m in range(k):
-                old = int(arr[o + m])
-                r = decide(old)
-                if r is None:
-                    continue
-                arr[o + m] = r[0]
-                changed = True
-                if r[1]:
-                    frees.append(old)
-            if changed:
-                self.l2cache.mark_dirty(entry)
-            if frees:
-                entry.pins += 1
-                try:
-                    await self._free_entries(frees, kind)
-                finally:
-                    entry.pins -= 1
-            ci += k
-        await self.l2cache.trim()
-        await self.refs.cache.trim()
-
-    async def _remainder_is_zero(self, ci: int, e: int, start: int, stop: int) -> bool:
-        """Whether guest cluster ``ci`` reads as zeros outside [start, stop)."""
-        t = entry_type(e)
-        if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-            return True
-        if t != ClusterType.UNALLOCATED:
-            return False
-        backing = self.node.backing
-        if backing is None:
-            return True
-        base = ci << self.cluster_bits
-        for a, b in ((base, base + start), (base + stop, base + self.cluster_size)):
-            a = min(a, self.size)
-            b = min(b, self.size)
-            while a < b:
-                if a >= backing.size():
-                    break
-                st = await block_status_above(backing, a, min(b, backing.size()) - a)
-                if not st.zero or st.length <= 0:
-                    return False
-                a += st.length
-        return True
+    # --- zeroing, discarding, resizing (zero.py, resize.py) ------------------------------
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self.check_writable()
-        if length <= 0:
-            return
-        cb = self.cluster_bits
-        async with self._exclusive(offset >> cb, (offset + length - 1) >> cb):
-            self.check_writable()
-            await self._write_zeroes_locked(offset, length, may_unmap)
-
-    async def _write_zeroes_locked(self, offset: int, length: int, may_unmap: bool) -> None:
-        """QEMU's split: partial head, whole clusters, partial tail; a partial
-        cluster becomes a zero cluster only if the rest of it already reads as
-        zeros, otherwise zeros are written as data."""
-        if length <= 0:
-            return
-        end = offset + length
-        if self.version < 3:
-            await self._write_zero_data(offset, end)
-            return
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        cmask = self.cmask
-        pos = offset
-        while pos < end:
-            cstart = pos & ~cmask
-            if pos != cstart:
-                stop = min(end, cstart + cs)
-                await self._zero_partial(pos, stop, may_unmap)
-            elif end - pos >= cs:
-                stop = end & ~cmask
-                await self._zeroize(pos >> cb, (stop - pos) >> cb, may_unmap)
-            else:
-                stop = end
-                if stop == self.size:
-                    await self._zeroize(pos >> cb, 1, may_unmap)
-                else:
-                    await self._zero_partial(pos, stop, may_unmap)
-            pos = stop
-
-    async def _zero_partial(self, pos: int, stop: int, may_unmap: bool) -> None:
-        ci = pos >> self.cluster_bits
-        cstart = ci << self.cluster_bits
-        e = int((await self.entries(ci, 1))[0])
-        t = entry_type(e)
-        if t in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) and (
-            await self._remainder_is_zero(ci, e, pos - cstart, stop - cstart)
-        ):
-            await self._zeroize(ci, 1, may_unmap)
-        else:
-            await self._write_zero_data(pos, stop)
-
-    async def _write_zero_data(self, start: int, end: int) -> None:
-        chunk = 8 << 20
-        zeros = bytes(min(chunk, end - start))
-        while start < end:
-            n = min(chunk, end - start)
-            await self._write_locked(start, memoryview(zeros)[:n])
-            start += n
-
-    async def _zeroize(self, ci: int, n: int, may_unmap: bool) -> None:
-        def decide(old: int) -> tuple[int, bool] | None:
-            t = entry_type(old)
-            unmap = t == ClusterType.COMPRESSED or (
-                may_unmap and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
-            )
-            new = (0 if unmap else old) | QCOW_OFLAG_ZERO
-            if new == old:
-                return None
-            return new, unmap
-
-        await self._rewrite_clusters(ci, n, decide, DISCARD_REQUEST)
+        await zero.write_zeroes(self, offset, length, may_unmap)
 
     async def discard(self, offset: int, length: int, full: bool = False) -> None:
-        self.check_writable()
-        if length <= 0:
-            return
-        cb = self.cluster_bits
-        async with self._exclusive(offset >> cb, (offset + length - 1) >> cb):
-            self.check_writable()
-            await self._discard_locked(offset, length, full)
+        await zero.discard(self, offset, length, full)
 
-    async def _discard_locked(self, offset: int, length: int, full: bool) -> None:
-        cmask = self.cmask
-        end = offset + length
-        start = (offset + cmask) & ~cmask
-        stop = end & ~cmask
-        if end == self.size and end & cmask and (end & ~cmask) >= offset:
-            stop = (end + cmask) & ~cmask  # the complete partial cluster at the image end
-        if stop <= start:
-            return
-        backing = self.node.backing is not None
-        if not full and self.version < 3 and backing:
-            return  # QEMU: ENOTSUP, ignored by the generic layer
-        v3 = self.version >= 3
-
-        def decide(old: int) -> tuple[int, bool] | None:
-            t = entry_type(old)
-            allocated = t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.COMPRESSED)
-            new = old
-            if full:
-                new = 0
-            elif backing or allocated:
-                new = QCOW_OFLAG_ZERO if v3 else 0
-            if new == old:
-                return None
-            return new, allocated
-
-        cb = self.cluster_bits
-        await self._rewrite_clusters(start >> cb, (stop - start) >> cb, decide,
-                                     DISCARD_REQUEST)
+    async def truncate(self, size: int) -> None:
+        await resize.truncate(self, size)
 
     # --- flush ----------------------------------------------------------------------------
 
@@ -1155,80 +986,3 @@ class Qcow2Image:
             await self.file.sync()
             if self.refs.pending_discards:
                 await self.refs.process_discards()
-
-    # --- resize --------------------------------------------------------------------------------
-
-    async def truncate(self, size: int) -> None:
-        self.check_writable()
-        if size % 512:
-            raise BlockDriverError("The new size must be a multiple of 512", 22)
-        async with self._exclusive(0, 1 << 62):
-            self.check_writable()
-            if self.snapshots and self.version < 3:
-                raise BlockDriverError("Can't resize a v2 image which has snapshots", 95)
-            old = self.size
-            new_l1 = l1_size_for(size, self.cluster_bits)
-            if size < old:
-                start = (size + self.cmask) & ~self.cmask
-                if old > start:
-                    await self._discard_locked(start, old - start, True)
-                await self._shrink_l1(new_l1)
-            elif size > old:
-                if new_l1 > len(self.l1):
-                    await self._grow_l1(new_l1)
-                backing = self.node.backing
-                if backing is not None and backing.size() > old:
-                    # do not let the backing file's data show through
-                    self.size = size
-                    zero_start = (old + self.cmask) & ~self.cmask
-                    if size > zero_start:
-                        await self._write_zeroes_locked(zero_start, size - zero_start, False)
-                    if zero_start > old:
-                        await self._write_zero_data(old, min(zero_start, size))
-            self.size = size
-            self.header.size = size
-            await self.flush_metadata()
-            await self._write_header_fields()
-
-    async def _grow_l1(self, new_size: int) -> None:
-        cs = self.cluster_size
-        if new_size * 8 > QCOW_MAX_L1_SIZE:
-            raise BlockDriverError("Failed to grow the L1 table: File too large", 27)
-        clusters = (new_size * 8 + cs - 1) // cs
-        new_off = await self.refs.alloc(clusters)
-        await self.refs.cache.write_all()
-        table = array("Q", self.l1)
-        table.extend([0] * (clusters * cs // 8 - len(table)))
-        await self.file.write(new_off, array_to_u64_be(table))
-        await self.file.sync()
-        old_off, old_size = self.l1_table_offset, len(self.l1)
-        self.header.l1_size = new_size
-        self.header.l1_table_offset = new_off
-        await self._write_header_fields()
-        self.l1 = table[:new_size]
-        self.l1_table_offset = new_off
-        if old_size:
-            await self.refs.update(old_off >> self.cluster_bits,
-                                   (old_size * 8 + cs - 1) // cs, -1)
-
-    async def _shrink_l1(self, new_size: int) -> None:
-        """Free the L2 tables past ``new_size`` L1 entries (the table keeps its size)."""
-        freed = []
-        for i in range(new_size, len(self.l1)):
-            e = int(self.l1[i])
-            if e & L1E_OFFSET_MASK:
-                freed.append(e & L1E_OFFSET_MASK)
-                self.l1[i] = 0
-        if not freed:
-            return
-        self.l1_generation += 1
-        await self.flush_metadata()
-        cs = self.cluster_size
-        await self.file.write(self.l1_table_offset,
-                              array_to_u64_be(self.l1) + bytes(-len(self.l1) * 8 % META_ALIGN))
-        await self.file.sync()
-        await self._drain()
-        for off in freed:
-            for k in range(0, cs, self.slice_bytes):
-                self.l2cache.drop(off + k)
-            await self.refs.update(off >> self.cluster_bits, 1, -1)

@@ -14,13 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
-from qmpd.block.qcow2.cluster import (
-    DISCARD_OTHER,
-    DISCARD_REQUEST,
-    DISCARD_SNAPSHOT,
-    CacheConfig,
-    Qcow2Image,
-)
+from qmpd.block.qcow2.cluster import CacheConfig, Qcow2Image
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
@@ -32,6 +26,7 @@ from qmpd.block.qcow2.format import (
     Qcow2FormatError,
 )
 from qmpd.block.qcow2.overlap import overlap_checks
+from qmpd.block.qcow2.zero import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT
 from qmpd.errors import GenericError
 
 log = logging.getLogger(__name__)
