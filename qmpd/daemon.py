@@ -66,7 +66,6 @@ class Daemon:
         else:
             initial = RunState.PRELAUNCH
         self.block = BlockLayer(self.metrics)
-        self.block.graph.on_event = self.events.emit
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
         self.metrics.watch_nodes(self.block.graph.all_nodes)
         self.exports = BlockExports(self.block, self.events, self.metrics)
@@ -75,6 +74,7 @@ class Daemon:
             metrics=self.metrics,
         )
         self.migration = MigrationManager(self)
+        self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.exit_status = 0
         self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
