@@ -51,6 +51,19 @@ CASES = {
     # new cluster, but writing back the updated "L2 table" is refused
     "l1e-reftable": ("refcount table", "write -P 0x55 0 4k"),
 }
+#: case -> (QEMU's corruption message, the qemu-io command): unaligned offsets
+#: in L1 and L2 entries, found when a request uses them (not at open)
+UNALIGNED = {
+    "unaligned-read": ("Cluster allocation offset 0x50200 unaligned "
+                       "(L2 offset: 0x40000, L2 index: 0)", "read 0 4k"),
+    "unaligned-write": ("Data cluster offset 0x50200 unaligned (guest offset: 0)",
+                        "write -P 0x55 0 4k"),
+    "unaligned-l1": ("L2 table offset 0x40200 unaligned (L1 index: 0)", "read 0 4k"),
+    "unaligned-l1-write": ("L2 table offset 0x40200 unaligned (L1 index: 0)",
+                           "write -P 0x55 0 4k"),
+}
+ALL = {**{case: c[1] for case, c in CASES.items()}, **{case: c[1] for case, c in UNALIGNED.items()}}
+
 #: case -> (offset, size) in the event, relative to the metadata's offset
 EVENT_RANGE = {"l2-part": (4096, 4096), "header-part": (4096, 4096)}
 
@@ -75,6 +88,14 @@ def craft(tmp: Path, case: str) -> tuple[Path, int]:
         # refcount 0 for cluster 0 (16-bit refcounts): the next allocation is the header
         struct.pack_into(">H", raw, _u64(raw, reftable), 0)
         target = 0
+    elif kind.startswith("unaligned-l1"):
+        struct.pack_into(">Q", raw, l1, COPIED | (l2 + 512))
+        target = l2
+    elif kind.startswith("unaligned"):
+        data = _u64(raw, l2) & OFFSET_MASK
+        assert (data, l2) == (0x50000, 0x40000), "QEMU's layout changed: fix UNALIGNED"
+        struct.pack_into(">Q", raw, l2, COPIED | (data + 512))
+        target = data
     elif kind == "l1e-reftable":
         struct.pack_into(">Q", raw, l1, COPIED | reftable)
         target = reftable
@@ -141,7 +162,7 @@ def scenario(qmp: Path, nbd: Path) -> dict[str, Any]:
     client.negotiate()
     seen: dict[str, Any] = {}
     try:
-        for case, (_, command) in CASES.items():
+        for case, command in ALL.items():
             uri = f"nbd+unix:///{case}?socket={nbd}"
             write = qemu_io(uri, command)
             reply, events = collect(client, "query-version")
@@ -211,7 +232,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     for name in ("qemu-img", "qemu-io", "qemu-storage-daemon"):
         require_tool(name)
     base = tmp_path_factory.mktemp("overlap")
-    crafted = {case: craft(base, case) for case in CASES}
+    crafted = {case: craft(base, case) for case in ALL}
     result: dict[str, Any] = {"crafted": crafted}
     for who in ("qemu", "qmpd"):
         tmp = base / who
@@ -268,7 +289,21 @@ def test_write_refused_with_qemu_event(observed: dict[str, Any], case: str) -> N
     assert ours["write"] == theirs["write"]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(UNALIGNED))
+def test_unaligned_offsets_as_qemu(observed: dict[str, Any], case: str) -> None:
+    ours = observed["qmpd"][case]
+    op = UNALIGNED[case][1].split()[0]
+    assert ours["write"] == (1, f"{op} failed: Input/output error")
+    assert ours["events"] == [("BLOCK_IMAGE_CORRUPTED", {
+        "device": "", "node-name": case, "msg": UNALIGNED[case][0], "fatal": True})]
+    assert ours["events"] == observed["qemu"][case]["events"]
+    assert ours["write"] == observed["qemu"][case]["write"]
+    after = observed["qmpd"]["images"][case].read_bytes()
+    assert after == observed["qemu"]["images"][case].read_bytes()
+    assert _u64(after, 72) & 2
+
+
+@pytest.mark.parametrize("case", list(ALL))
 def test_later_io_fails_as_in_qemu(observed: dict[str, Any], case: str) -> None:
     ours = observed["qmpd"][case]
     # QEMU drops the driver of a corrupt node: ENOMEDIUM, EINVAL over NBD
@@ -291,7 +326,7 @@ def test_metadata_untouched_and_marked_corrupt(observed: dict[str, Any], case: s
     assert after == qemu_after
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(ALL))
 def test_check_as_qemu(observed: dict[str, Any], case: str) -> None:
     ours = run("qemu-img", "check", observed["qmpd"]["images"][case], check=False)
     theirs = run("qemu-img", "check", observed["qemu"]["images"][case], check=False)
@@ -300,7 +335,7 @@ def test_check_as_qemu(observed: dict[str, Any], case: str) -> None:
         theirs.returncode, theirs.stdout, theirs.stderr)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(ALL))
 def test_reopen_read_write_refused(observed: dict[str, Any], case: str) -> None:
     rw, ro = observed["qmpd"]["reopen"][case]
     assert rw == {"class": "GenericError",

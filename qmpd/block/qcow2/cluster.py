@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import zlib
 from array import array
@@ -76,6 +75,7 @@ from qmpd.block.qcow2.overlap import (
     OL_ACTIVE_L2,
     OL_REFCOUNT_BLOCK,
     OverlapChecker,
+    c_hex,
     overlap_message,
     signal_corruption,
 )
@@ -251,19 +251,8 @@ class Qcow2Image:
                     if length >= 64 * 1024 * 1024:
                         raise Qcow2FormatError("Snapshot table too large") from None
                     length *= 4
-        self._check_l1_entries()
-
-    def _check_l1_entries(self) -> None:
-        # Only entries that point somewhere need a look; compress() skips the
-        # empty ones at C speed, so the cost follows what is allocated, not
-        # the virtual size.
-        for i in itertools.compress(range(len(self.l1)), self.l1):
-            e = self.l1[i]
-            if e & L1E_OFFSET_MASK & self.cmask:
-                raise Qcow2FormatError(
-                    f"qcow2: L2 table offset {e & L1E_OFFSET_MASK:#x} unaligned (L1 index: {i:#x})",
-                    5,
-                )
+        # An unaligned L1 entry is found (and the image marked corrupt) when
+        # a request uses it, as in QEMU, not at open.
 
     async def _open_for_writing(self) -> None:
         hdr = self.header
@@ -415,19 +404,31 @@ class Qcow2Image:
         if not l2off:
             return array("Q", bytes(8 * k))
         if l2off & self.cmask:
-            await self.mark_corrupt(f"L2 table offset {l2off:#x} unaligned (L1 index: {l1i:#x})")
-            raise BlockDriverError("qcow2: L2 table offset unaligned", 5)
+            raise await self._bad_l2_offset(l2off, l1i)
         key = l2off + ((idx >> self.slice_bits) << self.slice_shift)
         ent = self.l2cache.lookup(key)
         if ent is None:
             ent = await self.l2cache.get(key)
         return ent.value[o : o + k]
 
-    async def _bad_host(self, entry: int, ci: int) -> BlockDriverError:
-        host = entry & L2E_OFFSET_MASK
+    async def _bad_l2_offset(self, l2off: int, l1i: int) -> BlockDriverError:
         await self.mark_corrupt(
-            f"Cluster allocation offset {host:#x} unaligned (guest cluster {ci:#x})"
-        )
+            f"L2 table offset {c_hex(l2off)} unaligned (L1 index: {c_hex(l1i)})")
+        return BlockDriverError("Input/output error", 5)
+
+    async def _bad_host(self, entry: int, ci: int) -> BlockDriverError:
+        """A read found an unaligned data cluster offset."""
+        l2off = int(self.l1[ci >> self.l2_bits]) & L1E_OFFSET_MASK
+        await self.mark_corrupt(
+            f"Cluster allocation offset {c_hex(entry & L2E_OFFSET_MASK)} unaligned "
+            f"(L2 offset: {c_hex(l2off)}, L2 index: {c_hex(ci & self.l2_mask)})")
+        return BlockDriverError("Input/output error", 5)
+
+    async def _bad_data_cluster(self, entry: int, guest: int) -> BlockDriverError:
+        """A write found an unaligned data cluster offset."""
+        await self.mark_corrupt(
+            f"Data cluster offset {c_hex(entry & L2E_OFFSET_MASK)} unaligned "
+            f"(guest offset: {c_hex(guest)})")
         return BlockDriverError("Input/output error", 5)
 
     # --- reads -------------------------------------------------------------------------------
@@ -716,6 +717,8 @@ class Qcow2Image:
     async def _l2_for_write(self, l1i: int) -> int:
         """The offset of a writable (owned) L2 table for L1 index ``l1i``."""
         l1e = int(self.l1[l1i])
+        if l1e & L1E_OFFSET_MASK & self.cmask:
+            raise await self._bad_l2_offset(l1e & L1E_OFFSET_MASK, l1i)
         if l1e & QCOW_OFLAG_COPIED and l1e & L1E_OFFSET_MASK:
             return l1e & L1E_OFFSET_MASK
         old = l1e & L1E_OFFSET_MASK
@@ -724,9 +727,6 @@ class Qcow2Image:
         for k in range(0, cs, self.slice_bytes):
             self.l2cache.drop(new + k)
         if old:
-            if old & self.cmask:
-                await self.mark_corrupt(f"L2 table offset {old:#x} unaligned (L1 index: {l1i:#x})")
-                raise BlockDriverError("Input/output error", 5)
             content = await self.file.read(old, cs)
         else:
             content = bytes(cs)
@@ -813,13 +813,13 @@ class Qcow2Image:
                 if cat == _INPLACE:
                     host = (e & L2E_OFFSET_MASK) + (pos & cmask)
                     if (e & L2E_OFFSET_MASK) & cmask:
-                        raise await self._bad_host(e, ci + i)
+                        raise await self._bad_data_cluster(e, pos)
                     await self.pre_write_check(host, len(chunk))
                     await self._data_write(host, chunk)
                 elif cat == _REUSE:
                     host = e & L2E_OFFSET_MASK
                     if host & cmask:
-                        raise await self._bad_host(e, ci + i)
+                        raise await self._bad_data_cluster(e, pos)
                     await self.pre_write_check(host + (pos & cmask), len(chunk))
                     head = pos & cmask
                     tail = ((run_end - 1) & cmask) + 1

@@ -203,6 +203,11 @@ def _any_in(clusters: frozenset[int], first: int, last: int) -> bool:
     return any(first <= c <= last for c in clusters)
 
 
+def c_hex(value: int) -> str:
+    """C's ``%#x`` (zero is ``0``, not ``0x0``), for QEMU's message texts."""
+    return f"{value:#x}" if value else "0"
+
+
 def overlap_message(bit: int) -> str:
     """QEMU's text for a write refused because of overlap ``bit``."""
     name = OL_NAMES[(bit & -bit).bit_length() - 1]
