@@ -72,6 +72,7 @@ from qmpd.block.qcow2.format import (
     parse_snapshots,
 )
 from qmpd.block.qcow2.overlap import (
+    OL_ACTIVE_L1,
     OL_ACTIVE_L2,
     OL_REFCOUNT_BLOCK,
     OverlapChecker,
@@ -749,6 +750,7 @@ class Qcow2Image:
         first = l1i - l1i % per_sector
         data = array_to_u64_be(self.l1, first, first + per_sector)
         data += bytes(META_ALIGN - len(data))
+        await self.pre_write_check(self.l1_table_offset + first * 8, META_ALIGN, OL_ACTIVE_L1)
         await self.file.write(self.l1_table_offset + first * 8, data)
         await self.file.sync()
 
