@@ -97,7 +97,6 @@ _REUSE = 1  # zero flag on an owned cluster: fill it, then clear the flag
 _ALLOC = 2  # anything else: new cluster, COW, then point the entry at it
 
 
-
 @dataclass(frozen=True)
 class CacheConfig:
     """Cache geometry computed from the options (see ``driver.read_cache_sizes``)."""
