@@ -74,6 +74,7 @@ class Daemon:
             metrics=self.metrics,
         )
         self.migration = MigrationManager(self)
+        self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.exit_status = 0
         self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)

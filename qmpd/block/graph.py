@@ -240,6 +240,10 @@ class NodeConfig:
     auto_read_only: bool
 
 
+def _drop_event(name: str, data: dict[str, Any]) -> None:
+    """The event hook of a graph without a daemon."""
+
+
 class BlockGraph:
     """All nodes of the daemon, in creation order, and the I/O thread pool."""
 
@@ -250,6 +254,9 @@ class BlockGraph:
         self._serial = 0
         self._auto_counter = 0
         self._rng = random.Random()
+        #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``): the daemon
+        #: connects its event bus; a graph used alone drops them.
+        self.on_event: Callable[[str, dict[str, Any]], None] = _drop_event
 
     def close(self) -> None:
         """Stop the I/O threads (the graph may still start them again on use)."""

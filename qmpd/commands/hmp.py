@@ -161,7 +161,7 @@ async def run_qemu_io(node: Any, line: str) -> str:
 def _errno_text(exc: Exception) -> str:
     errno = getattr(exc, "errno", 5)
     return {1: "Operation not permitted", 5: "Input/output error", 28: "No space left on device",
-            95: "Operation not supported"}.get(errno, "Input/output error")
+            95: "Operation not supported", 123: "No medium found"}.get(errno, "Input/output error")
 
 
 def _split_hmp(line: str) -> tuple[str, str]:

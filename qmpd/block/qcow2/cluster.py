@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import zlib
 from array import array
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpd.block.driver import BlockDriverError, BlockStatus
+from qmpd.block.qcow2 import resize, zero
 from qmpd.block.qcow2.cache import CacheEntry, MetadataCache
 from qmpd.block.qcow2.fileio import META_ALIGN, ImageFile
 from qmpd.block.qcow2.format import (
@@ -56,7 +56,6 @@ from qmpd.block.qcow2.format import (
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    QCOW_MAX_L1_SIZE,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
@@ -68,13 +67,21 @@ from qmpd.block.qcow2.format import (
     check_features,
     check_tables,
     cluster_type,
-    l1_size_for,
     pack_header_fields,
     parse_header,
     parse_snapshots,
 )
+from qmpd.block.qcow2.overlap import (
+    OL_ACTIVE_L1,
+    OL_ACTIVE_L2,
+    OL_REFCOUNT_BLOCK,
+    OverlapChecker,
+    c_hex,
+    overlap_message,
+    signal_corruption,
+)
 from qmpd.block.qcow2.refcount import Refcounts, array_to_u64_be, u64_be_to_array
-from qmpd.block.status import block_status_above
+from qmpd.block.qcow2.zero import DISCARD_NEVER, DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
@@ -88,12 +95,6 @@ _FAST_WRITE_MASK = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 _INPLACE = 0  # normal, owned (COPIED): overwrite in place
 _REUSE = 1  # zero flag on an owned cluster: fill it, then clear the flag
 _ALLOC = 2  # anything else: new cluster, COW, then point the entry at it
-
-#: Free-request types, for the pass-discard-* options.
-DISCARD_NEVER = "never"
-DISCARD_REQUEST = "request"
-DISCARD_SNAPSHOT = "snapshot"
-DISCARD_OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -157,22 +158,29 @@ class Qcow2Image:
         self.slice_shift = self.slice_bits + 3
         self.comp = CompressedGeometry(cb)
         self.l1: array[int] = array("Q")
+        #: Bumped whenever an L1 entry changes in place (the overlap checks follow it).
+        self.l1_generation = 0
         self.l1_table_offset = header.l1_table_offset
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_size = 0
         self.lock = asyncio.Lock()
         self._rmw_lock = asyncio.Lock()
         self.l2cache: MetadataCache[array[int]] = MetadataCache(
-            "l2", config.l2_entries, self._load_l2_slice, file.write, array_to_u64_be, file.sync
+            "l2", config.l2_entries, self._load_l2_slice, self._store_l2_slice, array_to_u64_be,
+            file.sync,
         )
         self.refs = Refcounts(
             file, cb, header.refcount_order, array("Q"), header.refcount_table_offset,
             header.refcount_table_clusters, config.refcount_entries, self._write_reftable_pointer,
+            self._store_refblock,
         )
         self.writable = False
         self.direct = bool(node.cache_direct or (node.file is not None and node.file.cache_direct))
         self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
         self.broken: str | None = None
+        self.broken_errno = 5
+        self.signaled_corruption = False
+        self.overlap = OverlapChecker(self)
         self.pass_discard = {DISCARD_NEVER: False, DISCARD_REQUEST: False,
                              DISCARD_SNAPSHOT: True, DISCARD_OTHER: False}
         # lock-free request tracking (see the module docstring)
@@ -243,19 +251,8 @@ class Qcow2Image:
                     if length >= 64 * 1024 * 1024:
                         raise Qcow2FormatError("Snapshot table too large") from None
                     length *= 4
-        self._check_l1_entries()
-
-    def _check_l1_entries(self) -> None:
-        # Only entries that point somewhere need a look; compress() skips the
-        # empty ones at C speed, so the cost follows what is allocated, not
-        # the virtual size.
-        for i in itertools.compress(range(len(self.l1)), self.l1):
-            e = self.l1[i]
-            if e & L1E_OFFSET_MASK & self.cmask:
-                raise Qcow2FormatError(
-                    f"qcow2: L2 table offset {e & L1E_OFFSET_MASK:#x} unaligned (L1 index: {i:#x})",
-                    5,
-                )
+        # An unaligned L1 entry is found (and the image marked corrupt) when
+        # a request uses it, as in QEMU, not at open.
 
     async def _open_for_writing(self) -> None:
         hdr = self.header
@@ -291,29 +288,33 @@ class Qcow2Image:
         self.header.refcount_table_clusters = clusters
         await self._write_header_fields()
 
-    async def mark_corrupt(self, message: str) -> None:
-        """QEMU's ``qcow2_signal_corruption`` (fatal): flag the image, stop I/O."""
-        log.error("qcow2: Marking image as corrupt: %s; further corruption events "
-                  "will be suppressed", message)
-        self.broken = f"qcow2: image is corrupt: {message}"
-        if self.writable and not self.corrupt:
-            self.corrupt = True
-            self.header.incompatible_features |= INCOMPAT_CORRUPT
-            try:
-                await self._write_header_fields()
-            except (BlockDriverError, OSError):
-                pass
+    async def mark_corrupt(self, message: str, offset: int | None = None,
+                           size: int | None = None) -> None:
+        """QEMU's fatal ``qcow2_signal_corruption`` (see overlap.py)."""
+        await signal_corruption(self, True, offset, size, message)
 
-    def _overlaps_metadata(self, host: int, length: int) -> bool:
-        """The constant part of QEMU's overlap check: header, L1 table, reftable."""
-        end = host + length
-        if host < self.cluster_size:
-            return True
-        l1 = self.l1_table_offset
-        if host < l1 + len(self.l1) * 8 and end > l1:
-            return True
-        rt = self.refs.reftable_offset
-        return host < rt + self.refs.reftable_clusters * self.cluster_size and end > rt
+    async def write_corrupt_bit(self) -> None:
+        """Set the corrupt bit on disk (best effort: the node is unusable anyway)."""
+        self.header.incompatible_features |= INCOMPAT_CORRUPT
+        try:
+            await self._write_header_fields()
+        except (BlockDriverError, OSError) as exc:
+            log.warning("qcow2: could not mark the image corrupt on disk: %s", exc)
+
+    async def pre_write_check(self, host: int, size: int, ign: int = 0) -> None:
+        """``qcow2_pre_write_overlap_check``: refuse (EIO) a write onto live metadata."""
+        bit = self.overlap.check(host, size, ign)
+        if bit:
+            await self.mark_corrupt(overlap_message(bit), host, size)
+            raise BlockDriverError("Input/output error", 5)
+
+    async def _store_l2_slice(self, offset: int, data: bytes) -> None:
+        await self.pre_write_check(offset, len(data), OL_ACTIVE_L2)
+        await self.file.write(offset, data)
+
+    async def _store_refblock(self, offset: int, data: bytes) -> None:
+        await self.pre_write_check(offset, len(data), OL_REFCOUNT_BLOCK)
+        await self.file.write(offset, data)
 
     # --- lock-free request tracking -----------------------------------------------------
 
@@ -403,30 +404,42 @@ class Qcow2Image:
         if not l2off:
             return array("Q", bytes(8 * k))
         if l2off & self.cmask:
-            await self.mark_corrupt(f"L2 table offset {l2off:#x} unaligned (L1 index: {l1i:#x})")
-            raise BlockDriverError("qcow2: L2 table offset unaligned", 5)
+            raise await self._bad_l2_offset(l2off, l1i)
         key = l2off + ((idx >> self.slice_bits) << self.slice_shift)
         ent = self.l2cache.lookup(key)
         if ent is None:
             ent = await self.l2cache.get(key)
         return ent.value[o : o + k]
 
-    async def _bad_host(self, entry: int, ci: int) -> BlockDriverError:
-        host = entry & L2E_OFFSET_MASK
+    async def _bad_l2_offset(self, l2off: int, l1i: int) -> BlockDriverError:
         await self.mark_corrupt(
-            f"Cluster allocation offset {host:#x} unaligned (guest cluster {ci:#x})"
-        )
+            f"L2 table offset {c_hex(l2off)} unaligned (L1 index: {c_hex(l1i)})")
+        return BlockDriverError("Input/output error", 5)
+
+    async def _bad_host(self, entry: int, ci: int) -> BlockDriverError:
+        """A read found an unaligned data cluster offset."""
+        l2off = int(self.l1[ci >> self.l2_bits]) & L1E_OFFSET_MASK
+        await self.mark_corrupt(
+            f"Cluster allocation offset {c_hex(entry & L2E_OFFSET_MASK)} unaligned "
+            f"(L2 offset: {c_hex(l2off)}, L2 index: {c_hex(ci & self.l2_mask)})")
+        return BlockDriverError("Input/output error", 5)
+
+    async def _bad_data_cluster(self, entry: int, guest: int) -> BlockDriverError:
+        """A write found an unaligned data cluster offset."""
+        await self.mark_corrupt(
+            f"Data cluster offset {c_hex(entry & L2E_OFFSET_MASK)} unaligned "
+            f"(guest offset: {c_hex(guest)})")
         return BlockDriverError("Input/output error", 5)
 
     # --- reads -------------------------------------------------------------------------------
 
     def check_usable(self) -> None:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
 
     async def read(self, offset: int, length: int) -> bytes:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
         if length <= 0 or offset < 0 or offset + length > self.size:
             if length == 0:
                 return b""
@@ -606,7 +619,7 @@ class Qcow2Image:
 
     def check_writable(self) -> None:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
         if not self.writable:
             raise BlockDriverError("qcow2: image is not open for writing", 1)
 
@@ -640,7 +653,7 @@ class Qcow2Image:
                     ):
                         ok = False
                         break
-            if ok and not self._overlaps_metadata(host + in_off, n):
+            if ok and not self.overlap.check(host + in_off, n):
                 tok = self._enter()
                 try:
                     await self._data_write(host + in_off, data)
@@ -704,6 +717,8 @@ class Qcow2Image:
     async def _l2_for_write(self, l1i: int) -> int:
         """The offset of a writable (owned) L2 table for L1 index ``l1i``."""
         l1e = int(self.l1[l1i])
+        if l1e & L1E_OFFSET_MASK & self.cmask:
+            raise await self._bad_l2_offset(l1e & L1E_OFFSET_MASK, l1i)
         if l1e & QCOW_OFLAG_COPIED and l1e & L1E_OFFSET_MASK:
             return l1e & L1E_OFFSET_MASK
         old = l1e & L1E_OFFSET_MASK
@@ -712,18 +727,17 @@ class Qcow2Image:
         for k in range(0, cs, self.slice_bytes):
             self.l2cache.drop(new + k)
         if old:
-            if old & self.cmask:
-                await self.mark_corrupt(f"L2 table offset {old:#x} unaligned (L1 index: {l1i:#x})")
-                raise BlockDriverError("Input/output error", 5)
             content = await self.file.read(old, cs)
         else:
             content = bytes(cs)
         # refcount of the new table, then the table, on disk before the L1 entry
+        await self.pre_write_check(new, self.slice_bytes, OL_ACTIVE_L2)
         async with self.refs.freed_on_error(new, 1):
             await self.refs.cache.write_all()
             await self.file.write(new, content)
             await self.file.sync()
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
+        self.l1_generation += 1
         await self._write_l1_entry(l1i)
         if old:
             await self._drain()
@@ -735,6 +749,7 @@ class Qcow2Image:
         first = l1i - l1i % per_sector
         data = array_to_u64_be(self.l1, first, first + per_sector)
         data += bytes(META_ALIGN - len(data))
+        await self.pre_write_check(self.l1_table_offset + first * 8, META_ALIGN, OL_ACTIVE_L1)
         await self.file.write(self.l1_table_offset + first * 8, data)
         await self.file.sync()
 
@@ -799,20 +814,14 @@ class Qcow2Image:
                 if cat == _INPLACE:
                     host = (e & L2E_OFFSET_MASK) + (pos & cmask)
                     if (e & L2E_OFFSET_MASK) & cmask:
-                        raise await self._bad_host(e, ci + i)
-                    if self._overlaps_metadata(host, len(chunk)):
-                        await self.mark_corrupt(
-                            f"Preventing invalid write on metadata (offset {host:#x})")
-                        raise BlockDriverError("Input/output error", 5)
+                        raise await self._bad_data_cluster(e, pos)
+                    await self.pre_write_check(host, len(chunk))
                     await self._data_write(host, chunk)
                 elif cat == _REUSE:
                     host = e & L2E_OFFSET_MASK
                     if host & cmask:
-                        raise await self._bad_host(e, ci + i)
-                    if self._overlaps_metadata(host, cs):
-                        await self.mark_corrupt(
-                            f"Preventing invalid write on metadata (offset {host:#x})")
-                        raise BlockDriverError("Input/output error", 5)
+                        raise await self._bad_data_cluster(e, pos)
+                    await self.pre_write_check(host + (pos & cmask), len(chunk))
                     head = pos & cmask
                     tail = ((run_end - 1) & cmask) + 1
                     buf = b"".join((bytes(head), chunk, bytes(cs - tail)))
@@ -838,9 +847,8 @@ class Qcow2Image:
         in flight; the data is written and the L2 entries linked later."""
         old = [int(arr[slot + m]) for m in range(k)]
         host = await self.refs.alloc(k)
-        if self._overlaps_metadata(host, k * self.cluster_size):
-            await self.mark_corrupt(f"Preventing invalid allocation at {host:#x}")
-            raise BlockDriverError("Input/output error", 5)
+        # QEMU checks the guest data's range (its COW follows only if that passes)
+        await self.pre_write_check(host + (pos & self.cmask), run_end - pos)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for c in range(ci, ci + k):
             self._allocs[c] = fut
@@ -906,9 +914,7 @@ class Qcow2Image:
         cmask = self.cmask
         old = [int(arr[slot + m]) for m in range(k)]
         host = await self.refs.alloc(k)
-        if self._overlaps_metadata(host, k * cs):
-            await self.mark_corrupt(f"Preventing invalid allocation at {host:#x}")
-            raise BlockDriverError("Input/output error", 5)
+        await self.pre_write_check(host + (pos & cmask), len(chunk))
         head_len = pos & cmask
         tail_start = ((run_end - 1) & cmask) + 1
         async with self.refs.freed_on_error(host, k):
@@ -953,179 +959,16 @@ class Qcow2Image:
         finally:
             self.refs.discard_passthrough = old_pt
 
-    # --- zeroing and discarding -------------------------------------------------------------------
-
-    async def _rewrite_clusters(self, ci: int, n: int,
-                                decide: Callable[[int], tuple[int, bool] | None],
-                                kind: str) -> None:
-        """Apply ``decide(old) -> (new, free_old) | None`` to ``n`` clusters' entries."""
-        end = ci + n
-        unallocated_change = decide(0)
-        while ci < end:
-            l1i = ci >> self.l2_bits
-            o = ci & self.slice_mask
-            k = min(end - ci, self.slice_entries - o)
-            if not self.l1[l1i] & L1E_OFFSET_MASK and unallocated_change is None:
-                ci += min(end - ci, self.l2_entries - (ci & self.l2_mask))
-                continue
-            entry = await self._writable_slice(ci)
-            arr = entry.value
-            frees = []
-            changed = False
-            for m in range(k):
-                old = int(arr[o + m])
-                r = decide(old)
-                if r is None:
-                    continue
-                arr[o + m] = r[0]
-                changed = True
-                if r[1]:
-                    frees.append(old)
-            if changed:
-                self.l2cache.mark_dirty(entry)
-            if frees:
-                entry.pins += 1
-                try:
-                    await self._free_entries(frees, kind)
-                finally:
-                    entry.pins -= 1
-            ci += k
-        await self.l2cache.trim()
-        await self.refs.cache.trim()
-
-    async def _remainder_is_zero(self, ci: int, e: int, start: int, stop: int) -> bool:
-        """Whether guest cluster ``ci`` reads as zeros outside [start, stop)."""
-        t = entry_type(e)
-        if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-            return True
-        if t != ClusterType.UNALLOCATED:
-            return False
-        backing = self.node.backing
-        if backing is None:
-            return True
-        base = ci << self.cluster_bits
-        for a, b in ((base, base + start), (base + stop, base + self.cluster_size)):
-            a = min(a, self.size)
-            b = min(b, self.size)
-            while a < b:
-                if a >= backing.size():
-                    break
-                st = await block_status_above(backing, a, min(b, backing.size()) - a)
-                if not st.zero or st.length <= 0:
-                    return False
-                a += st.length
-        return True
+    # --- zeroing, discarding, resizing (zero.py, resize.py) ------------------------------
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self.check_writable()
-        if length <= 0:
-            return
-        cb = self.cluster_bits
-        async with self._exclusive(offset >> cb, (offset + length - 1) >> cb):
-            self.check_writable()
-            await self._write_zeroes_locked(offset, length, may_unmap)
-
-    async def _write_zeroes_locked(self, offset: int, length: int, may_unmap: bool) -> None:
-        """QEMU's split: partial head, whole clusters, partial tail; a partial
-        cluster becomes a zero cluster only if the rest of it already reads as
-        zeros, otherwise zeros are written as data."""
-        if length <= 0:
-            return
-        end = offset + length
-        if self.version < 3:
-            await self._write_zero_data(offset, end)
-            return
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        cmask = self.cmask
-        pos = offset
-        while pos < end:
-            cstart = pos & ~cmask
-            if pos != cstart:
-                stop = min(end, cstart + cs)
-                await self._zero_partial(pos, stop, may_unmap)
-            elif end - pos >= cs:
-                stop = end & ~cmask
-                await self._zeroize(pos >> cb, (stop - pos) >> cb, may_unmap)
-            else:
-                stop = end
-                if stop == self.size:
-                    await self._zeroize(pos >> cb, 1, may_unmap)
-                else:
-                    await self._zero_partial(pos, stop, may_unmap)
-            pos = stop
-
-    async def _zero_partial(self, pos: int, stop: int, may_unmap: bool) -> None:
-        ci = pos >> self.cluster_bits
-        cstart = ci << self.cluster_bits
-        e = int((await self.entries(ci, 1))[0])
-        t = entry_type(e)
-        if t in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) and (
-            await self._remainder_is_zero(ci, e, pos - cstart, stop - cstart)
-        ):
-            await self._zeroize(ci, 1, may_unmap)
-        else:
-            await self._write_zero_data(pos, stop)
-
-    async def _write_zero_data(self, start: int, end: int) -> None:
-        chunk = 8 << 20
-        zeros = bytes(min(chunk, end - start))
-        while start < end:
-            n = min(chunk, end - start)
-            await self._write_locked(start, memoryview(zeros)[:n])
-            start += n
-
-    async def _zeroize(self, ci: int, n: int, may_unmap: bool) -> None:
-        def decide(old: int) -> tuple[int, bool] | None:
-            t = entry_type(old)
-            unmap = t == ClusterType.COMPRESSED or (
-                may_unmap and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
-            )
-            new = (0 if unmap else old) | QCOW_OFLAG_ZERO
-            if new == old:
-                return None
-            return new, unmap
-
-        await self._rewrite_clusters(ci, n, decide, DISCARD_REQUEST)
+        await zero.write_zeroes(self, offset, length, may_unmap)
 
     async def discard(self, offset: int, length: int, full: bool = False) -> None:
-        self.check_writable()
-        if length <= 0:
-            return
-        cb = self.cluster_bits
-        async with self._exclusive(offset >> cb, (offset + length - 1) >> cb):
-            self.check_writable()
-            await self._discard_locked(offset, length, full)
+        await zero.discard(self, offset, length, full)
 
-    async def _discard_locked(self, offset: int, length: int, full: bool) -> None:
-        cmask = self.cmask
-        end = offset + length
-        start = (offset + cmask) & ~cmask
-        stop = end & ~cmask
-        if end == self.size and end & cmask and (end & ~cmask) >= offset:
-            stop = (end + cmask) & ~cmask  # the complete partial cluster at the image end
-        if stop <= start:
-            return
-        backing = self.node.backing is not None
-        if not full and self.version < 3 and backing:
-            return  # QEMU: ENOTSUP, ignored by the generic layer
-        v3 = self.version >= 3
-
-        def decide(old: int) -> tuple[int, bool] | None:
-            t = entry_type(old)
-            allocated = t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.COMPRESSED)
-            new = old
-            if full:
-                new = 0
-            elif backing or allocated:
-                new = QCOW_OFLAG_ZERO if v3 else 0
-            if new == old:
-                return None
-            return new, allocated
-
-        cb = self.cluster_bits
-        await self._rewrite_clusters(start >> cb, (stop - start) >> cb, decide,
-                                     DISCARD_REQUEST)
+    async def truncate(self, size: int) -> None:
+        await resize.truncate(self, size)
 
     # --- flush ----------------------------------------------------------------------------
 
@@ -1136,7 +979,7 @@ class Qcow2Image:
 
     async def flush(self) -> None:
         if self.broken is not None:
-            raise BlockDriverError(self.broken, 5)
+            raise BlockDriverError(self.broken, self.broken_errno)
         if not self.writable:
             return
         async with self.lock:
@@ -1144,79 +987,3 @@ class Qcow2Image:
             await self.file.sync()
             if self.refs.pending_discards:
                 await self.refs.process_discards()
-
-    # --- resize --------------------------------------------------------------------------------
-
-    async def truncate(self, size: int) -> None:
-        self.check_writable()
-        if size % 512:
-            raise BlockDriverError("The new size must be a multiple of 512", 22)
-        async with self._exclusive(0, 1 << 62):
-            self.check_writable()
-            if self.snapshots and self.version < 3:
-                raise BlockDriverError("Can't resize a v2 image which has snapshots", 95)
-            old = self.size
-            new_l1 = l1_size_for(size, self.cluster_bits)
-            if size < old:
-                start = (size + self.cmask) & ~self.cmask
-                if old > start:
-                    await self._discard_locked(start, old - start, True)
-                await self._shrink_l1(new_l1)
-            elif size > old:
-                if new_l1 > len(self.l1):
-                    await self._grow_l1(new_l1)
-                backing = self.node.backing
-                if backing is not None and backing.size() > old:
-                    # do not let the backing file's data show through
-                    self.size = size
-                    zero_start = (old + self.cmask) & ~self.cmask
-                    if size > zero_start:
-                        await self._write_zeroes_locked(zero_start, size - zero_start, False)
-                    if zero_start > old:
-                        await self._write_zero_data(old, min(zero_start, size))
-            self.size = size
-            self.header.size = size
-            await self.flush_metadata()
-            await self._write_header_fields()
-
-    async def _grow_l1(self, new_size: int) -> None:
-        cs = self.cluster_size
-        if new_size * 8 > QCOW_MAX_L1_SIZE:
-            raise BlockDriverError("Failed to grow the L1 table: File too large", 27)
-        clusters = (new_size * 8 + cs - 1) // cs
-        new_off = await self.refs.alloc(clusters)
-        await self.refs.cache.write_all()
-        table = array("Q", self.l1)
-        table.extend([0] * (clusters * cs // 8 - len(table)))
-        await self.file.write(new_off, array_to_u64_be(table))
-        await self.file.sync()
-        old_off, old_size = self.l1_table_offset, len(self.l1)
-        self.header.l1_size = new_size
-        self.header.l1_table_offset = new_off
-        await self._write_header_fields()
-        self.l1 = table[:new_size]
-        self.l1_table_offset = new_off
-        if old_size:
-            await self.refs.update(old_off >> self.cluster_bits,
-                                   (old_size * 8 + cs - 1) // cs, -1)
-
-    async def _shrink_l1(self, new_size: int) -> None:
-        """Free the L2 tables past ``new_size`` L1 entries (the table keeps its size)."""
-        freed = []
-        for i in range(new_size, len(self.l1)):
-            e = int(self.l1[i])
-            if e & L1E_OFFSET_MASK:
-                freed.append(e & L1E_OFFSET_MASK)
-                self.l1[i] = 0
-        if not freed:
-            return
-        await self.flush_metadata()
-        cs = self.cluster_size
-        await self.file.write(self.l1_table_offset,
-                              array_to_u64_be(self.l1) + bytes(-len(self.l1) * 8 % META_ALIGN))
-        await self.file.sync()
-        await self._drain()
-        for off in freed:
-            for k in range(0, cs, self.slice_bytes):
-                self.l2cache.drop(off + k)
-            await self.refs.update(off >> self.cluster_bits, 1, -1)

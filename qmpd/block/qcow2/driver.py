@@ -14,13 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
-from qmpd.block.qcow2.cluster import (
-    DISCARD_OTHER,
-    DISCARD_REQUEST,
-    DISCARD_SNAPSHOT,
-    CacheConfig,
-    Qcow2Image,
-)
+from qmpd.block.qcow2.cluster import CacheConfig, Qcow2Image
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
@@ -31,6 +25,8 @@ from qmpd.block.qcow2.format import (
     Header,
     Qcow2FormatError,
 )
+from qmpd.block.qcow2.overlap import overlap_checks
+from qmpd.block.qcow2.zero import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT
 from qmpd.errors import GenericError
 
 log = logging.getLogger(__name__)
@@ -170,6 +166,10 @@ class Qcow2Driver(BlockDriver):
         interval = _opt_int(options, "cache-clean-interval")
         if interval is not None and (interval < 0 or interval > UINT_MAX):
             raise GenericError("Cache clean interval too big")
+        try:
+            overlap_checks(options.get("overlap-check"))
+        except Qcow2FormatError as exc:
+            raise GenericError(str(exc)) from None
 
     def _config_for(self, header: Header) -> CacheConfig:
         if _opt_bool(self._options, "lazy-refcounts") and header.version < 3:
@@ -200,6 +200,7 @@ class Qcow2Driver(BlockDriver):
                                                         default_request)
         image.pass_discard[DISCARD_SNAPSHOT] = _opt_bool(opts, "pass-discard-snapshot", True)
         image.pass_discard[DISCARD_OTHER] = _opt_bool(opts, "pass-discard-other")
+        image.overlap.checks = overlap_checks(opts.get("overlap-check"))
         self._image = image
         self._header = image.header
         self._size = image.size
@@ -329,7 +330,8 @@ class Qcow2Driver(BlockDriver):
     async def inactivate(self) -> None:
         """Write everything back and stop writing (``qcow2_inactivate``)."""
         image = self._image
-        if image is not None and not self._inactive and image.writable:
+        # a fatally corrupt image has nothing to write back (QEMU: no driver)
+        if image is not None and not self._inactive and image.writable and image.broken is None:
             self._inactive = True  # no new writes from here on
             try:
                 await image.quiesce()

@@ -203,6 +203,7 @@ class Refcounts:
         reftable_clusters: int,
         cache_entries: int,
         write_reftable_pointer: Callable[[int, int], Awaitable[None]],
+        store_block: Callable[[int, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.file = file
         self.cluster_bits = cluster_bits
@@ -213,6 +214,8 @@ class Refcounts:
         self.rb_mask = self.rb_entries - 1
         self.max_refcount = (1 << (1 << refcount_order)) - 1
         self.reftable = reftable
+        #: Bumped whenever a reftable entry changes in place (for the overlap checks).
+        self.generation = 0
         self.reftable_offset = reftable_offset
         self.reftable_clusters = reftable_clusters
         self._write_reftable_pointer = write_reftable_pointer
@@ -222,7 +225,8 @@ class Refcounts:
         #: Whether freed clusters are discarded in the file (pass-discard-*).
         self.discard_passthrough = False
         self.cache: MetadataCache[RefBlock] = MetadataCache(
-            "refcount", cache_entries, self._load, file.write, RefBlock.to_bytes, file.sync
+            "refcount", cache_entries, self._load, store_block or file.write,
+            RefBlock.to_bytes, file.sync,
         )
 
     async def _load(self, offset: int) -> RefBlock:
@@ -422,6 +426,7 @@ class Refcounts:
                 await self.update(where, 1, -1)
             raise
         self.reftable[rt_index] = where << cb
+        self.generation += 1
         await self._write_reftable_entry(rt_index)
         self.cache.insert(where << cb, blk, dirty=False)
 

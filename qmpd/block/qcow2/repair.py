@@ -199,6 +199,7 @@ async def _fix_copied(img: Qcow2Image, counts: _Counts) -> None:
         want = l2off | (QCOW_OFLAG_COPIED if counts.get(l2off >> cb) == 1 else 0)
         if want != int(e):
             img.l1[i] = want
+            img.l1_generation += 1
             l1_changed = True
         table = u64_be_to_array(await img.file.read(l2off, cs))
         changed = False
