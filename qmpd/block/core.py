@@ -21,7 +21,9 @@ from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
 from qmpd.block.serial import GraphLock
+from qmpd.block.throttle import ThrottleDriver
 from qmpd.errors import DeviceNotFound, GenericError
+from qmpd.objects import ObjectRegistry
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
@@ -37,6 +39,7 @@ def _driver_classes() -> dict[str, type[BlockDriver]]:
         "file": FileDriver,
         "raw": RawDriver,
         "null-co": NullDriver,
+        "throttle": ThrottleDriver,
     }
     try:
         module = importlib.import_module("qmpd.block.qcow2.driver")
@@ -78,8 +81,11 @@ def check_node_name(name: str) -> None:
 class BlockLayer:
     """Block services for commands, the run state and migration."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
-        self.graph = BlockGraph(metrics)
+    def __init__(
+        self, metrics: Metrics | None = None, objects: ObjectRegistry | None = None
+    ) -> None:
+        self.objects = objects if objects is not None else ObjectRegistry()
+        self.graph = BlockGraph(metrics, self.objects)
         self.drivers = _driver_classes()
         self.metrics = metrics
         #: Held by every operation that changes the graph or a node's state.
