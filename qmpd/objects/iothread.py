@@ -26,7 +26,6 @@ class IOThread(UserObject):
 
     @classmethod
     def create(cls, object_id: str, props: dict[str, Any]) -> IOThread:
-        check_members(props, cls.properties)
         params: dict[str, int] = {}
         for name in cls.properties:
             if name not in props:
@@ -35,6 +34,7 @@ class IOThread(UserObject):
             if not 0 <= value <= _INT64_MAX:
                 raise GenericError(f"{name} value must be in range [0, {_INT64_MAX}]")
             params[name] = value
+        check_members(props, cls.properties)
         return cls(object_id, params)
 
     def in_use(self) -> bool:

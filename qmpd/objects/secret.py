@@ -73,12 +73,12 @@ class Secret(UserObject):
 
     @classmethod
     def create(cls, object_id: str, props: dict[str, Any]) -> Secret:
-        check_members(props, cls.properties)
         fmt = to_str(props.get("format", "raw"), "format")
         if fmt not in ("raw", "base64"):
             raise GenericError(f"Parameter 'format' does not accept value '{fmt}'")
         data = props.get("data")
         path = props.get("file")
+        check_members(props, cls.properties)
         if data is not None and path is not None:
             raise GenericError("'file' and 'data' are mutually exclusive")
         if data is not None:

@@ -141,8 +141,8 @@ def parse_limits(config: ThrottleConfig, limits: Any) -> None:
     """The ``limits`` struct form (throttle_limits_to_config)."""
     if not isinstance(limits, dict):
         raise GenericError("Invalid parameter type for 'limits', expected: object")
-    check_members(limits, LIMIT_MEMBERS, "limits.")
     values = {m: to_int(limits[m], f"limits.{m}") for m in LIMIT_MEMBERS if m in limits}
+    check_members(limits, LIMIT_MEMBERS, "limits.")
     for member, value in values.items():
         if member.endswith("-max-length"):
             if not 0 <= value <= _UINT_MAX:
@@ -204,7 +204,6 @@ class ThrottleGroup(UserObject):
 
     @classmethod
     def create(cls, object_id: str, props: dict[str, Any]) -> ThrottleGroup:
-        check_members(props, cls.properties)
         config = ThrottleConfig()
         # QAPI visits ``limits`` first, so the x- properties win over it.
         if "limits" in props:
@@ -219,6 +218,7 @@ class ThrottleGroup(UserObject):
                 # "therange": QEMU 7.2's own text.
                 raise GenericError(f"{prop} value must be in therange [0, {_UINT_MAX}]")
             config.set_member(prop[2:], value)
+        check_members(props, cls.properties)
         config.validate()
         return cls(object_id, config)
 
