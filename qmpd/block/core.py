@@ -355,11 +355,12 @@ class BlockLayer:
 
     def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
         image = self.image_info(node, flat)
+        # QEMU counts filtered children too (bdrv_filter_or_cow_bs).
         depth = 0
-        backing = node.backing
+        backing = node.driver.status_fallback()
         while backing is not None:
             depth += 1
-            backing = backing.backing
+            backing = backing.driver.status_fallback()
         # Members in QAPI order: QEMU's output order depends on it.
         info: dict[str, Any] = {
             "file": node.driver.filename(),
@@ -409,8 +410,9 @@ class BlockLayer:
                     "backing-filename-format"):
             if key in extra:
                 image[key] = extra.pop(key)
-        if not flat and node.backing is not None:
-            image["backing-image"] = self.image_info(node.backing, flat)
+        below = node.driver.status_fallback()
+        if not flat and below is not None:
+            image["backing-image"] = self.image_info(below, flat)
         image.update(extra)
         return image
 

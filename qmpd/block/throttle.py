@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriver, BlockStatus, ChildRole, Perm
+from qmpd.block.status import layer_status
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
@@ -67,11 +68,15 @@ class ThrottleDriver(BlockDriver):
         await self._file().driver.truncate(size)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
-        status = await self._file().driver.block_status(offset, length)
-        return BlockStatus(
-            length=status.length, data=status.data, zero=status.zero,
-            offset=status.offset, allocated=True,
-        )
+        # The child's answer as this layer's (QEMU's BDRV_BLOCK_RAW); what it
+        # leaves unallocated is asked of it again through status_fallback,
+        # which makes the depths QEMU reports.
+        status = await layer_status(self._file(), offset, length)
+        assert status is not None  # the range lies inside the child
+        return status
+
+    def status_fallback(self) -> BlockNode | None:
+        return self._file()
 
     def size(self) -> int:
         return self._file().size()

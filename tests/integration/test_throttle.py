@@ -7,6 +7,7 @@ the same time (within 0.05 s) on qemu-storage-daemon 7.2.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -113,3 +114,62 @@ def test_group_members_share_limits(qmpd: QmpdProcess, tmp_path: Path) -> None:
     assert 2.0 <= elapsed < 20
     assert c.cmd("object-del", {"id": "tg"})["error"]["desc"] == (
         "object 'tg' is in use, can not be deleted")
+
+
+def _maps(sock: Path) -> tuple[str, str]:
+    nbdinfo = require_tool("nbdinfo")
+    url = f"nbd+unix:///t0?socket={sock}"
+    return tuple(  # type: ignore[return-value]
+        subprocess.run([nbdinfo, f"--map={ctx}", url], capture_output=True, text=True,
+                       check=True, timeout=30).stdout
+        for ctx in ("base:allocation", "qemu:allocation-depth")
+    )
+
+
+def test_block_status_through_filter_like_qsd(qmpd: QmpdProcess, tmp_path: Path) -> None:
+    """A throttle node over a qcow2 chain: the same maps (and depths) as QSD's."""
+    qemu_img = require_tool("qemu-img")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    _qemu_io_file(base, "write 0 1M")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    _qemu_io_file(top, "write 2M 1M")
+    nodes = [
+        {"driver": "file", "node-name": "f0", "filename": str(top)},
+        {"driver": "qcow2", "node-name": "q0", "file": "f0", "read-only": True},
+        {"driver": "throttle", "node-name": "t0", "file": "q0", "throttle-group": "tg"},
+    ]
+    c = qmpd.client()
+    c.negotiate()
+    c.cmd("object-add", {"qom-type": "throttle-group", "id": "tg"})
+    for node in nodes:
+        assert c.cmd("blockdev-add", node) == {"return": {}}
+    ours_sock = tmp_path / "ours.sock"
+    c.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(ours_sock)}}})
+    c.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "t0",
+                               "allocation-depth": True})
+    ours = _maps(ours_sock)
+    qsd_sock = tmp_path / "qsd.sock"
+    proc = subprocess.Popen(
+        [require_tool("qemu-storage-daemon"), "--object", "throttle-group,id=tg",
+         *(arg for node in nodes for arg in ("--blockdev", json.dumps(node))),
+         "--nbd-server", f"addr.type=unix,addr.path={qsd_sock}",
+         "--export", "nbd,id=e0,node-name=t0,allocation-depth=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not qsd_sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
+            time.sleep(0.02)
+        theirs = _maps(qsd_sock)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "backing depth 3" in theirs[1]
+    assert ours == theirs
+
+
+def _qemu_io_file(path: Path, command: str) -> None:
+    subprocess.run([require_tool("qemu-io"), "-f", "qcow2", "-c", command, str(path)],
+                   check=True, capture_output=True, timeout=30)
