@@ -24,6 +24,7 @@ from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.nbd.exports import BlockExports
+from qmpd.objects import ObjectRegistry
 from qmpd.pidfile import PidFile
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
@@ -65,7 +66,8 @@ class Daemon:
             initial = RunState.INMIGRATE
         else:
             initial = RunState.PRELAUNCH
-        self.block = BlockLayer(self.metrics)
+        self.objects = ObjectRegistry()
+        self.block = BlockLayer(self.metrics, self.objects)
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
         self.metrics.watch_nodes(self.block.graph.all_nodes)
         self.exports = BlockExports(self.block, self.events, self.metrics)

@@ -21,7 +21,9 @@ from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
 from qmpd.block.serial import GraphLock
+from qmpd.block.throttle import ThrottleDriver
 from qmpd.errors import DeviceNotFound, GenericError
+from qmpd.objects import ObjectRegistry
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
@@ -37,6 +39,7 @@ def _driver_classes() -> dict[str, type[BlockDriver]]:
         "file": FileDriver,
         "raw": RawDriver,
         "null-co": NullDriver,
+        "throttle": ThrottleDriver,
     }
     try:
         module = importlib.import_module("qmpd.block.qcow2.driver")
@@ -78,8 +81,11 @@ def check_node_name(name: str) -> None:
 class BlockLayer:
     """Block services for commands, the run state and migration."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
-        self.graph = BlockGraph(metrics)
+    def __init__(
+        self, metrics: Metrics | None = None, objects: ObjectRegistry | None = None
+    ) -> None:
+        self.objects = objects if objects is not None else ObjectRegistry()
+        self.graph = BlockGraph(metrics, self.objects)
         self.drivers = _driver_classes()
         self.metrics = metrics
         #: Held by every operation that changes the graph or a node's state.
@@ -349,11 +355,12 @@ class BlockLayer:
 
     def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
         image = self.image_info(node, flat)
+        # QEMU counts filtered children too (bdrv_filter_or_cow_bs).
         depth = 0
-        backing = node.backing
+        backing = node.driver.status_fallback()
         while backing is not None:
             depth += 1
-            backing = backing.backing
+            backing = backing.driver.status_fallback()
         # Members in QAPI order: QEMU's output order depends on it.
         info: dict[str, Any] = {
             "file": node.driver.filename(),
@@ -403,8 +410,9 @@ class BlockLayer:
                     "backing-filename-format"):
             if key in extra:
                 image[key] = extra.pop(key)
-        if not flat and node.backing is not None:
-            image["backing-image"] = self.image_info(node.backing, flat)
+        below = node.driver.status_fallback()
+        if not flat and below is not None:
+            image["backing-image"] = self.image_info(below, flat)
         image.update(extra)
         return image
 

@@ -38,6 +38,7 @@ from qmpd.block.driver import (
 )
 from qmpd.block.iopool import IOPool
 from qmpd.errors import GenericError
+from qmpd.objects import ObjectRegistry
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
@@ -247,8 +248,15 @@ def _drop_event(name: str, data: dict[str, Any]) -> None:
 class BlockGraph:
     """All nodes of the daemon, in creation order, and the I/O thread pool."""
 
-    def __init__(self, metrics: Metrics | None = None, io_threads: int = 16) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        objects: ObjectRegistry | None = None,
+        io_threads: int = 16,
+    ) -> None:
         self.nodes: dict[str, BlockNode] = {}
+        #: The objects drivers refer to (throttle groups).
+        self.objects = objects if objects is not None else ObjectRegistry()
         self.metrics = metrics
         self.io = IOPool(io_threads)
         self._serial = 0

@@ -3,6 +3,6 @@
 Importing this package registers every handler with the dispatcher.
 """
 
-from qmpd.commands import block_core, block_export, control, hmp, migration, run_state
+from qmpd.commands import block_core, block_export, control, hmp, migration, objects, run_state
 
-__all__ = ["block_core", "block_export", "control", "hmp", "migration", "run_state"]
+__all__ = ["block_core", "block_export", "control", "hmp", "migration", "objects", "run_state"]

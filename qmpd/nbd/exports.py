@@ -62,6 +62,7 @@ from qmpd.nbd.server import NbdConnection, NbdFailure, NbdServer
 if TYPE_CHECKING:
     from qmpd.block.core import BlockLayer
     from qmpd.metrics import Metrics
+    from qmpd.objects.iothread import IOThread
     from qmpd.qmp.events import EventBus
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class NbdExport:
             name="root", role=ChildRole.image(), child=node, parent=None, user=self.user
         )
         self.edge.writable = writable
+        self.iothread: IOThread | None = None
 
     # --- what clients see -----------------------------------------------------------------
 
@@ -515,8 +517,10 @@ class BlockExports:
                 await self.block.graph.activate(node)
             except BlockDriverError as exc:
                 raise GenericError(str(exc)) from None
-        if "iothread" in args:
-            raise GenericError(f'iothread "{args["iothread"]}" not found')
+        # qmpd has one event loop: an iothread is only checked and held.
+        iothread = (
+            self.block.objects.iothread(args["iothread"]) if "iothread" in args else None
+        )
         writable = args.get("writable", False)
         if writable and node.read_only:
             raise GenericError("Cannot export read-only node as writable")
@@ -525,6 +529,9 @@ class BlockExports:
             self, export_id, node, name, args.get("description", ""), writable,
             args.get("writethrough", False), allow_inactive, args.get("allocation-depth", False),
         )
+        if iothread is not None:
+            export.iothread = iothread
+            iothread.users.add(export_id)
         await self._attach(export)
         try:
             if export_id in self.exports:  # added by another monitor meanwhile
@@ -576,6 +583,8 @@ class BlockExports:
             raise
 
     async def _detach(self, export: NbdExport) -> None:
+        if export.iothread is not None:
+            export.iothread.users.discard(export.id)
         graph = self.block.graph
         graph.detach(export.edge)
         try:

@@ -1,0 +1,20 @@
+"""QOM commands: object-add, object-del."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmpd.objects import ObjectServices
+from qmpd.qmp.dispatch import CommandContext, command
+
+
+@command("object-add")
+def object_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    services: ObjectServices = ctx.services
+    services.objects.add_object(args)
+
+
+@command("object-del")
+def object_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    services: ObjectServices = ctx.services
+    services.objects.delete(args["id"])
