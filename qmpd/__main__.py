@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from qmpd.cli import Config, parse_args
+from qmpd import logs
+from qmpd.cli import Config, Exit, parse_args
 from qmpd.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def _daemonize() -> int:
             chunks.append(chunk)
         status = b"".join(chunks)
         if status.startswith(b"\0"):
-            sys.stdout.write(status[1:].decode(errors="replace"))
+            sys.stdout.write(f"{logs.PROG}: info: " + status[1:].decode(errors="replace"))
             sys.stdout.flush()
             os._exit(0)
         sys.stderr.write(status.decode(errors="replace") or "qmpd: daemon failed to start\n")
@@ -40,7 +41,8 @@ def _daemonize() -> int:
         os._exit(0)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
+    # With --log-file, what the daemon prints (HMP qemu-io output) is kept there.
+    os.dup2(logs.log_fd() or devnull, 1)
     os.close(devnull)
     return write_fd
 
@@ -55,14 +57,19 @@ async def _run(config: Config, ready_fd: int | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
+    except Exit as done:
+        sys.stdout.write(done.text)
+        return 0
     except ConfigError as exc:
         print(f"qmpd: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper()),
-        format="qmpd: %(levelname)s: %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.setup(config.log_level, config.log_file)
+    except OSError as exc:
+        print(f"qmpd: --log-file {config.log_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for warning in config.ignored:
+        logging.getLogger("qmpd").warning("%s", warning)
     try:
         loop_factory = _loop_factory(config.event_loop)
     except ConfigError as exc:

@@ -1,13 +1,17 @@
-"""Command line: qemu-storage-daemon style options, processed in order.
+"""Command line: qemu-storage-daemon's options, processed in order.
 
-Options that create something (``--chardev``, ``--monitor``, ``--qmp``,
-``--http``) become an ordered list of actions the daemon carries out one
-after the other at start-up, so later options may refer to earlier ones.
+Options that create something (``--object``, ``--chardev``, ``--monitor``,
+``--qmp``, ``--http``, ``--blockdev``, ``--nbd-server``, ``--export``) become
+an ordered list of actions the daemon carries out one after the other at
+start-up, so later options may refer to earlier ones.
+
+Long options are matched exactly, as ``--NAME VALUE``, ``--NAME=VALUE`` or
+QEMU's ``-NAME VALUE``; there are no abbreviations, so ``-mon`` is
+``--monitor`` and never ``-m on``.  Errors are one line, as QSD's.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,14 +20,10 @@ from typing import Any
 from qmpd import __version__
 from qmpd.errors import ConfigError
 from qmpd.keyval import parse_bool, parse_option
+from qmpd.logs import LEVELS
 from qmpd.nbd.config import ExportConfig, NbdServerConfig, parse_export, parse_nbd_server
-from qmpd.qmp.server import (
-    DEFAULT_OUTPUT_LIMIT,
-    InetAddress,
-    MonitorConfig,
-    SocketAddress,
-    UnixAddress,
-)
+from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress
+from qmpd.qmp.server import DEFAULT_OUTPUT_LIMIT, MonitorConfig
 
 DEFAULT_QMP_SOCKET = "qmpd.sock"
 DEFAULT_HTTP = "127.0.0.1:9180"
@@ -46,7 +46,24 @@ class BlockdevConfig:
     options: dict[str, Any]
 
 
-Action = MonitorConfig | HttpConfig | BlockdevConfig | NbdServerConfig | ExportConfig
+@dataclass(frozen=True)
+class ObjectConfig:
+    """A user-creatable object to add at start-up, as with object-add."""
+
+    text: str
+    options: dict[str, Any]
+
+
+Action = (MonitorConfig | HttpConfig | BlockdevConfig | NbdServerConfig | ExportConfig
+          | ObjectConfig)
+
+
+class Exit(Exception):
+    """``--help`` or ``--version``: print ``text`` on stdout and exit 0."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
 
 
 @dataclass
@@ -59,12 +76,14 @@ class Config:
     name: str | None = None
     pidfile: str | None = None
     daemonize: bool = False
-    log_level: str = "info"
+    log_level: str = "warning"
+    log_file: str | None = None
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     package: str = f"qmpd {__version__}"
     output_limit: int = DEFAULT_OUTPUT_LIMIT
     event_loop: str = "asyncio"
     used_defaults: bool = False
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def monitors(self) -> list[MonitorConfig]:
@@ -79,154 +98,268 @@ class Config:
         return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": self.package}
 
 
-class _Ordered(argparse.Action):
-    """Keep (option, value) pairs of the repeatable options in command-line order."""
+@dataclass(frozen=True)
+class Option:
+    """One command-line option: its long name, short letter and argument."""
 
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        items = getattr(namespace, "ordered", None) or []
-        items.append((self.dest, values))
-        namespace.ordered = items
+    name: str
+    metavar: str | None  # None: a flag without an argument
+    help: str
+    short: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qmpd",
-        description="A QMP-speaking block-device daemon that answers like QEMU 7.2.",
-        epilog=(
-            "With no --qmp, --monitor or --http option, qmpd listens on "
-            f"unix:./{DEFAULT_QMP_SOCKET} and serves HTTP on {DEFAULT_HTTP}."
-        ),
-    )
-    p.add_argument("-V", "--version", action="version", version=f"qmpd {__version__}")
-    p.add_argument("--qmp", action=_Ordered, metavar="unix:PATH|tcp:HOST:PORT",
-                   help="a QMP monitor listening at this address")
-    p.add_argument("--chardev", action=_Ordered, metavar="socket,id=ID,path=PATH|host=H,port=P",
-                   help="a socket character device for --monitor (server=on,wait=off)")
-    p.add_argument("--monitor", action=_Ordered, metavar="chardev=ID[,pretty=on]",
-                   help="a QMP monitor on a --chardev")
-    p.add_argument("--http", action=_Ordered, metavar="[HOST:]PORT",
-                   help="serve /health, /ready and /metrics here (loopback by default)")
-    p.add_argument("--blockdev", action=_Ordered, metavar="OPTIONS",
-                   help="a block node, as blockdev-add takes it (keyval or JSON)")
-    p.add_argument("--nbd-server", action=_Ordered, metavar="addr.type=unix,addr.path=PATH",
-                   help="start the NBD server, as nbd-server-start (keyval or JSON)")
-    p.add_argument("--export", action=_Ordered, metavar="[type=]nbd,id=ID,node-name=NODE",
-                   help="export a node, as block-export-add (keyval or JSON)")
-    p.add_argument("-S", "--paused", action="store_true",
-                   help="start in prelaunch instead of running (like QEMU's -S)")
-    p.add_argument("--incoming", metavar="defer|URI",
-                   help="wait for an incoming migration (run state inmigrate)")
-    p.add_argument("--name", help="name reported by query-name")
-    p.add_argument("-m", "--memory", metavar="SIZE",
-                   help="accepted for command-line compatibility with QEMU; ignored")
-    p.add_argument("--pidfile", metavar="PATH", help="write the pid here once ready")
-    p.add_argument("--daemonize", action="store_true",
-                   help="detach once ready; the parent exits 0 when the daemon is ready")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"], help="stderr log level")
-    p.add_argument("--qmp-version", metavar="MAJOR.MINOR.MICRO", default="7.2.0",
-                   help="QEMU version reported in the greeting and query-version")
-    p.add_argument("--qmp-package", metavar="TEXT", default=None,
-                   help="package string reported next to the version")
-    p.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop"], default="asyncio",
-                   help="asyncio (default), uvloop (if installed), or auto: uvloop when installed")
-    p.add_argument("--max-client-output", type=int, metavar="BYTES",
-                   default=DEFAULT_OUTPUT_LIMIT,
-                   help="output queued for one client before it is disconnected")
-    return p
+OPTIONS = (
+    Option("help", None, "display this help and exit", "h"),
+    Option("version", None, "output version information and exit", "V"),
+    Option("trace", "PATTERN", "accepted for compatibility; qmpd has no trace events", "T"),
+    Option("object", "TYPE,id=ID[,PROP=VALUE...]",
+           "an object (secret, iothread, throttle-group), as object-add"),
+    Option("blockdev", "[driver=]DRIVER,node-name=N[,...]",
+           "a block node, as blockdev-add (keyval or JSON)"),
+    Option("chardev", "socket,id=ID,path=P[,server=on[,wait=off]] | stdio,id=ID",
+           "a character device for --monitor (a socket listening or connecting, or stdio)"),
+    Option("monitor", "[chardev=]ID[,mode=control][,pretty=on|off]",
+           "a QMP monitor on a --chardev", aliases=("mon",)),
+    Option("qmp", "unix:PATH|tcp:HOST:PORT[,server=on][,wait=off]",
+           "a QMP monitor listening at this address (QEMU's -qmp)"),
+    Option("nbd-server", "addr.type=unix,addr.path=PATH|addr.type=inet,...",
+           "start the NBD server, as nbd-server-start"),
+    Option("export", "[type=]nbd,id=ID,node-name=NODE[,...]",
+           "export a node, as block-export-add"),
+    Option("http", "[HOST:]PORT", "serve /health, /ready and /metrics here (loopback by default)"),
+    Option("pidfile", "PATH", "write the process ID here once started (locked)"),
+    Option("daemonize", None, "detach once started; the parent exits 0 when the daemon is ready"),
+    Option("paused", None, "start in prelaunch instead of running (QEMU's -S)", "S"),
+    Option("incoming", "defer|URI", "wait for an incoming migration (run state inmigrate)"),
+    Option("name", "NAME", "the name query-name reports"),
+    Option("memory", "SIZE", "accepted for compatibility with QEMU; ignored", "m"),
+    Option("log-level", "|".join(LEVELS),
+           "what to log (default: warning: quiet while all is well)"),
+    Option("log-file", "PATH", "log to this file instead of stderr (QEMU's -D)", "D"),
+    Option("qmp-version", "MAJOR.MINOR.MICRO", "the QEMU version reported (default 7.2.0)"),
+    Option("qmp-package", "TEXT", "the package string reported next to the version"),
+    Option("event-loop", "asyncio|uvloop|auto", "the event loop (default asyncio)"),
+    Option("max-client-output", "BYTES",
+           "output queued for one QMP client before it is disconnected"),
+)
+
+_LONG = {o.name: o for o in OPTIONS} | {a: o for o in OPTIONS for a in o.aliases}
+_SHORT = {o.short: o for o in OPTIONS if o.short}
+_ORDERED = frozenset({"object", "blockdev", "chardev", "monitor", "qmp", "nbd-server",
+                      "export", "http"})
+
+
+def usage() -> str:
+    lines = ["Usage: qmpd [options]", "A QMP-speaking block-device daemon, like "
+             "qemu-storage-daemon 7.2.", ""]
+    for o in OPTIONS:
+        names = (f"-{o.short}, " if o.short else "    ") + f"--{o.name}"
+        if o.metavar:
+            names += f" {o.metavar}"
+        lines.append(f"  {names}")
+        lines.append(f"        {o.help}")
+    lines += ["", "Long options may also be written with one dash (-blockdev, -mon) as QEMU",
+              "accepts them. With no options at all, qmpd listens on "
+              f"unix:./{DEFAULT_QMP_SOCKET} and serves HTTP on {DEFAULT_HTTP}."]
+    return "\n".join(lines) + "\n"
+
+
+def scan(argv: Sequence[str]) -> list[tuple[str, str | None]]:
+    """argv as (option name, value) pairs in order, with getopt's one-line errors."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        value: str | None = None
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, inline = arg[2:].partition("=")
+            opt = _LONG.get(name)
+            if opt is None:
+                raise ConfigError(f"unrecognized option '--{name}'")
+            if eq:
+                if opt.metavar is None:
+                    raise ConfigError(f"option '--{opt.name}' doesn't allow an argument")
+                value = inline
+        elif arg.startswith("-") and len(arg) > 1 and arg != "--":
+            body = arg[1:]
+            opt = _LONG.get(body) if len(body) > 1 else _SHORT.get(body)
+            if opt is None:
+                if len(body) > 1 and body[0] in _SHORT:
+                    raise ConfigError(f"unrecognized option '{arg}'")
+                raise ConfigError(f"invalid option -- '{body[0]}'")
+            name = body
+        else:
+            raise ConfigError(f"unexpected argument '{arg}'")
+        if opt.metavar is not None and value is None:
+            if i >= len(args):
+                if arg.startswith("--") or len(arg) > 2:
+                    raise ConfigError(f"option '{arg}' requires an argument")
+                raise ConfigError(f"option requires an argument -- '{arg[1]}'")
+            value = args[i]
+            i += 1
+        out.append((opt.name, value))
+    return out
 
 
 def parse_args(argv: Sequence[str]) -> Config:
-    """Turn argv into a Config; ConfigError names the offending option."""
-    ns = build_parser().parse_args(list(argv))
-    cfg = Config(
-        paused=ns.paused,
-        incoming=ns.incoming,
-        name=ns.name,
-        pidfile=ns.pidfile,
-        daemonize=ns.daemonize,
-        log_level=ns.log_level,
-        output_limit=ns.max_client_output,
-        event_loop=ns.event_loop,
-    )
-    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", ns.qmp_version)
-    if m is None:
-        raise ConfigError(f"--qmp-version {ns.qmp_version}: expected MAJOR.MINOR.MICRO")
-    cfg.qemu_version = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    if ns.qmp_package is not None:
-        cfg.package = ns.qmp_package
-    chardevs: dict[str, SocketAddress] = {}
+    """Turn argv into a Config; ConfigError is one line naming the option."""
+    items = scan(argv)
+    cfg = Config()
+    for name, _value in items:
+        if name == "help":
+            raise Exit(usage())
+        if name == "version":
+            major, minor, micro = cfg.qemu_version
+            raise Exit(f"qmpd version {__version__} (QMP of QEMU {major}.{minor}.{micro}, "
+                       "command line of qemu-storage-daemon)\n")
+    monitor_ids = _MonitorNames()
+    chardevs: dict[str, MonitorConfig] = {}
     used_chardevs: set[str] = set()
-    count = 0
-    for option, value in getattr(ns, "ordered", None) or []:
+    for name, value in items:
+        assert value is not None or name in ("daemonize", "paused")
+        text = value or ""
         try:
-            if option == "qmp":
-                count += 1
-                cfg.actions.append(MonitorConfig(f"qmp{count}", parse_qmp_address(value)))
-            elif option == "chardev":
-                chardev_id, address = parse_chardev(value)
-                if chardev_id in chardevs:
-                    raise ConfigError(f"attempt to add duplicate chardev id '{chardev_id}'")
-                chardevs[chardev_id] = address
-            elif option == "monitor":
-                opts = parse_option(value, implied_key="chardev")
-                unknown = set(opts) - {"chardev", "mode", "pretty", "id"}
-                if unknown:
-                    raise ConfigError(f"Invalid parameter '{sorted(unknown)[0]}'")
-                if "chardev" not in opts:
-                    raise ConfigError("Parameter 'chardev' is missing")
-                chardev_id = opts["chardev"]
-                if chardev_id not in chardevs:
-                    raise ConfigError(f"chardev \"{chardev_id}\" not found")
-                if chardev_id in used_chardevs:
-                    raise ConfigError(f"chardev '{chardev_id}' is already in use")
-                if opts.get("mode", "control") != "control":
-                    raise ConfigError("qmpd serves QMP only: mode must be 'control'")
-                used_chardevs.add(chardev_id)
-                cfg.actions.append(
-                    MonitorConfig(
-                        opts.get("id", chardev_id),
-                        chardevs[chardev_id],
-                        parse_bool(opts.get("pretty", False), "pretty"),
-                    )
-                )
-            elif option == "http":
-                cfg.actions.append(parse_http(value))
-            elif option == "blockdev":
-                cfg.actions.append(BlockdevConfig(value, parse_blockdev(value)))
-            elif option == "nbd_server":
-                cfg.actions.append(parse_nbd_server(value))
-            elif option == "export":
-                cfg.actions.append(parse_export(value))
+            if name in _ORDERED:
+                _ordered(cfg, name, text, chardevs, used_chardevs, monitor_ids)
+            else:
+                _scalar(cfg, name, text)
         except ConfigError as exc:
-            raise ConfigError(f"--{option.replace('_', '-')} {value}: {exc}") from None
-    if not cfg.monitors and not cfg.http:
-        cfg.actions.append(MonitorConfig("qmp0", UnixAddress(DEFAULT_QMP_SOCKET)))
+            shown = f"--{name} {text}" if value is not None else f"--{name}"
+            raise ConfigError(f"{shown}: {exc}") from None
+    if not argv:
+        cfg.actions.append(MonitorConfig(monitor_ids.next(), UnixAddress(DEFAULT_QMP_SOCKET)))
         cfg.actions.append(parse_http(DEFAULT_HTTP))
         cfg.used_defaults = True
     return cfg
 
 
-def parse_qmp_address(text: str) -> SocketAddress:
-    """``unix:PATH`` or ``tcp:[HOST]:PORT``, with optional ``,server=on,wait=off``."""
+class _MonitorNames:
+    """qmp0, qmp1, ... for monitors the user did not name, in command-line order."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self) -> str:
+        name = f"qmp{self.count}"
+        self.count += 1
+        return name
+
+
+def _scalar(cfg: Config, name: str, value: str) -> None:
+    if name == "trace":
+        cfg.ignored.append(f"--trace {value}: qmpd has no trace events; ignored")
+    elif name == "pidfile":
+        cfg.pidfile = value
+    elif name == "daemonize":
+        cfg.daemonize = True
+    elif name == "paused":
+        cfg.paused = True
+    elif name == "incoming":
+        cfg.incoming = value
+    elif name == "name":
+        cfg.name = value
+    elif name == "memory":
+        pass
+    elif name == "log-level":
+        if value not in LEVELS:
+            raise ConfigError(f"expected one of {', '.join(LEVELS)}")
+        cfg.log_level = value
+    elif name == "log-file":
+        cfg.log_file = value
+    elif name == "qmp-version":
+        m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", value)
+        if m is None:
+            raise ConfigError("expected MAJOR.MINOR.MICRO")
+        cfg.qemu_version = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    elif name == "qmp-package":
+        cfg.package = value
+    elif name == "event-loop":
+        if value not in ("asyncio", "uvloop", "auto"):
+            raise ConfigError("expected asyncio, uvloop or auto")
+        cfg.event_loop = value
+    elif name == "max-client-output":
+        try:
+            cfg.output_limit = int(value)
+        except ValueError:
+            raise ConfigError("expected a number of bytes") from None
+
+
+def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConfig],
+             used_chardevs: set[str], monitor_ids: _MonitorNames) -> None:
+    if name == "object":
+        cfg.actions.append(ObjectConfig(value, parse_option(value, implied_key="qom-type")))
+    elif name == "qmp":
+        address, server, wait = parse_qmp_address(value)
+        cfg.actions.append(MonitorConfig(monitor_ids.next(), address, client=not server,
+                                         wait=wait, origin=f"--qmp {value}"))
+    elif name == "chardev":
+        chardev = parse_chardev(value)
+        if chardev.id in chardevs:
+            raise ConfigError(f"attempt to add duplicate chardev id '{chardev.id}'")
+        chardevs[chardev.id] = chardev
+    elif name == "monitor":
+        opts = parse_option(value, implied_key="chardev")
+        unknown = set(opts) - {"chardev", "mode", "pretty", "id"}
+        if unknown:
+            raise ConfigError(f"Invalid parameter '{sorted(unknown)[0]}'")
+        if "chardev" not in opts:
+            raise ConfigError("Parameter 'chardev' is missing")
+        chardev_id = opts["chardev"]
+        if chardev_id not in chardevs:
+            raise ConfigError(f"chardev \"{chardev_id}\" not found")
+        if chardev_id in used_chardevs:
+            raise ConfigError(f"Device '{chardev_id}' is in use")
+        if opts.get("mode", "control") != "control":
+            raise ConfigError("Only QMP is supported")
+        used_chardevs.add(chardev_id)
+        base = chardevs[chardev_id]
+        cfg.actions.append(MonitorConfig(
+            opts.get("id", chardev_id), base.address,
+            parse_bool(opts.get("pretty", False), "pretty"),
+            client=base.client, wait=base.wait, origin=base.origin,
+        ))
+    elif name == "http":
+        cfg.actions.append(parse_http(value))
+    elif name == "blockdev":
+        cfg.actions.append(BlockdevConfig(value, parse_blockdev(value)))
+    elif name == "nbd-server":
+        cfg.actions.append(parse_nbd_server(value))
+    elif name == "export":
+        cfg.actions.append(parse_export(value))
+
+
+def parse_qmp_address(text: str) -> tuple[SocketAddress, bool, bool]:
+    """``unix:PATH`` or ``tcp:[HOST]:PORT`` with QEMU's ``,server=on,wait=off`` flags.
+
+    Returns (address, server, wait).  Without flags qmpd listens and does not
+    wait (QEMU's -qmp needs ``server=on,wait=off`` for that; qmpd keeps its
+    long-standing default).
+    """
     main, _, rest = text.partition(",")
+    flags: dict[str, str] = {}
     for flag in filter(None, rest.split(",")):
-        if flag in ("server", "nowait", "server=on", "wait=off"):
-            continue
-        raise ConfigError(f"unsupported flag '{flag}' (qmpd always listens without waiting)")
+        key, eq, value = flag.partition("=")
+        if not eq:  # QEMU's old spellings: server, nowait
+            key, value = {"server": ("server", "on"), "nowait": ("wait", "off")}.get(
+                flag, (flag, ""))
+        if key not in ("server", "wait"):
+            raise ConfigError(f"Invalid parameter '{key}'")
+        flags[key] = value
+    # No flags at all: listen without waiting (qmpd's --qmp has always meant
+    # that); with flags, QEMU's defaults (server=off, wait=on) apply.
+    default_server, default_wait = ("on", "off") if not flags else ("off", "on")
+    server = parse_bool(flags.get("server", default_server), "server")
+    wait = server and parse_bool(flags.get("wait", default_wait), "wait")
     if main.startswith("unix:"):
         path = main[len("unix:"):]
         if not path:
             raise ConfigError("missing socket path")
-        return UnixAddress(path)
+        return UnixAddress(path), server, wait
     if main.startswith("tcp:"):
-        return _inet(main[len("tcp:"):])
+        return _inet(main[len("tcp:"):]), server, wait
     raise ConfigError("expected unix:PATH or tcp:HOST:PORT")
 
 
@@ -241,43 +374,56 @@ def _inet(hostport: str) -> InetAddress:
     return InetAddress(host or LOOPBACK, port)
 
 
-def parse_chardev(text: str) -> tuple[str, SocketAddress]:
+def parse_chardev(text: str) -> MonitorConfig:
+    """``socket,id=ID,path=P|host=H,port=N[,server=on|off][,wait=on|off]`` or ``stdio,id=ID``.
+
+    Returned as the monitor it would become; --monitor supplies the id and pretty.
+    """
     opts = parse_option(text, implied_key="backend")
     backend = opts.pop("backend", None)
-    if backend != "socket":
-        raise ConfigError("only 'socket' character devices are supported")
     chardev_id = opts.pop("id", None)
     if not chardev_id:
         raise ConfigError("Parameter 'id' is missing")
+    origin = f"--chardev {text}"
+    if backend == "stdio":
+        opts.pop("signal", None)
+        if opts:
+            raise ConfigError(f"Invalid parameter '{sorted(opts)[0]}'")
+        return MonitorConfig(chardev_id, StdioAddress(), origin=origin)
+    if backend != "socket":
+        raise ConfigError(f"'{backend}' character devices are not supported "
+                          "(qmpd has 'socket' and 'stdio')")
     server = parse_bool(opts.pop("server", "off"), "server")
     wait = parse_bool(opts.pop("wait", "on"), "wait")
-    if not server:
-        raise ConfigError("qmpd only listens: server=on is required")
-    if wait:
-        raise ConfigError("qmpd does not wait for a client before starting: use wait=off")
+    for ignored in ("nodelay", "ipv4", "ipv6"):
+        opts.pop(ignored, None)
     path = opts.pop("path", None)
     host = opts.pop("host", None)
     port = opts.pop("port", None)
     if opts:
         raise ConfigError(f"Invalid parameter '{sorted(opts)[0]}'")
+    address: SocketAddress
     if path is not None:
         if host is not None or port is not None:
             raise ConfigError("path and host/port are mutually exclusive")
-        return chardev_id, UnixAddress(path)
-    if port is None:
+        address = UnixAddress(path)
+    elif port is None:
         raise ConfigError("chardev: socket: no host or path given")
-    try:
-        port_number = int(port)
-    except ValueError:
-        raise ConfigError(f"port '{port}' is not a number") from None
-    return chardev_id, InetAddress(host or LOOPBACK, port_number)
+    else:
+        try:
+            port_number = int(port)
+        except ValueError:
+            raise ConfigError(f"port '{port}' is not a number") from None
+        address = InetAddress(host or LOOPBACK, port_number)
+    return MonitorConfig(chardev_id, address, client=not server, wait=server and wait,
+                         origin=origin)
 
 
 def parse_blockdev(text: str) -> dict[str, Any]:
     """--blockdev in keyval or JSON form; keyval strings become typed values."""
     if text.lstrip().startswith("{"):
         return parse_option(text)
-    return coerce_keyval(parse_option(text))
+    return coerce_keyval(parse_option(text, implied_key="driver"))
 
 
 _BOOL_KEYS = frozenset({

@@ -8,27 +8,27 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
 from aiohttp import web
 
 import qmpd.commands  # noqa: F401  (registers the command handlers)
-from qmpd import __version__
+from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
-from qmpd.cli import BlockdevConfig, Config, HttpConfig
+from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
 from qmpd.errors import ConfigError, QMPError
 from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app
 from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.nbd.exports import BlockExports
+from qmpd.net import UnixAddress
 from qmpd.objects import ObjectRegistry
 from qmpd.pidfile import PidFile
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
-from qmpd.qmp.server import MonitorConfig, QMPServer, UnixAddress
+from qmpd.qmp.server import MonitorConfig, QMPServer
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
 from qmpd.vm import VirtualMachine
@@ -148,7 +148,7 @@ class Daemon:
 
     # --- lifecycle ------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, ready_fd: int | None = None) -> None:
         """Carry out the command line's actions in order, then start running."""
         _raise_open_file_limit()
         # Before any socket exists: a second daemon with this pidfile leaves
@@ -159,12 +159,19 @@ class Daemon:
             if isinstance(action, MonitorConfig):
                 try:
                     monitor = await self.qmp.add_monitor(action)
+                except net.ConnectFailed as exc:
+                    raise ConfigError(f"{action.origin or action.id}: {exc.strerror}") from None
                 except OSError as exc:
                     address = action.address
                     reason = (f"Failed to bind socket to {address.path}: {exc.strerror}"
                               if isinstance(address, UnixAddress) else exc.strerror)
                     raise ConfigError(f"cannot listen on {action.address}: {reason}") from None
-                log.info("QMP monitor %s listening on %s", action.id, monitor.bound)
+                log.info("QMP monitor %s on %s", action.id, monitor.bound)
+            elif isinstance(action, ObjectConfig):
+                try:
+                    self.objects.add_object(action.options)
+                except QMPError as exc:
+                    raise ConfigError(f"--object {action.text}: {exc.desc}") from None
             elif isinstance(action, HttpConfig):
                 await self._start_http(action)
             elif isinstance(action, BlockdevConfig):
@@ -178,6 +185,25 @@ class Daemon:
                 await self.migration.migrate_incoming(self.config.incoming)
             except QMPError as exc:
                 raise ConfigError(f"--incoming {self.config.incoming}: {exc.desc}") from None
+        if self.pidfile is not None:
+            self.pidfile.write_pid()
+        if ready_fd is not None:
+            # The parent prints the listening line and exits; like QEMU, the
+            # daemon lets go of the terminal's stderr once it is up.
+            os.write(ready_fd, b"\0" + self.listening_summary().encode() + b"\n")
+            os.close(ready_fd)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(logs.log_fd() or devnull, 2)
+            os.close(devnull)
+        else:
+            logs.announce(self.listening_summary())
+        # As QEMU's main loop: clients are greeted once start-up is over.
+        try:
+            await self.qmp.serve()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve QMP: {exc.strerror or exc}") from None
+        self.metrics.ready.set(0 if self.readiness_problems() else 1)
+        _sd_notify("READY=1")
 
     async def _add_blockdev(self, cfg: BlockdevConfig) -> None:
         try:
@@ -227,7 +253,7 @@ class Daemon:
         parts += [f"HTTP on {h}" for h in self.http_bound]
         if self.exports.server is not None:
             parts.append(f"NBD on {self.exports.server.bound}")
-        return "qmpd listening: " + ", ".join(parts)
+        return "listening: " + ", ".join(parts)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -258,7 +284,7 @@ class Daemon:
         if self._signals_seen > 1:
             log.error("second signal %d: exiting at once", signum)
             os._exit(1)
-        print(f"qmpd: terminating on signal {signum}", file=sys.stderr, flush=True)
+        log.info("terminating on signal %d", signum)
         self.request_shutdown("host-signal")
 
     async def run(self, ready_fd: int | None = None) -> int:
@@ -267,27 +293,13 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self.on_signal, signum)
         try:
-            await self.start()
+            await self.start(ready_fd)
         except ConfigError as exc:
             await self.shutdown()
             if ready_fd is not None:
                 os.write(ready_fd, f"qmpd: {exc}\n".encode())
                 os.close(ready_fd)
             raise
-        if self.pidfile is not None:
-            self.pidfile.write_pid()
-        self.metrics.ready.set(0 if self.readiness_problems() else 1)
-        _sd_notify("READY=1")
-        if ready_fd is not None:
-            # The parent prints the banner and exits; like QEMU, the daemon
-            # lets go of the terminal's stderr once it is up.
-            os.write(ready_fd, b"\0" + self.listening_summary().encode() + b"\n")
-            os.close(ready_fd)
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        else:
-            print(self.listening_summary(), flush=True)
         await self.wait_stopped()
         await self.shutdown()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -1,4 +1,4 @@
-"""UNIX socket files: bind, stale-file handling and removal, in one place.
+"""Socket addresses, and UNIX socket files: bind, stale files and removal, in one place.
 
 Rules shared by QMP monitors, the NBD server and incoming migration:
 
@@ -13,17 +13,48 @@ Rules shared by QMP monitors, the NBD server and incoming migration:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 #: sun_path's size on Linux, terminating NUL included.
 UNIX_PATH_MAX = 108
 
 _names = itertools.count()
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
+class InetAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+SocketAddress = UnixAddress | InetAddress
+
+
+@dataclass(frozen=True)
+class StdioAddress:
+    """The process's stdin and stdout (``--chardev stdio``)."""
+
+    def __str__(self) -> str:
+        return "stdio"
 
 
 @dataclass(slots=True)
@@ -126,3 +157,57 @@ def unlink_if_same(path: str, inode: int) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+class ConnectFailed(OSError):
+    """Connecting to a peer failed; str() is QEMU's text."""
+
+
+async def connect(address: UnixAddress | InetAddress) -> socket.socket:
+    """A connected, non-blocking socket to ``address`` (QEMU's texts on failure)."""
+    loop = asyncio.get_running_loop()
+    if isinstance(address, UnixAddress):
+        where = address.path
+        families: list[tuple[int, Any]] = [(socket.AF_UNIX, address.path)]
+    else:
+        where = f"{address.host}:{address.port}"
+        try:
+            infos = await loop.getaddrinfo(address.host, address.port,
+                                           type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConnectFailed(errno.EHOSTUNREACH,
+                                f"address resolution failed for {where}: {exc.strerror}"
+                                ) from None
+        families = [(info[0], info[4]) for info in infos]
+    last: OSError | None = None
+    for family, target in families:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, target)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    code = last.errno if last is not None and last.errno else errno.ECONNREFUSED
+    raise ConnectFailed(code, f"Failed to connect to '{where}': {os.strerror(code)}")
+
+
+def bind_inet(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening, non-blocking TCP socket (SO_REUSEADDR, as QEMU sets it)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    last: OSError | None = None
+    for family, kind, proto, _name, target in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(target)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        sock.setblocking(False)
+        return sock
+    raise last or OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))

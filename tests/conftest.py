@@ -112,6 +112,35 @@ class RawClient:
         self.sock.close()
 
 
+LISTENING = "qmpd: info: listening: "
+
+
+def _logs_info(args: tuple[str, ...]) -> bool:
+    levels = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--log-level"]
+    return bool(levels) and levels[-1] in ("info", "debug")
+
+
+def wait_greeting(path: str, timeout: float = 10.0) -> bool:
+    """Whether the QMP socket at ``path`` accepts a client and greets it."""
+    if not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = probe.recv(4096)
+            if not chunk:
+                return False
+            data += chunk
+        return b'"QMP"' in data
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 class QmpdProcess:
     """A qmpd started as a real process, stopped at teardown."""
 
@@ -134,22 +163,31 @@ class QmpdProcess:
         self.proc = subprocess.Popen(
             argv, stdout=self.stdout, stderr=self.stderr, env=full_env, cwd=tmp
         )
+        self.banner = ""
         deadline = time.monotonic() + 30
+        if default_qmp:
+            # As QEMU's own test harnesses do: the socket file appears only once
+            # it listens, and the greeting comes only once start-up is over.
+            while not wait_greeting(self.sock):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"qmpd did not start: {self.read_stderr()}")
+                time.sleep(0.01)
+        if default_qmp and not _logs_info(args):
+            return
+        # Quiet daemons print nothing: tests that want the listening line ask
+        # for --log-level info, and wait for it on stderr.
         while True:
-            first = self.stdout_path.read_bytes().split(b"\n", 1)
-            if len(first) == 2:
-                break
+            for line in self.stderr_path.read_text(errors="replace").splitlines():
+                if line.startswith(LISTENING):
+                    self.banner = line[len(LISTENING):].strip()
+                    return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"qmpd did not start: {self.read_stderr()}")
             time.sleep(0.01)
-        line = first[0].decode()
-        if not line.startswith("qmpd listening:"):
-            raise RuntimeError(f"qmpd did not start: {line!r} {self.read_stderr()}")
-        self.banner = line.strip()
 
     def read_stdout(self) -> str:
-        """What the daemon printed after its banner (qemu-io output, for one)."""
-        return self.stdout_path.read_text(errors="replace").split("\n", 1)[1]
+        """What the daemon printed on stdout (qemu-io output, for one)."""
+        return self.stdout_path.read_text(errors="replace")
 
     def read_stderr(self) -> str:
         self.stderr.flush()

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from qmpd import logs
 from qmpd.errors import GenericError
 from qmpd.migration import stream
 from qmpd.migration.channels import (
@@ -313,7 +313,7 @@ class MigrationManager:
                 self.channel = await connect(uri, self.fds)
             except ChannelError as exc:
                 self.error = str(exc)
-                print(f"qmpd: {self.error}", file=sys.stderr, flush=True)
+                logs.write_raw(f"{logs.ERROR}: {self.error}")
                 self._set(_S.FAILED)
                 return
             channel = self.channel
@@ -359,9 +359,9 @@ class MigrationManager:
                 inactivated = True  # some nodes may be: re-activate them all
                 # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
                 # the reason too (query-migrate, log, /ready).
-                print(
-                    "qmpd: qemu_savevm_state_complete_precopy_non_iterable: "
-                    "bdrv_inactivate_all() failed (-1)", file=sys.stderr, flush=True,
+                logs.write_raw(
+                    f"{logs.ERROR}: qemu_savevm_state_complete_precopy_non_iterable: "
+                    "bdrv_inactivate_all() failed (-1)"
                 )
                 raise _Failed(self._inactivation_failure(exc)) from None
             inactivated = True
@@ -409,11 +409,11 @@ class MigrationManager:
             else:
                 self.error = _socket_error(exc)
             if self.error is not None:
-                print(f"qmpd: {self.error}", file=sys.stderr, flush=True)
+                logs.write_raw(f"{logs.ERROR}: {self.error}")
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
         except Exception as exc:  # a bug: never leave the VM stopped with inactive nodes
             log.exception("migration failed unexpectedly")
-            self.error = f"qmpd: internal error: {exc}"
+            self.error = f"internal error: {exc}"
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
 
     def _inactivation_failure(self, exc: BaseException) -> str:
@@ -479,13 +479,13 @@ class MigrationManager:
                 data = await channel.reader.readexactly(length)
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 reason = "return path: the destination closed the channel before SHUT"
-                print(f"qmpd: {reason}", file=sys.stderr, flush=True)
+                logs.write_raw(f"{logs.ERROR}: {reason}")
                 raise _Failed(None, reason) from None
             if kind == stream.RPMessageType.PONG:
                 continue
             if kind != stream.RPMessageType.SHUT or int.from_bytes(data[:4] or b"\0", "big"):
                 reason = "return path: the destination reported a failure"
-                print(f"qmpd: {reason}", file=sys.stderr, flush=True)
+                logs.write_raw(f"{logs.ERROR}: {reason}")
                 raise _Failed(None, reason)
             return
 
@@ -608,7 +608,7 @@ class MigrationManager:
             await self._incoming_failed(channel, exc.text, exc.reason)
         except Exception as exc:  # a bug or a refusal not foreseen: never hang holding images
             reason = f"incoming migration failed: {exc}"
-            await self._incoming_failed(channel, f"qmpd: {reason}", reason)
+            await self._incoming_failed(channel, f"{logs.ERROR}: {reason}", reason)
 
     async def _load(self, channel: Channel) -> None:
         assert self.listener is not None
@@ -634,15 +634,15 @@ class MigrationManager:
                         channel.writer.write(stream.encode_rp_message(
                             stream.RPMessageType.PONG, event.ping_value.to_bytes(4, "big")))
                     elif isinstance(event, stream.StreamWarning):
-                        print(f"qmpd: {event.message}", file=sys.stderr, flush=True)
+                        logs.write_raw(f"{logs.WARNING}: {event.message}")
                 if not data:
                     break
             return_path = reader.return_path_open
         except stream.MigrationStreamError as exc:
-            raise _IncomingFailed(exc.render("qmpd"), exc.reason) from None
+            raise _IncomingFailed(exc.render(logs.ERROR), exc.reason) from None
         except (ConnectionError, OSError) as exc:
             raise _IncomingFailed(
-                f"qmpd: load of migration failed: {exc.strerror or exc}", str(exc)
+                f"{logs.ERROR}: load of migration failed: {exc.strerror or exc}", str(exc)
             ) from None
         self._check_globalstate(globalstate)
         await self._incoming_complete(globalstate)
@@ -671,10 +671,10 @@ class MigrationManager:
         if not self.vm.machine.can_set(target):
             reason = (f"invalid runstate transition: '{self.vm.state.value}' -> "
                       f"'{globalstate}'")
-            raise _IncomingFailed(f"qmpd: {reason}", reason)
+            raise _IncomingFailed(f"{logs.ERROR}: {reason}", reason)
 
     async def _incoming_failed(self, channel: Channel | None, text: str, reason: str) -> None:
-        print(text.rstrip("\n"), file=sys.stderr, flush=True)
+        logs.write_raw(text)
         self.incoming_error = reason
         self._set_incoming(_S.FAILED)
         if channel is not None:
@@ -714,7 +714,7 @@ class MigrationManager:
                 except Exception as exc:
                     # Never run on stale caches: stay paused, nodes inactive; cont retries.
                     self.activation_error = f"Could not activate block devices: {exc}"
-                    print(f"qmpd: {self.activation_error}", file=sys.stderr, flush=True)
+                    logs.write_raw(f"{logs.ERROR}: {self.activation_error}")
                     vm.autostart = False
                     # The trees that did activate give their locks back too (QEMU 7.2
                     # leaves them active): nothing is held while nothing may run.

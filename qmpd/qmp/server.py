@@ -20,8 +20,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from qmpd import net
+from qmpd import logs, net
 from qmpd.errors import GenericError
+from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress
 from qmpd.qmp.session import Incoming, QMPSession, Request
 
 if TYPE_CHECKING:
@@ -42,33 +43,18 @@ DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class UnixAddress:
-    path: str
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}"
-
-
-@dataclass(frozen=True)
-class InetAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp:{host}:{self.port}"
-
-
-SocketAddress = UnixAddress | InetAddress
-
-
-@dataclass(frozen=True)
 class MonitorConfig:
     """One QMP monitor: where it listens and how it formats output."""
 
     id: str
-    address: SocketAddress
+    address: SocketAddress | StdioAddress
     pretty: bool = False
+    #: Connect to a listening peer instead of listening (chardev server=off).
+    client: bool = False
+    #: Listen, and hold start-up until the first client connects (wait=on).
+    wait: bool = False
+    #: The option that asked for it, for errors ("--chardev socket,...").
+    origin: str = ""
 
 
 class QMPConnection(asyncio.Protocol):
@@ -323,27 +309,82 @@ class Monitor:
         self.listener: asyncio.AbstractServer | None = None
         self.unix: net.UnixListener | None = None
         self.bound: str | None = None  # where it really listens (port 0 resolved)
+        #: Connections made before start-up ended (client mode, wait=on).
+        self._pending: list[socket.socket] = []
 
     @property
     def listening(self) -> bool:
-        return self.listener is not None and self.listener.is_serving()
+        if self.listener is None:
+            return self.bound is not None  # stdio and client monitors
+        return self.listener.is_serving()
 
     async def start(self) -> None:
+        """Listen (or connect); clients are served only from :meth:`serve` on."""
         loop = asyncio.get_running_loop()
-        address = self.config.address
+        config = self.config
+        address = config.address
+        if isinstance(address, StdioAddress):
+            self.bound = str(address)
+            return
+        if config.client:
+            self._pending.append(await net.connect(address))
+            self.bound = f"{address} (client)"
+            return
         if isinstance(address, UnixAddress):
             self.unix = net.bind_unix(address.path)
-            self.listener = await loop.create_unix_server(
-                lambda: QMPConnection(self), sock=self.unix.sock, backlog=128
-            )
+            listen_sock = self.unix.sock
             self.bound = str(address)
         else:
-            self.listener = await loop.create_server(
-                lambda: QMPConnection(self), address.host, address.port, backlog=128,
-                reuse_address=True,
-            )
-            sockname = self.listener.sockets[0].getsockname()
+            listen_sock = net.bind_inet(address.host, address.port)
+            sockname = listen_sock.getsockname()
             self.bound = str(InetAddress(address.host, int(sockname[1])))
+        try:
+            if config.wait:
+                logs.write_raw(f"{logs.PROG}: info: waiting for connection on: "
+                               f"disconnected:{self.bound},server=on")
+                conn_sock, _ = await loop.sock_accept(listen_sock)
+                self._pending.append(conn_sock)
+            self.listener = await loop.create_server(
+                lambda: QMPConnection(self), sock=listen_sock, backlog=128,
+                start_serving=False,
+            )
+        except BaseException:
+            listen_sock.close()
+            if self.unix is not None:
+                self.unix.unlink()
+                self.unix = None
+            raise
+
+    async def serve(self) -> None:
+        """Start-up is over: greet the clients that connected meanwhile, and new ones."""
+        loop = asyncio.get_running_loop()
+        if isinstance(self.config.address, StdioAddress):
+            await self._serve_stdio()
+        for sock in self._pending:
+            await loop.connect_accepted_socket(lambda: QMPConnection(self), sock)
+        self._pending.clear()
+        if self.listener is not None:
+            await self.listener.start_serving()
+
+    async def _serve_stdio(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn = QMPConnection(self)
+        # Own duplicates: the transports close them, not the process's 0 and 1.
+        writer = os.fdopen(os.dup(1), "wb", buffering=0)
+        out: asyncio.WriteTransport | None
+        try:
+            out, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, writer)
+        except ValueError:  # a regular file: written synchronously
+            out = None
+        conn.connection_made(_StdioTransport(out, writer))
+        reader = os.fdopen(os.dup(0), "rb", buffering=0)
+        try:
+            await loop.connect_read_pipe(lambda: _StdinReader(conn), reader)
+        except ValueError:  # a regular file: all of it is there already
+            data = reader.read()
+            reader.close()
+            conn.data_received(data)
+            conn.eof_received()
 
     def attach(self, conn: QMPConnection) -> None:
         self.connections.add(conn)
@@ -367,6 +408,9 @@ class Monitor:
             self.listener.close()
         for conn in list(self.connections):
             conn.close()
+        for sock in self._pending:
+            sock.close()
+        self._pending.clear()
         if self.unix is not None:
             self.unix.unlink()
             self.unix = None
@@ -402,6 +446,11 @@ class QMPServer:
         self.monitors.append(monitor)
         return monitor
 
+    async def serve(self) -> None:
+        """Serve every monitor's clients (after start-up, as QEMU's main loop does)."""
+        for monitor in self.monitors:
+            await monitor.serve()
+
     @property
     def all_listening(self) -> bool:
         return bool(self.monitors) and all(m.listening for m in self.monitors)
@@ -411,3 +460,63 @@ class QMPServer:
             await monitor.stop()
 
 
+
+
+class _StdioTransport(asyncio.Transport):
+    """stdout for a stdio monitor: its pipe transport, or plain writes to a file."""
+
+    def __init__(self, out: asyncio.WriteTransport | None, file: Any) -> None:
+        super().__init__()
+        self.out = out
+        self.file = file
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.out is not None:
+            self.out.write(data)
+        elif not self.file.closed:
+            self.file.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.out.get_write_buffer_size() if self.out is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self.out is not None:
+            self.out.set_write_buffer_limits(high, low)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.out.is_closing() if self.out is not None else self.file.closed
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+        else:
+            self.file.close()
+
+    def abort(self) -> None:
+        if self.out is not None:
+            self.out.abort()
+        else:
+            self.file.close()
+
+
+class _StdinReader(asyncio.Protocol):
+    """Feeds stdin to a stdio monitor's connection; end of input stops only it."""
+
+    def __init__(self, conn: QMPConnection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self.conn.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.monitor.detach(self.conn)

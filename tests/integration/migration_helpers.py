@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI, REPO, check_message, require_tool
+from tests.conftest import IN_CI, REPO, check_message, require_tool, wait_greeting
 
 QEMU = "qemu-system-x86_64"
 QEMU_ARGS = ["-M", "none", "-nodefaults", "-display", "none"]
@@ -300,7 +300,7 @@ class Peer:
         """Wait for the QMP socket (qmpd: its banner) and negotiate."""
         deadline = time.monotonic() + timeout
         if self.kind == "qmpd":
-            while not self.stdout_path.read_bytes().count(b"\n"):
+            while not wait_greeting(self.qmp_path):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{self} did not start: {self.stderr()}")
                 time.sleep(0.005)
@@ -347,10 +347,7 @@ class Peer:
         return self.hmp(f'qemu-io {node} "{command}"')
 
     def stdout(self) -> str:
-        text = self.stdout_path.read_text(errors="replace")
-        if self.kind == "qmpd":
-            text = text.split("\n", 1)[1] if "\n" in text else ""
-        return text
+        return self.stdout_path.read_text(errors="replace")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -239,7 +239,7 @@ def source_killed(mig: Cluster, dst_kind: str, cuts: list[int]) -> None:
             rc = dst.wait(10)
         finally:
             proxy.close()
-        prog = "qmpd" if dst_kind == "qmpd" else "qemu-system-x86_64"
+        prog = "qmpd: error" if dst_kind == "qmpd" else "qemu-system-x86_64"
         want = expected_cut(n, prog)
         assert (rc, dst.stderr()) == (want["exit"], want["stderr"]), n
         dst.qmp.pump(0.1)
@@ -322,7 +322,7 @@ def stream_cuts(mig: Cluster, pick: Callable[[int], list[int]]) -> None:
             dst.add_disk(image)
             dst.ok("migrate-incoming", {"uri": f"exec:cat {cut}"})
         for n, dst in zip(group, dsts, strict=True):
-            want = expected_cut(n, "qmpd")
+            want = expected_cut(n, "qmpd: error")
             assert (dst.wait(10), dst.stderr()) == (want["exit"], want["stderr"]), f"cut at {n}"
             dst.close()
     # A cut in the VM description, or none at all, completes.
@@ -334,7 +334,7 @@ def stream_cuts(mig: Cluster, pick: Callable[[int], list[int]]) -> None:
         dst.ok("migrate-incoming", {"uri": f"exec:cat {cut}"})
         assert dst.wait_migration()["status"] == "completed"
         assert dst.status() == "running" and dst.holds_write(image)
-        want = expected_cut(n, "qmpd")
+        want = expected_cut(n, "qmpd: error")
         assert dst.stderr() == want["stderr"]
         assert dst.quit() == 0
     image_check(image)

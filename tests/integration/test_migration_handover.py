@@ -26,14 +26,13 @@ from tests.integration.migration_helpers import (
 
 pytestmark = pytest.mark.qemu
 
-HTTP = ["--http", "127.0.0.1:0"]
+HTTP = ["--http", "127.0.0.1:0", "--log-level", "info"]
 
 
 def http_ready(peer: Peer) -> tuple[int, dict[str, Any]]:
     """GET /ready on the peer's HTTP listener (from its banner): (status, body)."""
-    banner = peer.stdout_path.read_text().split("\n", 1)[0]
-    found = re.search(r"HTTP on (http://\S+?)(,|$)", banner)
-    assert found, banner
+    found = re.search(r"listening: .*HTTP on (http://[^,\s]+)", peer.stderr())
+    assert found, peer.stderr()
     try:
         with urllib.request.urlopen(found.group(1) + "/ready", timeout=5) as resp:
             return resp.status, json.loads(resp.read())
@@ -63,9 +62,9 @@ def test_completed_migration_is_logged_on_both_sides(mig: Cluster) -> None:
     src_lines = [line for line in src.stderr().splitlines() if "migration completed" in line]
     dst_lines = [line for line in dst.stderr().splitlines()
                  if "incoming migration completed" in line]
-    assert len(src_lines) == 1 and "INFO" in src_lines[0], src.stderr()
+    assert len(src_lines) == 1 and src_lines[0].startswith("qmpd: info: "), src.stderr()
     assert "postmigrate" in src_lines[0]
-    assert len(dst_lines) == 1 and "INFO" in dst_lines[0], dst.stderr()
+    assert len(dst_lines) == 1 and dst_lines[0].startswith("qmpd: info: "), dst.stderr()
     assert "run state running" in dst_lines[0]
 
 
