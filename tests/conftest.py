@@ -151,6 +151,8 @@ class QmpdProcess:
         argv = [sys.executable, "-m", "qmpd", "--log-level", "warning"]
         if default_qmp:
             argv += ["--qmp", f"unix:{self.sock}"]
+        if not default_qmp and not _logs_info(args):
+            args = (*args, "--log-level", "info")  # to see the listening line
         argv += list(args)
         full_env = dict(os.environ)
         full_env["QMPD_CHECK_SCHEMA"] = "1"

@@ -634,7 +634,10 @@ class MigrationManager:
                         channel.writer.write(stream.encode_rp_message(
                             stream.RPMessageType.PONG, event.ping_value.to_bytes(4, "big")))
                     elif isinstance(event, stream.StreamWarning):
-                        logs.write_raw(f"{logs.WARNING}: {event.message}")
+                        # QEMU reports these with error_report (or warn_report,
+                        # whose "warning: " the message keeps).
+                        level = logs.PROG if event.message.startswith("warning: ") else logs.ERROR
+                        logs.write_raw(f"{level}: {event.message}")
                 if not data:
                     break
             return_path = reader.return_path_open

@@ -309,11 +309,14 @@ class Monitor:
         self.listener: asyncio.AbstractServer | None = None
         self.unix: net.UnixListener | None = None
         self.bound: str | None = None  # where it really listens (port 0 resolved)
+        self.stopped = False
         #: Connections made before start-up ended (client mode, wait=on).
         self._pending: list[socket.socket] = []
 
     @property
     def listening(self) -> bool:
+        if self.stopped:
+            return False
         if self.listener is None:
             return self.bound is not None  # stdio and client monitors
         return self.listener.is_serving()
@@ -404,6 +407,7 @@ class Monitor:
 
     async def stop(self) -> None:
         """Stop listening, close every client, remove the socket file."""
+        self.stopped = True
         if self.listener is not None:
             self.listener.close()
         for conn in list(self.connections):

@@ -416,6 +416,7 @@ def test_command_line(qmpd_factory: Any, tmp_path: Path) -> None:
         "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=4",
         "--export", "nbd,id=e0,node-name=f,writable=on,description=from the command line",
         "--export", json.dumps({"type": "nbd", "id": "e1", "node-name": "f", "name": "json"}),
+        "--log-level", "info",
     )
     assert f"NBD on unix:{sock}" in proc.banner
     c = proc.client()
@@ -534,6 +535,7 @@ def test_metrics(qmpd_factory: Any, tmp_path: Path) -> None:
         "--blockdev", f"driver=file,node-name=f,filename={image}",
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "nbd,id=e0,node-name=f,writable=on",
+        "--log-level", "info",
     )
 
     async def io() -> None:

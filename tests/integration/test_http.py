@@ -96,7 +96,7 @@ async def test_not_ready_when_a_monitor_stops_listening(daemon: Daemon, aiohttp_
 
 
 def test_real_process_serves_http(qmpd_factory: Any) -> None:
-    proc = qmpd_factory("--http", "127.0.0.1:0")
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
     url = proc.http_url()
     assert url.startswith("http://127.0.0.1:")
     with urllib.request.urlopen(url + "/health", timeout=5) as resp:
@@ -129,7 +129,7 @@ def test_idle_and_half_sent_requests_are_closed(qmpd_factory: Any) -> None:
     """Neither an idle client nor one that never finishes its request keeps a connection."""
     from qmpd.http import REQUEST_TIMEOUT
 
-    proc = qmpd_factory("--http", "127.0.0.1:0")
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
     url = proc.http_url()
     idle = _connect(url)
     half = _connect(url)
@@ -145,7 +145,7 @@ def test_idle_and_half_sent_requests_are_closed(qmpd_factory: Any) -> None:
 def test_connection_cap_keeps_qmp_working(qmpd_factory: Any) -> None:
     from qmpd.http import MAX_CONNECTIONS
 
-    proc = qmpd_factory("--http", "127.0.0.1:0")
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
     url = proc.http_url()
     held = [_connect(url) for _ in range(MAX_CONNECTIONS)]
     for sock in held[-3:]:

@@ -75,7 +75,7 @@ def test_unix_socket_is_private(qmpd: QmpdProcess) -> None:
 def test_tcp_monitor_binds_loopback_and_chardev_spelling(qmpd_factory: Any, tmp_path: Path) -> None:
     sock2 = tmp_path / "pretty.sock"
     proc = qmpd_factory(
-        "--qmp", "tcp::0",
+        "--qmp", "tcp::0", "--log-level", "info",
         "--chardev", f"socket,id=m1,path={sock2},server=on,wait=off",
         "--monitor", "chardev=m1,mode=control,pretty=on",
     )

@@ -85,7 +85,8 @@ def test_hundred_megabytes_without_closing(qmpd: QmpdProcess) -> None:
 
 
 def test_event_backlog_disconnects_only_the_lazy_client(qmpd_factory: Any) -> None:
-    proc: QmpdProcess = qmpd_factory("--max-client-output", "65536", "--http", "127.0.0.1:0")
+    proc: QmpdProcess = qmpd_factory("--max-client-output", "65536", "--http", "127.0.0.1:0",
+                                     "--log-level", "info")
     lazy = proc.client()
     lazy.negotiate()
     lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -7,7 +7,8 @@ import pytest
 from qmpd.cli import HttpConfig, parse_args
 from qmpd.errors import ConfigError
 from qmpd.keyval import parse_keyval, parse_option
-from qmpd.qmp.server import InetAddress, MonitorConfig, UnixAddress
+from qmpd.net import InetAddress, UnixAddress
+from qmpd.qmp.server import MonitorConfig
 from qmpd.runstate import TRANSITIONS, InvalidTransition, RunState, RunStateMachine
 
 S = RunState
@@ -77,11 +78,12 @@ def test_options_in_order() -> None:
         "--http", "9000",
         "-S", "--name", "vm1",
     ])
-    assert cfg.actions == [
-        MonitorConfig("qmp1", InetAddress("127.0.0.1", 4444)),
-        MonitorConfig("m0", UnixAddress("/tmp/a.sock"), pretty=True),
-        HttpConfig("127.0.0.1", 9000),
+    monitors = [(m.id, m.address, m.pretty, m.client, m.wait) for m in cfg.monitors]
+    assert monitors == [
+        ("qmp0", InetAddress("127.0.0.1", 4444), False, False, False),
+        ("m0", UnixAddress("/tmp/a.sock"), True, False, False),
     ]
+    assert cfg.actions[2] == HttpConfig("127.0.0.1", 9000)
     assert cfg.paused and cfg.name == "vm1" and not cfg.used_defaults
 
 
@@ -96,8 +98,8 @@ def test_defaults_when_no_listener_given() -> None:
     ("argv", "message"),
     [
         (["--monitor", "chardev=nope"], 'chardev "nope" not found'),
-        (["--chardev", "socket,id=a,path=/x,server=on,wait=on"], "wait=off"),
-        (["--chardev", "file,id=a,path=/x"], "only 'socket'"),
+        (["--chardev", "socket,id=a,path=/x,server=on,wait=maybe"], "'wait' expects"),
+        (["--chardev", "file,id=a,path=/x"], "'file' character devices are not supported"),
         (["--qmp", "stdio"], "unix:PATH or tcp:HOST:PORT"),
         (["--qmp-version", "7.2"], "MAJOR.MINOR.MICRO"),
         (["--chardev", "socket,id=a,path=/x,server=on,wait=off", "--chardev",
