@@ -122,7 +122,7 @@ def test_illegal_globalstate_fails_and_releases_the_image(mig: Cluster, runstate
             assert all(not n["active"] for n in peer.ok("query-named-block-nodes"))
             assert WRITE_LOCK not in peer.lock_bytes(image)
             assert WRITE_LOCK not in locks_in_proc_locks(image)
-        assert f"qmpd: {reason}" in peer.stderr()
+        assert f"qmpd: error: {reason}" in peer.stderr()
 
 
 def test_cancel_after_the_destination_took_the_image(mig: Cluster) -> None:
