@@ -17,6 +17,7 @@ from qmpd import __version__
 from qmpd.errors import ConfigError
 from qmpd.keyval import parse_bool, parse_option
 from qmpd.nbd.config import ExportConfig, NbdServerConfig, parse_export, parse_nbd_server
+from qmpd.qmp.budget import DEFAULT_QMP_INPUT_TOTAL
 from qmpd.qmp.server import (
     DEFAULT_OUTPUT_LIMIT,
     InetAddress,
@@ -63,6 +64,7 @@ class Config:
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     package: str = f"qmpd {__version__}"
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    qmp_input_total: int = DEFAULT_QMP_INPUT_TOTAL
     event_loop: str = "asyncio"
     used_defaults: bool = False
 
@@ -139,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-client-output", type=int, metavar="BYTES",
                    default=DEFAULT_OUTPUT_LIMIT,
                    help="output queued for one client before it is disconnected")
+    p.add_argument("--max-qmp-input-total", type=int, metavar="BYTES",
+                   default=DEFAULT_QMP_INPUT_TOTAL,
+                   help="unfinished QMP input held across all clients; a message that "
+                        "would exceed it is refused like an oversized one")
     return p
 
 
@@ -153,8 +159,11 @@ def parse_args(argv: Sequence[str]) -> Config:
         daemonize=ns.daemonize,
         log_level=ns.log_level,
         output_limit=ns.max_client_output,
+        qmp_input_total=ns.max_qmp_input_total,
         event_loop=ns.event_loop,
     )
+    if ns.max_qmp_input_total < 0:
+        raise ConfigError("--max-qmp-input-total: must not be negative")
     m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", ns.qmp_version)
     if m is None:
         raise ConfigError(f"--qmp-version {ns.qmp_version}: expected MAJOR.MINOR.MICRO")

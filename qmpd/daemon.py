@@ -25,6 +25,7 @@ from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.nbd.exports import BlockExports
 from qmpd.pidfile import PidFile
+from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
 from qmpd.qmp.server import MonitorConfig, QMPServer, UnixAddress
@@ -78,7 +79,8 @@ class Daemon:
         self.exit_status = 0
         self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
         self.qmp = QMPServer(
-            self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit
+            self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit,
+            QMPInputBudget(config.qmp_input_total),
         )
         self.http_runners: list[web.AppRunner] = []
         self.http_servers: list[asyncio.Server] = []

@@ -28,6 +28,9 @@ from typing import Any
 
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
+TOKEN_SIZE_EXCEEDED = "JSON token size limit exceeded"
+#: Per-token cost beyond its bytes: a bytes object's header plus a list slot.
+_TOKEN_OVERHEAD = 48
 MAX_NESTING = 1024
 
 JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
@@ -456,6 +459,22 @@ class JSONStreamParser:
         """Bytes held for an unfinished message (tokens plus a cut token)."""
         return self._token_size + len(self._partial)
 
+    @property
+    def held_memory(self) -> int:
+        """Estimated memory the unfinished message pins, object overhead included."""
+        return self._token_size + len(self._partial) + _TOKEN_OVERHEAD * len(self._tokens)
+
+    def discard_message(self) -> ParseFailure:
+        """Drop the unfinished message as if it had outgrown the token size limit.
+
+        What follows is lexed from the start state, as after QEMU forces an
+        oversized token out.
+        """
+        self._partial.clear()
+        self._state = _START
+        self._clear_message()
+        return ParseFailure(TOKEN_SIZE_EXCEEDED)
+
     def reset(self) -> None:
         """Forget everything half-read (a new connection starts clean)."""
         self._state = _START
@@ -722,7 +741,7 @@ class JSONStreamParser:
             elif first == _TOKEN_RBRACKET:
                 self._brackets -= 1
         if self._token_size + size + 1 > self.max_token_size or token is None:
-            self._fail("JSON token size limit exceeded")
+            self._fail(TOKEN_SIZE_EXCEEDED)
             return
         if len(self._tokens) + 1 > self.max_token_count:
             self._fail("JSON token count limit exceeded")

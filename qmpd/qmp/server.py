@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from qmpd import net
 from qmpd.errors import GenericError
+from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.session import Incoming, QMPSession, Request
 
 if TYPE_CHECKING:
@@ -76,7 +77,10 @@ class QMPConnection(asyncio.Protocol):
 
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
-        self.session = QMPSession(monitor.server.version, pretty=monitor.config.pretty)
+        server = monitor.server
+        self.session = QMPSession(
+            server.version, pretty=monitor.config.pretty, budget=server.input_budget
+        )
         self.pretty = monitor.config.pretty
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Incoming] = deque()
@@ -172,7 +176,7 @@ class QMPConnection(asyncio.Protocol):
                     self.queue.append(item)
         except Exception:  # a parser bug must not take the connection down
             log.exception("%s: cannot parse client input; input dropped", self.monitor.config.id)
-            self.session.parser.reset()
+            self.session.reset_input()
         self._process()
 
     def eof_received(self) -> bool | None:
@@ -186,7 +190,7 @@ class QMPConnection(asyncio.Protocol):
         self.closed = True
         self._stop_fd_reading()
         self.queue.clear()
-        self.session.parser.reset()
+        self.session.reset_input()
         self.session.close_passed_fds()
         self.monitor.detach(self)
 
@@ -388,12 +392,15 @@ class QMPServer:
         events: EventBus,
         metrics: Metrics | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        input_budget: QMPInputBudget | None = None,
     ) -> None:
         self.version = version
         self.dispatcher = dispatcher
         self.events = events
         self.metrics = metrics
         self.output_limit = output_limit
+        #: Shared by every connection: unfinished input across all clients.
+        self.input_budget = input_budget if input_budget is not None else QMPInputBudget()
         self.monitors: list[Monitor] = []
 
     async def add_monitor(self, config: MonitorConfig) -> Monitor:

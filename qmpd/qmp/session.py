@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmpd.errors import CommandNotFound, GenericError, QMPError
+from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.encode import encode_message, qdict_order
 from qmpd.qmp.json_stream import JSONStreamParser, ParseFailure
 
 #: Capabilities qmpd can offer; a socket monitor offers all of them.
 QMP_CAPABILITIES = ("oob",)
+
+#: Input is parsed and charged to the budget this much at a time, so one
+#: connection overshoots the shared total by at most this for an instant.
+INPUT_CHUNK = 256 * 1024
 
 NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
@@ -45,7 +50,7 @@ class QMPSession:
     """Protocol state of one client connection."""
 
     __slots__ = (
-        "_fds", "_greeting", "capabilities", "negotiating", "offered", "parser", "pretty",
+        "_fds", "_greeting", "_input", "capabilities", "negotiating", "offered", "parser", "pretty",
     )
 
     def __init__(
@@ -53,8 +58,10 @@ class QMPSession:
         version: dict[str, Any],
         offered: tuple[str, ...] = QMP_CAPABILITIES,
         pretty: bool = False,
+        budget: QMPInputBudget | None = None,
     ) -> None:
         self.parser = JSONStreamParser()
+        self._input = (budget if budget is not None else QMPInputBudget()).account()
         self.pretty = pretty
         self.negotiating = True
         self.capabilities: frozenset[str] = frozenset()
@@ -76,7 +83,29 @@ class QMPSession:
     def receive_data(self, data: bytes) -> list[Incoming]:
         """Parse ``data``; return requests to dispatch and immediate replies."""
         out: list[Incoming] = []
-        for item in self.parser.feed(data):
+        for start in range(0, len(data), INPUT_CHUNK):
+            chunk = data[start : start + INPUT_CHUNK] if len(data) > INPUT_CHUNK else data
+            self._parse(chunk, out)
+        return out
+
+    @property
+    def input_held(self) -> int:
+        """Bytes of the shared input budget this connection holds."""
+        return self._input.held
+
+    def reset_input(self) -> None:
+        """Forget any half-read message and return its budget."""
+        self.parser.reset()
+        self._input.release()
+
+    def _parse(self, data: bytes, out: list[Incoming]) -> None:
+        parser = self.parser
+        items = parser.feed(data)
+        if not self._input.resize(parser.held_memory):
+            # Over the daemon-wide total: treated as an over-limit message.
+            items.append(parser.discard_message())
+            self._input.release()
+        for item in items:
             if isinstance(item, ParseFailure):
                 out.append(self.encode({"error": GenericError(item.desc).to_qmp()}))
             elif not isinstance(item, dict):
@@ -85,7 +114,6 @@ class QMPSession:
                 )
             else:
                 out.append(self._check_request(item))
-        return out
 
     def _check_request(self, msg: dict[str, Any]) -> Incoming:
         # Members are checked in QEMU's QDict order; the first problem wins.
