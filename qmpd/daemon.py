@@ -82,6 +82,7 @@ class Daemon:
             self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit,
             QMPInputBudget(config.qmp_input_total),
         )
+        self.metrics.watch_qmp_input(self.qmp.input_budget)
         self.http_runners: list[web.AppRunner] = []
         self.http_servers: list[asyncio.Server] = []
         self.http_bound: list[str] = []

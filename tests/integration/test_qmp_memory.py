@@ -8,6 +8,7 @@ import socket
 import struct
 import termios
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,14 @@ def close_and_wait(c: RawClient) -> list[bytes]:
     return bytes(data).split(b"\r\n")[:-1]
 
 
+def metric(qmpd: QmpdProcess, name: str) -> float:
+    with urllib.request.urlopen(qmpd.http_url() + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
 def big_request(size: int) -> bytes:
     return (
         b'{"execute": "query-version", "id": "big", "arguments": {"pad": "'
@@ -65,7 +74,9 @@ def big_request(size: int) -> bytes:
 
 
 def test_unfinished_messages_share_a_bounded_budget(qmpd_factory: Any) -> None:
-    qmpd: QmpdProcess = qmpd_factory("--max-qmp-input-total", str(TOTAL))
+    qmpd: QmpdProcess = qmpd_factory(
+        "--max-qmp-input-total", str(TOTAL), "--http", "127.0.0.1:0"
+    )
     pid = qmpd.proc.pid
     probe = qmpd.client()
     probe.negotiate()
@@ -89,6 +100,9 @@ def test_unfinished_messages_share_a_bounded_budget(qmpd_factory: Any) -> None:
         if c not in holders:
             assert c.recv()["error"] == {"class": "GenericError", "desc": OVER}
 
+    assert 0 < metric(qmpd, "qmpd_qmp_input_bytes") <= TOTAL
+    assert metric(qmpd, "qmpd_qmp_input_refusals_total") >= CLIENTS - len(holders)
+
     # Other clients are still served, and the full budget refuses big input.
     fresh = qmpd.client()
     fresh.negotiate()
@@ -100,6 +114,7 @@ def test_unfinished_messages_share_a_bounded_budget(qmpd_factory: Any) -> None:
     # Closed connections give their share back: a big legal message fits now.
     for c in clients:
         close_and_wait(c)
+    assert metric(qmpd, "qmpd_qmp_input_bytes") == 0
     after = qmpd.client()
     after.send(big_request(TOTAL * 3 // 4))
     reply = after.recv()
