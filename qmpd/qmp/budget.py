@@ -44,11 +44,15 @@ class InputAccount:
         self._budget = budget
         self.held = 0
 
-    def resize(self, size: int) -> bool:
-        """Hold ``size`` bytes; False (holding as before) if growth does not fit."""
+    def resize(self, size: int, force: bool = False) -> bool:
+        """Hold ``size`` bytes; False (holding as before) if growth does not fit.
+
+        ``force`` records memory already allocated, such as requests parsed
+        before the unfinished message that did not fit.
+        """
         budget = self._budget
         delta = size - self.held
-        if delta > 0 and budget.used + delta > budget.total:
+        if delta > 0 and not force and budget.used + delta > budget.total:
             budget.refusals += 1
             return False
         budget.used += delta

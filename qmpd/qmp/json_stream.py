@@ -424,6 +424,7 @@ class JSONStreamParser:
         "_brackets",
         "_out",
         "_partial",
+        "_sizes",
         "_state",
         "_token_size",
         "_tokens",
@@ -448,6 +449,7 @@ class JSONStreamParser:
         self._braces = 0
         self._brackets = 0
         self._out: list[ParseResult] = []
+        self._sizes: list[int] = []
         self._ws_run = 0
         self.max_token_size = max_token_size
         self.max_token_count = max_token_count
@@ -463,6 +465,11 @@ class JSONStreamParser:
     def held_memory(self) -> int:
         """Estimated memory the unfinished message pins, object overhead included."""
         return self._token_size + len(self._partial) + _TOKEN_OVERHEAD * len(self._tokens)
+
+    @property
+    def result_sizes(self) -> list[int]:
+        """For each result of the last :meth:`feed`, the memory its input held."""
+        return self._sizes
 
     def discard_message(self) -> ParseFailure:
         """Drop the unfinished message as if it had outgrown the token size limit.
@@ -487,6 +494,7 @@ class JSONStreamParser:
     def feed(self, data: bytes) -> list[ParseResult]:
         """Consume ``data``; return the values and failures it completed."""
         out = self._out = []
+        self._sizes = []
         n = len(data)
         i = 0
         fast = _FAST_TOKEN.match
@@ -542,6 +550,7 @@ class JSONStreamParser:
         except ValueError:
             return 0
         self._out.append(value)
+        self._sizes.append(end - i)
         return end
 
     # --- lexer -----------------------------------------------------------
@@ -756,12 +765,14 @@ class JSONStreamParser:
         if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
             return
         tokens = self._tokens
+        self._sizes.append(self.held_memory)
         self._clear_message()
         self._out.append(parse_tokens(tokens))
 
     def _fail(self, desc: str) -> None:
         self._clear_message()
         self._out.append(ParseFailure(desc))
+        self._sizes.append(0)
 
     def _clear_message(self) -> None:
         self._tokens = []

@@ -172,6 +172,7 @@ class QMPConnection(asyncio.Protocol):
                 if isinstance(item, Request) and dispatcher.runs_out_of_band(self.session, item):
                     # OOB handlers are synchronous: the reply is bytes.
                     self._write(cast(bytes, dispatcher.dispatch(self.session, item)))
+                    self.session.request_done(item)
                 else:
                     self.queue.append(item)
         except Exception:  # a parser bug must not take the connection down
@@ -251,17 +252,19 @@ class QMPConnection(asyncio.Protocol):
                 log.exception("%s: %s failed", self.monitor.config.id, item.command)
                 reply = self.session.error_reply(item, GenericError(f"internal error: {exc}"))
             if isinstance(reply, bytes):
+                self.session.request_done(item)
                 self._write(reply)
             else:
                 self.busy = True
-                asyncio.get_running_loop().create_task(self._finish(reply))
+                asyncio.get_running_loop().create_task(self._finish(item, reply))
                 return
 
-    async def _finish(self, reply: Awaitable[bytes]) -> None:
+    async def _finish(self, request: Request, reply: Awaitable[bytes]) -> None:
         try:
             data = await reply
         finally:
             self.busy = False
+            self.session.request_done(request)
         if not self.closed:
             self._write(data)
             self._process()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qmpd.errors import CommandNotFound, GenericError, QMPError
@@ -37,6 +37,8 @@ class Request:
     arguments: dict[str, Any]
     id: Any = _UNSET
     oob: bool = False
+    #: Input budget it holds until :meth:`QMPSession.request_done`.
+    size: int = field(default=0, compare=False)
 
     @property
     def has_id(self) -> bool:
@@ -50,7 +52,8 @@ class QMPSession:
     """Protocol state of one client connection."""
 
     __slots__ = (
-        "_fds", "_greeting", "_input", "capabilities", "negotiating", "offered", "parser", "pretty",
+        "_fds", "_greeting", "_input", "_requests_held", "capabilities", "negotiating",
+        "offered", "parser", "pretty",
     )
 
     def __init__(
@@ -62,6 +65,7 @@ class QMPSession:
     ) -> None:
         self.parser = JSONStreamParser()
         self._input = (budget if budget is not None else QMPInputBudget()).account()
+        self._requests_held = 0
         self.pretty = pretty
         self.negotiating = True
         self.capabilities: frozenset[str] = frozenset()
@@ -94,26 +98,40 @@ class QMPSession:
         return self._input.held
 
     def reset_input(self) -> None:
-        """Forget any half-read message and return its budget."""
+        """Forget any half-read message and queued requests; return their budget."""
         self.parser.reset()
+        self._requests_held = 0
         self._input.release()
+
+    def request_done(self, request: Request) -> None:
+        """``request`` was answered: the budget its input held is free again."""
+        self._requests_held = max(0, self._requests_held - request.size)
+        request.size = 0
+        self._charge(force=True)
+
+    def _charge(self, force: bool = False) -> bool:
+        return self._input.resize(self.parser.held_memory + self._requests_held, force)
 
     def _parse(self, data: bytes, out: list[Incoming]) -> None:
         parser = self.parser
         items = parser.feed(data)
-        if not self._input.resize(parser.held_memory):
+        for item, size in zip(items, parser.result_sizes, strict=True):
+            incoming = self._incoming(item)
+            if isinstance(incoming, Request):
+                incoming.size = size
+                self._requests_held += size
+            out.append(incoming)
+        if not self._charge():
             # Over the daemon-wide total: treated as an over-limit message.
-            items.append(parser.discard_message())
-            self._input.release()
-        for item in items:
-            if isinstance(item, ParseFailure):
-                out.append(self.encode({"error": GenericError(item.desc).to_qmp()}))
-            elif not isinstance(item, dict):
-                out.append(
-                    self.encode({"error": GenericError("QMP input must be a JSON object").to_qmp()})
-                )
-            else:
-                out.append(self._check_request(item))
+            out.append(self._incoming(parser.discard_message()))
+            self._charge(force=True)
+
+    def _incoming(self, item: object) -> Incoming:
+        if isinstance(item, ParseFailure):
+            return self.encode({"error": GenericError(item.desc).to_qmp()})
+        if not isinstance(item, dict):
+            return self.encode({"error": GenericError("QMP input must be a JSON object").to_qmp()})
+        return self._check_request(item)
 
     def _check_request(self, msg: dict[str, Any]) -> Incoming:
         # Members are checked in QEMU's QDict order; the first problem wins.

@@ -53,14 +53,39 @@ def test_sessions_share_one_budget() -> None:
     # The second client's growth does not fit next to the first's message.
     assert replies(second, unfinished(200_000)) == [{"error": OVER}]
     assert second.input_held == 0 and budget.used == held
-    # The first client is untouched: its message completes and the budget is back.
+    # The first client is untouched: its message completes; once answered,
+    # the budget is back.
     out = replies(first, b'"}}')
     assert len(out) == 1 and isinstance(out[0], Request)
     assert out[0].arguments == {"s": "a" * 200_000}
+    assert out[0].size > held and budget.used == out[0].size  # plus the closing tokens
+    first.request_done(out[0])
     assert first.input_held == 0 and budget.used == 0
     # Now the second client's message fits.
     out = replies(second, unfinished(200_000) + b'"}}')
     assert len(out) == 1 and isinstance(out[0], Request)
+    second.request_done(out[0])
+    assert budget.used == 0
+
+
+def test_requests_awaiting_their_reply_hold_their_input() -> None:
+    budget = QMPInputBudget(300_000)
+    first = QMPSession(VERSION, budget=budget)
+    second = QMPSession(VERSION, budget=budget)
+    queued = [replies(first, unfinished(100_000) + b'"}}')[0] for _ in range(2)]
+    assert all(isinstance(r, Request) for r in queued)
+    assert budget.used > 200_000
+    assert replies(second, unfinished(150_000)) == [{"error": OVER}]
+    for request in queued:
+        assert isinstance(request, Request)
+        first.request_done(request)
+        first.request_done(request)  # a second call changes nothing
+    assert budget.used == 0
+    assert replies(second, unfinished(150_000)) == []
+    # A connection that goes away returns its queued requests' share too.
+    second.reset_input()
+    replies(first, unfinished(100_000) + b'"}}')
+    first.reset_input()
     assert budget.used == 0
 
 
@@ -70,18 +95,26 @@ def test_refused_message_is_discarded_and_later_input_parsed() -> None:
     out = replies(s, b'{"execute": "a"}' + unfinished(5000))
     assert isinstance(out[0], Request) and out[0].command == "a"
     assert out[1:] == [{"error": OVER}]
+    # The request parsed before the refusal is already in memory: still counted.
+    assert budget.used == out[0].size > 0
+    s.request_done(out[0])
     assert budget.used == 0
     # As after QEMU's forced-out token, what follows is lexed afresh.
-    assert replies(s, b'{"execute": "b"}') == [Request(command="b", arguments={})]
+    out = replies(s, b'{"execute": "b"}')
+    assert out == [Request(command="b", arguments={})]
+    s.request_done(out[0])
     assert budget.used == 0
 
 
-def test_completed_messages_hold_nothing() -> None:
-    budget = QMPInputBudget(64)
+def test_answered_requests_hold_nothing() -> None:
+    budget = QMPInputBudget(1 << 20)
     s = QMPSession(VERSION, budget=budget)
     big = b'{"execute": "x", "arguments": {"s": "' + b"a" * 10_000 + b'"}}'
     out = replies(s, big * 3)
     assert [type(item) for item in out] == [Request] * 3
+    assert budget.used == sum(r.size for r in out) > 30_000
+    for r in out:
+        s.request_done(r)
     assert budget.used == 0
 
 
