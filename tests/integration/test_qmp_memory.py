@@ -120,4 +120,8 @@ def test_unfinished_messages_share_a_bounded_budget(qmpd_factory: Any) -> None:
     reply = after.recv()
     assert reply["id"] == "big" and "error" in reply  # parsed: pad is no argument
     assert reply["error"]["desc"] != OVER
+    after.close()
+    # Answered requests, synchronous or not, hold nothing on open connections.
     assert "return" in probe.cmd("query-version")
+    assert probe.cmd("blockdev-add", {"driver": "null-co", "node-name": "n0"}) == {"return": {}}
+    assert metric(qmpd, "qmpd_qmp_input_bytes") == 0
