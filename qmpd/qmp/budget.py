@@ -4,8 +4,9 @@ QEMU bounds one message (64 MiB, 2M tokens) but not the sum over clients;
 qmpd serves many clients per monitor, so one :class:`QMPInputBudget` is
 shared by every connection of the daemon.  Each connection holds an
 :class:`InputAccount` that grows and shrinks with its parser's unfinished
-message; growth past the shared total is refused, and the session then
-discards that message as QEMU discards an over-limit one.
+message and its parsed requests not yet answered; growth past the shared
+total is refused, and the session then discards the unfinished message as
+QEMU discards an over-limit one.
 """
 
 from __future__ import annotations

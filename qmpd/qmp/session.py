@@ -122,8 +122,11 @@ class QMPSession:
                 self._requests_held += size
             out.append(incoming)
         if not self._charge():
-            # Over the daemon-wide total: treated as an over-limit message.
-            out.append(self._incoming(parser.discard_message()))
+            # Over the daemon-wide total: an unfinished message is treated as
+            # an over-limit one.  Requests already parsed are in memory
+            # anyway; they stay charged, above the total.
+            if parser.held_memory:
+                out.append(self._incoming(parser.discard_message()))
             self._charge(force=True)
 
     def _incoming(self, item: object) -> Incoming:

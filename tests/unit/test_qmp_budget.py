@@ -106,6 +106,18 @@ def test_refused_message_is_discarded_and_later_input_parsed() -> None:
     assert budget.used == 0
 
 
+def test_complete_requests_over_the_total_are_kept_without_error() -> None:
+    budget = QMPInputBudget(1000)
+    s = QMPSession(VERSION, budget=budget)
+    small = b'{"execute": "x", "arguments": {"s": "' + b"a" * 600 + b'"}}'
+    out = replies(s, small * 2)
+    assert [type(item) for item in out] == [Request, Request]
+    assert budget.used > budget.total
+    for r in out:
+        s.request_done(r)
+    assert budget.used == 0
+
+
 def test_answered_requests_hold_nothing() -> None:
     budget = QMPInputBudget(1 << 20)
     s = QMPSession(VERSION, budget=budget)
