@@ -23,6 +23,7 @@ from qmpd.keyval import parse_bool, parse_option
 from qmpd.logs import LEVELS
 from qmpd.nbd.config import ExportConfig, NbdServerConfig, parse_export, parse_nbd_server
 from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress
+from qmpd.qmp.budget import DEFAULT_QMP_INPUT_TOTAL
 from qmpd.qmp.server import DEFAULT_OUTPUT_LIMIT, MonitorConfig
 
 DEFAULT_QMP_SOCKET = "qmpd.sock"
@@ -81,6 +82,7 @@ class Config:
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     package: str = f"qmpd {__version__}"
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    qmp_input_total: int = DEFAULT_QMP_INPUT_TOTAL
     event_loop: str = "asyncio"
     used_defaults: bool = False
     ignored: list[str] = field(default_factory=list)
@@ -142,6 +144,8 @@ OPTIONS = (
     Option("event-loop", "asyncio|uvloop|auto", "the event loop (default asyncio)"),
     Option("max-client-output", "BYTES",
            "output queued for one QMP client before it is disconnected"),
+    Option("max-qmp-input-total", "BYTES",
+           "unfinished QMP input held across all clients (default 256 MiB)"),
 )
 
 _LONG = {o.name: o for o in OPTIONS} | {a: o for o in OPTIONS for a in o.aliases}
@@ -285,6 +289,13 @@ def _scalar(cfg: Config, name: str, value: str) -> None:
             cfg.output_limit = int(value)
         except ValueError:
             raise ConfigError("expected a number of bytes") from None
+    elif name == "max-qmp-input-total":
+        try:
+            cfg.qmp_input_total = int(value)
+        except ValueError:
+            raise ConfigError("expected a number of bytes") from None
+        if cfg.qmp_input_total < 0:
+            raise ConfigError("expected a number of bytes")
 
 
 def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConfig],

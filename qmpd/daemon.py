@@ -26,6 +26,7 @@ from qmpd.nbd.exports import BlockExports
 from qmpd.net import UnixAddress
 from qmpd.objects import ObjectRegistry
 from qmpd.pidfile import PidFile
+from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
 from qmpd.qmp.server import MonitorConfig, QMPServer
@@ -81,8 +82,10 @@ class Daemon:
         self.exit_status = 0
         self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
         self.qmp = QMPServer(
-            self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit
+            self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit,
+            QMPInputBudget(config.qmp_input_total),
         )
+        self.metrics.watch_qmp_input(self.qmp.input_budget)
         self.http_runners: list[web.AppRunner] = []
         self.http_servers: list[asyncio.Server] = []
         self.http_bound: list[str] = []

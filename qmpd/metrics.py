@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +21,9 @@ from prometheus_client.registry import Collector
 
 from qmpd import __version__
 from qmpd.runstate import RunState
+
+if TYPE_CHECKING:
+    from qmpd.qmp.budget import QMPInputBudget
 
 _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
@@ -116,6 +119,10 @@ class Metrics:
         """Export per-node series, read from the live graph at each scrape."""
         self.registry.register(_NodeCollector(nodes))
 
+    def watch_qmp_input(self, budget: QMPInputBudget) -> None:
+        """Export the shared QMP input budget, read at each scrape."""
+        self.registry.register(_InputCollector(budget))
+
     def migration_status(self, status: str) -> None:
         self.migration_state.state(status)
 
@@ -181,3 +188,27 @@ class _NodeCollector(Collector):
         yield active
         yield failed
         yield caches
+
+
+class _InputCollector(Collector):
+    """Unfinished QMP input held across all clients, and growth refused."""
+
+    def __init__(self, budget: QMPInputBudget) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterable[Any]:
+        budget = self.budget
+        yield GaugeMetricFamily(
+            "qmpd_qmp_input_bytes", "Unfinished QMP input held across all clients",
+            value=budget.used,
+        )
+        yield GaugeMetricFamily(
+            "qmpd_qmp_input_limit_bytes",
+            "Unfinished QMP input allowed across all clients (--max-qmp-input-total)",
+            value=budget.total,
+        )
+        yield CounterMetricFamily(
+            "qmpd_qmp_input_refusals",
+            "Unfinished QMP messages discarded because the input total was reached",
+            value=budget.refusals,
+        )

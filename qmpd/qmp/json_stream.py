@@ -28,6 +28,9 @@ from typing import Any
 
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
+TOKEN_SIZE_EXCEEDED = "JSON token size limit exceeded"
+#: Per-token cost beyond its bytes: a bytes object's header plus a list slot.
+_TOKEN_OVERHEAD = 48
 MAX_NESTING = 1024
 
 JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
@@ -421,6 +424,7 @@ class JSONStreamParser:
         "_brackets",
         "_out",
         "_partial",
+        "_sizes",
         "_state",
         "_token_size",
         "_tokens",
@@ -445,6 +449,7 @@ class JSONStreamParser:
         self._braces = 0
         self._brackets = 0
         self._out: list[ParseResult] = []
+        self._sizes: list[int] = []
         self._ws_run = 0
         self.max_token_size = max_token_size
         self.max_token_count = max_token_count
@@ -455,6 +460,27 @@ class JSONStreamParser:
     def pending_bytes(self) -> int:
         """Bytes held for an unfinished message (tokens plus a cut token)."""
         return self._token_size + len(self._partial)
+
+    @property
+    def held_memory(self) -> int:
+        """Estimated memory the unfinished message pins, object overhead included."""
+        return self._token_size + len(self._partial) + _TOKEN_OVERHEAD * len(self._tokens)
+
+    @property
+    def result_sizes(self) -> list[int]:
+        """For each result of the last :meth:`feed`, the memory its input held."""
+        return self._sizes
+
+    def discard_message(self) -> ParseFailure:
+        """Drop the unfinished message as if it had outgrown the token size limit.
+
+        What follows is lexed from the start state, as after QEMU forces an
+        oversized token out.
+        """
+        self._partial.clear()
+        self._state = _START
+        self._clear_message()
+        return ParseFailure(TOKEN_SIZE_EXCEEDED)
 
     def reset(self) -> None:
         """Forget everything half-read (a new connection starts clean)."""
@@ -468,6 +494,7 @@ class JSONStreamParser:
     def feed(self, data: bytes) -> list[ParseResult]:
         """Consume ``data``; return the values and failures it completed."""
         out = self._out = []
+        self._sizes = []
         n = len(data)
         i = 0
         fast = _FAST_TOKEN.match
@@ -523,6 +550,7 @@ class JSONStreamParser:
         except ValueError:
             return 0
         self._out.append(value)
+        self._sizes.append(end - i)
         return end
 
     # --- lexer -----------------------------------------------------------
@@ -722,7 +750,7 @@ class JSONStreamParser:
             elif first == _TOKEN_RBRACKET:
                 self._brackets -= 1
         if self._token_size + size + 1 > self.max_token_size or token is None:
-            self._fail("JSON token size limit exceeded")
+            self._fail(TOKEN_SIZE_EXCEEDED)
             return
         if len(self._tokens) + 1 > self.max_token_count:
             self._fail("JSON token count limit exceeded")
@@ -737,12 +765,14 @@ class JSONStreamParser:
         if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
             return
         tokens = self._tokens
+        self._sizes.append(self.held_memory)
         self._clear_message()
         self._out.append(parse_tokens(tokens))
 
     def _fail(self, desc: str) -> None:
         self._clear_message()
         self._out.append(ParseFailure(desc))
+        self._sizes.append(0)
 
     def _clear_message(self) -> None:
         self._tokens = []

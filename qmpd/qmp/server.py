@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 from qmpd import logs, net
 from qmpd.errors import GenericError
 from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress
+from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.session import Incoming, QMPSession, Request
 
 if TYPE_CHECKING:
@@ -62,7 +63,10 @@ class QMPConnection(asyncio.Protocol):
 
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
-        self.session = QMPSession(monitor.server.version, pretty=monitor.config.pretty)
+        server = monitor.server
+        self.session = QMPSession(
+            server.version, pretty=monitor.config.pretty, budget=server.input_budget
+        )
         self.pretty = monitor.config.pretty
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Incoming] = deque()
@@ -154,11 +158,12 @@ class QMPConnection(asyncio.Protocol):
                 if isinstance(item, Request) and dispatcher.runs_out_of_band(self.session, item):
                     # OOB handlers are synchronous: the reply is bytes.
                     self._write(cast(bytes, dispatcher.dispatch(self.session, item)))
+                    self.session.request_done(item)
                 else:
                     self.queue.append(item)
         except Exception:  # a parser bug must not take the connection down
             log.exception("%s: cannot parse client input; input dropped", self.monitor.config.id)
-            self.session.parser.reset()
+            self.session.reset_input()
         self._process()
 
     def eof_received(self) -> bool | None:
@@ -172,7 +177,7 @@ class QMPConnection(asyncio.Protocol):
         self.closed = True
         self._stop_fd_reading()
         self.queue.clear()
-        self.session.parser.reset()
+        self.session.reset_input()
         self.session.close_passed_fds()
         self.monitor.detach(self)
 
@@ -233,17 +238,19 @@ class QMPConnection(asyncio.Protocol):
                 log.exception("%s: %s failed", self.monitor.config.id, item.command)
                 reply = self.session.error_reply(item, GenericError(f"internal error: {exc}"))
             if isinstance(reply, bytes):
+                self.session.request_done(item)
                 self._write(reply)
             else:
                 self.busy = True
-                asyncio.get_running_loop().create_task(self._finish(reply))
+                asyncio.get_running_loop().create_task(self._finish(item, reply))
                 return
 
-    async def _finish(self, reply: Awaitable[bytes]) -> None:
+    async def _finish(self, request: Request, reply: Awaitable[bytes]) -> None:
         try:
             data = await reply
         finally:
             self.busy = False
+            self.session.request_done(request)
         if not self.closed:
             self._write(data)
             self._process()
@@ -436,12 +443,15 @@ class QMPServer:
         events: EventBus,
         metrics: Metrics | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        input_budget: QMPInputBudget | None = None,
     ) -> None:
         self.version = version
         self.dispatcher = dispatcher
         self.events = events
         self.metrics = metrics
         self.output_limit = output_limit
+        #: Shared by every connection: unfinished input across all clients.
+        self.input_budget = input_budget if input_budget is not None else QMPInputBudget()
         self.monitors: list[Monitor] = []
 
     async def add_monitor(self, config: MonitorConfig) -> Monitor:

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qmpd.errors import CommandNotFound, GenericError, QMPError
+from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.encode import encode_message, qdict_order
 from qmpd.qmp.json_stream import JSONStreamParser, ParseFailure
 
 #: Capabilities qmpd can offer; a socket monitor offers all of them.
 QMP_CAPABILITIES = ("oob",)
+
+#: Input is parsed and charged to the budget this much at a time, so one
+#: connection overshoots the shared total by at most this for an instant.
+INPUT_CHUNK = 256 * 1024
 
 NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
@@ -32,6 +37,8 @@ class Request:
     arguments: dict[str, Any]
     id: Any = _UNSET
     oob: bool = False
+    #: Input budget it holds until :meth:`QMPSession.request_done`.
+    size: int = field(default=0, compare=False)
 
     @property
     def has_id(self) -> bool:
@@ -45,7 +52,8 @@ class QMPSession:
     """Protocol state of one client connection."""
 
     __slots__ = (
-        "_fds", "_greeting", "capabilities", "negotiating", "offered", "parser", "pretty",
+        "_fds", "_greeting", "_input", "_requests_held", "capabilities", "negotiating",
+        "offered", "parser", "pretty",
     )
 
     def __init__(
@@ -53,8 +61,11 @@ class QMPSession:
         version: dict[str, Any],
         offered: tuple[str, ...] = QMP_CAPABILITIES,
         pretty: bool = False,
+        budget: QMPInputBudget | None = None,
     ) -> None:
         self.parser = JSONStreamParser()
+        self._input = (budget if budget is not None else QMPInputBudget()).account()
+        self._requests_held = 0
         self.pretty = pretty
         self.negotiating = True
         self.capabilities: frozenset[str] = frozenset()
@@ -76,16 +87,54 @@ class QMPSession:
     def receive_data(self, data: bytes) -> list[Incoming]:
         """Parse ``data``; return requests to dispatch and immediate replies."""
         out: list[Incoming] = []
-        for item in self.parser.feed(data):
-            if isinstance(item, ParseFailure):
-                out.append(self.encode({"error": GenericError(item.desc).to_qmp()}))
-            elif not isinstance(item, dict):
-                out.append(
-                    self.encode({"error": GenericError("QMP input must be a JSON object").to_qmp()})
-                )
-            else:
-                out.append(self._check_request(item))
+        for start in range(0, len(data), INPUT_CHUNK):
+            chunk = data[start : start + INPUT_CHUNK] if len(data) > INPUT_CHUNK else data
+            self._parse(chunk, out)
         return out
+
+    @property
+    def input_held(self) -> int:
+        """Bytes of the shared input budget this connection holds."""
+        return self._input.held
+
+    def reset_input(self) -> None:
+        """Forget any half-read message and queued requests; return their budget."""
+        self.parser.reset()
+        self._requests_held = 0
+        self._input.release()
+
+    def request_done(self, request: Request) -> None:
+        """``request`` was answered: the budget its input held is free again."""
+        self._requests_held = max(0, self._requests_held - request.size)
+        request.size = 0
+        self._charge(force=True)
+
+    def _charge(self, force: bool = False) -> bool:
+        return self._input.resize(self.parser.held_memory + self._requests_held, force)
+
+    def _parse(self, data: bytes, out: list[Incoming]) -> None:
+        parser = self.parser
+        items = parser.feed(data)
+        for item, size in zip(items, parser.result_sizes, strict=True):
+            incoming = self._incoming(item)
+            if isinstance(incoming, Request):
+                incoming.size = size
+                self._requests_held += size
+            out.append(incoming)
+        if not self._charge():
+            # Over the daemon-wide total: an unfinished message is treated as
+            # an over-limit one.  Requests already parsed are in memory
+            # anyway; they stay charged, above the total.
+            if parser.held_memory:
+                out.append(self._incoming(parser.discard_message()))
+            self._charge(force=True)
+
+    def _incoming(self, item: object) -> Incoming:
+        if isinstance(item, ParseFailure):
+            return self.encode({"error": GenericError(item.desc).to_qmp()})
+        if not isinstance(item, dict):
+            return self.encode({"error": GenericError("QMP input must be a JSON object").to_qmp()})
+        return self._check_request(item)
 
     def _check_request(self, msg: dict[str, Any]) -> Incoming:
         # Members are checked in QEMU's QDict order; the first problem wins.
