@@ -136,6 +136,11 @@ def each(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                        "--monitor", "c", "--monitor", "c"]),
     ("client-nobody-listening", ["--chardev", "socket,id=c,path={w}/none.sock",
                                  "--monitor", "c"]),
+    ("secret-without-data", ["--object", "secret,id=s"]),
+    ("unknown-object", ["--object", "bogus,id=x"]),
+    ("object-bad-number", ["--object", "throttle-group,id=t,x-bps-total=abc"]),
+    ("blockdev-unknown-key", ["--blockdev", "null-co,node-name=n,bogus=1"]),
+    ("export-no-node", ["--export", "nbd,id=e,node-name=nope"]),
 ])
 def test_errors_are_qsd_one_liners(tmp_path: Path, name: str, args: list[str]) -> None:
     seen = {}
@@ -295,3 +300,26 @@ def test_log_lines_and_log_file(tmp_path: Path) -> None:
     text = log.read_text()
     assert "read 512/512 bytes at offset 0" in text
     assert "qmpd: info: terminating on signal 15" in text
+
+
+def test_objects_from_the_command_line(tmp_path: Path) -> None:
+    seen = {}
+    for impl, work in each(tmp_path):
+        d = Daemon(impl, work,
+                   "--object", "throttle-group,id=tg,x-iops-total=1000",
+                   "--object", "secret,id=sec0,data=letmein",
+                   "--blockdev", "null-co,node-name=n0",
+                   "--blockdev", "throttle,node-name=t0,throttle-group=tg,file=n0",
+                   "--chardev", f"socket,id=c,path={work}/qmp.sock,server=on,wait=off",
+                   "--monitor", "c")
+        qmp = Qmp.connect(work / "qmp.sock", d.proc)
+        qmp.cmd("qmp_capabilities")
+        nodes = sorted(n["node-name"] for n in qmp.cmd("query-named-block-nodes")["return"])
+        in_use = qmp.cmd("object-del", {"id": "tg"})
+        dup = qmp.cmd("object-add", {"qom-type": "secret", "id": "sec0", "data": "x"})
+        qmp.close()
+        rc, out, err = d.stop()
+        seen[impl] = (nodes, in_use, dup, rc, out, err)
+    assert seen["qmpd"] == seen["qsd"]
+    assert seen["qmpd"][0] == ["n0", "t0"]
+    assert "letmein" not in json.dumps(seen["qmpd"])
