@@ -230,6 +230,18 @@ class BlockLayer:
         path = driver.backing_file_name()
         if not path:
             return
+        # A header may name any file, or a protocol: only local files are
+        # followed, never a json: description or another protocol (nbd:,
+        # http:, ...) that the user did not ask for.
+        name = driver.raw_backing_file_name()
+        if name.startswith("json:"):
+            raise GenericError("Could not open backing file: json: backing file names "
+                               "are not supported")
+        protocol = _protocol(name)
+        if protocol == "file":
+            path = _path_combine(driver.filename(), name[len("file:"):])
+        elif protocol is not None:
+            raise GenericError(f"Could not open backing file: Unknown protocol '{protocol}'")
         # The images above, by real path: a header naming one of them loops.
         chain = chain or (os.path.realpath(driver.filename()),)
         real = os.path.realpath(path)
@@ -246,8 +258,13 @@ class BlockLayer:
             "driver": fmt,
             "file": {"driver": "file", "filename": path},
         }
-        child = await self._open(options, config, created, inactive, "backing",
-                                 (*chain, real))
+        try:
+            child = await self._open(options, config, created, inactive, "backing",
+                                     (*chain, real))
+        except GenericError as exc:
+            if "creates an infinite loop" in exc.desc or "Backing chain of" in exc.desc:
+                raise
+            raise GenericError(f"Could not open backing file: {exc.desc}") from None
         self.graph.attach(node, child, "backing", ChildRole.COW)
         node.inline_children.append(child)
         # The image was opened before its backing node existed.
@@ -416,3 +433,19 @@ class BlockLayer:
         image.update(extra)
         return image
 
+
+
+def _protocol(name: str) -> str | None:
+    """QEMU's path_has_protocol: a colon before any slash names a protocol."""
+    head, colon, _ = name.partition(":")
+    if not colon or "/" in head:
+        return None
+    return head
+
+
+
+def _path_combine(base: str, name: str) -> str:
+    """QEMU's path_combine: ``name`` relative to the directory of ``base``."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(base), name)

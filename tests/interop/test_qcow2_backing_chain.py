@@ -107,3 +107,56 @@ def test_backing_chain_depth(qmpd: QmpdProcess, tmp_path: Path) -> None:
         f"Backing chain of '{images[-1]}' is longer than {MAX_BACKING_CHAIN} images")
     assert c.cmd("query-named-block-nodes") == {"return": []}
     assert held_bytes(images[0]) == set()
+
+
+def qemu_img_error(image: Path) -> str:
+    """qemu-io's reason for refusing to open ``image``, backing chain included."""
+    proc = qemu_io(image, "read 0 512")
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr.strip().split(f"can't open device {image}: ", 1)[1]
+
+
+def test_backing_files_the_user_did_not_name(qmpd: QmpdProcess, tmp_path: Path) -> None:
+    """A header may only lead to a local file: never another protocol or a json: name."""
+    import socket
+
+    c = qmpd.client()
+    c.negotiate()
+    cases = {
+        "missing": "missing.raw",
+        "unknown-protocol": "foo:bar",
+    }
+    for case, backing in cases.items():
+        top = tmp_path / f"{case}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", str(top), "1M")
+        assert add(c, top)["error"]["desc"] == qemu_img_error(top), case
+
+    # QEMU would connect to this NBD server; qmpd refuses to follow the header.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "nbd.sock"))
+    listener.listen(1)
+    listener.setblocking(False)
+    top = tmp_path / "nbd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b",
+             f"nbd+unix:///x?socket={tmp_path}/nbd.sock", "-F", "raw", str(top), "1M")
+    assert add(c, top)["error"]["desc"] == ("Could not open backing file: "
+                                            "Unknown protocol 'nbd+unix'")
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
+
+    top = tmp_path / "json.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b",
+             'json:{"driver": "file", "filename": "/etc/hostname"}', "-F", "raw", str(top), "1M")
+    assert add(c, top)["error"]["desc"] == ("Could not open backing file: json: backing file "
+                                            "names are not supported")
+
+    # The file protocol's prefix is QEMU's too: it names a local file.
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x5a" * 65536)
+    top = tmp_path / "file-protocol.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "file:base.raw", "-F", "raw", str(top),
+             "64k")
+    assert add(c, top) == {"return": {}}
+    assert "verification failed" not in hmp_io(c, "read -P 0x5a 0 4k")
+    assert c.cmd("query-status")["return"]["status"] == "running"
