@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -296,7 +297,18 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self.on_signal, signum)
         try:
-            await self.start(ready_fd)
+            # A signal during start-up (a monitor waiting for its first
+            # client, say) ends it instead of waiting for ever.
+            starting = asyncio.ensure_future(self.start(ready_fd))
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                stopped.cancel()
+                starting.result()
         except ConfigError as exc:
             await self.shutdown()
             if ready_fd is not None:

@@ -323,3 +323,19 @@ def test_objects_from_the_command_line(tmp_path: Path) -> None:
     assert seen["qmpd"] == seen["qsd"]
     assert seen["qmpd"][0] == ["n0", "t0"]
     assert "letmein" not in json.dumps(seen["qmpd"])
+
+
+def test_signal_while_waiting_for_the_first_client(tmp_path: Path) -> None:
+    """server=on holds start-up; SIGTERM then still ends the daemon, leaving nothing."""
+    path = tmp_path / "qmp.sock"
+    d = Daemon("qmpd", tmp_path, "--chardev", f"socket,id=c,path={path},server=on",
+               "--monitor", "c", "--pidfile", str(tmp_path / "q.pid"))
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert d.proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    d.proc.send_signal(signal.SIGTERM)
+    rc, out, err = d.stop()
+    assert (rc, out) == (0, "")
+    assert "waiting for connection on: disconnected:unix:" in err
+    assert not path.exists() and not (tmp_path / "q.pid").exists()
