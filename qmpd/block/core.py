@@ -398,7 +398,7 @@ class BlockLayer:
         actual = driver.allocated_size()
         if actual is not None:
             image["actual-size"] = actual
-        image["virtual-size"] = driver.size()
+        image["virtual-size"] = node.size()
         for key in ("cluster-size", "backing-filename", "full-backing-filename",
                     "backing-filename-format"):
             if key in extra:

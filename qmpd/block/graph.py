@@ -167,10 +167,11 @@ class BlockNode:
     # --- I/O with the checks every caller needs -------------------------------
 
     def size(self) -> int:
-        return self.driver.size()
+        """The length in whole 512-byte sectors, as QEMU's ``bdrv_getlength``."""
+        return -(-self.driver.size() // 512) * 512
 
     def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.driver.size():
+        if offset < 0 or length < 0 or offset + length > self.size():
             raise BlockDriverError("Input/output error: request beyond end of device", 5)
 
     def _check_writable(self) -> None:
