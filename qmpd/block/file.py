@@ -140,6 +140,10 @@ class FileDriver(BlockDriver):
         self._writes = 0
         self._flushed = 0
         self._page_cache_inconsistent = False
+        # auto-read-only: the descriptor is read-write only while a parent
+        # holds write or resize (QEMU's dynamic auto-read-only).
+        self._auto_read_only = False
+        self._flags = 0
 
     async def open(self, options: dict[str, Any]) -> None:
         node = self.node
@@ -157,7 +161,6 @@ class FileDriver(BlockDriver):
                 and options.get("_auto_read_only")
                 and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
             ):
-                node.read_only = True
                 flags = (flags & ~os.O_RDWR) | os.O_RDONLY
                 try:
                     self.fd = await node.graph.run_io(os.open, self.path, flags)
@@ -165,6 +168,8 @@ class FileDriver(BlockDriver):
                     raise GenericError(f"Could not open '{self.path}': {exc2.strerror}") from None
             else:
                 raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+        self._flags = flags
+        self._auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
         try:
             st = await node.graph.run_io(os.fstat, self.fd)
             if stat.S_ISDIR(st.st_mode):
@@ -311,6 +316,8 @@ class FileDriver(BlockDriver):
     # --- permissions and activation -----------------------------------------------
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self._auto_read_only:
+            await self._reopen(bool(perm & (Perm.WRITE | Perm.RESIZE)))
         # An inactive node keeps whatever locks it had when it was inactivated
         # (none, for a node opened inactive): QEMU returns early here too.
         if self.lock is None or not self.node.active:
@@ -321,6 +328,29 @@ class FileDriver(BlockDriver):
             raise GenericError(str(exc)) from None
         except OSError as exc:
             raise GenericError(f"Failed to lock image: {exc.strerror}") from None
+
+    async def _reopen(self, writable: bool) -> None:
+        """Switch the descriptor between read-only and read-write in place.
+
+        The new open file takes the lock bytes before it replaces the old one
+        under the same descriptor number, so the image is never unlocked.
+        """
+        flags = (self._flags & ~(os.O_RDWR | os.O_RDONLY | os.O_WRONLY)) | (
+            os.O_RDWR if writable else os.O_RDONLY
+        )
+        if flags == self._flags or self.fd < 0:
+            return
+        try:
+            new = await self.node.graph.run_io(os.open, self.path, flags)
+        except OSError as exc:
+            raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+        try:
+            if self.lock is not None:
+                self.lock.copy_to(new)
+            os.dup2(new, self.fd, inheritable=False)
+        finally:
+            os.close(new)
+        self._flags = flags
 
     async def invalidate_cache(self) -> None:
         if self.fd < 0:

@@ -6,6 +6,7 @@ line and compares what ``query-named-block-nodes`` reports about it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +20,27 @@ from tests.conftest import QmpdProcess, RawClient, require_tool
 pytestmark = pytest.mark.qemu
 
 Run = Callable[..., dict[str, Any]]
+Step = tuple[str, Any]
+#: A step that records how the process holds a file open, not a QMP command.
+ACCESS = "access-mode"
 
 
-def _qsd_nodes(tmp: Path, args: list[str], commands: list[tuple[str, dict[str, Any]]]
-               ) -> dict[str, Any]:
+def _access_modes(pid: int, path: Path) -> list[str]:
+    """``ro``/``rw`` for each descriptor of ``pid`` open on ``path``."""
+    modes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != str(path):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        except (FileNotFoundError, StopIteration):
+            continue
+        modes.append("rw" if flags & os.O_ACCMODE == os.O_RDWR else "ro")
+    return sorted(modes)
+
+
+def _qsd_nodes(tmp: Path, args: list[str], commands: list[Step]) -> dict[str, Any]:
     qsd = require_tool("qemu-storage-daemon")
     sock = tmp / "qsd.sock"
     proc = subprocess.Popen(
@@ -36,7 +54,7 @@ def _qsd_nodes(tmp: Path, args: list[str], commands: list[tuple[str, dict[str, A
             time.sleep(0.02)
         client = RawClient(str(sock))
         try:
-            return _observe(client, commands)
+            return _observe(client, proc.pid, commands)
         finally:
             client.close()
     finally:
@@ -44,30 +62,36 @@ def _qsd_nodes(tmp: Path, args: list[str], commands: list[tuple[str, dict[str, A
         proc.wait(10)
 
 
-def _qmpd_nodes(tmp: Path, args: list[str], commands: list[tuple[str, dict[str, Any]]]
-                ) -> dict[str, Any]:
+def _qmpd_nodes(tmp: Path, args: list[str], commands: list[Step]) -> dict[str, Any]:
     daemon = QmpdProcess(tmp, *args)
     try:
         client = daemon.client()
         try:
-            return _observe(client, commands)
+            return _observe(client, daemon.proc.pid, commands)
         finally:
             client.close()
     finally:
         daemon.stop()
 
 
-def _observe(client: RawClient, commands: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def _observe(client: RawClient, pid: int, commands: list[Step]) -> dict[str, Any]:
     client.negotiate()
-    replies = [client.cmd(name, args) for name, args in commands]
+    replies: list[Any] = []
+    for name, args in commands:
+        if name == ACCESS:
+            replies.append(_access_modes(pid, args))
+        elif name == "query-named-block-nodes":
+            nodes = client.cmd(name, args)["return"]
+            replies.append({n["node-name"]: (n["ro"], n["file"]) for n in nodes})
+        else:
+            replies.append(client.cmd(name, args))
     nodes = client.cmd("query-named-block-nodes", {"flat": True})["return"]
     return {"replies": replies, "nodes": {n["node-name"]: n for n in nodes}}
 
 
 @pytest.fixture
 def run(tmp_path: Path) -> Iterator[Run]:
-    def both(*args: str, commands: list[tuple[str, dict[str, Any]]] | None = None
-             ) -> dict[str, Any]:
+    def both(*args: str, commands: list[Step] | None = None) -> dict[str, Any]:
         qsd_tmp = tmp_path / "qsd"
         qmpd_tmp = tmp_path / "qmpd"
         qsd_tmp.mkdir(exist_ok=True)
@@ -97,3 +121,27 @@ def test_file_size_whole_sectors(run: Run, tmp_path: Path, length: int) -> None:
         ours = _pick(seen["qmpd"]["nodes"][name], "file", "ro", "drv")
         assert ours == _pick(seen["qemu"]["nodes"][name], "file", "ro", "drv")
     assert seen["qmpd"]["nodes"]["r"]["image"]["virtual-size"] == -(-length // 512) * 512
+
+
+def test_auto_read_only_follows_writers(run: Run, tmp_path: Path) -> None:
+    """auto-read-only=on: the file is open read-only until a writer attaches,
+    read-write while it is attached, read-only again after; ``ro`` stays false."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    nbd = tmp_path / "nbd.sock"
+    nodes = ("query-named-block-nodes", {"flat": True})
+    seen = run(
+        "--blockdev", f"driver=file,node-name=f,filename={image},auto-read-only=on",
+        "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+        commands=[
+            nodes, (ACCESS, image),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "f",
+                                  "writable": True}),
+            nodes, (ACCESS, image),
+            ("block-export-del", {"id": "e"}),
+            nodes, (ACCESS, image),
+            ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f"}),
+            nodes, (ACCESS, image),
+        ])
+    assert seen["qmpd"]["replies"] == seen["qemu"]["replies"]
+    assert [seen["qmpd"]["replies"][i] for i in (1, 4, 7, 10)] == [["ro"], ["rw"], ["ro"], ["ro"]]
