@@ -349,8 +349,10 @@ class BlockLayer:
 
     def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
         image = self.image_info(node, flat)
+        # QEMU counts the chain only while it walks it for the nested
+        # image info: a flat query reports 0.
         depth = 0
-        backing = node.backing
+        backing = None if flat else node.backing
         while backing is not None:
             depth += 1
             backing = backing.backing

@@ -83,6 +83,11 @@ def _observe(client: RawClient, pid: int, commands: list[Step]) -> dict[str, Any
         elif name == "query-named-block-nodes":
             nodes = client.cmd(name, args)["return"]
             replies.append({n["node-name"]: (n["ro"], n["file"]) for n in nodes})
+        elif name == "chain":  # auto-generated node names differ: key by driver and file
+            nodes = client.cmd("query-named-block-nodes", args)["return"]
+            replies.append(sorted(
+                (n["drv"], n["file"], n["backing_file_depth"], n.get("backing_file"))
+                for n in nodes))
         else:
             replies.append(client.cmd(name, args))
     nodes = client.cmd("query-named-block-nodes", {"flat": True})["return"]
@@ -145,3 +150,22 @@ def test_auto_read_only_follows_writers(run: Run, tmp_path: Path) -> None:
         ])
     assert seen["qmpd"]["replies"] == seen["qemu"]["replies"]
     assert [seen["qmpd"]["replies"][i] for i in (1, 4, 7, 10)] == [["ro"], ["rw"], ["ro"], ["ro"]]
+
+
+def test_backing_file_depth(run: Run, tmp_path: Path) -> None:
+    """Counted along COW backing links only (a raw node is no link), and 0 in a
+    flat query, where QEMU does not walk the chain."""
+    qemu_img = require_tool("qemu-img")
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    mid = tmp_path / "mid.qcow2"
+    top = tmp_path / "top.qcow2"
+    for image, backing, fmt in ((mid, base, "raw"), (top, mid, "qcow2")):
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(backing),
+                        "-F", fmt, str(image)], check=True)
+    seen = run("--blockdev", f"driver=qcow2,node-name=top,file.driver=file,file.filename={top}",
+               commands=[("chain", {"flat": True}), ("chain", {})])
+    assert seen["qmpd"]["replies"] == seen["qemu"]["replies"]
+    depths = {(drv, file): depth for drv, file, depth, _ in seen["qmpd"]["replies"][1]}
+    assert depths[("qcow2", str(top))] == 2
+    assert depths[("raw", str(base))] == 0
