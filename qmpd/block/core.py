@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
 from qmpd.block.file import FileDriver
+from qmpd.block.filename import refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
@@ -358,13 +359,13 @@ class BlockLayer:
             backing = backing.backing
         # Members in QAPI order: QEMU's output order depends on it.
         info: dict[str, Any] = {
-            "file": node.driver.filename(),
+            "file": refresh_filename(node),
             "node-name": node.node_name,
             "ro": node.read_only,
             "drv": node.driver.format_name,
         }
         if node.backing is not None:
-            info["backing_file"] = node.backing.driver.filename()
+            info["backing_file"] = refresh_filename(node.backing)
         info.update(
             {
                 "backing_file_depth": depth,
@@ -392,7 +393,7 @@ class BlockLayer:
         driver = node.driver
         extra = driver.image_info()
         image: dict[str, Any] = {
-            "filename": driver.filename(),
+            "filename": refresh_filename(node),
             "format": driver.format_name,
         }
         if "dirty-flag" in extra:

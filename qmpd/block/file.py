@@ -313,6 +313,12 @@ class FileDriver(BlockDriver):
     def filename(self) -> str:
         return self.path
 
+    def exact_filename(self) -> str:
+        return self.path
+
+    def filename_options(self) -> dict[str, Any]:
+        return {"filename": self.path}
+
     # --- permissions and activation -----------------------------------------------
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:

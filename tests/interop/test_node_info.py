@@ -169,3 +169,53 @@ def test_backing_file_depth(run: Run, tmp_path: Path) -> None:
     depths = {(drv, file): depth for drv, file, depth, _ in seen["qmpd"]["replies"][1]}
     assert depths[("qcow2", str(top))] == 2
     assert depths[("raw", str(base))] == 0
+
+
+def _filename_cases(tmp: Path) -> dict[str, list[str]]:
+    base = tmp / "base.raw"
+    rel = tmp / "rel.qcow2"  # header names "base.raw"
+    plain = tmp / "plain.qcow2"  # no backing file in the header
+    f = f"driver=file,node-name=f,filename={base}"
+    return {
+        "raw-offset-size": ["--blockdev", f,
+                            "--blockdev", "driver=raw,node-name=r,file=f,offset=512,size=4096"],
+        "raw-offset-0": ["--blockdev", f, "--blockdev", "driver=raw,node-name=r,file=f,offset=0"],
+        "raw-over-raw": ["--blockdev", f, "--blockdev", "driver=raw,node-name=r,file=f",
+                         "--blockdev", "driver=raw,node-name=r2,file=r"],
+        "file-options": ["--blockdev", f"{f},locking=off,aio=threads",
+                         "--blockdev", "driver=raw,node-name=r,file=f"],
+        "qcow2-over-raw": ["--blockdev", "driver=qcow2,node-name=q,file.driver=raw,"
+                           f"file.file.driver=file,file.file.filename={plain}"],
+        "qcow2-backing-overridden": ["--blockdev", f, "--blockdev",
+                                     "driver=qcow2,node-name=q,file.driver=file,"
+                                     f"file.filename={plain},backing=f"],
+        "qcow2-backing-relative": ["--blockdev", f, "--blockdev", "driver=raw,node-name=r,file=f",
+                                   "--blockdev", "driver=qcow2,node-name=q,file.driver=file,"
+                                   f"file.filename={rel},backing=r"],
+        "qcow2-backing-null": ["--blockdev", '{"driver": "qcow2", "node-name": "q", "file": '
+                               f'{{"driver": "file", "filename": "{rel}"}}, "backing": null}}'],
+        "qcow2-backing-auto": ["--blockdev", "driver=qcow2,node-name=q,file.driver=file,"
+                               f"file.filename={rel}"],
+        "null-size": ["--blockdev", "driver=null-co,node-name=n,size=4096",
+                      "--blockdev", "driver=raw,node-name=r,file=n"],
+        "null-read-zeroes": ["--blockdev", "driver=null-co,node-name=n,read-zeroes=on"],
+        "null-plain": ["--blockdev", "driver=null-co,node-name=n",
+                       "--blockdev", "driver=raw,node-name=r,file=n"],
+    }
+
+
+@pytest.mark.parametrize("case", list(_filename_cases(Path("/"))))
+def test_json_filenames(run: Run, tmp_path: Path, case: str) -> None:
+    """``file`` (and ``backing_file``) as QEMU's filename refresh writes them:
+    the protocol file's name, or ``json:{...}`` with QEMU's member order."""
+    qemu_img = require_tool("qemu-img")
+    (tmp_path / "base.raw").write_bytes(bytes(1 << 20))
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+                    str(tmp_path / "rel.qcow2")], check=True, cwd=tmp_path)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(tmp_path / "plain.qcow2"),
+                    "1M"], check=True)
+    seen = run(*_filename_cases(tmp_path)[case], commands=[("chain", {"flat": True})])
+    ours, qemu = seen["qmpd"]["replies"], seen["qemu"]["replies"]
+    assert ours == qemu
+    if case not in ("file-options", "qcow2-backing-auto", "null-plain"):
+        assert any(file.startswith("json:{") for _, file, _, _ in ours[0])
