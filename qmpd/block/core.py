@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
-from qmpd.block.file import FileDriver
+from qmpd.block.file import FileDriver, HostDeviceDriver
 from qmpd.block.filename import refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
@@ -36,6 +36,7 @@ _MAX_NODE_NAME = 31
 def _driver_classes() -> dict[str, type[BlockDriver]]:
     classes: dict[str, type[BlockDriver]] = {
         "file": FileDriver,
+        "host_device": HostDeviceDriver,
         "raw": RawDriver,
         "null-co": NullDriver,
     }

@@ -174,7 +174,8 @@ class FileDriver(BlockDriver):
             st = await node.graph.run_io(os.fstat, self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise GenericError(f"Could not open '{self.path}': Is a directory")
-            self._size = st.st_size
+            self._check_type(st.st_mode)
+            self._size = await node.graph.run_io(self._length, self.fd)
             self._inline = _memory_backed(self.fd) and not node.cache_direct
             if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
                 self.lock = ImageLock(self.fd)
@@ -182,6 +183,15 @@ class FileDriver(BlockDriver):
             os.close(self.fd)
             self.fd = -1
             raise
+
+    def _check_type(self, mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise GenericError(
+                f"'{self.format_name}' driver requires '{self.path}' to be a regular file"
+            )
+
+    def _length(self, fd: int) -> int:
+        return os.fstat(fd).st_size
 
     async def close(self) -> None:
         if self.fd < 0:
@@ -370,9 +380,26 @@ class FileDriver(BlockDriver):
                 if dirty:
                     os.fdatasync(self.fd)
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            return os.fstat(self.fd).st_size
+            return self._length(self.fd)
 
         generation = self._writes
         self._size = await self.node.graph.run_io(refresh)
         if dirty and self.drop_cache and not self.node.cache_direct:
             self._flushed = max(self._flushed, generation)
+
+
+class HostDeviceDriver(FileDriver):
+    """``host_device``: the file driver's options, on a block or character device."""
+
+    format_name = "host_device"
+
+    def _check_type(self, mode: int) -> None:
+        if not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+            raise GenericError(
+                f"'{self.format_name}' driver requires '{self.path}' to be either "
+                "a character or block device"
+            )
+
+    def _length(self, fd: int) -> int:
+        # st_size is 0 for devices; seeking to the end gives a block device's size.
+        return os.lseek(fd, 0, os.SEEK_END)

@@ -7,7 +7,9 @@ line and compares what ``query-named-block-nodes`` reports about it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,3 +221,62 @@ def test_json_filenames(run: Run, tmp_path: Path, case: str) -> None:
     assert ours == qemu
     if case not in ("file-options", "qcow2-backing-auto", "null-plain"):
         assert any(file.startswith("json:{") for _, file, _, _ in ours[0])
+
+
+def _start_error(tmp: Path, blockdev: str) -> tuple[str, str]:
+    """The one-line start-up error of QSD and of qmpd for ``--blockdev``."""
+    qsd = subprocess.run([require_tool("qemu-storage-daemon"), "--blockdev", blockdev],
+                         capture_output=True, text=True, timeout=30)
+    ours = subprocess.run([sys.executable, "-m", "qmpd", "--qmp", f"unix:{tmp}/qmpd.sock",
+                           "--blockdev", blockdev],
+                          capture_output=True, text=True, timeout=30, cwd=tmp)
+    assert qsd.returncode == ours.returncode == 1
+    return (qsd.stderr.strip().splitlines()[-1].split(": ", 1)[1],
+            ours.stderr.strip().splitlines()[-1].split(": ", 1)[1])
+
+
+@pytest.mark.parametrize("driver,target", [
+    ("host_device", "regular"), ("host_device", "directory"), ("file", "/dev/null"),
+])
+def test_device_type_refused(tmp_path: Path, driver: str, target: str) -> None:
+    """host_device wants a block or character device, file a regular file."""
+    path = {"regular": str(tmp_path / "disk.raw"), "directory": str(tmp_path)}.get(target, target)
+    (tmp_path / "disk.raw").write_bytes(bytes(4096))
+    qemu, ours = _start_error(tmp_path, f"driver={driver},node-name=h,filename={path}")
+    assert ours == qemu
+
+
+def _loop_device(tmp: Path) -> Iterator[str]:
+    losetup = shutil.which("losetup")
+    if losetup is None or os.geteuid() != 0:
+        pytest.skip("attaching a loop device needs losetup and root")
+    backing = tmp / "loop.img"
+    backing.write_bytes(b"\x5a" * (3 << 20))
+    attach = subprocess.run([losetup, "-f", "--show", str(backing)],
+                            capture_output=True, text=True, timeout=30)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run([losetup, "-d", device], timeout=30)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    yield from _loop_device(tmp_path)
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero", "loop"])
+def test_host_device(run: Run, device: str, request: pytest.FixtureRequest) -> None:
+    """host_device on character and block devices: size, names, read-only, as QSD."""
+    path = request.getfixturevalue("loop_device") if device == "loop" else device
+    seen = run("--blockdev", f"driver=host_device,node-name=h,filename={path}",
+               "--blockdev", "driver=raw,node-name=r,file=h")
+    keys = ("file", "ro", "drv")
+    for name in ("h", "r"):
+        ours, qemu = seen["qmpd"]["nodes"][name], seen["qemu"]["nodes"][name]
+        assert _pick(ours, *keys) == _pick(qemu, *keys)
+        assert ours["image"].get("actual-size") == qemu["image"].get("actual-size")
+    assert seen["qmpd"]["nodes"]["h"]["drv"] == "host_device"
