@@ -319,7 +319,9 @@ class BlockLayer:
     async def resize(self, node: BlockNode, size: int) -> None:
         if size < 0:
             raise GenericError("Parameter 'size' expects a >0 size")
-        if node.read_only or not node.active:
+        if not node.active:
+            raise GenericError("Permission 'resize' unavailable on inactive node")
+        if node.read_only:
             raise GenericError("Block node is read-only")
         try:
             await node.driver.truncate(size)
@@ -335,12 +337,24 @@ class BlockLayer:
                 else:
                     await self.graph.activate(nodes[0])
             elif nodes is None:
-                await self.graph.inactivate_all()
+                try:
+                    await self.graph.inactivate_all()
+                except BlockDriverError as exc:
+                    raise GenericError(
+                        f"Failed to inactivate all nodes: {os.strerror(exc.errno)}"
+                    ) from None
             else:
                 for parent in nodes[0].parents:
                     if parent.parent is not None and parent.parent.active:
                         raise GenericError("Node has active parent node")
-                await self.graph.inactivate(nodes[0])
+                try:
+                    await self.graph.inactivate(nodes[0])
+                except BlockDriverError as exc:
+                    # QEMU 10.0 names only the errno; the log keeps the user.
+                    log.info("inactivation of %s refused: %s", nodes[0].node_name, exc)
+                    raise GenericError(
+                        f"Failed to inactivate node: {os.strerror(exc.errno)}"
+                    ) from None
         except BlockDriverError as exc:
             raise GenericError(str(exc)) from None
 

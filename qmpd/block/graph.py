@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import random
 import time
@@ -306,6 +307,12 @@ class BlockGraph:
         role: ChildRole,
         user: BlockUser | None = None,
     ) -> BdrvChild:
+        # QEMU 10.0: an active node makes unrestricted use of its children.
+        if parent is not None and parent.active and not child.active:
+            raise GenericError(
+                f"Inactive '{child.node_name}' can't be a {name} child of active "
+                f"'{parent.node_name}'"
+            )
         edge = BdrvChild(name=name, role=role, child=child, parent=parent, user=user)
         child.parents.append(edge)
         if parent is not None:
@@ -471,7 +478,9 @@ class BlockGraph:
             return
         for edge in node.parents:
             if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
-                raise GenericError(f"Node '{node.node_name}' is in use by {edge.user.describe()}")
+                raise BlockDriverError(
+                    f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
+                )
         await node.driver.inactivate()
         node.set_state(NodeState.INACTIVE)
         await self.refresh_perms(node)

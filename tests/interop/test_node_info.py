@@ -280,3 +280,55 @@ def test_host_device(run: Run, device: str, request: pytest.FixtureRequest) -> N
         assert _pick(ours, *keys) == _pick(qemu, *keys)
         assert ours["image"].get("actual-size") == qemu["image"].get("actual-size")
     assert seen["qmpd"]["nodes"]["h"]["drv"] == "host_device"
+
+
+def _ok(client: RawClient, command: str, args: dict[str, Any]) -> None:
+    assert client.cmd(command, args) == {"return": {}}
+
+
+def _error(client: RawClient, command: str, args: dict[str, Any]) -> str:
+    reply = client.cmd(command, args)
+    assert reply["error"]["class"] == "GenericError", reply
+    return str(reply["error"]["desc"])
+
+
+def test_inactive_graph_rules(qmpd: QmpdProcess, tmp_path: Path) -> None:
+    """QEMU 10.0's rules and texts for inactive nodes (its iotest inactive-node-nbd)."""
+    qemu_img = require_tool("qemu-img")
+    image = tmp_path / "disk.qcow2"
+    overlay = tmp_path / "snap.qcow2"
+    for path in (image, overlay):
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
+    c = qmpd.client()
+    c.negotiate()
+    _ok(c, "blockdev-add", {"driver": "file", "node-name": "disk-file",
+                            "filename": str(image)})
+    _ok(c, "blockdev-add", {"driver": "qcow2", "node-name": "disk-fmt", "file": "disk-file",
+                            "active": False})
+    assert _error(c, "blockdev-add", {"driver": "raw", "node-name": "disk-filter",
+                                      "file": "disk-fmt", "active": True}) == (
+        "Inactive 'disk-fmt' can't be a file child of active 'disk-filter'")
+    assert _error(c, "blockdev-add", {"driver": "qcow2", "node-name": "snap-fmt",
+                                      "file": {"driver": "file", "filename": str(overlay)},
+                                      "backing": "disk-fmt"}) == (
+        "Inactive 'disk-fmt' can't be a backing child of active 'snap-fmt'")
+    names = {n["node-name"] for n in c.cmd("query-named-block-nodes")["return"]}
+    assert names == {"disk-file", "disk-fmt"}  # nothing left behind
+    _ok(c, "blockdev-add", {"driver": "raw", "node-name": "disk-filter", "file": "disk-fmt",
+                            "active": False})
+    _ok(c, "blockdev-del", {"node-name": "disk-filter"})
+    assert _error(c, "block_resize", {"node-name": "disk-fmt", "size": 2 << 20}) == (
+        "Permission 'resize' unavailable on inactive node")
+
+    _ok(c, "blockdev-set-active", {"node-name": "disk-fmt", "active": True})
+    _ok(c, "nbd-server-start", {"addr": {"type": "unix",
+                                         "data": {"path": str(tmp_path / "nbd.sock")}}})
+    _ok(c, "block-export-add", {"type": "nbd", "id": "exp0", "node-name": "disk-fmt",
+                                "writable": True})
+    assert _error(c, "blockdev-set-active", {"node-name": "disk-fmt", "active": False}) == (
+        "Failed to inactivate node: Operation not permitted")
+    assert _error(c, "blockdev-set-active", {"active": False}) == (
+        "Failed to inactivate all nodes: Operation not permitted")
+    nodes = {n["node-name"]: n["active"] for n in c.cmd("query-named-block-nodes")["return"]}
+    assert nodes["disk-fmt"] is True
+    c.close()
