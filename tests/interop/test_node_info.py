@@ -42,17 +42,22 @@ def _access_modes(pid: int, path: Path) -> list[str]:
     return sorted(modes)
 
 
-def _qsd_nodes(tmp: Path, args: list[str], commands: list[Step]) -> dict[str, Any]:
+def _qsd_nodes(tmp: Path, args: list[str], commands: list[Step],
+               prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     qsd = require_tool("qemu-storage-daemon")
     sock = tmp / "qsd.sock"
-    proc = subprocess.Popen(
-        [qsd, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-         "--monitor", "chardev=c", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _spawned_nodes([*prefix, qsd, "--chardev",
+                           f"socket,id=c,path={sock},server=on,wait=off",
+                           "--monitor", "chardev=c", *args], sock, commands)
+
+
+def _spawned_nodes(argv: list[str], sock: Path, commands: list[Step]) -> dict[str, Any]:
+    """Run a daemon with a QMP socket at ``sock`` and observe it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, f"{argv} did not start"
             time.sleep(0.02)
         client = RawClient(str(sock))
         try:
@@ -85,6 +90,9 @@ def _observe(client: RawClient, pid: int, commands: list[Step]) -> dict[str, Any
         elif name == "query-named-block-nodes":
             nodes = client.cmd(name, args)["return"]
             replies.append({n["node-name"]: (n["ro"], n["file"]) for n in nodes})
+        elif name == "read-only":  # as "chain": by driver and file
+            nodes = client.cmd("query-named-block-nodes", args)["return"]
+            replies.append(sorted((n["drv"], n["file"], n["ro"]) for n in nodes))
         elif name == "chain":  # auto-generated node names differ: key by driver and file
             nodes = client.cmd("query-named-block-nodes", args)["return"]
             replies.append(sorted(
@@ -332,3 +340,38 @@ def test_inactive_graph_rules(qmpd: QmpdProcess, tmp_path: Path) -> None:
     nodes = {n["node-name"]: n["active"] for n in c.cmd("query-named-block-nodes")["return"]}
     assert nodes["disk-fmt"] is True
     c.close()
+
+
+def test_auto_read_only_on_an_unwritable_file(tmp_path: Path) -> None:
+    """An image this process may not write opens with ``ro`` false; only a
+    writer attaching fails, with QEMU's text.  Root is kept from writing a
+    0444 file by dropping CAP_DAC_OVERRIDE."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+    image = tmp_path / "ro.raw"
+    image.write_bytes(bytes(1 << 20))
+    image.chmod(0o444)
+    prefix = (setpriv, "--bounding-set=-dac_override,-dac_read_search")
+    nodes = ("query-named-block-nodes", {"flat": True})
+
+    def args(tmp: Path) -> list[str]:
+        return ["--blockdev", f"driver=file,node-name=f,filename={image},auto-read-only=on",
+                "--nbd-server", f"addr.type=unix,addr.path={tmp}/nbd.sock"]
+
+    commands: list[Step] = [
+        nodes, (ACCESS, image),
+        ("block-export-add", {"type": "nbd", "id": "e", "node-name": "f", "writable": True}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r2", "auto-read-only": True,
+                          "file": {"driver": "file", "filename": str(image)}}),
+        ("read-only", {"flat": True}), (ACCESS, image),
+    ]
+    (tmp_path / "qsd").mkdir()
+    (tmp_path / "qmpd").mkdir()
+    qemu = _qsd_nodes(tmp_path / "qsd", args(tmp_path / "qsd"), commands, prefix)
+    sock = tmp_path / "qmpd" / "qmp.sock"
+    ours = _spawned_nodes([*prefix, sys.executable, "-m", "qmpd", "--qmp", f"unix:{sock}",
+                           *args(tmp_path / "qmpd")], sock, commands)
+    assert ours["replies"] == qemu["replies"]
+    assert ours["replies"][2]["error"]["desc"] == f"Could not open '{image}': Permission denied"
