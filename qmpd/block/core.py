@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
-from qmpd.block.file import FileDriver
+from qmpd.block.file import FileDriver, HostDeviceDriver
+from qmpd.block.filename import refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
@@ -37,6 +38,7 @@ _MAX_NODE_NAME = 31
 def _driver_classes() -> dict[str, type[BlockDriver]]:
     classes: dict[str, type[BlockDriver]] = {
         "file": FileDriver,
+        "host_device": HostDeviceDriver,
         "raw": RawDriver,
         "null-co": NullDriver,
         "throttle": ThrottleDriver,
@@ -340,7 +342,9 @@ class BlockLayer:
     async def resize(self, node: BlockNode, size: int) -> None:
         if size < 0:
             raise GenericError("Parameter 'size' expects a >0 size")
-        if node.read_only or not node.active:
+        if not node.active:
+            raise GenericError("Permission 'resize' unavailable on inactive node")
+        if node.read_only:
             raise GenericError("Block node is read-only")
         try:
             await node.driver.truncate(size)
@@ -356,12 +360,24 @@ class BlockLayer:
                 else:
                     await self.graph.activate(nodes[0])
             elif nodes is None:
-                await self.graph.inactivate_all()
+                try:
+                    await self.graph.inactivate_all()
+                except BlockDriverError as exc:
+                    raise GenericError(
+                        f"Failed to inactivate all nodes: {os.strerror(exc.errno)}"
+                    ) from None
             else:
                 for parent in nodes[0].parents:
                     if parent.parent is not None and parent.parent.active:
                         raise GenericError("Node has active parent node")
-                await self.graph.inactivate(nodes[0])
+                try:
+                    await self.graph.inactivate(nodes[0])
+                except BlockDriverError as exc:
+                    # QEMU 10.0 names only the errno; the log keeps the user.
+                    log.info("inactivation of %s refused: %s", nodes[0].node_name, exc)
+                    raise GenericError(
+                        f"Failed to inactivate node: {os.strerror(exc.errno)}"
+                    ) from None
         except BlockDriverError as exc:
             raise GenericError(str(exc)) from None
 
@@ -372,21 +388,23 @@ class BlockLayer:
 
     def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
         image = self.image_info(node, flat)
-        # QEMU counts filtered children too (bdrv_filter_or_cow_bs).
+        # QEMU counts the chain only while it walks it for the nested image
+        # info (a flat query reports 0), through backing links and filters
+        # (bdrv_filter_or_cow_bs).
         depth = 0
-        backing = node.driver.status_fallback()
+        backing = None if flat else node.driver.status_fallback()
         while backing is not None:
             depth += 1
             backing = backing.driver.status_fallback()
         # Members in QAPI order: QEMU's output order depends on it.
         info: dict[str, Any] = {
-            "file": node.driver.filename(),
+            "file": refresh_filename(node),
             "node-name": node.node_name,
             "ro": node.read_only,
             "drv": node.driver.format_name,
         }
         if node.backing is not None:
-            info["backing_file"] = node.backing.driver.filename()
+            info["backing_file"] = refresh_filename(node.backing)
         info.update(
             {
                 "backing_file_depth": depth,
@@ -414,7 +432,7 @@ class BlockLayer:
         driver = node.driver
         extra = driver.image_info()
         image: dict[str, Any] = {
-            "filename": driver.filename(),
+            "filename": refresh_filename(node),
             "format": driver.format_name,
         }
         if "dirty-flag" in extra:
@@ -422,7 +440,7 @@ class BlockLayer:
         actual = driver.allocated_size()
         if actual is not None:
             image["actual-size"] = actual
-        image["virtual-size"] = driver.size()
+        image["virtual-size"] = node.size()
         for key in ("cluster-size", "backing-filename", "full-backing-filename",
                     "backing-filename-format"):
             if key in extra:

@@ -181,6 +181,22 @@ class BlockDriver(ABC):
         child = self.node.file
         return child.driver.filename() if child is not None else ""
 
+    #: Options that change what the node shows, so that its filename must
+    #: name them (QEMU's ``strong_runtime_opts``).
+    strong_runtime_opts: tuple[str, ...] = ()
+
+    def exact_filename(self) -> str:
+        """A protocol node's own name when no strong option is set."""
+        return ""
+
+    def filename_options(self) -> dict[str, Any]:
+        """What a ``json:`` filename needs besides ``driver`` to reopen the node."""
+        return {}
+
+    def auto_backing_file(self) -> str:
+        """The backing file the image header names ("" for none)."""
+        return ""
+
     def image_info(self) -> dict[str, Any]:
         """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,
         ``dirty-flag``, backing-file names)."""

@@ -140,6 +140,10 @@ class FileDriver(BlockDriver):
         self._writes = 0
         self._flushed = 0
         self._page_cache_inconsistent = False
+        # auto-read-only: the descriptor is read-write only while a parent
+        # holds write or resize (QEMU's dynamic auto-read-only).
+        self._auto_read_only = False
+        self._flags = 0
 
     async def open(self, options: dict[str, Any]) -> None:
         node = self.node
@@ -157,7 +161,6 @@ class FileDriver(BlockDriver):
                 and options.get("_auto_read_only")
                 and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
             ):
-                node.read_only = True
                 flags = (flags & ~os.O_RDWR) | os.O_RDONLY
                 try:
                     self.fd = await node.graph.run_io(os.open, self.path, flags)
@@ -165,11 +168,14 @@ class FileDriver(BlockDriver):
                     raise GenericError(f"Could not open '{self.path}': {exc2.strerror}") from None
             else:
                 raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+        self._flags = flags
+        self._auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
         try:
             st = await node.graph.run_io(os.fstat, self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise GenericError(f"Could not open '{self.path}': Is a directory")
-            self._size = st.st_size
+            self._check_type(st.st_mode)
+            self._size = await node.graph.run_io(self._length, self.fd)
             self._inline = _memory_backed(self.fd) and not node.cache_direct
             if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
                 self.lock = ImageLock(self.fd)
@@ -177,6 +183,15 @@ class FileDriver(BlockDriver):
             os.close(self.fd)
             self.fd = -1
             raise
+
+    def _check_type(self, mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise GenericError(
+                f"'{self.format_name}' driver requires '{self.path}' to be a regular file"
+            )
+
+    def _length(self, fd: int) -> int:
+        return os.fstat(fd).st_size
 
     async def close(self) -> None:
         if self.fd < 0:
@@ -308,9 +323,17 @@ class FileDriver(BlockDriver):
     def filename(self) -> str:
         return self.path
 
+    def exact_filename(self) -> str:
+        return self.path
+
+    def filename_options(self) -> dict[str, Any]:
+        return {"filename": self.path}
+
     # --- permissions and activation -----------------------------------------------
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self._auto_read_only:
+            await self._reopen(bool(perm & (Perm.WRITE | Perm.RESIZE)))
         # An inactive node keeps whatever locks it had when it was inactivated
         # (none, for a node opened inactive): QEMU returns early here too.
         if self.lock is None or not self.node.active:
@@ -321,6 +344,29 @@ class FileDriver(BlockDriver):
             raise GenericError(str(exc)) from None
         except OSError as exc:
             raise GenericError(f"Failed to lock image: {exc.strerror}") from None
+
+    async def _reopen(self, writable: bool) -> None:
+        """Switch the descriptor between read-only and read-write in place.
+
+        The new open file takes the lock bytes before it replaces the old one
+        under the same descriptor number, so the image is never unlocked.
+        """
+        flags = (self._flags & ~(os.O_RDWR | os.O_RDONLY | os.O_WRONLY)) | (
+            os.O_RDWR if writable else os.O_RDONLY
+        )
+        if flags == self._flags or self.fd < 0:
+            return
+        try:
+            new = await self.node.graph.run_io(os.open, self.path, flags)
+        except OSError as exc:
+            raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+        try:
+            if self.lock is not None:
+                self.lock.copy_to(new)
+            os.dup2(new, self.fd, inheritable=False)
+        finally:
+            os.close(new)
+        self._flags = flags
 
     async def invalidate_cache(self) -> None:
         if self.fd < 0:
@@ -334,9 +380,26 @@ class FileDriver(BlockDriver):
                 if dirty:
                     os.fdatasync(self.fd)
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            return os.fstat(self.fd).st_size
+            return self._length(self.fd)
 
         generation = self._writes
         self._size = await self.node.graph.run_io(refresh)
         if dirty and self.drop_cache and not self.node.cache_direct:
             self._flushed = max(self._flushed, generation)
+
+
+class HostDeviceDriver(FileDriver):
+    """``host_device``: the file driver's options, on a block or character device."""
+
+    format_name = "host_device"
+
+    def _check_type(self, mode: int) -> None:
+        if not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+            raise GenericError(
+                f"'{self.format_name}' driver requires '{self.path}' to be either "
+                "a character or block device"
+            )
+
+    def _length(self, fd: int) -> int:
+        # st_size is 0 for devices; seeking to the end gives a block device's size.
+        return os.lseek(fd, 0, os.SEEK_END)

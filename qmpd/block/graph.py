@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import random
 import time
@@ -168,10 +169,11 @@ class BlockNode:
     # --- I/O with the checks every caller needs -------------------------------
 
     def size(self) -> int:
-        return self.driver.size()
+        """The length in whole 512-byte sectors, as QEMU's ``bdrv_getlength``."""
+        return -(-self.driver.size() // 512) * 512
 
     def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.driver.size():
+        if offset < 0 or length < 0 or offset + length > self.size():
             raise BlockDriverError("Input/output error: request beyond end of device", 5)
 
     def _check_writable(self) -> None:
@@ -320,6 +322,12 @@ class BlockGraph:
         role: ChildRole,
         user: BlockUser | None = None,
     ) -> BdrvChild:
+        # QEMU 10.0: an active node makes unrestricted use of its children.
+        if parent is not None and parent.active and not child.active:
+            raise GenericError(
+                f"Inactive '{child.node_name}' can't be a {name} child of active "
+                f"'{parent.node_name}'"
+            )
         edge = BdrvChild(name=name, role=role, child=child, parent=parent, user=user)
         child.parents.append(edge)
         if parent is not None:
@@ -485,7 +493,9 @@ class BlockGraph:
             return
         for edge in node.parents:
             if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
-                raise GenericError(f"Node '{node.node_name}' is in use by {edge.user.describe()}")
+                raise BlockDriverError(
+                    f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
+                )
         await node.driver.inactivate()
         node.set_state(NodeState.INACTIVE)
         await self.refresh_perms(node)

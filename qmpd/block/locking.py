@@ -115,5 +115,10 @@ class ImageLock:
             raise
         self._apply(perm_i, unshared)
 
+    def copy_to(self, fd: int) -> None:
+        """Take the bytes held here on another open file of the same image."""
+        other = ImageLock(fd)
+        other._apply(self.held, self.unshared)
+
     def release(self) -> None:
         self._apply(0, 0)

@@ -14,6 +14,7 @@ class NullDriver(BlockDriver):
 
     format_name = "null-co"
     is_protocol = True
+    strong_runtime_opts = ("size", "read-zeroes")
 
     def __init__(self, node: Any) -> None:
         super().__init__(node)
@@ -48,6 +49,9 @@ class NullDriver(BlockDriver):
         return self._size
 
     def filename(self) -> str:
+        return "null-co://"
+
+    def exact_filename(self) -> str:
         return "null-co://"
 
     async def truncate(self, size: int) -> None:

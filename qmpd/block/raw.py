@@ -12,6 +12,7 @@ class RawDriver(BlockDriver):
     """Options: ``offset`` and ``size`` (bytes); neither makes raw a pure filter."""
 
     format_name = "raw"
+    strong_runtime_opts = ("offset", "size")
 
     def __init__(self, node: Any) -> None:
         super().__init__(node)

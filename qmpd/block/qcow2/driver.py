@@ -383,6 +383,9 @@ class Qcow2Driver(BlockDriver):
         """The backing file name exactly as stored in the header (None without one)."""
         return self._header.backing_file if self._header is not None else None
 
+    def auto_backing_file(self) -> str:
+        return self.raw_backing_file_name() or ""
+
     def backing_file_name(self) -> str | None:
         """The backing file to open: the header's name resolved against the
         directory of the image, as QEMU does (``bdrv_get_full_backing_filename``)."""

@@ -56,4 +56,4 @@ class ImageFile:
         await self.driver.truncate(size)
 
     def size(self) -> int:
-        return self.driver.size()
+        return self.node.size()

@@ -1,0 +1,60 @@
+"""Node filenames as QEMU's ``bdrv_refresh_filename`` computes them.
+
+A node shows its protocol child's file name when opening that file with the
+node's driver would rebuild the same graph: no strong options (``offset``
+and ``size`` of raw, say), no backing node other than the one the image
+header names, and a protocol node directly below.  Otherwise its name is
+``json:`` followed by the options that would rebuild it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qmpd.qmp.encode import encode
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockNode
+
+
+def refresh_filename(node: BlockNode) -> str:
+    """The ``file``/``filename`` QEMU reports for ``node``."""
+    exact, options = _refresh(node)
+    return exact or "json:" + encode(options)
+
+
+def _backing_overridden(node: BlockNode) -> bool:
+    # A backing node opened from the header is what the header names.
+    if "backing" not in node.options:
+        return False
+    auto = node.driver.auto_backing_file()
+    if node.backing is None:
+        return auto != ""
+    return auto != refresh_filename(node.backing)
+
+
+def _refresh(node: BlockNode) -> tuple[str, dict[str, Any]]:
+    driver = node.driver
+    overridden = _backing_overridden(node)
+    options: dict[str, Any] = {}
+    # QEMU lists children newest first; the order only matters for keys
+    # that share a QDict bucket.
+    for name, edge in reversed(list(node.children.items())):
+        if name == "backing" and not overridden:
+            continue
+        options[name] = _refresh(edge.child)[1]
+    if overridden and node.backing is None:
+        options["backing"] = None
+    options["driver"] = driver.format_name
+    options.update(driver.filename_options())
+    strong = {k: node.options[k] for k in driver.strong_runtime_opts if k in node.options}
+    options.update(strong)
+    exact = ""
+    if not (overridden or strong):
+        if driver.is_protocol:
+            exact = driver.exact_filename()
+        else:
+            primary = node.file
+            if primary is not None and primary.driver.is_protocol:
+                exact = _refresh(primary)[0]
+    return exact, options
