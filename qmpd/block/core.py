@@ -197,11 +197,7 @@ class BlockLayer:
             await node.driver.open(driver_opts)
         except BlockDriverError as exc:
             raise GenericError(str(exc)) from None
-        if (
-            driver_name == "qcow2"
-            and "backing" not in options
-            and hasattr(node.driver, "backing_file_name")
-        ):
+        if node.driver.supports_backing and "backing" not in options:
             await self._open_backing_from_header(node, config, created, inactive, chain)
         return node
 
@@ -228,14 +224,14 @@ class BlockLayer:
         inactive: bool,
         chain: tuple[str, ...],
     ) -> None:
-        driver: Any = node.driver
+        driver = node.driver
         path = driver.backing_file_name()
         if not path:
             return
         # A header may name any file, or a protocol: only local files are
         # followed, never a json: description or another protocol (nbd:,
         # http:, ...) that the user did not ask for.
-        name = driver.raw_backing_file_name()
+        name = driver.raw_backing_file_name() or ""
         if name.startswith("json:"):
             raise GenericError("Could not open backing file: json: backing file names "
                                "are not supported")
@@ -269,9 +265,6 @@ class BlockLayer:
             raise GenericError(f"Could not open backing file: {exc.desc}") from None
         self.graph.attach(node, child, "backing", ChildRole.COW)
         node.inline_children.append(child)
-        # The image was opened before its backing node existed.
-        if hasattr(driver, "backing_attached"):
-            await driver.backing_attached()
 
     # --- blockdev-del ------------------------------------------------------------------
 

@@ -108,7 +108,7 @@ class BlockDriver(ABC):
     format_name: ClassVar[str]
     #: Protocol drivers talk to storage; format drivers sit on a ``file`` child.
     is_protocol: ClassVar[bool] = False
-    #: Whether activation has anything to reload (qcow2) or only to drop (file).
+    #: Whether nodes take a ``backing`` child, which their header may name.
     supports_backing: ClassVar[bool] = False
 
     def __init__(self, node: BlockNode) -> None:
@@ -196,6 +196,19 @@ class BlockDriver(ABC):
     def auto_backing_file(self) -> str:
         """The backing file the image header names ("" for none)."""
         return ""
+
+    def raw_backing_file_name(self) -> str | None:
+        """The header's backing file name exactly as stored (None without one)."""
+        return None
+
+    def backing_file_name(self) -> str | None:
+        """The header's backing file resolved against the image's directory; opened
+        when blockdev-add names no ``backing`` (None without one)."""
+        return None
+
+    def backing_format(self) -> str | None:
+        """The header's backing format (None: probe the file)."""
+        return None
 
     def image_info(self) -> dict[str, Any]:
         """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,
