@@ -180,11 +180,9 @@ class _NodeCollector(Collector):
         for node in nodes:
             active.add_metric([node.node_name], 1 if node.active else 0)
             failed.add_metric([node.node_name], 1 if node.activation_error else 0)
-            stats = getattr(node.driver, "cache_stats", None)
-            if stats is not None:
-                for cache, (hits, misses) in stats().items():
-                    caches.add_metric([node.node_name, cache, "hit"], hits)
-                    caches.add_metric([node.node_name, cache, "miss"], misses)
+            for cache, (hits, misses) in node.driver.cache_stats().items():
+                caches.add_metric([node.node_name, cache, "hit"], hits)
+                caches.add_metric([node.node_name, cache, "miss"], misses)
         yield active
         yield failed
         yield caches

@@ -197,6 +197,10 @@ class BlockDriver(ABC):
         """The backing file the image header names ("" for none)."""
         return ""
 
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """Metadata cache (hits, misses) by cache name, for /metrics."""
+        return {}
+
     def raw_backing_file_name(self) -> str | None:
         """The header's backing file name exactly as stored (None without one)."""
         return None

@@ -167,3 +167,39 @@ def test_connection_cap_keeps_qmp_working(qmpd_factory: Any) -> None:
             deadline -= 1
             asyncio.run(asyncio.sleep(0.1))
     assert deadline
+
+
+def test_qcow2_cache_lookups_are_exported(qmpd_factory: Any, tmp_path: Path) -> None:
+    """qmpd_block_cache_lookups_total, as the README documents it, counts real lookups."""
+    import re
+    import subprocess
+
+    from tests.conftest import require_tool
+
+    image = tmp_path / "d.qcow2"
+    subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image), "1M"],
+                   check=True)
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
+    c = proc.client()
+    c.negotiate()
+    assert c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "disk",
+                                  "file": {"driver": "file", "filename": str(image)}}) \
+        == {"return": {}}
+    for line in ("write -P 0x11 0 4k", "read -P 0x11 0 4k", "read -P 0x11 0 4k"):
+        assert "return" in c.cmd("human-monitor-command",
+                                 {"command-line": f'qemu-io disk "{line}"'})
+
+    def counts() -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(proc.http_url() + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        found = re.findall(r'qmpd_block_cache_lookups_total\{cache="(\w+)",node="disk",'
+                           r'result="(\w+)"\} (\S+)', text)
+        return {(cache, result): float(value) for cache, result, value in found}
+
+    first = counts()
+    assert set(first) == {("l2", "hit"), ("l2", "miss"), ("refcount", "hit"),
+                          ("refcount", "miss")}
+    assert first[("l2", "hit")] >= 1
+    assert "return" in c.cmd("human-monitor-command",
+                             {"command-line": 'qemu-io disk "read 0 4k"'})
+    assert counts()[("l2", "hit")] > first[("l2", "hit")]

@@ -368,10 +368,12 @@ class Qcow2Image:
             return 0
         idx = ci & self.l2_mask
         key = l2off + ((idx >> self.slice_bits) << self.slice_shift)
-        ent = self.l2cache.entries.get(key)
+        cache = self.l2cache
+        ent = cache.entries.get(key)
         if ent is None:
             return None
-        self.l2cache.entries.move_to_end(key)
+        cache.entries.move_to_end(key)
+        cache.hits += 1
         return int(ent.value[idx & self.slice_mask])
 
     def host_run(self, offset: int, length: int) -> int | None:

@@ -379,6 +379,13 @@ class Qcow2Driver(BlockDriver):
         child = self.node.file
         return child.driver.allocated_size() if child is not None else None
 
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        image = self._image
+        if image is None:
+            return {}
+        return {"l2": (image.l2cache.hits, image.l2cache.misses),
+                "refcount": (image.refs.cache.hits, image.refs.cache.misses)}
+
     def raw_backing_file_name(self) -> str | None:
         """The backing file name exactly as stored in the header (None without one)."""
         return self._header.backing_file if self._header is not None else None
