@@ -129,6 +129,13 @@ class Daemon:
             "version": __version__,
         }
 
+    def run_state(self) -> str:
+        return self.vm.state.value
+
+    def migration_failure(self) -> str | None:
+        """Why the last outgoing migration failed (None if it did not)."""
+        return self.migration.last_failure
+
     def readiness_problems(self) -> list[str]:
         problems: list[str] = []
         if self.shutting_down:

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from qmpd.daemon import Daemon
+    from qmpd.metrics import Metrics
 
-DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+
+class HealthService(Protocol):
+    """What the HTTP endpoints need from the daemon, and nothing more."""
+
+    metrics: Metrics
+
+    def health(self) -> dict[str, Any]: ...
+
+    def readiness_problems(self) -> list[str]: ...
+
+    def run_state(self) -> str: ...
+
+    def migration_failure(self) -> str | None: ...
+
+
+DAEMON_KEY: web.AppKey[HealthService] = web.AppKey("daemon")
 
 #: A connection must complete a request within this many seconds of opening
 #: or of its previous response, or it is closed (idle and slow clients alike).
@@ -36,9 +51,9 @@ async def ready(request: web.Request) -> web.Response:
     if reasons:
         body = {"status": "not-ready", "reasons": reasons}
     else:
-        body = {"status": "ready", "run-state": daemon.vm.state.value}
+        body = {"status": "ready", "run-state": daemon.run_state()}
     # A failed migration leaves the source running (ready), but says why it failed.
-    failure = daemon.migration.last_failure
+    failure = daemon.migration_failure()
     if failure is not None:
         body["migration-failed"] = failure
     return web.json_response(body, status=503 if reasons else 200)
@@ -51,7 +66,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(daemon: Daemon, guard: ConnectionGuard | None = None) -> web.Application:
+def build_app(daemon: HealthService, guard: ConnectionGuard | None = None) -> web.Application:
     app = web.Application(middlewares=[guard.middleware] if guard is not None else [])
     app[DAEMON_KEY] = daemon
     for path in ("/health", "/healthz", "/livez"):
