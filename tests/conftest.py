@@ -120,6 +120,17 @@ def _logs_info(args: tuple[str, ...]) -> bool:
     return bool(levels) and levels[-1] in ("info", "debug")
 
 
+def wait_for_socket(proc: subprocess.Popen[Any], path: Path, timeout: float = 30.0) -> None:
+    """Wait until the socket file at ``path`` exists (QEMU's tools create it listening)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            said = proc.stderr.read() if proc.stderr is not None else ""
+            raise AssertionError(f"{proc.args[0]} exited with status {proc.returncode}: {said!r}")
+        assert time.monotonic() < deadline, f"{proc.args[0]} did not start"
+        time.sleep(0.02)
+
+
 def wait_greeting(path: str, timeout: float = 10.0) -> bool:
     """Whether the QMP socket at ``path`` accepts a client and greets it."""
     if not os.path.exists(path):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.conftest import QmpdProcess, RawClient, require_tool, wait_for_socket
 
 SECRET = "hunter2-do-not-leak"
 
@@ -101,10 +101,7 @@ def _qsd(tmp: Path) -> tuple[subprocess.Popen[bytes], RawClient]:
          "--monitor", "chardev=m0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
-        time.sleep(0.02)
+    wait_for_socket(proc, sock)
     client = RawClient(str(sock))
     client.negotiate()
     return proc, client

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.conftest import QmpdProcess, RawClient, require_tool, wait_for_socket
 
 MiB = 1 << 20
 
@@ -158,10 +158,7 @@ def test_block_status_through_filter_like_qsd(qmpd: QmpdProcess, tmp_path: Path)
          "--export", "nbd,id=e0,node-name=t0,allocation-depth=on"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not qsd_sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
-            time.sleep(0.02)
+        wait_for_socket(proc, qsd_sock)
         theirs = _maps(qsd_sock)
     finally:
         proc.terminate()

@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import pytest
 
 from qmpd.nbd import protocol as p
 from qmpd.nbd.client import NbdClient
-from tests.conftest import QmpdProcess, require_tool
+from tests.conftest import QmpdProcess, require_tool, wait_for_socket
 
 pytestmark = pytest.mark.qemu
 
@@ -169,14 +168,6 @@ def observe(sock: Path, nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 timeout=60).stdout).hexdigest(),
         }
     return seen
-
-
-def wait_for_socket(proc: subprocess.Popen[str], sock: Path) -> None:
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, require_tool
+from tests.conftest import QmpdProcess, require_tool, wait_for_socket
 
 pytestmark = pytest.mark.qemu
 
@@ -215,10 +214,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     proc = subprocess.Popen([qsd, *export_args(image, sock)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
-            time.sleep(0.02)
+        wait_for_socket(proc, sock)
         qemu = observe(sock)
     finally:
         proc.terminate()

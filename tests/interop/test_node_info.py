@@ -10,14 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.conftest import QmpdProcess, RawClient, require_tool, wait_for_socket
 
 pytestmark = pytest.mark.qemu
 
@@ -55,10 +54,7 @@ def _spawned_nodes(argv: list[str], sock: Path, commands: list[Step]) -> dict[st
     """Run a daemon with a QMP socket at ``sock`` and observe it."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, f"{argv} did not start"
-            time.sleep(0.02)
+        wait_for_socket(proc, sock)
         client = RawClient(str(sock))
         try:
             return _observe(client, proc.pid, commands)

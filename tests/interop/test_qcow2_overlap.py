@@ -21,14 +21,19 @@ import json
 import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient, check_message, require_tool
+from tests.conftest import (
+    QmpdProcess,
+    RawClient,
+    check_message,
+    require_tool,
+    wait_for_socket,
+)
 from tests.integration.migration_helpers import Peer, need_qemu
 from tests.interop.test_qcow2_common import run
 
@@ -121,14 +126,6 @@ def craft(tmp: Path, case: str) -> tuple[Path, int]:
         struct.pack_into(">Q", raw, l2, COPIED | target)
     path.write_bytes(raw)
     return path, target
-
-
-def wait_for_socket(proc: subprocess.Popen[bytes], sock: Path) -> None:
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert proc.poll() is None, "qemu-storage-daemon exited"
-        assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
-        time.sleep(0.02)
 
 
 def collect(client: RawClient, command: str, arguments: dict[str, Any] | None = None
