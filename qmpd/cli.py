@@ -12,8 +12,9 @@ QEMU's ``-NAME VALUE``; there are no abbreviations, so ``-mon`` is
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,18 +213,18 @@ def parse_args(argv: Sequence[str]) -> Config:
     """Turn argv into a Config; ConfigError is one line naming the option."""
     items = scan(argv)
     cfg = Config()
-    for name, _value in items:
-        if name == "help":
-            raise Exit(usage())
-        if name == "version":
-            major, minor, micro = cfg.qemu_version
-            raise Exit(f"qmpd version {__version__} (QMP of QEMU {major}.{minor}.{micro}, "
-                       "command line of qemu-storage-daemon)\n")
-    monitor_ids = _MonitorNames()
+    names = {name for name, _ in items}
+    if "help" in names:
+        raise Exit(usage())
+    if "version" in names:
+        major, minor, micro = cfg.qemu_version
+        raise Exit(f"qmpd version {__version__} (QMP of QEMU {major}.{minor}.{micro}, "
+                   "command line of qemu-storage-daemon)\n")
+    # qmp0, qmp1, ... for monitors the user did not name, in command-line order.
+    monitor_ids = (f"qmp{n}" for n in itertools.count())
     chardevs: dict[str, MonitorConfig] = {}
     used_chardevs: set[str] = set()
     for name, value in items:
-        assert value is not None or name in ("daemonize", "paused")
         text = value or ""
         try:
             if name in _ORDERED:
@@ -234,22 +235,10 @@ def parse_args(argv: Sequence[str]) -> Config:
             shown = f"--{name} {text}" if value is not None else f"--{name}"
             raise ConfigError(f"{shown}: {exc}") from None
     if not argv:
-        cfg.actions.append(MonitorConfig(monitor_ids.next(), UnixAddress(DEFAULT_QMP_SOCKET)))
+        cfg.actions.append(MonitorConfig(next(monitor_ids), UnixAddress(DEFAULT_QMP_SOCKET)))
         cfg.actions.append(parse_http(DEFAULT_HTTP))
         cfg.used_defaults = True
     return cfg
-
-
-class _MonitorNames:
-    """qmp0, qmp1, ... for monitors the user did not name, in command-line order."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def next(self) -> str:
-        name = f"qmp{self.count}"
-        self.count += 1
-        return name
 
 
 def _scalar(cfg: Config, name: str, value: str) -> None:
@@ -299,12 +288,12 @@ def _scalar(cfg: Config, name: str, value: str) -> None:
 
 
 def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConfig],
-             used_chardevs: set[str], monitor_ids: _MonitorNames) -> None:
+             used_chardevs: set[str], monitor_ids: Iterator[str]) -> None:
     if name == "object":
         cfg.actions.append(ObjectConfig(value, parse_option(value, implied_key="qom-type")))
     elif name == "qmp":
         address, server, wait = parse_qmp_address(value)
-        cfg.actions.append(MonitorConfig(monitor_ids.next(), address, client=not server,
+        cfg.actions.append(MonitorConfig(next(monitor_ids), address, client=not server,
                                          wait=wait, origin=f"--qmp {value}"))
     elif name == "chardev":
         chardev = parse_chardev(value)

@@ -16,7 +16,6 @@ from typing import TextIO
 PROG = "qmpd"
 #: Prefixes for lines written as QEMU prints them (migration's error reports).
 ERROR = f"{PROG}: error"
-WARNING = f"{PROG}: warning"
 
 LEVELS = ("debug", "info", "warning", "error")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
 from qmpd.block.file import FileDriver, HostDeviceDriver
-from qmpd.block.filename import refresh_filename
+from qmpd.block.filename import path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.null import NullDriver
 from qmpd.block.raw import RawDriver
@@ -237,18 +237,18 @@ class BlockLayer:
                                "are not supported")
         protocol = _protocol(name)
         if protocol == "file":
-            path = _path_combine(driver.filename(), name[len("file:"):])
+            path = path_combine(driver.filename(), name[len("file:"):])
         elif protocol is not None:
             raise GenericError(f"Could not open backing file: Unknown protocol '{protocol}'")
         # The images above, by real path: a header naming one of them loops.
         chain = chain or (os.path.realpath(driver.filename()),)
         real = os.path.realpath(path)
         if real in chain:
-            raise GenericError(
+            raise _ChainRefused(
                 f"Backing file '{driver.raw_backing_file_name()}' creates an infinite loop."
             )
         if len(chain) >= MAX_BACKING_CHAIN:
-            raise GenericError(
+            raise _ChainRefused(
                 f"Backing chain of '{chain[0]}' is longer than {MAX_BACKING_CHAIN} images"
             )
         fmt = driver.backing_format() or probe_format(path)
@@ -259,9 +259,9 @@ class BlockLayer:
         try:
             child = await self._open(options, config, created, inactive, "backing",
                                      (*chain, real))
+        except _ChainRefused:
+            raise
         except GenericError as exc:
-            if "creates an infinite loop" in exc.desc or "Backing chain of" in exc.desc:
-                raise
             raise GenericError(f"Could not open backing file: {exc.desc}") from None
         self.graph.attach(node, child, "backing", ChildRole.COW)
         node.inline_children.append(child)
@@ -446,6 +446,11 @@ class BlockLayer:
 
 
 
+class _ChainRefused(GenericError):
+    """The chain as a whole is refused (a loop, too deep): reported as it is,
+    not prefixed again by every image above."""
+
+
 def _protocol(name: str) -> str | None:
     """QEMU's path_has_protocol: a colon before any slash names a protocol."""
     head, colon, _ = name.partition(":")
@@ -454,9 +459,3 @@ def _protocol(name: str) -> str | None:
     return head
 
 
-
-def _path_combine(base: str, name: str) -> str:
-    """QEMU's path_combine: ``name`` relative to the directory of ``base``."""
-    if os.path.isabs(name):
-        return name
-    return os.path.join(os.path.dirname(base), name)

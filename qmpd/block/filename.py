@@ -58,3 +58,11 @@ def _refresh(node: BlockNode) -> tuple[str, dict[str, Any]]:
             if primary is not None and primary.driver.is_protocol:
                 exact = _refresh(primary)[0]
     return exact, options
+
+
+def path_combine(base: str, name: str) -> str:
+    """QEMU's ``path_combine``: ``name`` relative to the directory of ``base``."""
+    if not name or name.startswith("/") or "://" in name:
+        return name
+    slash = base.rfind("/")
+    return name if slash < 0 else base[: slash + 1] + name

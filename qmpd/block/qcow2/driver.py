@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
+from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.cluster import CacheConfig, Qcow2Image
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -133,14 +134,6 @@ def cache_config(options: dict[str, Any], virtual_size: int, cluster_size: int) 
     if refcount_entries > INT_MAX:
         raise GenericError("Refcount cache size too big")
     return CacheConfig(l2_entries, entry_size, refcount_entries)
-
-
-def path_combine(base: str, name: str) -> str:
-    """QEMU's ``path_combine``: ``name`` relative to the directory of ``base``."""
-    if not name or name.startswith("/") or "://" in name:
-        return name
-    slash = base.rfind("/")
-    return name if slash < 0 else base[: slash + 1] + name
 
 
 class Qcow2Driver(BlockDriver):
