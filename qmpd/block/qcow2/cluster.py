@@ -894,11 +894,7 @@ class Qcow2Image:
                 self.l2cache.mark_dirty(entry)
                 frees = [e for e in plan.old if e & L2E_OFFSET_MASK or e & QCOW_OFLAG_COMPRESSED]
                 if frees:
-                    entry.pins += 1
-                    try:
-                        await self._free_entries(frees, DISCARD_OTHER)
-                    finally:
-                        entry.pins -= 1
+                    await self._free_entries_pinned(entry, frees, DISCARD_OTHER)
                 await self.l2cache.trim()
                 await self.refs.cache.trim()
         finally:
@@ -934,6 +930,15 @@ class Qcow2Image:
         frees = [e for e in old if e & L2E_OFFSET_MASK or e & QCOW_OFLAG_COMPRESSED]
         if frees:
             await self._free_entries(frees, DISCARD_OTHER)
+
+    async def _free_entries_pinned(self, entry: CacheEntry[array[int]], olds: list[int],
+                                   kind: str) -> None:
+        """_free_entries while ``entry``, the L2 slice that held them, stays cached."""
+        entry.pins += 1
+        try:
+            await self._free_entries(olds, kind)
+        finally:
+            entry.pins -= 1
 
     async def _free_entries(self, olds: list[int], kind: str) -> None:
         """Drop the references of removed L2 entries (already gone from the L2 cache)."""

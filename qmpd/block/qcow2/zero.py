@@ -57,11 +57,7 @@ async def rewrite_clusters(img: Qcow2Image, ci: int, n: int,
         if changed:
             img.l2cache.mark_dirty(entry)
         if frees:
-            entry.pins += 1
-            try:
-                await img._free_entries(frees, kind)
-            finally:
-                entry.pins -= 1
+            await img._free_entries_pinned(entry, frees, kind)
         ci += k
     await img.l2cache.trim()
     await img.refs.cache.trim()
