@@ -77,7 +77,10 @@ class Daemon:
             self.events, initial, autostart=not config.paused, block=self.block,
             metrics=self.metrics,
         )
-        self.migration = MigrationManager(self)
+        self.migration = MigrationManager(
+            events=self.events, vm=self.vm, block=self.block, metrics=self.metrics,
+            request_exit=self.request_exit,
+        )
         self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.exit_status = 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qmpd import logs
 from qmpd.errors import GenericError
@@ -40,6 +40,7 @@ from qmpd.migration.channels import (
     is_protocol_error,
     parse_uri,
 )
+from qmpd.migration.deps import BlockSide, Events, ExitRequest, MigrationMetrics, RunStateSide
 from qmpd.migration.state import (
     CAPABILITIES,
     DEFAULT_PARAMETERS,
@@ -50,10 +51,8 @@ from qmpd.migration.state import (
     check_parameters,
     normalize_parameters,
 )
+from qmpd.runstate import TRANSITIONS as RUN_STATE_TRANSITIONS
 from qmpd.runstate import RunState
-
-if TYPE_CHECKING:
-    from qmpd.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +115,15 @@ def _ram_stats(dirty_sync_count: int, mbps: float) -> dict[str, Any]:
 class MigrationManager:
     """Both directions of migration for one daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(
+        self, *, events: Events, vm: RunStateSide, block: BlockSide,
+        metrics: MigrationMetrics, request_exit: ExitRequest,
+    ) -> None:
+        self.events = events
+        self.vm = vm
+        self.block = block
+        self.metrics = metrics
+        self.request_exit = request_exit
         self.capabilities: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
         self.parameters: dict[str, Any] = dict(DEFAULT_PARAMETERS)
         self.fds = FdStore()
@@ -153,14 +159,6 @@ class MigrationManager:
 
     # --- helpers ------------------------------------------------------------------
 
-    @property
-    def events(self) -> Any:
-        return self.daemon.events
-
-    @property
-    def vm(self) -> Any:
-        return self.daemon.vm
-
     def _event(self, status: MigrationStatus) -> None:
         if self.capabilities["events"]:
             self.events.emit("MIGRATION", {"status": status.value})
@@ -170,12 +168,12 @@ class MigrationManager:
             raise RuntimeError(f"migration: {self.status.value} -> {status.value} not allowed")
         self.status = status
         self._event(status)
-        self.daemon.metrics.migration_status(status.value)
+        self.metrics.migration_status(status.value)
 
     def _set_incoming(self, status: MigrationStatus) -> None:
         self.incoming_status = status
         self._event(status)
-        self.daemon.metrics.migration_status(status.value)
+        self.metrics.migration_status(status.value)
 
     @property
     def running(self) -> bool:
@@ -338,7 +336,7 @@ class MigrationManager:
             stopped = True
             # Under the graph lock: a cont already under way finishes first, and
             # one that comes later sees finish-migrate.
-            async with self.daemon.block.lock.held():
+            async with self.block.lock.held():
                 await self._stop_for_switchover()
             flushed = time.monotonic()
             if self.capabilities["pause-before-switchover"]:
@@ -353,8 +351,8 @@ class MigrationManager:
                 self.events.emit("MIGRATION_PASS", {"pass": 2})
             inactivating = time.monotonic()
             try:
-                async with self.daemon.block.lock.held():
-                    await self.daemon.block.inactivate_all()
+                async with self.block.lock.held():
+                    await self.block.inactivate_all()
             except Exception as exc:
                 inactivated = True  # some nodes may be: re-activate them all
                 # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
@@ -389,12 +387,12 @@ class MigrationManager:
             self.downtime = _ms(now - stop_time)
             self.total_time = _ms(now - self.start_time)
             self.mbps = _mbps(self.bytes_sent - self._bytes_at_start, self.total_time)
-            self.daemon.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
+            self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
             log.info("migration completed: %d block nodes handed over in %d ms "
                      "(downtime %d ms); the source is in postmigrate",
-                     len(self.daemon.block.graph.nodes), self.total_time, self.downtime)
+                     len(self.block.graph.nodes), self.total_time, self.downtime)
         except (asyncio.CancelledError, _Cancelled):
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=True)
         except (_Failed, ChannelError, OSError, ConnectionError) as exc:
@@ -421,7 +419,7 @@ class MigrationManager:
         blockers = [
             f"node '{node.node_name}' is in use by writable {edge.user.kind} "
             f"'{edge.user.id}' without allow-inactive"
-            for node in self.daemon.block.graph.all_nodes() if node.active
+            for node in self.block.graph.all_nodes() if node.active
             for edge in node.parents
             if edge.user is not None and edge.user.writable and not edge.user.allow_inactive
         ]
@@ -463,7 +461,7 @@ class MigrationManager:
             except (ConnectionError, OSError) as exc:
                 raise ChannelError(channel.write_error(exc)) from None
             self.bytes_sent += len(part)
-            self.daemon.metrics.migration_bytes.labels("out").inc(len(part))
+            self.metrics.migration_bytes.labels("out").inc(len(part))
 
     async def _wait_for_shut(self, channel: Channel) -> None:
         """With a return path, the destination says SHUT once it has loaded everything.
@@ -502,7 +500,7 @@ class MigrationManager:
         # next with nothing in between, and a flush here would only double the
         # fdatasync calls in the downtime.
         if self.capabilities["pause-before-switchover"]:
-            await self.daemon.block.flush_all()
+            await self.block.flush_all()
 
     async def _abort_outgoing(
         self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool
@@ -526,7 +524,7 @@ class MigrationManager:
             # Another process may have opened the images while we were
             # inactive: activation re-reads everything.
             try:
-                await self.daemon.block.activate_all()
+                await self.block.activate_all()
             except Exception as exc:
                 # The destination may have taken the images (its lock refuses
                 # us): never run without them; cont retries the activation.
@@ -620,7 +618,7 @@ class MigrationManager:
                 data = await channel.reader.read(256 * 1024)
                 self.bytes_received += len(data)
                 if data:
-                    self.daemon.metrics.migration_bytes.labels("in").inc(len(data))
+                    self.metrics.migration_bytes.labels("in").inc(len(data))
                 events = reader.feed(data) if data else reader.close()
                 for event in events:
                     if isinstance(event, stream.GlobalState):
@@ -671,7 +669,8 @@ class MigrationManager:
             target = RunState(globalstate)
         except ValueError:
             return  # treated as paused
-        if not self.vm.machine.can_set(target):
+        current = self.vm.state
+        if target != current and target not in RUN_STATE_TRANSITIONS[current]:
             reason = (f"invalid runstate transition: '{self.vm.state.value}' -> "
                       f"'{globalstate}'")
             raise _IncomingFailed(f"{logs.ERROR}: {reason}", reason)
@@ -688,22 +687,22 @@ class MigrationManager:
         # Nodes activated early (cont, an export) or by a load that failed late
         # give their locks back: a failed destination holds nothing.
         try:
-            async with self.daemon.block.lock.held():
-                await self.daemon.block.inactivate_all()
+            async with self.block.lock.held():
+                await self.block.inactivate_all()
         except Exception as exc:
             log.error("could not release the block nodes after the failed migration: %s", exc)
         if self.exit_on_error:
-            self.daemon.request_exit(1)
+            self.request_exit(1)
 
     async def _incoming_complete(self, globalstate: str | None) -> None:
         vm = self.vm
-        graph = self.daemon.block.graph
+        graph = self.block.graph
         late = self.capabilities["late-block-activate"]
         activate = not (late and not vm.autostart)
         # Nodes activated before the stream ended (an export, cont) may cache
         # metadata from before the source's last writes: re-read them too
         # (QEMU 7.2 skips them, conformance fact 39).
-        async with self.daemon.block.lock.held():
+        async with self.block.lock.held():
             early = [node for node in graph.all_nodes() if node.active]
             if activate or early:
                 start = time.monotonic()
@@ -713,7 +712,7 @@ class MigrationManager:
                         log.info("incoming migration: %d block nodes activated early were "
                                  "invalidated again", len(early))
                     if activate:
-                        await self.daemon.block.activate_all()
+                        await self.block.activate_all()
                 except Exception as exc:
                     # Never run on stale caches: stay paused, nodes inactive; cont retries.
                     self.activation_error = f"Could not activate block devices: {exc}"
@@ -722,13 +721,13 @@ class MigrationManager:
                     # The trees that did activate give their locks back too (QEMU 7.2
                     # leaves them active): nothing is held while nothing may run.
                     try:
-                        await self.daemon.block.inactivate_all()
+                        await self.block.inactivate_all()
                     except Exception as undo:
                         log.error("could not inactivate block nodes again: %s", undo)
                 else:
                     self.activation_error = None
                     spent = time.monotonic() - start
-                    self.daemon.metrics.observe_activate_all(spent)
+                    self.metrics.observe_activate_all(spent)
                     log.info("incoming migration: %d block nodes activated in %.1f ms",
                              len(graph.nodes), spent * 1000)
         if globalstate is None or globalstate == "running":

@@ -1,0 +1,86 @@
+"""What migration needs from the rest of the daemon, as Protocols.
+
+The daemon passes these in; migration never sees the daemon itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import Counter
+
+from qmpd.runstate import RunState
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockNode
+
+
+class Events(Protocol):
+    """Where QMP events go."""
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> None: ...
+
+
+class GraphLockSide(Protocol):
+    """The block graph's serialisation point, held across switchover steps."""
+
+    def held(self) -> AbstractAsyncContextManager[None]: ...
+
+
+class GraphSide(Protocol):
+    """The block graph: its nodes and the re-read of nodes activated early."""
+
+    @property
+    def nodes(self) -> Mapping[str, BlockNode]: ...
+
+    def all_nodes(self) -> Iterable[BlockNode]: ...
+
+    async def reload_active(self, nodes: Iterable[BlockNode]) -> None: ...
+
+
+class BlockSide(Protocol):
+    """The block layer: activation of every node, and the graph lock."""
+
+    @property
+    def lock(self) -> GraphLockSide: ...
+
+    @property
+    def graph(self) -> GraphSide: ...
+
+    async def flush_all(self) -> None: ...
+
+    async def activate_all(self) -> None: ...
+
+    async def inactivate_all(self) -> None: ...
+
+
+class RunStateSide(Protocol):
+    """The VM's run state and autostart."""
+
+    autostart: bool
+
+    @property
+    def state(self) -> RunState: ...
+
+    def set_state(self, state: RunState) -> None: ...
+
+    def start(self) -> None: ...
+
+
+class MigrationMetrics(Protocol):
+    """The migration series of the daemon's metrics."""
+
+    @property
+    def migration_bytes(self) -> Counter: ...
+
+    def migration_status(self, status: str) -> None: ...
+
+    def migration_done(self, total: float, downtime: float) -> None: ...
+
+    def observe_activate_all(self, seconds: float) -> None: ...
+
+
+#: Leave the process with this status (a failed incoming migration exits 1).
+ExitRequest = Callable[[int], None]
