@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from typing import Any
 
 from qmpd.errors import GenericError
@@ -114,6 +115,15 @@ _ZERO_COPY = "Zero copy only available for non-compressed non-TLS multifd migrat
 
 _TARGET_PAGE_SIZE = 4096
 _MAX_DOWNTIME_MS = 2000 * 1000
+
+
+@dataclass
+class MigrationSettings:
+    """Capabilities and parameters, shared by both directions."""
+
+    capabilities: dict[str, bool] = field(
+        default_factory=lambda: dict.fromkeys(CAPABILITIES, False))
+    parameters: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMETERS))
 
 
 def _expects(name: str, what: str) -> GenericError:
