@@ -28,6 +28,7 @@ from tests.integration.migration_helpers import (
     start,
     wait_until,
 )
+from tests.migration_data.streams import build_stream
 
 pytestmark = pytest.mark.qemu
 
@@ -112,7 +113,7 @@ def test_illegal_globalstate_fails_and_releases_the_image(mig: Cluster, runstate
         peer.add_disk(image)
         sock = str(mig.dir / f"{peer.name}.sock")
         peer.ok("migrate-incoming", {"uri": f"unix:{sock}", "exit-on-error": exit_on_error})
-        feed_stream(sock, stream.build_stream(runstate))
+        feed_stream(sock, build_stream(runstate))
         if exit_on_error:
             assert peer.wait(10) == 1
             assert locks_in_proc_locks(image) == set()

@@ -18,11 +18,10 @@ from qmpd.migration.stream import (
     RPMessageType,
     StreamWriter,
     TimerState,
-    build_stream,
-    parse_stream,
 )
 from tests.conftest import require_tool
 from tests.migration_data import capture as qemu
+from tests.migration_data.streams import build_stream, parse_stream
 from tests.unit.test_migration_stream import REFUSALS, expected, made_variants, outcome
 
 pytestmark = pytest.mark.qemu

@@ -39,12 +39,11 @@ from qmpd.migration.stream import (
     StreamWriter,
     TimerState,
     VMDescription,
-    build_stream,
     encode_rp_message,
-    parse_stream,
 )
 from qmpd.runstate import RunState
 from tests.migration_data.capture import variants
+from tests.migration_data.streams import build_stream, parse_stream
 
 DATA = Path(__file__).resolve().parent.parent / "migration_data"
 PROG = "qemu-system-x86_64"
