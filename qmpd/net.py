@@ -209,7 +209,7 @@ class UnixListener:
 
     def unlink(self) -> None:
         """Remove the socket file, unless someone else's now sits at the path."""
-        unlink_if_same(self.path, self.inode)
+        _unlink_if_same(self.path, self.inode)
 
 
 def is_listening(path: str) -> bool:
@@ -245,7 +245,7 @@ def remove_stale(path: str) -> None:
         pass
 
 
-def bind_unix(path: str, backlog: int = 128, mode: int | None = 0o600) -> UnixListener:
+def _bind_unix_file(path: str, backlog: int = 128, mode: int | None = 0o600) -> UnixListener:
     """Listen on ``path``; the file appears only once the socket accepts connections.
 
     ``mode`` None leaves the file as bind() makes it (0777 less the umask).
@@ -292,7 +292,7 @@ def bind_unix(path: str, backlog: int = 128, mode: int | None = 0o600) -> UnixLi
     return UnixListener(sock, path, inode)
 
 
-def unlink_if_same(path: str, inode: int) -> None:
+def _unlink_if_same(path: str, inode: int) -> None:
     """Remove ``path`` only if it is still the socket file with ``inode``."""
     try:
         if os.lstat(path).st_ino == inode:
@@ -363,7 +363,7 @@ def _listen_unix(address: UnixAddress, mode: int | None, backlog: int) -> Listen
                            f"UNIX socket path '{path}' is too long")
     try:
         if not address.abstract:
-            unix = bind_unix(path, backlog, mode)
+            unix = _bind_unix_file(path, backlog, mode)
             return Listener([unix.sock], address, unix)
         name = b"\0" + os.fsencode(path)
         if not address.tight:
