@@ -9,6 +9,8 @@ import asyncio
 import errno
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -278,3 +280,14 @@ def test_connect_to_a_listener() -> None:
             listener.close()
 
     asyncio.run(main())
+
+
+def test_the_command_line_does_not_load_the_qmp_server() -> None:
+    """cli takes addresses from net and MonitorConfig from qmp.config, not the asyncio server."""
+    code = "import sys, qmpd.cli; print(sorted(m for m in sys.modules if m.startswith('qmpd.')))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    loaded = out.stdout
+    assert "'qmpd.net'" in loaded
+    assert "qmpd.qmp.server" not in loaded and "qmpd.nbd.server" not in loaded
