@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient
+from tests.conftest import QmpdProcess, RawClient, require_tool
 from tests.integration.migration_helpers import Cluster, need_qemu, short_dir, start
 
 IN_USE = "Address already in use"
@@ -232,3 +232,31 @@ def test_incoming_migration_tcp_errors_like_qemu() -> None:
     assert seen["qmpd"] == seen["qemu"]
     assert seen["qmpd"][0] == f"Failed to find an available port: {IN_USE}"
     assert seen["qmpd"][1].startswith("address resolution failed for nosuchhost.invalid:4444: ")
+
+
+@pytest.mark.parametrize("impl", ["qsd", "qmpd"])
+def test_monitor_refusals_in_qemu_words(impl: str, tmp_path: Path) -> None:
+    """A path too long for sun_path and a busy port: QSD's reasons (qmpd listened on the
+    long path by a hard link nobody could connect to)."""
+    argv = ([require_tool("qemu-storage-daemon")] if impl == "qsd"
+            else [sys.executable, "-m", "qmpd"])
+    long_path = f"/tmp/qn{os.getpid()}-" + "y" * 105
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    cases = [
+        (f"socket,id=c,path={long_path},server=on,wait=off",
+         f"UNIX socket path '{long_path}' is too long"),
+        (f"socket,id=c,host=127.0.0.1,port={port},server=on,wait=off",
+         f"Failed to find an available port: {IN_USE}"),
+    ]
+    try:
+        for chardev, reason in cases:
+            refused = subprocess.run([*argv, "--chardev", chardev, "--monitor", "c"],
+                                     capture_output=True, text=True, timeout=30, cwd=tmp_path)
+            assert refused.returncode == 1
+            assert reason in refused.stderr, refused.stderr
+            assert not os.path.exists(long_path)
+    finally:
+        busy.close()

@@ -291,3 +291,10 @@ def test_the_command_line_does_not_load_the_qmp_server() -> None:
     loaded = out.stdout
     assert "'qmpd.net'" in loaded
     assert "qmpd.qmp.server" not in loaded and "qmpd.nbd.server" not in loaded
+
+
+def test_vsock_address_texts() -> None:
+    with pytest.raises(net.ListenFailed, match=r"^Invalid CID 'x' or port '1'$"):
+        net.listen(VsockAddress("x", "1"))
+    with pytest.raises(net.ConnectFailed, match=r"^Invalid CID '2' or port 'p'$"):
+        asyncio.run(net.connect(VsockAddress("2", "p")))
