@@ -210,14 +210,15 @@ def test_incoming_migration_keeps_a_regular_file_and_replaces_a_dead_socket(
 
 
 @pytest.mark.qemu
-def test_incoming_migration_tcp_errors_like_qemu() -> None:
-    """QEMU 7.2's texts for a busy port and an unknown host (checked against it)."""
+def test_incoming_migration_errors_like_qemu() -> None:
+    """QEMU 7.2's texts for a busy port, an unknown host and a path too long."""
     need_qemu()
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     port = busy.getsockname()[1]
-    uris = [f"tcp:127.0.0.1:{port}", "tcp:nosuchhost.invalid:4444"]
+    long_path = f"/tmp/qn{os.getpid()}-" + "z" * 105
+    uris = [f"tcp:127.0.0.1:{port}", "tcp:nosuchhost.invalid:4444", f"unix:{long_path}"]
     seen: dict[str, list[str]] = {}
     with short_dir() as path:
         cluster = Cluster(path)
@@ -232,6 +233,8 @@ def test_incoming_migration_tcp_errors_like_qemu() -> None:
     assert seen["qmpd"] == seen["qemu"]
     assert seen["qmpd"][0] == f"Failed to find an available port: {IN_USE}"
     assert seen["qmpd"][1].startswith("address resolution failed for nosuchhost.invalid:4444: ")
+    assert seen["qmpd"][2] == f"UNIX socket path '{long_path}' is too long"
+    assert not os.path.exists(long_path)
 
 
 @pytest.mark.parametrize("impl", ["qsd", "qmpd"])
