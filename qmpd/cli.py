@@ -23,9 +23,9 @@ from qmpd.errors import ConfigError
 from qmpd.keyval import parse_bool, parse_option
 from qmpd.logs import LEVELS
 from qmpd.nbd.config import ExportConfig, NbdServerConfig, parse_export, parse_nbd_server
-from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress
+from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress, parse_host_port
 from qmpd.qmp.budget import DEFAULT_QMP_INPUT_TOTAL
-from qmpd.qmp.server import DEFAULT_OUTPUT_LIMIT, MonitorConfig
+from qmpd.qmp.config import DEFAULT_OUTPUT_LIMIT, MonitorConfig
 
 DEFAULT_QMP_SOCKET = "qmpd.sock"
 DEFAULT_HTTP = "127.0.0.1:9180"
@@ -359,19 +359,8 @@ def parse_qmp_address(text: str) -> tuple[SocketAddress, bool, bool]:
             raise ConfigError("missing socket path")
         return UnixAddress(path), server, wait
     if main.startswith("tcp:"):
-        return _inet(main[len("tcp:"):]), server, wait
+        return parse_host_port(main[len("tcp:"):], LOOPBACK), server, wait
     raise ConfigError("expected unix:PATH or tcp:HOST:PORT")
-
-
-def _inet(hostport: str) -> InetAddress:
-    m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:]*)):(\d+)", hostport)
-    if m is None:
-        raise ConfigError(f"expected HOST:PORT, got '{hostport}'")
-    host = m.group(1) if m.group(1) is not None else m.group(2)
-    port = int(m.group(3))
-    if port > 65535:
-        raise ConfigError(f"port {port} out of range")
-    return InetAddress(host or LOOPBACK, port)
 
 
 def parse_chardev(text: str) -> MonitorConfig:
@@ -414,7 +403,7 @@ def parse_chardev(text: str) -> MonitorConfig:
             port_number = int(port)
         except ValueError:
             raise ConfigError(f"port '{port}' is not a number") from None
-        address = InetAddress(host or LOOPBACK, port_number)
+        address = InetAddress(host or LOOPBACK, str(port_number))
     return MonitorConfig(chardev_id, address, client=not server, wait=server and wait,
                          origin=origin)
 
@@ -460,5 +449,5 @@ def coerce_keyval(value: dict[str, Any]) -> dict[str, Any]:
 def parse_http(text: str) -> HttpConfig:
     if re.fullmatch(r"\d+", text):
         return HttpConfig(LOOPBACK, int(text))
-    address = _inet(text)
-    return HttpConfig(address.host, address.port)
+    address = parse_host_port(text, LOOPBACK)
+    return HttpConfig(address.host, int(address.port))

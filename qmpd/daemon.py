@@ -24,7 +24,6 @@ from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.nbd.exports import BlockExports
-from qmpd.net import UnixAddress
 from qmpd.objects import ObjectRegistry
 from qmpd.pidfile import PidFile
 from qmpd.qmp.budget import QMPInputBudget
@@ -176,9 +175,7 @@ class Daemon:
                 except net.ConnectFailed as exc:
                     raise ConfigError(f"{action.origin or action.id}: {exc.strerror}") from None
                 except OSError as exc:
-                    address = action.address
-                    reason = (f"Failed to bind socket to {address.path}: {exc.strerror}"
-                              if isinstance(address, UnixAddress) else exc.strerror)
+                    reason = exc.desc if isinstance(exc, net.ListenFailed) else exc.strerror
                     raise ConfigError(f"cannot listen on {action.address}: {reason}") from None
                 log.info("QMP monitor %s on %s", action.id, monitor.bound)
             elif isinstance(action, ObjectConfig):

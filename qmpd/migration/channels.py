@@ -24,45 +24,9 @@ class ChannelError(Exception):
     """A transport failed; the message is QEMU's error-desc."""
 
 
-@dataclass(frozen=True)
-class MigrationURI:
-    scheme: str  # tcp, unix, exec, fd
-    target: str  # path, "host:port", command or fd name
-    host: str = ""  # tcp: as given, without [] around an IPv6 address
-    port: int = 0  # tcp: the port when numeric (else 0: resolved at connect time)
-    service: str = ""  # tcp: the port as given
-
-
-_BAD_PROTOCOL = "Parameter 'uri' expects a valid migration protocol"
-
-
-def parse_uri(uri: str) -> MigrationURI:
-    """Split a migration URI; errors carry QEMU 7.2's texts."""
-    for scheme in ("tcp", "unix", "exec", "fd"):
-        prefix = scheme + ":"
-        if uri.startswith(prefix):
-            rest = uri[len(prefix):]
-            if scheme == "tcp":
-                if rest.startswith("["):
-                    close = rest.find("]")
-                    host, sep, service = rest[1:close], ":", rest[close + 2:]
-                    if close < 0 or rest[close + 1:close + 2] != ":":
-                        raise GenericError(f"error parsing address '{rest}'")
-                else:
-                    host, sep, service = rest.rpartition(":")
-                if not sep:
-                    raise GenericError(f"error parsing address '{rest}'")
-                port = int(service) if service.isdigit() else 0
-                return MigrationURI(scheme, rest, host, port, service)
-            if scheme == "unix" and not rest:
-                raise GenericError("invalid Unix socket address")
-            return MigrationURI(scheme, rest)
-    raise GenericError(_BAD_PROTOCOL)
-
-
-def is_protocol_error(exc: GenericError) -> bool:
-    """The one URI error after which QEMU records no error-desc."""
-    return exc.desc == _BAD_PROTOCOL
+MigrationURI = net.MigrationURI
+parse_uri = net.parse_migration_uri
+is_protocol_error = net.is_bad_protocol
 
 
 @dataclass
@@ -203,38 +167,12 @@ async def _channel_from_fd(fd: int) -> Channel:
     return Channel(reader, writer, kind="file")
 
 
-async def _tcp_connect(host: str, service: str) -> socket.socket:
-    """inet_connect: every address in turn; the last failure is reported."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host or None, service, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ChannelError(
-            f"address resolution failed for {host}:{service}: {exc.strerror}"
-        ) from None
-    last: OSError | None = None
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, addr)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        return sock
-    assert last is not None
-    raise last
-
-
 async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
     """The source's channel to the destination."""
     try:
-        if uri.scheme == "unix":
-            reader, writer = await asyncio.open_unix_connection(uri.target)
-            return Channel(reader, writer)
-        if uri.scheme == "tcp":
-            sock = await _tcp_connect(uri.host, uri.service)
+        if uri.scheme in ("unix", "tcp"):
+            assert uri.address is not None
+            sock = await net.connect(uri.address)
             reader, writer = await asyncio.open_connection(sock=sock)
             return Channel(reader, writer)
         if uri.scheme == "exec":
@@ -246,6 +184,8 @@ async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
             writer = process.stdin
             return Channel(process.stdout, writer, process, kind="command")
         return await _channel_from_fd(fds.take(uri.target))
+    except net.ConnectFailed as exc:
+        raise ChannelError(exc.strerror) from None
     except OSError as exc:
         target = f"{uri.host}:{uri.service}" if uri.scheme == "tcp" else uri.target
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -258,7 +198,7 @@ class Listener:
     def __init__(self, uri: MigrationURI, fds: FdStore) -> None:
         self.uri = uri
         self.fds = fds
-        self.server: asyncio.AbstractServer | None = None
+        self.servers: list[asyncio.AbstractServer] = []
         self.unix: net.UnixListener | None = None
         self._accepted: asyncio.Future[Channel] | None = None
         self.addresses: list[dict[str, Any]] = []
@@ -274,27 +214,18 @@ class Listener:
                 writer.close()
                 return
             self._accepted.set_result(Channel(reader, writer))
-            if self.server is not None:
-                self.server.close()
+            for server in self.servers:
+                server.close()
 
         try:
-            if uri.scheme == "unix":
-                self.unix = net.bind_unix(uri.target, mode=None)
-                self.server = await asyncio.start_unix_server(on_client, sock=self.unix.sock)
-                self.addresses = [{"path": uri.target, "type": "unix"}]
-            elif uri.scheme == "tcp":
+            if uri.scheme in ("unix", "tcp"):
+                assert uri.address is not None
                 # No host: every address, IPv6 and IPv4, as QEMU listens.
-                self.server = await asyncio.start_server(
-                    on_client, uri.host or None, uri.service
-                )
-                sockets = sorted(self.server.sockets,
-                                 key=lambda sock: sock.family != socket.AF_INET6)
-                self.addresses = [
-                    {"host": sock.getsockname()[0], "port": str(sock.getsockname()[1]),
-                     "ipv6" if sock.family == socket.AF_INET6 else "ipv4": True,
-                     "type": "inet"}
-                    for sock in sockets
-                ]
+                listening = net.listen(uri.address, every_address=True)
+                self.unix = listening.unix
+                for sock in listening.socks:
+                    self.servers.append(await asyncio.start_server(on_client, sock=sock))
+                self.addresses = _socket_addresses(listening)
             elif uri.scheme == "exec":
                 process = await asyncio.create_subprocess_exec(
                     "/bin/sh", "-c", uri.target, stdout=asyncio.subprocess.PIPE,
@@ -303,14 +234,8 @@ class Listener:
                 self._accepted.set_result(Channel(process.stdout, None, process, kind="command"))
             else:
                 self._accepted.set_result(await _channel_from_fd(self.fds.take(uri.target)))
-        except socket.gaierror as exc:
-            raise GenericError(
-                f"address resolution failed for {uri.host}:{uri.service}: {exc.strerror}"
-            ) from None
-        except OSError as exc:
-            raise GenericError(
-                f"Failed to bind socket to {uri.target}: {exc.strerror}"
-            ) from None
+        except net.ListenFailed as exc:
+            raise GenericError(exc.desc) from None
         except ChannelError as exc:
             raise GenericError(str(exc)) from None
 
@@ -319,10 +244,23 @@ class Listener:
         return await self._accepted
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         if self._accepted is not None and not self._accepted.done():
             self._accepted.cancel()
         if self.unix is not None:
             self.unix.unlink()
             self.unix = None
+
+
+def _socket_addresses(listening: net.Listener) -> list[dict[str, Any]]:
+    """query-migrate's ``socket-address``: IPv6 addresses first."""
+    if isinstance(listening.address, net.UnixAddress):
+        return [{"path": listening.address.path, "type": "unix"}]
+    sockets = sorted(listening.socks, key=lambda sock: sock.family != socket.AF_INET6)
+    return [
+        {"host": sock.getsockname()[0], "port": str(sock.getsockname()[1]),
+         "ipv6" if sock.family == socket.AF_INET6 else "ipv4": True,
+         "type": "inet"}
+        for sock in sockets
+    ]

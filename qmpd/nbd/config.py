@@ -1,10 +1,10 @@
-"""NBD server addresses and the ``--nbd-server``/``--export`` command-line options.
+"""The ``--nbd-server`` and ``--export`` command-line options.
 
 QMP's ``nbd-server-start`` takes QEMU 7.2's legacy address form
 (``{"type": "unix", "data": {"path": ...}}``); qemu-storage-daemon's
 ``--nbd-server`` takes the flat form (``addr.type=unix,addr.path=...``).
-qmpd accepts both in both places; :func:`parse_address` turns either into
-one of the address classes below.
+qmpd accepts both in both places; :func:`qmpd.net.parse_socket_address`
+turns either into an address.
 """
 
 from __future__ import annotations
@@ -12,86 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qmpd.errors import ConfigError, GenericError
+from qmpd.errors import ConfigError
 from qmpd.keyval import parse_bool, parse_option
-
-
-@dataclass(frozen=True)
-class UnixAddr:
-    path: str
-    abstract: bool = False
-    tight: bool = True
-
-    def __str__(self) -> str:
-        return f"unix:{'@' if self.abstract else ''}{self.path}"
-
-
-@dataclass(frozen=True)
-class InetAddr:
-    host: str
-    port: str
-    numeric: bool = False
-    to: int | None = None
-    ipv4: bool | None = None
-    ipv6: bool | None = None
-    keep_alive: bool = False
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp:{host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class VsockAddr:
-    cid: str
-    port: str
-
-    def __str__(self) -> str:
-        return f"vsock:{self.cid}:{self.port}"
-
-
-@dataclass(frozen=True)
-class FdAddr:
-    name: str
-
-    def __str__(self) -> str:
-        return f"fd:{self.name}"
-
-
-ServerAddress = UnixAddr | InetAddr | VsockAddr | FdAddr
-
-#: The members of each address type in the flat (QEMU 8+/--nbd-server) form.
-FLAT_MEMBERS: dict[str, tuple[str, ...]] = {
-    "inet": ("host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp"),
-    "unix": ("path", "abstract", "tight"),
-    "vsock": ("cid", "port"),
-    "fd": ("str",),
-}
-
-
-def parse_address(addr: dict[str, Any]) -> ServerAddress:
-    """A schema-validated ``addr`` (legacy or flat form) as an address object."""
-    kind = addr["type"]
-    if "data" in addr:
-        for member in FLAT_MEMBERS[kind]:
-            if member in addr:
-                raise GenericError(f"Parameter 'addr.{member}' is unexpected")
-        data: dict[str, Any] = addr["data"]
-    else:
-        data = addr
-    if kind == "unix":
-        return UnixAddr(data["path"], data.get("abstract", False), data.get("tight", True))
-    if kind == "inet":
-        return InetAddr(
-            data["host"], data["port"], data.get("numeric", False), data.get("to"),
-            data.get("ipv4"), data.get("ipv6"), data.get("keep-alive", False),
-        )
-    if kind == "vsock":
-        return VsockAddr(data["cid"], data["port"])
-    return FdAddr(data["str"])
-
-
-# --- command line -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ from qmpd.block.graph import BdrvChild, BlockNode, BlockUser
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
-from qmpd.nbd.config import parse_address
 from qmpd.nbd.server import NbdConnection, NbdFailure, NbdServer
+from qmpd.net import parse_socket_address
 
 if TYPE_CHECKING:
     from qmpd.block.core import BlockLayer
@@ -468,7 +468,7 @@ class BlockExports:
     # --- nbd-server-start / nbd-server-stop -----------------------------------------------
 
     async def start_server(self, args: dict[str, Any]) -> None:
-        address = parse_address(args["addr"])
+        address = parse_socket_address(args["addr"])
         if self.server is not None:
             raise GenericError("NBD server already running")
         if self._shutdown_requested:

@@ -53,7 +53,6 @@ from qmpd.block.driver import BlockDriverError
 from qmpd.block.errorlog import IO_ERRORS
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
-from qmpd.nbd.config import FdAddr, InetAddr, ServerAddress, UnixAddr, VsockAddr
 
 if TYPE_CHECKING:
     from qmpd.nbd.exports import BlockExports, NbdExport
@@ -705,7 +704,7 @@ class NbdServer:
     """The daemon's NBD server: one listening socket, any number of exports."""
 
     def __init__(
-        self, exports: BlockExports, address: ServerAddress, max_connections: int = 0
+        self, exports: BlockExports, address: net.SocketAddress, max_connections: int = 0
     ) -> None:
         self.exports = exports
         self.address = address
@@ -723,14 +722,15 @@ class NbdServer:
         return self.max_connections != 1
 
     async def start(self) -> None:
-        if isinstance(self.address, UnixAddr) and not self.address.abstract:
-            self._unix = _bind_unix_path(self.address.path)
-            self.sock = self._unix.sock
-        else:
-            self.sock = bind(self.address)
-        if isinstance(self.address, InetAddr):
+        try:
+            listening = net.listen(self.address)
+        except net.ListenFailed as exc:
+            raise GenericError(exc.desc) from None
+        self._unix = listening.unix
+        self.sock = listening.sock
+        if isinstance(self.address, net.InetAddress):
             host, port = self.sock.getsockname()[:2]
-            self.bound = str(InetAddr(host, str(port)))
+            self.bound = str(net.InetAddress(host, str(port)))
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
 
     def connection_gone(self) -> None:
@@ -781,117 +781,3 @@ class NbdServer:
         self.stop_listening()
         conns = list(self.connections)
         await asyncio.gather(*(c.drain() for c in conns), return_exceptions=True)
-
-
-# --- binding ------------------------------------------------------------------------------
-
-
-def bind(address: ServerAddress) -> socket.socket:
-    """A listening, non-blocking socket at ``address``; GenericError in QEMU's words."""
-    if isinstance(address, UnixAddr):
-        return _bind_unix(address)
-    if isinstance(address, InetAddr):
-        return _bind_inet(address)
-    if isinstance(address, VsockAddr):
-        return _bind_vsock(address)
-    assert isinstance(address, FdAddr)
-    raise GenericError("only QEMU supports file descriptor passing")
-
-
-_UNIX_PATH_MAX = 108
-
-
-def _bind_unix(address: UnixAddr) -> socket.socket:
-    path = address.path
-    if len(path.encode()) >= _UNIX_PATH_MAX:
-        raise GenericError(f"UNIX socket path '{path}' is too long")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if address.abstract:
-            name = b"\0" + path.encode()
-            if not address.tight:
-                name = name.ljust(_UNIX_PATH_MAX, b"\0")
-            sock.bind(name)
-        else:
-            sock.close()
-            return _bind_unix_path(path).sock
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise GenericError(f"Failed to bind socket to {path}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_inet(address: InetAddr) -> socket.socket:
-    family = socket.AF_UNSPEC
-    if address.ipv4 and not address.ipv6:
-        family = socket.AF_INET
-    elif address.ipv6 and not address.ipv4:
-        family = socket.AF_INET6
-    flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if address.numeric else 0)
-    try:
-        infos = socket.getaddrinfo(
-            address.host or None, address.port, family, socket.SOCK_STREAM, 0, flags
-        )
-    except socket.gaierror as exc:
-        raise GenericError(
-            f"address resolution failed for {address.host}:{address.port}: {exc.strerror}"
-        ) from None
-    last: OSError | None = None
-    for fam, kind, proto, _canon, sockaddr in infos:
-        try:
-            sock = socket.socket(fam, kind, proto)
-        except OSError as exc:
-            last = exc
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if fam == socket.AF_INET6 and address.ipv4 is not False and address.ipv6 is None:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(sockaddr)
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise GenericError(f"Failed to bind socket: {exc.strerror}") from None
-            last = exc
-            continue
-        sock.setblocking(False)
-        return sock
-    if last is not None and last.errno == errno.EADDRINUSE:
-        raise GenericError("Failed to find an available port: Address already in use")
-    strerror = last.strerror if last is not None else "no address"
-    raise GenericError(f"Failed to create a socket: {strerror}")
-
-
-def _bind_vsock(address: VsockAddr) -> socket.socket:
-    try:
-        cid, port = int(address.cid), int(address.port)
-    except ValueError:
-        raise GenericError(f"Invalid CID '{address.cid}' or port '{address.port}'") from None
-    family = getattr(socket, "AF_VSOCK", None)
-    if family is None:  # pragma: no cover - Linux has it
-        raise GenericError("Failed to create socket: Address family not supported by protocol")
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise GenericError(f"Failed to create socket: {exc.strerror}") from None
-    try:
-        sock.bind((cid, port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise GenericError(f"Failed to bind socket: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_unix_path(path: str) -> net.UnixListener:
-    if len(path.encode()) >= _UNIX_PATH_MAX:
-        raise GenericError(f"UNIX socket path '{path}' is too long")
-    try:
-        return net.bind_unix(path, mode=None)
-    except OSError as exc:
-        raise GenericError(f"Failed to bind socket to {path}: {exc.strerror}") from None
-

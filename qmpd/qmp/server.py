@@ -17,13 +17,14 @@ import os
 import socket
 from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from qmpd import logs, net
 from qmpd.errors import GenericError
-from qmpd.net import InetAddress, SocketAddress, StdioAddress, UnixAddress
+from qmpd.net import StdioAddress, UnixAddress
 from qmpd.qmp.budget import QMPInputBudget
+from qmpd.qmp.config import DEFAULT_OUTPUT_LIMIT
+from qmpd.qmp.config import MonitorConfig as MonitorConfig  # re-exported for the daemon
 from qmpd.qmp.session import Incoming, QMPSession, Request
 
 if TYPE_CHECKING:
@@ -39,25 +40,6 @@ MAX_QUEUED_REQUESTS = 8
 MAX_REQUESTS_PER_TURN = 64
 #: Output buffered for one client before it counts as not reading.
 WRITE_HIGH_WATER = 256 * 1024
-#: Output buffered for one client before it is disconnected.
-DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """One QMP monitor: where it listens and how it formats output."""
-
-    id: str
-    address: SocketAddress | StdioAddress
-    pretty: bool = False
-    #: Connect to a listening peer instead of listening (chardev server=off).
-    client: bool = False
-    #: Listen, and hold start-up until the first client connects (wait=on).
-    wait: bool = False
-    #: The option that asked for it, for errors ("--chardev socket,...").
-    origin: str = ""
-
-
 class QMPConnection(asyncio.Protocol):
     """One client of one monitor."""
 
@@ -340,14 +322,10 @@ class Monitor:
             self._pending.append(await net.connect(address))
             self.bound = f"{address} (client)"
             return
-        if isinstance(address, UnixAddress):
-            self.unix = net.bind_unix(address.path)
-            listen_sock = self.unix.sock
-            self.bound = str(address)
-        else:
-            listen_sock = net.bind_inet(address.host, address.port)
-            sockname = listen_sock.getsockname()
-            self.bound = str(InetAddress(address.host, int(sockname[1])))
+        listening = net.listen(address, mode=0o600)
+        self.unix = listening.unix
+        listen_sock = listening.sock
+        self.bound = str(listening.address)
         try:
             if config.wait:
                 logs.write_raw(f"{logs.PROG}: info: waiting for connection on: "

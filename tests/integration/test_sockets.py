@@ -1,7 +1,8 @@
 """UNIX socket files: they appear only when listening, and never trample another's.
 
 The rules hold for QMP monitors, the NBD server and incoming migration
-(qmpd/net.py).
+(qmpd/net.py).  QEMU 7.2 unlinks any file at the path; qmpd refuses with
+QEMU's bind-failure text and keeps a file that is not a dead socket.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import QmpdProcess, RawClient
+import pytest
+
+from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.integration.migration_helpers import Cluster, need_qemu, short_dir, start
 
 IN_USE = "Address already in use"
 
@@ -144,3 +148,118 @@ def test_nbd_and_incoming_migration_refuse_a_live_path(qmpd_factory: Any,
         assert not dead.exists()
     finally:
         holder.close()
+
+
+def refused_text(path: Path) -> str:
+    """QEMU's bind-failure text; QEMU 7.2 itself unlinks whatever is at the path."""
+    return f"Failed to bind socket to {path}: {IN_USE}"
+
+
+def run_qmpd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qmpd", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_regular_file_is_never_removed_by_a_monitor(tmp_path: Path) -> None:
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    for args in (["--qmp", f"unix:{regular}"],
+                 ["--chardev", f"socket,id=c,path={regular},server=on,wait=off",
+                  "--monitor", "c"]):
+        refused = run_qmpd(*args)
+        assert refused.returncode == 1
+        assert refused_text(regular) in refused.stderr, refused.stderr
+        assert regular.read_text() == "keep me"
+
+
+def test_regular_file_is_never_removed_by_the_nbd_server(qmpd: QmpdProcess,
+                                                         tmp_path: Path) -> None:
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    c = qmpd.client()
+    c.negotiate()
+    for addr in ({"type": "unix", "data": {"path": str(regular)}},
+                 {"type": "unix", "path": str(regular)}):
+        reply = c.cmd("nbd-server-start", {"addr": addr})
+        assert reply["error"]["desc"] == refused_text(regular)
+        assert regular.read_text() == "keep me"
+    refused = run_qmpd("--nbd-server", f"addr.type=unix,addr.path={regular}")
+    assert refused.returncode == 1
+    assert refused_text(regular) in refused.stderr, refused.stderr
+    assert regular.read_text() == "keep me"
+
+
+def test_incoming_migration_keeps_a_regular_file_and_replaces_a_dead_socket(
+        qmpd_factory: Any, tmp_path: Path) -> None:
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    proc = qmpd_factory("--incoming", "defer")
+    c = proc.client()
+    c.negotiate()
+    reply = c.cmd("migrate-incoming", {"uri": f"unix:{regular}"})
+    assert reply["error"]["desc"] == refused_text(regular)
+    assert regular.read_text() == "keep me"
+    dead = tmp_path / "dead.sock"
+    dead_socket_file(dead)
+    assert c.cmd("migrate-incoming", {"uri": f"unix:{dead}"}) == {"return": {}}
+    assert c.cmd("query-migrate")["return"]["socket-address"] == [
+        {"path": str(dead), "type": "unix"}]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(dead))  # ours now: it accepts
+
+
+@pytest.mark.qemu
+def test_incoming_migration_errors_like_qemu() -> None:
+    """QEMU 7.2's texts for a busy port, an unknown host and a path too long."""
+    need_qemu()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    long_path = f"/tmp/qn{os.getpid()}-" + "z" * 105
+    uris = [f"tcp:127.0.0.1:{port}", "tcp:nosuchhost.invalid:4444", f"unix:{long_path}"]
+    seen: dict[str, list[str]] = {}
+    with short_dir() as path:
+        cluster = Cluster(path)
+        try:
+            peers = [cluster.spawn(kind, kind, incoming="defer") for kind in ("qemu", "qmpd")]
+            start(*peers)
+            for peer in peers:
+                seen[peer.kind] = [peer.err("migrate-incoming", {"uri": uri}) for uri in uris]
+        finally:
+            cluster.close()
+            busy.close()
+    assert seen["qmpd"] == seen["qemu"]
+    assert seen["qmpd"][0] == f"Failed to find an available port: {IN_USE}"
+    assert seen["qmpd"][1].startswith("address resolution failed for nosuchhost.invalid:4444: ")
+    assert seen["qmpd"][2] == f"UNIX socket path '{long_path}' is too long"
+    assert not os.path.exists(long_path)
+
+
+@pytest.mark.parametrize("impl", ["qsd", "qmpd"])
+def test_monitor_refusals_in_qemu_words(impl: str, tmp_path: Path) -> None:
+    """A path too long for sun_path and a busy port: QSD's reasons (qmpd listened on the
+    long path by a hard link nobody could connect to)."""
+    argv = ([require_tool("qemu-storage-daemon")] if impl == "qsd"
+            else [sys.executable, "-m", "qmpd"])
+    long_path = f"/tmp/qn{os.getpid()}-" + "y" * 105
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    cases = [
+        (f"socket,id=c,path={long_path},server=on,wait=off",
+         f"UNIX socket path '{long_path}' is too long"),
+        (f"socket,id=c,host=127.0.0.1,port={port},server=on,wait=off",
+         f"Failed to find an available port: {IN_USE}"),
+    ]
+    try:
+        for chardev, reason in cases:
+            refused = subprocess.run([*argv, "--chardev", chardev, "--monitor", "c"],
+                                     capture_output=True, text=True, timeout=30, cwd=tmp_path)
+            assert refused.returncode == 1
+            assert reason in refused.stderr, refused.stderr
+            assert not os.path.exists(long_path)
+    finally:
+        busy.close()

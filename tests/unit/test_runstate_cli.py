@@ -80,7 +80,7 @@ def test_options_in_order() -> None:
     ])
     monitors = [(m.id, m.address, m.pretty, m.client, m.wait) for m in cfg.monitors]
     assert monitors == [
-        ("qmp0", InetAddress("127.0.0.1", 4444), False, False, False),
+        ("qmp0", InetAddress("127.0.0.1", "4444"), False, False, False),
         ("m0", UnixAddress("/tmp/a.sock"), True, False, False),
     ]
     assert cfg.actions[2] == HttpConfig("127.0.0.1", 9000)
