@@ -52,7 +52,6 @@ class Qcow2Image(Qcow2State):
         super().__init__(node, file, header, cluster0, config)
         self.mapping = mapping = Qcow2Mapping(self)
         self.allocation = alloc = Qcow2Allocation(self, mapping)
-        self.lookup_cached = mapping.lookup_cached
         self.host_run = mapping.host_run
         self.entries = mapping.entries
         self.read = mapping.read

@@ -1,4 +1,6 @@
-"""Rebuilding refcounts of an image left dirty (lazy refcounts, crash).
+"""Rebuilding refcounts of an image left dirty (lazy refcounts, crash): QEMU's
+``qcow2_check_refcounts`` and ``rebuild_refcount_structure`` in
+``qcow2-refcount.c``.
 
 QEMU repairs a dirty image on every read-write open by running its check with
 ``FIX_ERRORS | FIX_LEAKS``.  We do the equivalent: count every reference
