@@ -13,7 +13,6 @@ import pytest
 
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.graph import BlockGraph, BlockNode, NodeState
-from qmpd.block.qcow2.cluster import entry_type
 from qmpd.block.qcow2.create import create_image
 from qmpd.block.qcow2.driver import Qcow2Driver
 from qmpd.block.qcow2.format import (
@@ -21,6 +20,7 @@ from qmpd.block.qcow2.format import (
     QCOW_OFLAG_COPIED,
     ClusterType,
 )
+from qmpd.block.qcow2.format import cluster_type as entry_type
 from qmpd.block.qcow2.standalone import close_image, open_image
 from qmpd.errors import GenericError
 

@@ -16,10 +16,10 @@ import pytest
 
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.graph import BlockGraph, BlockNode
-from qmpd.block.qcow2.cluster import Qcow2Image
 from qmpd.block.qcow2.create import create_image
 from qmpd.block.qcow2.driver import Qcow2Driver
 from qmpd.block.qcow2.format import INCOMPAT_CORRUPT, QCOW_OFLAG_COPIED, Qcow2FormatError
+from qmpd.block.qcow2.image import Qcow2Image
 from qmpd.block.qcow2.overlap import (
     OL_ACTIVE_L1,
     OL_ACTIVE_L2,

@@ -1,4 +1,5 @@
-"""Bounded write-back caches for qcow2 metadata (L2 slices, refcount blocks).
+"""Bounded write-back caches for qcow2 metadata (L2 slices, refcount blocks):
+QEMU's ``qcow2-cache.c``.
 
 Each cache maps the host offset of a table (or of an L2 slice) to a decoded
 value.  Entries are kept in LRU order; ``capacity`` bounds the number of

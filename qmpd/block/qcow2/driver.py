@@ -1,6 +1,6 @@
 """The qcow2 format driver: options, open/close, activation, queries.
 
-The mutable image state lives in :class:`~qmpd.block.qcow2.cluster.Qcow2Image`;
+The mutable image state lives in :class:`~qmpd.block.qcow2.image.Qcow2Image`;
 this class keeps only the immutable configuration (the options) and swaps
 the whole image object on :meth:`Qcow2Driver.invalidate_cache`, which is how
 QEMU's ``qcow2_co_invalidate_cache`` behaves too (close, zero the state, open
@@ -15,7 +15,6 @@ from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
 from qmpd.block.filename import path_combine
-from qmpd.block.qcow2.cluster import CacheConfig, Qcow2Image
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
@@ -26,8 +25,9 @@ from qmpd.block.qcow2.format import (
     Header,
     Qcow2FormatError,
 )
+from qmpd.block.qcow2.image import Qcow2Image
 from qmpd.block.qcow2.overlap import overlap_checks
-from qmpd.block.qcow2.zero import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT
+from qmpd.block.qcow2.state import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT, CacheConfig
 from qmpd.errors import GenericError
 
 log = logging.getLogger(__name__)

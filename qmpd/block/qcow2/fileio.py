@@ -1,4 +1,5 @@
-"""The qcow2 driver's view of its ``file`` child.
+"""The qcow2 driver's view of its ``file`` child (QEMU's ``bdrv_pread``,
+``bdrv_pwrite`` and ``bdrv_flush`` on ``bs->file``).
 
 Metadata and data I/O go straight to the child's driver (skipping the
 node-level range and permission checks, which do not fit a format driver

@@ -1,4 +1,5 @@
-"""Refcount blocks, the refcount table, and cluster allocation.
+"""Refcount blocks, the refcount table, and cluster allocation (QEMU's
+``qcow2-refcount.c``).
 
 Refcounts of every width from 1 to 64 bits are supported.  Sub-byte widths
 are packed least significant bits first inside each byte; wider ones are

@@ -1,4 +1,6 @@
-"""Rebuilding refcounts of an image left dirty (lazy refcounts, crash).
+"""Rebuilding refcounts of an image left dirty (lazy refcounts, crash): QEMU's
+``qcow2_check_refcounts`` and ``rebuild_refcount_structure`` in
+``qcow2-refcount.c``.
 
 QEMU repairs a dirty image on every read-write open by running its check with
 ``FIX_ERRORS | FIX_LEAKS``.  We do the equivalent: count every reference
@@ -27,7 +29,7 @@ from qmpd.block.qcow2.format import (
 from qmpd.block.qcow2.refcount import RefBlock, array_to_u64_be, u64_be_to_array
 
 if TYPE_CHECKING:
-    from qmpd.block.qcow2.cluster import Qcow2Image
+    from qmpd.block.qcow2.state import Qcow2State
 
 
 class _Counts:
@@ -63,7 +65,7 @@ class _Counts:
         return -1
 
 
-async def _count_l1(img: Qcow2Image, counts: _Counts, l1: array[int]) -> None:
+async def _count_l1(img: Qcow2State, counts: _Counts, l1: array[int]) -> None:
     cs = img.cluster_size
     cb = img.cluster_bits
     for e in l1:
@@ -84,7 +86,7 @@ async def _count_l1(img: Qcow2Image, counts: _Counts, l1: array[int]) -> None:
                     counts.add(host >> cb)
 
 
-async def count_references(img: Qcow2Image, with_refcount_structures: bool) -> _Counts:
+async def count_references(img: Qcow2State, with_refcount_structures: bool) -> _Counts:
     cs = img.cluster_size
     counts = _Counts(img.cluster_bits, (img.file.size() + cs - 1) // cs)
     counts.add_range(0, cs)
@@ -109,7 +111,7 @@ async def count_references(img: Qcow2Image, with_refcount_structures: bool) -> _
     return counts
 
 
-async def repair_refcounts(img: Qcow2Image) -> None:
+async def repair_refcounts(img: Qcow2State) -> None:
     """Make refcounts and COPIED flags match the metadata (lock not needed: open time)."""
     refs = img.refs
     counts = await count_references(img, True)
@@ -128,7 +130,7 @@ async def repair_refcounts(img: Qcow2Image) -> None:
     await img.file.sync()
 
 
-async def _rewrite_blocks(img: Qcow2Image, counts: _Counts) -> None:
+async def _rewrite_blocks(img: Qcow2State, counts: _Counts) -> None:
     refs = img.refs
     cs = img.cluster_size
     for rt, e in enumerate(refs.reftable):
@@ -149,7 +151,7 @@ async def _rewrite_blocks(img: Qcow2Image, counts: _Counts) -> None:
     await img.file.sync()
 
 
-async def _rebuild(img: Qcow2Image, counts: _Counts) -> None:
+async def _rebuild(img: Qcow2State, counts: _Counts) -> None:
     """A new reftable and dense refcount blocks after everything in use."""
     refs = img.refs
     cs = img.cluster_size
@@ -182,13 +184,13 @@ async def _rebuild(img: Qcow2Image, counts: _Counts) -> None:
     await img.file.write(start << cb, b"".join(b.to_bytes() for b in blocks))
     await img.file.write((start + nb) << cb, array_to_u64_be(table))
     await img.file.sync()
-    await img._write_reftable_pointer((start + nb) << cb, tc)
+    await img.write_reftable_pointer((start + nb) << cb, tc)
     refs.reftable = table
     refs.reftable_offset = (start + nb) << cb
     refs.reftable_clusters = tc
 
 
-async def _fix_copied(img: Qcow2Image, counts: _Counts) -> None:
+async def _fix_copied(img: Qcow2State, counts: _Counts) -> None:
     cs = img.cluster_size
     cb = img.cluster_bits
     l1_changed = False

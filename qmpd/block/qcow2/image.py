@@ -1,0 +1,235 @@
+"""An open qcow2 image: open, header, flush and resize (QEMU's ``qcow2.c``).
+
+:class:`Qcow2Image` is the image state (:mod:`~qmpd.block.qcow2.state`) plus
+the paths composed on it: reads and block status from
+:class:`~qmpd.block.qcow2.mapping.Qcow2Mapping`, writes, zeroing and discard
+from :class:`~qmpd.block.qcow2.allocation.Qcow2Allocation`.  Their methods
+are bound straight onto the image, so a request costs no extra call.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from qmpd.block.driver import BlockDriverError
+from qmpd.block.qcow2.allocation import Qcow2Allocation
+from qmpd.block.qcow2.fileio import META_ALIGN, ImageFile
+from qmpd.block.qcow2.format import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_MASK,
+    INCOMPAT_DIRTY,
+    L1E_OFFSET_MASK,
+    QCOW_MAX_L1_SIZE,
+    Header,
+    Qcow2FormatError,
+    check_features,
+    check_tables,
+    l1_size_for,
+    parse_header,
+    parse_snapshots,
+)
+from qmpd.block.qcow2.mapping import Qcow2Mapping
+from qmpd.block.qcow2.refcount import array_to_u64_be, u64_be_to_array
+from qmpd.block.qcow2.repair import repair_refcounts
+from qmpd.block.qcow2.state import CacheConfig, Qcow2State
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockNode
+
+log = logging.getLogger(__name__)
+
+_FIRST_READ = 64 * 1024
+
+
+class Qcow2Image(Qcow2State):
+    """The state of an open image with its guest I/O paths."""
+
+    def __init__(self, node: BlockNode, file: ImageFile, header: Header,
+                 cluster0: bytearray, config: CacheConfig) -> None:
+        super().__init__(node, file, header, cluster0, config)
+        self.mapping = mapping = Qcow2Mapping(self)
+        self.allocation = alloc = Qcow2Allocation(self, mapping)
+        self.host_run = mapping.host_run
+        self.entries = mapping.entries
+        self.read = mapping.read
+        self.block_status = mapping.block_status
+        self.write = alloc.write
+        self.write_zeroes = alloc.write_zeroes
+        self.discard = alloc.discard
+
+    # --- open -------------------------------------------------------------------------
+
+    @classmethod
+    async def load(cls, node: BlockNode, config_for: Callable[[Header], CacheConfig],
+                   writable: bool, active: bool) -> Qcow2Image:
+        """Read and check the header and tables; repair or clean up if writable.
+
+        ``config_for`` turns the header into cache geometry (it may raise an
+        option error: the virtual size takes part in the default sizes).
+        """
+        child = node.file
+        if child is None:
+            raise Qcow2FormatError("qcow2 needs a 'file' child")
+        file = ImageFile(child)
+        # One read covers the header cluster of the common cluster sizes
+        # (activation does this for every node, so each round trip counts).
+        first = await file.read(0, _FIRST_READ)
+        if len(first) < 72 or first[:4] != b"QFI\xfb":
+            raise Qcow2FormatError("Image is not in qcow2 format")
+        cluster_bits = int.from_bytes(first[20:24], "big")
+        if 9 <= cluster_bits <= 21 and cluster_bits:
+            if 1 << cluster_bits <= len(first):
+                buf = first[: 1 << cluster_bits]
+            else:
+                buf = await file.read(0, 1 << cluster_bits)
+        else:
+            buf = first[:META_ALIGN]
+        header = parse_header(buf)
+        check_features(header, writable)
+        check_tables(header)
+        config = config_for(header)
+        img = cls(node, file, header, bytearray(buf), config)
+        await img._load_tables()
+        img.writable = writable and active
+        if img.writable:
+            await img._open_for_writing()
+        return img
+
+    async def _load_tables(self) -> None:
+        hdr = self.header
+        cs = self.cluster_size
+        if hdr.l1_size:
+            nbytes = hdr.l1_size * 8
+            raw = await self.file.read(hdr.l1_table_offset,
+                                       (nbytes + META_ALIGN - 1) & ~(META_ALIGN - 1))
+            self.l1 = u64_be_to_array(memoryview(raw)[:nbytes])
+        self.l1_table_offset = hdr.l1_table_offset
+        raw = await self.file.read(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
+        self.refs.reftable = u64_be_to_array(raw)
+        if hdr.nb_snapshots:
+            length = 64 * 1024
+            while True:
+                raw = await self.file.read(hdr.snapshots_offset, length)
+                try:
+                    self.snapshots, self.snapshot_table_size = parse_snapshots(
+                        raw, hdr.nb_snapshots)
+                    break
+                except Qcow2FormatError:
+                    if length >= 64 * 1024 * 1024:
+                        raise Qcow2FormatError("Snapshot table too large") from None
+                    length *= 4
+        # An unaligned L1 entry is found (and the image marked corrupt) when
+        # a request uses it, as in QEMU, not at open.
+
+    async def _open_for_writing(self) -> None:
+        hdr = self.header
+        # We maintain no bitmaps and know no other autoclear feature: clear
+        # them all before the first write (QEMU clears the unknown ones).
+        # Bitmap clusters then count as leaks, as with any program that does
+        # not know bitmaps.
+        if hdr.version >= 3 and hdr.autoclear_features & (AUTOCLEAR_BITMAPS | ~AUTOCLEAR_MASK):
+            hdr.autoclear_features &= AUTOCLEAR_MASK & ~AUTOCLEAR_BITMAPS
+            await self.write_header_fields()
+        if hdr.incompatible_features & INCOMPAT_DIRTY:
+            try:
+                await repair_refcounts(self)
+            except (BlockDriverError, Qcow2FormatError, OSError) as exc:
+                log.warning("qcow2: repair of dirty image failed: %s", exc)
+                raise Qcow2FormatError("Could not repair dirty image", 5) from exc
+            hdr.incompatible_features &= ~INCOMPAT_DIRTY
+            await self.write_header_fields()
+
+    # --- flush ------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        if self.broken is not None:
+            raise BlockDriverError(self.broken, self.broken_errno)
+        if not self.writable:
+            return
+        async with self.lock:
+            await self.flush_metadata()
+            await self.file.sync()
+            if self.refs.pending_discards:
+                await self.refs.process_discards()
+
+    # --- resize (qcow2_co_truncate, metadata preallocation off) -----------------------
+
+    async def truncate(self, size: int) -> None:
+        """Grow the L1 table or drop its tail; the header follows."""
+        self.check_writable()
+        if size % 512:
+            raise BlockDriverError("The new size must be a multiple of 512", 22)
+        alloc = self.allocation
+        async with self.exclusive(0, 1 << 62):
+            self.check_writable()
+            if self.snapshots and self.version < 3:
+                raise BlockDriverError("Can't resize a v2 image which has snapshots", 95)
+            old = self.size
+            new_l1 = l1_size_for(size, self.cluster_bits)
+            if size < old:
+                start = (size + self.cmask) & ~self.cmask
+                if old > start:
+                    await alloc.discard_locked(start, old - start, True)
+                await self._shrink_l1(new_l1)
+            elif size > old:
+                if new_l1 > len(self.l1):
+                    await self._grow_l1(new_l1)
+                backing = self.node.backing
+                if backing is not None and backing.size() > old:
+                    # do not let the backing file's data show through
+                    self.size = size
+                    zero_start = (old + self.cmask) & ~self.cmask
+                    if size > zero_start:
+                        await alloc.write_zeroes_locked(zero_start, size - zero_start, False)
+                    if zero_start > old:
+                        await alloc.write_zero_data(old, min(zero_start, size))
+            self.size = size
+            self.header.size = size
+            await self.flush_metadata()
+            await self.write_header_fields()
+
+    async def _grow_l1(self, new_size: int) -> None:
+        cs = self.cluster_size
+        if new_size * 8 > QCOW_MAX_L1_SIZE:
+            raise BlockDriverError("Failed to grow the L1 table: File too large", 27)
+        clusters = (new_size * 8 + cs - 1) // cs
+        new_off = await self.refs.alloc(clusters)
+        await self.refs.cache.write_all()
+        table = array("Q", self.l1)
+        table.extend([0] * (clusters * cs // 8 - len(table)))
+        await self.file.write(new_off, array_to_u64_be(table))
+        await self.file.sync()
+        old_off, old_size = self.l1_table_offset, len(self.l1)
+        self.header.l1_size = new_size
+        self.header.l1_table_offset = new_off
+        await self.write_header_fields()
+        self.l1 = table[:new_size]
+        self.l1_table_offset = new_off
+        if old_size:
+            await self.refs.update(old_off >> self.cluster_bits,
+                                   (old_size * 8 + cs - 1) // cs, -1)
+
+    async def _shrink_l1(self, new_size: int) -> None:
+        """Free the L2 tables past ``new_size`` L1 entries (the table keeps its size)."""
+        freed = []
+        for i in range(new_size, len(self.l1)):
+            e = int(self.l1[i])
+            if e & L1E_OFFSET_MASK:
+                freed.append(e & L1E_OFFSET_MASK)
+                self.l1[i] = 0
+        if not freed:
+            return
+        self.l1_generation += 1
+        await self.flush_metadata()
+        cs = self.cluster_size
+        await self.file.write(self.l1_table_offset,
+                              array_to_u64_be(self.l1) + bytes(-len(self.l1) * 8 % META_ALIGN))
+        await self.file.sync()
+        await self.drain()
+        for off in freed:
+            for k in range(0, cs, self.slice_bytes):
+                self.l2cache.drop(off + k)
+            await self.refs.update(off >> self.cluster_bits, 1, -1)
