@@ -1,8 +1,10 @@
 """The asyncio NBD server: a listener and one connection object per client.
 
 Everything protocol-shaped happens in :mod:`qmpd.nbd.protocol`; this module
-moves bytes and runs the validated requests against the export
-(:class:`qmpd.nbd.exports.NbdExport`).
+moves bytes and runs the validated requests against an export.  What it
+needs from the exports is the :class:`ServedExport` and :class:`ExportRegistry`
+protocols (implemented by :mod:`qmpd.nbd.exports`, which imports this module,
+never the other way round).
 
 Per connection:
 
@@ -46,7 +48,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from qmpd import net
 from qmpd.block.driver import BlockDriverError
@@ -54,9 +56,6 @@ from qmpd.block.errorlog import IO_ERRORS
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
 from qmpd.nbd.config import FdAddr, InetAddr, ServerAddress, UnixAddr, VsockAddr
-
-if TYPE_CHECKING:
-    from qmpd.nbd.exports import BlockExports, NbdExport
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,52 @@ class NbdFailure(Exception):
         self.message = message
 
 
+class ServedExport(Protocol):
+    """An export as its connections use it: its I/O, its counters, its clients."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def node_name(self) -> str: ...
+
+    def size(self) -> int: ...
+
+    def connection_opened(self, conn: NbdConnection) -> None: ...
+
+    def connection_closed(self, conn: NbdConnection) -> None: ...
+
+    def count_error(self, command: str) -> None: ...
+
+    async def read(
+        self, offset: int, length: int, sparse: bool
+    ) -> list[tuple[int, int, p.ReadData]]: ...
+
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None: ...
+
+    async def write_zeroes(
+        self, offset: int, length: int, no_hole: bool, fast: bool, fua: bool
+    ) -> None: ...
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def cache(self, offset: int, length: int) -> None: ...
+
+    async def block_status(
+        self, offset: int, length: int, req_one: bool, contexts: dict[int, str]
+    ) -> list[tuple[int, list[tuple[int, int]]]]: ...
+
+
+class ExportRegistry(p.ExportCatalog, Protocol):
+    """The server's view of the export registry: the handshake's catalog and more."""
+
+    def export_by_name(self, name: str) -> ServedExport | None: ...
+
+    def stats_protocol_error(self) -> None: ...
+
+
 _IO_MESSAGES = {
     p.Cmd.READ: "reading from file failed",
     p.Cmd.WRITE: "writing to file failed",
@@ -134,7 +179,7 @@ class NbdConnection:
         self.handshake: p.ServerHandshake | None = p.ServerHandshake(server.exports)
         self.tx: p.Transmission | None = None
         self.replies = p.Replies(False)
-        self.export: NbdExport | None = None
+        self.export: ServedExport | None = None
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.write_paused = False
@@ -612,13 +657,13 @@ class NbdConnection:
             err = exc.errno or errno.EIO
             message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
             IO_ERRORS.report_errno(
-                export.node.node_name, err, f"NBD {request.command_name} on export {export.id}"
+                export.node_name, err, f"NBD {request.command_name} on export {export.id}"
             )
             parts = [self.replies.error(request.cookie, p.errno_to_nbd(err), message)]
         except Exception as exc:
             export.count_error(request.command_name)
             IO_ERRORS.report(
-                export.node.node_name, type(exc).__name__,
+                export.node_name, type(exc).__name__,
                 f"NBD {request.command_name} on export {export.id} failed", exc,
             )
             message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
@@ -633,7 +678,7 @@ class NbdConnection:
         else:
             self._release()
 
-    async def _run(self, export: NbdExport, request: p.Request) -> list[p.ReplyPart]:
+    async def _run(self, export: ServedExport, request: p.Request) -> list[p.ReplyPart]:
         kind = request.type
         cookie = request.cookie
         flags = request.flags
@@ -705,7 +750,7 @@ class NbdServer:
     """The daemon's NBD server: one listening socket, any number of exports."""
 
     def __init__(
-        self, exports: BlockExports, address: ServerAddress, max_connections: int = 0
+        self, exports: ExportRegistry, address: ServerAddress, max_connections: int = 0
     ) -> None:
         self.exports = exports
         self.address = address
