@@ -44,3 +44,9 @@ def test_server_does_not_import_exports() -> None:
     graph = import_graph()
     assert "qmpd.nbd.exports" not in graph["qmpd.nbd.server"]
     assert "qmpd.nbd.server" in graph["qmpd.nbd.exports"]
+
+
+def test_no_nbd_module_over_1000_lines() -> None:
+    for path in (QMPD / "nbd").rglob("*.py"):
+        lines = len(path.read_text().splitlines())
+        assert lines <= 1000, f"{module_name(path)} has {lines} lines"
