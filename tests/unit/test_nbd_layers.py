@@ -50,3 +50,18 @@ def test_no_nbd_module_over_1000_lines() -> None:
     for path in (QMPD / "nbd").rglob("*.py"):
         lines = len(path.read_text().splitlines())
         assert lines <= 1000, f"{module_name(path)} has {lines} lines"
+
+
+def test_protocol_package_exports_every_public_name() -> None:
+    import importlib
+
+    from qmpd.nbd import protocol
+
+    for name in ("constants", "sansio", "handshake", "transmission", "replies"):
+        module = importlib.import_module(f"{PROTOCOL}.{name}")
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or getattr(value, "__module__", module.__name__) != module.__name__:
+                continue
+            if isinstance(value, type(importlib)):  # a module (struct, enum ...)
+                continue
+            assert getattr(protocol, attr, None) is value, f"{name}.{attr} not re-exported"
