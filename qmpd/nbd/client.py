@@ -1,4 +1,8 @@
-"""A small asyncio NBD client, for tests and tooling.
+"""A small asyncio NBD client, for tests and tooling, and for the coming ``nbd``
+block driver (issue 12): that is why it lives here and not under tests/.
+
+It depends on the sans-IO :mod:`qmpd.nbd.protocol` package only, never on
+the server or the exports (tests/unit/test_nbd_layers.py checks it).
 
 It speaks the fixed newstyle handshake (structured replies, meta contexts,
 NBD_OPT_GO with NBD_INFO_BLOCK_SIZE, NBD_OPT_LIST, NBD_OPT_INFO) and

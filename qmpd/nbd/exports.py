@@ -225,6 +225,10 @@ class NbdExport:
 
     # --- what clients see -----------------------------------------------------------------
 
+    @property
+    def node_name(self) -> str:
+        return self.node.node_name
+
     def size(self) -> int:
         # As QEMU: the export size is the node's, rounded down to 512 bytes.
         return self.node.size() // 512 * 512

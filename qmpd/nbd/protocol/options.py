@@ -1,6 +1,6 @@
 """Reading an option's payload as QEMU 7.2's server does, with its error texts.
 
-Sans-IO, used by :class:`qmpd.nbd.protocol.ServerHandshake`.  QEMU reads an
+Sans-IO, used by :class:`qmpd.nbd.protocol.handshake.ServerHandshake`.  QEMU reads an
 option field by field (``nbd/server.c``: ``nbd_opt_read``,
 ``nbd_opt_read_name``, ``nbd_reject_length``) and answers the first problem
 it meets with ``NBD_REP_ERR_INVALID`` and one of these texts:

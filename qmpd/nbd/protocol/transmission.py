@@ -1,0 +1,284 @@
+"""The transmission phase: the server's request parser and validator, the client's request encoder.
+
+:class:`Transmission` turns the client's bytes into validated
+:class:`Request` events (or :class:`Rejected`, :class:`Disconnect`,
+:class:`Violation`), checking each request exactly as QEMU 7.2's server does.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from qmpd.nbd.protocol.constants import (
+    COMMAND_NAMES,
+    MAX_PAYLOAD,
+    REQUEST_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+)
+from qmpd.nbd.protocol.sansio import NEED_DATA, NeedData
+
+_REQUEST = struct.Struct(">IHHQQI")
+
+REQUEST_SIZE: Final = _REQUEST.size  # 28
+
+
+# --- transmission (server side) -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Request:
+    """One request as it came off the wire (``payload`` for WRITE only)."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+    payload: bytes | bytearray | None = None
+
+    @property
+    def command_name(self) -> str:
+        try:
+            return COMMAND_NAMES[Cmd(self.type)]
+        except ValueError:
+            return "unknown"
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A request refused before execution: reply ``error``/``message``.
+
+    ``fatal``: the request's payload could not be consumed, so the
+    connection must be closed after the reply.
+    """
+
+    request: Request
+    error: Errno
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: no reply; finish what is in flight, then close."""
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """The client broke framing: nothing more can be parsed.
+
+    ``cookie``: a bad request magic is answered EINVAL with ``reason`` under
+    the header's cookie before the disconnect, as QEMU does.
+    """
+
+    reason: str
+    cookie: int | None = None
+
+
+TransmissionEvent = Request | Rejected | Disconnect | Violation
+
+#: Flags QEMU accepts on each command (FUA is accepted everywhere).
+_ALLOWED_FLAGS: Final = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+}
+_WRITING: Final = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
+_RANGED: Final = frozenset(
+    {Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS}
+)
+_BIG_PAYLOAD: Final = frozenset({Cmd.READ, Cmd.WRITE, Cmd.CACHE})
+
+
+class Transmission:
+    """The server's transmission phase: requests in, validated events out.
+
+    ``size`` is called for every ranged request (an export can grow);
+    ``read_only``, ``structured`` and ``contexts`` are what the handshake
+    agreed.  Validation follows QEMU 7.2's server: every refusal is EINVAL
+    (even a write to a read-only export), with QEMU's message.
+
+    Bytes come in either through :meth:`receive_data` or, without copying,
+    through :meth:`get_buffer` / :meth:`buffer_updated` (receive straight
+    into the returned buffer: a WRITE's payload lands in the very bytearray
+    that is handed to the block layer).
+    """
+
+    #: Size of the parse buffer for request headers.
+    BUFFER_SIZE = 256 * 1024
+    #: After a large WRITE, the next header most likely starts another one:
+    #: take only this much into the parse buffer, so that the payload is
+    #: received in place instead of being copied out of the parse buffer.
+    SMALL_WINDOW = 4096
+
+    def __init__(
+        self,
+        size: Callable[[], int],
+        read_only: bool,
+        structured: bool,
+        contexts: dict[int, str] | None = None,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
+        self.size = size
+        self.read_only = read_only
+        self.structured = structured
+        self.contexts = dict(contexts or {})
+        self.max_payload = max_payload
+        self._buf = bytearray(self.BUFFER_SIZE)
+        self._start = 0
+        self._end = 0
+        self._header: Request | None = None  # a WRITE waiting for its payload
+        self._payload = bytearray()
+        self._filled = 0
+        self._small_window = False
+        self.finished = False  # after DISC or a violation nothing more is parsed
+
+    @property
+    def receiving(self) -> bool:
+        """Whether part of a request has arrived (more of it is on its way)."""
+        return self._header is not None or self._end > self._start
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into events."""
+        return self._end - self._start + (self._filled if self._header is not None else 0)
+
+    # --- input ----------------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._header is not None and self._filled < len(self._payload):
+            return memoryview(self._payload)[self._filled :]
+        buf = self._buf
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(buf) - self._end < REQUEST_SIZE * 16:
+            # Move the unparsed tail to the front; grow only when it is full.
+            tail = self._end - self._start
+            buf[:tail] = buf[self._start : self._end]
+            self._start, self._end = 0, tail
+            if len(buf) - tail < REQUEST_SIZE * 16:
+                buf.extend(bytes(len(buf)))
+        if self._small_window:
+            return memoryview(buf)[self._end : self._end + self.SMALL_WINDOW]
+        return memoryview(buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._header is not None and self._filled < len(self._payload):
+            self._filled += nbytes
+        else:
+            self._end += nbytes
+
+    def receive_data(self, data: bytes) -> None:
+        if self.finished:
+            return
+        view = memoryview(data)
+        while view:
+            target = self.get_buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    # --- events -----------------------------------------------------------------------------
+
+    def next_event(self) -> TransmissionEvent | NeedData:
+        if self.finished:
+            return NEED_DATA
+        header = self._header
+        if header is not None:
+            if self._filled < len(self._payload):
+                return NEED_DATA
+            header.payload = self._payload
+            self._header = None
+            self._payload = bytearray()
+            return self.validate(header)
+        start = self._start
+        if self._end - start < REQUEST_SIZE:
+            return NEED_DATA
+        buf = self._buf
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(buf, start)
+        start += REQUEST_SIZE
+        self._start = start
+        if magic != REQUEST_MAGIC:
+            self.finished = True
+            return Violation(f"invalid magic (got 0x{magic:x})", cookie)
+        request = Request(flags, kind, cookie, offset, length)
+        if kind == Cmd.DISC:
+            self.finished = True
+            return Disconnect()
+        self._small_window = kind == Cmd.WRITE and length >= 16 * self.SMALL_WINDOW
+        if kind == Cmd.WRITE:
+            if length > self.max_payload:
+                self.finished = True
+                return Rejected(
+                    request, Errno.EINVAL,
+                    f"len ({length}) is larger than max len ({self.max_payload})", fatal=True,
+                )
+            payload = bytearray(length)
+            have = min(self._end - start, length)
+            payload[:have] = memoryview(buf)[start : start + have]
+            self._start = start + have
+            if have == length:
+                request.payload = payload
+                return self.validate(request)
+            self._header = request
+            self._payload = payload
+            self._filled = have
+            return NEED_DATA
+        return self.validate(request)
+
+    def validate(self, request: Request) -> Request | Rejected:
+        """QEMU's checks, in QEMU's order; the request itself when it passes."""
+        kind = request.type
+        try:
+            cmd = Cmd(kind)
+        except ValueError:
+            return Rejected(request, Errno.EINVAL, f"invalid request type ({kind}) received")
+        length = request.length
+        if cmd in _BIG_PAYLOAD and length > self.max_payload:
+            return Rejected(
+                request, Errno.EINVAL, f"len ({length}) is larger than max len ({self.max_payload})"
+            )
+        if self.read_only and cmd in _WRITING:
+            return Rejected(request, Errno.EINVAL, "Export is read-only")
+        if cmd in _RANGED:
+            size = self.size()
+            if request.offset > size or length > size - request.offset:
+                return Rejected(
+                    request, Errno.EINVAL,
+                    f"operation past EOF; From: {request.offset}, Len: {length}, Size: {size}",
+                )
+        allowed = int(_ALLOWED_FLAGS[cmd])
+        if cmd == Cmd.READ and not self.structured:
+            allowed &= ~int(CmdFlag.DF)
+        if request.flags & ~allowed:
+            return Rejected(
+                request, Errno.EINVAL,
+                f"unsupported flags for command {COMMAND_NAMES[cmd]} (got 0x{request.flags:x})",
+            )
+        if cmd == Cmd.BLOCK_STATUS:
+            if not self.structured or not self.contexts:
+                return Rejected(request, Errno.EINVAL, "CMD_BLOCK_STATUS not negotiated")
+            if not length:
+                return Rejected(request, Errno.EINVAL, "need non-zero length")
+        return request
+
+
+# --- client side --------------------------------------------------------------------------
+
+
+def request_header(
+    kind: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0
+) -> bytes:
+    return _REQUEST.pack(REQUEST_MAGIC, flags, kind, cookie, offset, length)
