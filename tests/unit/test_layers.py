@@ -95,3 +95,82 @@ def test_the_checker_finds_a_cycle() -> None:
 
 def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == sorted(KNOWN_CYCLES)
+
+
+#: The sans-IO cores: bytes in, events and bytes out.  They import only each
+#: other and these foundations, and nothing that does I/O.
+SANS_IO = ("qmpd.qmp.json_stream", "qmpd.qmp.session", "qmpd.qmp.encode", "qmpd.qmp.budget",
+           "qmpd.nbd.protocol", "qmpd.migration.stream")
+SANS_IO_MAY_IMPORT = ("qmpd.errors", "qmpd.runstate")
+IO_MODULES = {"asyncio", "socket", "selectors", "subprocess", "threading", "aiohttp"}
+
+#: Who may not import whom (by package prefix), from the bottom up.
+TOP = ("qmpd.daemon", "qmpd.cli", "qmpd.http", "qmpd.__main__")
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "qmpd.net": ("qmpd.qmp", "qmpd.block", "qmpd.nbd", "qmpd.migration", "qmpd.commands",
+                 "qmpd.objects", "qmpd.services", "qmpd.vm", *TOP),
+    "qmpd.objects": ("qmpd.qmp", "qmpd.block", "qmpd.nbd", "qmpd.migration", "qmpd.commands",
+                     "qmpd.services", "qmpd.vm", *TOP),
+    "qmpd.block": ("qmpd.qmp.server", "qmpd.qmp.dispatch", "qmpd.qmp.events", "qmpd.nbd",
+                   "qmpd.migration", "qmpd.commands", "qmpd.services", "qmpd.vm", *TOP),
+    "qmpd.nbd": ("qmpd.migration", "qmpd.commands", "qmpd.services", "qmpd.vm", *TOP),
+    "qmpd.migration": ("qmpd.nbd", "qmpd.commands", "qmpd.services", "qmpd.vm", *TOP),
+    "qmpd.qmp": ("qmpd.block", "qmpd.nbd", "qmpd.migration", "qmpd.commands", "qmpd.vm", *TOP),
+    "qmpd.commands": TOP,
+}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, deps in sorted(graph.items()):
+        for layer, banned in FORBIDDEN.items():
+            if _under(module, layer):
+                found += [f"{module} imports {d}" for d in sorted(deps)
+                          if any(_under(d, b) for b in banned)]
+        if any(_under(module, core) for core in SANS_IO):
+            found += [f"{module} (sans-IO) imports {d}" for d in sorted(deps)
+                      if not any(_under(d, ok) for ok in SANS_IO + SANS_IO_MAY_IMPORT)]
+        if module != "qmpd.__main__":
+            found += [f"{module} imports the daemon" for d in deps if d == "qmpd.daemon"]
+    return found
+
+
+def stdlib_imports(module: str) -> set[str]:
+    path = QMPD.parent.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_layer_checker_finds_a_violation() -> None:
+    graph = {"qmpd.block.graph": {"qmpd.nbd.server"}, "qmpd.nbd.protocol.x": {"qmpd.net"},
+             "qmpd.vm": {"qmpd.daemon"}}
+    assert layer_violations(graph) == [
+        "qmpd.block.graph imports qmpd.nbd.server",
+        "qmpd.nbd.protocol.x (sans-IO) imports qmpd.net",
+        "qmpd.vm imports the daemon",
+    ]
+
+
+def test_layers_import_only_downwards() -> None:
+    assert layer_violations(import_graph()) == []
+
+
+def test_sans_io_cores_do_no_io() -> None:
+    cores = [m for m in import_graph() if any(_under(m, c) for c in SANS_IO)]
+    assert len(cores) >= len(SANS_IO)
+    assert {m: stdlib_imports(m) & IO_MODULES for m in cores} == {m: set() for m in cores}
+
+
+def test_no_module_over_a_thousand_lines() -> None:
+    sizes = {p.name: len(p.read_text().splitlines()) for p in QMPD.rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 1000} == {}
