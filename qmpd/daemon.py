@@ -33,6 +33,7 @@ from qmpd.qmp.events import EventBus
 from qmpd.qmp.server import MonitorConfig, QMPServer
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
+from qmpd.services import Services
 from qmpd.vm import VirtualMachine
 
 log = logging.getLogger("qmpd")
@@ -81,7 +82,11 @@ class Daemon:
         self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.exit_status = 0
-        self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
+        services = Services(
+            control=self, vm=self.vm, block=self.block, events=self.events,
+            exports=self.exports, objects=self.objects, migration=self.migration,
+        )
+        self.dispatcher = Dispatcher(self.schema, services, self.metrics, check_returns=check)
         self.qmp = QMPServer(
             self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit,
             QMPInputBudget(config.qmp_input_total),

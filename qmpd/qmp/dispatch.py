@@ -20,6 +20,7 @@ from qmpd.schema import Schema
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
+    from qmpd.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class CommandContext:
     """What a handler may use: the calling session and the daemon's services."""
 
     session: QMPSession
-    services: Any
+    services: Services
     dispatcher: Dispatcher
 
 
@@ -60,7 +61,7 @@ class Dispatcher:
     def __init__(
         self,
         schema: Schema,
-        services: Any,
+        services: Services,
         metrics: Metrics | None = None,
         handlers: dict[str, Handler] | None = None,
         check_returns: bool = False,
