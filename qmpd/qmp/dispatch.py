@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[["CommandContext", dict[str, Any]], Any]
-Reply = bytes | Awaitable[bytes]
+Reply = bytes | Coroutine[Any, Any, bytes]
 
 #: Handlers registered by the command modules, by command name, in
 #: registration order (query-commands lists them newest first).
@@ -101,7 +101,7 @@ class Dispatcher:
         )
 
     def dispatch(self, session: QMPSession, request: Request) -> Reply:
-        """Reply bytes now, or an awaitable of them for a coroutine handler."""
+        """Reply bytes now, or a coroutine making them for a coroutine handler."""
         start = time.perf_counter()
         name = request.command
         try:
