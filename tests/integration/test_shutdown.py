@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from qemu.qmp import QMPClient
 
 from qmpd.cli import parse_args
 from qmpd.daemon import Daemon
+from qmpd.errors import ConfigError
 
 MiB = 1 << 20
 
@@ -61,4 +63,27 @@ async def test_quit_while_another_client_runs_a_slow_command(tmp_path: Path) -> 
             with contextlib.suppress(Exception):
                 await client.disconnect()
         await daemon.shutdown()
+    assert leftover_tasks() == []
+
+
+async def test_failed_start_tears_down_only_what_started(tmp_path: Path) -> None:
+    sock, pidfile, image = tmp_path / "qmp.sock", tmp_path / "qmpd.pid", tmp_path / "disk.raw"
+    image.write_bytes(bytes(MiB))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        daemon = Daemon(parse_args([
+            "--pidfile", str(pidfile), "--qmp", f"unix:{sock}",
+            "--blockdev", f"file,node-name=f0,filename={image}",
+            "--http", f"127.0.0.1:{port}",
+            "--blockdev", "null-co,node-name=never",
+        ]))
+        with pytest.raises(ConfigError, match="cannot serve HTTP"):
+            await daemon.start()
+    assert sock.exists() and pidfile.exists()
+    assert list(daemon.block.graph.nodes) == ["f0"]
+    await daemon.shutdown()
+    assert not sock.exists() and not pidfile.exists()
+    assert daemon.block.graph.nodes == {}
     assert leftover_tasks() == []
