@@ -161,8 +161,8 @@ async def run_qemu_io(node: BlockNode, line: str) -> str:
     return f'command "{name}" not found\n'
 
 
-def _errno_text(exc: Exception) -> str:
-    errno = getattr(exc, "errno", 5)
+def _errno_text(exc: BlockDriverError | OSError) -> str:
+    errno = exc.errno or 5
     return {1: "Operation not permitted", 5: "Input/output error", 28: "No space left on device",
             95: "Operation not supported", 123: "No medium found"}.get(errno, "Input/output error")
 
