@@ -217,11 +217,12 @@ class QMPConnection(asyncio.Protocol):
                 self.transport.write(b"".join(batch))
 
     def _run_queue(self) -> None:
-        dispatcher = self.monitor.server.dispatcher
+        server = self.monitor.server
+        dispatcher = server.dispatcher
         queue = self.queue
         done = 0
         while queue and not self.busy and not self.write_paused and not self.closed:
-            if self.monitor.server.closing:
+            if server.closing:
                 return
             if self._batch_size > WRITE_HIGH_WATER:
                 self._flush_batch()  # may pause writing: re-checked above
@@ -245,7 +246,7 @@ class QMPConnection(asyncio.Protocol):
                 self._write(reply)
             else:
                 self.busy = True
-                self.monitor.server.run_command(self._finish(item, reply), reply)
+                server.run_command(self._finish(item, reply), reply)
                 return
 
     async def _finish(self, request: Request, reply: Coroutine[Any, Any, bytes]) -> None:
