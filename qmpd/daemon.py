@@ -1,4 +1,9 @@
-"""The daemon: owns the event loop, the signals and the start-up/shutdown order."""
+"""The daemon: owns the event loop, the signals and the start-up/shutdown order.
+
+It is the composition root: it builds every subsystem, hands each only the
+services it uses, and runs their lifecycle through one AsyncExitStack, so
+teardown is the reverse of start-up and touches only what started.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from qmpd.qmp.events import EventBus
 from qmpd.qmp.server import MonitorConfig, QMPServer
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
+from qmpd.services import Services
 from qmpd.vm import VirtualMachine
 
 log = logging.getLogger("qmpd")
@@ -83,15 +89,20 @@ class Daemon:
         self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.exit_status = 0
-        self.dispatcher = Dispatcher(self.schema, self, self.metrics, check_returns=check)
+        services = Services(
+            control=self, vm=self.vm, block=self.block, events=self.events,
+            exports=self.exports, objects=self.objects, migration=self.migration,
+        )
+        self.dispatcher = Dispatcher(self.schema, services, self.metrics, check_returns=check)
         self.qmp = QMPServer(
             self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit,
             QMPInputBudget(config.qmp_input_total),
         )
         self.metrics.watch_qmp_input(self.qmp.input_budget)
-        self.http_runners: list[web.AppRunner] = []
-        self.http_servers: list[asyncio.Server] = []
         self.http_bound: list[str] = []
+        self._stack = contextlib.AsyncExitStack()
+        #: HTTP listeners, closed as one step of the teardown.
+        self._http = contextlib.AsyncExitStack()
         self.shutting_down = False
         self.shutdown_cause: str | None = None
         self._stopped = asyncio.Event()
@@ -164,10 +175,7 @@ class Daemon:
     async def start(self, ready_fd: int | None = None) -> None:
         """Carry out the command line's actions in order, then start running."""
         _raise_open_file_limit()
-        # Before any socket exists: a second daemon with this pidfile leaves
-        # nothing behind.
-        if self.pidfile is not None:
-            self.pidfile.acquire()
+        await self._enter_subsystems()
         for action in self.config.actions:
             if isinstance(action, MonitorConfig):
                 try:
@@ -216,6 +224,27 @@ class Daemon:
         self.metrics.ready.set(0 if self.readiness_problems() else 1)
         _sd_notify("READY=1")
 
+    async def _enter_subsystems(self) -> None:
+        """Bring the subsystems up in order, each pushing its own teardown.
+
+        Teardown runs in reverse: migration ends, graph changes in flight
+        finish (new ones are refused), exports answer their requests and send
+        BLOCK_EXPORT_DELETED, QMP clients are flushed and closed, block nodes
+        are flushed, marked clean and closed, HTTP stops, the pidfile goes.
+        """
+        stack = self._stack
+        # Before any socket exists: a second daemon with this pidfile leaves
+        # nothing behind.
+        if self.pidfile is not None:
+            self.pidfile.acquire()
+            stack.callback(self.pidfile.release)
+        await stack.enter_async_context(self._http)
+        stack.push_async_callback(self.block.close_all)
+        stack.push_async_callback(self.qmp.close)
+        stack.push_async_callback(self.exports.shutdown)
+        stack.push_async_callback(self.block.lock.close)
+        stack.push_async_callback(self.migration.close)
+
     async def _add_blockdev(self, cfg: BlockdevConfig) -> None:
         try:
             self.schema.validate_arguments("blockdev-add", cfg.options)
@@ -241,17 +270,16 @@ class Daemon:
         runner = web.AppRunner(build_app(self, guard), handle_signals=False,
                                access_log=None, keepalive_timeout=REQUEST_TIMEOUT)
         await runner.setup()
+        self._http.push_async_callback(runner.cleanup)
         guard.factory = runner.server
         try:
             server = await asyncio.get_running_loop().create_server(
                 guard, cfg.host, cfg.port, reuse_address=True)
         except OSError as exc:
-            await runner.cleanup()
             raise ConfigError(
                 f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}"
             ) from None
-        self.http_servers.append(server)
-        self.http_runners.append(runner)
+        self._http.callback(server.close)
         for sock in server.sockets:
             addr = sock.getsockname()
             host, port = addr[0], addr[1]
@@ -270,25 +298,9 @@ class Daemon:
         await self._stopped.wait()
 
     async def shutdown(self) -> None:
-        """Close in a fixed order: QMP (clients flushed), then HTTP, then files."""
+        """Tear down what started, in reverse (see :meth:`_enter_subsystems`)."""
         self.shutting_down = True
-        await self.migration.close()
-        # Graph changes in flight (a blockdev-del flushing metadata) finish
-        # before anything closes; new ones are refused.
-        await self.block.lock.close()
-        # Exports first: in-flight requests answered, BLOCK_EXPORT_DELETED sent.
-        await self.exports.shutdown()
-        await self.qmp.close()
-        # Then block nodes: flushed, marked clean, closed, locks released.
-        await self.block.close_all()
-        for server in self.http_servers:
-            server.close()
-        self.http_servers.clear()
-        for runner in self.http_runners:
-            await runner.cleanup()
-        self.http_runners.clear()
-        if self.pidfile is not None:
-            self.pidfile.release()
+        await self._stack.aclose()
 
     def on_signal(self, signum: int) -> None:
         self._signals_seen += 1
@@ -308,14 +320,13 @@ class Daemon:
             # client, say) ends it instead of waiting for ever.
             starting = asyncio.ensure_future(self.start(ready_fd))
             stopped = asyncio.ensure_future(self._stopped.wait())
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
-            else:
-                stopped.cancel()
-                starting.result()
+            try:
+                await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (stopped, starting):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         except ConfigError as exc:
             await self.shutdown()
             if ready_fd is not None:

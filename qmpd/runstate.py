@@ -82,18 +82,13 @@ class RunStateMachine:
         self.state = initial
 
     def can_set(self, new: RunState) -> bool:
+        """Whether :meth:`set` would accept ``new`` (the same state always is)."""
         return new == self.state or new in TRANSITIONS[self.state]
 
     def set(self, new: RunState) -> None:
-        if new == self.state:
-            return
-        if new not in TRANSITIONS[self.state]:
+        if not self.can_set(new):
             raise InvalidTransition(self.state, new)
         self.state = new
-
-    @property
-    def is_running(self) -> bool:
-        return self.state == RunState.RUNNING
 
     @property
     def needs_reset(self) -> bool:

@@ -27,7 +27,7 @@ async def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 @command("query-named-block-nodes")
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return ctx.services.block.named_nodes(args.get("flat", False))  # type: ignore[no-any-return]
+    return ctx.services.block.named_nodes(args.get("flat", False))
 
 
 @command("query-block")

@@ -33,7 +33,7 @@ async def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 @command("query-block-exports")
 def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return ctx.services.exports.query()  # type: ignore[no-any-return]
+    return ctx.services.exports.query()
 
 
 @command("nbd-server-add")

@@ -14,7 +14,7 @@ def qmp_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 @command("query-version")
 def query_version(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
-    return ctx.services.version_info  # type: ignore[no-any-return]
+    return ctx.services.control.version_info
 
 
 @command("query-commands")
@@ -30,10 +30,10 @@ def query_qmp_schema(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str
 
 @command("query-name")
 def query_name(ctx: CommandContext, args: dict[str, Any]) -> dict[str, str]:
-    name = ctx.services.name
+    name = ctx.services.control.name
     return {} if name is None else {"name": name}
 
 
 @command("quit")
 def quit_(ctx: CommandContext, args: dict[str, Any]) -> None:
-    ctx.services.request_shutdown("host-qmp-quit")
+    ctx.services.control.request_shutdown("host-qmp-quit")

@@ -12,12 +12,15 @@ import re
 import shlex
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriverError
 from qmpd.errors import QMPError
 from qmpd.qmp.dispatch import CommandContext, command
 from qmpd.runstate import RunState
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockNode
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
              "e": 1 << 60}
@@ -85,7 +88,7 @@ def dump_buffer(data: bytes, offset: int) -> str:
 REQUEST_MAX_BYTES = 2147483136
 
 
-async def run_qemu_io(node: Any, line: str) -> str:
+async def run_qemu_io(node: BlockNode, line: str) -> str:
     """One qemu-io command on ``node``; returns what qemu-io prints."""
     argv = shlex.split(line)
     if not argv:
@@ -158,8 +161,8 @@ async def run_qemu_io(node: Any, line: str) -> str:
     return f'command "{name}" not found\n'
 
 
-def _errno_text(exc: Exception) -> str:
-    errno = getattr(exc, "errno", 5)
+def _errno_text(exc: BlockDriverError | OSError) -> str:
+    errno = exc.errno or 5
     return {1: "Operation not permitted", 5: "Input/output error", 28: "No space left on device",
             95: "Operation not supported", 123: "No medium found"}.get(errno, "Input/output error")
 

@@ -21,7 +21,7 @@ async def migrate_incoming(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 @command("query-migrate")
 def query_migrate(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
-    return ctx.services.migration.query()  # type: ignore[no-any-return]
+    return ctx.services.migration.query()
 
 
 @command("migrate_cancel")
@@ -52,8 +52,10 @@ def migrate_set_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 @command("query-migrate-capabilities")
-def query_migrate_capabilities(ctx: CommandContext, args: dict[str, Any]) -> list[Any]:
-    return ctx.services.migration.query_capabilities()  # type: ignore[no-any-return]
+def query_migrate_capabilities(
+    ctx: CommandContext, args: dict[str, Any]
+) -> list[dict[str, Any]]:
+    return ctx.services.migration.query_capabilities()
 
 
 @command("migrate-set-parameters")
@@ -63,7 +65,7 @@ def migrate_set_parameters(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 @command("query-migrate-parameters")
 def query_migrate_parameters(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
-    return ctx.services.migration.query_parameters()  # type: ignore[no-any-return]
+    return ctx.services.migration.query_parameters()
 
 
 @command("getfd")

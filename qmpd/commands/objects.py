@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpd.objects import ObjectServices
 from qmpd.qmp.dispatch import CommandContext, command
 
 
 @command("object-add")
 def object_add(ctx: CommandContext, args: dict[str, Any]) -> None:
-    services: ObjectServices = ctx.services
-    services.objects.add_object(args)
+    ctx.services.objects.add_object(args)
 
 
 @command("object-del")
 def object_del(ctx: CommandContext, args: dict[str, Any]) -> None:
-    services: ObjectServices = ctx.services
-    services.objects.delete(args["id"])
+    ctx.services.objects.delete(args["id"])

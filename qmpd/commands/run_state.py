@@ -10,7 +10,7 @@ from qmpd.qmp.dispatch import CommandContext, command
 
 @command("query-status")
 def query_status(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
-    state = ctx.services.vm.machine.state
+    state = ctx.services.vm.state
     # Members in QAPI order: QEMU's output order depends on insertion order.
     return {"running": state.value == "running", "singlestep": False, "status": state.value}
 

@@ -1,5 +1,5 @@
 """User-creatable objects: ``secret``, ``iothread``, ``throttle-group``."""
 
-from qmpd.objects.registry import OBJECT_TYPES, ObjectRegistry, ObjectServices
+from qmpd.objects.registry import OBJECT_TYPES, ObjectRegistry
 
-__all__ = ["OBJECT_TYPES", "ObjectRegistry", "ObjectServices"]
+__all__ = ["OBJECT_TYPES", "ObjectRegistry"]

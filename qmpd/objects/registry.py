@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 from qmpd.errors import GenericError
 from qmpd.objects.base import UserObject, check_id, to_str
@@ -80,10 +80,3 @@ class ObjectRegistry:
         if not isinstance(obj, Secret):
             raise GenericError(f"Object '{name}' is not a secret")
         return obj.value
-
-
-class ObjectServices(Protocol):
-    """What the object commands need from the daemon."""
-
-    @property
-    def objects(self) -> ObjectRegistry: ...

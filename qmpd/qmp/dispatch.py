@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +20,12 @@ from qmpd.schema import Schema
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
+    from qmpd.services import Services
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["CommandContext", dict[str, Any]], Any]
-Reply = bytes | Awaitable[bytes]
+Reply = bytes | Coroutine[Any, Any, bytes]
 
 #: Handlers registered by the command modules, by command name, in
 #: registration order (query-commands lists them newest first).
@@ -50,7 +51,7 @@ class CommandContext:
     """What a handler may use: the calling session and the daemon's services."""
 
     session: QMPSession
-    services: Any
+    services: Services
     dispatcher: Dispatcher
 
 
@@ -60,7 +61,7 @@ class Dispatcher:
     def __init__(
         self,
         schema: Schema,
-        services: Any,
+        services: Services,
         metrics: Metrics | None = None,
         handlers: dict[str, Handler] | None = None,
         check_returns: bool = False,
@@ -100,7 +101,7 @@ class Dispatcher:
         )
 
     def dispatch(self, session: QMPSession, request: Request) -> Reply:
-        """Reply bytes now, or an awaitable of them for a coroutine handler."""
+        """Reply bytes now, or a coroutine making them for a coroutine handler."""
         start = time.perf_counter()
         name = request.command
         try:

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 class EventSink(Protocol):
     """A client connection as the bus sees it."""
 
+    #: Whether it wants events pretty-printed (encoded once for all such sinks).
+    pretty: bool
+
     def send_event(self, plain: bytes, pretty: bytes | None) -> None: ...
 
 
@@ -30,8 +33,6 @@ class EventBus:
         self.sinks: set[EventSink] = set()
         self.metrics = metrics
         self.schema = schema  # when set, event data is checked against it
-        self.history: list[dict[str, Any]] = []  # kept only when keep_history
-        self.keep_history = False
 
     def subscribe(self, sink: EventSink) -> None:
         self.sinks.add(sink)
@@ -45,13 +46,11 @@ class EventBus:
             if problems:
                 log.error("event %s carries data outside its schema: %s", name, problems)
         msg = event_message(name, data)
-        if self.keep_history:
-            self.history.append(msg)
         if self.metrics is not None:
             self.metrics.events.labels(name).inc()
         plain = encode_message(msg)
         pretty: bytes | None = None
         for sink in list(self.sinks):
-            if getattr(sink, "pretty", False) and pretty is None:
+            if sink.pretty and pretty is None:
                 pretty = encode_message(msg, pretty=True)
             sink.send_event(plain, pretty)

@@ -5,7 +5,8 @@ its :class:`~qmpd.qmp.session.QMPSession` and writes what comes back.
 Requests of one connection run one at a time, in order; different
 connections never wait for each other.  A client that stops reading is
 paused (no more of its requests run) and, if events keep piling up for it
-past the output limit, disconnected.
+past the output limit, disconnected.  The server owns the tasks of commands in
+flight: closing it cancels those still running, so none outlives it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from qmpd import logs, net
@@ -198,10 +199,13 @@ class QMPConnection(asyncio.Protocol):
                 self.transport.write(b"".join(batch))
 
     def _run_queue(self) -> None:
-        dispatcher = self.monitor.server.dispatcher
+        server = self.monitor.server
+        dispatcher = server.dispatcher
         queue = self.queue
         done = 0
         while queue and not self.busy and not self.write_paused and not self.closed:
+            if server.closing:
+                return
             if self._batch_size > WRITE_HIGH_WATER:
                 self._flush_batch()  # may pause writing: re-checked above
                 continue
@@ -224,10 +228,10 @@ class QMPConnection(asyncio.Protocol):
                 self._write(reply)
             else:
                 self.busy = True
-                asyncio.get_running_loop().create_task(self._finish(item, reply))
+                server.run_command(self._finish(item, reply), reply)
                 return
 
-    async def _finish(self, request: Request, reply: Awaitable[bytes]) -> None:
+    async def _finish(self, request: Request, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
             data = await reply
         finally:
@@ -431,6 +435,9 @@ class QMPServer:
         #: Shared by every connection: unfinished input across all clients.
         self.input_budget = input_budget if input_budget is not None else QMPInputBudget()
         self.monitors: list[Monitor] = []
+        #: Once set, no more requests are dispatched.
+        self.closing = False
+        self._commands: set[asyncio.Task[None]] = set()
 
     async def add_monitor(self, config: MonitorConfig) -> Monitor:
         monitor = Monitor(self, config)
@@ -443,11 +450,33 @@ class QMPServer:
         for monitor in self.monitors:
             await monitor.serve()
 
-    @property
-    def all_listening(self) -> bool:
-        return bool(self.monitors) and all(m.listening for m in self.monitors)
+    def run_command(
+        self, finish: Coroutine[Any, Any, None], reply: Coroutine[Any, Any, bytes]
+    ) -> None:
+        """Run a coroutine command's ``finish`` (which awaits ``reply``) in a task we own."""
+        task = asyncio.get_running_loop().create_task(finish)
+        self._commands.add(task)
+        task.add_done_callback(lambda done: self._command_done(done, reply))
+
+    def _command_done(self, task: asyncio.Task[None], reply: Coroutine[Any, Any, bytes]) -> None:
+        self._commands.discard(task)
+        # A task cancelled before it started never awaited its reply.
+        reply.close()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("command task failed", exc_info=task.exception())
+
+    async def cancel_commands(self) -> None:
+        """Stop dispatching; cancel the commands in flight and wait until they have ended."""
+        self.closing = True
+        while self._commands:
+            tasks = list(self._commands)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
+        """Graph changes have ended by now: what still runs is cancelled, unanswered."""
+        await self.cancel_commands()
         for monitor in self.monitors:
             await monitor.stop()
 

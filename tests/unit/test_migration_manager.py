@@ -48,6 +48,7 @@ class Side:
     migration: MigrationManager
     seen: list[tuple[str, Any]] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
+    pretty: bool = False
 
     def send_event(self, plain: bytes, pretty: bytes | None) -> None:
         msg = json.loads(plain)
