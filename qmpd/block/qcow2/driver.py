@@ -9,6 +9,7 @@ again with the same options).
 
 from __future__ import annotations
 
+import errno as errno_codes
 import logging
 from dataclasses import replace
 from typing import Any
@@ -28,7 +29,6 @@ from qmpd.block.qcow2.format import (
 )
 from qmpd.block.qcow2.overlap import overlap_checks
 from qmpd.block.qcow2.zero import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT
-from qmpd.errors import GenericError
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,25 @@ UINT_MAX = 2**32 - 1
 ENOMEDIUM = 123
 
 
+class _OptionError(BlockDriverError):
+    """An invalid option (EINVAL): reported as it is, never as an I/O failure."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, errno_codes.EINVAL)
+
+
 def _opt_int(options: dict[str, Any], key: str) -> int | None:
     value = options.get(key)
     if value is None:
         return None
     if isinstance(value, bool):
-        raise GenericError(f"Parameter '{key}' expects a number")
+        raise _OptionError(f"Parameter '{key}' expects a number")
     if isinstance(value, int):
         return value
     try:
         return int(str(value), 0)
     except ValueError:
-        raise GenericError(f"Parameter '{key}' expects a number") from None
+        raise _OptionError(f"Parameter '{key}' expects a number") from None
 
 
 def _opt_bool(options: dict[str, Any], key: str, default: bool = False) -> bool:
@@ -71,7 +78,7 @@ def read_cache_sizes(
 ) -> tuple[int, int, int]:
     """QEMU 7.2's ``read_cache_sizes``: (L2 cache bytes, L2 entry size, refcount bytes).
 
-    Raises GenericError with QEMU's texts for invalid combinations.
+    Raises a block error with QEMU's texts for invalid combinations.
     """
     min_refcount_cache = MIN_REFCOUNT_CACHE_SIZE * cluster_size
     max_l2_entries = -(-virtual_size // cluster_size)
@@ -84,7 +91,7 @@ def read_cache_sizes(
     for key, value in (("cache-size", combined), ("l2-cache-size", l2_set),
                        ("refcount-cache-size", rc_set), ("l2-cache-entry-size", entry_set)):
         if value is not None and value < 0:
-            raise GenericError(
+            raise _OptionError(
                 f"Parameter '{key}' expects a non-negative number below 2^64")
 
     l2_max_setting = l2_set if l2_set is not None else DEFAULT_L2_CACHE_MAX_SIZE
@@ -94,13 +101,13 @@ def read_cache_sizes(
 
     if combined is not None:
         if l2_set is not None and rc_set is not None:
-            raise GenericError(
+            raise _OptionError(
                 "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
             )
         if l2_set is not None and l2_max_setting > combined:
-            raise GenericError("l2-cache-size may not exceed cache-size")
+            raise _OptionError("l2-cache-size may not exceed cache-size")
         if refcount_size > combined:
-            raise GenericError("refcount-cache-size may not exceed cache-size")
+            raise _OptionError("refcount-cache-size may not exceed cache-size")
         if l2_set is not None:
             refcount_size = combined - l2_size
         elif rc_set is not None:
@@ -117,7 +124,7 @@ def read_cache_sizes(
 
     if (entry_size < (1 << MIN_CLUSTER_BITS) or entry_size > cluster_size
             or entry_size & (entry_size - 1)):
-        raise GenericError(
+        raise _OptionError(
             "L2 cache entry size must be a power of two between "
             f"{1 << MIN_CLUSTER_BITS} and the cluster size ({cluster_size})"
         )
@@ -129,10 +136,10 @@ def cache_config(options: dict[str, Any], virtual_size: int, cluster_size: int) 
     l2_bytes, entry_size, refcount_bytes = read_cache_sizes(options, virtual_size, cluster_size)
     l2_entries = max(l2_bytes // entry_size, MIN_L2_CACHE_SIZE)
     if l2_entries > INT_MAX:
-        raise GenericError("L2 cache size too big")
+        raise _OptionError("L2 cache size too big")
     refcount_entries = max(refcount_bytes // cluster_size, MIN_REFCOUNT_CACHE_SIZE)
     if refcount_entries > INT_MAX:
-        raise GenericError("Refcount cache size too big")
+        raise _OptionError("Refcount cache size too big")
     return CacheConfig(l2_entries, entry_size, refcount_entries)
 
 
@@ -158,15 +165,15 @@ class Qcow2Driver(BlockDriver):
     def _validate_static_options(self, options: dict[str, Any]) -> None:
         interval = _opt_int(options, "cache-clean-interval")
         if interval is not None and (interval < 0 or interval > UINT_MAX):
-            raise GenericError("Cache clean interval too big")
+            raise _OptionError("Cache clean interval too big")
         try:
             overlap_checks(options.get("overlap-check"))
         except Qcow2FormatError as exc:
-            raise GenericError(str(exc)) from None
+            raise _OptionError(str(exc)) from None
 
     def _config_for(self, header: Header) -> CacheConfig:
         if _opt_bool(self._options, "lazy-refcounts") and header.version < 3:
-            raise GenericError(
+            raise _OptionError(
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                 "compatibility level"
             )
@@ -178,11 +185,14 @@ class Qcow2Driver(BlockDriver):
         try:
             await self._load()
         except Qcow2FormatError as exc:
-            raise GenericError(str(exc)) from None
+            raise BlockDriverError(str(exc), errno_codes.EINVAL) from None
+        except _OptionError:
+            raise
         except BlockDriverError as exc:
-            raise GenericError(f"Could not open qcow2 image: {exc}") from None
+            raise BlockDriverError(f"Could not open qcow2 image: {exc}", exc.errno) from None
         except OSError as exc:
-            raise GenericError(f"Could not read qcow2 header: {exc.strerror}") from None
+            raise BlockDriverError(f"Could not read qcow2 header: {exc.strerror}",
+                                   exc.errno or errno_codes.EIO) from None
 
     async def _load(self) -> None:
         node = self.node
@@ -346,7 +356,7 @@ class Qcow2Driver(BlockDriver):
         self._image = None
         try:
             await self._load()
-        except (Qcow2FormatError, GenericError, BlockDriverError, OSError) as exc:
+        except (Qcow2FormatError, BlockDriverError, OSError) as exc:
             self._broken = f"Could not reopen qcow2 layer: {exc}"
             self._image = None
             errno = getattr(exc, "errno", None) or 5
@@ -358,7 +368,7 @@ class Qcow2Driver(BlockDriver):
         again for each request (another host may be writing the image)."""
         try:
             await self._load()
-        except (Qcow2FormatError, GenericError, OSError) as exc:
+        except (Qcow2FormatError, _OptionError, OSError) as exc:
             raise BlockDriverError(f"Could not read qcow2 metadata: {exc}",
                                    getattr(exc, "errno", None) or 5) from None
 
