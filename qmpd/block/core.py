@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from qmpd.block.driver import BlockDriverError, ChildRole
 from qmpd.block.filename import path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
-from qmpd.block.registry import driver_class
+from qmpd.block.registry import driver_class, probe_format
 from qmpd.block.serial import GraphLock
 from qmpd.errors import DeviceNotFound, GenericError
 from qmpd.objects import ObjectRegistry
@@ -32,24 +32,6 @@ _MAX_NODE_NAME = 31
 
 #: Deepest backing chain opened from image headers (qmpd opens it recursively).
 MAX_BACKING_CHAIN = 100
-
-_QCOW2_MAGIC = b"QFI\xfb"
-
-
-def probe_format(path: str) -> str:
-    """The format of a backing file its overlay names without one, as QEMU probes.
-
-    Only formats qmpd opens are told apart: qcow2 by its magic, anything else
-    raw (QEMU 7.2 also falls back to raw).  An unreadable file is left to the
-    open that follows, which reports it.
-    """
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return "raw"
-    return "qcow2" if magic == _QCOW2_MAGIC else "raw"
-
 
 def check_node_name(name: str) -> None:
     if not _NODE_NAME.fullmatch(name):

@@ -116,15 +116,23 @@ class NodeGraph(Protocol):
 
 
 class NodeState(enum.Enum):
-    """Whether a node may write and trust its cached metadata."""
+    """Whether a node may write and trust its cached metadata.
+
+    ``INACTIVATING``: its driver is writing back (:meth:`BlockDriver.inactivate`)
+    before the node turns inactive, or before its cache is reloaded: no new
+    writes, but what it caches is still its own.
+    """
 
     ACTIVE = "active"
+    INACTIVATING = "inactivating"
     INACTIVE = "inactive"
 
 
-#: Allowed node-state changes: activation and inactivation only.
+#: Allowed node-state changes: inactivation (through writing back) and
+#: activation (back to inactive when it fails).
 NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
-    NodeState.ACTIVE: frozenset({NodeState.INACTIVE}),
+    NodeState.ACTIVE: frozenset({NodeState.INACTIVATING, NodeState.INACTIVE}),
+    NodeState.INACTIVATING: frozenset({NodeState.INACTIVE, NodeState.ACTIVE}),
     NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
 }
 
@@ -273,7 +281,7 @@ class BlockNode:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
-        if not self.active:
+        if self.state is NodeState.INACTIVE:
             await self.driver.refresh_inactive()
         data = await self.driver.read(offset, length)
         self.stats.rd_bytes += length
@@ -314,7 +322,7 @@ class BlockNode:
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_range(offset, max(length, 0))
-        if not self.active:
+        if self.state is NodeState.INACTIVE:
             await self.driver.refresh_inactive()
         return await self.driver.block_status(offset, length)
 
@@ -331,6 +339,12 @@ class BlockDriver(ABC):
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        """Whether a file beginning with ``head`` is in this format (QEMU's
+        ``bdrv_probe``); only formats with a signature answer True."""
+        return False
 
     # --- lifecycle --------------------------------------------------------
 

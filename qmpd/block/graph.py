@@ -8,8 +8,11 @@ permissions decide what a protocol driver locks in the image file.
 Node state is explicit (:class:`NodeState`):
 
 * ``ACTIVE``: may hold write permission and locks, may trust its cache;
+* ``INACTIVATING``: writing back, refuses new writes, still trusts its cache;
 * ``INACTIVE``: holds no write lock, refuses writes, its cached mutable
   metadata is untrusted.
+
+Drivers read the state from their node; they keep no copy of it.
 
 The only way from inactive to active is :meth:`BlockGraph.activate`
 (invalidate_cache, children first); the only way back is
@@ -322,8 +325,9 @@ class BlockGraph:
         for node in nodes:
             visit(node)
         for node in reversed(order):
-            await node.driver.inactivate()
+            await self._write_back(node)
         for node in order:
+            node.set_state(NodeState.ACTIVE)
             try:
                 await node.driver.invalidate_cache()
             except Exception as exc:
@@ -334,20 +338,30 @@ class BlockGraph:
 
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first)."""
-        if not node.active:
+        if node.state is NodeState.INACTIVE:
             return
         for edge in node.parents:
             if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
                 raise BlockDriverError(
                     f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
                 )
-        await node.driver.inactivate()
+        await self._write_back(node)
         node.set_state(NodeState.INACTIVE)
         await self.refresh_perms(node)
         for edge in list(node.children.values()):
             child = edge.child
             if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
                 await self.inactivate(child)
+
+    async def _write_back(self, node: BlockNode) -> None:
+        """The driver's inactivate, with new writes refused meanwhile; a node
+        whose driver fails stays active."""
+        node.set_state(NodeState.INACTIVATING)
+        try:
+            await node.driver.inactivate()
+        except BaseException:
+            node.set_state(NodeState.ACTIVE)
+            raise
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""

@@ -17,6 +17,28 @@ DRIVERS: dict[str, type[BlockDriver]] = {
 }
 
 
+#: What QEMU reads of a file to probe its format.
+PROBE_BYTES = 2048
+
+
 def driver_class(name: str) -> type[BlockDriver] | None:
     """The driver class for a ``driver`` value, None when qmpd has none."""
     return DRIVERS.get(name)
+
+
+def probe_format(path: str) -> str:
+    """The format of a backing file its overlay names without one, as QEMU probes.
+
+    Only formats qmpd opens are told apart (:meth:`BlockDriver.probe`);
+    anything else is raw (QEMU 7.2 also falls back to raw).  An unreadable
+    file is left to the open that follows, which reports it.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PROBE_BYTES)
+    except OSError:
+        return "raw"
+    for name, cls in DRIVERS.items():
+        if cls.probe(head):
+            return name
+    return "raw"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from qmpd.block.driver import (
     Perm,
 )
 from qmpd.block.qcow2.create import create_image
-from qmpd.block.registry import DRIVERS
+from qmpd.block.registry import DRIVERS, probe_format
 from qmpd.errors import BlockDriverError, GenericError
 
 MiB = 1 << 20
@@ -196,6 +197,22 @@ async def test_activation_then_inactivation(tmp_path: Path, layer: BlockLayer) -
     assert await node.read(0, 512) == b"a" * 512
 
 
+async def test_writes_refused_while_writing_back(tmp_path: Path, layer: BlockLayer) -> None:
+    node = await layer.add(qcow2_options(qcow2_file(tmp_path)))
+    await node.write(0, b"a" * 65536)
+    task = asyncio.create_task(layer.set_active("fmt", False))
+    while node.state is NodeState.ACTIVE:
+        await asyncio.sleep(0)
+    # The driver is writing back: no new writes, but its cache still serves reads.
+    assert node.state is NodeState.INACTIVATING
+    with pytest.raises(BlockDriverError, match=r"^Block node is inactive$"):
+        await node.write(65536, b"b" * 512)
+    assert await node.read(0, 512) == b"a" * 512
+    await task
+    assert node.state is NodeState.INACTIVE
+    assert await node.read(65536, 512) == bytes(512)
+
+
 async def test_failed_activation_leaves_the_node_inactive(
     tmp_path: Path, layer: BlockLayer
 ) -> None:
@@ -275,3 +292,12 @@ async def test_registry_names_every_driver(layer: BlockLayer) -> None:
     assert all(cls.format_name == name for name, cls in DRIVERS.items())
     with pytest.raises(GenericError, match=r"^Unknown driver 'vmdk'$"):
         await layer.add({"driver": "vmdk", "node-name": "x"})
+
+
+def test_probe_asks_the_drivers(tmp_path: Path) -> None:
+    assert probe_format(qcow2_file(tmp_path)) == "qcow2"
+    assert probe_format(raw_file(tmp_path)) == "raw"
+    short = tmp_path / "short"
+    short.write_bytes(b"QFI")
+    assert probe_format(str(short)) == "raw"
+    assert probe_format(str(tmp_path / "missing")) == "raw"

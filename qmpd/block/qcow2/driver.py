@@ -14,7 +14,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState
 from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.cluster import CacheConfig, Qcow2Image
 from qmpd.block.qcow2.format import (
@@ -24,6 +24,7 @@ from qmpd.block.qcow2.format import (
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
     MIN_CLUSTER_BITS,
+    QCOW_MAGIC,
     Header,
     Qcow2FormatError,
 )
@@ -149,6 +150,10 @@ class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     supports_backing = True
 
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return len(head) >= 4 and int.from_bytes(head[:4], "big") == QCOW_MAGIC
+
     def __init__(self, node: Any) -> None:
         super().__init__(node)
         self._options: dict[str, Any] = {}
@@ -156,7 +161,6 @@ class Qcow2Driver(BlockDriver):
         self._broken: str | None = None
         #: Whether the open image has preallocated metadata (checked once).
         self._prealloc: tuple[Qcow2Image, bool] | None = None
-        self._inactive = False
         self._size = 0
         self._header: Header | None = None
 
@@ -207,14 +211,13 @@ class Qcow2Driver(BlockDriver):
         self._image = image
         self._header = image.header
         self._size = image.size
-        self._inactive = not node.active
 
     async def close(self) -> None:
         image = self._image
         if image is None:
             return
         try:
-            if image.writable and not self._inactive and image.broken is None:
+            if image.writable and image.broken is None:
                 await image.flush()
         finally:
             self._image = None
@@ -229,7 +232,7 @@ class Qcow2Driver(BlockDriver):
 
     def _img_for_write(self) -> Qcow2Image:
         image = self._img()
-        if self._inactive:
+        if self.node.state is not NodeState.ACTIVE:
             raise BlockDriverError("Block node is inactive", 1)
         return image
 
@@ -272,7 +275,7 @@ class Qcow2Driver(BlockDriver):
             if self._broken is not None:
                 raise BlockDriverError(self._broken, ENOMEDIUM)
             return
-        if self._inactive:
+        if self.node.state is not NodeState.ACTIVE:
             return
         await image.flush()
 
@@ -319,7 +322,7 @@ class Qcow2Driver(BlockDriver):
         child = self.node.file
         if image is None or child is None or image.broken is not None or length <= 0:
             return None
-        if not self.node.active:
+        if self.node.state is NodeState.INACTIVE:
             return None  # its L2 cache is not to be trusted (refresh_inactive)
         if offset < 0 or offset + length > image.size:
             return None
@@ -333,23 +336,18 @@ class Qcow2Driver(BlockDriver):
     async def inactivate(self) -> None:
         """Write everything back and stop writing (``qcow2_inactivate``)."""
         image = self._image
-        # a fatally corrupt image has nothing to write back (QEMU: no driver)
-        if image is not None and not self._inactive and image.writable and image.broken is None:
-            self._inactive = True  # no new writes from here on
-            try:
-                await image.quiesce()
-                await image.flush()
-            except BaseException:
-                self._inactive = False
-                raise
+        # a fatally corrupt image has nothing to write back (QEMU: no driver);
+        # the graph refuses new writes meanwhile (NodeState.INACTIVATING)
+        if image is not None and image.writable and image.broken is None:
+            await image.quiesce()
+            await image.flush()
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
-        self._inactive = True
 
     async def invalidate_cache(self) -> None:
         """Drop all mutable metadata and load it again from disk (activation)."""
         image = self._image
-        if image is not None and not self._inactive and image.writable and image.broken is None:
+        if image is not None and image.writable and image.broken is None:
             # Activation of a node that was never inactivated: like QEMU's
             # qcow2_do_close, write our own state back first.
             await image.flush()
