@@ -1,9 +1,12 @@
 """The block graph: nodes, the edges between them, permissions, node state.
 
 A :class:`BlockNode` owns one driver instance and its children (``file``,
-``backing``) through :class:`BdrvChild` edges.  Each edge carries the
-permissions the parent needs and the ones it shares; a node's cumulative
-permissions decide what a protocol driver locks in the image file.
+``backing``) through :class:`BdrvChild` edges (both defined with the driver
+contract, :mod:`qmpd.block.driver`).  Each edge carries the permissions the
+parent needs and the ones it shares; a node's cumulative permissions decide
+what a protocol driver locks in the image file.  Users outside the graph
+(exports; jobs tomorrow) are :class:`NodeUser` objects: :meth:`BlockGraph.add_user`
+checks what their ``permissions`` callback asks for against the other parents.
 
 Node state is explicit (:class:`NodeState`):
 
