@@ -223,7 +223,11 @@ class BlockGraph:
         try:
             await self.refresh_perms(node)
         except BaseException:
-            await self.remove_user(edge)
+            self.detach(edge)
+            try:
+                await self.refresh_perms(node)
+            except Exception:  # the first error is the one to report
+                log.exception("node %s: releasing %s", node.node_name, edge.describe())
             raise
 
     async def remove_user(self, edge: BdrvChild) -> None:

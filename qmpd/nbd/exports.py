@@ -79,7 +79,6 @@ SPARSE_READ_MIN = 64 * 1024
 MAX_DATA_RANGES = 64
 
 
-
 class ExportUser(NodeUser):
     """An export as a user of a node, described as QEMU describes it.
 
@@ -538,10 +537,8 @@ class BlockExports:
     async def _detach(self, export: NbdExport) -> None:
         if export.iothread is not None:
             export.iothread.users.discard(export.id)
-        graph = self.block.graph
-        graph.detach(export.edge)
         try:
-            await graph.refresh_perms(export.node)
+            await self.block.graph.remove_user(export.edge)
         except Exception:  # dropping permissions cannot really fail
             log.exception("export %s: releasing node %s", export.id, export.node.node_name)
 
