@@ -244,7 +244,7 @@ class BlockLayer:
         """Flush, mark clean, close; then the inline children nobody else uses."""
         try:
             if node.active and not node.read_only:
-                await node.driver.inactivate()
+                await self.graph.write_back(node)
             await node.driver.close()
         finally:
             self.graph.unregister(node)

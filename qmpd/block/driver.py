@@ -19,7 +19,9 @@ driver.  Two methods manage that cache across a change of owner:
 
 * :meth:`BlockDriver.inactivate` flushes everything and marks the image
   clean; afterwards the driver must not write, and must treat anything it
-  still caches as untrusted.
+  still caches as untrusted.  The graph holds the node ``INACTIVATING``
+  meanwhile, so no new write reaches the driver; a driver reads the
+  node's state (``node.state``) and keeps no copy of it.
 * :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
   of cached mutable metadata and reloads it from disk, keeping only the
   immutable configuration (options).  It is only called on an inactive node.

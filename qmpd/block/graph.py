@@ -332,7 +332,7 @@ class BlockGraph:
         for node in nodes:
             visit(node)
         for node in reversed(order):
-            await self._write_back(node)
+            await self.write_back(node)
         for node in order:
             node.set_state(NodeState.ACTIVE)
             try:
@@ -352,7 +352,7 @@ class BlockGraph:
                 raise BlockDriverError(
                     f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
                 )
-        await self._write_back(node)
+        await self.write_back(node)
         node.set_state(NodeState.INACTIVE)
         await self.refresh_perms(node)
         for edge in list(node.children.values()):
@@ -360,7 +360,7 @@ class BlockGraph:
             if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
                 await self.inactivate(child)
 
-    async def _write_back(self, node: BlockNode) -> None:
+    async def write_back(self, node: BlockNode) -> None:
         """The driver's inactivate, with new writes refused meanwhile; a node
         whose driver fails stays active."""
         node.set_state(NodeState.INACTIVATING)
