@@ -55,6 +55,15 @@ class DeviceNotActive(QMPError):
     error_class = ErrorClass.DEVICE_NOT_ACTIVE
 
 
+class BlockDriverError(GenericError):
+    """An error of the block layer or a driver; ``errno`` is what I/O paths
+    (NBD replies, the guest) report instead of the text."""
+
+    def __init__(self, desc: str, errno: int = 5) -> None:
+        super().__init__(desc)
+        self.errno = errno
+
+
 class ArgumentError(GenericError):
     """A command's arguments failed schema validation (QAPI's wording)."""
 

@@ -8,21 +8,16 @@ all) and the node queries.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, ChildRole
-from qmpd.block.file import FileDriver, HostDeviceDriver
+from qmpd.block.driver import BlockDriverError, ChildRole
 from qmpd.block.filename import path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
-from qmpd.block.null import NullDriver
-from qmpd.block.raw import RawDriver
+from qmpd.block.registry import driver_class, probe_format
 from qmpd.block.serial import GraphLock
-from qmpd.block.throttle import ThrottleDriver
 from qmpd.errors import DeviceNotFound, GenericError
 from qmpd.objects import ObjectRegistry
 
@@ -35,43 +30,8 @@ _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MAX_NODE_NAME = 31
 
 
-def _driver_classes() -> dict[str, type[BlockDriver]]:
-    classes: dict[str, type[BlockDriver]] = {
-        "file": FileDriver,
-        "host_device": HostDeviceDriver,
-        "raw": RawDriver,
-        "null-co": NullDriver,
-        "throttle": ThrottleDriver,
-    }
-    try:
-        module = importlib.import_module("qmpd.block.qcow2.driver")
-    except ImportError:  # pragma: no cover - the package ships qcow2
-        log.warning("qcow2 driver unavailable")
-    else:
-        classes["qcow2"] = module.Qcow2Driver
-    return classes
-
-
 #: Deepest backing chain opened from image headers (qmpd opens it recursively).
 MAX_BACKING_CHAIN = 100
-
-_QCOW2_MAGIC = b"QFI\xfb"
-
-
-def probe_format(path: str) -> str:
-    """The format of a backing file its overlay names without one, as QEMU probes.
-
-    Only formats qmpd opens are told apart: qcow2 by its magic, anything else
-    raw (QEMU 7.2 also falls back to raw).  An unreadable file is left to the
-    open that follows, which reports it.
-    """
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return "raw"
-    return "qcow2" if magic == _QCOW2_MAGIC else "raw"
-
 
 def check_node_name(name: str) -> None:
     if not _NODE_NAME.fullmatch(name):
@@ -88,12 +48,9 @@ class BlockLayer:
     ) -> None:
         self.objects = objects if objects is not None else ObjectRegistry()
         self.graph = BlockGraph(metrics, self.objects)
-        self.drivers = _driver_classes()
         self.metrics = metrics
         #: Held by every operation that changes the graph or a node's state.
         self.lock = GraphLock()
-        #: Called with a node whenever a node is created or deleted.
-        self.listeners: list[Callable[[], None]] = []
 
     # --- blockdev-add -------------------------------------------------------------
 
@@ -160,7 +117,7 @@ class BlockLayer:
         chain: tuple[str, ...] = (),
     ) -> BlockNode:
         driver_name = options["driver"]
-        cls = self.drivers.get(driver_name)
+        cls = driver_class(driver_name)
         if cls is None:
             raise GenericError(f"Unknown driver '{driver_name}'")
         name = options.get("node-name")
@@ -193,10 +150,7 @@ class BlockLayer:
         driver_opts = dict(options)
         if config.auto_read_only:
             driver_opts["_auto_read_only"] = True
-        try:
-            await node.driver.open(driver_opts)
-        except BlockDriverError as exc:
-            raise GenericError(str(exc)) from None
+        await node.driver.open(driver_opts)
         if node.driver.supports_backing and "backing" not in options:
             await self._open_backing_from_header(node, config, created, inactive, chain)
         return node
@@ -290,7 +244,7 @@ class BlockLayer:
         """Flush, mark clean, close; then the inline children nobody else uses."""
         try:
             if node.active and not node.read_only:
-                await node.driver.inactivate()
+                await self.graph.write_back(node)
             await node.driver.close()
         finally:
             self.graph.unregister(node)
@@ -339,40 +293,34 @@ class BlockLayer:
             raise GenericError("Permission 'resize' unavailable on inactive node")
         if node.read_only:
             raise GenericError("Block node is read-only")
-        try:
-            await node.driver.truncate(size)
-        except BlockDriverError as exc:
-            raise GenericError(str(exc)) from None
+        await node.driver.truncate(size)
 
     async def set_active(self, node_name: str | None, active: bool) -> None:
         nodes = [self.find(None, node_name)] if node_name is not None else None
-        try:
-            if active:
-                if nodes is None:
-                    await self.graph.activate_all()
-                else:
-                    await self.graph.activate(nodes[0])
-            elif nodes is None:
-                try:
-                    await self.graph.inactivate_all()
-                except BlockDriverError as exc:
-                    raise GenericError(
-                        f"Failed to inactivate all nodes: {os.strerror(exc.errno)}"
-                    ) from None
+        if active:
+            if nodes is None:
+                await self.graph.activate_all()
             else:
-                for parent in nodes[0].parents:
-                    if parent.parent is not None and parent.parent.active:
-                        raise GenericError("Node has active parent node")
-                try:
-                    await self.graph.inactivate(nodes[0])
-                except BlockDriverError as exc:
-                    # QEMU 10.0 names only the errno; the log keeps the user.
-                    log.info("inactivation of %s refused: %s", nodes[0].node_name, exc)
-                    raise GenericError(
-                        f"Failed to inactivate node: {os.strerror(exc.errno)}"
-                    ) from None
-        except BlockDriverError as exc:
-            raise GenericError(str(exc)) from None
+                await self.graph.activate(nodes[0])
+        elif nodes is None:
+            try:
+                await self.graph.inactivate_all()
+            except BlockDriverError as exc:
+                raise GenericError(
+                    f"Failed to inactivate all nodes: {os.strerror(exc.errno)}"
+                ) from None
+        else:
+            for parent in nodes[0].parents:
+                if parent.parent is not None and parent.parent.active:
+                    raise GenericError("Node has active parent node")
+            try:
+                await self.graph.inactivate(nodes[0])
+            except BlockDriverError as exc:
+                # QEMU 10.0 names only the errno; the log keeps the user.
+                log.info("inactivation of %s refused: %s", nodes[0].node_name, exc)
+                raise GenericError(
+                    f"Failed to inactivate node: {os.strerror(exc.errno)}"
+                ) from None
 
     # --- queries -------------------------------------------------------------------------
 

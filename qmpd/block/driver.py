@@ -1,9 +1,15 @@
 """The interface every block driver implements, and what it is given.
 
 One driver class per format or protocol (``file``, ``raw``, ``qcow2``,
-``null-co``).  A driver instance belongs to one :class:`~qmpd.block.graph.BlockNode`
-and reaches its children through the node (``node.file``, ``node.backing``),
-never through the file system directly unless it is a protocol driver.
+``null-co``; :mod:`qmpd.block.registry` lists them).  A driver instance belongs
+to one :class:`BlockNode` and reaches its children through the node
+(``node.file``, ``node.backing``), never through the file system directly
+unless it is a protocol driver.  Nodes, their edges (:class:`BdrvChild`) and
+users (:class:`NodeUser`) live here too, so that the graph
+(:mod:`qmpd.block.graph`) depends on this module and not the other way round.
+
+Drivers raise :class:`~qmpd.errors.BlockDriverError` only: it is a QMP
+GenericError carrying an errno, so it needs no translation on the way out.
 
 All I/O methods are coroutines.  Blocking system calls run in the graph's
 thread pool (``node.graph.run_io``), never on the event loop.
@@ -13,7 +19,9 @@ driver.  Two methods manage that cache across a change of owner:
 
 * :meth:`BlockDriver.inactivate` flushes everything and marks the image
   clean; afterwards the driver must not write, and must treat anything it
-  still caches as untrusted.
+  still caches as untrusted.  The graph holds the node ``INACTIVATING``
+  meanwhile, so no new write reaches the driver; a driver reads the
+  node's state (``node.state``) and keeps no copy of it.
 * :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
   of cached mutable metadata and reloads it from disk, keeping only the
   immutable configuration (options).  It is only called on an inactive node.
@@ -25,11 +33,14 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from qmpd.block.graph import BlockNode
+from qmpd.errors import BlockDriverError as BlockDriverError
+from qmpd.objects import ObjectRegistry
+
+T = TypeVar("T")
 
 
 class Perm(enum.IntFlag):
@@ -93,12 +104,229 @@ class BlockStatus:
     recurse: bool = False
 
 
-class BlockDriverError(Exception):
-    """An I/O or metadata error inside a driver (maps to EIO and friends)."""
+class NodeGraph(Protocol):
+    """What a node (and so its driver) may use of the graph it belongs to."""
 
-    def __init__(self, message: str, errno: int = 5) -> None:
-        super().__init__(message)
-        self.errno = errno
+    #: The objects drivers refer to (throttle groups).
+    objects: ObjectRegistry
+    #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``).
+    on_event: Callable[[str, dict[str, Any]], None]
+
+    async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in the I/O thread pool."""
+        ...
+
+
+class NodeState(enum.Enum):
+    """Whether a node may write and trust its cached metadata.
+
+    ``INACTIVATING``: its driver is writing back (:meth:`BlockDriver.inactivate`)
+    before the node turns inactive, or before its cache is reloaded: no new
+    writes, but what it caches is still its own.
+    """
+
+    ACTIVE = "active"
+    INACTIVATING = "inactivating"
+    INACTIVE = "inactive"
+
+
+#: Allowed node-state changes: inactivation (through writing back) and
+#: activation (back to inactive when it fails).
+NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    NodeState.ACTIVE: frozenset({NodeState.INACTIVATING, NodeState.INACTIVE}),
+    NodeState.INACTIVATING: frozenset({NodeState.INACTIVE, NodeState.ACTIVE}),
+    NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
+}
+
+
+@dataclass(eq=False)
+class BdrvChild:
+    """An edge: ``parent`` uses ``child`` in ``role`` under the name ``name``."""
+
+    name: str
+    role: ChildRole
+    child: BlockNode
+    parent: BlockNode | None = None
+    user: NodeUser | None = None
+    perm: Perm = Perm.NONE
+    shared: Perm = PERM_ALL
+
+    def perms(self) -> tuple[Perm, Perm]:
+        """What the parent needs and shares: a node parent's as last computed,
+        a user's as it says now."""
+        if self.user is not None:
+            return self.user.permissions(self.child)
+        return self.perm, self.shared
+
+    def describe(self) -> str:
+        if self.parent is not None:
+            return (
+                f"node '{self.parent.node_name}' "
+                f"(uses node '{self.child.node_name}' as '{self.name}' child)"
+            )
+        assert self.user is not None
+        return f"{self.user.describe()} (uses node '{self.child.node_name}' as '{self.name}' child)"
+
+
+@dataclass(eq=False)
+class NodeUser:
+    """Something outside the graph that uses a node (an export; a job tomorrow).
+
+    The graph asks :meth:`permissions` whenever it recomputes the node's
+    permissions, so what a user needs may follow the node's state.
+    """
+
+    kind: str
+    id: str
+    writable: bool
+    allow_inactive: bool = False
+
+    def describe(self) -> str:
+        return f"{self.kind} '{self.id}'"
+
+    def permissions(self, node: BlockNode) -> tuple[Perm, Perm]:
+        """``(perm, shared)`` this user needs of ``node`` now.
+
+        By default: consistent reads, and writes while a writable user's
+        node is active; everything but resize is shared.
+        """
+        perm = Perm.CONSISTENT_READ
+        if self.writable and node.active:
+            perm |= Perm.WRITE
+        return perm, PERM_ALL & ~Perm.RESIZE
+
+
+@dataclass
+class NodeStats:
+    """I/O counters of one node (exported as metrics)."""
+
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    rd_operations: int = 0
+    wr_operations: int = 0
+    flush_operations: int = 0
+    invalidations: int = 0
+
+
+@dataclass(eq=False)
+class BlockNode:
+    """One node of the graph."""
+
+    graph: NodeGraph
+    node_name: str
+    driver: BlockDriver = field(init=False)
+    options: dict[str, Any] = field(default_factory=dict)
+    auto_named: bool = False
+    read_only: bool = False
+    force_share: bool = False
+    detect_zeroes: str = "off"
+    discard_unmap: bool = False
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    monitor_owned: bool = False
+    state: NodeState = NodeState.ACTIVE
+    activation_error: str | None = None
+    children: dict[str, BdrvChild] = field(default_factory=dict)
+    parents: list[BdrvChild] = field(default_factory=list)
+    inline_children: list[BlockNode] = field(default_factory=list)
+    stats: NodeStats = field(default_factory=NodeStats)
+    serial: int = 0
+
+    # --- structure ----------------------------------------------------------
+
+    @property
+    def file(self) -> BlockNode | None:
+        edge = self.children.get("file")
+        return edge.child if edge is not None else None
+
+    @property
+    def backing(self) -> BlockNode | None:
+        edge = self.children.get("backing")
+        return edge.child if edge is not None else None
+
+    @property
+    def active(self) -> bool:
+        return self.state == NodeState.ACTIVE
+
+    @property
+    def is_writable(self) -> bool:
+        return not self.read_only and self.active
+
+    def set_state(self, state: NodeState) -> None:
+        if state != self.state and state not in NODE_TRANSITIONS[self.state]:
+            raise RuntimeError(f"node {self.node_name}: {self.state} -> {state} not allowed")
+        self.state = state
+
+    def cumulative_perms(self) -> tuple[Perm, Perm]:
+        perm, shared = Perm.NONE, PERM_ALL
+        for edge in self.parents:
+            edge_perm, edge_shared = edge.perms()
+            perm |= edge_perm
+            shared &= edge_shared
+        return perm, shared
+
+    # --- I/O with the checks every caller needs -------------------------------
+
+    def size(self) -> int:
+        """The length in whole 512-byte sectors, as QEMU's ``bdrv_getlength``."""
+        return -(-self.driver.size() // 512) * 512
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size():
+            raise BlockDriverError("Input/output error: request beyond end of device", 5)
+
+    def _check_writable(self) -> None:
+        if not self.active:
+            raise BlockDriverError("Block node is inactive", 1)
+        if self.read_only:
+            raise BlockDriverError("Block node is read-only", 1)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        if self.state is NodeState.INACTIVE:
+            await self.driver.refresh_inactive()
+        data = await self.driver.read(offset, length)
+        self.stats.rd_bytes += length
+        self.stats.rd_operations += 1
+        return data
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if self.detect_zeroes != "off" and data.count(0) == len(data):
+            await self.driver.write_zeroes(
+                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+            )
+        else:
+            await self.driver.write(offset, data, fua)
+        self.stats.wr_bytes += len(data)
+        self.stats.wr_operations += 1
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        self.stats.wr_bytes += length
+        self.stats.wr_operations += 1
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        await self.driver.discard(offset, length)
+
+    async def flush(self) -> None:
+        self.stats.flush_operations += 1
+        if self.cache_no_flush:
+            return
+        await self.driver.flush()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        self._check_range(offset, max(length, 0))
+        if self.state is NodeState.INACTIVE:
+            await self.driver.refresh_inactive()
+        return await self.driver.block_status(offset, length)
 
 
 class BlockDriver(ABC):
@@ -113,6 +341,12 @@ class BlockDriver(ABC):
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        """Whether a file beginning with ``head`` is in this format (QEMU's
+        ``bdrv_probe``); only formats with a signature answer True."""
+        return False
 
     # --- lifecycle --------------------------------------------------------
 

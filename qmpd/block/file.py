@@ -13,7 +13,6 @@ from typing import Any
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, Perm
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
-from qmpd.errors import GenericError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -165,15 +164,18 @@ class FileDriver(BlockDriver):
                 try:
                     self.fd = await node.graph.run_io(os.open, self.path, flags)
                 except OSError as exc2:
-                    raise GenericError(f"Could not open '{self.path}': {exc2.strerror}") from None
+                    raise BlockDriverError(f"Could not open '{self.path}': {exc2.strerror}",
+                                          exc2.errno or errno.EIO) from None
             else:
-                raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+                raise BlockDriverError(f"Could not open '{self.path}': {exc.strerror}",
+                                      exc.errno or errno.EIO) from None
         self._flags = flags
         self._auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
         try:
             st = await node.graph.run_io(os.fstat, self.fd)
             if stat.S_ISDIR(st.st_mode):
-                raise GenericError(f"Could not open '{self.path}': Is a directory")
+                raise BlockDriverError(f"Could not open '{self.path}': Is a directory",
+                                      errno.EISDIR)
             self._check_type(st.st_mode)
             self._size = await node.graph.run_io(self._length, self.fd)
             self._inline = _memory_backed(self.fd) and not node.cache_direct
@@ -186,8 +188,9 @@ class FileDriver(BlockDriver):
 
     def _check_type(self, mode: int) -> None:
         if not stat.S_ISREG(mode):
-            raise GenericError(
-                f"'{self.format_name}' driver requires '{self.path}' to be a regular file"
+            raise BlockDriverError(
+                f"'{self.format_name}' driver requires '{self.path}' to be a regular file",
+                errno.EINVAL,
             )
 
     def _length(self, fd: int) -> int:
@@ -341,9 +344,10 @@ class FileDriver(BlockDriver):
         try:
             self.lock.update(perm, shared)
         except LockError as exc:
-            raise GenericError(str(exc)) from None
+            raise BlockDriverError(str(exc), errno.EAGAIN) from None
         except OSError as exc:
-            raise GenericError(f"Failed to lock image: {exc.strerror}") from None
+            raise BlockDriverError(f"Failed to lock image: {exc.strerror}",
+                                   exc.errno or errno.EIO) from None
 
     async def _reopen(self, writable: bool) -> None:
         """Switch the descriptor between read-only and read-write in place.
@@ -359,7 +363,8 @@ class FileDriver(BlockDriver):
         try:
             new = await self.node.graph.run_io(os.open, self.path, flags)
         except OSError as exc:
-            raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from None
+            raise BlockDriverError(f"Could not open '{self.path}': {exc.strerror}",
+                                   exc.errno or errno.EIO) from None
         try:
             if self.lock is not None:
                 self.lock.copy_to(new)
@@ -395,9 +400,10 @@ class HostDeviceDriver(FileDriver):
 
     def _check_type(self, mode: int) -> None:
         if not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
-            raise GenericError(
+            raise BlockDriverError(
                 f"'{self.format_name}' driver requires '{self.path}' to be either "
-                "a character or block device"
+                "a character or block device",
+                errno.EINVAL,
             )
 
     def _length(self, fd: int) -> int:

@@ -1,15 +1,21 @@
 """The block graph: nodes, the edges between them, permissions, node state.
 
 A :class:`BlockNode` owns one driver instance and its children (``file``,
-``backing``) through :class:`BdrvChild` edges.  Each edge carries the
-permissions the parent needs and the ones it shares; a node's cumulative
-permissions decide what a protocol driver locks in the image file.
+``backing``) through :class:`BdrvChild` edges (both defined with the driver
+contract, :mod:`qmpd.block.driver`).  Each edge carries the permissions the
+parent needs and the ones it shares; a node's cumulative permissions decide
+what a protocol driver locks in the image file.  Users outside the graph
+(exports; jobs tomorrow) are :class:`NodeUser` objects: :meth:`BlockGraph.add_user`
+checks what their ``permissions`` callback asks for against the other parents.
 
 Node state is explicit (:class:`NodeState`):
 
 * ``ACTIVE``: may hold write permission and locks, may trust its cache;
+* ``INACTIVATING``: writing back, refuses new writes, still trusts its cache;
 * ``INACTIVE``: holds no write lock, refuses writes, its cached mutable
   metadata is untrusted.
+
+Drivers read the state from their node; they keep no copy of it.
 
 The only way from inactive to active is :meth:`BlockGraph.activate`
 (invalidate_cache, children first); the only way back is
@@ -19,24 +25,27 @@ The only way from inactive to active is :meth:`BlockGraph.activate`
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qmpd.block.driver import (
     PERM_ALL,
-    BlockDriver,
+    BdrvChild,
     BlockDriverError,
-    BlockStatus,
     ChildRole,
+    NodeUser,
     Perm,
     perm_names,
 )
+
+# Re-exported: the graph's users name nodes and their state through it.
+from qmpd.block.driver import BlockNode as BlockNode
+from qmpd.block.driver import NodeState as NodeState
 from qmpd.block.iopool import IOPool
 from qmpd.errors import GenericError
 from qmpd.objects import ObjectRegistry
@@ -47,187 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class NodeState(enum.Enum):
-    """Whether a node may write and trust its cached metadata."""
-
-    ACTIVE = "active"
-    INACTIVE = "inactive"
-
-
-#: Allowed node-state changes: activation and inactivation only.
-NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
-    NodeState.ACTIVE: frozenset({NodeState.INACTIVE}),
-    NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
-}
-
-
-@dataclass(eq=False)
-class BdrvChild:
-    """An edge: ``parent`` uses ``child`` in ``role`` under the name ``name``."""
-
-    name: str
-    role: ChildRole
-    child: BlockNode
-    parent: BlockNode | None = None
-    user: BlockUser | None = None
-    perm: Perm = Perm.NONE
-    shared: Perm = PERM_ALL
-
-    def describe(self) -> str:
-        if self.parent is not None:
-            return (
-                f"node '{self.parent.node_name}' "
-                f"(uses node '{self.child.node_name}' as '{self.name}' child)"
-            )
-        assert self.user is not None
-        return f"{self.user.describe()} (uses node '{self.child.node_name}' as '{self.name}' child)"
-
-
-@dataclass(eq=False)
-class BlockUser:
-    """Something outside the graph that uses a node (an export, a device)."""
-
-    kind: str
-    id: str
-    writable: bool
-    allow_inactive: bool = False
-
-    def describe(self) -> str:
-        return f"{self.kind} '{self.id}'"
-
-
-@dataclass
-class NodeStats:
-    """I/O counters of one node (exported as metrics)."""
-
-    rd_bytes: int = 0
-    wr_bytes: int = 0
-    rd_operations: int = 0
-    wr_operations: int = 0
-    flush_operations: int = 0
-    invalidations: int = 0
-
-
-@dataclass(eq=False)
-class BlockNode:
-    """One node of the graph."""
-
-    graph: BlockGraph
-    node_name: str
-    driver: BlockDriver = field(init=False)
-    options: dict[str, Any] = field(default_factory=dict)
-    auto_named: bool = False
-    read_only: bool = False
-    force_share: bool = False
-    detect_zeroes: str = "off"
-    discard_unmap: bool = False
-    cache_direct: bool = False
-    cache_no_flush: bool = False
-    monitor_owned: bool = False
-    state: NodeState = NodeState.ACTIVE
-    activation_error: str | None = None
-    children: dict[str, BdrvChild] = field(default_factory=dict)
-    parents: list[BdrvChild] = field(default_factory=list)
-    inline_children: list[BlockNode] = field(default_factory=list)
-    stats: NodeStats = field(default_factory=NodeStats)
-    serial: int = 0
-
-    # --- structure ----------------------------------------------------------
-
-    @property
-    def file(self) -> BlockNode | None:
-        edge = self.children.get("file")
-        return edge.child if edge is not None else None
-
-    @property
-    def backing(self) -> BlockNode | None:
-        edge = self.children.get("backing")
-        return edge.child if edge is not None else None
-
-    @property
-    def active(self) -> bool:
-        return self.state == NodeState.ACTIVE
-
-    @property
-    def is_writable(self) -> bool:
-        return not self.read_only and self.active
-
-    def set_state(self, state: NodeState) -> None:
-        if state != self.state and state not in NODE_TRANSITIONS[self.state]:
-            raise RuntimeError(f"node {self.node_name}: {self.state} -> {state} not allowed")
-        self.state = state
-
-    def cumulative_perms(self) -> tuple[Perm, Perm]:
-        perm, shared = Perm.NONE, PERM_ALL
-        for edge in self.parents:
-            perm |= edge.perm
-            shared &= edge.shared
-        return perm, shared
-
-    # --- I/O with the checks every caller needs -------------------------------
-
-    def size(self) -> int:
-        """The length in whole 512-byte sectors, as QEMU's ``bdrv_getlength``."""
-        return -(-self.driver.size() // 512) * 512
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size():
-            raise BlockDriverError("Input/output error: request beyond end of device", 5)
-
-    def _check_writable(self) -> None:
-        if not self.active:
-            raise BlockDriverError("Block node is inactive", 1)
-        if self.read_only:
-            raise BlockDriverError("Block node is read-only", 1)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        self._check_range(offset, length)
-        if not self.active:
-            await self.driver.refresh_inactive()
-        data = await self.driver.read(offset, length)
-        self.stats.rd_bytes += length
-        self.stats.rd_operations += 1
-        return data
-
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        self._check_writable()
-        self._check_range(offset, len(data))
-        if self.detect_zeroes != "off" and data.count(0) == len(data):
-            await self.driver.write_zeroes(
-                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
-            )
-        else:
-            await self.driver.write(offset, data, fua)
-        self.stats.wr_bytes += len(data)
-        self.stats.wr_operations += 1
-
-    async def write_zeroes(
-        self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
-    ) -> None:
-        self._check_writable()
-        self._check_range(offset, length)
-        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
-        self.stats.wr_bytes += length
-        self.stats.wr_operations += 1
-
-    async def discard(self, offset: int, length: int) -> None:
-        self._check_writable()
-        self._check_range(offset, length)
-        await self.driver.discard(offset, length)
-
-    async def flush(self) -> None:
-        self.stats.flush_operations += 1
-        if self.cache_no_flush:
-            return
-        await self.driver.flush()
-
-    async def block_status(self, offset: int, length: int) -> BlockStatus:
-        self._check_range(offset, max(length, 0))
-        if not self.active:
-            await self.driver.refresh_inactive()
-        return await self.driver.block_status(offset, length)
 
 
 @dataclass(frozen=True)
@@ -241,6 +69,16 @@ class NodeConfig:
     cache_direct: bool
     cache_no_flush: bool
     auto_read_only: bool
+
+
+def _check_pair(node: BlockNode, needs: BdrvChild, refuses: BdrvChild) -> None:
+    clash = needs.perms()[0] & ~refuses.perms()[1]
+    if clash:
+        raise GenericError(
+            f"Permission conflict on node '{node.node_name}': permissions "
+            f"'{perm_names(clash)}' are both required by {needs.describe()} "
+            f"and unshared by {refuses.describe()}."
+        )
 
 
 def _drop_event(name: str, data: dict[str, Any]) -> None:
@@ -320,7 +158,7 @@ class BlockGraph:
         child: BlockNode,
         name: str,
         role: ChildRole,
-        user: BlockUser | None = None,
+        user: NodeUser | None = None,
     ) -> BdrvChild:
         # QEMU 10.0: an active node makes unrestricted use of its children.
         if parent is not None and parent.active and not child.active:
@@ -366,15 +204,36 @@ class BlockGraph:
     def _check_conflicts(self, node: BlockNode) -> None:
         for a in node.parents:
             for b in node.parents:
-                if a is b:
-                    continue
-                clash = a.perm & ~b.shared
-                if clash:
-                    raise GenericError(
-                        f"Permission conflict on node '{node.node_name}': permissions "
-                        f"'{perm_names(clash)}' are both required by {a.describe()} "
-                        f"and unshared by {b.describe()}."
-                    )
+                if a is not b:
+                    _check_pair(node, a, b)
+
+    async def add_user(self, edge: BdrvChild) -> None:
+        """Let ``edge.user`` use ``edge.child`` with the permissions it asks for.
+
+        Refused with QEMU's text when its needs clash with another parent's
+        sharing (or the other way round); the node is then left as it was.
+        """
+        node = edge.child
+        # QEMU's order: the new user's needs against each other parent's
+        # sharing, then the other way round.
+        for other in node.parents:
+            _check_pair(node, edge, other)
+            _check_pair(node, other, edge)
+        node.parents.append(edge)
+        try:
+            await self.refresh_perms(node)
+        except BaseException:
+            self.detach(edge)
+            try:
+                await self.refresh_perms(node)
+            except Exception:  # the first error is the one to report
+                log.exception("node %s: releasing %s", node.node_name, edge.describe())
+            raise
+
+    async def remove_user(self, edge: BdrvChild) -> None:
+        """Drop a user's edge and the permissions it held."""
+        self.detach(edge)
+        await self.refresh_perms(edge.child)
 
     # --- activation -------------------------------------------------------------
 
@@ -448,10 +307,6 @@ class BlockGraph:
             *(tree(root) for root in self.roots()), return_exceptions=True
         )
         for result in results:
-            if isinstance(result, GenericError):
-                raise result
-            if isinstance(result, BlockDriverError):
-                raise GenericError(str(result)) from None
             if isinstance(result, BaseException):
                 raise result
 
@@ -477,8 +332,9 @@ class BlockGraph:
         for node in nodes:
             visit(node)
         for node in reversed(order):
-            await node.driver.inactivate()
+            await self.write_back(node)
         for node in order:
+            node.set_state(NodeState.ACTIVE)
             try:
                 await node.driver.invalidate_cache()
             except Exception as exc:
@@ -489,20 +345,30 @@ class BlockGraph:
 
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first)."""
-        if not node.active:
+        if node.state is NodeState.INACTIVE:
             return
         for edge in node.parents:
             if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
                 raise BlockDriverError(
                     f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
                 )
-        await node.driver.inactivate()
+        await self.write_back(node)
         node.set_state(NodeState.INACTIVE)
         await self.refresh_perms(node)
         for edge in list(node.children.values()):
             child = edge.child
             if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
                 await self.inactivate(child)
+
+    async def write_back(self, node: BlockNode) -> None:
+        """The driver's inactivate, with new writes refused meanwhile; a node
+        whose driver fails stays active."""
+        node.set_state(NodeState.INACTIVATING)
+        try:
+            await node.driver.inactivate()
+        except BaseException:
+            node.set_state(NodeState.ACTIVE)
+            raise
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""

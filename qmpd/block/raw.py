@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockStatus, ChildRole, Perm
-from qmpd.errors import GenericError
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, ChildRole, Perm
 
 
 class RawDriver(BlockDriver):
@@ -35,23 +35,29 @@ class RawDriver(BlockDriver):
         size = options.get("size")
         if offset is not None:
             if offset < 0:
-                raise GenericError(
-                    "Parameter 'offset' expects a non-negative number below 2^64"
+                raise BlockDriverError(
+                    "Parameter 'offset' expects a non-negative number below 2^64",
+                    errno.EINVAL,
                 )
             if offset > real:
-                raise GenericError(
-                    f"Offset ({offset}) cannot be greater than size of the containing file ({real})"
+                raise BlockDriverError(
+                    f"Offset ({offset}) cannot be greater than size of the containing file "
+                    f"({real})",
+                    errno.EINVAL,
                 )
             self.offset = offset
         if size is not None:
             if size < 0:
-                raise GenericError("Parameter 'size' expects a non-negative number below 2^64")
+                raise BlockDriverError(
+                    "Parameter 'size' expects a non-negative number below 2^64", errno.EINVAL
+                )
             if size % 512:
-                raise GenericError("Specified size is not multiple of 512")
+                raise BlockDriverError("Specified size is not multiple of 512", errno.EINVAL)
             if self.offset + size > real:
-                raise GenericError(
+                raise BlockDriverError(
                     f"The sum of offset ({self.offset}) and size ({size}) has to be smaller or "
-                    f"equal to the  actual size of the containing file ({real})"
+                    f"equal to the  actual size of the containing file ({real})",
+                    errno.EINVAL,
                 )
             self.fixed_size = size
 
@@ -79,7 +85,7 @@ class RawDriver(BlockDriver):
 
     async def truncate(self, size: int) -> None:
         if not self.is_filter:
-            raise GenericError("Cannot resize fixed-size raw disks")
+            raise BlockDriverError("Cannot resize fixed-size raw disks", errno.EINVAL)
         await self._file().driver.truncate(size)
 
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:

@@ -45,14 +45,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from qmpd.block.driver import (
-    PERM_ALL,
-    BlockDriverError,
+    BdrvChild,
+    BlockNode,
     BlockStatus,
     ChildRole,
-    Perm,
-    perm_names,
+    NodeUser,
 )
-from qmpd.block.graph import BdrvChild, BlockNode, BlockUser
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
@@ -80,44 +78,17 @@ SPARSE_READ_MIN = 64 * 1024
 #: Data ranges an export remembers (see :class:`DataRanges`).
 MAX_DATA_RANGES = 64
 
-_SHARED = PERM_ALL & ~Perm.RESIZE
 
+class ExportUser(NodeUser):
+    """An export as a user of a node, described as QEMU describes it.
 
-class ExportUser(BlockUser):
-    """An export as a user of a node, described as QEMU describes it."""
+    Its permissions (:meth:`NodeUser.permissions`) follow the node's state:
+    ``write`` only for a writable export of an active node.
+    """
 
     def describe(self) -> str:
         # Exports use an anonymous BlockBackend in QEMU.
         return "an unnamed block device"
-
-
-class ExportEdge(BdrvChild):
-    """The edge from an export to its node.
-
-    Its permissions follow the node's state: ``write`` only for a writable
-    export of an active node.
-    """
-
-    writable: bool = False
-
-    @property
-    def perm(self) -> Perm:
-        perm = Perm.CONSISTENT_READ
-        if self.writable and self.child.active:
-            perm |= Perm.WRITE
-        return perm
-
-    @perm.setter
-    def perm(self, value: Perm) -> None:  # computed: writes are ignored
-        return None
-
-    @property
-    def shared(self) -> Perm:
-        return _SHARED
-
-    @shared.setter
-    def shared(self, value: Perm) -> None:
-        return None
 
 
 @dataclass
@@ -217,10 +188,7 @@ class NbdExport:
         self.user = ExportUser(
             kind="export", id=export_id, writable=writable, allow_inactive=allow_inactive
         )
-        self.edge = ExportEdge(
-            name="root", role=ChildRole.image(), child=node, parent=None, user=self.user
-        )
-        self.edge.writable = writable
+        self.edge = BdrvChild(name="root", role=ChildRole.image(), child=node, user=self.user)
         self.iothread: IOThread | None = None
 
     # --- what clients see -----------------------------------------------------------------
@@ -517,10 +485,7 @@ class BlockExports:
             # export activates its node, which image locking refuses while
             # another process holds the image.  A waiting destination invalidates
             # such a node again when its migration completes.
-            try:
-                await self.block.graph.activate(node)
-            except BlockDriverError as exc:
-                raise GenericError(str(exc)) from None
+            await self.block.graph.activate(node)
         # qmpd has one event loop: an iothread is only checked and held.
         iothread = (
             self.block.objects.iothread(args["iothread"]) if "iothread" in args else None
@@ -566,33 +531,18 @@ class BlockExports:
         raise GenericError(f"Dirty bitmap '{bitmap['name']}' not found")
 
     async def _attach(self, export: NbdExport) -> None:
-        node = export.node
-        edge = export.edge
-        # QEMU's order: the new user's needs against each other user's
-        # sharing, then the other way round.
-        for other in node.parents:
-            for needs, refuses in ((edge, other), (other, edge)):
-                clash = needs.perm & ~refuses.shared
-                if clash:
-                    raise GenericError(
-                        f"Permission conflict on node '{node.node_name}': permissions "
-                        f"'{perm_names(clash)}' are both required by {needs.describe()} "
-                        f"and unshared by {refuses.describe()}."
-                    )
-        node.parents.append(edge)
         try:
-            await self.block.graph.refresh_perms(node)
+            await self.block.graph.add_user(export.edge)
         except BaseException:
-            await self._detach(export)
+            if export.iothread is not None:
+                export.iothread.users.discard(export.id)
             raise
 
     async def _detach(self, export: NbdExport) -> None:
         if export.iothread is not None:
             export.iothread.users.discard(export.id)
-        graph = self.block.graph
-        graph.detach(export.edge)
         try:
-            await graph.refresh_perms(export.node)
+            await self.block.graph.remove_user(export.edge)
         except Exception:  # dropping permissions cannot really fail
             log.exception("export %s: releasing node %s", export.id, export.node.node_name)
 

@@ -9,11 +9,12 @@ again with the same options).
 
 from __future__ import annotations
 
+import errno as errno_codes
 import logging
 from dataclasses import replace
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState
 from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -22,13 +23,13 @@ from qmpd.block.qcow2.format import (
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
     MIN_CLUSTER_BITS,
+    QCOW_MAGIC,
     Header,
     Qcow2FormatError,
 )
 from qmpd.block.qcow2.image import Qcow2Image
 from qmpd.block.qcow2.overlap import overlap_checks
 from qmpd.block.qcow2.state import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT, CacheConfig
-from qmpd.errors import GenericError
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,25 @@ UINT_MAX = 2**32 - 1
 ENOMEDIUM = 123
 
 
+class _OptionError(BlockDriverError):
+    """An invalid option (EINVAL): reported as it is, never as an I/O failure."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, errno_codes.EINVAL)
+
+
 def _opt_int(options: dict[str, Any], key: str) -> int | None:
     value = options.get(key)
     if value is None:
         return None
     if isinstance(value, bool):
-        raise GenericError(f"Parameter '{key}' expects a number")
+        raise _OptionError(f"Parameter '{key}' expects a number")
     if isinstance(value, int):
         return value
     try:
         return int(str(value), 0)
     except ValueError:
-        raise GenericError(f"Parameter '{key}' expects a number") from None
+        raise _OptionError(f"Parameter '{key}' expects a number") from None
 
 
 def _opt_bool(options: dict[str, Any], key: str, default: bool = False) -> bool:
@@ -71,7 +79,7 @@ def read_cache_sizes(
 ) -> tuple[int, int, int]:
     """QEMU 7.2's ``read_cache_sizes``: (L2 cache bytes, L2 entry size, refcount bytes).
 
-    Raises GenericError with QEMU's texts for invalid combinations.
+    Raises a block error with QEMU's texts for invalid combinations.
     """
     min_refcount_cache = MIN_REFCOUNT_CACHE_SIZE * cluster_size
     max_l2_entries = -(-virtual_size // cluster_size)
@@ -84,7 +92,7 @@ def read_cache_sizes(
     for key, value in (("cache-size", combined), ("l2-cache-size", l2_set),
                        ("refcount-cache-size", rc_set), ("l2-cache-entry-size", entry_set)):
         if value is not None and value < 0:
-            raise GenericError(
+            raise _OptionError(
                 f"Parameter '{key}' expects a non-negative number below 2^64")
 
     l2_max_setting = l2_set if l2_set is not None else DEFAULT_L2_CACHE_MAX_SIZE
@@ -94,13 +102,13 @@ def read_cache_sizes(
 
     if combined is not None:
         if l2_set is not None and rc_set is not None:
-            raise GenericError(
+            raise _OptionError(
                 "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
             )
         if l2_set is not None and l2_max_setting > combined:
-            raise GenericError("l2-cache-size may not exceed cache-size")
+            raise _OptionError("l2-cache-size may not exceed cache-size")
         if refcount_size > combined:
-            raise GenericError("refcount-cache-size may not exceed cache-size")
+            raise _OptionError("refcount-cache-size may not exceed cache-size")
         if l2_set is not None:
             refcount_size = combined - l2_size
         elif rc_set is not None:
@@ -117,7 +125,7 @@ def read_cache_sizes(
 
     if (entry_size < (1 << MIN_CLUSTER_BITS) or entry_size > cluster_size
             or entry_size & (entry_size - 1)):
-        raise GenericError(
+        raise _OptionError(
             "L2 cache entry size must be a power of two between "
             f"{1 << MIN_CLUSTER_BITS} and the cluster size ({cluster_size})"
         )
@@ -129,10 +137,10 @@ def cache_config(options: dict[str, Any], virtual_size: int, cluster_size: int) 
     l2_bytes, entry_size, refcount_bytes = read_cache_sizes(options, virtual_size, cluster_size)
     l2_entries = max(l2_bytes // entry_size, MIN_L2_CACHE_SIZE)
     if l2_entries > INT_MAX:
-        raise GenericError("L2 cache size too big")
+        raise _OptionError("L2 cache size too big")
     refcount_entries = max(refcount_bytes // cluster_size, MIN_REFCOUNT_CACHE_SIZE)
     if refcount_entries > INT_MAX:
-        raise GenericError("Refcount cache size too big")
+        raise _OptionError("Refcount cache size too big")
     return CacheConfig(l2_entries, entry_size, refcount_entries)
 
 
@@ -142,6 +150,10 @@ class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     supports_backing = True
 
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return len(head) >= 4 and int.from_bytes(head[:4], "big") == QCOW_MAGIC
+
     def __init__(self, node: Any) -> None:
         super().__init__(node)
         self._options: dict[str, Any] = {}
@@ -149,7 +161,6 @@ class Qcow2Driver(BlockDriver):
         self._broken: str | None = None
         #: Whether the open image has preallocated metadata (checked once).
         self._prealloc: tuple[Qcow2Image, bool] | None = None
-        self._inactive = False
         self._size = 0
         self._header: Header | None = None
 
@@ -158,15 +169,15 @@ class Qcow2Driver(BlockDriver):
     def _validate_static_options(self, options: dict[str, Any]) -> None:
         interval = _opt_int(options, "cache-clean-interval")
         if interval is not None and (interval < 0 or interval > UINT_MAX):
-            raise GenericError("Cache clean interval too big")
+            raise _OptionError("Cache clean interval too big")
         try:
             overlap_checks(options.get("overlap-check"))
         except Qcow2FormatError as exc:
-            raise GenericError(str(exc)) from None
+            raise _OptionError(str(exc)) from None
 
     def _config_for(self, header: Header) -> CacheConfig:
         if _opt_bool(self._options, "lazy-refcounts") and header.version < 3:
-            raise GenericError(
+            raise _OptionError(
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                 "compatibility level"
             )
@@ -178,11 +189,14 @@ class Qcow2Driver(BlockDriver):
         try:
             await self._load()
         except Qcow2FormatError as exc:
-            raise GenericError(str(exc)) from None
+            raise BlockDriverError(str(exc), errno_codes.EINVAL) from None
+        except _OptionError:
+            raise
         except BlockDriverError as exc:
-            raise GenericError(f"Could not open qcow2 image: {exc}") from None
+            raise BlockDriverError(f"Could not open qcow2 image: {exc}", exc.errno) from None
         except OSError as exc:
-            raise GenericError(f"Could not read qcow2 header: {exc.strerror}") from None
+            raise BlockDriverError(f"Could not read qcow2 header: {exc.strerror}",
+                                   exc.errno or errno_codes.EIO) from None
 
     async def _load(self) -> None:
         node = self.node
@@ -197,14 +211,13 @@ class Qcow2Driver(BlockDriver):
         self._image = image
         self._header = image.header
         self._size = image.size
-        self._inactive = not node.active
 
     async def close(self) -> None:
         image = self._image
         if image is None:
             return
         try:
-            if image.writable and not self._inactive and image.broken is None:
+            if image.writable and image.broken is None:
                 await image.flush()
         finally:
             self._image = None
@@ -219,7 +232,7 @@ class Qcow2Driver(BlockDriver):
 
     def _img_for_write(self) -> Qcow2Image:
         image = self._img()
-        if self._inactive:
+        if self.node.state is not NodeState.ACTIVE:
             raise BlockDriverError("Block node is inactive", 1)
         return image
 
@@ -262,7 +275,7 @@ class Qcow2Driver(BlockDriver):
             if self._broken is not None:
                 raise BlockDriverError(self._broken, ENOMEDIUM)
             return
-        if self._inactive:
+        if self.node.state is not NodeState.ACTIVE:
             return
         await image.flush()
 
@@ -309,7 +322,7 @@ class Qcow2Driver(BlockDriver):
         child = self.node.file
         if image is None or child is None or image.broken is not None or length <= 0:
             return None
-        if not self.node.active:
+        if self.node.state is NodeState.INACTIVE:
             return None  # its L2 cache is not to be trusted (refresh_inactive)
         if offset < 0 or offset + length > image.size:
             return None
@@ -323,30 +336,25 @@ class Qcow2Driver(BlockDriver):
     async def inactivate(self) -> None:
         """Write everything back and stop writing (``qcow2_inactivate``)."""
         image = self._image
-        # a fatally corrupt image has nothing to write back (QEMU: no driver)
-        if image is not None and not self._inactive and image.writable and image.broken is None:
-            self._inactive = True  # no new writes from here on
-            try:
-                await image.quiesce()
-                await image.flush()
-            except BaseException:
-                self._inactive = False
-                raise
+        # a fatally corrupt image has nothing to write back (QEMU: no driver);
+        # the graph refuses new writes meanwhile (NodeState.INACTIVATING)
+        if image is not None and image.writable and image.broken is None:
+            await image.quiesce()
+            await image.flush()
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
-        self._inactive = True
 
     async def invalidate_cache(self) -> None:
         """Drop all mutable metadata and load it again from disk (activation)."""
         image = self._image
-        if image is not None and not self._inactive and image.writable and image.broken is None:
+        if image is not None and image.writable and image.broken is None:
             # Activation of a node that was never inactivated: like QEMU's
             # qcow2_do_close, write our own state back first.
             await image.flush()
         self._image = None
         try:
             await self._load()
-        except (Qcow2FormatError, GenericError, BlockDriverError, OSError) as exc:
+        except (Qcow2FormatError, BlockDriverError, OSError) as exc:
             self._broken = f"Could not reopen qcow2 layer: {exc}"
             self._image = None
             errno = getattr(exc, "errno", None) or 5
@@ -358,7 +366,7 @@ class Qcow2Driver(BlockDriver):
         again for each request (another host may be writing the image)."""
         try:
             await self._load()
-        except (Qcow2FormatError, GenericError, OSError) as exc:
+        except (Qcow2FormatError, _OptionError, OSError) as exc:
             raise BlockDriverError(f"Could not read qcow2 metadata: {exc}",
                                    getattr(exc, "errno", None) or 5) from None
 

@@ -97,6 +97,7 @@ async def open_image(
 async def close_image(node: BlockNode) -> None:
     """Flush and close ``node`` and everything below it."""
     graph = node.graph
+    assert isinstance(graph, BlockGraph)  # nodes opened here belong to one
     try:
         if node.active and not node.read_only:
             await node.driver.flush()
