@@ -15,6 +15,7 @@ import resource
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from aiohttp import web
 import qmpd.commands  # noqa: F401  (registers the command handlers)
 from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
+from qmpd.block.iopool import block_signals
 from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
 from qmpd.errors import ConfigError, QMPError
 from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app
@@ -41,6 +43,8 @@ from qmpd.services import Services
 from qmpd.vm import VirtualMachine
 
 log = logging.getLogger("qmpd")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Run states in which the daemon is not doing its job yet (or any more).
 NOT_READY_STATES = frozenset(
@@ -313,7 +317,8 @@ class Daemon:
     async def run(self, ready_fd: int | None = None) -> int:
         """Run until quit or a signal; the exit status is returned."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.set_default_executor(ThreadPoolExecutor(initializer=block_signals))
+        for signum in HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.on_signal, signum)
         try:
             # A signal during start-up (a monitor waiting for its first
@@ -335,9 +340,12 @@ class Daemon:
             raise
         await self.wait_stopped()
         await self.shutdown()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # Past this point the process is exiting anyway: a late signal stays
+        # pending (no thread takes it) instead of killing it with the default
+        # action between removing asyncio's handler and ignoring the signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        for signum in HANDLED_SIGNALS:
             loop.remove_signal_handler(signum)
-            # Past this point the process is exiting anyway.
             signal.signal(signum, signal.SIG_IGN)
         return self.exit_status
 

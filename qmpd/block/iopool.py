@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -54,6 +55,7 @@ class IOPool:
         return await future
 
     def _work(self) -> None:
+        block_signals()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -96,3 +98,12 @@ class IOPool:
         self._loop = None
         with self._lock:
             self._armed = False
+
+
+def block_signals() -> None:
+    """Keep process signals off this (worker) thread, as QEMU's threads do.
+
+    The main thread alone handles them; a worker that took a SIGTERM after the
+    main thread stopped handling it would kill the process with it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())

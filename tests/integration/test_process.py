@@ -200,3 +200,30 @@ def test_pidfile_in_missing_directory(tmp_path: Path) -> None:
     assert proc.stderr == (f"qmpd: cannot create PID file: Could not create '{missing}': "
                            "No such file or directory\n")
     assert not sock.exists() and not missing.parent.exists()
+
+
+def _blocks_sigterm(pid: int, tid: int) -> bool:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1],
+               16)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+def test_only_the_main_thread_takes_signals(qmpd_factory: Any, tmp_path: Path) -> None:
+    """As QEMU's worker threads: a signal never lands on an I/O thread, whose
+    default action would end the process while the main thread is exiting."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * 65536)
+    proc: QmpdProcess = qmpd_factory(
+        "--blockdev", f"driver=file,node-name=n0,filename={image}")
+    client = proc.client()
+    client.negotiate()
+    reply = client.cmd("human-monitor-command",
+                       {"command-line": "qemu-io n0 \"write -P 7 0 4096\""})
+    assert reply == {"return": ""}
+    assert image.read_bytes()[:4096] == b"\7" * 4096  # through the I/O threads
+    pid = proc.proc.pid
+    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    assert len(threads) > 1
+    assert {tid: _blocks_sigterm(pid, tid) for tid in threads} == {
+        tid: tid != pid for tid in threads}
