@@ -108,7 +108,6 @@ class Daemon:
         #: HTTP listeners, closed as one step of the teardown.
         self._http = contextlib.AsyncExitStack()
         self.shutting_down = False
-        self.shutdown_cause: str | None = None
         self._stopped = asyncio.Event()
         self._signals_seen = 0
 
@@ -119,7 +118,6 @@ class Daemon:
         if self.shutting_down:
             return
         self.shutting_down = True
-        self.shutdown_cause = cause
         self.metrics.ready.set(0)
         _sd_notify("STOPPING=1")
         self.events.emit("SHUTDOWN", {"guest": False, "reason": cause})

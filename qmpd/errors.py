@@ -49,12 +49,6 @@ class DeviceNotFound(QMPError):
     error_class = ErrorClass.DEVICE_NOT_FOUND
 
 
-class DeviceNotActive(QMPError):
-    """The device exists but is not active."""
-
-    error_class = ErrorClass.DEVICE_NOT_ACTIVE
-
-
 class BlockDriverError(GenericError):
     """An error of the block layer or a driver; ``errno`` is what I/O paths
     (NBD replies, the guest) report instead of the text."""

@@ -51,10 +51,6 @@ RUNNING_STATES = frozenset(
 )
 
 
-def is_finished(status: MigrationStatus) -> bool:
-    return status in _FINISHED
-
-
 CAPABILITIES = (
     "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
     "postcopy-ram", "x-colo", "release-ram", "block", "return-path", "pause-before-switchover",

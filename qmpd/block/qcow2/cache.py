@@ -164,9 +164,6 @@ class MetadataCache(Generic[T]):
     def mark_dirty(self, entry: CacheEntry[T]) -> None:
         entry.dirty = True
 
-    def has_dirty(self) -> bool:
-        return any(e.dirty for e in self.entries.values())
-
     async def set_dependency(self, dependency: MetadataCache[Any]) -> None:
         """Entries of this cache must not reach the disk before ``dependency``'s."""
         if dependency.depends is not None:

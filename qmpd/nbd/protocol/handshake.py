@@ -23,7 +23,6 @@ from qmpd.nbd.protocol.constants import (
     MAX_STRING,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
-    REP_ERR,
     ClientFlag,
     HandshakeFlag,
     Info,
@@ -152,7 +151,6 @@ class ServerHandshake:
         self._option = 0
         self._length = 0
         self._skip = 0
-        self.options_seen = 0
 
     # --- driving --------------------------------------------------------------------------
 
@@ -199,7 +197,6 @@ class ServerHandshake:
                     raise ProtocolError(
                         f"len ({length}) is larger than max len ({MAX_OPTION_LENGTH})"
                     )
-                self.options_seen += 1
                 self._option, self._length = option, length
                 if length > MAX_BUFFERED_OPTION:
                     if option == Opt.EXPORT_NAME:
@@ -426,10 +423,6 @@ class OptionReply:
     option: int
     reply: int
     data: bytes
-
-    @property
-    def is_error(self) -> bool:
-        return bool(self.reply & REP_ERR)
 
 
 def parse_greeting(data: bytes) -> int:
