@@ -22,8 +22,12 @@ from qmpd.schema import Schema
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
 
-# CI runs property tests derandomized: a failure there is reproducible, never luck.
-settings.register_profile("ci", derandomize=True, print_blob=True)
+# CI runs property tests derandomized, with a fixed example budget (tests that
+# set max_examples keep theirs) and no deadline: a failure there is
+# reproducible, never luck or a slow runner.
+settings.register_profile(
+    "ci", derandomize=True, database=None, max_examples=100, deadline=None, print_blob=True
+)
 if IN_CI:
     settings.load_profile("ci")
 
