@@ -21,7 +21,6 @@ from tests.conftest import QmpdProcess, RawClient, require_tool
 from tests.integration.migration_helpers import (
     Cluster,
     create_qcow2,
-    mig_fixture,  # noqa: F401  (the mig fixture)
 )
 from tests.integration.test_locking import held_bytes
 

@@ -22,19 +22,12 @@ from tests.integration.migration_helpers import (
     Peer,
     create_qcow2,
     image_check,
-    mig_fixture,  # noqa: F401  (the mig fixture)
-    need_qemu,
     start,
 )
 
-pytestmark = pytest.mark.qemu
+pytestmark = pytest.mark.qemu("qemu-system-x86_64")
 
 Step = tuple[str, dict[str, Any] | None]
-
-
-@pytest.fixture(autouse=True)
-def _tools() -> None:
-    need_qemu()
 
 
 def _for(peer: Peer, value: Any) -> Any:
