@@ -37,7 +37,7 @@ def require_tool(name: str) -> str:
     return path
 
 
-def run_tool(name: str, *args: str | Path, check: bool = False, timeout: float = 60
+def run_tool(name: str, *args: str | Path, check: bool = True, timeout: float = 60
              ) -> subprocess.CompletedProcess[str]:
     """Run a tool to completion; with ``check``, a failure shows its output."""
     argv = [require_tool(name), *map(str, args)]
