@@ -124,8 +124,8 @@ class QmpClient:
         """The next line as sent, without its CRLF."""
         if timeout is not None:
             self.sock.settimeout(timeout)
+        buf = bytearray(self.buf)
         try:
-            buf = bytearray(self.buf)
             searched = 0
             while True:
                 end = buf.find(b"\r\n", max(0, searched - 1))
@@ -134,9 +134,11 @@ class QmpClient:
                 searched = len(buf)
                 chunk = self.sock.recv(1 << 20)
                 if not chunk:
-                    self.buf = bytes(buf)
                     raise EOFError("the server closed the QMP connection")
                 buf += chunk
+        except BaseException:
+            self.buf = bytes(buf)  # a timeout loses nothing already read
+            raise
         finally:
             if timeout is not None:
                 self.sock.settimeout(self.timeout)
