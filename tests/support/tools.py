@@ -62,9 +62,11 @@ def qemu_io(*args: str | Path, check: bool = False, timeout: float = 60
 def wait_for_socket(proc: subprocess.Popen[Any], path: Path, timeout: float = 30.0) -> None:
     """Wait until the socket file at ``path`` exists (QEMU's tools create it listening)."""
     deadline = time.monotonic() + timeout
+    argv = proc.args
+    name = os.fsdecode(argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0])
     while not path.exists():
         if proc.poll() is not None:
             said = proc.stderr.read() if proc.stderr is not None else ""
-            raise AssertionError(f"{proc.args[0]} exited with status {proc.returncode}: {said!r}")
-        assert time.monotonic() < deadline, f"{proc.args[0]} did not start"
+            raise AssertionError(f"{name} exited with status {proc.returncode}: {said!r}")
+        assert time.monotonic() < deadline, f"{name} did not start"
         time.sleep(0.02)
