@@ -13,7 +13,6 @@ OFD locks, listed there per open file description), and at what
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -28,11 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support.qmp import QmpClient, wait_greeting
+from tests.support.tools import QEMU_SYSTEM, REPO, qemu_img, require_tool
 
-from tests.conftest import IN_CI, REPO, check_message, require_tool, wait_greeting
-
-QEMU = "qemu-system-x86_64"
+QEMU = QEMU_SYSTEM
 QEMU_ARGS = ["-M", "none", "-nodefaults", "-display", "none"]
 MIG_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"})
 FINISHED = ("completed", "failed", "cancelled")
@@ -40,11 +38,6 @@ FINISHED = ("completed", "failed", "cancelled")
 #: read, 1 write, 2 write unchanged, 3 resize), 200 + bit while not sharing it.
 WRITE_LOCK = 101
 SLOW = os.environ.get("QMPD_SLOW") == "1"
-
-
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    tool = require_tool("qemu-img")
-    return subprocess.run([tool, *args], capture_output=True, text=True, check=check, timeout=60)
 
 
 def create_qcow2(path: Path, size: str = "1G", *extra: str) -> Path:
@@ -74,122 +67,13 @@ def info_is_locked(path: Path) -> bool:
 # ---------------------------------------------------------------------------
 
 
-class Qmp:
-    """A blocking QMP client that keeps everything the server sent, in order."""
+class Qmp(QmpClient):
+    """The shared QMP client, numbering its requests and keeping a transcript,
+    with the migration tests' digest of what it saw (:meth:`names`)."""
 
     def __init__(self, path: str, timeout: float = 15.0, check_schema: bool = False) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-        self.timeout = timeout
-        self.check_schema = check_schema
-        self.buf = b""
-        #: Raw lines both ways, for debugging a failed comparison.
-        self.transcript: list[bytes] = []
-        #: Everything received after the greeting: ("event", msg) or ("reply", command, msg).
-        self.log: list[tuple[Any, ...]] = []
-        self.events: list[dict[str, Any]] = []
-        #: Replies that answered no command of ours (there should be none).
-        self.stray: list[dict[str, Any]] = []
-        self.next_id = 0
-        self.greeting = self._recv()
-        self.cmd("qmp_capabilities")
-
-    def _recv(self, timeout: float | None = None) -> dict[str, Any]:
-        self.sock.settimeout(self.timeout if timeout is None else timeout)
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("the server closed the QMP connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        self.transcript.append(b"<- " + line)
-        msg: dict[str, Any] = json.loads(line)
-        msg["_t"] = time.monotonic()
-        if "event" in msg:
-            self.events.append(msg)
-            self.log.append(("event", msg))
-        return msg
-
-    def send_raw(self, request: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        data = json.dumps(request).encode() + b"\n"
-        self.transcript.append(b"-> " + data.rstrip())
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.sendall(data)
-
-    def cmd(self, execute: str, arguments: dict[str, Any] | None = None,
-            fds: Sequence[int] = (), timeout: float | None = None) -> dict[str, Any]:
-        self.next_id += 1
-        req: dict[str, Any] = {"execute": execute, "id": self.next_id}
-        if arguments is not None:
-            req["arguments"] = arguments
-        self.send_raw(req, fds)
-        while True:
-            msg = self._recv(timeout)
-            if "event" in msg:
-                continue
-            msg.pop("_t", None)
-            if msg.pop("id", None) != self.next_id:
-                self.stray.append(msg)  # not the answer to this command
-                continue
-            self.log.append(("reply", execute, msg))
-            if self.check_schema:
-                check_message(msg, execute)
-            return msg
-
-    def ok(self, execute: str, arguments: dict[str, Any] | None = None, **kw: Any) -> Any:
-        reply = self.cmd(execute, arguments, **kw)
-        assert "return" in reply, f"{execute} {arguments}: {reply}"
-        return reply["return"]
-
-    def err(self, execute: str, arguments: dict[str, Any] | None = None, **kw: Any) -> str:
-        reply = self.cmd(execute, arguments, **kw)
-        assert "error" in reply, f"{execute} {arguments}: expected an error, got {reply}"
-        return str(reply["error"]["desc"])
-
-    def pump(self, timeout: float) -> None:
-        """Read whatever arrives within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                self._recv(left)
-            except (TimeoutError, EOFError, ConnectionError):
-                return
-
-    def wait_event(self, name: str, status: str | None = None, timeout: float = 15.0,
-                   since: int = 0) -> dict[str, Any]:
-        """The first event ``name`` (with data.status ``status``) at index >= since."""
-        deadline = time.monotonic() + timeout
-        index = since
-        while True:
-            while index < len(self.events):
-                ev = self.events[index]
-                index += 1
-                if ev["event"] == name and (
-                    status is None or ev.get("data", {}).get("status") == status
-                ):
-                    return ev
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no event {name} {status or ''}; got {self.names()}")
-            try:
-                self._recv(left)
-            except TimeoutError:
-                pass
+        super().__init__(path, timeout, wait=timeout, check_schema=check_schema, ids=True,
+                         trace=True, negotiate=True)
 
     def names(self, keep: Iterable[str] = MIG_EVENTS, replies: bool = False) -> list[str]:
         """The event sequence as short strings: ``MIGRATION:setup``, ``MIGRATION_PASS:1``, ``STOP``."""
@@ -200,12 +84,6 @@ class Qmp:
             elif replies and item[1] not in ("query-migrate", "query-status"):
                 out.append(f"<{item[1]}>")
         return out
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def _short(ev: dict[str, Any], keep: Iterable[str]) -> list[str]:
@@ -453,16 +331,8 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def qemu_available() -> bool:
-    return shutil.which(QEMU) is not None
-
-
 def need_qemu() -> None:
     require_tool(QEMU)
-
-
-def in_ci() -> bool:
-    return IN_CI
 
 
 # ---------------------------------------------------------------------------
@@ -704,14 +574,3 @@ def write_pattern_raw(path: Path, size: int, writes: Sequence[tuple[int, int, in
 def images_equal(image: Path, reference: Path) -> None:
     res = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(reference), check=False)
     assert res.returncode == 0, f"qemu-img compare: {res.stdout}{res.stderr}"
-
-
-@pytest.fixture(name="mig")
-def mig_fixture() -> Iterator[Cluster]:
-    """A short work directory and the processes of one test (import it into a test module)."""
-    with short_dir() as path:
-        cluster = Cluster(path)
-        try:
-            yield cluster
-        finally:
-            cluster.close()

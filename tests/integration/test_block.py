@@ -9,17 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient, require_tool
-
-
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    tool = require_tool("qemu-img")
-    return subprocess.run([tool, *args], capture_output=True, text=True, check=check, timeout=60)
-
-
-def qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
-    tool = require_tool("qemu-io")
-    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+from tests.conftest import QmpdProcess, RawClient
+from tests.support.tools import qemu_img, qemu_io
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_tool
+from tests.support.qmp import QmpClient
+from tests.support.tools import QSD, REPO, require_tool
 
-QSD = "qemu-storage-daemon"
 IMPLS = ("qsd", "qmpd")
 
 
@@ -72,42 +72,9 @@ class Daemon:
         return rc, out, err
 
 
-class Qmp:
-    """A minimal line client over an accepted or connected socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.settimeout(20)
-        self.sock = sock
-        self.file = sock.makefile("rb")
-        self.greeting = json.loads(self.file.readline())
-
-    @classmethod
-    def connect(cls, path: Path, proc: subprocess.Popen[bytes] | None = None) -> Qmp:
-        deadline = time.monotonic() + 30
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(path))
-                return cls(s)
-            except OSError:
-                s.close()
-                assert proc is None or proc.poll() is None, "daemon exited"
-                assert time.monotonic() < deadline, "no QMP socket"
-                time.sleep(0.02)
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = json.loads(self.file.readline())
-            if "event" not in reply:
-                return reply
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+def connect(path: Path, proc: subprocess.Popen[bytes] | None = None) -> QmpClient:
+    """The shared client, waiting for the socket (QSD's replies are outside qmpd's schema)."""
+    return QmpClient(path, 20, wait=30, proc=proc, check_schema=False)
 
 
 @pytest.fixture
@@ -165,7 +132,7 @@ def test_documented_command_line_with_implied_keys(tmp_path: Path, image: Path) 
             "--chardev", f"socket,path={work}/qmp.sock,server=on,wait=off,id=char1",
             "--monitor", "char1",
         )
-        qmp = Qmp.connect(work / "qmp.sock", d.proc)
+        qmp = connect(work / "qmp.sock", d.proc)
         qmp.cmd("qmp_capabilities")
         nodes = sorted(n["node-name"] for n in
                        qmp.cmd("query-named-block-nodes", {"flat": True})["return"])
@@ -191,7 +158,7 @@ def test_client_mode_monitor_connects_to_the_harness(tmp_path: Path) -> None:
         d = Daemon(impl, work, "--chardev", f"socket,id=c,path={path}", "--monitor", "c",
                    "--blockdev", "null-co,node-name=n0")
         conn, _ = listener.accept()
-        qmp = Qmp(conn)
+        qmp = QmpClient(conn, 20, check_schema=False)
         caps = qmp.greeting["QMP"]["capabilities"]
         replies = [qmp.cmd("qmp_capabilities"),
                    [n["node-name"] for n in qmp.cmd("query-named-block-nodes")["return"]],
@@ -218,7 +185,7 @@ def test_server_without_wait_off_waits_for_a_client(tmp_path: Path) -> None:
             time.sleep(0.02)
         time.sleep(0.5)  # would be long enough for the later options to run
         before = nbd_path.exists()
-        qmp = Qmp.connect(qmp_path, d.proc)
+        qmp = connect(qmp_path, d.proc)
         qmp.cmd("qmp_capabilities")
         after = nbd_path.exists()
         qmp.cmd("quit")
@@ -253,7 +220,7 @@ def test_two_daemons_with_the_same_options_never_share_a_socket(tmp_path: Path) 
             "--monitor", "c"]
     first = Daemon("qmpd", tmp_path, *args)
     try:
-        qmp = Qmp.connect(tmp_path / "qmp.sock", first.proc)
+        qmp = connect(tmp_path / "qmp.sock", first.proc)
         second = subprocess.run([*argv0("qmpd"), *args], capture_output=True, text=True,
                                 env=env(), timeout=30)
         assert second.returncode == 1
@@ -267,7 +234,7 @@ def test_two_daemons_with_the_same_options_never_share_a_socket(tmp_path: Path) 
 def test_log_lines_and_log_file(tmp_path: Path) -> None:
     info = Daemon("qmpd", tmp_path, "--qmp", f"unix:{tmp_path}/a.sock", "--log-level", "info",
                   "--qmp", f"unix:{tmp_path}/b.sock")
-    Qmp.connect(tmp_path / "b.sock", info.proc).close()
+    connect(tmp_path / "b.sock", info.proc).close()
     rc, out, err = info.stop()
     assert rc == 0 and out == ""
     lines = err.splitlines()
@@ -289,7 +256,7 @@ def test_log_lines_and_log_file(tmp_path: Path) -> None:
     assert parent.returncode == 0, parent.stderr
     assert parent.stdout.startswith("qmpd: info: listening: QMP on unix:")
     pid = int((tmp_path / "d.pid").read_text())
-    qmp = Qmp.connect(tmp_path / "d.sock")
+    qmp = connect(tmp_path / "d.sock")
     qmp.cmd("qmp_capabilities")
     qmp.cmd("human-monitor-command", {"command-line": 'qemu-io n0 "read 0 512"'})
     qmp.close()
@@ -312,7 +279,7 @@ def test_objects_from_the_command_line(tmp_path: Path) -> None:
                    "--blockdev", "throttle,node-name=t0,throttle-group=tg,file=n0",
                    "--chardev", f"socket,id=c,path={work}/qmp.sock,server=on,wait=off",
                    "--monitor", "c")
-        qmp = Qmp.connect(work / "qmp.sock", d.proc)
+        qmp = connect(work / "qmp.sock", d.proc)
         qmp.cmd("qmp_capabilities")
         nodes = sorted(n["node-name"] for n in qmp.cmd("query-named-block-nodes")["return"])
         in_use = qmp.cmd("object-del", {"id": "tg"})

@@ -55,16 +55,10 @@ class Session:
 
     def cmd(self, execute: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """A command's reply; events that came before it are kept in ``events``."""
-        req: dict[str, Any] = {"execute": execute}
-        if arguments is not None:
-            req["arguments"] = arguments
-        self.qmp.send(json.dumps(req) + "\n")
-        while True:
-            msg = self.qmp.recv()
-            if "event" in msg:
-                self.events.append(msg)
-                continue
-            return msg
+        seen = len(self.qmp.events)
+        reply = self.qmp.cmd(execute, arguments)
+        self.events += self.qmp.events[seen:]
+        return reply
 
     def transcript(self, execute: str, arguments: dict[str, Any] | None = None,
                    settle: float = 0.3) -> list[str]:
@@ -73,16 +67,14 @@ class Session:
         req: dict[str, Any] = {"execute": execute}
         if arguments is not None:
             req["arguments"] = arguments
-        self.qmp.send(json.dumps(req) + "\n")
+        self.qmp.send_msg(req)
         order: list[str] = []
         deadline = time.monotonic() + settle
         answered = False
-        self.qmp.sock.settimeout(5)
         while not answered or time.monotonic() < deadline:
-            if answered:
-                self.qmp.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            wait = max(deadline - time.monotonic(), 0.01) if answered else 5.0
             try:
-                msg = self.qmp.recv()
+                msg = self.qmp.recv(wait)
             except (TimeoutError, EOFError):
                 break
             if "event" in msg:
@@ -90,7 +82,6 @@ class Session:
             else:
                 order.append("return" if "return" in msg else f"error:{msg['error']['desc']}")
                 answered = True
-        self.qmp.sock.settimeout(10)
         return order
 
     def start_server(self, **extra: Any) -> None:

@@ -30,12 +30,7 @@ from tests.integration.migration_helpers import (
     start,
 )
 
-pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture(autouse=True)
-def _tools() -> None:
-    need_qemu()
+pytestmark = pytest.mark.qemu("qemu-system-x86_64")
 
 
 @pytest.fixture

@@ -22,19 +22,13 @@ from tests.integration.migration_helpers import (
     Peer,
     create_qcow2,
     image_check,
-    mig_fixture,  # noqa: F401  (the mig fixture)
-    need_qemu,
     start,
 )
+from tests.support.qmp import QmpClient
 
-pytestmark = pytest.mark.qemu
+pytestmark = pytest.mark.qemu("qemu-system-x86_64")
 
 Step = tuple[str, dict[str, Any] | None]
-
-
-@pytest.fixture(autouse=True)
-def _tools() -> None:
-    need_qemu()
 
 
 def _for(peer: Peer, value: Any) -> Any:
@@ -318,18 +312,17 @@ def test_oob_migrate_pause_overtakes_queued_requests(mig: Cluster) -> None:
     """exec-oob of an OOB-capable command is answered as soon as it is parsed,
     before in-band requests that arrived ahead of it (one write, one read)."""
     peer = mig.spawn("qmpd", "qmpd").ready()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(peer.qmp_path)
-        stream = sock.makefile("rb")
-        assert json.loads(stream.readline())["QMP"]["capabilities"] == ["oob"]
-        sock.sendall(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n')
-        assert json.loads(stream.readline()) == {"return": {}}
-        sock.sendall(b'{"execute": "query-status", "id": 1}'
-                     b'{"execute": "query-migrate", "id": 2}'
-                     b'{"exec-oob": "migrate-pause", "id": 3}'
-                     b'{"exec-oob": "migrate-recover", "arguments": {"uri": "x"}, "id": 4}\n')
-        replies = [json.loads(stream.readline()) for _ in range(4)]
+    client = QmpClient(peer.qmp_path)
+    try:
+        assert client.greeting["QMP"]["capabilities"] == ["oob"]
+        assert client.cmd("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+        client.send(b'{"execute": "query-status", "id": 1}'
+                    b'{"execute": "query-migrate", "id": 2}'
+                    b'{"exec-oob": "migrate-pause", "id": 3}'
+                    b'{"exec-oob": "migrate-recover", "arguments": {"uri": "x"}, "id": 4}\n')
+        replies = [client.recv() for _ in range(4)]
+    finally:
+        client.close()
     assert [r["id"] for r in replies] == [3, 4, 1, 2]
     assert replies[0]["error"]["desc"] == (
         "migrate-pause is currently only supported during postcopy-active state")

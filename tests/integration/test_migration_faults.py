@@ -33,21 +33,14 @@ from tests.integration.migration_helpers import (
     create_qcow2,
     image_check,
     info_is_locked,
-    mig_fixture,  # noqa: F401  (the mig fixture)
-    need_qemu,
     qemu_img,
     start,
     wait_until,
 )
 
-pytestmark = pytest.mark.qemu
+pytestmark = pytest.mark.qemu("qemu-system-x86_64")
 
 TRUNCATIONS = json.loads((REPO / "tests" / "migration_data" / "truncations.json").read_text())
-
-
-@pytest.fixture(autouse=True)
-def _tools() -> None:
-    need_qemu()
 
 
 def prepare(src: Peer, dst: Peer | None, image: Path, **caps: bool) -> None:

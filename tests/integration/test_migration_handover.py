@@ -20,7 +20,6 @@ from tests.integration.migration_helpers import (
     Cluster,
     Peer,
     create_qcow2,
-    mig_fixture,  # noqa: F401  (the mig fixture)
     start,
 )
 

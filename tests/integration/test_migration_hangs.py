@@ -24,7 +24,6 @@ from tests.integration.migration_helpers import (
     Cluster,
     create_qcow2,
     locks_in_proc_locks,
-    mig_fixture,  # noqa: F401  (the mig fixture)
     start,
     wait_until,
 )

@@ -21,7 +21,6 @@ from tests.integration.migration_helpers import (
     assert_one_writer,
     create_qcow2,
     image_check,
-    mig_fixture,  # noqa: F401  (the mig fixture)
     need_qemu,
     start,
 )

@@ -37,13 +37,12 @@ from tests.integration.migration_helpers import (
     create_qcow2,
     image_check,
     images_equal,
-    mig_fixture,  # noqa: F401  (the mig fixture)
     need_qemu,
     start,
     write_pattern_raw,
 )
 
-pytestmark = pytest.mark.qemu
+pytestmark = pytest.mark.qemu("qemu-img")
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 SIZE = 2 * G
@@ -62,11 +61,6 @@ AFTER = [
 ]
 #: Written on the destination after the handover.
 ON_DST = [(768 * M, 64 * K, 0x31), (64 * K, 4 * K, 0x32), (G + 128 * K, 64 * K, 0x33)]
-
-
-@pytest.fixture(autouse=True)
-def _tools() -> None:
-    require_tool("qemu-img")
 
 
 def expected_reads() -> list[tuple[int, int, int]]:

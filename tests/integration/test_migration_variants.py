@@ -22,18 +22,11 @@ from tests.integration.migration_helpers import (
     create_qcow2,
     image_check,
     info_is_locked,
-    mig_fixture,  # noqa: F401  (the mig fixture)
-    need_qemu,
     start,
     writers,
 )
 
-pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture(autouse=True)
-def _tools() -> None:
-    need_qemu()
+pytestmark = pytest.mark.qemu("qemu-system-x86_64")
 
 
 def pair(mig: Cluster, kind: str, image: Path, *, dst_paused: bool = False,

@@ -1,6 +1,6 @@
 """qmpd's migration stream against a live QEMU 7.2 (``qemu-system-x86_64 -M none``).
 
-Skipped without QEMU, a failure when CI=true (tests/conftest.py require_tool).
+Skipped without QEMU, a failure when CI=true (the qemu marker, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -19,17 +19,11 @@ from qmpd.migration.stream import (
     StreamWriter,
     TimerState,
 )
-from tests.conftest import require_tool
 from tests.migration_data import capture as qemu
 from tests.migration_data.streams import build_stream, parse_stream
 from tests.unit.test_migration_stream import REFUSALS, expected, made_variants, outcome
 
-pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    require_tool(qemu.QEMU)
+pytestmark = pytest.mark.qemu(qemu.QEMU)
 
 
 @pytest.mark.parametrize(

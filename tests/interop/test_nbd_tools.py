@@ -20,16 +20,10 @@ import pytest
 
 from qmpd.nbd.client import NbdClient
 from tests.conftest import QmpdProcess, require_tool
+from tests.support.tools import run_tool
 
 SIZE = 16 << 20
 FORMATS = ["raw", "qcow2"]
-
-
-def tool(name: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([require_tool(name), *args], capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, (name, args, result.stdout, result.stderr)
-    return result
 
 
 def reference() -> bytes:
@@ -58,8 +52,8 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     tmp = tmp_path_factory.mktemp(f"nbd-{fmt}")
     image, scratch = tmp / f"disk.{fmt}", tmp / f"scratch.{fmt}"
     for path in (image, scratch):
-        tool("qemu-img", "create", "-q", "-f", fmt, str(path), str(SIZE))
-    tool("qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 4M 64k", str(image))
+        run_tool("qemu-img", "create", "-q", "-f", fmt, str(path), str(SIZE))
+    run_tool("qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 4M 64k", str(image))
     node = lambda name, path: json.dumps(  # noqa: E731
         {"driver": fmt, "node-name": name, "file": {"driver": "file", "filename": str(path)}})
     try:
@@ -78,14 +72,14 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     yield Served(proc, tmp, fmt, image, scratch)
     proc.stop()
     if fmt == "qcow2":
-        check = tool("qemu-img", "check", str(image), check=False)
+        check = run_tool("qemu-img", "check", str(image), check=False)
         assert check.returncode == 0, check.stdout + check.stderr
-        check = tool("qemu-img", "check", str(scratch), check=False)
+        check = run_tool("qemu-img", "check", str(scratch), check=False)
         assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_nbdinfo_json_list_and_map(served: Served) -> None:
-    info = json.loads(tool("nbdinfo", "--json", served.uri()).stdout)
+    info = json.loads(run_tool("nbdinfo", "--json", served.uri()).stdout)
     (export,) = info["exports"]
     assert export["export-name"] == "disk"
     assert export["export-size"] == SIZE
@@ -97,15 +91,15 @@ def test_nbdinfo_json_list_and_map(served: Served) -> None:
     assert export["is_read_only"] is False
     assert (export["block_size_minimum"], export["block_size_preferred"],
             export["block_size_maximum"]) == (1, 4096, 33554432)
-    listing = tool("nbdinfo", "--list", served.uri("")).stdout
+    listing = run_tool("nbdinfo", "--list", served.uri("")).stdout
     assert 'export="disk":' in listing and 'export="scratch":' in listing
     assert 'export="ro":\n\tdescription: read-only view' in listing
-    ro = json.loads(tool("nbdinfo", "--json", served.uri("ro")).stdout)["exports"][0]
+    ro = json.loads(run_tool("nbdinfo", "--json", served.uri("ro")).stdout)["exports"][0]
     assert ro["is_read_only"] is True and ro["can_trim"] is False and ro["can_zero"] is False
-    bad = tool("nbdinfo", served.uri("nosuch"), check=False)
+    bad = run_tool("nbdinfo", served.uri("nosuch"), check=False)
     assert bad.returncode == 1
     assert "server replied with error to opt_go request: No such file or directory" in bad.stderr
-    mapping = json.loads(tool("nbdinfo", "--map", "--json", served.uri("ro")).stdout)
+    mapping = json.loads(run_tool("nbdinfo", "--map", "--json", served.uri("ro")).stdout)
     data = [(m["offset"], m["length"]) for m in mapping if m["type"] == 0]
     assert data == [(0, 1 << 20), (4 << 20, 65536)]
     holes = [m for m in mapping if m["type"] != 0]
@@ -114,67 +108,67 @@ def test_nbdinfo_json_list_and_map(served: Served) -> None:
 
 
 def test_qemu_img_info_map_compare(served: Served) -> None:
-    info = json.loads(tool("qemu-img", "info", "--output=json", "-f", "raw", served.uri("ro")).stdout)
+    info = json.loads(run_tool("qemu-img", "info", "--output=json", "-f", "raw", served.uri("ro")).stdout)
     assert info["virtual-size"] == SIZE and info["format"] == "raw"
-    mapping = json.loads(tool("qemu-img", "map", "--output=json", "-f", "raw", served.uri("ro")).stdout)
+    mapping = json.loads(run_tool("qemu-img", "map", "--output=json", "-f", "raw", served.uri("ro")).stdout)
     data = [(m["start"], m["length"]) for m in mapping if m["data"]]
     assert data == [(0, 1 << 20), (4 << 20, 65536)]
     ref = served.tmp / "ref.raw"
     ref.write_bytes(reference())
-    assert "Images are identical." in tool(
+    assert "Images are identical." in run_tool(
         "qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), served.uri("ro")).stdout
     other = served.tmp / "other.raw"
     other.write_bytes(reference()[:-1] + b"\1")
-    differ = tool("qemu-img", "compare", "-f", "raw", "-F", "raw", str(other), served.uri("ro"),
+    differ = run_tool("qemu-img", "compare", "-f", "raw", "-F", "raw", str(other), served.uri("ro"),
                   check=False)
     assert differ.returncode == 1 and "Content mismatch at offset 16776704!" in differ.stdout
 
 
 def test_qemu_io_patterns(served: Served) -> None:
     u = served.uri("disk")
-    out = tool("qemu-io", "-f", "raw",
+    out = run_tool("qemu-io", "-f", "raw",
                "-c", "read -P 0x5a 0 1M", "-c", "read -P 0 1M 3M", "-c", "read -P 0xa5 4M 64k",
                "-c", "write -P 0x11 8M 128k", "-c", "read -P 0x11 8M 128k",
                "-c", "write -z 8M 4k", "-c", "read -P 0 8M 4k", "-c", "read -P 0x11 8196k 124k",
                "-c", "write -z -u 9M 64k", "-c", "discard 10M 64k", "-c", "flush", u).stdout
     assert "Pattern verification failed" not in out
     assert out.count("read ") == 6 and "wrote 131072/131072 bytes at offset 8388608" in out
-    bad = tool("qemu-io", "-f", "raw", "-c", "read -P 0x77 0 4k", u, check=False).stdout
+    bad = run_tool("qemu-io", "-f", "raw", "-c", "read -P 0x77 0 4k", u, check=False).stdout
     assert "Pattern verification failed at offset 0, 4096 bytes" in bad
     # A read-only export opened read-write fails at open, as with QEMU.
-    ro = tool("qemu-io", "-f", "raw", "-c", "write 0 4k", served.uri("ro"), check=False)
+    ro = run_tool("qemu-io", "-f", "raw", "-c", "write 0 4k", served.uri("ro"), check=False)
     assert ro.returncode == 1
     assert "Could not open image: Permission denied" in ro.stderr
     # Restore what the other tests expect to find there.
-    tool("qemu-io", "-f", "raw", "-c", "write -z 8M 4M", u)
+    run_tool("qemu-io", "-f", "raw", "-c", "write -z 8M 4M", u)
 
 
 def test_convert_both_ways(served: Served) -> None:
     out = served.tmp / "converted.qcow2"
-    tool("qemu-img", "convert", "-f", "raw", "-O", "qcow2", served.uri("ro"), str(out))
-    assert "Images are identical." in tool(
+    run_tool("qemu-img", "convert", "-f", "raw", "-O", "qcow2", served.uri("ro"), str(out))
+    assert "Images are identical." in run_tool(
         "qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(out), served.uri("ro")).stdout
     # And into an export (-n: the target exists), then back out to compare.
     src = served.tmp / "src.raw"
     payload = bytearray(SIZE)
     payload[2 << 20 : 3 << 20] = bytes(range(256)) * 4096
     src.write_bytes(bytes(payload))
-    tool("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), served.uri("scratch"))
-    assert "Images are identical." in tool(
+    run_tool("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), served.uri("scratch"))
+    assert "Images are identical." in run_tool(
         "qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), served.uri("scratch")).stdout
 
 
 def test_nbdcopy_both_ways(served: Served) -> None:
     out = served.tmp / "copy.raw"
-    tool("nbdcopy", served.uri("ro"), str(out))
+    run_tool("nbdcopy", served.uri("ro"), str(out))
     assert out.read_bytes() == reference()
     src = served.tmp / "random.raw"
     import os
 
     src.write_bytes(os.urandom(SIZE // 2) + bytes(SIZE // 2))
-    tool("nbdcopy", str(src), served.uri("scratch"))
+    run_tool("nbdcopy", str(src), served.uri("scratch"))
     back = served.tmp / "back.raw"
-    tool("nbdcopy", served.uri("scratch"), str(back))
+    run_tool("nbdcopy", served.uri("scratch"), str(back))
     assert back.read_bytes() == src.read_bytes()
 
 
@@ -209,7 +203,7 @@ def test_export_deletion_with_qemu_io_connected(served: Served) -> None:
 def test_many_clients_disjoint_writes_then_check(tmp_path: Path, qmpd_factory: Any, fmt: str) -> None:
     """Eight connections write disjoint ranges at once; the image then checks clean."""
     image = tmp_path / f"w.{fmt}"
-    tool("qemu-img", "create", "-q", "-f", fmt, str(image), "8M")
+    run_tool("qemu-img", "create", "-q", "-f", fmt, str(image), "8M")
     sock = tmp_path / "w.sock"
     spec = json.dumps({"driver": fmt, "node-name": "w",
                        "file": {"driver": "file", "filename": str(image)}})
@@ -244,7 +238,7 @@ def test_many_clients_disjoint_writes_then_check(tmp_path: Path, qmpd_factory: A
     assert proc.wait() == 0
     reference_file = tmp_path / "ref.raw"
     reference_file.write_bytes(bytes(ref))
-    assert "Images are identical." in tool(
+    assert "Images are identical." in run_tool(
         "qemu-img", "compare", "-f", fmt, "-F", "raw", str(image), str(reference_file)).stdout
     if fmt == "qcow2":
-        tool("qemu-img", "check", str(image))
+        run_tool("qemu-img", "check", str(image))

@@ -9,20 +9,16 @@ from typing import Any
 import pytest
 
 from qmpd.block.core import MAX_BACKING_CHAIN
-from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.conftest import QmpdProcess, RawClient
 from tests.integration.test_locking import held_bytes
+from tests.support import tools
+from tests.support.tools import qemu_img
 
 BACKING_FORMAT_EXT = bytes.fromhex("e2792aca")
 
 
-def qemu_img(*args: str) -> None:
-    subprocess.run([require_tool("qemu-img"), *args], check=True, capture_output=True,
-                   timeout=60)
-
-
 def qemu_io(image: Path, command: str, fmt: str = "qcow2") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_tool("qemu-io"), "-f", fmt, "-c", command, str(image)],
-                          capture_output=True, text=True, timeout=60)
+    return tools.qemu_io("-f", fmt, "-c", command, image)
 
 
 def add(c: RawClient, image: Path) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 
 Run from the repository root with QEMU installed::
 
-    python tests/migration_data/capture.py           # rewrite the data files
-    python tests/migration_data/capture.py --check   # re-ask QEMU, diff, write nothing
+    python -m tests.migration_data.capture           # rewrite the data files
+    python -m tests.migration_data.capture --check   # re-ask QEMU, diff, write nothing
 
 It writes, next to itself:
 
@@ -41,61 +41,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.support.qmp import QmpClient
+
 HERE = Path(__file__).resolve().parent
 QEMU = "qemu-system-x86_64"
 BASE_ARGS = ["-M", "none", "-nodefaults", "-display", "none"]
-
-
-# ---------------------------------------------------------------------------
-# A tiny synchronous QMP client
-# ---------------------------------------------------------------------------
-
-
-class Qmp:
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.settimeout(timeout)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        self.file = self.sock.makefile("rwb")
-        self.events: list[dict[str, Any]] = []
-        self.next_id = 0
-        json.loads(self.file.readline())
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, execute: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.next_id += 1
-        req: dict[str, Any] = {"execute": execute, "id": self.next_id}
-        if arguments is not None:
-            req["arguments"] = arguments
-        self.file.write(json.dumps(req).encode() + b"\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise EOFError("QEMU closed the QMP connection")
-            msg: dict[str, Any] = json.loads(line)
-            if "event" in msg:
-                self.events.append(msg)
-                continue
-            if msg.pop("id", None) != self.next_id:
-                continue  # the answer to a command that timed out
-            return msg
-
-    def close(self) -> None:
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        self.sock.close()
 
 
 class Qemu:
@@ -109,7 +59,9 @@ class Qemu:
             [QEMU, *BASE_ARGS, "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr,
         )
-        self.qmp = Qmp(self.qmp_path)
+        # QEMU's replies are outside qmpd's schema.
+        self.qmp = QmpClient(self.qmp_path, 10.0, wait=10.0, check_schema=False, ids=True,
+                             negotiate=True)
 
     def set_caps(self, caps: Sequence[str]) -> None:
         if caps:
@@ -144,7 +96,7 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_migration(qmp: Qmp, timeout: float = 10.0) -> dict[str, Any]:
+def wait_migration(qmp: QmpClient, timeout: float = 10.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         info: dict[str, Any] = qmp.cmd("query-migrate")["return"]

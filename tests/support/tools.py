@@ -1,0 +1,72 @@
+"""QEMU's tools as test peers: find them (skip without them, fail under CI=true), run them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent.parent
+IN_CI = os.environ.get("CI") == "true"
+
+QEMU_SYSTEM = "qemu-system-x86_64"
+QEMU_IMG = "qemu-img"
+QEMU_IO = "qemu-io"
+QSD = "qemu-storage-daemon"
+NBDINFO = "nbdinfo"
+NBDCOPY = "nbdcopy"
+SOCAT = "socat"
+
+
+def have_tool(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+def require_tool(name: str) -> str:
+    """Path of a QEMU tool; skip without it, but fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI but is not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def run_tool(name: str, *args: str | Path, check: bool = True, timeout: float = 60
+             ) -> subprocess.CompletedProcess[str]:
+    """Run a tool to completion; with ``check``, a failure shows its output."""
+    argv = [require_tool(name), *map(str, args)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, (
+            f"{name} {' '.join(argv[1:])}: status {result.returncode}\n{result.stdout}{result.stderr}"
+        )
+    return result
+
+
+def qemu_img(*args: str | Path, check: bool = True, timeout: float = 60
+             ) -> subprocess.CompletedProcess[str]:
+    return run_tool(QEMU_IMG, *args, check=check, timeout=timeout)
+
+
+def qemu_io(*args: str | Path, check: bool = False, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+    return run_tool(QEMU_IO, *args, check=check, timeout=timeout)
+
+
+def wait_for_socket(proc: subprocess.Popen[Any], path: Path, timeout: float = 30.0) -> None:
+    """Wait until the socket file at ``path`` exists (QEMU's tools create it listening)."""
+    deadline = time.monotonic() + timeout
+    argv = proc.args
+    name = os.fsdecode(argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0])
+    while not path.exists():
+        if proc.poll() is not None:
+            said = proc.stderr.read() if proc.stderr is not None else ""
+            raise AssertionError(f"{name} exited with status {proc.returncode}: {said!r}")
+        assert time.monotonic() < deadline, f"{name} did not start"
+        time.sleep(0.02)
