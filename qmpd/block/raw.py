@@ -5,7 +5,14 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, ChildRole, Perm
+from qmpd.block.driver import (
+    BlockDriver,
+    BlockDriverError,
+    BlockNode,
+    BlockStatus,
+    ChildRole,
+    Perm,
+)
 
 
 class RawDriver(BlockDriver):
@@ -61,13 +68,13 @@ class RawDriver(BlockDriver):
                 )
             self.fixed_size = size
 
-    def _file(self) -> Any:
+    def _file(self) -> BlockNode:
         file = self.node.file
         assert file is not None
         return file
 
     async def read(self, offset: int, length: int) -> bytes:
-        return await self._file().driver.read(self.offset + offset, length)  # type: ignore[no-any-return]
+        return await self._file().driver.read(self.offset + offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._file().driver.write(self.offset + offset, data, fua)
@@ -91,7 +98,7 @@ class RawDriver(BlockDriver):
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
         if offset + length > self.size():
             return None
-        return self._file().driver.host_file(self.offset + offset, length)  # type: ignore[no-any-return]
+        return self._file().driver.host_file(self.offset + offset, length)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         status: BlockStatus = await self._file().driver.block_status(self.offset + offset, length)
@@ -106,10 +113,10 @@ class RawDriver(BlockDriver):
     def size(self) -> int:
         if self.fixed_size is not None:
             return self.fixed_size
-        return max(self._file().size() - self.offset, 0)  # type: ignore[no-any-return]
+        return max(self._file().size() - self.offset, 0)
 
     def allocated_size(self) -> int | None:
-        return self._file().driver.allocated_size()  # type: ignore[no-any-return]
+        return self._file().driver.allocated_size()
 
     def child_perms(
         self, role: ChildRole, parent_perm: Perm, parent_shared: Perm
