@@ -18,15 +18,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiohttp import web
-
 import qmpd.commands  # noqa: F401  (registers the command handlers)
 from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
 from qmpd.block.iopool import block_signals
 from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
 from qmpd.errors import ConfigError, QMPError
-from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app
 from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
@@ -268,6 +265,10 @@ class Daemon:
             raise ConfigError(f"{option} {cfg.text}: {exc.desc}") from None
 
     async def _start_http(self, cfg: HttpConfig) -> None:
+        # aiohttp costs a quarter of a second to import: only a daemon
+        # serving HTTP pays for it (and after its monitors are up).
+        from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app, web
+
         guard = ConnectionGuard()
         runner = web.AppRunner(build_app(self, guard), handle_signals=False,
                                access_log=None, keepalive_timeout=REQUEST_TIMEOUT)

@@ -227,3 +227,22 @@ def test_only_the_main_thread_takes_signals(qmpd_factory: Any, tmp_path: Path) -
     assert len(threads) > 1
     assert {tid: _blocks_sigterm(pid, tid) for tid in threads} == {
         tid: tid != pid for tid in threads}
+
+
+def _maps_aiohttp(pid: int) -> bool:
+    return "aiohttp" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_aiohttp_is_loaded_only_for_http(qmpd_factory: Any) -> None:
+    """Start-up time (issue 10): importing aiohttp costs about 250 ms, so a daemon
+    without --http never loads it; one with --http does, and serves."""
+    plain: QmpdProcess = qmpd_factory()
+    client = plain.client()
+    client.negotiate()
+    assert client.cmd("query-status")["return"]["status"] == "running"
+    assert not _maps_aiohttp(plain.proc.pid)
+    plain.stop()
+    served: QmpdProcess = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
+    client = served.client()
+    client.negotiate()
+    assert _maps_aiohttp(served.proc.pid)
