@@ -267,7 +267,9 @@ class Daemon:
     async def _start_http(self, cfg: HttpConfig) -> None:
         # aiohttp costs a quarter of a second to import: only a daemon
         # serving HTTP pays for it (and after its monitors are up).
-        from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app, web
+        from aiohttp import web
+
+        from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app
 
         guard = ConnectionGuard()
         runner = web.AppRunner(build_app(self, guard), handle_signals=False,
