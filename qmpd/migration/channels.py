@@ -24,11 +24,6 @@ class ChannelError(Exception):
     """A transport failed; the message is QEMU's error-desc."""
 
 
-MigrationURI = net.MigrationURI
-parse_uri = net.parse_migration_uri
-is_protocol_error = net.is_bad_protocol
-
-
 @dataclass
 class Channel:
     reader: asyncio.StreamReader
@@ -167,7 +162,7 @@ async def _channel_from_fd(fd: int) -> Channel:
     return Channel(reader, writer, kind="file")
 
 
-async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
+async def connect(uri: net.MigrationURI, fds: FdStore) -> Channel:
     """The source's channel to the destination."""
     try:
         if uri.scheme in ("unix", "tcp"):
@@ -195,7 +190,7 @@ async def connect(uri: MigrationURI, fds: FdStore) -> Channel:
 class Listener:
     """The destination's side: accepts one peer."""
 
-    def __init__(self, uri: MigrationURI, fds: FdStore) -> None:
+    def __init__(self, uri: net.MigrationURI, fds: FdStore) -> None:
         self.uri = uri
         self.fds = fds
         self.servers: list[asyncio.AbstractServer] = []

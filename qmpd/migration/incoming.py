@@ -17,10 +17,10 @@ import logging
 import time
 from typing import Any
 
-from qmpd import logs
+from qmpd import logs, net
 from qmpd.errors import GenericError
 from qmpd.migration import stream
-from qmpd.migration.channels import Channel, FdStore, Listener, is_protocol_error, parse_uri
+from qmpd.migration.channels import Channel, FdStore, Listener
 from qmpd.migration.deps import BlockSide, Events, ExitRequest, MigrationMetrics, RunStateSide
 from qmpd.migration.state import MigrationSettings, MigrationStatus
 from qmpd.runstate import TRANSITIONS as RUN_STATE_TRANSITIONS
@@ -99,9 +99,9 @@ class IncomingMigration:
         # before it looks at the URI: a refused URI still shows it.
         self.events.emit("MIGRATION", {"status": "setup"})
         try:
-            uri = parse_uri(uri_text)
+            uri = net.parse_migration_uri(uri_text)
         except GenericError as exc:
-            if is_protocol_error(exc):
+            if net.is_bad_protocol(exc):
                 raise GenericError(f"unknown migration protocol: {uri_text}") from None
             raise
         listener = Listener(uri, self.fds)

@@ -17,17 +17,14 @@ import logging
 import time
 from typing import Any
 
-from qmpd import logs
+from qmpd import logs, net
 from qmpd.errors import GenericError
 from qmpd.migration import stream
 from qmpd.migration.channels import (
     Channel,
     ChannelError,
     FdStore,
-    MigrationURI,
     connect,
-    is_protocol_error,
-    parse_uri,
 )
 from qmpd.migration.deps import BlockSide, Events, MigrationMetrics, RunStateSide
 from qmpd.migration.state import (
@@ -202,18 +199,18 @@ class OutgoingMigration:
         self.start_time = time.monotonic()
         self._set(_S.SETUP)
         try:
-            uri = parse_uri(args["uri"])
+            uri = net.parse_migration_uri(args["uri"])
             if uri.scheme == "fd" and not self.fds.has(uri.target):
                 # QEMU looks the descriptor up before answering.
                 raise GenericError(f"File descriptor named '{uri.target}' has not been found")
         except GenericError as exc:
-            if not is_protocol_error(exc):
+            if not net.is_bad_protocol(exc):
                 self.error = exc.desc
             self._set(_S.FAILED)
             raise
         self.task = asyncio.get_running_loop().create_task(self._outgoing(uri))
 
-    async def _outgoing(self, uri: MigrationURI) -> None:
+    async def _outgoing(self, uri: net.MigrationURI) -> None:
         writer = stream.StreamWriter(self.capabilities)
         stopped = False
         was_running = False

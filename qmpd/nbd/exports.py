@@ -584,6 +584,10 @@ class BlockExports:
         if not export.connections:
             await self._finalize(export)
             return
+        self._drain_later(export)
+
+    def _drain_later(self, export: NbdExport) -> None:
+        """Finish ``export`` once its connections have ended, in a task we hold."""
         task = asyncio.get_running_loop().create_task(self._drain_and_finalize(export))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -633,9 +637,7 @@ class BlockExports:
                 continue
             self._begin_shutdown(export)
             if export.connections:
-                task = asyncio.get_running_loop().create_task(self._drain_and_finalize(export))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._drain_later(export)
             else:
                 self.block.graph.detach(export.edge)
                 self._detached.append(export.node)

@@ -481,8 +481,6 @@ class QMPServer:
             await monitor.stop()
 
 
-
-
 class _StdioTransport(asyncio.Transport):
     """stdout for a stdio monitor: its pipe transport, or plain writes to a file."""
 
