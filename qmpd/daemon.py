@@ -15,19 +15,18 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import qmpd.commands  # noqa: F401  (registers the command handlers)
 from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
 from qmpd.block.iopool import block_signals
+from qmpd.block.registry import load_all
 from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
 from qmpd.errors import ConfigError, QMPError
-from qmpd.metrics import Metrics
-from qmpd.migration.manager import MigrationManager
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
-from qmpd.nbd.exports import BlockExports
 from qmpd.objects import ObjectRegistry
 from qmpd.pidfile import PidFile
 from qmpd.qmp.budget import QMPInputBudget
@@ -38,6 +37,12 @@ from qmpd.runstate import RunState
 from qmpd.schema import Schema
 from qmpd.services import Services
 from qmpd.vm import VirtualMachine
+
+if TYPE_CHECKING:
+    from qmpd.metrics import Metrics
+    from qmpd.migration.manager import MigrationManager
+    from qmpd.nbd.exports import BlockExports
+    from qmpd.services import FdService
 
 log = logging.getLogger("qmpd")
 
@@ -66,7 +71,12 @@ class Daemon:
         self.name = config.name
         self.version_info = config.version_info()
         self.started = time.monotonic()
-        self.metrics = Metrics()
+        #: Only --http reads metrics: without it prometheus_client is never imported.
+        self.metrics: Metrics | None = None
+        if any(isinstance(action, HttpConfig) for action in config.actions):
+            from qmpd.metrics import Metrics
+
+            self.metrics = Metrics()
         check = os.environ.get("QMPD_CHECK_SCHEMA") == "1"
         self.schema = schema or Schema()
         self.events = EventBus(self.metrics, self.schema if check else None)
@@ -77,16 +87,14 @@ class Daemon:
         self.objects = ObjectRegistry()
         self.block = BlockLayer(self.metrics, self.objects)
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
-        self.metrics.watch_nodes(self.block.graph.all_nodes)
-        self.exports = BlockExports(self.block, self.events, self.metrics)
+        if self.metrics is not None:
+            self.metrics.watch_nodes(self.block.graph.all_nodes)
+        self.exports = OnDemandExports(self._build_exports)
         self.vm = VirtualMachine(
             self.events, initial, autostart=not config.paused, block=self.block,
             metrics=self.metrics,
         )
-        self.migration = MigrationManager(
-            events=self.events, vm=self.vm, block=self.block, metrics=self.metrics,
-            request_exit=self.request_exit,
-        )
+        self.migration = OnDemandMigration(self._build_migration)
         self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.exit_status = 0
@@ -99,7 +107,8 @@ class Daemon:
             self.version_info, self.dispatcher, self.events, self.metrics, config.output_limit,
             QMPInputBudget(config.qmp_input_total),
         )
-        self.metrics.watch_qmp_input(self.qmp.input_budget)
+        if self.metrics is not None:
+            self.metrics.watch_qmp_input(self.qmp.input_budget)
         self.http_bound: list[str] = []
         self._stack = contextlib.AsyncExitStack()
         #: HTTP listeners, closed as one step of the teardown.
@@ -107,6 +116,25 @@ class Daemon:
         self.shutting_down = False
         self._stopped = asyncio.Event()
         self._signals_seen = 0
+        self._warm_up: asyncio.Future[None] | None = None
+
+    def _build_exports(self) -> BlockExports:
+        # NBD is imported when first used (nbd-server-start, --nbd-server...).
+        from qmpd.nbd.exports import BlockExports
+
+        return BlockExports(self.block, self.events, self.metrics)
+
+    def _build_migration(self) -> MigrationManager:
+        # Migration is imported when first used (migrate, migrate-incoming...).
+        from qmpd.metrics import Metrics
+        from qmpd.migration.manager import MigrationManager
+
+        # Without --http nobody reads its series: a private set takes them.
+        metrics = self.metrics if self.metrics is not None else Metrics()
+        return MigrationManager(
+            events=self.events, vm=self.vm, block=self.block, metrics=metrics,
+            request_exit=self.request_exit,
+        )
 
     # --- services for command handlers --------------------------------
 
@@ -115,7 +143,7 @@ class Daemon:
         if self.shutting_down:
             return
         self.shutting_down = True
-        self.metrics.ready.set(0)
+        self._set_ready(False)
         _sd_notify("STOPPING=1")
         self.events.emit("SHUTDOWN", {"guest": False, "reason": cause})
         # Idle exports go now (their BLOCK_EXPORT_DELETED precedes quit's reply).
@@ -129,9 +157,13 @@ class Daemon:
             return
         self.shutting_down = True
         self.exit_status = status
-        self.metrics.ready.set(0)
+        self._set_ready(False)
         _sd_notify("STOPPING=1")
         asyncio.get_running_loop().call_soon(self._stopped.set)
+
+    def _set_ready(self, ready: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.ready.set(1 if ready else 0)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -146,7 +178,7 @@ class Daemon:
 
     def migration_failure(self) -> str | None:
         """Why the last outgoing migration failed (None if it did not)."""
-        return self.migration.last_failure
+        return self.migration.last_failure()
 
     def readiness_problems(self) -> list[str]:
         problems: list[str] = []
@@ -220,8 +252,18 @@ class Daemon:
             await self.qmp.serve()
         except OSError as exc:
             raise ConfigError(f"cannot serve QMP: {exc.strerror or exc}") from None
-        self.metrics.ready.set(0 if self.readiness_problems() else 1)
+        self._set_ready(not self.readiness_problems())
         _sd_notify("READY=1")
+        self._warm_up = asyncio.ensure_future(self._warm_up_block())
+
+    async def _warm_up_block(self) -> None:
+        """Spare the first blockdev-add the drivers' imports and the I/O threads' start.
+
+        The imports run on a worker thread: the loop goes on answering clients.
+        """
+        await asyncio.get_running_loop().run_in_executor(None, load_all)
+        await self.block.graph.run_io(_nothing)
+        log.debug("warmed up: block drivers imported, I/O threads started")
 
     async def _enter_subsystems(self) -> None:
         """Bring the subsystems up in order, each pushing its own teardown.
@@ -295,8 +337,9 @@ class Daemon:
     def listening_summary(self) -> str:
         parts = [f"QMP on {m.bound}" for m in self.qmp.monitors]
         parts += [f"HTTP on {h}" for h in self.http_bound]
-        if self.exports.server is not None:
-            parts.append(f"NBD on {self.exports.server.bound}")
+        nbd = self.exports.server_bound()
+        if nbd is not None:
+            parts.append(f"NBD on {nbd}")
         return "listening: " + ", ".join(parts)
 
     async def wait_stopped(self) -> None:
@@ -305,6 +348,8 @@ class Daemon:
     async def shutdown(self) -> None:
         """Tear down what started, in reverse (see :meth:`_enter_subsystems`)."""
         self.shutting_down = True
+        if self._warm_up is not None:
+            self._warm_up.cancel()
         await self._stack.aclose()
 
     def on_signal(self, signum: int) -> None:
@@ -351,6 +396,10 @@ class Daemon:
         return self.exit_status
 
 
+def _nothing() -> None:
+    return None
+
+
 def _raise_open_file_limit() -> None:
     """Thousands of nodes need thousands of descriptors: take what the hard limit allows."""
     try:
@@ -376,3 +425,112 @@ def _sd_notify(message: str) -> None:
             sock.sendall(message.encode())
     except OSError as exc:
         log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+
+
+class OnDemandExports:
+    """The NBD server and exports (an ExportService), built at their first use.
+
+    Until then there is nothing to stop or drain, and importing NBD would only
+    slow every start-up down (issue 10).
+    """
+
+    def __init__(self, build: Callable[[], BlockExports]) -> None:
+        self._build = build
+        self._real: BlockExports | None = None
+        self._shutdown_requested = False
+
+    def get(self) -> BlockExports:
+        if self._real is None:
+            self._real = self._build()
+            if self._shutdown_requested:
+                self._real.request_shutdown()
+        return self._real
+
+    def server_bound(self) -> str | None:
+        server = self._real.server if self._real is not None else None
+        return server.bound if server is not None else None
+
+    async def start_server(self, args: dict[str, Any]) -> None:
+        await self.get().start_server(args)
+
+    async def stop_server(self) -> None:
+        await self.get().stop_server()
+
+    async def add(self, args: dict[str, Any]) -> None:
+        await self.get().add(args)
+
+    async def legacy_add(self, args: dict[str, Any]) -> None:
+        await self.get().legacy_add(args)
+
+    async def delete(self, export_id: str, mode: str = "safe") -> None:
+        await self.get().delete(export_id, mode)
+
+    def query(self) -> list[dict[str, Any]]:
+        return self.get().query()
+
+    def request_shutdown(self) -> None:
+        self._shutdown_requested = True
+        if self._real is not None:
+            self._real.request_shutdown()
+
+    async def shutdown(self) -> None:
+        if self._real is not None:
+            await self._real.shutdown()
+
+
+class OnDemandMigration:
+    """Both directions of migration (a MigrationService), built at their first use.
+
+    Until then no migration ran: nothing failed, nothing is to be closed.
+    """
+
+    def __init__(self, build: Callable[[], MigrationManager]) -> None:
+        self._build = build
+        self._real: MigrationManager | None = None
+
+    def get(self) -> MigrationManager:
+        if self._real is None:
+            self._real = self._build()
+        return self._real
+
+    @property
+    def fds(self) -> FdService:
+        return self.get().fds
+
+    def last_failure(self) -> str | None:
+        return self._real.last_failure if self._real is not None else None
+
+    def migrate(self, args: dict[str, Any]) -> None:
+        self.get().migrate(args)
+
+    async def migrate_incoming(self, uri_text: str, exit_on_error: bool = True) -> None:
+        await self.get().migrate_incoming(uri_text, exit_on_error)
+
+    def query(self) -> dict[str, Any]:
+        return self.get().query()
+
+    def cancel(self) -> None:
+        self.get().cancel()
+
+    def continue_(self, state: str) -> None:
+        self.get().continue_(state)
+
+    def set_capabilities(self, caps: list[dict[str, Any]]) -> None:
+        self.get().set_capabilities(caps)
+
+    def query_capabilities(self) -> list[dict[str, Any]]:
+        return self.get().query_capabilities()
+
+    def set_parameters(self, params: dict[str, Any]) -> None:
+        self.get().set_parameters(params)
+
+    def query_parameters(self) -> dict[str, Any]:
+        return self.get().query_parameters()
+
+    def after_cont_activation(self) -> None:
+        if self._real is not None:
+            self._real.after_cont_activation()
+
+    async def close(self) -> None:
+        if self._real is not None:
+            await self._real.close()

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 class HealthService(Protocol):
     """What the HTTP endpoints need from the daemon, and nothing more."""
 
-    metrics: Metrics
+    @property
+    def metrics(self) -> Metrics | None:
+        """Made whenever --http is given (None only for a daemon without HTTP)."""
 
     def health(self) -> dict[str, Any]: ...
 
@@ -61,6 +63,8 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
+    if daemon.metrics is None:
+        raise web.HTTPNotFound()
     daemon.metrics.ready.set(0 if daemon.readiness_problems() else 1)
     body = daemon.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,20 +1,77 @@
-"""Block drivers by name: the one place blockdev-add looks a ``driver`` up."""
+"""Block drivers by name: the one place blockdev-add looks a ``driver`` up.
+
+A driver's module is imported the first time its name is asked for, so a
+daemon that opens no image pays nothing for drivers at start-up (issue 10).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from qmpd.block.driver import BlockDriver
-from qmpd.block.file import FileDriver, HostDeviceDriver
-from qmpd.block.null import NullDriver
-from qmpd.block.qcow2.driver import Qcow2Driver
-from qmpd.block.raw import RawDriver
-from qmpd.block.throttle import ThrottleDriver
+
+
+def _file() -> type[BlockDriver]:
+    from qmpd.block.file import FileDriver
+
+    return FileDriver
+
+
+def _host_device() -> type[BlockDriver]:
+    from qmpd.block.file import HostDeviceDriver
+
+    return HostDeviceDriver
+
+
+def _raw() -> type[BlockDriver]:
+    from qmpd.block.raw import RawDriver
+
+    return RawDriver
+
+
+def _null() -> type[BlockDriver]:
+    from qmpd.block.null import NullDriver
+
+    return NullDriver
+
+
+def _throttle() -> type[BlockDriver]:
+    from qmpd.block.throttle import ThrottleDriver
+
+    return ThrottleDriver
+
+
+def _qcow2() -> type[BlockDriver]:
+    from qmpd.block.qcow2.driver import Qcow2Driver
+
+    return Qcow2Driver
+
+
+class DriverTable(Mapping[str, type[BlockDriver]]):
+    """Driver classes by ``format_name``, each imported when first looked up."""
+
+    def __init__(self, loaders: dict[str, Callable[[], type[BlockDriver]]]) -> None:
+        self._loaders = loaders
+        self._loaded: dict[str, type[BlockDriver]] = {}
+
+    def __getitem__(self, name: str) -> type[BlockDriver]:
+        cls = self._loaded.get(name)
+        if cls is None:
+            cls = self._loaded[name] = self._loaders[name]()
+        return cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
 
 #: Every driver qmpd opens, by its ``format_name`` (the QAPI ``driver`` value).
-DRIVERS: dict[str, type[BlockDriver]] = {
-    cls.format_name: cls
-    for cls in (FileDriver, HostDeviceDriver, RawDriver, NullDriver, ThrottleDriver,
-                Qcow2Driver)
-}
+DRIVERS = DriverTable({
+    "file": _file, "host_device": _host_device, "raw": _raw, "null-co": _null,
+    "throttle": _throttle, "qcow2": _qcow2,
+})
 
 
 #: What QEMU reads of a file to probe its format.
@@ -24,6 +81,12 @@ PROBE_BYTES = 2048
 def driver_class(name: str) -> type[BlockDriver] | None:
     """The driver class for a ``driver`` value, None when qmpd has none."""
     return DRIVERS.get(name)
+
+
+def load_all() -> None:
+    """Import every driver now (warming up, so the first blockdev-add does not)."""
+    for _cls in DRIVERS.values():
+        pass
 
 
 def probe_format(path: str) -> str:

@@ -20,7 +20,8 @@ from qmpd.http import build_app
 
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    d = Daemon(parse_args(["--qmp", f"unix:{tmp_path}/qmp.sock"]))
+    # Metrics exist only in a daemon serving HTTP (issue 10).
+    d = Daemon(parse_args(["--qmp", f"unix:{tmp_path}/qmp.sock", "--http", "127.0.0.1:0"]))
     await d.start()
     yield d
     await d.shutdown()

@@ -1,0 +1,115 @@
+"""Start-up (issue 10): what a daemon imports, and when.
+
+The daemon runs under a small wrapper that notes which thread imported each
+module and writes the list when the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import RawClient, require_tool
+
+_RECORD = r"""
+import atexit, os, sys, threading
+
+imported_on = {}
+
+
+class _Spy:
+    def find_spec(self, name, path=None, target=None):
+        main = threading.current_thread() is threading.main_thread()
+        imported_on.setdefault(name, "main" if main else "worker")
+        return None
+
+
+def _write():
+    with open(os.environ["QMPD_TEST_MODULES"], "w") as f:
+        for name in sorted(sys.modules):
+            f.write(f"{name} {imported_on.get(name, 'before')}\n")
+
+
+sys.meta_path.insert(0, _Spy())
+atexit.register(_write)
+from qmpd.__main__ import main
+
+sys.exit(main())
+"""
+
+#: Imported only by what uses them: migration, NBD, and --http (metrics, aiohttp).
+ON_DEMAND = ("qmpd.migration", "qmpd.nbd.exports", "qmpd.nbd.server", "qmpd.nbd.protocol",
+             "qmpd.metrics", "prometheus_client", "aiohttp")
+
+WARMED = "qmpd: debug: warmed up: block drivers imported, I/O threads started"
+
+
+class Recorded:
+    """A qmpd under the recording wrapper."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.sock = str(tmp / f"qmp-{time.monotonic_ns()}.sock")
+        self.out = tmp / f"modules-{time.monotonic_ns()}.txt"
+        self.stderr = tmp / f"stderr-{time.monotonic_ns()}.txt"
+        env = dict(os.environ, QMPD_TEST_MODULES=str(self.out))
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _RECORD, "--qmp", f"unix:{self.sock}", *args],
+                env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err)
+        self.client = RawClient(self.sock, wait=30, proc=self.proc)
+        self.client.negotiate()
+
+    def wait_stderr(self, line: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while line not in self.stderr.read_text(errors="replace").splitlines():
+            assert time.monotonic() < deadline, self.stderr.read_text(errors="replace")
+            time.sleep(0.01)
+
+    def quit(self) -> dict[str, str]:
+        """Quit; every module loaded at exit, with the thread that imported it."""
+        try:
+            self.client.cmd("quit")
+            assert self.proc.wait(30) == 0
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return dict(line.split() for line in self.out.read_text().splitlines())
+
+
+def _on_demand(modules: dict[str, str]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in ON_DEMAND))
+
+
+def test_a_default_start_imports_no_migration_nbd_or_metrics(tmp_path: Path) -> None:
+    plain = Recorded(tmp_path)
+    assert plain.client.ok("query-status")["status"] == "running"
+    plain.client.ok("query-named-block-nodes")
+    plain.client.ok("blockdev-add", {"driver": "null-co", "node-name": "n0"})
+    assert _on_demand(plain.quit()) == []
+    # The control: using them imports them, and the wrapper sees it.
+    used = Recorded(tmp_path, "--http", "127.0.0.1:0")
+    assert used.client.ok("query-migrate") == {}
+    assert used.client.ok("query-block-exports") == []
+    modules = used.quit()
+    for prefix in ON_DEMAND:
+        assert any(m == prefix or m.startswith(prefix + ".") for m in modules), prefix
+
+
+def test_the_first_blockdev_add_imports_nothing_on_the_main_thread(tmp_path: Path) -> None:
+    """Once QMP listens, the block drivers are imported on a worker thread, so
+    neither a client nor the first blockdev-add waits for them."""
+    image = tmp_path / "a.qcow2"
+    subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    daemon = Recorded(tmp_path, "--log-level", "debug")
+    daemon.wait_stderr(WARMED)
+    daemon.client.ok("blockdev-add", {"driver": "qcow2", "node-name": "q0", "file": {
+        "driver": "file", "node-name": "f0", "filename": str(image)}})
+    modules = daemon.quit()
+    drivers = {m: t for m, t in modules.items()
+               if m in ("qmpd.block.file", "qmpd.block.raw", "qmpd.block.qcow2.driver")}
+    assert drivers == dict.fromkeys(drivers, "worker") and len(drivers) == 3
