@@ -254,16 +254,22 @@ class Daemon:
             raise ConfigError(f"cannot serve QMP: {exc.strerror or exc}") from None
         self._set_ready(not self.readiness_problems())
         _sd_notify("READY=1")
-        self._warm_up = asyncio.ensure_future(self._warm_up_block())
+        self._warm_up = asyncio.ensure_future(self._warm_up_after_start())
 
-    async def _warm_up_block(self) -> None:
-        """Spare the first blockdev-add the drivers' imports and the I/O threads' start.
+    async def _warm_up_after_start(self) -> None:
+        """Spare the first blockdev-add the drivers' imports and the I/O threads' start
+        (and a destination waiting with ``--incoming defer`` migration's imports).
 
         The imports run on a worker thread: the loop goes on answering clients.
         """
-        await asyncio.get_running_loop().run_in_executor(None, load_all)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, load_all)
         await self.block.graph.run_io(_nothing)
         log.debug("warmed up: block drivers imported, I/O threads started")
+        if self.config.incoming is not None:
+            await loop.run_in_executor(None, _import_migration)
+            self.migration.get()
+            log.debug("warmed up: migration imported")
 
     async def _enter_subsystems(self) -> None:
         """Bring the subsystems up in order, each pushing its own teardown.
@@ -398,6 +404,11 @@ class Daemon:
 
 def _nothing() -> None:
     return None
+
+
+def _import_migration() -> None:
+    import qmpd.metrics
+    import qmpd.migration.manager  # noqa: F401
 
 
 def _raise_open_file_limit() -> None:

@@ -113,3 +113,13 @@ def test_the_first_blockdev_add_imports_nothing_on_the_main_thread(tmp_path: Pat
     drivers = {m: t for m, t in modules.items()
                if m in ("qmpd.block.file", "qmpd.block.raw", "qmpd.block.qcow2.driver")}
     assert drivers == dict.fromkeys(drivers, "worker") and len(drivers) == 3
+
+
+def test_a_destination_waiting_for_its_migration_imports_migration_after_greeting(
+        tmp_path: Path) -> None:
+    daemon = Recorded(tmp_path, "--incoming", "defer", "--log-level", "debug")
+    daemon.wait_stderr("qmpd: debug: warmed up: migration imported")
+    assert daemon.client.ok("query-migrate") == {}
+    modules = daemon.quit()
+    assert modules["qmpd.migration.manager"] == "worker"
+    assert modules["qmpd.migration.incoming"] == "worker"
