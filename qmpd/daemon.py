@@ -319,6 +319,8 @@ class Daemon:
 
         from qmpd.http import REQUEST_TIMEOUT, ConnectionGuard, build_app
 
+        # /metrics shows the NBD series (zero) before any export exists, as always.
+        self.exports.get()
         guard = ConnectionGuard()
         runner = web.AppRunner(build_app(self, guard), handle_signals=False,
                                access_log=None, keepalive_timeout=REQUEST_TIMEOUT)

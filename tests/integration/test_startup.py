@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import RawClient, require_tool
 
@@ -123,3 +125,12 @@ def test_a_destination_waiting_for_its_migration_imports_migration_after_greetin
     modules = daemon.quit()
     assert modules["qmpd.migration.manager"] == "worker"
     assert modules["qmpd.migration.incoming"] == "worker"
+
+
+def test_metrics_show_the_nbd_series_before_nbd_is_used(qmpd_factory: Any) -> None:
+    """NBD is built when HTTP starts, so /metrics lists its series from the start."""
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
+    with urllib.request.urlopen(proc.http_url() + "/metrics", timeout=10) as resp:
+        body = resp.read().decode()
+    assert "qmpd_nbd_server_running 0.0" in body.splitlines()
+    assert "qmpd_nbd_protocol_errors_total 0.0" in body.splitlines()

@@ -22,7 +22,8 @@ from qmpd.qmp.session import QMPSession, Request
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Daemon:
-    return Daemon(parse_args(["--qmp", f"unix:{tmp_path}/qmp.sock"]))
+    # With --http, so it keeps metrics (built, never started: nothing listens).
+    return Daemon(parse_args(["--qmp", f"unix:{tmp_path}/qmp.sock", "--http", "127.0.0.1:0"]))
 
 
 def session(daemon: Daemon, negotiate: bool = True, oob: bool = False) -> QMPSession:
@@ -64,6 +65,7 @@ def with_handlers(daemon: Daemon, **swapped: Handler) -> Dispatcher:
 
 
 def counted(daemon: Daemon, command: str, result: str) -> float:
+    assert daemon.metrics is not None
     value = daemon.metrics.registry.get_sample_value(
         "qmpd_qmp_commands_total", {"command": command, "result": result})
     return value or 0.0
