@@ -257,19 +257,17 @@ class Daemon:
         self._warm_up = asyncio.ensure_future(self._warm_up_after_start())
 
     async def _warm_up_after_start(self) -> None:
-        """Spare the first blockdev-add the drivers' imports and the I/O threads' start
-        (and a destination waiting with ``--incoming defer`` migration's imports).
+        """Spare the first blockdev-add the drivers' imports and the I/O threads' start.
 
-        The imports run on a worker thread: the loop goes on answering clients.
+        The imports run on a worker thread, so the loop goes on answering
+        clients.  Only the drivers are imported there: one package imported
+        from two threads at once can hand a thread a half-initialised module
+        (seen with prometheus_client), and the drivers' modules are imported
+        elsewhere only through the registry or from initialised packages.
         """
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, load_all)
+        await asyncio.get_running_loop().run_in_executor(None, load_all)
         await self.block.graph.run_io(_nothing)
         log.debug("warmed up: block drivers imported, I/O threads started")
-        if self.config.incoming is not None:
-            await loop.run_in_executor(None, _import_migration)
-            self.migration.get()
-            log.debug("warmed up: migration imported")
 
     async def _enter_subsystems(self) -> None:
         """Bring the subsystems up in order, each pushing its own teardown.
@@ -406,11 +404,6 @@ class Daemon:
 
 def _nothing() -> None:
     return None
-
-
-def _import_migration() -> None:
-    import qmpd.metrics
-    import qmpd.migration.manager  # noqa: F401
 
 
 def _raise_open_file_limit() -> None:

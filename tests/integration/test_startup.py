@@ -117,16 +117,6 @@ def test_the_first_blockdev_add_imports_nothing_on_the_main_thread(tmp_path: Pat
     assert drivers == dict.fromkeys(drivers, "worker") and len(drivers) == 3
 
 
-def test_a_destination_waiting_for_its_migration_imports_migration_after_greeting(
-        tmp_path: Path) -> None:
-    daemon = Recorded(tmp_path, "--incoming", "defer", "--log-level", "debug")
-    daemon.wait_stderr("qmpd: debug: warmed up: migration imported")
-    assert daemon.client.ok("query-migrate") == {}
-    modules = daemon.quit()
-    assert modules["qmpd.migration.manager"] == "worker"
-    assert modules["qmpd.migration.incoming"] == "worker"
-
-
 def test_metrics_show_the_nbd_series_before_nbd_is_used(qmpd_factory: Any) -> None:
     """NBD is built when HTTP starts, so /metrics lists its series from the start."""
     proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
