@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -51,10 +52,24 @@ async def _run(config: Config, ready_fd: int | None) -> int:
     from qmpd.daemon import Daemon
 
     daemon = Daemon(config)
+    # What was built so far lives as long as the daemon: the collector need
+    # not walk it again (and, off during start-up, it is back on from here).
+    gc.freeze()
+    gc.enable()
     return await daemon.run(ready_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Start-up allocates much and frees little: collecting while the daemon's
+    # modules load wastes about a tenth of the time to listening (issue 10).
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
     except Exit as done:

@@ -17,22 +17,24 @@ from typing import Any
 from tests.conftest import RawClient, require_tool
 
 _RECORD = r"""
-import atexit, os, sys, threading
+import atexit, gc, os, sys, threading
 
 imported_on = {}
+collecting = {}
 
 
 class _Spy:
     def find_spec(self, name, path=None, target=None):
         main = threading.current_thread() is threading.main_thread()
         imported_on.setdefault(name, "main" if main else "worker")
+        collecting.setdefault(name, "gc-on" if gc.isenabled() else "gc-off")
         return None
 
 
 def _write():
     with open(os.environ["QMPD_TEST_MODULES"], "w") as f:
         for name in sorted(sys.modules):
-            f.write(f"{name} {imported_on.get(name, 'before')}\n")
+            f.write(f"{name} {imported_on.get(name, 'before')} {collecting.get(name, '-')}\n")
 
 
 sys.meta_path.insert(0, _Spy())
@@ -73,6 +75,11 @@ class Recorded:
 
     def quit(self) -> dict[str, str]:
         """Quit; every module loaded at exit, with the thread that imported it."""
+        return {name: thread for name, (thread, _gc) in self.quit_with_gc().items()}
+
+    def quit_with_gc(self) -> dict[str, tuple[str, str]]:
+        """Quit; every module loaded at exit: the thread that imported it, and
+        whether the garbage collector was on then."""
         try:
             self.client.cmd("quit")
             assert self.proc.wait(30) == 0
@@ -80,7 +87,8 @@ class Recorded:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-        return dict(line.split() for line in self.out.read_text().splitlines())
+        rows = [line.split() for line in self.out.read_text().splitlines()]
+        return {name: (thread, gc) for name, thread, gc in rows}
 
 
 def _on_demand(modules: dict[str, str]) -> list[str]:
@@ -124,3 +132,14 @@ def test_metrics_show_the_nbd_series_before_nbd_is_used(qmpd_factory: Any) -> No
         body = resp.read().decode()
     assert "qmpd_nbd_server_running 0.0" in body.splitlines()
     assert "qmpd_nbd_protocol_errors_total 0.0" in body.splitlines()
+
+
+def test_the_collector_is_off_while_modules_load_and_on_once_serving(tmp_path: Path) -> None:
+    """Start-up allocates much and frees little: the collector waits until it is over."""
+    daemon = Recorded(tmp_path, "--log-level", "debug")
+    daemon.wait_stderr(WARMED)
+    modules = daemon.quit_with_gc()
+    assert modules["qmpd.daemon"][1] == "gc-off"
+    assert modules["qmpd.schema"][1] == "gc-off"
+    # The drivers are imported after the monitors greet.
+    assert modules["qmpd.block.qcow2.driver"] == ("worker", "gc-on")
