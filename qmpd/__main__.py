@@ -52,10 +52,7 @@ async def _run(config: Config, ready_fd: int | None) -> int:
     from qmpd.daemon import Daemon
 
     daemon = Daemon(config)
-    # What was built so far lives as long as the daemon: the collector need
-    # not walk it again (and, off during start-up, it is back on from here).
-    gc.freeze()
-    gc.enable()
+    gc.enable()  # start-up's heavy part is over (see main)
     return await daemon.run(ready_fd)
 
 
