@@ -361,6 +361,8 @@ def main() -> int:
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")] if "migration" in args.parts else []
     nodes = args.nodes if "startup" in args.parts else 0
+    if not set(args.targets.split(",")) <= {"qemu", "qmpd"}:
+        ap.error("--targets: qemu and/or qmpd")
     targets = [t for t in args.targets.split(",") if t == "qmpd" or shutil.which(BINARIES[t])]
     if targets != args.targets.split(","):
         print(f"{QEMU} not found: qmpd only", file=sys.stderr)
@@ -372,7 +374,8 @@ def main() -> int:
     results: dict[str, dict[int, Runs]] = {t: {} for t in targets}
     startup: dict[str, Runs] = {t: [] for t in start_targets} if nodes else {}
     with workdir(args.dir, args.keep) as work:
-        print(f"qmpd from {check_checkout(work)}; images in {work}", flush=True)
+        print(f"qmpd from {check_checkout(work)}; images in {work}; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         images = make_images(work, max([*ks, nodes]))
         for k in ks:
             reps = args.reps_1000 if k >= 1000 and args.reps_1000 is not None else args.reps
