@@ -37,6 +37,7 @@ import collections
 import contextlib
 import cProfile
 import functools
+import inspect
 import os
 import pstats
 import resource
@@ -94,6 +95,38 @@ def patched(owner: Any, name: str, wrapper: Callable[[Any], Any]) -> Iterator[No
 
 
 @contextlib.contextmanager
+def pool_jobs(on_job: Callable[[str], None],
+              wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Every ``IOPool.run*`` method wrapped: ``on_job`` gets each job's name, ``wrap`` its function.
+
+    A method whose first argument is no function (a batch, say) is counted by
+    its own name and left alone.
+    """
+    def wrapper(name: str, original: Any) -> Any:
+        def convert(args: tuple[Any, ...]) -> tuple[Any, ...]:
+            if args and callable(args[0]):
+                on_job(job_name(args[0]))
+                return (wrap(args[0]), *args[1:])
+            on_job(f"IOPool.{name}")
+            return args
+
+        if inspect.iscoroutinefunction(original):
+            async def wrapped_async(self: IOPool, *args: Any, **kw: Any) -> Any:
+                return await original(self, *convert(args), **kw)
+            return wrapped_async
+
+        def wrapped(self: IOPool, *args: Any, **kw: Any) -> Any:
+            return original(self, *convert(args), **kw)
+        return wrapped
+
+    with contextlib.ExitStack() as stack:
+        for name, value in list(vars(IOPool).items()):
+            if name.startswith("run") and inspect.isfunction(value):
+                stack.enter_context(patched(IOPool, name, functools.partial(wrapper, name)))
+        yield
+
+
+@contextlib.contextmanager
 def hops() -> Iterator[Probe]:
     """Count the pool jobs (by function), wake-ups of the loop and executor calls."""
     jobs: collections.Counter[str] = collections.Counter()
@@ -101,21 +134,19 @@ def hops() -> Iterator[Probe]:
     lock = threading.Lock()
 
     def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def job(*args: Any) -> Any:
+        def job(*args: Any, **kw: Any) -> Any:
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
-                return fn(*args)
+                return fn(*args, **kw)
             finally:
                 with lock:
                     counts["pool CPU"] += time.thread_time() - cpu
                     counts["pool wall"] += time.perf_counter() - wall
         return job
 
-    def run(original: Any) -> Any:
-        async def wrapped(self: IOPool, fn: Callable[..., Any], *args: Any) -> Any:
-            jobs[job_name(fn)] += 1
-            return await original(self, timed(fn), *args)
-        return wrapped
+    def count(name: str) -> None:
+        with lock:
+            jobs[name] += 1
 
     def threadsafe(original: Any) -> Any:
         def wrapped(self: Any, *args: Any, **kw: Any) -> Any:
@@ -134,7 +165,7 @@ def hops() -> Iterator[Probe]:
     owner = next(c for c in loop_class.__mro__ if "call_soon_threadsafe" in c.__dict__)
     owner_ex = next(c for c in loop_class.__mro__ if "run_in_executor" in c.__dict__)
     probe: Probe = {}
-    with patched(IOPool, "run", run), patched(owner, "call_soon_threadsafe", threadsafe), \
+    with pool_jobs(count, timed), patched(owner, "call_soon_threadsafe", threadsafe), \
             patched(owner_ex, "run_in_executor", executor):
         yield probe
     probe.update({"pool jobs": sum(jobs.values()), "jobs": dict(jobs),
@@ -151,32 +182,32 @@ def python() -> Iterator[Probe]:
     workers: list[cProfile.Profile] = []
     local = threading.local()
 
-    def run(original: Any) -> Any:
-        async def wrapped(self: IOPool, fn: Callable[..., Any], *args: Any) -> Any:
-            def job(*a: Any) -> Any:
-                prof = getattr(local, "prof", None)
-                if prof is None:
-                    prof = local.prof = cProfile.Profile()
-                    workers.append(prof)
-                prof.enable()
-                try:
-                    return fn(*a)
-                finally:
-                    prof.disable()
-            return await original(self, job, *args)
-        return wrapped
+    def profiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def job(*args: Any, **kw: Any) -> Any:
+            prof = getattr(local, "prof", None)
+            if prof is None:
+                prof = local.prof = cProfile.Profile()
+                workers.append(prof)
+            prof.enable()
+            try:
+                return fn(*args, **kw)
+            finally:
+                prof.disable()
+        return job
 
     probe: Probe = {}
-    with patched(IOPool, "run", run):
+    with pool_jobs(lambda name: None, profiled):
         main.enable()
         try:
             yield probe
         finally:
             main.disable()
-    stats = pstats.Stats(main)
-    for prof in workers:
-        stats.add(prof)
-    probe["stats"] = stats
+    probe["loop"] = pstats.Stats(main)
+    if workers:
+        pool = pstats.Stats(workers[0])
+        for prof in workers[1:]:
+            pool.add(prof)
+        probe["pool"] = pool
 
 
 def parse_strace(text: str) -> dict[str, int]:
@@ -234,7 +265,8 @@ def in_process(paths: list[Path], reps: int, work: Path) -> dict[str, Any]:
     hop = asyncio.run(activation(paths, hops))
     result.update({m: v / k for m, v in hop.items() if m != "jobs"})
     result["jobs"] = {name: n / k for name, n in hop["jobs"].items()}
-    result["stats"] = asyncio.run(activation(paths, python))["stats"]
+    profiled = asyncio.run(activation(paths, python))
+    result["loop profile"], result["pool profile"] = profiled["loop"], profiled.get("pool")
     if shutil.which("strace"):
         traced = asyncio.run(activation(paths, syscalls(work)))["syscalls"]
         idle = asyncio.run(nothing(syscalls(work)))["syscalls"]
@@ -297,12 +329,23 @@ def report(results: dict[int, dict[str, Any]], top: int) -> None:
     else:
         print("\nsyscalls: strace not found, skipped")
     k = ks[-1]
-    stats = results[k]["stats"]
-    entries = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    print(f"\nPython, K={k}: top {top} functions by own time (cProfile of the loop thread and of "
-          f"the pool jobs, whose times include waits for the GIL)")
+    print_profile(results[k]["loop profile"], k, top,
+                  f"Python, K={k}: the event loop's thread, top {top} functions by own time "
+                  f"(cProfile)")
+    if results[k]["pool profile"] is not None:
+        print_profile(results[k]["pool profile"], k, max(top // 3, 5),
+                      f"Python, K={k}: the pool jobs (their times include waits for the GIL "
+                      f"and the CPU)")
+
+
+def print_profile(stats: pstats.Stats, k: int, top: int, title: str) -> None:
+    """The top functions by own time, per node; this script's wrappers left out."""
+    rows = [(where, row) for where, row in stats.stats.items()  # type: ignore[attr-defined]
+            if where[0] != __file__]
+    rows.sort(key=lambda item: item[1][2], reverse=True)
+    print(f"\n{title}")
     print(f"  {'own us/node':>11} {'cum us/node':>11} {'calls/node':>10}  function")
-    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in entries:
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in rows[:top]:
         where = f"{Path(filename).name}:{line}({func})" if line else func
         print(f"  {tottime / k * 1e6:11.1f} {cumtime / k * 1e6:11.1f} {ncalls / k:10.2f}  {where}")
 
