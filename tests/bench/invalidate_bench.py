@@ -46,7 +46,8 @@ def make_images(directory: Path, count: int, size: str) -> list[Path]:
     return paths
 
 
-async def one_run(paths: list[Path]) -> float:
+async def open_inactive(paths: list[Path]) -> BlockLayer:
+    """A block layer with a qcow2 node over a file node per image, inactive."""
     layer = BlockLayer()
     for i, path in enumerate(paths):
         await layer.add(
@@ -54,11 +55,20 @@ async def one_run(paths: list[Path]) -> float:
              "file": {"driver": "file", "filename": str(path)}},
             inactive=True,
         )
+    return layer
+
+
+async def close(layer: BlockLayer) -> None:
+    await layer.close_all()
+    layer.graph.close()
+
+
+async def one_run(paths: list[Path]) -> float:
+    layer = await open_inactive(paths)
     start = time.perf_counter()
     await layer.activate_all()
     elapsed = time.perf_counter() - start
-    await layer.close_all()
-    layer.graph.close()
+    await close(layer)
     return elapsed
 
 

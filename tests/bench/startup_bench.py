@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""Start-up and node opening: qmpd next to qemu-storage-daemon 7.2 (not a pytest test).
+"""Start-up and node opening: qmpd next to qemu-storage-daemon and QEMU 7.2 (not a pytest test).
 
 Issue 10's non-migration targets, measured in one run on one machine:
 
 * ``exec->listening``: from exec to a QMP socket that answers with its greeting,
   with one ``--chardev socket,...,server=on,wait=off --monitor`` (the default
-  configuration of both), and the idle RSS a second later;
+  configuration of each), and the idle RSS a second later;
 * ``first add``: the first ``blockdev-add`` of a qcow2 over a file node in a
   fresh daemon;
-* ``add per node``: K more such ``blockdev-add``, sequential, per node;
-* ``query-named-block-nodes`` with K nodes open.
+* ``add per node``: K more such ``blockdev-add``, sequential round trips, per node;
+* ``query-named-block-nodes`` with K qcow2 nodes (and their K file nodes) open.
 
-Each target runs ``--reps`` times, alternating; medians, and the ratio
-qmpd/QSD taken per repetition (then the median).
+Targets: ``qmpd`` (this checkout), ``qsd`` (qemu-storage-daemon), ``qemu``
+(qemu-system-x86_64 -M none).  Each runs ``--reps`` times, in rotating order;
+medians, and the ratio qmpd/target taken per repetition (then the median).
+``migration_bench.py`` runs the same measurement (this module's :func:`one_run`)
+next to the migration downtimes, with the issue's targets.
 
 Usage: python tests/bench/startup_bench.py [--reps 5] [--nodes 1000] [--dir /dev/shm]
+           [--targets qmpd,qsd,qemu]
+
+The helpers here (checkout check, children's environment, images, argv) are
+shared by the other start-and-measure benches of this directory.
 """
 
 from __future__ import annotations
@@ -34,13 +41,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.qmp import QmpClient
 
 REPO = Path(__file__).resolve().parents[2]
+QEMU = "qemu-system-x86_64"
+QSD = "qemu-storage-daemon"
+BINARIES = {"qemu": QEMU, "qsd": QSD}
 
 
-def argv(target: str, sock: Path) -> list[str]:
-    chardev = f"socket,id=m0,path={sock},server=on,wait=off"
-    if target == "qsd":
-        return ["qemu-storage-daemon", "--chardev", chardev, "--monitor", "chardev=m0"]
-    return [sys.executable, "-m", "qmpd", "--chardev", chardev, "--monitor", "chardev=m0"]
+# --- shared helpers -------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a ``python -m qmpd`` child: this checkout first on the path."""
+    env = dict(os.environ)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + rest if rest else "")
+    return env
+
+
+def check_checkout(cwd: Path) -> str:
+    """Where the qmpd package of this process and of its children comes from: this checkout.
+
+    Children run ``python -m qmpd`` with :func:`child_env` in ``cwd`` (``-m``
+    puts the working directory first on the path, so never a checkout's root).
+    Exits if either would import another copy (an installed or editable qmpd).
+    """
+    import qmpd
+
+    here = Path(qmpd.__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", "import qmpd; print(qmpd.__file__)"],
+                         env=child_env(), cwd=cwd, capture_output=True, text=True, check=True)
+    child = Path(out.stdout.strip()).resolve().parent
+    if here != REPO / "qmpd" or child != REPO / "qmpd":
+        raise SystemExit(f"qmpd imported from {here} (bench) and {child} (daemons), "
+                         f"not from this checkout {REPO}")
+    return str(child)
+
+
+def make_images(work: Path, count: int) -> list[Path]:
+    """``count`` empty 1 GiB qcow2 images in ``work/images`` (made once, reused by later calls)."""
+    base = work / "images"
+    base.mkdir(exist_ok=True)
+    template = base / "template.qcow2"
+    if not template.exists():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), "1G"],
+                       check=True)
+    images = []
+    for i in range(count):
+        image = base / f"img{i}.qcow2"
+        if not image.exists():
+            shutil.copyfile(template, image)
+        images.append(image)
+    return images
+
+
+def qcow2_node(i: int, image: Path) -> dict[str, object]:
+    """blockdev-add arguments: qcow2 ``q<i>`` over file ``f<i>``."""
+    return {"driver": "qcow2", "node-name": f"q{i}",
+            "file": {"driver": "file", "node-name": f"f{i}", "filename": str(image)}}
 
 
 def rss_kib(pid: int) -> int:
@@ -50,31 +106,47 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def one_run(target: str, work: Path, images: list[Path]) -> dict[str, float]:
+def argv(target: str, sock: Path) -> list[str]:
+    """Each target's command line with one QMP monitor on a unix socket."""
+    chardev = f"socket,id=m0,path={sock},server=on,wait=off"
+    if target == "qsd":
+        return [QSD, "--chardev", chardev, "--monitor", "chardev=m0"]
+    if target == "qemu":
+        return [QEMU, "-M", "none", "-nodefaults", "-display", "none",
+                "-chardev", chardev, "-mon", "chardev=m0,mode=control"]
+    return [sys.executable, "-m", "qmpd", "--chardev", chardev, "--monitor", "chardev=m0"]
+
+
+def rotated(targets: list[str], rep: int) -> list[str]:
+    """The order of the targets in repetition ``rep``: rotated, so noise hits all alike."""
+    shift = rep % len(targets)
+    return targets[shift:] + targets[:shift]
+
+
+# --- the measurement ------------------------------------------------------------------
+
+
+def one_run(target: str, work: Path, images: list[Path], settle: float = 1.0
+            ) -> dict[str, float]:
+    """Start ``target`` fresh; time exec->greeting, idle RSS, the adds and the query."""
     sock = work / f"{target}.sock"
     sock.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
-    proc = subprocess.Popen(argv(target, sock), env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv(target, sock), env=child_env(), cwd=work,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         client = QmpClient(str(sock), timeout=60, wait=30, proc=proc, check_schema=False)
         listening = time.perf_counter() - start
-        time.sleep(1.0)
+        time.sleep(settle)
         idle_rss = rss_kib(proc.pid)
         client.negotiate()
-
-        def add(i: int) -> None:
-            client.ok("blockdev-add", {"driver": "qcow2", "node-name": f"q{i}",
-                                       "file": {"driver": "file", "node-name": f"f{i}",
-                                                "filename": str(images[i])}})
-
         t = time.perf_counter()
-        add(0)
+        client.ok("blockdev-add", qcow2_node(0, images[0]))
         first = time.perf_counter() - t
         t = time.perf_counter()
         for i in range(1, len(images)):
-            add(i)
+            client.ok("blockdev-add", qcow2_node(i, images[i]))
         per_node = (time.perf_counter() - t) / max(len(images) - 1, 1)
         queries = []
         for _ in range(5):
@@ -98,33 +170,36 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--targets", default="qmpd,qsd,qemu",
+                    help="qmpd first; the others are compared with it (default qmpd,qsd,qemu)")
     args = ap.parse_args()
-    if shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None:
-        print("needs qemu-storage-daemon and qemu-img (QEMU 7.2)", file=sys.stderr)
+    targets = args.targets.split(",")
+    missing = [BINARIES[t] for t in targets if t in BINARIES and shutil.which(BINARIES[t]) is None]
+    if missing or shutil.which("qemu-img") is None or targets[0] != "qmpd":
+        print(f"needs qmpd first in --targets, qemu-img and {', '.join(missing) or 'QEMU 7.2'}",
+              file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="startup-bench.", dir=args.dir or None))
     try:
-        base = work / "base.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
-        images = []
-        for i in range(args.nodes):
-            image = work / f"img{i}.qcow2"
-            shutil.copyfile(base, image)
-            images.append(image)
-        runs: dict[str, list[dict[str, float]]] = {"qmpd": [], "qsd": []}
+        print(f"qmpd from {check_checkout(work)}")
+        images = make_images(work, args.nodes)
+        runs: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
         for rep in range(args.reps):
-            order = ("qmpd", "qsd") if rep % 2 == 0 else ("qsd", "qmpd")
-            for target in order:
+            for target in rotated(targets, rep):
                 runs[target].append(one_run(target, work, images))
         metrics = list(runs["qmpd"][0])
+        others = targets[1:]
         print(f"K = {args.nodes} qcow2-over-file nodes, {args.reps} repetitions, medians")
-        print(f"{'metric':30} {'qmpd':>10} {'qsd':>10} {'qmpd/qsd':>9}")
+        print(f"{'metric':30}" + "".join(f" {t:>10}" for t in targets)
+              + "".join(f" {'qmpd/' + t:>10}" for t in others))
         for m in metrics:
-            ours = statistics.median(r[m] for r in runs["qmpd"])
-            theirs = statistics.median(r[m] for r in runs["qsd"])
-            ratio = statistics.median(a[m] / b[m] for a, b in zip(runs["qmpd"], runs["qsd"], strict=True)
-                                      if b[m] > 0)
-            print(f"{m:30} {ours:10.2f} {theirs:10.2f} {ratio:8.2f}x")
+            line = f"{m:30}" + "".join(
+                f" {statistics.median(r[m] for r in runs[t]):10.2f}" for t in targets)
+            for t in others:
+                ratio = statistics.median(a[m] / b[m] for a, b in
+                                          zip(runs["qmpd"], runs[t], strict=True) if b[m] > 0)
+                line += f" {ratio:9.2f}x"
+            print(line)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
