@@ -63,9 +63,15 @@ def check_checkout(cwd: Path) -> str:
     Children run ``python -m qmpd`` with :func:`child_env` in ``cwd`` (``-m``
     puts the working directory first on the path, so never a checkout's root).
     Exits if either would import another copy (an installed or editable qmpd).
+    Compiles the package's bytecode first, as installing it would.
     """
+    import compileall
+
     import qmpd
 
+    # pip compiles an installed wheel's bytecode; without it (a fresh checkout,
+    # or PYTHONDONTWRITEBYTECODE) every start would compile qmpd's sources again.
+    compileall.compile_dir(str(REPO / "qmpd"), quiet=1)
     here = Path(qmpd.__file__).resolve().parent
     out = subprocess.run([sys.executable, "-c", "import qmpd; print(qmpd.__file__)"],
                          env=child_env(), cwd=cwd, capture_output=True, text=True, check=True)
