@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -329,6 +329,18 @@ class BlockNode:
         return await self.driver.block_status(offset, length)
 
 
+@dataclass(frozen=True)
+class CacheReload:
+    """A driver's cache invalidation as one blocking job and a finishing step.
+
+    ``run`` goes to an I/O thread and touches no event-loop state; ``finish``
+    gets what it returned and installs it on the loop.
+    """
+
+    run: Callable[[], Any]
+    finish: Callable[[Any], Awaitable[None]]
+
+
 class BlockDriver(ABC):
     """One instance per node.  Subclasses set the class variables below."""
 
@@ -494,7 +506,23 @@ class BlockDriver(ABC):
         await self.flush()
 
     async def invalidate_cache(self) -> None:
-        """Drop and reload all cached mutable metadata (the node is inactive)."""
+        """Drop and reload all cached mutable metadata (the node is inactive).
+
+        By default through :meth:`begin_reload`, in one I/O-thread job.
+        """
+        reload = self.begin_reload()
+        if reload is not None:
+            await reload.finish(await self.node.graph.run_io(reload.run))
+
+    def begin_reload(self) -> CacheReload | None:
+        """Start :meth:`invalidate_cache` as one blocking job (dropping what the
+        driver caches now); None when there is nothing to reload or the driver
+        has to await something on the way."""
+        return None
+
+    def blocking_reader(self) -> Callable[[int, int], bytes] | None:
+        """``read(offset, length)`` that blocks, for a parent's job in an I/O
+        thread (past the end reads as zeros); None if the driver has none."""
         return None
 
     async def refresh_inactive(self) -> None:

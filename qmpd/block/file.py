@@ -9,9 +9,10 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, Perm
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, CacheReload, Perm
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -376,21 +377,40 @@ class FileDriver(BlockDriver):
     async def invalidate_cache(self) -> None:
         if self.fd < 0:
             raise BlockDriverError("The file descriptor is not open")
+        await super().invalidate_cache()
 
+    def begin_reload(self) -> CacheReload | None:
+        if self.fd < 0:
+            return None
+        fd = self.fd
         dirty = self._writes != self._flushed
+        drop = self.drop_cache and not self.node.cache_direct
+        length = self._length
 
         def refresh() -> int:
-            if self.drop_cache and not self.node.cache_direct:
+            if drop:
                 # Pages another host wrote may be stale here (NFS): drop them.
                 if dirty:
-                    os.fdatasync(self.fd)
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            return self._length(self.fd)
+                    os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return length(fd)
 
         generation = self._writes
-        self._size = await self.node.graph.run_io(refresh)
-        if dirty and self.drop_cache and not self.node.cache_direct:
-            self._flushed = max(self._flushed, generation)
+
+        async def finish(size: int) -> None:
+            self._size = size
+            if dirty and drop:
+                self._flushed = max(self._flushed, generation)
+
+        return CacheReload(refresh, finish)
+
+    def blocking_reader(self) -> Callable[[int, int], bytes] | None:
+        if self.fd < 0:
+            return None
+        fd = self.fd
+        if self.node.cache_direct:
+            return lambda offset, length: _direct_pread(fd, length, offset)
+        return lambda offset, length: _pread_full(fd, length, offset)
 
 
 class HostDeviceDriver(FileDriver):
