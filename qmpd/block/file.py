@@ -61,6 +61,17 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _pread_no_readahead(fd: int, length: int, offset: int) -> bytes:
+    """:func:`_pread_full` without read-ahead around it: a metadata read after
+    the page cache was dropped would otherwise wait for the disk to deliver
+    far more than was asked for (the default window reaches megabytes)."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    try:
+        return _pread_full(fd, length, offset)
+    finally:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+
+
 _DIRECT_ALIGN = 4096
 _bounce = threading.local()
 
@@ -153,38 +164,41 @@ class FileDriver(BlockDriver):
         flags = os.O_CLOEXEC | (os.O_RDONLY if node.read_only else os.O_RDWR)
         if node.cache_direct:
             flags |= os.O_DIRECT
+        auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
+        # Open, check and size the file in one I/O-thread job (one hop per node).
+        self.fd, self._flags, self._size, inline, lockable = await node.graph.run_io(
+            self._open_blocking, flags, auto_read_only, locking == "auto")
+        self._inline = inline and not node.cache_direct
+        self._auto_read_only = auto_read_only
+        if locking == "on" or (locking == "auto" and lockable):
+            self.lock = ImageLock(self.fd)
+
+    def _open_blocking(
+        self, flags: int, auto_read_only: bool, probe_locks: bool
+    ) -> tuple[int, int, int, bool, bool]:
+        """In an I/O thread: (fd, flags, size, memory-backed, OFD locks work)."""
         try:
-            self.fd = await node.graph.run_io(os.open, self.path, flags)
+            fd = os.open(self.path, flags)
         except OSError as exc:
-            if (
-                not node.read_only
-                and options.get("_auto_read_only")
-                and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
-            ):
-                flags = (flags & ~os.O_RDWR) | os.O_RDONLY
-                try:
-                    self.fd = await node.graph.run_io(os.open, self.path, flags)
-                except OSError as exc2:
-                    raise BlockDriverError(f"Could not open '{self.path}': {exc2.strerror}",
-                                          exc2.errno or errno.EIO) from None
-            else:
+            if not (auto_read_only and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)):
                 raise BlockDriverError(f"Could not open '{self.path}': {exc.strerror}",
-                                      exc.errno or errno.EIO) from None
-        self._flags = flags
-        self._auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
+                                       exc.errno or errno.EIO) from None
+            flags = (flags & ~os.O_RDWR) | os.O_RDONLY
+            try:
+                fd = os.open(self.path, flags)
+            except OSError as exc2:
+                raise BlockDriverError(f"Could not open '{self.path}': {exc2.strerror}",
+                                       exc2.errno or errno.EIO) from None
         try:
-            st = await node.graph.run_io(os.fstat, self.fd)
+            st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise BlockDriverError(f"Could not open '{self.path}': Is a directory",
-                                      errno.EISDIR)
+                                       errno.EISDIR)
             self._check_type(st.st_mode)
-            self._size = await node.graph.run_io(self._length, self.fd)
-            self._inline = _memory_backed(self.fd) and not node.cache_direct
-            if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
-                self.lock = ImageLock(self.fd)
+            size = self._length(fd, st)
+            return fd, flags, size, _memory_backed(fd), probe_locks and ofd_locks_available(fd)
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            os.close(fd)
             raise
 
     def _check_type(self, mode: int) -> None:
@@ -194,8 +208,8 @@ class FileDriver(BlockDriver):
                 errno.EINVAL,
             )
 
-    def _length(self, fd: int) -> int:
-        return os.fstat(fd).st_size
+    def _length(self, fd: int, st: os.stat_result | None = None) -> int:
+        return (st or os.fstat(fd)).st_size
 
     async def close(self) -> None:
         if self.fd < 0:
@@ -410,7 +424,7 @@ class FileDriver(BlockDriver):
         fd = self.fd
         if self.node.cache_direct:
             return lambda offset, length: _direct_pread(fd, length, offset)
-        return lambda offset, length: _pread_full(fd, length, offset)
+        return lambda offset, length: _pread_no_readahead(fd, length, offset)
 
 
 class HostDeviceDriver(FileDriver):
@@ -426,6 +440,6 @@ class HostDeviceDriver(FileDriver):
                 errno.EINVAL,
             )
 
-    def _length(self, fd: int) -> int:
+    def _length(self, fd: int, st: os.stat_result | None = None) -> int:
         # st_size is 0 for devices; seeking to the end gives a block device's size.
         return os.lseek(fd, 0, os.SEEK_END)

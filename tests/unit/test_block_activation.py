@@ -105,6 +105,35 @@ async def test_activate_all_reloads_shared_children_once(
     assert all(top.active and top.stats.invalidations == 1 for top in tops)
 
 
+async def test_a_header_reaching_past_the_first_read_is_read_whole(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """The header is read in one small read; extensions or a backing file name
+    further into the first cluster make the loader read all of it."""
+    path = tmp_path / "far.qcow2"
+    create_image(str(path), 4 * MiB)
+    data = bytearray(path.read_bytes())
+    start = int.from_bytes(data[100:104], "big")
+    ext = (0x12345678).to_bytes(4, "big") + (5000).to_bytes(4, "big") + bytes(5000)
+    ext += (0xE2792ACA).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"qcow2" + bytes(3)
+    ext += bytes(8)
+    name = b"base-image-far-away.qcow2"
+    data[start:start + len(ext)] = ext
+    data[12000:12000 + len(name)] = name
+    data[8:16] = (12000).to_bytes(8, "big")
+    data[16:20] = len(name).to_bytes(4, "big")
+    path.write_bytes(data)
+    options = {"driver": "qcow2", "node-name": "far", "backing": None,
+               "file": {"driver": "file", "filename": str(path)}}
+    node = await layer.add(options, inactive=True)
+    assert node.driver.raw_backing_file_name() == name.decode()
+    assert node.driver.backing_format() == "qcow2"
+    await layer.activate_all()
+    assert node.active
+    assert node.driver.raw_backing_file_name() == name.decode()
+    assert node.driver.backing_format() == "qcow2"
+
+
 # --- lock bytes ------------------------------------------------------------------------
 
 

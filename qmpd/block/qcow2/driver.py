@@ -207,8 +207,19 @@ class Qcow2Driver(BlockDriver):
 
     async def _load(self) -> None:
         node = self.node
-        self._install(
-            await Qcow2Image.load(node, self._config_for, not node.read_only, node.active))
+        writable = not node.read_only
+        child = node.file
+        read = child.driver.blocking_reader() if child is not None else None
+        if child is None or read is None:
+            self._install(await Qcow2Image.load(node, self._config_for, writable, node.active))
+            return
+        # Header, L1 and refcount tables in one I/O-thread job, not one hop each.
+        loaded, reads, nbytes = await node.graph.run_io(
+            read_metadata_blocking, read, self._config_for, writable)
+        child.stats.rd_operations += reads
+        child.stats.rd_bytes += nbytes
+        self._install(await Qcow2Image.from_metadata(
+            node, ImageFile(child), loaded, writable, node.active))
 
     def _install(self, image: Qcow2Image) -> None:
         default_request = bool(self.node.discard_unmap)

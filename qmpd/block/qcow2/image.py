@@ -29,6 +29,7 @@ from qmpd.block.qcow2.format import (
     Snapshot,
     check_features,
     check_tables,
+    header_within,
     l1_size_for,
     parse_header,
     parse_snapshots,
@@ -43,7 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FIRST_READ = 64 * 1024
+#: The header, its extensions and the backing file name fit here in any
+#: image QEMU writes; the rest of the first cluster is read only if not.
+_FIRST_READ = 4096
 
 
 @dataclass
@@ -72,8 +75,8 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
     over a blocking read (so one node costs one thread hop, not three).
     Pure apart from the reads: it touches no node or event-loop state.
     """
-    # One read covers the header cluster of the common cluster sizes
-    # (activation does this for every node, so each round trip counts).
+    # One small read covers the header in practice (activation does this for
+    # every node, so each round trip and each byte from the disk counts).
     first = yield (0, _FIRST_READ)
     if len(first) < 72 or first[:4] != b"QFI\xfb":
         raise Qcow2FormatError("Image is not in qcow2 format")
@@ -81,6 +84,9 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
     if 9 <= cluster_bits <= 21 and cluster_bits:
         if 1 << cluster_bits <= len(first):
             buf = first[: 1 << cluster_bits]
+        elif header_within(first):
+            # Only the first sector is ever written back (write_header_fields).
+            buf = first
         else:
             buf = yield (0, 1 << cluster_bits)
     else:
