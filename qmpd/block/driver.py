@@ -520,10 +520,16 @@ class BlockDriver(ABC):
         has to await something on the way."""
         return None
 
-    def blocking_reader(self) -> Callable[[int, int], bytes] | None:
-        """``read(offset, length)`` that blocks, for a parent's job in an I/O
-        thread (past the end reads as zeros); None if the driver has none."""
+    def blocking_reader(self) -> Callable[[list[tuple[int, int]]], list[bytes]] | None:
+        """``read([(offset, length), ...])`` that blocks and returns each range's
+        bytes, for a parent's job in an I/O thread (past the end reads as
+        zeros; the ranges may be read side by side); None if it has none."""
         return None
+
+    def reads_inline(self) -> bool:
+        """Whether :meth:`blocking_reader`'s reads are memory copies that never
+        wait for a device, cheaper on the event loop than a thread hop."""
+        return False
 
     async def refresh_inactive(self) -> None:
         """Before each read or block-status request on an inactive node.

@@ -213,9 +213,13 @@ class Qcow2Driver(BlockDriver):
         if child is None or read is None:
             self._install(await Qcow2Image.load(node, self._config_for, writable, node.active))
             return
-        # Header, L1 and refcount tables in one I/O-thread job, not one hop each.
-        loaded, reads, nbytes = await node.graph.run_io(
-            read_metadata_blocking, read, self._config_for, writable)
+        # Header, L1 and refcount tables in one I/O-thread job, not one hop
+        # each (or right here when the file is in memory).
+        if child.driver.reads_inline():
+            loaded, reads, nbytes = read_metadata_blocking(read, self._config_for, writable)
+        else:
+            loaded, reads, nbytes = await node.graph.run_io(
+                read_metadata_blocking, read, self._config_for, writable)
         child.stats.rd_operations += reads
         child.stats.rd_bytes += nbytes
         self._install(await Qcow2Image.from_metadata(

@@ -62,12 +62,13 @@ class LoadedMetadata:
     snapshot_table_size: int
 
 
-#: A read the loader asks for: (offset, length); it is sent back the bytes.
+#: A read the loader asks for: (offset, length).  It asks for a list of them
+#: at a time (reads that do not depend on each other) and gets their bytes.
 ReadRequest = tuple[int, int]
 
 
 def read_metadata(config_for: Callable[[Header], CacheConfig],
-                  writable: bool) -> Generator[ReadRequest, bytes, LoadedMetadata]:
+                  writable: bool) -> Generator[list[ReadRequest], list[bytes], LoadedMetadata]:
     """Read and check the header, L1 table, refcount table and snapshots.
 
     Written once for both ways of reading: the open path sends it the
@@ -77,7 +78,7 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
     """
     # One small read covers the header in practice (activation does this for
     # every node, so each round trip and each byte from the disk counts).
-    first = yield (0, _FIRST_READ)
+    (first,) = yield [(0, _FIRST_READ)]
     if len(first) < 72 or first[:4] != b"QFI\xfb":
         raise Qcow2FormatError("Image is not in qcow2 format")
     cluster_bits = int.from_bytes(first[20:24], "big")
@@ -88,7 +89,7 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
             # Only the first sector is ever written back (write_header_fields).
             buf = first
         else:
-            buf = yield (0, 1 << cluster_bits)
+            (buf,) = yield [(0, 1 << cluster_bits)]
     else:
         buf = first[:META_ALIGN]
     hdr = parse_header(buf)
@@ -97,18 +98,22 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
     config = config_for(hdr)
     cs = hdr.cluster_size
     l1 = None
+    # The L1 and refcount tables in one request: the reader may overlap them.
+    nbytes = hdr.l1_size * 8
+    tables = [(hdr.l1_table_offset, (nbytes + META_ALIGN - 1) & ~(META_ALIGN - 1))]
+    if not hdr.l1_size:
+        tables = []
+    tables.append((hdr.refcount_table_offset, hdr.refcount_table_clusters * cs))
+    raws = yield tables
     if hdr.l1_size:
-        nbytes = hdr.l1_size * 8
-        raw = yield (hdr.l1_table_offset, (nbytes + META_ALIGN - 1) & ~(META_ALIGN - 1))
-        l1 = u64_be_to_array(memoryview(raw)[:nbytes])
-    raw = yield (hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
-    reftable = u64_be_to_array(raw)
+        l1 = u64_be_to_array(memoryview(raws[0])[:nbytes])
+    reftable = u64_be_to_array(raws[-1])
     snapshots: list[Snapshot] = []
     table_size = 0
     if hdr.nb_snapshots:
         length = 64 * 1024
         while True:
-            raw = yield (hdr.snapshots_offset, length)
+            (raw,) = yield [(hdr.snapshots_offset, length)]
             try:
                 snapshots, table_size = parse_snapshots(raw, hdr.nb_snapshots)
                 break
@@ -119,20 +124,23 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
     return LoadedMetadata(hdr, bytearray(buf), config, l1, reftable, snapshots, table_size)
 
 
+#: Reads a list of ranges, blocking (in an I/O thread), and returns their bytes.
+BlockingRead = Callable[[list[ReadRequest]], list[bytes]]
+
+
 def read_metadata_blocking(
-    read: Callable[[int, int], bytes], config_for: Callable[[Header], CacheConfig],
-    writable: bool,
+    read: BlockingRead, config_for: Callable[[Header], CacheConfig], writable: bool,
 ) -> tuple[LoadedMetadata, int, int]:
     """:func:`read_metadata` over a blocking ``read`` (in an I/O thread):
     the metadata, and the reads and bytes done (for the file's counters)."""
     steps = read_metadata(config_for, writable)
     reads = nbytes = 0
     try:
-        request = next(steps)
+        requests = next(steps)
         while True:
-            reads += 1
-            nbytes += request[1]
-            request = steps.send(read(*request))
+            reads += len(requests)
+            nbytes += sum(length for _, length in requests)
+            requests = steps.send(read(requests))
     except StopIteration as done:
         loaded: LoadedMetadata = done.value
     return loaded, reads, nbytes
@@ -170,9 +178,9 @@ class Qcow2Image(Qcow2State):
         file = ImageFile(child)
         steps = read_metadata(config_for, writable)
         try:
-            request = next(steps)
+            requests = next(steps)
             while True:
-                request = steps.send(await file.read(*request))
+                requests = steps.send([await file.read(*r) for r in requests])
         except StopIteration as done:
             loaded: LoadedMetadata = done.value
         return await cls.from_metadata(node, file, loaded, writable, active)
