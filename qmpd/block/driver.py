@@ -25,6 +25,10 @@ driver.  Two methods manage that cache across a change of owner:
 * :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
   of cached mutable metadata and reloads it from disk, keeping only the
   immutable configuration (options).  It is only called on an inactive node.
+  A driver that can do it as one blocking job offers that job through
+  :meth:`BlockDriver.begin_reload` (activation of many nodes then batches the
+  jobs of every node into a few I/O-thread hops); a format driver reads its
+  file child in such a job through the child's :meth:`BlockDriver.blocking_reader`.
 * :meth:`BlockDriver.refresh_inactive` runs before every read of an inactive
   node: what it cached may have been changed by the image's new owner.
 """
