@@ -395,7 +395,12 @@ class BlockGraph:
             except Exception as exc:
                 failed[id(node)] = exc
                 continue
-            reload = node.driver.begin_reload()
+            try:
+                reload = node.driver.begin_reload()
+            except Exception as exc:
+                self._activation_failed(node, exc)
+                failed[id(node)] = exc
+                continue
             if reload is None:
                 awaited.append(node)
             else:
@@ -436,11 +441,11 @@ class BlockGraph:
     ) -> None:
         if outcome is None:
             await self._end_activation(node, start)
-        elif isinstance(outcome, Exception):
-            self._activation_failed(node, outcome)
-            failed[id(node)] = outcome
         else:
-            raise outcome
+            self._activation_failed(node, outcome)
+            if not isinstance(outcome, Exception):
+                raise outcome  # cancelled
+            failed[id(node)] = outcome
 
     async def _run_reloads(
         self, reloads: list[CacheReload], concurrency: int
