@@ -384,30 +384,43 @@ class BlockGraph:
     async def _activate_wave(
         self, wave: list[BlockNode], failed: dict[int, BaseException], concurrency: int
     ) -> None:
+        """Begin each node of ``wave`` (locks, on the loop) slice by slice, each
+        slice's reloads going to the I/O threads as soon as it is begun, and
+        finish the nodes of a slice as soon as its job is done: the loop's
+        work overlaps the disk's."""
         start = time.perf_counter()
-        jobs: list[tuple[BlockNode, CacheReload]] = []
+        todo = [node for node in wave if not node.active]
+        if not todo:
+            return
+        size = -(-len(todo) // min(len(todo), concurrency))
+        unfinished: dict[int, BlockNode] = {}
         awaited: list[BlockNode] = []
-        for node in wave:
-            if node.active:
-                continue
-            try:
-                await self._begin_activation(node)
-            except Exception as exc:
-                failed[id(node)] = exc
-                continue
-            try:
-                reload = node.driver.begin_reload()
-            except Exception as exc:
-                self._activation_failed(node, exc)
-                failed[id(node)] = exc
-                continue
-            if reload is None:
-                awaited.append(node)
-            else:
-                jobs.append((node, reload))
-        unfinished = {id(node): node for node, _ in jobs}
-        unfinished.update((id(node), node) for node in awaited)
+        running: dict[asyncio.Future[list[tuple[bool, Any]]],
+                      list[tuple[BlockNode, CacheReload]]] = {}
         try:
+            for first in range(0, len(todo), size):
+                jobs: list[tuple[BlockNode, CacheReload]] = []
+                for node in todo[first:first + size]:
+                    try:
+                        await self._begin_activation(node)
+                    except Exception as exc:
+                        failed[id(node)] = exc
+                        continue
+                    unfinished[id(node)] = node
+                    try:
+                        reload = node.driver.begin_reload()
+                    except Exception as exc:
+                        del unfinished[id(node)]
+                        self._activation_failed(node, exc)
+                        failed[id(node)] = exc
+                        continue
+                    if reload is None:
+                        awaited.append(node)
+                    else:
+                        jobs.append((node, reload))
+                if jobs:
+                    running[asyncio.ensure_future(
+                        self.io.run(_run_all, [reload for _, reload in jobs]))] = jobs
             if awaited:
                 outcomes = await asyncio.gather(
                     *(node.driver.invalidate_cache() for node in awaited),
@@ -416,20 +429,25 @@ class BlockGraph:
                 for node, outcome in zip(awaited, outcomes, strict=True):
                     del unfinished[id(node)]
                     await self._settle(node, outcome, start, failed)
-            if jobs:
-                results = await self._run_reloads([reload for _, reload in jobs], concurrency)
-                for (node, reload), (ok, value) in zip(jobs, results, strict=True):
-                    error: BaseException | None = None
-                    try:
-                        if not ok:
-                            raise value
-                        await reload.finish(value)
-                    except Exception as exc:
-                        error = exc
-                    del unfinished[id(node)]
-                    await self._settle(node, error, start, failed)
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for finished in done:
+                    jobs = running.pop(finished)
+                    results = finished.result()
+                    for (node, reload), (ok, value) in zip(jobs, results, strict=True):
+                        error: BaseException | None = None
+                        try:
+                            if not ok:
+                                raise value
+                            await reload.finish(value)
+                        except Exception as exc:
+                            error = exc
+                        del unfinished[id(node)]
+                        await self._settle(node, error, start, failed)
         except BaseException as exc:
             # Cancelled half-way: what did not finish stays inactive.
+            for started in running:
+                started.cancel()
             for node in unfinished.values():
                 if node.active:
                     self._activation_failed(node, exc)
@@ -446,20 +464,6 @@ class BlockGraph:
             if not isinstance(outcome, Exception):
                 raise outcome  # cancelled
             failed[id(node)] = outcome
-
-    async def _run_reloads(
-        self, reloads: list[CacheReload], concurrency: int
-    ) -> list[tuple[bool, Any]]:
-        """Run the reloads' blocking parts, at most ``concurrency`` jobs side by
-        side, each one a slice of them (one thread hop per slice)."""
-        count = min(len(reloads), concurrency)
-        parts = await asyncio.gather(
-            *(self.io.run(_run_all, reloads[i::count]) for i in range(count))
-        )
-        results: list[tuple[bool, Any]] = [(True, None)] * len(reloads)
-        for i, part in enumerate(parts):
-            results[i::count] = part
-        return results
 
     async def reload_active(self, nodes: Iterable[BlockNode]) -> None:
         """Flush and invalidate active ``nodes`` again, keeping them active.
