@@ -25,6 +25,10 @@ driver.  Two methods manage that cache across a change of owner:
 * :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
   of cached mutable metadata and reloads it from disk, keeping only the
   immutable configuration (options).  It is only called on an inactive node.
+  A driver that can do it as one blocking job offers that job through
+  :meth:`BlockDriver.begin_reload` (activation of many nodes then batches the
+  jobs of every node into a few I/O-thread hops); a format driver reads its
+  file child in such a job through the child's :meth:`BlockDriver.blocking_reader`.
 * :meth:`BlockDriver.refresh_inactive` runs before every read of an inactive
   node: what it cached may have been changed by the image's new owner.
 """
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -329,6 +333,18 @@ class BlockNode:
         return await self.driver.block_status(offset, length)
 
 
+@dataclass(frozen=True)
+class CacheReload:
+    """A driver's cache invalidation as one blocking job and a finishing step.
+
+    ``run`` goes to an I/O thread and touches no event-loop state; ``finish``
+    gets what it returned and installs it on the loop.
+    """
+
+    run: Callable[[], Any]
+    finish: Callable[[Any], Awaitable[None]]
+
+
 class BlockDriver(ABC):
     """One instance per node.  Subclasses set the class variables below."""
 
@@ -494,8 +510,30 @@ class BlockDriver(ABC):
         await self.flush()
 
     async def invalidate_cache(self) -> None:
-        """Drop and reload all cached mutable metadata (the node is inactive)."""
+        """Drop and reload all cached mutable metadata (the node is inactive).
+
+        By default through :meth:`begin_reload`, in one I/O-thread job.
+        """
+        reload = self.begin_reload()
+        if reload is not None:
+            await reload.finish(await self.node.graph.run_io(reload.run))
+
+    def begin_reload(self) -> CacheReload | None:
+        """Start :meth:`invalidate_cache` as one blocking job (dropping what the
+        driver caches now); None when there is nothing to reload or the driver
+        has to await something on the way."""
         return None
+
+    def blocking_reader(self) -> Callable[[list[tuple[int, int]]], list[bytes]] | None:
+        """``read([(offset, length), ...])`` that blocks and returns each range's
+        bytes, for a parent's job in an I/O thread (past the end reads as
+        zeros; the ranges may be read side by side); None if it has none."""
+        return None
+
+    def reads_inline(self) -> bool:
+        """Whether :meth:`blocking_reader`'s reads are memory copies that never
+        wait for a device, cheaper on the event loop than a thread hop."""
+        return False
 
     async def refresh_inactive(self) -> None:
         """Before each read or block-status request on an inactive node.

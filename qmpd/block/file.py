@@ -9,9 +9,10 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, Perm
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, CacheReload, Perm
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -58,6 +59,20 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+def _pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Metadata reads: exactly the ranges, no read-ahead around them (after
+    the page cache was dropped, the default window would have the disk
+    deliver far more than was asked for), several ones asked of the disk
+    at once."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    try:
+        for offset, length in ranges[1:]:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        return [_pread_full(fd, length, offset) for offset, length in ranges]
+    finally:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
 
 
 _DIRECT_ALIGN = 4096
@@ -152,38 +167,41 @@ class FileDriver(BlockDriver):
         flags = os.O_CLOEXEC | (os.O_RDONLY if node.read_only else os.O_RDWR)
         if node.cache_direct:
             flags |= os.O_DIRECT
+        auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
+        # Open, check and size the file in one I/O-thread job (one hop per node).
+        self.fd, self._flags, self._size, inline, lockable = await node.graph.run_io(
+            self._open_blocking, flags, auto_read_only, locking == "auto")
+        self._inline = inline and not node.cache_direct
+        self._auto_read_only = auto_read_only
+        if locking == "on" or (locking == "auto" and lockable):
+            self.lock = ImageLock(self.fd)
+
+    def _open_blocking(
+        self, flags: int, auto_read_only: bool, probe_locks: bool
+    ) -> tuple[int, int, int, bool, bool]:
+        """In an I/O thread: (fd, flags, size, memory-backed, OFD locks work)."""
         try:
-            self.fd = await node.graph.run_io(os.open, self.path, flags)
+            fd = os.open(self.path, flags)
         except OSError as exc:
-            if (
-                not node.read_only
-                and options.get("_auto_read_only")
-                and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
-            ):
-                flags = (flags & ~os.O_RDWR) | os.O_RDONLY
-                try:
-                    self.fd = await node.graph.run_io(os.open, self.path, flags)
-                except OSError as exc2:
-                    raise BlockDriverError(f"Could not open '{self.path}': {exc2.strerror}",
-                                          exc2.errno or errno.EIO) from None
-            else:
+            if not (auto_read_only and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)):
                 raise BlockDriverError(f"Could not open '{self.path}': {exc.strerror}",
-                                      exc.errno or errno.EIO) from None
-        self._flags = flags
-        self._auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
+                                       exc.errno or errno.EIO) from None
+            flags = (flags & ~os.O_RDWR) | os.O_RDONLY
+            try:
+                fd = os.open(self.path, flags)
+            except OSError as exc2:
+                raise BlockDriverError(f"Could not open '{self.path}': {exc2.strerror}",
+                                       exc2.errno or errno.EIO) from None
         try:
-            st = await node.graph.run_io(os.fstat, self.fd)
+            st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise BlockDriverError(f"Could not open '{self.path}': Is a directory",
-                                      errno.EISDIR)
+                                       errno.EISDIR)
             self._check_type(st.st_mode)
-            self._size = await node.graph.run_io(self._length, self.fd)
-            self._inline = _memory_backed(self.fd) and not node.cache_direct
-            if locking == "on" or (locking == "auto" and ofd_locks_available(self.fd)):
-                self.lock = ImageLock(self.fd)
+            size = self._length(fd, st)
+            return fd, flags, size, _memory_backed(fd), probe_locks and ofd_locks_available(fd)
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            os.close(fd)
             raise
 
     def _check_type(self, mode: int) -> None:
@@ -193,8 +211,8 @@ class FileDriver(BlockDriver):
                 errno.EINVAL,
             )
 
-    def _length(self, fd: int) -> int:
-        return os.fstat(fd).st_size
+    def _length(self, fd: int, st: os.stat_result | None = None) -> int:
+        return (st or os.fstat(fd)).st_size
 
     async def close(self) -> None:
         if self.fd < 0:
@@ -376,21 +394,45 @@ class FileDriver(BlockDriver):
     async def invalidate_cache(self) -> None:
         if self.fd < 0:
             raise BlockDriverError("The file descriptor is not open")
+        await super().invalidate_cache()
 
+    def begin_reload(self) -> CacheReload | None:
+        if self.fd < 0:
+            return None
+        fd = self.fd
         dirty = self._writes != self._flushed
+        drop = self.drop_cache and not self.node.cache_direct
+        length = self._length
 
         def refresh() -> int:
-            if self.drop_cache and not self.node.cache_direct:
+            if drop:
                 # Pages another host wrote may be stale here (NFS): drop them.
                 if dirty:
-                    os.fdatasync(self.fd)
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            return self._length(self.fd)
+                    os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return length(fd)
 
         generation = self._writes
-        self._size = await self.node.graph.run_io(refresh)
-        if dirty and self.drop_cache and not self.node.cache_direct:
-            self._flushed = max(self._flushed, generation)
+
+        async def finish(size: int) -> None:
+            self._size = size
+            if dirty and drop:
+                self._flushed = max(self._flushed, generation)
+
+        return CacheReload(refresh, finish)
+
+    def reads_inline(self) -> bool:
+        return self._inline
+
+    def blocking_reader(self) -> Callable[[list[tuple[int, int]]], list[bytes]] | None:
+        if self.fd < 0:
+            return None
+        fd = self.fd
+        if self.node.cache_direct:
+            return lambda ranges: [_direct_pread(fd, n, offset) for offset, n in ranges]
+        if self._inline:  # memory: nothing to read ahead
+            return lambda ranges: [_pread_full(fd, n, offset) for offset, n in ranges]
+        return lambda ranges: _pread_ranges(fd, ranges)
 
 
 class HostDeviceDriver(FileDriver):
@@ -406,6 +448,6 @@ class HostDeviceDriver(FileDriver):
                 errno.EINVAL,
             )
 
-    def _length(self, fd: int) -> int:
+    def _length(self, fd: int, st: os.stat_result | None = None) -> int:
         # st_size is 0 for devices; seeking to the end gives a block device's size.
         return os.lseek(fd, 0, os.SEEK_END)

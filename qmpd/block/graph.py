@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import random
 import time
@@ -37,6 +38,7 @@ from qmpd.block.driver import (
     PERM_ALL,
     BdrvChild,
     BlockDriverError,
+    CacheReload,
     ChildRole,
     NodeUser,
     Perm,
@@ -79,6 +81,17 @@ def _check_pair(node: BlockNode, needs: BdrvChild, refuses: BdrvChild) -> None:
             f"'{perm_names(clash)}' are both required by {needs.describe()} "
             f"and unshared by {refuses.describe()}."
         )
+
+
+def _run_all(reloads: list[CacheReload]) -> list[tuple[bool, Any]]:
+    """In an I/O thread: each reload's blocking part, its result or its error."""
+    results: list[tuple[bool, Any]] = []
+    for reload in reloads:
+        try:
+            results.append((True, reload.run()))
+        except Exception as exc:
+            results.append((False, exc))
+    return results
 
 
 def _drop_event(name: str, data: dict[str, Any]) -> None:
@@ -272,15 +285,29 @@ class BlockGraph:
 
     async def _activate_one(self, node: BlockNode) -> None:
         start = time.perf_counter()
+        await self._begin_activation(node)
+        try:
+            await node.driver.invalidate_cache()
+        except Exception as exc:
+            self._activation_failed(node, exc)
+            raise
+        await self._end_activation(node, start)
+
+    async def _begin_activation(self, node: BlockNode) -> None:
+        """Mark ``node`` active and take its permissions (and so its locks)."""
         node.set_state(NodeState.ACTIVE)
         try:
             await self.refresh_perms(node)
-            await node.driver.invalidate_cache()
         except Exception as exc:
-            node.set_state(NodeState.INACTIVE)
-            node.activation_error = str(exc)
-            log.error("activation of node %s failed: %s", node.node_name, exc)
+            self._activation_failed(node, exc)
             raise
+
+    def _activation_failed(self, node: BlockNode, exc: BaseException) -> None:
+        node.set_state(NodeState.INACTIVE)
+        node.activation_error = str(exc)
+        log.error("activation of node %s failed: %s", node.node_name, exc)
+
+    async def _end_activation(self, node: BlockNode, start: float) -> None:
         node.activation_error = None
         node.stats.invalidations += 1
         for edge in node.parents:
@@ -289,26 +316,154 @@ class BlockGraph:
         if self.metrics is not None:
             self.metrics.observe_activation(time.perf_counter() - start)
 
-    async def activate_all(self, concurrency: int = 64) -> None:
-        """Activate every inactive node, independent trees concurrently.
+    async def activate_all(self, concurrency: int = 8) -> None:
+        """Activate every inactive node, children first, in waves.
+
+        A wave is every node whose children are all active: each one takes its
+        permissions (locks) here, then the drivers' reloads (page-cache drop,
+        header and tables) run in at most ``concurrency`` I/O-thread jobs for
+        the whole wave, and each node finishes here.  Independent trees share
+        waves, so their I/O overlaps; no task or future per node.
 
         Each node is activated whole or not at all (it stays inactive, with
-        its error recorded and logged under its name); the first failure,
-        in creation order, is raised once every tree has been tried.
+        its error recorded and logged under its name; a parent is not tried
+        over a child that failed); the first failure, children first from the
+        oldest root, is raised once every node has been tried.
         """
-        seen: dict[int, asyncio.Future[None]] = {}
-        limit = asyncio.Semaphore(concurrency)
+        order: list[BlockNode] = []
+        seen: set[int] = set()
 
-        async def tree(root: BlockNode) -> None:
-            async with limit:
-                await self.activate(root, seen)
+        def visit(node: BlockNode) -> None:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for edge in node.children.values():
+                visit(edge.child)
+            order.append(node)
 
-        results = await asyncio.gather(
-            *(tree(root) for root in self.roots()), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        for root in self.roots():
+            visit(root)
+        # Thousands of nodes allocate enough to start full collections over
+        # the whole heap, which cost more than the activation itself: the
+        # cyclic collector waits until the handover is done.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self._activate_in_waves(order, concurrency)
+        finally:
+            if collecting:
+                gc.enable()
+
+    async def _activate_in_waves(self, order: list[BlockNode], concurrency: int) -> None:
+        failed: dict[int, BaseException] = {}
+        settled: set[int] = set()
+        blocked: set[int] = set()  # over a child that failed: not tried, stays inactive
+        pending = order
+        while pending:
+            wave: list[BlockNode] = []
+            later: list[BlockNode] = []
+            for node in pending:
+                children = [id(edge.child) for edge in node.children.values()]
+                if any(child in failed or child in blocked for child in children):
+                    blocked.add(id(node))
+                    settled.add(id(node))
+                elif all(child in settled for child in children):
+                    wave.append(node)
+                else:
+                    later.append(node)
+            if len(later) == len(pending):  # not a tree (cannot happen): one by one
+                wave, later = later[:1], later[1:]
+            await self._activate_wave(wave, failed, concurrency)
+            settled.update(id(node) for node in wave)
+            pending = later
+        for node in order:
+            error = failed.get(id(node))
+            if error is not None:
+                raise error
+
+    async def _activate_wave(
+        self, wave: list[BlockNode], failed: dict[int, BaseException], concurrency: int
+    ) -> None:
+        """Begin each node of ``wave`` (locks, on the loop) slice by slice, each
+        slice's reloads going to the I/O threads as soon as it is begun, and
+        finish the nodes of a slice as soon as its job is done: the loop's
+        work overlaps the disk's."""
+        start = time.perf_counter()
+        todo = [node for node in wave if not node.active]
+        if not todo:
+            return
+        size = -(-len(todo) // min(len(todo), concurrency))
+        unfinished: dict[int, BlockNode] = {}
+        awaited: list[BlockNode] = []
+        running: dict[asyncio.Future[list[tuple[bool, Any]]],
+                      list[tuple[BlockNode, CacheReload]]] = {}
+        try:
+            for first in range(0, len(todo), size):
+                jobs: list[tuple[BlockNode, CacheReload]] = []
+                for node in todo[first:first + size]:
+                    try:
+                        await self._begin_activation(node)
+                    except Exception as exc:
+                        failed[id(node)] = exc
+                        continue
+                    unfinished[id(node)] = node
+                    try:
+                        reload = node.driver.begin_reload()
+                    except Exception as exc:
+                        del unfinished[id(node)]
+                        self._activation_failed(node, exc)
+                        failed[id(node)] = exc
+                        continue
+                    if reload is None:
+                        awaited.append(node)
+                    else:
+                        jobs.append((node, reload))
+                if jobs:
+                    running[asyncio.ensure_future(
+                        self.io.run(_run_all, [reload for _, reload in jobs]))] = jobs
+            if awaited:
+                outcomes = await asyncio.gather(
+                    *(node.driver.invalidate_cache() for node in awaited),
+                    return_exceptions=True,
+                )
+                for node, outcome in zip(awaited, outcomes, strict=True):
+                    del unfinished[id(node)]
+                    await self._settle(node, outcome, start, failed)
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for finished in done:
+                    jobs = running.pop(finished)
+                    results = finished.result()
+                    for (node, reload), (ok, value) in zip(jobs, results, strict=True):
+                        error: BaseException | None = None
+                        try:
+                            if not ok:
+                                raise value
+                            await reload.finish(value)
+                        except Exception as exc:
+                            error = exc
+                        del unfinished[id(node)]
+                        await self._settle(node, error, start, failed)
+        except BaseException as exc:
+            # Cancelled half-way: what did not finish stays inactive.
+            for started in running:
+                started.cancel()
+            for node in unfinished.values():
+                if node.active:
+                    self._activation_failed(node, exc)
+            raise
+
+    async def _settle(
+        self, node: BlockNode, outcome: BaseException | None, start: float,
+        failed: dict[int, BaseException],
+    ) -> None:
+        if outcome is None:
+            await self._end_activation(node, start)
+        else:
+            self._activation_failed(node, outcome)
+            if not isinstance(outcome, Exception):
+                raise outcome  # cancelled
+            failed[id(node)] = outcome
 
     async def reload_active(self, nodes: Iterable[BlockNode]) -> None:
         """Flush and invalidate active ``nodes`` again, keeping them active.

@@ -102,7 +102,8 @@ def _short(ev: dict[str, Any], keep: Iterable[str]) -> list[str]:
 # Processes
 # ---------------------------------------------------------------------------
 
-#: A destination whose qcow2 invalidate_cache and refresh_inactive do nothing
+#: A destination whose qcow2 invalidate_cache (with its one-job form,
+#: begin_reload) and refresh_inactive do nothing
 #: (caches filled while inactive are kept): the negative control of the
 #: stale-cache test (a test-run process, not a product option).
 NO_INVALIDATE = (
@@ -111,6 +112,7 @@ NO_INVALIDATE = (
     "async def _skip(self):\n"
     "    pass\n"
     "d.Qcow2Driver.invalidate_cache = _skip\n"
+    "d.Qcow2Driver.begin_reload = lambda self: None\n"
     "d.Qcow2Driver.refresh_inactive = _skip\n"
     "from qmpd.__main__ import main\n"
     "raise SystemExit(main(sys.argv[1:]))\n"

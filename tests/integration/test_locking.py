@@ -152,3 +152,46 @@ def test_two_nodes_on_one_file_conflict_inside_qmpd(qmpd: QmpdProcess, image: Pa
         "file": {"driver": "file", "filename": str(image)},
     })
     assert second["error"]["desc"] == WRITE
+
+
+def lock_lines(path: Path) -> list[tuple[str, str, int, int]]:
+    """/proc/locks lines on ``path`` as (class, type, first byte, last byte), sorted."""
+    st = os.stat(path)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    lines = []
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if wanted in line and "->" not in fields:
+                lines.append((fields[1], fields[3], int(fields[-2]), int(fields[-1])))
+    return sorted(lines)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_proc_locks_show_what_qemu_shows(qmpd: QmpdProcess, image: Path,
+                                         read_only: bool) -> None:
+    """qmpd takes its lock bytes in runs, QEMU one by one: the kernel's view is the same."""
+    qsd = require_tool("qemu-storage-daemon")
+    ro = ",read-only=on" if read_only else ""
+    proc = subprocess.Popen(
+        [qsd, "--blockdev", f"driver=file,node-name=f,filename={image}{ro}",
+         "--blockdev", f"driver=qcow2,node-name=q,file=f{ro}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while 100 not in held_bytes(image):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not take its locks"
+            time.sleep(0.02)
+        time.sleep(0.1)  # every byte taken
+        qemu = lock_lines(image)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert lock_lines(image) == []
+    c = qmpd.client()
+    c.negotiate()
+    assert add_qcow2(c, image, **({"read-only": True} if read_only else {})) == {"return": {}}
+    assert lock_lines(image) == qemu
+    assert qemu[0][:2] == ("OFDLCK", "READ")

@@ -12,10 +12,17 @@ from __future__ import annotations
 import errno as errno_codes
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState
+from qmpd.block.driver import (
+    BlockDriver,
+    BlockDriverError,
+    BlockStatus,
+    CacheReload,
+    NodeState,
+)
 from qmpd.block.filename import path_combine
+from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
@@ -27,7 +34,7 @@ from qmpd.block.qcow2.format import (
     Header,
     Qcow2FormatError,
 )
-from qmpd.block.qcow2.image import Qcow2Image
+from qmpd.block.qcow2.image import LoadedMetadata, Qcow2Image, read_metadata_blocking
 from qmpd.block.qcow2.overlap import overlap_checks
 from qmpd.block.qcow2.state import DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT, CacheConfig
 
@@ -200,8 +207,26 @@ class Qcow2Driver(BlockDriver):
 
     async def _load(self) -> None:
         node = self.node
-        image = await Qcow2Image.load(node, self._config_for, not node.read_only, node.active)
-        default_request = bool(node.discard_unmap)
+        writable = not node.read_only
+        child = node.file
+        read = child.driver.blocking_reader() if child is not None else None
+        if child is None or read is None:
+            self._install(await Qcow2Image.load(node, self._config_for, writable, node.active))
+            return
+        # Header, L1 and refcount tables in one I/O-thread job, not one hop
+        # each (or right here when the file is in memory).
+        if child.driver.reads_inline():
+            loaded, reads, nbytes = read_metadata_blocking(read, self._config_for, writable)
+        else:
+            loaded, reads, nbytes = await node.graph.run_io(
+                read_metadata_blocking, read, self._config_for, writable)
+        child.stats.rd_operations += reads
+        child.stats.rd_bytes += nbytes
+        self._install(await Qcow2Image.from_metadata(
+            node, ImageFile(child), loaded, writable, node.active))
+
+    def _install(self, image: Qcow2Image) -> None:
+        default_request = bool(self.node.discard_unmap)
         opts = self._options
         image.pass_discard[DISCARD_REQUEST] = _opt_bool(opts, "pass-discard-request",
                                                         default_request)
@@ -351,15 +376,59 @@ class Qcow2Driver(BlockDriver):
             # Activation of a node that was never inactivated: like QEMU's
             # qcow2_do_close, write our own state back first.
             await image.flush()
+        reload = self.begin_reload()
+        if reload is not None:
+            await reload.finish(await self.node.graph.run_io(reload.run))
+            return
         self._image = None
         try:
             await self._load()
         except (Qcow2FormatError, BlockDriverError, OSError) as exc:
-            self._broken = f"Could not reopen qcow2 layer: {exc}"
-            self._image = None
-            errno = getattr(exc, "errno", None) or 5
-            raise BlockDriverError(self._broken, errno) from None
+            self._reload_failed(exc)
         self._broken = None
+
+    def _reload_failed(self, exc: Exception) -> NoReturn:
+        self._broken = f"Could not reopen qcow2 layer: {exc}"
+        self._image = None
+        errno = getattr(exc, "errno", None) or 5
+        raise BlockDriverError(self._broken, errno) from None
+
+    def begin_reload(self) -> CacheReload | None:
+        """The header, L1 and refcount tables read in one job over the file
+        child's blocking reads; the L2 and refcount caches go with the old
+        image, dropped here."""
+        image = self._image
+        if image is not None and image.writable and image.broken is None:
+            return None  # it has its own state to write back first
+        node = self.node
+        child = node.file
+        read = child.driver.blocking_reader() if child is not None else None
+        if child is None or read is None:
+            return None
+        self._image = None
+        config_for = self._config_for
+        writable = not node.read_only
+
+        def run() -> tuple[LoadedMetadata, int, int] | Exception:
+            try:
+                return read_metadata_blocking(read, config_for, writable)
+            except (Qcow2FormatError, BlockDriverError, OSError) as exc:
+                return exc
+
+        async def finish(outcome: tuple[LoadedMetadata, int, int] | Exception) -> None:
+            if isinstance(outcome, Exception):
+                self._reload_failed(outcome)
+            loaded, reads, nbytes = outcome
+            child.stats.rd_operations += reads
+            child.stats.rd_bytes += nbytes
+            try:
+                self._install(await Qcow2Image.from_metadata(
+                    node, ImageFile(child), loaded, writable, node.active))
+            except (Qcow2FormatError, BlockDriverError, OSError) as exc:
+                self._reload_failed(exc)
+            self._broken = None
+
+        return CacheReload(run, finish)
 
     async def refresh_inactive(self) -> None:
         """An inactive node trusts nothing it cached: load the header and tables

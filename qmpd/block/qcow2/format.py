@@ -254,6 +254,32 @@ def parse_header(buf: bytes) -> Header:
     return hdr
 
 
+def header_within(buf: bytes) -> bool:
+    """Whether ``buf`` (the start of the file, shorter than a cluster) holds
+    everything :func:`parse_header` reads: the header, every extension up to
+    the end marker and the backing file name.  Then parsing it gives what
+    parsing the whole cluster gives; when unsure, the answer is no.
+    """
+    if len(buf) < V3_MIN_HEADER_LENGTH:
+        return False
+    version = int.from_bytes(buf[4:8], "big")
+    offset = V2_HEADER_LENGTH
+    if version == 3:
+        offset = int.from_bytes(buf[100:104], "big")
+    elif version != 2:
+        return False
+    backing_offset = int.from_bytes(buf[8:16], "big")
+    backing_size = int.from_bytes(buf[16:20], "big")
+    if backing_offset and backing_offset + backing_size > len(buf):
+        return False
+    while offset + _EXT.size <= len(buf):
+        ext_type, ext_len = _EXT.unpack_from(buf, offset)
+        if ext_type == EXT_END:
+            return True
+        offset += _EXT.size + ((ext_len + 7) & ~7)
+    return False
+
+
 def _parse_extensions(hdr: Header, buf: bytes, start: int, end: int) -> None:
     offset = start
     while offset < end:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpd.block.driver import BlockDriverError
@@ -25,8 +26,10 @@ from qmpd.block.qcow2.format import (
     QCOW_MAX_L1_SIZE,
     Header,
     Qcow2FormatError,
+    Snapshot,
     check_features,
     check_tables,
+    header_within,
     l1_size_for,
     parse_header,
     parse_snapshots,
@@ -41,7 +44,106 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FIRST_READ = 64 * 1024
+#: The header, its extensions and the backing file name fit here in any
+#: image QEMU writes; the rest of the first cluster is read only if not.
+_FIRST_READ = 4096
+
+
+@dataclass
+class LoadedMetadata:
+    """What opening (or activating) reads from disk, before any image state."""
+
+    header: Header
+    cluster0: bytearray
+    config: CacheConfig
+    l1: array[int] | None
+    reftable: array[int]
+    snapshots: list[Snapshot]
+    snapshot_table_size: int
+
+
+#: A read the loader asks for: (offset, length).  It asks for a list of them
+#: at a time (reads that do not depend on each other) and gets their bytes.
+ReadRequest = tuple[int, int]
+
+
+def read_metadata(config_for: Callable[[Header], CacheConfig],
+                  writable: bool) -> Generator[list[ReadRequest], list[bytes], LoadedMetadata]:
+    """Read and check the header, L1 table, refcount table and snapshots.
+
+    Written once for both ways of reading: the open path sends it the
+    results of awaited reads, activation runs it whole in an I/O thread
+    over a blocking read (so one node costs one thread hop, not three).
+    Pure apart from the reads: it touches no node or event-loop state.
+    """
+    # One small read covers the header in practice (activation does this for
+    # every node, so each round trip and each byte from the disk counts).
+    (first,) = yield [(0, _FIRST_READ)]
+    if len(first) < 72 or first[:4] != b"QFI\xfb":
+        raise Qcow2FormatError("Image is not in qcow2 format")
+    cluster_bits = int.from_bytes(first[20:24], "big")
+    if 9 <= cluster_bits <= 21 and cluster_bits:
+        if 1 << cluster_bits <= len(first):
+            buf = first[: 1 << cluster_bits]
+        elif header_within(first):
+            # Only the first sector is ever written back (write_header_fields).
+            buf = first
+        else:
+            (buf,) = yield [(0, 1 << cluster_bits)]
+    else:
+        buf = first[:META_ALIGN]
+    hdr = parse_header(buf)
+    check_features(hdr, writable)
+    check_tables(hdr)
+    config = config_for(hdr)
+    cs = hdr.cluster_size
+    l1 = None
+    # The L1 and refcount tables in one request: the reader may overlap them.
+    nbytes = hdr.l1_size * 8
+    tables = [(hdr.l1_table_offset, (nbytes + META_ALIGN - 1) & ~(META_ALIGN - 1))]
+    if not hdr.l1_size:
+        tables = []
+    tables.append((hdr.refcount_table_offset, hdr.refcount_table_clusters * cs))
+    raws = yield tables
+    if hdr.l1_size:
+        l1 = u64_be_to_array(memoryview(raws[0])[:nbytes])
+    reftable = u64_be_to_array(raws[-1])
+    snapshots: list[Snapshot] = []
+    table_size = 0
+    if hdr.nb_snapshots:
+        length = 64 * 1024
+        while True:
+            (raw,) = yield [(hdr.snapshots_offset, length)]
+            try:
+                snapshots, table_size = parse_snapshots(raw, hdr.nb_snapshots)
+                break
+            except Qcow2FormatError:
+                if length >= 64 * 1024 * 1024:
+                    raise Qcow2FormatError("Snapshot table too large") from None
+                length *= 4
+    return LoadedMetadata(hdr, bytearray(buf), config, l1, reftable, snapshots, table_size)
+
+
+#: Reads a list of ranges, blocking (in an I/O thread), and returns their bytes.
+BlockingRead = Callable[[list[ReadRequest]], list[bytes]]
+
+
+def read_metadata_blocking(
+    read: BlockingRead, config_for: Callable[[Header], CacheConfig], writable: bool,
+) -> tuple[LoadedMetadata, int, int]:
+    """:func:`read_metadata` over a blocking ``read`` (in an I/O thread):
+    the metadata, and the reads and bytes done (for the file's counters)."""
+    steps = read_metadata(config_for, writable)
+    reads = nbytes = 0
+    try:
+        requests = next(steps)
+        while True:
+            reads += len(requests)
+            nbytes += sum(length for _, length in requests)
+            requests = steps.send(read(requests))
+    except StopIteration as done:
+        loaded: LoadedMetadata = done.value
+    return loaded, reads, nbytes
 
 
 class Qcow2Image(Qcow2State):
@@ -74,55 +176,30 @@ class Qcow2Image(Qcow2State):
         if child is None:
             raise Qcow2FormatError("qcow2 needs a 'file' child")
         file = ImageFile(child)
-        # One read covers the header cluster of the common cluster sizes
-        # (activation does this for every node, so each round trip counts).
-        first = await file.read(0, _FIRST_READ)
-        if len(first) < 72 or first[:4] != b"QFI\xfb":
-            raise Qcow2FormatError("Image is not in qcow2 format")
-        cluster_bits = int.from_bytes(first[20:24], "big")
-        if 9 <= cluster_bits <= 21 and cluster_bits:
-            if 1 << cluster_bits <= len(first):
-                buf = first[: 1 << cluster_bits]
-            else:
-                buf = await file.read(0, 1 << cluster_bits)
-        else:
-            buf = first[:META_ALIGN]
-        header = parse_header(buf)
-        check_features(header, writable)
-        check_tables(header)
-        config = config_for(header)
-        img = cls(node, file, header, bytearray(buf), config)
-        await img._load_tables()
+        steps = read_metadata(config_for, writable)
+        try:
+            requests = next(steps)
+            while True:
+                requests = steps.send([await file.read(*r) for r in requests])
+        except StopIteration as done:
+            loaded: LoadedMetadata = done.value
+        return await cls.from_metadata(node, file, loaded, writable, active)
+
+    @classmethod
+    async def from_metadata(cls, node: BlockNode, file: ImageFile, loaded: LoadedMetadata,
+                            writable: bool, active: bool) -> Qcow2Image:
+        """The image over what :func:`read_metadata` read; cleaned up if writable."""
+        img = cls(node, file, loaded.header, loaded.cluster0, loaded.config)
+        if loaded.l1 is not None:
+            img.l1 = loaded.l1
+        img.refs.reftable = loaded.reftable
+        img.snapshots, img.snapshot_table_size = loaded.snapshots, loaded.snapshot_table_size
+        # An unaligned L1 entry is found (and the image marked corrupt) when
+        # a request uses it, as in QEMU, not at open.
         img.writable = writable and active
         if img.writable:
             await img._open_for_writing()
         return img
-
-    async def _load_tables(self) -> None:
-        hdr = self.header
-        cs = self.cluster_size
-        if hdr.l1_size:
-            nbytes = hdr.l1_size * 8
-            raw = await self.file.read(hdr.l1_table_offset,
-                                       (nbytes + META_ALIGN - 1) & ~(META_ALIGN - 1))
-            self.l1 = u64_be_to_array(memoryview(raw)[:nbytes])
-        self.l1_table_offset = hdr.l1_table_offset
-        raw = await self.file.read(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
-        self.refs.reftable = u64_be_to_array(raw)
-        if hdr.nb_snapshots:
-            length = 64 * 1024
-            while True:
-                raw = await self.file.read(hdr.snapshots_offset, length)
-                try:
-                    self.snapshots, self.snapshot_table_size = parse_snapshots(
-                        raw, hdr.nb_snapshots)
-                    break
-                except Qcow2FormatError:
-                    if length >= 64 * 1024 * 1024:
-                        raise Qcow2FormatError("Snapshot table too large") from None
-                    length *= 4
-        # An unaligned L1 entry is found (and the image marked corrupt) when
-        # a request uses it, as in QEMU, not at open.
 
     async def _open_for_writing(self) -> None:
         hdr = self.header

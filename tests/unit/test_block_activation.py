@@ -1,0 +1,238 @@
+"""activate_all (the migration destination's handover) and the lock bytes, on real files."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpd.block.core import BlockLayer
+from qmpd.block.driver import NodeState, Perm
+from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
+from qmpd.block.qcow2.create import create_image
+from qmpd.errors import BlockDriverError
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def layer() -> AsyncIterator[BlockLayer]:
+    block = BlockLayer()
+    yield block
+    await block.close_all()
+    block.graph.close()
+
+
+def qcow2(tmp_path: Path, name: str) -> dict[str, Any]:
+    path = str(tmp_path / f"{name}.qcow2")
+    create_image(path, 4 * MiB)
+    return {"driver": "qcow2", "node-name": name,
+            "file": {"driver": "file", "node-name": f"{name}-file", "filename": path}}
+
+
+def held_bytes(path: str) -> set[int]:
+    """Lock bytes anyone holds on ``path``, from /proc/locks."""
+    st = os.stat(path)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out: set[int] = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "OFDLCK" in fields and wanted in line:
+                out.update(range(int(fields[-2]), int(fields[-1]) + 1))
+    return out
+
+
+async def test_activate_all_leaves_each_node_whole_and_names_the_failure(
+    tmp_path: Path, layer: BlockLayer, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = await layer.add(qcow2(tmp_path, "good"), inactive=True)
+    broken = await layer.add(qcow2(tmp_path, "broken"), inactive=True)
+    # A raw node over another qcow2 that breaks: three levels, the top one
+    # must not be tried over its failed child.
+    under = qcow2(tmp_path, "under")
+    top = await layer.add({"driver": "raw", "node-name": "top", "file": under}, inactive=True)
+    late = await layer.add(qcow2(tmp_path, "late"), inactive=True)
+    for name in ("broken", "under"):
+        with open(tmp_path / f"{name}.qcow2", "r+b") as f:  # the new owner broke it
+            f.write(b"XXXX")
+    reads_before = late.file.stats.rd_operations if late.file else 0
+    with caplog.at_level(logging.ERROR), pytest.raises(BlockDriverError) as exc:
+        await layer.activate_all()
+    # The first failure from the oldest root, with the node's name in the log.
+    assert exc.value.desc.startswith("Could not reopen qcow2 layer: ")
+    assert broken.state is NodeState.INACTIVE
+    assert broken.activation_error == exc.value.desc
+    assert f"activation of node broken failed: {exc.value.desc}" in caplog.text
+    assert "activation of node under failed" in caplog.text
+    under_node = layer.graph.lookup("under")
+    assert under_node is not None and under_node.state is NodeState.INACTIVE
+    assert top.state is NodeState.INACTIVE and top.activation_error is None
+    # The others are active all the way down and usable.
+    for node in (good, late):
+        assert node.state is NodeState.ACTIVE and node.file is not None
+        assert node.file.state is NodeState.ACTIVE
+        assert node.stats.invalidations == 1
+        await node.write(0, b"w" * 512)
+        assert await node.read(0, 512) == b"w" * 512
+    # Header, L1 table and refcount table, counted on the file child.
+    assert late.file is not None and late.file.stats.rd_operations >= reads_before + 3
+    assert held_bytes(str(tmp_path / "good.qcow2")) == {100, 101, 103, 201, 203}
+    # Repaired, a second activate_all finishes the job.
+    for name in ("broken", "under"):
+        with open(tmp_path / f"{name}.qcow2", "r+b") as f:
+            f.write(b"QFI\xfb")
+    await layer.activate_all()
+    assert all(node.active for node in layer.graph.all_nodes())
+    assert broken.activation_error is None
+
+
+async def test_cancelled_activation_leaves_nodes_whole(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    nodes = [await layer.add(qcow2(tmp_path, f"c{i}"), inactive=True) for i in range(6)]
+    task = asyncio.create_task(layer.activate_all())
+    # Cancelled once the file nodes' wave has begun, the qcow2 ones' not done.
+    while not any(node.file is not None and node.file.active for node in nodes):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for node in layer.graph.all_nodes():
+        if node.active:
+            assert node.stats.invalidations == 1 and node.activation_error is None
+        else:
+            assert node.state is NodeState.INACTIVE
+    assert any(not node.active for node in nodes)
+    # Nothing half-done: activating again finishes it, and the images read.
+    await layer.activate_all()
+    for node in nodes:
+        assert node.active and node.stats.invalidations == 1
+        assert await node.read(0, 512) == bytes(512)
+
+
+async def test_activate_all_reloads_shared_children_once(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    base = await layer.add(qcow2(tmp_path, "base") | {"read-only": True}, inactive=True)
+    tops = []
+    for i in range(3):
+        options = qcow2(tmp_path, f"top{i}") | {"backing": "base"}
+        tops.append(await layer.add(options, inactive=True))
+    await layer.activate_all()
+    assert base.stats.invalidations == 1
+    assert all(top.active and top.stats.invalidations == 1 for top in tops)
+
+
+async def test_a_header_reaching_past_the_first_read_is_read_whole(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """The header is read in one small read; extensions or a backing file name
+    further into the first cluster make the loader read all of it."""
+    path = tmp_path / "far.qcow2"
+    create_image(str(path), 4 * MiB)
+    data = bytearray(path.read_bytes())
+    start = int.from_bytes(data[100:104], "big")
+    ext = (0x12345678).to_bytes(4, "big") + (5000).to_bytes(4, "big") + bytes(5000)
+    ext += (0xE2792ACA).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"qcow2" + bytes(3)
+    ext += bytes(8)
+    name = b"base-image-far-away.qcow2"
+    data[start:start + len(ext)] = ext
+    data[12000:12000 + len(name)] = name
+    data[8:16] = (12000).to_bytes(8, "big")
+    data[16:20] = len(name).to_bytes(4, "big")
+    path.write_bytes(data)
+    options = {"driver": "qcow2", "node-name": "far", "backing": None,
+               "file": {"driver": "file", "filename": str(path)}}
+    node = await layer.add(options, inactive=True)
+    assert node.driver.raw_backing_file_name() == name.decode()
+    assert node.driver.backing_format() == "qcow2"
+    await layer.activate_all()
+    assert node.active
+    assert node.driver.raw_backing_file_name() == name.decode()
+    assert node.driver.backing_format() == "qcow2"
+
+
+# --- lock bytes ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_fds(tmp_path: Path) -> Iterator[tuple[str, int, int]]:
+    path = str(tmp_path / "locked.img")
+    Path(path).write_bytes(bytes(4096))
+    ours = os.open(path, os.O_RDWR)
+    other = os.open(path, os.O_RDWR)  # another open file: its OFD locks conflict
+    yield path, ours, other
+    os.close(ours)
+    os.close(other)
+
+
+def take(fd: int, offset: int) -> None:
+    fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
+
+
+READ_WRITE = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+SHARES = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
+def test_locks_in_runs_leave_the_bytes_qemu_takes(image_fds: tuple[str, int, int]) -> None:
+    path, ours, _ = image_fds
+    lock = ImageLock(ours)
+    lock.update(Perm.CONSISTENT_READ, Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED)
+    assert held_bytes(path) == {100, 203}
+    lock.update(READ_WRITE, SHARES)
+    assert held_bytes(path) == {100, 101, 103, 201, 203}
+    lock.update(Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE, 0)
+    assert held_bytes(path) == {100, 101, 102, 103, 200, 201, 202, 203}
+    lock.update(Perm.WRITE_UNCHANGED, Perm.CONSISTENT_READ | Perm.RESIZE)
+    assert held_bytes(path) == {102, 201, 202}
+    lock.release()
+    assert held_bytes(path) == set()
+
+
+def test_a_byte_inside_the_tested_span_that_does_not_matter(
+    image_fds: tuple[str, int, int]
+) -> None:
+    path, ours, other = image_fds
+    # Someone writes unchanged data (102) and shares everything: a writer that
+    # unshares write and resize (101 and 103 tested as one span) still gets in.
+    take(other, 102)
+    lock = ImageLock(ours)
+    lock.update(READ_WRITE, SHARES)
+    assert held_bytes(path) == {100, 101, 102, 103, 201, 203}
+    lock.release()
+
+
+@pytest.mark.parametrize(("byte", "message"), [
+    (200, 'Failed to get "consistent read" lock'),
+    (201, 'Failed to get "write" lock'),
+    (203, 'Failed to get "resize" lock'),
+    (101, 'Failed to get shared "write" lock'),
+    (103, 'Failed to get shared "resize" lock'),
+])
+def test_conflicts_give_qemus_texts_and_change_nothing(
+    image_fds: tuple[str, int, int], byte: int, message: str
+) -> None:
+    path, ours, other = image_fds
+    take(other, byte)
+    lock = ImageLock(ours)
+    with pytest.raises(LockError) as exc:
+        lock.update(READ_WRITE, SHARES)
+    assert str(exc.value) == message
+    assert held_bytes(path) == {byte}
+    assert (lock.held, lock.unshared) == (0, 0)
+
+
+def test_the_first_conflict_in_qemus_order_is_named(image_fds: tuple[str, int, int]) -> None:
+    _, ours, other = image_fds
+    for byte in (203, 101, 201):
+        take(other, byte)
+    with pytest.raises(LockError) as exc:
+        ImageLock(ours).update(READ_WRITE, SHARES)
+    assert str(exc.value) == 'Failed to get "write" lock'
