@@ -128,8 +128,20 @@ def _fast(value: Any, out: list[str], depth: int) -> None:
         else:
             depth += 1
             for key, prefix in _plan(tuple(value)):
-                emit(prefix)
-                _fast(value[key], out, depth)
+                item = value[key]
+                kind = item.__class__
+                # Scalar members inline: most members are, and a call costs.
+                if kind is str and item.isascii() and item.isprintable() and (
+                    '"' not in item and "\\" not in item
+                ):
+                    emit(prefix + '"' + item + '"')
+                elif kind is int:
+                    emit(prefix + str(item))
+                elif kind is bool:
+                    emit(prefix + ("true" if item else "false"))
+                else:
+                    emit(prefix)
+                    _fast(item, out, depth)
             emit("}")
     elif cls is list or cls is tuple:
         if not value:
