@@ -15,30 +15,31 @@ Integers carry ``x-qapi-type`` (``int``, ``int8`` … ``uint64``, ``size``)
 so that range errors read as QEMU's; alternates carry ``x-qapi-alternate``
 with their QAPI type name and list their branches under ``anyOf``.
 
-Validation uses jsonschema validators built once at start-up.  QEMU reports
-only the first error its visitor meets (schema member order, depth first,
-unexpected members after the known ones), so every jsonschema error is
-given a position in that order and the earliest one is translated.
+Validation first runs a check compiled from the schema
+(:mod:`qmpd.schema_check`, built per command on first use), which only
+says valid or not.  Input it rejects goes to jsonschema (imported then, not
+at start-up) for the errors: QEMU reports only the first error its visitor
+meets (schema member order, depth first, unexpected members after the known
+ones), so every jsonschema error is given a position in that order and the
+earliest one is translated.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import jsonschema
-import referencing
-import referencing.jsonschema
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from qmpd.errors import ArgumentError
 from qmpd.ghash import first_unexpected
 from qmpd.qmp.encode import qdict_order
+from qmpd.schema_check import Check, Compiler
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
 
 _BASE_URI = "file:///qmpd-schema/"
 _DEFS_PREFIX = "#/$defs/"
@@ -81,11 +82,24 @@ def _is_number(_checker: object, instance: object) -> bool:
     return isinstance(instance, (int, float)) and not isinstance(instance, bool)
 
 
-# QAPI never takes 2.0 for an integer, unlike JSON Schema.
-_TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
-    {"integer": _is_int, "number": _is_number}
-)
-QMPValidator = jsonschema.validators.extend(Draft202012Validator, type_checker=_TYPE_CHECKER)
+_QMP_VALIDATOR: Any = None
+
+
+def qmp_validator_class() -> Any:
+    """jsonschema's 2020-12 validator with QAPI's integers (imported on first use)."""
+    global _QMP_VALIDATOR
+    if _QMP_VALIDATOR is None:
+        import jsonschema
+        from jsonschema import Draft202012Validator
+
+        # QAPI never takes 2.0 for an integer, unlike JSON Schema.
+        checker = Draft202012Validator.TYPE_CHECKER.redefine_many(
+            {"integer": _is_int, "number": _is_number}
+        )
+        _QMP_VALIDATOR = jsonschema.validators.extend(
+            Draft202012Validator, type_checker=checker
+        )
+    return _QMP_VALIDATOR
 
 
 def schema_dir() -> Path:
@@ -98,84 +112,95 @@ def schema_dir() -> Path:
 
 @dataclass
 class CommandSchema:
-    """One command: its argument and result schemas and their validators."""
+    """One command: its argument and result schemas."""
 
     name: str
     arguments: dict[str, Any]
     returns: dict[str, Any] | None
     allow_oob: bool
     module: str
-    arguments_validator: Any = field(repr=False)
-    returns_validator: Any = field(repr=False)
     takes_arguments: bool = True
 
 
 @dataclass
 class EventSchema:
-    """One event and the validator of its data (None when it has no data)."""
+    """One event and its data schema (None when it has no data)."""
 
     name: str
     data: dict[str, Any] | None
     module: str
-    data_validator: Any = field(repr=False)
 
 
 class Schema:
-    """All commands, events and types, with validators built once."""
+    """All commands, events and types; checks compiled and validators built on first use."""
 
     def __init__(self, root: Path | None = None) -> None:
         root = root or schema_dir()
         self.root = root
         self.types: dict[str, dict[str, Any]] = {}
-        resources_: list[tuple[str, referencing.Resource[Any]]] = []
+        self._type_docs: dict[str, dict[str, Any]] = {}
         for path in sorted(root.glob("types*.json")):
             types_doc = json.loads(path.read_text())
             for name, definition in types_doc["$defs"].items():
                 if name in self.types:
                     raise ValueError(f"type {name} defined twice (again in {path.name})")
                 self.types[name] = definition
-            resource = referencing.jsonschema.DRAFT202012.create_resource(types_doc)
-            resources_.append((_BASE_URI + path.name, resource))
+            self._type_docs[path.name] = types_doc
         self.commands: dict[str, CommandSchema] = {}
         self.events: dict[str, EventSchema] = {}
-        raw_commands = [
-            (path, json.loads(path.read_text()))
-            for path in sorted((root / "commands").glob("*.json"))
-        ]
-        raw_events = [
-            (path, json.loads(path.read_text()))
-            for path in sorted((root / "events").glob("*.json"))
-        ]
-        registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources_)
-        self._registry = registry
-        for _path, doc in raw_commands:
+        for path in sorted((root / "commands").glob("*.json")):
+            doc = json.loads(path.read_text())
             name = doc["command"]
             args = doc.get("arguments") or {"type": "object", "additionalProperties": False}
-            returns = doc.get("returns")
             self.commands[name] = CommandSchema(
                 name=name,
                 arguments=args,
-                returns=returns,
+                returns=doc.get("returns"),
                 allow_oob=bool(doc.get("allow-oob", False)),
                 module=doc.get("module", ""),
-                arguments_validator=self._validator(f"commands/{name}.json", args),
-                returns_validator=self._validator(f"commands/{name}.json", returns)
-                if returns is not None
-                else None,
                 takes_arguments=self._takes_arguments(args),
             )
-        for _path, doc in raw_events:
+        for path in sorted((root / "events").glob("*.json")):
+            doc = json.loads(path.read_text())
             name = doc["event"]
-            data = doc.get("data")
             self.events[name] = EventSchema(
-                name=name,
-                data=data,
-                module=doc.get("module", ""),
-                data_validator=self._validator(f"events/{name}.json", data)
-                if data is not None
-                else None,
+                name=name, data=doc.get("data"), module=doc.get("module", "")
             )
+        self._compiler = Compiler(
+            {file: doc["$defs"] for file, doc in self._type_docs.items()}
+        )
+        #: Compiled checks and jsonschema validators by (kind, name), built on first use.
+        self._checks: dict[tuple[str, str], Check] = {}
+        self._validators: dict[tuple[str, str], Any] = {}
+        self._registry: Any = None
         self._introspection: list[dict[str, Any]] | None = None
+
+    def _schema_of(self, kind: str, name: str) -> tuple[str, dict[str, Any]]:
+        if kind == "event":
+            data = self.events[name].data
+            assert data is not None
+            return f"events/{name}.json", data
+        cmd = self.commands[name]
+        schema = cmd.arguments if kind == "arguments" else cmd.returns
+        assert schema is not None
+        return f"commands/{name}.json", schema
+
+    def check(self, kind: str, name: str) -> Check:
+        """The compiled accept/reject check of a command's ``arguments`` or
+        ``returns``, or of an ``event``'s data."""
+        check = self._checks.get((kind, name))
+        if check is None:
+            relpath, schema = self._schema_of(kind, name)
+            check = self._checks[(kind, name)] = self._compiler.compile(schema, relpath).check
+        return check
+
+    def validator(self, kind: str, name: str) -> Any:
+        """jsonschema's validator for the same schema (imports jsonschema)."""
+        validator = self._validators.get((kind, name))
+        if validator is None:
+            relpath, schema = self._schema_of(kind, name)
+            validator = self._validators[(kind, name)] = self._validator(relpath, schema)
+        return validator
 
     def _takes_arguments(self, args: dict[str, Any]) -> bool:
         resolved = self.resolve(args)
@@ -192,10 +217,19 @@ class Schema:
         return props
 
     def _validator(self, relpath: str, schema: dict[str, Any]) -> Any:
+        if self._registry is None:
+            import referencing
+            import referencing.jsonschema
+
+            self._registry = referencing.Registry().with_resources(
+                (_BASE_URI + file, referencing.jsonschema.DRAFT202012.create_resource(doc))
+                for file, doc in self._type_docs.items()
+            )
+        cls = qmp_validator_class()
         wrapped = dict(schema)
         wrapped["$id"] = _BASE_URI + relpath
-        QMPValidator.check_schema(wrapped)
-        return QMPValidator(wrapped, registry=self._registry)
+        cls.check_schema(wrapped)
+        return cls(wrapped, registry=self._registry)
 
     # --- references --------------------------------------------------------
 
@@ -221,25 +255,31 @@ class Schema:
         cmd = self.commands[command]
         if not arguments and not cmd.takes_arguments:
             return
-        errors = list(cmd.arguments_validator.iter_errors(arguments))
+        if self.check("arguments", command)(arguments):
+            return
+        errors = list(self.validator("arguments", command).iter_errors(arguments))
         if errors:
             raise ArgumentError(self._first_error(cmd.arguments, arguments, errors))
 
     def validate_returns(self, command: str, value: Any) -> list[str]:
         """Problems with a command's return value (empty when it conforms)."""
         cmd = self.commands[command]
-        if cmd.returns_validator is None:
+        if cmd.returns is None:
             return [] if value == {} else [f"{command} returns no data, got {value!r}"]
-        return [e.message for e in cmd.returns_validator.iter_errors(value)]
+        if self.check("returns", command)(value):
+            return []
+        return [e.message for e in self.validator("returns", command).iter_errors(value)]
 
     def validate_event(self, event: str, data: Any) -> list[str]:
         """Problems with an event's data (empty when it conforms)."""
         ev = self.events.get(event)
         if ev is None:
             return [f"unknown event {event}"]
-        if ev.data_validator is None:
+        if ev.data is None:
             return [] if data is None else [f"{event} has no data, got {data!r}"]
-        return [e.message for e in ev.data_validator.iter_errors(data)]
+        if self.check("event", event)(data):
+            return []
+        return [e.message for e in self.validator("event", event).iter_errors(data)]
 
     def _first_error(
         self, schema: dict[str, Any], instance: Any, errors: list[ValidationError]

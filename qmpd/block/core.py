@@ -328,7 +328,8 @@ class BlockLayer:
         return [self.device_info(node, flat) for node in self.graph.newest_first()]
 
     def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
-        image = self.image_info(node, flat)
+        filename = refresh_filename(node)
+        image = self.image_info(node, flat, filename)
         # QEMU counts the chain only while it walks it for the nested image
         # info (a flat query reports 0), through backing links and filters
         # (bdrv_filter_or_cow_bs).
@@ -339,7 +340,7 @@ class BlockLayer:
             backing = backing.driver.status_fallback()
         # Members in QAPI order: QEMU's output order depends on it.
         info: dict[str, Any] = {
-            "file": refresh_filename(node),
+            "file": filename,
             "node-name": node.node_name,
             "ro": node.read_only,
             "drv": node.driver.format_name,
@@ -369,11 +370,13 @@ class BlockLayer:
         )
         return info
 
-    def image_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
+    def image_info(
+        self, node: BlockNode, flat: bool, filename: str | None = None
+    ) -> dict[str, Any]:
         driver = node.driver
         extra = driver.image_info()
         image: dict[str, Any] = {
-            "filename": refresh_filename(node),
+            "filename": refresh_filename(node) if filename is None else filename,
             "format": driver.format_name,
         }
         if "dirty-flag" in extra:

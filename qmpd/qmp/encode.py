@@ -84,8 +84,86 @@ def _number(value: float) -> str:
 def encode(value: Any, pretty: bool = False) -> str:
     """Serialise ``value`` as QEMU's JSON writer would (no trailing newline)."""
     parts: list[str] = []
-    _write(value, parts, pretty)
+    if pretty:
+        _write(value, parts, pretty)
+    else:
+        _fast(value, parts, 0)
     return "".join(parts)
+
+
+#: Per key tuple (insertion order): the members in QEMU's order, each with the
+#: text that precedes its value ('{"key": ' for the first, ', "key": ' after).
+_PLANS: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+_PLANS_MAX = 4096
+#: Deeper than this, the iterative writer takes over (Python's recursion limit).
+_FAST_DEPTH = 64
+
+
+def _plan(keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    plan = _PLANS.get(keys)
+    if plan is None:
+        plan = []
+        for key in qdict_order(list(keys)):
+            plan.append((key, ("{" if not plan else ", ") + quote_string(key) + ": "))
+        if len(_PLANS) < _PLANS_MAX:
+            _PLANS[keys] = plan
+    return plan
+
+
+def _fast(value: Any, out: list[str], depth: int) -> None:
+    # The compact writer, recursive (a call per value, not per step); what
+    # it does not know exactly (subclasses, deep nesting) goes to _write.
+    emit = out.append
+    cls = value.__class__
+    if cls is str:
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            emit('"' + value + '"')
+        else:
+            emit(quote_string(value))
+    elif cls is dict:
+        if not value:
+            emit("{}")
+        elif depth > _FAST_DEPTH:
+            _write(value, out, False)
+        else:
+            depth += 1
+            for key, prefix in _plan(tuple(value)):
+                item = value[key]
+                kind = item.__class__
+                # Scalar members inline: most members are, and a call costs.
+                if kind is str and item.isascii() and item.isprintable() and (
+                    '"' not in item and "\\" not in item
+                ):
+                    emit(prefix + '"' + item + '"')
+                elif kind is int:
+                    emit(prefix + str(item))
+                elif kind is bool:
+                    emit(prefix + ("true" if item else "false"))
+                else:
+                    emit(prefix)
+                    _fast(item, out, depth)
+            emit("}")
+    elif cls is list or cls is tuple:
+        if not value:
+            emit("[]")
+        elif depth > _FAST_DEPTH:
+            _write(value, out, False)
+        else:
+            depth += 1
+            sep = "["
+            for item in value:
+                emit(sep)
+                sep = ", "
+                _fast(item, out, depth)
+            emit("]")
+    elif cls is bool:
+        emit("true" if value else "false")
+    elif cls is int:
+        emit(str(value))
+    elif value is None:
+        emit("null")
+    else:
+        _write(value, out, False)
 
 
 def _scalar(value: Any) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from qmpd.qmp.encode import encode, encode_message, qdict_order
+from qmpd.qmp.encode import _write, encode, encode_message, qdict_order
 
 
 @pytest.mark.parametrize(
@@ -68,3 +71,34 @@ def test_pretty_output_uses_crlf_and_qemu_layout() -> None:
     assert raw == b'{\r\n    "return": {\r\n    }\r\n}\r\n'
     raw = encode_message({"return": [1, 2]}, pretty=True)
     assert raw == b'{\r\n    "return": [\r\n        1,\r\n        2\r\n    ]\r\n}\r\n'
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=5),
+    max_leaves=30,
+)
+
+
+def _iterative(value: object) -> str:
+    parts: list[str] = []
+    _write(value, parts, False)
+    return "".join(parts)
+
+
+@given(_JSON)
+def test_compact_writer_matches_the_iterative_one(value: object) -> None:
+    """The recursive compact writer (issue 10) writes exactly what the
+    iterative writer, which the transcripts were checked against, writes."""
+    assert encode(value) == _iterative(value)
+    assert encode([value, {"k": value}]) == _iterative([value, {"k": value}])
+
+
+def test_compact_writer_deep_nesting_and_subclasses() -> None:
+    deep: object = {"a": 1}
+    for i in range(3000):
+        deep = [deep] if i % 2 else {"x": deep, "y": "z"}
+    assert encode(deep) == _iterative(deep)
+    assert encode(OrderedDict(b=1, a=[True, None])) == '{"a": [true, null], "b": 1}'
+    assert encode((1, "x")) == '[1, "x"]'
