@@ -30,18 +30,33 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 _TMPFS_MAGIC = 0x01021994
+_LOCAL_FILESYSTEMS = frozenset({
+    0xEF53,  # ext2, ext3, ext4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0xF2F52010,  # f2fs
+    _TMPFS_MAGIC,
+})
 #: Largest request done on the event loop itself for a memory-backed file.
 _INLINE_MAX = 1 << 20
 
 
-def _memory_backed(fd: int) -> bool:
-    """Whether ``fd`` is on tmpfs, where I/O is a memory copy that never waits
-    for a device: such requests skip the thread pool (a hop costs more than
-    the copy)."""
+def _filesystem_type(fd: int) -> int:
+    """The magic number of the filesystem ``fd`` lies on (statfs's f_type), 0 if unknown."""
     buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
     if _libc.fstatfs(fd, buf) != 0:
-        return False
-    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little") == _TMPFS_MAGIC
+        return 0
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little")
+
+
+def page_cache_is_shared(fs_type: int) -> bool:
+    """Whether every writer of a regular file on this filesystem goes through
+    this host's page cache, so that no page of it can be stale here.
+
+    True only for local filesystems (ext2/3/4, xfs, btrfs, f2fs, tmpfs); a
+    network, cluster or FUSE filesystem may be written by another host.
+    """
+    return fs_type in _LOCAL_FILESYSTEMS
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
@@ -148,6 +163,9 @@ class FileDriver(BlockDriver):
         self.fd = -1
         self.lock: ImageLock | None = None
         self.drop_cache = True
+        # drop-cache given explicitly: drop even where the page cache is shared.
+        self._drop_cache_asked = False
+        self._shared_page_cache = False
         self._size = 0
         self._inline = False
         # Write generations: what has been written, and what is known stable.
@@ -162,24 +180,28 @@ class FileDriver(BlockDriver):
     async def open(self, options: dict[str, Any]) -> None:
         node = self.node
         self.path = options["filename"]
-        self.drop_cache = options.get("drop-cache", True)
+        asked = options.get("drop-cache")
+        self.drop_cache = True if asked is None else bool(asked)
+        self._drop_cache_asked = asked is not None
         locking = options.get("locking", "auto")
         flags = os.O_CLOEXEC | (os.O_RDONLY if node.read_only else os.O_RDWR)
         if node.cache_direct:
             flags |= os.O_DIRECT
         auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
         # Open, check and size the file in one I/O-thread job (one hop per node).
-        self.fd, self._flags, self._size, inline, lockable = await node.graph.run_io(
+        self.fd, self._flags, self._size, fs_type, lockable = await node.graph.run_io(
             self._open_blocking, flags, auto_read_only, locking == "auto")
-        self._inline = inline and not node.cache_direct
+        self._inline = fs_type == _TMPFS_MAGIC and not node.cache_direct
+        self._shared_page_cache = page_cache_is_shared(fs_type)
         self._auto_read_only = auto_read_only
         if locking == "on" or (locking == "auto" and lockable):
             self.lock = ImageLock(self.fd)
 
     def _open_blocking(
         self, flags: int, auto_read_only: bool, probe_locks: bool
-    ) -> tuple[int, int, int, bool, bool]:
-        """In an I/O thread: (fd, flags, size, memory-backed, OFD locks work)."""
+    ) -> tuple[int, int, int, int, bool]:
+        """In an I/O thread: (fd, flags, size, filesystem type of a regular file
+        or 0, OFD locks work)."""
         try:
             fd = os.open(self.path, flags)
         except OSError as exc:
@@ -199,7 +221,9 @@ class FileDriver(BlockDriver):
                                        errno.EISDIR)
             self._check_type(st.st_mode)
             size = self._length(fd, st)
-            return fd, flags, size, _memory_backed(fd), probe_locks and ofd_locks_available(fd)
+            # A device node's filesystem (devtmpfs) says nothing of its data.
+            fs_type = _filesystem_type(fd) if stat.S_ISREG(st.st_mode) else 0
+            return fd, flags, size, fs_type, probe_locks and ofd_locks_available(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -401,7 +425,12 @@ class FileDriver(BlockDriver):
             return None
         fd = self.fd
         dirty = self._writes != self._flushed
-        drop = self.drop_cache and not self.node.cache_direct
+        # Where every writer shares this host's page cache (a local filesystem:
+        # the handover is between two daemons on this host), none of its pages
+        # can be stale and dropping them would only make the re-reads go to the
+        # disk; QEMU 7.2 drops them anyway (README: differences).
+        drop = (self.drop_cache and not self.node.cache_direct
+                and (self._drop_cache_asked or not self._shared_page_cache))
         length = self._length
 
         def refresh() -> int:
