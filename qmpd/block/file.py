@@ -425,12 +425,7 @@ class FileDriver(BlockDriver):
             return None
         fd = self.fd
         dirty = self._writes != self._flushed
-        # Where every writer shares this host's page cache (a local filesystem:
-        # the handover is between two daemons on this host), none of its pages
-        # can be stale and dropping them would only make the re-reads go to the
-        # disk; QEMU 7.2 drops them anyway (README: differences).
-        drop = (self.drop_cache and not self.node.cache_direct
-                and (self._drop_cache_asked or not self._shared_page_cache))
+        drop = self._drops_page_cache()
         length = self._length
 
         def refresh() -> int:
@@ -450,6 +445,14 @@ class FileDriver(BlockDriver):
 
         return CacheReload(refresh, finish)
 
+    def _drops_page_cache(self) -> bool:
+        # Where every writer shares this host's page cache (a local filesystem:
+        # the handover is between two daemons on this host), none of its pages
+        # can be stale and dropping them would only make the re-reads go to the
+        # disk; QEMU 7.2 drops them anyway (README: differences).
+        return (self.drop_cache and not self.node.cache_direct
+                and (self._drop_cache_asked or not self._shared_page_cache))
+
     def reads_inline(self) -> bool:
         return self._inline
 
@@ -459,7 +462,8 @@ class FileDriver(BlockDriver):
         fd = self.fd
         if self.node.cache_direct:
             return lambda ranges: [_direct_pread(fd, n, offset) for offset, n in ranges]
-        if self._inline:  # memory: nothing to read ahead
+        if self._inline or not self._drops_page_cache():
+            # memory, or a page cache kept at activation: nothing to read ahead
             return lambda ranges: [_pread_full(fd, n, offset) for offset, n in ranges]
         return lambda ranges: _pread_ranges(fd, ranges)
 
