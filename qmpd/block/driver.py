@@ -493,6 +493,15 @@ class BlockDriver(ABC):
         """Flush caches and mark the image clean; no writes after this."""
         await self.flush()
 
+    def has_pending_writes(self) -> bool:
+        """Whether :meth:`flush` or :meth:`inactivate` may write or sync anything.
+
+        A scheduling hint only (the graph gives such nodes' trees a task each,
+        so that their I/O overlaps); both are called whatever it says.  A node
+        speaks for itself, not for its children.  Unknown, so True, by default.
+        """
+        return True
+
     async def invalidate_cache(self) -> None:
         """Drop and reload all cached mutable metadata (the node is inactive)."""
         return None

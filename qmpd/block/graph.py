@@ -85,6 +85,15 @@ def _drop_event(name: str, data: dict[str, Any]) -> None:
     """The event hook of a graph without a daemon."""
 
 
+def _serial(node: BlockNode) -> int:
+    return node.serial
+
+
+def _has_pending_writes(members: list[BlockNode]) -> bool:
+    """Whether flushing or inactivating these nodes may wait for I/O."""
+    return any(node.active and node.driver.has_pending_writes() for node in members)
+
+
 class BlockGraph:
     """All nodes of the daemon, in creation order, and the I/O thread pool."""
 
@@ -372,49 +381,81 @@ class BlockGraph:
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
+        ordered = sorted(self.nodes.values(), key=_serial)
         group: dict[int, int] = {}
         members: list[list[BlockNode]] = []
-        for node in sorted(self.nodes.values(), key=lambda n: n.serial):
+        roots: list[list[BlockNode]] = []
+        for node in ordered:
             if id(node) in group:
                 continue
             index = len(members)
-            found: list[BlockNode] = []
-            stack = [node]
             group[id(node)] = index
+            if not node.children and not node.parents:
+                # A lone node (no edges at all) is a tree of its own.
+                members.append([node])
+                roots.append([])
+                continue
+            found = [node]
+            stack = [node]
             while stack:
                 current = stack.pop()
-                found.append(current)
-                neighbours = [e.child for e in current.children.values()]
-                neighbours += [e.parent for e in current.parents if e.parent is not None]
-                for other in neighbours:
+                for edge in current.children.values():
+                    other = edge.child
                     if id(other) not in group:
                         group[id(other)] = index
+                        found.append(other)
                         stack.append(other)
+                for edge in current.parents:
+                    parent = edge.parent
+                    if parent is not None and id(parent) not in group:
+                        group[id(parent)] = index
+                        found.append(parent)
+                        stack.append(parent)
+            found.sort(key=_serial, reverse=True)
             members.append(found)
-        roots: list[list[BlockNode]] = [[] for _ in members]
-        for root in self.roots():
-            roots[group[id(root)]].append(root)
-        return [
-            (roots[i], sorted(found, key=lambda n: n.serial, reverse=True))
-            for i, found in enumerate(members)
-        ]
+            roots.append([])
+        # Roots in creation order (as roots()), each in its own tree.
+        for node in ordered:
+            if all(edge.parent is None for edge in node.parents):
+                roots[group[id(node)]].append(node)
+        return list(zip(roots, members, strict=True))
 
     async def _per_tree(
         self, work: Callable[[list[BlockNode], list[BlockNode]], Awaitable[None]]
     ) -> None:
         """Run ``work`` on every tree; separate trees share nothing, so side by side.
 
-        The first error, in creation order, is raised once every tree is done.
+        Only trees with something to write or sync (:meth:`BlockDriver.has_pending_writes`)
+        get a task each, to wait for their I/O together; the others, which
+        would finish without waiting, run one after another in this task
+        (the hint only decides this: every tree gets the same work).  The
+        first error, in creation order, is raised once every tree is done.
         """
         trees = self.trees()
-        if len(trees) <= 1:
-            for roots, members in trees:
-                await work(roots, members)
-            return
-        results = await asyncio.gather(*(work(r, m) for r, m in trees), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors: list[BaseException | None] = [None] * len(trees)
+        busy = [i for i, (_, members) in enumerate(trees) if _has_pending_writes(members)]
+        waiting: asyncio.Future[list[BaseException | None]] | None = None
+        if busy and len(trees) > 1:
+            waiting = asyncio.gather(*(work(*trees[i]) for i in busy), return_exceptions=True)
+        busy_set = set(busy)
+        try:
+            for i, (roots, members) in enumerate(trees):
+                if waiting is not None and i in busy_set:
+                    continue
+                try:
+                    await work(roots, members)
+                except Exception as exc:
+                    errors[i] = exc
+            if waiting is not None:
+                for i, result in zip(busy, await waiting, strict=True):
+                    errors[i] = result
+        except BaseException:
+            if waiting is not None:
+                waiting.cancel()
+            raise
+        for error in errors:
+            if error is not None:
+                raise error
 
     async def inactivate_all(self) -> None:
         """Inactivate every node, parents first inside a tree, trees concurrently."""

@@ -116,6 +116,7 @@ class OutgoingMigration:
         self._bytes_at_start = 0
         self._window_end = 0.0
         self._window_used = 0
+        self._bytes_out = metrics.migration_bytes.labels("out")
 
     @property
     def capabilities(self) -> dict[str, bool]:
@@ -243,37 +244,24 @@ class OutgoingMigration:
             was_running = runstate_at_switchover == RunState.RUNNING
             stop_time = time.monotonic()
             stopped = True
+            pause = self.capabilities["pause-before-switchover"]
             # Under the graph lock: a cont already under way finishes first, and
-            # one that comes later sees finish-migrate.
+            # one that comes later sees finish-migrate.  Without a pause nothing
+            # comes between the stop and the inactivation: one hold covers both.
             async with self.block.lock.held():
-                await self._stop_for_switchover()
-            flushed = time.monotonic()
-            if self.capabilities["pause-before-switchover"]:
+                await self._stop_for_switchover(pause)
+                if not pause:
+                    inactivated = True  # if it fails, some nodes may be: re-activate them all
+                    await self._inactivate(stop_time)
+            if pause:
                 self._set(_S.PRE_SWITCHOVER)
                 await self.continue_event.wait()
                 self._check_cancel()
                 self._set(_S.DEVICE)
-            self._check_cancel()
-            # QEMU 7.2 completes its iterable state (ram: the pass-2 sync) before
-            # it inactivates the images, so pass 2 is announced even if that fails.
-            if self.capabilities["events"]:
-                self.events.emit("MIGRATION_PASS", {"pass": 2})
-            inactivating = time.monotonic()
-            try:
+                self._check_cancel()
+                inactivated = True
                 async with self.block.lock.held():
-                    await self.block.inactivate_all()
-            except Exception as exc:
-                inactivated = True  # some nodes may be: re-activate them all
-                # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
-                # the reason too (query-migrate, log, /ready).
-                logs.write_raw(
-                    f"{logs.ERROR}: qemu_savevm_state_complete_precopy_non_iterable: "
-                    "bdrv_inactivate_all() failed (-1)"
-                )
-                raise _Failed(self._inactivation_failure(exc)) from None
-            inactivated = True
-            log.info("migration switchover: flush %.1f ms, inactivation %.1f ms",
-                     (flushed - stop_time) * 1000, (time.monotonic() - inactivating) * 1000)
+                    await self._inactivate(stop_time)
             # The downtime phase is never rate-limited (QEMU lifts the limit too).
             await self._send(channel, writer.complete(runstate_at_switchover.value),
                              throttled=False)
@@ -290,8 +278,13 @@ class OutgoingMigration:
                 finally:
                     self.awaiting_shut = False
                 self._check_cancel()  # a SHUT still buffered when the cancel came
-            await channel.close()
-            self.channel = None
+            # As QEMU 7.2, completed once everything is written, and the channel
+            # closed after: at once if the kernel has every byte, else (bytes
+            # still queued here, or an exec: command to wait for) first.
+            sent = channel.process is None and channel.write_buffer_empty()
+            if not sent:
+                await channel.close()
+                self.channel = None
             now = time.monotonic()
             self.downtime = _ms(now - stop_time)
             self.total_time = _ms(now - self.start_time)
@@ -299,6 +292,9 @@ class OutgoingMigration:
             self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
+            if sent:
+                self.channel = None
+                await channel.close()
             log.info("migration completed: %d block nodes handed over in %d ms "
                      "(downtime %d ms); the source is in postmigrate",
                      len(self.block.graph.nodes), self.total_time, self.downtime)
@@ -370,7 +366,7 @@ class OutgoingMigration:
             except (ConnectionError, OSError) as exc:
                 raise ChannelError(channel.write_error(exc)) from None
             self.bytes_sent += len(part)
-            self.metrics.migration_bytes.labels("out").inc(len(part))
+            self._bytes_out.inc(len(part))
 
     async def _wait_for_shut(self, channel: Channel) -> None:
         """With a return path, the destination says SHUT once it has loaded everything.
@@ -404,7 +400,7 @@ class OutgoingMigration:
         logs.write_raw(f"{logs.ERROR}: {reason}")
         return _Failed(None, reason)
 
-    async def _stop_for_switchover(self) -> None:
+    async def _stop_for_switchover(self, pause: bool) -> None:
         vm = self.vm
         if vm.state == RunState.RUNNING:
             vm.set_state(RunState.FINISH_MIGRATE)
@@ -416,8 +412,30 @@ class OutgoingMigration:
         # otherwise inactivation, which flushes every node it inactivates, comes
         # next with nothing in between, and a flush here would only double the
         # fdatasync calls in the downtime.
-        if self.capabilities["pause-before-switchover"]:
+        if pause:
             await self.block.flush_all()
+
+    async def _inactivate(self, stop_time: float) -> None:
+        """Pass 2, then every block node inactivated (graph lock held)."""
+        self._check_cancel()
+        # QEMU 7.2 completes its iterable state (ram: the pass-2 sync) before
+        # it inactivates the images, so pass 2 is announced even if that fails.
+        if self.capabilities["events"]:
+            self.events.emit("MIGRATION_PASS", {"pass": 2})
+        inactivating = time.monotonic()
+        try:
+            await self.block.inactivate_all()
+        except Exception as exc:
+            # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
+            # the reason too (query-migrate, log, /ready).
+            logs.write_raw(
+                f"{logs.ERROR}: qemu_savevm_state_complete_precopy_non_iterable: "
+                "bdrv_inactivate_all() failed (-1)"
+            )
+            raise _Failed(self._inactivation_failure(exc)) from None
+        if log.isEnabledFor(logging.INFO):
+            log.info("migration switchover: stop to inactivation %.1f ms, inactivation %.1f ms",
+                     (inactivating - stop_time) * 1000, (time.monotonic() - inactivating) * 1000)
 
     async def _abort_outgoing(
         self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool

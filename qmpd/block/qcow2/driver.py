@@ -344,6 +344,11 @@ class Qcow2Driver(BlockDriver):
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
 
+    def has_pending_writes(self) -> bool:
+        image = self._image
+        return (image is not None and image.writable and image.broken is None
+                and not image.idle())
+
     async def invalidate_cache(self) -> None:
         """Drop all mutable metadata and load it again from disk (activation)."""
         image = self._image
