@@ -63,6 +63,12 @@ PERM_NAMES = {
 }
 
 
+#: Every permission set by value, and the bits as ints, for the hot paths.
+_PERMS = tuple(Perm(value) for value in range(16))
+_CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0x1, 0x2, 0x4, 0x8
+_ALL = PERM_ALL.value
+
+
 def perm_names(perm: Perm) -> str:
     """``'write, resize'``: the names QEMU prints for a permission set."""
     return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
@@ -80,6 +86,10 @@ class ChildRole(enum.Flag):
     @classmethod
     def image(cls) -> ChildRole:
         return cls.DATA | cls.METADATA | cls.PRIMARY
+
+
+_DATA, _METADATA, _FILTERED, _COW = (ChildRole.DATA.value, ChildRole.METADATA.value,
+                                     ChildRole.FILTERED.value, ChildRole.COW.value)
 
 
 @dataclass(frozen=True)
@@ -258,12 +268,12 @@ class BlockNode:
         self.state = state
 
     def cumulative_perms(self) -> tuple[Perm, Perm]:
-        perm, shared = Perm.NONE, PERM_ALL
+        perm, shared = 0, _ALL
         for edge in self.parents:
             edge_perm, edge_shared = edge.perms()
-            perm |= edge_perm
-            shared &= edge_shared
-        return perm, shared
+            perm |= edge_perm.value
+            shared &= edge_shared.value
+        return _PERMS[perm], _PERMS[shared]
 
     # --- I/O with the checks every caller needs -------------------------------
 
@@ -462,26 +472,27 @@ class BlockDriver(ABC):
 
         The default is QEMU's storage/COW rule set.
         """
+        # Plain ints: this runs for every node at every (in)activation, and
+        # enum arithmetic costs several times what the rules themselves do.
         node = self.node
-        if role & ChildRole.COW:
-            perm = Perm.CONSISTENT_READ
-            shared = (
-                Perm.WRITE | Perm.RESIZE if parent_shared & Perm.WRITE else Perm.NONE
-            ) | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-        elif role & ChildRole.FILTERED:
-            perm, shared = parent_perm, parent_shared
+        r = role.value
+        if r & _COW:
+            perm = _CONSISTENT_READ
+            shared = ((_WRITE | _RESIZE) if parent_shared & _WRITE else 0) \
+                | _CONSISTENT_READ | _WRITE_UNCHANGED
         else:
-            perm, shared = parent_perm, parent_shared
-            if role & ChildRole.METADATA:
-                if node.is_writable:
-                    perm |= Perm.WRITE | Perm.RESIZE
-                perm |= Perm.CONSISTENT_READ
-                shared &= ~(Perm.WRITE | Perm.RESIZE)
-            if role & ChildRole.DATA:
-                perm |= Perm.CONSISTENT_READ
+            perm, shared = parent_perm.value, parent_shared.value
+            if not r & _FILTERED:
+                if r & _METADATA:
+                    if node.is_writable:
+                        perm |= _WRITE | _RESIZE
+                    perm |= _CONSISTENT_READ
+                    shared &= ~(_WRITE | _RESIZE)
+                if r & _DATA:
+                    perm |= _CONSISTENT_READ
         if not node.active:
-            shared |= Perm.WRITE | Perm.RESIZE
-        return perm, shared
+            shared |= _WRITE | _RESIZE
+        return _PERMS[perm], _PERMS[shared]
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
         """Protocol drivers turn permissions into image locks here."""
