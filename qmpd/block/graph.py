@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import operator
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -85,8 +86,7 @@ def _drop_event(name: str, data: dict[str, Any]) -> None:
     """The event hook of a graph without a daemon."""
 
 
-def _serial(node: BlockNode) -> int:
-    return node.serial
+_serial = operator.attrgetter("serial")
 
 
 def _has_pending_writes(members: list[BlockNode]) -> bool:
@@ -383,41 +383,32 @@ class BlockGraph:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
         ordered = sorted(self.nodes.values(), key=_serial)
         group: dict[int, int] = {}
-        members: list[list[BlockNode]] = []
-        roots: list[list[BlockNode]] = []
+        count = 0
         for node in ordered:
             if id(node) in group:
                 continue
-            index = len(members)
-            group[id(node)] = index
-            if not node.children and not node.parents:
-                # A lone node (no edges at all) is a tree of its own.
-                members.append([node])
-                roots.append([])
-                continue
-            found = [node]
+            group[id(node)] = count
             stack = [node]
             while stack:
                 current = stack.pop()
                 for edge in current.children.values():
-                    other = edge.child
-                    if id(other) not in group:
-                        group[id(other)] = index
-                        found.append(other)
-                        stack.append(other)
+                    if id(edge.child) not in group:
+                        group[id(edge.child)] = count
+                        stack.append(edge.child)
                 for edge in current.parents:
                     parent = edge.parent
                     if parent is not None and id(parent) not in group:
-                        group[id(parent)] = index
-                        found.append(parent)
+                        group[id(parent)] = count
                         stack.append(parent)
-            found.sort(key=_serial, reverse=True)
-            members.append(found)
-            roots.append([])
-        # Roots in creation order (as roots()), each in its own tree.
+            count += 1
+        # One pass each way over the nodes in creation order: no sort per tree.
+        roots: list[list[BlockNode]] = [[] for _ in range(count)]
+        members: list[list[BlockNode]] = [[] for _ in range(count)]
         for node in ordered:
             if all(edge.parent is None for edge in node.parents):
                 roots[group[id(node)]].append(node)
+        for node in reversed(ordered):
+            members[group[id(node)]].append(node)
         return list(zip(roots, members, strict=True))
 
     async def _per_tree(

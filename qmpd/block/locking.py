@@ -107,6 +107,11 @@ class ImageLock:
         old_held, old_unshared = self.held, self.unshared
         if perm_i == old_held and unshared == old_unshared:
             return
+        if perm_i | old_held == old_held and unshared | old_unshared == old_unshared:
+            # Only bytes to let go (inactivation): nothing can conflict, and
+            # QEMU's raw_handle_perm_lock checks nothing either.
+            self._apply(perm_i, unshared)
+            return
         try:
             self._apply(old_held | perm_i, old_unshared | unshared)
             self._check(perm_i, shared_i)

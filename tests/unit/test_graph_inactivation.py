@@ -9,6 +9,7 @@ locks dropped, a refusal that names its node and leaves its tree whole.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import BdrvChild, BlockNode, ChildRole, NodeState, NodeUser, Perm
+from qmpd.block.locking import PERM_BASE, SHARED_BASE, byte_is_locked_by_others, lock_byte
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
 from qmpd.metrics import Metrics
@@ -215,3 +217,22 @@ async def test_source_hands_over_what_it_wrote(tmp_path: Path) -> None:
         for block in (src_block, dst_block):
             await block.close_all()
             block.graph.close()
+
+
+async def test_inactivation_only_lets_go_of_lock_bytes(tmp_path: Path, layer: BlockLayer) -> None:
+    """Dropping permissions checks nothing (as QEMU's raw_handle_perm_lock): even a
+    peer that refuses to share consistent read does not stop the inactivation."""
+    opts = qcow2(tmp_path, "t0")
+    await layer.add(opts)
+    peer = os.open(opts["file"]["filename"], os.O_RDONLY)
+    try:
+        assert byte_is_locked_by_others(peer, PERM_BASE + 1)  # our write byte
+        lock_byte(peer, SHARED_BASE + 0)  # the peer does not share consistent read
+        await layer.inactivate_all()
+        assert [n.state for n in tree_nodes(layer, "t0")] == [NodeState.INACTIVE] * 2
+        assert byte_is_locked_by_others(peer, PERM_BASE + 0)  # consistent read is kept
+        for bit in (1, 3):  # write and resize, held and unshared, are let go
+            assert not byte_is_locked_by_others(peer, PERM_BASE + bit)
+            assert not byte_is_locked_by_others(peer, SHARED_BASE + bit)
+    finally:
+        os.close(peer)
