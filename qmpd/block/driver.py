@@ -147,6 +147,10 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.INACTIVATING: frozenset({NodeState.INACTIVE, NodeState.ACTIVE}),
     NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
 }
+# The same by identity, for the hot paths (an enum member's hash is computed
+# in Python, and reading NodeState.X goes through a descriptor).
+_ACTIVE = NodeState.ACTIVE
+_NEXT_STATES = {id(old): tuple(new) for old, new in NODE_TRANSITIONS.items()}
 
 
 @dataclass(eq=False)
@@ -256,14 +260,14 @@ class BlockNode:
 
     @property
     def active(self) -> bool:
-        return self.state == NodeState.ACTIVE
+        return self.state is _ACTIVE
 
     @property
     def is_writable(self) -> bool:
         return not self.read_only and self.active
 
     def set_state(self, state: NodeState) -> None:
-        if state != self.state and state not in NODE_TRANSITIONS[self.state]:
+        if state is not self.state and state not in _NEXT_STATES[id(self.state)]:
             raise RuntimeError(f"node {self.node_name}: {self.state} -> {state} not allowed")
         self.state = state
 
@@ -271,8 +275,8 @@ class BlockNode:
         perm, shared = 0, _ALL
         for edge in self.parents:
             edge_perm, edge_shared = edge.perms()
-            perm |= edge_perm.value
-            shared &= edge_shared.value
+            perm |= int(edge_perm)
+            shared &= int(edge_shared)
         return _PERMS[perm], _PERMS[shared]
 
     # --- I/O with the checks every caller needs -------------------------------
@@ -475,13 +479,13 @@ class BlockDriver(ABC):
         # Plain ints: this runs for every node at every (in)activation, and
         # enum arithmetic costs several times what the rules themselves do.
         node = self.node
-        r = role.value
+        r: int = role._value_
         if r & _COW:
             perm = _CONSISTENT_READ
             shared = ((_WRITE | _RESIZE) if parent_shared & _WRITE else 0) \
                 | _CONSISTENT_READ | _WRITE_UNCHANGED
         else:
-            perm, shared = parent_perm.value, parent_shared.value
+            perm, shared = int(parent_perm), int(parent_shared)
             if not r & _FILTERED:
                 if r & _METADATA:
                     if node.is_writable:
@@ -498,12 +502,6 @@ class BlockDriver(ABC):
         """Protocol drivers turn permissions into image locks here."""
         return None
 
-    # --- activation -----------------------------------------------------------
-
-    async def inactivate(self) -> None:
-        """Flush caches and mark the image clean; no writes after this."""
-        await self.flush()
-
     def has_pending_writes(self) -> bool:
         """Whether :meth:`flush` or :meth:`inactivate` may write or sync anything.
 
@@ -512,6 +510,12 @@ class BlockDriver(ABC):
         speaks for itself, not for its children.  Unknown, so True, by default.
         """
         return True
+
+    # --- activation -----------------------------------------------------------
+
+    async def inactivate(self) -> None:
+        """Flush caches and mark the image clean; no writes after this."""
+        await self.flush()
 
     async def invalidate_cache(self) -> None:
         """Drop and reload all cached mutable metadata (the node is inactive)."""

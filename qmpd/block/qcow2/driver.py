@@ -279,6 +279,11 @@ class Qcow2Driver(BlockDriver):
             return
         await image.flush()
 
+    def has_pending_writes(self) -> bool:
+        image = self._image
+        return (image is not None and image.writable and image.broken is None
+                and not image.idle())
+
     async def truncate(self, size: int) -> None:
         image = self._img_for_write()
         await image.truncate(size)
@@ -343,11 +348,6 @@ class Qcow2Driver(BlockDriver):
             await image.flush()
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
-
-    def has_pending_writes(self) -> bool:
-        image = self._image
-        return (image is not None and image.writable and image.broken is None
-                and not image.idle())
 
     async def invalidate_cache(self) -> None:
         """Drop all mutable metadata and load it again from disk (activation)."""
