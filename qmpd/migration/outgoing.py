@@ -242,6 +242,9 @@ class OutgoingMigration:
             # Switchover.
             runstate_at_switchover = self.vm.state
             was_running = runstate_at_switchover == RunState.RUNNING
+            # The final sections depend only on that state: made before the stop,
+            # the downtime only sends them.
+            final = writer.complete(runstate_at_switchover.value)
             stop_time = time.monotonic()
             stopped = True
             pause = self.capabilities["pause-before-switchover"]
@@ -263,8 +266,7 @@ class OutgoingMigration:
                 async with self.block.lock.held():
                     await self._inactivate(stop_time)
             # The downtime phase is never rate-limited (QEMU lifts the limit too).
-            await self._send(channel, writer.complete(runstate_at_switchover.value),
-                             throttled=False)
+            await self._send_now(channel, final)
             # The whole stream is out: the destination may be running already,
             # so a cancel from now on would only risk two active sides.
             self.committed = True
@@ -289,9 +291,9 @@ class OutgoingMigration:
             self.downtime = _ms(now - stop_time)
             self.total_time = _ms(now - self.start_time)
             self.mbps = _mbps(self.bytes_sent - self._bytes_at_start, self.total_time)
-            self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
+            self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             if sent:
                 self.channel = None
                 await channel.close()
@@ -367,6 +369,17 @@ class OutgoingMigration:
                 raise ChannelError(channel.write_error(exc)) from None
             self.bytes_sent += len(part)
             self._bytes_out.inc(len(part))
+
+    async def _send_now(self, channel: Channel, data: bytes) -> None:
+        """Write ``data`` in one piece, without rate limit (the downtime phase)."""
+        assert channel.writer is not None
+        try:
+            channel.writer.write(data)
+            await channel.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ChannelError(channel.write_error(exc)) from None
+        self.bytes_sent += len(data)
+        self._bytes_out.inc(len(data))
 
     async def _wait_for_shut(self, channel: Channel) -> None:
         """With a return path, the destination says SHUT once it has loaded everything.
