@@ -419,14 +419,16 @@ class BlockGraph:
         Only trees with something to write or sync (:meth:`BlockDriver.has_pending_writes`)
         get a task each, to wait for their I/O together; the others, which
         would finish without waiting, run one after another in this task
-        (the hint only decides this: every tree gets the same work).  The
-        first error, in creation order, is raised once every tree is done.
+        (the hint only decides this: every tree gets the same work; a lone
+        tree always runs here).  The first error, in creation order, is
+        raised once every tree is done.
         """
         trees = self.trees()
         errors: list[BaseException | None] = [None] * len(trees)
-        busy = [i for i, (_, members) in enumerate(trees) if _has_pending_writes(members)]
+        busy = [i for i, (_, members) in enumerate(trees)
+                if _has_pending_writes(members)] if len(trees) > 1 else []
         waiting: asyncio.Future[list[BaseException | None]] | None = None
-        if busy and len(trees) > 1:
+        if busy:
             waiting = asyncio.gather(*(work(*trees[i]) for i in busy), return_exceptions=True)
         busy_set = set(busy)
         try:
