@@ -30,8 +30,8 @@ class LockError(Exception):
     """A lock could not be taken; the message is QEMU's."""
 
 
-def _fcntl_lock(fd: int, cmd: int, lock_type: int, offset: int) -> bytes:
-    request = _FLOCK.pack(lock_type, os.SEEK_SET, offset, 1, 0)
+def _fcntl_lock(fd: int, cmd: int, lock_type: int, offset: int, length: int = 1) -> bytes:
+    request = _FLOCK.pack(lock_type, os.SEEK_SET, offset, length, 0)
     return fcntl.fcntl(fd, cmd, request)
 
 
@@ -58,6 +58,22 @@ def ofd_locks_available(fd: int) -> bool:
             return False
         raise
     return True
+
+
+def _let_go(fd: int, base: int, dropped: int, kept: int) -> None:
+    """Unlock the bytes of ``dropped``: in one call when no byte kept lies
+    between them (unlocking a byte not held changes nothing, so the bytes
+    other processes see are the ones a call per byte would leave)."""
+    if not dropped:
+        return
+    low = (dropped & -dropped).bit_length() - 1
+    high = dropped.bit_length() - 1
+    if kept >> low & ((2 << (high - low)) - 1):
+        for i in range(low, high + 1):
+            if dropped >> i & 1:
+                _fcntl_lock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + i)
+    else:
+        _fcntl_lock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + low, high - low + 1)
 
 
 class ImageLock:
@@ -110,7 +126,10 @@ class ImageLock:
         if perm_i | old_held == old_held and unshared | old_unshared == old_unshared:
             # Only bytes to let go (inactivation): nothing can conflict, and
             # QEMU's raw_handle_perm_lock checks nothing either.
-            self._apply(perm_i, unshared)
+            _let_go(self.fd, PERM_BASE, old_held & ~perm_i, perm_i)
+            self.held = perm_i
+            _let_go(self.fd, SHARED_BASE, old_unshared & ~unshared, unshared)
+            self.unshared = unshared
             return
         try:
             self._apply(old_held | perm_i, old_unshared | unshared)

@@ -19,7 +19,13 @@ import pytest
 
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import BdrvChild, BlockNode, ChildRole, NodeState, NodeUser, Perm
-from qmpd.block.locking import PERM_BASE, SHARED_BASE, byte_is_locked_by_others, lock_byte
+from qmpd.block.locking import (
+    PERM_BASE,
+    SHARED_BASE,
+    ImageLock,
+    byte_is_locked_by_others,
+    lock_byte,
+)
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
 from qmpd.metrics import Metrics
@@ -242,3 +248,29 @@ async def test_inactivation_only_lets_go_of_lock_bytes(tmp_path: Path, layer: Bl
             assert not byte_is_locked_by_others(peer, SHARED_BASE + bit)
     finally:
         os.close(peer)
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    ((0b1011, 0b1010), (0b0001, 0b0000)),  # inactivation: write and resize go
+    ((0b1111, 0b1111), (0b0010, 0b0100)),  # bytes kept between the ones let go
+    ((0b1111, 0b0110), (0b0000, 0b0000)),  # everything goes
+    ((0b0101, 0b1001), (0b0100, 0b1000)),
+])
+def test_letting_go_leaves_exactly_the_kept_bytes(
+    tmp_path: Path, before: tuple[int, int], after: tuple[int, int]
+) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(bytes(4096))
+    fd = os.open(path, os.O_RDWR)
+    peer = os.open(path, os.O_RDONLY)
+    try:
+        lock = ImageLock(fd)
+        lock.update(Perm(before[0]), Perm(~before[1] & 0xF))
+        lock.update(Perm(after[0]), Perm(~after[1] & 0xF))
+        assert (lock.held, lock.unshared) == after
+        for base, bits in ((PERM_BASE, after[0]), (SHARED_BASE, after[1])):
+            seen = [byte_is_locked_by_others(peer, base + i) for i in range(4)]
+            assert seen == [bool(bits >> i & 1) for i in range(4)]
+    finally:
+        os.close(peer)
+        os.close(fd)
