@@ -87,11 +87,16 @@ def _drop_event(name: str, data: dict[str, Any]) -> None:
 
 
 _serial = operator.attrgetter("serial")
+# Read once: a member read through its enum class goes through a descriptor.
+_ACTIVE, _INACTIVATING, _INACTIVE = NodeState.ACTIVE, NodeState.INACTIVATING, NodeState.INACTIVE
 
 
 def _has_pending_writes(members: list[BlockNode]) -> bool:
     """Whether flushing or inactivating these nodes may wait for I/O."""
-    return any(node.active and node.driver.has_pending_writes() for node in members)
+    for node in members:
+        if node.state is _ACTIVE and node.driver.has_pending_writes():
+            return True
+    return False
 
 
 class BlockGraph:
@@ -354,29 +359,34 @@ class BlockGraph:
 
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first)."""
-        if node.state is NodeState.INACTIVE:
+        if node.state is _INACTIVE:
             return
         for edge in node.parents:
-            if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
+            user = edge.user
+            if user is not None and user.writable and not user.allow_inactive:
                 raise BlockDriverError(
-                    f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
+                    f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
                 )
         await self.write_back(node)
-        node.set_state(NodeState.INACTIVE)
+        node.set_state(_INACTIVE)
         await self.refresh_perms(node)
         for edge in list(node.children.values()):
             child = edge.child
-            if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
+            for other in child.parents:
+                parent = other.parent
+                if other.user is None and parent is not None and parent.state is _ACTIVE:
+                    break  # another parent still uses it
+            else:
                 await self.inactivate(child)
 
     async def write_back(self, node: BlockNode) -> None:
         """The driver's inactivate, with new writes refused meanwhile; a node
         whose driver fails stays active."""
-        node.set_state(NodeState.INACTIVATING)
+        node.set_state(_INACTIVATING)
         try:
             await node.driver.inactivate()
         except BaseException:
-            node.set_state(NodeState.ACTIVE)
+            node.set_state(_ACTIVE)
             raise
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
@@ -405,7 +415,10 @@ class BlockGraph:
         roots: list[list[BlockNode]] = [[] for _ in range(count)]
         members: list[list[BlockNode]] = [[] for _ in range(count)]
         for node in ordered:
-            if all(edge.parent is None for edge in node.parents):
+            for edge in node.parents:
+                if edge.parent is not None:
+                    break
+            else:
                 roots[group[id(node)]].append(node)
         for node in reversed(ordered):
             members[group[id(node)]].append(node)
