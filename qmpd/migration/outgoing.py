@@ -216,6 +216,7 @@ class OutgoingMigration:
         stopped = False
         was_running = False
         inactivated = False
+        closing: Channel | None = None  # completed already: only the close is left
         try:
             try:
                 self.channel = await connect(uri, self.fds)
@@ -296,7 +297,7 @@ class OutgoingMigration:
             self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             if sent:
                 self.channel = None
-                await channel.close()
+                closing = channel
             log.info("migration completed: %d block nodes handed over in %d ms "
                      "(downtime %d ms); the source is in postmigrate",
                      len(self.block.graph.nodes), self.total_time, self.downtime)
@@ -320,6 +321,9 @@ class OutgoingMigration:
             log.exception("migration failed unexpectedly")
             self.error = f"internal error: {exc}"
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
+        if closing is not None:
+            # Outside the handlers above: nothing may undo a completed migration.
+            await closing.close()
 
     def _inactivation_failure(self, exc: BaseException) -> str:
         """error-desc for a refused inactivation: the users that refused it, by name."""
