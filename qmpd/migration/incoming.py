@@ -13,6 +13,7 @@ inactive again (no write lock held), or exits, as configured.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -169,7 +170,15 @@ class IncomingMigration:
                 f"{logs.ERROR}: load of migration failed: {exc.strerror or exc}", str(exc)
             ) from None
         self._check_globalstate(globalstate)
-        await self._complete(globalstate)
+        # A collection between the end of the stream and RESUME would be
+        # downtime: the collector waits until the run state is set.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self._complete(globalstate)
+        finally:
+            if collecting:
+                gc.enable()
         if return_path and channel.writer is not None:
             try:
                 channel.writer.write(stream.encode_rp_message(stream.RPMessageType.SHUT,

@@ -13,6 +13,7 @@ it was running.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -117,6 +118,7 @@ class OutgoingMigration:
         self._window_end = 0.0
         self._window_used = 0
         self._bytes_out = metrics.migration_bytes.labels("out")
+        self._gc_paused = False
 
     @property
     def capabilities(self) -> dict[str, bool]:
@@ -246,6 +248,10 @@ class OutgoingMigration:
             # The final sections depend only on that state: made before the stop,
             # the downtime only sends them.
             final = writer.complete(runstate_at_switchover.value)
+            # A collection in the downtime would be downtime: the switchover
+            # allocates little, so the collector waits until it is over (or
+            # until something has to be waited for).
+            self._pause_gc()
             stop_time = time.monotonic()
             stopped = True
             pause = self.capabilities["pause-before-switchover"]
@@ -259,7 +265,9 @@ class OutgoingMigration:
                     await self._inactivate(stop_time)
             if pause:
                 self._set(_S.PRE_SWITCHOVER)
+                self._resume_gc()
                 await self.continue_event.wait()
+                self._pause_gc()
                 self._check_cancel()
                 self._set(_S.DEVICE)
                 self._check_cancel()
@@ -276,6 +284,7 @@ class OutgoingMigration:
                 # stream: a cancel may still take the images back (if the
                 # destination activated them, image locking refuses that).
                 self.awaiting_shut = True
+                self._resume_gc()
                 try:
                     await self._wait_for_shut(channel)
                 finally:
@@ -294,6 +303,7 @@ class OutgoingMigration:
             self.mbps = _mbps(self.bytes_sent - self._bytes_at_start, self.total_time)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
+            self._resume_gc()
             self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             if sent:
                 self.channel = None
@@ -321,9 +331,21 @@ class OutgoingMigration:
             log.exception("migration failed unexpectedly")
             self.error = f"internal error: {exc}"
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
+        finally:
+            self._resume_gc()
         if closing is not None:
             # Outside the handlers above: nothing may undo a completed migration.
             await closing.close()
+
+    def _pause_gc(self) -> None:
+        if gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+
+    def _resume_gc(self) -> None:
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def _inactivation_failure(self, exc: BaseException) -> str:
         """error-desc for a refused inactivation: the users that refused it, by name."""

@@ -9,6 +9,7 @@ locks dropped, a refusal that names its node and leaves its tree whole.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -225,6 +226,7 @@ async def test_source_hands_over_what_it_wrote(tmp_path: Path) -> None:
         dst_t0, dst_t1 = tree_nodes(dst_block, "t0")[0], tree_nodes(dst_block, "t1")[0]
         assert await dst_t0.read(0, 65536) == b"\x50" * 65536
         assert await dst_t1.read(MiB, 65536) == b"\x51" * 65536
+        assert gc.isenabled()  # paused for the switchover only
     finally:
         for block in (src_block, dst_block):
             await block.close_all()
@@ -274,3 +276,26 @@ def test_letting_go_leaves_exactly_the_kept_bytes(
     finally:
         os.close(peer)
         os.close(fd)
+
+
+async def test_refused_switchover_resumes_with_the_collector_running(tmp_path: Path) -> None:
+    options = [qcow2(tmp_path, f"t{i}") for i in range(2)]
+    src_block, src, src_vm, src_events = await side(RunState.RUNNING, options)
+    try:
+        node = tree_nodes(src_block, "t1")[0]
+        await src_block.graph.add_user(BdrvChild(name="root", role=ChildRole.image(),
+                                                 child=node, user=Exporter("export", "w0",
+                                                                           writable=True)))
+        a, b = socket.socketpair()
+        src.fds.add("mig", a.detach())
+        src.migrate({"uri": "fd:mig"})
+        assert src.outgoing.task is not None
+        await asyncio.wait_for(src.outgoing.task, 10)
+        b.close()
+        assert src_events.names[-4:] == ["STOP", "MIGRATION_PASS", "MIGRATION:failed", "RESUME"]
+        assert src_vm.state == RunState.RUNNING
+        assert all(n.active for name in ("t0", "t1") for n in tree_nodes(src_block, name))
+        assert gc.isenabled()
+    finally:
+        await src_block.close_all()
+        src_block.graph.close()
