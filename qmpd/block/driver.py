@@ -67,6 +67,12 @@ PERM_NAMES = {
 }
 
 
+#: Every permission set by value, and the bits as ints, for the hot paths.
+_PERMS = tuple(Perm(value) for value in range(16))
+_CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0x1, 0x2, 0x4, 0x8
+_ALL = PERM_ALL.value
+
+
 def perm_names(perm: Perm) -> str:
     """``'write, resize'``: the names QEMU prints for a permission set."""
     return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
@@ -84,6 +90,10 @@ class ChildRole(enum.Flag):
     @classmethod
     def image(cls) -> ChildRole:
         return cls.DATA | cls.METADATA | cls.PRIMARY
+
+
+_DATA, _METADATA, _FILTERED, _COW = (ChildRole.DATA.value, ChildRole.METADATA.value,
+                                     ChildRole.FILTERED.value, ChildRole.COW.value)
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,10 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.INACTIVATING: frozenset({NodeState.INACTIVE, NodeState.ACTIVE}),
     NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
 }
+# The same by identity, for the hot paths (an enum member's hash is computed
+# in Python, and reading NodeState.X goes through a descriptor).
+_ACTIVE = NodeState.ACTIVE
+_NEXT_STATES = {id(old): tuple(new) for old, new in NODE_TRANSITIONS.items()}
 
 
 @dataclass(eq=False)
@@ -250,24 +264,24 @@ class BlockNode:
 
     @property
     def active(self) -> bool:
-        return self.state == NodeState.ACTIVE
+        return self.state is _ACTIVE
 
     @property
     def is_writable(self) -> bool:
         return not self.read_only and self.active
 
     def set_state(self, state: NodeState) -> None:
-        if state != self.state and state not in NODE_TRANSITIONS[self.state]:
+        if state is not self.state and state not in _NEXT_STATES[id(self.state)]:
             raise RuntimeError(f"node {self.node_name}: {self.state} -> {state} not allowed")
         self.state = state
 
     def cumulative_perms(self) -> tuple[Perm, Perm]:
-        perm, shared = Perm.NONE, PERM_ALL
+        perm, shared = 0, _ALL
         for edge in self.parents:
             edge_perm, edge_shared = edge.perms()
-            perm |= edge_perm
-            shared &= edge_shared
-        return perm, shared
+            perm |= int(edge_perm)
+            shared &= int(edge_shared)
+        return _PERMS[perm], _PERMS[shared]
 
     # --- I/O with the checks every caller needs -------------------------------
 
@@ -478,30 +492,40 @@ class BlockDriver(ABC):
 
         The default is QEMU's storage/COW rule set.
         """
+        # Plain ints: this runs for every node at every (in)activation, and
+        # enum arithmetic costs several times what the rules themselves do.
         node = self.node
-        if role & ChildRole.COW:
-            perm = Perm.CONSISTENT_READ
-            shared = (
-                Perm.WRITE | Perm.RESIZE if parent_shared & Perm.WRITE else Perm.NONE
-            ) | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-        elif role & ChildRole.FILTERED:
-            perm, shared = parent_perm, parent_shared
+        r: int = role._value_
+        if r & _COW:
+            perm = _CONSISTENT_READ
+            shared = ((_WRITE | _RESIZE) if parent_shared & _WRITE else 0) \
+                | _CONSISTENT_READ | _WRITE_UNCHANGED
         else:
-            perm, shared = parent_perm, parent_shared
-            if role & ChildRole.METADATA:
-                if node.is_writable:
-                    perm |= Perm.WRITE | Perm.RESIZE
-                perm |= Perm.CONSISTENT_READ
-                shared &= ~(Perm.WRITE | Perm.RESIZE)
-            if role & ChildRole.DATA:
-                perm |= Perm.CONSISTENT_READ
+            perm, shared = int(parent_perm), int(parent_shared)
+            if not r & _FILTERED:
+                if r & _METADATA:
+                    if node.is_writable:
+                        perm |= _WRITE | _RESIZE
+                    perm |= _CONSISTENT_READ
+                    shared &= ~(_WRITE | _RESIZE)
+                if r & _DATA:
+                    perm |= _CONSISTENT_READ
         if not node.active:
-            shared |= Perm.WRITE | Perm.RESIZE
-        return perm, shared
+            shared |= _WRITE | _RESIZE
+        return _PERMS[perm], _PERMS[shared]
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
         """Protocol drivers turn permissions into image locks here."""
         return None
+
+    def has_pending_writes(self) -> bool:
+        """Whether :meth:`flush` or :meth:`inactivate` may write or sync anything.
+
+        A scheduling hint only (the graph gives such nodes' trees a task each,
+        so that their I/O overlaps); both are called whatever it says.  A node
+        speaks for itself, not for its children.  Unknown, so True, by default.
+        """
+        return True
 
     # --- activation -----------------------------------------------------------
 

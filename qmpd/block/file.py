@@ -324,6 +324,9 @@ class FileDriver(BlockDriver):
             raise
         self._flushed = max(self._flushed, generation)
 
+    def has_pending_writes(self) -> bool:
+        return self._writes != self._flushed
+
     async def truncate(self, size: int) -> None:
         await self.node.graph.run_io(os.ftruncate, self.fd, size)
         self._writes += 1

@@ -28,6 +28,7 @@ import asyncio
 import errno
 import gc
 import logging
+import operator
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -96,6 +97,19 @@ def _run_all(reloads: list[CacheReload]) -> list[tuple[bool, Any]]:
 
 def _drop_event(name: str, data: dict[str, Any]) -> None:
     """The event hook of a graph without a daemon."""
+
+
+_serial = operator.attrgetter("serial")
+# Read once: a member read through its enum class goes through a descriptor.
+_ACTIVE, _INACTIVATING, _INACTIVE = NodeState.ACTIVE, NodeState.INACTIVATING, NodeState.INACTIVE
+
+
+def _has_pending_writes(members: list[BlockNode]) -> bool:
+    """Whether flushing or inactivating these nodes may wait for I/O."""
+    for node in members:
+        if node.state is _ACTIVE and node.driver.has_pending_writes():
+            return True
+    return False
 
 
 class BlockGraph:
@@ -500,76 +514,109 @@ class BlockGraph:
 
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first)."""
-        if node.state is NodeState.INACTIVE:
+        if node.state is _INACTIVE:
             return
         for edge in node.parents:
-            if edge.user is not None and edge.user.writable and not edge.user.allow_inactive:
+            user = edge.user
+            if user is not None and user.writable and not user.allow_inactive:
                 raise BlockDriverError(
-                    f"Node '{node.node_name}' is in use by {edge.user.describe()}", errno.EPERM
+                    f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
                 )
         await self.write_back(node)
-        node.set_state(NodeState.INACTIVE)
+        node.set_state(_INACTIVE)
         await self.refresh_perms(node)
         for edge in list(node.children.values()):
             child = edge.child
-            if all(not e.parent or not e.parent.active for e in child.parents if e.user is None):
+            for other in child.parents:
+                parent = other.parent
+                if other.user is None and parent is not None and parent.state is _ACTIVE:
+                    break  # another parent still uses it
+            else:
                 await self.inactivate(child)
 
     async def write_back(self, node: BlockNode) -> None:
         """The driver's inactivate, with new writes refused meanwhile; a node
         whose driver fails stays active."""
-        node.set_state(NodeState.INACTIVATING)
+        node.set_state(_INACTIVATING)
         try:
             await node.driver.inactivate()
         except BaseException:
-            node.set_state(NodeState.ACTIVE)
+            node.set_state(_ACTIVE)
             raise
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
+        ordered = sorted(self.nodes.values(), key=_serial)
         group: dict[int, int] = {}
-        members: list[list[BlockNode]] = []
-        for node in sorted(self.nodes.values(), key=lambda n: n.serial):
+        count = 0
+        for node in ordered:
             if id(node) in group:
                 continue
-            index = len(members)
-            found: list[BlockNode] = []
+            group[id(node)] = count
             stack = [node]
-            group[id(node)] = index
             while stack:
                 current = stack.pop()
-                found.append(current)
-                neighbours = [e.child for e in current.children.values()]
-                neighbours += [e.parent for e in current.parents if e.parent is not None]
-                for other in neighbours:
-                    if id(other) not in group:
-                        group[id(other)] = index
-                        stack.append(other)
-            members.append(found)
-        roots: list[list[BlockNode]] = [[] for _ in members]
-        for root in self.roots():
-            roots[group[id(root)]].append(root)
-        return [
-            (roots[i], sorted(found, key=lambda n: n.serial, reverse=True))
-            for i, found in enumerate(members)
-        ]
+                for edge in current.children.values():
+                    if id(edge.child) not in group:
+                        group[id(edge.child)] = count
+                        stack.append(edge.child)
+                for edge in current.parents:
+                    parent = edge.parent
+                    if parent is not None and id(parent) not in group:
+                        group[id(parent)] = count
+                        stack.append(parent)
+            count += 1
+        # One pass each way over the nodes in creation order: no sort per tree.
+        roots: list[list[BlockNode]] = [[] for _ in range(count)]
+        members: list[list[BlockNode]] = [[] for _ in range(count)]
+        for node in ordered:
+            for edge in node.parents:
+                if edge.parent is not None:
+                    break
+            else:
+                roots[group[id(node)]].append(node)
+        for node in reversed(ordered):
+            members[group[id(node)]].append(node)
+        return list(zip(roots, members, strict=True))
 
     async def _per_tree(
         self, work: Callable[[list[BlockNode], list[BlockNode]], Awaitable[None]]
     ) -> None:
         """Run ``work`` on every tree; separate trees share nothing, so side by side.
 
-        The first error, in creation order, is raised once every tree is done.
+        Only trees with something to write or sync (:meth:`BlockDriver.has_pending_writes`)
+        get a task each, to wait for their I/O together; the others, which
+        would finish without waiting, run one after another in this task
+        (the hint only decides this: every tree gets the same work; a lone
+        tree always runs here).  The first error, in creation order, is
+        raised once every tree is done.
         """
         trees = self.trees()
-        if len(trees) <= 1:
-            for roots, members in trees:
-                await work(roots, members)
-            return
-        results = await asyncio.gather(*(work(r, m) for r, m in trees), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors: list[BaseException | None] = [None] * len(trees)
+        busy = [i for i, (_, members) in enumerate(trees)
+                if _has_pending_writes(members)] if len(trees) > 1 else []
+        waiting: asyncio.Future[list[BaseException | None]] | None = None
+        if busy:
+            waiting = asyncio.gather(*(work(*trees[i]) for i in busy), return_exceptions=True)
+        busy_set = set(busy)
+        try:
+            for i, (roots, members) in enumerate(trees):
+                if waiting is not None and i in busy_set:
+                    continue
+                try:
+                    await work(roots, members)
+                except Exception as exc:
+                    errors[i] = exc
+            if waiting is not None:
+                for i, result in zip(busy, await waiting, strict=True):
+                    errors[i] = result
+        except BaseException:
+            if waiting is not None:
+                waiting.cancel()
+            raise
+        for error in errors:
+            if error is not None:
+                raise error
 
     async def inactivate_all(self) -> None:
         """Inactivate every node, parents first inside a tree, trees concurrently."""

@@ -89,6 +89,22 @@ def ofd_locks_available(fd: int) -> bool:
     return True
 
 
+def _let_go(fd: int, base: int, dropped: int, kept: int) -> None:
+    """Unlock the bytes of ``dropped``: in one call when no byte kept lies
+    between them (unlocking a byte not held changes nothing, so the bytes
+    other processes see are the ones a call per byte would leave)."""
+    if not dropped:
+        return
+    low = (dropped & -dropped).bit_length() - 1
+    high = dropped.bit_length() - 1
+    if kept >> low & ((2 << (high - low)) - 1):
+        for i in range(low, high + 1):
+            if dropped >> i & 1:
+                _fcntl_lock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + i)
+    else:
+        _fcntl_lock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + low, high - low + 1)
+
+
 class ImageLock:
     """The lock bytes one open file holds, kept in step with its permissions.
 
@@ -138,6 +154,14 @@ class ImageLock:
         unshared = ~shared_i & int(PERM_ALL)
         old_held, old_unshared = self.held, self.unshared
         if perm_i == old_held and unshared == old_unshared:
+            return
+        if perm_i | old_held == old_held and unshared | old_unshared == old_unshared:
+            # Only bytes to let go (inactivation): nothing can conflict, and
+            # QEMU's raw_handle_perm_lock checks nothing either.
+            _let_go(self.fd, PERM_BASE, old_held & ~perm_i, perm_i)
+            self.held = perm_i
+            _let_go(self.fd, SHARED_BASE, old_unshared & ~unshared, unshared)
+            self.unshared = unshared
             return
         try:
             self._apply(old_held | perm_i, old_unshared | unshared)

@@ -45,6 +45,10 @@ class Channel:
             except TimeoutError:
                 self._kill()
 
+    def write_buffer_empty(self) -> bool:
+        """Whether every byte written so far has been handed to the kernel."""
+        return self.writer is None or self.writer.transport.get_write_buffer_size() == 0
+
     def abort(self) -> None:
         """Drop the connection at once; safe to call in any state, more than once."""
         if self.writer is not None:

@@ -13,6 +13,7 @@ inactive again (no write lock held), or exits, as configured.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -63,6 +64,7 @@ class IncomingMigration:
         self.exit_on_error = True
         self.activation_error: str | None = None
         self.bytes_received = 0
+        self._bytes_in = metrics.migration_bytes.labels("in")
 
     @property
     def capabilities(self) -> dict[str, bool]:
@@ -140,7 +142,7 @@ class IncomingMigration:
                 data = await channel.reader.read(256 * 1024)
                 self.bytes_received += len(data)
                 if data:
-                    self.metrics.migration_bytes.labels("in").inc(len(data))
+                    self._bytes_in.inc(len(data))
                 events = reader.feed(data) if data else reader.close()
                 for event in events:
                     if isinstance(event, stream.GlobalState):
@@ -168,7 +170,15 @@ class IncomingMigration:
                 f"{logs.ERROR}: load of migration failed: {exc.strerror or exc}", str(exc)
             ) from None
         self._check_globalstate(globalstate)
-        await self._complete(globalstate)
+        # A collection between the end of the stream and RESUME would be
+        # downtime: the collector waits until the run state is set.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self._complete(globalstate)
+        finally:
+            if collecting:
+                gc.enable()
         if return_path and channel.writer is not None:
             try:
                 channel.writer.write(stream.encode_rp_message(stream.RPMessageType.SHUT,
@@ -221,6 +231,7 @@ class IncomingMigration:
         graph = self.block.graph
         late = self.capabilities["late-block-activate"]
         activate = not (late and not vm.autostart)
+        spent: float | None = None
         # Nodes activated before the stream ended (an export, cont) may cache
         # metadata from before the source's last writes: re-read them too
         # (QEMU 7.2 skips them, conformance fact 39).
@@ -249,9 +260,16 @@ class IncomingMigration:
                 else:
                     self.activation_error = None
                     spent = time.monotonic() - start
-                    self.metrics.observe_activate_all(spent)
-                    log.info("incoming migration: %d block nodes activated in %.1f ms",
-                             len(graph.nodes), spent * 1000)
+            # The run state (RESUME) as soon as the nodes are ready; the
+            # bookkeeping comes after.
+            self._enter_run_state(globalstate)
+        if spent is not None:
+            self.metrics.observe_activate_all(spent)
+            log.info("incoming migration: %d block nodes activated in %.1f ms",
+                     len(graph.nodes), spent * 1000)
+
+    def _enter_run_state(self, globalstate: str | None) -> None:
+        vm = self.vm
         if globalstate is None or globalstate == "running":
             if vm.autostart:
                 vm.start()

@@ -13,6 +13,7 @@ it was running.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -116,6 +117,8 @@ class OutgoingMigration:
         self._bytes_at_start = 0
         self._window_end = 0.0
         self._window_used = 0
+        self._bytes_out = metrics.migration_bytes.labels("out")
+        self._gc_paused = False
 
     @property
     def capabilities(self) -> dict[str, bool]:
@@ -215,6 +218,7 @@ class OutgoingMigration:
         stopped = False
         was_running = False
         inactivated = False
+        closing: Channel | None = None  # completed already: only the close is left
         try:
             try:
                 self.channel = await connect(uri, self.fds)
@@ -241,42 +245,37 @@ class OutgoingMigration:
             # Switchover.
             runstate_at_switchover = self.vm.state
             was_running = runstate_at_switchover == RunState.RUNNING
+            # The final sections depend only on that state: made before the stop,
+            # the downtime only sends them.
+            final = writer.complete(runstate_at_switchover.value)
+            # A collection in the downtime would be downtime: the switchover
+            # allocates little, so the collector waits until it is over (or
+            # until something has to be waited for).
+            self._pause_gc()
             stop_time = time.monotonic()
             stopped = True
+            pause = self.capabilities["pause-before-switchover"]
             # Under the graph lock: a cont already under way finishes first, and
-            # one that comes later sees finish-migrate.
+            # one that comes later sees finish-migrate.  Without a pause nothing
+            # comes between the stop and the inactivation: one hold covers both.
             async with self.block.lock.held():
-                await self._stop_for_switchover()
-            flushed = time.monotonic()
-            if self.capabilities["pause-before-switchover"]:
+                await self._stop_for_switchover(pause)
+                if not pause:
+                    inactivated = True  # if it fails, some nodes may be: re-activate them all
+                    await self._inactivate(stop_time)
+            if pause:
                 self._set(_S.PRE_SWITCHOVER)
+                self._resume_gc()
                 await self.continue_event.wait()
+                self._pause_gc()
                 self._check_cancel()
                 self._set(_S.DEVICE)
-            self._check_cancel()
-            # QEMU 7.2 completes its iterable state (ram: the pass-2 sync) before
-            # it inactivates the images, so pass 2 is announced even if that fails.
-            if self.capabilities["events"]:
-                self.events.emit("MIGRATION_PASS", {"pass": 2})
-            inactivating = time.monotonic()
-            try:
+                self._check_cancel()
+                inactivated = True
                 async with self.block.lock.held():
-                    await self.block.inactivate_all()
-            except Exception as exc:
-                inactivated = True  # some nodes may be: re-activate them all
-                # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
-                # the reason too (query-migrate, log, /ready).
-                logs.write_raw(
-                    f"{logs.ERROR}: qemu_savevm_state_complete_precopy_non_iterable: "
-                    "bdrv_inactivate_all() failed (-1)"
-                )
-                raise _Failed(self._inactivation_failure(exc)) from None
-            inactivated = True
-            log.info("migration switchover: flush %.1f ms, inactivation %.1f ms",
-                     (flushed - stop_time) * 1000, (time.monotonic() - inactivating) * 1000)
+                    await self._inactivate(stop_time)
             # The downtime phase is never rate-limited (QEMU lifts the limit too).
-            await self._send(channel, writer.complete(runstate_at_switchover.value),
-                             throttled=False)
+            await self._send_now(channel, final)
             # The whole stream is out: the destination may be running already,
             # so a cancel from now on would only risk two active sides.
             self.committed = True
@@ -285,20 +284,30 @@ class OutgoingMigration:
                 # stream: a cancel may still take the images back (if the
                 # destination activated them, image locking refuses that).
                 self.awaiting_shut = True
+                self._resume_gc()
                 try:
                     await self._wait_for_shut(channel)
                 finally:
                     self.awaiting_shut = False
                 self._check_cancel()  # a SHUT still buffered when the cancel came
-            await channel.close()
-            self.channel = None
+            # As QEMU 7.2, completed once everything is written, and the channel
+            # closed after: at once if the kernel has every byte, else (bytes
+            # still queued here, or an exec: command to wait for) first.
+            sent = channel.process is None and channel.write_buffer_empty()
+            if not sent:
+                await channel.close()
+                self.channel = None
             now = time.monotonic()
             self.downtime = _ms(now - stop_time)
             self.total_time = _ms(now - self.start_time)
             self.mbps = _mbps(self.bytes_sent - self._bytes_at_start, self.total_time)
-            self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
             self._set(_S.COMPLETED)
             self.vm.set_state(RunState.POSTMIGRATE)
+            self._resume_gc()
+            self.metrics.migration_done(self.total_time / 1000, self.downtime / 1000)
+            if sent:
+                self.channel = None
+                closing = channel
             log.info("migration completed: %d block nodes handed over in %d ms "
                      "(downtime %d ms); the source is in postmigrate",
                      len(self.block.graph.nodes), self.total_time, self.downtime)
@@ -322,6 +331,21 @@ class OutgoingMigration:
             log.exception("migration failed unexpectedly")
             self.error = f"internal error: {exc}"
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
+        finally:
+            self._resume_gc()
+        if closing is not None:
+            # Outside the handlers above: nothing may undo a completed migration.
+            await closing.close()
+
+    def _pause_gc(self) -> None:
+        if gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+
+    def _resume_gc(self) -> None:
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def _inactivation_failure(self, exc: BaseException) -> str:
         """error-desc for a refused inactivation: the users that refused it, by name."""
@@ -370,7 +394,18 @@ class OutgoingMigration:
             except (ConnectionError, OSError) as exc:
                 raise ChannelError(channel.write_error(exc)) from None
             self.bytes_sent += len(part)
-            self.metrics.migration_bytes.labels("out").inc(len(part))
+            self._bytes_out.inc(len(part))
+
+    async def _send_now(self, channel: Channel, data: bytes) -> None:
+        """Write ``data`` in one piece, without rate limit (the downtime phase)."""
+        assert channel.writer is not None
+        try:
+            channel.writer.write(data)
+            await channel.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ChannelError(channel.write_error(exc)) from None
+        self.bytes_sent += len(data)
+        self._bytes_out.inc(len(data))
 
     async def _wait_for_shut(self, channel: Channel) -> None:
         """With a return path, the destination says SHUT once it has loaded everything.
@@ -404,7 +439,7 @@ class OutgoingMigration:
         logs.write_raw(f"{logs.ERROR}: {reason}")
         return _Failed(None, reason)
 
-    async def _stop_for_switchover(self) -> None:
+    async def _stop_for_switchover(self, pause: bool) -> None:
         vm = self.vm
         if vm.state == RunState.RUNNING:
             vm.set_state(RunState.FINISH_MIGRATE)
@@ -416,8 +451,30 @@ class OutgoingMigration:
         # otherwise inactivation, which flushes every node it inactivates, comes
         # next with nothing in between, and a flush here would only double the
         # fdatasync calls in the downtime.
-        if self.capabilities["pause-before-switchover"]:
+        if pause:
             await self.block.flush_all()
+
+    async def _inactivate(self, stop_time: float) -> None:
+        """Pass 2, then every block node inactivated (graph lock held)."""
+        self._check_cancel()
+        # QEMU 7.2 completes its iterable state (ram: the pass-2 sync) before
+        # it inactivates the images, so pass 2 is announced even if that fails.
+        if self.capabilities["events"]:
+            self.events.emit("MIGRATION_PASS", {"pass": 2})
+        inactivating = time.monotonic()
+        try:
+            await self.block.inactivate_all()
+        except Exception as exc:
+            # QEMU 7.2 prints this line and records no error-desc; qmpd keeps
+            # the reason too (query-migrate, log, /ready).
+            logs.write_raw(
+                f"{logs.ERROR}: qemu_savevm_state_complete_precopy_non_iterable: "
+                "bdrv_inactivate_all() failed (-1)"
+            )
+            raise _Failed(self._inactivation_failure(exc)) from None
+        if log.isEnabledFor(logging.INFO):
+            log.info("migration switchover: stop to inactivation %.1f ms, inactivation %.1f ms",
+                     (inactivating - stop_time) * 1000, (time.monotonic() - inactivating) * 1000)
 
     async def _abort_outgoing(
         self, stopped: bool, was_running: bool, inactivated: bool, cancelled: bool

@@ -304,6 +304,11 @@ class Qcow2Driver(BlockDriver):
             return
         await image.flush()
 
+    def has_pending_writes(self) -> bool:
+        image = self._image
+        return (image is not None and image.writable and image.broken is None
+                and not image.idle())
+
     async def truncate(self, size: int) -> None:
         image = self._img_for_write()
         await image.truncate(size)
@@ -364,8 +369,11 @@ class Qcow2Driver(BlockDriver):
         # a fatally corrupt image has nothing to write back (QEMU: no driver);
         # the graph refuses new writes meanwhile (NodeState.INACTIVATING)
         if image is not None and image.writable and image.broken is None:
-            await image.quiesce()
-            await image.flush()
+            # Nothing dirty, nothing in flight, nothing unsynced in the file
+            # (the handover's usual case): there is nothing to write back.
+            if not image.idle() or image.file.driver.has_pending_writes():
+                await image.quiesce()
+                await image.flush()
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
 

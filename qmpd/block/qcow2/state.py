@@ -233,6 +233,14 @@ class Qcow2State:
         await self.l2cache.write_all()
         await self.refs.cache.write_all()
 
+    def idle(self) -> bool:
+        """Nothing in flight, nothing dirty: a flush would write nothing of its own."""
+        return not (
+            self.allocs or self._inflight or self.lock.locked() or self.refs.pending_discards
+            or any(e.dirty for e in self.l2cache.entries.values())
+            or any(e.dirty for e in self.refs.cache.entries.values())
+        )
+
     # --- lock-free request tracking -----------------------------------------------------
 
     def enter(self) -> int:

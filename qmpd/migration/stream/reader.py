@@ -247,20 +247,26 @@ class StreamReader:
         return bytes(kept)
 
     def _uint(self, size: int) -> Generator[None, None, int]:
+        start = self._pos - self._base
+        if len(self._buf) - start >= size:
+            # The bytes are here (nearly always): no nested generator.
+            self._pos += size
+            return int.from_bytes(self._buf[start : start + size], "big")
         raw = yield from self._read(size)
         return int.from_bytes(raw.ljust(size, b"\0"), "big")
 
+    # Plain functions handing out _uint's generator: one level less per read.
     def _u8(self) -> Generator[None, None, int]:
-        return (yield from self._uint(1))
+        return self._uint(1)
 
     def _be16(self) -> Generator[None, None, int]:
-        return (yield from self._uint(2))
+        return self._uint(2)
 
     def _be32(self) -> Generator[None, None, int]:
-        return (yield from self._uint(4))
+        return self._uint(4)
 
     def _be64(self) -> Generator[None, None, int]:
-        return (yield from self._uint(8))
+        return self._uint(8)
 
     def _peek(self, n: int, offset: int) -> Generator[None, None, bytes]:
         while self._avail() < offset + n and not self._closed:
