@@ -21,6 +21,11 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+#: Longer than any answer takes on a loaded machine, far shorter than a stalled
+#: client waits (for ever: the other client's backlog never clears).
+STALL = 5.0
+
+
 def timed_query(client: RawClient) -> float:
     start = time.monotonic()
     assert client.cmd("query-status")["return"]["status"] == "running"
@@ -44,12 +49,12 @@ def test_client_that_never_reads_is_paused_not_buffered(qmpd: QmpdProcess) -> No
             sent += lazy.sock.send(request)
         except BlockingIOError:
             time.sleep(0.01)
-        assert timed_query(other) < 1.0
+        assert timed_query(other) < STALL
     growth = rss_kib(qmpd.proc.pid) - before
     assert sent > 0
     assert growth < 32 * 1024, f"daemon grew by {growth} KiB for a client that does not read"
     lazy.close()
-    assert timed_query(other) < 1.0
+    assert timed_query(other) < STALL
 
 
 def test_hundred_megabytes_without_closing(qmpd: QmpdProcess) -> None:
@@ -72,7 +77,7 @@ def test_hundred_megabytes_without_closing(qmpd: QmpdProcess) -> None:
     thread = threading.Thread(target=pump)
     thread.start()
     while thread.is_alive():
-        assert timed_query(other) < 1.0
+        assert timed_query(other) < STALL
         time.sleep(0.05)
     thread.join()
     assert not errors
@@ -139,5 +144,5 @@ def test_garbage_connection_does_not_disturb_others(qmpd: QmpdProcess) -> None:
             break
         assert msg["error"]["class"] in ("GenericError", "CommandNotFound")
     assert msg == {"return": {}, "id": "ok"}
-    assert timed_query(other) < 1.0
+    assert timed_query(other) < STALL
     json.dumps(msg)
