@@ -143,3 +143,27 @@ def test_the_collector_is_off_while_modules_load_and_on_once_serving(tmp_path: P
     assert modules["qmpd.schema"][1] == "gc-off"
     # The drivers are imported after the monitors greet.
     assert modules["qmpd.block.qcow2.driver"] == ("worker", "gc-on")
+
+
+#: Not imported before the first client is served: asyncio's TLS support (qmpd
+#: serves no TLS) and importlib.resources (the schema is found by a path check).
+NOT_AT_START = ("ssl", "_ssl", "importlib.resources")
+
+
+def test_a_default_start_imports_no_ssl_and_no_importlib_resources(tmp_path: Path) -> None:
+    plain = Recorded(tmp_path, "--log-level", "debug")
+    plain.wait_stderr(WARMED)
+    assert plain.client.ok("query-status")["status"] == "running"
+    assert len(plain.client.ok("query-qmp-schema")) > 100
+    assert [m for m in plain.quit() if m in NOT_AT_START] == []
+    # The control: aiohttp imports ssl itself, and --http still serves.
+    used = Recorded(tmp_path, "--http", "127.0.0.1:0", "--log-level", "info")
+    assert used.client.ok("query-status")["status"] == "running"
+    assert "ssl" in used.quit()
+
+
+def test_asyncio_imported_by_the_entry_point_still_serves_http(qmpd_factory: Any) -> None:
+    """asyncio without ssl: aiohttp's plain-HTTP server works all the same."""
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
+    with urllib.request.urlopen(proc.http_url() + "/health", timeout=10) as resp:
+        assert resp.status == 200
