@@ -196,6 +196,10 @@ class Schema:
             check = self._checks[(kind, name)] = self._compiler.compile(schema, relpath).check
         return check
 
+    def compiled(self, kind: str, name: str) -> bool:
+        """Whether :meth:`check` has compiled that check already."""
+        return (kind, name) in self._checks
+
     def validator(self, kind: str, name: str) -> Any:
         """jsonschema's validator for the same schema (imports jsonschema)."""
         validator = self._validators.get((kind, name))

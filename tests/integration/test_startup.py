@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from qmpd.cli import parse_args
+from qmpd.daemon import WARM_CHECKS, Daemon
 from tests.conftest import RawClient, require_tool
 
 _RECORD = r"""
@@ -167,3 +169,18 @@ def test_asyncio_imported_by_the_entry_point_still_serves_http(qmpd_factory: Any
     proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
     with urllib.request.urlopen(proc.http_url() + "/health", timeout=10) as resp:
         assert resp.status == 200
+
+
+async def test_the_warm_up_compiles_blockdev_add_s_check(tmp_path: Path) -> None:
+    """The first blockdev-add finds its argument check compiled already."""
+    daemon = Daemon(parse_args(["--qmp", f"unix:{tmp_path / 'qmp.sock'}"]))
+    try:
+        assert "blockdev-add" in WARM_CHECKS
+        assert not any(daemon.schema.compiled("arguments", name) for name in WARM_CHECKS)
+        await daemon.start()
+        assert daemon._warm_up is not None
+        await daemon._warm_up
+        assert all(daemon.schema.compiled("arguments", name) for name in WARM_CHECKS)
+        assert not daemon.schema.compiled("arguments", "block-export-add")
+    finally:
+        await daemon.shutdown()
