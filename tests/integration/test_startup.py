@@ -184,3 +184,23 @@ async def test_the_warm_up_compiles_blockdev_add_s_check(tmp_path: Path) -> None
         assert not daemon.schema.compiled("arguments", "block-export-add")
     finally:
         await daemon.shutdown()
+
+
+_REGEX_COMPILERS = r"""
+import re, sys
+compiled_by = set()
+_compile = re.compile
+def compile(pattern, flags=0):
+    compiled_by.add(sys._getframe(1).f_globals.get("__name__"))
+    return _compile(pattern, flags)
+re.compile = compile
+import qmpd.commands.hmp
+print(" ".join(sorted(m for m in compiled_by if m and m.startswith("qmpd."))))
+"""
+
+
+def test_hmp_compiles_no_regex_when_imported() -> None:
+    """The HMP size parser's pattern is compiled on first use, not at start-up."""
+    out = subprocess.run([sys.executable, "-c", _REGEX_COMPILERS], capture_output=True,
+                         text=True, timeout=30, check=True)
+    assert "qmpd.commands.hmp" not in out.stdout.split(), out.stdout
