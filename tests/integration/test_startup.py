@@ -147,12 +147,13 @@ def test_the_collector_is_off_while_modules_load_and_on_once_serving(tmp_path: P
     assert modules["qmpd.block.qcow2.driver"] == ("worker", "gc-on")
 
 
-#: Not imported before the first client is served: asyncio's TLS support (qmpd
-#: serves no TLS) and importlib.resources (the schema is found by a path check).
-NOT_AT_START = ("ssl", "_ssl", "importlib.resources")
+#: Not imported by a default start, warm-up included: asyncio's TLS support
+#: (qmpd serves no TLS), importlib.resources and pathlib (the schema is found
+#: and read with os.path).
+NOT_AT_START = ("ssl", "_ssl", "importlib.resources", "pathlib", "urllib.parse")
 
 
-def test_a_default_start_imports_no_ssl_and_no_importlib_resources(tmp_path: Path) -> None:
+def test_a_default_start_imports_no_ssl_importlib_resources_or_pathlib(tmp_path: Path) -> None:
     plain = Recorded(tmp_path, "--log-level", "debug")
     plain.wait_stderr(WARMED)
     assert plain.client.ok("query-status")["status"] == "running"
