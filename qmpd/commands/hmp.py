@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
              "e": 1 << 60}
-_NUMBER = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]+)?)([bkmgtpeBKMGTPE]?)")
+#: Compiled on first use (re's cache), not at start-up (issue 10).
+_NUMBER = r"(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]+)?)([bkmgtpeBKMGTPE]?)"
 
 
 class _Usage(Exception):
@@ -32,7 +33,7 @@ class _Usage(Exception):
 
 
 def parse_size(text: str) -> int:
-    m = _NUMBER.fullmatch(text)
+    m = re.fullmatch(_NUMBER, text)
     if m is None:
         raise _Usage(f"invalid numeric argument {text}")
     number, suffix = m.groups()

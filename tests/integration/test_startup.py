@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from qmpd.cli import parse_args
+from qmpd.daemon import WARM_CHECKS, Daemon
 from tests.conftest import RawClient, require_tool
 
 _RECORD = r"""
@@ -143,3 +145,63 @@ def test_the_collector_is_off_while_modules_load_and_on_once_serving(tmp_path: P
     assert modules["qmpd.schema"][1] == "gc-off"
     # The drivers are imported after the monitors greet.
     assert modules["qmpd.block.qcow2.driver"] == ("worker", "gc-on")
+
+
+#: Not imported by a default start, warm-up included: asyncio's TLS support
+#: (qmpd serves no TLS), importlib.resources and pathlib (the schema is found
+#: and read with os.path).
+NOT_AT_START = ("ssl", "_ssl", "importlib.resources", "pathlib", "urllib.parse")
+
+
+def test_a_default_start_imports_no_ssl_importlib_resources_or_pathlib(tmp_path: Path) -> None:
+    plain = Recorded(tmp_path, "--log-level", "debug")
+    plain.wait_stderr(WARMED)
+    assert plain.client.ok("query-status")["status"] == "running"
+    assert len(plain.client.ok("query-qmp-schema")) > 100
+    assert [m for m in plain.quit() if m in NOT_AT_START] == []
+    # The control: aiohttp imports ssl itself, and --http still serves.
+    used = Recorded(tmp_path, "--http", "127.0.0.1:0", "--log-level", "info")
+    assert used.client.ok("query-status")["status"] == "running"
+    assert "ssl" in used.quit()
+
+
+def test_asyncio_imported_by_the_entry_point_still_serves_http(qmpd_factory: Any) -> None:
+    """asyncio without ssl: aiohttp's plain-HTTP server works all the same."""
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
+    with urllib.request.urlopen(proc.http_url() + "/health", timeout=10) as resp:
+        assert resp.status == 200
+
+
+async def test_the_warm_up_compiles_blockdev_add_s_check(tmp_path: Path) -> None:
+    """The first blockdev-add finds its argument check compiled already."""
+    daemon = Daemon(parse_args(["--qmp", f"unix:{tmp_path / 'qmp.sock'}"]))
+    try:
+        assert "blockdev-add" in WARM_CHECKS
+        assert not any(daemon.schema.compiled("arguments", name) for name in WARM_CHECKS)
+        await daemon.start()
+        assert daemon._warm_up is not None
+        await daemon._warm_up
+        assert all(daemon.schema.compiled("arguments", name) for name in WARM_CHECKS)
+        assert not daemon.schema.compiled("arguments", "block-export-add")
+    finally:
+        await daemon.shutdown()
+
+
+_REGEX_COMPILERS = r"""
+import re, sys
+compiled_by = set()
+_compile = re.compile
+def compile(pattern, flags=0):
+    compiled_by.add(sys._getframe(1).f_globals.get("__name__"))
+    return _compile(pattern, flags)
+re.compile = compile
+import qmpd.commands.hmp
+print(" ".join(sorted(m for m in compiled_by if m and m.startswith("qmpd."))))
+"""
+
+
+def test_hmp_compiles_no_regex_when_imported() -> None:
+    """The HMP size parser's pattern is compiled on first use, not at start-up."""
+    out = subprocess.run([sys.executable, "-c", _REGEX_COMPILERS], capture_output=True,
+                         text=True, timeout=30, check=True)
+    assert "qmpd.commands.hmp" not in out.stdout.split(), out.stdout
