@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import importlib
+import logging
+import os
 import sys
+from collections.abc import Callable, Sequence
 
-
-def _import_asyncio_without_ssl() -> None:
-    """Import asyncio without ``ssl``: qmpd serves no TLS, and ``ssl`` is a
-    third of asyncio's import time (issue 10).
-
-    asyncio's modules take a failed ``import ssl`` as "no TLS support"; ``ssl``
-    stays importable for whoever asks later (aiohttp, uvloop).
-    """
-    if "asyncio" in sys.modules or "ssl" in sys.modules:
-        return
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # makes ``import ssl`` fail
-    try:
-        import asyncio  # noqa: F401
-    finally:
-        del sys.modules["ssl"]
-
-
-_import_asyncio_without_ssl()
-
-import asyncio  # noqa: E402
-import gc  # noqa: E402
-import importlib  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-
-from qmpd import logs  # noqa: E402
-from qmpd.cli import Config, Exit, parse_args  # noqa: E402
-from qmpd.errors import ConfigError  # noqa: E402
+from qmpd import logs
+from qmpd.cli import Config, Exit, parse_args
+from qmpd.errors import ConfigError
 
 
 def _daemonize() -> int:
