@@ -104,6 +104,31 @@ _serial = operator.attrgetter("serial")
 _ACTIVE, _INACTIVATING, _INACTIVE = NodeState.ACTIVE, NodeState.INACTIVATING, NodeState.INACTIVE
 
 
+_PERMS = tuple(Perm(value) for value in range(16))
+_PERM_ALL = int(PERM_ALL)
+_WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
+
+
+def _check_inactivatable(node: BlockNode) -> None:
+    for edge in node.parents:
+        user = edge.user
+        if user is not None and user.writable and not user.allow_inactive:
+            raise BlockDriverError(
+                f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
+            )
+
+
+def _unused(child: BlockNode, deferred: set[int] | tuple[()]) -> bool:
+    """Whether no other node parent still uses ``child`` (active, or inactive
+    with its permissions still to update)."""
+    for other in child.parents:
+        parent = other.parent
+        if other.user is None and parent is not None and (
+                parent.state is _ACTIVE or id(parent) in deferred):
+            return False
+    return True
+
+
 def _has_pending_writes(members: list[BlockNode]) -> bool:
     """Whether flushing or inactivating these nodes may wait for I/O."""
     for node in members:
@@ -513,26 +538,101 @@ class BlockGraph:
             node.stats.invalidations += 1
 
     async def inactivate(self, node: BlockNode) -> None:
-        """Flush, mark clean, drop write permissions and locks (parents first)."""
+        """Flush, mark clean, drop write permissions and locks (parents first).
+
+        What needs no waiting (nodes with nothing to write back, locks to let
+        go) is done in one synchronous pass; the nodes whose driver has to
+        wait are finished here afterwards, their subtrees with them.
+        """
+        later: list[tuple[BlockNode, bool]] = []
+        self._inactivate_now(node, later, set())
+        for pending, written_back in later:
+            if written_back:
+                await self.refresh_perms(pending)
+                await self._inactivate_children(pending)
+            else:
+                await self._inactivate_slowly(pending)
+
+    async def _inactivate_slowly(self, node: BlockNode) -> None:
         if node.state is _INACTIVE:
             return
-        for edge in node.parents:
-            user = edge.user
-            if user is not None and user.writable and not user.allow_inactive:
-                raise BlockDriverError(
-                    f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
-                )
+        _check_inactivatable(node)
         await self.write_back(node)
         node.set_state(_INACTIVE)
         await self.refresh_perms(node)
+        await self._inactivate_children(node)
+
+    async def _inactivate_children(self, node: BlockNode) -> None:
         for edge in list(node.children.values()):
-            child = edge.child
-            for other in child.parents:
-                parent = other.parent
-                if other.user is None and parent is not None and parent.state is _ACTIVE:
-                    break  # another parent still uses it
+            if _unused(edge.child, ()):
+                await self._inactivate_slowly(edge.child)
+
+    def _inactivate_now(
+        self, node: BlockNode, later: list[tuple[BlockNode, bool]], deferred: set[int]
+    ) -> None:
+        """:meth:`inactivate`'s steps without waiting, as far as drivers can go.
+
+        A node whose driver must wait for its write-back is left active, one
+        whose locks must wait is left without its children's permissions
+        updated; both go to ``later`` (with whether the write-back is done),
+        and their children wait for them (``deferred`` holds the latter).
+        """
+        if node.state is _INACTIVE:
+            return
+        _check_inactivatable(node)
+        node.set_state(_INACTIVATING)
+        try:
+            done = node.driver.inactivate_now()
+        except BaseException:
+            node.set_state(_ACTIVE)
+            raise
+        if not done:
+            node.set_state(_ACTIVE)
+            later.append((node, False))
+            return
+        node.set_state(_INACTIVE)
+        if not self._refresh_perms_now(node):
+            deferred.add(id(node))
+            later.append((node, True))
+            return
+        for edge in list(node.children.values()):
+            if _unused(edge.child, deferred):
+                self._inactivate_now(edge.child, later, deferred)
+
+    def _refresh_perms_now(self, node: BlockNode) -> bool:
+        """:meth:`refresh_perms` without waiting, in plain ints; False when a
+        driver has to wait (whatever was already done, :meth:`refresh_perms`
+        computes and applies the same again)."""
+        perm, shared = 0, _PERM_ALL
+        for edge in node.parents:
+            if edge.user is None:
+                perm |= edge.perm._value_
+                shared &= edge.shared._value_
             else:
-                await self.inactivate(child)
+                user_perm, user_shared = edge.user.permissions(node)
+                perm |= user_perm._value_
+                shared &= user_shared._value_
+        if node.force_share:
+            shared = _PERM_ALL
+        driver = node.driver
+        if not driver.set_perm_now(perm, shared):
+            return False
+        for edge in node.children.values():
+            child_perm, child_shared = driver.child_perms(edge.role, _PERMS[perm], _PERMS[shared])
+            child = edge.child
+            if child_perm & _WRITE_OR_RESIZE and child.read_only:
+                raise GenericError("Block node is read-only")
+            old = (edge.perm, edge.shared)
+            edge.perm, edge.shared = child_perm, child_shared
+            try:
+                if len(child.parents) > 1:
+                    self._check_conflicts(child)
+                if not self._refresh_perms_now(child):
+                    return False
+            except Exception:
+                edge.perm, edge.shared = old
+                raise
+        return True
 
     async def write_back(self, node: BlockNode) -> None:
         """The driver's inactivate, with new writes refused meanwhile; a node

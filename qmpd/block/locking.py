@@ -142,7 +142,7 @@ class ImageLock:
                 if unshared & (1 << i) and byte_is_locked_by_others(fd, PERM_BASE + i):
                     raise LockError(f'Failed to get shared "{PERM_NAMES[Perm(1 << i)]}" lock')
 
-    def update(self, perm: Perm, shared: Perm) -> None:
+    def update(self, perm: int, shared: int) -> None:
         """Hold ``perm`` and refuse to share what ``shared`` leaves out.
 
         As QEMU does: first add the new bytes to the old ones, then check for
