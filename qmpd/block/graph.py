@@ -124,7 +124,7 @@ def _unused(child: BlockNode, deferred: set[int] | tuple[()]) -> bool:
     for other in child.parents:
         parent = other.parent
         if other.user is None and parent is not None and (
-                parent.state is _ACTIVE or id(parent) in deferred):
+                parent.state is _ACTIVE or (deferred and id(parent) in deferred)):
             return False
     return True
 
@@ -546,6 +546,9 @@ class BlockGraph:
         """
         later: list[tuple[BlockNode, bool]] = []
         self._inactivate_now(node, later, set())
+        await self._finish_later(later)
+
+    async def _finish_later(self, later: list[tuple[BlockNode, bool]]) -> None:
         for pending, written_back in later:
             if written_back:
                 await self.refresh_perms(pending)
@@ -620,7 +623,7 @@ class BlockGraph:
         for edge in node.children.values():
             child_perm, child_shared = driver.child_perms(edge.role, _PERMS[perm], _PERMS[shared])
             child = edge.child
-            if child_perm & _WRITE_OR_RESIZE and child.read_only:
+            if child_perm._value_ & _WRITE_OR_RESIZE and child.read_only:
                 raise GenericError("Block node is read-only")
             old = (edge.perm, edge.shared)
             edge.perm, edge.shared = child_perm, child_shared
@@ -719,13 +722,48 @@ class BlockGraph:
                 raise error
 
     async def inactivate_all(self) -> None:
-        """Inactivate every node, parents first inside a tree, trees concurrently."""
+        """Inactivate every node, parents first inside a tree, trees concurrently.
 
-        async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
-            for root in roots:
-                await self.inactivate(root)
+        Each tree goes as far as it can without waiting first (all of it,
+        when nothing is left to write back); what is left of the trees that
+        must wait then runs side by side, a task each.  The first error, in
+        creation order, is raised once every tree is done.
+        """
+        trees = self.trees()
+        errors: list[BaseException | None] = [None] * len(trees)
+        rest: list[tuple[int, Awaitable[None]]] = []
+        for i, (roots, _) in enumerate(trees):
+            try:
+                for j, root in enumerate(roots):
+                    later: list[tuple[BlockNode, bool]] = []
+                    self._inactivate_now(root, later, set())
+                    if later:
+                        rest.append((i, self._finish_inactivation(later, roots[j + 1:])))
+                        break
+            except Exception as exc:
+                errors[i] = exc
+        if len(rest) == 1:
+            i, job = rest[0]
+            try:
+                await job
+            except Exception as exc:
+                errors[i] = exc
+        elif rest:
+            results = await asyncio.gather(*(job for _, job in rest), return_exceptions=True)
+            for (i, _), result in zip(rest, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+                errors[i] = result
+        for error in errors:
+            if error is not None:
+                raise error
 
-        await self._per_tree(work)
+    async def _finish_inactivation(
+        self, later: list[tuple[BlockNode, bool]], roots: list[BlockNode]
+    ) -> None:
+        await self._finish_later(later)
+        for root in roots:
+            await self.inactivate(root)
 
     async def flush_all(self) -> None:
         """Flush every active node, newest first inside a tree, trees concurrently."""
