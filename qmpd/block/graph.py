@@ -582,7 +582,10 @@ class BlockGraph:
         """
         if node.state is _INACTIVE:
             return
-        _check_inactivatable(node)
+        for edge in node.parents:
+            if edge.user is not None:
+                _check_inactivatable(node)
+                break
         node.set_state(_INACTIVATING)
         try:
             done = node.driver.inactivate_now()
@@ -646,6 +649,21 @@ class BlockGraph:
         except BaseException:
             node.set_state(_ACTIVE)
             raise
+
+    def _root_groups(self) -> list[list[BlockNode]]:
+        """The roots of :meth:`trees`, oldest first: without a node used by
+        two nodes (the usual graph), each root is a tree of its own."""
+        roots: list[BlockNode] = []
+        for node in sorted(self.nodes.values(), key=_serial):
+            uses = 0
+            for edge in node.parents:
+                if edge.parent is not None:
+                    uses += 1
+            if not uses:
+                roots.append(node)
+            elif uses > 1:
+                return [tree_roots for tree_roots, _ in self.trees()]
+        return [[root] for root in roots]
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
@@ -729,10 +747,10 @@ class BlockGraph:
         must wait then runs side by side, a task each.  The first error, in
         creation order, is raised once every tree is done.
         """
-        trees = self.trees()
+        trees = self._root_groups()
         errors: list[BaseException | None] = [None] * len(trees)
         rest: list[tuple[int, Awaitable[None]]] = []
-        for i, (roots, _) in enumerate(trees):
+        for i, roots in enumerate(trees):
             try:
                 for j, root in enumerate(roots):
                     later: list[tuple[BlockNode, bool]] = []

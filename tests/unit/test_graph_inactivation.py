@@ -258,6 +258,9 @@ async def test_inactivation_only_lets_go_of_lock_bytes(tmp_path: Path, layer: Bl
     ((0b1111, 0b1111), (0b0010, 0b0100)),  # bytes kept between the ones let go
     ((0b1111, 0b0110), (0b0000, 0b0000)),  # everything goes
     ((0b0101, 0b1001), (0b0100, 0b1000)),
+    ((0b1011, 0b0001), (0b0001, 0b0000)),  # one unlock spanning both sets
+    ((0b1011, 0b1011), (0b0001, 0b0001)),  # a kept byte between the sets' dropped ones
+    ((0b0001, 0b1010), (0b0001, 0b0000)),  # only unshared bytes go
 ])
 def test_letting_go_leaves_exactly_the_kept_bytes(
     tmp_path: Path, before: tuple[int, int], after: tuple[int, int]
