@@ -586,17 +586,19 @@ class BlockGraph:
             if edge.user is not None:
                 _check_inactivatable(node)
                 break
-        node.set_state(_INACTIVATING)
+        # Set directly: ACTIVE or INACTIVATING -> INACTIVATING -> INACTIVE or
+        # ACTIVE are all allowed moves (NODE_TRANSITIONS).
+        node.state = _INACTIVATING
         try:
             done = node.driver.inactivate_now()
         except BaseException:
-            node.set_state(_ACTIVE)
+            node.state = _ACTIVE
             raise
         if not done:
-            node.set_state(_ACTIVE)
+            node.state = _ACTIVE
             later.append((node, False))
             return
-        node.set_state(_INACTIVE)
+        node.state = _INACTIVE
         if not self._refresh_perms_now(node):
             deferred.add(id(node))
             later.append((node, True))
