@@ -549,10 +549,16 @@ class BlockGraph:
         await self._finish_later(later)
 
     async def _finish_later(self, later: list[tuple[BlockNode, bool]]) -> None:
+        # A child shared with a node whose permissions are still to update
+        # waits for that one too: its locks follow what its parents ask.
+        deferred = {id(node) for node, written_back in later if written_back}
         for pending, written_back in later:
             if written_back:
                 await self.refresh_perms(pending)
-                await self._inactivate_children(pending)
+                deferred.discard(id(pending))
+                for edge in list(pending.children.values()):
+                    if _unused(edge.child, deferred):
+                        await self._inactivate_slowly(edge.child)
             else:
                 await self._inactivate_slowly(pending)
 
