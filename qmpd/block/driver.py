@@ -518,6 +518,13 @@ class BlockDriver(ABC):
         """Protocol drivers turn permissions into image locks here."""
         return None
 
+    def set_perm_now(self, perm: int, shared: int) -> bool:
+        """:meth:`set_perm` without waiting (permissions as plain ints): True
+        when done, False, having done nothing, when :meth:`set_perm` must be
+        awaited instead.  A driver overriding :meth:`set_perm` overrides this
+        too; nothing to do by default."""
+        return True
+
     def has_pending_writes(self) -> bool:
         """Whether :meth:`flush` or :meth:`inactivate` may write or sync anything.
 
@@ -532,6 +539,12 @@ class BlockDriver(ABC):
     async def inactivate(self) -> None:
         """Flush caches and mark the image clean; no writes after this."""
         await self.flush()
+
+    def inactivate_now(self) -> bool:
+        """:meth:`inactivate` without waiting, when there is nothing to write
+        back: True when done, False, having done nothing, when
+        :meth:`inactivate` must be awaited instead (always, by default)."""
+        return False
 
     async def invalidate_cache(self) -> None:
         """Drop and reload all cached mutable metadata (the node is inactive).

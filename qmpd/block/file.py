@@ -151,6 +151,9 @@ def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
+_WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
+
+
 class FileDriver(BlockDriver):
     """Options: ``filename``, ``locking`` (on/off/auto), ``drop-cache``, ``aio``."""
 
@@ -394,15 +397,38 @@ class FileDriver(BlockDriver):
             raise BlockDriverError(f"Failed to lock image: {exc.strerror}",
                                    exc.errno or errno.EIO) from None
 
+    def set_perm_now(self, perm: int, shared: int) -> bool:
+        if self._auto_read_only and self.fd >= 0 \
+                and self._reopen_flags(bool(perm & _WRITE_OR_RESIZE)) != self._flags:
+            return False  # a reopen opens the file again: in an I/O thread
+        if self.lock is None or not self.node.active:
+            return True
+        try:
+            self.lock.update(perm, shared)
+        except LockError as exc:
+            raise BlockDriverError(str(exc), errno.EAGAIN) from None
+        except OSError as exc:
+            raise BlockDriverError(f"Failed to lock image: {exc.strerror}",
+                                   exc.errno or errno.EIO) from None
+        return True
+
+    def inactivate_now(self) -> bool:
+        # inactivate is flush: nothing to sync (and no earlier sync failed)
+        # means nothing to wait for.
+        return not self._page_cache_inconsistent and self._writes == self._flushed
+
+    def _reopen_flags(self, writable: bool) -> int:
+        return (self._flags & ~(os.O_RDWR | os.O_RDONLY | os.O_WRONLY)) | (
+            os.O_RDWR if writable else os.O_RDONLY
+        )
+
     async def _reopen(self, writable: bool) -> None:
         """Switch the descriptor between read-only and read-write in place.
 
         The new open file takes the lock bytes before it replaces the old one
         under the same descriptor number, so the image is never unlocked.
         """
-        flags = (self._flags & ~(os.O_RDWR | os.O_RDONLY | os.O_WRONLY)) | (
-            os.O_RDWR if writable else os.O_RDONLY
-        )
+        flags = self._reopen_flags(writable)
         if flags == self._flags or self.fd < 0:
             return
         try:

@@ -104,6 +104,31 @@ _serial = operator.attrgetter("serial")
 _ACTIVE, _INACTIVATING, _INACTIVE = NodeState.ACTIVE, NodeState.INACTIVATING, NodeState.INACTIVE
 
 
+_PERMS = tuple(Perm(value) for value in range(16))
+_PERM_ALL = int(PERM_ALL)
+_WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
+
+
+def _check_inactivatable(node: BlockNode) -> None:
+    for edge in node.parents:
+        user = edge.user
+        if user is not None and user.writable and not user.allow_inactive:
+            raise BlockDriverError(
+                f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
+            )
+
+
+def _unused(child: BlockNode, deferred: set[int] | tuple[()]) -> bool:
+    """Whether no other node parent still uses ``child`` (active, or inactive
+    with its permissions still to update)."""
+    for other in child.parents:
+        parent = other.parent
+        if other.user is None and parent is not None and (
+                parent.state is _ACTIVE or (deferred and id(parent) in deferred)):
+            return False
+    return True
+
+
 def _has_pending_writes(members: list[BlockNode]) -> bool:
     """Whether flushing or inactivating these nodes may wait for I/O."""
     for node in members:
@@ -513,26 +538,115 @@ class BlockGraph:
             node.stats.invalidations += 1
 
     async def inactivate(self, node: BlockNode) -> None:
-        """Flush, mark clean, drop write permissions and locks (parents first)."""
+        """Flush, mark clean, drop write permissions and locks (parents first).
+
+        What needs no waiting (nodes with nothing to write back, locks to let
+        go) is done in one synchronous pass; the nodes whose driver has to
+        wait are finished here afterwards, their subtrees with them.
+        """
+        later: list[tuple[BlockNode, bool]] = []
+        self._inactivate_now(node, later, set())
+        await self._finish_later(later)
+
+    async def _finish_later(self, later: list[tuple[BlockNode, bool]]) -> None:
+        # A child shared with a node whose permissions are still to update
+        # waits for that one too: its locks follow what its parents ask.
+        deferred = {id(node) for node, written_back in later if written_back}
+        for pending, written_back in later:
+            if written_back:
+                await self.refresh_perms(pending)
+                deferred.discard(id(pending))
+                for edge in list(pending.children.values()):
+                    if _unused(edge.child, deferred):
+                        await self._inactivate_slowly(edge.child)
+            else:
+                await self._inactivate_slowly(pending)
+
+    async def _inactivate_slowly(self, node: BlockNode) -> None:
         if node.state is _INACTIVE:
             return
-        for edge in node.parents:
-            user = edge.user
-            if user is not None and user.writable and not user.allow_inactive:
-                raise BlockDriverError(
-                    f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
-                )
+        _check_inactivatable(node)
         await self.write_back(node)
         node.set_state(_INACTIVE)
         await self.refresh_perms(node)
+        await self._inactivate_children(node)
+
+    async def _inactivate_children(self, node: BlockNode) -> None:
         for edge in list(node.children.values()):
-            child = edge.child
-            for other in child.parents:
-                parent = other.parent
-                if other.user is None and parent is not None and parent.state is _ACTIVE:
-                    break  # another parent still uses it
+            if _unused(edge.child, ()):
+                await self._inactivate_slowly(edge.child)
+
+    def _inactivate_now(
+        self, node: BlockNode, later: list[tuple[BlockNode, bool]], deferred: set[int]
+    ) -> None:
+        """:meth:`inactivate`'s steps without waiting, as far as drivers can go.
+
+        A node whose driver must wait for its write-back is left active, one
+        whose locks must wait is left without its children's permissions
+        updated; both go to ``later`` (with whether the write-back is done),
+        and their children wait for them (``deferred`` holds the latter).
+        """
+        if node.state is _INACTIVE:
+            return
+        for edge in node.parents:
+            if edge.user is not None:
+                _check_inactivatable(node)
+                break
+        # Set directly: ACTIVE or INACTIVATING -> INACTIVATING -> INACTIVE or
+        # ACTIVE are all allowed moves (NODE_TRANSITIONS).
+        node.state = _INACTIVATING
+        try:
+            done = node.driver.inactivate_now()
+        except BaseException:
+            node.state = _ACTIVE
+            raise
+        if not done:
+            node.state = _ACTIVE
+            later.append((node, False))
+            return
+        node.state = _INACTIVE
+        if not self._refresh_perms_now(node):
+            deferred.add(id(node))
+            later.append((node, True))
+            return
+        for edge in list(node.children.values()):
+            if _unused(edge.child, deferred):
+                self._inactivate_now(edge.child, later, deferred)
+
+    def _refresh_perms_now(self, node: BlockNode) -> bool:
+        """:meth:`refresh_perms` without waiting, in plain ints; False when a
+        driver has to wait (whatever was already done, :meth:`refresh_perms`
+        computes and applies the same again)."""
+        perm, shared = 0, _PERM_ALL
+        for edge in node.parents:
+            if edge.user is None:
+                perm |= edge.perm._value_
+                shared &= edge.shared._value_
             else:
-                await self.inactivate(child)
+                user_perm, user_shared = edge.user.permissions(node)
+                perm |= user_perm._value_
+                shared &= user_shared._value_
+        if node.force_share:
+            shared = _PERM_ALL
+        driver = node.driver
+        if not driver.set_perm_now(perm, shared):
+            return False
+        for edge in node.children.values():
+            child_perm, child_shared = driver.child_perms(edge.role, _PERMS[perm], _PERMS[shared])
+            child = edge.child
+            if child_perm._value_ & _WRITE_OR_RESIZE and child.read_only:
+                raise GenericError("Block node is read-only")
+            old = (edge.perm, edge.shared)
+            edge.perm, edge.shared = child_perm, child_shared
+            try:
+                if len(child.parents) > 1:
+                    self._check_conflicts(child)
+                if not self._refresh_perms_now(child):
+                    return False
+            except Exception:
+                edge.perm, edge.shared = old
+                raise
+        return True
 
     async def write_back(self, node: BlockNode) -> None:
         """The driver's inactivate, with new writes refused meanwhile; a node
@@ -543,6 +657,21 @@ class BlockGraph:
         except BaseException:
             node.set_state(_ACTIVE)
             raise
+
+    def _root_groups(self) -> list[list[BlockNode]]:
+        """The roots of :meth:`trees`, oldest first: without a node used by
+        two nodes (the usual graph), each root is a tree of its own."""
+        roots: list[BlockNode] = []
+        for node in sorted(self.nodes.values(), key=_serial):
+            uses = 0
+            for edge in node.parents:
+                if edge.parent is not None:
+                    uses += 1
+            if not uses:
+                roots.append(node)
+            elif uses > 1:
+                return [tree_roots for tree_roots, _ in self.trees()]
+        return [[root] for root in roots]
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
@@ -619,13 +748,48 @@ class BlockGraph:
                 raise error
 
     async def inactivate_all(self) -> None:
-        """Inactivate every node, parents first inside a tree, trees concurrently."""
+        """Inactivate every node, parents first inside a tree, trees concurrently.
 
-        async def work(roots: list[BlockNode], members: list[BlockNode]) -> None:
-            for root in roots:
-                await self.inactivate(root)
+        Each tree goes as far as it can without waiting first (all of it,
+        when nothing is left to write back); what is left of the trees that
+        must wait then runs side by side, a task each.  The first error, in
+        creation order, is raised once every tree is done.
+        """
+        trees = self._root_groups()
+        errors: list[BaseException | None] = [None] * len(trees)
+        rest: list[tuple[int, Awaitable[None]]] = []
+        for i, roots in enumerate(trees):
+            try:
+                for j, root in enumerate(roots):
+                    later: list[tuple[BlockNode, bool]] = []
+                    self._inactivate_now(root, later, set())
+                    if later:
+                        rest.append((i, self._finish_inactivation(later, roots[j + 1:])))
+                        break
+            except Exception as exc:
+                errors[i] = exc
+        if len(rest) == 1:
+            i, job = rest[0]
+            try:
+                await job
+            except Exception as exc:
+                errors[i] = exc
+        elif rest:
+            results = await asyncio.gather(*(job for _, job in rest), return_exceptions=True)
+            for (i, _), result in zip(rest, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+                errors[i] = result
+        for error in errors:
+            if error is not None:
+                raise error
 
-        await self._per_tree(work)
+    async def _finish_inactivation(
+        self, later: list[tuple[BlockNode, bool]], roots: list[BlockNode]
+    ) -> None:
+        await self._finish_later(later)
+        for root in roots:
+            await self.inactivate(root)
 
     async def flush_all(self) -> None:
         """Flush every active node, newest first inside a tree, trees concurrently."""

@@ -18,6 +18,7 @@ from qmpd.block.driver import PERM_ALL, PERM_NAMES, Perm
 
 PERM_BASE = 100
 SHARED_BASE = 200
+_SHARED_SHIFT = SHARED_BASE - PERM_BASE
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start,
 # off_t l_len, pid_t l_pid (OFD locks need l_pid = 0).
@@ -142,7 +143,7 @@ class ImageLock:
                 if unshared & (1 << i) and byte_is_locked_by_others(fd, PERM_BASE + i):
                     raise LockError(f'Failed to get shared "{PERM_NAMES[Perm(1 << i)]}" lock')
 
-    def update(self, perm: Perm, shared: Perm) -> None:
+    def update(self, perm: int, shared: int) -> None:
         """Hold ``perm`` and refuse to share what ``shared`` leaves out.
 
         As QEMU does: first add the new bytes to the old ones, then check for
@@ -158,10 +159,18 @@ class ImageLock:
         if perm_i | old_held == old_held and unshared | old_unshared == old_unshared:
             # Only bytes to let go (inactivation): nothing can conflict, and
             # QEMU's raw_handle_perm_lock checks nothing either.
-            _let_go(self.fd, PERM_BASE, old_held & ~perm_i, perm_i)
-            self.held = perm_i
-            _let_go(self.fd, SHARED_BASE, old_unshared & ~unshared, unshared)
-            self.unshared = unshared
+            # Both sets in one unlock when no kept byte lies between the
+            # dropped ones (inactivation: write and resize, held and unshared).
+            dropped = old_held & ~perm_i | (old_unshared & ~unshared) << _SHARED_SHIFT
+            if dropped:
+                low = (dropped & -dropped).bit_length() - 1
+                span = dropped.bit_length() - low
+                if (perm_i | unshared << _SHARED_SHIFT) >> low & ((1 << span) - 1):
+                    _let_go(self.fd, PERM_BASE, old_held & ~perm_i, perm_i)
+                    _let_go(self.fd, SHARED_BASE, old_unshared & ~unshared, unshared)
+                else:
+                    _fcntl_lock(self.fd, _F_OFD_SETLK, fcntl.F_UNLCK, PERM_BASE + low, span)
+            self.held, self.unshared = perm_i, unshared
             return
         try:
             self._apply(old_held | perm_i, old_unshared | unshared)

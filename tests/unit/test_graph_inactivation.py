@@ -9,6 +9,7 @@ locks dropped, a refusal that names its node and leaves its tree whole.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import os
 import socket
@@ -257,6 +258,9 @@ async def test_inactivation_only_lets_go_of_lock_bytes(tmp_path: Path, layer: Bl
     ((0b1111, 0b1111), (0b0010, 0b0100)),  # bytes kept between the ones let go
     ((0b1111, 0b0110), (0b0000, 0b0000)),  # everything goes
     ((0b0101, 0b1001), (0b0100, 0b1000)),
+    ((0b1011, 0b0001), (0b0001, 0b0000)),  # one unlock spanning both sets
+    ((0b1011, 0b1011), (0b0001, 0b0001)),  # a kept byte between the sets' dropped ones
+    ((0b0001, 0b1010), (0b0001, 0b0000)),  # only unshared bytes go
 ])
 def test_letting_go_leaves_exactly_the_kept_bytes(
     tmp_path: Path, before: tuple[int, int], after: tuple[int, int]
@@ -299,3 +303,50 @@ async def test_refused_switchover_resumes_with_the_collector_running(tmp_path: P
     finally:
         await src_block.close_all()
         src_block.graph.close()
+
+
+async def test_a_file_to_reopen_takes_the_waiting_path(tmp_path: Path, layer: BlockLayer) -> None:
+    """auto-read-only: dropping write reopens the file read-only (I/O in a thread),
+    so that tree finishes asynchronously; the clean trees beside it without waiting,
+    and every tree ends inactive without write locks."""
+    for name in ("t0", "t1", "t2"):
+        opts = qcow2(tmp_path, name)
+        if name == "t1":
+            opts["file"]["auto-read-only"] = True
+        await layer.add(opts)
+    file = tree_nodes(layer, "t1")[1]
+    assert file.driver.fd >= 0 and os.O_RDWR & fcntl_flags(file.driver.fd)
+    assert not file.driver.set_perm_now(0, 0b1111)  # would reopen: must wait
+    await layer.inactivate_all()
+    for name in ("t0", "t1", "t2"):
+        assert [n.state for n in tree_nodes(layer, name)] == [NodeState.INACTIVE] * 2
+        assert not holds_write(layer, name)
+        peer = os.open(tree_nodes(layer, name)[1].driver.path, os.O_RDONLY)
+        try:
+            assert byte_is_locked_by_others(peer, PERM_BASE + 0)
+            assert not byte_is_locked_by_others(peer, PERM_BASE + 1)
+            assert not byte_is_locked_by_others(peer, SHARED_BASE + 1)
+        finally:
+            os.close(peer)
+    assert not os.O_RDWR & fcntl_flags(file.driver.fd)  # reopened read-only
+
+
+def fcntl_flags(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def test_drivers_locking_without_waiting_say_so() -> None:
+    """A driver overriding set_perm overrides set_perm_now too: the graph's
+    synchronous path calls only the latter."""
+    import qmpd.block.registry  # noqa: F401  (imports every driver)
+    from qmpd.block.driver import BlockDriver
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    checked = 0
+    for cls in subclasses(BlockDriver):
+        if cls.set_perm is not BlockDriver.set_perm:
+            assert cls.set_perm_now is not BlockDriver.set_perm_now, cls
+            checked += 1
+    assert checked

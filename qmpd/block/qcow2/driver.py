@@ -377,6 +377,14 @@ class Qcow2Driver(BlockDriver):
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
             image.writable = False
 
+    def inactivate_now(self) -> bool:
+        image = self._image
+        if image is not None and image.writable and image.broken is None:
+            if not image.idle() or image.file.driver.has_pending_writes():
+                return False
+            image.writable = False  # clean: see inactivate
+        return True
+
     async def invalidate_cache(self) -> None:
         """Drop all mutable metadata and load it again from disk (activation)."""
         image = self._image
