@@ -369,6 +369,13 @@ class BlockDriver(ABC):
     #: Whether nodes take a ``backing`` child, which their header may name.
     supports_backing: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The graph's synchronous path calls only set_perm_now: a driver that
+        # takes locks in set_perm and forgot it would silently take none there.
+        if "set_perm" in cls.__dict__ and "set_perm_now" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides set_perm but not set_perm_now")
+
     def __init__(self, node: BlockNode) -> None:
         self.node = node
 
@@ -521,8 +528,8 @@ class BlockDriver(ABC):
     def set_perm_now(self, perm: int, shared: int) -> bool:
         """:meth:`set_perm` without waiting (permissions as plain ints): True
         when done, False, having done nothing, when :meth:`set_perm` must be
-        awaited instead.  A driver overriding :meth:`set_perm` overrides this
-        too; nothing to do by default."""
+        awaited instead.  A driver overriding :meth:`set_perm` must override
+        this too (checked when the class is made); nothing to do by default."""
         return True
 
     def has_pending_writes(self) -> bool:
