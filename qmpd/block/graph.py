@@ -592,19 +592,17 @@ class BlockGraph:
             if edge.user is not None:
                 _check_inactivatable(node)
                 break
-        # Set directly: ACTIVE or INACTIVATING -> INACTIVATING -> INACTIVE or
-        # ACTIVE are all allowed moves (NODE_TRANSITIONS).
-        node.state = _INACTIVATING
+        node.set_state(_INACTIVATING)
         try:
             done = node.driver.inactivate_now()
         except BaseException:
-            node.state = _ACTIVE
+            node.set_state(_ACTIVE)
             raise
         if not done:
-            node.state = _ACTIVE
+            node.set_state(_ACTIVE)
             later.append((node, False))
             return
-        node.state = _INACTIVE
+        node.set_state(_INACTIVE)
         if not self._refresh_perms_now(node):
             deferred.add(id(node))
             later.append((node, True))
