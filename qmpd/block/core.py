@@ -9,22 +9,26 @@ all) and the node queries.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriverError, ChildRole
-from qmpd.block.filename import path_combine, refresh_filename
+from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.registry import driver_class, probe_format
 from qmpd.block.serial import GraphLock
 from qmpd.errors import DeviceNotFound, GenericError
 from qmpd.objects import ObjectRegistry
+from qmpd.qmp.encode import Encoded
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_NodeReply = tuple["BlockNode", bytes, Encoded]
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MAX_NODE_NAME = 31
@@ -51,6 +55,10 @@ class BlockLayer:
         self.metrics = metrics
         #: Held by every operation that changes the graph or a node's state.
         self.lock = GraphLock()
+        #: Last query-named-block-nodes reply per (node name, flat): the node,
+        #: its info marshalled, and the info with its encoding (reused while
+        #: the info marshals the same).
+        self._node_replies: dict[tuple[str, bool], _NodeReply] = {}
 
     # --- blockdev-add -------------------------------------------------------------
 
@@ -325,11 +333,43 @@ class BlockLayer:
     # --- queries -------------------------------------------------------------------------
 
     def named_nodes(self, flat: bool) -> list[dict[str, Any]]:
-        return [self.device_info(node, flat) for node in self.graph.newest_first()]
+        # Every member is computed afresh; only the encoding is reused, when
+        # a node's info is the same as last time (most nodes, most queries).
+        # "The same" is by marshal: types and member order count, which ==
+        # ignores (True == 1), and equal bytes mean equal values.
+        memo: FilenameMemo = {}
+        old = self._node_replies
+        new: dict[tuple[str, bool], _NodeReply] = {}
+        out: list[dict[str, Any]] = []
+        for node in self.graph.newest_first():
+            info = self.device_info(node, flat, memo)
+            try:
+                shape = marshal.dumps(info)
+            except ValueError:  # not plain JSON types: encoded each time
+                out.append(info)
+                continue
+            key = (node.node_name, flat)
+            last = old.get(key)
+            if last is not None and last[0] is node and last[1] == shape:
+                reply = last[2]
+            else:
+                reply = Encoded(info)
+            new[key] = (node, shape, reply)
+            out.append(reply)
+        # Keep the other flavour's entries for nodes that still exist.
+        for key, entry in old.items():
+            if key[1] != flat and self.graph.lookup(key[0]) is entry[0]:
+                new[key] = entry
+        self._node_replies = new
+        return out
 
-    def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
-        filename = refresh_filename(node)
-        image = self.image_info(node, flat, filename)
+    def device_info(
+        self, node: BlockNode, flat: bool, memo: FilenameMemo | None = None
+    ) -> dict[str, Any]:
+        if memo is None:
+            memo = {}
+        filename = refresh_filename(node, memo)
+        image = self.image_info(node, flat, filename, memo)
         # QEMU counts the chain only while it walks it for the nested image
         # info (a flat query reports 0), through backing links and filters
         # (bdrv_filter_or_cow_bs).
@@ -346,7 +386,7 @@ class BlockLayer:
             "drv": node.driver.format_name,
         }
         if node.backing is not None:
-            info["backing_file"] = refresh_filename(node.backing)
+            info["backing_file"] = refresh_filename(node.backing, memo)
         info.update(
             {
                 "backing_file_depth": depth,
@@ -371,12 +411,16 @@ class BlockLayer:
         return info
 
     def image_info(
-        self, node: BlockNode, flat: bool, filename: str | None = None
+        self,
+        node: BlockNode,
+        flat: bool,
+        filename: str | None = None,
+        memo: FilenameMemo | None = None,
     ) -> dict[str, Any]:
         driver = node.driver
         extra = driver.image_info()
         image: dict[str, Any] = {
-            "filename": refresh_filename(node) if filename is None else filename,
+            "filename": refresh_filename(node, memo) if filename is None else filename,
             "format": driver.format_name,
         }
         if "dirty-flag" in extra:
@@ -391,7 +435,7 @@ class BlockLayer:
                 image[key] = extra.pop(key)
         below = node.driver.status_fallback()
         if not flat and below is not None:
-            image["backing-image"] = self.image_info(below, flat)
+            image["backing-image"] = self.image_info(below, flat, None, memo)
         image.update(extra)
         return image
 
