@@ -44,11 +44,11 @@ def _refresh(node: BlockNode, memo: FilenameMemo) -> tuple[str, dict[str, Any]]:
     if done is not None:
         return done
     driver = node.driver
-    overridden = _backing_overridden(node, memo)
+    overridden = "backing" in node.options and _backing_overridden(node, memo)
     options: dict[str, Any] = {}
     # QEMU lists children newest first; the order only matters for keys
     # that share a QDict bucket.
-    for name, edge in reversed(list(node.children.items())):
+    for name, edge in reversed(node.children.items()):
         if name == "backing" and not overridden:
             continue
         options[name] = _refresh(edge.child, memo)[1]
@@ -56,8 +56,10 @@ def _refresh(node: BlockNode, memo: FilenameMemo) -> tuple[str, dict[str, Any]]:
         options["backing"] = None
     options["driver"] = driver.format_name
     options.update(driver.filename_options())
-    strong = {k: node.options[k] for k in driver.strong_runtime_opts if k in node.options}
-    options.update(strong)
+    strong: dict[str, Any] = {}
+    if driver.strong_runtime_opts:
+        strong = {k: node.options[k] for k in driver.strong_runtime_opts if k in node.options}
+        options.update(strong)
     exact = ""
     if not (overridden or strong):
         if driver.is_protocol:
