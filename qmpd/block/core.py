@@ -14,17 +14,20 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.driver import BlockDriverError, ChildRole
-from qmpd.block.filename import path_combine, refresh_filename
+from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.registry import driver_class, probe_format
 from qmpd.block.serial import GraphLock
 from qmpd.errors import DeviceNotFound, GenericError
 from qmpd.objects import ObjectRegistry
+from qmpd.qmp.encode import Encoded
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_NodeReply = tuple["BlockNode", Encoded]
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MAX_NODE_NAME = 31
@@ -51,6 +54,9 @@ class BlockLayer:
         self.metrics = metrics
         #: Held by every operation that changes the graph or a node's state.
         self.lock = GraphLock()
+        #: Last query-named-block-nodes reply per (node name, flat): the node,
+        #: and its info with the encoding (reused while the info is equal).
+        self._node_replies: dict[tuple[str, bool], _NodeReply] = {}
 
     # --- blockdev-add -------------------------------------------------------------
 
@@ -325,11 +331,39 @@ class BlockLayer:
     # --- queries -------------------------------------------------------------------------
 
     def named_nodes(self, flat: bool) -> list[dict[str, Any]]:
-        return [self.device_info(node, flat) for node in self.graph.newest_first()]
+        # Every member is computed afresh; only the encoding is reused, when
+        # a node's info equals the last one (most nodes, most queries).  ==
+        # ignores member order and True == 1 == 1.0: safe because each member
+        # comes from the same expression every time (a bool stays a bool) and
+        # in the same order.  (A marshal comparison, strict, cost 9 ms here.)
+        memo: FilenameMemo = {}
+        old = self._node_replies
+        new: dict[tuple[str, bool], _NodeReply] = {}
+        out: list[dict[str, Any]] = []
+        for node in self.graph.newest_first():
+            info = self.device_info(node, flat, memo)
+            key = (node.node_name, flat)
+            last = old.get(key)
+            if last is not None and last[0] is node and last[1] == info:
+                reply = last[1]
+            else:
+                reply = Encoded(info)
+            new[key] = (node, reply)
+            out.append(reply)
+        # Keep the other flavour's entries for nodes that still exist.
+        for key, entry in old.items():
+            if key[1] != flat and self.graph.lookup(key[0]) is entry[0]:
+                new[key] = entry
+        self._node_replies = new
+        return out
 
-    def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
-        filename = refresh_filename(node)
-        image = self.image_info(node, flat, filename)
+    def device_info(
+        self, node: BlockNode, flat: bool, memo: FilenameMemo | None = None
+    ) -> dict[str, Any]:
+        if memo is None:
+            memo = {}
+        filename = refresh_filename(node, memo)
+        image = self.image_info(node, flat, filename, memo)
         # QEMU counts the chain only while it walks it for the nested image
         # info (a flat query reports 0), through backing links and filters
         # (bdrv_filter_or_cow_bs).
@@ -346,37 +380,37 @@ class BlockLayer:
             "drv": node.driver.format_name,
         }
         if node.backing is not None:
-            info["backing_file"] = refresh_filename(node.backing)
-        info.update(
-            {
-                "backing_file_depth": depth,
-                "encrypted": False,
-                "detect_zeroes": node.detect_zeroes,
-                "bps": 0,
-                "bps_rd": 0,
-                "bps_wr": 0,
-                "iops": 0,
-                "iops_rd": 0,
-                "iops_wr": 0,
-                "image": image,
-                "cache": {
-                    "writeback": True,
-                    "direct": node.cache_direct,
-                    "no-flush": node.cache_no_flush,
-                },
-                "write_threshold": 0,
-                "active": node.active,
-            }
-        )
+            info["backing_file"] = refresh_filename(node.backing, memo)
+        info["backing_file_depth"] = depth
+        info["encrypted"] = False
+        info["detect_zeroes"] = node.detect_zeroes
+        info["bps"] = 0
+        info["bps_rd"] = 0
+        info["bps_wr"] = 0
+        info["iops"] = 0
+        info["iops_rd"] = 0
+        info["iops_wr"] = 0
+        info["image"] = image
+        info["cache"] = {
+            "writeback": True,
+            "direct": node.cache_direct,
+            "no-flush": node.cache_no_flush,
+        }
+        info["write_threshold"] = 0
+        info["active"] = node.active
         return info
 
     def image_info(
-        self, node: BlockNode, flat: bool, filename: str | None = None
+        self,
+        node: BlockNode,
+        flat: bool,
+        filename: str | None = None,
+        memo: FilenameMemo | None = None,
     ) -> dict[str, Any]:
         driver = node.driver
         extra = driver.image_info()
         image: dict[str, Any] = {
-            "filename": refresh_filename(node) if filename is None else filename,
+            "filename": refresh_filename(node, memo) if filename is None else filename,
             "format": driver.format_name,
         }
         if "dirty-flag" in extra:
@@ -391,7 +425,7 @@ class BlockLayer:
                 image[key] = extra.pop(key)
         below = node.driver.status_fallback()
         if not flat and below is not None:
-            image["backing-image"] = self.image_info(below, flat)
+            image["backing-image"] = self.image_info(below, flat, None, memo)
         image.update(extra)
         return image
 

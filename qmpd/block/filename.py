@@ -17,38 +17,49 @@ if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
 
 
-def refresh_filename(node: BlockNode) -> str:
+#: Per node, what :func:`_refresh` returned, for one query of many nodes
+#: (the graph does not change during it).  The option dicts are shared, so
+#: nobody may mutate them.
+FilenameMemo = dict["BlockNode", tuple[str, dict[str, Any]]]
+
+
+def refresh_filename(node: BlockNode, memo: FilenameMemo | None = None) -> str:
     """The ``file``/``filename`` QEMU reports for ``node``."""
-    exact, options = _refresh(node)
+    exact, options = _refresh(node, {} if memo is None else memo)
     return exact or "json:" + encode(options)
 
 
-def _backing_overridden(node: BlockNode) -> bool:
+def _backing_overridden(node: BlockNode, memo: FilenameMemo) -> bool:
     # A backing node opened from the header is what the header names.
     if "backing" not in node.options:
         return False
     auto = node.driver.auto_backing_file()
     if node.backing is None:
         return auto != ""
-    return auto != refresh_filename(node.backing)
+    return auto != refresh_filename(node.backing, memo)
 
 
-def _refresh(node: BlockNode) -> tuple[str, dict[str, Any]]:
+def _refresh(node: BlockNode, memo: FilenameMemo) -> tuple[str, dict[str, Any]]:
+    done = memo.get(node)
+    if done is not None:
+        return done
     driver = node.driver
-    overridden = _backing_overridden(node)
+    overridden = "backing" in node.options and _backing_overridden(node, memo)
     options: dict[str, Any] = {}
     # QEMU lists children newest first; the order only matters for keys
     # that share a QDict bucket.
-    for name, edge in reversed(list(node.children.items())):
+    for name, edge in reversed(node.children.items()):
         if name == "backing" and not overridden:
             continue
-        options[name] = _refresh(edge.child)[1]
+        options[name] = _refresh(edge.child, memo)[1]
     if overridden and node.backing is None:
         options["backing"] = None
     options["driver"] = driver.format_name
     options.update(driver.filename_options())
-    strong = {k: node.options[k] for k in driver.strong_runtime_opts if k in node.options}
-    options.update(strong)
+    strong: dict[str, Any] = {}
+    if driver.strong_runtime_opts:
+        strong = {k: node.options[k] for k in driver.strong_runtime_opts if k in node.options}
+        options.update(strong)
     exact = ""
     if not (overridden or strong):
         if driver.is_protocol:
@@ -56,7 +67,8 @@ def _refresh(node: BlockNode) -> tuple[str, dict[str, Any]]:
         else:
             primary = node.file
             if primary is not None and primary.driver.is_protocol:
-                exact = _refresh(primary)[0]
+                exact = _refresh(primary, memo)[0]
+    memo[node] = (exact, options)
     return exact, options
 
 

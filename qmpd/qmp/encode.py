@@ -81,6 +81,21 @@ def _number(value: float) -> str:
     return f"{value:.17g}"
 
 
+class Encoded(dict[str, Any]):
+    """A JSON object together with its compact encoding, spliced verbatim.
+
+    The compact writer emits ``text``; the pretty writer encodes the members.
+    Whoever builds one guarantees that ``text`` is ``encode(dict(self))`` and
+    that nobody mutates it afterwards.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        super().__init__(value)
+        self.text = encode(value)
+
+
 def encode(value: Any, pretty: bool = False) -> str:
     """Serialise ``value`` as QEMU's JSON writer would (no trailing newline)."""
     parts: list[str] = []
@@ -156,6 +171,8 @@ def _fast(value: Any, out: list[str], depth: int) -> None:
                 sep = ", "
                 _fast(item, out, depth)
             emit("]")
+    elif cls is Encoded:
+        emit(value.text)
     elif cls is bool:
         emit("true" if value else "false")
     elif cls is int:

@@ -102,3 +102,18 @@ def test_compact_writer_deep_nesting_and_subclasses() -> None:
     assert encode(deep) == _iterative(deep)
     assert encode(OrderedDict(b=1, a=[True, None])) == '{"a": [true, null], "b": 1}'
     assert encode((1, "x")) == '[1, "x"]'
+
+
+def test_encoded_objects_are_spliced_compact_and_rewritten_pretty() -> None:
+    from qmpd.qmp.encode import Encoded
+
+    inner = {"ro": False, "node-name": "n\u00e9", "image": {"virtual-size": 1 << 40}}
+    enc = Encoded(inner)
+    assert enc.text == encode(inner)
+    value = {"return": [enc, {"x": enc}]}
+    plain = {"return": [inner, {"x": inner}]}
+    assert encode(value) == encode(plain)
+    assert encode(value, pretty=True) == encode(plain, pretty=True)
+    # The compact writer uses the text as given (it is the builder's promise).
+    enc.text = '{"spliced": true}'
+    assert encode([enc]) == '[{"spliced": true}]'
