@@ -6,9 +6,8 @@ import asyncio
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,23 +16,9 @@ from qmpd.block.driver import NodeState, Perm
 from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
+from tests.support.block import qcow2
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def layer() -> AsyncIterator[BlockLayer]:
-    block = BlockLayer()
-    yield block
-    await block.close_all()
-    block.graph.close()
-
-
-def qcow2(tmp_path: Path, name: str) -> dict[str, Any]:
-    path = str(tmp_path / f"{name}.qcow2")
-    create_image(path, 4 * MiB)
-    return {"driver": "qcow2", "node-name": name,
-            "file": {"driver": "file", "node-name": f"{name}-file", "filename": path}}
 
 
 def held_bytes(path: str) -> set[int]:

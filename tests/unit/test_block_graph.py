@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from qmpd.block.registry import DRIVERS, probe_format
 from qmpd.errors import BlockDriverError, GenericError
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def layer() -> AsyncIterator[BlockLayer]:
-    block = BlockLayer()
-    yield block
-    await block.close_all()
-    block.graph.close()
 
 
 def raw_file(tmp_path: Path, name: str = "disk.raw", size: int = MiB) -> str:

@@ -13,7 +13,6 @@ import fcntl
 import gc
 import os
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +27,16 @@ from qmpd.block.locking import (
     byte_is_locked_by_others,
     lock_byte,
 )
-from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
 from qmpd.metrics import Metrics
 from qmpd.migration.manager import MigrationManager
 from qmpd.qmp.events import EventBus
 from qmpd.runstate import RunState
 from qmpd.vm import VirtualMachine
+from tests.support.block import qcow2
 from tests.support.tools import QEMU_IO, qemu_img, qemu_io, require_tool
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def layer() -> AsyncIterator[BlockLayer]:
-    block = BlockLayer()
-    yield block
-    await block.close_all()
-    block.graph.close()
-
-
-def qcow2(tmp_path: Path, name: str) -> dict[str, Any]:
-    path = str(tmp_path / f"{name}.qcow2")
-    create_image(path, 4 * MiB)
-    return {"driver": "qcow2", "node-name": name,
-            "file": {"driver": "file", "node-name": f"{name}-file", "filename": path}}
 
 
 def tree_nodes(layer: BlockLayer, name: str) -> list[BlockNode]:

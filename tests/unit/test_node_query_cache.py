@@ -9,32 +9,13 @@ is what an uncached computation gives, for the flat and nested flavours.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from qmpd.block.core import BlockLayer
-from qmpd.block.qcow2.create import create_image
 from qmpd.qmp.encode import Encoded, encode
+from tests.support.block import qcow2
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def layer() -> AsyncIterator[BlockLayer]:
-    block = BlockLayer()
-    yield block
-    await block.close_all()
-    block.graph.close()
-
-
-def qcow2(tmp_path: Path, name: str) -> dict[str, Any]:
-    path = str(tmp_path / f"{name}.qcow2")
-    create_image(path, 4 * MiB)
-    return {"driver": "qcow2", "node-name": name,
-            "file": {"driver": "file", "node-name": f"{name}-file", "filename": path}}
 
 
 def uncached(layer: BlockLayer, flat: bool) -> str:
