@@ -387,6 +387,9 @@ class FileDriver(BlockDriver):
             await self._reopen(bool(perm & (Perm.WRITE | Perm.RESIZE)))
         # An inactive node keeps whatever locks it had when it was inactivated
         # (none, for a node opened inactive): QEMU returns early here too.
+        self._update_lock(perm, shared)
+
+    def _update_lock(self, perm: int, shared: int) -> None:
         if self.lock is None or not self.node.active:
             return
         try:
@@ -401,15 +404,7 @@ class FileDriver(BlockDriver):
         if self._auto_read_only and self.fd >= 0 \
                 and self._reopen_flags(bool(perm & _WRITE_OR_RESIZE)) != self._flags:
             return False  # a reopen opens the file again: in an I/O thread
-        if self.lock is None or not self.node.active:
-            return True
-        try:
-            self.lock.update(perm, shared)
-        except LockError as exc:
-            raise BlockDriverError(str(exc), errno.EAGAIN) from None
-        except OSError as exc:
-            raise BlockDriverError(f"Failed to lock image: {exc.strerror}",
-                                   exc.errno or errno.EIO) from None
+        self._update_lock(perm, shared)
         return True
 
     def inactivate_now(self) -> bool:

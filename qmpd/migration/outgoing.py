@@ -388,15 +388,9 @@ class OutgoingMigration:
                     continue
                 part, view = view[:room], view[room:]
                 self._window_used += len(part)
-            try:
-                channel.writer.write(part)
-                await channel.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise ChannelError(channel.write_error(exc)) from None
-            self.bytes_sent += len(part)
-            self._bytes_out.inc(len(part))
+            await self._send_now(channel, part)
 
-    async def _send_now(self, channel: Channel, data: bytes) -> None:
+    async def _send_now(self, channel: Channel, data: bytes | memoryview) -> None:
         """Write ``data`` in one piece, without rate limit (the downtime phase)."""
         assert channel.writer is not None
         try:
