@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.support.tools import held_bytes
 
 SHARED = 'Failed to get shared "write" lock'
 WRITE = 'Failed to get "write" lock'
@@ -32,22 +33,6 @@ def add_qcow2(c: RawClient, image: Path, **extra: Any) -> dict[str, Any]:
         "driver": "qcow2", "node-name": "disk",
         "file": {"driver": "file", "filename": str(image)}, **extra,
     })
-
-
-def held_bytes(path: Path) -> set[int]:
-    """Lock bytes anyone holds on ``path``, from /proc/locks."""
-    st = os.stat(path)
-    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
-    wanted = f"{major:02x}:{minor:02x}:{st.st_ino}"
-    out = set()
-    with open("/proc/locks") as f:
-        for line in f:
-            fields = line.split()
-            # N: OFDLCK ADVISORY READ pid dev:ino start end
-            if "OFDLCK" in fields and wanted in line:
-                # Adjacent bytes of one holder show up merged as a range.
-                out.update(range(int(fields[-2]), int(fields[-1]) + 1))
-    return out
 
 
 def test_qmpd_read_write_holder_refuses_tools(qmpd: QmpdProcess, image: Path) -> None:

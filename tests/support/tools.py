@@ -70,3 +70,18 @@ def wait_for_socket(proc: subprocess.Popen[Any], path: Path, timeout: float = 30
             raise AssertionError(f"{name} exited with status {proc.returncode}: {said!r}")
         assert time.monotonic() < deadline, f"{name} did not start"
         time.sleep(0.02)
+
+
+def held_bytes(path: str | Path) -> set[int]:
+    """Lock bytes anyone holds on ``path`` (OFD locks, from /proc/locks)."""
+    st = os.stat(path)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out: set[int] = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            # N: OFDLCK ADVISORY READ pid dev:ino start end
+            if "OFDLCK" in fields and wanted in line:
+                # Adjacent bytes of one holder show up merged as a range.
+                out.update(range(int(fields[-2]), int(fields[-1]) + 1))
+    return out

@@ -17,21 +17,9 @@ from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
 from tests.support.block import qcow2
+from tests.support.tools import held_bytes
 
 MiB = 1 << 20
-
-
-def held_bytes(path: str) -> set[int]:
-    """Lock bytes anyone holds on ``path``, from /proc/locks."""
-    st = os.stat(path)
-    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    out: set[int] = set()
-    with open("/proc/locks") as f:
-        for line in f:
-            fields = line.split()
-            if "OFDLCK" in fields and wanted in line:
-                out.update(range(int(fields[-2]), int(fields[-1]) + 1))
-    return out
 
 
 async def test_activate_all_leaves_each_node_whole_and_names_the_failure(
