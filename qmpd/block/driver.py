@@ -357,6 +357,10 @@ class CacheReload:
 
     run: Callable[[], Any]
     finish: Callable[[Any], Awaitable[None]]
+    #: Whether ``run`` waits for a device (a dropped page cache, O_DIRECT, a
+    #: network): such jobs overlap in several threads; the others (page-cache
+    #: hits) only contend for the GIL there, so they share one job.
+    waits: bool = True
 
 
 class BlockDriver(ABC):
@@ -577,6 +581,12 @@ class BlockDriver(ABC):
     def reads_inline(self) -> bool:
         """Whether :meth:`blocking_reader`'s reads are memory copies that never
         wait for a device, cheaper on the event loop than a thread hop."""
+        return False
+
+    def reads_cached(self) -> bool:
+        """Whether :meth:`blocking_reader`'s reads are served from memory (the
+        host's page cache, kept at activation) rather than waiting for a
+        device; see :attr:`CacheReload.waits`."""
         return False
 
     async def refresh_inactive(self) -> None:

@@ -467,7 +467,7 @@ class FileDriver(BlockDriver):
             if dirty and drop:
                 self._flushed = max(self._flushed, generation)
 
-        return CacheReload(refresh, finish)
+        return CacheReload(refresh, finish, waits=drop)
 
     def _drops_page_cache(self) -> bool:
         # Where every writer shares this host's page cache (a local filesystem:
@@ -479,6 +479,9 @@ class FileDriver(BlockDriver):
 
     def reads_inline(self) -> bool:
         return self._inline
+
+    def reads_cached(self) -> bool:
+        return self._inline or not (self.node.cache_direct or self._drops_page_cache())
 
     def blocking_reader(self) -> Callable[[list[tuple[int, int]]], list[bytes]] | None:
         if self.fd < 0:

@@ -444,7 +444,7 @@ class Qcow2Driver(BlockDriver):
                 self._reload_failed(exc)
             self._broken = None
 
-        return CacheReload(run, finish)
+        return CacheReload(run, finish, waits=not child.driver.reads_cached())
 
     async def refresh_inactive(self) -> None:
         """An inactive node trusts nothing it cached: load the header and tables
