@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.errors import BlockDriverError as BlockDriverError
 from qmpd.objects import ObjectRegistry
 
@@ -249,6 +250,8 @@ class BlockNode:
     inline_children: list[BlockNode] = field(default_factory=list)
     stats: NodeStats = field(default_factory=NodeStats)
     serial: int = 0
+    #: Named dirty bitmaps, oldest first (QEMU lists them newest first).
+    dirty_bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
 
     # --- structure ----------------------------------------------------------
 
@@ -317,6 +320,8 @@ class BlockNode:
             )
         else:
             await self.driver.write(offset, data, fua)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, len(data))
         self.stats.wr_bytes += len(data)
         self.stats.wr_operations += 1
 
@@ -326,6 +331,8 @@ class BlockNode:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, length)
         self.stats.wr_bytes += length
         self.stats.wr_operations += 1
 
@@ -333,6 +340,14 @@ class BlockNode:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.discard(offset, length)
+        if self.dirty_bitmaps and self.discard_unmap:  # discard=ignore drops it first
+            self.mark_dirty(offset, length)
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record a change in every recording bitmap (bdrv_set_dirty)."""
+        for bitmap in self.dirty_bitmaps.values():
+            if bitmap.recording:
+                bitmap.set_range(offset, length)
 
     async def flush(self) -> None:
         self.stats.flush_operations += 1
@@ -582,6 +597,24 @@ class BlockDriver(ABC):
         """Whether :meth:`blocking_reader`'s reads are memory copies that never
         wait for a device, cheaper on the event loop than a thread hop."""
         return False
+
+    # --- persistent dirty bitmaps (issue 11) ------------------------------------
+
+    def can_store_new_bitmap(self, name: str, granularity: int) -> None:
+        """Raise (QEMU's text) unless a persistent bitmap ``name`` can be added
+        (bdrv_can_store_new_dirty_bitmap); formats without bitmaps refuse."""
+        raise BlockDriverError(
+            f"Can't make bitmap '{name}' persistent in '{self.node.node_name}': "
+            f"Block format '{self.format_name}' does not support persistent bitmaps", 95)
+
+    async def store_persistent_bitmaps(self) -> None:
+        """Write the node's persistent bitmaps to the image and clear their
+        in-use marks (at inactivation and close); nothing by default."""
+        return None
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        """Delete a persistent bitmap from the image; nothing by default."""
+        return None
 
     def reads_cached(self) -> bool:
         """Whether :meth:`blocking_reader`'s reads are served from memory (the
