@@ -361,7 +361,7 @@ class BlockGraph:
         A wave is every node whose children are all active: each one takes its
         permissions (locks) here, then the drivers' reloads (page-cache drop,
         header and tables) run in at most ``concurrency`` I/O-thread jobs for
-        the whole wave (one more for those served from memory), and each node
+        the whole wave (or here, when served from memory), and each node
         finishes here.  Independent trees share
         waves, so their I/O overlaps; no task or future per node.
 
@@ -424,12 +424,16 @@ class BlockGraph:
     async def _activate_wave(
         self, wave: list[BlockNode], failed: dict[int, BaseException], concurrency: int
     ) -> None:
-        """Begin each node of ``wave`` (locks, on the loop) slice by slice, each
-        slice's reloads that wait for a device going to the I/O threads as soon
-        as it is begun, and finish the nodes of a slice as soon as its job is
-        done: the loop's work overlaps the disk's.  Reloads served from memory
-        share one job: in parallel threads they would only take turns at the
-        GIL, at a price (measured: about half as slow again on two cores)."""
+        """Begin each node of ``wave`` (locks, on the loop) slice by slice.
+
+        A slice's reloads that wait for a device go to the I/O threads as soon
+        as it is begun, and its nodes finish as soon as their job is done: the
+        loop's work overlaps the disk's.  Reloads served from memory (the page
+        cache) run right here, slice by slice with a turn for other clients in
+        between: a thread hop costs more than they do, and in parallel threads
+        they would only take turns at the GIL (measured, in process, on two
+        cores: 0.32 against 0.67 ms at K=1, 135 against 165 ms at K=1000).
+        """
         start = time.perf_counter()
         todo = [node for node in wave if not node.active]
         if not todo:
@@ -437,12 +441,12 @@ class BlockGraph:
         size = -(-len(todo) // min(len(todo), concurrency))
         unfinished: dict[int, BlockNode] = {}
         awaited: list[BlockNode] = []
-        cached: list[tuple[BlockNode, CacheReload]] = []
         running: dict[asyncio.Future[list[tuple[bool, Any]]],
                       list[tuple[BlockNode, CacheReload]]] = {}
         try:
             for first in range(0, len(todo), size):
                 jobs: list[tuple[BlockNode, CacheReload]] = []
+                cached: list[tuple[BlockNode, CacheReload]] = []
                 for node in todo[first:first + size]:
                     try:
                         await self._begin_activation(node)
@@ -466,9 +470,11 @@ class BlockGraph:
                 if jobs:
                     running[asyncio.ensure_future(
                         self.io.run(_run_all, [reload for _, reload in jobs]))] = jobs
-            if cached:
-                running[asyncio.ensure_future(
-                    self.io.run(_run_all, [reload for _, reload in cached]))] = cached
+                if cached:
+                    results = _run_all([reload for _, reload in cached])
+                    await self._finish_reloads(cached, results, unfinished, start, failed)
+                    if first + size < len(todo):
+                        await asyncio.sleep(0)
             if awaited:
                 outcomes = await asyncio.gather(
                     *(node.driver.invalidate_cache() for node in awaited),
@@ -480,18 +486,8 @@ class BlockGraph:
             while running:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for finished in done:
-                    jobs = running.pop(finished)
-                    results = finished.result()
-                    for (node, reload), (ok, value) in zip(jobs, results, strict=True):
-                        error: BaseException | None = None
-                        try:
-                            if not ok:
-                                raise value
-                            await reload.finish(value)
-                        except Exception as exc:
-                            error = exc
-                        del unfinished[id(node)]
-                        await self._settle(node, error, start, failed)
+                    await self._finish_reloads(running.pop(finished), finished.result(),
+                                               unfinished, start, failed)
         except BaseException as exc:
             # Cancelled half-way: what did not finish stays inactive.
             for started in running:
@@ -500,6 +496,21 @@ class BlockGraph:
                 if node.active:
                     self._activation_failed(node, exc)
             raise
+
+    async def _finish_reloads(
+        self, jobs: list[tuple[BlockNode, CacheReload]], results: list[tuple[bool, Any]],
+        unfinished: dict[int, BlockNode], start: float, failed: dict[int, BaseException],
+    ) -> None:
+        for (node, reload), (ok, value) in zip(jobs, results, strict=True):
+            error: BaseException | None = None
+            try:
+                if not ok:
+                    raise value
+                await reload.finish(value)
+            except Exception as exc:
+                error = exc
+            del unfinished[id(node)]
+            await self._settle(node, error, start, failed)
 
     async def _settle(
         self, node: BlockNode, outcome: BaseException | None, start: float,
