@@ -8,6 +8,7 @@ on byte strings.  Field layout and constants follow the qcow2 specification
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -280,6 +281,16 @@ def header_within(buf: bytes) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=8)
+def _feature_table(data: bytes) -> tuple[tuple[int, int, str], ...]:
+    # Images made by one program carry the same table: decoded once.
+    return tuple(
+        (ftype, bit, name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        for ftype, bit, name in (_FEATURE.unpack_from(data, i * _FEATURE.size)
+                                 for i in range(len(data) // _FEATURE.size))
+    )
+
+
 def _parse_extensions(hdr: Header, buf: bytes, start: int, end: int) -> None:
     offset = start
     while offset < end:
@@ -302,11 +313,7 @@ def _parse_extensions(hdr: Header, buf: bytes, start: int, end: int) -> None:
                 )
             hdr.backing_format = data.decode("utf-8", "surrogateescape")
         elif ext_type == EXT_FEATURE_TABLE:
-            for i in range(len(data) // _FEATURE.size):
-                ftype, bit, name = _FEATURE.unpack_from(data, i * _FEATURE.size)
-                hdr.feature_table.append(
-                    (ftype, bit, name.split(b"\0", 1)[0].decode("utf-8", "replace"))
-                )
+            hdr.feature_table.extend(_feature_table(data))
         elif ext_type == EXT_BITMAPS:
             if len(data) >= 24:
                 nb, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", data, 0)
