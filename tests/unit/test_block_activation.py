@@ -66,6 +66,31 @@ async def test_activate_all_leaves_each_node_whole_and_names_the_failure(
     assert broken.activation_error is None
 
 
+async def test_a_parent_refused_its_locks_leaves_its_file_node_holding_its_own(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """A file node takes its locks with its parent's permissions; when the
+    parent is refused them (another process does not share write), the file
+    node still ends active with the bytes of its own activation, as if it had
+    taken them before its parent was tried."""
+    good = await layer.add(qcow2(tmp_path, "good"), inactive=True)
+    refused = await layer.add(qcow2(tmp_path, "refused"), inactive=True)
+    other = os.open(tmp_path / "refused.qcow2", os.O_RDWR)
+    try:
+        take(other, 201)  # someone who does not share write
+        with pytest.raises(BlockDriverError) as exc:
+            await layer.activate_all()
+        assert exc.value.desc == 'Failed to get "write" lock'
+        assert refused.state is NodeState.INACTIVE and refused.file is not None
+        assert refused.file.state is NodeState.ACTIVE
+        assert held_bytes(tmp_path / "refused.qcow2") == {100, 201}
+        assert good.active and held_bytes(tmp_path / "good.qcow2") == {100, 101, 103, 201, 203}
+    finally:
+        os.close(other)
+    await layer.activate_all()
+    assert refused.active and held_bytes(tmp_path / "refused.qcow2") == {100, 101, 103, 201, 203}
+
+
 async def test_cancelled_activation_leaves_nodes_whole(
     tmp_path: Path, layer: BlockLayer
 ) -> None:
