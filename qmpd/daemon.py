@@ -130,11 +130,11 @@ class Daemon:
 
     def _build_migration(self) -> MigrationManager:
         # Migration is imported when first used (migrate, migrate-incoming...).
-        from qmpd.metrics import Metrics
+        from qmpd.migration.deps import MigrationMetrics, NoMigrationMetrics
         from qmpd.migration.manager import MigrationManager
 
-        # Without --http nobody reads its series: a private set takes them.
-        metrics = self.metrics if self.metrics is not None else Metrics()
+        metrics: MigrationMetrics = (
+            self.metrics if self.metrics is not None else NoMigrationMetrics())
         return MigrationManager(
             events=self.events, vm=self.vm, block=self.block, metrics=metrics,
             request_exit=self.request_exit,

@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import Counter
-
 from qmpd.runstate import RunState
 
 if TYPE_CHECKING:
@@ -69,11 +67,21 @@ class RunStateSide(Protocol):
     def start(self) -> None: ...
 
 
+class Increment(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class LabelledCounter(Protocol):
+    """A counter with labels (prometheus_client's Counter is one)."""
+
+    def labels(self, *values: str) -> Increment: ...
+
+
 class MigrationMetrics(Protocol):
     """The migration series of the daemon's metrics."""
 
     @property
-    def migration_bytes(self) -> Counter: ...
+    def migration_bytes(self) -> LabelledCounter: ...
 
     def migration_status(self, status: str) -> None: ...
 
@@ -84,3 +92,27 @@ class MigrationMetrics(Protocol):
 
 #: Leave the process with this status (a failed incoming migration exits 1).
 ExitRequest = Callable[[int], None]
+
+
+class _NoCount:
+    def labels(self, *values: str) -> _NoCount:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+
+class NoMigrationMetrics:
+    """The series where nobody reads them (no --http): nothing is kept, and
+    prometheus_client is not imported for them."""
+
+    migration_bytes: LabelledCounter = _NoCount()
+
+    def migration_status(self, status: str) -> None:
+        return None
+
+    def migration_done(self, total: float, downtime: float) -> None:
+        return None
+
+    def observe_activate_all(self, seconds: float) -> None:
+        return None

@@ -204,3 +204,44 @@ def test_qcow2_cache_lookups_are_exported(qmpd_factory: Any, tmp_path: Path) -> 
     assert "return" in c.cmd("human-monitor-command",
                              {"command-line": 'qemu-io disk "read 0 4k"'})
     assert counts()[("l2", "hit")] > first[("l2", "hit")]
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_migration_shows_in_both_daemons_metrics(tmp_path: Path) -> None:
+    """The stream's bytes, the status and the destination's activation time."""
+    from tests.conftest import QmpdProcess
+    from tests.support.qmp import QmpClient
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    src = QmpdProcess(tmp_path / "src", "--http", "127.0.0.1:0", "--log-level", "info")
+    dst = QmpdProcess(tmp_path / "dst", "--http", "127.0.0.1:0", "--log-level", "info",
+                      "--incoming", "defer")
+    try:
+        s, d = QmpClient(src.sock), QmpClient(dst.sock)
+        for c in (s, d):
+            c.ok("qmp_capabilities")
+            c.ok("migrate-set-capabilities",
+                 {"capabilities": [{"capability": "events", "state": True}]})
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        d.ok("migrate-incoming", {"uri": uri})
+        s.ok("migrate", {"uri": uri})
+        s.wait_event("MIGRATION", "completed")
+        d.wait_event("MIGRATION", "completed")
+        sent = _metric(src.http_url(), 'qmpd_migration_bytes_total{direction="out"}')
+        got = _metric(dst.http_url(), 'qmpd_migration_bytes_total{direction="in"}')
+        assert sent > 0 and got == sent
+        assert _metric(src.http_url(), 'qmpd_migration_status{qmpd_migration_status="completed"}') == 1
+        assert _metric(dst.http_url(), "qmpd_migration_activation_seconds_count") == 1
+        s.close()
+        d.close()
+    finally:
+        src.stop()
+        dst.stop()

@@ -112,6 +112,18 @@ def test_a_default_start_imports_no_migration_nbd_or_metrics(tmp_path: Path) -> 
         assert any(m == prefix or m.startswith(prefix + ".") for m in modules), prefix
 
 
+def test_migration_without_http_imports_no_metrics(tmp_path: Path) -> None:
+    """Without --http nobody reads the migration's series: using migration
+    loads the migration code but neither qmpd.metrics nor prometheus_client."""
+    plain = Recorded(tmp_path)
+    plain.client.ok("migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]})
+    assert plain.client.ok("query-migrate") == {}
+    modules = plain.quit()
+    assert "qmpd.migration.manager" in modules
+    assert [m for m in _on_demand(modules) if not m.startswith("qmpd.migration")] == []
+
+
 def test_the_first_blockdev_add_imports_nothing_on_the_main_thread(tmp_path: Path) -> None:
     """Once QMP listens, the block drivers are imported on a worker thread, so
     neither a client nor the first blockdev-add waits for them."""
