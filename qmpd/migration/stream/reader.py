@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import struct
 import uuid as _uuid
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 
+from qmpd.migration.stream import bitmaps
 from qmpd.migration.stream.wire import (
     BLK_DEVICE_BLOCK,
     BLK_EOS,
@@ -15,7 +17,6 @@ from qmpd.migration.stream.wire import (
     BLOCK_SECTION,
     COMMAND_END,
     COMMAND_LENGTHS,
-    DIRTY_BITMAP_EOS,
     DIRTY_BITMAP_SECTION,
     EOF,
     GLOBALSTATE_LEN,
@@ -145,6 +146,11 @@ class StreamReader:
         self.trailing = 0
         self.return_path_open = False
         self._postcopy_state = 0
+        #: Emit the dirty-bitmap section's chunks (else refuse any but EOS).
+        self.accept_bitmaps = False
+        # The dirty-bitmap chunks' names, which carry over to later chunks.
+        self._bitmap_node: str | None = None
+        self._bitmap_name: str | None = None
         self._entries = [_Entry(n, v) for n, _, v in (
             TIMER_SECTION, BLOCK_SECTION, RAM_SECTION, DIRTY_BITMAP_SECTION, GLOBALSTATE_SECTION)]
 
@@ -581,12 +587,55 @@ class StreamReader:
                 return
 
     def _load_dirty_bitmap(self) -> Generator[None, None, None]:
-        flags = yield from self._u8()
-        if self._ferror:
-            raise LoadFail(errno.EIO)
-        if flags != DIRTY_BITMAP_EOS:
-            raise LoadFail(errno.EINVAL, "qmpd: dirty bitmaps in the migration stream are "
-                                         "not supported")
+        """Chunks up to EOS, each emitted with the names it refers to."""
+        while True:
+            flags = yield from self._u8()
+            if flags & bitmaps.FLAG_EXTRA:
+                flags = flags << 8 | (yield from self._u8())
+                if flags & bitmaps.FLAG_EXTRA:
+                    flags = flags << 16 | (yield from self._be16())
+            if flags & bitmaps.FLAG_DEVICE_NAME:
+                raw, ok = yield from self._counted()
+                if not ok:
+                    raise LoadFail(errno.EINVAL, "Unable to read node alias string")
+                self._bitmap_node = cstr(raw)
+            if flags & bitmaps.FLAG_BITMAP_NAME:
+                raw, ok = yield from self._counted()
+                if not ok:
+                    raise LoadFail(errno.EINVAL, "Unable to read bitmap alias string")
+                self._bitmap_name = cstr(raw)
+            chunk = bitmaps.BitmapChunk(flags, self._bitmap_node, self._bitmap_name)
+            if flags & bitmaps.FLAG_START:
+                granularity = yield from self._be32()
+                start_flags = yield from self._u8()
+                chunk = dataclasses.replace(chunk, granularity=granularity,
+                                            start_flags=start_flags)
+            elif flags & bitmaps.FLAG_COMPLETE:
+                pass
+            elif flags & bitmaps.FLAG_BITS:
+                sector = yield from self._be64()
+                count = yield from self._be32()
+                data = None
+                if not flags & bitmaps.FLAG_ZEROES:
+                    size = yield from self._be64()
+                    if size > bitmaps.MAX_BUFFER:
+                        raise LoadFail(errno.EIO, "Bitmap migration stream buffer allocation "
+                                                  "request is too large")
+                    data = yield from self._read(size)
+                    if len(data) != size:
+                        raise LoadFail(errno.EIO, "Failed to read bitmap bits")
+                chunk = dataclasses.replace(
+                    chunk, first_byte=(sector << 9) & (1 << 64) - 1, nr_bytes=count << 9,
+                    data=data)
+            if self._ferror:
+                raise LoadFail(errno.EIO)
+            if chunk.kind != "eos" or flags != bitmaps.FLAG_EOS:
+                if not self.accept_bitmaps:
+                    raise LoadFail(errno.EINVAL, "qmpd: dirty bitmaps in the migration "
+                                                 "stream are not supported")
+                self._emit(chunk)
+            if flags & bitmaps.FLAG_EOS:
+                return
 
     def _command(self) -> Generator[None, None, None]:
         cmd = yield from self._be16()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from qmpd.migration.stream.bitmaps import BitmapWriter, MigratedBitmap
 from qmpd.migration.stream.wire import (
-    DIRTY_BITMAP_EOS,
     DIRTY_BITMAP_SECTION,
     GLOBALSTATE_LEN,
     GLOBALSTATE_SECTION,
@@ -63,12 +63,15 @@ class StreamWriter:
     dirty-bitmaps and x-ignore-shared; the others change nothing on the wire.
     """
 
-    def __init__(self, capabilities: Mapping[str, bool] | None = None) -> None:
+    def __init__(self, capabilities: Mapping[str, bool] | None = None,
+                 bitmaps: Sequence[MigratedBitmap] = ()) -> None:
         caps = dict(capabilities or {})
         self.postcopy_ram = caps.get("postcopy-ram", False)
         self.return_path = caps.get("return-path", False) or self.postcopy_ram
         self.dirty_bitmaps = caps.get("dirty-bitmaps", False)
         self.x_ignore_shared = caps.get("x-ignore-shared", False)
+        #: The named bitmaps that travel (with the dirty-bitmaps capability).
+        self.bitmaps = BitmapWriter(bitmaps if self.dirty_bitmaps else ())
 
     def header(self) -> bytes:
         """Magic, version and the configuration section."""
@@ -96,11 +99,13 @@ class StreamWriter:
                 + pack_be64(RAM_EOS) + _footer(RAM_SECTION[1]))
         if self.dirty_bitmaps:
             out += (_section_header(SectionType.START, DIRTY_BITMAP_SECTION)
-                    + bytes([DIRTY_BITMAP_EOS]) + _footer(DIRTY_BITMAP_SECTION[1]))
+                    + self.bitmaps.setup() + _footer(DIRTY_BITMAP_SECTION[1]))
         return out
 
-    def complete(self, runstate: str, timer: TimerState | None = None) -> bytes:
-        """The END of ram, the device state, EOF and the VM description.
+    def complete(self, runstate: str, timer: TimerState | None = None,
+                 bits: Sequence[bytes] = ()) -> bytes:
+        """The END of ram (and of the dirty bitmaps, with their ``bits`` as
+        they are now), the device state, EOF and the VM description.
 
         ``runstate`` is the state the source was in before switchover (QEMU
         records it before stopping): ``running``, ``paused``, ``prelaunch``...
@@ -108,6 +113,11 @@ class StreamWriter:
         timer = timer or TimerState()
         ram_id = RAM_SECTION[1]
         out = bytes([SectionType.END]) + pack_be32(ram_id) + pack_be64(RAM_EOS) + _footer(ram_id)
+        if self.bitmaps.bitmaps:
+            # QEMU leaves the section out when no bitmap travels.
+            bitmap_id = DIRTY_BITMAP_SECTION[1]
+            out += (bytes([SectionType.END]) + pack_be32(bitmap_id)
+                    + self.bitmaps.complete(bits) + _footer(bitmap_id))
         out += (_section_header(SectionType.FULL, TIMER_SECTION) + timer.encode()
                 + _footer(TIMER_SECTION[1]))
         out += (_section_header(SectionType.FULL, GLOBALSTATE_SECTION)
