@@ -9,8 +9,6 @@ last hbitmap level on a little-endian host, which is what
 
 from __future__ import annotations
 
-import hashlib
-
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 31
 
@@ -158,5 +156,7 @@ class DirtyBitmap:
 
     def sha256(self) -> str:
         """``x-debug-block-dirty-bitmap-sha256``: the bits as 64-bit words."""
+        import hashlib  # on first use: OpenSSL costs start-up milliseconds
+
         data = bytes(self.bits)
         return hashlib.sha256(data + bytes(-len(data) % 8)).hexdigest()
