@@ -21,6 +21,7 @@ from typing import Any
 from qmpd import logs, net
 from qmpd.errors import GenericError
 from qmpd.migration import stream
+from qmpd.migration.bitmaps import IncomingBitmaps
 from qmpd.migration.channels import Channel, FdStore, Listener
 from qmpd.migration.deps import BlockSide, Events, ExitRequest, MigrationMetrics, RunStateSide
 from qmpd.migration.state import MigrationSettings, MigrationStatus
@@ -135,6 +136,11 @@ class IncomingMigration:
     async def _load(self, channel: Channel) -> None:
         assert self.listener is not None
         reader = stream.StreamReader(self.capabilities)
+        bitmaps: IncomingBitmaps | None = None
+        if self.capabilities["dirty-bitmaps"]:
+            bitmaps = IncomingBitmaps(
+                self.block.graph.nodes, lambda text: logs.write_raw(f"{logs.ERROR}: {text}"))
+            reader.bitmap_sink = bitmaps
         globalstate: str | None = None
         return_path = False
         try:
@@ -164,6 +170,8 @@ class IncomingMigration:
                     break
             return_path = reader.return_path_open
         except stream.MigrationStreamError as exc:
+            if bitmaps is not None:
+                bitmaps.cancel()
             raise _IncomingFailed(exc.render(logs.ERROR), exc.reason) from None
         except (ConnectionError, OSError) as exc:
             raise _IncomingFailed(
@@ -175,7 +183,7 @@ class IncomingMigration:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            await self._complete(globalstate)
+            await self._complete(globalstate, bitmaps)
         finally:
             if collecting:
                 gc.enable()
@@ -226,7 +234,8 @@ class IncomingMigration:
         if self.exit_on_error:
             self.request_exit(1)
 
-    async def _complete(self, globalstate: str | None) -> None:
+    async def _complete(self, globalstate: str | None,
+                        bitmaps: IncomingBitmaps | None = None) -> None:
         vm = self.vm
         graph = self.block.graph
         late = self.capabilities["late-block-activate"]
@@ -262,6 +271,8 @@ class IncomingMigration:
                     spent = time.monotonic() - start
             # The run state (RESUME) as soon as the nodes are ready; the
             # bookkeeping comes after.
+            if bitmaps is not None:
+                bitmaps.before_vm_start()
             self._enter_run_state(globalstate)
         if spent is not None:
             self.metrics.observe_activate_all(spent)

@@ -54,8 +54,9 @@ def test_a_qemu_sources_bitmaps_are_rebuilt_bit_for_bit() -> None:
         finally:
             src.quit()
         reader = StreamReader({"dirty-bitmaps": True})
-        reader.accept_bitmaps = True
-        events = [*reader.feed(out.read_bytes()), *reader.close()]
+        events: list[object] = []
+        reader.bitmap_sink = events.append
+        events += [*reader.feed(out.read_bytes()), *reader.close()]
     got: dict[str, DirtyBitmap] = {}
     flags: dict[str, int] = {}
     for event in events:
@@ -105,3 +106,114 @@ def test_a_qemu_destination_takes_our_bitmaps(tmp_path: Path) -> None:
                              "off": (65536, False, off.count())}
         finally:
             assert dst.quit() == 0, dst.read_stderr()
+
+
+# --- the destination's handling (qmpd/migration/bitmaps.py) against QEMU's ------------
+
+
+def _qemu_destination_stderr(data: bytes, *setup: dict[str, object]) -> tuple[str, str]:
+    """QEMU 7.2 as the destination of ``data``, with bitmaps made first: its
+    stderr and how the migration ended."""
+    with qemu.workdir() as work:
+        stream = work / "in.bin"
+        stream.write_bytes(data)
+        dst = qemu.Qemu(work, "-incoming", "defer", "-blockdev", DISK)
+        try:
+            dst.set_caps(["dirty-bitmaps"])
+            for args in setup:
+                assert "return" in dst.qmp.cmd("block-dirty-bitmap-add", {"node": "disk0",
+                                                                         **args})
+            assert dst.qmp.cmd("migrate-incoming", {"uri": f"exec:cat {stream}"}) \
+                == {"return": {}}
+            deadline = time.monotonic() + 10
+            status = ""
+            while dst.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    status = dst.qmp.cmd("query-migrate")["return"].get("status", "")
+                except (OSError, EOFError):
+                    break
+                if status in ("completed", "failed"):
+                    break
+                time.sleep(0.01)
+        finally:
+            dst.quit()
+        return dst.read_stderr(), status
+
+
+async def _qmpd_destination(data: bytes, *existing: str) -> tuple[str, list[str], dict[str, str]]:
+    """The same stream through qmpd's reader and IncomingBitmaps, over a null-co
+    node: the error text (as QEMU would print it), what was reported, the bitmaps."""
+    from qmpd.block.core import BlockLayer
+    from qmpd.migration.bitmaps import IncomingBitmaps
+    from qmpd.migration.stream import MigrationStreamError
+
+    layer = BlockLayer()
+    try:
+        node = await layer.add({"driver": "null-co", "node-name": "disk0", "size": SIZE},
+                               inactive=True)
+        for name in existing:
+            node.dirty_bitmaps[name] = DirtyBitmap(name, SIZE, 65536)
+        reported: list[str] = []
+        bitmaps = IncomingBitmaps(layer.graph.nodes, reported.append)
+        reader = StreamReader({"dirty-bitmaps": True})
+        reader.bitmap_sink = bitmaps
+        error = ""
+        try:
+            reader.feed(data)
+            reader.close()
+        except MigrationStreamError as exc:
+            bitmaps.cancel()
+            error = exc.render()
+        else:
+            bitmaps.before_vm_start()
+        shown = {name: f"{b.granularity}/{b.recording}/{b.busy}/{b.sha256()}"
+                 for name, b in node.dirty_bitmaps.items()}
+        return error, reported, shown
+    finally:
+        await layer.close_all()
+        layer.graph.close()
+
+
+def _two_bitmaps() -> tuple[bytes, DirtyBitmap, DirtyBitmap]:
+    fine = DirtyBitmap("fine", SIZE, 4096)
+    off = DirtyBitmap("off", SIZE, 65536, recording=False)
+    fine.set_range(40 << 20, 3 << 20)
+    off.set_range(7 << 20, 1)
+    writer = StreamWriter({"dirty-bitmaps": True}, [
+        MigratedBitmap("disk0", "fine", 4096, True, False, SIZE),
+        MigratedBitmap("disk0", "off", 65536, False, False, SIZE)])
+    data = writer.setup() + writer.complete("running", TimerState(1, 2),
+                                            [fine.to_bytes(), off.to_bytes()])
+    return data, fine, off
+
+
+async def test_qmpd_takes_the_bitmaps_as_qemu_does() -> None:
+    data, fine, off = _two_bitmaps()
+    error, reported, shown = await _qmpd_destination(data)
+    assert (error, reported) == ("", [])
+    assert shown == {"fine": f"4096/True/False/{fine.sha256()}",
+                     "off": f"65536/False/False/{off.sha256()}"}
+
+
+async def test_an_existing_bitmap_fails_the_load_as_in_qemu() -> None:
+    data, _, _ = _two_bitmaps()
+    theirs, status = _qemu_destination_stderr(data, {"name": "off", "granularity": 65536})
+    assert status != "completed"
+    ours, reported, shown = await _qmpd_destination(data, "off")
+    assert reported == []
+    assert ours == theirs
+    # Nothing half-loaded stays: only the bitmap that was there before.
+    assert list(shown) == ["off"]
+
+
+async def test_a_missing_node_drops_the_bitmaps_and_the_load_goes_on_as_in_qemu() -> None:
+    bitmap = DirtyBitmap("b", SIZE, 65536)
+    bitmap.set_range(0, 1)
+    writer = StreamWriter({"dirty-bitmaps": True},
+                          [MigratedBitmap("nodisk", "b", 65536, True, False, SIZE)])
+    data = writer.setup() + writer.complete("running", TimerState(1, 2), [bitmap.to_bytes()])
+    theirs, status = _qemu_destination_stderr(data)
+    assert status == "completed"
+    error, reported, shown = await _qmpd_destination(data)
+    assert error == "" and shown == {}
+    assert "".join(f"qemu-system-x86_64: {line}\n" for line in reported) == theirs

@@ -25,8 +25,11 @@ CAPS = {"dirty-bitmaps": True}
 
 def read_all(data: bytes, accept: bool = True) -> list[object]:
     reader = StreamReader(CAPS)
-    reader.accept_bitmaps = accept
-    return [*reader.feed(data), *reader.close()]
+    chunks: list[object] = []
+    if accept:
+        reader.bitmap_sink = chunks.append
+    events = [*reader.feed(data), *reader.close()]
+    return [*chunks, *events]
 
 
 def stream(bitmaps: list[tuple[MigratedBitmap, DirtyBitmap]]) -> bytes:

@@ -49,9 +49,9 @@ description, a missing or cut VM description), and refuses the rest with QEMU's
 words.  Deliberate differences from QEMU, all refusals of things a ``-M none``
 QEMU would only get from a peer using features qmpd does not have: postcopy
 (LISTEN/RUN/DISCARD after an advise, PACKAGED), COLO (QEMU hangs; qmpd refuses),
-dirty bitmaps that carry data (unless :attr:`StreamReader.accept_bitmaps` is
-set: then their chunks come out as :class:`~qmpd.migration.stream.bitmaps.BitmapChunk`
-events), and the ``timer/icount`` subsection; their texts start with ``qmpd:``.
+dirty bitmaps that carry data (unless :attr:`StreamReader.bitmap_sink` takes
+them, chunk by chunk, as :class:`~qmpd.migration.stream.bitmaps.BitmapChunk`),
+and the ``timer/icount`` subsection; their texts start with ``qmpd:``.
 """
 
 from __future__ import annotations

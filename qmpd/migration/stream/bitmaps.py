@@ -16,6 +16,7 @@ then every ``COMPLETE``, in the section that ends the migration.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,16 @@ CHUNK_BYTES = 1 << 10
 #: The largest buffer a BITS chunk may announce before the stream is refused.
 MAX_BUFFER = 10 * CHUNK_BYTES
 SECTOR = 512
+
+
+class BitmapRefused(Exception):
+    """A chunk the destination cannot take: the migration fails (QEMU's
+    ``-EINVAL`` from the section's load), with ``message`` printed first."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = err
 
 
 @dataclass(frozen=True)

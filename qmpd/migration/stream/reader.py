@@ -6,7 +6,7 @@ import dataclasses
 import errno
 import struct
 import uuid as _uuid
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 
 from qmpd.migration.stream import bitmaps
@@ -146,8 +146,9 @@ class StreamReader:
         self.trailing = 0
         self.return_path_open = False
         self._postcopy_state = 0
-        #: Emit the dirty-bitmap section's chunks (else refuse any but EOS).
-        self.accept_bitmaps = False
+        #: Takes each chunk of the dirty-bitmap section as it is read (it may
+        #: raise BitmapRefused); without one, chunks other than EOS are refused.
+        self.bitmap_sink: Callable[[bitmaps.BitmapChunk], None] | None = None
         # The dirty-bitmap chunks' names, which carry over to later chunks.
         self._bitmap_node: str | None = None
         self._bitmap_name: str | None = None
@@ -630,10 +631,13 @@ class StreamReader:
             if self._ferror:
                 raise LoadFail(errno.EIO)
             if chunk.kind != "eos" or flags != bitmaps.FLAG_EOS:
-                if not self.accept_bitmaps:
+                if self.bitmap_sink is None:
                     raise LoadFail(errno.EINVAL, "qmpd: dirty bitmaps in the migration "
                                                  "stream are not supported")
-                self._emit(chunk)
+                try:
+                    self.bitmap_sink(chunk)
+                except bitmaps.BitmapRefused as exc:
+                    raise LoadFail(exc.errno, exc.message) from None
             if flags & bitmaps.FLAG_EOS:
                 return
 

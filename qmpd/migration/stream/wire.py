@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from qmpd.migration.stream.bitmaps import BitmapChunk
-
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3
 MACHINE_TYPE = "none"
@@ -293,7 +291,7 @@ class Complete:
 
 Event = (
     Header | Configuration | Command | Section | GlobalState | StreamWarning | EOF
-    | VMDescription | Complete | BitmapChunk
+    | VMDescription | Complete
 )
 
 

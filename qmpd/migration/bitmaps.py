@@ -1,0 +1,122 @@
+"""Dirty bitmaps that travel in the stream (the ``dirty-bitmaps`` capability).
+
+The destination side follows QEMU 7.2's migration/block-dirty-bitmap.c: a
+bitmap named in a START chunk is created on the node of that name, disabled
+and busy until its COMPLETE; a node or bitmap that cannot be found cancels
+the bitmaps' part of the migration (reported, the rest goes on), while a
+bitmap that already exists, or a START it cannot take, fails the migration.
+Just before the run state is entered, bitmaps that were enabled on the
+source are enabled here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from qmpd.block.dirty_bitmap import MIN_GRANULARITY, DirtyBitmap
+from qmpd.block.driver import BlockNode
+from qmpd.migration.stream.bitmaps import (
+    START_PERSISTENT,
+    START_RESERVED,
+    BitmapChunk,
+    BitmapRefused,
+    apply_bits,
+    serialization_size,
+)
+
+
+@dataclass
+class _Loading:
+    node: BlockNode
+    bitmap: DirtyBitmap
+    enabled: bool
+    migrated: bool = False
+
+
+class IncomingBitmaps:
+    """The destination's bitmap state while a stream is read."""
+
+    def __init__(self, nodes: Mapping[str, BlockNode], report: Callable[[str], None]) -> None:
+        self._nodes = nodes
+        self._report = report
+        self._loading: list[_Loading] = []
+        self.cancelled = False
+
+    def __call__(self, chunk: BitmapChunk) -> None:
+        if self.cancelled:
+            return
+        if chunk.node is None:
+            self._cancel("Error: block device name is not set")
+            return
+        node = self._nodes.get(chunk.node)
+        if node is None:
+            self._cancel(f"Cannot find device='{chunk.node}' nor node-name='{chunk.node}'")
+            return
+        if chunk.name is None:
+            self._cancel("Error: block device name is not set")
+            return
+        bitmap = node.dirty_bitmaps.get(chunk.name)
+        kind = chunk.kind
+        if kind == "start":
+            self._start(node, chunk, bitmap)
+            return
+        if bitmap is None:
+            self._cancel(f"Error: unknown dirty bitmap '{chunk.name}' for block device "
+                         f"'{node.node_name}'")
+            return
+        if kind == "bits":
+            self._bits(bitmap, chunk)
+        elif kind == "complete":
+            bitmap.busy = False
+            for entry in self._loading:
+                if entry.bitmap is bitmap:
+                    entry.migrated = True
+
+    def _start(self, node: BlockNode, chunk: BitmapChunk, existing: DirtyBitmap | None) -> None:
+        name = chunk.name
+        assert name is not None
+        if existing is not None:
+            raise BitmapRefused(f"Bitmap with the same name ('{name}') already exists on "
+                                "destination")
+        granularity = chunk.granularity
+        if granularity < MIN_GRANULARITY or granularity & (granularity - 1):
+            raise BitmapRefused("Granularity must be power of 2, and at least 512")
+        if chunk.start_flags & START_RESERVED:
+            raise BitmapRefused("Unknown flags in migrated dirty bitmap header: "
+                                f"{chunk.start_flags:x}")
+        bitmap = DirtyBitmap(name, node.size(), granularity, recording=False)
+        node.dirty_bitmaps[name] = bitmap
+        bitmap.persistent = bool(chunk.start_flags & START_PERSISTENT)
+        bitmap.busy = True
+        self._loading.append(_Loading(node, bitmap, bool(chunk.start_flags & 1)))
+
+    def _bits(self, bitmap: DirtyBitmap, chunk: BitmapChunk) -> None:
+        if chunk.data is not None:
+            needed = serialization_size(bitmap.granularity, chunk.first_byte, chunk.nr_bytes)
+            if needed > len(chunk.data) or len(chunk.data) > -(-needed // 32) * 32:
+                self._cancel("Migrated bitmap granularity doesn't match the destination "
+                             f"bitmap '{bitmap.name}' granularity")
+                return
+        apply_bits(bitmap.bits, bitmap.granularity, chunk)
+
+    def _cancel(self, message: str) -> None:
+        """Report, and drop every bitmap not yet complete (QEMU's cancel)."""
+        self._report(message)
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        for entry in self._loading:
+            if not entry.migrated:
+                entry.node.dirty_bitmaps.pop(entry.bitmap.name, None)
+        self._loading = [entry for entry in self._loading if entry.migrated]
+
+    def before_vm_start(self) -> None:
+        """Bitmaps enabled on the source record writes from now on."""
+        for entry in self._loading:
+            if entry.enabled:
+                entry.bitmap.recording = True
+        self._loading = [entry for entry in self._loading if not entry.migrated]
