@@ -11,7 +11,7 @@ source are enabled here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from qmpd.block.dirty_bitmap import MIN_GRANULARITY, DirtyBitmap
@@ -21,6 +21,7 @@ from qmpd.migration.stream.bitmaps import (
     START_RESERVED,
     BitmapChunk,
     BitmapRefused,
+    MigratedBitmap,
     apply_bits,
     serialization_size,
 )
@@ -120,3 +121,29 @@ class IncomingBitmaps:
             if entry.enabled:
                 entry.bitmap.recording = True
         self._loading = [entry for entry in self._loading if not entry.migrated]
+
+
+def outgoing_bitmaps(nodes: Iterable[BlockNode]) -> list[tuple[DirtyBitmap, MigratedBitmap]]:
+    """The named bitmaps a source sends, in QEMU's order (nodes oldest first,
+    each node's bitmaps newest first); BitmapRefused names the first one
+    that may not travel (QEMU then fails the migration at setup)."""
+    out: list[tuple[DirtyBitmap, MigratedBitmap]] = []
+    for node in nodes:
+        if not node.dirty_bitmaps:
+            continue
+        if node.auto_named:
+            first = next(iter(reversed(node.dirty_bitmaps)))
+            raise BitmapRefused(f"Bitmap '{first}' in a node with auto-generated name "
+                                f"'{node.node_name}' can't be migrated")
+        for bitmap in reversed(node.dirty_bitmaps.values()):
+            if bitmap.busy:
+                raise BitmapRefused(f"Bitmap '{bitmap.name}' is currently in use by another "
+                                    "operation and cannot be used")
+            if bitmap.inconsistent:
+                raise BitmapRefused(f"Bitmap '{bitmap.name}' is inconsistent and cannot be "
+                                    "used\nTry block-dirty-bitmap-remove to delete this "
+                                    "bitmap from disk")
+            out.append((bitmap, MigratedBitmap(
+                node.node_name, bitmap.name, bitmap.granularity, bitmap.recording,
+                bitmap.persistent, node.size())))
+    return out
