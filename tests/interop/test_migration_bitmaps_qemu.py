@@ -8,7 +8,7 @@ QEMU destination takes our writer's stream and ends with our bitmaps.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -73,47 +73,32 @@ def test_a_qemu_sources_bitmaps_are_rebuilt_bit_for_bit() -> None:
                                                      (63 << 20, 1 << 20)]
 
 
-def test_a_qemu_destination_takes_our_bitmaps(tmp_path: Path) -> None:
-    fine = DirtyBitmap("fine", SIZE, 4096)
-    off = DirtyBitmap("off", SIZE, 65536, recording=False)
-    for offset, length in ((0, 4096), (40 << 20, 3 << 20), (SIZE - 512, 512)):
-        fine.set_range(offset, length)
-    off.set_range(7 << 20, 1)
-    meta = [MigratedBitmap("disk0", "fine", 4096, True, False, SIZE),
-            MigratedBitmap("disk0", "off", 65536, False, False, SIZE)]
-    writer = StreamWriter({"dirty-bitmaps": True}, meta)
-    data = writer.setup() + writer.complete("running", TimerState(1, 2),
-                                            [fine.to_bytes(), off.to_bytes()])
-    with qemu.workdir() as work:
-        stream = work / "in.bin"
-        stream.write_bytes(data)
-        dst = qemu.Qemu(work, "-incoming", "defer", "-blockdev", DISK)
-        try:
-            dst.set_caps(["dirty-bitmaps"])
-            assert dst.qmp.cmd("migrate-incoming", {"uri": f"exec:cat {stream}"}) \
-                == {"return": {}}
-            assert qemu.wait_migration(dst.qmp)["status"] == "completed"
-            deadline = time.monotonic() + 10
-            while dst.qmp.cmd("query-status")["return"]["status"] != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            assert sha(dst, "fine") == fine.sha256()
-            assert sha(dst, "off") == off.sha256()
-            nodes = dst.qmp.cmd("query-named-block-nodes")["return"]
-            shown = {b["name"]: (b["granularity"], b["recording"], b["count"])
-                     for b in nodes[0]["dirty-bitmaps"]}
-            assert shown == {"fine": (4096, True, fine.count()),
-                             "off": (65536, False, off.count())}
-        finally:
-            assert dst.quit() == 0, dst.read_stderr()
+def test_a_qemu_destination_takes_our_bitmaps() -> None:
+    data, fine, off = _two_bitmaps()
+    shown: dict[str, tuple[int, bool, int, str]] = {}
+
+    def check(dst: qemu.Qemu) -> None:
+        deadline = time.monotonic() + 10
+        while dst.qmp.cmd("query-status")["return"]["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        nodes = dst.qmp.cmd("query-named-block-nodes")["return"]
+        shown.update({b["name"]: (b["granularity"], b["recording"], b["count"],
+                                  sha(dst, b["name"])) for b in nodes[0]["dirty-bitmaps"]})
+
+    stderr, status = _qemu_destination(data, check=check)
+    assert (stderr, status) == ("", "completed")
+    assert shown == {"fine": (4096, True, fine.count(), fine.sha256()),
+                     "off": (65536, False, off.count(), off.sha256())}
 
 
 # --- the destination's handling (qmpd/migration/bitmaps.py) against QEMU's ------------
 
 
-def _qemu_destination_stderr(data: bytes, *setup: dict[str, object]) -> tuple[str, str]:
-    """QEMU 7.2 as the destination of ``data``, with bitmaps made first: its
-    stderr and how the migration ended."""
+def _qemu_destination(data: bytes, *setup: dict[str, object],
+                      check: Callable[[qemu.Qemu], None] | None = None) -> tuple[str, str]:
+    """QEMU 7.2 as the destination of ``data``, with bitmaps made first (and
+    ``check`` run once it completed): its stderr and how the migration ended."""
     with qemu.workdir() as work:
         stream = work / "in.bin"
         stream.write_bytes(data)
@@ -135,6 +120,8 @@ def _qemu_destination_stderr(data: bytes, *setup: dict[str, object]) -> tuple[st
                 if status in ("completed", "failed"):
                     break
                 time.sleep(0.01)
+            if check is not None and status == "completed":
+                check(dst)
         finally:
             dst.quit()
         return dst.read_stderr(), status
@@ -177,7 +164,8 @@ async def _qmpd_destination(data: bytes, *existing: str) -> tuple[str, list[str]
 def _two_bitmaps() -> tuple[bytes, DirtyBitmap, DirtyBitmap]:
     fine = DirtyBitmap("fine", SIZE, 4096)
     off = DirtyBitmap("off", SIZE, 65536, recording=False)
-    fine.set_range(40 << 20, 3 << 20)
+    for offset, length in ((0, 4096), (40 << 20, 3 << 20), (SIZE - 512, 512)):
+        fine.set_range(offset, length)
     off.set_range(7 << 20, 1)
     writer = StreamWriter({"dirty-bitmaps": True}, [
         MigratedBitmap("disk0", "fine", 4096, True, False, SIZE),
@@ -197,7 +185,7 @@ async def test_qmpd_takes_the_bitmaps_as_qemu_does() -> None:
 
 async def test_an_existing_bitmap_fails_the_load_as_in_qemu() -> None:
     data, _, _ = _two_bitmaps()
-    theirs, status = _qemu_destination_stderr(data, {"name": "off", "granularity": 65536})
+    theirs, status = _qemu_destination(data, {"name": "off", "granularity": 65536})
     assert status != "completed"
     ours, reported, shown = await _qmpd_destination(data, "off")
     assert reported == []
@@ -212,7 +200,7 @@ async def test_a_missing_node_drops_the_bitmaps_and_the_load_goes_on_as_in_qemu(
     writer = StreamWriter({"dirty-bitmaps": True},
                           [MigratedBitmap("nodisk", "b", 65536, True, False, SIZE)])
     data = writer.setup() + writer.complete("running", TimerState(1, 2), [bitmap.to_bytes()])
-    theirs, status = _qemu_destination_stderr(data)
+    theirs, status = _qemu_destination(data)
     assert status == "completed"
     error, reported, shown = await _qmpd_destination(data)
     assert error == "" and shown == {}
