@@ -33,6 +33,7 @@ class DirtyBitmap:
         "persistent",
         "recording",
         "size",
+        "skip_store",
     )
 
     def __init__(self, name: str, size: int, granularity: int, *, persistent: bool = False,
@@ -43,8 +44,10 @@ class DirtyBitmap:
         self.persistent = persistent
         self.recording = recording
         self.inconsistent = inconsistent
-        #: In use by an export or a job: not to be changed or removed by commands.
+        #: In use by an export, a job or a migration: commands may not change it.
         self.busy = False
+        #: Not to be stored in the image (it travels in a migration stream).
+        self.skip_store = False
         self.bits = bytearray(-(-self.granules // 8))
 
     @property

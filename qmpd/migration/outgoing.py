@@ -19,8 +19,10 @@ import time
 from typing import Any
 
 from qmpd import logs, net
+from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.errors import GenericError
 from qmpd.migration import stream
+from qmpd.migration.bitmaps import outgoing_bitmaps
 from qmpd.migration.channels import (
     Channel,
     ChannelError,
@@ -34,6 +36,7 @@ from qmpd.migration.state import (
     MigrationSettings,
     MigrationStatus,
 )
+from qmpd.migration.stream.bitmaps import BitmapRefused, MigratedBitmap
 from qmpd.runstate import RunState
 
 log = logging.getLogger(__name__)
@@ -215,6 +218,7 @@ class OutgoingMigration:
 
     async def _outgoing(self, uri: net.MigrationURI) -> None:
         writer = stream.StreamWriter(self.capabilities)
+        sending: list[tuple[DirtyBitmap, MigratedBitmap]] = []
         stopped = False
         was_running = False
         inactivated = False
@@ -235,6 +239,9 @@ class OutgoingMigration:
             # (rate-limited by max-bandwidth) is part of the active phase.
             self.setup_time = _ms(time.monotonic() - self.start_time)
             self._set(_S.ACTIVE)
+            if self.capabilities["dirty-bitmaps"]:
+                sending = self._take_bitmaps()
+                writer = stream.StreamWriter(self.capabilities, [m for _, m in sending])
             await self._send(channel, writer.setup(), throttled=True)
             await asyncio.sleep(0)  # the iterative phase: nothing more to send
             self._check_cancel()
@@ -274,6 +281,10 @@ class OutgoingMigration:
                 inactivated = True
                 async with self.block.lock.held():
                     await self._inactivate(stop_time)
+            if sending:
+                # The bits as the inactivation left them: nothing writes now.
+                final = writer.complete(runstate_at_switchover.value,
+                                        bits=[bitmap.to_bytes() for bitmap, _ in sending])
             # The downtime phase is never rate-limited (QEMU lifts the limit too).
             await self._send_now(channel, final)
             # The whole stream is out: the destination may be running already,
@@ -333,9 +344,35 @@ class OutgoingMigration:
             await self._abort_outgoing(stopped, was_running, inactivated, cancelled=False)
         finally:
             self._resume_gc()
+            self._release_bitmaps(sending, stored=self.status != _S.COMPLETED)
         if closing is not None:
             # Outside the handlers above: nothing may undo a completed migration.
             await closing.close()
+
+    def _take_bitmaps(self) -> list[tuple[DirtyBitmap, MigratedBitmap]]:
+        """The bitmaps that travel, busy until the end; the stream carries
+        them, so inactivation does not store them in their images (QEMU
+        leaves them marked in use there)."""
+        try:
+            sending = outgoing_bitmaps(sorted(self.block.graph.all_nodes(),
+                                              key=lambda node: node.serial))
+        except BitmapRefused as exc:
+            logs.write_raw(f"{logs.ERROR}: {exc.message}")
+            raise _Failed(None, exc.message) from None
+        for bitmap, _ in sending:
+            bitmap.busy = True
+            bitmap.skip_store = True
+        return sending
+
+    @staticmethod
+    def _release_bitmaps(sending: list[tuple[DirtyBitmap, MigratedBitmap]],
+                         stored: bool) -> None:
+        # A migration that did not complete leaves the source owning its
+        # bitmaps, persistent ones to be stored again.
+        for bitmap, _ in sending:
+            bitmap.busy = False
+            if stored:
+                bitmap.skip_store = False
 
     def _pause_gc(self) -> None:
         if gc.isenabled():
