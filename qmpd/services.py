@@ -23,11 +23,27 @@ class GraphLockService(Protocol):
     async def run(self, operation: Callable[[], Awaitable[T]]) -> T: ...
 
 
+class BitmapService(Protocol):
+    """The dirty bitmap commands and their transaction."""
+
+    def run(self, kind: str, args: dict[str, Any]) -> None: ...
+
+    async def run_async(self, kind: str, args: dict[str, Any]) -> None: ...
+
+    def sha256(self, args: dict[str, Any]) -> dict[str, str]: ...
+
+    async def transaction(self, actions: list[dict[str, Any]],
+                          properties: dict[str, Any] | None = None) -> None: ...
+
+
 class BlockService(Protocol):
     """The block layer: blockdev-add/-del, node queries, resize, activation."""
 
     @property
     def lock(self) -> GraphLockService: ...
+
+    @property
+    def bitmaps(self) -> BitmapService: ...
 
     async def add(self, options: dict[str, Any], inactive: bool = False) -> BlockNode: ...
 

@@ -13,6 +13,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from qmpd.block.bitmaps import Bitmaps, bitmap_info
 from qmpd.block.driver import BlockDriverError, ChildRole
 from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
@@ -57,6 +58,8 @@ class BlockLayer:
         #: Last query-named-block-nodes reply per (node name, flat): the node,
         #: and its info with the encoding (reused while the info is equal).
         self._node_replies: dict[tuple[str, bool], _NodeReply] = {}
+        #: The dirty bitmap commands and transaction actions.
+        self.bitmaps = Bitmaps(self.graph.lookup)
 
     # --- blockdev-add -------------------------------------------------------------
 
@@ -397,6 +400,9 @@ class BlockLayer:
             "no-flush": node.cache_no_flush,
         }
         info["write_threshold"] = 0
+        if node.dirty_bitmaps:  # omitted, not empty, without bitmaps
+            # Part of the info, so the cached encoding is redone when a count changes.
+            info["dirty-bitmaps"] = bitmap_info(node)
         info["active"] = node.active
         return info
 

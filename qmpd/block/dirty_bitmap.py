@@ -15,10 +15,10 @@ MAX_GRANULARITY = 1 << 31
 
 def default_granularity(cluster_size: int | None) -> int:
     """QEMU's default (bdrv_get_default_bitmap_granularity): 64 KiB without a
-    cluster size, else the cluster size but at least 4 KiB."""
-    if cluster_size is None:
+    cluster size, else the cluster size within [4 KiB, 64 KiB]."""
+    if not cluster_size:
         return 65536
-    return max(4096, cluster_size)
+    return min(65536, max(4096, cluster_size))
 
 
 class DirtyBitmap:
@@ -31,6 +31,7 @@ class DirtyBitmap:
         "inconsistent",
         "name",
         "persistent",
+        "readonly",
         "recording",
         "size",
         "skip_store",
@@ -48,6 +49,8 @@ class DirtyBitmap:
         self.busy = False
         #: Not to be stored in the image (it travels in a migration stream).
         self.skip_store = False
+        #: Loaded from an image opened read-only: not to be changed by commands.
+        self.readonly = False
         self.bits = bytearray(-(-self.granules // 8))
 
     @property

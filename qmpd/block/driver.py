@@ -604,8 +604,14 @@ class BlockDriver(ABC):
         """Raise (QEMU's text) unless a persistent bitmap ``name`` can be added
         (bdrv_can_store_new_dirty_bitmap); formats without bitmaps refuse."""
         raise BlockDriverError(
-            f"Can't make bitmap '{name}' persistent in '{self.node.node_name}': "
-            f"Block format '{self.format_name}' does not support persistent bitmaps", 95)
+            f"Can't store persistent bitmaps to {self.node.node_name}: "
+            "Operation not supported", 95)
+
+    def cluster_size(self) -> int | None:
+        """bdrv_get_info's cluster size (the default bitmap granularity follows
+        it); by default ImageInfo's ``cluster-size``, None without one."""
+        size = self.image_info().get("cluster-size")
+        return size if isinstance(size, int) else None
 
     async def store_persistent_bitmaps(self) -> None:
         """Write the node's persistent bitmaps to the image and clear their

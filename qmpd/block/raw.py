@@ -113,6 +113,10 @@ class RawDriver(BlockDriver):
     def image_info(self) -> dict[str, Any]:
         return {"dirty-flag": False}
 
+    def cluster_size(self) -> int | None:
+        # raw_get_info asks the file below.
+        return self._file().driver.cluster_size()
+
     def size(self) -> int:
         if self.fixed_size is not None:
             return self.fixed_size

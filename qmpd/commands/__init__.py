@@ -3,6 +3,17 @@
 Importing this package registers every handler with the dispatcher.
 """
 
-from qmpd.commands import block_core, block_export, control, hmp, migration, objects, run_state
+from qmpd.commands import (
+    bitmaps,
+    block_core,
+    block_export,
+    control,
+    hmp,
+    migration,
+    objects,
+    run_state,
+)
 
-__all__ = ["block_core", "block_export", "control", "hmp", "migration", "objects", "run_state"]
+__all__ = [
+    "bitmaps", "block_core", "block_export", "control", "hmp", "migration", "objects", "run_state",
+]

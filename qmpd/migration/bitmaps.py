@@ -139,6 +139,9 @@ def outgoing_bitmaps(nodes: Iterable[BlockNode]) -> list[tuple[DirtyBitmap, Migr
             if bitmap.busy:
                 raise BitmapRefused(f"Bitmap '{bitmap.name}' is currently in use by another "
                                     "operation and cannot be used")
+            if bitmap.readonly:
+                raise BitmapRefused(f"Bitmap '{bitmap.name}' is readonly and cannot be "
+                                    "modified")
             if bitmap.inconsistent:
                 raise BitmapRefused(f"Bitmap '{bitmap.name}' is inconsistent and cannot be "
                                     "used\nTry block-dirty-bitmap-remove to delete this "
