@@ -254,7 +254,7 @@ class OutgoingMigration:
             was_running = runstate_at_switchover == RunState.RUNNING
             # The final sections depend only on that state: made before the stop,
             # the downtime only sends them.
-            final = writer.complete(runstate_at_switchover.value)
+            final = b"" if sending else writer.complete(runstate_at_switchover.value)
             # A collection in the downtime would be downtime: the switchover
             # allocates little, so the collector waits until it is over (or
             # until something has to be waited for).
