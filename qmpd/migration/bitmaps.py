@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from qmpd.block.bitmaps import DEFAULT, check
 from qmpd.block.dirty_bitmap import MIN_GRANULARITY, DirtyBitmap
 from qmpd.block.driver import BlockNode
+from qmpd.errors import GenericError
 from qmpd.migration.stream.bitmaps import (
     START_PERSISTENT,
     START_RESERVED,
@@ -136,16 +138,13 @@ def outgoing_bitmaps(nodes: Iterable[BlockNode]) -> list[tuple[DirtyBitmap, Migr
             raise BitmapRefused(f"Bitmap '{first}' in a node with auto-generated name "
                                 f"'{node.node_name}' can't be migrated")
         for bitmap in reversed(node.dirty_bitmaps.values()):
-            if bitmap.busy:
-                raise BitmapRefused(f"Bitmap '{bitmap.name}' is currently in use by another "
-                                    "operation and cannot be used")
-            if bitmap.readonly:
-                raise BitmapRefused(f"Bitmap '{bitmap.name}' is readonly and cannot be "
-                                    "modified")
-            if bitmap.inconsistent:
-                raise BitmapRefused(f"Bitmap '{bitmap.name}' is inconsistent and cannot be "
-                                    "used\nTry block-dirty-bitmap-remove to delete this "
-                                    "bitmap from disk")
+            try:
+                check(bitmap, DEFAULT)
+            except GenericError as exc:
+                hint = ("\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
+                        if bitmap.inconsistent and not bitmap.busy and not bitmap.readonly
+                        else "")
+                raise BitmapRefused(exc.desc + hint) from None
             out.append((bitmap, MigratedBitmap(
                 node.node_name, bitmap.name, bitmap.granularity, bitmap.recording,
                 bitmap.persistent, node.size())))
