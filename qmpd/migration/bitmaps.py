@@ -84,7 +84,7 @@ class IncomingBitmaps:
                                 "destination")
         granularity = chunk.granularity
         if granularity < MIN_GRANULARITY or granularity & (granularity - 1):
-            raise BitmapRefused("Granularity must be power of 2, and at least 512")
+            raise BitmapRefused("Granularity must be power of 2 and at least 512")
         if chunk.start_flags & START_RESERVED:
             raise BitmapRefused("Unknown flags in migrated dirty bitmap header: "
                                 f"{chunk.start_flags:x}")
