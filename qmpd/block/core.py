@@ -183,8 +183,10 @@ class BlockLayer:
             if ref is None:
                 continue
             if child_name == "file" and isinstance(ref, dict) \
-                    and options.get("backing") is None:
-                # Opened later than today only if nothing else is done in between.
+                    and options.get("backing") is None and "active" not in ref:
+                # Opened in the parent's job only where no other check (a
+                # backing, an inactive child of an active parent) comes
+                # between the two opens: the errors keep their order.
                 child, below = await self._create_file(ref, config, created, inactive)
             else:
                 child = await self._resolve_ref(ref, config, created, inactive, child_name)

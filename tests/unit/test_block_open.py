@@ -162,3 +162,18 @@ async def test_format_over_a_named_file_or_with_backing_opens_as_before(
                          "file": {"driver": "file", "filename": str(path)},
                          "backing": "nosuch"})
     assert "nosuch" in str(gexc.value)
+
+
+async def test_missing_inactive_file_is_reported_before_the_attach_error(
+        tmp_path: Path, layer: BlockLayer) -> None:
+    with pytest.raises(BlockDriverError) as exc:
+        await layer.add({"driver": "qcow2", "node-name": "q", "file": {
+            "driver": "file", "filename": str(tmp_path / "none"), "active": False}})
+    assert "No such file or directory" in str(exc.value)
+    path = tmp_path / "a.qcow2"
+    create_image(str(path), 64 * MiB)
+    with pytest.raises(GenericError) as gexc:
+        await layer.add({"driver": "qcow2", "node-name": "q", "file": {
+            "driver": "file", "node-name": "f", "filename": str(path), "active": False}})
+    assert str(gexc.value) == "Inactive 'f' can't be a file child of active 'q'"
+    assert layer.graph.nodes == {}
