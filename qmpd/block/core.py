@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _NodeReply = tuple["BlockNode", Encoded]
 
+_IMAGE_ROLE = ChildRole.image()
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MAX_NODE_NAME = 31
 
@@ -190,7 +191,7 @@ class BlockLayer:
                 child, below = await self._create_file(ref, config, created, inactive)
             else:
                 child = await self._resolve_ref(ref, config, created, inactive, child_name)
-            role = ChildRole.COW if child_name == "backing" else ChildRole.image()
+            role = ChildRole.COW if child_name == "backing" else _IMAGE_ROLE
             self.graph.attach(node, child, child_name, role)
             if isinstance(ref, dict):
                 node.inline_children.append(child)
