@@ -52,6 +52,11 @@ async def _run(config: Config, ready_fd: int | None) -> int:
     from qmpd.daemon import Daemon
 
     daemon = Daemon(config)
+    # What start-up allocated (modules, the schema) lives as long as the
+    # daemon: kept out of every later collection, which then scans only what
+    # the daemon allocates (a full one during a burst of blockdev-add scanned
+    # it all again: about a tenth of each add's CPU time, issue 10).
+    gc.freeze()
     gc.enable()  # start-up's heavy part is over (see main)
     return await daemon.run(ready_fd)
 

@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.bitmaps import Bitmaps, bitmap_info
-from qmpd.block.driver import BlockDriverError, ChildRole
+from qmpd.block.driver import BlockDriverError, ChildRole, OpenJob
 from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.registry import driver_class, probe_format
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _NodeReply = tuple["BlockNode", Encoded]
 
+_IMAGE_ROLE = ChildRole.image()
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MAX_NODE_NAME = 31
 
@@ -125,6 +126,41 @@ class BlockLayer:
         role_name: str | None,
         chain: tuple[str, ...] = (),
     ) -> BlockNode:
+        node, config, job, driver_opts = await self._create(
+            options, parent, created, inactive, role_name)
+        await self._finish_open(node, config, job, driver_opts, created, inactive, chain)
+        return node
+
+    async def _finish_open(
+        self,
+        node: BlockNode,
+        config: NodeConfig,
+        job: OpenJob | None,
+        driver_opts: dict[str, Any],
+        created: list[BlockNode],
+        inactive: bool,
+        chain: tuple[str, ...],
+    ) -> None:
+        """Open a created node, then the backing file its header names."""
+        if job is None:
+            await node.driver.open(driver_opts)
+        else:
+            await job.finish(await self.graph.run_io(job.run))
+        if node.driver.supports_backing and "backing" not in driver_opts:
+            await self._open_backing_from_header(node, config, created, inactive, chain)
+
+    async def _create(
+        self,
+        options: dict[str, Any],
+        parent: NodeConfig | None,
+        created: list[BlockNode],
+        inactive: bool,
+        role_name: str | None,
+    ) -> tuple[BlockNode, NodeConfig, OpenJob | None, dict[str, Any]]:
+        """The node with its children attached and registered, not yet open:
+        and its open as one job (None: ``driver.open``).  An inline ``file``
+        child without a backing is opened in its parent's job if the parent's
+        driver can (one thread hop for both)."""
         driver_name = options["driver"]
         cls = driver_class(driver_name)
         if cls is None:
@@ -142,6 +178,7 @@ class BlockLayer:
         node.options = options
         node.state = NodeState.INACTIVE if inactive else NodeState.ACTIVE
         node.driver = cls(node)
+        below: OpenJob | None = None
         # Children first: QEMU registers an inline child before its parent.
         for child_name in ("file", "backing"):
             if child_name not in options:
@@ -149,8 +186,15 @@ class BlockLayer:
             ref = options[child_name]
             if ref is None:
                 continue
-            child = await self._resolve_ref(ref, config, created, inactive, child_name)
-            role = ChildRole.COW if child_name == "backing" else ChildRole.image()
+            if child_name == "file" and isinstance(ref, dict) \
+                    and options.get("backing") is None and "active" not in ref:
+                # Opened in the parent's job only where no other check (a
+                # backing, an inactive child of an active parent) comes
+                # between the two opens: the errors keep their order.
+                child, below = await self._create_file(ref, config, created, inactive)
+            else:
+                child = await self._resolve_ref(ref, config, created, inactive, child_name)
+            role = ChildRole.COW if child_name == "backing" else _IMAGE_ROLE
             self.graph.attach(node, child, child_name, role)
             if isinstance(ref, dict):
                 node.inline_children.append(child)
@@ -159,10 +203,27 @@ class BlockLayer:
         driver_opts = dict(options)
         if config.auto_read_only:
             driver_opts["_auto_read_only"] = True
-        await node.driver.open(driver_opts)
-        if node.driver.supports_backing and "backing" not in options:
-            await self._open_backing_from_header(node, config, created, inactive, chain)
-        return node
+        if below is not None:
+            job = node.driver.begin_open_over(driver_opts, below)
+            if job is not None:
+                return node, config, job, driver_opts
+            await below.finish(await self.graph.run_io(below.run))
+        return node, config, node.driver.begin_open(driver_opts), driver_opts
+
+    async def _create_file(
+        self,
+        options: dict[str, Any],
+        parent: NodeConfig,
+        created: list[BlockNode],
+        inactive: bool,
+    ) -> tuple[BlockNode, OpenJob | None]:
+        """An inline ``file`` child: open, or with its open job still to run."""
+        node, config, job, driver_opts = await self._create(
+            options, parent, created, inactive, "file")
+        if job is not None and not node.driver.supports_backing:
+            return node, job
+        await self._finish_open(node, config, job, driver_opts, created, inactive, ())
+        return node, None
 
     async def _resolve_ref(
         self,

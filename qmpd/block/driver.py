@@ -378,6 +378,29 @@ class CacheReload:
     waits: bool = True
 
 
+#: ``read([(offset, length), ...])``: blocks, returns each range's bytes.
+BlockingRead = Callable[[list[tuple[int, int]]], list[bytes]]
+
+
+def _no_reader(_opened: Any) -> BlockingRead | None:
+    return None
+
+
+@dataclass(frozen=True)
+class OpenJob:
+    """A driver's open as one blocking job and a finishing step.
+
+    ``run`` goes to an I/O thread, touches no event-loop state and raises the
+    open's error; ``finish`` gets what it returned and installs it on the
+    loop.  ``reader`` turns that result into the blocking reads of the opened
+    node, so that a parent can read what it needs in the same job.
+    """
+
+    run: Callable[[], Any]
+    finish: Callable[[Any], Awaitable[None]]
+    reader: Callable[[Any], BlockingRead | None] = _no_reader
+
+
 class BlockDriver(ABC):
     """One instance per node.  Subclasses set the class variables below."""
 
@@ -409,6 +432,19 @@ class BlockDriver(ABC):
     @abstractmethod
     async def open(self, options: dict[str, Any]) -> None:
         """Open with the validated blockdev options (children already exist)."""
+
+    def begin_open(self, options: dict[str, Any]) -> OpenJob | None:
+        """:meth:`open` as one blocking job, which a parent may extend (see
+        :meth:`begin_open_over`); None: the graph awaits :meth:`open`."""
+        return None
+
+    def begin_open_over(self, options: dict[str, Any], below: OpenJob) -> OpenJob | None:
+        """:meth:`open` in the same I/O-thread job as the ``begin_open`` of its
+        ``file`` child (not yet open): one thread hop for both nodes.  The job
+        runs ``below.run`` first and lets its error through as it is, and its
+        finish runs ``below.finish`` first.  None: the child's job runs alone,
+        then :meth:`open`."""
+        return None
 
     async def close(self) -> None:
         """Release everything; the node is going away.  Flush first if writable."""
@@ -587,7 +623,7 @@ class BlockDriver(ABC):
         has to await something on the way."""
         return None
 
-    def blocking_reader(self) -> Callable[[list[tuple[int, int]]], list[bytes]] | None:
+    def blocking_reader(self) -> BlockingRead | None:
         """``read([(offset, length), ...])`` that blocks and returns each range's
         bytes, for a parent's job in an I/O thread (past the end reads as
         zeros; the ranges may be read side by side); None if it has none."""

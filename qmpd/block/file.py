@@ -9,10 +9,17 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable
 from typing import Any
 
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, CacheReload, Perm
+from qmpd.block.driver import (
+    BlockDriver,
+    BlockDriverError,
+    BlockingRead,
+    BlockStatus,
+    CacheReload,
+    OpenJob,
+    Perm,
+)
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -153,6 +160,9 @@ def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
 
 _WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
 
+#: What opening does in an I/O thread: (fd, flags, size, filesystem type, OFD locks work).
+_Opened = tuple[int, int, int, int, bool]
+
 
 class FileDriver(BlockDriver):
     """Options: ``filename``, ``locking`` (on/off/auto), ``drop-cache``, ``aio``."""
@@ -181,6 +191,11 @@ class FileDriver(BlockDriver):
         self._flags = 0
 
     async def open(self, options: dict[str, Any]) -> None:
+        # Open, check and size the file in one I/O-thread job (one hop per node).
+        job = self.begin_open(options)
+        await job.finish(await self.node.graph.run_io(job.run))
+
+    def begin_open(self, options: dict[str, Any]) -> OpenJob:
         node = self.node
         self.path = options["filename"]
         asked = options.get("drop-cache")
@@ -191,18 +206,30 @@ class FileDriver(BlockDriver):
         if node.cache_direct:
             flags |= os.O_DIRECT
         auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
-        # Open, check and size the file in one I/O-thread job (one hop per node).
-        self.fd, self._flags, self._size, fs_type, lockable = await node.graph.run_io(
-            self._open_blocking, flags, auto_read_only, locking == "auto")
-        self._inline = fs_type == _TMPFS_MAGIC and not node.cache_direct
-        self._shared_page_cache = page_cache_is_shared(fs_type)
-        self._auto_read_only = auto_read_only
-        if locking == "on" or (locking == "auto" and lockable):
-            self.lock = ImageLock(self.fd)
+        probe_locks = locking == "auto"
+
+        def run() -> _Opened:
+            return self._open_blocking(flags, auto_read_only, probe_locks)
+
+        async def finish(opened: _Opened) -> None:
+            self.fd, self._flags, self._size, fs_type, lockable = opened
+            self._inline = fs_type == _TMPFS_MAGIC and not node.cache_direct
+            self._shared_page_cache = page_cache_is_shared(fs_type)
+            self._auto_read_only = auto_read_only
+            if locking == "on" or (locking == "auto" and lockable):
+                self.lock = ImageLock(self.fd)
+
+        return OpenJob(run, finish, self._reader_after_open)
+
+    def _reader_after_open(self, opened: _Opened) -> BlockingRead:
+        """The blocking reader the file will have once ``opened`` is installed."""
+        fd, _flags, _size, fs_type, _lockable = opened
+        inline = fs_type == _TMPFS_MAGIC and not self.node.cache_direct
+        return self._reader(fd, inline, self._drops(page_cache_is_shared(fs_type)))
 
     def _open_blocking(
         self, flags: int, auto_read_only: bool, probe_locks: bool
-    ) -> tuple[int, int, int, int, bool]:
+    ) -> _Opened:
         """In an I/O thread: (fd, flags, size, filesystem type of a regular file
         or 0, OFD locks work)."""
         try:
@@ -470,12 +497,15 @@ class FileDriver(BlockDriver):
         return CacheReload(refresh, finish, waits=drop)
 
     def _drops_page_cache(self) -> bool:
+        return self._drops(self._shared_page_cache)
+
+    def _drops(self, shared_page_cache: bool) -> bool:
         # Where every writer shares this host's page cache (a local filesystem:
         # the handover is between two daemons on this host), none of its pages
         # can be stale and dropping them would only make the re-reads go to the
         # disk; QEMU 7.2 drops them anyway (README: differences).
         return (self.drop_cache and not self.node.cache_direct
-                and (self._drop_cache_asked or not self._shared_page_cache))
+                and (self._drop_cache_asked or not shared_page_cache))
 
     def reads_inline(self) -> bool:
         return self._inline
@@ -483,13 +513,15 @@ class FileDriver(BlockDriver):
     def reads_cached(self) -> bool:
         return self._inline or not (self.node.cache_direct or self._drops_page_cache())
 
-    def blocking_reader(self) -> Callable[[list[tuple[int, int]]], list[bytes]] | None:
+    def blocking_reader(self) -> BlockingRead | None:
         if self.fd < 0:
             return None
-        fd = self.fd
+        return self._reader(self.fd, self._inline, self._drops_page_cache())
+
+    def _reader(self, fd: int, inline: bool, drops: bool) -> BlockingRead:
         if self.node.cache_direct:
             return lambda ranges: [_direct_pread(fd, n, offset) for offset, n in ranges]
-        if self._inline or not self._drops_page_cache():
+        if inline or not drops:
             # memory, or a page cache kept at activation: nothing to read ahead
             return lambda ranges: [_pread_full(fd, n, offset) for offset, n in ranges]
         return lambda ranges: _pread_ranges(fd, ranges)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import logging
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any, NoReturn
 
@@ -20,6 +21,7 @@ from qmpd.block.driver import (
     BlockStatus,
     CacheReload,
     NodeState,
+    OpenJob,
 )
 from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.fileio import ImageFile
@@ -193,8 +195,12 @@ class Qcow2Driver(BlockDriver):
     async def open(self, options: dict[str, Any]) -> None:
         self._options = dict(options)
         self._validate_static_options(self._options)
+        await self._opening(self._load())
+
+    async def _opening(self, load: Awaitable[None]) -> None:
+        """Await ``load`` with open's error texts."""
         try:
-            await self._load()
+            await load
         except Qcow2FormatError as exc:
             raise BlockDriverError(str(exc), errno_codes.EINVAL) from None
         except _OptionError:
@@ -204,6 +210,36 @@ class Qcow2Driver(BlockDriver):
         except OSError as exc:
             raise BlockDriverError(f"Could not read qcow2 header: {exc.strerror}",
                                    exc.errno or errno_codes.EIO) from None
+
+    def begin_open_over(self, options: dict[str, Any], below: OpenJob) -> OpenJob:
+        """Open the file and read the header, L1 and refcount tables in one job.
+
+        The errors keep open's order: the file's, the static options', then
+        the metadata's (the reads may have happened; they change nothing).
+        """
+        self._options = dict(options)
+        config_for = self._config_for
+        writable = not self.node.read_only
+
+        def run() -> tuple[Any, tuple[LoadedMetadata, int, int] | Exception | None]:
+            opened = below.run()
+            try:
+                read = below.reader(opened)
+                if read is None:
+                    return opened, None
+                return opened, read_metadata_blocking(read, config_for, writable)
+            except Exception as exc:  # raised on the loop, once the file is installed
+                return opened, exc
+
+        async def finish(
+            result: tuple[Any, tuple[LoadedMetadata, int, int] | Exception | None],
+        ) -> None:
+            opened, outcome = result
+            await below.finish(opened)
+            self._validate_static_options(self._options)
+            await self._opening(self._load() if outcome is None else self._load_from(outcome))
+
+        return OpenJob(run, finish)
 
     async def _load(self) -> None:
         node = self.node
@@ -216,14 +252,23 @@ class Qcow2Driver(BlockDriver):
         # Header, L1 and refcount tables in one I/O-thread job, not one hop
         # each (or right here when the file is in memory).
         if child.driver.reads_inline():
-            loaded, reads, nbytes = read_metadata_blocking(read, self._config_for, writable)
+            await self._load_from(read_metadata_blocking(read, self._config_for, writable))
         else:
-            loaded, reads, nbytes = await node.graph.run_io(
-                read_metadata_blocking, read, self._config_for, writable)
+            await self._load_from(await node.graph.run_io(
+                read_metadata_blocking, read, self._config_for, writable))
+
+    async def _load_from(self, outcome: tuple[LoadedMetadata, int, int] | Exception) -> None:
+        """Install what :func:`read_metadata_blocking` returned (or raise what it raised)."""
+        if isinstance(outcome, Exception):
+            raise outcome
+        node = self.node
+        child = node.file
+        assert child is not None
+        loaded, reads, nbytes = outcome
         child.stats.rd_operations += reads
         child.stats.rd_bytes += nbytes
         self._install(await Qcow2Image.from_metadata(
-            node, ImageFile(child), loaded, writable, node.active))
+            node, ImageFile(child), loaded, not node.read_only, node.active))
 
     def _install(self, image: Qcow2Image) -> None:
         default_request = bool(self.node.discard_unmap)
