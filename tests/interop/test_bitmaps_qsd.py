@@ -324,3 +324,73 @@ def test_transaction_enable_missing_bitmap(qmpd_factory: Any) -> None:
     (n0,) = [n for n in nodes if n["node-name"] == "n0"]
     assert n0["dirty-bitmaps"][0]["recording"] is True
     client.close()
+
+
+def nbdinfo(side: Side, export: str, *args: str) -> str:
+    result = subprocess.run(
+        [require_tool("nbdinfo"), *args, f"nbd+unix:///{export}?socket={side.nbd}"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.replace(str(side.nbd), "SOCKET")
+
+
+def test_exported_bitmaps_as_qsd(pair: tuple[Side, Side]) -> None:
+    qsd, ours = pair
+    for name, granularity, disabled in (("a", 512, False), ("d", 65536, True),
+                                        ("g", 1 << 20, False)):
+        both(pair, "block-dirty-bitmap-add", {"node": "n0", "name": name,
+                                              "granularity": granularity, "disabled": disabled})
+    ops = random_ops(random.Random(11), 40)
+    qsd.write(ops)
+    ours.write(ops)
+    both(pair, "block-dirty-bitmap-enable", {"node": "n0", "name": "d"})
+    ops = random_ops(random.Random(12), 10)
+    qsd.write(ops)
+    ours.write(ops)
+    both(pair, "block-dirty-bitmap-disable", {"node": "n0", "name": "d"})
+
+    def export(export_id: str, bitmaps: list[Any], **extra: Any) -> dict[str, Any]:
+        return both(pair, "block-export-add", {"type": "nbd", "id": export_id,
+                                               "node-name": "n0", "name": export_id,
+                                               "bitmaps": bitmaps, **extra})
+
+    # A read-only export of an enabled bitmap of a node something writes.
+    assert "error" in export("x", ["a"])
+    assert "error" in export("x", ["zz"])
+    assert "error" in export("x", [{"node": "n0", "name": "zz"}])
+    assert "error" in export("x", [{"node": "nx", "name": "a"}])
+    assert export("x", ["d", {"node": "n0", "name": "a"}], writable=True) == {"return": {}}
+    assert "error" in export("y", ["d"])  # busy
+    assert export("y", ["g"], writable=True) == {"return": {}}
+    assert ours.bitmaps() == qsd.bitmaps()
+    assert all(b["busy"] for b in ours.bitmaps() or [])
+    for execute in ("block-dirty-bitmap-clear", "block-dirty-bitmap-remove",
+                    "block-dirty-bitmap-enable", "block-dirty-bitmap-disable"):
+        assert "error" in both(pair, execute, {"node": "n0", "name": "d"})
+    assert "error" in both(pair, "block-dirty-bitmap-merge",
+                           {"node": "n0", "target": "a", "bitmaps": ["d"]})
+    assert "error" in both(pair, "transaction", {"actions": [
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "n0", "name": "g"}}]})
+    assert nbdinfo(ours, "x") == nbdinfo(qsd, "x")
+    assert "qemu:dirty-bitmap:a" in nbdinfo(ours, "x")
+    for name, export_name in (("a", "x"), ("d", "x"), ("g", "y")):
+        expected = nbdinfo(qsd, export_name, f"--map=qemu:dirty-bitmap:{name}")
+        assert "dirty" in expected
+        assert nbdinfo(ours, export_name, f"--map=qemu:dirty-bitmap:{name}") == expected
+    # The bitmap goes on recording while exported (QEMU's "a" is enabled).
+    ops = random_ops(random.Random(13), 10)
+    qsd.write(ops)
+    ours.write(ops)
+    expected = nbdinfo(qsd, "x", "--map=qemu:dirty-bitmap:a")
+    assert nbdinfo(ours, "x", "--map=qemu:dirty-bitmap:a") == expected
+    both(pair, "block-export-del", {"id": "x"})
+    both(pair, "block-export-del", {"id": "y"})
+    assert ours.bitmaps() == qsd.bitmaps()
+    assert not any(b["busy"] for b in ours.bitmaps() or [])
+    # nbd-server-add's single 'bitmap'.
+    assert both(pair, "nbd-server-add", {"device": "n0", "name": "leg", "bitmap": "d"}) == {
+        "return": {}}
+    assert "error" in both(pair, "nbd-server-add", {"device": "n0", "name": "l2", "bitmap": "a"})
+    assert nbdinfo(ours, "leg", "--map=qemu:dirty-bitmap:d") == nbdinfo(
+        qsd, "leg", "--map=qemu:dirty-bitmap:d")
+    assert ours.bitmaps() == qsd.bitmaps()
