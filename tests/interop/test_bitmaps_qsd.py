@@ -394,3 +394,51 @@ def test_exported_bitmaps_as_qsd(pair: tuple[Side, Side]) -> None:
     assert nbdinfo(ours, "leg", "--map=qemu:dirty-bitmap:d") == nbdinfo(
         qsd, "leg", "--map=qemu:dirty-bitmap:d")
     assert ours.bitmaps() == qsd.bitmaps()
+
+
+def test_bitmaps_follow_block_resize(tmp_path: Path) -> None:
+    """block_resize truncates the bitmaps of the node and of the file below."""
+    require_tool(QSD)
+    replies = {}
+    for impl in ("qsd", "qmpd"):
+        work = tmp_path / impl
+        work.mkdir()
+        (work / "disk.raw").write_bytes(bytes(1 << 20))
+        nodes = ["--blockdev", f"file,node-name=f,filename={work}/disk.raw",
+                 "--blockdev", "raw,node-name=r,file=f"]
+        steps: list[tuple[str, dict[str, Any]]] = [
+            ("block-dirty-bitmap-add", {"node": "r", "name": "a", "granularity": 512}),
+            ("block-dirty-bitmap-add", {"node": "f", "name": "b", "granularity": 4096}),
+            ("block_resize", {"node-name": "r", "size": 3 * 1024 * 1024 + 512}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "f", "name": "b"}),
+            ("block-dirty-bitmap-add", {"node": "r", "name": "c", "granularity": 65536}),
+            ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
+            ("block_resize", {"node-name": "r", "size": 4096}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
+            ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
+        ]
+        if impl == "qsd":
+            sock = work / "qmp.sock"
+            proc = subprocess.Popen(
+                [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                 "--monitor", "chardev=c", *nodes],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for_socket(proc, sock)
+                client = QmpClient(sock, 20, check_schema=False, negotiate=True)
+                replies[impl] = [client.cmd(e, a) for e, a in steps]
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        else:
+            daemon = QmpdProcess(work, *nodes)
+            try:
+                client = QmpClient(daemon.sock, 20, negotiate=True)
+                replies[impl] = [client.cmd(e, a) for e, a in steps]
+                client.close()
+            finally:
+                daemon.stop()
+    assert replies["qmpd"] == replies["qsd"]
+    assert replies["qsd"][3] != replies["qsd"][8]  # the hash covers the bitmap's size
