@@ -10,6 +10,7 @@ what a failing ``transaction`` leaves behind (nothing).
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,14 @@ class Side:
             if info["node-name"] == node:
                 return info.get("dirty-bitmaps")  # type: ignore[no-any-return]
         raise AssertionError(f"{self.name}: no node {node}")
+
+    def raw_bitmaps(self) -> list[bytes]:
+        """Every node's ``dirty-bitmaps`` as the wire carries it (member order)."""
+        self.qmp.send_msg({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+        while True:
+            line = self.qmp.recv_line()
+            if line.startswith(b'{"return"'):
+                return re.findall(rb'"dirty-bitmaps": \[[^\]]*\]', line)
 
     def state(self, names: list[str], node: str = "n0") -> dict[str, Any]:
         """What both daemons must agree on: the query and every bitmap's hash."""
@@ -144,6 +153,8 @@ def test_same_writes_same_bitmaps(pair: tuple[Side, Side], seed: int) -> None:
         assert ours.state(names) == qsd.state(names)
 
     batch()
+    raw = ours.raw_bitmaps()
+    assert raw == qsd.raw_bitmaps() and len(raw) == 1
     counts = {b["name"]: b["count"] for b in ours.bitmaps() or []}
     assert counts["a"] > 0 and counts["b"] >= counts["a"] and counts["d"] == 0, counts
     both(pair, "block-dirty-bitmap-disable", {"node": "n0", "name": "a"})
