@@ -38,6 +38,7 @@ class Side:
         self.name = name
         self.qmp = client
         self.nbd = nbd
+        self.map = ""
 
     def cmd(self, execute: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.qmp.cmd(execute, arguments)
@@ -388,6 +389,14 @@ def test_exported_bitmaps_as_qsd(pair: tuple[Side, Side]) -> None:
         expected = nbdinfo(qsd, export_name, f"--map=qemu:dirty-bitmap:{name}")
         assert "dirty" in expected
         assert nbdinfo(ours, export_name, f"--map=qemu:dirty-bitmap:{name}") == expected
+    for side in pair:  # qemu-img reads a bitmap through x-dirty-bitmap
+        result = subprocess.run(
+            [require_tool("qemu-img"), "map", "--output=json", "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={side.nbd},export=x,"
+             "x-dirty-bitmap=qemu:dirty-bitmap:a"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        side.map = result.stdout
+    assert ours.map == qsd.map and '"data": false' in qsd.map
     # The bitmap goes on recording while exported (QEMU's "a" is enabled).
     ops = random_ops(random.Random(13), 10)
     qsd.write(ops)
