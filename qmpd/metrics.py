@@ -177,7 +177,17 @@ class _NodeCollector(Collector):
             "qmpd_block_cache_lookups", "Metadata cache lookups (qcow2 L2 and refcount caches)",
             labels=["node", "cache", "result"],
         )
+        bitmaps = GaugeMetricFamily(
+            "qmpd_block_dirty_bitmaps", "Named dirty bitmaps of a node", labels=["node"],
+        )
+        dirty = GaugeMetricFamily(
+            "qmpd_block_dirty_bitmap_bytes", "Bytes a dirty bitmap marks dirty (its count)",
+            labels=["node", "bitmap"],
+        )
         for node in nodes:
+            bitmaps.add_metric([node.node_name], len(node.dirty_bitmaps))
+            for bitmap in node.dirty_bitmaps.values():
+                dirty.add_metric([node.node_name, bitmap.name], bitmap.count())
             active.add_metric([node.node_name], 1 if node.active else 0)
             failed.add_metric([node.node_name], 1 if node.activation_error else 0)
             for cache, (hits, misses) in node.driver.cache_stats().items():
@@ -186,6 +196,8 @@ class _NodeCollector(Collector):
         yield active
         yield failed
         yield caches
+        yield bitmaps
+        yield dirty
 
 
 class _InputCollector(Collector):

@@ -364,6 +364,14 @@ class BlockLayer:
         if node.read_only:
             raise GenericError("Block node is read-only")
         await node.driver.truncate(size)
+        # bdrv_co_truncate's bdrv_dirty_bitmap_truncate, on every node resized.
+        stack = [node]
+        while stack:
+            below = stack.pop()
+            for bitmap in below.dirty_bitmaps.values():
+                if bitmap.size != below.size():
+                    bitmap.truncate(below.size())
+            stack.extend(edge.child for edge in below.children.values())
 
     async def set_active(self, node_name: str | None, active: bool) -> None:
         nodes = [self.find(None, node_name)] if node_name is not None else None

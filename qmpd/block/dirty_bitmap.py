@@ -146,6 +146,14 @@ class DirtyBitmap:
             value >>= run
         return out
 
+    def truncate(self, size: int) -> None:
+        """Follow the node to a new size (hbitmap_truncate): granules past the
+        old end start clean, those past the new end are dropped."""
+        old = bytes(self.bits)
+        self.size = size
+        self.bits = bytearray(-(-self.granules // 8))
+        self.load_bytes(old)
+
     # --- serialization ----------------------------------------------------------
 
     def to_bytes(self) -> bytes:

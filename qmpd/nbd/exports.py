@@ -44,12 +44,16 @@ from typing import TYPE_CHECKING, Any, cast
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from qmpd.block.bitmaps import ALLOW_RO
+from qmpd.block.bitmaps import check as check_bitmap
+from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.driver import (
     BdrvChild,
     BlockNode,
     BlockStatus,
     ChildRole,
     NodeUser,
+    Perm,
 )
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
@@ -152,6 +156,33 @@ def _depth(status: BlockStatus) -> int:
     return status.depth + 1 if status.allocated else 0
 
 
+def _bitmap_extents(bitmap: DirtyBitmap, offset: int, length: int,
+                    limit: int) -> list[tuple[int, int]]:
+    """qemu:dirty-bitmap:NAME as QEMU's bitmap_to_extents: clean and dirty runs,
+    at most ``limit`` of them (what does not fit is left for the next request)."""
+    extents: list[tuple[int, int]] = []
+
+    def add(n: int, flags: int) -> bool:
+        if n <= 0:
+            return True
+        if extents and extents[-1][1] == flags:
+            extents[-1] = (extents[-1][0] + n, flags)
+            return True
+        if len(extents) >= limit:
+            return False
+        extents.append((n, flags))
+        return True
+
+    pos = offset
+    end = offset + length
+    for start, n in bitmap.dirty_extents(offset, length):
+        if not (add(start - pos, 0) and add(n, p.STATE_DIRTY)):
+            return extents
+        pos = start + n
+    add(end - pos, 0)
+    return extents
+
+
 class NbdExport:
     """One export: a node, a name, its options, its clients and its I/O."""
 
@@ -190,6 +221,8 @@ class NbdExport:
         )
         self.edge = BdrvChild(name="root", role=ChildRole.image(), child=node, user=self.user)
         self.iothread: IOThread | None = None
+        #: Exported dirty bitmaps by context name (busy while exported).
+        self.bitmaps: dict[str, DirtyBitmap] = {}
 
     # --- what clients see -----------------------------------------------------------------
 
@@ -212,6 +245,7 @@ class NbdExport:
         contexts: tuple[str, ...] = (p.BASE_ALLOCATION,)
         if self.allocation_depth:
             contexts += (p.ALLOCATION_DEPTH,)
+        contexts += tuple(self.bitmaps)
         return p.ExportDescription(
             name=self.name, size=self.size(), flags=flags, description=self.description,
             contexts=contexts,
@@ -377,6 +411,9 @@ class NbdExport:
     async def _extents(
         self, offset: int, length: int, limit: int, context: str
     ) -> list[tuple[int, int]]:
+        bitmap = self.bitmaps.get(context)
+        if bitmap is not None:
+            return _bitmap_extents(bitmap, offset, length, limit)
         depth = context == p.ALLOCATION_DEPTH
         extents: list[tuple[int, int]] = []
         pos, end = offset, offset + length
@@ -514,21 +551,36 @@ class BlockExports:
                 raise GenericError(f"description '{description}' too long")
             if name in self.names:
                 raise GenericError(f"NBD server already has export named '{name}'")
-            for bitmap in args.get("bitmaps", []):
-                self._check_bitmap(bitmap)
+            found = [self._check_bitmap(bitmap, node, writable)
+                     for bitmap in args.get("bitmaps", [])]
         except BaseException:
             await self._detach(export)
             raise
+        for bitmap in found:
+            bitmap.busy = True
+            export.bitmaps[p.DIRTY_BITMAP_PREFIX + bitmap.name] = bitmap
         self.exports[export_id] = export
         self.names[name] = export
 
-    def _check_bitmap(self, bitmap: Any) -> None:
-        # qmpd has no dirty bitmaps (yet): every reference is unknown.
-        if isinstance(bitmap, str):
-            raise GenericError(f"Bitmap '{bitmap}' is not found")
-        if self.block.graph.lookup(bitmap["node"]) is None:
-            raise GenericError(f"Node '{bitmap['node']}' not found")
-        raise GenericError(f"Dirty bitmap '{bitmap['name']}' not found")
+    def _check_bitmap(self, ref: Any, node: BlockNode, writable: bool) -> DirtyBitmap:
+        """An export's bitmap: by name on the node or below it (filters and
+        backing files), or by node and name (QEMU's nbd_export_create)."""
+        if isinstance(ref, str):
+            below: BlockNode | None = node
+            found = None
+            while below is not None and found is None:
+                found = below.dirty_bitmaps.get(ref)
+                if found is None:
+                    below = below.driver.status_fallback()
+            if found is None or below is None:
+                raise GenericError(f"Bitmap '{ref}' is not found")
+            if (not writable and found.recording and not below.read_only
+                    and below.cumulative_perms()[0] & Perm.WRITE):
+                raise GenericError(f"Enabled bitmap '{ref}' incompatible with readonly export")
+        else:
+            _, found = self.block.bitmaps.find(ref["node"], ref["name"])
+        check_bitmap(found, ALLOW_RO)
+        return found
 
     async def _attach(self, export: NbdExport) -> None:
         try:
@@ -604,6 +656,8 @@ class BlockExports:
         await self._finalize(export)
 
     async def _finalize(self, export: NbdExport) -> None:
+        for bitmap in export.bitmaps.values():
+            bitmap.busy = False
         await self._detach(export)
         self._forget(export)
 

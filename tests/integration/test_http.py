@@ -245,3 +245,27 @@ def test_a_migration_shows_in_both_daemons_metrics(tmp_path: Path) -> None:
     finally:
         src.stop()
         dst.stop()
+
+
+def test_dirty_bitmap_metrics(qmpd_factory: Any) -> None:
+    """qmpd_block_dirty_bitmaps and qmpd_block_dirty_bitmap_bytes follow the bitmaps."""
+    import re
+
+    proc = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info",
+                        "--blockdev", "null-co,node-name=n0,size=1048576")
+    c = proc.client()
+    c.negotiate()
+
+    def scrape() -> tuple[list[str], dict[str, float]]:
+        with urllib.request.urlopen(proc.http_url() + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        count = re.findall(r'qmpd_block_dirty_bitmaps\{node="n0"\} (\S+)', text)
+        found = re.findall(r'qmpd_block_dirty_bitmap_bytes\{bitmap="(\w+)",node="n0"\} (\S+)',
+                           text)
+        return count, {name: float(value) for name, value in found}
+
+    assert scrape() == (["0.0"], {})
+    c.ok("block-dirty-bitmap-add", {"node": "n0", "name": "a", "granularity": 4096})
+    c.ok("block-dirty-bitmap-add", {"node": "n0", "name": "b", "disabled": True})
+    c.ok("human-monitor-command", {"command-line": 'qemu-io n0 "write 4095 2"'})
+    assert scrape() == (["2.0"], {"a": 8192.0, "b": 0.0})

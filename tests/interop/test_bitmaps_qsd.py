@@ -10,6 +10,7 @@ what a failing ``transaction`` leaves behind (nothing).
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ class Side:
         self.name = name
         self.qmp = client
         self.nbd = nbd
+        self.map = ""
 
     def cmd(self, execute: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.qmp.cmd(execute, arguments)
@@ -55,6 +57,14 @@ class Side:
             if info["node-name"] == node:
                 return info.get("dirty-bitmaps")  # type: ignore[no-any-return]
         raise AssertionError(f"{self.name}: no node {node}")
+
+    def raw_bitmaps(self) -> list[bytes]:
+        """Every node's ``dirty-bitmaps`` as the wire carries it (member order)."""
+        self.qmp.send_msg({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+        while True:
+            line = self.qmp.recv_line()
+            if line.startswith(b'{"return"'):
+                return re.findall(rb'"dirty-bitmaps": \[[^\]]*\]', line)
 
     def state(self, names: list[str], node: str = "n0") -> dict[str, Any]:
         """What both daemons must agree on: the query and every bitmap's hash."""
@@ -144,6 +154,8 @@ def test_same_writes_same_bitmaps(pair: tuple[Side, Side], seed: int) -> None:
         assert ours.state(names) == qsd.state(names)
 
     batch()
+    raw = ours.raw_bitmaps()
+    assert raw == qsd.raw_bitmaps() and len(raw) == 1
     counts = {b["name"]: b["count"] for b in ours.bitmaps() or []}
     assert counts["a"] > 0 and counts["b"] >= counts["a"] and counts["d"] == 0, counts
     both(pair, "block-dirty-bitmap-disable", {"node": "n0", "name": "a"})
@@ -324,3 +336,129 @@ def test_transaction_enable_missing_bitmap(qmpd_factory: Any) -> None:
     (n0,) = [n for n in nodes if n["node-name"] == "n0"]
     assert n0["dirty-bitmaps"][0]["recording"] is True
     client.close()
+
+
+def nbdinfo(side: Side, export: str, *args: str) -> str:
+    result = subprocess.run(
+        [require_tool("nbdinfo"), *args, f"nbd+unix:///{export}?socket={side.nbd}"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.replace(str(side.nbd), "SOCKET")
+
+
+def test_exported_bitmaps_as_qsd(pair: tuple[Side, Side]) -> None:
+    qsd, ours = pair
+    for name, granularity, disabled in (("a", 512, False), ("d", 65536, True),
+                                        ("g", 1 << 20, False)):
+        both(pair, "block-dirty-bitmap-add", {"node": "n0", "name": name,
+                                              "granularity": granularity, "disabled": disabled})
+    ops = random_ops(random.Random(11), 40)
+    qsd.write(ops)
+    ours.write(ops)
+    both(pair, "block-dirty-bitmap-enable", {"node": "n0", "name": "d"})
+    ops = random_ops(random.Random(12), 10)
+    qsd.write(ops)
+    ours.write(ops)
+    both(pair, "block-dirty-bitmap-disable", {"node": "n0", "name": "d"})
+
+    def export(export_id: str, bitmaps: list[Any], **extra: Any) -> dict[str, Any]:
+        return both(pair, "block-export-add", {"type": "nbd", "id": export_id,
+                                               "node-name": "n0", "name": export_id,
+                                               "bitmaps": bitmaps, **extra})
+
+    # A read-only export of an enabled bitmap of a node something writes.
+    assert "error" in export("x", ["a"])
+    assert "error" in export("x", ["zz"])
+    assert "error" in export("x", [{"node": "n0", "name": "zz"}])
+    assert "error" in export("x", [{"node": "nx", "name": "a"}])
+    assert export("x", ["d", {"node": "n0", "name": "a"}], writable=True) == {"return": {}}
+    assert "error" in export("y", ["d"])  # busy
+    assert export("y", ["g"], writable=True) == {"return": {}}
+    assert ours.bitmaps() == qsd.bitmaps()
+    assert all(b["busy"] for b in ours.bitmaps() or [])
+    for execute in ("block-dirty-bitmap-clear", "block-dirty-bitmap-remove",
+                    "block-dirty-bitmap-enable", "block-dirty-bitmap-disable"):
+        assert "error" in both(pair, execute, {"node": "n0", "name": "d"})
+    assert "error" in both(pair, "block-dirty-bitmap-merge",
+                           {"node": "n0", "target": "a", "bitmaps": ["d"]})
+    assert "error" in both(pair, "transaction", {"actions": [
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "n0", "name": "g"}}]})
+    assert nbdinfo(ours, "x") == nbdinfo(qsd, "x")
+    assert "qemu:dirty-bitmap:a" in nbdinfo(ours, "x")
+    for name, export_name in (("a", "x"), ("d", "x"), ("g", "y")):
+        expected = nbdinfo(qsd, export_name, f"--map=qemu:dirty-bitmap:{name}")
+        assert "dirty" in expected
+        assert nbdinfo(ours, export_name, f"--map=qemu:dirty-bitmap:{name}") == expected
+    for side in pair:  # qemu-img reads a bitmap through x-dirty-bitmap
+        result = subprocess.run(
+            [require_tool("qemu-img"), "map", "--output=json", "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={side.nbd},export=x,"
+             "x-dirty-bitmap=qemu:dirty-bitmap:a"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        side.map = result.stdout
+    assert ours.map == qsd.map and '"data": false' in qsd.map
+    # The bitmap goes on recording while exported (QEMU's "a" is enabled).
+    ops = random_ops(random.Random(13), 10)
+    qsd.write(ops)
+    ours.write(ops)
+    expected = nbdinfo(qsd, "x", "--map=qemu:dirty-bitmap:a")
+    assert nbdinfo(ours, "x", "--map=qemu:dirty-bitmap:a") == expected
+    both(pair, "block-export-del", {"id": "x"})
+    both(pair, "block-export-del", {"id": "y"})
+    assert ours.bitmaps() == qsd.bitmaps()
+    assert not any(b["busy"] for b in ours.bitmaps() or [])
+    # nbd-server-add's single 'bitmap'.
+    assert both(pair, "nbd-server-add", {"device": "n0", "name": "leg", "bitmap": "d"}) == {
+        "return": {}}
+    assert "error" in both(pair, "nbd-server-add", {"device": "n0", "name": "l2", "bitmap": "a"})
+    assert nbdinfo(ours, "leg", "--map=qemu:dirty-bitmap:d") == nbdinfo(
+        qsd, "leg", "--map=qemu:dirty-bitmap:d")
+    assert ours.bitmaps() == qsd.bitmaps()
+
+
+def test_bitmaps_follow_block_resize(tmp_path: Path) -> None:
+    """block_resize truncates the bitmaps of the node and of the file below."""
+    require_tool(QSD)
+    replies = {}
+    for impl in ("qsd", "qmpd"):
+        work = tmp_path / impl
+        work.mkdir()
+        (work / "disk.raw").write_bytes(bytes(1 << 20))
+        nodes = ["--blockdev", f"file,node-name=f,filename={work}/disk.raw",
+                 "--blockdev", "raw,node-name=r,file=f"]
+        steps: list[tuple[str, dict[str, Any]]] = [
+            ("block-dirty-bitmap-add", {"node": "r", "name": "a", "granularity": 512}),
+            ("block-dirty-bitmap-add", {"node": "f", "name": "b", "granularity": 4096}),
+            ("block_resize", {"node-name": "r", "size": 3 * 1024 * 1024 + 512}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "f", "name": "b"}),
+            ("block-dirty-bitmap-add", {"node": "r", "name": "c", "granularity": 65536}),
+            ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
+            ("block_resize", {"node-name": "r", "size": 4096}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
+            ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
+        ]
+        if impl == "qsd":
+            sock = work / "qmp.sock"
+            proc = subprocess.Popen(
+                [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                 "--monitor", "chardev=c", *nodes],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for_socket(proc, sock)
+                client = QmpClient(sock, 20, check_schema=False, negotiate=True)
+                replies[impl] = [client.cmd(e, a) for e, a in steps]
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        else:
+            daemon = QmpdProcess(work, *nodes)
+            try:
+                client = QmpClient(daemon.sock, 20, negotiate=True)
+                replies[impl] = [client.cmd(e, a) for e, a in steps]
+                client.close()
+            finally:
+                daemon.stop()
+    assert replies["qmpd"] == replies["qsd"]
+    assert replies["qsd"][3] != replies["qsd"][8]  # the hash covers the bitmap's size

@@ -77,3 +77,13 @@ def test_default_granularity() -> None:
     assert default_granularity(None) == 65536
     assert default_granularity(512) == 4096
     assert default_granularity(1 << 21) == 65536  # QSD 7.2 on a 2 MiB-cluster qcow2
+
+
+def test_truncate_keeps_bits_and_clears_new_granules() -> None:
+    bm = DirtyBitmap("t", 10 * 512, 512)
+    bm.set_range(0, 10 * 512)
+    bm.truncate(3 * 512 + 1)
+    assert bm.granules == 4 and bm.dirty_granules() == 4
+    bm.truncate(20 * 512)
+    assert bm.dirty_granules() == 4 and not bm.get(4 * 512) and bm.get(3 * 512)
+    assert len(bm.bits) == 3

@@ -89,3 +89,25 @@ async def test_cached_node_infos_follow_every_change(tmp_path: Path, layer: Bloc
     assert infos["b"]["ro"] is True
     assert replies != check(layer)
     assert after_inactive != after_resize
+
+
+async def test_cached_node_infos_follow_dirty_bitmaps(tmp_path: Path, layer: BlockLayer) -> None:
+    """Adding a bitmap, a write that changes its count, a disable, a remove:
+    each gives a new encoding, never the cached one."""
+    a = await layer.add(qcow2(tmp_path, "a"))
+    no_bitmaps = check(layer)
+    layer.bitmaps.run("block-dirty-bitmap-add", {"node": "a", "name": "b", "granularity": 512})
+    added = check(layer)
+    assert added != no_bitmaps
+    await a.write(0, b"\x11" * 4096)
+    written = check(layer)
+    assert written != added
+    infos = {i["node-name"]: i for i in layer.named_nodes(True)}
+    assert infos["a"]["dirty-bitmaps"][0]["count"] == 4096
+    layer.bitmaps.run("block-dirty-bitmap-disable", {"node": "a", "name": "b"})
+    disabled = check(layer)
+    assert disabled != written
+    await layer.bitmaps.run_async("block-dirty-bitmap-remove", {"node": "a", "name": "b"})
+    assert check(layer) != disabled
+    infos = {i["node-name"]: i for i in layer.named_nodes(True)}
+    assert "dirty-bitmaps" not in infos["a"]

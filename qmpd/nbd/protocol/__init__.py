@@ -22,7 +22,8 @@ server speaks it; see the NBD specification ``doc/proto.md``):
 * handshake: ``NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES``; options
   EXPORT_NAME, ABORT, LIST, STARTTLS (refused: no TLS), INFO, GO,
   STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT
-  (``base:allocation`` and ``qemu:allocation-depth``); every other option is
+  (``base:allocation``, ``qemu:allocation-depth``, ``qemu:dirty-bitmap:NAME``);
+  every other option is
   answered ``NBD_REP_ERR_UNSUP`` and negotiation goes on;
 * transmission: 28-byte requests, validated here exactly as QEMU's server
   validates them (its error numbers and messages); the caller executes the
@@ -37,6 +38,8 @@ from qmpd.nbd.protocol.constants import (
     COMMAND_NAMES,
     CONTEXT_IDS,
     DEFAULT_PORT,
+    DIRTY_BITMAP_ID,
+    DIRTY_BITMAP_PREFIX,
     IHAVEOPT,
     MAX_BUFFERED_OPTION,
     MAX_EXTENTS,
@@ -49,6 +52,7 @@ from qmpd.nbd.protocol.constants import (
     REP_ERR,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
+    STATE_DIRTY,
     STATE_HOLE,
     STATE_ZERO,
     STRUCTURED_REPLY_MAGIC,
@@ -76,6 +80,7 @@ from qmpd.nbd.protocol.handshake import (
     OptionReply,
     ServerHandshake,
     client_flags_bytes,
+    context_id,
     info_request_data,
     match_contexts,
     meta_request_data,
@@ -130,6 +135,8 @@ __all__ = [
     "COMMAND_NAMES",
     "CONTEXT_IDS",
     "DEFAULT_PORT",
+    "DIRTY_BITMAP_ID",
+    "DIRTY_BITMAP_PREFIX",
     "IHAVEOPT",
     "MAX_BUFFERED_OPTION",
     "MAX_EXTENTS",
@@ -146,6 +153,7 @@ __all__ = [
     "REQUEST_SIZE",
     "SIMPLE_REPLY_MAGIC",
     "SIMPLE_REPLY_SIZE",
+    "STATE_DIRTY",
     "STATE_HOLE",
     "STATE_ZERO",
     "STRUCTURED_REPLY_MAGIC",
@@ -184,6 +192,7 @@ __all__ = [
     "block_status_chunk",
     "chunk_header",
     "client_flags_bytes",
+    "context_id",
     "data_chunk_header",
     "errno_to_nbd",
     "error_chunk",

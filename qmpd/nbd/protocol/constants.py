@@ -176,11 +176,17 @@ class Errno(enum.IntEnum):
 
 STATE_HOLE: Final = 1
 STATE_ZERO: Final = 2
+#: qemu:dirty-bitmap:NAME's one flag.
+STATE_DIRTY: Final = 1
 
 BASE_ALLOCATION: Final = "base:allocation"
 ALLOCATION_DEPTH: Final = "qemu:allocation-depth"
 #: Context ids, as QEMU numbers them.
 CONTEXT_IDS: Final = {BASE_ALLOCATION: 0, ALLOCATION_DEPTH: 1}
+#: An exported dirty bitmap's context is this and its name; the export's
+#: i-th bitmap has id DIRTY_BITMAP_ID + i.
+DIRTY_BITMAP_PREFIX: Final = "qemu:dirty-bitmap:"
+DIRTY_BITMAP_ID: Final = 2
 
 
 def errno_to_nbd(err: int) -> Errno:

@@ -16,6 +16,8 @@ from typing import Final, Protocol
 from qmpd.nbd.protocol.constants import (
     BASE_ALLOCATION,
     CONTEXT_IDS,
+    DIRTY_BITMAP_ID,
+    DIRTY_BITMAP_PREFIX,
     IHAVEOPT,
     MAX_BUFFERED_OPTION,
     MAX_OPTION_LENGTH,
@@ -364,7 +366,7 @@ class ServerHandshake:
         matched = match_contexts(export.contexts, queries, listing=not is_set)
         selected: dict[int, str] = {}
         for context in matched:
-            cid = CONTEXT_IDS[context]
+            cid = context_id(export.contexts, context)
             selected[cid] = context
             # LIST replies carry id 0, as QEMU's.
             self._reply(Rep.META_CONTEXT, _U32.pack(cid if is_set else 0) + context.encode())
@@ -378,16 +380,27 @@ def match_contexts(available: Sequence[str], queries: Sequence[str], listing: bo
     order (QEMU's: base first).
 
     LIST with no query lists everything, and a bare namespace (``base:``,
-    ``qemu:``) lists that namespace; SET selects exact leaf names only.
-    Queries for namespaces the server does not know are ignored.
+    ``qemu:``) or ``qemu:dirty-bitmap:`` lists what it starts; SET selects
+    exact leaf names only.  Queries for namespaces the server does not know
+    are ignored.
     """
     if listing and not queries:
         return list(available)
     return [
         context for context in available
-        if any(q == context or (listing and q == context.split(":", 1)[0] + ":")
+        if any(q == context or (listing and q.endswith(":") and context.startswith(q)
+                                and (q.count(":") == 1 or q == DIRTY_BITMAP_PREFIX))
                for q in queries)
     ]
+
+
+def context_id(available: Sequence[str], context: str) -> int:
+    """The id QEMU gives ``context``: fixed ones, then the export's bitmaps in order."""
+    fixed = CONTEXT_IDS.get(context)
+    if fixed is not None:
+        return fixed
+    bitmaps = [c for c in available if c.startswith(DIRTY_BITMAP_PREFIX)]
+    return DIRTY_BITMAP_ID + bitmaps.index(context)
 
 
 # --- client side --------------------------------------------------------------------------
