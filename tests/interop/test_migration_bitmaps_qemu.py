@@ -48,9 +48,15 @@ def test_a_qemu_sources_bitmaps_are_rebuilt_bit_for_bit() -> None:
                 "node": "disk0", "target": "off", "bitmaps": ["fine"]})
             want = {name: sha(src, name) for name in ("fine", "coarse", "off")}
             src.set_caps(["dirty-bitmaps"])
-            out = work / "stream.bin"
-            assert src.qmp.cmd("migrate", {"uri": f"exec:cat > {out}"}) == {"return": {}}
+            out, part = work / "stream.bin", work / "stream.part"
+            # QEMU completes once it closed the pipe: the file is whole once renamed.
+            assert src.qmp.cmd("migrate", {"uri": f"exec:cat > {part} && mv {part} {out}"}) \
+                == {"return": {}}
             assert qemu.wait_migration(src.qmp)["status"] == "completed"
+            deadline = time.monotonic() + 10
+            while not out.exists():
+                assert time.monotonic() < deadline, "cat did not finish"
+                time.sleep(0.005)
         finally:
             src.quit()
         reader = StreamReader({"dirty-bitmaps": True})

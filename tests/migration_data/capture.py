@@ -126,10 +126,18 @@ def capture_exec(*, caps: Sequence[str] = (), extra: Sequence[str] = (),
                 assert "return" in reply, reply
             state = src.qmp.cmd("query-status")["return"]["status"]
             out = tmp / "stream.bin"
-            reply = src.qmp.cmd("migrate", {"uri": f"exec:cat > {out}"})
+            # QEMU reports completed once it has closed the pipe, which may be
+            # before cat has written everything: the file appears (renamed)
+            # only when cat is done.
+            partial = tmp / "stream.part"
+            reply = src.qmp.cmd("migrate", {"uri": f"exec:cat > {partial} && mv {partial} {out}"})
             assert reply == {"return": {}}, reply
             info = wait_migration(src.qmp)
             assert info["status"] == "completed", info
+            deadline = time.monotonic() + 10
+            while not out.exists():
+                assert time.monotonic() < deadline, "cat did not finish"
+                time.sleep(0.005)
         finally:
             src.quit()
         return out.read_bytes(), state
