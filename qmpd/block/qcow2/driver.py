@@ -22,6 +22,7 @@ from qmpd.block.driver import (
     NodeState,
 )
 from qmpd.block.filename import path_combine
+from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps
 from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -243,9 +244,48 @@ class Qcow2Driver(BlockDriver):
             return
         try:
             if image.writable and image.broken is None:
+                await self._store_bitmaps(image)
                 await image.flush()
         finally:
             self._image = None
+
+    # --- persistent dirty bitmaps ---------------------------------------------------------
+
+    def _has_bitmaps(self, image: Qcow2Image) -> bool:
+        """Whether storing would write anything: a directory on disk (its in-use
+        marks to clear) or persistent bitmaps on the node."""
+        return bool(image.bitmap_entries) or any(
+            b.persistent for b in self.node.dirty_bitmaps.values())
+
+    async def _store_bitmaps(self, image: Qcow2Image) -> None:
+        if not self._has_bitmaps(image):
+            return
+        await image.quiesce()
+        async with image.lock:
+            await store_bitmaps(image, list(self.node.dirty_bitmaps.values()),
+                                image.bitmap_entries)
+
+    def can_store_new_bitmap(self, name: str, granularity: int) -> None:
+        image = self._img()
+        error = cannot_store(image, image.bitmap_entries, name, granularity)
+        if error is not None:
+            raise BlockDriverError(
+                f"Can't make bitmap '{name}' persistent in '{self.node.node_name}': {error}",
+                error.errno)
+
+    async def store_persistent_bitmaps(self) -> None:
+        image = self._image
+        if image is not None and image.writable and image.broken is None:
+            await self._store_bitmaps(image)
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        image = self._image
+        if image is None or not any(e.name == name for e in image.bitmap_entries):
+            return
+        image.check_writable()
+        await image.quiesce()
+        async with image.lock:
+            await store_bitmaps(image, [], image.bitmap_entries, removed=name)
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -371,7 +411,14 @@ class Qcow2Driver(BlockDriver):
         if image is not None and image.writable and image.broken is None:
             # Nothing dirty, nothing in flight, nothing unsynced in the file
             # (the handover's usual case): there is nothing to write back.
-            if not image.idle() or image.file.driver.has_pending_writes():
+            if self._has_bitmaps(image):
+                await self._store_bitmaps(image)
+                await image.flush()
+                # QEMU releases the bitmaps it stored; activation loads them again
+                for name in [b.name for b in self.node.dirty_bitmaps.values()
+                             if b.persistent and not b.inconsistent]:
+                    del self.node.dirty_bitmaps[name]
+            elif not image.idle() or image.file.driver.has_pending_writes():
                 await image.quiesce()
                 await image.flush()
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
@@ -380,8 +427,9 @@ class Qcow2Driver(BlockDriver):
     def inactivate_now(self) -> bool:
         image = self._image
         if image is not None and image.writable and image.broken is None:
-            if not image.idle() or image.file.driver.has_pending_writes():
-                return False
+            if (not image.idle() or image.file.driver.has_pending_writes()
+                    or self._has_bitmaps(image)):
+                return False  # bitmaps to store: the async path
             image.writable = False  # clean: see inactivate
         return True
 
