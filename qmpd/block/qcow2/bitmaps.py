@@ -288,11 +288,9 @@ async def mark_in_use(img: Qcow2State, entries: list[BitmapEntry]) -> None:
         e.flags |= BME_FLAG_IN_USE
     ext = img.header.bitmaps_ext
     assert ext is not None
-    data = pack_directory(entries)
-    span = _round(len(data), META_ALIGN)
-    buf = bytearray(await img.file.read(ext[2], span))
-    buf[:len(data)] = data
-    await img.file.write(ext[2], bytes(buf))
+    # exactly the directory's bytes, as QEMU writes them (the file driver
+    # handles an unaligned O_DIRECT write; padding could grow the file)
+    await img.file.write(ext[2], pack_directory(entries))
     await img.file.sync()
 
 
