@@ -93,6 +93,17 @@ class DirtyBitmap:
         else:
             self.bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
 
+    def resize(self, size: int) -> None:
+        """Follow a resize (bdrv_dirty_bitmap_truncate): granules past the new
+        end are dropped, new ones are clean."""
+        self.size = size
+        n = -(-self.granules // 8)
+        del self.bits[n:]
+        self.bits.extend(bytes(n - len(self.bits)))
+        spare = n * 8 - self.granules
+        if spare and n:
+            self.bits[-1] &= 0xFF >> spare
+
     def get(self, offset: int) -> bool:
         k = offset // self.granularity
         return bool(self.bits[k >> 3] >> (k & 7) & 1)

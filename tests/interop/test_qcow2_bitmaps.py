@@ -246,3 +246,64 @@ async def test_kill_while_open_leaves_bitmaps_inconsistent(tmp_path: Path) -> No
     # an inconsistent bitmap is not stored: it stays in-use on disk
     assert info_bitmaps(img)["bm0"]["flags"] == ["auto", "in-use"]
     assert_clean(img)
+
+
+async def test_resize_keeps_bitmaps_valid(tmp_path: Path) -> None:
+    tools()
+    img = _image_with_bitmaps(tmp_path)
+    async with opened(img) as node:
+        drv = node.driver
+        assert isinstance(drv, Qcow2Driver)
+        await drv.truncate(64 * MiB)
+        await node.write(60 * MiB, b"q" * 512)
+    assert info_bitmaps(img)["bm0"]["flags"] == ["auto"]
+    assert_clean(img)
+    assert dirty_map(img, "bm0", tmp_path) == model(
+        [(0, 70 * KiB), (3 * MiB, 4 * KiB), (60 * MiB, 512)], 65536, 64 * MiB)
+    async with opened(img) as node:
+        drv = node.driver
+        assert isinstance(drv, Qcow2Driver)
+        await drv.truncate(2 * MiB)
+    assert_clean(img)
+    assert dirty_map(img, "bm0", tmp_path) == [(0, 2 * 65536)]
+
+
+#: case -> how to break the first directory entry (offset in it, struct, value),
+#: or the extension's data for the "ext-" cases
+BROKEN = {
+    "type": (16, ">B", 2),
+    "granularity": (17, ">B", 8),
+    "flags": (12, ">I", 4),
+    "table-size": (8, ">I", 0),
+    "extra-data": (20, ">I", 8),
+    "ext-more": (0, ">I", 2),
+    "ext-zero": (0, ">I", 0),
+    "ext-reserved": (4, ">I", 1),
+    "ext-dir-offset": (20, ">I", 4096 + 512),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+async def test_broken_directory_refused_as_qemu(tmp_path: Path, case: str) -> None:
+    tools()
+    img = tmp_path / f"{case}.qcow2"
+    qemu_img_create(img, 16 * MiB)
+    run("qemu-img", "bitmap", "--add", img, "b0")
+    raw = bytearray(img.read_bytes())
+    offset = struct.unpack_from(">I", raw, 100)[0]
+    while struct.unpack_from(">I", raw, offset)[0] != 0x23852875:
+        offset += 8 + (struct.unpack_from(">I", raw, offset + 4)[0] + 7 & ~7)
+    directory = struct.unpack_from(">Q", raw, offset + 8 + 16)[0]
+    where, fmt, value = BROKEN[case]
+    struct.pack_into(fmt, raw, (offset + 8 if case.startswith("ext-") else directory) + where,
+                     value)
+    img.write_bytes(raw)
+    theirs = run("qemu-io", "-f", "qcow2", "-c", "read 0 512", img, check=False)
+    assert theirs.returncode != 0
+    graph = BlockGraph(io_threads=2)
+    try:
+        with pytest.raises(GenericError) as exc:
+            await open_image(graph, str(img))
+    finally:
+        graph.close()
+    assert theirs.stderr.strip() == f"qemu-io: can't open device {img}: {exc.value.desc}"

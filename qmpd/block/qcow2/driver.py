@@ -353,6 +353,9 @@ class Qcow2Driver(BlockDriver):
         image = self._img_for_write()
         await image.truncate(size)
         self._size = image.size
+        for bitmap in self.node.dirty_bitmaps.values():
+            if bitmap.size != image.size:
+                bitmap.resize(image.size)  # stored with the new size at close
         config = cache_config(self._options, image.size, image.cluster_size)
         image.l2cache.capacity = max(
             config.l2_entries * config.l2_entry_size // image.slice_bytes, 2)
