@@ -244,7 +244,7 @@ class Qcow2Driver(BlockDriver):
             return
         try:
             if image.writable and image.broken is None:
-                await self._store_bitmaps(image)
+                await self._store_or_report(image)
                 await image.flush()
         finally:
             self._image = None
@@ -264,6 +264,17 @@ class Qcow2Driver(BlockDriver):
         async with image.lock:
             await store_bitmaps(image, list(self.node.dirty_bitmaps.values()),
                                 image.bitmap_entries)
+
+    async def _store_or_report(self, image: Qcow2Image) -> BlockDriverError | None:
+        """Store; a failure is logged with QEMU's text and returned, so that
+        the flush still happens (qcow2_inactivate)."""
+        try:
+            await self._store_bitmaps(image)
+        except (BlockDriverError, Qcow2FormatError, OSError) as exc:
+            log.error("Lost persistent bitmaps during inactivation of node '%s': %s",
+                      self.node.node_name, exc)
+            return BlockDriverError(str(exc), errno_codes.EINVAL)
+        return None
 
     def can_store_new_bitmap(self, name: str, granularity: int) -> None:
         image = self._img()
@@ -415,8 +426,10 @@ class Qcow2Driver(BlockDriver):
             # Nothing dirty, nothing in flight, nothing unsynced in the file
             # (the handover's usual case): there is nothing to write back.
             if self._has_bitmaps(image):
-                await self._store_bitmaps(image)
+                failed = await self._store_or_report(image)
                 await image.flush()
+                if failed is not None:
+                    raise failed  # QEMU: -EINVAL, the node stays active
                 # QEMU releases the bitmaps it stored; activation loads them again
                 for name in [b.name for b in self.node.dirty_bitmaps.values()
                              if b.persistent and not b.inconsistent]:
