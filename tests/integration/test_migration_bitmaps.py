@@ -1,5 +1,6 @@
-"""A persistent qcow2 bitmap across a qmpd -> qmpd handover on shared storage
-(issue 11): the source stores it when it inactivates, the destination
+"""A persistent qcow2 bitmap across a handover on shared storage (qmpd ->
+qmpd, QEMU -> qmpd, qmpd -> QEMU with ``qemu-system-x86_64 -M none``;
+issue 11: the source stores it when it inactivates, the destination
 loads it when it activates and records its writes; at the end the image
 holds one consistent bitmap with both sides' writes."""
 
@@ -14,6 +15,7 @@ from tests.integration.migration_helpers import (
     Cluster,
     create_qcow2,
     image_check,
+    need_qemu,
     short_dir,
     start,
 )
@@ -32,14 +34,18 @@ def work() -> Iterator[Path]:
         yield path
 
 
-def test_persistent_bitmap_survives_handover(work: Path) -> None:
+@pytest.mark.parametrize(("src_kind", "dst_kind"),
+                         [("qmpd", "qmpd"), ("qemu", "qmpd"), ("qmpd", "qemu")])
+def test_persistent_bitmap_survives_handover(work: Path, src_kind: str, dst_kind: str) -> None:
+    if "qemu" in (src_kind, dst_kind):
+        need_qemu()
     image = create_qcow2(work / "disk.qcow2", "64M")
     run("qemu-img", "bitmap", "--add", image, "bm0")
     run("qemu-img", "bitmap", "--add", "-g", "1M", image, "coarse")
     cluster = Cluster(work)
     try:
-        src = cluster.spawn("qmpd", "src")
-        dst = cluster.spawn("qmpd", "dst", incoming="defer")
+        src = cluster.spawn(src_kind, "src")
+        dst = cluster.spawn(dst_kind, "dst", incoming="defer")
         start(src, dst)
         for side in (src, dst):
             side.caps(events=True)
