@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -307,3 +309,34 @@ async def test_broken_directory_refused_as_qemu(tmp_path: Path, case: str) -> No
     finally:
         graph.close()
     assert theirs.stderr.strip() == f"qemu-io: can't open device {img}: {exc.value.desc}"
+
+
+async def test_random_writes_dirty_the_same_as_qemu_io(tmp_path: Path) -> None:
+    """Differential: the same random writes through qemu-io (QEMU's own
+    bitmap code) and through qmpd leave the same dirty extents."""
+    tools()
+    base = tmp_path / "base.qcow2"
+    qemu_img_create(base, 32 * MiB, "cluster_size=16384")
+    for name, gran in (("g64k", "65536"), ("g512", "512"), ("g1m", "1M")):
+        run("qemu-img", "bitmap", "--add", "-g", gran, base, name)
+    rng = random.Random(11)
+    ops = []
+    for _ in range(60):
+        offset = rng.randrange(0, 32 * MiB - 300 * KiB)
+        length = rng.choice([1, 512, 4096, 65536, rng.randrange(1, 300 * KiB)])
+        ops.append((rng.random() < 0.3, offset, length))
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    shutil.copy(base, theirs)
+    shutil.copy(base, ours)
+    qemu_io(theirs, *(f"write -q {'-z ' if zero else ''}{offset} {length}"
+                      for zero, offset, length in ops))
+    async with opened(ours) as node:
+        for zero, offset, length in ops:
+            if zero:
+                await node.write_zeroes(offset, length)
+            else:
+                await node.write(offset, b"\xcd" * length)
+    assert info_bitmaps(ours) == info_bitmaps(theirs)
+    assert_clean(ours)
+    for name in ("g64k", "g512", "g1m"):
+        assert dirty_map(ours, name, tmp_path) == dirty_map(theirs, name, tmp_path), name
