@@ -71,3 +71,27 @@ def test_persistent_bitmap_survives_handover(work: Path, src_kind: str, dst_kind
     writes = [(0, 64 * KiB), (10 * MiB, 4 * KiB), (20 * MiB, 70 * KiB)]
     assert dirty_map(image, "bm0", work) == model(writes, 65536, 64 * MiB)
     assert dirty_map(image, "coarse", work) == model(writes, MiB, 64 * MiB)
+
+
+def test_blockdev_del_and_kill_in_a_running_daemon(work: Path) -> None:
+    """blockdev-del stores the bitmaps; a daemon killed with the image open
+    leaves them in-use (inconsistent), which qemu-img check accepts."""
+    image = create_qcow2(work / "disk.qcow2", "16M")
+    run("qemu-img", "bitmap", "--add", image, "bm0")
+    cluster = Cluster(work)
+    try:
+        peer = cluster.spawn("qmpd", "one")
+        start(peer)
+        peer.add_disk(image)
+        assert peer.qemu_io("disk", "write -P 0x5a 1M 4k") == ""
+        assert peer.ok("blockdev-del", {"node-name": "disk"}) == {}
+        assert info_bitmaps(image) == {"bm0": {"flags": ["auto"], "granularity": 65536}}
+        assert dirty_map(image, "bm0", work) == [(MiB, 65536)]
+        peer.add_disk(image)
+        assert peer.qemu_io("disk", "write -P 0x5a 2M 4k") == ""
+        peer.kill()
+        peer.wait()
+    finally:
+        cluster.close()
+    assert info_bitmaps(image) == {"bm0": {"flags": ["auto", "in-use"], "granularity": 65536}}
+    image_check(image)
