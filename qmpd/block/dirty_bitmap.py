@@ -31,6 +31,7 @@ class DirtyBitmap:
         "busy",
         "granularity",
         "inconsistent",
+        "migration",
         "name",
         "persistent",
         "recording",
@@ -47,7 +48,15 @@ class DirtyBitmap:
         self.inconsistent = inconsistent
         #: In use by an export or a job: not to be changed or removed by commands.
         self.busy = False
+        #: Sent by the ``dirty-bitmaps`` migration capability: then it is not
+        #: stored in the image at inactivation (QEMU's persistence getter).
+        self.migration = False
         self.bits = bytearray(-(-self.granules // 8))
+
+    @property
+    def stored(self) -> bool:
+        """Whether the image format stores it (persistent, consistent, not migrating)."""
+        return self.persistent and not self.inconsistent and not self.migration
 
     @property
     def granules(self) -> int:

@@ -340,3 +340,16 @@ async def test_random_writes_dirty_the_same_as_qemu_io(tmp_path: Path) -> None:
     assert_clean(ours)
     for name in ("g64k", "g512", "g1m"):
         assert dirty_map(ours, name, tmp_path) == dirty_map(theirs, name, tmp_path), name
+
+
+async def test_migrating_bitmap_is_not_stored(tmp_path: Path) -> None:
+    """With the dirty-bitmaps capability the stream carries a persistent
+    bitmap: QEMU does not store it, the image keeps it in-use."""
+    tools()
+    img = _image_with_bitmaps(tmp_path)
+    async with opened(img) as node:
+        node.dirty_bitmaps["bm0"].migration = True
+        await node.write(0, b"m" * 512)
+    assert info_bitmaps(img) == {"bm0": {"flags": ["auto", "in-use"], "granularity": 65536},
+                                 "off": {"flags": [], "granularity": 131072}}
+    assert_clean(img)

@@ -327,12 +327,12 @@ async def store_bitmaps(img: Qcow2State, bitmaps: Sequence[DirtyBitmap],
     """Write every consistent persistent bitmap, a new directory and header,
     then free what they replace (qcow2_store_persistent_dirty_bitmaps).
 
-    The stored bitmaps lose their in-use mark; inconsistent ones and those
-    the node does not hold stay as they are.  ``removed`` names a bitmap
+    The stored bitmaps lose their in-use mark; inconsistent ones, those a
+    migration carries and those the node does not hold stay as they are.  ``removed`` names a bitmap
     to drop from the directory.
     """
     cs, cb = img.cluster_size, img.cluster_bits
-    by_name = {b.name: b for b in bitmaps if b.persistent and not b.inconsistent}
+    by_name = {b.name: b for b in bitmaps if b.stored}
     new_entries: list[BitmapEntry] = []
     replaced: list[BitmapEntry] = []
     for e in entries:

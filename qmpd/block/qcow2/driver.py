@@ -431,8 +431,7 @@ class Qcow2Driver(BlockDriver):
                 if failed is not None:
                     raise failed  # QEMU: -EINVAL, the node stays active
                 # QEMU releases the bitmaps it stored; activation loads them again
-                for name in [b.name for b in self.node.dirty_bitmaps.values()
-                             if b.persistent and not b.inconsistent]:
+                for name in [b.name for b in self.node.dirty_bitmaps.values() if b.stored]:
                     del self.node.dirty_bitmaps[name]
             elif not image.idle() or image.file.driver.has_pending_writes():
                 await image.quiesce()
