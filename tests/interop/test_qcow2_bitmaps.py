@@ -353,3 +353,29 @@ async def test_migrating_bitmap_is_not_stored(tmp_path: Path) -> None:
     assert info_bitmaps(img) == {"bm0": {"flags": ["auto", "in-use"], "granularity": 65536},
                                  "off": {"flags": [], "granularity": 131072}}
     assert_clean(img)
+
+
+async def test_qemu_img_bitmap_edits_what_we_stored(tmp_path: Path) -> None:
+    tools()
+    img = _image_with_bitmaps(tmp_path)
+    async with opened(img) as node:
+        await node.write(8 * MiB, b"w" * 4096)
+    run("qemu-img", "bitmap", "--merge", "bm0", "--enable", img, "off")
+    run("qemu-img", "bitmap", "--add", img, "extra")
+    run("qemu-img", "bitmap", "--clear", img, "bm0")
+    assert_clean(img)
+    async with opened(img) as node:
+        bms = node.dirty_bitmaps
+        assert list(bms) == ["bm0", "off", "extra"]
+        assert bms["bm0"].count() == 0 and bms["bm0"].recording
+        assert bms["off"].recording
+        # 0..70k, 3M and 8M at 128k granules
+        assert bms["off"].dirty_extents(0, 16 * MiB) == [
+            (0, 131072), (3 * MiB, 131072), (8 * MiB, 131072)]
+        await node.write(MiB, b"v" * 512)
+    run("qemu-img", "bitmap", "--remove", img, "off")
+    assert info_bitmaps(img) == {"bm0": {"flags": ["auto"], "granularity": 65536},
+                                 "extra": {"flags": ["auto"], "granularity": 65536}}
+    assert dirty_map(img, "bm0", tmp_path) == [(MiB, 65536)]
+    assert dirty_map(img, "extra", tmp_path) == [(MiB, 65536)]
+    assert_clean(img)
