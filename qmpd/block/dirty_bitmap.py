@@ -29,12 +29,12 @@ class DirtyBitmap:
         "busy",
         "granularity",
         "inconsistent",
+        "migration",
         "name",
         "persistent",
         "readonly",
         "recording",
         "size",
-        "skip_store",
     )
 
     def __init__(self, name: str, size: int, granularity: int, *, persistent: bool = False,
@@ -47,11 +47,17 @@ class DirtyBitmap:
         self.inconsistent = inconsistent
         #: In use by an export, a job or a migration: commands may not change it.
         self.busy = False
-        #: Not to be stored in the image (it travels in a migration stream).
-        self.skip_store = False
         #: Loaded from an image opened read-only: not to be changed by commands.
         self.readonly = False
+        #: Sent by the ``dirty-bitmaps`` migration capability: then it is not
+        #: stored in the image at inactivation (QEMU's persistence getter).
+        self.migration = False
         self.bits = bytearray(-(-self.granules // 8))
+
+    @property
+    def stored(self) -> bool:
+        """Whether the image format stores it (persistent, consistent, not migrating)."""
+        return self.persistent and not self.inconsistent and not self.migration
 
     @property
     def granules(self) -> int:
@@ -96,6 +102,17 @@ class DirtyBitmap:
             self.bits[k >> 3] |= 1 << (k & 7)
         else:
             self.bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
+
+    def resize(self, size: int) -> None:
+        """Follow a resize (bdrv_dirty_bitmap_truncate): granules past the new
+        end are dropped, new ones are clean."""
+        self.size = size
+        n = -(-self.granules // 8)
+        del self.bits[n:]
+        self.bits.extend(bytes(n - len(self.bits)))
+        spare = n * 8 - self.granules
+        if spare and n:
+            self.bits[-1] &= 0xFF >> spare
 
     def get(self, offset: int) -> bool:
         k = offset // self.granularity

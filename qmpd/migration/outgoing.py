@@ -361,7 +361,7 @@ class OutgoingMigration:
             raise _Failed(None, exc.message) from None
         for bitmap, _ in sending:
             bitmap.busy = True
-            bitmap.skip_store = True
+            bitmap.migration = True
         return sending
 
     @staticmethod
@@ -372,7 +372,7 @@ class OutgoingMigration:
         for bitmap, _ in sending:
             bitmap.busy = False
             if stored:
-                bitmap.skip_store = False
+                bitmap.migration = False
 
     def _pause_gc(self) -> None:
         if gc.isenabled():

@@ -52,6 +52,8 @@ CASES = {
     "header-part": ("qcow2_header", "write -P 0x55 1028k 4k"),
     "snaptable": ("snapshot table", "write -P 0x55 0 64k"),
     "snapl1": ("inactive L1 table", "write -P 0x55 0 64k"),
+    # a persistent bitmap's directory (issue 11), marked in-use at open by both
+    "bitmapdir": ("bitmap directory", "write -P 0x55 0 64k"),
     # an L1 entry (not an L2 entry) at the refcount table: the data lands in a
     # new cluster, but writing back the updated "L2 table" is refused
     "l1e-reftable": ("refcount table", "write -P 0x55 0 4k"),
@@ -84,6 +86,17 @@ def _u64(raw: bytes | bytearray, offset: int) -> int:
     return int(struct.unpack_from(">Q", raw, offset)[0])
 
 
+def _bitmap_directory(raw: bytes | bytearray) -> int:
+    """The bitmap directory's offset from the bitmaps header extension."""
+    offset = struct.unpack_from(">I", raw, 100)[0]
+    while True:
+        ext_type, length = struct.unpack_from(">II", raw, offset)
+        if ext_type == 0x23852875:
+            return _u64(raw, offset + 8 + 16)
+        assert ext_type, "no bitmaps extension"
+        offset += 8 + (length + 7 & ~7)
+
+
 def craft(tmp: Path, case: str) -> tuple[Path, int]:
     """An image for ``case``: (path, offset of the metadata the write targets)."""
     path = tmp / f"{case}.qcow2"
@@ -91,6 +104,8 @@ def craft(tmp: Path, case: str) -> tuple[Path, int]:
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path)
     if case.startswith("snap"):
         run("qemu-img", "snapshot", "-c", "s1", path)
+    if case == "bitmapdir":
+        run("qemu-img", "bitmap", "--add", path, "b0")
     raw = bytearray(path.read_bytes())
     l1 = _u64(raw, 40)
     reftable = _u64(raw, 48)
@@ -122,6 +137,7 @@ def craft(tmp: Path, case: str) -> tuple[Path, int]:
             "reftable": reftable,
             "snaptable": _u64(raw, 64),
             "snapl1": _u64(raw, _u64(raw, 64)),
+            "bitmapdir": _bitmap_directory(raw) if kind == "bitmapdir" else 0,
         }[kind]
         struct.pack_into(">Q", raw, l2, COPIED | target)
     path.write_bytes(raw)
@@ -344,7 +360,10 @@ def test_metadata_untouched_and_marked_corrupt(observed: dict[str, Any], case: s
     masked = bytearray(after)
     masked[72:80] = orig[72:80]
     end = min(target + CS, len(orig))  # a snapshot table may end the file
-    assert masked[target:end] == orig[target:end]
+    expected = bytearray(orig[target:end])
+    if case == "bitmapdir":  # the read-write open marked the bitmap in-use
+        expected[15] |= 1
+    assert masked[target:end] == expected
     qemu_after = observed["qemu"]["images"][case].read_bytes()
     assert after == qemu_after
 

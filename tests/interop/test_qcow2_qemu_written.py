@@ -6,7 +6,7 @@
 * open errors are QEMU's texts (compared with qemu-io on the same images);
 * ``image_info`` is what ``qemu-img info --output=json`` shows;
 * a dirty image (lazy refcounts, then a crash) is repaired on a read-write open;
-* unknown header extensions and bitmaps are left in place.
+* unknown header extensions are left in place, bitmaps kept.
 """
 
 from __future__ import annotations
@@ -295,11 +295,13 @@ async def test_unknown_extension_and_bitmaps_left_in_place(tmp_path: Path) -> No
     types = [e.type for e in after.extensions]
     assert 0x51A7E000 in types and EXT_BITMAPS in types
     assert [e.data for e in after.extensions if e.type == 0x51A7E000] == [b"keep me, please"]
-    # we keep no bitmaps: the autoclear bit tells QEMU they are stale now
-    assert after.autoclear_features == 0
-    info = run("qemu-img", "info", img)
-    assert "bitmaps are now considered inconsistent" in info.stderr
-    assert check(img).returncode in (0, 3)  # the bitmap's clusters may show as leaks
+    # the bitmap is kept (issue 11): autoclear bit set, stored, not in use
+    assert after.autoclear_features == 1
+    info = run("qemu-img", "info", "--output=json", img)
+    assert "inconsistent" not in info.stderr
+    (bitmap,) = json.loads(info.stdout)["format-specific"]["data"]["bitmaps"]
+    assert bitmap["name"] == "bm0" and bitmap["flags"] == ["auto"]
+    assert check(img).returncode == 0
     data = to_raw(img, tmp_path / "b.raw")
     assert data[:MiB] == b"\x10" * MiB and data[2 * MiB : 2 * MiB + 70000] == b"\x20" * 70000
 

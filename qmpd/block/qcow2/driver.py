@@ -24,6 +24,7 @@ from qmpd.block.driver import (
     OpenJob,
 )
 from qmpd.block.filename import path_combine
+from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps
 from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -288,9 +289,59 @@ class Qcow2Driver(BlockDriver):
             return
         try:
             if image.writable and image.broken is None:
+                await self._store_or_report(image)
                 await image.flush()
         finally:
             self._image = None
+
+    # --- persistent dirty bitmaps ---------------------------------------------------------
+
+    def _has_bitmaps(self, image: Qcow2Image) -> bool:
+        """Whether storing would write anything: a directory on disk (its in-use
+        marks to clear) or persistent bitmaps on the node."""
+        return bool(image.bitmap_entries) or any(
+            b.persistent for b in self.node.dirty_bitmaps.values())
+
+    async def _store_bitmaps(self, image: Qcow2Image) -> None:
+        if not self._has_bitmaps(image):
+            return
+        await image.quiesce()
+        async with image.lock:
+            await store_bitmaps(image, list(self.node.dirty_bitmaps.values()),
+                                image.bitmap_entries)
+
+    async def _store_or_report(self, image: Qcow2Image) -> BlockDriverError | None:
+        """Store; a failure is logged with QEMU's text and returned, so that
+        the flush still happens (qcow2_inactivate)."""
+        try:
+            await self._store_bitmaps(image)
+        except (BlockDriverError, Qcow2FormatError, OSError) as exc:
+            log.error("Lost persistent bitmaps during inactivation of node '%s': %s",
+                      self.node.node_name, exc)
+            return BlockDriverError(str(exc), errno_codes.EINVAL)
+        return None
+
+    def can_store_new_bitmap(self, name: str, granularity: int) -> None:
+        image = self._img()
+        error = cannot_store(image, image.bitmap_entries, name, granularity)
+        if error is not None:
+            raise BlockDriverError(
+                f"Can't make bitmap '{name}' persistent in '{self.node.node_name}': {error}",
+                error.errno)
+
+    async def store_persistent_bitmaps(self) -> None:
+        image = self._image
+        if image is not None and image.writable and image.broken is None:
+            await self._store_bitmaps(image)
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        image = self._image
+        if image is None or not any(e.name == name for e in image.bitmap_entries):
+            return
+        image.check_writable()
+        await image.quiesce()
+        async with image.lock:
+            await store_bitmaps(image, [], image.bitmap_entries, removed=name)
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -358,6 +409,9 @@ class Qcow2Driver(BlockDriver):
         image = self._img_for_write()
         await image.truncate(size)
         self._size = image.size
+        for bitmap in self.node.dirty_bitmaps.values():
+            if bitmap.size != image.size:
+                bitmap.resize(image.size)  # stored with the new size at close
         config = cache_config(self._options, image.size, image.cluster_size)
         image.l2cache.capacity = max(
             config.l2_entries * config.l2_entry_size // image.slice_bytes, 2)
@@ -416,7 +470,15 @@ class Qcow2Driver(BlockDriver):
         if image is not None and image.writable and image.broken is None:
             # Nothing dirty, nothing in flight, nothing unsynced in the file
             # (the handover's usual case): there is nothing to write back.
-            if not image.idle() or image.file.driver.has_pending_writes():
+            if self._has_bitmaps(image):
+                failed = await self._store_or_report(image)
+                await image.flush()
+                if failed is not None:
+                    raise failed  # QEMU: -EINVAL, the node stays active
+                # QEMU releases the bitmaps it stored; activation loads them again
+                for name in [b.name for b in self.node.dirty_bitmaps.values() if b.stored]:
+                    del self.node.dirty_bitmaps[name]
+            elif not image.idle() or image.file.driver.has_pending_writes():
                 await image.quiesce()
                 await image.flush()
             # We never set the dirty bit (no lazy refcounts), so the image is clean.
@@ -425,8 +487,9 @@ class Qcow2Driver(BlockDriver):
     def inactivate_now(self) -> bool:
         image = self._image
         if image is not None and image.writable and image.broken is None:
-            if not image.idle() or image.file.driver.has_pending_writes():
-                return False
+            if (not image.idle() or image.file.driver.has_pending_writes()
+                    or self._has_bitmaps(image)):
+                return False  # bitmaps to store: the async path
             image.writable = False  # clean: see inactivate
         return True
 

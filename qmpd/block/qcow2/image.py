@@ -15,11 +15,20 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.qcow2.allocation import Qcow2Allocation
+from qmpd.block.qcow2.bitmaps import (
+    BitmapEntry,
+    has_bitmaps_ext,
+    load_bitmaps,
+    mark_in_use,
+    parse_bitmaps_ext,
+    set_bitmaps_ext,
+    write_header_cluster,
+)
 from qmpd.block.qcow2.fileio import META_ALIGN, ImageFile
 from qmpd.block.qcow2.format import (
-    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_MASK,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
@@ -161,6 +170,8 @@ class Qcow2Image(Qcow2State):
         self.write = alloc.write
         self.write_zeroes = alloc.write_zeroes
         self.discard = alloc.discard
+        #: The bitmap directory as on disk (empty without bitmaps or until loaded).
+        self.bitmap_entries: list[BitmapEntry] = []
 
     # --- open -------------------------------------------------------------------------
 
@@ -196,20 +207,43 @@ class Qcow2Image(Qcow2State):
         img.snapshots, img.snapshot_table_size = loaded.snapshots, loaded.snapshot_table_size
         # An unaligned L1 entry is found (and the image marked corrupt) when
         # a request uses it, as in QEMU, not at open.
+        parse_bitmaps_ext(img.header)  # QEMU checks the extension at any open
         img.writable = writable and active
         if img.writable:
             await img._open_for_writing()
+        if active:
+            # An inactive node (a migration destination) loads its bitmaps at
+            # activation, never before (QEMU: not with BDRV_O_INACTIVE).
+            loaded = await load_bitmaps(img, img.bitmap_entries)
+            if not img.writable:
+                for bitmap in loaded:  # QEMU: read-only until the image is writable
+                    bitmap.readonly = True
+            img.install_bitmaps(loaded)
+            if img.writable and img.bitmap_entries:
+                await mark_in_use(img, img.bitmap_entries)
         return img
+
+    def install_bitmaps(self, loaded: list[DirtyBitmap]) -> None:
+        """Put loaded bitmaps on the node; a bitmap in-use on disk that the
+        node already holds is the node's own (a reopen), so it is kept."""
+        bitmaps = self.node.dirty_bitmaps
+        for bm in loaded:
+            if bm.inconsistent and bm.name in bitmaps:
+                continue
+            bitmaps[bm.name] = bm
 
     async def _open_for_writing(self) -> None:
         hdr = self.header
-        # We maintain no bitmaps and know no other autoclear feature: clear
-        # them all before the first write (QEMU clears the unknown ones).
-        # Bitmap clusters then count as leaks, as with any program that does
-        # not know bitmaps.
-        if hdr.version >= 3 and hdr.autoclear_features & (AUTOCLEAR_BITMAPS | ~AUTOCLEAR_MASK):
-            hdr.autoclear_features &= AUTOCLEAR_MASK & ~AUTOCLEAR_BITMAPS
+        # Unknown autoclear features are cleared before the first write (as
+        # QEMU does); the bitmaps bit stays, we keep the bitmaps consistent.
+        if hdr.version >= 3 and hdr.autoclear_features & ~AUTOCLEAR_MASK:
+            hdr.autoclear_features &= AUTOCLEAR_MASK
             await self.write_header_fields()
+        if has_bitmaps_ext(hdr) and parse_bitmaps_ext(hdr) is None:
+            # Bitmaps another program invalidated (autoclear bit clear): QEMU
+            # drops the extension; their clusters are leaks for check -r.
+            set_bitmaps_ext(hdr, [], 0, 0)
+            await write_header_cluster(self)
         if hdr.incompatible_features & INCOMPAT_DIRTY:
             try:
                 await repair_refcounts(self)

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qmpd.block.qcow2.format import L1E_OFFSET_MASK, Qcow2FormatError, Snapshot
+from qmpd.block.qcow2.format import AUTOCLEAR_BITMAPS, L1E_OFFSET_MASK, Qcow2FormatError, Snapshot
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
@@ -92,6 +92,8 @@ class _Refcounts(Protocol):
 
 class _Header(Protocol):
     snapshots_offset: int
+    autoclear_features: int
+    bitmaps_ext: tuple[int, int, int] | None
 
 
 class MetadataImage(Protocol):
@@ -194,6 +196,12 @@ class OverlapChecker:
         if (chk & OL_REFCOUNT_BLOCK and _any_in(self._refblock_set(), first, last)
                 and _any_in(self._refblock_set(fresh=True), first, last)):
             return OL_REFCOUNT_BLOCK
+        hdr = img.header
+        ext = hdr.bitmaps_ext
+        if (chk & OL_BITMAP_DIRECTORY and ext is not None
+                and hdr.autoclear_features & AUTOCLEAR_BITMAPS
+                and _overlaps(start, end, ext[2], ext[1])):
+            return OL_BITMAP_DIRECTORY
         return 0
 
 
