@@ -214,11 +214,11 @@ class Qcow2Image(Qcow2State):
         if active:
             # An inactive node (a migration destination) loads its bitmaps at
             # activation, never before (QEMU: not with BDRV_O_INACTIVE).
-            loaded = await load_bitmaps(img, img.bitmap_entries)
+            bitmaps = await load_bitmaps(img, img.bitmap_entries)
             if not img.writable:
-                for bitmap in loaded:  # QEMU: read-only until the image is writable
+                for bitmap in bitmaps:  # QEMU: read-only until the image is writable
                     bitmap.readonly = True
-            img.install_bitmaps(loaded)
+            img.install_bitmaps(bitmaps)
             if img.writable and img.bitmap_entries:
                 await mark_in_use(img, img.bitmap_entries)
         return img
