@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -416,28 +416,16 @@ def test_exported_bitmaps_as_qsd(pair: tuple[Side, Side]) -> None:
     assert ours.bitmaps() == qsd.bitmaps()
 
 
-def test_bitmaps_follow_block_resize(tmp_path: Path) -> None:
-    """block_resize truncates the bitmaps of the node and of the file below."""
+def side_by_side(tmp_path: Path, make_nodes: Callable[[Path], list[str]],
+                 steps: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The replies of QSD and of qmpd, each started with ``make_nodes(its dir)``,
+    to the same commands."""
     require_tool(QSD)
     replies = {}
     for impl in ("qsd", "qmpd"):
         work = tmp_path / impl
         work.mkdir()
-        (work / "disk.raw").write_bytes(bytes(1 << 20))
-        nodes = ["--blockdev", f"file,node-name=f,filename={work}/disk.raw",
-                 "--blockdev", "raw,node-name=r,file=f"]
-        steps: list[tuple[str, dict[str, Any]]] = [
-            ("block-dirty-bitmap-add", {"node": "r", "name": "a", "granularity": 512}),
-            ("block-dirty-bitmap-add", {"node": "f", "name": "b", "granularity": 4096}),
-            ("block_resize", {"node-name": "r", "size": 3 * 1024 * 1024 + 512}),
-            ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
-            ("x-debug-block-dirty-bitmap-sha256", {"node": "f", "name": "b"}),
-            ("block-dirty-bitmap-add", {"node": "r", "name": "c", "granularity": 65536}),
-            ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
-            ("block_resize", {"node-name": "r", "size": 4096}),
-            ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
-            ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
-        ]
+        nodes = make_nodes(work)
         if impl == "qsd":
             sock = work / "qmp.sock"
             proc = subprocess.Popen(
@@ -460,5 +448,55 @@ def test_bitmaps_follow_block_resize(tmp_path: Path) -> None:
                 client.close()
             finally:
                 daemon.stop()
+    return replies
+
+
+def test_bitmaps_follow_block_resize(tmp_path: Path) -> None:
+    """block_resize truncates the bitmaps of the node and of the file below."""
+
+    def nodes(work: Path) -> list[str]:
+        (work / "disk.raw").write_bytes(bytes(1 << 20))
+        return ["--blockdev", f"file,node-name=f,filename={work}/disk.raw",
+                "--blockdev", "raw,node-name=r,file=f"]
+
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("block-dirty-bitmap-add", {"node": "r", "name": "a", "granularity": 512}),
+        ("block-dirty-bitmap-add", {"node": "f", "name": "b", "granularity": 4096}),
+        ("block_resize", {"node-name": "r", "size": 3 * 1024 * 1024 + 512}),
+        ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
+        ("x-debug-block-dirty-bitmap-sha256", {"node": "f", "name": "b"}),
+        ("block-dirty-bitmap-add", {"node": "r", "name": "c", "granularity": 65536}),
+        ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
+        ("block_resize", {"node-name": "r", "size": 4096}),
+        ("x-debug-block-dirty-bitmap-sha256", {"node": "r", "name": "a"}),
+        ("block-dirty-bitmap-merge", {"node": "r", "target": "a", "bitmaps": ["c"]}),
+    ]
+    replies = side_by_side(tmp_path, nodes, steps)
     assert replies["qmpd"] == replies["qsd"]
     assert replies["qsd"][3] != replies["qsd"][8]  # the hash covers the bitmap's size
+
+
+def test_bitmaps_of_a_read_only_image_as_qsd(tmp_path: Path) -> None:
+    """Loaded read-only: not to be cleared or merged into, but enabled, disabled
+    and read as QSD does."""
+
+    def nodes(work: Path) -> list[str]:
+        image = work / "ro.qcow2"
+        subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image),
+                        "16M"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", str(image), "c"], check=True)
+        return ["--blockdev", f"driver=qcow2,node-name=n,read-only=on,file.driver=file,"
+                              f"file.filename={image}"]
+
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("block-dirty-bitmap-clear", {"node": "n", "name": "b"}),
+        ("block-dirty-bitmap-merge", {"node": "n", "target": "b", "bitmaps": ["c"]}),
+        ("block-dirty-bitmap-disable", {"node": "n", "name": "b"}),
+        ("block-dirty-bitmap-enable", {"node": "n", "name": "b"}),
+        ("block-dirty-bitmap-remove", {"node": "n", "name": "c"}),
+        ("x-debug-block-dirty-bitmap-sha256", {"node": "n", "name": "b"}),
+    ]
+    replies = side_by_side(tmp_path, nodes, steps)
+    assert replies["qmpd"] == replies["qsd"]
+    assert replies["qsd"][0]["error"]["desc"] == "Bitmap 'b' is readonly and cannot be modified"
