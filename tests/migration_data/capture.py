@@ -125,22 +125,26 @@ def capture_exec(*, caps: Sequence[str] = (), extra: Sequence[str] = (),
                 reply = src.qmp.cmd(command, args)
                 assert "return" in reply, reply
             state = src.qmp.cmd("query-status")["return"]["status"]
-            out = tmp / "stream.bin"
-            # QEMU reports completed once it has closed the pipe, which may be
-            # before cat has written everything: the file appears (renamed)
-            # only when cat is done.
-            partial = tmp / "stream.part"
-            reply = src.qmp.cmd("migrate", {"uri": f"exec:cat > {partial} && mv {partial} {out}"})
-            assert reply == {"return": {}}, reply
-            info = wait_migration(src.qmp)
-            assert info["status"] == "completed", info
-            deadline = time.monotonic() + 10
-            while not out.exists():
-                assert time.monotonic() < deadline, "cat did not finish"
-                time.sleep(0.005)
+            data = migrate_to_file(src, tmp / "stream.bin")
         finally:
             src.quit()
-        return out.read_bytes(), state
+        return data, state
+
+
+def migrate_to_file(src: Qemu, out: Path) -> bytes:
+    """Migrate ``src`` to ``exec:cat``; the whole stream written."""
+    # QEMU reports completed once it has closed the pipe, which may be before
+    # cat has written everything: the file appears (renamed) when cat is done.
+    partial = out.with_suffix(".part")
+    reply = src.qmp.cmd("migrate", {"uri": f"exec:cat > {partial} && mv {partial} {out}"})
+    assert reply == {"return": {}}, reply
+    info = wait_migration(src.qmp)
+    assert info["status"] == "completed", info
+    deadline = time.monotonic() + 10
+    while not out.exists():
+        assert time.monotonic() < deadline, "cat did not finish"
+        time.sleep(0.005)
+    return out.read_bytes()
 
 
 def capture_unix(*, caps: Sequence[str] = ()) -> tuple[bytes, bytes, str]:

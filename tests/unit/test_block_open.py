@@ -4,7 +4,7 @@ nodes, with the errors (and their order) of opening them one after another."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,6 @@ from qmpd.block.qcow2.driver import Qcow2Driver
 from qmpd.errors import GenericError
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def layer() -> AsyncIterator[BlockLayer]:
-    block = BlockLayer()
-    yield block
-    await block.close_all()
-    block.graph.close()
 
 
 def count_jobs(block: BlockLayer) -> list[str]:
