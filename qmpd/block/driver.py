@@ -373,9 +373,14 @@ class CacheReload:
     run: Callable[[], Any]
     finish: Callable[[Any], Awaitable[None]]
     #: Whether ``run`` waits for a device (a dropped page cache, O_DIRECT, a
-    #: network): such jobs overlap in several threads; the others (page-cache
-    #: hits) only contend for the GIL there, so they share one job.
+    #: network): such jobs go to the I/O threads; the others (page-cache
+    #: hits) cost less than a thread hop, so they run on the loop.
     waits: bool = True
+
+    async def start(self, run_io: Callable[[Callable[[], Any]], Awaitable[Any]]) -> Any:
+        """``run``'s result: in an I/O thread (``run_io``) if it waits for a
+        device, else right here."""
+        return await run_io(self.run) if self.waits else self.run()
 
 
 #: ``read([(offset, length), ...])``: blocks, returns each range's bytes.
@@ -615,7 +620,7 @@ class BlockDriver(ABC):
         """
         reload = self.begin_reload()
         if reload is not None:
-            await reload.finish(await self.node.graph.run_io(reload.run))
+            await reload.finish(await reload.start(self.node.graph.run_io))
 
     def begin_reload(self) -> CacheReload | None:
         """Start :meth:`invalidate_cache` as one blocking job (dropping what the

@@ -502,7 +502,7 @@ class Qcow2Driver(BlockDriver):
             await image.flush()
         reload = self.begin_reload()
         if reload is not None:
-            await reload.finish(await self.node.graph.run_io(reload.run))
+            await reload.finish(await reload.start(self.node.graph.run_io))
             return
         self._image = None
         try:
