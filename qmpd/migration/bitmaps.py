@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from qmpd.block.bitmaps import DEFAULT, check
 from qmpd.block.dirty_bitmap import MIN_GRANULARITY, DirtyBitmap
@@ -24,6 +25,7 @@ from qmpd.migration.stream.bitmaps import (
     BitmapChunk,
     BitmapRefused,
     MigratedBitmap,
+    alias_map,
     apply_bits,
     serialization_size,
 )
@@ -40,9 +42,11 @@ class _Loading:
 class IncomingBitmaps:
     """The destination's bitmap state while a stream is read."""
 
-    def __init__(self, nodes: Mapping[str, BlockNode], report: Callable[[str], None]) -> None:
+    def __init__(self, nodes: Mapping[str, BlockNode], report: Callable[[str], None],
+                 mapping: list[dict[str, Any]] | None = None) -> None:
         self._nodes = nodes
         self._report = report
+        self._aliases = alias_map(mapping, False) if mapping is not None else None
         self._loading: list[_Loading] = []
         self.cancelled = False
 
@@ -52,20 +56,41 @@ class IncomingBitmaps:
         if chunk.node is None:
             self._cancel("Error: block device name is not set")
             return
-        node = self._nodes.get(chunk.node)
-        if node is None:
-            self._cancel(f"Cannot find device='{chunk.node}' nor node-name='{chunk.node}'")
-            return
-        if chunk.name is None:
+        name = chunk.name
+        persistent: bool | None = None
+        if self._aliases is not None:
+            mapped = self._aliases.get(chunk.node)
+            if mapped is None:
+                self._cancel(f"Error: Unknown node alias '{chunk.node}'")
+                return
+            target = self._nodes.get(mapped.other)
+            if target is None:
+                self._cancel(f"Cannot find device='' nor node-name='{mapped.other}'")
+                return
+            node = target
+            if name is not None:
+                if name not in mapped.bitmaps:
+                    self._cancel(f"Error: Unknown bitmap alias '{name}' on node "
+                                 f"'{node.node_name}' (alias '{chunk.node}')")
+                    return
+                name, persistent = mapped.bitmaps[name]
+        else:
+            found = self._nodes.get(chunk.node)
+            if found is None:
+                self._cancel(f"Cannot find device='{chunk.node}' nor "
+                             f"node-name='{chunk.node}'")
+                return
+            node = found
+        if name is None:
             self._cancel("Error: block device name is not set")
             return
-        bitmap = node.dirty_bitmaps.get(chunk.name)
+        bitmap = node.dirty_bitmaps.get(name)
         kind = chunk.kind
         if kind == "start":
-            self._start(node, chunk, bitmap)
+            self._start(node, name, chunk, bitmap, persistent)
             return
         if bitmap is None:
-            self._cancel(f"Error: unknown dirty bitmap '{chunk.name}' for block device "
+            self._cancel(f"Error: unknown dirty bitmap '{name}' for block device "
                          f"'{node.node_name}'")
             return
         if kind == "bits":
@@ -76,9 +101,8 @@ class IncomingBitmaps:
                 if entry.bitmap is bitmap:
                     entry.migrated = True
 
-    def _start(self, node: BlockNode, chunk: BitmapChunk, existing: DirtyBitmap | None) -> None:
-        name = chunk.name
-        assert name is not None
+    def _start(self, node: BlockNode, name: str, chunk: BitmapChunk,
+               existing: DirtyBitmap | None, persistent: bool | None) -> None:
         if existing is not None:
             raise BitmapRefused(f"Bitmap with the same name ('{name}') already exists on "
                                 "destination")
@@ -90,7 +114,8 @@ class IncomingBitmaps:
                                 f"{chunk.start_flags:x}")
         bitmap = DirtyBitmap(name, node.size(), granularity, recording=False)
         node.dirty_bitmaps[name] = bitmap
-        bitmap.persistent = bool(chunk.start_flags & START_PERSISTENT)
+        bitmap.persistent = (bool(chunk.start_flags & START_PERSISTENT) if persistent is None
+                             else persistent)
         bitmap.busy = True
         self._loading.append(_Loading(node, bitmap, bool(chunk.start_flags & 1)))
 
@@ -125,18 +150,29 @@ class IncomingBitmaps:
         self._loading = [entry for entry in self._loading if not entry.migrated]
 
 
-def outgoing_bitmaps(nodes: Iterable[BlockNode]) -> list[tuple[DirtyBitmap, MigratedBitmap]]:
+def outgoing_bitmaps(nodes: Iterable[BlockNode], mapping: list[dict[str, Any]] | None = None
+                     ) -> list[tuple[DirtyBitmap, MigratedBitmap]]:
     """The named bitmaps a source sends, in QEMU's order (nodes oldest first,
-    each node's bitmaps newest first); BitmapRefused names the first one
-    that may not travel (QEMU then fails the migration at setup)."""
+    each node's bitmaps newest first), under the aliases of a
+    ``block-bitmap-mapping`` if one is set (then only what it names goes);
+    BitmapRefused names the first one that may not travel (QEMU then fails
+    the migration at setup)."""
+    aliases = alias_map(mapping, True) if mapping is not None else None
     out: list[tuple[DirtyBitmap, MigratedBitmap]] = []
     for node in nodes:
         if not node.dirty_bitmaps:
             continue
-        if node.auto_named:
+        node_alias = node.node_name
+        renames: dict[str, tuple[str, bool | None]] | None = None
+        if aliases is not None:
+            entry = aliases.get(node.node_name)
+            if entry is None:
+                continue  # not mapped: not sent
+            node_alias, renames = entry.other, entry.bitmaps
+        if node_alias.startswith("#"):
             first = next(iter(reversed(node.dirty_bitmaps)))
             raise BitmapRefused(f"Bitmap '{first}' in a node with auto-generated name "
-                                f"'{node.node_name}' can't be migrated")
+                                f"'{node_alias}' can't be migrated")
         for bitmap in reversed(node.dirty_bitmaps.values()):
             try:
                 check(bitmap, DEFAULT)
@@ -145,7 +181,14 @@ def outgoing_bitmaps(nodes: Iterable[BlockNode]) -> list[tuple[DirtyBitmap, Migr
                         if bitmap.inconsistent and not bitmap.busy and not bitmap.readonly
                         else "")
                 raise BitmapRefused(exc.desc + hint) from None
+            name, persistent = bitmap.name, bitmap.persistent
+            if renames is not None:
+                if bitmap.name not in renames:
+                    continue
+                name, transform = renames[bitmap.name]
+                if transform is not None:
+                    persistent = transform
             out.append((bitmap, MigratedBitmap(
-                node.node_name, bitmap.name, bitmap.granularity, bitmap.recording,
-                bitmap.persistent, node.size())))
+                node_alias, name, bitmap.granularity, bitmap.recording, persistent,
+                node.size())))
     return out

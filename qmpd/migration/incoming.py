@@ -139,7 +139,8 @@ class IncomingMigration:
         bitmaps: IncomingBitmaps | None = None
         if self.capabilities["dirty-bitmaps"]:
             bitmaps = IncomingBitmaps(
-                self.block.graph.nodes, lambda text: logs.write_raw(f"{logs.ERROR}: {text}"))
+                self.block.graph.nodes, lambda text: logs.write_raw(f"{logs.ERROR}: {text}"),
+                self.settings.parameters.get("block-bitmap-mapping"))
             reader.bitmap_sink = bitmaps
         globalstate: str | None = None
         return_path = False

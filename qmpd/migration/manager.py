@@ -21,6 +21,7 @@ from qmpd.migration.state import (
     check_parameters,
     normalize_parameters,
 )
+from qmpd.migration.stream.bitmaps import check_mapping
 
 
 class MigrationManager:
@@ -62,6 +63,12 @@ class MigrationManager:
         params = normalize_parameters(params)
         merged = {**self.settings.parameters, **params}
         check_parameters(params)
+        if "block-bitmap-mapping" in params:
+            try:
+                check_mapping(params["block-bitmap-mapping"])
+            except ValueError as exc:
+                raise GenericError(
+                    f"Invalid mapping given for block-bitmap-mapping: {exc}") from None
         if "max-cpu-throttle" in params or "cpu-throttle-initial" in params:
             check_parameters(
                 {"max-cpu-throttle": merged["max-cpu-throttle"],

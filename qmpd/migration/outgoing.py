@@ -354,8 +354,9 @@ class OutgoingMigration:
         them, so inactivation does not store them in their images (QEMU
         leaves them marked in use there)."""
         try:
-            sending = outgoing_bitmaps(sorted(self.block.graph.all_nodes(),
-                                              key=lambda node: node.serial))
+            sending = outgoing_bitmaps(
+                sorted(self.block.graph.all_nodes(), key=lambda node: node.serial),
+                self.parameters.get("block-bitmap-mapping"))
         except BitmapRefused as exc:
             logs.write_raw(f"{logs.ERROR}: {exc.message}")
             raise _Failed(None, exc.message) from None

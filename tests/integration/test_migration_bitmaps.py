@@ -120,3 +120,71 @@ def test_a_bitmap_that_may_not_travel_fails_the_migration_at_setup(work: Path) -
         assert names == ["setup", "active", "failed"]
     finally:
         cluster.close()
+
+
+def named_disk(kind: str, name: str) -> list[str]:
+    spec = f"null-co,node-name={name},size={SIZE}"
+    return ["-blockdev", spec] if kind == "qemu" else ["--blockdev", spec]
+
+
+@pytest.mark.parametrize(("src_kind", "dst_kind"), [
+    ("qemu", "qmpd"), ("qmpd", "qemu"), ("qmpd", "qmpd")])
+def test_block_bitmap_mapping_renames_as_in_qemu(work: Path, src_kind: str,
+                                                  dst_kind: str) -> None:
+    """Node and bitmap aliases on both sides, a persistence transform, and a
+    bitmap left out of the mapping (not sent)."""
+    cluster = Cluster(work)
+    try:
+        src = cluster.spawn(src_kind, "src", extra=named_disk(src_kind, "here"))
+        dst = cluster.spawn(dst_kind, "dst", incoming="defer",
+                            extra=named_disk(dst_kind, "there"))
+        start(src, dst)
+        for side in (src, dst):
+            side.caps(events=True, dirty_bitmaps=True)
+        src.params(block_bitmap_mapping=[{"node-name": "here", "alias": "disk", "bitmaps": [
+            {"name": "a", "alias": "wire-a", "transform": {"persistent": False}},
+            {"name": "b", "alias": "wire-b"}]}])
+        dst.params(block_bitmap_mapping=[{"node-name": "there", "alias": "disk", "bitmaps": [
+            {"name": "a2", "alias": "wire-a"}, {"name": "b2", "alias": "wire-b"}]}])
+        for name in ("a", "b", "left-out"):
+            src.ok("block-dirty-bitmap-add", {"node": "here", "name": name})
+        assert src.qemu_io("here", "write 1M 64k") == ""
+        sums = {name: src.ok("x-debug-block-dirty-bitmap-sha256",
+                             {"node": "here", "name": name})["sha256"] for name in ("a", "b")}
+        uri = f"unix:{work / 'mig.sock'}"
+        dst.ok("migrate-incoming", {"uri": uri})
+        src.ok("migrate", {"uri": uri})
+        assert src.wait_migration()["status"] == "completed"
+        assert dst.wait_migration()["status"] == "completed"
+        node = next(n for n in dst.ok("query-named-block-nodes") if n["node-name"] == "there")
+        assert sorted(b["name"] for b in node["dirty-bitmaps"]) == ["a2", "b2"]
+        for ours, theirs in (("a", "a2"), ("b", "b2")):
+            assert dst.ok("x-debug-block-dirty-bitmap-sha256",
+                          {"node": "there", "name": theirs})["sha256"] == sums[ours]
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("mapping", [
+    [{"node-name": "n", "alias": "1bad", "bitmaps": []}],
+    [{"node-name": "n", "alias": "a", "bitmaps": []},
+     {"node-name": "n", "alias": "b", "bitmaps": []}],
+    [{"node-name": "n", "alias": "a", "bitmaps": []},
+     {"node-name": "m", "alias": "a", "bitmaps": []}],
+    [{"node-name": "n", "alias": "a", "bitmaps": [{"name": "x", "alias": "y"},
+                                                  {"name": "x", "alias": "z"}]}],
+    [{"node-name": "n", "alias": "a", "bitmaps": [{"name": "x", "alias": "y"},
+                                                  {"name": "w", "alias": "y"}]}],
+    [{"node-name": "n" * 32, "alias": "a", "bitmaps": []}],
+], ids=["not-well-formed", "node-twice", "alias-twice", "bitmap-twice", "bitmap-alias-twice",
+        "long-node-name"])
+def test_a_mapping_qemu_refuses_is_refused_alike(work: Path, mapping: list[Any]) -> None:
+    cluster = Cluster(work)
+    try:
+        peers = [cluster.spawn(kind, kind) for kind in ("qemu", "qmpd")]
+        start(*peers)
+        texts = [peer.err("migrate-set-parameters", {"block-bitmap-mapping": mapping})
+                 for peer in peers]
+        assert texts[0] == texts[1]
+    finally:
+        cluster.close()

@@ -17,8 +17,10 @@ then every ``COMPLETE``, in the section that ends the migration.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 FLAG_EOS = 0x01
 FLAG_ZEROES = 0x02
@@ -191,3 +193,62 @@ def apply_bits(bits: bytearray, granularity: int, chunk: BitmapChunk) -> None:
     if rest:
         keep = bits[start + whole] & ~((1 << rest) - 1) & 0xFF
         bits[start + whole] = keep | (data[whole] & ((1 << rest) - 1))
+
+
+# --- block-bitmap-mapping -----------------------------------------------------------------
+
+_WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+#: BlockDriverState.node_name holds 31 bytes.
+MAX_NODE_NAME = 31
+#: BDRV_BITMAP_MAX_NAME_SIZE
+MAX_BITMAP_NAME = 1023
+
+
+@dataclass(frozen=True)
+class NodeAlias:
+    """One node of a block-bitmap-mapping, seen from one side: the name on
+    the other end and its bitmaps (name -> (other name, persistent or None))."""
+
+    other: str
+    bitmaps: dict[str, tuple[str, bool | None]]
+
+
+def alias_map(mapping: list[dict[str, Any]], outgoing: bool) -> dict[str, NodeAlias]:
+    """QEMU's construct_alias_map: node name -> alias when ``outgoing``, else
+    alias -> node name (and the same for bitmaps); ValueError with QEMU's
+    text for a mapping it refuses."""
+    out: dict[str, NodeAlias] = {}
+    for node in mapping:
+        name, alias = node["node-name"], node["alias"]
+        if not _WELL_FORMED.match(alias):
+            raise ValueError(f"The node alias '{alias}' is not well-formed")
+        if len(alias.encode()) > 255:
+            raise ValueError(f"The node alias '{alias}' is longer than 255 bytes")
+        if len(name.encode()) > MAX_NODE_NAME:
+            raise ValueError(f"The node name '{name}' is longer than {MAX_NODE_NAME} bytes")
+        key, other = (name, alias) if outgoing else (alias, name)
+        if key in out:
+            raise ValueError(f"The node name '{name}' is mapped twice" if outgoing
+                             else f"The node alias '{alias}' is used twice")
+        bitmaps: dict[str, tuple[str, bool | None]] = {}
+        out[key] = NodeAlias(other, bitmaps)
+        for bitmap in node["bitmaps"]:
+            bname, balias = bitmap["name"], bitmap["alias"]
+            if len(balias.encode()) > 255:
+                raise ValueError(f"The bitmap alias '{balias}' is longer than 255 bytes")
+            if len(bname.encode()) > MAX_BITMAP_NAME:
+                raise ValueError(f"The bitmap name '{bname}' is longer than "
+                                 f"{MAX_BITMAP_NAME} bytes")
+            bkey, bother = (bname, balias) if outgoing else (balias, bname)
+            if bkey in bitmaps:
+                raise ValueError(f"The bitmap '{name}'/'{bname}' is mapped twice" if outgoing
+                                 else f"The bitmap alias '{alias}'/'{balias}' is used twice")
+            persistent = bitmap.get("transform", {}).get("persistent")
+            bitmaps[bkey] = (bother, persistent)
+    return out
+
+
+def check_mapping(mapping: list[dict[str, Any]]) -> None:
+    """check_dirty_bitmap_mig_alias_map: both directions must be valid."""
+    alias_map(mapping, True)
+    alias_map(mapping, False)
