@@ -18,7 +18,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,23 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qmpd.block.core import BlockLayer
-
-
-def make_images(directory: Path, count: int, size: str) -> list[Path]:
-    template = directory / f"template-{size}.qcow2"
-    if not template.exists():
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), size],
-                       check=True)
-    paths = []
-    for i in range(count):
-        path = directory / f"img-{size}-{i}.qcow2"
-        if not path.exists():
-            shutil.copyfile(template, path)
-        paths.append(path)
-    # Like a migration destination, start with no dirty page cache for the
-    # images: activation's flush must not be writing out our own copies.
-    os.sync()
-    return paths
+from tests.bench.startup_bench import make_images
 
 
 async def open_inactive(paths: list[Path]) -> BlockLayer:
@@ -85,6 +68,9 @@ def main() -> None:
         for size, ks in (("1G", counts), ("1T", [100])):
             for k in ks:
                 paths = make_images(directory, k, size)
+                # Like a migration destination, start with no dirty page cache
+                # for the images: activation's flush must not write our copies.
+                os.sync()
                 times = [asyncio.run(one_run(paths)) for _ in range(args.reps)]
                 med = statistics.median(times)
                 rows.append((size, k, med * 1000, med / k * 1000, min(times) * 1000))

@@ -82,17 +82,18 @@ def check_checkout(cwd: Path) -> str:
     return str(child)
 
 
-def make_images(work: Path, count: int) -> list[Path]:
-    """``count`` empty 1 GiB qcow2 images in ``work/images`` (made once, reused by later calls)."""
+def make_images(work: Path, count: int, size: str = "1G") -> list[Path]:
+    """``count`` empty qcow2 images of ``size`` in ``work/images`` (made once,
+    reused by later calls)."""
     base = work / "images"
     base.mkdir(exist_ok=True)
-    template = base / "template.qcow2"
+    template = base / f"template-{size}.qcow2"
     if not template.exists():
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), "1G"],
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), size],
                        check=True)
     images = []
     for i in range(count):
-        image = base / f"img{i}.qcow2"
+        image = base / f"img-{size}-{i}.qcow2"
         if not image.exists():
             shutil.copyfile(template, image)
         images.append(image)
