@@ -26,6 +26,7 @@ from qmpd.block.iopool import block_signals
 from qmpd.block.registry import load_all
 from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
 from qmpd.errors import ConfigError, QMPError
+from qmpd.jobs.service import Jobs
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.objects import ObjectRegistry
 from qmpd.pidfile import PidFile
@@ -101,10 +102,12 @@ class Daemon:
         self.migration = OnDemandMigration(self._build_migration)
         self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
+        self.jobs = Jobs(self.block, self.events.emit)
         self.exit_status = 0
         services = Services(
             control=self, vm=self.vm, block=self.block, events=self.events,
             exports=self.exports, objects=self.objects, migration=self.migration,
+            jobs=self.jobs,
         )
         self.dispatcher = Dispatcher(self.schema, services, self.metrics, check_returns=check)
         self.qmp = QMPServer(
@@ -297,6 +300,7 @@ class Daemon:
         stack.push_async_callback(self.qmp.close)
         stack.push_async_callback(self.exports.shutdown)
         stack.push_async_callback(self.block.lock.close)
+        stack.push_async_callback(self.jobs.close)  # force-cancels under the graph lock
         stack.push_async_callback(self.migration.close)
 
     async def _add_blockdev(self, cfg: BlockdevConfig) -> None:

@@ -49,6 +49,12 @@ class DeviceNotFound(QMPError):
     error_class = ErrorClass.DEVICE_NOT_FOUND
 
 
+class DeviceNotActive(QMPError):
+    """A block job looked up by its device name does not exist."""
+
+    error_class = ErrorClass.DEVICE_NOT_ACTIVE
+
+
 class BlockDriverError(GenericError):
     """An error of the block layer or a driver; ``errno`` is what I/O paths
     (NBD replies, the guest) report instead of the text."""

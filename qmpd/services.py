@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
+    from qmpd.jobs.job import Job
     from qmpd.runstate import RunState
 
 T = TypeVar("T")
@@ -132,6 +133,32 @@ class MigrationService(Protocol):
     def query_parameters(self) -> dict[str, Any]: ...
 
 
+class JobService(Protocol):
+    """Jobs (job-*, block-job-*, query-jobs) and the commands that start them."""
+
+    def query(self) -> list[dict[str, Any]]: ...
+
+    def query_block(self) -> list[dict[str, Any]]: ...
+
+    def find(self, job_id: str) -> Job: ...
+
+    def find_block(self, device: str) -> Job: ...
+
+    async def cancel(self, job: Job, force: bool) -> None: ...
+
+    def pause(self, job: Job) -> None: ...
+
+    def resume(self, job: Job) -> None: ...
+
+    def complete(self, job: Job) -> None: ...
+
+    async def finalize(self, job: Job) -> None: ...
+
+    def dismiss(self, job: Job) -> None: ...
+
+    def set_speed(self, job: Job, speed: int) -> None: ...
+
+
 class ControlService(Protocol):
     """The daemon itself, as the control commands see it."""
 
@@ -155,3 +182,4 @@ class Services:
     exports: ExportService
     objects: ObjectService
     migration: MigrationService
+    jobs: JobService

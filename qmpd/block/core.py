@@ -296,8 +296,11 @@ class BlockLayer:
         node = self.graph.lookup(name)
         if node is None:
             raise GenericError(f"Failed to find node with node-name='{name}'")
-        if any(edge.user is not None for edge in node.parents):
+        if any(edge.user is not None and edge.user.blocker is None for edge in node.parents):
             raise GenericError(f"Node {name} is in use")
+        for edge in node.parents:
+            if edge.user is not None and edge.user.blocker is not None:
+                raise GenericError(f"Node '{name}' is busy: {edge.user.blocker}")
         for edge in node.parents:
             if edge.parent is not None and edge.name == "backing":
                 raise GenericError(

@@ -199,6 +199,9 @@ class NodeUser:
     id: str
     writable: bool
     allow_inactive: bool = False
+    #: Set by a job: what ``blockdev-del`` says while the job holds the node
+    #: (QEMU's op blocker).  Users without one are BlockBackends ("in use").
+    blocker: str | None = None
 
     def describe(self) -> str:
         return f"{self.kind} '{self.id}'"

@@ -9,11 +9,13 @@ from qmpd.commands import (
     block_export,
     control,
     hmp,
+    jobs,
     migration,
     objects,
     run_state,
 )
 
 __all__ = [
-    "bitmaps", "block_core", "block_export", "control", "hmp", "migration", "objects", "run_state",
+    "bitmaps", "block_core", "block_export", "control", "hmp", "jobs", "migration", "objects",
+    "run_state",
 ]

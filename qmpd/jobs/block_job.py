@@ -1,0 +1,199 @@
+"""Block jobs (QEMU's blockjob.c): jobs on nodes, with a speed, an I/O error policy,
+the nodes they hold, and the BLOCK_JOB_* events.
+
+A block job holds each node it works on through a :class:`JobNodeUser`
+edge: the permissions it needs and shares, and the blocker text that
+``blockdev-del`` reports while the job runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
+from qmpd.block.graph import BlockGraph
+from qmpd.errors import GenericError
+from qmpd.jobs.job import Job
+
+#: BLOCK_JOB_SLICE_TIME: the rate limit's accounting slice.
+SLICE = 0.1
+
+
+class RateLimit:
+    """QEMU's ratelimit.h: a byte quota per slice; excess pushes the slice's end out."""
+
+    def __init__(self) -> None:
+        self.slice_quota = 0.0
+        self.slice_ns = 0.0
+        self.slice_start = 0.0
+        self.slice_end = 0.0
+        self.dispatched = 0
+
+    def set_speed(self, speed: int, slice_time: float = SLICE) -> None:
+        self.slice_ns = slice_time
+        self.slice_quota = max(speed * slice_time, 1.0) if speed else 0.0
+        if not speed:
+            self.slice_ns = 0.0
+
+    def delay(self, n: int, now: float | None = None) -> float:
+        """Account ``n`` bytes; how long to wait before the next request (seconds)."""
+        if not self.slice_quota and not self.slice_ns:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        if self.slice_end < now:
+            self.slice_start = now
+            self.slice_end = now + self.slice_ns
+            self.dispatched = 0
+        self.dispatched += n
+        if self.dispatched < self.slice_quota:
+            return 0.0
+        slices = self.dispatched / self.slice_quota
+        self.slice_end = self.slice_start + slices * self.slice_ns
+        return self.slice_end - now
+
+
+@dataclass(eq=False)
+class JobNodeUser(NodeUser):
+    """A job's use of one node: fixed permissions, and the job's blocker."""
+
+    perm: Perm = Perm.NONE
+    shared: Perm = PERM_ALL
+
+    def permissions(self, node: BlockNode) -> tuple[Perm, Perm]:
+        return self.perm, self.shared
+
+
+#: BlockdevOnError values.
+ON_ERROR = ("report", "ignore", "enospc", "stop", "auto")
+
+
+class BlockJob(Job):
+    """A job on block nodes (``device`` in its events is the job ID)."""
+
+    def __init__(self, job_id: str, graph: BlockGraph, *, speed: int = 0,
+                 auto_finalize: bool = True, auto_dismiss: bool = True) -> None:
+        super().__init__(job_id, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.graph = graph
+        self.speed = 0
+        self.limit = RateLimit()
+        self.iostatus = "ok"
+        self.edges: list[BdrvChild] = []
+        if speed:
+            self._set_speed(speed)
+
+    # --- nodes ----------------------------------------------------------------------
+
+    async def add_node(self, role: str, node: BlockNode, perm: Perm, shared: Perm,
+                       blocks: bool = True) -> BdrvChild:
+        """block_job_add_bdrv: hold ``node`` with these permissions (refused on a conflict)."""
+        user = JobNodeUser(
+            kind=f"{self.job_type} job", id=self.id, writable=bool(perm & Perm.WRITE),
+            allow_inactive=False, perm=perm, shared=shared,
+            blocker=f"block device is in use by block job: {self.job_type}" if blocks else None,
+        )
+        edge = BdrvChild(role, ChildRole(0), node, user=user)
+        await self.graph.add_user(edge)
+        self.edges.append(edge)
+        return edge
+
+    async def release_nodes(self) -> None:
+        """Drop every node the job holds (block_job_remove_all_bdrv)."""
+        edges, self.edges = self.edges, []
+        for edge in reversed(edges):
+            if edge in edge.child.parents:
+                await self.graph.remove_user(edge)
+
+    async def clean(self) -> None:
+        await self.release_nodes()
+
+    # --- speed ----------------------------------------------------------------------
+
+    def set_speed(self, speed: int) -> None:
+        old = self.speed
+        self._set_speed(speed)
+        if speed and speed <= old:
+            return
+        if self.sleeping_on_timer:
+            self.enter()
+
+    def _set_speed(self, speed: int) -> None:
+        if speed < 0:
+            raise GenericError("Invalid parameter 'speed'")
+        self.limit.set_speed(speed)
+        self.speed = speed
+
+    def ratelimit_processed(self, n: int) -> None:
+        self.limit.delay(n)
+
+    async def ratelimit_sleep(self) -> None:
+        """block_job_ratelimit_sleep: wait out the quota (a pause or cancel ends it early)."""
+        while True:
+            delay = self.limit.delay(0)
+            await self.sleep(delay)
+            if not delay or self.is_cancelled:
+                return
+
+    # --- errors ---------------------------------------------------------------------
+
+    def error_action(self, on_error: str, is_read: bool, err: int) -> str:
+        """block_job_error_action: what to do about an I/O error; emits BLOCK_JOB_ERROR."""
+        if on_error in ("enospc", "auto"):
+            action = "stop" if err == errno.ENOSPC else "report"
+        else:
+            action = on_error
+        self.emit("BLOCK_JOB_ERROR", {"device": self.id,
+                                      "operation": "read" if is_read else "write",
+                                      "action": action})
+        if action == "stop":
+            if not self.user_paused:
+                self.pause_count += 1
+                self.user_paused = True
+            self.iostatus = "nospace" if err == errno.ENOSPC else "failed"
+        return action
+
+    def on_user_resume(self) -> None:
+        self.iostatus = "ok"
+
+    # --- events and queries -----------------------------------------------------------
+
+    def _progress(self) -> dict[str, Any]:
+        return {"type": self.job_type, "device": self.id, "len": self.progress_total,
+                "offset": self.progress_current, "speed": self.speed}
+
+    def on_ready(self) -> None:
+        self.emit("BLOCK_JOB_READY", self._progress())
+
+    def on_pending(self) -> None:
+        self.emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
+
+    def on_completed(self) -> None:
+        data = self._progress()
+        if self.ret < 0 and self.error is not None:
+            data["error"] = self.error
+        self.emit("BLOCK_JOB_COMPLETED", data)
+
+    def on_cancelled(self) -> None:
+        self.emit("BLOCK_JOB_CANCELLED", self._progress())
+
+    def block_info(self) -> dict[str, Any]:
+        """QAPI's BlockJobInfo (query-block-jobs)."""
+        out: dict[str, Any] = {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.progress_total,
+            "offset": self.progress_current,
+            "busy": self.busy,
+            "paused": self.pause_count > 0,
+            "speed": self.speed,
+            "io-status": self.iostatus,
+            "ready": self.ready,
+            "status": self.status.value,
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        }
+        if self.ret:
+            out["error"] = self.error if self.error is not None else "Input/output error"
+        return out

@@ -1,0 +1,64 @@
+"""The job service the commands use: the manager's verbs, the block-job lookups,
+and (one module per job type) the commands that start jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmpd.block.core import BlockLayer
+from qmpd.errors import DeviceNotActive
+from qmpd.jobs.block_job import BlockJob
+from qmpd.jobs.job import Emit, Job
+from qmpd.jobs.manager import JobManager
+
+
+class Jobs:
+    """Every job of a daemon, over its block layer."""
+
+    def __init__(self, block: BlockLayer, emit: Emit) -> None:
+        self.block = block
+        self.manager = JobManager(emit, block.lock.run)
+
+    # --- queries and lookups -----------------------------------------------------------
+
+    def query(self) -> list[dict[str, Any]]:
+        return self.manager.query()
+
+    def query_block(self) -> list[dict[str, Any]]:
+        return [job.block_info() for job in self.manager if isinstance(job, BlockJob)]
+
+    def find(self, job_id: str) -> Job:
+        return self.manager.find(job_id)
+
+    def find_block(self, device: str) -> Job:
+        """blockdev.c's find_block_job."""
+        job = self.manager.get(device)
+        if not isinstance(job, BlockJob):
+            raise DeviceNotActive(f"Block job '{device}' not found")
+        return job
+
+    # --- verbs ----------------------------------------------------------------------------
+
+    async def cancel(self, job: Job, force: bool) -> None:
+        await self.manager.cancel(job, force)
+
+    def pause(self, job: Job) -> None:
+        self.manager.pause(job)
+
+    def resume(self, job: Job) -> None:
+        self.manager.resume(job)
+
+    def complete(self, job: Job) -> None:
+        self.manager.complete(job)
+
+    async def finalize(self, job: Job) -> None:
+        await self.manager.finalize(job)
+
+    def dismiss(self, job: Job) -> None:
+        self.manager.dismiss(job)
+
+    def set_speed(self, job: Job, speed: int) -> None:
+        self.manager.set_speed(job, speed)
+
+    async def close(self) -> None:
+        await self.manager.close()
