@@ -3,6 +3,7 @@ and (one module per job type) the commands that start jobs."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qmpd.block.core import BlockLayer
@@ -12,12 +13,23 @@ from qmpd.jobs.job import Emit, Job
 from qmpd.jobs.manager import JobManager
 
 
+#: A command that starts a job: given the job service and the command's arguments.
+Starter = Callable[["Jobs", dict[str, Any]], Awaitable[None]]
+
+#: The commands that start jobs, each implemented in its job's module.
+STARTERS: dict[str, Starter] = {}
+
+
 class Jobs:
     """Every job of a daemon, over its block layer."""
 
     def __init__(self, block: BlockLayer, emit: Emit) -> None:
         self.block = block
         self.manager = JobManager(emit, block.lock.run)
+
+    async def start(self, command: str, args: dict[str, Any]) -> None:
+        """Run the command ``command`` (``block-stream``...) that creates and starts a job."""
+        await STARTERS[command](self, args)
 
     # --- queries and lookups -----------------------------------------------------------
 
