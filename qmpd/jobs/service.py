@@ -13,10 +13,11 @@ from qmpd.jobs.job import Emit, Job
 from qmpd.jobs.manager import JobManager
 
 
-#: A command that starts a job: given the job service and the command's arguments.
-Starter = Callable[["Jobs", dict[str, Any]], Awaitable[None]]
+#: A command that starts a job, implemented in its job's module (which never
+#: imports this one): given the manager, the block layer and the arguments.
+Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
 
-#: The commands that start jobs, each implemented in its job's module.
+#: The commands that start jobs.
 STARTERS: dict[str, Starter] = {}
 
 
@@ -29,7 +30,7 @@ class Jobs:
 
     async def start(self, command: str, args: dict[str, Any]) -> None:
         """Run the command ``command`` (``block-stream``...) that creates and starts a job."""
-        await STARTERS[command](self, args)
+        await STARTERS[command](self.manager, self.block, args)
 
     # --- queries and lookups -----------------------------------------------------------
 
