@@ -110,9 +110,9 @@ class JobManager:
         except QMPError as exc:
             job.fail(exc.desc, getattr(exc, "errno", None) or errno.EIO)
         except asyncio.CancelledError:
+            # Only close() cancels a job's task (one that ignored its cancel):
+            # the job still finishes, so that it lets go of its nodes.
             job.fail("Operation canceled", errno.ECANCELED)
-            self._run_done(job)
-            raise
         except Exception as exc:  # a bug: the job fails, the daemon stays up
             log.exception("job %s failed", job.id)
             job.fail(str(exc) or type(exc).__name__)
@@ -310,8 +310,9 @@ class JobManager:
 
     # --- shutdown -----------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """job_cancel_sync_all: force-cancel every job and wait for it to finish."""
+    async def close(self, timeout: float = 30.0) -> None:
+        """job_cancel_sync_all: force-cancel every job and wait for it to finish
+        (a job still running after ``timeout`` seconds has its task cancelled)."""
         self._closed = True
         for job in list(self._jobs):
             if job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
@@ -319,9 +320,8 @@ class JobManager:
                     await self._serialise(functools.partial(self._cancel, job, True))
                 except QMPError:
                     log.warning("job %s: cancel at shutdown refused", job.id)
-        deadline = 30.0
         if self._tasks:
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=deadline)
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:

@@ -12,7 +12,6 @@ from qmpd.jobs.block_job import BlockJob
 from qmpd.jobs.job import Emit, Job
 from qmpd.jobs.manager import JobManager
 
-
 #: A command that starts a job, implemented in its job's module (which never
 #: imports this one): given the manager, the block layer and the arguments.
 Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
