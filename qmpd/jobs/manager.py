@@ -214,8 +214,8 @@ class JobManager:
         txn.aborting = True
         for other in txn.jobs:
             other.finishing = True
-            if other is not job:
-                self._cancel_async(other, force=False)
+            if other is not job:  # force-cancelled, as QEMU does since 6.2
+                self._cancel_async(other, force=True)
         while txn.jobs:
             other = txn.jobs[0]
             if not other.completed:
