@@ -41,6 +41,12 @@ def _throttle() -> type[BlockDriver]:
     return ThrottleDriver
 
 
+def _nbd() -> type[BlockDriver]:
+    from qmpd.block.nbd import NbdDriver
+
+    return NbdDriver
+
+
 def _qcow2() -> type[BlockDriver]:
     from qmpd.block.qcow2.driver import Qcow2Driver
 
@@ -70,7 +76,7 @@ class DriverTable(Mapping[str, type[BlockDriver]]):
 #: Every driver qmpd opens, by its ``format_name`` (the QAPI ``driver`` value).
 DRIVERS = DriverTable({
     "file": _file, "host_device": _host_device, "raw": _raw, "null-co": _null,
-    "throttle": _throttle, "qcow2": _qcow2,
+    "throttle": _throttle, "qcow2": _qcow2, "nbd": _nbd,
 })
 
 
