@@ -42,8 +42,12 @@ T = TypeVar("T")
 MAX_REQUEST = 32 * 1024 * 1024
 #: Largest block-status and zero/trim request (below 4 GiB, 512-aligned).
 MAX_STATUS = (1 << 31) - 512
-#: Pause between reconnection attempts: doubling from the first to the last.
+#: Pause between reconnection attempts: doubling from the first to the last
+#: (shorter than QEMU's, and a waiting request cuts it short).
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
+#: Pause between attempts within open-timeout: QEMU's connection thread's
+#: (so a timeout during a pause reports the last attempt's error, as there).
+OPEN_RETRY_FIRST, OPEN_RETRY_MAX = 1.0, 16.0
 
 _HOLE, _ZERO = 1, 2
 
@@ -111,7 +115,7 @@ class NbdDriver(BlockDriver):
             return await self._connect()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        pause = RETRY_FIRST
+        pause = OPEN_RETRY_FIRST
         while True:
             try:
                 return await asyncio.wait_for(self._connect(), deadline - loop.time())
@@ -119,11 +123,11 @@ class NbdDriver(BlockDriver):
                 raise BlockDriverError("Connection attempt cancelled by timeout",
                                        errno.ETIMEDOUT) from None
             except BlockDriverError:
-                left = deadline - loop.time()
-                if left <= 0:
+                if deadline - loop.time() <= pause:  # it expires during the pause
+                    await asyncio.sleep(max(deadline - loop.time(), 0))
                     raise
-                await asyncio.sleep(min(pause, left))
-                pause = min(pause * 2, RETRY_MAX)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, OPEN_RETRY_MAX)
 
     async def _connect(self) -> NbdClient:
         """A connection to the export; QEMU's texts for what may fail."""
@@ -234,10 +238,8 @@ class NbdDriver(BlockDriver):
                 code = exc.errno or errno.EIO
                 raise BlockDriverError(os.strerror(code), code) from None
             except (ConnectionError, p.ProtocolError):
-                if client is self._client:  # not noticed yet: the reply reader will
-                    await asyncio.sleep(0)
-                    if client is self._client:
-                        client.close()
+                self._lost(client)  # now, not when the reader's callback runs
+                client.close()
                 if time.monotonic() >= self._wait_until:
                     raise _eio() from None
 
