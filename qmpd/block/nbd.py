@@ -104,7 +104,7 @@ class NbdDriver(BlockDriver):
         try:
             self._check_export(client, options)
         except BaseException:
-            await client.disconnect()
+            await client.disconnect(0)
             raise
         self._install(client)
 
@@ -182,12 +182,12 @@ class NbdDriver(BlockDriver):
                 log.debug("nbd node %s: reconnecting: %s", self.node.node_name, exc)
             else:
                 if self._closing:
-                    await client.disconnect()
+                    await client.disconnect(0)
                     return
                 if client.size != self._size:
                     # QEMU 7.2 refuses an export whose size changed under the node.
                     log.warning("nbd node %s: export size changed", self.node.node_name)
-                    await client.disconnect()
+                    await client.disconnect(0)
                 else:
                     log.info("nbd node %s: reconnected", self.node.node_name)
                     self._install(client)
@@ -206,7 +206,7 @@ class NbdDriver(BlockDriver):
         client, self._client = self._client, None
         self._connected.clear()
         if client is not None:
-            await client.disconnect()
+            await client.disconnect(0)
 
     # --- requests --------------------------------------------------------------------
 

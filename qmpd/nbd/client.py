@@ -247,14 +247,16 @@ class NbdClient:
         """Any request, for tests that need unusual ones."""
         return await self._submit(kind, offset, length, flags, payload)
 
-    async def disconnect(self) -> None:
-        """NBD_CMD_DISC (no reply), then wait for the server to close."""
+    async def disconnect(self, timeout: float = 10.0) -> None:
+        """NBD_CMD_DISC (no reply), then wait up to ``timeout`` seconds for the
+        server to close (0: close at once, as QEMU's client does)."""
         if self.writer.is_closing():
             return
         self.writer.write(p.request_header(p.Cmd.DISC, next(self._cookies)))
         try:
             await self.writer.drain()
-            await asyncio.wait_for(asyncio.shield(self._reader_task), 10)
+            if timeout > 0:
+                await asyncio.wait_for(asyncio.shield(self._reader_task), timeout)
         except (TimeoutError, ConnectionError, NbdError):
             pass
         self.close()
