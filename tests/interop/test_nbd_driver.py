@@ -453,3 +453,40 @@ def test_reconnect_delay_expires_with_eio(tmp_path: Path, client: QmpdProcess) -
         qmp.close()
         client.stop()
         _stop(server)
+
+
+# --- in process: requests larger than the server's maximum ------------------------
+
+
+async def test_large_requests_are_split_at_the_servers_maximum(tmp_path: Path) -> None:
+    """qemu-nbd takes at most 32 MiB a request: larger reads, writes and
+    zeroing (as jobs issue) are split, sent side by side and reassembled."""
+    import os
+
+    from qmpd.block.core import BlockLayer
+
+    size = 80 * MiB
+    image = tmp_path / "big.raw"
+    content = bytearray(os.urandom(size))
+    image.write_bytes(content)
+    sock = tmp_path / "nbd.sock"
+    server = _qemu_nbd(sock, image)
+    layer = BlockLayer()
+    try:
+        node = await layer.add(_nbd_node("n", sock))
+        assert node.size() == size
+        assert await node.read(0, size) == content
+        data = os.urandom(70 * MiB)
+        await node.write(3 * MiB + 512, data, fua=True)
+        content[3 * MiB + 512:73 * MiB + 512] = data
+        await node.write_zeroes(1 * MiB, 40 * MiB, may_unmap=True)
+        content[1 * MiB:41 * MiB] = bytes(40 * MiB)
+        await node.flush()
+        assert await node.read(512, size - 1024) == content[512:size - 512]
+        status = await node.block_status(0, size)
+        assert status.length > 0 and status.allocated
+        await layer.close_all()
+    finally:
+        layer.graph.close()
+        _stop(server)
+    assert image.read_bytes() == content
