@@ -213,19 +213,19 @@ class NbdDriver(BlockDriver):
     async def _usable(self) -> NbdClient:
         """The connection, waiting for a reconnection while reconnect-delay allows."""
         client = self._client
-        if client is not None:
-            return client
-        if not self._closing:
+        while client is None and not self._closing:
             self._retry_now.set()
             left = self._wait_until - time.monotonic()
-            if left > 0:
-                try:
-                    await asyncio.wait_for(self._connected.wait(), left)
-                except TimeoutError:
-                    pass
-        if self._client is None:
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._connected.wait(), left)
+            except TimeoutError:
+                break
+            client = self._client
+        if client is None:
             raise _eio()
-        return self._client
+        return client
 
     async def _request(self, send: Callable[[NbdClient], Awaitable[T]]) -> T:
         """One request; sent again on a new connection if this one drops, as

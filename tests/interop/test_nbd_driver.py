@@ -409,7 +409,7 @@ def test_reconnect_delay(tmp_path: Path, client: QmpdProcess) -> None:
         # The loop is free meanwhile: QMP answers at once.
         started = time.monotonic()
         assert qmp.ok("query-status")["status"] == "running"
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # not the 30 s of the delay
         server = _qemu_nbd(sock, image)
         out, _ = waiting.communicate(timeout=30)
         assert waiting.returncode == 0 and "error" not in out.lower(), out
