@@ -80,6 +80,8 @@ class NbdDriver(BlockDriver):
         #: When requests stop waiting for a reconnection (monotonic time).
         self._wait_until = 0.0
         self._reconnector: asyncio.Task[None] | None = None
+        #: Shutting down: requests no longer wait for a reconnection.
+        self._no_wait = False
         self._retry_now = asyncio.Event()
 
     # --- opening and closing --------------------------------------------------------
@@ -169,7 +171,7 @@ class NbdDriver(BlockDriver):
         log.warning("nbd node %s: connection to %s lost", self.node.node_name, self.address)
         self._client = None
         self._connected.clear()
-        self._wait_until = time.monotonic() + self.reconnect_delay
+        self._wait_until = time.monotonic() + (0 if self._no_wait else self.reconnect_delay)
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -198,6 +200,12 @@ class NbdDriver(BlockDriver):
                 pause = RETRY_FIRST
             except TimeoutError:
                 pause = min(pause * 2, RETRY_MAX)
+
+    def stop_waiting(self) -> None:
+        self._no_wait = True
+        self._wait_until = 0.0
+        if self._client is None:
+            self._connected.set()  # wakes the waiters, who find no connection: EIO
 
     async def close(self) -> None:
         self._closing = True

@@ -359,13 +359,16 @@ def test_blockdev_del_and_shutdown_send_disconnect(tmp_path: Path) -> None:
         qmp = QmpClient(daemon.sock, 30, negotiate=True)
         qmp.ok("blockdev-add", _nbd_node("a", sock))
         qmp.ok("blockdev-add", _nbd_node("b", sock))
+        qmp.ok("blockdev-add", _nbd_node("c", sock))
+        # A format node over an nbd node added by name, as libvirt does.
+        qmp.ok("blockdev-add", {"driver": "raw", "node-name": "rc", "file": "c"})
         assert _disconnects(server.log) == 0
         qmp.ok("blockdev-del", {"node-name": "a"})
         _wait_for(lambda: _disconnects(server.log) == 1)
         qmp.close()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
-        _wait_for(lambda: _disconnects(server.log) == 2)
+        _wait_for(lambda: _disconnects(server.log) == 3)
     finally:
         daemon.stop()
         server.stop()
@@ -490,3 +493,40 @@ async def test_large_requests_are_split_at_the_servers_maximum(tmp_path: Path) -
         layer.graph.close()
         _stop(server)
     assert image.read_bytes() == content
+
+
+def test_shutdown_does_not_wait_for_the_reconnect_delay(tmp_path: Path) -> None:
+    """SIGTERM while requests wait for a server gone (reconnect-delay 300): the
+    daemon fails them and exits cleanly at once."""
+    image = tmp_path / "disk.raw"
+    _seed(image)
+    sock = tmp_path / "nbd.sock"
+    server = _qemu_nbd(sock, image)
+    directory = tmp_path / "c"
+    directory.mkdir()
+    daemon = QmpdProcess(directory)
+    try:
+        qmp = QmpClient(daemon.sock, 30, negotiate=True)
+        qmp.ok("blockdev-add", _nbd_node("n", sock, **{"reconnect-delay": 300}))
+        qmp.ok("blockdev-add", {"driver": "raw", "node-name": "r", "file": "n"})
+        own = directory / "nbd.sock"
+        _serve(qmp, own)
+        qmp.ok("block-export-add", {"type": "nbd", "id": "r", "node-name": "r",
+                                    "writable": True})
+        _stop(server, signal.SIGKILL)
+        waiting = subprocess.Popen(
+            [require_tool("qemu-io"), "-f", "raw", "-c", "read 0 4k",
+             f"nbd+unix:///r?socket={own}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        assert waiting.poll() is None
+        qmp.close()
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+        assert time.monotonic() - started < 10
+        out, _ = waiting.communicate(timeout=10)
+        assert "read 4096/4096" not in out, out
+    finally:
+        daemon.stop()
+        _stop(server)
