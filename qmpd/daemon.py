@@ -369,6 +369,7 @@ class Daemon:
         self.shutting_down = True
         if self._warm_up is not None:
             self._warm_up.cancel()
+        self.block.stop_waiting()
         await self._stack.aclose()
 
     def on_signal(self, signum: int) -> None:

@@ -316,9 +316,12 @@ class BlockLayer:
     async def close_node(self, node: BlockNode) -> None:
         """Flush, mark clean, close; then the inline children nobody else uses."""
         try:
-            if node.active and not node.read_only:
-                await self.graph.write_back(node)
-            await node.driver.close()
+            try:
+                if node.active and not node.read_only:
+                    await self.graph.write_back(node)
+            finally:
+                # Released even when writing back failed (an fd, a connection).
+                await node.driver.close()
         finally:
             self.graph.unregister(node)
             for edge in list(node.children.values()):
@@ -329,13 +332,29 @@ class BlockLayer:
                 elif child.parents or child.monitor_owned:
                     await self.graph.refresh_perms(child)
 
+    def stop_waiting(self) -> None:
+        """Shutdown begins: requests stop waiting for what may never come (an
+        NBD server's return), so that exports finish theirs and nodes close."""
+        for node in list(self.graph.nodes.values()):
+            node.driver.stop_waiting()
+
     async def close_all(self) -> None:
-        """Clean shutdown: every root (and what hangs below it) flushed and closed."""
-        for node in reversed(self.graph.roots()):
-            try:
-                await self.close_node(node)
-            except Exception:
-                log.exception("closing node %s", node.node_name)
+        """Clean shutdown: every node flushed and closed, parents first.
+
+        Closing a root closes the inline children nobody else uses; a child
+        added by name becomes a root then, closed in the next round (each
+        round unregisters at least the roots it closes)."""
+        self.stop_waiting()
+        while roots := self.graph.roots():
+            for node in reversed(roots):
+                try:
+                    await self.close_node(node)
+                except BlockDriverError as exc:
+                    # An I/O error (an NBD server gone, a full disk): QEMU's
+                    # bdrv_close ignores a failed flush; not a bug to trace.
+                    log.warning("closing node %s: %s", node.node_name, exc.desc)
+                except Exception:
+                    log.exception("closing node %s", node.node_name)
 
     # --- run-state hooks ---------------------------------------------------------------
 

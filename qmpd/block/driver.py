@@ -458,6 +458,12 @@ class BlockDriver(ABC):
         """Release everything; the node is going away.  Flush first if writable."""
         return None
 
+    def stop_waiting(self) -> None:
+        """The daemon is closing every node: from now on requests must not wait
+        for what may never come (an NBD server's return), so that shutdown is
+        not held up; they fail instead.  Nothing to do by default."""
+        return None
+
     # --- I/O ----------------------------------------------------------------
 
     @abstractmethod

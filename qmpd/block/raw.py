@@ -111,6 +111,10 @@ class RawDriver(BlockDriver):
         )
 
     def image_info(self) -> dict[str, Any]:
+        # raw_get_info is the file's bdrv_get_info: no dirty flag where the
+        # file has no info (nbd, null-co).
+        if "dirty-flag" not in self._file().driver.image_info():
+            return {}
         return {"dirty-flag": False}
 
     def cluster_size(self) -> int | None:

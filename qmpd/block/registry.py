@@ -41,6 +41,12 @@ def _throttle() -> type[BlockDriver]:
     return ThrottleDriver
 
 
+def _nbd() -> type[BlockDriver]:
+    from qmpd.block.nbd import NbdDriver
+
+    return NbdDriver
+
+
 def _qcow2() -> type[BlockDriver]:
     from qmpd.block.qcow2.driver import Qcow2Driver
 
@@ -70,8 +76,14 @@ class DriverTable(Mapping[str, type[BlockDriver]]):
 #: Every driver qmpd opens, by its ``format_name`` (the QAPI ``driver`` value).
 DRIVERS = DriverTable({
     "file": _file, "host_device": _host_device, "raw": _raw, "null-co": _null,
-    "throttle": _throttle, "qcow2": _qcow2,
+    "throttle": _throttle, "qcow2": _qcow2, "nbd": _nbd,
 })
+
+
+#: Drivers imported only when a blockdev-add names them, never by the warm-up
+#: or a format probe (they have no signature): the nbd driver brings the NBD
+#: client and protocol, which a daemon that never uses NBD does not load.
+ON_DEMAND = frozenset({"nbd"})
 
 
 #: What QEMU reads of a file to probe its format.
@@ -86,7 +98,8 @@ def driver_class(name: str) -> type[BlockDriver] | None:
 def load_all() -> None:
     """Import every driver now (warming up, so the first blockdev-add does not)."""
     for name in DRIVERS:
-        DRIVERS[name]
+        if name not in ON_DEMAND:
+            DRIVERS[name]
 
 
 def probe_format(path: str) -> str:
@@ -101,7 +114,7 @@ def probe_format(path: str) -> str:
             head = f.read(PROBE_BYTES)
     except OSError:
         return "raw"
-    for name, cls in DRIVERS.items():
-        if cls.probe(head):
+    for name in DRIVERS:
+        if name not in ON_DEMAND and DRIVERS[name].probe(head):
             return name
     return "raw"

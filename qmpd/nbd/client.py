@@ -1,8 +1,10 @@
 """A small asyncio NBD client, for tests and tooling, and for the coming ``nbd``
 block driver (issue 12): that is why it lives here and not under tests/.
 
-It depends on the sans-IO :mod:`qmpd.nbd.protocol` package only, never on
-the server or the exports (tests/unit/test_nbd_layers.py checks it).
+It depends on the sans-IO :mod:`qmpd.nbd.protocol` package and on
+:mod:`qmpd.net` (which opens every socket, with QEMU's texts) only, never on
+the server or the exports (tests/unit/test_nbd_layers.py checks it), so that
+the block layer's ``nbd`` driver may use it.
 
 It speaks the fixed newstyle handshake (structured replies, meta contexts,
 NBD_OPT_GO with NBD_INFO_BLOCK_SIZE, NBD_OPT_LIST, NBD_OPT_INFO) and
@@ -29,7 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from qmpd import net
 from qmpd.nbd import protocol as p
+from qmpd.nbd.protocol.options import option_name
 
 
 class NbdError(Exception):
@@ -43,6 +47,28 @@ class NbdError(Exception):
 
 class NbdOptionError(NbdError):
     """An option answered with an NBD_REP_ERR_* reply (``errno`` is the reply type)."""
+
+    def __init__(self, errno: int, message: str = "", option: int = 0) -> None:
+        super().__init__(errno, message)
+        self.option = option
+
+    def qemu_text(self) -> str:
+        """What QEMU 7.2's client reports for this reply (nbd_handle_reply_err;
+        the server's message is only a hint there, not part of the error)."""
+        if self.errno == p.Rep.ERR_UNKNOWN:
+            return "Requested export not available"
+        what = _OPTION_ERRORS.get(self.errno, "Unknown error code when asking for")
+        return f"{what} option {self.option} ({option_name(self.option)})"
+
+
+_OPTION_ERRORS: dict[int, str] = {
+    p.Rep.ERR_POLICY: "Denied by server for",
+    p.Rep.ERR_INVALID: "Invalid parameters for",
+    p.Rep.ERR_PLATFORM: "Server lacks support for",
+    p.Rep.ERR_TLS_REQD: "TLS negotiation required before",
+    p.Rep.ERR_SHUTDOWN: "Server shutting down before",
+    p.Rep.ERR_BLOCK_SIZE_REQD: "Server requires INFO_BLOCK_SIZE for",
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,8 @@ class NbdClient:
         self._cookies = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._failure: BaseException | None = None
+        #: Done (with no result) once the connection is lost or closed.
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.get_running_loop().create_task(self._read_replies())
 
     # --- connecting -----------------------------------------------------------------------
@@ -102,14 +130,17 @@ class NbdClient:
     @classmethod
     async def connect(
         cls,
-        target: str | Address,
+        target: str | Address | net.SocketAddress,
         export: str | None = None,
         *,
         structured: bool = True,
         contexts: Sequence[str] = (p.BASE_ALLOCATION,),
         use_go: bool = True,
     ) -> NbdClient:
-        """Connect to an export, given a URI or an address plus the export name."""
+        """Connect to an export, given a URI or an address plus the export name.
+
+        Connecting fails with :class:`qmpd.net.ConnectFailed` (QEMU's text)."""
+        address: Address | net.SocketAddress
         if isinstance(target, str):
             address, name = parse_uri(target)
             if export is not None:
@@ -216,14 +247,16 @@ class NbdClient:
         """Any request, for tests that need unusual ones."""
         return await self._submit(kind, offset, length, flags, payload)
 
-    async def disconnect(self) -> None:
-        """NBD_CMD_DISC (no reply), then wait for the server to close."""
+    async def disconnect(self, timeout: float = 10.0) -> None:
+        """NBD_CMD_DISC (no reply), then wait up to ``timeout`` seconds for the
+        server to close (0: close at once, as QEMU's client does)."""
         if self.writer.is_closing():
             return
         self.writer.write(p.request_header(p.Cmd.DISC, next(self._cookies)))
         try:
             await self.writer.drain()
-            await asyncio.wait_for(asyncio.shield(self._reader_task), 10)
+            if timeout > 0:
+                await asyncio.wait_for(asyncio.shield(self._reader_task), timeout)
         except (TimeoutError, ConnectionError, NbdError):
             pass
         self.close()
@@ -283,6 +316,8 @@ class NbdClient:
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
+        if not self.lost.done():
+            self.lost.set_result(None)
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(ConnectionError(f"connection lost: {exc}"))
@@ -361,11 +396,18 @@ class NbdClient:
         pending.covered += length
 
 
-async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    limit = 64 * 1024 * 1024
-    if address.path is not None:
-        return await asyncio.open_unix_connection(address.path, limit=limit)
-    return await asyncio.open_connection(address.host, address.port, limit=limit)
+async def _open(
+    address: Address | net.SocketAddress,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if isinstance(address, Address):
+        address = (net.UnixAddress(address.path) if address.path is not None
+                   else net.InetAddress(address.host or "localhost", str(address.port)))
+    sock = await net.connect(address)
+    try:
+        return await asyncio.open_connection(sock=sock, limit=64 * 1024 * 1024)
+    except BaseException:
+        sock.close()
+        raise
 
 
 class _ClientHandshake:
@@ -420,7 +462,7 @@ class _ClientHandshake:
             elif reply.reply == p.Rep.ACK:
                 return out
             else:
-                raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"))
+                raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"), reply.option)
 
     async def info_or_go(self, option: int, name: str, infos: Sequence[int]) -> p.ExportInfo:
         await self._send(option, p.info_request_data(name, infos))
@@ -447,7 +489,7 @@ class _ClientHandshake:
                     raise p.ProtocolError("broken server omitted NBD_INFO_EXPORT")
                 return info
             else:
-                raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"))
+                raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"), option)
 
     async def export_name(self, name: str) -> p.ExportInfo:
         await self._send(p.Opt.EXPORT_NAME, name.encode())

@@ -8,7 +8,7 @@ from pathlib import Path
 from qmpd.block.driver import BlockDriver
 
 QMPD = Path(__file__).resolve().parents[2] / "qmpd"
-DRIVER_NAMES = {"file", "host_device", "raw", "qcow2", "null-co", "throttle"}
+DRIVER_NAMES = {"file", "host_device", "raw", "qcow2", "null-co", "throttle", "nbd"}
 
 
 def _offences(path: Path) -> list[str]:

@@ -35,9 +35,14 @@ def test_protocol_package_does_no_io() -> None:
             assert not io_modules & set(names), f"{module_name(path)} imports {names}"
 
 
-def test_client_depends_on_the_protocol_only() -> None:
-    deps = import_graph()["qmpd.nbd.client"]
-    assert deps and all(_in_protocol(dep) for dep in deps), sorted(deps)
+def test_client_depends_on_the_protocol_and_net_only() -> None:
+    # The block layer's nbd driver imports the client (tests/unit/test_layers.py
+    # ALLOWED): it must stay below the block layer, opening sockets through net.
+    graph = import_graph()
+    deps = graph["qmpd.nbd.client"]
+    assert deps and all(_in_protocol(dep) or dep == "qmpd.net" for dep in deps), sorted(deps)
+    assert "qmpd.errors" in graph["qmpd.net"] and all(
+        not dep.startswith(("qmpd.block", "qmpd.nbd")) for dep in graph["qmpd.net"])
 
 
 def test_server_does_not_import_exports() -> None:
