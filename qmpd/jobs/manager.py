@@ -103,7 +103,21 @@ class JobManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def fail_at_start(self, job: Job, exc: QMPError) -> None:
+        """``job`` failed before its first yield: finish it now, in the command that
+        started it (which holds the graph lock).
+
+        QEMU's job_start runs the job's coroutine at once; a job that fails
+        before it first yields has its job_exit bottom half run before the
+        command's reply is sent: aborting and concluded come before the reply.
+        """
+        job.fail(exc.desc, getattr(exc, "errno", None) or errno.EIO)
+        self._run_done(job)
+        await self._completed_once(job)
+
     async def _body(self, job: Job) -> None:
+        if job.deferred:  # failed at start (fail_at_start)
+            return
         try:
             await job.pause_point()
             await job.run()
