@@ -77,9 +77,9 @@ def truncate_file(fd: int, size: int, prealloc: str) -> None:
     raise CreateError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
 
 
-def create_file(filename: str, size: int, prealloc: str = "off", nocow: bool = False,
-                extent_size_hint: int = DEFAULT_EXTENT_SIZE_HINT) -> None:
-    """Create (or empty) ``filename`` and give it ``size`` bytes; QEMU's texts on failure."""
+def open_new(filename: str, extent_size_hint: int = DEFAULT_EXTENT_SIZE_HINT
+             ) -> tuple[int, ImageLock | None]:
+    """The first, synchronous part of raw_co_create: create or open, lock as a writer."""
     if extent_size_hint & ((1 << 64) - 1) > _MAX_EXTENT_SIZE_HINT:
         raise CreateError("Extent size hint is too large")
     try:
@@ -89,18 +89,33 @@ def create_file(filename: str, size: int, prealloc: str = "off", nocow: bool = F
                           exc.errno or errno.EIO) from None
     try:
         lock = ImageLock(fd) if ofd_locks_available(fd) else None
-        try:
-            if lock is not None:
-                try:
-                    lock.update(int(Perm.WRITE | Perm.RESIZE), int(PERM_ALL & ~Perm.RESIZE))
-                except LockError as exc:
-                    raise CreateError(str(exc), errno.EAGAIN) from None
-            truncate_file(fd, 0, "off")
-            if nocow:
-                _set_nocow(fd)
-            truncate_file(fd, as_int64(size), prealloc)
-        finally:
-            if lock is not None:
-                lock.release()
-    finally:
+        if lock is not None:
+            try:
+                lock.update(int(Perm.WRITE | Perm.RESIZE), int(PERM_ALL & ~Perm.RESIZE))
+            except LockError as exc:
+                raise CreateError(str(exc), errno.EAGAIN) from None
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, lock
+
+
+def fill(fd: int, lock: ImageLock | None, size: int, prealloc: str = "off",
+         nocow: bool = False) -> None:
+    """The rest (blocking, for an I/O thread): empty, resize, preallocate; then close."""
+    try:
+        truncate_file(fd, 0, "off")
+        if nocow:
+            _set_nocow(fd)
+        truncate_file(fd, as_int64(size), prealloc)
+    finally:
+        if lock is not None:
+            lock.release()
+        os.close(fd)
+
+
+def create_file(filename: str, size: int, prealloc: str = "off", nocow: bool = False,
+                extent_size_hint: int = DEFAULT_EXTENT_SIZE_HINT) -> None:
+    """Create (or empty) ``filename`` and give it ``size`` bytes; QEMU's texts on failure."""
+    fd, lock = open_new(filename, extent_size_hint)
+    fill(fd, lock, size, prealloc, nocow)

@@ -19,12 +19,14 @@ would report them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
-from qmpd.block.file_create import DEFAULT_EXTENT_SIZE_HINT, create_file
+from qmpd.block.file_create import DEFAULT_EXTENT_SIZE_HINT, fill, open_new
+from qmpd.block.locking import ImageLock
 from qmpd.block.qcow2.create import CreateError, Qcow2Options, check_options, check_size, plan
 from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.errors import GenericError, QMPError
@@ -35,6 +37,10 @@ from qmpd.jobs.manager import JobManager
 CREATABLE = ("file", "qcow2")
 
 _FULL_CHUNK = 1 << 20
+
+
+def _no_op() -> None:
+    """A trip to an I/O thread and back."""
 
 
 @dataclass(eq=False)
@@ -63,6 +69,8 @@ class CreateJob(Job):
         #: What starting found: reported by run() where QEMU reports it.
         self._open_error: QMPError | None = None
         self._perm_error: QMPError | None = None
+        self._opts: Qcow2Options | None = None
+        self._file: tuple[int, ImageLock | None] | None = None
 
     # --- under the graph lock ---------------------------------------------------------
 
@@ -92,6 +100,12 @@ class CreateJob(Job):
         self._edge = edge
 
     async def clean(self) -> None:
+        if self._file is not None:  # never run
+            fd, lock = self._file
+            self._file = None
+            if lock is not None:
+                lock.release()
+            os.close(fd)
         edge, self._edge = self._edge, None
         if edge is not None and edge in edge.child.parents:
             await self.block.graph.remove_user(edge)
@@ -99,31 +113,48 @@ class CreateJob(Job):
         if node is not None and self._node_is_new:
             await self.block.close_node(node)
 
-    # --- the work ---------------------------------------------------------------------
+    # --- the work ----------------------------------------------------------------------
+
+    def start_sync(self) -> None:
+        """What QEMU does before the job first yields: every check, the file's open.
+
+        Raises what fails the job then (before the command's reply)."""
+        self.progress_set_remaining(1)
+        opts = self.options
+        if opts["driver"] == "file":
+            self._file = open_new(opts["filename"],
+                                  opts.get("extent-size-hint", DEFAULT_EXTENT_SIZE_HINT))
+            return
+        if isinstance(opts["file"], str):
+            self._checks()
+
+    def _checks(self) -> None:
+        if self._open_error is not None:
+            raise self._open_error
+        self._opts = check_options(self.options)
+        if self._perm_error is not None:
+            raise self._perm_error
 
     async def run(self) -> None:
-        self.progress_set_remaining(1)
         try:
-            if self.options["driver"] == "file":
-                await self._create_file()
-            else:
-                await self._format_qcow2()
+            if self.options["driver"] == "qcow2" and not isinstance(self.options["file"], str):
+                # Opening an inline node does I/O in QEMU: its failures, and the
+                # checks after it, come after the command's reply.
+                await self.block.graph.run_io(_no_op)
+                self._checks()
+            if self._file is not None:
+                fd, lock = self._file
+                self._file = None
+                opts = self.options
+                await self.block.graph.run_io(fill, fd, lock, opts["size"],
+                                              opts.get("preallocation", "off"),
+                                              bool(opts.get("nocow", False)))
+            elif self._opts is not None:
+                await self._format_qcow2(self._opts)
         finally:
             self.progress_update(1)
 
-    async def _create_file(self) -> None:
-        opts = self.options
-        await self.block.graph.run_io(
-            create_file, opts["filename"], opts["size"], opts.get("preallocation", "off"),
-            bool(opts.get("nocow", False)),
-            opts.get("extent-size-hint", DEFAULT_EXTENT_SIZE_HINT))
-
-    async def _format_qcow2(self) -> None:
-        if self._open_error is not None:
-            raise self._open_error
-        opts = check_options(self.options)
-        if self._perm_error is not None:
-            raise self._perm_error
+    async def _format_qcow2(self, opts: Qcow2Options) -> None:
         assert self.node is not None
         file = ImageFile(self.node)
         try:
@@ -168,3 +199,8 @@ async def start_blockdev_create(manager: JobManager, block: BlockLayer,
     manager.create(job)
     await job.acquire()
     manager.start(job)
+    try:
+        job.start_sync()
+    except QMPError as exc:
+        job.progress_update(1)
+        await manager.fail_at_start(job, exc)

@@ -6,12 +6,15 @@ cluster boundary.  For a 1 GiB image with 64 KiB clusters that is reftable at
 0x10000, refblock at 0x20000, L1 at 0x30000 (as QEMU 7.2 lays it out).  A
 zero-sized image has no L1 table at all.
 
-Preallocation follows ``qcow2_co_truncate``: ``metadata`` places each L2
-table right before the data clusters it maps; ``falloc`` and ``full`` first
-move the refcount table behind the L1 table (``qcow2_refcount_area``), put
-the data clusters after it and the first L2 table in the freed cluster 1.
-qmpd lays out preallocated images whose clusters one refcount block covers
-(2 GiB of file with the default options); larger ones are refused.
+Every cluster goes where QEMU's allocator puts it: :class:`_RefcountModel`
+replays ``qcow2_alloc_clusters`` and the placement of new refcount blocks
+(``alloc_refcount_block``).  Preallocation follows ``qcow2_co_truncate``:
+``metadata`` places each L2 table right before the data clusters it maps;
+``falloc`` and ``full`` first build refcount structures behind what is used
+(``qcow2_refcount_area``), put the data clusters after them and the first
+L2 table in the freed cluster 1.  Images whose refcount table would have to
+grow while they are made (beyond 16 TiB of file with 64 KiB clusters) are
+refused.
 
 :func:`check_options` validates options in QEMU's order with its texts;
 :func:`plan` says what to write where (:class:`Layout`), so that the caller
@@ -162,19 +165,6 @@ def _header(opts: Qcow2Options, l1_size: int, l1_offset: int, rt_offset: int,
     return build_header_cluster(hdr)
 
 
-def _refblocks(order: int, cluster_size: int, used: int, count: int) -> bytes:
-    """``count`` refcount blocks giving clusters 0..used-1 a refcount of 1."""
-    entries = cluster_size * 8 >> order
-    out = []
-    for k in range(count):
-        blk = RefBlock.new(order, cluster_size)
-        base = k * entries
-        for c in range(base, min(used, base + entries)):
-            blk.set(c - base, 1)
-        out.append(blk.to_bytes())
-    return b"".join(out)
-
-
 def _reftable(offsets: list[int], clusters: int, cluster_size: int) -> bytes:
     table = bytearray(clusters * cluster_size)
     for k, off in enumerate(offsets):
@@ -185,96 +175,201 @@ def _reftable(offsets: list[int], clusters: int, cluster_size: int) -> bytes:
 def plan(opts: Qcow2Options) -> Layout:
     """The writes that make the new image (after :func:`check_options`)."""
     check_size(opts)
-    if opts.preallocation == "off":
-        data = _empty_image(opts)
-        return Layout(writes=[(0, data)], file_size=len(data))
-    return _preallocated(opts)
+    return _allocated(opts)
+
+
+class _Again(Exception):
+    """QEMU's -EAGAIN: a new refcount block took clusters; search again."""
+
+
+class _RefcountModel:
+    """QEMU's cluster allocator on a new image (alloc_clusters_noref,
+    update_refcount, alloc_refcount_block), to place every cluster where QEMU
+    places it.  The refcount table keeps its one cluster: an image that would
+    need it to grow is refused."""
+
+    def __init__(self, cluster_size: int, order: int) -> None:
+        self.block_bits = (cluster_size * 8 >> order).bit_length() - 1
+        self.max_ref = (1 << (1 << order)) - 1
+        self.cluster_size = cluster_size
+        self.refs: dict[int, int] = {}
+        self.table = [0] * (cluster_size // 8)
+        self.table[0] = 2
+        self.table_cluster = 1
+        self.table_clusters = 1
+        self.free = 0
+
+    def get(self, cluster: int) -> int:
+        index = cluster >> self.block_bits
+        if index >= len(self.table) or not self.table[index]:
+            return 0
+        return self.refs.get(cluster, 0)
+
+    def alloc_noref(self, n: int) -> int:
+        found = 0
+        while found < n:
+            cluster = self.free
+            self.free += 1
+            found = 0 if self.get(cluster) else found + 1
+        return self.free - n
+
+    def alloc(self, n: int) -> int:
+        """qcow2_alloc_clusters: ``n`` free clusters in a row, their refcount 1."""
+        while True:
+            start = self.alloc_noref(n)
+            try:
+                self.update(start, n, 1)
+            except _Again:
+                continue
+            return start
+
+    def update(self, start: int, n: int, addend: int) -> None:
+        old_index = -1
+        for cluster in range(start, start + n):
+            index = cluster >> self.block_bits
+            if index != old_index:
+                try:
+                    self._block_for(index)
+                except _Again:
+                    self.free = min(self.free, start)
+                    if cluster > start:  # undo what this call did
+                        self.update(start, cluster - start, -addend)
+                    raise
+            old_index = index
+            ref = self.refs.get(cluster, 0) + addend
+            if not 0 <= ref <= self.max_ref:
+                raise CreateError("Could not resize image: refcount overflow")
+            self.refs[cluster] = ref
+            if ref == 0 and cluster < self.free:
+                self.free = cluster
+
+    def _block_for(self, index: int) -> None:
+        if index < len(self.table) and self.table[index]:
+            return
+        if index >= len(self.table):
+            raise CreateError("Could not resize image: qmpd does not grow the refcount "
+                              "table of a new image (use larger clusters)", 27)
+        new = self.alloc_noref(1)
+        if new >> self.block_bits == index:
+            self.refs[new] = 1  # the block describes itself
+        else:
+            self.update(new, 1, 1)
+        self.table[index] = new
+        raise _Again
+
+    def refcount_area(self, start: int, additional: int) -> int:
+        """qcow2_refcount_area (exact size, no new block given): refcount blocks
+        for everything up to ``start + additional`` clusters and a new refcount
+        table at ``start``; the old table is freed.  Returns the end (a cluster)."""
+        per_block = 1 << self.block_bits
+        per_table_cluster = self.cluster_size // 8
+        blocks = table = n = 0
+        while True:
+            last = n
+            blocks = -(-(start + additional + table + blocks) // per_block)
+            table = -(-blocks // per_table_cluster)
+            n = start + additional + blocks + table
+            if n == last:
+                break
+        area_index = start // per_block
+        table_size = -(-blocks // per_table_cluster) * per_table_cluster
+        used = max((i for i, b in enumerate(self.table) if b), default=-1) + 1
+        new_table = (self.table[:used] + [0] * table_size)[:table_size]
+        missing = sum(1 for i in range(area_index, blocks) if not new_table[i])
+        table_at = start + missing
+        end = table_at + table_size * 8 // self.cluster_size
+        nxt = start
+        for i in range(area_index, blocks):
+            if not new_table[i]:
+                new_table[i] = nxt
+                nxt += 1
+        for cluster in range(start, end):
+            self.refs[cluster] = 1
+        old, old_clusters = self.table_cluster, self.table_clusters
+        self.table = new_table
+        self.table_cluster, self.table_clusters = table_at, end - table_at
+        self.update(old, old_clusters, -1)
+        return end
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return [(index, block) for index, block in enumerate(self.table) if block]
 
 
 def _empty_image(opts: Qcow2Options) -> bytes:
+    layout = _allocated(opts)
+    out = bytearray(layout.file_size)
+    for offset, data in layout.writes:
+        out[offset:offset + len(data)] = data
+    return bytes(out)
+
+
+def _allocated(opts: Qcow2Options) -> Layout:
+    """qcow2_co_create with preallocation off or metadata, step by step."""
     cs = opts.cluster_size
     cluster_bits = cs.bit_length() - 1
     order = opts.refcount_bits.bit_length() - 1
+    model = _RefcountModel(cs, order)
+    model.alloc(3)  # header, refcount table, first refcount block
     l1_size = l1_size_for(opts.size, cluster_bits)
-    l1_clusters = -(-(l1_size * 8) // cs)
-    rb_entries = cs * 8 // opts.refcount_bits
-    rt_clusters = 1
-    rb_count = 1
-    while True:
-        total = 1 + rt_clusters + rb_count + l1_clusters
-        need_rb = -(-total // rb_entries)
-        need_rt = max(1, -(-(need_rb * 8) // cs))
-        if need_rb <= rb_count and need_rt <= rt_clusters:
-            break
-        rb_count, rt_clusters = max(rb_count, need_rb), max(rt_clusters, need_rt)
-    total = 1 + rt_clusters + rb_count + l1_clusters
-    rt_offset = cs
-    rb_offset = rt_offset + rt_clusters * cs
-    l1_offset = rb_offset + rb_count * cs if l1_size else 0
-    parts = [
-        _header(opts, l1_size, l1_offset, rt_offset, rt_clusters),
-        _reftable([rb_offset + k * cs for k in range(rb_count)], rt_clusters, cs),
-        _refblocks(order, cs, total, rb_count),
-    ]
-    # The L1 table (all zeros): like QEMU, the file ends right after its last
-    # entry, part-way through a cluster.
-    parts.append(bytes(l1_size * 8))
-    return b"".join(parts)
-
-
-def _preallocated(opts: Qcow2Options) -> Layout:
-    cs = opts.cluster_size
-    cluster_bits = cs.bit_length() - 1
-    order = opts.refcount_bits.bit_length() - 1
-    l1_size = l1_size_for(opts.size, cluster_bits)
-    l1_clusters = -(-(l1_size * 8) // cs)
-    l2_entries = cs // 8
-    n_data = -(-opts.size // cs)
-    n_l2 = -(-n_data // l2_entries)
-    first_l1 = 3
+    l1_offset = model.alloc(-(-(l1_size * 8) // cs)) * cs if l1_size else 0
+    layout = Layout()
+    l1 = bytearray(l1_size * 8)
     if opts.preallocation == "metadata":
-        # L2 table, then its data clusters, table after table.
-        l2_offsets, data_starts = [], []
-        nxt = first_l1 + l1_clusters
+        l2_entries = cs // 8
+        n_data = -(-opts.size // cs)
+        for i in range(-(-n_data // l2_entries)):
+            l2 = model.alloc(1) * cs
+            count = min(l2_entries, n_data - i * l2_entries)
+            first = model.alloc(count)
+            l1[i * 8:i * 8 + 8] = (l2 | QCOW_OFLAG_COPIED).to_bytes(8, "big")
+            table = bytearray(cs)
+            for k in range(count):
+                table[k * 8:k * 8 + 8] = (((first + k) * cs) | QCOW_OFLAG_COPIED).to_bytes(8, "big")
+            layout.writes.append((l2, bytes(table)))
+            layout.data.append((first * cs, count * cs))
+            layout.file_size = (first + count) * cs
+        tail = opts.size % cs
+        if tail:
+            # The copy-on-write of the last, partial cluster writes its tail.
+            layout.writes.append((layout.file_size - cs + tail, bytes(cs - tail)))
+    elif opts.preallocation != "off":
+        # qcow2_co_truncate: refcount structures for the data and its L2 tables
+        # (plus one) behind what is used, the data after them, then the tables.
+        l2_entries = cs // 8
+        n_data = -(-opts.size // cs)
+        n_l2 = -(-n_data // l2_entries)
+        start = max(cluster for cluster, ref in model.refs.items() if ref) + 1
+        first = model.refcount_area(start, n_data + n_l2 + 1)
+        for cluster in range(first, first + n_data):
+            model.refs[cluster] = 1
+        layout.data.append((first * cs, n_data * cs))
+        layout.file_size = (first + n_data) * cs
         for i in range(n_l2):
-            l2_offsets.append(nxt)
-            data_starts.append(nxt + 1)
-            nxt += 1 + min(l2_entries, n_data - i * l2_entries)
-        used = nxt
-        rt_cluster = 1
-        last_guest = (n_l2 - 1) * l2_entries * cs
-        file_size = data_starts[-1] * cs + (opts.size - last_guest)
-    else:
-        # qcow2_refcount_area moves the reftable behind the L1 table; the
-        # data follows it; the first L2 table takes the freed cluster 1.
-        rt_cluster = first_l1 + l1_clusters
-        start = rt_cluster + 1
-        data_starts = [start + i * l2_entries for i in range(n_l2)]
-        l2_offsets = [1] + [start + n_data + i for i in range(n_l2 - 1)]
-        used = start + n_data + max(0, n_l2 - 1)
-        file_size = (start + n_data) * cs
-    # falloc/full: the refcount structures are made to cover one more L2 table.
-    covered = used if opts.preallocation == "metadata" else used + 2
-    if covered > cs * 8 // opts.refcount_bits:
-        raise CreateError("Could not resize image: qmpd preallocates only images whose "
-                          "clusters one refcount block covers", 27)
-    layout = Layout(file_size=file_size)
-    l1 = bytearray(l1_clusters * cs)
-    for i, l2 in enumerate(l2_offsets):
-        l1[i * 8:i * 8 + 8] = ((l2 * cs) | QCOW_OFLAG_COPIED).to_bytes(8, "big")
-        table = bytearray(cs)
-        count = min(l2_entries, n_data - i * l2_entries)
-        for k in range(count):
-            entry = ((data_starts[i] + k) * cs) | QCOW_OFLAG_COPIED
-            table[k * 8:k * 8 + 8] = entry.to_bytes(8, "big")
-        layout.writes.append((l2 * cs, bytes(table)))
-        layout.data.append((data_starts[i] * cs, count * cs))
+            l2 = model.alloc(1) * cs
+            count = min(l2_entries, n_data - i * l2_entries)
+            l1[i * 8:i * 8 + 8] = (l2 | QCOW_OFLAG_COPIED).to_bytes(8, "big")
+            table = bytearray(cs)
+            for k in range(count):
+                host = (first + i * l2_entries + k) * cs
+                table[k * 8:k * 8 + 8] = (host | QCOW_OFLAG_COPIED).to_bytes(8, "big")
+            layout.writes.append((l2, bytes(table)))
+    entries = cs * 8 >> order
     layout.writes[:0] = [
-        (0, _header(opts, l1_size, first_l1 * cs, rt_cluster * cs, 1)),
-        (rt_cluster * cs, _reftable([2 * cs], 1, cs)),
-        (2 * cs, _refblocks(order, cs, used, 1)),
-        (first_l1 * cs, bytes(l1[:l1_size * 8])),
+        (0, _header(opts, l1_size, l1_offset, model.table_cluster * cs, model.table_clusters)),
+        (model.table_cluster * cs,
+         _reftable([block * cs for block in model.table], model.table_clusters, cs)),
     ]
+    for index, block in model.blocks():
+        blk = RefBlock.new(order, cs)
+        base = index * entries
+        for cluster, ref in model.refs.items():
+            if base <= cluster < base + entries and ref:
+                blk.set(cluster - base, ref)
+        layout.writes.append((block * cs, blk.to_bytes()))
+    if l1_size:
+        layout.writes.append((l1_offset, bytes(l1)))
+    end = max(offset + len(data) for offset, data in layout.writes)
+    layout.file_size = max(layout.file_size, end)
     return layout
 
 
