@@ -43,6 +43,7 @@ class JobManager:
         self._serialise = serialise
         self._jobs: list[Job] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._task_of: dict[Job, asyncio.Task[None]] = {}
         self._closed = False
 
     # --- lookup -------------------------------------------------------------------
@@ -101,7 +102,9 @@ class JobManager:
         job.transition(JobStatus.RUNNING)
         task = asyncio.get_running_loop().create_task(self._body(job), name=f"job {job.id}")
         self._tasks.add(task)
+        self._task_of[job] = task
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._task_of.pop(job, None))
 
     async def fail_at_start(self, job: Job, exc: QMPError) -> None:
         """``job`` failed before its first yield: finish it now, in the command that
@@ -325,17 +328,35 @@ class JobManager:
     # --- shutdown -----------------------------------------------------------------------
 
     async def close(self) -> None:
-        """job_cancel_sync_all: force-cancel every job and wait for it to finish."""
+        """job_cancel_sync_all: newest first, each job force-cancelled and waited
+        for, then dismissed (a concluded job is only dismissed), as QEMU does at exit."""
         self._closed = True
-        for job in list(self._jobs):
-            if job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
-                try:
-                    await self._serialise(functools.partial(self._cancel, job, True))
-                except QMPError:
-                    log.warning("job %s: cancel at shutdown refused", job.id)
-        deadline = 30.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30.0
+        tries: dict[int, int] = {}
+        while self._jobs:
+            job = self._jobs[0]
+            tries[id(job)] = tries.get(id(job), 0) + 1
+            if tries[id(job)] > 3:  # a job that cannot finish: let it go
+                log.warning("job %s: not finished at shutdown (%s)", job.id, job.status.value)
+                self._jobs.remove(job)
+                continue
+            try:
+                await self._serialise(functools.partial(self._cancel, job, True))
+            except QMPError:
+                log.warning("job %s: cancel at shutdown refused", job.id)
+                self._jobs.remove(job)
+                continue
+            task = self._task_of.get(job)
+            if task is not None and not task.done():
+                _done, pending = await asyncio.wait([task],
+                                                    timeout=max(0.0, deadline - loop.time()))
+                if pending:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         if self._tasks:
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=deadline)
+            _done, pending = await asyncio.wait(list(self._tasks),
+                                                timeout=max(0.0, deadline - loop.time()))
             for task in pending:
                 task.cancel()
             if pending:
