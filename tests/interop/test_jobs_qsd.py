@@ -291,3 +291,61 @@ def test_images_as_qsd(tmp_path: Path) -> None:
     # Allocation follows the preallocation mode (falloc and full allocate everything).
     blocks = [os.stat(ours / f"raw{k}").st_blocks * 512 for k in range(3)]
     assert blocks[0] < MiB and blocks[1] >= 3 * MiB and blocks[2] >= 3 * MiB, blocks
+
+
+# --- a running job: the verbs it takes and refuses, cancel, and quit ----------------------
+
+#: Long enough to be running for the commands below on either daemon (QSD: ~1.5 s).
+SLOW = {"driver": "file", "filename": "$DIR/slow", "size": 512 * MiB, "preallocation": "full"}
+
+
+def test_verbs_on_a_running_job_as_qsd(tmp_path: Path) -> None:
+    def talk(p: Peer) -> None:
+        p.cmd("blockdev-create", {"job-id": "s", "options": SLOW})
+        for verb in ["job-complete", "job-finalize", "job-dismiss", "job-pause"]:
+            p.cmd(verb, {"id": "s"})
+        p.cmd("query-jobs")
+        p.cmd("job-pause", {"id": "s"})
+        p.cmd("job-resume", {"id": "s"})
+        p.cmd("job-resume", {"id": "s"})
+        p.cmd("block-job-cancel", {"device": "s"})
+        p.cmd("query-block-jobs")
+        # A create job cannot stop half-way: it finishes its work, then fails as cancelled.
+        p.cmd("job-cancel", {"id": "s"})
+        p.cmd("query-jobs")
+        p.cmd("job-cancel", {"id": "s"})
+        p.job("s")
+        p.cmd("query-jobs")
+        p.cmd("job-dismiss", {"id": "s"})
+
+    qsd = assert_same(transcripts(tmp_path, talk))
+    assert ("reply", "query-jobs", {"return": [{
+        "current-progress": 1, "status": "concluded", "total-progress": 1, "type": "create",
+        "id": "s", "error": "Operation canceled"}]}) in qsd
+    for impl in ("qsd", "qmpd"):
+        assert os.path.getsize(tmp_path / impl / "slow") == 512 * MiB
+
+
+def test_quit_with_jobs_as_qsd(tmp_path: Path) -> None:
+    """At exit each job, newest first, is cancelled and waited for, then dismissed
+    (job_cancel_sync_all).  qmpd sends SHUTDOWN and answers ``quit`` before it
+    cancels the jobs; QSD sends no SHUTDOWN and answers once they are gone."""
+    def talk(p: Peer) -> None:
+        create(p, "done", {"driver": "file", "filename": "$DIR/small", "size": 0},
+               dismiss=False)
+        p.cmd("blockdev-create", {"job-id": "s", "options": SLOW})
+        p.cmd("quit")
+        p.drain()
+
+    got = transcripts(tmp_path, talk)
+    quit_order = {}
+    for impl, transcript in got.items():
+        end = [i for i, e in enumerate(transcript) if e[:2] == ("reply", "blockdev-create")][-1]
+        quit_order[impl] = [e for e in transcript[end + 1:]
+                            if e[1] != "SHUTDOWN" and e[:2] != ("reply", "quit")]
+        assert ("reply", "quit", {"return": {}}) in transcript[end + 1:]
+        assert os.path.getsize(tmp_path / impl / "slow") == 512 * MiB
+    assert quit_order["qmpd"] == quit_order["qsd"] == [
+        ("event", "JOB_STATUS_CHANGE", {"status": status, "id": job_id})
+        for job_id, status in [("s", "aborting"), ("s", "concluded"), ("s", "null"),
+                               ("done", "null")]]

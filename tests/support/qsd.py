@@ -73,6 +73,16 @@ class Peer:
             if found["data"]["id"] == job_id:
                 return
 
+    def drain(self, timeout: float = 60.0) -> None:
+        """Read until the daemon closes the connection (after ``quit``)."""
+        try:
+            while True:
+                self.qmp.recv(timeout)
+        except (EOFError, ConnectionError):
+            pass
+        if self.proc is not None:
+            self.proc.wait(timeout)
+
     def transcript(self) -> list[Any]:
         """Replies and events in arrival order, without timestamps, ``$DIR`` for the directory."""
         out: list[Any] = []
