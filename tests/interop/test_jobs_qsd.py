@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +350,30 @@ def test_quit_with_jobs_as_qsd(tmp_path: Path) -> None:
         ("event", "JOB_STATUS_CHANGE", {"status": status, "id": job_id})
         for job_id, status in [("s", "aborting"), ("s", "concluded"), ("s", "null"),
                                ("done", "null")]]
+
+
+def test_jobs_in_metrics(qmpd_factory: Any, tmp_path: Path) -> None:
+    """qmpd_jobs{type,status} and each job's progress, over HTTP."""
+    daemon = qmpd_factory("--http", "127.0.0.1:0", "--log-level", "info")
+    client = daemon.client()
+    client.negotiate()
+
+    def metrics() -> str:
+        with urllib.request.urlopen(daemon.http_url() + "/metrics", timeout=10) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+
+    assert "qmpd_jobs{" not in metrics()
+    for job_id, size in (("a", 0), ("b", -1)):
+        since = len(client.events)
+        client.ok("blockdev-create", {"job-id": job_id, "options": {
+            "driver": "file", "filename": str(tmp_path / job_id), "size": size}})
+        client.wait_event("JOB_STATUS_CHANGE", "concluded", since=since)
+    text = metrics()
+    assert 'qmpd_jobs{status="concluded",type="create"} 2.0' in text
+    assert 'qmpd_job_progress_current{id="a",type="create"} 1.0' in text
+    assert 'qmpd_job_progress_total{id="b",type="create"} 1.0' in text
+    client.ok("job-dismiss", {"id": "a"})
+    text = metrics()
+    assert 'qmpd_jobs{status="concluded",type="create"} 1.0' in text
+    assert 'id="a"' not in text
+    client.close()
