@@ -27,7 +27,14 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
 from qmpd.block.file_create import DEFAULT_EXTENT_SIZE_HINT, fill, open_new
 from qmpd.block.locking import ImageLock
-from qmpd.block.qcow2.create import CreateError, Qcow2Options, check_options, check_size, plan
+from qmpd.block.qcow2.create import (
+    CreateError,
+    Layout,
+    Qcow2Options,
+    check_options,
+    check_size,
+    plan,
+)
 from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.job import Job
@@ -157,24 +164,26 @@ class CreateJob(Job):
     async def _format_qcow2(self, opts: Qcow2Options) -> None:
         assert self.node is not None
         file = ImageFile(self.node)
+        run_io = self.block.graph.run_io
         try:
             check_size(opts)
         except CreateError:
             # QEMU has written the empty image before it resizes it.
-            await self._write(file, dataclasses.replace(
-                opts, size=0, backing_file=None, backing_format=None, preallocation="off"))
+            await self._write(file, opts, await run_io(plan, dataclasses.replace(
+                opts, size=0, backing_file=None, backing_format=None, preallocation="off")))
             raise
         try:
-            plan(opts)
+            # Replaying QEMU's allocator for a large preallocated image takes a while.
+            layout = await run_io(plan, opts)
         except CreateError:
             # The backing file name is the last step: the image is there without it.
-            await self._write(file, dataclasses.replace(
-                opts, backing_file=None, backing_format=None))
+            await self._write(file, opts, await run_io(plan, dataclasses.replace(
+                opts, backing_file=None, backing_format=None)))
             raise
-        await self._write(file, opts)
+        await self._write(file, opts, layout)
 
-    async def _write(self, file: ImageFile, opts: Qcow2Options) -> None:
-        layout = plan(opts)
+    @staticmethod
+    async def _write(file: ImageFile, opts: Qcow2Options, layout: Layout) -> None:
         if opts.preallocation in ("falloc", "full"):
             for offset, length in layout.data:
                 if opts.preallocation == "falloc":
