@@ -377,3 +377,19 @@ def test_jobs_in_metrics(qmpd_factory: Any, tmp_path: Path) -> None:
     assert 'qmpd_jobs{status="concluded",type="create"} 1.0' in text
     assert 'id="a"' not in text
     client.close()
+
+
+def test_qcow2_features_qmpd_lacks(qmpd_factory: Any, tmp_path: Path) -> None:
+    """Not in qmpd's schema, refused as QEMU refuses a member its schema lacks."""
+    client = qmpd_factory().client()
+    client.negotiate()
+    base = {"driver": "qcow2", "file": "f", "size": MiB}
+    for member, value in [("data-file", "f"), ("data-file-raw", True), ("extended-l2", True),
+                          ("encrypt", {"format": "luks", "key-secret": "s"})]:
+        assert client.err("blockdev-create", {"job-id": "j", "options": {
+            **base, member: value}}) == f"Parameter 'options.{member}' is unexpected"
+    assert client.err("blockdev-create", {"job-id": "j", "options": {
+        **base, "compression-type": "zstd"}}) == (
+        "Parameter 'compression-type' does not accept value 'zstd'")
+    assert client.ok("query-jobs") == []
+    client.close()
