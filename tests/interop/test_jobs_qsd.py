@@ -271,7 +271,8 @@ def test_images_as_qsd(tmp_path: Path) -> None:
         nodes(p, tuple(f"n{k}" for k, opts in enumerate(IMAGES)
                        if opts.get("preallocation") in ("falloc", "full")))
 
-    assert_same(transcripts(tmp_path, talk))
+    # Not line for line: the preallocated files' actual-size is left out (see nodes()).
+    assert_same(transcripts(tmp_path, talk), raw=False)
     qsd, ours = tmp_path / "qsd", tmp_path / "qmpd"
     names = [f"img{k}" for k in range(len(IMAGES))] + ["inline", "big"]
     for name in names:
@@ -340,7 +341,8 @@ def test_quit_with_jobs_as_qsd(tmp_path: Path) -> None:
 
     got = transcripts(tmp_path, talk)
     quit_order = {}
-    for impl, transcript in got.items():
+    for impl in ("qsd", "qmpd"):
+        transcript = got[impl]
         end = [i for i, e in enumerate(transcript) if e[:2] == ("reply", "blockdev-create")][-1]
         quit_order[impl] = [e for e in transcript[end + 1:]
                             if e[1] != "SHUTDOWN" and e[:2] != ("reply", "quit")]

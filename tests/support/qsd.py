@@ -13,6 +13,7 @@ alike.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from tests.support.qmp import QmpClient
 from tests.support.tools import QSD, require_tool, wait_for_socket
 
 Conversation = Callable[["Peer"], None]
+#: The member QEMU 10 added to query-named-block-nodes, which qmpd reports.
+_ACTIVE = re.compile(rb'"active": (?:true|false), ')
+_TIMESTAMP = re.compile(rb'"timestamp": \{"seconds": \d+, "microseconds": \d+\}, ')
 IMPLS = ("qsd", "qmpd")
 
 
@@ -94,6 +98,13 @@ class Peer:
                 out.append(("reply", entry[1], entry[2]))
         return _subst(out, str(self.work), "$DIR")  # type: ignore[no-any-return]
 
+    def lines(self) -> list[bytes]:
+        """Every line received after the greeting as sent (member order and all),
+        without timestamps, ``$DIR`` for the directory."""
+        work = str(self.work).encode()
+        return [_TIMESTAMP.sub(b"", line[3:]).replace(work, b"$DIR")
+                for line in self.qmp.transcript[1:] if line.startswith(b"<- ")]
+
 
 @contextmanager
 def qsd_peer(work: Path, *args: str) -> Iterator[Peer]:
@@ -107,7 +118,7 @@ def qsd_peer(work: Path, *args: str) -> Iterator[Peer]:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_socket(proc, sock)
-        client = QmpClient(sock, 30, check_schema=False, negotiate=True)
+        client = QmpClient(sock, 30, check_schema=False, negotiate=True, trace=True)
         try:
             yield Peer("qsd", client, work, proc)
         finally:
@@ -123,7 +134,7 @@ def qmpd_peer(work: Path, *args: str) -> Iterator[Peer]:
     """qmpd with its default QMP socket in ``work`` and ``args``."""
     daemon = QmpdProcess(work, *_subst(list(args), "$DIR", str(work)))
     try:
-        client = QmpClient(daemon.sock, 30, negotiate=True)
+        client = QmpClient(daemon.sock, 30, negotiate=True, trace=True)
         try:
             yield Peer("qmpd", client, work, daemon.proc)
         finally:
@@ -140,7 +151,8 @@ def peer(impl: str, work: Path, *args: str) -> Iterator[Peer]:
 
 def transcripts(tmp_path: Path, conversation: Conversation, *args: str,
                 prepare: Callable[[Path], None] | None = None) -> dict[str, list[Any]]:
-    """Each daemon's transcript of ``conversation`` (started with ``args``)."""
+    """Each daemon's transcript of ``conversation`` (started with ``args``); under
+    ``lines-qsd`` and ``lines-qmpd``, the lines as received."""
     out = {}
     for impl in IMPLS:
         work = tmp_path / impl
@@ -150,16 +162,24 @@ def transcripts(tmp_path: Path, conversation: Conversation, *args: str,
         with peer(impl, work, *args) as p:
             conversation(p)
             out[impl] = p.transcript()
+            out[f"lines-{impl}"] = p.lines()  # type: ignore[assignment]
     return out
 
 
-def assert_same(got: dict[str, list[Any]]) -> list[Any]:
-    """The two transcripts are equal; on a difference, show the first one."""
+def assert_same(got: dict[str, list[Any]], raw: bool = True) -> list[Any]:
+    """The two transcripts are equal; on a difference, show the first one.
+
+    With ``raw``, the lines are compared too, byte for byte (member order
+    counts), but for the ``active`` member of qmpd's node queries."""
     qsd, ours = got["qsd"], got["qmpd"]
     for i, (a, b) in enumerate(zip(qsd, ours, strict=False)):
         assert b == a, (f"entry {i} differs:\nqsd:  {json.dumps(a)}\nqmpd: {json.dumps(b)}\n"
                         f"before: {json.dumps(qsd[max(0, i - 3):i])}")
     assert len(ours) == len(qsd), f"qsd: {json.dumps(qsd[len(ours):])}\nqmpd: {json.dumps(ours[len(qsd):])}"
+    if raw and "lines-qsd" in got:
+        for a, b in zip(got["lines-qsd"], got["lines-qmpd"], strict=True):
+            b = _ACTIVE.sub(b"", b)
+            assert b == a, f"qsd:  {a!r}\nqmpd: {b!r}"
     return qsd
 
 
