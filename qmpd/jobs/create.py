@@ -11,9 +11,12 @@ job's lifetime) is held with write and resize permissions as QEMU's
 anonymous BlockBackend holds it, and the image is written through that
 node's driver (:mod:`qmpd.block.qcow2.create` says what to write where).
 The graph changes (opening, holding, releasing) happen under the graph lock,
-in the command and in :meth:`CreateJob.clean`; ``run`` only does I/O, and
-the errors found while starting are reported by ``run`` at the point QEMU
-would report them.
+in the command and in :meth:`CreateJob.clean`; ``run`` only does I/O.
+
+What QEMU does before the job first yields (every option check, a node
+lookup, opening the new file) is done in the command: a failure there ends
+the job before the command's reply, as in QEMU.  Later failures (an inline
+node's open, the truncation steps) come after the reply.
 """
 
 from __future__ import annotations
