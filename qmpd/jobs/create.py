@@ -24,24 +24,20 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
-from qmpd.block.file_create import DEFAULT_EXTENT_SIZE_HINT, fill, open_new
-from qmpd.block.locking import ImageLock
-from qmpd.block.qcow2.create import (
-    CreateError,
-    Layout,
-    Qcow2Options,
-    check_options,
-    check_size,
-    plan,
-)
-from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.job import Job
 from qmpd.jobs.manager import JobManager
+
+# The creation code (and with it the qcow2 package) is imported by the first
+# blockdev-create, not at start-up: the drivers load on a worker thread then.
+if TYPE_CHECKING:
+    from qmpd.block.locking import ImageLock
+    from qmpd.block.qcow2.create import Layout, Qcow2Options
+    from qmpd.block.qcow2.fileio import ImageFile
 
 #: The drivers blockdev-create can create (the others are in the schema, as in QEMU's).
 CREATABLE = ("file", "qcow2")
@@ -129,6 +125,8 @@ class CreateJob(Job):
         """What QEMU does before the job first yields: every check, the file's open.
 
         Raises what fails the job then (before the command's reply)."""
+        from qmpd.block.file_create import DEFAULT_EXTENT_SIZE_HINT, open_new
+
         self.progress_set_remaining(1)
         opts = self.options
         if opts["driver"] == "file":
@@ -139,6 +137,8 @@ class CreateJob(Job):
             self._checks()
 
     def _checks(self) -> None:
+        from qmpd.block.qcow2.create import check_options
+
         if self._open_error is not None:
             raise self._open_error
         self._opts = check_options(self.options)
@@ -146,6 +146,8 @@ class CreateJob(Job):
             raise self._perm_error
 
     async def run(self) -> None:
+        from qmpd.block.file_create import fill
+
         try:
             if self.options["driver"] == "qcow2" and not isinstance(self.options["file"], str):
                 # Opening an inline node does I/O in QEMU: its failures, and the
@@ -165,6 +167,9 @@ class CreateJob(Job):
             self.progress_update(1)
 
     async def _format_qcow2(self, opts: Qcow2Options) -> None:
+        from qmpd.block.qcow2.create import CreateError, check_size, plan
+        from qmpd.block.qcow2.fileio import ImageFile
+
         assert self.node is not None
         file = ImageFile(self.node)
         run_io = self.block.graph.run_io
