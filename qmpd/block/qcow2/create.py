@@ -23,6 +23,8 @@ writes through a node.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from dataclasses import dataclass, field
 
 from qmpd.block.qcow2.format import (
@@ -295,6 +297,15 @@ class _RefcountModel:
         return [(index, block) for index, block in enumerate(self.table) if block]
 
 
+def _l2_table(host: int, count: int, cluster_size: int) -> bytes:
+    """An L2 table mapping ``count`` clusters to the host clusters from ``host`` on."""
+    table = array("Q", range(host | QCOW_OFLAG_COPIED,
+                             (host + count * cluster_size) | QCOW_OFLAG_COPIED, cluster_size))
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes().ljust(cluster_size, b"\0")
+
+
 def _empty_image(opts: Qcow2Options) -> bytes:
     layout = _allocated(opts)
     out = bytearray(layout.file_size)
@@ -322,10 +333,7 @@ def _allocated(opts: Qcow2Options) -> Layout:
             count = min(l2_entries, n_data - i * l2_entries)
             first = model.alloc(count)
             l1[i * 8:i * 8 + 8] = (l2 | QCOW_OFLAG_COPIED).to_bytes(8, "big")
-            table = bytearray(cs)
-            for k in range(count):
-                table[k * 8:k * 8 + 8] = (((first + k) * cs) | QCOW_OFLAG_COPIED).to_bytes(8, "big")
-            layout.writes.append((l2, bytes(table)))
+            layout.writes.append((l2, _l2_table(first * cs, count, cs)))
             layout.data.append((first * cs, count * cs))
             layout.file_size = (first + count) * cs
         tail = opts.size % cs
@@ -348,23 +356,21 @@ def _allocated(opts: Qcow2Options) -> Layout:
             l2 = model.alloc(1) * cs
             count = min(l2_entries, n_data - i * l2_entries)
             l1[i * 8:i * 8 + 8] = (l2 | QCOW_OFLAG_COPIED).to_bytes(8, "big")
-            table = bytearray(cs)
-            for k in range(count):
-                host = (first + i * l2_entries + k) * cs
-                table[k * 8:k * 8 + 8] = (host | QCOW_OFLAG_COPIED).to_bytes(8, "big")
-            layout.writes.append((l2, bytes(table)))
+            layout.writes.append((l2, _l2_table((first + i * l2_entries) * cs, count, cs)))
     entries = cs * 8 >> order
     layout.writes[:0] = [
         (0, _header(opts, l1_size, l1_offset, model.table_cluster * cs, model.table_clusters)),
         (model.table_cluster * cs,
          _reftable([block * cs for block in model.table], model.table_clusters, cs)),
     ]
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for cluster, ref in model.refs.items():
+        if ref:
+            by_block.setdefault(cluster // entries, []).append((cluster % entries, ref))
     for index, block in model.blocks():
         blk = RefBlock.new(order, cs)
-        base = index * entries
-        for cluster, ref in model.refs.items():
-            if base <= cluster < base + entries and ref:
-                blk.set(cluster - base, ref)
+        for k, ref in by_block.get(index, ()):
+            blk.set(k, ref)
         layout.writes.append((block * cs, blk.to_bytes()))
     if l1_size:
         layout.writes.append((l1_offset, bytes(l1)))
