@@ -395,3 +395,22 @@ def test_qcow2_features_qmpd_lacks(qmpd_factory: Any, tmp_path: Path) -> None:
         "Parameter 'compression-type' does not accept value 'zstd'")
     assert client.ok("query-jobs") == []
     client.close()
+
+
+def test_formatting_through_other_nodes_as_qsd(tmp_path: Path) -> None:
+    """An O_DIRECT file node, then a raw node over it: the image goes through
+    whatever node ``file`` names, as in QEMU."""
+    def talk(p: Peer) -> None:
+        create(p, "a", {"driver": "file", "filename": "$DIR/d.qcow2", "size": 0})
+        p.cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": "$DIR/d.qcow2",
+                               "cache": {"direct": True}})
+        create(p, "b", {"driver": "qcow2", "file": "f", "size": GiB,
+                        "preallocation": "metadata"})
+        p.cmd("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f"})
+        create(p, "c", {"driver": "qcow2", "file": "r", "size": MiB, "cluster-size": 4096})
+        p.cmd("query-jobs")
+
+    assert_same(transcripts(tmp_path, talk))
+    ours, qsd = tmp_path / "qmpd" / "d.qcow2", tmp_path / "qsd" / "d.qcow2"
+    assert ours.read_bytes() == qsd.read_bytes()
+    assert check(ours) == check(qsd)
