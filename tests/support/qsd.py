@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,7 @@ class Peer:
         self.qmp = client
         self.work = work
         self.proc = proc
+        self._seen = 0  # events consumed by wait() and job()
 
     def path(self, name: str) -> str:
         return str(self.work / name)
@@ -62,20 +64,32 @@ class Peer:
         args = _subst(arguments, "$DIR", str(self.work)) if arguments is not None else None
         return _subst(self.qmp.cmd(execute, args), str(self.work), "$DIR")  # type: ignore[no-any-return]
 
+    def _next(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> None:
+        """Consume events up to the first one ``match`` accepts."""
+        deadline = time.monotonic() + timeout
+        events = self.qmp.events
+        while True:
+            while self._seen < len(events):
+                self._seen += 1
+                if match(events[self._seen - 1]):
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no such event; got {events[-5:]}")
+            try:
+                self.qmp.recv(left)
+            except TimeoutError:
+                pass
+
     def wait(self, event: str, status: str | None = None, timeout: float = 30.0) -> None:
         """Wait for an event (``status``: a JOB_STATUS_CHANGE status) not yet waited for."""
-        since = getattr(self, "_since", 0)
-        found = self.qmp.wait_event(event, status, timeout, since)
-        self._since = self.qmp.events.index(found) + 1
+        self._next(lambda ev: ev["event"] == event and (
+            status is None or ev.get("data", {}).get("status") == status), timeout)
 
-    def job(self, job_id: str, status: str = "concluded") -> None:
+    def job(self, job_id: str, status: str = "concluded", timeout: float = 60.0) -> None:
         """Wait until job ``job_id`` reaches ``status``."""
-        while True:
-            since = getattr(self, "_since", 0)
-            found = self.qmp.wait_event("JOB_STATUS_CHANGE", status, 30.0, since)
-            self._since = self.qmp.events.index(found) + 1
-            if found["data"]["id"] == job_id:
-                return
+        self._next(lambda ev: ev["event"] == "JOB_STATUS_CHANGE"
+                   and ev["data"] == {"status": status, "id": job_id}, timeout)
 
     def drain(self, timeout: float = 60.0) -> None:
         """Read until the daemon closes the connection (after ``quit``)."""
