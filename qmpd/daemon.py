@@ -103,6 +103,8 @@ class Daemon:
         self.block.graph.on_event = self.events.emit  # BLOCK_IMAGE_CORRUPTED
         self.vm.after_activation.append(self.migration.after_cont_activation)
         self.jobs = Jobs(self.block, self.events.emit)
+        if self.metrics is not None:
+            self.metrics.watch_jobs(self.jobs.manager.__iter__)
         self.exit_status = 0
         services = Services(
             control=self, vm=self.vm, block=self.block, events=self.events,

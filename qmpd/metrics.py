@@ -119,6 +119,10 @@ class Metrics:
         """Export per-node series, read from the live graph at each scrape."""
         self.registry.register(_NodeCollector(nodes))
 
+    def watch_jobs(self, jobs: Callable[[], Iterable[Any]]) -> None:
+        """Export the jobs (query-jobs), read at each scrape."""
+        self.registry.register(_JobCollector(jobs))
+
     def watch_qmp_input(self, budget: QMPInputBudget) -> None:
         """Export the shared QMP input budget, read at each scrape."""
         self.registry.register(_InputCollector(budget))
@@ -198,6 +202,32 @@ class _NodeCollector(Collector):
         yield caches
         yield bitmaps
         yield dirty
+
+
+class _JobCollector(Collector):
+    """How many jobs there are of each type in each status, and each job's progress."""
+
+    def __init__(self, jobs: Callable[[], Iterable[Any]]) -> None:
+        self.jobs = jobs
+
+    def collect(self) -> Iterable[Any]:
+        counts = GaugeMetricFamily(
+            "qmpd_jobs", "Jobs (query-jobs) by type and status", labels=["type", "status"])
+        current = GaugeMetricFamily(
+            "qmpd_job_progress_current", "A job's current-progress", labels=["id", "type"])
+        total = GaugeMetricFamily(
+            "qmpd_job_progress_total", "A job's total-progress", labels=["id", "type"])
+        by_kind: dict[tuple[str, str], int] = {}
+        for job in self.jobs():
+            kind = (job.job_type, job.status.value)
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+            current.add_metric([job.id, job.job_type], job.progress_current)
+            total.add_metric([job.id, job.job_type], job.progress_total)
+        for (job_type, status), count in sorted(by_kind.items()):
+            counts.add_metric([job_type, status], count)
+        yield counts
+        yield current
+        yield total
 
 
 class _InputCollector(Collector):

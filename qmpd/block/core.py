@@ -78,6 +78,23 @@ class BlockLayer:
         node.monitor_owned = True
         return node
 
+    async def open_ref(self, ref: str | dict[str, Any]) -> tuple[BlockNode, bool]:
+        """bdrv_open_blockdev_ref: a node by name, or a new one (not the monitor's)
+        from inline options; and whether it is new (the caller closes it)."""
+        if isinstance(ref, str):
+            node = self.graph.lookup(ref)
+            if node is None:
+                raise GenericError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            return node, False
+        created: list[BlockNode] = []
+        try:
+            node = await self._open(ref, None, created, False, role_name=None)
+            await self.graph.refresh_perms(node)
+        except BaseException:
+            await self._rollback(created)
+            raise
+        return node, True
+
     async def _rollback(self, created: list[BlockNode]) -> None:
         for node in reversed(created):
             for edge in list(node.children.values()):

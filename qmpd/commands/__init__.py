@@ -8,6 +8,7 @@ from qmpd.commands import (
     block_core,
     block_export,
     control,
+    create,
     hmp,
     jobs,
     migration,
@@ -16,6 +17,6 @@ from qmpd.commands import (
 )
 
 __all__ = [
-    "bitmaps", "block_core", "block_export", "control", "hmp", "jobs", "migration", "objects",
-    "run_state",
+    "bitmaps", "block_core", "block_export", "control", "create", "hmp", "jobs", "migration",
+    "objects", "run_state",
 ]

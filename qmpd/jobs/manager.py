@@ -43,6 +43,7 @@ class JobManager:
         self._serialise = serialise
         self._jobs: list[Job] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._task_of: dict[Job, asyncio.Task[None]] = {}
         self._closed = False
 
     # --- lookup -------------------------------------------------------------------
@@ -101,9 +102,25 @@ class JobManager:
         job.transition(JobStatus.RUNNING)
         task = asyncio.get_running_loop().create_task(self._body(job), name=f"job {job.id}")
         self._tasks.add(task)
+        self._task_of[job] = task
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._task_of.pop(job, None))
+
+    async def fail_at_start(self, job: Job, exc: QMPError) -> None:
+        """``job`` failed before its first yield: finish it now, in the command that
+        started it (which holds the graph lock).
+
+        QEMU's job_start runs the job's coroutine at once; a job that fails
+        before it first yields has its job_exit bottom half run before the
+        command's reply is sent: aborting and concluded come before the reply.
+        """
+        job.fail(exc.desc, getattr(exc, "errno", None) or errno.EIO)
+        self._run_done(job)
+        await self._completed_once(job)
 
     async def _body(self, job: Job) -> None:
+        if job.deferred:  # failed at start (fail_at_start)
+            return
         try:
             await job.pause_point()
             await job.run()
@@ -311,17 +328,36 @@ class JobManager:
     # --- shutdown -----------------------------------------------------------------------
 
     async def close(self, timeout: float = 30.0) -> None:
-        """job_cancel_sync_all: force-cancel every job and wait for it to finish
-        (a job still running after ``timeout`` seconds has its task cancelled)."""
+        """job_cancel_sync_all: newest first, each job force-cancelled and waited
+        for, then dismissed (a concluded job is only dismissed), as QEMU does at exit;
+        a job still running after ``timeout`` seconds has its task cancelled."""
         self._closed = True
-        for job in list(self._jobs):
-            if job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
-                try:
-                    await self._serialise(functools.partial(self._cancel, job, True))
-                except QMPError:
-                    log.warning("job %s: cancel at shutdown refused", job.id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        tries: dict[int, int] = {}
+        while self._jobs:
+            job = self._jobs[0]
+            tries[id(job)] = tries.get(id(job), 0) + 1
+            if tries[id(job)] > 3:  # a job that cannot finish: let it go
+                log.warning("job %s: not finished at shutdown (%s)", job.id, job.status.value)
+                self._jobs.remove(job)
+                continue
+            try:
+                await self._serialise(functools.partial(self._cancel, job, True))
+            except QMPError:
+                log.warning("job %s: cancel at shutdown refused", job.id)
+                self._jobs.remove(job)
+                continue
+            task = self._task_of.get(job)
+            if task is not None and not task.done():
+                _done, pending = await asyncio.wait([task],
+                                                    timeout=max(0.0, deadline - loop.time()))
+                if pending:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         if self._tasks:
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            _done, pending = await asyncio.wait(list(self._tasks),
+                                                timeout=max(0.0, deadline - loop.time()))
             for task in pending:
                 task.cancel()
             if pending:

@@ -9,6 +9,7 @@ from typing import Any
 from qmpd.block.core import BlockLayer
 from qmpd.errors import DeviceNotActive
 from qmpd.jobs.block_job import BlockJob
+from qmpd.jobs.create import start_blockdev_create
 from qmpd.jobs.job import Emit, Job
 from qmpd.jobs.manager import JobManager
 
@@ -17,7 +18,9 @@ from qmpd.jobs.manager import JobManager
 Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
 
 #: The commands that start jobs.
-STARTERS: dict[str, Starter] = {}
+STARTERS: dict[str, Starter] = {
+    "blockdev-create": start_blockdev_create,
+}
 
 
 class Jobs:

@@ -1,0 +1,210 @@
+"""The same QMP conversation with qemu-storage-daemon 7.2 and with qmpd, as transcripts.
+
+A conversation is a function of a :class:`Peer`: it sends commands
+(:meth:`Peer.cmd`) and waits for events (:meth:`Peer.wait`).  It runs once
+against each daemon, each started in its own directory with the same
+arguments; the string ``$DIR`` in arguments stands for that directory.
+:meth:`Peer.transcript` is everything the daemon said, replies and events in
+arrival order, with timestamps dropped and the directory written ``$DIR``
+again, so that the two transcripts compare equal when the daemons behave
+alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import QmpdProcess
+from tests.support.qmp import QmpClient
+from tests.support.tools import QSD, require_tool, wait_for_socket
+
+Conversation = Callable[["Peer"], None]
+#: The member QEMU 10 added to query-named-block-nodes, which qmpd reports.
+_ACTIVE = re.compile(rb'"active": (?:true|false), ')
+_TIMESTAMP = re.compile(rb'"timestamp": \{"seconds": \d+, "microseconds": \d+\}, ')
+IMPLS = ("qsd", "qmpd")
+
+
+def _subst(value: Any, old: str, new: str) -> Any:
+    """``value`` with ``old`` replaced by ``new`` in every string inside it."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_subst(v, old, new) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_subst(v, old, new) for v in value)
+    if isinstance(value, dict):
+        return {_subst(k, old, new): _subst(v, old, new) for k, v in value.items()}
+    return value
+
+
+class Peer:
+    """One daemon in a conversation."""
+
+    def __init__(self, name: str, client: QmpClient, work: Path,
+                 proc: subprocess.Popen[Any] | None = None) -> None:
+        self.name = name
+        self.qmp = client
+        self.work = work
+        self.proc = proc
+        self._seen = 0  # events consumed by wait() and job()
+
+    def path(self, name: str) -> str:
+        return str(self.work / name)
+
+    def cmd(self, execute: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send a command (``$DIR`` in its arguments is this daemon's directory)."""
+        args = _subst(arguments, "$DIR", str(self.work)) if arguments is not None else None
+        return _subst(self.qmp.cmd(execute, args), str(self.work), "$DIR")  # type: ignore[no-any-return]
+
+    def _next(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> None:
+        """Consume events up to the first one ``match`` accepts."""
+        deadline = time.monotonic() + timeout
+        events = self.qmp.events
+        while True:
+            while self._seen < len(events):
+                self._seen += 1
+                if match(events[self._seen - 1]):
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no such event; got {events[-5:]}")
+            try:
+                self.qmp.recv(left)
+            except TimeoutError:
+                pass
+
+    def wait(self, event: str, status: str | None = None, timeout: float = 30.0) -> None:
+        """Wait for an event (``status``: a JOB_STATUS_CHANGE status) not yet waited for."""
+        self._next(lambda ev: ev["event"] == event and (
+            status is None or ev.get("data", {}).get("status") == status), timeout)
+
+    def job(self, job_id: str, status: str = "concluded", timeout: float = 60.0) -> None:
+        """Wait until job ``job_id`` reaches ``status``."""
+        self._next(lambda ev: ev["event"] == "JOB_STATUS_CHANGE"
+                   and ev["data"] == {"status": status, "id": job_id}, timeout)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Read until the daemon closes the connection (after ``quit``)."""
+        try:
+            while True:
+                self.qmp.recv(timeout)
+        except (EOFError, ConnectionError):
+            pass
+        if self.proc is not None:
+            self.proc.wait(timeout)
+
+    def transcript(self) -> list[Any]:
+        """Replies and events in arrival order, without timestamps, ``$DIR`` for the directory."""
+        out: list[Any] = []
+        for entry in self.qmp.log:
+            if entry[0] == "event":
+                msg = entry[1]
+                out.append(("event", msg["event"], msg.get("data")))
+            else:
+                out.append(("reply", entry[1], entry[2]))
+        return _subst(out, str(self.work), "$DIR")  # type: ignore[no-any-return]
+
+    def lines(self) -> list[bytes]:
+        """Every line received after the greeting as sent (member order and all),
+        without timestamps, ``$DIR`` for the directory."""
+        work = str(self.work).encode()
+        return [_TIMESTAMP.sub(b"", line[3:]).replace(work, b"$DIR")
+                for line in self.qmp.transcript[1:] if line.startswith(b"<- ")]
+
+
+@contextmanager
+def qsd_peer(work: Path, *args: str) -> Iterator[Peer]:
+    """qemu-storage-daemon with a QMP monitor on ``work``/qmp.sock and ``args``."""
+    require_tool(QSD)
+    sock = work / "qmp.sock"
+    args = tuple(_subst(list(args), "$DIR", str(work)))
+    proc = subprocess.Popen(
+        [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+         "--monitor", "chardev=c", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(proc, sock)
+        client = QmpClient(sock, 30, check_schema=False, negotiate=True, trace=True)
+        try:
+            yield Peer("qsd", client, work, proc)
+        finally:
+            client.close()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def qmpd_peer(work: Path, *args: str) -> Iterator[Peer]:
+    """qmpd with its default QMP socket in ``work`` and ``args``."""
+    daemon = QmpdProcess(work, *_subst(list(args), "$DIR", str(work)))
+    try:
+        client = QmpClient(daemon.sock, 30, negotiate=True, trace=True)
+        try:
+            yield Peer("qmpd", client, work, daemon.proc)
+        finally:
+            client.close()
+    finally:
+        daemon.stop()
+
+
+@contextmanager
+def peer(impl: str, work: Path, *args: str) -> Iterator[Peer]:
+    with (qsd_peer if impl == "qsd" else qmpd_peer)(work, *args) as p:
+        yield p
+
+
+def transcripts(tmp_path: Path, conversation: Conversation, *args: str,
+                prepare: Callable[[Path], None] | None = None) -> dict[str, list[Any]]:
+    """Each daemon's transcript of ``conversation`` (started with ``args``); under
+    ``lines-qsd`` and ``lines-qmpd``, the lines as received."""
+    out = {}
+    for impl in IMPLS:
+        work = tmp_path / impl
+        work.mkdir()
+        if prepare is not None:
+            prepare(work)
+        with peer(impl, work, *args) as p:
+            conversation(p)
+            out[impl] = p.transcript()
+            out[f"lines-{impl}"] = p.lines()  # type: ignore[assignment]
+    return out
+
+
+def assert_same(got: dict[str, list[Any]], raw: bool = True) -> list[Any]:
+    """The two transcripts are equal; on a difference, show the first one.
+
+    With ``raw``, the lines are compared too, byte for byte (member order
+    counts), but for the ``active`` member of qmpd's node queries."""
+    qsd, ours = got["qsd"], got["qmpd"]
+    for i, (a, b) in enumerate(zip(qsd, ours, strict=False)):
+        assert b == a, (f"entry {i} differs:\nqsd:  {json.dumps(a)}\nqmpd: {json.dumps(b)}\n"
+                        f"before: {json.dumps(qsd[max(0, i - 3):i])}")
+    assert len(ours) == len(qsd), f"qsd: {json.dumps(qsd[len(ours):])}\nqmpd: {json.dumps(ours[len(qsd):])}"
+    if raw and "lines-qsd" in got:
+        for a, b in zip(got["lines-qsd"], got["lines-qmpd"], strict=True):
+            b = _ACTIVE.sub(b"", b)
+            assert b == a, f"qsd:  {a!r}\nqmpd: {b!r}"
+    return qsd
+
+
+def side_by_side(tmp_path: Path, make_nodes: Callable[[Path], list[str]],
+                 steps: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The replies of QSD and of qmpd, each started with ``make_nodes(its dir)``,
+    to the same commands."""
+    replies = {}
+    for impl in IMPLS:
+        work = tmp_path / impl
+        work.mkdir()
+        with peer(impl, work, *make_nodes(work)) as p:
+            replies[impl] = [p.qmp.cmd(e, a) for e, a in steps]
+    return replies
