@@ -7,6 +7,7 @@ from qmpd.commands import (
     bitmaps,
     block_core,
     block_export,
+    block_jobs,
     control,
     hmp,
     jobs,
@@ -16,6 +17,14 @@ from qmpd.commands import (
 )
 
 __all__ = [
-    "bitmaps", "block_core", "block_export", "control", "hmp", "jobs", "migration", "objects",
+    "bitmaps",
+    "block_core",
+    "block_export",
+    "block_jobs",
+    "control",
+    "hmp",
+    "jobs",
+    "migration",
+    "objects",
     "run_state",
 ]

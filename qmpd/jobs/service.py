@@ -11,14 +11,16 @@ from qmpd.errors import DeviceNotActive
 from qmpd.jobs.block_job import BlockJob
 from qmpd.jobs.job import Emit, Job
 from qmpd.jobs.manager import JobManager
-
+from qmpd.jobs.mirror import start_blockdev_mirror
 
 #: A command that starts a job, implemented in its job's module (which never
 #: imports this one): given the manager, the block layer and the arguments.
 Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
 
 #: The commands that start jobs.
-STARTERS: dict[str, Starter] = {}
+STARTERS: dict[str, Starter] = {
+    "blockdev-mirror": start_blockdev_mirror,
+}
 
 
 class Jobs:
