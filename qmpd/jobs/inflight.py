@@ -1,9 +1,11 @@
 """Byte ranges a job is working on, so that overlapping requests wait for
-each other (QEMU's mirror in-flight ops and block-copy tasks)."""
+each other (QEMU's mirror in-flight ops and block-copy tasks), and the
+search for the next dirty granule of a bitmap."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 
 class RangeLocks:
@@ -39,3 +41,24 @@ class RangeLocks:
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def next_dirty(bits: bytearray, k: int, granules: int) -> int | None:
+    """The first dirty granule at or after ``k``."""
+    if k >= granules:
+        return None
+    i = k >> 3
+    first = bits[i] >> (k & 7)
+    if first:
+        found = k + (first & -first).bit_length() - 1
+    else:
+        match = _NONZERO.search(bits, i + 1)
+        if match is None:
+            return None
+        j = match.start()
+        byte = bits[j]
+        found = j * 8 + (byte & -byte).bit_length() - 1
+    return found if found < granules else None

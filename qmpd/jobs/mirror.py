@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import re
 from typing import Any
 
 from qmpd.block.core import BlockLayer
@@ -30,7 +29,7 @@ from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.block_job import BlockJob, JobNodeUser
-from qmpd.jobs.inflight import RangeLocks
+from qmpd.jobs.inflight import RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
 
@@ -266,22 +265,22 @@ class MirrorJob(BlockJob):
         False when every dirty granule is in flight already."""
         bitmap, g = self.bitmap, self.granularity
         granules = bitmap.granules
-        k = _next_dirty(bitmap.bits, self._cursor, granules)
+        k = next_dirty(bitmap.bits, self._cursor, granules)
         if k is None:
-            k = _next_dirty(bitmap.bits, 0, granules)
+            k = next_dirty(bitmap.bits, 0, granules)
         tried = 0
         while k is not None and self.locks.busy(k * g, (k + 1) * g) is not None:
             tried += 1
             if tried > granules:
                 return False
-            k = _next_dirty(bitmap.bits, k + 1, granules)
+            k = next_dirty(bitmap.bits, k + 1, granules)
             if k is None:
                 return False
         if k is None:
             return False
         end = k + 1
         limit = min(granules, k + max(1, self.max_io // g))
-        while end < limit and _bit(bitmap.bits, end) \
+        while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1 \
                 and self.locks.busy(end * g, (end + 1) * g) is None:
             end += 1
         start, stop = k * g, min(end * g, bitmap.size)
@@ -376,31 +375,6 @@ class MirrorJob(BlockJob):
             self._writes_idle.set()
         else:
             self._writes_idle.clear()
-
-
-_NONZERO = re.compile(rb"[^\x00]")
-
-
-def _bit(bits: bytearray, k: int) -> bool:
-    return bool(bits[k >> 3] >> (k & 7) & 1)
-
-
-def _next_dirty(bits: bytearray, k: int, granules: int) -> int | None:
-    """The first dirty granule at or after ``k``."""
-    if k >= granules:
-        return None
-    i = k >> 3
-    first = bits[i] >> (k & 7)
-    if first:
-        found = k + (first & -first).bit_length() - 1
-    else:
-        match = _NONZERO.search(bits, i + 1)
-        if match is None:
-            return None
-        j = match.start()
-        byte = bits[j]
-        found = j * 8 + (byte & -byte).bit_length() - 1
-    return found if found < granules else None
 
 
 def _errno(exc: QMPError) -> int:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from qmpd.block.bitmaps import ExternalActions, Prepared
 from qmpd.block.core import BlockLayer
 from qmpd.errors import DeviceNotActive
+from qmpd.jobs.backup import backup_action, start_blockdev_backup
 from qmpd.jobs.block_job import BlockJob
-from qmpd.jobs.job import Emit, Job
+from qmpd.jobs.job import Emit, Job, JobTxn
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import start_blockdev_mirror
 
@@ -20,6 +22,18 @@ Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
 #: The commands that start jobs.
 STARTERS: dict[str, Starter] = {
     "blockdev-mirror": start_blockdev_mirror,
+    "blockdev-backup": start_blockdev_backup,
+}
+
+#: A transaction action that creates a job: given the manager, the block layer,
+#: the action's data and the transaction's JobTxn (None: the job's own), it
+#: prepares the job and returns how to commit (start) and abort it.
+TxnAction = Callable[[JobManager, BlockLayer, dict[str, Any], JobTxn | None],
+                     Awaitable[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]]
+
+#: The transaction actions that create jobs.
+TXN_ACTIONS: dict[str, TxnAction] = {
+    "blockdev-backup": backup_action,
 }
 
 
@@ -33,6 +47,20 @@ class Jobs:
     async def start(self, command: str, args: dict[str, Any]) -> None:
         """Run the command ``command`` (``block-stream``...) that creates and starts a job."""
         await STARTERS[command](self.manager, self.block, args)
+
+    def transaction_actions(self, properties: dict[str, Any] | None) -> ExternalActions:
+        """The job actions of one ``transaction``; with completion-mode=grouped
+        their jobs share one JobTxn."""
+        grouped = (properties or {}).get("completion-mode", "individual") == "grouped"
+        txn = JobTxn() if grouped else None
+
+        def bind(action: TxnAction) -> Callable[[dict[str, Any]], Awaitable[Prepared]]:
+            async def prepare(data: dict[str, Any]) -> Prepared:
+                commit, abort = await action(self.manager, self.block, data, txn)
+                return Prepared(commit_async=commit, abort_async=abort)
+            return prepare
+
+        return {kind: bind(action) for kind, action in TXN_ACTIONS.items()}
 
     # --- queries and lookups -----------------------------------------------------------
 
