@@ -70,6 +70,8 @@ class Prepared:
     #: What an action of another subsystem (a job) does on commit and abort.
     commit_async: Callable[[], Awaitable[None]] | None = None
     abort_async: Callable[[], Awaitable[None]] | None = None
+    #: After every action was committed or aborted (QEMU's clean).
+    clean_async: Callable[[], Awaitable[None]] | None = None
 
 
 #: Transaction actions other subsystems prepare (blockdev-backup), by kind.
@@ -233,11 +235,13 @@ class Bitmaps:
                 prepared.abort()
                 if prepared.abort_async is not None:
                     await prepared.abort_async()
+            await _clean(done)
             raise
         for prepared in done:
             prepared.commit()
             if prepared.commit_async is not None:
                 await prepared.commit_async()
+        await _clean(done)
 
     async def prepare(self, kind: str, data: dict[str, Any]) -> Prepared:
         if kind == "block-dirty-bitmap-remove":
@@ -254,6 +258,12 @@ Bitmaps._SYNC.update({
     "block-dirty-bitmap-disable": Bitmaps.disable,
     "block-dirty-bitmap-merge": Bitmaps.merge,
 })
+
+
+async def _clean(done: list[Prepared]) -> None:
+    for prepared in done:
+        if prepared.clean_async is not None:
+            await prepared.clean_async()
 
 
 def _check_merge(dest: DirtyBitmap, source: DirtyBitmap) -> None:

@@ -30,7 +30,7 @@ from qmpd.jobs.block_job import BlockJob
 from qmpd.jobs.inflight import RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
-from qmpd.jobs.mirror import create_block_job, root_node
+from qmpd.jobs.mirror import create_block_job
 
 #: BLOCK_COPY_CLUSTER_SIZE_DEFAULT, and the largest request of one copy task.
 CLUSTER_DEFAULT = 64 << 10
@@ -350,15 +350,85 @@ def _bitmap_args(block: BlockLayer, source: BlockNode, args: dict[str, Any]
     return sync, bitmap, mode or "on-success"
 
 
+class Drained:
+    """QEMU's drained section on a node as the jobs holding it see it: each
+    pauses (at its next pause point) until the section ends; a job created
+    inside it starts paused.  blockdev-backup's actions hold one on their
+    source from prepare to clean."""
+
+    def __init__(self, manager: JobManager, node: BlockNode) -> None:
+        self.manager = manager
+        self.node = node
+        self.open = False
+
+    def _holders(self) -> list[BlockJob]:
+        return [job for job in self.manager
+                if isinstance(job, BlockJob) and not job.deferred and job.holds(self.node)]
+
+    async def begin(self) -> None:
+        key = id(self.node)
+        self.manager.drains[key] = self.manager.drains.get(key, 0) + 1
+        self.open = True
+        running = []
+        for job in self._holders():
+            job.pause_count += 1
+            if job.started:
+                job.enter()
+                running.append(job)
+        for job in running:
+            await _until_paused(job)
+
+    def adopt(self, job: BlockJob) -> None:
+        """A job created inside the open sections on the node."""
+        job.pause_count += self.manager.drains.get(id(self.node), 0)
+
+    def end(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        key = id(self.node)
+        self.manager.drains[key] -= 1
+        if not self.manager.drains[key]:
+            del self.manager.drains[key]
+        for job in self._holders():
+            if job.pause_count > 0:
+                self.manager.resume_internal(job)
+
+
+async def _until_paused(job: BlockJob) -> None:
+    for _ in range(1000):
+        if job.paused or job.deferred or not job.started:
+            return
+        await asyncio.sleep(0)
+
+
 async def prepare_blockdev_backup(manager: JobManager, block: BlockLayer,
                                   args: dict[str, Any], txn: JobTxn | None = None
-                                  ) -> BackupJob:
-    """The job of a blockdev-backup, created (CREATED) but not started."""
-    source = root_node(block, args["device"])
-    target_name = args["target"]
-    target = block.graph.lookup(target_name)
-    if target is None:
-        raise GenericError(f"Cannot find device='{target_name}' nor node-name='{target_name}'")
+                                  ) -> tuple[Drained, BackupJob]:
+    """blockdev_backup_prepare: a drained section on the source, and the job
+    created (CREATED) but not started."""
+    source = _lookup(block, args["device"])
+    target = _lookup(block, args["target"])
+    drained = Drained(manager, source)
+    await drained.begin()
+    try:
+        job = await _create(manager, block, source, target, args, txn)
+    except BaseException:
+        drained.end()
+        raise
+    return drained, job
+
+
+def _lookup(block: BlockLayer, name: str) -> BlockNode:
+    node = block.graph.lookup(name)
+    if node is None:
+        raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
+    return node
+
+
+async def _create(manager: JobManager, block: BlockLayer, source: BlockNode,
+                  target: BlockNode, args: dict[str, Any], txn: JobTxn | None) -> BackupJob:
+    """do_backup_common and backup_job_create."""
     sync, bitmap, mode = _bitmap_args(block, source, args)
     if source is target:
         raise GenericError("Source and target cannot be the same")
@@ -385,43 +455,45 @@ async def prepare_blockdev_backup(manager: JobManager, block: BlockLayer,
     except BaseException:
         await manager.early_fail(job)
         raise
+    Drained(manager, source).adopt(job)
     job.install()
     return job
 
 
-async def start_drained(manager: JobManager, job: BackupJob) -> None:
-    """Start a job inside the drained section QEMU's backup command holds on the
-    source: it pauses at once, and resumes when the section ends."""
-    job.pause_count += 1
+async def start_paused(manager: JobManager, job: BackupJob) -> None:
+    """job_start inside the drained section: the job runs to its first pause point."""
     manager.start(job)
-    for _ in range(100):
-        if job.paused and job.status.value == "paused":
-            break
-        await asyncio.sleep(0)
-    manager.resume_internal(job)
+    await _until_paused(job)
 
 
 async def start_blockdev_backup(manager: JobManager, block: BlockLayer,
                                 args: dict[str, Any]) -> None:
-    job = await prepare_blockdev_backup(manager, block, args)
-    await start_drained(manager, job)
+    """blockdev-backup: a transaction of one action."""
+    drained, job = await prepare_blockdev_backup(manager, block, args)
+    try:
+        await start_paused(manager, job)
+    finally:
+        drained.end()
 
 
-#: A transaction action: prepare, then how to commit and abort it.
-TxnAction = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
+#: A transaction action's commit, abort and clean.
+Step = Callable[[], Awaitable[None]]
 
 
 async def backup_action(manager: JobManager, block: BlockLayer, data: dict[str, Any],
-                        txn: JobTxn | None) -> TxnAction:
+                        txn: JobTxn | None) -> tuple[Step, Step, Step]:
     """transaction's blockdev-backup: the job is created now, started at commit,
-    dropped on abort."""
-    job = await prepare_blockdev_backup(manager, block, data, txn)
+    cancelled on abort; the drained section ends at clean."""
+    drained, job = await prepare_blockdev_backup(manager, block, data, txn)
 
     async def commit() -> None:
-        await start_drained(manager, job)
+        await start_paused(manager, job)
 
     async def abort() -> None:
         if job.status.value == "created":
             await manager.cancel(job, True)
 
-    return commit, abort
+    async def clean() -> None:
+        drained.end()
+
+    return commit, abort, clean

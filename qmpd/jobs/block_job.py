@@ -100,6 +100,9 @@ class BlockJob(Job):
         self.edges.append(edge)
         return edge
 
+    def holds(self, node: BlockNode) -> bool:
+        return any(edge.child is node for edge in self.edges)
+
     async def release_nodes(self) -> None:
         """Drop every node the job holds (block_job_remove_all_bdrv)."""
         edges, self.edges = self.edges, []

@@ -44,6 +44,8 @@ class JobManager:
         self._jobs: list[Job] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        #: Drained sections open on each node (by id): jobs holding it stay paused.
+        self.drains: dict[int, int] = {}
 
     # --- lookup -------------------------------------------------------------------
 

@@ -27,9 +27,10 @@ STARTERS: dict[str, Starter] = {
 
 #: A transaction action that creates a job: given the manager, the block layer,
 #: the action's data and the transaction's JobTxn (None: the job's own), it
-#: prepares the job and returns how to commit (start) and abort it.
+#: prepares the job and returns how to commit (start), abort and clean it.
+Step = Callable[[], Awaitable[None]]
 TxnAction = Callable[[JobManager, BlockLayer, dict[str, Any], JobTxn | None],
-                     Awaitable[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]]
+                     Awaitable[tuple[Step, Step, Step]]]
 
 #: The transaction actions that create jobs.
 TXN_ACTIONS: dict[str, TxnAction] = {
@@ -56,8 +57,8 @@ class Jobs:
 
         def bind(action: TxnAction) -> Callable[[dict[str, Any]], Awaitable[Prepared]]:
             async def prepare(data: dict[str, Any]) -> Prepared:
-                commit, abort = await action(self.manager, self.block, data, txn)
-                return Prepared(commit_async=commit, abort_async=abort)
+                commit, abort, clean = await action(self.manager, self.block, data, txn)
+                return Prepared(commit_async=commit, abort_async=abort, clean_async=clean)
             return prepare
 
         return {kind: bind(action) for kind, action in TXN_ACTIONS.items()}
