@@ -183,17 +183,20 @@ class BackupJob(BlockJob):
 
     async def _copy_all(self) -> None:
         while not self.is_cancelled and self.io_error is None:
+            issued = False
             while len(self.tasks) < WORKERS and self._issue():
+                issued = True
                 if self.speed:
                     break
-            if not self.tasks:
-                if not self.copy_bitmap.count():
-                    return
-                await self.pause_point()
-                continue
-            if self.speed:
+            if not self.tasks and not self.copy_bitmap.count():
+                return
+            if self.speed and issued:
                 await self.ratelimit_sleep()
-            await self.yield_()
+            elif self.tasks:
+                await self.yield_()  # a copy task's end wakes the job
+            else:
+                # What is left is being copied before guest writes.
+                await self.sleep(0.001)
 
     def _issue(self) -> bool:
         bits, c = self.copy_bitmap.bits, self.cluster
