@@ -35,7 +35,7 @@ from qmpd.jobs.manager import JobManager
 
 #: DEFAULT_MIRROR_BUF_SIZE and MAX_IO_BYTES.
 DEFAULT_BUF_SIZE = 16 << 20
-MAX_IO_BYTES = 1 << 20
+MAX_IO_BYTES = 4 << 20
 #: BLOCK_JOB_SLICE_TIME: how often a ready mirror looks for new writes.
 READY_POLL = 0.1
 
