@@ -134,7 +134,7 @@ class MirrorJob(BlockJob):
 
     def cancel(self, force: bool) -> bool:
         # A ready mirror's soft cancel is its last sync (job->force_cancel stays off).
-        return force or not self.synced
+        return force or not self.ready
 
     async def prepare(self) -> None:
         """mirror_exit_common's pivot: the source's parents go to the target."""

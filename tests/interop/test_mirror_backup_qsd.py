@@ -123,6 +123,7 @@ def test_mirror_as_qsd(tmp_path: Path, fmt: str, sync: str, end: str) -> None:
         out: dict[str, Any] = {"ready": peer.ok("query-block-jobs"),
                                "jobs": peer.ok("query-jobs")}
         out["del-target"] = peer.cmd("blockdev-del", {"node-name": "tgt"})
+        out["del-source"] = peer.cmd("blockdev-del", {"node-name": "src"})
         if end == "complete":
             peer.ok("block-job-complete", {"device": "m"})
         else:
