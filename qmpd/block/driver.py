@@ -354,7 +354,19 @@ class BlockNode:
             await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
                                lambda: self._write(offset, data, fua))
             return
-        await self._write(offset, data, fua)
+        # The body again (see _write): no extra coroutine on the hot path.
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if self.detect_zeroes != "off" and data.count(0) == len(data):
+            await self.driver.write_zeroes(
+                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+            )
+        else:
+            await self.driver.write(offset, data, fua)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, len(data))
+        self.stats.wr_bytes += len(data)
+        self.stats.wr_operations += 1
 
     async def _write(self, offset: int, data: bytes, fua: bool) -> None:
         self._check_writable()
@@ -378,7 +390,13 @@ class BlockNode:
                                lambda n: n.write_zeroes(offset, length, may_unmap, fua),
                                lambda: self._write_zeroes(offset, length, may_unmap, fua))
             return
-        await self._write_zeroes(offset, length, may_unmap, fua)
+        self._check_writable()
+        self._check_range(offset, length)
+        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, length)
+        self.stats.wr_bytes += length
+        self.stats.wr_operations += 1
 
     async def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
         self._check_writable()

@@ -307,6 +307,10 @@ def test_bitmap_backup_as_qsd(tmp_path: Path, fmt: str, mode: str) -> None:
         maps[impl] = [(e["start"], e["length"], e["data"]) for e in json.loads(
             qemu_img("map", "--output=json", target).stdout)]
     assert maps["qmpd"] == maps["qsd"]
+    # Only the clusters written since the bitmap was added hold data: 64k-320k
+    # and 5M-5M+64k (7M's zeroes are zero clusters).
+    data = [(start, length) for start, length, is_data in maps["qmpd"] if is_data]
+    assert data == [(65536, 256 * 1024), (5 * MiB, 65536)]
     compare(tmp_path / "qsd" / "tgt.img", tmp_path / "qmpd" / "tgt.img", "qcow2")
 
 
