@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from qmpd.block.bitmaps import ExternalActions
     from qmpd.block.graph import BlockNode
     from qmpd.jobs.job import Job
     from qmpd.runstate import RunState
@@ -34,7 +35,8 @@ class BitmapService(Protocol):
     def sha256(self, args: dict[str, Any]) -> dict[str, str]: ...
 
     async def transaction(self, actions: list[dict[str, Any]],
-                          properties: dict[str, Any] | None = None) -> None: ...
+                          properties: dict[str, Any] | None = None,
+                          external: ExternalActions | None = None) -> None: ...
 
 
 class BlockService(Protocol):
@@ -137,6 +139,8 @@ class JobService(Protocol):
     """Jobs (job-*, block-job-*, query-jobs) and the commands that start them."""
 
     async def start(self, command: str, args: dict[str, Any]) -> None: ...
+
+    def transaction_actions(self, properties: dict[str, Any] | None) -> ExternalActions: ...
 
     def query(self) -> list[dict[str, Any]]: ...
 

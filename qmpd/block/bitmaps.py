@@ -10,7 +10,7 @@ in reverse order, and only when all succeeded are they committed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,15 @@ class Prepared:
 
     abort: Callable[[], None] = lambda: None
     commit: Callable[[], None] = lambda: None
+    #: What an action of another subsystem (a job) does on commit and abort.
+    commit_async: Callable[[], Awaitable[None]] | None = None
+    abort_async: Callable[[], Awaitable[None]] | None = None
+    #: After every action was committed or aborted (QEMU's clean).
+    clean_async: Callable[[], Awaitable[None]] | None = None
+
+
+#: Transaction actions other subsystems prepare (blockdev-backup), by kind.
+ExternalActions = Mapping[str, Callable[[dict[str, Any]], Awaitable[Prepared]]]
 
 
 class Bitmaps:
@@ -201,15 +210,22 @@ class Bitmaps:
     # --- transaction ---------------------------------------------------------------
 
     async def transaction(self, actions: list[dict[str, Any]],
-                          properties: dict[str, Any] | None = None) -> None:
-        """qmp_transaction for the bitmap actions and ``abort``: all or nothing."""
+                          properties: dict[str, Any] | None = None,
+                          external: ExternalActions | None = None) -> None:
+        """qmp_transaction: every action prepared in order, then all committed, or
+        all aborted in reverse order.  ``external`` prepares the actions of
+        other subsystems (jobs), which support completion-mode=grouped."""
         mode = (properties or {}).get("completion-mode", "individual")
+        external = external or {}
         done: list[Prepared] = []
         try:
             for action in actions:
                 kind = action["type"]
                 if kind == "abort":
                     raise GenericError("Transaction aborted using Abort action")
+                if kind in external:
+                    done.append(await external[kind](action["data"]))
+                    continue
                 if mode != "individual":
                     raise GenericError(f"Action '{kind}' does not support Transaction "
                                        f"property completion-mode = {mode}")
@@ -217,9 +233,15 @@ class Bitmaps:
         except BaseException:
             for prepared in reversed(done):
                 prepared.abort()
+                if prepared.abort_async is not None:
+                    await prepared.abort_async()
+            await _clean(done)
             raise
         for prepared in done:
             prepared.commit()
+            if prepared.commit_async is not None:
+                await prepared.commit_async()
+        await _clean(done)
 
     async def prepare(self, kind: str, data: dict[str, Any]) -> Prepared:
         if kind == "block-dirty-bitmap-remove":
@@ -236,6 +258,12 @@ Bitmaps._SYNC.update({
     "block-dirty-bitmap-disable": Bitmaps.disable,
     "block-dirty-bitmap-merge": Bitmaps.merge,
 })
+
+
+async def _clean(done: list[Prepared]) -> None:
+    for prepared in done:
+        if prepared.clean_async is not None:
+            await prepared.clean_async()
 
 
 def _check_merge(dest: DirtyBitmap, source: DirtyBitmap) -> None:

@@ -313,7 +313,9 @@ class BlockLayer:
         node = self.graph.lookup(name)
         if node is None:
             raise GenericError(f"Failed to find node with node-name='{name}'")
-        if any(edge.user is not None and edge.user.blocker is None for edge in node.parents):
+        fronted = any(edge.user is not None and edge.user.fronts_users for edge in node.parents)
+        if not fronted and any(edge.user is not None and edge.user.blocker is None
+                               for edge in node.parents):
             raise GenericError(f"Node {name} is in use")
         for edge in node.parents:
             if edge.user is not None and edge.user.blocker is not None:

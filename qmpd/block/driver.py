@@ -187,6 +187,31 @@ class BdrvChild:
         return f"{self.user.describe()} (uses node '{self.child.node_name}' as '{self.name}' child)"
 
 
+class WriteHook:
+    """Something that sees, gates or extends the writes to one node (a job's
+    copy-before-write, a mirror's dirty tracking); every method does nothing
+    by default.  Hooks sit in :attr:`BlockNode.write_hooks`."""
+
+    async def before_write(self, node: BlockNode, offset: int, length: int) -> BlockNode | None:
+        """Before a write, discard or zero write reaches the driver; may wait.
+
+        Returns a node to send the request to instead (the node was replaced
+        while the request waited, as a drained request goes to the new node),
+        or None.
+        """
+        return None
+
+    async def after_write(self, node: BlockNode, offset: int, length: int,
+                          data: bytes | None) -> None:
+        """After it succeeded; ``data`` is None for zeroes and discards.  The
+        request completes only once this returns."""
+        return None
+
+    def write_failed(self, node: BlockNode, offset: int, length: int) -> None:
+        """After it failed (what :meth:`before_write` started ends here)."""
+        return None
+
+
 @dataclass(eq=False)
 class NodeUser:
     """Something outside the graph that uses a node (an export; a job tomorrow).
@@ -202,9 +227,17 @@ class NodeUser:
     #: Set by a job: what ``blockdev-del`` says while the job holds the node
     #: (QEMU's op blocker).  Users without one are BlockBackends ("in use").
     blocker: str | None = None
+    #: A job that stands between the node and its other users, as QEMU's
+    #: mirror and backup filter nodes do: ``blockdev-del`` then names the
+    #: job's blocker, not the users.
+    fronts_users: bool = False
 
     def describe(self) -> str:
         return f"{self.kind} '{self.id}'"
+
+    def child_replaced(self, old: BlockNode, new: BlockNode) -> None:
+        """The graph moved this user from ``old`` to ``new`` (a mirror's pivot)."""
+        return None
 
     def permissions(self, node: BlockNode) -> tuple[Perm, Perm]:
         """``(perm, shared)`` this user needs of ``node`` now.
@@ -255,6 +288,8 @@ class BlockNode:
     serial: int = 0
     #: Named dirty bitmaps, oldest first (QEMU lists them newest first).
     dirty_bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
+    #: Jobs' hooks on the write path (empty: writes go straight to the driver).
+    write_hooks: list[WriteHook] = field(default_factory=list)
 
     # --- structure ----------------------------------------------------------
 
@@ -315,6 +350,25 @@ class BlockNode:
         return data
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if self.write_hooks:
+            await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
+                               lambda: self._write(offset, data, fua))
+            return
+        # The body again (see _write): no extra coroutine on the hot path.
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if self.detect_zeroes != "off" and data.count(0) == len(data):
+            await self.driver.write_zeroes(
+                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+            )
+        else:
+            await self.driver.write(offset, data, fua)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, len(data))
+        self.stats.wr_bytes += len(data)
+        self.stats.wr_operations += 1
+
+    async def _write(self, offset: int, data: bytes, fua: bool) -> None:
         self._check_writable()
         self._check_range(offset, len(data))
         if self.detect_zeroes != "off" and data.count(0) == len(data):
@@ -331,6 +385,20 @@ class BlockNode:
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
     ) -> None:
+        if self.write_hooks:
+            await self._hooked(offset, length, None,
+                               lambda n: n.write_zeroes(offset, length, may_unmap, fua),
+                               lambda: self._write_zeroes(offset, length, may_unmap, fua))
+            return
+        self._check_writable()
+        self._check_range(offset, length)
+        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, length)
+        self.stats.wr_bytes += length
+        self.stats.wr_operations += 1
+
+    async def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
@@ -340,11 +408,43 @@ class BlockNode:
         self.stats.wr_operations += 1
 
     async def discard(self, offset: int, length: int) -> None:
+        if self.write_hooks:
+            await self._hooked(offset, length, None, lambda n: n.discard(offset, length),
+                               lambda: self._discard(offset, length))
+            return
+        await self._discard(offset, length)
+
+    async def _discard(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.discard(offset, length)
         if self.dirty_bitmaps and self.discard_unmap:  # discard=ignore drops it first
             self.mark_dirty(offset, length)
+
+    async def _hooked(self, offset: int, length: int, data: bytes | None,
+                      elsewhere: Callable[[BlockNode], Awaitable[None]],
+                      here: Callable[[], Awaitable[None]]) -> None:
+        """A request through :attr:`write_hooks`: each hook before it (one may
+        send it to another node), the request, each hook after it."""
+        hooks = list(self.write_hooks)
+        entered: list[WriteHook] = []
+        try:
+            for hook in hooks:
+                other = await hook.before_write(self, offset, length)
+                if other is not None and other is not self:
+                    for done in reversed(entered):
+                        done.write_failed(self, offset, length)
+                    entered = []
+                    await elsewhere(other)
+                    return
+                entered.append(hook)
+            await here()
+        except BaseException:
+            for hook in reversed(entered):
+                hook.write_failed(self, offset, length)
+            raise
+        for hook in entered:
+            await hook.after_write(self, offset, length, data)
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a change in every recording bitmap (bdrv_set_dirty)."""

@@ -74,7 +74,8 @@ class NodeConfig:
     auto_read_only: bool
 
 
-def _check_pair(node: BlockNode, needs: BdrvChild, refuses: BdrvChild) -> None:
+def check_pair(node: BlockNode, needs: BdrvChild, refuses: BdrvChild) -> None:
+    """Refuse (QEMU's text) when ``needs`` needs what ``refuses`` does not share."""
     clash = needs.perms()[0] & ~refuses.perms()[1]
     if clash:
         raise GenericError(
@@ -257,7 +258,7 @@ class BlockGraph:
         for a in node.parents:
             for b in node.parents:
                 if a is not b:
-                    _check_pair(node, a, b)
+                    check_pair(node, a, b)
 
     async def add_user(self, edge: BdrvChild) -> None:
         """Let ``edge.user`` use ``edge.child`` with the permissions it asks for.
@@ -269,8 +270,8 @@ class BlockGraph:
         # QEMU's order: the new user's needs against each other parent's
         # sharing, then the other way round.
         for other in node.parents:
-            _check_pair(node, edge, other)
-            _check_pair(node, other, edge)
+            check_pair(node, edge, other)
+            check_pair(node, other, edge)
         node.parents.append(edge)
         try:
             await self.refresh_perms(node)

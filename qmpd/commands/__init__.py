@@ -7,6 +7,7 @@ from qmpd.commands import (
     bitmaps,
     block_core,
     block_export,
+    block_jobs,
     control,
     create,
     hmp,
@@ -17,6 +18,6 @@ from qmpd.commands import (
 )
 
 __all__ = [
-    "bitmaps", "block_core", "block_export", "control", "create", "hmp", "jobs", "migration",
-    "objects", "run_state",
+    "bitmaps", "block_core", "block_export", "block_jobs", "control", "create", "hmp", "jobs",
+    "migration", "objects", "run_state",
 ]

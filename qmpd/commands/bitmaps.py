@@ -48,4 +48,6 @@ def x_debug_block_dirty_bitmap_sha256(ctx: CommandContext, args: dict[str, Any])
 @command("transaction")
 @graph_changing
 async def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
-    await ctx.services.block.bitmaps.transaction(args["actions"], args.get("properties"))
+    properties = args.get("properties")
+    await ctx.services.block.bitmaps.transaction(
+        args["actions"], properties, ctx.services.jobs.transaction_actions(properties))

@@ -87,17 +87,21 @@ class BlockJob(Job):
     # --- nodes ----------------------------------------------------------------------
 
     async def add_node(self, role: str, node: BlockNode, perm: Perm, shared: Perm,
-                       blocks: bool = True) -> BdrvChild:
+                       blocks: bool = True, fronts_users: bool = False) -> BdrvChild:
         """block_job_add_bdrv: hold ``node`` with these permissions (refused on a conflict)."""
         user = JobNodeUser(
             kind=f"{self.job_type} job", id=self.id, writable=bool(perm & Perm.WRITE),
             allow_inactive=False, perm=perm, shared=shared,
             blocker=f"block device is in use by block job: {self.job_type}" if blocks else None,
+            fronts_users=fronts_users,
         )
         edge = BdrvChild(role, ChildRole(0), node, user=user)
         await self.graph.add_user(edge)
         self.edges.append(edge)
         return edge
+
+    def holds(self, node: BlockNode) -> bool:
+        return any(edge.child is node for edge in self.edges)
 
     async def release_nodes(self) -> None:
         """Drop every node the job holds (block_job_remove_all_bdrv)."""

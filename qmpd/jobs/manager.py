@@ -45,6 +45,8 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._task_of: dict[Job, asyncio.Task[None]] = {}
         self._closed = False
+        #: Drained sections open on each node (by id): jobs holding it stay paused.
+        self.drains: dict[int, int] = {}
 
     # --- lookup -------------------------------------------------------------------
 
@@ -92,6 +94,18 @@ class JobManager:
             txn = JobTxn()
         txn.jobs.insert(0, job)
         job.txn = txn
+
+    async def early_fail(self, job: Job) -> None:
+        """job_early_fail: a job that failed to set up before it started goes away
+        (created, then null), leaving its transaction; what it holds is released."""
+        assert job.status is JobStatus.CREATED
+        if job.txn is not None:
+            job.txn.jobs.remove(job)
+            job.txn = None
+        try:
+            await job.clean()
+        finally:
+            self._dismiss(job)
 
     def start(self, job: Job) -> None:
         """job_start: RUNNING, and its task."""

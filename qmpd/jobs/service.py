@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from qmpd.block.bitmaps import ExternalActions, Prepared
 from qmpd.block.core import BlockLayer
 from qmpd.errors import DeviceNotActive
+from qmpd.jobs.backup import backup_action, start_blockdev_backup
 from qmpd.jobs.block_job import BlockJob
 from qmpd.jobs.create import start_blockdev_create
-from qmpd.jobs.job import Emit, Job
+from qmpd.jobs.job import Emit, Job, JobTxn
 from qmpd.jobs.manager import JobManager
+from qmpd.jobs.mirror import start_blockdev_mirror
 
 #: A command that starts a job, implemented in its job's module (which never
 #: imports this one): given the manager, the block layer and the arguments.
@@ -20,6 +23,20 @@ Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
 #: The commands that start jobs.
 STARTERS: dict[str, Starter] = {
     "blockdev-create": start_blockdev_create,
+    "blockdev-mirror": start_blockdev_mirror,
+    "blockdev-backup": start_blockdev_backup,
+}
+
+#: A transaction action that creates a job: given the manager, the block layer,
+#: the action's data and the transaction's JobTxn (None: the job's own), it
+#: prepares the job and returns how to commit (start), abort and clean it.
+Step = Callable[[], Awaitable[None]]
+TxnAction = Callable[[JobManager, BlockLayer, dict[str, Any], JobTxn | None],
+                     Awaitable[tuple[Step, Step, Step]]]
+
+#: The transaction actions that create jobs.
+TXN_ACTIONS: dict[str, TxnAction] = {
+    "blockdev-backup": backup_action,
 }
 
 
@@ -33,6 +50,20 @@ class Jobs:
     async def start(self, command: str, args: dict[str, Any]) -> None:
         """Run the command ``command`` (``block-stream``...) that creates and starts a job."""
         await STARTERS[command](self.manager, self.block, args)
+
+    def transaction_actions(self, properties: dict[str, Any] | None) -> ExternalActions:
+        """The job actions of one ``transaction``; with completion-mode=grouped
+        their jobs share one JobTxn."""
+        grouped = (properties or {}).get("completion-mode", "individual") == "grouped"
+        txn = JobTxn() if grouped else None
+
+        def bind(action: TxnAction) -> Callable[[dict[str, Any]], Awaitable[Prepared]]:
+            async def prepare(data: dict[str, Any]) -> Prepared:
+                commit, abort, clean = await action(self.manager, self.block, data, txn)
+                return Prepared(commit_async=commit, abort_async=abort, clean_async=clean)
+            return prepare
+
+        return {kind: bind(action) for kind, action in TXN_ACTIONS.items()}
 
     # --- queries and lookups -----------------------------------------------------------
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -83,6 +83,7 @@ SPARSE_READ_MIN = 64 * 1024
 MAX_DATA_RANGES = 64
 
 
+@dataclass(eq=False)
 class ExportUser(NodeUser):
     """An export as a user of a node, described as QEMU describes it.
 
@@ -90,9 +91,15 @@ class ExportUser(NodeUser):
     ``write`` only for a writable export of an active node.
     """
 
+    #: Called when the graph moves the export to another node.
+    replaced: Callable[[], None] = field(default=lambda: None, repr=False)
+
     def describe(self) -> str:
         # Exports use an anonymous BlockBackend in QEMU.
         return "an unnamed block device"
+
+    def child_replaced(self, old: BlockNode, new: BlockNode) -> None:
+        self.replaced()
 
 
 @dataclass
@@ -200,7 +207,6 @@ class NbdExport:
     ) -> None:
         self.owner = owner
         self.id = export_id
-        self.node = node
         self.name = name
         self.description = description
         self.writable = writable
@@ -219,12 +225,21 @@ class NbdExport:
         self.user = ExportUser(
             kind="export", id=export_id, writable=writable, allow_inactive=allow_inactive
         )
+        self.user.replaced = self._node_replaced
         self.edge = BdrvChild(name="root", role=ChildRole.image(), child=node, user=self.user)
         self.iothread: IOThread | None = None
         #: Exported dirty bitmaps by context name (busy while exported).
         self.bitmaps: dict[str, DirtyBitmap] = {}
 
     # --- what clients see -----------------------------------------------------------------
+
+    @property
+    def node(self) -> BlockNode:
+        """The node exported: the edge's (a mirror's pivot moves the edge)."""
+        return self.edge.child
+
+    def _node_replaced(self) -> None:
+        self.data_ranges = DataRanges()
 
     @property
     def node_name(self) -> str:

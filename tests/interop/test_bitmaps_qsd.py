@@ -263,12 +263,20 @@ TRANSACTIONS: list[list[dict[str, Any]]] = [
 ]
 
 
-#: QEMU's job and snapshot actions: not in qmpd's TransactionActionKind, so
-#: refused as QEMU refuses a type its enum lacks (QSD tries to run them).
+#: QEMU's job and snapshot actions qmpd lacks: not in its TransactionActionKind,
+#: so refused as QEMU refuses a type its enum lacks (QSD tries to run them).
 UNSUPPORTED: list[dict[str, Any]] = [
     {"type": "drive-backup", "data": {"device": "n0", "target": "x", "sync": "full"}},
     {"type": "blockdev-snapshot-sync", "data": {"device": "n0", "snapshot-file": "x"}},
+]
+
+#: blockdev-backup actions that fail as QSD's do (and undo the bitmap action).
+FAILING_BACKUPS: list[dict[str, Any]] = [
     {"type": "blockdev-backup", "data": {"device": "n0", "target": "n1", "sync": "full"}},
+    {"type": "blockdev-backup", "data": {"job-id": "j", "device": "n0", "target": "x",
+                                         "sync": "full"}},
+    {"type": "blockdev-backup", "data": {"job-id": "j", "device": "n0", "target": "small",
+                                         "sync": "bitmap", "bitmap": "a"}},
 ]
 
 
@@ -295,6 +303,10 @@ def test_transaction_all_or_nothing(pair: tuple[Side, Side]) -> None:
         assert ours.cmd("transaction", {"actions": actions})["error"] == {
             "class": "GenericError",
             "desc": f"Parameter 'type' does not accept value '{action['type']}'"}
+        assert ours.state(names) == before == qsd.state(names)
+    for action in FAILING_BACKUPS:
+        reply = both(pair, "transaction", {"actions": [TRANSACTIONS[0][0], action]})
+        assert "error" in reply, action
         assert ours.state(names) == before == qsd.state(names)
     for mode in ("grouped", "individual"):
         both(pair, "transaction", {"actions": [{"type": "abort", "data": {}}],

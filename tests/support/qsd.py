@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.conftest import QmpdProcess
 from tests.support.qmp import QmpClient
 from tests.support.tools import QSD, require_tool, wait_for_socket
 
+T = TypeVar("T")
 Conversation = Callable[["Peer"], None]
 #: The member QEMU 10 added to query-named-block-nodes, which qmpd reports.
 _ACTIVE = re.compile(rb'"active": (?:true|false), ')
@@ -55,6 +56,14 @@ class Peer:
         self.work = work
         self.proc = proc
         self._seen = 0  # events consumed by wait() and job()
+
+    def ok(self, execute: str, arguments: dict[str, Any] | None = None) -> Any:
+        return self.qmp.ok(execute, arguments)
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """The events so far, without their timestamps."""
+        return [{k: v for k, v in ev.items() if k != "timestamp"}
+                for ev in self.qmp.events[since:]]
 
     def path(self, name: str) -> str:
         return str(self.work / name)
@@ -195,6 +204,20 @@ def assert_same(got: dict[str, list[Any]], raw: bool = True) -> list[Any]:
             b = _ACTIVE.sub(b"", b)
             assert b == a, f"qsd:  {a!r}\nqmpd: {b!r}"
     return qsd
+
+
+def run_both(tmp_path: Path, make_args: Callable[[Path], list[str]],
+             script: Callable[[Peer], T]) -> dict[str, T]:
+    """``script``'s result with QSD, then with qmpd, each started with
+    ``make_args(its own directory)``."""
+    require_tool(QSD)
+    out: dict[str, T] = {}
+    for impl in IMPLS:
+        work = tmp_path / impl
+        work.mkdir()
+        with peer(impl, work, *make_args(work)) as p:
+            out[impl] = script(p)
+    return out
 
 
 def side_by_side(tmp_path: Path, make_nodes: Callable[[Path], list[str]],

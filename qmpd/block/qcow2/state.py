@@ -339,4 +339,9 @@ class Qcow2State:
                 buf[host - start : host - start + len(data)] = data
                 await self.file.write(start, bytes(buf))
             return
-        await self.file.write(host, data if isinstance(data, bytes) else bytes(data))
+        if isinstance(data, memoryview):
+            # A view of a whole bytes object (a write of whole clusters) needs no copy.
+            whole = data.obj
+            data = whole if isinstance(whole, bytes) and len(whole) == data.nbytes \
+                else bytes(data)
+        await self.file.write(host, data)

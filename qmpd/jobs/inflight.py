@@ -1,0 +1,64 @@
+"""Byte ranges a job is working on, so that overlapping requests wait for
+each other (QEMU's mirror in-flight ops and block-copy tasks), and the
+search for the next dirty granule of a bitmap."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+
+class RangeLocks:
+    """Ranges in flight; :meth:`lock` waits until no other holds an overlap."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int, asyncio.Event]] = {}
+        self._next = 0
+
+    def busy(self, start: int, end: int) -> asyncio.Event | None:
+        for lo, hi, done in self._held.values():
+            if lo < end and start < hi:
+                return done
+        return None
+
+    async def lock(self, start: int, end: int) -> int:
+        while True:
+            done = self.busy(start, end)
+            if done is None:
+                return self.take(start, end)
+            await done.wait()
+
+    def take(self, start: int, end: int) -> int:
+        """Hold ``[start, end)`` now (the caller checked :meth:`busy`)."""
+        self._next += 1
+        self._held[self._next] = (start, end, asyncio.Event())
+        return self._next
+
+    def release(self, token: int) -> None:
+        held = self._held.pop(token, None)
+        if held is not None:
+            held[2].set()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def next_dirty(bits: bytearray, k: int, granules: int) -> int | None:
+    """The first dirty granule at or after ``k``."""
+    if k >= granules:
+        return None
+    i = k >> 3
+    first = bits[i] >> (k & 7)
+    if first:
+        found = k + (first & -first).bit_length() - 1
+    else:
+        match = _NONZERO.search(bits, i + 1)
+        if match is None:
+            return None
+        j = match.start()
+        byte = bits[j]
+        found = j * 8 + (byte & -byte).bit_length() - 1
+    return found if found < granules else None
