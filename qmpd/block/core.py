@@ -330,7 +330,13 @@ class BlockLayer:
             raise GenericError(f"Node {name} is not owned by the monitor")
         if node.parents:
             raise GenericError(f"Block device {name} is in use")
-        await self.close_node(node)
+        try:
+            await self.close_node(node)
+        except BlockDriverError as exc:
+            # The node is gone all the same (closed, unregistered); QEMU's
+            # bdrv_close ignores a failed flush too, and a delete that failed
+            # for a node that no longer exists would only mislead.
+            log.warning("blockdev-del %s: writing back failed: %s", name, exc.desc)
 
     async def close_node(self, node: BlockNode) -> None:
         """Flush, mark clean, close; then the inline children nobody else uses."""
