@@ -72,6 +72,8 @@ PERM_NAMES = {
 _PERMS = tuple(Perm(value) for value in range(16))
 _CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0x1, 0x2, 0x4, 0x8
 _ALL = PERM_ALL.value
+_WRITE_RESIZE = _WRITE | _RESIZE
+_NOT_WRITE_RESIZE = ~_WRITE_RESIZE
 
 
 def perm_names(perm: Perm) -> str:
@@ -562,23 +564,25 @@ class BlockDriver(ABC):
         # Plain ints: this runs for every node at every (in)activation, and
         # enum arithmetic costs several times what the rules themselves do.
         node = self.node
+        active = node.state is _ACTIVE  # not through the properties: a hot path
         r: int = role._value_
         if r & _COW:
             perm = _CONSISTENT_READ
-            shared = ((_WRITE | _RESIZE) if parent_shared & _WRITE else 0) \
+            shared = (_WRITE_RESIZE if int(parent_shared) & _WRITE else 0) \
                 | _CONSISTENT_READ | _WRITE_UNCHANGED
         else:
             perm, shared = int(parent_perm), int(parent_shared)
             if not r & _FILTERED:
                 if r & _METADATA:
-                    if node.is_writable:
-                        perm |= _WRITE | _RESIZE
-                    perm |= _CONSISTENT_READ
-                    shared &= ~(_WRITE | _RESIZE)
+                    if active and not node.read_only:
+                        perm |= _WRITE_RESIZE | _CONSISTENT_READ
+                    else:
+                        perm |= _CONSISTENT_READ
+                    shared &= _NOT_WRITE_RESIZE
                 if r & _DATA:
                     perm |= _CONSISTENT_READ
-        if not node.active:
-            shared |= _WRITE | _RESIZE
+        if not active:
+            shared |= _WRITE_RESIZE
         return _PERMS[perm], _PERMS[shared]
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:

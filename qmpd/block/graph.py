@@ -635,7 +635,8 @@ class BlockGraph:
                 await self._inactivate_slowly(edge.child)
 
     def _inactivate_now(
-        self, node: BlockNode, later: list[tuple[BlockNode, bool]], deferred: set[int]
+        self, node: BlockNode, later: list[tuple[BlockNode, bool]], deferred: set[int],
+        settled: bool = False,
     ) -> None:
         """:meth:`inactivate`'s steps without waiting, as far as drivers can go.
 
@@ -643,31 +644,47 @@ class BlockGraph:
         whose locks must wait is left without its children's permissions
         updated; both go to ``later`` (with whether the write-back is done),
         and their children wait for them (``deferred`` holds the latter).
+
+        ``settled``: the parent that just turned inactive has refreshed this
+        node's permissions, and no other parent can change them any more.  A
+        node without children or users then has nothing to refresh once
+        inactive (the same permissions again, with no child to pass them on
+        to and no user asking for less): one permission update per file node
+        under a format node instead of two (it also drops the write locks
+        while the node is still active, as before).
         """
-        if node.state is _INACTIVE:
+        state = node.state
+        if state is _INACTIVE:
             return
+        used = False
         for edge in node.parents:
             if edge.user is not None:
                 _check_inactivatable(node)
+                used = True
                 break
-        node.set_state(_INACTIVATING)
+        # ACTIVE or INACTIVATING -> INACTIVATING -> INACTIVE (or back to
+        # ACTIVE): set_state's allowed moves, written out on this hot path.
+        node.state = _INACTIVATING
         try:
             done = node.driver.inactivate_now()
         except BaseException:
-            node.set_state(_ACTIVE)
+            node.state = _ACTIVE
             raise
         if not done:
-            node.set_state(_ACTIVE)
+            node.state = _ACTIVE
             later.append((node, False))
             return
-        node.set_state(_INACTIVE)
-        if not self._refresh_perms_now(node):
+        node.state = _INACTIVE
+        children = node.children
+        if not (settled and not used and not children) and not self._refresh_perms_now(node):
             deferred.add(id(node))
             later.append((node, True))
             return
-        for edge in list(node.children.values()):
-            if _unused(edge.child, deferred):
-                self._inactivate_now(edge.child, later, deferred)
+        if children:
+            for edge in list(children.values()):
+                child = edge.child
+                if _unused(child, deferred):
+                    self._inactivate_now(child, later, deferred, True)
 
     def _refresh_perms_now(self, node: BlockNode) -> bool:
         """:meth:`refresh_perms` without waiting, in plain ints; False when a

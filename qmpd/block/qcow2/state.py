@@ -237,8 +237,7 @@ class Qcow2State:
         """Nothing in flight, nothing dirty: a flush would write nothing of its own."""
         return not (
             self.allocs or self._inflight or self.lock.locked() or self.refs.pending_discards
-            or any(e.dirty for e in self.l2cache.entries.values())
-            or any(e.dirty for e in self.refs.cache.entries.values())
+            or self.l2cache.has_dirty() or self.refs.cache.has_dirty()
         )
 
     # --- lock-free request tracking -----------------------------------------------------
