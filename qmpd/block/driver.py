@@ -593,7 +593,11 @@ class BlockDriver(ABC):
         """:meth:`set_perm` without waiting (permissions as plain ints): True
         when done, False, having done nothing, when :meth:`set_perm` must be
         awaited instead.  A driver overriding :meth:`set_perm` must override
-        this too (checked when the class is made); nothing to do by default."""
+        this too (checked when the class is made); nothing to do by default.
+
+        A node without children or users that turns inactive right after its
+        last parent is not asked again: that parent's refresh has just passed
+        it the same permissions (the graph's ``settled`` inactivation)."""
         return True
 
     def has_pending_writes(self) -> bool:

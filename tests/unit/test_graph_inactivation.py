@@ -266,6 +266,30 @@ def test_letting_go_leaves_exactly_the_kept_bytes(
         os.close(fd)
 
 
+def test_a_reused_unlock_plan_lets_go_of_each_files_own_bytes(tmp_path: Path) -> None:
+    """The unlock requests made for one change of sets serve every later lock
+    making the same change: on another file, and step by step down to nothing."""
+    steps = [(0b1011, 0b1010), (0b1001, 0b1000), (0b0001, 0b0000), (0b0000, 0b0000)]
+    fds = []
+    try:
+        for name in ("a", "b"):
+            path = tmp_path / name
+            path.write_bytes(bytes(4096))
+            fds.append((os.open(path, os.O_RDWR), os.open(path, os.O_RDONLY)))
+        for fd, peer in fds:
+            lock = ImageLock(fd)
+            for held, unshared in steps:
+                lock.update(Perm(held), Perm(~unshared & 0xF))
+                assert (lock.held, lock.unshared) == (held, unshared)
+                for base, bits in ((PERM_BASE, held), (SHARED_BASE, unshared)):
+                    seen = [byte_is_locked_by_others(peer, base + i) for i in range(4)]
+                    assert seen == [bool(bits >> i & 1) for i in range(4)]
+    finally:
+        for pair in fds:
+            for fd in pair:
+                os.close(fd)
+
+
 async def test_refused_switchover_resumes_with_the_collector_running(tmp_path: Path) -> None:
     options = [qcow2(tmp_path, f"t{i}") for i in range(2)]
     src_block, src, src_vm, src_events = await side(RunState.RUNNING, options)
