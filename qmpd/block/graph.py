@@ -689,7 +689,8 @@ class BlockGraph:
     def _refresh_perms_now(self, node: BlockNode) -> bool:
         """:meth:`refresh_perms` without waiting, in plain ints; False when a
         driver has to wait (whatever was already done, :meth:`refresh_perms`
-        computes and applies the same again)."""
+        computes and applies the same again; the edges down to that driver's
+        node keep their permissions until then)."""
         perm, shared = 0, _PERM_ALL
         for edge in node.parents:
             if edge.user is None:
@@ -715,6 +716,9 @@ class BlockGraph:
                 if len(child.parents) > 1:
                     self._check_conflicts(child)
                 if not self._refresh_perms_now(child):
+                    # Not applied below: the edge keeps what its child holds,
+                    # so that refresh_perms going back on a failure restores that.
+                    edge.perm, edge.shared = old
                     return False
             except Exception:
                 edge.perm, edge.shared = old

@@ -339,6 +339,40 @@ async def test_a_file_to_reopen_takes_the_waiting_path(tmp_path: Path, layer: Bl
     assert not os.O_RDWR & fcntl_flags(file.driver.fd)  # reopened read-only
 
 
+async def test_a_tree_that_fails_leaves_every_node_whole(tmp_path: Path, layer: BlockLayer) -> None:
+    """t1's file must reopen read-only to let go of write, and its image is gone:
+    that fails with a message naming the image.  Every node is then whole: the
+    other trees inactive without write bytes, t1's file still active with them
+    (its qcow2 node inactive, its image clean); activation takes all back."""
+    for name in ("t0", "t1", "t2"):
+        opts = qcow2(tmp_path, name)
+        if name == "t1":
+            opts["file"]["auto-read-only"] = True
+        await layer.add(opts)
+    gone = tmp_path / "t1.qcow2"
+    peers = {name: os.open(tmp_path / f"{name}.qcow2", os.O_RDONLY) for name in ("t0", "t1", "t2")}
+    try:
+        gone.rename(tmp_path / "moved.qcow2")
+        with pytest.raises(BlockDriverError, match=f"Could not open '{gone}'"):
+            await layer.inactivate_all()
+        for name, peer in peers.items():
+            node, file = tree_nodes(layer, name)
+            writes = byte_is_locked_by_others(peer, PERM_BASE + 1)
+            assert byte_is_locked_by_others(peer, PERM_BASE + 0)
+            assert writes == (file.state is NodeState.ACTIVE) == (name == "t1"), name
+            assert node.state is NodeState.INACTIVE, name
+            assert holds_write(layer, name) == (name == "t1")
+        (tmp_path / "moved.qcow2").rename(gone)
+        await layer.activate_all()
+        for name, peer in peers.items():
+            assert [n.state for n in tree_nodes(layer, name)] == [NodeState.ACTIVE] * 2
+            assert byte_is_locked_by_others(peer, PERM_BASE + 1)
+            assert byte_is_locked_by_others(peer, SHARED_BASE + 1)
+    finally:
+        for peer in peers.values():
+            os.close(peer)
+
+
 def fcntl_flags(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL)
 
