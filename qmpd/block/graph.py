@@ -683,7 +683,8 @@ class BlockGraph:
         if children:
             for edge in list(children.values()):
                 child = edge.child
-                if _unused(child, deferred):
+                # A child used by this node alone is unused now (the usual case).
+                if len(child.parents) == 1 or _unused(child, deferred):
                     self._inactivate_now(child, later, deferred, True)
 
     def _refresh_perms_now(self, node: BlockNode) -> bool:
@@ -835,16 +836,20 @@ class BlockGraph:
         trees = self._root_groups()
         errors: list[BaseException | None] = [None] * len(trees)
         rest: list[tuple[int, Awaitable[None]]] = []
+        # Shared by the trees while they stay empty (a node deferred is one left for later).
+        later: list[tuple[BlockNode, bool]] = []
+        deferred: set[int] = set()
         for i, roots in enumerate(trees):
             try:
                 for j, root in enumerate(roots):
-                    later: list[tuple[BlockNode, bool]] = []
-                    self._inactivate_now(root, later, set())
+                    self._inactivate_now(root, later, deferred)
                     if later:
                         rest.append((i, self._finish_inactivation(later, roots[j + 1:])))
+                        later, deferred = [], set()
                         break
             except Exception as exc:
                 errors[i] = exc
+                later, deferred = [], set()
         if len(rest) == 1:
             i, job = rest[0]
             try:

@@ -135,6 +135,8 @@ class ImageLock:
     at every activation, and IntFlag arithmetic costs more than the syscalls.
     """
 
+    __slots__ = ("fd", "held", "unshared")
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.held = 0  # bits whose byte 100+bit we hold
