@@ -124,8 +124,15 @@ def _let_go_plan(old_held: int, held: int, old_unshared: int, unshared: int) -> 
 
 
 #: _let_go_plan by (old held, held, old unshared, unshared), four bits each:
-#: at most 3^8 entries (each new set is a subset of the old one), made on use.
+#: at most 3^8 entries (each new set is a subset of the old one), made on use
+#: but for the usual inactivations (a read-write or read-only format node's
+#: file lets go of write and resize), made here: not in a handover's downtime.
 _PLANS: dict[int, tuple[bytes, ...]] = {}
+_WRITE_RESIZE = int(Perm.WRITE | Perm.RESIZE)
+for _held, _unshared in ((0b1011, 0b1010), (0b0001, 0b1010)):
+    _PLANS[_held << 12 | (_held & ~_WRITE_RESIZE) << 8 | _unshared << 4
+           | _unshared & ~_WRITE_RESIZE] = _let_go_plan(
+        _held, _held & ~_WRITE_RESIZE, _unshared, _unshared & ~_WRITE_RESIZE)
 
 
 class ImageLock:
