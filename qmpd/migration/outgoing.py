@@ -249,6 +249,12 @@ class OutgoingMigration:
             # here, before the VM stops, as a QEMU source notices it at its next
             # iteration's write.
             channel.check_peer()
+            # What the images have to write back is written now, while the
+            # guest still runs: the downtime's flush then finds (mostly)
+            # nothing, and runs on code the process has already been through.
+            async with self.block.lock.held():
+                await self.block.write_back_early()
+            self._check_cancel()
             # Switchover.
             runstate_at_switchover = self.vm.state
             was_running = runstate_at_switchover == RunState.RUNNING

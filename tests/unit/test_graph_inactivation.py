@@ -218,6 +218,46 @@ async def test_source_hands_over_what_it_wrote(tmp_path: Path) -> None:
             block.graph.close()
 
 
+async def test_a_source_writes_back_before_it_stops(tmp_path: Path) -> None:
+    """What the source's images have to write back is written before the STOP
+    (the guest still running), only for the trees that have something to
+    write; the switchover then finds nothing, and the destination reads it."""
+    options = [qcow2(tmp_path, f"t{i}") for i in range(3)]
+    src_block, src, src_vm, src_events = await side(RunState.RUNNING, options)
+    dst_block, dst, _, _ = await side(RunState.INMIGRATE, options)
+    at_stop: dict[str, tuple[bool, int]] = {}
+
+    class StopWatch(Sink):
+        def send_event(self, plain: bytes, pretty: bytes | None) -> None:
+            if b'"STOP"' in plain:
+                for name in ("t0", "t1", "t2"):
+                    node, file = tree_nodes(src_block, name)
+                    at_stop[name] = (node.driver.has_pending_writes()
+                                     or file.driver.has_pending_writes(),
+                                     node.stats.flush_operations)
+
+    src_vm.events.subscribe(StopWatch())
+    try:
+        await tree_nodes(src_block, "t1")[0].write(MiB, b"\x52" * 65536)  # t1 dirty
+        a, b = socket.socketpair()
+        src.fds.add("mig", a.detach())
+        dst.fds.add("mig", b.detach())
+        await dst.migrate_incoming("fd:mig")
+        src.migrate({"uri": "fd:mig"})
+        assert src.outgoing.task is not None and dst.incoming.task is not None
+        await asyncio.wait_for(src.outgoing.task, 10)
+        await asyncio.wait_for(dst.incoming.task, 10)
+        assert src_events.names[-3:] == ["STOP", "MIGRATION_PASS", "MIGRATION:completed"]
+        assert at_stop == {"t0": (False, 0), "t1": (False, 1), "t2": (False, 0)}
+        assert await tree_nodes(dst_block, "t1")[0].read(MiB, 65536) == b"\x52" * 65536
+        for name in ("t0", "t1", "t2"):
+            assert not holds_write(src_block, name) and holds_write(dst_block, name)
+    finally:
+        for block in (src_block, dst_block):
+            await block.close_all()
+            block.graph.close()
+
+
 async def test_inactivation_only_lets_go_of_lock_bytes(tmp_path: Path, layer: BlockLayer) -> None:
     """Dropping permissions checks nothing (as QEMU's raw_handle_perm_lock): even a
     peer that refuses to share consistent read does not stop the inactivation."""
