@@ -160,7 +160,7 @@ _ACTIVE = NodeState.ACTIVE
 _NEXT_STATES = {id(old): tuple(new) for old, new in NODE_TRANSITIONS.items()}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
 class BdrvChild:
     """An edge: ``parent`` uses ``child`` in ``role`` under the name ``name``."""
 
@@ -229,7 +229,7 @@ class NodeStats:
     invalidations: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
 class BlockNode:
     """One node of the graph."""
 
