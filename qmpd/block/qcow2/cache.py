@@ -79,13 +79,6 @@ class MetadataCache(Generic[T]):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def has_dirty(self) -> bool:
-        """Whether any entry waits to be written back."""
-        for entry in self.entries.values():  # a plain loop: no generator to make
-            if entry.dirty:
-                return True
-        return False
-
     # --- lookups ---------------------------------------------------------------------
 
     def lookup(self, key: int) -> CacheEntry[T] | None:

@@ -235,10 +235,16 @@ class Qcow2State:
 
     def idle(self) -> bool:
         """Nothing in flight, nothing dirty: a flush would write nothing of its own."""
-        return not (
-            self.allocs or self._inflight or self.lock.locked() or self.refs.pending_discards
-            or self.l2cache.has_dirty() or self.refs.cache.has_dirty()
-        )
+        if self.allocs or self._inflight or self.lock.locked() or self.refs.pending_discards:
+            return False
+        # Plain loops, here: this runs for every node at every handover.
+        for entry in self.l2cache.entries.values():
+            if entry.dirty:
+                return False
+        for block in self.refs.cache.entries.values():
+            if block.dirty:
+                return False
+        return True
 
     # --- lock-free request tracking -----------------------------------------------------
 
