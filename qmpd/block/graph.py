@@ -681,7 +681,7 @@ class BlockGraph:
             later.append((node, True))
             return
         if children:
-            for edge in list(children.values()):
+            for edge in children.values():  # inactivation changes no node's children
                 child = edge.child
                 # A child used by this node alone is unused now (the usual case).
                 if len(child.parents) == 1 or _unused(child, deferred):
@@ -739,17 +739,21 @@ class BlockGraph:
     def _root_groups(self) -> list[list[BlockNode]]:
         """The roots of :meth:`trees`, oldest first: without a node used by
         two nodes (the usual graph), each root is a tree of its own."""
-        roots: list[BlockNode] = []
+        roots: list[list[BlockNode]] = []
         for node in sorted(self.nodes.values(), key=_serial):
+            parents = node.parents
+            if not parents:  # the usual root: no loop to run
+                roots.append([node])
+                continue
             uses = 0
-            for edge in node.parents:
+            for edge in parents:
                 if edge.parent is not None:
                     uses += 1
             if not uses:
-                roots.append(node)
+                roots.append([node])
             elif uses > 1:
                 return [tree_roots for tree_roots, _ in self.trees()]
-        return [[root] for root in roots]
+        return roots
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
