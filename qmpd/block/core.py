@@ -386,6 +386,9 @@ class BlockLayer:
     async def flush_all(self) -> None:
         await self.graph.flush_all()
 
+    async def write_back_early(self) -> None:
+        await self.graph.write_back_early()
+
     async def activate_all(self) -> None:
         await self.graph.activate_all()
 

@@ -72,6 +72,8 @@ PERM_NAMES = {
 _PERMS = tuple(Perm(value) for value in range(16))
 _CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0x1, 0x2, 0x4, 0x8
 _ALL = PERM_ALL.value
+_WRITE_RESIZE = _WRITE | _RESIZE
+_NOT_WRITE_RESIZE = ~_WRITE_RESIZE
 
 
 def perm_names(perm: Perm) -> str:
@@ -158,7 +160,7 @@ _ACTIVE = NodeState.ACTIVE
 _NEXT_STATES = {id(old): tuple(new) for old, new in NODE_TRANSITIONS.items()}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
 class BdrvChild:
     """An edge: ``parent`` uses ``child`` in ``role`` under the name ``name``."""
 
@@ -263,7 +265,7 @@ class NodeStats:
     invalidations: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
 class BlockNode:
     """One node of the graph."""
 
@@ -671,23 +673,25 @@ class BlockDriver(ABC):
         # Plain ints: this runs for every node at every (in)activation, and
         # enum arithmetic costs several times what the rules themselves do.
         node = self.node
+        active = node.state is _ACTIVE  # not through the properties: a hot path
         r: int = role._value_
         if r & _COW:
             perm = _CONSISTENT_READ
-            shared = ((_WRITE | _RESIZE) if parent_shared & _WRITE else 0) \
+            shared = (_WRITE_RESIZE if int(parent_shared) & _WRITE else 0) \
                 | _CONSISTENT_READ | _WRITE_UNCHANGED
         else:
             perm, shared = int(parent_perm), int(parent_shared)
             if not r & _FILTERED:
                 if r & _METADATA:
-                    if node.is_writable:
-                        perm |= _WRITE | _RESIZE
-                    perm |= _CONSISTENT_READ
-                    shared &= ~(_WRITE | _RESIZE)
+                    if active and not node.read_only:
+                        perm |= _WRITE_RESIZE | _CONSISTENT_READ
+                    else:
+                        perm |= _CONSISTENT_READ
+                    shared &= _NOT_WRITE_RESIZE
                 if r & _DATA:
                     perm |= _CONSISTENT_READ
-        if not node.active:
-            shared |= _WRITE | _RESIZE
+        if not active:
+            shared |= _WRITE_RESIZE
         return _PERMS[perm], _PERMS[shared]
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
@@ -698,7 +702,11 @@ class BlockDriver(ABC):
         """:meth:`set_perm` without waiting (permissions as plain ints): True
         when done, False, having done nothing, when :meth:`set_perm` must be
         awaited instead.  A driver overriding :meth:`set_perm` must override
-        this too (checked when the class is made); nothing to do by default."""
+        this too (checked when the class is made); nothing to do by default.
+
+        A node without children or users that turns inactive right after its
+        last parent is not asked again: that parent's refresh has just passed
+        it the same permissions (the graph's ``settled`` inactivation)."""
         return True
 
     def has_pending_writes(self) -> bool:

@@ -17,6 +17,7 @@ from qmpd.block.driver import (
     BlockingRead,
     BlockStatus,
     CacheReload,
+    NodeState,
     OpenJob,
     Perm,
 )
@@ -64,6 +65,13 @@ def page_cache_is_shared(fs_type: int) -> bool:
     network, cluster or FUSE filesystem may be written by another host.
     """
     return fs_type in _LOCAL_FILESYSTEMS
+
+
+def _lock_error(exc: LockError | OSError) -> BlockDriverError:
+    """A failed lock update as the graph reports it (QEMU's texts)."""
+    if isinstance(exc, LockError):
+        return BlockDriverError(str(exc), errno.EAGAIN)
+    return BlockDriverError(f"Failed to lock image: {exc.strerror}", exc.errno or errno.EIO)
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
@@ -159,6 +167,7 @@ def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
 
 
 _WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
+_ACTIVE = NodeState.ACTIVE  # read once: a member read through its class is a descriptor call
 
 #: What opening does in an I/O thread: (fd, flags, size, filesystem type, OFD locks work).
 _Opened = tuple[int, int, int, int, bool]
@@ -417,21 +426,24 @@ class FileDriver(BlockDriver):
         self._update_lock(perm, shared)
 
     def _update_lock(self, perm: int, shared: int) -> None:
-        if self.lock is None or not self.node.active:
+        lock = self.lock
+        if lock is None or self.node.state is not _ACTIVE:
             return
         try:
-            self.lock.update(perm, shared)
-        except LockError as exc:
-            raise BlockDriverError(str(exc), errno.EAGAIN) from None
-        except OSError as exc:
-            raise BlockDriverError(f"Failed to lock image: {exc.strerror}",
-                                   exc.errno or errno.EIO) from None
+            lock.update(perm, shared)
+        except (LockError, OSError) as exc:
+            raise _lock_error(exc) from None
 
     def set_perm_now(self, perm: int, shared: int) -> bool:
         if self._auto_read_only and self.fd >= 0 \
                 and self._reopen_flags(bool(perm & _WRITE_OR_RESIZE)) != self._flags:
             return False  # a reopen opens the file again: in an I/O thread
-        self._update_lock(perm, shared)
+        lock = self.lock
+        if lock is not None and self.node.state is _ACTIVE:  # _update_lock, one call fewer
+            try:
+                lock.update(perm, shared)
+            except (LockError, OSError) as exc:
+                raise _lock_error(exc) from None
         return True
 
     def inactivate_now(self) -> bool:

@@ -636,7 +636,8 @@ class BlockGraph:
                 await self._inactivate_slowly(edge.child)
 
     def _inactivate_now(
-        self, node: BlockNode, later: list[tuple[BlockNode, bool]], deferred: set[int]
+        self, node: BlockNode, later: list[tuple[BlockNode, bool]], deferred: set[int],
+        settled: bool = False,
     ) -> None:
         """:meth:`inactivate`'s steps without waiting, as far as drivers can go.
 
@@ -644,36 +645,54 @@ class BlockGraph:
         whose locks must wait is left without its children's permissions
         updated; both go to ``later`` (with whether the write-back is done),
         and their children wait for them (``deferred`` holds the latter).
+
+        ``settled``: the parent that just turned inactive has refreshed this
+        node's permissions, and no other parent can change them any more.  A
+        node without children or users then has nothing to refresh once
+        inactive (the same permissions again, with no child to pass them on
+        to and no user asking for less): one permission update per file node
+        under a format node instead of two (it also drops the write locks
+        while the node is still active, as before).
         """
-        if node.state is _INACTIVE:
+        state = node.state
+        if state is _INACTIVE:
             return
+        used = False
         for edge in node.parents:
             if edge.user is not None:
                 _check_inactivatable(node)
+                used = True
                 break
-        node.set_state(_INACTIVATING)
+        # ACTIVE or INACTIVATING -> INACTIVATING -> INACTIVE (or back to
+        # ACTIVE): set_state's allowed moves, written out on this hot path.
+        node.state = _INACTIVATING
         try:
             done = node.driver.inactivate_now()
         except BaseException:
-            node.set_state(_ACTIVE)
+            node.state = _ACTIVE
             raise
         if not done:
-            node.set_state(_ACTIVE)
+            node.state = _ACTIVE
             later.append((node, False))
             return
-        node.set_state(_INACTIVE)
-        if not self._refresh_perms_now(node):
+        node.state = _INACTIVE
+        children = node.children
+        if not (settled and not used and not children) and not self._refresh_perms_now(node):
             deferred.add(id(node))
             later.append((node, True))
             return
-        for edge in list(node.children.values()):
-            if _unused(edge.child, deferred):
-                self._inactivate_now(edge.child, later, deferred)
+        if children:
+            for edge in children.values():  # inactivation changes no node's children
+                child = edge.child
+                # A child used by this node alone is unused now (the usual case).
+                if len(child.parents) == 1 or _unused(child, deferred):
+                    self._inactivate_now(child, later, deferred, True)
 
     def _refresh_perms_now(self, node: BlockNode) -> bool:
         """:meth:`refresh_perms` without waiting, in plain ints; False when a
         driver has to wait (whatever was already done, :meth:`refresh_perms`
-        computes and applies the same again)."""
+        computes and applies the same again; the edges down to that driver's
+        node keep their permissions until then)."""
         perm, shared = 0, _PERM_ALL
         for edge in node.parents:
             if edge.user is None:
@@ -699,6 +718,9 @@ class BlockGraph:
                 if len(child.parents) > 1:
                     self._check_conflicts(child)
                 if not self._refresh_perms_now(child):
+                    # Not applied below: the edge keeps what its child holds,
+                    # so that refresh_perms going back on a failure restores that.
+                    edge.perm, edge.shared = old
                     return False
             except Exception:
                 edge.perm, edge.shared = old
@@ -718,17 +740,21 @@ class BlockGraph:
     def _root_groups(self) -> list[list[BlockNode]]:
         """The roots of :meth:`trees`, oldest first: without a node used by
         two nodes (the usual graph), each root is a tree of its own."""
-        roots: list[BlockNode] = []
+        roots: list[list[BlockNode]] = []
         for node in sorted(self.nodes.values(), key=_serial):
+            parents = node.parents
+            if not parents:  # the usual root: no loop to run
+                roots.append([node])
+                continue
             uses = 0
-            for edge in node.parents:
+            for edge in parents:
                 if edge.parent is not None:
                     uses += 1
             if not uses:
-                roots.append(node)
+                roots.append([node])
             elif uses > 1:
                 return [tree_roots for tree_roots, _ in self.trees()]
-        return [[root] for root in roots]
+        return roots
 
     def trees(self) -> list[tuple[list[BlockNode], list[BlockNode]]]:
         """Connected groups of nodes: (roots oldest first, members newest first)."""
@@ -815,16 +841,20 @@ class BlockGraph:
         trees = self._root_groups()
         errors: list[BaseException | None] = [None] * len(trees)
         rest: list[tuple[int, Awaitable[None]]] = []
+        # Shared by the trees while they stay empty (a node deferred is one left for later).
+        later: list[tuple[BlockNode, bool]] = []
+        deferred: set[int] = set()
         for i, roots in enumerate(trees):
             try:
                 for j, root in enumerate(roots):
-                    later: list[tuple[BlockNode, bool]] = []
-                    self._inactivate_now(root, later, set())
+                    self._inactivate_now(root, later, deferred)
                     if later:
                         rest.append((i, self._finish_inactivation(later, roots[j + 1:])))
+                        later, deferred = [], set()
                         break
             except Exception as exc:
                 errors[i] = exc
+                later, deferred = [], set()
         if len(rest) == 1:
             i, job = rest[0]
             try:
@@ -857,6 +887,34 @@ class BlockGraph:
                     await node.flush()
 
         await self._per_tree(work)
+
+    async def write_back_early(self) -> None:
+        """Flush the trees that have something to write or sync, side by side,
+        and leave the others alone: a migration source does this before it
+        stops, so that its switchover (which flushes every node again) finds
+        little or nothing left to write.  Best effort: a failure is logged
+        here, and met again (and reported) by the switchover's own flush."""
+        dirty = False
+        for node in self.nodes.values():
+            if node.state is _ACTIVE and node.driver.has_pending_writes():
+                dirty = True
+                break
+        if not dirty:
+            return
+
+        async def flush(members: list[BlockNode]) -> None:
+            for node in members:
+                if node.state is _ACTIVE:
+                    await node.flush()
+
+        busy = [members for _, members in self.trees() if _has_pending_writes(members)]
+        results = await asyncio.gather(*(flush(members) for members in busy),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                log.info("flush before the switchover failed: %s", result)
 
     def all_nodes(self) -> Iterable[BlockNode]:
         return list(self.nodes.values())

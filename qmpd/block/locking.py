@@ -19,6 +19,7 @@ from qmpd.block.driver import PERM_ALL, PERM_NAMES, Perm
 PERM_BASE = 100
 SHARED_BASE = 200
 _SHARED_SHIFT = SHARED_BASE - PERM_BASE
+_PERM_ALL = int(PERM_ALL)
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start,
 # off_t l_len, pid_t l_pid (OFD locks need l_pid = 0).
@@ -90,20 +91,48 @@ def ofd_locks_available(fd: int) -> bool:
     return True
 
 
-def _let_go(fd: int, base: int, dropped: int, kept: int) -> None:
-    """Unlock the bytes of ``dropped``: in one call when no byte kept lies
-    between them (unlocking a byte not held changes nothing, so the bytes
+def _let_go(base: int, dropped: int, kept: int) -> list[tuple[int, int]]:
+    """The ranges that unlock the bytes of ``dropped``: one when no byte kept
+    lies between them (unlocking a byte not held changes nothing, so the bytes
     other processes see are the ones a call per byte would leave)."""
     if not dropped:
-        return
+        return []
     low = (dropped & -dropped).bit_length() - 1
     high = dropped.bit_length() - 1
     if kept >> low & ((2 << (high - low)) - 1):
-        for i in range(low, high + 1):
-            if dropped >> i & 1:
-                _fcntl_lock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + i)
+        return [(base + i, 1) for i in range(low, high + 1) if dropped >> i & 1]
+    return [(base + low, high - low + 1)]
+
+
+def _let_go_plan(old_held: int, held: int, old_unshared: int, unshared: int) -> tuple[bytes, ...]:
+    """The unlock requests that take the bytes from the old sets down to the
+    new ones (each a subset of the old): both sets in one request when no kept
+    byte lies between the dropped ones (inactivation: write and resize, held
+    and unshared)."""
+    dropped = old_held & ~held | (old_unshared & ~unshared) << _SHARED_SHIFT
+    if not dropped:
+        return ()
+    low = (dropped & -dropped).bit_length() - 1
+    span = dropped.bit_length() - low
+    if (held | unshared << _SHARED_SHIFT) >> low & ((1 << span) - 1):
+        ranges = _let_go(PERM_BASE, old_held & ~held, held) \
+            + _let_go(SHARED_BASE, old_unshared & ~unshared, unshared)
     else:
-        _fcntl_lock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + low, high - low + 1)
+        ranges = [(PERM_BASE + low, span)]
+    return tuple(_FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0)
+                 for start, length in ranges)
+
+
+#: _let_go_plan by (old held, held, old unshared, unshared), four bits each:
+#: at most 3^8 entries (each new set is a subset of the old one), made on use
+#: but for the usual inactivations (a read-write or read-only format node's
+#: file lets go of write and resize), made here: not in a handover's downtime.
+_PLANS: dict[int, tuple[bytes, ...]] = {}
+_WRITE_RESIZE = int(Perm.WRITE | Perm.RESIZE)
+for _held, _unshared in ((0b1011, 0b1010), (0b0001, 0b1010)):
+    _PLANS[_held << 12 | (_held & ~_WRITE_RESIZE) << 8 | _unshared << 4
+           | _unshared & ~_WRITE_RESIZE] = _let_go_plan(
+        _held, _held & ~_WRITE_RESIZE, _unshared, _unshared & ~_WRITE_RESIZE)
 
 
 class ImageLock:
@@ -112,6 +141,8 @@ class ImageLock:
     Permission sets are handled as plain ints here: this runs for every node
     at every activation, and IntFlag arithmetic costs more than the syscalls.
     """
+
+    __slots__ = ("fd", "held", "unshared")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -131,7 +162,7 @@ class ImageLock:
         # case (nobody in the way); only when something is in the way are the
         # bytes tested one by one, in QEMU's order, for QEMU's message.
         fd = self.fd
-        unshared = ~shared & int(PERM_ALL)
+        unshared = ~shared & _PERM_ALL
         if perm and byte_is_locked_by_others(fd, SHARED_BASE + _span(perm)[0], _span(perm)[1]):
             for i in range(4):
                 if perm & (1 << i) and byte_is_locked_by_others(fd, SHARED_BASE + i):
@@ -152,24 +183,21 @@ class ImageLock:
         """
         perm_i = int(perm)
         shared_i = int(shared)
-        unshared = ~shared_i & int(PERM_ALL)
+        unshared = ~shared_i & _PERM_ALL
         old_held, old_unshared = self.held, self.unshared
         if perm_i == old_held and unshared == old_unshared:
             return
         if perm_i | old_held == old_held and unshared | old_unshared == old_unshared:
             # Only bytes to let go (inactivation): nothing can conflict, and
-            # QEMU's raw_handle_perm_lock checks nothing either.
-            # Both sets in one unlock when no kept byte lies between the
-            # dropped ones (inactivation: write and resize, held and unshared).
-            dropped = old_held & ~perm_i | (old_unshared & ~unshared) << _SHARED_SHIFT
-            if dropped:
-                low = (dropped & -dropped).bit_length() - 1
-                span = dropped.bit_length() - low
-                if (perm_i | unshared << _SHARED_SHIFT) >> low & ((1 << span) - 1):
-                    _let_go(self.fd, PERM_BASE, old_held & ~perm_i, perm_i)
-                    _let_go(self.fd, SHARED_BASE, old_unshared & ~unshared, unshared)
-                else:
-                    _fcntl_lock(self.fd, _F_OFD_SETLK, fcntl.F_UNLCK, PERM_BASE + low, span)
+            # QEMU's raw_handle_perm_lock checks nothing either.  The requests
+            # depend on the four sets only: made once, then reused.
+            key = old_held << 12 | perm_i << 8 | old_unshared << 4 | unshared
+            plan = _PLANS.get(key)
+            if plan is None:
+                plan = _PLANS[key] = _let_go_plan(old_held, perm_i, old_unshared, unshared)
+            fd = self.fd
+            for request in plan:
+                fcntl.fcntl(fd, _F_OFD_SETLK, request)
             self.held, self.unshared = perm_i, unshared
             return
         try:

@@ -249,23 +249,29 @@ class OutgoingMigration:
             # here, before the VM stops, as a QEMU source notices it at its next
             # iteration's write.
             channel.check_peer()
-            # Switchover.
-            runstate_at_switchover = self.vm.state
-            was_running = runstate_at_switchover == RunState.RUNNING
-            # The final sections depend only on that state: made before the stop,
-            # the downtime only sends them.
-            final = b"" if sending else writer.complete(runstate_at_switchover.value)
-            # A collection in the downtime would be downtime: the switchover
-            # allocates little, so the collector waits until it is over (or
-            # until something has to be waited for).
-            self._pause_gc()
-            stop_time = time.monotonic()
-            stopped = True
-            pause = self.capabilities["pause-before-switchover"]
-            # Under the graph lock: a cont already under way finishes first, and
-            # one that comes later sees finish-migrate.  Without a pause nothing
-            # comes between the stop and the inactivation: one hold covers both.
+            # Under the graph lock from here on, taken before the stop (not in
+            # the downtime): a cont already under way finishes first, and one
+            # that comes later sees finish-migrate.  Without a pause nothing
+            # comes between the stop and the inactivation: one hold covers all.
             async with self.block.lock.held():
+                # What the images have to write back is written now, while the
+                # guest still runs: the downtime's flush then finds (mostly)
+                # nothing, and runs on code the process has already been through.
+                await self.block.write_back_early()
+                self._check_cancel()
+                # Switchover.
+                runstate_at_switchover = self.vm.state
+                was_running = runstate_at_switchover == RunState.RUNNING
+                # The final sections depend only on that state: made before the
+                # stop, the downtime only sends them.
+                final = b"" if sending else writer.complete(runstate_at_switchover.value)
+                # A collection in the downtime would be downtime: the switchover
+                # allocates little, so the collector waits until it is over (or
+                # until something has to be waited for).
+                self._pause_gc()
+                stop_time = time.monotonic()
+                stopped = True
+                pause = self.capabilities["pause-before-switchover"]
                 await self._stop_for_switchover(pause)
                 if not pause:
                     inactivated = True  # if it fails, some nodes may be: re-activate them all

@@ -8,6 +8,7 @@ with the interpreter that has qmpd's dependencies:
     python tests/bench/migration_bench.py --ks 1,100 --reps 3 --nodes 100   # a quick look
     python tests/bench/migration_bench.py --parts startup      # node opening and start-up only
     python tests/bench/migration_bench.py --ks 100 --profile   # cProfile the qmpd destination
+    python tests/bench/migration_bench.py --ks 100 --profile-source   # ... the qmpd source
     python tests/bench/migration_bench.py --json /tmp/mig.json
 
 It runs the daemon of the checkout it lives in (``PYTHONPATH`` and the
@@ -172,11 +173,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def pair(target: str, images: list[Path], work: Path, profile: Path | None = None
-         ) -> Iterator[tuple[Server, Server]]:
-    """A source and a ``defer`` destination with the events capability and the images added."""
-    src = Server(target, "src", work)
-    dst = Server(target, "dst", work, profile)
+def pair(target: str, images: list[Path], work: Path, profile: Path | None = None,
+         profile_role: str = "dst") -> Iterator[tuple[Server, Server]]:
+    """A source and a ``defer`` destination with the events capability and the images added
+    (``profile``: where the cProfile of the ``profile_role`` side goes)."""
+    src = Server(target, "src", work, profile if profile_role == "src" else None)
+    dst = Server(target, "dst", work, profile if profile_role == "dst" else None)
     try:
         s, d = src.connect(), dst.connect()
         for q in (s, d):
@@ -220,8 +222,8 @@ def migrate(src: Server, dst: Server, target: str) -> dict[str, float]:
 
 
 def one_run(target: str, images: list[Path], work: Path,
-            profile: Path | None = None) -> dict[str, float]:
-    with pair(target, images, work, profile) as (src, dst):
+            profile: Path | None = None, profile_role: str = "dst") -> dict[str, float]:
+    with pair(target, images, work, profile, profile_role) as (src, dst):
         return migrate(src, dst, target)
 
 
@@ -334,11 +336,14 @@ def workdir(base: str, keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def print_profile(prof: Path, k: int) -> None:
-    print(f"\n--- cProfile of the qmpd destination, K={k} (cumulative, top 25) ---")
+def print_profile(prof: Path, k: int, role: str = "destination") -> None:
+    print(f"\n--- cProfile of the qmpd {role}, K={k} (cumulative, top 25) ---")
     stats = pstats.Stats(str(prof))
     stats.sort_stats("cumulative").print_stats(25)
     stats.sort_stats("tottime").print_stats(15)
+    if role == "source":  # the switchover alone, among the blockdev-adds
+        print("--- the source's switchover (cumulative) ---")
+        stats.sort_stats("cumulative").print_callees(r"_outgoing|inactivate_all")
 
 
 def main() -> int:
@@ -357,6 +362,8 @@ def main() -> int:
     ap.add_argument("--json", help="write every run's numbers, the medians and the verdicts here")
     ap.add_argument("--profile", action="store_true",
                     help="one more qmpd run per K with the destination under cProfile")
+    ap.add_argument("--profile-source", action="store_true",
+                    help="one more qmpd run per K with the source under cProfile")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")] if "migration" in args.parts else []
@@ -392,6 +399,10 @@ def main() -> int:
                 prof = work / f"dst-k{k}.prof"
                 one_run("qmpd", images[:k], work, profile=prof)
                 print_profile(prof, k)
+            if args.profile_source and "qmpd" in targets:
+                prof = work / f"src-k{k}.prof"
+                one_run("qmpd", images[:k], work, profile=prof, profile_role="src")
+                print_profile(prof, k, "source")
         for rep in range(args.reps if nodes else 0):
             for target in rotated(start_targets, rep):
                 r = startup_run(target, work, images[:nodes])

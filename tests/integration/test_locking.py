@@ -180,3 +180,63 @@ def test_proc_locks_show_what_qemu_shows(qmpd: QmpdProcess, image: Path,
     assert add_qcow2(c, image, **({"read-only": True} if read_only else {})) == {"return": {}}
     assert lock_lines(image) == qemu
     assert qemu[0][:2] == ("OFDLCK", "READ")
+
+
+def _graph(name: str, images: list[Path]) -> list[dict[str, Any]]:
+    """blockdev-add arguments for the graphs the source inactivates."""
+    if name == "pair":  # qcow2 over its file: the file settles with its parent
+        return [{"driver": "qcow2", "node-name": "q",
+                 "file": {"driver": "file", "filename": str(images[0])}}]
+    if name == "chain":  # a backing node has both a parent and a child
+        return [{"driver": "qcow2", "node-name": "base",
+                 "file": {"driver": "file", "filename": str(images[1])}},
+                {"driver": "qcow2", "node-name": "top", "backing": "base",
+                 "file": {"driver": "file", "filename": str(images[0])}}]
+    # one file node under two (read-only) qcow2 parents: it goes last
+    return [{"driver": "file", "node-name": "f", "filename": str(images[0]),
+             "read-only": True},
+            {"driver": "qcow2", "node-name": "q0", "file": "f", "read-only": True},
+            {"driver": "qcow2", "node-name": "q1", "file": "f", "read-only": True}]
+
+
+def _inactivated_source(client: Any, graph: list[dict[str, Any]], stream: Path,
+                        images: list[Path]) -> list[list[tuple[str, str, int, int]]]:
+    """Add ``graph``, migrate it away (to a file), return the images' lock lines."""
+    from tests.migration_data.capture import wait_migration
+
+    for args in graph:
+        assert client.cmd("blockdev-add", args) == {"return": {}}
+    before = [lock_lines(image) for image in images]
+    assert client.cmd("migrate", {"uri": f"exec:cat > {stream}"}) == {"return": {}}
+    assert wait_migration(client)["status"] == "completed"
+    after = [lock_lines(image) for image in images]
+    assert after != before or graph[0].get("read-only")  # the write bytes went
+    return after
+
+
+@pytest.mark.parametrize("graph", ["pair", "chain", "shared"])
+def test_proc_locks_after_the_handover_show_what_qemu_shows(
+    qmpd: QmpdProcess, tmp_path: Path, graph: str
+) -> None:
+    """A source that has inactivated its nodes leaves the lock bytes a QEMU 7.2
+    source leaves, whatever way each node took through the inactivation."""
+    from tests.migration_data.capture import Qemu
+
+    qemu_img = require_tool("qemu-img")
+    require_tool("qemu-system-x86_64")
+    images = [tmp_path / "a.qcow2", tmp_path / "b.qcow2"]
+    for image in images:
+        run(qemu_img, "create", "-q", "-f", "qcow2", str(image), "16M")
+    (tmp_path / "qemu").mkdir()
+    src = Qemu(tmp_path / "qemu")
+    try:
+        qemu = _inactivated_source(src.qmp, _graph(graph, images), tmp_path / "qemu.mig",
+                                   images)
+    finally:
+        src.quit()
+    assert all(lock_lines(image) == [] for image in images)
+    c = qmpd.client()
+    c.negotiate()
+    ours = _inactivated_source(c, _graph(graph, images), tmp_path / "qmpd.mig", images)
+    assert ours == qemu
+    assert qemu[0] and qemu[0][0][:2] == ("OFDLCK", "READ")  # consistent read is kept

@@ -218,6 +218,46 @@ async def test_source_hands_over_what_it_wrote(tmp_path: Path) -> None:
             block.graph.close()
 
 
+async def test_a_source_writes_back_before_it_stops(tmp_path: Path) -> None:
+    """What the source's images have to write back is written before the STOP
+    (the guest still running), only for the trees that have something to
+    write; the switchover then finds nothing, and the destination reads it."""
+    options = [qcow2(tmp_path, f"t{i}") for i in range(3)]
+    src_block, src, src_vm, src_events = await side(RunState.RUNNING, options)
+    dst_block, dst, _, _ = await side(RunState.INMIGRATE, options)
+    at_stop: dict[str, tuple[bool, int]] = {}
+
+    class StopWatch(Sink):
+        def send_event(self, plain: bytes, pretty: bytes | None) -> None:
+            if b'"STOP"' in plain:
+                for name in ("t0", "t1", "t2"):
+                    node, file = tree_nodes(src_block, name)
+                    at_stop[name] = (node.driver.has_pending_writes()
+                                     or file.driver.has_pending_writes(),
+                                     node.stats.flush_operations)
+
+    src_vm.events.subscribe(StopWatch())
+    try:
+        await tree_nodes(src_block, "t1")[0].write(MiB, b"\x52" * 65536)  # t1 dirty
+        a, b = socket.socketpair()
+        src.fds.add("mig", a.detach())
+        dst.fds.add("mig", b.detach())
+        await dst.migrate_incoming("fd:mig")
+        src.migrate({"uri": "fd:mig"})
+        assert src.outgoing.task is not None and dst.incoming.task is not None
+        await asyncio.wait_for(src.outgoing.task, 10)
+        await asyncio.wait_for(dst.incoming.task, 10)
+        assert src_events.names[-3:] == ["STOP", "MIGRATION_PASS", "MIGRATION:completed"]
+        assert at_stop == {"t0": (False, 0), "t1": (False, 1), "t2": (False, 0)}
+        assert await tree_nodes(dst_block, "t1")[0].read(MiB, 65536) == b"\x52" * 65536
+        for name in ("t0", "t1", "t2"):
+            assert not holds_write(src_block, name) and holds_write(dst_block, name)
+    finally:
+        for block in (src_block, dst_block):
+            await block.close_all()
+            block.graph.close()
+
+
 async def test_inactivation_only_lets_go_of_lock_bytes(tmp_path: Path, layer: BlockLayer) -> None:
     """Dropping permissions checks nothing (as QEMU's raw_handle_perm_lock): even a
     peer that refuses to share consistent read does not stop the inactivation."""
@@ -264,6 +304,30 @@ def test_letting_go_leaves_exactly_the_kept_bytes(
     finally:
         os.close(peer)
         os.close(fd)
+
+
+def test_a_reused_unlock_plan_lets_go_of_each_files_own_bytes(tmp_path: Path) -> None:
+    """The unlock requests made for one change of sets serve every later lock
+    making the same change: on another file, and step by step down to nothing."""
+    steps = [(0b1011, 0b1010), (0b1001, 0b1000), (0b0001, 0b0000), (0b0000, 0b0000)]
+    fds = []
+    try:
+        for name in ("a", "b"):
+            path = tmp_path / name
+            path.write_bytes(bytes(4096))
+            fds.append((os.open(path, os.O_RDWR), os.open(path, os.O_RDONLY)))
+        for fd, peer in fds:
+            lock = ImageLock(fd)
+            for held, unshared in steps:
+                lock.update(Perm(held), Perm(~unshared & 0xF))
+                assert (lock.held, lock.unshared) == (held, unshared)
+                for base, bits in ((PERM_BASE, held), (SHARED_BASE, unshared)):
+                    seen = [byte_is_locked_by_others(peer, base + i) for i in range(4)]
+                    assert seen == [bool(bits >> i & 1) for i in range(4)]
+    finally:
+        for pair in fds:
+            for fd in pair:
+                os.close(fd)
 
 
 async def test_refused_switchover_resumes_with_the_collector_running(tmp_path: Path) -> None:
@@ -313,6 +377,40 @@ async def test_a_file_to_reopen_takes_the_waiting_path(tmp_path: Path, layer: Bl
         finally:
             os.close(peer)
     assert not os.O_RDWR & fcntl_flags(file.driver.fd)  # reopened read-only
+
+
+async def test_a_tree_that_fails_leaves_every_node_whole(tmp_path: Path, layer: BlockLayer) -> None:
+    """t1's file must reopen read-only to let go of write, and its image is gone:
+    that fails with a message naming the image.  Every node is then whole: the
+    other trees inactive without write bytes, t1's file still active with them
+    (its qcow2 node inactive, its image clean); activation takes all back."""
+    for name in ("t0", "t1", "t2"):
+        opts = qcow2(tmp_path, name)
+        if name == "t1":
+            opts["file"]["auto-read-only"] = True
+        await layer.add(opts)
+    gone = tmp_path / "t1.qcow2"
+    peers = {name: os.open(tmp_path / f"{name}.qcow2", os.O_RDONLY) for name in ("t0", "t1", "t2")}
+    try:
+        gone.rename(tmp_path / "moved.qcow2")
+        with pytest.raises(BlockDriverError, match=f"Could not open '{gone}'"):
+            await layer.inactivate_all()
+        for name, peer in peers.items():
+            node, file = tree_nodes(layer, name)
+            writes = byte_is_locked_by_others(peer, PERM_BASE + 1)
+            assert byte_is_locked_by_others(peer, PERM_BASE + 0)
+            assert writes == (file.state is NodeState.ACTIVE) == (name == "t1"), name
+            assert node.state is NodeState.INACTIVE, name
+            assert holds_write(layer, name) == (name == "t1")
+        (tmp_path / "moved.qcow2").rename(gone)
+        await layer.activate_all()
+        for name, peer in peers.items():
+            assert [n.state for n in tree_nodes(layer, name)] == [NodeState.ACTIVE] * 2
+            assert byte_is_locked_by_others(peer, PERM_BASE + 1)
+            assert byte_is_locked_by_others(peer, SHARED_BASE + 1)
+    finally:
+        for peer in peers.values():
+            os.close(peer)
 
 
 def fcntl_flags(fd: int) -> int:

@@ -49,6 +49,10 @@ class CacheEntry(Generic[T]):
 class MetadataCache(Generic[T]):
     """An LRU write-back cache of decoded metadata tables."""
 
+    __slots__ = ("_generation", "_load", "_loading", "_serialize", "_store", "_sync",
+                 "capacity", "depends", "depends_on_flush", "entries", "hits", "misses",
+                 "name")
+
     def __init__(
         self,
         name: str,

@@ -299,8 +299,12 @@ class Qcow2Driver(BlockDriver):
     def _has_bitmaps(self, image: Qcow2Image) -> bool:
         """Whether storing would write anything: a directory on disk (its in-use
         marks to clear) or persistent bitmaps on the node."""
-        return bool(image.bitmap_entries) or any(
-            b.persistent for b in self.node.dirty_bitmaps.values())
+        if image.bitmap_entries:
+            return True
+        for bitmap in self.node.dirty_bitmaps.values():  # no generator: a hot path
+            if bitmap.persistent:
+                return True
+        return False
 
     async def _store_bitmaps(self, image: Qcow2Image) -> None:
         if not self._has_bitmaps(image):

@@ -235,11 +235,16 @@ class Qcow2State:
 
     def idle(self) -> bool:
         """Nothing in flight, nothing dirty: a flush would write nothing of its own."""
-        return not (
-            self.allocs or self._inflight or self.lock.locked() or self.refs.pending_discards
-            or any(e.dirty for e in self.l2cache.entries.values())
-            or any(e.dirty for e in self.refs.cache.entries.values())
-        )
+        if self.allocs or self._inflight or self.lock.locked() or self.refs.pending_discards:
+            return False
+        # Plain loops, here: this runs for every node at every handover.
+        for entry in self.l2cache.entries.values():
+            if entry.dirty:
+                return False
+        for block in self.refs.cache.entries.values():
+            if block.dirty:
+                return False
+        return True
 
     # --- lock-free request tracking -----------------------------------------------------
 
