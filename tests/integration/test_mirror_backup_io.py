@@ -72,9 +72,12 @@ class Writer:
         self.stop = asyncio.Event()
         self.count = 0
 
-    async def one(self) -> None:
+    async def one(self, slot: int) -> None:
+        # Writes in flight together never overlap (each slot keeps to its own
+        # quarter): the order of overlapping ones is not defined by NBD.
         length = self.rng.choice([512, 4096, 65536, 100 * 512, 300 * 1024])
-        offset = self.rng.randrange(0, SIZE - length) // 512 * 512
+        quarter = SIZE // 4
+        offset = slot * quarter + self.rng.randrange(0, quarter - length) // 512 * 512
         data = self.rng.randbytes(length)
         await self.client.write(offset, data, fua=self.fua)
         self.model[offset:offset + length] = data
@@ -82,7 +85,7 @@ class Writer:
 
     async def run(self) -> None:
         while not self.stop.is_set():
-            await asyncio.gather(*(self.one() for _ in range(4)))
+            await asyncio.gather(*(self.one(slot) for slot in range(4)))
             await asyncio.sleep(0.002)
 
 
