@@ -13,6 +13,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from qmpd.block import chain
 from qmpd.block.bitmaps import Bitmaps, bitmap_info
 from qmpd.block.driver import BlockDriverError, ChildRole, OpenJob
 from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
@@ -336,6 +337,10 @@ class BlockLayer:
                 await self.close_node(node)
             except Exception:
                 log.exception("closing node %s", node.node_name)
+
+    async def snapshot(self, node: str, overlay: str) -> None:
+        """blockdev-snapshot."""
+        await chain.snapshot(self, node, overlay)
 
     # --- run-state hooks ---------------------------------------------------------------
 

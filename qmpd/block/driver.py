@@ -255,6 +255,8 @@ class BlockNode:
     serial: int = 0
     #: Named dirty bitmaps, oldest first (QEMU lists them newest first).
     dirty_bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
+    #: Anonymous bitmaps of jobs (an active commit's): never listed nor stored.
+    internal_bitmaps: list[DirtyBitmap] = field(default_factory=list)
 
     # --- structure ----------------------------------------------------------
 
@@ -323,7 +325,7 @@ class BlockNode:
             )
         else:
             await self.driver.write(offset, data, fua)
-        if self.dirty_bitmaps:
+        if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, len(data))
         self.stats.wr_bytes += len(data)
         self.stats.wr_operations += 1
@@ -334,7 +336,7 @@ class BlockNode:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
-        if self.dirty_bitmaps:
+        if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, length)
         self.stats.wr_bytes += length
         self.stats.wr_operations += 1
@@ -343,7 +345,8 @@ class BlockNode:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.discard(offset, length)
-        if self.dirty_bitmaps and self.discard_unmap:  # discard=ignore drops it first
+        if (self.dirty_bitmaps or self.internal_bitmaps) and self.discard_unmap:
+            # discard=ignore drops it first
             self.mark_dirty(offset, length)
 
     def mark_dirty(self, offset: int, length: int) -> None:
@@ -351,6 +354,8 @@ class BlockNode:
         for bitmap in self.dirty_bitmaps.values():
             if bitmap.recording:
                 bitmap.set_range(offset, length)
+        for bitmap in self.internal_bitmaps:
+            bitmap.set_range(offset, length)
 
     async def flush(self) -> None:
         self.stats.flush_operations += 1
@@ -547,6 +552,12 @@ class BlockDriver(ABC):
     def backing_format(self) -> str | None:
         """The header's backing format (None: probe the file)."""
         return None
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Store another backing file name and format in the image header
+        (None: no backing file), QEMU's ``bdrv_change_backing_file``; formats
+        without a header to rewrite refuse."""
+        raise BlockDriverError("Operation not supported", 95)
 
     def image_info(self) -> dict[str, Any]:
         """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,

@@ -5,6 +5,7 @@ Importing this package registers every handler with the dispatcher.
 
 from qmpd.commands import (
     bitmaps,
+    block_chain,
     block_core,
     block_export,
     control,
@@ -16,6 +17,6 @@ from qmpd.commands import (
 )
 
 __all__ = [
-    "bitmaps", "block_core", "block_export", "control", "hmp", "jobs", "migration", "objects",
-    "run_state",
+    "bitmaps", "block_chain", "block_core", "block_export", "control", "hmp", "jobs",
+    "migration", "objects", "run_state",
 ]

@@ -9,16 +9,20 @@ from typing import Any
 from qmpd.block.core import BlockLayer
 from qmpd.errors import DeviceNotActive
 from qmpd.jobs.block_job import BlockJob
+from qmpd.jobs.commit import start_commit
 from qmpd.jobs.job import Emit, Job
 from qmpd.jobs.manager import JobManager
-
+from qmpd.jobs.stream import start_stream
 
 #: A command that starts a job, implemented in its job's module (which never
 #: imports this one): given the manager, the block layer and the arguments.
 Starter = Callable[[JobManager, BlockLayer, dict[str, Any]], Awaitable[None]]
 
 #: The commands that start jobs.
-STARTERS: dict[str, Starter] = {}
+STARTERS: dict[str, Starter] = {
+    "block-commit": start_commit,
+    "block-stream": start_stream,
+}
 
 
 class Jobs:

@@ -200,7 +200,6 @@ class NbdExport:
     ) -> None:
         self.owner = owner
         self.id = export_id
-        self.node = node
         self.name = name
         self.description = description
         self.writable = writable
@@ -223,6 +222,12 @@ class NbdExport:
         self.iothread: IOThread | None = None
         #: Exported dirty bitmaps by context name (busy while exported).
         self.bitmaps: dict[str, DirtyBitmap] = {}
+
+    @property
+    def node(self) -> BlockNode:
+        """The exported node: whatever the export's edge points at (a job's
+        pivot moves it, as QEMU's bdrv_replace_node moves a BlockBackend)."""
+        return self.edge.child
 
     # --- what clients see -----------------------------------------------------------------
 
