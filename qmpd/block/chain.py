@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from qmpd.block.driver import BdrvChild, BlockNode, ChildRole
-from qmpd.block.filename import path_combine, refresh_filename
+from qmpd.block.filename import backing_overridden, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph
 from qmpd.block.status import layer_status
 from qmpd.errors import GenericError
@@ -38,6 +38,13 @@ def chain_contains(top: BlockNode, node: BlockNode) -> bool:
     return any(n is node for n in walk(top))
 
 
+def has_descendant(node: BlockNode, other: BlockNode) -> bool:
+    """Whether ``other`` is ``node`` or below it through any child (bdrv_recurse_has_child)."""
+    if node is other:
+        return True
+    return any(has_descendant(edge.child, other) for edge in node.children.values())
+
+
 def find_overlay(top: BlockNode, node: BlockNode) -> BlockNode | None:
     """The node of ``top``'s chain right above ``node``."""
     for n in walk(top):
@@ -46,12 +53,12 @@ def find_overlay(top: BlockNode, node: BlockNode) -> BlockNode | None:
     return None
 
 
-def find_base(top: BlockNode) -> BlockNode | None:
-    """The bottom of the chain, None when ``top`` has no backing (bdrv_find_base)."""
-    last = None
+def find_base(top: BlockNode) -> BlockNode:
+    """The bottom of the chain (bdrv_find_base): ``top`` itself without a backing."""
+    last = top
     for n in walk(top):
         last = n
-    return None if last is top else last
+    return last
 
 
 def find_backing_image(top: BlockNode, name: str) -> BlockNode | None:
@@ -61,6 +68,11 @@ def find_backing_image(top: BlockNode, name: str) -> BlockNode | None:
         backing = below(node)
         if backing is None:
             return None
+        if backing_overridden(node):
+            # Only the backing node's own name can name it then.
+            if name == refresh_filename(backing):
+                return backing
+            continue
         stored = node.driver.raw_backing_file_name()
         if stored is not None and stored == name:
             return backing
@@ -237,11 +249,13 @@ async def snapshot(block: BlockLayer, node_name: str, overlay_name: str) -> None
             f"Cannot find device='{overlay_name}' nor node-name='{overlay_name}'")
     if any(edge.user is not None and edge.user.blocker is None for edge in new.parents):
         raise GenericError("The overlay is already in use")
-    check_op(new, Op.EXTERNAL_SNAPSHOT)
     if new.backing is not None:
         raise GenericError("The overlay already has a backing image")
     if not new.driver.supports_backing:
         raise GenericError("The overlay does not support backing images")
+    if has_descendant(old, new):
+        raise GenericError(f"Making '{old.node_name}' a backing child of "
+                           f"'{new.node_name}' would create a cycle")
     await set_backing(block, new, old)
     try:
         keep = tuple(edge for edge in old.parents if edge.parent is new)

@@ -266,8 +266,6 @@ async def start_commit(manager: JobManager, block: BlockLayer, args: dict[str, A
             raise GenericError(f"Can't find '{base}' in the backing chain")
     else:
         base_bs = find_base(top_bs)
-        if base_bs is None:
-            raise GenericError("There is no backimg image")
     end = below(base_bs)
     node: BlockNode | None = top_bs
     while node is not None and node is not end:
@@ -299,12 +297,15 @@ async def start_commit(manager: JobManager, block: BlockLayer, args: dict[str, A
         await job.add_node("main node", bs, Perm.NONE, PERM_ALL)
         if overlay is not bs:
             await job.add_node("overlay of top", overlay, Perm.NONE, PERM_ALL)
+        # The job reads the top through a BlockBackend of its own: "in use".
+        await job.add_node("top", top_bs, Perm.NONE, PERM_ALL, blocks=False)
         node = top_bs
         while node is not None and node is not base_bs:
             await job.add_node("intermediate node", node, Perm.NONE, shared)
             node = below(node)
+        # The job writes through a BlockBackend of its own: the base is "in use".
         await job.add_node("base", base_bs, Perm.CONSISTENT_READ | Perm.WRITE,
-                           Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+                           Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED, blocks=False)
         manager.create(job)
     except BaseException:
         await job.release_nodes()
@@ -330,7 +331,7 @@ async def _start_active(manager: JobManager, block: BlockLayer, args: dict[str, 
         while node is not None and node is not base:
             await job.add_node("intermediate node", node, Perm.NONE, shared)
             node = below(node)
-        await job.add_node("target", base, target_perm, shared)
+        await job.add_node("target", base, target_perm, shared, blocks=False)
         manager.create(job)
     except BaseException:
         await job.release_nodes()

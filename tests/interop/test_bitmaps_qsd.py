@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import QmpdProcess
 from tests.support.qmp import QmpClient
+from tests.support.qsd import side_by_side
 from tests.support.tools import QSD, qemu_io, require_tool, wait_for_socket
 
 pytestmark = pytest.mark.qemu
@@ -414,41 +415,6 @@ def test_exported_bitmaps_as_qsd(pair: tuple[Side, Side]) -> None:
     assert nbdinfo(ours, "leg", "--map=qemu:dirty-bitmap:d") == nbdinfo(
         qsd, "leg", "--map=qemu:dirty-bitmap:d")
     assert ours.bitmaps() == qsd.bitmaps()
-
-
-def side_by_side(tmp_path: Path, make_nodes: Callable[[Path], list[str]],
-                 steps: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """The replies of QSD and of qmpd, each started with ``make_nodes(its dir)``,
-    to the same commands."""
-    require_tool(QSD)
-    replies = {}
-    for impl in ("qsd", "qmpd"):
-        work = tmp_path / impl
-        work.mkdir()
-        nodes = make_nodes(work)
-        if impl == "qsd":
-            sock = work / "qmp.sock"
-            proc = subprocess.Popen(
-                [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-                 "--monitor", "chardev=c", *nodes],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_for_socket(proc, sock)
-                client = QmpClient(sock, 20, check_schema=False, negotiate=True)
-                replies[impl] = [client.cmd(e, a) for e, a in steps]
-                client.close()
-            finally:
-                proc.terminate()
-                proc.wait(10)
-        else:
-            daemon = QmpdProcess(work, *nodes)
-            try:
-                client = QmpClient(daemon.sock, 20, negotiate=True)
-                replies[impl] = [client.cmd(e, a) for e, a in steps]
-                client.close()
-            finally:
-                daemon.stop()
-    return replies
 
 
 def test_bitmaps_follow_block_resize(tmp_path: Path) -> None:
