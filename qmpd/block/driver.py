@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from qmpd.block.dirty_bitmap import DirtyBitmap
+from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError as BlockDriverError
 from qmpd.objects import ObjectRegistry
 
@@ -257,6 +258,9 @@ class BlockNode:
     dirty_bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
     #: Anonymous bitmaps of jobs (an active commit's): never listed nor stored.
     internal_bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    #: Set while a job copies into the node (a stream): writes and its copies
+    #: of a range do not overlap in time.
+    serialiser: RangeSerialiser | None = None
 
     # --- structure ----------------------------------------------------------
 
@@ -319,6 +323,17 @@ class BlockNode:
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, len(data))
+        serialiser = self.serialiser
+        if serialiser is not None:
+            token = await serialiser.begin_write(offset, len(data))
+            try:
+                await self._write(offset, data, fua)
+            finally:
+                serialiser.end_write(token)
+            return
+        await self._write(offset, data, fua)
+
+    async def _write(self, offset: int, data: bytes, fua: bool) -> None:
         if self.detect_zeroes != "off" and data.count(0) == len(data):
             await self.driver.write_zeroes(
                 offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
@@ -335,7 +350,13 @@ class BlockNode:
     ) -> None:
         self._check_writable()
         self._check_range(offset, length)
-        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        serialiser = self.serialiser
+        token = await serialiser.begin_write(offset, length) if serialiser is not None else 0
+        try:
+            await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        finally:
+            if serialiser is not None:
+                serialiser.end_write(token)
         if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, length)
         self.stats.wr_bytes += length

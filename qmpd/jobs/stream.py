@@ -26,6 +26,7 @@ from qmpd.block.chain import (
 )
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
+from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, GenericError
 from qmpd.jobs.block_job import BlockJob
 from qmpd.jobs.manager import JobManager
@@ -72,7 +73,7 @@ class StreamJob(BlockJob):
         self.backing_file = backing_file
         self.on_error = on_error
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         top = self.top
         if top is self.base_overlay:
             return  # nothing to stream
@@ -113,12 +114,35 @@ class StreamJob(BlockJob):
             raise error  # an ignored error keeps the backing chain
 
     async def _populate(self, offset: int, length: int) -> None:
-        """Copy-on-read of one range: what the chain holds, written into the top."""
-        data = await self.top.read(offset, length)
-        if data.count(0) == len(data):
-            await self.top.write_zeroes(offset, length)
-        else:
-            await self.top.write(offset, data)
+        """Copy-on-read of one range: what the chain holds, written into the top,
+        serialised against the top's writes; what the top came to hold
+        meanwhile is left as it is."""
+        top = self.top
+        serialiser = top.serialiser
+        assert serialiser is not None
+        async with serialiser.copy(offset, length):
+            pos, end = offset, offset + length
+            while pos < end:
+                allocated, n = await is_allocated(top, pos, end - pos)
+                if n <= 0:
+                    break
+                if not allocated:
+                    data = await top.read(pos, n)
+                    if data.count(0) == len(data):
+                        await top.write_zeroes(pos, n)
+                    else:
+                        await top.write(pos, data)
+                pos += n
+
+    async def run(self) -> None:
+        top = self.top
+        if top.serialiser is not None:  # another copying job: never, stream blocks it
+            raise BlockDriverError("Device or resource busy", 16)
+        top.serialiser = RangeSerialiser()
+        try:
+            await self._run()
+        finally:
+            top.serialiser = None
 
     async def prepare(self) -> None:
         top = self.top

@@ -195,3 +195,30 @@ def test_stream_speed_limit(tmp_path: Path) -> None:
         daemon.stop()
     qemu_img("check", tmp_path / "top.qcow2")
     assert guest_view(tmp_path, "top", alone=True) == bytes([7]) * SIZE
+
+
+@pytest.mark.parametrize("backing", ["base", None], ids=["base-node", "whole-chain"])
+def test_stream_under_guest_writes(tmp_path: Path, backing: str | None) -> None:
+    """The stream's copies never undo a write to the top made meanwhile: the top
+    alone holds what the guest sees (what the chain held, then the writes)."""
+    make_chain(tmp_path)
+    daemon = QmpdProcess(tmp_path, *daemon_args(tmp_path))
+    guest = Guest(tmp_path, guest_view(tmp_path), 3, per_round=4)
+    try:
+        client = QmpClient(daemon.sock, 30, negotiate=True)
+        args: dict[str, Any] = {"job-id": "j", "device": "top", "speed": 4 * MiB}
+        if backing is not None:
+            args["base-node"] = backing
+        with guest:
+            client.ok("block-stream", args)
+            completed = client.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        assert "error" not in completed["data"], completed
+        guest.write_some(8)
+        client.close()
+    finally:
+        daemon.stop()
+    assert guest.count > 8
+    qemu_img("check", tmp_path / "top.qcow2")
+    assert guest_view(tmp_path) == bytes(guest.model)
+    if backing is None:
+        assert guest_view(tmp_path, "top", alone=True) == bytes(guest.model)
