@@ -37,6 +37,7 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.filename import refresh_filename
+from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError
 from qmpd.jobs.block_job import SLICE, BlockJob
 from qmpd.jobs.manager import JobManager
@@ -131,6 +132,7 @@ class ActiveCommitJob(BlockJob):
         self.base_overlay = find_overlay(top, base)
         self.on_error = on_error
         self.should_complete = False
+        self.serialiser: RangeSerialiser | None = None
         granularity = default_granularity(base.driver.cluster_size())
         self.bitmap = DirtyBitmap("", top.size(), granularity)
 
@@ -145,6 +147,8 @@ class ActiveCommitJob(BlockJob):
     async def run(self) -> None:
         top, bitmap = self.top, self.bitmap
         top.internal_bitmaps.append(bitmap)
+        if top.serialiser is None:  # the pivot waits for the top's writes in flight
+            top.serialiser = self.serialiser = RangeSerialiser()
         length = top.size()
         offset = 0
         while offset < length:  # mirror_dirty_init
@@ -218,13 +222,38 @@ class ActiveCommitJob(BlockJob):
             if self.should_complete:
                 while bitmap.count():
                     await self._iteration()
-                await self.base.flush()
                 await self.release_nodes()
-                await replace_node(self.block, self.top, self.base)
+                await self._pivot()
         except BlockDriverError as exc:
             raise _failure(exc) from None
 
+    async def _pivot(self) -> None:
+        """The top's parents onto the base.  Writes to the base wait meanwhile
+        (QEMU keeps both drained): the top's writes still in flight land, and
+        are copied, before any write made through the base."""
+        top, base = self.top, self.base
+        size = top.size()
+        held = base.serialiser is None
+        if held:
+            base.serialiser = RangeSerialiser()
+        serialiser = base.serialiser
+        assert serialiser is not None
+        try:
+            async with serialiser.copy(0, size):
+                await replace_node(self.block, top, base)
+                if top.serialiser is not None:
+                    async with top.serialiser.copy(0, size):
+                        pass  # every write to the top in flight is done
+                while self.bitmap.count():
+                    await self._iteration()
+                await base.flush()
+        finally:
+            if held:
+                base.serialiser = None
+
     async def clean(self) -> None:
+        if self.serialiser is not None and self.top.serialiser is self.serialiser:
+            self.top.serialiser = None
         if self.bitmap in self.top.internal_bitmaps:
             self.top.internal_bitmaps.remove(self.bitmap)
         await super().clean()
