@@ -92,6 +92,14 @@ class JobManager:
         txn.jobs.insert(0, job)
         job.txn = txn
 
+    def early_fail(self, job: Job) -> None:
+        """job_early_fail: a created job whose setup failed (a permission the
+        block job could not take) goes away: NULL, never started."""
+        if job.txn is not None:
+            job.txn.jobs.remove(job)
+            job.txn = None
+        self._dismiss(job)
+
     def start(self, job: Job) -> None:
         """job_start: RUNNING, and its task."""
         job.pause_count -= 1
