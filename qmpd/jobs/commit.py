@@ -151,7 +151,7 @@ class ActiveCommitJob(BlockJob):
             top.serialiser = self.serialiser = RangeSerialiser()
         length = top.size()
         offset = 0
-        while offset < length:  # mirror_dirty_init
+        while offset < length:  # mirror_dirty_init (mirror_throttle: a pause point)
             await self.pause_point()
             if self.is_cancelled:
                 return
@@ -320,7 +320,7 @@ async def start_commit(manager: JobManager, block: BlockLayer, args: dict[str, A
     refuse_filter_node(args)
     job = CommitJob(job_id, block, bs, top_bs, base_bs, backing_file, on_error, speed,
                     **job_flags(args))
-    manager.check_id(job.id)
+    manager.create(job)
     shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
     try:
         await job.add_node("main node", bs, Perm.NONE, PERM_ALL)
@@ -335,9 +335,9 @@ async def start_commit(manager: JobManager, block: BlockLayer, args: dict[str, A
         # The job writes through a BlockBackend of its own: the base is "in use".
         await job.add_node("base", base_bs, Perm.CONSISTENT_READ | Perm.WRITE,
                            Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED, blocks=False)
-        manager.create(job)
     except BaseException:
         await job.release_nodes()
+        manager.early_fail(job)
         raise
     manager.start(job)
 
@@ -349,7 +349,7 @@ async def _start_active(manager: JobManager, block: BlockLayer, args: dict[str, 
     if top is base:
         raise GenericError("Can't mirror node into itself")
     refuse_filter_node(args)
-    manager.check_id(job.id)
+    manager.create(job)
     target_perm = Perm.WRITE
     if base.size() < top.size():
         target_perm |= Perm.RESIZE
@@ -361,8 +361,8 @@ async def _start_active(manager: JobManager, block: BlockLayer, args: dict[str, 
             await job.add_node("intermediate node", node, Perm.NONE, shared)
             node = below(node)
         await job.add_node("target", base, target_perm, shared, blocks=False)
-        manager.create(job)
     except BaseException:
         await job.release_nodes()
+        manager.early_fail(job)
         raise
     manager.start(job)

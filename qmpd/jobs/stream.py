@@ -206,7 +206,7 @@ async def start_stream(manager: JobManager, block: BlockLayer, args: dict[str, A
     refuse_filter_node(args)
     job = StreamJob(args.get("job-id", ""), block, top, base_overlay, backing_file,
                     args.get("on-error", "report"), args.get("speed", 0), **job_flags(args))
-    manager.check_id(job.id)
+    manager.create(job)
     basic = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
     try:
         await job.add_node("active node", top, Perm.WRITE_UNCHANGED, PERM_ALL)
@@ -214,9 +214,9 @@ async def start_stream(manager: JobManager, block: BlockLayer, args: dict[str, A
         while node is not None and node is not base_bs:
             await job.add_node("intermediate node", node, Perm.NONE, basic)
             node = below(node)
-        manager.create(job)
     except BaseException:
         await job.release_nodes()
+        manager.early_fail(job)
         raise
     manager.start(job)
 

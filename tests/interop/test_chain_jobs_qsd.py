@@ -291,9 +291,11 @@ def busy_scenario(command: str, args: dict[str, Any]) -> Any:
         out.append(client.cmd("block-job-set-speed", {"device": "j", "speed": 0}))
         out.append(client.cmd("job-cancel", {"id": "j"}))
         client.wait_event("JOB_STATUS_CHANGE", "null", timeout=30)
-        # Where the pause caught the job depends on timing: not its offset.
+        # Where the pause caught the job depends on timing (in QEMU too): not
+        # its progress (an active commit counts its dirty bytes once it runs).
         out.append({"events": [{**e, "data": {k: v for k, v in e["data"].items()
-                                              if k != "offset"}} for e in events(client)]})
+                                              if k not in ("offset", "len")}}
+                               for e in events(client)]})
         return out
     return scenario
 
@@ -344,3 +346,29 @@ def test_blockdev_snapshot_as_qsd(tmp_path: Path) -> None:
         over = tmp_path / impl / "over.qcow2"
         read = qemu_io("-f", "qcow2", "-c", "read -P 9 2M 64k", over, check=True)
         assert "Pattern verification failed" not in read.stdout
+
+
+def test_a_writer_on_a_layer_conflicts_with_the_job_as_qsd(tmp_path: Path) -> None:
+    """A writable export of ``mid``: the stream, which needs it unchanged, is refused
+    with QEMU's permission text; a commit of ``mid`` is an active commit (ready,
+    then a soft cancel completes it)."""
+    def nodes(work: Path) -> list[str]:
+        return [*chain_nodes()(work),
+                "--nbd-server", f"addr.type=unix,addr.path={work}/nbd.sock",
+                "--export", "nbd,id=e,node-name=mid,name=mid,writable=on"]
+
+    def scenario(client: QmpClient, work: Path) -> list[Any]:
+        out: list[Any] = [client.cmd("block-stream", {"job-id": "j", "device": "top",
+                                                      "base-node": "base"})]
+        out.append(client.cmd("block-commit", {"job-id": "j", "device": "top",
+                                               "top-node": "mid", "base-node": "base"}))
+        client.wait_event("BLOCK_JOB_READY", timeout=60)
+        since = len(client.events)
+        out.append(client.cmd("block-job-cancel", {"device": "j"}))
+        client.wait_event("JOB_STATUS_CHANGE", "null", timeout=30, since=since)
+        out.append(events(client))  # the refused stream's job came and went
+        return out
+
+    out = side_by_side_run(tmp_path, nodes, scenario)
+    assert out["qmpd"] == out["qsd"]
+    assert "Permission conflict on node 'mid'" in out["qsd"][0]["error"]["desc"]
