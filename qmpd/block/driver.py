@@ -324,22 +324,17 @@ class BlockNode:
         self._check_writable()
         self._check_range(offset, len(data))
         serialiser = self.serialiser
-        if serialiser is not None:
-            token = await serialiser.begin_write(offset, len(data))
-            try:
-                await self._write(offset, data, fua)
-            finally:
+        token = await serialiser.begin_write(offset, len(data)) if serialiser is not None else 0
+        try:
+            if self.detect_zeroes != "off" and data.count(0) == len(data):
+                await self.driver.write_zeroes(
+                    offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+                )
+            else:
+                await self.driver.write(offset, data, fua)
+        finally:
+            if serialiser is not None:
                 serialiser.end_write(token)
-            return
-        await self._write(offset, data, fua)
-
-    async def _write(self, offset: int, data: bytes, fua: bool) -> None:
-        if self.detect_zeroes != "off" and data.count(0) == len(data):
-            await self.driver.write_zeroes(
-                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
-            )
-        else:
-            await self.driver.write(offset, data, fua)
         if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, len(data))
         self.stats.wr_bytes += len(data)
