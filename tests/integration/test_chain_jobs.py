@@ -222,3 +222,22 @@ def test_stream_under_guest_writes(tmp_path: Path, backing: str | None) -> None:
     assert guest_view(tmp_path) == bytes(guest.model)
     if backing is None:
         assert guest_view(tmp_path, "top", alone=True) == bytes(guest.model)
+
+
+def test_read_only_layers_are_not_reopened(tmp_path: Path) -> None:
+    """qmpd does not reopen a read-only node read-write for a job (README,
+    difference 27): a commit into one is refused and leaves no job behind."""
+    make_chain(tmp_path)
+    args = daemon_args(tmp_path)
+    spec = json.loads(args[1])
+    args[1] = json.dumps({**spec, "read-only": True})
+    daemon = QmpdProcess(tmp_path, *args)
+    try:
+        client = QmpClient(daemon.sock, 30, negotiate=True)
+        assert client.err("block-commit", {"job-id": "j", "device": "top", "top-node": "mid"}) \
+            == "Block node is read-only"
+        assert client.ok("query-block-jobs") == []
+        assert [e["data"]["status"] for e in client.events] == ["created", "null"]
+        client.close()
+    finally:
+        daemon.stop()
