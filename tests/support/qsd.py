@@ -23,12 +23,18 @@ def daemon(impl: str, work: Path, args: list[str]) -> Iterator[QmpClient]:
     with ``args``; the daemon is stopped afterwards."""
     if impl == "qsd":
         sock = work / "qmp.sock"
-        proc = subprocess.Popen(
-            [require_tool(QSD), "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-             "--monitor", "chardev=c", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)
+        # A file, not a pipe: what QSD reports (error_report) never blocks it.
+        with open(work / "qsd.stderr", "wb") as stderr:
+            proc = subprocess.Popen(
+                [require_tool(QSD), "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                 "--monitor", "chardev=c", *args],
+                stdout=subprocess.DEVNULL, stderr=stderr, cwd=work)
         try:
-            wait_for_socket(proc, sock)
+            try:
+                wait_for_socket(proc, sock)
+            except AssertionError as exc:
+                said = (work / "qsd.stderr").read_text(errors="replace")
+                raise AssertionError(f"{exc}: {said}") from None
             client = QmpClient(sock, 20, check_schema=False, negotiate=True)
             try:
                 yield client
@@ -37,8 +43,6 @@ def daemon(impl: str, work: Path, args: list[str]) -> Iterator[QmpClient]:
         finally:
             proc.terminate()
             proc.wait(10)
-            if proc.stderr is not None:
-                proc.stderr.close()
         return
     from tests.conftest import QmpdProcess  # the fixtures' module imports this one's siblings
 
