@@ -60,6 +60,8 @@ class BlockService(Protocol):
 
     async def set_active(self, node_name: str | None, active: bool) -> None: ...
 
+    async def snapshot(self, node: str, overlay: str) -> None: ...
+
 
 class RunStateService(Protocol):
     """The virtual machine's run state: query-status, stop, cont."""

@@ -13,6 +13,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from qmpd.block import chain
 from qmpd.block.bitmaps import Bitmaps, bitmap_info
 from qmpd.block.driver import BlockDriverError, ChildRole, OpenJob
 from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
@@ -380,6 +381,10 @@ class BlockLayer:
                     log.warning("closing node %s: %s", node.node_name, exc.desc)
                 except Exception:
                     log.exception("closing node %s", node.node_name)
+
+    async def snapshot(self, node: str, overlay: str) -> None:
+        """blockdev-snapshot."""
+        await chain.snapshot(self, node, overlay)
 
     # --- run-state hooks ---------------------------------------------------------------
 

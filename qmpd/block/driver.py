@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from qmpd.block.dirty_bitmap import DirtyBitmap
+from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError as BlockDriverError
 from qmpd.objects import ObjectRegistry
 
@@ -292,6 +293,11 @@ class BlockNode:
     dirty_bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
     #: Jobs' hooks on the write path (empty: writes go straight to the driver).
     write_hooks: list[WriteHook] = field(default_factory=list)
+    #: Anonymous bitmaps of jobs (an active commit's): never listed nor stored.
+    internal_bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    #: Set while a job copies into the node (a stream): writes and its copies
+    #: of a range do not overlap in time.
+    serialiser: RangeSerialiser | None = None
 
     # --- structure ----------------------------------------------------------
 
@@ -356,6 +362,9 @@ class BlockNode:
             await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
                                lambda: self._write(offset, data, fua))
             return
+        if self.serialiser is not None:
+            await self._write(offset, data, fua)
+            return
         # The body again (see _write): no extra coroutine on the hot path.
         self._check_writable()
         self._check_range(offset, len(data))
@@ -365,7 +374,7 @@ class BlockNode:
             )
         else:
             await self.driver.write(offset, data, fua)
-        if self.dirty_bitmaps:
+        if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, len(data))
         self.stats.wr_bytes += len(data)
         self.stats.wr_operations += 1
@@ -373,13 +382,19 @@ class BlockNode:
     async def _write(self, offset: int, data: bytes, fua: bool) -> None:
         self._check_writable()
         self._check_range(offset, len(data))
-        if self.detect_zeroes != "off" and data.count(0) == len(data):
-            await self.driver.write_zeroes(
-                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
-            )
-        else:
-            await self.driver.write(offset, data, fua)
-        if self.dirty_bitmaps:
+        serialiser = self.serialiser
+        token = await serialiser.begin_write(offset, len(data)) if serialiser is not None else 0
+        try:
+            if self.detect_zeroes != "off" and data.count(0) == len(data):
+                await self.driver.write_zeroes(
+                    offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+                )
+            else:
+                await self.driver.write(offset, data, fua)
+        finally:
+            if serialiser is not None:
+                serialiser.end_write(token)
+        if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, len(data))
         self.stats.wr_bytes += len(data)
         self.stats.wr_operations += 1
@@ -392,10 +407,13 @@ class BlockNode:
                                lambda n: n.write_zeroes(offset, length, may_unmap, fua),
                                lambda: self._write_zeroes(offset, length, may_unmap, fua))
             return
+        if self.serialiser is not None:
+            await self._write_zeroes(offset, length, may_unmap, fua)
+            return
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
-        if self.dirty_bitmaps:
+        if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, length)
         self.stats.wr_bytes += length
         self.stats.wr_operations += 1
@@ -403,8 +421,14 @@ class BlockNode:
     async def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
         self._check_writable()
         self._check_range(offset, length)
-        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
-        if self.dirty_bitmaps:
+        serialiser = self.serialiser
+        token = await serialiser.begin_write(offset, length) if serialiser is not None else 0
+        try:
+            await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+        finally:
+            if serialiser is not None:
+                serialiser.end_write(token)
+        if self.dirty_bitmaps or self.internal_bitmaps:
             self.mark_dirty(offset, length)
         self.stats.wr_bytes += length
         self.stats.wr_operations += 1
@@ -420,7 +444,8 @@ class BlockNode:
         self._check_writable()
         self._check_range(offset, length)
         await self.driver.discard(offset, length)
-        if self.dirty_bitmaps and self.discard_unmap:  # discard=ignore drops it first
+        if (self.dirty_bitmaps or self.internal_bitmaps) and self.discard_unmap:
+            # discard=ignore drops it first
             self.mark_dirty(offset, length)
 
     async def _hooked(self, offset: int, length: int, data: bytes | None,
@@ -453,6 +478,8 @@ class BlockNode:
         for bitmap in self.dirty_bitmaps.values():
             if bitmap.recording:
                 bitmap.set_range(offset, length)
+        for bitmap in self.internal_bitmaps:
+            bitmap.set_range(offset, length)
 
     async def flush(self) -> None:
         self.stats.flush_operations += 1
@@ -655,6 +682,12 @@ class BlockDriver(ABC):
     def backing_format(self) -> str | None:
         """The header's backing format (None: probe the file)."""
         return None
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Store another backing file name and format in the image header
+        (None: no backing file), QEMU's ``bdrv_change_backing_file``; formats
+        without a header to rewrite refuse."""
+        raise BlockDriverError("Operation not supported", 95)
 
     def image_info(self) -> dict[str, Any]:
         """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,

@@ -29,6 +29,11 @@ def refresh_filename(node: BlockNode, memo: FilenameMemo | None = None) -> str:
     return exact or "json:" + encode(options)
 
 
+def backing_overridden(node: BlockNode) -> bool:
+    """Whether ``node``'s backing is not what its header names (bdrv_backing_overridden)."""
+    return _backing_overridden(node, {})
+
+
 def _backing_overridden(node: BlockNode, memo: FilenameMemo) -> bool:
     # A backing node opened from the header is what the header names.
     if "backing" not in node.options:

@@ -5,6 +5,7 @@ Importing this package registers every handler with the dispatcher.
 
 from qmpd.commands import (
     bitmaps,
+    block_chain,
     block_core,
     block_export,
     block_jobs,
@@ -18,6 +19,7 @@ from qmpd.commands import (
 )
 
 __all__ = [
-    "bitmaps", "block_core", "block_export", "block_jobs", "control", "create", "hmp", "jobs",
+    "bitmaps", "block_chain", "block_core", "block_export", "block_jobs", "control", "create",
+    "hmp", "jobs",
     "migration", "objects", "run_state",
 ]

@@ -11,10 +11,12 @@ from qmpd.block.core import BlockLayer
 from qmpd.errors import DeviceNotActive
 from qmpd.jobs.backup import backup_action, start_blockdev_backup
 from qmpd.jobs.block_job import BlockJob
+from qmpd.jobs.commit import start_commit
 from qmpd.jobs.create import start_blockdev_create
 from qmpd.jobs.job import Emit, Job, JobTxn
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import start_blockdev_mirror
+from qmpd.jobs.stream import start_stream
 
 #: A command that starts a job, implemented in its job's module (which never
 #: imports this one): given the manager, the block layer and the arguments.
@@ -25,6 +27,8 @@ STARTERS: dict[str, Starter] = {
     "blockdev-create": start_blockdev_create,
     "blockdev-mirror": start_blockdev_mirror,
     "blockdev-backup": start_blockdev_backup,
+    "block-commit": start_commit,
+    "block-stream": start_stream,
 }
 
 #: A transaction action that creates a job: given the manager, the block layer,

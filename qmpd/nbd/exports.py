@@ -231,12 +231,14 @@ class NbdExport:
         #: Exported dirty bitmaps by context name (busy while exported).
         self.bitmaps: dict[str, DirtyBitmap] = {}
 
-    # --- what clients see -----------------------------------------------------------------
-
     @property
     def node(self) -> BlockNode:
-        """The node exported: the edge's (a mirror's pivot moves the edge)."""
+        """The exported node: whatever the export's edge points at (a job's
+        pivot moves it, as QEMU's bdrv_replace_node moves a BlockBackend)."""
         return self.edge.child
+
+    # --- what clients see -----------------------------------------------------------------
+
 
     def _node_replaced(self) -> None:
         self.data_ranges = DataRanges()

@@ -135,12 +135,18 @@ def qsd_peer(work: Path, *args: str) -> Iterator[Peer]:
     require_tool(QSD)
     sock = work / "qmp.sock"
     args = tuple(_subst(list(args), "$DIR", str(work)))
-    proc = subprocess.Popen(
-        [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-         "--monitor", "chardev=c", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A file, not a pipe: what QSD reports (error_report) never blocks it.
+    with open(work / "qsd.stderr", "wb") as stderr:
+        proc = subprocess.Popen(
+            [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+             "--monitor", "chardev=c", *args],
+            stdout=subprocess.DEVNULL, stderr=stderr, cwd=work)
     try:
-        wait_for_socket(proc, sock)
+        try:
+            wait_for_socket(proc, sock)
+        except AssertionError as exc:
+            said = (work / "qsd.stderr").read_text(errors="replace")
+            raise AssertionError(f"{exc}: {said}") from None
         client = QmpClient(sock, 30, check_schema=False, negotiate=True, trace=True)
         try:
             yield Peer("qsd", client, work, proc)
@@ -218,6 +224,13 @@ def run_both(tmp_path: Path, make_args: Callable[[Path], list[str]],
         with peer(impl, work, *make_args(work)) as p:
             out[impl] = script(p)
     return out
+
+
+def side_by_side_run(tmp_path: Path, make_nodes: Callable[[Path], list[str]],
+                     scenario: Callable[[QmpClient, Path], T]) -> dict[str, T]:
+    """``scenario(client, its dir)``'s result with QSD and with qmpd, each started
+    with ``make_nodes(its dir)`` in a directory of its own under ``tmp_path``."""
+    return run_both(tmp_path, make_nodes, lambda p: scenario(p.qmp, p.work))
 
 
 def side_by_side(tmp_path: Path, make_nodes: Callable[[Path], list[str]],

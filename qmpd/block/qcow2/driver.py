@@ -24,7 +24,7 @@ from qmpd.block.driver import (
     OpenJob,
 )
 from qmpd.block.filename import path_combine
-from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps
+from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps, write_header_cluster
 from qmpd.block.qcow2.fileio import ImageFile
 from qmpd.block.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -604,6 +604,18 @@ class Qcow2Driver(BlockDriver):
     def backing_format(self) -> str | None:
         """The backing format from the header extension (None if absent)."""
         return self._header.backing_format if self._header is not None else None
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """qcow2_change_backing_file: the header's backing name and format, rewritten."""
+        image = self._image
+        if image is None or not image.writable:
+            raise BlockDriverError("Permission denied", errno_codes.EACCES)
+        if name is not None and len(name.encode("utf-8", "surrogateescape")) > 1023:
+            raise BlockDriverError("Invalid argument", errno_codes.EINVAL)
+        hdr = image.header
+        hdr.backing_file = name or None
+        hdr.backing_format = (fmt or None) if name else None
+        await write_header_cluster(image)
 
     def snapshots(self) -> list[dict[str, object]]:
         image = self._image
