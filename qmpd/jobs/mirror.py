@@ -389,7 +389,9 @@ def root_node(block: BlockLayer, name: str) -> BlockNode:
     node = block.graph.lookup(name)
     if node is None:
         raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
-    if any(edge.parent is not None for edge in node.parents):
+    # A job's filter (fronting the node's users) is a node parent in QEMU.
+    if any(edge.parent is not None or (edge.user is not None and edge.user.fronts_users)
+           for edge in node.parents):
         raise GenericError("Need a root block node")
     return node
 
