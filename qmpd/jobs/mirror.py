@@ -45,6 +45,8 @@ class _SourceHook(WriteHook):
 
     def __init__(self, job: MirrorJob) -> None:
         self.job = job
+        #: Range locks of the write-blocking writes under way, by request.
+        self._held: dict[tuple[int, int], list[int]] = {}
 
     async def before_write(self, node: BlockNode, offset: int, length: int) -> BlockNode | None:
         job = self.job
@@ -54,23 +56,37 @@ class _SourceHook(WriteHook):
                 return job.redirect
         job.write_begin()
         if job.write_blocking and job.active:
-            await job.locks_wait(offset, offset + length)
+            # Held from before the source write to after the target's: no copy
+            # of the range may start (and land stale on the target) meanwhile.
+            token = await job.locks.lock(offset, offset + length)
+            self._held.setdefault((offset, length), []).append(token)
         return None
+
+    def _release(self, offset: int, length: int) -> bool:
+        tokens = self._held.get((offset, length))
+        if not tokens:
+            return False
+        self.job.locks.release(tokens.pop())
+        if not tokens:
+            del self._held[(offset, length)]
+        return True
 
     async def after_write(self, node: BlockNode, offset: int, length: int,
                           data: bytes | None) -> None:
         job = self.job
         try:
-            if job.write_blocking and job.active:
+            if (offset, length) in self._held:
                 await job.active_write(offset, length, data)
             else:
                 job.bitmap.set_range(offset, length)
         finally:
+            self._release(offset, length)
             job.write_done()
 
     def write_failed(self, node: BlockNode, offset: int, length: int) -> None:
         # Part of it may have reached the image: copy the range again.
         self.job.bitmap.set_range(offset, length)
+        self._release(offset, length)
         self.job.write_done()
 
 
@@ -332,38 +348,28 @@ class MirrorJob(BlockJob):
 
     # --- guest writes (through the hook) --------------------------------------------------
 
-    async def locks_wait(self, start: int, end: int) -> None:
-        while True:
-            busy = self.locks.busy(start, end)
-            if busy is None:
-                return
-            await busy.wait()
-
     async def active_write(self, offset: int, length: int, data: bytes | None) -> None:
         """do_sync_target_write: the guest write goes to the target before it
-        completes; the granules it covers whole are in sync then."""
-        token = self.locks.take(offset, offset + length)
+        completes; the granules it covers whole are in sync then.  The
+        caller holds the range."""
         self.progress_increase_remaining(length)
+        g = self.granularity
+        first, last = -(-offset // g) * g, (offset + length) // g * g
+        if last > first:
+            self.bitmap.reset_range(first, last - first)
         try:
-            g = self.granularity
-            first, last = -(-offset // g) * g, (offset + length) // g * g
-            if last > first:
-                self.bitmap.reset_range(first, last - first)
-            try:
-                if data is None:
-                    await self.target.write_zeroes(offset, length, may_unmap=True)
-                else:
-                    await self.target.write(offset, data)
-            except QMPError as exc:
-                self.bitmap.set_range(offset, length)
-                if self.error_action(self.on_target_error, False, _errno(exc)) == "report":
-                    if self.io_error is None:
-                        self.io_error = exc
-                    self.enter()
-                return
-            self.progress_update(length)
-        finally:
-            self.locks.release(token)
+            if data is None:
+                await self.target.write_zeroes(offset, length, may_unmap=True)
+            else:
+                await self.target.write(offset, data)
+        except QMPError as exc:
+            self.bitmap.set_range(offset, length)
+            if self.error_action(self.on_target_error, False, _errno(exc)) == "report":
+                if self.io_error is None:
+                    self.io_error = exc
+                self.enter()
+            return
+        self.progress_update(length)
 
     def write_begin(self) -> None:
         self.writes_in_flight += 1
@@ -389,7 +395,9 @@ def root_node(block: BlockLayer, name: str) -> BlockNode:
     node = block.graph.lookup(name)
     if node is None:
         raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
-    if any(edge.parent is not None for edge in node.parents):
+    # A job's filter (fronting the node's users) is a node parent in QEMU.
+    if any(edge.parent is not None or (edge.user is not None and edge.user.fronts_users)
+           for edge in node.parents):
         raise GenericError("Need a root block node")
     return node
 

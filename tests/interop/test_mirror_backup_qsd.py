@@ -124,6 +124,8 @@ def test_mirror_as_qsd(tmp_path: Path, fmt: str, sync: str, end: str) -> None:
                                "jobs": peer.ok("query-jobs")}
         out["del-target"] = peer.cmd("blockdev-del", {"node-name": "tgt"})
         out["del-source"] = peer.cmd("blockdev-del", {"node-name": "src"})
+        out["again"] = peer.cmd("blockdev-mirror", {"job-id": "m2", "device": "src",
+                                                    "target": "tgt", "sync": sync})
         if end == "complete":
             peer.ok("block-job-complete", {"device": "m"})
         else:
@@ -217,7 +219,9 @@ def test_backup_as_qsd(tmp_path: Path, fmt: str, sync: str) -> None:
                                     "sync": sync, "auto-dismiss": False})
         out: dict[str, Any] = {"del-target": peer.cmd("blockdev-del", {"node-name": "tgt"}),
                                "del-source": peer.cmd("blockdev-del", {"node-name": "src"})}
-        if sync == "none":
+        if sync == "none":  # still running: its filter makes the source no root
+            out["mirror"] = peer.cmd("blockdev-mirror", {"job-id": "m", "device": "src",
+                                                         "target": "tgt", "sync": "full"})
             peer.ok("block-job-cancel", {"device": "b"})
         out.update(finish(peer, "b"))
         out["events"] = peer.events()
