@@ -270,8 +270,11 @@ class NbdDriver(BlockDriver):
             await self.write(offset, data)
             await self.flush()
             return
-        view = memoryview(data)
         step = self._max_block
+        if len(data) <= step:
+            await self._write_part(offset, data, fua)  # no copy: the usual case
+            return
+        view = memoryview(data)
         await asyncio.gather(*(
             self._write_part(offset + o, bytes(view[o:o + step]), fua)
             for o in range(0, len(data), step)))

@@ -35,6 +35,9 @@ from qmpd import net
 from qmpd.nbd import protocol as p
 from qmpd.nbd.protocol.options import option_name
 
+#: The piece a large request's payload is handed to the transport in.
+_PIECE = 256 << 10
+
 
 class NbdError(Exception):
     """A request or option the server refused."""
@@ -120,6 +123,8 @@ class NbdClient:
         self.structured = structured
         self._cookies = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        #: Held while a large request goes out in pieces (nothing may come between).
+        self._sending = asyncio.Lock()
         self._failure: BaseException | None = None
         #: Done (with no result) once the connection is lost or closed.
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -252,6 +257,11 @@ class NbdClient:
         server to close (0: close at once, as QEMU's client does)."""
         if self.writer.is_closing():
             return
+        if self._sending.locked():
+            async with self._sending:  # not in the middle of a request
+                pass
+            if self.writer.is_closing():
+                return
         self.writer.write(p.request_header(p.Cmd.DISC, next(self._cookies)))
         try:
             await self.writer.drain()
@@ -285,12 +295,35 @@ class NbdClient:
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._pending[cookie] = _Pending(kind, length, offset, future)
         header = p.request_header(kind, cookie, offset, length, flags)
+        if payload is not None and len(payload) > _PIECE:
+            await self._send_big(header, payload)
+        elif self._sending.locked():
+            async with self._sending:  # after the big request being sent
+                self._send_small(header, payload)
+                await self.writer.drain()
+        else:
+            self._send_small(header, payload)
+            await self.writer.drain()
+        return await future
+
+    def _send_small(self, header: bytes, payload: bytes | None) -> None:
         if payload is not None:
             self.writer.writelines([header, payload])
         else:
             self.writer.write(header)
-        await self.writer.drain()
-        return await future
+
+    async def _send_big(self, header: bytes, payload: bytes) -> None:
+        """A large request, a piece at a time, the transport drained in between.
+
+        Handed over whole, the transport would keep most of it in its buffer
+        and move the rest to the buffer's front after every partial send: for
+        a 4 MiB write into a UNIX socket, tens of megabytes of memmove."""
+        async with self._sending:
+            self.writer.write(header)
+            view = memoryview(payload)
+            for start in range(0, len(view), _PIECE):
+                self.writer.write(view[start:start + _PIECE])
+                await self.writer.drain()
 
     async def _read_replies(self) -> None:
         try:

@@ -64,7 +64,8 @@ def add_disk(peer: Peer, image: Path) -> None:
     peer.ok("blockdev-add", {"node-name": "disk", "driver": "qcow2", "file": "disk-storage"})
 
 
-def one_run(kind: str, work: Path, source: Path, size: int) -> dict[str, float]:
+def one_run(kind: str, work: Path, source: Path, size: int,
+            dst_kind: str | None = None) -> dict[str, float]:
     src_image = work / "src.qcow2"
     dst_image = work / "dst.qcow2"
     shutil.copyfile(source, src_image)
@@ -73,7 +74,7 @@ def one_run(kind: str, work: Path, source: Path, size: int) -> dict[str, float]:
     cluster = Cluster(work)
     try:
         src = cluster(kind, "src")
-        dst = cluster(kind, "dst", incoming="defer", paused=True)
+        dst = cluster(dst_kind or kind, "dst", incoming="defer", paused=True)
         nbd_sock = str(work / "nbd.sock")
         uri = f"unix:{work / 'mig.sock'}"
         dst.caps(events=True, late_block_activate=True)
