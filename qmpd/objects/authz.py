@@ -244,3 +244,13 @@ class AuthzListFile(Authz):
         if name == "refresh":
             return False
         return super().qom_get(name)
+
+
+def check_peer(authz: Authz, cert: dict[str, Any] | None) -> str | None:
+    """Why a TLS peer is refused (QEMU's text), or None: its certificate's DN must be allowed."""
+    if cert is None:
+        return "TLS x509 authz check: the client presented no verified certificate"
+    dn = format_dn(cert.get("subject", ()))
+    if authz.is_allowed(dn):
+        return None
+    return f"TLS x509 authz check for {dn} is denied"
