@@ -255,7 +255,7 @@ def test_qom_tree(pki: Pki) -> None:
     assert reg.qom_get("/objects/t", "passwordid") == "pw"
     assert reg.qom_get("t", "endpoint") == "server"
     assert reg.qom_get("/objects", "type") == "container"
-    with pytest.raises(QMPError, match="Property 'tls-creds-x509.nosuch' not found"):
+    with pytest.raises(QMPError, match=r"Property 'tls-creds-x509\.nosuch' not found"):
         reg.qom_get("/objects/t", "nosuch")
     with pytest.raises(QMPError, match="Path '' is ambiguous"):
         reg.qom_list("")
