@@ -85,6 +85,7 @@ class Config:
     output_limit: int = DEFAULT_OUTPUT_LIMIT
     qmp_input_total: int = DEFAULT_QMP_INPUT_TOTAL
     event_loop: str = "asyncio"
+    tls_handshake_timeout: float = 10.0
     used_defaults: bool = False
     ignored: list[str] = field(default_factory=list)
 
@@ -120,12 +121,15 @@ OPTIONS = (
            "an object (secret, iothread, throttle-group), as object-add"),
     Option("blockdev", "[driver=]DRIVER,node-name=N[,...]",
            "a block node, as blockdev-add (keyval or JSON)"),
-    Option("chardev", "socket,id=ID,path=P[,server=on[,wait=off]] | stdio,id=ID",
+    Option("chardev", "socket,id=ID,path=P|host=H,port=N[,server=on[,wait=off]]"
+           "[,tls-creds=ID[,tls-authz=ID]] | stdio,id=ID",
            "a character device for --monitor (a socket listening or connecting, or stdio)"),
     Option("monitor", "[chardev=]ID[,mode=control][,pretty=on|off]",
            "a QMP monitor on a --chardev", aliases=("mon",)),
-    Option("qmp", "unix:PATH|tcp:HOST:PORT[,server=on][,wait=off]",
-           "a QMP monitor listening at this address (QEMU's -qmp)"),
+    Option("qmp", "unix:PATH|tcp:HOST:PORT[,server=on][,wait=off][,tls-creds=ID[,tls-authz=ID]]",
+           "a QMP monitor listening at this address (QEMU's -qmp); TLS on TCP"),
+    Option("tls-handshake-timeout", "SECONDS",
+           "drop a client that has not finished its TLS handshake by then (default 10)"),
     Option("nbd-server", "addr.type=unix,addr.path=PATH|addr.type=inet,...",
            "start the NBD server, as nbd-server-start"),
     Option("export", "[type=]nbd,id=ID,node-name=NODE[,...]",
@@ -278,6 +282,13 @@ def _scalar(cfg: Config, name: str, value: str) -> None:
             cfg.output_limit = int(value)
         except ValueError:
             raise ConfigError("expected a number of bytes") from None
+    elif name == "tls-handshake-timeout":
+        try:
+            cfg.tls_handshake_timeout = float(value)
+        except ValueError:
+            raise ConfigError("expected a number of seconds") from None
+        if not cfg.tls_handshake_timeout > 0:
+            raise ConfigError("expected a number of seconds")
     elif name == "max-qmp-input-total":
         try:
             cfg.qmp_input_total = int(value)
@@ -292,9 +303,10 @@ def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConf
     if name == "object":
         cfg.actions.append(ObjectConfig(value, parse_option(value, implied_key="qom-type")))
     elif name == "qmp":
-        address, server, wait = parse_qmp_address(value)
+        address, server, wait, tls = parse_qmp_address(value)
         cfg.actions.append(MonitorConfig(next(monitor_ids), address, client=not server,
-                                         wait=wait, origin=f"--qmp {value}"))
+                                         wait=wait, origin=f"--qmp {value}",
+                                         tls_creds=tls[0], tls_authz=tls[1]))
     elif name == "chardev":
         chardev = parse_chardev(value)
         if chardev.id in chardevs:
@@ -320,6 +332,7 @@ def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConf
             opts.get("id", chardev_id), base.address,
             parse_bool(opts.get("pretty", False), "pretty"),
             client=base.client, wait=base.wait, origin=base.origin,
+            tls_creds=base.tls_creds, tls_authz=base.tls_authz,
         ))
     elif name == "http":
         cfg.actions.append(parse_http(value))
@@ -331,10 +344,24 @@ def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConf
         cfg.actions.append(parse_export(value))
 
 
-def parse_qmp_address(text: str) -> tuple[SocketAddress, bool, bool]:
+TlsOptions = tuple[str | None, str | None]
+
+
+def _tls_options(opts: dict[str, Any], address: SocketAddress) -> TlsOptions:
+    """(``tls-creds``, ``tls-authz``) taken out of ``opts``, with QEMU's chardev texts."""
+    creds = opts.pop("tls-creds", None)
+    authz = opts.pop("tls-authz", None)
+    if creds is not None and not isinstance(address, InetAddress):
+        raise ConfigError("'tls_creds' option is incompatible with 'unix' address type")
+    if authz is not None and creds is None:
+        raise ConfigError("'tls_authz' option requires 'tls_creds' option")
+    return creds, authz
+
+
+def parse_qmp_address(text: str) -> tuple[SocketAddress, bool, bool, TlsOptions]:
     """``unix:PATH`` or ``tcp:[HOST]:PORT`` with QEMU's ``,server=on,wait=off`` flags.
 
-    Returns (address, server, wait).  Without flags qmpd listens and does not
+    Returns (address, server, wait, TLS options).  Without flags qmpd listens and does not
     wait (QEMU's -qmp needs ``server=on,wait=off`` for that; qmpd keeps its
     long-standing default).
     """
@@ -345,22 +372,28 @@ def parse_qmp_address(text: str) -> tuple[SocketAddress, bool, bool]:
         if not eq:  # QEMU's old spellings: server, nowait
             key, value = {"server": ("server", "on"), "nowait": ("wait", "off")}.get(
                 flag, (flag, ""))
-        if key not in ("server", "wait"):
+        if key not in ("server", "wait", "tls-creds", "tls-authz"):
             raise ConfigError(f"Invalid parameter '{key}'")
         flags[key] = value
+    tls: dict[str, Any] = {k: flags.pop(k) for k in ("tls-creds", "tls-authz") if k in flags}
     # No flags at all: listen without waiting (qmpd's --qmp has always meant
     # that); with flags, QEMU's defaults (server=off, wait=on) apply.
     default_server, default_wait = ("on", "off") if not flags else ("off", "on")
+    if not flags and tls:
+        default_server, default_wait = "on", "off"
     server = parse_bool(flags.get("server", default_server), "server")
     wait = server and parse_bool(flags.get("wait", default_wait), "wait")
+    address: SocketAddress
     if main.startswith("unix:"):
         path = main[len("unix:"):]
         if not path:
             raise ConfigError("missing socket path")
-        return UnixAddress(path), server, wait
-    if main.startswith("tcp:"):
-        return parse_host_port(main[len("tcp:"):], LOOPBACK), server, wait
-    raise ConfigError("expected unix:PATH or tcp:HOST:PORT")
+        address = UnixAddress(path)
+    elif main.startswith("tcp:"):
+        address = parse_host_port(main[len("tcp:"):], LOOPBACK)
+    else:
+        raise ConfigError("expected unix:PATH or tcp:HOST:PORT")
+    return address, server, wait, _tls_options(tls, address)
 
 
 def parse_chardev(text: str) -> MonitorConfig:
@@ -389,6 +422,7 @@ def parse_chardev(text: str) -> MonitorConfig:
     path = opts.pop("path", None)
     host = opts.pop("host", None)
     port = opts.pop("port", None)
+    tls: dict[str, Any] = {k: opts.pop(k) for k in ("tls-creds", "tls-authz") if k in opts}
     if opts:
         raise ConfigError(f"Invalid parameter '{sorted(opts)[0]}'")
     address: SocketAddress
@@ -404,8 +438,9 @@ def parse_chardev(text: str) -> MonitorConfig:
         except ValueError:
             raise ConfigError(f"port '{port}' is not a number") from None
         address = InetAddress(host or LOOPBACK, str(port_number))
+    creds, authz = _tls_options(tls, address)
     return MonitorConfig(chardev_id, address, client=not server, wait=server and wait,
-                         origin=origin)
+                         origin=origin, tls_creds=creds, tls_authz=authz)
 
 
 def parse_blockdev(text: str) -> dict[str, Any]:

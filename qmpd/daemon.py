@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -29,11 +30,12 @@ from qmpd.errors import ConfigError, QMPError
 from qmpd.jobs.service import Jobs
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
 from qmpd.objects import ObjectRegistry
+from qmpd.objects.authz import check_peer
 from qmpd.pidfile import PidFile
 from qmpd.qmp.budget import QMPInputBudget
 from qmpd.qmp.dispatch import Dispatcher
 from qmpd.qmp.events import EventBus
-from qmpd.qmp.server import MonitorConfig, QMPServer
+from qmpd.qmp.server import MonitorConfig, MonitorTls, QMPServer
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
 from qmpd.services import Services
@@ -90,6 +92,7 @@ class Daemon:
         else:
             initial = RunState.PRELAUNCH
         self.objects = ObjectRegistry()
+        self.objects.chardevs = self._chardevs
         self.block = BlockLayer(self.metrics, self.objects)
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
         if self.metrics is not None:
@@ -126,6 +129,11 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._signals_seen = 0
         self._warm_up: asyncio.Future[None] | None = None
+
+    def _chardevs(self) -> list[tuple[str, str]]:
+        """QOM's /chardevs: one per monitor."""
+        return [(m.config.id, "chardev-stdio" if isinstance(m.config.address, net.StdioAddress)
+                 else "chardev-socket") for m in self.qmp.monitors]
 
     def _build_exports(self) -> BlockExports:
         # NBD is imported when first used (nbd-server-start, --nbd-server...).
@@ -212,14 +220,39 @@ class Daemon:
 
     # --- lifecycle ------------------------------------------------------
 
+    def _monitor_tls(self, config: MonitorConfig) -> MonitorTls:
+        """The monitor's TLS credentials and authz, held so object-del refuses them."""
+        assert config.tls_creds is not None
+        try:
+            creds = self.objects.tls_creds(config.tls_creds,
+                                           "client" if config.client else "server")
+            authz = self.objects.authz(config.tls_authz) if config.tls_authz else None
+            hostname = None
+            if config.client and isinstance(config.address, net.InetAddress):
+                hostname = config.address.host
+            context = (creds.client_context(hostname) if config.client
+                       else creds.server_context())
+        except QMPError as exc:
+            raise ConfigError(f"{config.origin or config.id}: {exc.desc}") from None
+        user = f"monitor {config.id}"
+        self.objects.hold(creds, user)
+        if authz is not None:
+            self.objects.hold(authz, user)
+        return MonitorTls(
+            context, self.config.tls_handshake_timeout,
+            functools.partial(check_peer, authz) if authz is not None else None,
+            hostname,
+        )
+
     async def start(self, ready_fd: int | None = None) -> None:
         """Carry out the command line's actions in order, then start running."""
         _raise_open_file_limit()
         await self._enter_subsystems()
         for action in self.config.actions:
             if isinstance(action, MonitorConfig):
+                tls = self._monitor_tls(action) if action.tls_creds else None
                 try:
-                    monitor = await self.qmp.add_monitor(action)
+                    monitor = await self.qmp.add_monitor(action, tls)
                 except net.ConnectFailed as exc:
                     raise ConfigError(f"{action.origin or action.id}: {exc.strerror}") from None
                 except OSError as exc:

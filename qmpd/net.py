@@ -15,6 +15,11 @@ Rules for UNIX socket files:
 - only a dead socket file (nobody listening) is removed before binding; any
   other file stays, and binding fails with EADDRINUSE (QEMU 7.2 unlinks it);
 - at exit the file is removed only if it is still the one we bound.
+
+TLS: :func:`tls_accept` and :func:`tls_connect` put a connected socket under
+TLS (an ``ssl.SSLContext`` from a ``tls-creds-x509`` object) before its
+protocol sees a byte; a handshake that fails or outlasts its timeout raises
+:class:`TlsFailed`, whose text says why in GnuTLS's words where it has them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import itertools
 import os
 import re
 import socket
+import ssl
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -546,3 +553,101 @@ async def connect(address: SocketAddress) -> socket.socket:
             last = exc
     code = last.errno if last is not None and last.errno else errno.ECONNREFUSED
     raise ConnectFailed(code, f"Failed to connect to '{where}': {os.strerror(code)}")
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+#: OpenSSL verification codes in GnuTLS's words (as QEMU reports them).
+_VERIFY_REASONS = {
+    2: "The certificate hasn't got a known issuer",
+    9: "The certificate is not yet activated",
+    10: "The certificate has expired",
+    19: "The certificate hasn't got a known issuer",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+
+
+class TlsFailed(OSError):
+    """A TLS handshake failed or timed out; str() says why, never with key material."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.ECONNABORTED, reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def tls_reason(exc: BaseException) -> str:
+    """Why a handshake failed, in words fit for a log line."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, exc.verify_message or "certificate refused")
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_RECORD",
+                      "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+            return "the peer does not speak TLS"
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+            return "No certificate was found."
+        if "UNKNOWN_CA" in reason:
+            return "the peer does not trust our certificate's issuer"
+        if "CERTIFICATE_EXPIRED" in reason:
+            return "the peer finds our certificate expired"
+        if reason:
+            return reason.replace("_", " ").lower()
+    if isinstance(exc, (TimeoutError, ConnectionAbortedError)) and "longer" in str(exc):
+        return "the TLS handshake took too long"
+    if isinstance(exc, TimeoutError):
+        return "the TLS handshake took too long"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError)):
+        return "the peer closed the connection during the TLS handshake"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+async def tls_accept(sock: socket.socket, context: ssl.SSLContext, factory: ProtocolFactory,
+                     timeout: float) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """The server side of a TLS handshake on an accepted socket, then its protocol.
+
+    The protocol's ``connection_made`` runs only once the handshake succeeded.
+    On failure the socket is closed and :class:`TlsFailed` raised.
+    """
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        return await asyncio.wait_for(
+            loop.connect_accepted_socket(factory, sock, ssl=context,
+                                         ssl_handshake_timeout=timeout),
+            timeout + 1.0)
+    except (OSError, EOFError, TimeoutError) as exc:
+        sock.close()
+        raise TlsFailed(tls_reason(exc)) from None
+
+
+async def tls_connect(sock: socket.socket, context: ssl.SSLContext, factory: ProtocolFactory,
+                      server_hostname: str | None, timeout: float
+                      ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """The client side of a TLS handshake on a connected socket, then its protocol."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        return await asyncio.wait_for(
+            loop.create_connection(factory, sock=sock, ssl=context,
+                                   server_hostname=server_hostname or "",
+                                   ssl_handshake_timeout=timeout),
+            timeout + 1.0)
+    except (OSError, EOFError, TimeoutError) as exc:
+        sock.close()
+        raise TlsFailed(tls_reason(exc)) from None
+
+
+def peer_certificate(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    """The verified peer certificate of a TLS transport (None without one)."""
+    cert = transport.get_extra_info("peercert")
+    return cert if isinstance(cert, dict) and cert else None

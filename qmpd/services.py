@@ -97,11 +97,17 @@ class ExportService(Protocol):
 
 
 class ObjectService(Protocol):
-    """The user-creatable objects (object-add, object-del)."""
+    """The user-creatable objects (object-add, object-del) and their QOM view."""
 
     def add_object(self, options: dict[str, Any]) -> None: ...
 
     def delete(self, object_id: str) -> None: ...
+
+    def qom_list(self, path: str) -> list[dict[str, str]]: ...
+
+    def qom_get(self, path: str, prop: str) -> Any: ...
+
+    def qom_list_types(self, implements: str | None, abstract: bool) -> list[dict[str, Any]]: ...
 
 
 class FdService(Protocol):

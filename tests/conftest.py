@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from tests.support.certs import Pki, make_pki
 from tests.support.qmp import QmpClient, check_message, wait_greeting
 from tests.support.tools import IN_CI, REPO, require_tool, wait_for_socket
 
@@ -141,6 +142,13 @@ def qmpd_factory(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def qmpd(qmpd_factory: Any) -> QmpdProcess:
     return qmpd_factory()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """x509 credentials for TLS tests, made with openssl (see tests/support/certs.py)."""
+    require_tool("openssl")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

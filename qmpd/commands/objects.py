@@ -1,4 +1,4 @@
-"""QOM commands: object-add, object-del."""
+"""QOM commands: object-add, object-del, qom-list, qom-get, qom-list-types."""
 
 from __future__ import annotations
 
@@ -15,3 +15,19 @@ def object_add(ctx: CommandContext, args: dict[str, Any]) -> None:
 @command("object-del")
 def object_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     ctx.services.objects.delete(args["id"])
+
+
+@command("qom-list")
+def qom_list(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
+    return ctx.services.objects.qom_list(args["path"])
+
+
+@command("qom-get")
+def qom_get(ctx: CommandContext, args: dict[str, Any]) -> Any:
+    return ctx.services.objects.qom_get(args["path"], args["property"])
+
+
+@command("qom-list-types")
+def qom_list_types(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    return ctx.services.objects.qom_list_types(args.get("implements"),
+                                               args.get("abstract", False))

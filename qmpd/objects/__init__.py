@@ -1,4 +1,4 @@
-"""User-creatable objects: ``secret``, ``iothread``, ``throttle-group``."""
+"""User-creatable objects: ``secret``, ``iothread``, ``throttle-group``, TLS and authz."""
 
 from qmpd.objects.registry import OBJECT_TYPES, ObjectRegistry
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from qmpd.errors import GenericError
-from qmpd.objects.base import UserObject, check_members, to_int
+from qmpd.objects.base import SecretLookup, UserObject, check_members, to_int
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -25,7 +25,8 @@ class IOThread(UserObject):
         self.users: set[str] = set()
 
     @classmethod
-    def create(cls, object_id: str, props: dict[str, Any]) -> IOThread:
+    def create(cls, object_id: str, props: dict[str, Any],
+               secret: SecretLookup | None = None) -> IOThread:
         params: dict[str, int] = {}
         for name in cls.properties:
             if name not in props:

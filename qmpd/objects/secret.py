@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from qmpd.errors import GenericError
-from qmpd.objects.base import UserObject, check_members, to_str
+from qmpd.objects.base import SecretLookup, UserObject, check_members, to_str
 
 _BASE64_CHARS = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n"
@@ -58,11 +58,18 @@ class Secret(UserObject):
     """Options: ``data`` or ``file``, ``format`` raw (default) or base64."""
 
     qom_type = "secret"
+    qom_parent = "secret_common"
     properties = ("format", "data", "file")
+    qom_properties = (("iv", "string"), ("keyid", "string"), ("loaded", "bool"),
+                      ("format", "QCryptoSecretFormat"), ("file", "string"),
+                      ("data", "string"))
 
-    def __init__(self, object_id: str, value: bytes) -> None:
+    def __init__(self, object_id: str, value: bytes, fmt: str = "raw",
+                 path: str | None = None) -> None:
         super().__init__(object_id)
         self._value = value
+        self.format = fmt
+        self.file = path
 
     def __repr__(self) -> str:
         return f"Secret(id={self.id!r})"
@@ -72,7 +79,8 @@ class Secret(UserObject):
         return self._value
 
     @classmethod
-    def create(cls, object_id: str, props: dict[str, Any]) -> Secret:
+    def create(cls, object_id: str, props: dict[str, Any],
+               secret: SecretLookup | None = None) -> Secret:
         fmt = to_str(props.get("format", "raw"), "format")
         if fmt not in ("raw", "base64"):
             raise GenericError(f"Parameter 'format' does not accept value '{fmt}'")
@@ -89,4 +97,14 @@ class Secret(UserObject):
             raise GenericError("Either 'file' or 'data' must be provided")
         if fmt == "base64":
             raw = decode_base64(raw.decode("utf-8", "replace"))
-        return cls(object_id, raw)
+        return cls(object_id, raw, fmt, path)
+
+    def qom_get(self, name: str) -> Any:
+        if name == "data":
+            # QEMU returns the secret here; qmpd never shows it.
+            raise GenericError("qmpd never shows a secret's data")
+        values = {"iv": "", "keyid": "", "loaded": True, "format": self.format,
+                  "file": self.file or ""}
+        if name in values:
+            return values[name]
+        return super().qom_get(name)

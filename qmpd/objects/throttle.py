@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmpd.errors import GenericError
-from qmpd.objects.base import UserObject, check_members, to_int
+from qmpd.objects.base import SecretLookup, UserObject, check_members, to_int
 
 #: The buckets, in QEMU's ThrottleLimits order.
 BUCKETS = ("bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write")
@@ -203,7 +203,8 @@ class ThrottleGroup(UserObject):
         self._gates = {False: asyncio.Lock(), True: asyncio.Lock()}
 
     @classmethod
-    def create(cls, object_id: str, props: dict[str, Any]) -> ThrottleGroup:
+    def create(cls, object_id: str, props: dict[str, Any],
+               secret: SecretLookup | None = None) -> ThrottleGroup:
         config = ThrottleConfig()
         # QAPI visits ``limits`` first, so the x- properties win over it.
         if "limits" in props:

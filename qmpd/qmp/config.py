@@ -23,3 +23,7 @@ class MonitorConfig:
     wait: bool = False
     #: The option that asked for it, for errors ("--chardev socket,...").
     origin: str = ""
+    #: TLS: the id of a tls-creds-x509 object (TCP only), and of an authz object
+    #: that must allow the client certificate's DN.
+    tls_creds: str | None = None
+    tls_authz: str | None = None

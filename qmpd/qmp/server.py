@@ -16,8 +16,10 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from qmpd import logs, net
@@ -41,6 +43,19 @@ MAX_QUEUED_REQUESTS = 8
 MAX_REQUESTS_PER_TURN = 64
 #: Output buffered for one client before it counts as not reading.
 WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class MonitorTls:
+    """TLS on a monitor: the context, and who may talk once the handshake is done."""
+
+    context: ssl.SSLContext
+    #: Seconds a client may take to finish its handshake before it is dropped.
+    handshake_timeout: float
+    #: Given the peer's verified certificate (None without one): why it is refused, or None.
+    authorize: Callable[[dict[str, Any] | None], str | None] | None = None
+    #: Client monitors: the name the server's certificate must carry.
+    hostname: str | None = None
 class QMPConnection(asyncio.Protocol):
     """One client of one monitor."""
 
@@ -69,6 +84,15 @@ class QMPConnection(asyncio.Protocol):
         # isinstance check: any stream transport will do.
         stream = cast(asyncio.Transport, transport)
         self.transport = stream
+        tls = self.monitor.tls
+        if tls is not None and tls.authorize is not None:
+            # After the handshake, before the greeting: a refused client sees nothing.
+            refused = tls.authorize(net.peer_certificate(transport))
+            if refused is not None:
+                log.warning("%s: client refused: %s", self.monitor.config.id, refused)
+                self.closed = True
+                stream.abort()
+                return
         stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.monitor.attach(self)
         if isinstance(self.monitor.config.address, UnixAddress):
@@ -154,7 +178,8 @@ class QMPConnection(asyncio.Protocol):
         # so a client that half-closes still gets every reply.
         self.eof = True
         self._process()
-        return True
+        # TLS has no half-close: its transport closes whatever we answer.
+        return None if self.monitor.tls is not None else True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -295,9 +320,14 @@ class QMPConnection(asyncio.Protocol):
 class Monitor:
     """A listening QMP monitor and its connected clients."""
 
-    def __init__(self, server: QMPServer, config: MonitorConfig) -> None:
+    def __init__(self, server: QMPServer, config: MonitorConfig,
+                 tls: MonitorTls | None = None) -> None:
         self.server = server
         self.config = config
+        self.tls = tls
+        #: TLS monitors accept and shake hands themselves (one task per client).
+        self._listen_sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.connections: set[QMPConnection] = set()
         self.listener: asyncio.AbstractServer | None = None
         self.unix: net.UnixListener | None = None
@@ -311,7 +341,7 @@ class Monitor:
         if self.stopped:
             return False
         if self.listener is None:
-            return self.bound is not None  # stdio and client monitors
+            return self.bound is not None  # stdio, client and TLS monitors
         return self.listener.is_serving()
 
     async def start(self) -> None:
@@ -336,6 +366,9 @@ class Monitor:
                                f"disconnected:{self.bound},server=on")
                 conn_sock, _ = await loop.sock_accept(listen_sock)
                 self._pending.append(conn_sock)
+            if self.tls is not None:
+                self._listen_sock = listen_sock
+                return
             self.listener = await loop.create_server(
                 lambda: QMPConnection(self), sock=listen_sock, backlog=128,
                 start_serving=False,
@@ -352,11 +385,55 @@ class Monitor:
         loop = asyncio.get_running_loop()
         if isinstance(self.config.address, StdioAddress):
             await self._serve_stdio()
+        if self.tls is not None:
+            for sock in self._pending:
+                self._spawn(self._handshake(sock))
+            self._pending.clear()
+            if self._listen_sock is not None:
+                self._spawn(self._accept_loop(self._listen_sock))
+            return
         for sock in self._pending:
             await loop.connect_accepted_socket(lambda: QMPConnection(self), sock)
         self._pending.clear()
         if self.listener is not None:
             await self.listener.start_serving()
+
+    # --- TLS: accept, then shake hands in a task per client ---------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listen_sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopped:
+            try:
+                sock, _ = await loop.sock_accept(listen_sock)
+            except OSError as exc:  # EMFILE and friends: wait, do not spin
+                log.warning("%s: accept failed: %s", self.config.id, exc.strerror)
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._handshake(sock))
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        """One client's handshake: a failure or a stall costs only this client."""
+        tls = self.tls
+        assert tls is not None
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = "?"
+        try:
+            if self.config.client:
+                await net.tls_connect(sock, tls.context, lambda: QMPConnection(self),
+                                      tls.hostname, tls.handshake_timeout)
+            else:
+                await net.tls_accept(sock, tls.context, lambda: QMPConnection(self),
+                                     tls.handshake_timeout)
+        except net.TlsFailed as exc:
+            log.warning("%s: TLS handshake with %s failed: %s", self.config.id,
+                        _peer_text(peer), exc)
 
     async def _serve_stdio(self) -> None:
         loop = asyncio.get_running_loop()
@@ -399,6 +476,14 @@ class Monitor:
         self.stopped = True
         if self.listener is not None:
             self.listener.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listen_sock is not None:
+            self._listen_sock.close()
+            self._listen_sock = None
         for conn in list(self.connections):
             conn.close()
         for sock in self._pending:
@@ -439,8 +524,8 @@ class QMPServer:
         self.closing = False
         self._commands: set[asyncio.Task[None]] = set()
 
-    async def add_monitor(self, config: MonitorConfig) -> Monitor:
-        monitor = Monitor(self, config)
+    async def add_monitor(self, config: MonitorConfig, tls: MonitorTls | None = None) -> Monitor:
+        monitor = Monitor(self, config, tls)
         await monitor.start()
         self.monitors.append(monitor)
         return monitor
@@ -479,6 +564,13 @@ class QMPServer:
         await self.cancel_commands()
         for monitor in self.monitors:
             await monitor.stop()
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
 
 
 class _StdioTransport(asyncio.Transport):

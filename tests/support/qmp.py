@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
@@ -73,18 +74,26 @@ class QmpClient:
     requests, takes the ``id`` off the reply and sets aside replies to other
     requests in :attr:`stray`.  ``check_schema`` checks replies and events
     against qmpd's schema; ``trace`` keeps every line both ways in
-    :attr:`transcript`.
+    :attr:`transcript`.  ``tls`` (an ``ssl.SSLContext``) puts the connection
+    under TLS before the greeting, checking ``server_hostname`` if given.
     """
 
     def __init__(self, address: Address | socket.socket, timeout: float = 10.0, *,
                  wait: float = 0.0, proc: subprocess.Popen[Any] | None = None,
                  check_schema: bool = True, ids: bool = False, trace: bool = False,
-                 negotiate: bool = False) -> None:
+                 negotiate: bool = False, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         if isinstance(address, socket.socket):
             self.sock = address
             self.sock.settimeout(timeout)
         else:
             self.sock = _connect(address, timeout, wait, proc)
+        if tls is not None:
+            try:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
+            except BaseException:
+                self.sock.close()
+                raise
         self.timeout = timeout
         self.check_schema = check_schema
         self.ids = ids
