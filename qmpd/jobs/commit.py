@@ -40,6 +40,7 @@ from qmpd.block.filename import refresh_filename
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError
 from qmpd.jobs.block_job import SLICE, BlockJob
+from qmpd.jobs.inflight import next_dirty
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.stream import job_flags, lookup_bs, refuse_filter_node
 
@@ -183,11 +184,17 @@ class ActiveCommitJob(BlockJob):
         """Copy the first dirty extent (at most a chunk): its bits cleared first,
         so that writes meanwhile mark it again."""
         bitmap = self.bitmap
-        extents = bitmap.dirty_extents(0, bitmap.size)
-        if not extents:
+        # The first dirty run only: not every extent of the bitmap per chunk.
+        k = next_dirty(bitmap.bits, 0, bitmap.granules)
+        if k is None:
             return
-        offset, length = extents[0]
-        length = min(length, ACTIVE_CHUNK)
+        g = bitmap.granularity
+        limit = min(bitmap.granules, k + max(1, ACTIVE_CHUNK // g))
+        end = k + 1
+        while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1:
+            end += 1
+        offset = k * g
+        length = min(end * g, bitmap.size, offset + ACTIVE_CHUNK) - offset
         bitmap.reset_range(offset, length)
         is_read = True
         try:
