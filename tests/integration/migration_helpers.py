@@ -141,6 +141,8 @@ class Peer:
         assert kind in ("qmpd", "qemu")
         self.kind = kind
         self.name = name
+        self.paused = paused
+        self.incoming = incoming
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.qmp_path = str(self.dir / "qmp.sock")
@@ -190,6 +192,14 @@ class Peer:
                     raise RuntimeError(f"{self} did not start: {self.stderr()}")
                 time.sleep(0.002)
         self._qmp = Qmp(self.qmp_path, check_schema=self.kind == "qmpd")
+        if self.kind == "qemu" and not self.paused and not self.incoming:
+            # QEMU's QMP accepts from its own thread, so under load a client
+            # can connect before vm_start and see its start-up RESUME.
+            while self.status() != "running":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self} did not start running")
+                time.sleep(0.002)
+            self._qmp.log.clear()
         return self
 
     @property
