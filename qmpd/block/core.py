@@ -60,6 +60,9 @@ class BlockLayer:
         #: Last query-named-block-nodes reply per (node name, flat): the node,
         #: and its info with the encoding (reused while the info is equal).
         self._node_replies: dict[tuple[str, bool], _NodeReply] = {}
+        #: File names of the last query, valid while their key stays the same.
+        self._filenames_key: tuple[int, int] = (-1, -1)
+        self._filenames: FilenameMemo = {}
         #: The dirty bitmap commands and transaction actions.
         self.bitmaps = Bitmaps(self.graph.lookup)
 
@@ -163,7 +166,7 @@ class BlockLayer:
         if job is None:
             await node.driver.open(driver_opts)
         else:
-            await job.finish(await self.graph.run_io(job.run))
+            await job.finish(await job.start(self.graph.run_io))
         if node.driver.supports_backing and "backing" not in driver_opts:
             await self._open_backing_from_header(node, config, created, inactive, chain)
 
@@ -225,7 +228,7 @@ class BlockLayer:
             job = node.driver.begin_open_over(driver_opts, below)
             if job is not None:
                 return node, config, job, driver_opts
-            await below.finish(await self.graph.run_io(below.run))
+            await below.finish(await below.start(self.graph.run_io))
         return node, config, node.driver.begin_open(driver_opts), driver_opts
 
     async def _create_file(
@@ -463,7 +466,13 @@ class BlockLayer:
         # ignores member order and True == 1 == 1.0: safe because each member
         # comes from the same expression every time (a bool stays a bool) and
         # in the same order.  (A marshal comparison, strict, cost 9 ms here.)
-        memo: FilenameMemo = {}
+        # File names follow the graph's shape and the state that operations
+        # under the graph lock change (a header's backing name): kept while
+        # neither moved.
+        key = (self.graph.shape, self.lock.generation)
+        if key != self._filenames_key:
+            self._filenames_key, self._filenames = key, {}
+        memo = self._filenames
         old = self._node_replies
         new: dict[tuple[str, bool], _NodeReply] = {}
         out: list[dict[str, Any]] = []

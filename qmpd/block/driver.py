@@ -536,6 +536,13 @@ class OpenJob:
     run: Callable[[], Any]
     finish: Callable[[Any], Awaitable[None]]
     reader: Callable[[Any], BlockingRead | None] = _no_reader
+    #: Whether ``run`` may wait (for a network, a device): then it goes to
+    #: the I/O threads; a quick open runs right on the loop.
+    waits: bool = True
+
+    async def start(self, run_io: Callable[[Callable[[], Any]], Awaitable[Any]]) -> Any:
+        """``run``'s result: in an I/O thread if it may wait, else right here."""
+        return await run_io(self.run) if self.waits else self.run()
 
 
 class BlockDriver(ABC):

@@ -153,6 +153,9 @@ class BlockGraph:
         self.metrics = metrics
         self.io = IOPool(io_threads)
         self._serial = 0
+        #: Bumped by every change of the nodes or edges (a cache key for what
+        #: is derived from the graph's shape, such as node file names).
+        self.shape = 0
         self._auto_counter = 0
         self._rng = random.Random()
         #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``): the daemon
@@ -190,10 +193,12 @@ class BlockGraph:
         # Registration order is creation order: an inline child is registered
         # before its parent, as in QEMU, so queries list the parent first.
         self._serial += 1
+        self.shape += 1
         node.serial = self._serial
         self.nodes[node.node_name] = node
 
     def unregister(self, node: BlockNode) -> None:
+        self.shape += 1
         if self.nodes.get(node.node_name) is node:
             del self.nodes[node.node_name]
 
@@ -220,12 +225,14 @@ class BlockGraph:
                 f"'{parent.node_name}'"
             )
         edge = BdrvChild(name=name, role=role, child=child, parent=parent, user=user)
+        self.shape += 1
         child.parents.append(edge)
         if parent is not None:
             parent.children[name] = edge
         return edge
 
     def detach(self, edge: BdrvChild) -> None:
+        self.shape += 1
         if edge in edge.child.parents:
             edge.child.parents.remove(edge)
         if edge.parent is not None and edge.parent.children.get(edge.name) is edge:

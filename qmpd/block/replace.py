@@ -42,6 +42,7 @@ async def replace_node(graph: BlockGraph, old: BlockNode, new: BlockNode,
     if old is new:
         return []
     edges = movable_parents(old, new, keep)
+    graph.shape += 1
     for edge in edges:
         edge.child = new
         old.parents.remove(edge)
@@ -54,6 +55,7 @@ async def replace_node(graph: BlockGraph, old: BlockNode, new: BlockNode,
                     check_pair(new, other, edge)
         await graph.refresh_perms(new)
     except BaseException:
+        graph.shape += 1
         for edge in edges:
             new.parents.remove(edge)
             edge.child = old

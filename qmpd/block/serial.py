@@ -31,6 +31,9 @@ class GraphLock:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
         self._closed = False
+        #: Bumped when an operation takes the lock and when it lets go: what
+        #: was derived from node state while it stayed the same is still true.
+        self.generation = 0
 
     @property
     def locked(self) -> bool:
@@ -43,7 +46,11 @@ class GraphLock:
 
         async def locked() -> T:
             async with self._lock:
-                return await operation()
+                self.generation += 1
+                try:
+                    return await operation()
+                finally:
+                    self.generation += 1
 
         task: asyncio.Task[T] = asyncio.get_running_loop().create_task(locked())
         self._tasks.add(task)
@@ -61,7 +68,11 @@ class GraphLock:
     async def held(self) -> AsyncIterator[None]:
         """Hold the lock in the caller's own task (migration's switchover)."""
         async with self._lock:
-            yield
+            self.generation += 1
+            try:
+                yield
+            finally:
+                self.generation += 1
 
     async def close(self) -> None:
         """Refuse new operations and wait for those in flight to finish."""

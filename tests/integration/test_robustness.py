@@ -8,7 +8,10 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import QmpdProcess, RawClient
 
@@ -146,3 +149,28 @@ def test_garbage_connection_does_not_disturb_others(qmpd: QmpdProcess) -> None:
     assert msg == {"return": {}, "id": "ok"}
     assert timed_query(other) < STALL
     json.dumps(msg)
+
+
+def test_fifo_never_blocks_an_open(qmpd: QmpdProcess, tmp_path: Any) -> None:
+    """A FIFO (on tmpfs, where opens run on the event loop) is refused at once
+    with QEMU's text; QEMU 7.2 blocks its main loop on the read-only open."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    fifo = shm / f"qmpd-fifo-{os.getpid()}-{time.monotonic_ns()}"
+    os.mkfifo(fifo)
+    try:
+        client = qmpd.client()
+        client.negotiate()
+        for read_only in (True, False):
+            start = time.monotonic()
+            reply = client.cmd("blockdev-add", {"driver": "file", "node-name": "f",
+                                                "filename": str(fifo), "read-only": read_only})
+            assert time.monotonic() - start < STALL
+            assert reply["error"]["desc"] == (
+                f"'file' driver requires '{fifo}' to be a regular file"), reply
+        other = qmpd.client()
+        other.negotiate()
+        assert timed_query(other) < STALL
+    finally:
+        fifo.unlink()

@@ -4,6 +4,7 @@ nodes, with the errors (and their order) of opening them one after another."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import BlockDriverError
 from qmpd.block.file import FileDriver
+from qmpd.block.mounts import MountWatch
 from qmpd.block.qcow2.create import create_image
 from qmpd.block.qcow2.driver import Qcow2Driver
 from qmpd.errors import GenericError
@@ -38,6 +40,12 @@ def qcow2(path: Path, **extra: Any) -> dict[str, Any]:
             "file": {"driver": "file", "node-name": "f", "filename": str(path)}}
 
 
+def on_tmpfs(path: Path) -> bool:
+    res = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                         check=True)
+    return res.stdout.strip() == "tmpfs"
+
+
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -56,7 +64,9 @@ async def test_qcow2_over_file_opens_in_one_job(tmp_path: Path, layer: BlockLaye
         create_image(str(path), 64 * MiB)
         jobs = count_jobs(layer)
         node = await layer.add(qcow2(path))
-        assert len(jobs) == 1, jobs
+        # On tmpfs, with only local mounts, the open runs on the loop: no job.
+        quick = on_tmpfs(path) and MountWatch().all_local()
+        assert len(jobs) == (0 if quick else 1), jobs
         drv = node.driver
         assert isinstance(drv, Qcow2Driver) and drv.image is not None
         file = layer.graph.lookup("f")

@@ -240,7 +240,7 @@ class Qcow2Driver(BlockDriver):
             self._validate_static_options(self._options)
             await self._opening(self._load() if outcome is None else self._load_from(outcome))
 
-        return OpenJob(run, finish)
+        return OpenJob(run, finish, waits=below.waits)
 
     async def _load(self) -> None:
         node = self.node
