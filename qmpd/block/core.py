@@ -469,9 +469,9 @@ class BlockLayer:
         # File names follow the graph's shape and the state that operations
         # under the graph lock change (a header's backing name): kept while
         # neither moved.
-        key = (self.graph.shape, self.lock.generation)
-        if key != self._filenames_key:
-            self._filenames_key, self._filenames = key, {}
+        shape = (self.graph.shape, self.lock.generation)
+        if shape != self._filenames_key:
+            self._filenames_key, self._filenames = shape, {}
         memo = self._filenames
         old = self._node_replies
         new: dict[tuple[str, bool], _NodeReply] = {}
