@@ -199,7 +199,9 @@ class Peer:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self} did not start running")
                 time.sleep(0.002)
-            self._qmp.log.clear()
+            log = self._qmp.log
+            log[:] = [item for item in log
+                      if not (item[0] == "event" and item[1]["event"] == "RESUME")]
         return self
 
     @property
