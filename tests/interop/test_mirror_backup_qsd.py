@@ -215,10 +215,13 @@ def test_backup_as_qsd(tmp_path: Path, fmt: str, sync: str) -> None:
 
     def script(peer: Peer) -> dict[str, Any]:
         peer.ok("blockdev-add", target_options(peer.work, fmt))
+        # Held back by its speed until the deletes were tried: a small image
+        # copies faster than the next command arrives otherwise.
         peer.ok("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
-                                    "sync": sync, "auto-dismiss": False})
+                                    "sync": sync, "auto-dismiss": False, "speed": 1})
         out: dict[str, Any] = {"del-target": peer.cmd("blockdev-del", {"node-name": "tgt"}),
                                "del-source": peer.cmd("blockdev-del", {"node-name": "src"})}
+        peer.ok("block-job-set-speed", {"device": "b", "speed": 0})
         if sync == "none":  # still running: its filter makes the source no root
             out["mirror"] = peer.cmd("blockdev-mirror", {"job-id": "m", "device": "src",
                                                          "target": "tgt", "sync": "full"})
