@@ -35,6 +35,7 @@ driver.  Two methods manage that cache across a change of owner:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -298,6 +299,10 @@ class BlockNode:
     #: Set while a job copies into the node (a stream): writes and its copies
     #: of a range do not overlap in time.
     serialiser: RangeSerialiser | None = None
+    #: Writes under way that passed no hook: a job installing one waits for
+    #: them (QEMU drains the node when it inserts its filter).
+    plain_writes: int = 0
+    _plain_drained: asyncio.Future[None] | None = None
 
     # --- structure ----------------------------------------------------------
 
@@ -362,22 +367,41 @@ class BlockNode:
             await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
                                lambda: self._write(offset, data, fua))
             return
-        if self.serialiser is not None:
-            await self._write(offset, data, fua)
-            return
-        # The body again (see _write): no extra coroutine on the hot path.
-        self._check_writable()
-        self._check_range(offset, len(data))
-        if self.detect_zeroes != "off" and data.count(0) == len(data):
-            await self.driver.write_zeroes(
-                offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
-            )
-        else:
-            await self.driver.write(offset, data, fua)
-        if self.dirty_bitmaps or self.internal_bitmaps:
-            self.mark_dirty(offset, len(data))
-        self.stats.wr_bytes += len(data)
-        self.stats.wr_operations += 1
+        self.plain_writes += 1
+        try:
+            if self.serialiser is not None:
+                await self._write(offset, data, fua)
+                return
+            # The body again (see _write): no extra coroutine on the hot path.
+            self._check_writable()
+            self._check_range(offset, len(data))
+            if self.detect_zeroes != "off" and data.count(0) == len(data):
+                await self.driver.write_zeroes(
+                    offset, len(data), may_unmap=self.detect_zeroes == "unmap", fua=fua
+                )
+            else:
+                await self.driver.write(offset, data, fua)
+            if self.dirty_bitmaps or self.internal_bitmaps:
+                self.mark_dirty(offset, len(data))
+            self.stats.wr_bytes += len(data)
+            self.stats.wr_operations += 1
+        finally:
+            self._plain_write_done()
+
+    def _plain_write_done(self) -> None:
+        self.plain_writes -= 1
+        if not self.plain_writes and self._plain_drained is not None:
+            if not self._plain_drained.done():
+                self._plain_drained.set_result(None)
+            self._plain_drained = None
+
+    async def drain_plain_writes(self) -> None:
+        """Wait for the writes under way that passed no hook (after a hook was
+        installed, new writes pass it: this ends)."""
+        while self.plain_writes:
+            if self._plain_drained is None:
+                self._plain_drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._plain_drained)
 
     async def _write(self, offset: int, data: bytes, fua: bool) -> None:
         self._check_writable()
@@ -407,16 +431,20 @@ class BlockNode:
                                lambda n: n.write_zeroes(offset, length, may_unmap, fua),
                                lambda: self._write_zeroes(offset, length, may_unmap, fua))
             return
-        if self.serialiser is not None:
-            await self._write_zeroes(offset, length, may_unmap, fua)
-            return
-        self._check_writable()
-        self._check_range(offset, length)
-        await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
-        if self.dirty_bitmaps or self.internal_bitmaps:
-            self.mark_dirty(offset, length)
-        self.stats.wr_bytes += length
-        self.stats.wr_operations += 1
+        self.plain_writes += 1
+        try:
+            if self.serialiser is not None:
+                await self._write_zeroes(offset, length, may_unmap, fua)
+                return
+            self._check_writable()
+            self._check_range(offset, length)
+            await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+            if self.dirty_bitmaps or self.internal_bitmaps:
+                self.mark_dirty(offset, length)
+            self.stats.wr_bytes += length
+            self.stats.wr_operations += 1
+        finally:
+            self._plain_write_done()
 
     async def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
         self._check_writable()
@@ -438,7 +466,11 @@ class BlockNode:
             await self._hooked(offset, length, None, lambda n: n.discard(offset, length),
                                lambda: self._discard(offset, length))
             return
-        await self._discard(offset, length)
+        self.plain_writes += 1
+        try:
+            await self._discard(offset, length)
+        finally:
+            self._plain_write_done()
 
     async def _discard(self, offset: int, length: int) -> None:
         self._check_writable()

@@ -460,6 +460,9 @@ async def _create(manager: JobManager, block: BlockLayer, source: BlockNode,
         raise
     Drained(manager, source).adopt(job)
     job.install()
+    # Writes that started before the filter copied no old data: the backup's
+    # point in time comes after them (QEMU drains the source).
+    await source.drain_plain_writes()
     return job
 
 

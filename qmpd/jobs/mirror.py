@@ -143,6 +143,8 @@ class MirrorJob(BlockJob):
         self.target_edge = await self.add_node(
             "target", self.target, Perm.WRITE, Perm.WRITE_UNCHANGED, blocks=False)
         self.source.write_hooks.append(self.hook)
+        # A write that started before the hook would never mark its range.
+        await self.source.drain_plain_writes()
 
     def complete(self) -> None:
         self.should_complete = True
