@@ -34,10 +34,15 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """Where the health and metrics endpoints listen."""
+    """Where the health and metrics endpoints listen, and how (HTTPS with ``tls_creds``)."""
 
     host: str
     port: int
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+    #: Plain HTTP on an address that is not loopback: only when asked for.
+    insecure: bool = False
+    origin: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,9 @@ OPTIONS = (
            "start the NBD server, as nbd-server-start"),
     Option("export", "[type=]nbd,id=ID,node-name=NODE[,...]",
            "export a node, as block-export-add"),
-    Option("http", "[HOST:]PORT", "serve /health, /ready and /metrics here (loopback by default)"),
+    Option("http", "[HOST:]PORT[,tls-creds=ID[,tls-authz=ID]][,insecure=on]",
+           "serve /health, /ready and /metrics here (loopback by default; HTTPS with "
+           "tls-creds; plain HTTP off loopback only with insecure=on)"),
     Option("pidfile", "PATH", "write the process ID here once started (locked)"),
     Option("daemonize", None, "detach once started; the parent exits 0 when the daemon is ready"),
     Option("paused", None, "start in prelaunch instead of running (QEMU's -S)", "S"),
@@ -482,7 +489,20 @@ def coerce_keyval(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_http(text: str) -> HttpConfig:
-    if re.fullmatch(r"\d+", text):
-        return HttpConfig(LOOPBACK, int(text))
-    address = parse_host_port(text, LOOPBACK)
-    return HttpConfig(address.host, int(address.port))
+    """``[HOST:]PORT`` then optional ``,tls-creds=ID,tls-authz=ID,insecure=on``."""
+    main, _, rest = text.partition(",")
+    opts = parse_option(rest) if rest else {}
+    unknown = set(opts) - {"tls-creds", "tls-authz", "insecure"}
+    if unknown:
+        raise ConfigError(f"Invalid parameter '{sorted(unknown)[0]}'")
+    creds = opts.get("tls-creds")
+    authz = opts.get("tls-authz")
+    if authz is not None and creds is None:
+        raise ConfigError("'tls-authz' requires 'tls-creds'")
+    insecure = parse_bool(opts.get("insecure", False), "insecure")
+    if re.fullmatch(r"\d+", main):
+        host, port = LOOPBACK, int(main)
+    else:
+        address = parse_host_port(main, LOOPBACK)
+        host, port = address.host, int(address.port)
+    return HttpConfig(host, port, creds, authz, insecure, origin=f"--http {text}")

@@ -367,26 +367,77 @@ class Daemon:
 
         # /metrics shows the NBD series (zero) before any export exists, as always.
         self.exports.get()
-        guard = ConnectionGuard()
+        context, authorize = self._http_tls(cfg) if cfg.tls_creds else (None, None)
+        guard = ConnectionGuard(authorize=authorize)
         runner = web.AppRunner(build_app(self, guard), handle_signals=False,
                                access_log=None, keepalive_timeout=REQUEST_TIMEOUT)
         await runner.setup()
         self._http.push_async_callback(runner.cleanup)
         guard.factory = runner.server
+        if context is not None:
+            socks = await self._listen_https(cfg, context, guard)
+        else:
+            socks = await self._listen_http(cfg, guard)
+        scheme = "https" if context is not None else "http"
+        for sock in socks:
+            addr = sock.getsockname()
+            host, port = addr[0], addr[1]
+            shown = f"[{host}]" if ":" in host else host
+            self.http_bound.append(f"{scheme}://{shown}:{port}")
+            log.info("HTTP listening on %s://%s:%s", scheme, shown, port)
+
+    def _http_tls(self, cfg: HttpConfig) -> tuple[Any, Any]:
+        """The server context and authz check of an HTTPS listener, held until it stops."""
+        assert cfg.tls_creds is not None
+        try:
+            creds = self.objects.tls_creds(cfg.tls_creds, "server")
+            authz = self.objects.authz(cfg.tls_authz) if cfg.tls_authz else None
+            context = creds.server_context()
+        except QMPError as exc:
+            raise ConfigError(f"{cfg.origin}: {exc.desc}") from None
+        user = f"http {cfg.host}:{cfg.port}"
+        self.objects.hold(creds, user)
+        self._http.callback(self.objects.release, creds, user)
+        if authz is None:
+            return context, None
+        self.objects.hold(authz, user)
+        self._http.callback(self.objects.release, authz, user)
+        return context, functools.partial(check_peer, authz)
+
+    async def _listen_http(self, cfg: HttpConfig, guard: Any) -> list[Any]:
+        from qmpd.http import is_loopback
+
         try:
             server = await asyncio.get_running_loop().create_server(
-                guard, cfg.host, cfg.port, reuse_address=True)
+                guard, cfg.host, cfg.port, reuse_address=True, start_serving=False)
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}"
             ) from None
         self._http.callback(server.close)
-        for sock in server.sockets:
-            addr = sock.getsockname()
-            host, port = addr[0], addr[1]
-            shown = f"[{host}]" if ":" in host else host
-            self.http_bound.append(f"http://{shown}:{port}")
-            log.info("HTTP listening on http://%s:%s", shown, port)
+        exposed = [s for s in server.sockets if not is_loopback(s)]
+        if exposed and not cfg.insecure:
+            where = exposed[0].getsockname()[0]
+            server.close()
+            raise ConfigError(
+                f"{cfg.origin or '--http'}: plain HTTP on {where}, which is not a loopback "
+                "address: serve HTTPS with tls-creds=ID, or add insecure=on")
+        await server.start_serving()
+        return list(server.sockets)
+
+    async def _listen_https(self, cfg: HttpConfig, context: Any, guard: Any) -> list[Any]:
+        from qmpd.http import HttpsListener
+
+        try:
+            listening = net.listen(net.InetAddress(cfg.host, str(cfg.port)), every_address=True)
+        except OSError as exc:
+            reason = exc.desc if isinstance(exc, net.ListenFailed) else exc.strerror
+            raise ConfigError(f"cannot serve HTTP on {cfg.host}:{cfg.port}: {reason}") from None
+        listener = HttpsListener(listening.socks, context, guard,
+                                 self.config.tls_handshake_timeout)
+        self._http.push_async_callback(listener.close)
+        listener.start()
+        return listening.socks
 
     def listening_summary(self) -> str:
         parts = [f"QMP on {m.bound}" for m in self.qmp.monitors]
