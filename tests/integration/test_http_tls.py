@@ -181,7 +181,7 @@ def test_https_without_authz_takes_any_client_of_the_ca(qmpd_factory: Any, pki: 
 
 
 def test_http_tls_startup_errors(qmpd_factory: Any, pki: Pki) -> None:
-    for objects, http, text in (
+    for objects, option, text in (
         ((), "127.0.0.1:0,tls-creds=t", "No TLS credentials with id 't'"),
         (("--object", "secret,id=t,data=x"), "127.0.0.1:0,tls-creds=t",
          "Object with id 't' is not TLS credentials"),
@@ -193,8 +193,8 @@ def test_http_tls_startup_errors(qmpd_factory: Any, pki: Pki) -> None:
         ((), "127.0.0.1:0,tls=on", "Invalid parameter 'tls'"),
     ):
         with pytest.raises(RuntimeError) as info:
-            qmpd_factory(*objects, "--http", http)
-        assert f"--http {http}: {text}" in str(info.value)
+            qmpd_factory(*objects, "--http", option)
+        assert f"--http {option}: {text}" in str(info.value)
 
 
 def _non_loopback_ipv4() -> str | None:
