@@ -4,7 +4,7 @@
 ``complete``): ``ca-cert.pem`` always; ``server-cert.pem``, ``server-key.pem``
 and optionally ``dh-params.pem`` and ``ca-crl.pem`` for ``endpoint=server``;
 optionally ``client-cert.pem`` and ``client-key.pem`` for a client.  Users
-(QMP monitors now; NBD, migration and HTTP later) ask it for a context with
+(QMP monitors and HTTPS now; NBD and migration later) ask it for a context with
 :meth:`TlsCredsX509.server_context` or :meth:`TlsCredsX509.client_context`
 and register themselves in :attr:`TlsCredsX509.users`, which makes
 ``object-del`` refuse while they hold it.
