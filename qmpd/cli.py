@@ -243,8 +243,11 @@ def parse_args(argv: Sequence[str]) -> Config:
             else:
                 _scalar(cfg, name, text)
         except ConfigError as exc:
+            message = str(exc)
+            if name == "object":  # a secret's data is never shown
+                text, message = redact(text), redact_message(text, message)
             shown = f"--{name} {text}" if value is not None else f"--{name}"
-            raise ConfigError(f"{shown}: {exc}") from None
+            raise ConfigError(f"{shown}: {message}") from None
     if not argv:
         cfg.actions.append(MonitorConfig(next(monitor_ids), UnixAddress(DEFAULT_QMP_SOCKET)))
         cfg.actions.append(parse_http(DEFAULT_HTTP))
@@ -349,6 +352,74 @@ def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConf
         cfg.actions.append(parse_nbd_server(value))
     elif name == "export":
         cfg.actions.append(parse_export(value))
+
+
+REDACTED = "<redacted>"
+_JSON_DATA = re.compile(r'("data"\s*:\s*)"((?:[^"\\]|\\.)*)"')
+
+
+def _raw_elements(text: str) -> list[str]:
+    """keyval's elements as written (``,,`` kept), split at single commas."""
+    out, current, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                current += ",,"
+                i += 2
+                continue
+            out.append(current)
+            current = ""
+        else:
+            current += text[i]
+        i += 1
+    out.append(current)
+    return out
+
+
+def _keyval_secrets(text: str) -> tuple[list[str], list[str]]:
+    """(elements with ``data`` values replaced, the values as written).
+
+    A value with an unescaped comma (``data=a,b``) goes on into the elements
+    without ``=`` that follow it: the parser would take ``b`` for a key.
+    """
+    shown: list[str] = []
+    secrets: list[str] = []
+    in_data = False
+    for element in _raw_elements(text):
+        if element.startswith("data="):
+            in_data = True
+            secrets.append(element[len("data="):])
+            shown.append("data=" + REDACTED)
+        elif in_data and "=" not in element:
+            secrets[-1] += "," + element
+        else:
+            in_data = False
+            shown.append(element)
+    return shown, secrets
+
+
+def redact(text: str) -> str:
+    """An --object's text fit to show: a secret's ``data`` value replaced (QSD shows it)."""
+    if text.lstrip().startswith("{"):
+        return _JSON_DATA.sub(lambda m: f'{m.group(1)}"{REDACTED}"', text)
+    return ",".join(_keyval_secrets(text)[0])
+
+
+def redact_message(text: str, message: str) -> str:
+    """An error about ``text`` without its ``data`` value or any piece of it."""
+    message = message.replace(text, redact(text))
+    if text.lstrip().startswith("{"):
+        values = [m.group(2) for m in _JSON_DATA.finditer(text)]
+    else:
+        values = _keyval_secrets(text)[1]
+    pieces: set[str] = set()
+    for value in values:
+        pieces.update((value, value.replace(",,", ",")))
+        pieces.update(value.replace(",,", ",").split(","))
+    for piece in sorted(pieces, key=len, reverse=True):
+        if len(piece) >= 3:  # shorter pieces would mask ordinary words
+            message = message.replace(piece, REDACTED)
+    return message
 
 
 TlsOptions = tuple[str | None, str | None]

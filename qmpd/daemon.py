@@ -25,7 +25,7 @@ from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
 from qmpd.block.iopool import block_signals
 from qmpd.block.registry import load_all
-from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
+from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig, redact, redact_message
 from qmpd.errors import ConfigError, QMPError
 from qmpd.jobs.service import Jobs
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
@@ -122,6 +122,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.watch_qmp_input(self.qmp.input_budget)
         self.http_bound: list[str] = []
+        self._http_listeners = 0
         self._stack = contextlib.AsyncExitStack()
         #: HTTP listeners, closed as one step of the teardown.
         self._http = contextlib.AsyncExitStack()
@@ -263,7 +264,8 @@ class Daemon:
                 try:
                     self.objects.add_object(action.options)
                 except QMPError as exc:
-                    raise ConfigError(f"--object {action.text}: {exc.desc}") from None
+                    raise ConfigError(f"--object {redact(action.text)}: "
+                                      f"{redact_message(action.text, exc.desc)}") from None
             elif isinstance(action, HttpConfig):
                 await self._start_http(action)
             elif isinstance(action, BlockdevConfig):
@@ -395,7 +397,8 @@ class Daemon:
             context = creds.server_context()
         except QMPError as exc:
             raise ConfigError(f"{cfg.origin}: {exc.desc}") from None
-        user = f"http {cfg.host}:{cfg.port}"
+        self._http_listeners += 1  # port 0 twice is two listeners: two users
+        user = f"http listener {self._http_listeners} ({cfg.origin})"
         self.objects.hold(creds, user)
         self._http.callback(self.objects.release, creds, user)
         if authz is None:

@@ -206,9 +206,11 @@ def is_loopback(sock: socket.socket) -> bool:
     """Whether a listening socket is bound to a loopback address only."""
     try:
         host = sock.getsockname()[0]
-        return ipaddress.ip_address(str(host).split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(str(host).split("%", 1)[0])
     except (OSError, ValueError, IndexError):
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool((mapped or address).is_loopback)
 
 
 class HttpsListener:

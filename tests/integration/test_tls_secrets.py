@@ -22,6 +22,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.certs import KEY_PASSWORD, Pki
 
 WRONG_PASSWORD = "wrong-but-still-secret-4711"
@@ -152,3 +154,25 @@ def test_no_secret_or_key_material_anywhere(qmpd_factory: Any, pki: Pki,
     for where, text in texts.items():
         for secret in forbidden:
             assert secret not in text, (where, secret)
+
+
+def test_command_line_errors_never_show_secret_data(qmpd_factory: Any, tmp_path: Path) -> None:
+    """An --object secret that fails shows ``data=<redacted>``, in keyval and JSON alike."""
+    for option in (
+        f"secret,id=s,data={KEY_PASSWORD},bogus=1",
+        f"secret,id=s,data={KEY_PASSWORD},format=base64",
+        f"secret,id=s,data={KEY_PASSWORD[:8]},{KEY_PASSWORD[8:]}",
+        f'{{"qom-type": "secret", "id": "s", "data": "{KEY_PASSWORD}", "x": 1}}',
+        f"secret,id=s,data={KEY_PASSWORD},file={tmp_path}/nosuch",
+    ):
+        with pytest.raises(RuntimeError) as info:
+            qmpd_factory("--log-level", "debug", "--object", option)
+        text = str(info.value)
+        assert "<redacted>" in text, text
+        for piece in (KEY_PASSWORD, KEY_PASSWORD[:8], KEY_PASSWORD[8:]):
+            assert piece not in text, (option, text)
+    with pytest.raises(RuntimeError) as info:
+        qmpd_factory("--object", f"secret,id=s,data={KEY_PASSWORD}",
+                     "--object", f"secret,id=s,data={KEY_PASSWORD}")
+    assert "attempt to add duplicate property 's'" in str(info.value)
+    assert KEY_PASSWORD not in str(info.value)

@@ -134,3 +134,27 @@ def test_http_options() -> None:
         with pytest.raises(ConfigError) as info:
             parse_args(["--http", value])
         assert str(info.value) == f"--http {value}: {message}"
+
+
+@pytest.mark.parametrize(("value", "shown", "message"), [
+    ("secret,id=s,data=TOPSECRET,bogus=1", "secret,id=s,data=<redacted>,bogus=1", None),
+    ("secret,id=s,data=TOP,SECRET", "secret,id=s,data=<redacted>",
+     "Expected '=' after parameter '<redacted>'"),
+    ("secret,id=s,data=TOP,,SECRET,", "secret,id=s,data=<redacted>",
+     "Invalid parameter '' in 'secret,id=s,data=<redacted>'"),
+    ('{"qom-type": "secret", "id": "s", "data": "TOPSECRET", "x": 1}',
+     '{"qom-type": "secret", "id": "s", "data": "<redacted>", "x": 1}', None),
+])
+def test_object_errors_never_show_secret_data(value: str, shown: str,
+                                              message: str | None) -> None:
+    """QSD prints an --object's text in its errors, a secret's data too; qmpd does not."""
+    from qmpd.cli import redact, redact_message
+
+    assert redact(value) == shown
+    try:
+        parse_args(["--object", value])
+    except ConfigError as exc:
+        assert str(exc) == f"--object {shown}: {message}"
+        return
+    assert message is None  # parsed: the error comes later, from object-add
+    assert "SECRET" not in redact_message(value, f"bad {value}: TOPSECRET")
