@@ -42,6 +42,9 @@ from qmpd.services import Services
 from qmpd.vm import VirtualMachine
 
 if TYPE_CHECKING:
+    import ssl
+
+    from qmpd.http import Authorize, ConnectionGuard
     from qmpd.metrics import Metrics
     from qmpd.migration.manager import MigrationManager
     from qmpd.nbd.exports import BlockExports
@@ -388,7 +391,7 @@ class Daemon:
             self.http_bound.append(f"{scheme}://{shown}:{port}")
             log.info("HTTP listening on %s://%s:%s", scheme, shown, port)
 
-    def _http_tls(self, cfg: HttpConfig) -> tuple[Any, Any]:
+    def _http_tls(self, cfg: HttpConfig) -> tuple[ssl.SSLContext, Authorize | None]:
         """The server context and authz check of an HTTPS listener, held until it stops."""
         assert cfg.tls_creds is not None
         try:
@@ -407,7 +410,7 @@ class Daemon:
         self._http.callback(self.objects.release, authz, user)
         return context, functools.partial(check_peer, authz)
 
-    async def _listen_http(self, cfg: HttpConfig, guard: Any) -> list[Any]:
+    async def _listen_http(self, cfg: HttpConfig, guard: ConnectionGuard) -> list[Any]:
         from qmpd.http import is_loopback
 
         try:
@@ -428,7 +431,8 @@ class Daemon:
         await server.start_serving()
         return list(server.sockets)
 
-    async def _listen_https(self, cfg: HttpConfig, context: Any, guard: Any) -> list[Any]:
+    async def _listen_https(self, cfg: HttpConfig, context: ssl.SSLContext,
+                            guard: ConnectionGuard) -> list[Any]:
         from qmpd.http import HttpsListener
 
         try:
