@@ -34,10 +34,15 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """Where the health and metrics endpoints listen."""
+    """Where the health and metrics endpoints listen, and how (HTTPS with ``tls_creds``)."""
 
     host: str
     port: int
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+    #: Plain HTTP on an address that is not loopback: only when asked for.
+    insecure: bool = False
+    origin: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,9 @@ OPTIONS = (
            "start the NBD server, as nbd-server-start"),
     Option("export", "[type=]nbd,id=ID,node-name=NODE[,...]",
            "export a node, as block-export-add"),
-    Option("http", "[HOST:]PORT", "serve /health, /ready and /metrics here (loopback by default)"),
+    Option("http", "[HOST:]PORT[,tls-creds=ID[,tls-authz=ID]][,insecure=on]",
+           "serve /health, /ready and /metrics here (loopback by default; HTTPS with "
+           "tls-creds; plain HTTP off loopback only with insecure=on)"),
     Option("pidfile", "PATH", "write the process ID here once started (locked)"),
     Option("daemonize", None, "detach once started; the parent exits 0 when the daemon is ready"),
     Option("paused", None, "start in prelaunch instead of running (QEMU's -S)", "S"),
@@ -236,8 +243,11 @@ def parse_args(argv: Sequence[str]) -> Config:
             else:
                 _scalar(cfg, name, text)
         except ConfigError as exc:
+            message = str(exc)
+            if name == "object":  # a secret's data is never shown
+                text, message = redact(text), redact_message(text, message)
             shown = f"--{name} {text}" if value is not None else f"--{name}"
-            raise ConfigError(f"{shown}: {exc}") from None
+            raise ConfigError(f"{shown}: {message}") from None
     if not argv:
         cfg.actions.append(MonitorConfig(next(monitor_ids), UnixAddress(DEFAULT_QMP_SOCKET)))
         cfg.actions.append(parse_http(DEFAULT_HTTP))
@@ -342,6 +352,74 @@ def _ordered(cfg: Config, name: str, value: str, chardevs: dict[str, MonitorConf
         cfg.actions.append(parse_nbd_server(value))
     elif name == "export":
         cfg.actions.append(parse_export(value))
+
+
+REDACTED = "<redacted>"
+_JSON_DATA = re.compile(r'("data"\s*:\s*)"((?:[^"\\]|\\.)*)"')
+
+
+def _raw_elements(text: str) -> list[str]:
+    """keyval's elements as written (``,,`` kept), split at single commas."""
+    out, current, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                current += ",,"
+                i += 2
+                continue
+            out.append(current)
+            current = ""
+        else:
+            current += text[i]
+        i += 1
+    out.append(current)
+    return out
+
+
+def _keyval_secrets(text: str) -> tuple[list[str], list[str]]:
+    """(elements with ``data`` values replaced, the values as written).
+
+    A value with an unescaped comma (``data=a,b``) goes on into the elements
+    without ``=`` that follow it: the parser would take ``b`` for a key.
+    """
+    shown: list[str] = []
+    secrets: list[str] = []
+    in_data = False
+    for element in _raw_elements(text):
+        if element.startswith("data="):
+            in_data = True
+            secrets.append(element[len("data="):])
+            shown.append("data=" + REDACTED)
+        elif in_data and "=" not in element:
+            secrets[-1] += "," + element
+        else:
+            in_data = False
+            shown.append(element)
+    return shown, secrets
+
+
+def redact(text: str) -> str:
+    """An --object's text fit to show: a secret's ``data`` value replaced (QSD shows it)."""
+    if text.lstrip().startswith("{"):
+        return _JSON_DATA.sub(lambda m: f'{m.group(1)}"{REDACTED}"', text)
+    return ",".join(_keyval_secrets(text)[0])
+
+
+def redact_message(text: str, message: str) -> str:
+    """An error about ``text`` without its ``data`` value or any piece of it."""
+    message = message.replace(text, redact(text))
+    if text.lstrip().startswith("{"):
+        values = [m.group(2) for m in _JSON_DATA.finditer(text)]
+    else:
+        values = _keyval_secrets(text)[1]
+    pieces: set[str] = set()
+    for value in values:
+        pieces.update((value, value.replace(",,", ",")))
+        pieces.update(value.replace(",,", ",").split(","))
+    for piece in sorted(pieces, key=len, reverse=True):
+        if len(piece) >= 3:  # shorter pieces would mask ordinary words
+            message = message.replace(piece, REDACTED)
+    return message
 
 
 TlsOptions = tuple[str | None, str | None]
@@ -482,7 +560,20 @@ def coerce_keyval(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_http(text: str) -> HttpConfig:
-    if re.fullmatch(r"\d+", text):
-        return HttpConfig(LOOPBACK, int(text))
-    address = parse_host_port(text, LOOPBACK)
-    return HttpConfig(address.host, int(address.port))
+    """``[HOST:]PORT`` then optional ``,tls-creds=ID,tls-authz=ID,insecure=on``."""
+    main, _, rest = text.partition(",")
+    opts = parse_option(rest) if rest else {}
+    unknown = set(opts) - {"tls-creds", "tls-authz", "insecure"}
+    if unknown:
+        raise ConfigError(f"Invalid parameter '{sorted(unknown)[0]}'")
+    creds = opts.get("tls-creds")
+    authz = opts.get("tls-authz")
+    if authz is not None and creds is None:
+        raise ConfigError("'tls-authz' requires 'tls-creds'")
+    insecure = parse_bool(opts.get("insecure", False), "insecure")
+    if re.fullmatch(r"\d+", main):
+        host, port = LOOPBACK, int(main)
+    else:
+        address = parse_host_port(main, LOOPBACK)
+        host, port = address.host, int(address.port)
+    return HttpConfig(host, port, creds, authz, insecure, origin=f"--http {text}")

@@ -25,7 +25,7 @@ from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
 from qmpd.block.iopool import block_signals
 from qmpd.block.registry import load_all
-from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig
+from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig, redact, redact_message
 from qmpd.errors import ConfigError, QMPError
 from qmpd.jobs.service import Jobs
 from qmpd.nbd.config import ExportConfig, NbdServerConfig
@@ -42,6 +42,9 @@ from qmpd.services import Services
 from qmpd.vm import VirtualMachine
 
 if TYPE_CHECKING:
+    import ssl
+
+    from qmpd.http import Authorize, ConnectionGuard
     from qmpd.metrics import Metrics
     from qmpd.migration.manager import MigrationManager
     from qmpd.nbd.exports import BlockExports
@@ -122,6 +125,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.watch_qmp_input(self.qmp.input_budget)
         self.http_bound: list[str] = []
+        self._http_listeners = 0
         self._stack = contextlib.AsyncExitStack()
         #: HTTP listeners, closed as one step of the teardown.
         self._http = contextlib.AsyncExitStack()
@@ -263,7 +267,8 @@ class Daemon:
                 try:
                     self.objects.add_object(action.options)
                 except QMPError as exc:
-                    raise ConfigError(f"--object {action.text}: {exc.desc}") from None
+                    raise ConfigError(f"--object {redact(action.text)}: "
+                                      f"{redact_message(action.text, exc.desc)}") from None
             elif isinstance(action, HttpConfig):
                 await self._start_http(action)
             elif isinstance(action, BlockdevConfig):
@@ -367,26 +372,79 @@ class Daemon:
 
         # /metrics shows the NBD series (zero) before any export exists, as always.
         self.exports.get()
-        guard = ConnectionGuard()
+        context, authorize = self._http_tls(cfg) if cfg.tls_creds else (None, None)
+        guard = ConnectionGuard(authorize=authorize)
         runner = web.AppRunner(build_app(self, guard), handle_signals=False,
                                access_log=None, keepalive_timeout=REQUEST_TIMEOUT)
         await runner.setup()
         self._http.push_async_callback(runner.cleanup)
         guard.factory = runner.server
+        if context is not None:
+            socks = await self._listen_https(cfg, context, guard)
+        else:
+            socks = await self._listen_http(cfg, guard)
+        scheme = "https" if context is not None else "http"
+        for sock in socks:
+            addr = sock.getsockname()
+            host, port = addr[0], addr[1]
+            shown = f"[{host}]" if ":" in host else host
+            self.http_bound.append(f"{scheme}://{shown}:{port}")
+            log.info("HTTP listening on %s://%s:%s", scheme, shown, port)
+
+    def _http_tls(self, cfg: HttpConfig) -> tuple[ssl.SSLContext, Authorize | None]:
+        """The server context and authz check of an HTTPS listener, held until it stops."""
+        assert cfg.tls_creds is not None
+        try:
+            creds = self.objects.tls_creds(cfg.tls_creds, "server")
+            authz = self.objects.authz(cfg.tls_authz) if cfg.tls_authz else None
+            context = creds.server_context()
+        except QMPError as exc:
+            raise ConfigError(f"{cfg.origin}: {exc.desc}") from None
+        self._http_listeners += 1  # port 0 twice is two listeners: two users
+        user = f"http listener {self._http_listeners} ({cfg.origin})"
+        self.objects.hold(creds, user)
+        self._http.callback(self.objects.release, creds, user)
+        if authz is None:
+            return context, None
+        self.objects.hold(authz, user)
+        self._http.callback(self.objects.release, authz, user)
+        return context, functools.partial(check_peer, authz)
+
+    async def _listen_http(self, cfg: HttpConfig, guard: ConnectionGuard) -> list[Any]:
+        from qmpd.http import is_loopback
+
         try:
             server = await asyncio.get_running_loop().create_server(
-                guard, cfg.host, cfg.port, reuse_address=True)
+                guard, cfg.host, cfg.port, reuse_address=True, start_serving=False)
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve HTTP on {cfg.host}:{cfg.port}: {exc.strerror}"
             ) from None
         self._http.callback(server.close)
-        for sock in server.sockets:
-            addr = sock.getsockname()
-            host, port = addr[0], addr[1]
-            shown = f"[{host}]" if ":" in host else host
-            self.http_bound.append(f"http://{shown}:{port}")
-            log.info("HTTP listening on http://%s:%s", shown, port)
+        exposed = [s for s in server.sockets if not is_loopback(s)]
+        if exposed and not cfg.insecure:
+            where = exposed[0].getsockname()[0]
+            server.close()
+            raise ConfigError(
+                f"{cfg.origin or '--http'}: plain HTTP on {where}, which is not a loopback "
+                "address: serve HTTPS with tls-creds=ID, or add insecure=on")
+        await server.start_serving()
+        return list(server.sockets)
+
+    async def _listen_https(self, cfg: HttpConfig, context: ssl.SSLContext,
+                            guard: ConnectionGuard) -> list[Any]:
+        from qmpd.http import HttpsListener
+
+        try:
+            listening = net.listen(net.InetAddress(cfg.host, str(cfg.port)), every_address=True)
+        except OSError as exc:
+            reason = exc.desc if isinstance(exc, net.ListenFailed) else exc.strerror
+            raise ConfigError(f"cannot serve HTTP on {cfg.host}:{cfg.port}: {reason}") from None
+        listener = HttpsListener(listening.socks, context, guard,
+                                 self.config.tls_handshake_timeout)
+        self._http.push_async_callback(listener.close)
+        listener.start()
+        return listening.socks
 
     def listening_summary(self) -> str:
         parts = [f"QMP on {m.bound}" for m in self.qmp.monitors]

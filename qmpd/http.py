@@ -1,13 +1,25 @@
-"""HTTP endpoints on the daemon's own loop: liveness, readiness, metrics."""
+"""HTTP endpoints on the daemon's own loop: liveness, readiness, metrics.
+
+Plain HTTP, or HTTPS with a ``tls-creds-x509`` object (:class:`HttpsListener`:
+each client's handshake in a task of its own, bounded by the handshake
+timeout, its failure logged; an authz checks the client's DN before aiohttp
+sees a byte).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from qmpd import net
 
 if TYPE_CHECKING:
     from qmpd.metrics import Metrics
@@ -30,6 +42,11 @@ class HealthService(Protocol):
 
 
 DAEMON_KEY: web.AppKey[HealthService] = web.AppKey("daemon")
+
+log = logging.getLogger("qmpd")
+
+#: Given a TLS client's verified certificate (None without one): why it is refused, or None.
+Authorize = Callable[[dict[str, Any] | None], str | None]
 
 #: A connection must complete a request within this many seconds of opening
 #: or of its previous response, or it is closed (idle and slow clients alike).
@@ -84,11 +101,13 @@ def build_app(daemon: HealthService, guard: ConnectionGuard | None = None) -> we
 class ConnectionGuard:
     """Protocol factory around aiohttp's: a connection cap and a request deadline."""
 
-    def __init__(self, limit: int = MAX_CONNECTIONS, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, limit: int = MAX_CONNECTIONS, timeout: float = REQUEST_TIMEOUT,
+                 authorize: Authorize | None = None) -> None:
         #: aiohttp's protocol factory, set once its runner is set up.
         self.factory: Callable[[], asyncio.BaseProtocol] | None = None
         self.limit = limit
         self.timeout = timeout
+        self.authorize = authorize
         self.connections: dict[asyncio.BaseTransport, _GuardedConnection] = {}
 
     def __call__(self) -> asyncio.Protocol:
@@ -123,6 +142,14 @@ class _GuardedConnection(asyncio.Protocol):
         if len(self.guard.connections) >= self.guard.limit:
             transport.close()
             return
+        if self.guard.authorize is not None:
+            # After the handshake, before aiohttp: a refused client gets no answer.
+            refused = self.guard.authorize(net.peer_certificate(transport))
+            if refused is not None:
+                log.warning("HTTP: client %s refused: %s",
+                            _peer_text(transport.get_extra_info("peername")), refused)
+                cast(asyncio.Transport, transport).abort()
+                return
         assert self.guard.factory is not None
         self.guard.connections[transport] = self
         self.inner = self.guard.factory()
@@ -166,3 +193,89 @@ class _GuardedConnection(asyncio.Protocol):
             self.guard.connections.pop(self.transport, None)
         if self.inner is not None:
             self.inner.connection_lost(exc)
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    """Whether a listening socket is bound to a loopback address only."""
+    try:
+        host = sock.getsockname()[0]
+        address = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool((mapped or address).is_loopback)
+
+
+class HttpsListener:
+    """Accepts on listening sockets and shakes hands in one task per client.
+
+    A failed, refused or stalled handshake costs only its own client (dropped
+    after ``handshake_timeout``), and is logged with its reason.  At most
+    ``limit`` handshakes run at once; more connections are closed as they come.
+    """
+
+    def __init__(self, socks: list[socket.socket], context: ssl.SSLContext,
+                 guard: ConnectionGuard, handshake_timeout: float,
+                 limit: int = MAX_CONNECTIONS) -> None:
+        self.socks = socks
+        self.context = context
+        self.guard = guard
+        self.handshake_timeout = handshake_timeout
+        self.limit = limit
+        self.handshakes = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        for sock in self.socks:
+            self._spawn(self._accept_loop(sock))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listen_sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                sock, peer = await loop.sock_accept(listen_sock)
+            except OSError as exc:  # EMFILE and friends: wait, do not spin
+                log.warning("HTTP: accept failed: %s", exc.strerror)
+                await asyncio.sleep(0.1)
+                continue
+            if self.handshakes >= self.limit:
+                log.warning("HTTP: %d TLS handshakes already under way; %s dropped",
+                            self.handshakes, _peer_text(peer))
+                sock.close()
+                continue
+            self._spawn(self._handshake(sock, peer))
+
+    async def _handshake(self, sock: socket.socket, peer: Any) -> None:
+        self.handshakes += 1
+        try:
+            await net.tls_accept(sock, self.context, self.guard, self.handshake_timeout)
+        except net.TlsFailed as exc:
+            log.warning("HTTP: TLS handshake with %s failed: %s", _peer_text(peer), exc)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        finally:
+            self.handshakes -= 1
+
+    async def close(self) -> None:
+        """Stop accepting and drop the handshakes under way (served connections stay)."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in self.socks:
+            sock.close()

@@ -4,7 +4,7 @@
 ``complete``): ``ca-cert.pem`` always; ``server-cert.pem``, ``server-key.pem``
 and optionally ``dh-params.pem`` and ``ca-crl.pem`` for ``endpoint=server``;
 optionally ``client-cert.pem`` and ``client-key.pem`` for a client.  Users
-(QMP monitors now; NBD, migration and HTTP later) ask it for a context with
+(QMP monitors and HTTPS now; NBD and migration later) ask it for a context with
 :meth:`TlsCredsX509.server_context` or :meth:`TlsCredsX509.client_context`
 and register themselves in :attr:`TlsCredsX509.users`, which makes
 ``object-del`` refuse while they hold it.
@@ -13,8 +13,9 @@ The sanity check (``sanity-check``, on by default) uses the standard library
 only: the CA certificates' dates and CA flag come from
 ``SSLContext.get_ca_certs``; our own certificate's dates and issuer from the
 stdlib's PEM decoder (``ssl._ssl._test_decode_cert``, private but present in
-every CPython 3); a server certificate is also verified against the CA by an
-in-memory TLS handshake (no socket), which checks its signature.
+every CPython 3); our own certificate, a server's or a client's, is also
+verified against the CA by an in-memory TLS handshake (no socket), which
+checks its signature.
 
 ``priority`` (a GnuTLS priority string) is accepted and shown by qom-get but
 not applied: Python's ssl module speaks OpenSSL cipher lists, not GnuTLS's;
@@ -96,8 +97,12 @@ def _times(info: dict[str, Any], what: str, path: str) -> None:
         raise GenericError(f"The {what} certificate {path} is not yet active")
 
 
-def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
-    """Run a TLS handshake between two contexts in memory; the client's error is raised."""
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, *, verifier: str) -> None:
+    """Run a TLS handshake between two contexts in memory (no socket).
+
+    The ``verifier`` side's error ("client" or "server") is raised; the other
+    side's complaints do not matter here.
+    """
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     c = client.wrap_bio(c_in, c_out, server_side=False)
     s = server.wrap_bio(s_in, s_out, server_side=True)
@@ -109,6 +114,10 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
                 c_done = True
             except ssl.SSLWantReadError:
                 pass
+            except ssl.SSLError:
+                if verifier == "client":
+                    raise
+                c_done = True
         s_in.write(c_out.read())
         if not s_done:
             try:
@@ -117,9 +126,11 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLError:
-                s_done = True  # the server's own complaints do not matter here
+                if verifier == "server":
+                    raise
+                s_done = True
         c_in.write(s_out.read())
-        if c_done:
+        if c_done and s_done:
             return
 
 
@@ -201,10 +212,10 @@ class TlsCredsX509(UserObject):
         # Building the contexts loads every file: errors surface now, not at first use.
         if server:
             self._server = self._make_server()
-            if self.sanity_check:
-                self._check_chain()
         else:
             self._client[None] = self._make_client(None)
+        if self.sanity_check:
+            self._check_chain()
 
     def _check_dates_and_issuer(self) -> None:
         server = self.endpoint == "server"
@@ -243,21 +254,36 @@ class TlsCredsX509(UserObject):
                            f"{self._ca}: {reason}")
 
     def _check_chain(self) -> None:
-        """Verify our server certificate's signature against the CA, in memory."""
-        if self._server is None:
+        """Verify our own certificate's signature against the CA, in memory.
+
+        A server's certificate is checked by a client that trusts the CA; a
+        client's by a server that trusts the CA and asks for it (that server
+        presents the client's own certificate: nobody checks it).
+        """
+        if self._cert is None or self._key is None:
             return
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server.load_cert_chain(self._cert or "", self._key, password=self._password)
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False
-        client.load_verify_locations(cafile=self._ca)
+        own = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if self.endpoint == "server"
+                             else ssl.PROTOCOL_TLS_CLIENT)
+        own.load_cert_chain(self._cert, self._key, password=self._password)
+        checker = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if self.endpoint == "server"
+                                 else ssl.PROTOCOL_TLS_SERVER)
+        checker.check_hostname = False
+        checker.load_verify_locations(cafile=self._ca)
+        checker.verify_mode = ssl.CERT_REQUIRED
         try:
-            _handshake(server, client)
+            if self.endpoint == "server":
+                _handshake(own, checker, verifier="client")
+            else:
+                own.check_hostname = False
+                own.verify_mode = ssl.CERT_NONE
+                checker.load_cert_chain(self._cert, self._key, password=self._password)
+                _handshake(checker, own, verifier="server")
         except ssl.SSLCertVerificationError as exc:
             code = exc.verify_code
             if code in (9, 10):  # not yet valid, expired
                 what = "is not yet active" if code == 9 else "has expired"
-                raise GenericError(f"The server certificate {self._cert} {what}") from None
+                raise GenericError(f"The {self.endpoint} certificate {self._cert} {what}"
+                                   ) from None
             if code == 23:
                 self._bad_pair("The certificate has been revoked")
             if code in (2, 20, 21):

@@ -36,6 +36,12 @@ def _conversation(pki: Pki) -> list[tuple[str, dict[str, Any]]]:
                         "endpoint": "client"}),
         ("object-add", {**x509, "id": "t2", "dir": str(d("client-rogue")),
                         "endpoint": "client"}),
+        # Not yet active, and signed by another key of the CA's name, either end:
+        # the client's certificate is checked at load time as the server's is.
+        *[("object-add", {**x509, "id": "t2", "dir": str(d(f"{end}-{kind}")), "endpoint": end})
+          for end in ("server", "client") for kind in ("future", "forged")],
+        ("object-add", {**x509, "id": "t5", "dir": str(d("client-forged")),
+                        "endpoint": "client", "sanity-check": False}),
         ("object-add", {**x509, "id": "t2", "dir": str(d("client")), "endpoint": "server"}),
         ("object-add", {**x509, "id": "t2", "dir": str(d("server-expired")),
                         "endpoint": "server", "sanity-check": False}),

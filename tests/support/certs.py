@@ -14,7 +14,12 @@
 - ``server-expired/``: the same for a server;
 - ``server-rogue/``: a server cert signed by the rogue CA (trusting the real CA);
 - ``server-encrypted/``: the server cert with its key encrypted by
-  :data:`KEY_PASSWORD`.
+  :data:`KEY_PASSWORD`;
+- ``client-future/``, ``server-future/``: certificates of the real CA valid
+  only from 2090 (not yet active);
+- ``client-forged/``, ``server-forged/``: certificates whose issuer is the real
+  CA's name, signed by another key of that name (``forged-ca/``): only their
+  signature tells them apart.
 
 Every directory is usable as ``tls-creds-x509,dir=...``.  The PKI is made
 once per test session (``pki`` fixture in tests/conftest.py).
@@ -86,15 +91,20 @@ def _ca(directory: Path, name: str) -> None:
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
 
 
+#: The validity of the expired and of the not yet active certificates.
+EXPIRED = ("20000101000000Z", "20010101000000Z")
+FUTURE = ("20900101000000Z", "20910101000000Z")
+
+
 def _issue(ca: Path, out: Path, subject: str, ext: str, *, days: int = 3650,
-           expired: bool = False) -> None:
-    """Sign ``out``'s key with ``ca``; ``expired`` dates it 2000-2001 (``openssl ca``)."""
+           dates: tuple[str, str] | None = None) -> None:
+    """Sign ``out``'s key with ``ca``; ``dates`` (start, end) are set with ``openssl ca``."""
     csr = out.with_suffix(".csr")
     key = out.with_name(out.name.replace("-cert", "-key"))
     _openssl("req", "-new", "-key", key, "-out", csr, "-subj", subject, cwd=ca)
     extfile = out.with_suffix(".ext")
     extfile.write_text(ext)
-    if not expired:
+    if dates is None:
         _openssl("x509", "-req", "-in", csr, "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
                  "-CAcreateserial", "-out", out, "-days", str(days), "-extfile", extfile,
                  cwd=ca)
@@ -114,14 +124,14 @@ def _issue(ca: Path, out: Path, subject: str, ext: str, *, days: int = 3650,
             "commonName = supplied\n"
         )
         _openssl("ca", "-batch", "-config", conf, "-in", csr, "-out", out,
-                 "-startdate", "20000101000000Z", "-enddate", "20010101000000Z",
+                 "-startdate", dates[0], "-enddate", dates[1],
                  "-extfile", extfile, "-notext", cwd=ca)
     csr.unlink()
     extfile.unlink()
 
 
 def _leaf(root: Path, name: str, ca: str, role: str, subject: str, *,
-          expired: bool = False, password: str | None = None) -> None:
+          dates: tuple[str, str] | None = None, password: str | None = None) -> None:
     d = root / name
     d.mkdir()
     shutil.copy(root / "ca" / "ca-cert.pem", d / "ca-cert.pem")
@@ -135,13 +145,13 @@ def _leaf(root: Path, name: str, ca: str, role: str, subject: str, *,
         tmp.mkdir()
         shutil.copy(plain, tmp / f"{role}-key.pem")
         _issue(root / ca, tmp / f"{role}-cert.pem", subject,
-               _SERVER_EXT if role == "server" else _CLIENT_EXT, expired=expired)
+               _SERVER_EXT if role == "server" else _CLIENT_EXT, dates=dates)
         shutil.move(tmp / f"{role}-cert.pem", d / f"{role}-cert.pem")
         shutil.rmtree(tmp)
         plain.unlink()
         return
     _issue(root / ca, d / f"{role}-cert.pem", subject,
-           _SERVER_EXT if role == "server" else _CLIENT_EXT, expired=expired)
+           _SERVER_EXT if role == "server" else _CLIENT_EXT, dates=dates)
 
 
 def make_pki(root: Path) -> Pki:
@@ -155,8 +165,13 @@ def make_pki(root: Path) -> Pki:
     _leaf(root, "client", "ca", "client", client)
     _leaf(root, "client-wrongdn", "ca", "client", "/C=GB/O=Example/CN=intruder")
     _leaf(root, "client-rogue", "rogue-ca", "client", client)
-    _leaf(root, "client-expired", "ca", "client", client, expired=True)
-    _leaf(root, "server-expired", "ca", "server", server, expired=True)
+    _leaf(root, "client-expired", "ca", "client", client, dates=EXPIRED)
+    _leaf(root, "server-expired", "ca", "server", server, dates=EXPIRED)
+    _leaf(root, "client-future", "ca", "client", client, dates=FUTURE)
+    _leaf(root, "server-future", "ca", "server", server, dates=FUTURE)
+    _ca(root / "forged-ca", "Test CA")  # the real CA's name, another key
+    _leaf(root, "client-forged", "forged-ca", "client", client)
+    _leaf(root, "server-forged", "forged-ca", "server", server)
     _leaf(root, "server-rogue", "rogue-ca", "server", server)
     _leaf(root, "server-encrypted", "ca", "server", server, password=KEY_PASSWORD)
     return Pki(root)

@@ -112,3 +112,49 @@ def test_version_and_help_exit(argv: list[str]) -> None:
     with pytest.raises(Exit) as info:
         parse_args(argv)
     assert "qmpd" in info.value.text
+
+
+def test_http_options() -> None:
+    """--http keeps [HOST:]PORT and takes TLS options; plain HTTP defaults to loopback."""
+    from qmpd.cli import HttpConfig
+
+    assert parse_args([]).http == [HttpConfig("127.0.0.1", 9180)]
+    assert parse_args(["--http", "9000"]).http == [HttpConfig("127.0.0.1", 9000)]
+    assert parse_args(["--http", ":9000"]).http == [HttpConfig("127.0.0.1", 9000)]
+    assert parse_args(["--http", "[::1]:9000"]).http == [HttpConfig("::1", 9000)]
+    assert parse_args(["--http", "0.0.0.0:443,tls-creds=t,tls-authz=a"]).http == [
+        HttpConfig("0.0.0.0", 443, "t", "a")]
+    assert parse_args(["--http", "0.0.0.0:80,insecure=on"]).http == [
+        HttpConfig("0.0.0.0", 80, insecure=True)]
+    for value, message in (
+        ("9000,tls-authz=a", "'tls-authz' requires 'tls-creds'"),
+        ("9000,bogus=1", "Invalid parameter 'bogus'"),
+        ("9000,insecure=maybe", "Parameter 'insecure' expects 'on' or 'off'"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_args(["--http", value])
+        assert str(info.value) == f"--http {value}: {message}"
+
+
+@pytest.mark.parametrize(("value", "shown", "message"), [
+    ("secret,id=s,data=TOPSECRET,bogus=1", "secret,id=s,data=<redacted>,bogus=1", None),
+    ("secret,id=s,data=TOP,SECRET", "secret,id=s,data=<redacted>",
+     "Expected '=' after parameter '<redacted>'"),
+    ("secret,id=s,data=TOP,,SECRET,", "secret,id=s,data=<redacted>",
+     "Invalid parameter '' in 'secret,id=s,data=<redacted>'"),
+    ('{"qom-type": "secret", "id": "s", "data": "TOPSECRET", "x": 1}',
+     '{"qom-type": "secret", "id": "s", "data": "<redacted>", "x": 1}', None),
+])
+def test_object_errors_never_show_secret_data(value: str, shown: str,
+                                              message: str | None) -> None:
+    """QSD prints an --object's text in its errors, a secret's data too; qmpd does not."""
+    from qmpd.cli import redact, redact_message
+
+    assert redact(value) == shown
+    try:
+        parse_args(["--object", value])
+    except ConfigError as exc:
+        assert str(exc) == f"--object {shown}: {message}"
+        return
+    assert message is None  # parsed: the error comes later, from object-add
+    assert "SECRET" not in redact_message(value, f"bad {value}: TOPSECRET")

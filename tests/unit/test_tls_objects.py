@@ -181,6 +181,14 @@ def test_x509_load_and_sanity_check(pki: Pki) -> None:
     assert _creds(pki, "client-rogue", "client") == (
         f"Our own certificate {d('client-rogue')}/client-cert.pem "
         + unknown.format(d("client-rogue")))
+    for end in ("server", "client"):
+        assert _creds(pki, f"{end}-future", end) == (
+            f"The {end} certificate {d(end + '-future')}/{end}-cert.pem is not yet active")
+        # The issuer's name is the CA's: only the signature gives the forgery away.
+        assert _creds(pki, f"{end}-forged", end) == (
+            f"Our own certificate {d(end + '-forged')}/{end}-cert.pem "
+            + unknown.format(d(end + "-forged")))
+        assert _creds(pki, f"{end}-forged", end, **{"sanity-check": False}) is None
     # sanity-check=off loads what it is given, as QEMU.
     assert _creds(pki, "server-expired", **{"sanity-check": False}) is None
     assert _creds(pki, "client", "server") == (
