@@ -11,9 +11,9 @@ sans-IO handshake says :class:`qmpd.nbd.protocol.StartTls`: the ACK leaves
 in the clear, then the TLS handshake (within ``handshake_timeout``), the
 authz check of the client's DN, and the option haggling goes on encrypted.
 
-:func:`failure_reason` says why a handshake failed in QEMU 7.2's words
-(``crypto/tlssession.c``, which the NBD server prefixes with "option
-negotiation failed: ").
+Why a handshake failed is logged in QEMU 7.2's words
+(:func:`qmpd.nbd.client.tls_failure_reason`, ``crypto/tlssession.c``'s
+texts, prefixed with "option negotiation failed: " as QEMU's server does).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 from qmpd import net
 from qmpd.nbd import protocol as p
+from qmpd.nbd.client import tls_failure_reason
 from qmpd.nbd.server import (
     FLUSH_BUDGET,
     HANDSHAKE_TIMEOUT,
@@ -42,33 +43,6 @@ log = logging.getLogger(__name__)
 SEAL_CHUNK = 256 * 1024
 #: Ciphertext taken from the socket at a time.
 TLS_RECV = 256 * 1024
-
-#: OpenSSL's verification codes as QEMU's server words them: GnuTLS marks
-#: an expired or not yet valid certificate "invalid", which QEMU reports as
-#: not trusted.
-_SERVER_VERIFY = {
-    2: "The certificate hasn't got a known issuer",
-    9: "The certificate is not trusted",
-    10: "The certificate is not trusted",
-    19: "The certificate hasn't got a known issuer",
-    20: "The certificate hasn't got a known issuer",
-    21: "The certificate hasn't got a known issuer",
-    23: "The certificate has been revoked",
-}
-
-
-def failure_reason(exc: BaseException, server_side: bool) -> str:
-    """Why a TLS handshake failed, in QEMU's words where it has them."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and server_side:
-        reason = _SERVER_VERIFY.get(exc.verify_code)
-        if reason is not None:
-            return reason
-    if isinstance(exc, ssl.SSLError):
-        text = exc.reason or ""
-        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
-            return "Verify failed: No certificate was found."
-    return net.tls_reason(exc)
-
 
 class TlsSession:
     """One connection's TLS state: handshake, decryption, encryption."""
@@ -286,7 +260,7 @@ class TlsConnection(NbdConnection):
                 self.sock.send(tls.outgoing())
             except OSError:
                 pass
-            self._negotiation_failed(failure_reason(exc, server_side=True))
+            self._negotiation_failed(tls_failure_reason(exc))
             return
         out = tls.outgoing()
         if out:

@@ -162,6 +162,8 @@ class ServerHandshake:
         self.tls = tls
         #: STARTTLS was accepted: what follows comes over TLS.
         self.tls_started = False
+        #: The last option refused for want of TLS (logged when the client gives up).
+        self.refused_before_tls: str | None = None
         self.state = _HsState.CLIENT_FLAGS
         self._buf = bytearray()
         self._out = bytearray(
@@ -293,9 +295,15 @@ class ServerHandshake:
             self._reply(Rep.ACK)
             self.tls_started = True
             return StartTls(self._leftover())
-        self._reply_error(Rep.ERR_TLS_REQD, f"Option 0x{option:x} not permitted before TLS")
+        text = f"Option 0x{option:x} not permitted before TLS"
+        self._reply_error(Rep.ERR_TLS_REQD, text)
         if option == Opt.ABORT:
-            return HandshakeClosed("client sent NBD_OPT_ABORT", graceful=True)
+            # A client that gave up after a refusal failed for want of TLS
+            # (QEMU logs nothing here; qmpd says why).
+            refused = self.refused_before_tls
+            return HandshakeClosed(refused or "client sent NBD_OPT_ABORT", graceful=True,
+                                   failed=refused is not None)
+        self.refused_before_tls = text
         return None
 
     # --- options --------------------------------------------------------------------------
