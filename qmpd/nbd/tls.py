@@ -31,6 +31,7 @@ from qmpd.nbd.client import tls_failure_reason
 from qmpd.nbd.server import (
     FLUSH_BUDGET,
     HANDSHAKE_TIMEOUT,
+    READS_PER_WAKEUP,
     NbdConnection,
     NbdServer,
     _pread_zero_filled,
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 SEAL_CHUNK = 256 * 1024
 #: Ciphertext taken from the socket at a time.
 TLS_RECV = 256 * 1024
+#: Plaintext decrypted before the requests in it are parsed and started.
+TLS_BATCH = 256 * 1024
 
 class TlsSession:
     """One connection's TLS state: handshake, decryption, encryption."""
@@ -162,6 +165,13 @@ class TlsConnection(NbdConnection):
         else:
             self._flush_tls()
 
+    def _schedule_flush(self) -> None:
+        if self.tls is None:
+            super()._schedule_flush()
+        elif not self._writing and not self.closed and not self._flush_soon:
+            self._flush_soon = True
+            self.loop.call_soon(self._deferred_flush)
+
     def _after_flush(self) -> None:
         super()._after_flush()
         if not self._out and self._tls_leftover is not None and not self.closed:
@@ -198,19 +208,25 @@ class TlsConnection(NbdConnection):
         self._tls_handshake()
 
     def _readable_tls(self) -> None:
+        # Drain the socket (a few receives) before decrypting: what is left
+        # unread would count as a client still sending, and hold replies back.
         tls = self.tls
         assert tls is not None
-        try:
-            data = self.sock.recv(TLS_RECV)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.debug("NBD client %s: %s", self.peer, exc)
-            self._close()
-            return
-        tls.feed(data)
-        if not data:
-            self._set_reading(False)
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data = self.sock.recv(TLS_RECV)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("NBD client %s: %s", self.peer, exc)
+                self._close()
+                return
+            tls.feed(data)
+            if not data:
+                self._set_reading(False)
+                break
+            if len(data) < TLS_RECV:
+                break
         self._tls_input()
 
     def _tls_input(self) -> None:
@@ -224,11 +240,17 @@ class TlsConnection(NbdConnection):
                 return
             while not self.closed:
                 if self.tx is not None:
+                    # Decrypt a batch of records, then parse them in one pump.
                     tx = self.tx
-                    n = tls.read_into(tx.get_buffer())
-                    if not n:
+                    got = 0
+                    while got < TLS_BATCH:
+                        n = tls.read_into(tx.get_buffer())
+                        if not n:
+                            break
+                        tx.buffer_updated(n)
+                        got += n
+                    if not got:
                         break
-                    tx.buffer_updated(n)
                     self._pump()
                 elif self.handshake is not None:
                     n = tls.read_into(self._scratch)
