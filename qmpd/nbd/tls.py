@@ -144,6 +144,9 @@ class TlsConnection(NbdConnection):
         self._sealed = 0
         self._tls_leftover: bytes | None = None
         self._scratch = bytearray(65536)
+        #: Where ciphertext is received (then copied into the session).
+        self._raw = bytearray(TLS_RECV)
+        self._raw_view = memoryview(self._raw)
 
     # --- the base's hooks -------------------------------------------------------------
 
@@ -165,12 +168,13 @@ class TlsConnection(NbdConnection):
         else:
             self._flush_tls()
 
-    def _schedule_flush(self) -> None:
+    def _input_waiting(self) -> bool:
+        # Over TLS, unread ciphertext is no sign of a client streaming a
+        # request (whole small requests come in records of their own): only
+        # a request half received holds replies back (for a few replies).
         if self.tls is None:
-            super()._schedule_flush()
-        elif not self._writing and not self.closed and not self._flush_soon:
-            self._flush_soon = True
-            self.loop.call_soon(self._deferred_flush)
+            return super()._input_waiting()
+        return False
 
     def _after_flush(self) -> None:
         super()._after_flush()
@@ -214,18 +218,18 @@ class TlsConnection(NbdConnection):
         assert tls is not None
         for _ in range(READS_PER_WAKEUP):
             try:
-                data = self.sock.recv(TLS_RECV)
+                n = self.sock.recv_into(self._raw)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 log.debug("NBD client %s: %s", self.peer, exc)
                 self._close()
                 return
-            tls.feed(data)
-            if not data:
+            tls.feed(self._raw_view[:n])
+            if not n:
                 self._set_reading(False)
                 break
-            if len(data) < TLS_RECV:
+            if n < TLS_RECV:
                 break
         self._tls_input()
 
