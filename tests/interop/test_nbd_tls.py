@@ -82,6 +82,13 @@ class Servers:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.daemons: list[QmpdProcess] = []
         self.by_impl: dict[str, dict[str, Server]] = {}
+        try:
+            self._start(root, pki)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, root: Path, pki: Pki) -> None:
         for impl in ("qsd", "qmpd"):
             work = root / impl
             work.mkdir()
@@ -120,7 +127,8 @@ class Servers:
 
     def stop(self) -> None:
         for proc in self.procs:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
             proc.wait(10)
         for daemon in self.daemons:
             daemon.stop()

@@ -51,9 +51,13 @@ class Clients:
                                 "driver=null-co,node-name=null0,size=1048576",
                                 "--nbd-server", f"addr.type=unix,addr.path={self.plain}",
                                 "--export", "type=nbd,id=n,node-name=null0,name=e")
-        self.qmpd_qmp = QmpClient(self.qmpd.sock, 60)
-        self.qmpd_qmp.negotiate()
-        self.qsd = Qsd(root / "qsd", *_objects(pki))
+        try:
+            self.qmpd_qmp = QmpClient(self.qmpd.sock, 60)
+            self.qmpd_qmp.negotiate()
+            self.qsd = Qsd(root / "qsd", *_objects(pki))
+        except BaseException:
+            self.qmpd.stop()
+            raise
 
     def qmp(self, impl: str) -> QmpClient:
         return self.qmpd_qmp if impl == "qmpd" else self.qsd.qmp
