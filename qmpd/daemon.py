@@ -143,7 +143,8 @@ class Daemon:
         # NBD is imported when first used (nbd-server-start, --nbd-server...).
         from qmpd.nbd.exports import BlockExports
 
-        return BlockExports(self.block, self.events, self.metrics)
+        return BlockExports(self.block, self.events, self.metrics,
+                            self.config.tls_handshake_timeout)
 
     def _build_migration(self) -> MigrationManager:
         # Migration is imported when first used (migrate, migrate-incoming...).

@@ -12,8 +12,11 @@ replies, ``base:allocation``), with QEMU 7.2's options and behaviour:
 * ``open-timeout``: blockdev-add retries connecting for that many seconds;
 * ``x-dirty-bitmap``: block status reports that meta context instead of
   ``base:allocation`` (its dirty bit reads as a hole, as in QEMU);
-* ``tls-creds``: TLS is not implemented (issue 13), so the only outcomes are
-  QEMU's errors for a missing id or an object that is not TLS credentials.
+* ``tls-creds`` (a ``tls-creds-x509`` object with ``endpoint=client``) and
+  ``tls-hostname``: NBD_OPT_STARTTLS, then everything over TLS; the server's
+  certificate is checked against ``tls-hostname``, by default the host of a
+  TCP address (a UNIX socket needs it, or ``verify-peer=off``); the object
+  is held while the node is open, so object-del refuses it.
 
 The node takes no image locks and caches no mutable metadata: the default
 permission, inactivation and invalidation hooks fit.
@@ -25,14 +28,17 @@ import asyncio
 import errno
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from qmpd import net
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockNode, BlockStatus
+from qmpd.errors import QMPError
 from qmpd.nbd import protocol as p
-from qmpd.nbd.client import NbdClient, NbdError, NbdOptionError
+from qmpd.nbd.client import NbdClient, NbdError, NbdOptionError, NbdTlsError
+from qmpd.objects.tls import TlsCredsX509
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,9 @@ class NbdDriver(BlockDriver):
         #: Shutting down: requests no longer wait for a reconnection.
         self._no_wait = False
         self._retry_now = asyncio.Event()
+        self._tls: ssl.SSLContext | None = None
+        self._tls_hostname: str | None = None
+        self._tls_creds: TlsCredsX509 | None = None
 
     # --- opening and closing --------------------------------------------------------
 
@@ -92,12 +101,13 @@ class NbdDriver(BlockDriver):
         self.export = options.get("export")
         creds = options.get("tls-creds")
         if creds is not None:
-            obj = self.node.graph.objects.objects.get(creds)
-            if obj is None:
-                raise BlockDriverError(f"No TLS credentials with id '{creds}'", errno.EINVAL)
-            # No object type qmpd has is TLS credentials (issue 13).
-            raise BlockDriverError(f"Object with id '{creds}' is not TLS credentials",
-                                   errno.EINVAL)
+            try:
+                tls = self.node.graph.objects.tls_creds(creds, "client")
+                self._tls_hostname = options.get("tls-hostname")
+                host = self.address.host if isinstance(self.address, net.InetAddress) else None
+                self._tls = tls.client_context(self._tls_hostname or host)
+            except QMPError as exc:
+                raise BlockDriverError(exc.desc, errno.EINVAL) from None
         self.bitmap = options.get("x-dirty-bitmap")
         if self.bitmap is not None:
             self._context = self.bitmap
@@ -108,6 +118,9 @@ class NbdDriver(BlockDriver):
         except BaseException:
             await client.disconnect(0)
             raise
+        if creds is not None:
+            self._tls_creds = self.node.graph.objects.tls_creds(creds)
+            self.node.graph.objects.hold(self._tls_creds, f"nbd node {self.node.node_name}")
         self._install(client)
 
     async def _open_connection(self, timeout: int) -> NbdClient:
@@ -135,9 +148,12 @@ class NbdDriver(BlockDriver):
         """A connection to the export; QEMU's texts for what may fail."""
         try:
             return await NbdClient.connect(
-                self.address, self.export or "", contexts=(self._context,))
+                self.address, self.export or "", contexts=(self._context,),
+                tls=self._tls, tls_hostname=self._tls_hostname)
         except net.ConnectFailed as exc:
             raise BlockDriverError(str(exc), exc.errno or errno.EIO) from None
+        except NbdTlsError as exc:
+            raise BlockDriverError(str(exc)) from None
         except NbdOptionError as exc:
             raise BlockDriverError(exc.qemu_text(), errno.EINVAL) from None
         except (asyncio.IncompleteReadError, OSError, p.ProtocolError) as exc:
@@ -209,6 +225,9 @@ class NbdDriver(BlockDriver):
 
     async def close(self) -> None:
         self._closing = True
+        if self._tls_creds is not None:
+            self.node.graph.objects.release(self._tls_creds, f"nbd node {self.node.node_name}")
+            self._tls_creds = None
         if self._reconnector is not None:
             self._reconnector.cancel()
         client, self._client = self._client, None

@@ -20,12 +20,17 @@ flight, and replies are matched by cookie in whatever order they come.
 
 Errors from the server raise :class:`NbdError` (``errno`` is the NBD error
 value, ``message`` the text of a structured error chunk).
+
+With ``tls`` (an ``ssl`` client context, from a ``tls-creds-x509`` object)
+the client sends NBD_OPT_STARTTLS first and haggles over TLS; what goes
+wrong there raises :class:`NbdTlsError` with QEMU 7.2's client texts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +67,42 @@ class NbdOptionError(NbdError):
             return "Requested export not available"
         what = _OPTION_ERRORS.get(self.errno, "Unknown error code when asking for")
         return f"{what} option {self.option} ({option_name(self.option)})"
+
+
+class NbdTlsError(Exception):
+    """TLS could not be set up, or the server dropped us over it (QEMU's text)."""
+
+
+#: What QEMU's client reads in GnuTLS's verdict on a certificate (the same
+#: crypto/tlssession.c check runs on both ends): GnuTLS marks an expired or
+#: not yet valid certificate "invalid", which QEMU words as not trusted.
+_VERIFY_REASONS = {
+    2: "The certificate hasn't got a known issuer",
+    9: "The certificate is not trusted",
+    10: "The certificate is not trusted",
+    19: "The certificate hasn't got a known issuer",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+#: QEMU's client when the server drops the connection after the TLS handshake
+#: (its authz check, or its verdict on our certificate).
+TLS_DROPPED = "Failed to read option reply: Cannot read from TLS channel: Input/output error"
+
+
+def tls_failure_reason(exc: BaseException, hostname: str | None = None) -> str:
+    """Why a TLS handshake failed, in QEMU's words where it has them."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == 62 and hostname is not None:  # hostname mismatch
+            return f"Certificate does not match the hostname {hostname}"
+        reason = _VERIFY_REASONS.get(exc.verify_code)
+        if reason is not None:
+            return reason
+    if isinstance(exc, ssl.SSLError):
+        text = exc.reason or ""
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
+            return "Verify failed: No certificate was found."
+    return net.tls_reason(exc)
 
 
 _OPTION_ERRORS: dict[int, str] = {
@@ -141,10 +182,15 @@ class NbdClient:
         structured: bool = True,
         contexts: Sequence[str] = (p.BASE_ALLOCATION,),
         use_go: bool = True,
+        tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
+        tls_timeout: float = 10.0,
     ) -> NbdClient:
         """Connect to an export, given a URI or an address plus the export name.
 
-        Connecting fails with :class:`qmpd.net.ConnectFailed` (QEMU's text)."""
+        Connecting fails with :class:`qmpd.net.ConnectFailed` (QEMU's text).
+        With ``tls``, the certificate is checked against ``tls_hostname``
+        (QEMU's ``tls-hostname``; by default the host of a TCP address)."""
         address: Address | net.SocketAddress
         if isinstance(target, str):
             address, name = parse_uri(target)
@@ -152,32 +198,55 @@ class NbdClient:
                 name = export
         else:
             address, name = target, export or ""
+        if tls is not None:
+            tls_hostname = tls_hostname or _default_hostname(address)
+            if tls_hostname is None and tls.verify_mode != ssl.CERT_NONE:
+                raise NbdTlsError("No hostname for certificate validation")
         reader, writer = await _open(address)
         try:
             hs = _ClientHandshake(reader, writer)
             await hs.start()
-            got_structured = structured and await hs.structured_reply()
-            selected: dict[int, str] = {}
-            if got_structured and contexts:
-                selected = await hs.set_meta_context(name, contexts)
-            if use_go:
-                info = await hs.info_or_go(p.Opt.GO, name, [p.Info.BLOCK_SIZE, p.Info.NAME])
-            else:
-                info = await hs.export_name(name)
-            info.contexts = selected
+            if tls is not None:
+                await hs.starttls(tls, tls_hostname, tls_timeout)
+                try:
+                    return await cls._haggle(hs, name, structured, contexts, use_go)
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                    raise NbdTlsError(TLS_DROPPED) from None
+            return await cls._haggle(hs, name, structured, contexts, use_go)
         except BaseException:
             writer.close()
             raise
-        return cls(reader, writer, info, got_structured)
+
+    @classmethod
+    async def _haggle(
+        cls, hs: _ClientHandshake, name: str, structured: bool, contexts: Sequence[str],
+        use_go: bool,
+    ) -> NbdClient:
+        """The options after the greeting (and STARTTLS): up to GO or EXPORT_NAME."""
+        got_structured = structured and await hs.structured_reply()
+        selected: dict[int, str] = {}
+        if got_structured and contexts:
+            selected = await hs.set_meta_context(name, contexts)
+        if use_go:
+            info = await hs.info_or_go(p.Opt.GO, name, [p.Info.BLOCK_SIZE, p.Info.NAME])
+        else:
+            info = await hs.export_name(name)
+        info.contexts = selected
+        return cls(hs.reader, hs.writer, info, got_structured)
 
     @staticmethod
-    async def list_exports(target: str | Address) -> list[tuple[str, str]]:
+    async def list_exports(
+        target: str | Address, tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
+    ) -> list[tuple[str, str]]:
         """NBD_OPT_LIST: ``(name, description)`` for every export, then ABORT."""
         address = parse_uri(target)[0] if isinstance(target, str) else target
         reader, writer = await _open(address)
         try:
             hs = _ClientHandshake(reader, writer)
             await hs.start()
+            if tls is not None:
+                await hs.starttls(tls, tls_hostname or _default_hostname(address), 10.0)
             return await hs.list()
         finally:
             await hs.abort()
@@ -429,6 +498,15 @@ class NbdClient:
         pending.covered += length
 
 
+def _default_hostname(address: Address | net.SocketAddress) -> str | None:
+    """QEMU's default tls-hostname: the host of a TCP address."""
+    if isinstance(address, Address):
+        return address.host
+    if isinstance(address, net.InetAddress):
+        return address.host
+    return None
+
+
 async def _open(
     address: Address | net.SocketAddress,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -447,12 +525,31 @@ class _ClientHandshake:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.fixed = True
         self.no_zeroes = False
 
     async def start(self) -> None:
         flags = p.parse_greeting(await self.reader.readexactly(18))
+        self.fixed = bool(flags & p.HandshakeFlag.FIXED_NEWSTYLE)
         self.no_zeroes = bool(flags & p.HandshakeFlag.NO_ZEROES)
         self.writer.write(p.client_flags_bytes(self.no_zeroes))
+
+    async def starttls(self, context: ssl.SSLContext, hostname: str | None,
+                       timeout: float) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake on the same connection."""
+        if not self.fixed:
+            raise NbdTlsError("Server does not support STARTTLS")
+        await self._send(p.Opt.STARTTLS)
+        reply = await self._reply()
+        if reply.reply & p.REP_ERR:
+            raise NbdOptionError(reply.reply, reply.data.decode(errors="replace"), reply.option)
+        if reply.reply != p.Rep.ACK:
+            raise NbdTlsError(f"Server rejected request to start TLS {reply.reply}")
+        try:
+            await self.writer.start_tls(context, server_hostname=hostname,
+                                        ssl_handshake_timeout=timeout)
+        except (OSError, EOFError, TimeoutError) as exc:
+            raise NbdTlsError(tls_failure_reason(exc, hostname)) from None
 
     async def _send(self, option: int, data: bytes = b"") -> None:
         self.writer.write(p.option_request(option, data))

@@ -35,6 +35,7 @@ event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -59,7 +60,10 @@ from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
 from qmpd.nbd.server import NbdConnection, NbdFailure, NbdServer
+from qmpd.nbd.tls import ServerTls, TlsConnection
 from qmpd.net import parse_socket_address
+from qmpd.objects.authz import Authz, check_peer
+from qmpd.objects.tls import TlsCredsX509
 
 if TYPE_CHECKING:
     from qmpd.block.core import BlockLayer
@@ -458,11 +462,15 @@ class BlockExports:
     """The NBD server and every export (QEMU's block-export and nbd modules)."""
 
     def __init__(
-        self, block: BlockLayer, events: EventBus, metrics: Metrics | None = None
+        self, block: BlockLayer, events: EventBus, metrics: Metrics | None = None,
+        tls_handshake_timeout: float = 10.0,
     ) -> None:
         self.block = block
         self.events = events
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.server: NbdServer | None = None
+        #: The credentials and authz objects the running server holds.
+        self._held: list[Any] = []
         #: Every export by id, oldest first (shutting-down ones included).
         self.exports: dict[str, NbdExport] = {}
         #: Live exports by NBD name, oldest first (the NBD_OPT_LIST order).
@@ -499,18 +507,50 @@ class BlockExports:
             raise GenericError("NBD server already running")
         if self._shutdown_requested:
             raise GenericError("The daemon is shutting down")
-        server = NbdServer(self, address, args.get("max-connections", 0))
+        tls = self._server_tls(args)
+        connection = functools.partial(TlsConnection, config=tls) if tls is not None else None
+        server = NbdServer(self, address, args.get("max-connections", 0), connection)
         await server.start()
-        if "tls-creds" in args:
-            server.stop_listening()
-            raise GenericError(f"No TLS credentials with id '{args['tls-creds']}'")
+        self._hold(args)
         self.server = server
+
+    def _server_tls(self, args: dict[str, Any]) -> ServerTls | None:
+        """``tls-creds`` as QEMU checks it at start; ``tls-authz`` is looked up
+        by id at each handshake, as QEMU does (it may come later)."""
+        creds_id = args.get("tls-creds")
+        if creds_id is None:
+            return None
+        context = self.block.objects.tls_creds(creds_id, "server").server_context()
+        authz_id = args.get("tls-authz")
+        check = functools.partial(self._check_peer, authz_id) if authz_id else None
+        return ServerTls(context, check, self.tls_handshake_timeout)
+
+    def _check_peer(self, authz_id: str, cert: dict[str, Any] | None) -> str | None:
+        authz = self.block.objects.objects.get(authz_id)
+        if not isinstance(authz, Authz):
+            return f"Cannot find QAuthZ object '{authz_id}'"
+        return check_peer(authz, cert)
+
+    def _hold(self, args: dict[str, Any]) -> None:
+        """The server's objects stay until nbd-server-stop (object-del refuses them)."""
+        objects = self.block.objects
+        for key in ("tls-creds", "tls-authz"):
+            obj = objects.objects.get(args.get(key) or "") if "tls-creds" in args else None
+            if isinstance(obj, (TlsCredsX509, Authz)):
+                objects.hold(obj, "nbd-server")
+                self._held.append(obj)
+
+    def _release(self) -> None:
+        for obj in self._held:
+            self.block.objects.release(obj, "nbd-server")
+        self._held.clear()
 
     async def stop_server(self) -> None:
         server = self.server
         if server is None:
             raise GenericError("NBD server not running")
         self.server = None
+        self._release()
         server.stop_listening()
         server.abort_negotiating()
         # Every export goes, oldest first, each event before the return.

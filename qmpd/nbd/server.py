@@ -47,7 +47,7 @@ import sys
 import termios
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from qmpd import net
@@ -510,9 +510,14 @@ class NbdConnection:
                 self._send([out])
             if isinstance(event, p.NeedData):
                 return
+            if isinstance(event, p.StartTls):
+                self._start_tls(event.leftover)
+                return
             self.handshake = None
             if isinstance(event, p.HandshakeClosed):
-                if event.graceful:
+                if event.failed:
+                    self._negotiation_failed(event.reason, after_output=True)
+                elif event.graceful:
                     log.debug("NBD client %s: %s", self.peer, event.reason)
                     self._close_after_output()
                 else:
@@ -523,6 +528,20 @@ class NbdConnection:
             self._start_transmission(event)
             return
         self._set_reading(False)
+
+    # --- TLS (after NBD_OPT_STARTTLS) ---------------------------------------------------
+
+    def _negotiation_failed(self, reason: str, after_output: bool = False) -> None:
+        log.warning("NBD client %s: option negotiation failed: %s", self.peer, reason)
+        self.handshake = None
+        if after_output:
+            self._close_after_output()
+        else:
+            self._close()
+
+    def _start_tls(self, leftover: bytes) -> None:
+        """STARTTLS was accepted (only a TLS server's handshake does that)."""
+        raise NotImplementedError
 
     def _start_transmission(self, done: p.HandshakeDone) -> None:
         export = self.exports.export_by_name(done.export.name)
@@ -755,9 +774,13 @@ class NbdServer:
     """The daemon's NBD server: one listening socket, any number of exports."""
 
     def __init__(
-        self, exports: ExportRegistry, address: net.SocketAddress, max_connections: int = 0
+        self, exports: ExportRegistry, address: net.SocketAddress, max_connections: int = 0,
+        connection: Callable[[NbdServer, socket.socket], NbdConnection] | None = None,
     ) -> None:
         self.exports = exports
+        #: Makes the connection object for an accepted socket (a TLS server
+        #: passes :class:`qmpd.nbd.tls.TlsConnection`).
+        self.connection = connection or NbdConnection
         self.address = address
         self.max_connections = max_connections
         self.connections: set[NbdConnection] = set()
@@ -808,7 +831,7 @@ class NbdServer:
                     return
                 log.warning("NBD server: accept failed: %s", exc)
                 continue
-            NbdConnection(self, conn).start()
+            self.connection(self, conn).start()
 
     def stop_listening(self) -> None:
         """Close the listening socket (synchronously); connections stay."""

@@ -20,9 +20,16 @@ target and repetition:
   image (``dd bs=1M``, second pass) and a 4 KiB ``qemu-img bench`` straight
   on the file; results are also reported as fractions of them.
 
+``--tls`` runs it all over TLS: both servers get the same certificates
+(made by tests/support/certs.py) and ``tls-creds``; nbdcopy connects with
+``nbds+unix://...&tls-certificates=``.  ``qemu-img bench`` takes no
+``--object``, so the 4 KiB figures come from nbdcopy instead (4 KiB
+requests, 16 in flight, one connection, over the whole image, in order).
+
 Usage::
 
     python3 tests/bench/nbd_bench.py [--size 1G] [--reps 3] [--dir /dev/shm] [--json out.json]
+                                     [--tls]
 
 Targets: ``qmpd`` (this checkout, ``python -m qmpd``), ``qsd``
 (``qemu-storage-daemon``); ``--qmpd-loop uvloop`` tries qmpd on uvloop.
@@ -105,17 +112,23 @@ class Qmp:
 
 class Target:
     def __init__(self, name: str, argv: list[str], workdir: Path, nbd_sock: Path,
-                 qmp_sock: Path, env: dict[str, str] | None = None) -> None:
+                 qmp_sock: Path, env: dict[str, str] | None = None,
+                 pki: Path | None = None) -> None:
         self.name = name
         self.argv = argv
         self.workdir = workdir
         self.nbd_sock = nbd_sock
         self.qmp_sock = qmp_sock
         self.env = env
+        #: With TLS: the certificates' root (tests/support/certs.py layout).
+        self.pki = pki
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def uri(self) -> str:
+        if self.pki is not None:
+            return (f"nbds+unix:///bench?socket={self.nbd_sock}"
+                    f"&tls-certificates={self.pki / 'client'}")
         return f"nbd+unix:///bench?socket={self.nbd_sock}"
 
     def start(self) -> None:
@@ -149,37 +162,51 @@ class Target:
         return self.proc.pid
 
 
+def make_pki(work: Path) -> Path:
+    sys.path.insert(0, str(REPO))
+    from tests.support.certs import make_pki as make
+
+    return make(work / "pki").root
+
+
 def make_targets(args: argparse.Namespace, work: Path, image: Path) -> list[Target]:
     targets = []
+    pki = make_pki(work) if args.tls else None
+    tls_object: list[str] = []
+    tls_server = ""
+    if pki is not None:
+        tls_object = ["--object", f"tls-creds-x509,id=tls0,dir={pki / 'server'},endpoint=server"]
+        tls_server = ",tls-creds=tls0"
     qmpd_sock, qmpd_qmp = work / "qmpd-nbd.sock", work / "qmpd-qmp.sock"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     targets.append(Target("qmpd", [
         sys.executable, "-m", "qmpd", "--log-level", "error", "--event-loop", args.qmpd_loop,
-        "--qmp", f"unix:{qmpd_qmp}",
+        "--qmp", f"unix:{qmpd_qmp}", *tls_object,
         "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
-        "--nbd-server", f"addr.type=unix,addr.path={qmpd_sock}",
+        "--nbd-server", f"addr.type=unix,addr.path={qmpd_sock}{tls_server}",
         "--export", "type=nbd,id=e0,node-name=f,name=bench,writable=on",
-    ], work, qmpd_sock, qmpd_qmp, env))
+    ], work, qmpd_sock, qmpd_qmp, env, pki))
     if shutil.which("qemu-storage-daemon"):
         qsd_sock, qsd_qmp = work / "qsd-nbd.sock", work / "qsd-qmp.sock"
         targets.append(Target("qsd", [
             "qemu-storage-daemon",
             "--chardev", f"socket,id=m0,path={qsd_qmp},server=on,wait=off",
-            "--monitor", "chardev=m0",
+            "--monitor", "chardev=m0", *tls_object,
             "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
-            "--nbd-server", f"addr.type=unix,addr.path={qsd_sock}",
+            "--nbd-server", f"addr.type=unix,addr.path={qsd_sock}{tls_server}",
             "--export", "type=nbd,id=e0,node-name=f,name=bench,writable=on",
-        ], work, qsd_sock, qsd_qmp))
+        ], work, qsd_sock, qsd_qmp, pki=pki))
     return targets
 
 
-def qemu_img_bench(path: str, size: int, count: int, write: bool) -> float:
+def qemu_img_bench(target: list[str], size: int, count: int, write: bool) -> float:
+    """IOPS of ``qemu-img bench`` on ``target`` (``-f raw PATH`` or ``--image-opts ...``)."""
     stride = 4096 * STRIDE_BLOCKS % size if size > 4096 else 0
-    argv = ["qemu-img", "bench", "-f", "raw", "-s", "4096", "-S", str(stride), "-d", "16",
+    argv = ["qemu-img", "bench", "-s", "4096", "-S", str(stride), "-d", "16",
             "-c", str(count)]
     if write:
         argv += ["-w", "--pattern=0xa5"]
-    elapsed, out = run([*argv, path])
+    elapsed, out = run([*argv, *target])
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)
     seconds = float(m.group(1)) if m else elapsed
     return count / seconds
@@ -201,9 +228,19 @@ def measure(target: Target, args: argparse.Namespace, src: Path) -> dict[str, fl
     res["cpu_s_per_gib_read"] = (cpu_seconds(target.pid) - cpu) / (size / (1 << 30))
     for kind, write in (("read", False), ("write", True)):
         cpu = cpu_seconds(target.pid)
-        iops = qemu_img_bench(uri, size, args.count, write)
+        if target.pki is None:
+            count = args.count
+            iops = qemu_img_bench(["-f", "raw", uri], size, count, write)
+        else:
+            # qemu-img bench takes no --object: 4 KiB requests, 16 in flight,
+            # one connection, from nbdcopy over the whole image instead.
+            count = size // 4096
+            small = ["--request-size=4096", "--requests=16", "--connections=1"]
+            argv = (["nbdcopy", "-S", "0", *small, str(src), uri] if write
+                    else ["nbdcopy", "--no-extents", *small, uri, "null:"])
+            iops = count / run(argv)[0]
         res[f"rand4k_{kind}_iops"] = iops
-        res[f"cpu_us_per_req_rand4k_{kind}"] = (cpu_seconds(target.pid) - cpu) / args.count * 1e6
+        res[f"cpu_us_per_req_rand4k_{kind}"] = (cpu_seconds(target.pid) - cpu) / count * 1e6
     res.update(qmp_under_load(target, args))
     return res
 
@@ -240,7 +277,8 @@ def ceilings(image: Path, args: argparse.Namespace) -> dict[str, float]:
     for _ in range(2):  # the second pass is the page-cache read
         elapsed, _ = run(["dd", f"if={image}", "of=/dev/null", "bs=1M"])
     res["pagecache_read_mibs"] = args.size / MiB / elapsed
-    res["local_rand4k_read_iops"] = qemu_img_bench(str(image), args.size, args.count, False)
+    res["local_rand4k_read_iops"] = qemu_img_bench(["-f", "raw", str(image)], args.size,
+                                                   args.count, False)
     return res
 
 
@@ -253,6 +291,8 @@ def main() -> int:
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--qmpd-loop", default="asyncio", choices=["asyncio", "uvloop"])
     ap.add_argument("--json", help="write all samples here")
+    ap.add_argument("--tls", action="store_true",
+                    help="NBD over TLS (same certificates for both servers)")
     args = ap.parse_args()
     for tool in ("nbdcopy", "qemu-img", "dd"):
         if shutil.which(tool) is None:
@@ -303,11 +343,12 @@ def cell(values: list[float], fmt: str = "{:.0f}") -> str:
 def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
     names = [n for n in samples if n != "ceiling"]
     ceil = samples["ceiling"]
+    four_k = "sequential (nbdcopy, 1 connection)" if args.tls else "random (qemu-img bench)"
     metrics = [
         ("seq write, nbdcopy (MiB/s)", "seq_write_mibs", "{:.0f}"),
         ("seq read, nbdcopy --no-extents (MiB/s)", "seq_read_mibs", "{:.0f}"),
-        ("4k random read, qemu-img bench QD16 (IOPS)", "rand4k_read_iops", "{:.0f}"),
-        ("4k random write, qemu-img bench QD16 (IOPS)", "rand4k_write_iops", "{:.0f}"),
+        (f"4k {four_k} read, QD16 (IOPS)", "rand4k_read_iops", "{:.0f}"),
+        (f"4k {four_k} write, QD16 (IOPS)", "rand4k_write_iops", "{:.0f}"),
         ("server CPU per seq write request (us)", "cpu_us_per_req_seq_write", "{:.0f}"),
         ("server CPU per seq read request (us)", "cpu_us_per_req_seq_read", "{:.0f}"),
         ("server CPU per 4k read (us)", "cpu_us_per_req_rand4k_read", "{:.1f}"),
@@ -316,7 +357,8 @@ def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         ("QMP p99 under NBD load (ms)", "qmp_p99_ms", "{:.2f}"),
         ("QMP max under NBD load (ms)", "qmp_max_ms", "{:.2f}"),
     ]
-    print(f"\n# NBD benchmark: {args.size // MiB} MiB raw image, {args.reps} repetitions "
+    over = " over TLS" if args.tls else ""
+    print(f"\n# NBD benchmark{over}: {args.size // MiB} MiB raw image, {args.reps} repetitions "
           f"(median [min-max])\n")
     head = "| metric | " + " | ".join(names)
     if "qsd" in names and "qmpd" in names:

@@ -21,6 +21,7 @@ from tests.integration.migration_helpers import (
     image_check,
     short_dir,
 )
+from tests.support.certs import CLIENT_DN, Pki
 from tests.support.tools import qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu("qemu-system-x86_64")
@@ -49,17 +50,34 @@ def add_disk(peer: Peer, image: Path) -> None:
 
 
 def storage_migration(cluster: Cluster, work: Path, src_kind: str, dst_kind: str,
-                      src_image: Path, dst_image: Path) -> tuple[Peer, Peer]:
-    """libvirt's flow, up to a running destination; returns (source, destination)."""
+                      src_image: Path, dst_image: Path,
+                      pki: Pki | None = None) -> tuple[Peer, Peer]:
+    """libvirt's flow, up to a running destination; returns (source, destination).
+
+    With ``pki``, NBD goes over TLS as libvirt sets it up: credentials objects
+    on both sides, ``tls-creds`` (and an authz) on ``nbd-server-start``,
+    ``tls-creds`` and ``tls-hostname`` on the source's nbd node."""
     src = cluster(src_kind, "src")
     dst = cluster(dst_kind, "dst", incoming="defer", paused=True)
     nbd_sock = str(work / "nbd.sock")
     mig_uri = f"unix:{work / 'mig.sock'}"
+    server_tls: dict[str, Any] = {}
+    client_tls: dict[str, Any] = {}
+    if pki is not None:
+        dst.ok("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                              "dir": str(pki.dir("server")), "endpoint": "server"})
+        dst.ok("object-add", {"qom-type": "authz-simple", "id": "authz0",
+                              "identity": CLIENT_DN})
+        src.ok("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                              "dir": str(pki.dir("client")), "endpoint": "client"})
+        server_tls = {"tls-creds": "tls0", "tls-authz": "authz0"}
+        client_tls = {"tls-creds": "tls0", "tls-hostname": "localhost"}
 
     # Destination: its own (empty) image, exported writable over NBD.
     dst.caps(events=True, late_block_activate=True)
     add_disk(dst, dst_image)
-    dst.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_sock}}})
+    dst.ok("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_sock}},
+                                **server_tls})
     dst.ok("block-export-add", {"type": "nbd", "id": "disk", "node-name": "disk",
                                 "writable": True})
 
@@ -67,7 +85,8 @@ def storage_migration(cluster: Cluster, work: Path, src_kind: str, dst_kind: str
     src.caps(events=True, pause_before_switchover=True)
     add_disk(src, src_image)
     src.ok("blockdev-add", {"driver": "nbd", "node-name": "migration-disk-storage",
-                            "server": {"type": "unix", "path": nbd_sock}, "export": "disk"})
+                            "server": {"type": "unix", "path": nbd_sock}, "export": "disk",
+                            **client_tls})
     src.ok("blockdev-add", {"driver": "raw", "node-name": "migration-disk-format",
                             "file": "migration-disk-storage"})
     src.ok("blockdev-mirror", {"job-id": "drive-disk", "device": "disk",
@@ -105,13 +124,25 @@ def storage_migration(cluster: Cluster, work: Path, src_kind: str, dst_kind: str
 
 @pytest.mark.parametrize(("src_kind", "dst_kind"), PAIRS)
 def test_storage_migration_libvirt_flow(work: Path, src_kind: str, dst_kind: str) -> None:
+    check_storage_migration(work, src_kind, dst_kind)
+
+
+@pytest.mark.parametrize(("src_kind", "dst_kind"), [("qemu", "qmpd"), ("qmpd", "qemu")])
+def test_storage_migration_over_tls(work: Path, pki: Pki, src_kind: str, dst_kind: str) -> None:
+    """The same with NBD over TLS (issue 13), qmpd on either end, QEMU on the other."""
+    check_storage_migration(work, src_kind, dst_kind, pki)
+
+
+def check_storage_migration(work: Path, src_kind: str, dst_kind: str,
+                            pki: Pki | None = None) -> None:
     src_image = create_qcow2(work / "src.qcow2", str(SIZE))
     qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 32M 2M",
             str(src_image), check=True)
     dst_image = create_qcow2(work / "dst.qcow2", str(SIZE))
     cluster = Cluster(work)
     try:
-        src, dst = storage_migration(cluster, work, src_kind, dst_kind, src_image, dst_image)
+        src, dst = storage_migration(cluster, work, src_kind, dst_kind, src_image, dst_image,
+                                     pki)
         # The destination owns its disk now: it writes, and the source, quit,
         # has let go of everything.
         assert dst.qemu_io("disk", "write -P 0x33 16M 4k") == ""

@@ -64,8 +64,13 @@ class Qsd:
             [require_tool(QSD), "--chardev", f"socket,id=m,path={self.sock},server=on,wait=off",
              "--monitor", "chardev=m", *args],
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        wait_for_socket(self.proc, self.sock)
-        self.qmp = QmpClient(self.sock, 30, check_schema=False, negotiate=True)
+        try:
+            wait_for_socket(self.proc, self.sock)
+            self.qmp = QmpClient(self.sock, 30, check_schema=False, negotiate=True)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def stop(self) -> None:
         self.qmp.close()

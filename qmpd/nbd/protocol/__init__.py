@@ -20,7 +20,8 @@ What the server implements (the fixed newstyle protocol, as QEMU 7.2's
 server speaks it; see the NBD specification ``doc/proto.md``):
 
 * handshake: ``NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES``; options
-  EXPORT_NAME, ABORT, LIST, STARTTLS (refused: no TLS), INFO, GO,
+  EXPORT_NAME, ABORT, LIST, STARTTLS (with TLS credentials: required
+  before any other option, see :class:`StartTls`), INFO, GO,
   STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT
   (``base:allocation``, ``qemu:allocation-depth``, ``qemu:dirty-bitmap:NAME``);
   every other option is
@@ -79,6 +80,7 @@ from qmpd.nbd.protocol.handshake import (
     HandshakeEvent,
     OptionReply,
     ServerHandshake,
+    StartTls,
     client_flags_bytes,
     context_id,
     info_request_data,
@@ -185,6 +187,7 @@ __all__ = [
     "ReplyType",
     "Request",
     "ServerHandshake",
+    "StartTls",
     "TFlag",
     "Transmission",
     "TransmissionEvent",

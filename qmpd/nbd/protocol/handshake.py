@@ -1,8 +1,10 @@
 """The fixed newstyle handshake: the server's state machine, the client's encoders and parsers.
 
 The server side (:class:`ServerHandshake`) is fed the client's bytes and
-hands back :class:`HandshakeDone` or :class:`HandshakeClosed`; option
-payloads are read field by field as QEMU 7.2 reads them (:mod:`.options`).
+hands back :class:`HandshakeDone` or :class:`HandshakeClosed`, and with TLS
+required :class:`StartTls` (the I/O layer puts the connection under TLS,
+then feeds the decrypted bytes); option payloads are read field by field as
+QEMU 7.2 reads them (:mod:`.options`).
 """
 
 from __future__ import annotations
@@ -109,9 +111,22 @@ class HandshakeClosed:
 
     reason: str
     graceful: bool
+    #: The negotiation failed (QEMU logs "option negotiation failed: <reason>")
+    #: though the output is still sent before closing.
+    failed: bool = False
 
 
-HandshakeEvent = HandshakeDone | HandshakeClosed
+@dataclass(frozen=True)
+class StartTls:
+    """The client asked for TLS and got its ACK: once that is sent, the I/O
+    layer makes the TLS handshake on the connection, starting with ``leftover``
+    (bytes the client sent after the option, the start of its TLS hello), and
+    feeds every decrypted byte afterwards.  Negotiation then goes on."""
+
+    leftover: bytes
+
+
+HandshakeEvent = HandshakeDone | HandshakeClosed | StartTls
 
 
 class _HsState(enum.Enum):
@@ -119,6 +134,8 @@ class _HsState(enum.Enum):
     OPTION_HEADER = "option-header"
     OPTION_DATA = "option-data"
     OPTION_SKIP = "option-skip"
+    #: Skipping the payload of an option refused before TLS.
+    PRE_TLS_SKIP = "pre-tls-skip"
     DONE = "done"
 
 
@@ -133,11 +150,20 @@ class ServerHandshake:
     the client sends and pull events until :data:`NEED_DATA`.  After a
     :class:`HandshakeDone` or :class:`HandshakeClosed` the machine is finished;
     send the remaining output first.
+
+    With ``tls`` (the server has TLS credentials) every option but STARTTLS
+    is refused with NBD_REP_ERR_TLS_REQD until the client has sent STARTTLS
+    (which yields :class:`StartTls`), as QEMU 7.2: exports are neither
+    listed nor opened in the clear.
     """
 
     def __init__(self, catalog: ExportCatalog, tls: bool = False) -> None:
         self.catalog = catalog
         self.tls = tls
+        #: STARTTLS was accepted: what follows comes over TLS.
+        self.tls_started = False
+        #: The last option refused for want of TLS (logged when the client gives up).
+        self.refused_before_tls: str | None = None
         self.state = _HsState.CLIENT_FLAGS
         self._buf = bytearray()
         self._out = bytearray(
@@ -200,7 +226,9 @@ class ServerHandshake:
                         f"len ({length}) is larger than max len ({MAX_OPTION_LENGTH})"
                     )
                 self._option, self._length = option, length
-                if length > MAX_BUFFERED_OPTION:
+                if self.tls and not self.tls_started:
+                    self._before_tls(option, length)
+                elif length > MAX_BUFFERED_OPTION:
                     if option == Opt.EXPORT_NAME:
                         raise ProtocolError("export name too long")
                     self._skip = length
@@ -215,6 +243,18 @@ class ServerHandshake:
                     return NEED_DATA
                 self.state = _HsState.OPTION_HEADER
                 self._reply_error(Rep.ERR_TOO_BIG, "option too long")
+            elif state is _HsState.PRE_TLS_SKIP:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return NEED_DATA
+                self.state = _HsState.OPTION_HEADER
+                event = self._refuse_before_tls(self._option, self._length)
+                if event is not None:
+                    self.state = _HsState.DONE if not isinstance(event, StartTls) \
+                        else _HsState.OPTION_HEADER
+                    return event
             else:  # OPTION_DATA
                 if len(buf) < self._length:
                     return NEED_DATA
@@ -234,6 +274,38 @@ class ServerHandshake:
     def _reply_error(self, reply: Rep, message: str) -> None:
         self._reply(reply, message.encode("utf-8", "replace"))
 
+    # --- before TLS (QEMU 7.2's nbd_negotiate_options with tlscreds) ----------------------
+
+    def _before_tls(self, option: int, length: int) -> None:
+        """An option header while TLS is required: fatal ones at once, else skip the payload."""
+        if not self.fixed:
+            raise ProtocolError(f"Unsupported option 0x{option:x}")
+        if option == Opt.EXPORT_NAME:
+            # No error reply exists for EXPORT_NAME: hang up.
+            raise ProtocolError(f"Option 0x{option:x} not permitted before TLS")
+        self._skip = length
+        self.state = _HsState.PRE_TLS_SKIP
+
+    def _refuse_before_tls(self, option: int, length: int) -> HandshakeEvent | None:
+        if option == Opt.STARTTLS:
+            if length:
+                text = unexpected_length(option)
+                self._reply_error(Rep.ERR_INVALID, text)
+                return HandshakeClosed(text, graceful=True, failed=True)
+            self._reply(Rep.ACK)
+            self.tls_started = True
+            return StartTls(self._leftover())
+        text = f"Option 0x{option:x} not permitted before TLS"
+        self._reply_error(Rep.ERR_TLS_REQD, text)
+        if option == Opt.ABORT:
+            # A client that gave up after a refusal failed for want of TLS
+            # (QEMU logs nothing here; qmpd says why).
+            refused = self.refused_before_tls
+            return HandshakeClosed(refused or "client sent NBD_OPT_ABORT", graceful=True,
+                                   failed=refused is not None)
+        self.refused_before_tls = text
+        return None
+
     # --- options --------------------------------------------------------------------------
 
     def _handle_option(self, option: int, data: bytes) -> HandshakeEvent | None:
@@ -248,8 +320,8 @@ class ServerHandshake:
             if option == Opt.LIST:
                 self._list()
             elif option == Opt.STARTTLS:
-                if self.tls:  # pragma: no cover - qmpd has no TLS objects yet
-                    self._reply_error(Rep.ERR_UNSUP, "TLS is not supported")
+                if self.tls:
+                    self._reply_error(Rep.ERR_INVALID, "TLS already enabled")
                 else:
                     self._reply_error(Rep.ERR_POLICY, "TLS not configured")
             elif option in (Opt.INFO, Opt.GO):

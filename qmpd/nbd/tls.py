@@ -1,0 +1,376 @@
+"""NBD over TLS, server side: NBD_OPT_STARTTLS, then everything encrypted.
+
+The server's connections do their own socket I/O (reader and writer
+callbacks, ``sendmsg``), so TLS sits between the socket and the protocol as
+an :class:`ssl.SSLObject` over two memory BIOs (:class:`TlsSession`), as
+asyncio's own SSL transport does: ciphertext read from the socket is
+:meth:`TlsSession.feed`, plaintext comes out of :meth:`TlsSession.read_into`,
+replies go in through :meth:`TlsSession.seal` and leave as ciphertext.
+:class:`TlsConnection` is the server connection that does this once the
+sans-IO handshake says :class:`qmpd.nbd.protocol.StartTls`: the ACK leaves
+in the clear, then the TLS handshake (within ``handshake_timeout``), the
+authz check of the client's DN, and the option haggling goes on encrypted.
+
+Why a handshake failed is logged in QEMU 7.2's words
+(:func:`qmpd.nbd.client.tls_failure_reason`, ``crypto/tlssession.c``'s
+texts, prefixed with "option negotiation failed: " as QEMU's server does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from qmpd import net
+from qmpd.nbd import protocol as p
+from qmpd.nbd.client import tls_failure_reason
+from qmpd.nbd.server import (
+    FLUSH_BUDGET,
+    HANDSHAKE_TIMEOUT,
+    READS_PER_WAKEUP,
+    NbdConnection,
+    NbdServer,
+    _pread_zero_filled,
+)
+
+log = logging.getLogger(__name__)
+
+#: Plaintext sealed at a time: TLS records are at most 16 KiB, and a few of
+#: them per ``SSLObject.write`` keep the per-call cost low.
+SEAL_CHUNK = 256 * 1024
+#: Ciphertext taken from the socket at a time.
+TLS_RECV = 256 * 1024
+#: Plaintext decrypted before the requests in it are parsed and started.
+TLS_BATCH = 256 * 1024
+
+class TlsSession:
+    """One connection's TLS state: handshake, decryption, encryption."""
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool,
+                 server_hostname: str | None = None) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self._in, self._out, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.established = False
+        #: The peer sent close_notify (or the input ended).
+        self.eof = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Ciphertext received from the peer."""
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    def handshake(self) -> bool:
+        """Advance the handshake: True once done; ssl.SSLError when it failed."""
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        self.established = True
+        return True
+
+    def outgoing(self) -> bytes:
+        """Ciphertext to send (handshake messages, sealed records, alerts)."""
+        return self._out.read()
+
+    @property
+    def buffered(self) -> bool:
+        """Whether input is waiting that :meth:`read_into` has not taken."""
+        return self.obj.pending() > 0 or self._in.pending > 0
+
+    def read_into(self, buffer: memoryview | bytearray) -> int:
+        """Decrypt into ``buffer``: bytes placed, 0 when more ciphertext is needed
+        (and at the end of the stream: see :attr:`eof`); ssl.SSLError on bad input."""
+        try:
+            n: int = self.obj.read(len(buffer), buffer)  # type: ignore[assignment]
+            return n
+        except ssl.SSLWantReadError:
+            return 0
+        except ssl.SSLZeroReturnError:
+            self.eof = True
+            return 0
+        except ssl.SSLEOFError:
+            self.eof = True
+            return 0
+
+    def seal(self, parts: Iterable[bytes | memoryview]) -> bytes:
+        """Encrypt ``parts`` in order; the ciphertext to send."""
+        pending = bytearray()
+        for part in parts:
+            if len(pending) + len(part) < SEAL_CHUNK:
+                pending += part
+                continue
+            if pending:
+                self.obj.write(pending)
+                pending.clear()
+            self.obj.write(part)
+        if pending:
+            self.obj.write(pending)
+        return self._out.read()
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        cert = self.obj.getpeercert()
+        return cert if isinstance(cert, dict) and cert else None
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The NBD server's TLS (``tls-creds``, ``tls-authz``): STARTTLS is required."""
+
+    context: ssl.SSLContext
+    #: Why a verified client certificate is refused (QEMU's text), or None.
+    check_peer: Callable[[dict[str, Any] | None], str | None] | None
+    #: A client must finish the TLS handshake within this many seconds.
+    handshake_timeout: float
+
+
+class TlsConnection(NbdConnection):
+    """A connection to a server with TLS credentials."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, config: ServerTls) -> None:
+        super().__init__(server, sock)
+        self.config = config
+        self.handshake = p.ServerHandshake(server.exports, tls=True)
+        #: The TLS session, from NBD_OPT_STARTTLS on.
+        self.tls: TlsSession | None = None
+        #: Ciphertext bytes at the front of :attr:`_out` (the rest is plaintext).
+        self._sealed = 0
+        self._tls_leftover: bytes | None = None
+        self._scratch = bytearray(65536)
+        #: Where file data is read before it is encrypted.
+        self._file_buf = bytearray(FLUSH_BUDGET)
+        self._file_view = memoryview(self._file_buf)
+        #: Where ciphertext is received (then copied into the session).
+        self._raw = bytearray(TLS_RECV)
+        self._raw_view = memoryview(self._raw)
+
+    # --- the base's hooks -------------------------------------------------------------
+
+    def _set_reading(self, on: bool) -> None:
+        was = self.reading
+        super()._set_reading(on)
+        if on and not was and self.reading and self.tls is not None and self.tls.buffered:
+            self.loop.call_soon(self._tls_input)  # received, not taken yet
+
+    def _readable(self) -> None:
+        if self.tls is None:
+            super()._readable()
+        else:
+            self._readable_tls()
+
+    def _flush(self) -> None:
+        if self.tls is None:
+            super()._flush()
+        else:
+            self._flush_tls()
+
+    def _input_waiting(self) -> bool:
+        # Over TLS, unread ciphertext is no sign of a client streaming a
+        # request (whole small requests come in records of their own): only
+        # a request half received holds replies back (for a few replies).
+        if self.tls is None:
+            return super()._input_waiting()
+        return False
+
+    def _after_flush(self) -> None:
+        super()._after_flush()
+        if not self._out and self._tls_leftover is not None and not self.closed:
+            self._begin_tls()
+
+    def _handshake_timeout(self) -> None:
+        if self.tx is None and not self.closed and self.tls is not None \
+                and not self.tls.established:
+            self._negotiation_failed("the TLS handshake took too long")
+            return
+        super()._handshake_timeout()
+
+    # --- TLS ----------------------------------------------------------------------------
+
+    def _start_tls(self, leftover: bytes) -> None:
+        """STARTTLS was ACKed: send the ACK in the clear, then the TLS handshake."""
+        self._set_reading(False)
+        self._tls_leftover = leftover
+        self._flush()
+        if not self.closed:
+            self._kick()  # the rest of the ACK, then _after_flush begins TLS
+
+    def _begin_tls(self) -> None:
+        tls = self.config
+        assert tls is not None and self._tls_leftover is not None
+        leftover, self._tls_leftover = self._tls_leftover, None
+        self.tls = TlsSession(tls.context, server_side=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(tls.handshake_timeout, self._handshake_timeout)
+        if leftover:
+            self.tls.feed(leftover)
+        self._set_reading(True)
+        self._tls_handshake()
+
+    def _readable_tls(self) -> None:
+        # Drain the socket (a few receives) before decrypting: what is left
+        # unread would count as a client still sending, and hold replies back.
+        tls = self.tls
+        assert tls is not None
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                n = self.sock.recv_into(self._raw)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("NBD client %s: %s", self.peer, exc)
+                self._close()
+                return
+            tls.feed(self._raw_view[:n])
+            if not n:
+                self._set_reading(False)
+                break
+            if n < TLS_RECV:
+                break
+        self._tls_input()
+
+    def _tls_input(self) -> None:
+        """Take what TLS has: handshake messages, then plaintext for the protocol."""
+        tls = self.tls
+        if tls is None or self.closed:
+            return
+        try:
+            if not tls.established:
+                self._tls_handshake()
+                return
+            while not self.closed:
+                if self.tx is not None:
+                    # Decrypt a batch of records, then parse them in one pump.
+                    tx = self.tx
+                    got = 0
+                    while got < TLS_BATCH:
+                        n = tls.read_into(tx.get_buffer())
+                        if not n:
+                            break
+                        tx.buffer_updated(n)
+                        got += n
+                    if not got:
+                        break
+                    self._pump()
+                elif self.handshake is not None:
+                    n = tls.read_into(self._scratch)
+                    if not n:
+                        break
+                    self.handshake.receive_data(bytes(self._scratch[:n]))
+                    self._pump_handshake()
+                else:
+                    return
+                if not self.reading:
+                    return  # paused: the rest waits in the session
+            if tls.eof and not self.closed:
+                self._eof()
+        except ssl.SSLError as exc:
+            log.info("NBD client %s: %s; disconnecting", self.peer, net.tls_reason(exc))
+            self._close()
+        except Exception:  # a bug must not take the daemon down: drop this client
+            log.exception("NBD client %s: internal error; disconnecting", self.peer)
+            self._close()
+
+    def _tls_handshake(self) -> None:
+        tls = self.tls
+        server_tls = self.config
+        assert tls is not None and server_tls is not None
+        try:
+            done = tls.handshake()
+        except (ssl.SSLError, OSError) as exc:
+            try:  # the alert, best effort
+                self.sock.send(tls.outgoing())
+            except OSError:
+                pass
+            self._negotiation_failed(tls_failure_reason(exc))
+            return
+        out = tls.outgoing()
+        if out:
+            self._send_sealed(out)
+        if not done:
+            return
+        if server_tls.check_peer is not None:
+            refused = server_tls.check_peer(tls.peer_certificate())
+            if refused is not None:
+                self._negotiation_failed(refused)
+                return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self._tls_input()
+
+    def _send_sealed(self, data: bytes) -> None:
+        """Queue ciphertext (handshake messages) ahead of any plaintext not yet sealed."""
+        out = self._out
+        if self._sealed:
+            head = out[0]
+            assert not isinstance(head, p.FileSpan)
+            out[0] = memoryview(bytes(head) + data)
+        else:
+            out.appendleft(memoryview(data))
+        self._sealed += len(data)
+        self._out_bytes += len(data)
+        self._kick()
+
+    def _seal_front(self, budget: int) -> None:
+        """Encrypt queued replies (about ``budget`` bytes) into one buffer at the front."""
+        tls = self.tls
+        assert tls is not None
+        out = self._out
+        parts: list[bytes | memoryview] = []
+        plain = 0
+        spans = 0  # bytes of the file buffer used by this batch
+        while out and plain < budget:
+            item = out.popleft()
+            if isinstance(item, p.FileSpan):
+                # Read into one buffer kept for the connection: a fresh
+                # object per read costs page faults at these sizes.
+                if spans + item.length <= len(self._file_buf):
+                    view = self._file_view[spans:spans + item.length]
+                    n = os.preadv(item.fd, [view], item.offset)
+                    if n < item.length:  # the file shrank: zeros, as promised
+                        view[n:] = bytes(item.length - n)
+                    spans += item.length
+                    item = view
+                else:
+                    item = memoryview(_pread_zero_filled(item))
+            parts.append(item)
+            plain += len(item)
+        sealed = tls.seal(parts)
+        out.appendleft(memoryview(sealed))
+        self._sealed = len(sealed)
+        self._out_bytes += len(sealed) - plain
+
+    def _flush_tls(self) -> None:
+        out = self._out
+        self._unsent_replies = 0
+        budget = FLUSH_BUDGET
+        while out and budget > 0:
+            if not self._sealed:
+                self._seal_front(budget)
+            head = out[0]
+            assert not isinstance(head, p.FileSpan)
+            try:
+                sent = self.sock.send(head)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("NBD client %s: %s", self.peer, exc)
+                self._close()
+                return
+            self._out_bytes -= sent
+            self._sealed -= sent
+            budget -= sent
+            if sent < len(head):
+                out[0] = head[sent:]
+                return
+            out.popleft()
+
