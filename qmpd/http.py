@@ -243,14 +243,7 @@ class HttpsListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(self, listen_sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            try:
-                sock, peer = await loop.sock_accept(listen_sock)
-            except OSError as exc:  # EMFILE and friends: wait, do not spin
-                log.warning("HTTP: accept failed: %s", exc.strerror)
-                await asyncio.sleep(0.1)
-                continue
+        async for sock, peer in net.accept_each(listen_sock, lambda: not self._closed, "HTTP"):
             if self.handshakes >= self.limit:
                 log.warning("HTTP: %d TLS handshakes already under way; %s dropped",
                             self.handshakes, _peer_text(peer))

@@ -27,16 +27,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import logging
 import os
 import re
 import socket
 import ssl
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from qmpd.errors import ConfigError, GenericError
+
+log = logging.getLogger(__name__)
 
 #: sun_path's size on Linux, terminating NUL included.
 UNIX_PATH_MAX = 108
@@ -578,6 +581,21 @@ class TlsFailed(OSError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+async def accept_each(listen_sock: socket.socket, running: Callable[[], bool],
+                      label: str) -> AsyncIterator[tuple[socket.socket, Any]]:
+    """(socket, peer address) of each connection accepted while ``running()``.
+    A failed accept (EMFILE and friends) is logged and waited out, not spun on."""
+    loop = asyncio.get_running_loop()
+    while running():
+        try:
+            sock, peer = await loop.sock_accept(listen_sock)
+        except OSError as exc:
+            log.warning("%s: accept failed: %s", label, exc.strerror)
+            await asyncio.sleep(0.1)
+            continue
+        yield sock, peer
 
 
 def tls_reason(exc: BaseException) -> str:

@@ -406,14 +406,8 @@ class Monitor:
         task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(self, listen_sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while not self.stopped:
-            try:
-                sock, _ = await loop.sock_accept(listen_sock)
-            except OSError as exc:  # EMFILE and friends: wait, do not spin
-                log.warning("%s: accept failed: %s", self.config.id, exc.strerror)
-                await asyncio.sleep(0.1)
-                continue
+        async for sock, _ in net.accept_each(listen_sock, lambda: not self.stopped,
+                                             self.config.id):
             self._spawn(self._handshake(sock))
 
     async def _handshake(self, sock: socket.socket) -> None:

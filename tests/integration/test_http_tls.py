@@ -28,14 +28,6 @@ from tests.support.tools import require_tool
 HANDSHAKE_TIMEOUT = 1.5
 
 
-def _context(pki: Pki, directory: str | None) -> ssl.SSLContext:
-    """A client context trusting the real CA, presenting ``directory``'s certificate."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=str(pki.ca_cert))
-    if directory is not None:
-        d = pki.dir(directory)
-        ctx.load_cert_chain(str(d / "client-cert.pem"), str(d / "client-key.pem"))
-    return ctx
 
 
 def _start(factory: Any, pki: Pki, *, authz: bool = True) -> tuple[QmpdProcess, int]:
@@ -94,7 +86,7 @@ def _alive(port: int, good: ssl.SSLContext) -> None:
 
 def test_https_good_client_and_the_refused(qmpd_factory: Any, pki: Pki) -> None:
     proc, port = _start(qmpd_factory, pki)
-    good = _context(pki, "client")
+    good = pki.client_context("client")
     _alive(port, good)
     status, body = _get(port, good, "/ready")
     assert status == 200 and json.loads(body)["status"] == "ready"
@@ -102,10 +94,10 @@ def test_https_good_client_and_the_refused(qmpd_factory: Any, pki: Pki) -> None:
     assert status == 200 and b"qmpd_qmp_commands_total" in body
     cases = {
         "no TLS": None,
-        "no certificate": _context(pki, None),
-        "another CA": _context(pki, "client-rogue"),
-        "expired": _context(pki, "client-expired"),
-        "DN refused": _context(pki, "client-wrongdn"),
+        "no certificate": pki.client_context(None),
+        "another CA": pki.client_context("client-rogue"),
+        "expired": pki.client_context("client-expired"),
+        "DN refused": pki.client_context("client-wrongdn"),
     }
     for name, ctx in cases.items():
         got = _refused(port, ctx)
@@ -139,7 +131,7 @@ def test_https_stalled_handshakes_are_dropped(qmpd_factory: Any, pki: Pki) -> No
     stalled = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(3)]
     stalled[0].sendall(b"\x16\x03\x01\x02")  # half a record header
     started = time.monotonic()
-    good = _context(pki, "client")
+    good = pki.client_context("client")
     _alive(port, good)  # served while the others stall
     for sock in stalled:
         try:
@@ -175,9 +167,9 @@ def test_https_with_curl(qmpd_factory: Any, pki: Pki) -> None:
 
 def test_https_without_authz_takes_any_client_of_the_ca(qmpd_factory: Any, pki: Pki) -> None:
     _proc, port = _start(qmpd_factory, pki, authz=False)
-    _alive(port, _context(pki, "client-wrongdn"))
-    assert _refused(port, _context(pki, "client-rogue")) == b""
-    assert _refused(port, _context(pki, None)) == b""
+    _alive(port, pki.client_context("client-wrongdn"))
+    assert _refused(port, pki.client_context("client-rogue")) == b""
+    assert _refused(port, pki.client_context(None)) == b""
 
 
 def test_http_tls_startup_errors(qmpd_factory: Any, pki: Pki) -> None:

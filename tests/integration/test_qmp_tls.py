@@ -50,14 +50,6 @@ class TlsQMPClient(QMPClient):
             await flush(writer)
 
 
-def _context(pki: Pki, directory: str | None) -> ssl.SSLContext:
-    """A client context trusting the real CA, presenting ``directory``'s certificate."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=str(pki.ca_cert))
-    if directory is not None:
-        d = pki.dir(directory)
-        ctx.load_cert_chain(str(d / "client-cert.pem"), str(d / "client-key.pem"))
-    return ctx
 
 
 def _start(factory: Any, pki: Pki, *extra: str) -> tuple[QmpdProcess, int]:
@@ -109,7 +101,7 @@ def _alive(good: QmpClient) -> None:
 
 def test_good_clients_and_the_refused(qmpd_factory: Any, pki: Pki) -> None:
     proc, port = _start(qmpd_factory, pki)
-    good = QmpClient(("127.0.0.1", port), tls=_context(pki, "client"),
+    good = QmpClient(("127.0.0.1", port), tls=pki.client_context("client"),
                      server_hostname="localhost", negotiate=True)
     assert good.greeting["QMP"]["version"]["qemu"]["major"] == 7
     _alive(good)
@@ -117,7 +109,7 @@ def test_good_clients_and_the_refused(qmpd_factory: Any, pki: Pki) -> None:
     async def with_qemu_qmp() -> Any:
         client = TlsQMPClient("tls-test")
         await asyncio.wait_for(
-            client.connect(("localhost", port), ssl=_context(pki, "client")), 15)
+            client.connect(("localhost", port), ssl=pki.client_context("client")), 15)
         try:
             return await asyncio.wait_for(client.execute("query-name"), 15)
         finally:
@@ -127,10 +119,10 @@ def test_good_clients_and_the_refused(qmpd_factory: Any, pki: Pki) -> None:
 
     cases = {
         "no TLS": None,
-        "another CA": _context(pki, "client-rogue"),
-        "expired": _context(pki, "client-expired"),
-        "DN refused": _context(pki, "client-wrongdn"),
-        "no certificate": _context(pki, None),
+        "another CA": pki.client_context("client-rogue"),
+        "expired": pki.client_context("client-expired"),
+        "DN refused": pki.client_context("client-wrongdn"),
+        "no certificate": pki.client_context(None),
     }
     for name, ctx in cases.items():
         got = _refused(port, ctx)
@@ -170,7 +162,7 @@ def test_stalled_handshake_is_dropped_and_blocks_nobody(qmpd_factory: Any, pki: 
     stalled[0].sendall(b"\x16\x03\x01\x02")
     started = time.monotonic()
     # Meanwhile a good client connects and is served.
-    good = QmpClient(("127.0.0.1", port), tls=_context(pki, "client"),
+    good = QmpClient(("127.0.0.1", port), tls=pki.client_context("client"),
                      server_hostname="localhost", negotiate=True)
     _alive(good)
     for sock in stalled:
@@ -210,7 +202,7 @@ def test_qemu_qmp_over_tls_commands_events_and_disconnect(qmpd_factory: Any, pki
         client = TlsQMPClient("tls-events")
         seen: list[str] = []
         await asyncio.wait_for(
-            client.connect(("localhost", port), ssl=_context(pki, "client")), 15)
+            client.connect(("localhost", port), ssl=pki.client_context("client")), 15)
         listener = client.events
         assert (await asyncio.wait_for(client.execute("query-status"), 15))[
             "status"] == "running"
@@ -236,7 +228,7 @@ def test_tls_close_notify_is_answered(qmpd_factory: Any, pki: Pki) -> None:
     """A client that ends TLS with close_notify gets qmpd's close_notify, then EOF."""
     _proc, port = _start(qmpd_factory, pki)
     raw = socket.create_connection(("127.0.0.1", port), timeout=15)
-    sock = _context(pki, "client").wrap_socket(raw, server_hostname="localhost")
+    sock = pki.client_context("client").wrap_socket(raw, server_hostname="localhost")
     buf = b""
     while b"\n" not in buf:
         buf += sock.recv(4096)

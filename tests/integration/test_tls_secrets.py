@@ -29,13 +29,6 @@ from tests.support.certs import KEY_PASSWORD, Pki
 WRONG_PASSWORD = "wrong-but-still-secret-4711"
 
 
-def _context(pki: Pki, directory: str | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=str(pki.ca_cert))
-    if directory is not None:
-        d = pki.dir(directory)
-        ctx.load_cert_chain(str(d / "client-cert.pem"), str(d / "client-key.pem"))
-    return ctx
 
 
 def _key_lines(path: Path) -> list[str]:
@@ -130,10 +123,10 @@ def test_no_secret_or_key_material_anywhere(qmpd_factory: Any, pki: Pki,
     cmd("human-monitor-command", {"command-line": "info qom-tree"})
     # Handshakes that fail, on both TLS paths.
     for port in (qmp_port, http_port):
-        for ctx in (None, _context(pki, None), _context(pki, "client-rogue"),
-                    _context(pki, "client-expired")):
+        for ctx in (None, pki.client_context(None), pki.client_context("client-rogue"),
+                    pki.client_context("client-expired")):
             _try_tls(port, ctx)
-    good = _context(pki, "client")
+    good = pki.client_context("client")
     for path in ("/metrics", "/health", "/ready"):
         seen.append(_https_get(http_port, good, path))
     assert "qmpd_" in seen[-3]

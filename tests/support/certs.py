@@ -28,6 +28,7 @@ once per test session (``pki`` fixture in tests/conftest.py).
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,16 @@ class Pki:
     @property
     def ca_cert(self) -> Path:
         return self.root / "ca" / "ca-cert.pem"
+
+    def client_context(self, directory: str | None) -> ssl.SSLContext:
+        """A client context trusting the real CA, presenting ``directory``'s
+        client certificate (none: ``None``)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(self.ca_cert))
+        if directory is not None:
+            d = self.dir(directory)
+            ctx.load_cert_chain(str(d / "client-cert.pem"), str(d / "client-key.pem"))
+        return ctx
 
 
 def _openssl(*args: str | Path, cwd: Path) -> None:
