@@ -17,8 +17,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,13 +34,32 @@ POOL = "rbd"
 
 
 def require_ceph() -> None:
-    """Skip without Ceph's daemons and tools; fail in CI."""
+    """Skip without Ceph's daemons and tools or its Python bindings; fail in CI."""
+    from qmpd.block.ceph import available
+
     missing = [tool for tool in CEPH_TOOLS if shutil.which(tool) is None]
+    if not available():
+        missing.append("python3-rados/python3-rbd")
     if missing:
         reason = f"Ceph is not installed (missing {', '.join(missing)})"
         if IN_CI:
             pytest.fail(f"{reason}: required in CI")
         pytest.skip(reason)
+
+
+@contextmanager
+def start_ceph() -> Iterator[CephCluster]:
+    """A cluster in a fresh short directory (socket paths must stay short),
+    stopped and removed afterwards."""
+    require_ceph()
+    root = Path(tempfile.mkdtemp(prefix="qceph", dir="/tmp"))
+    cluster = CephCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -116,9 +138,9 @@ log_file = {self.root}/log/client.$pid.log
 
 [client]
 admin_socket =
-client_mount_timeout = 10
-rados_mon_op_timeout = 10
-rados_osd_op_timeout = 20
+client_mount_timeout = 5
+rados_mon_op_timeout = 5
+rados_osd_op_timeout = 8
 rbd_cache = true
 rbd_cache_policy = writeback
 rbd_cache_writethrough_until_flush = false
@@ -231,6 +253,15 @@ rbd_cache_max_dirty_age = 600
         self.rbd("create", "--size", size, "--image-feature", features, f"{POOL}/{name}")
         return name
 
+    def import_image(self, path: Path, exclusive_lock: bool = True, prefix: str = "imp") -> str:
+        """A new image holding the bytes of the file at ``path`` (a qcow2, say)."""
+        self._images += 1
+        name = f"{prefix}{self._images}-{os.getpid()}"
+        features = "layering,exclusive-lock" if exclusive_lock else "layering"
+        self.rbd("import", "--no-progress", "--image-feature", features, str(path),
+                 f"{POOL}/{name}")
+        return name
+
     def remove_image(self, name: str) -> None:
         subprocess.run(["rbd", "-c", str(self.conf), "rm", "--no-progress", f"{POOL}/{name}"],
                        capture_output=True, timeout=60)
@@ -254,3 +285,12 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def lock_holders(cluster: CephCluster, image: str) -> list[str]:
+    """Who holds ``image``'s locks (the exclusive lock shows as ``auto ...``):
+    their client names, from ``rbd lock ls``."""
+    import json
+
+    out = cluster.rbd("lock", "ls", "--format", "json", f"{POOL}/{image}")
+    return [entry["locker"] for entry in json.loads(out or "[]")]
