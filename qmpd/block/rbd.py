@@ -357,6 +357,8 @@ class RbdDriver(BlockDriver):
             await self.flush()
 
     async def discard(self, offset: int, length: int) -> None:
+        if not self.node.discard_unmap:
+            return  # discard=ignore, QEMU's default
         image = self._image()
         end = min(offset + length, self._size)
         if end > offset:

@@ -244,12 +244,13 @@ rbd_cache_max_dirty_age = 600
     # --- images ---------------------------------------------------------------------
 
     def new_image(self, size: str = "64M", exclusive_lock: bool = True,
-                  prefix: str = "img") -> str:
+                  prefix: str = "img", features: str | None = None) -> str:
         """A new image's name in the pool; without ``exclusive_lock`` it has
-        only the layering feature."""
+        only the layering feature (``features`` names them all instead)."""
         self._images += 1
         name = f"{prefix}{self._images}-{os.getpid()}"
-        features = "layering,exclusive-lock" if exclusive_lock else "layering"
+        if features is None:
+            features = "layering,exclusive-lock" if exclusive_lock else "layering"
         self.rbd("create", "--size", size, "--image-feature", features, f"{POOL}/{name}")
         return name
 
