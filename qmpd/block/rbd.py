@@ -154,6 +154,7 @@ class RbdDriver(BlockDriver):
         self._unreachable: str | None = None
         self._probe_started = 0.0
         self._probing = False
+        self._probe_task: asyncio.Task[None] | None = None
 
     # --- open and close -------------------------------------------------------
 
@@ -256,6 +257,10 @@ class RbdDriver(BlockDriver):
         image, ioctx, cluster = self.image, self.ioctx, self.cluster
         if image is None:
             return
+        probe = self._probe_task
+        if probe is not None and not probe.done():
+            # Its thread still uses the connection: shut down only after it.
+            await asyncio.wait([probe])
         self.image = self.ioctx = self.cluster = None
 
         def shut() -> None:
@@ -508,9 +513,13 @@ class RbdDriver(BlockDriver):
         now = time.monotonic()
         if not self._probing and self.cluster is not None \
                 and now - self._probe_started >= PROBE_INTERVAL:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # asked from outside the loop: no probe
+                return self._unreachable
             self._probe_started = now
             self._probing = True
-            asyncio.get_running_loop().create_task(self._probe())
+            self._probe_task = loop.create_task(self._probe())
         return self._unreachable
 
     async def _probe(self) -> None:

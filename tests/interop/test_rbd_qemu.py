@@ -170,3 +170,36 @@ def test_node_info_and_errors_match_qemu_storage_daemon(qmpd: QmpdProcess, qsd: 
         results[name] = (replies, _nodes(sock))
         ok(sock, "blockdev-del", {"node-name": "r"})
     assert results["qmpd"] == results["qsd"]
+
+
+def test_key_secret_user_and_auth_mode_match_qemu_storage_daemon(
+        qmpd: QmpdProcess, qsd: Path, ceph: CephCluster) -> None:
+    """Without a keyring in the configuration, the key comes from a secret
+    object (``key-secret``); a wrong key is refused as QEMU refuses it."""
+    image = ceph.new_image("16M")
+    key = next(line.split("=", 1)[1].strip() for line in ceph.keyring.read_text().splitlines()
+               if line.strip().startswith("key"))
+    conf = ceph.root / "nokeyring.conf"
+    conf.write_text("\n".join(line for line in ceph.client_conf.read_text().splitlines()
+                              if not line.startswith("keyring")) + "\n")
+    wrong = "AQBAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=="
+    opts = {**ceph.blockdev(image), "conf": str(conf), "user": "admin",
+            "auth-client-required": ["cephx"]}
+    results: dict[str, Any] = {}
+    for name, sock in (("qmpd", qmpd.sock), ("qsd", qsd)):
+        qmp = client(sock)
+        try:
+            replies = [
+                qmp.cmd("object-add", {"qom-type": "secret", "id": "k", "data": key,
+                                       "format": "base64"}),
+                qmp.cmd("object-add", {"qom-type": "secret", "id": "bad", "data": wrong,
+                                       "format": "base64"}),
+                qmp.cmd("blockdev-add", {**opts, "node-name": "r", "key-secret": "k"}),
+                qmp.cmd("blockdev-add", {**opts, "node-name": "x", "key-secret": "bad"}),
+                qmp.cmd("blockdev-add", {**opts, "node-name": "y", "key-secret": "nosuch"}),
+            ]
+        finally:
+            qmp.close()
+        results[name] = replies
+    assert results["qmpd"] == results["qsd"]
+    assert results["qmpd"][2] == {"return": {}}
