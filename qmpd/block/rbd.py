@@ -304,7 +304,9 @@ class RbdDriver(BlockDriver):
                 submit(done)
             except Exception as exc:  # refused before it was queued
                 raise OSError(_errno_of(exc), str(exc)) from None
-            return await future
+            value = await future
+            self._unreachable = None
+            return value
         except OSError as exc:
             stats.errors += 1
             code = exc.errno or errno.EIO
@@ -323,7 +325,6 @@ class RbdDriver(BlockDriver):
         n = min(length, size - offset)
         data: bytes = await self._aio(lambda cb: image.aio_read(offset, n, cb),
                                       lambda data: data)
-        self._unreachable = None
         if len(data) < length:
             data += bytes(length - len(data))
         return data
