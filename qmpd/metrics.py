@@ -188,6 +188,8 @@ class _NodeCollector(Collector):
             "qmpd_block_dirty_bitmap_bytes", "Bytes a dirty bitmap marks dirty (its count)",
             labels=["node", "bitmap"],
         )
+        #: The drivers' own figures (BlockDriver.driver_metrics), by name.
+        drivers: dict[str, GaugeMetricFamily] = {}
         for node in nodes:
             bitmaps.add_metric([node.node_name], len(node.dirty_bitmaps))
             for bitmap in node.dirty_bitmaps.values():
@@ -197,11 +199,20 @@ class _NodeCollector(Collector):
             for cache, (hits, misses) in node.driver.cache_stats().items():
                 caches.add_metric([node.node_name, cache, "hit"], hits)
                 caches.add_metric([node.node_name, cache, "miss"], misses)
+            for name, value in node.driver.driver_metrics().items():
+                gauge = drivers.get(name)
+                if gauge is None:
+                    gauge = drivers[name] = GaugeMetricFamily(
+                        f"qmpd_block_driver_{name}",
+                        f"A block driver's own figure: {name.replace('_', ' ')}",
+                        labels=["node", "driver"])
+                gauge.add_metric([node.node_name, node.driver.format_name], value)
         yield active
         yield failed
         yield caches
         yield bitmaps
         yield dirty
+        yield from drivers.values()
 
 
 class _JobCollector(Collector):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from tests.support.ceph import CephCluster, start_ceph
 from tests.support.certs import Pki, make_pki
 from tests.support.qmp import QmpClient, check_message, wait_greeting
 from tests.support.tools import IN_CI, REPO, require_tool, wait_for_socket
@@ -149,6 +150,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """x509 credentials for TLS tests, made with openssl (see tests/support/certs.py)."""
     require_tool("openssl")
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def ceph_session() -> Iterator[CephCluster]:
+    """One throw-away Ceph cluster (mon + bluestore OSD) for the whole session,
+    started at the first test that asks for it; every process it started is
+    stopped at the end (see tests/support/ceph.py)."""
+    with start_ceph() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def ceph(ceph_session: CephCluster) -> CephCluster:
+    """The session's Ceph cluster, with whatever a previous fault test stopped
+    started again."""
+    ceph_session.ensure_running()
+    return ceph_session
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

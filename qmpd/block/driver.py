@@ -709,6 +709,17 @@ class BlockDriver(ABC):
         """Metadata cache (hits, misses) by cache name, for /metrics."""
         return {}
 
+    def driver_metrics(self) -> dict[str, float]:
+        """The driver's own per-node figures for /metrics, by name
+        (``qmpd_block_driver_<name>``); none by default."""
+        return {}
+
+    def readiness(self) -> str | None:
+        """A reason the node's backend is not ready (a storage cluster that
+        does not answer), for /ready; None when it is (the default).  Called
+        on the event loop: it must not block."""
+        return None
+
     def raw_backing_file_name(self) -> str | None:
         """The header's backing file name exactly as stored (None without one)."""
         return None

@@ -53,6 +53,12 @@ def _qcow2() -> type[BlockDriver]:
     return Qcow2Driver
 
 
+def _rbd() -> type[BlockDriver]:
+    from qmpd.block.rbd import RbdDriver
+
+    return RbdDriver
+
+
 class DriverTable(Mapping[str, type[BlockDriver]]):
     """Driver classes by ``format_name``, each imported when first looked up."""
 
@@ -77,13 +83,15 @@ class DriverTable(Mapping[str, type[BlockDriver]]):
 DRIVERS = DriverTable({
     "file": _file, "host_device": _host_device, "raw": _raw, "null-co": _null,
     "throttle": _throttle, "qcow2": _qcow2, "nbd": _nbd,
+    "rbd": _rbd,
 })
 
 
 #: Drivers imported only when a blockdev-add names them, never by the warm-up
 #: or a format probe (they have no signature): the nbd driver brings the NBD
-#: client and protocol, which a daemon that never uses NBD does not load.
-ON_DEMAND = frozenset({"nbd"})
+#: client and protocol, which a daemon that never uses NBD does not load; the
+#: rbd driver loads librados and librbd.
+ON_DEMAND = frozenset({"nbd", "rbd"})
 
 
 #: What QEMU reads of a file to probe its format.

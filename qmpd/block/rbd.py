@@ -1,0 +1,574 @@
+"""The ``rbd`` protocol driver: a Ceph RBD image through librbd.
+
+QEMU 7.2's ``BlockdevOptionsRbd`` (``pool``, ``namespace``, ``image``,
+``conf``, ``snapshot``, ``user``, ``auth-client-required``, ``key-secret``,
+``server``), on Ceph's own Python bindings (:mod:`qmpd.block.ceph`; without
+them ``driver=rbd`` is refused with an error naming the packages).
+
+I/O uses librbd's asynchronous calls: a request is submitted from the event
+loop and librbd's own threads complete it; completions come back to the loop
+in batches (one wake-up for all that finished meanwhile), so many requests in
+flight never queue on one thread.  Writes past the end grow the image first,
+as QEMU's driver does, so that a qcow2 on it can grow.
+
+Activation drops librbd's cache (``invalidate_cache``) and re-reads the size
+and features; inactivation flushes.  With the ``exclusive-lock`` feature the
+writable active node holds the lock explicitly (``lock_acquire``), so that
+librbd does not hand it to another client that asks (another client's writes
+fail with EROFS instead); an inactive node never takes it (its writes are
+refused before they reach librbd), and inactivation releases it after the
+flush, for the destination to take when it activates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from qmpd.block.ceph import bindings
+from qmpd.block.driver import (
+    BlockDriver,
+    BlockDriverError,
+    BlockingRead,
+    BlockNode,
+    BlockStatus,
+    CacheReload,
+)
+
+log = logging.getLogger(__name__)
+
+#: librbd's feature bits and flags this driver looks at.
+FEATURE_EXCLUSIVE_LOCK = 1 << 2
+FEATURE_FAST_DIFF = 1 << 4
+FLAG_FAST_DIFF_INVALID = 1 << 1
+LOCK_MODE_EXCLUSIVE = 0
+#: RBD_WRITE_ZEROES_FLAG_THICK_PROVISION: zeroes written, not a hole.
+ZERO_THICK = 1 << 0
+#: How often ``readiness`` may start a probe of the cluster, and how long a
+#: probe waits for the monitor and the OSD before it calls them unreachable.
+PROBE_INTERVAL = 2.0
+PROBE_TIMEOUT = 3.0
+#: errnos that mean the cluster did not answer (not a refused request).
+_UNREACHABLE = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN,
+                          errno.ECONNREFUSED, errno.EHOSTUNREACH})
+
+
+def drop_cache(image: Any) -> None:
+    """Drop what librbd caches of the image (the negative control of the
+    stale-cache test replaces this with a no-op)."""
+    image.invalidate_cache()
+
+
+def _errno_of(exc: BaseException) -> int:
+    code = getattr(exc, "errno", None)
+    return abs(code) if isinstance(code, int) and code else errno.EIO
+
+
+def _strerror(code: int) -> str:
+    return os.strerror(code)
+
+
+class _Completions:
+    """Hands librbd's completions to the event loop, many per wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._done: collections.deque[tuple[asyncio.Future[Any], int, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._armed = False
+
+    def complete(self, future: asyncio.Future[Any], ret: int, value: Any) -> None:
+        """From a librbd thread: ``ret`` is librbd's return value."""
+        self._done.append((future, ret, value))
+        with self._lock:
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._armed = False
+        done = self._done
+        while done:
+            future, ret, value = done.popleft()
+            if future.cancelled():
+                continue
+            if ret < 0:
+                future.set_exception(OSError(-ret, _strerror(-ret)))
+            else:
+                future.set_result(value)
+
+
+class RbdStats:
+    """What the driver counts for /metrics."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.seconds = 0.0
+        self.resizes = 0
+        self.cache_invalidations = 0
+        self.lock_acquisitions = 0
+        self.lock_releases = 0
+
+
+class RbdDriver(BlockDriver):
+    """A node on one RBD image."""
+
+    format_name = "rbd"
+    is_protocol = True
+    strong_runtime_opts = ("pool", "namespace", "image", "conf", "snapshot", "user",
+                           "server")
+
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        self._rados: ModuleType | None = None
+        self._rbd: ModuleType | None = None
+        self.cluster: Any = None
+        self.ioctx: Any = None
+        self.image: Any = None
+        self.image_name = ""
+        self.snapshot: str | None = None
+        self._size = 0
+        self._features = 0
+        self._object_size = 0
+        self._header = ""
+        self._completions: _Completions | None = None
+        self._grow_lock = asyncio.Lock()
+        self.stats = RbdStats()
+        self._unreachable: str | None = None
+        self._probe_started = 0.0
+        self._probing = False
+        self._probe_task: asyncio.Task[None] | None = None
+
+    # --- open and close -------------------------------------------------------
+
+    async def open(self, options: dict[str, Any]) -> None:
+        rados, rbd = bindings()
+        self._rados, self._rbd = rados, rbd
+        self.image_name = options["image"]
+        self.snapshot = options.get("snapshot")
+        if self.snapshot is not None and not self.node.read_only \
+                and options.get("_auto_read_only"):
+            self.node.read_only = True
+        key = None
+        if "key-secret" in options:
+            # QEMU hands librbd the secret's bytes in base64 (a secret object
+            # made with format=base64 from a keyring's key gives that key).
+            key = base64.b64encode(self.node.graph.objects.secret(options["key-secret"])).decode()
+        writable = not self.node.read_only and self.node.active
+        opened = await self.node.graph.run_io(self._open_blocking, options, key, writable)
+        self.cluster, self.ioctx, self.image, self._size, self._features, \
+            self._object_size, self._header = opened
+        self._completions = _Completions(asyncio.get_running_loop())
+
+    def _open_blocking(self, options: dict[str, Any], key: str | None,
+                       writable: bool) -> tuple[Any, ...]:
+        """Connect, open the pool and the image: QEMU's ``qemu_rbd_connect``
+        and ``rbd_open``, with its error texts."""
+        rados, rbd = self._rados, self._rbd
+        assert rados is not None and rbd is not None
+        cluster = rados.Rados(rados_id=options.get("user"), conffile=None)
+        try:
+            conf = options.get("conf")
+            try:
+                cluster.conf_read_file(conf)
+            except rados.Error as exc:
+                if conf is not None:
+                    code = _errno_of(exc)
+                    raise BlockDriverError(
+                        f"error reading conf file {conf}: {_strerror(code)}", code) from None
+            servers = options.get("server")
+            if servers:
+                cluster.conf_set("mon_host", ";".join(
+                    f"[{s['host']}]:{s['port']}" if ":" in s["host"]
+                    else f"{s['host']}:{s['port']}" for s in servers))
+            modes = options.get("auth-client-required")
+            if modes:
+                cluster.conf_set("auth_client_required", ";".join(modes))
+            if key is not None:
+                cluster.conf_set("key", key)
+            cluster.conf_set("rbd_cache", "false" if self.node.cache_direct else "true")
+            try:
+                cluster.connect()
+            except rados.Error as exc:
+                code = _errno_of(exc)
+                raise BlockDriverError(f"error connecting: {_strerror(code)}", code) from None
+            pool = options["pool"]
+            try:
+                ioctx = cluster.open_ioctx(pool)
+            except rados.Error as exc:
+                code = _errno_of(exc)
+                raise BlockDriverError(
+                    f"error opening pool {pool}: {_strerror(code)}", code) from None
+            try:
+                ioctx.set_namespace(options.get("namespace", ""))
+                try:
+                    image = rbd.Image(ioctx, self.image_name, snapshot=self.snapshot,
+                                      read_only=self.node.read_only)
+                except (rbd.Error, rados.Error) as exc:
+                    code = _errno_of(exc)
+                    raise BlockDriverError(
+                        f"error reading header from {self.image_name}: {_strerror(code)}",
+                        code) from None
+                if self.snapshot is not None and not self.node.read_only:
+                    image.close()
+                    raise BlockDriverError("rbd snapshots are read-only", errno.EINVAL)
+                try:
+                    size, features, stat = image.size(), image.features(), image.stat()
+                    if writable and features & FEATURE_EXCLUSIVE_LOCK:
+                        self._take_lock(image)
+                except (rbd.Error, rados.Error) as exc:
+                    image.close()
+                    code = _errno_of(exc)
+                    raise BlockDriverError(
+                        f"error opening {self.image_name}: {_strerror(code)}", code) from None
+            except BaseException:
+                ioctx.close()
+                raise
+        except BaseException:
+            cluster.shutdown()
+            raise
+        header = f"rbd_header.{stat['block_name_prefix'].split('.', 1)[-1]}"
+        return cluster, ioctx, image, size, features, stat["obj_size"], header
+
+    def _take_lock(self, image: Any) -> None:
+        """In an I/O thread: hold the exclusive lock, not giving it to others."""
+        if not image.is_exclusive_lock_owner():
+            image.lock_acquire(LOCK_MODE_EXCLUSIVE)
+        self.stats.lock_acquisitions += 1
+
+    async def close(self) -> None:
+        image, ioctx, cluster = self.image, self.ioctx, self.cluster
+        if image is None:
+            return
+        probe = self._probe_task
+        if probe is not None and not probe.done():
+            # Its thread still uses the connection: shut down only after it.
+            await asyncio.wait([probe])
+        self.image = self.ioctx = self.cluster = None
+
+        def shut() -> None:
+            try:
+                image.close()  # flushes librbd's cache and releases the lock
+            finally:
+                ioctx.close()
+                cluster.shutdown()
+
+        try:
+            await self.node.graph.run_io(shut)
+        except Exception as exc:
+            log.warning("rbd %s: close: %s", self.image_name, exc)
+
+    # --- asynchronous requests ---------------------------------------------------
+
+    def _image(self) -> Any:
+        image = self.image
+        if image is None:
+            raise BlockDriverError("Input/output error", errno.EIO)
+        return image
+
+    async def _aio(self, submit: Callable[[Callable[..., None]], Any],
+                   value_of: Callable[..., Any] | None = None) -> Any:
+        """Submit one librbd AIO request and wait for its completion."""
+        completions = self._completions
+        assert completions is not None
+        future: asyncio.Future[Any] = completions.loop.create_future()
+
+        def done(completion: Any, *result: Any) -> None:
+            ret = completion.get_return_value()
+            value = value_of(*result) if value_of is not None and ret >= 0 else None
+            completions.complete(future, ret, value)
+
+        stats = self.stats
+        stats.in_flight += 1
+        stats.requests += 1
+        started = time.monotonic()
+        try:
+            try:
+                submit(done)
+            except Exception as exc:  # refused before it was queued
+                raise OSError(_errno_of(exc), str(exc)) from None
+            value = await future
+            self._unreachable = None
+            return value
+        except OSError as exc:
+            stats.errors += 1
+            code = exc.errno or errno.EIO
+            if code in _UNREACHABLE:
+                self._unreachable = f"Ceph cluster unreachable: {_strerror(code)}"
+            raise BlockDriverError(_strerror(code), code) from None
+        finally:
+            stats.in_flight -= 1
+            stats.seconds += time.monotonic() - started
+
+    async def read(self, offset: int, length: int) -> bytes:
+        image = self._image()
+        size = self._size
+        if offset >= size or length == 0:
+            return bytes(length)
+        n = min(length, size - offset)
+        data: bytes = await self._aio(lambda cb: image.aio_read(offset, n, cb),
+                                      lambda data: data)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    async def _grow(self, end: int) -> None:
+        """Resize the image to ``end`` before a write past its end (QEMU's
+        driver does the same, so that a qcow2 on it grows)."""
+        async with self._grow_lock:
+            if end <= self._size:
+                return
+            image = self._image()
+            try:
+                await self.node.graph.run_io(image.resize, end)
+            except Exception as exc:
+                code = _errno_of(exc)
+                raise BlockDriverError(_strerror(code), code) from None
+            self.stats.resizes += 1
+            self._size = end
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        image = self._image()
+        if offset + len(data) > self._size:
+            await self._grow(offset + len(data))
+        await self._aio(lambda cb: image.aio_write(data, offset, cb))
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                           fua: bool = False) -> None:
+        image = self._image()
+        if offset + length > self._size:
+            await self._grow(offset + length)
+        flags = 0 if may_unmap else ZERO_THICK
+        await self._aio(lambda cb: image.aio_write_zeroes(offset, length, cb, zero_flags=flags))
+        if fua:
+            await self.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        if not self.node.discard_unmap:
+            return  # discard=ignore, QEMU's default
+        image = self._image()
+        end = min(offset + length, self._size)
+        if end > offset:
+            await self._aio(lambda cb: image.aio_discard(offset, end - offset, cb))
+
+    async def flush(self) -> None:
+        image = self.image
+        if image is None:
+            return
+        await self._aio(lambda cb: image.aio_flush(cb))
+
+    async def truncate(self, size: int) -> None:
+        image = self._image()
+        try:
+            await self.node.graph.run_io(image.resize, size)
+        except Exception as exc:
+            code = _errno_of(exc)
+            raise BlockDriverError(f"error resizing: {_strerror(code)}", code) from None
+        self.stats.resizes += 1
+        self._size = size
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        """With fast-diff (and a valid object map), what ``diff_iterate`` says
+        of whole objects, as QEMU 7.2 does; else every range is data."""
+        size = self._size
+        end = min(offset + length, size)
+        if offset >= end:
+            return BlockStatus(length=length, data=False, zero=True, offset=offset)
+        if not self._features & FEATURE_FAST_DIFF:
+            return BlockStatus(length=end - offset, data=True, zero=False, offset=offset)
+        image = self._image()
+
+        def probe() -> BlockStatus:
+            if image.flags() & FLAG_FAST_DIFF_INVALID:
+                return BlockStatus(length=end - offset, data=True, zero=False, offset=offset)
+            extents: list[tuple[int, int]] = []
+
+            def seen(ext_offset: int, ext_length: int, exists: bool) -> None:
+                if exists:
+                    extents.append((ext_offset, ext_length))
+
+            image.diff_iterate(offset, end - offset, None, seen, include_parent=True,
+                               whole_object=True)
+            extents.sort()
+            # The first extent that is data, or the hole before it.
+            for ext_offset, ext_length in extents:
+                ext_end = ext_offset + ext_length
+                if ext_end <= offset:
+                    continue
+                if ext_offset > offset:
+                    return BlockStatus(length=min(ext_offset, end) - offset, data=False,
+                                       zero=True, offset=offset)
+                data_end = ext_end
+                for next_offset, next_length in extents:
+                    if next_offset <= data_end < next_offset + next_length:
+                        data_end = next_offset + next_length
+                return BlockStatus(length=min(data_end, end) - offset, data=True, zero=False,
+                                   offset=offset)
+            return BlockStatus(length=end - offset, data=False, zero=True, offset=offset)
+
+        try:
+            return await self.node.graph.run_io(probe)
+        except Exception as exc:
+            code = _errno_of(exc)
+            raise BlockDriverError(_strerror(code), code) from None
+
+    # --- information ------------------------------------------------------------------
+
+    def size(self) -> int:
+        return self._size
+
+    def image_info(self) -> dict[str, Any]:
+        return {"cluster-size": self._object_size, "dirty-flag": False,
+                "format-specific": {"type": "rbd", "data": {}}}
+
+    def cluster_size(self) -> int | None:
+        return self._object_size or None
+
+    def blocking_reader(self) -> BlockingRead | None:
+        image = self.image
+        if image is None:
+            return None
+        size = self._size
+
+        def read(ranges: list[tuple[int, int]]) -> list[bytes]:
+            out = []
+            for offset, length in ranges:
+                n = max(0, min(length, size - offset))
+                data = image.read(offset, n) if n else b""
+                out.append(data + bytes(length - len(data)))
+            return out
+
+        return read
+
+    # --- activation ---------------------------------------------------------------------
+
+    async def inactivate(self) -> None:
+        """Flush librbd's cache, then give the exclusive lock up."""
+        await self.flush()
+        image = self.image
+        if image is None or not self._features & FEATURE_EXCLUSIVE_LOCK:
+            return
+
+        def release() -> None:
+            if image.is_exclusive_lock_owner():
+                image.lock_release()
+                self.stats.lock_releases += 1
+
+        try:
+            await self.node.graph.run_io(release)
+        except Exception as exc:
+            code = _errno_of(exc)
+            raise BlockDriverError(f"Failed to release the exclusive lock: {_strerror(code)}",
+                                   code) from None
+
+    def begin_reload(self) -> CacheReload | None:
+        image = self.image
+        if image is None:
+            return None
+        writable = not self.node.read_only
+        rbd = self._rbd
+        assert rbd is not None
+
+        def run() -> tuple[int, int]:
+            try:
+                drop_cache(image)
+                size, features = image.size(), image.features()
+                if writable and features & FEATURE_EXCLUSIVE_LOCK:
+                    self._take_lock(image)
+            except Exception as exc:
+                code = _errno_of(exc)
+                raise BlockDriverError(
+                    f"Failed to invalidate the cache: {_strerror(code)}", code) from None
+            return size, features
+
+        async def finish(result: tuple[int, int]) -> None:
+            self._size, self._features = result
+            self.stats.cache_invalidations += 1
+
+        return CacheReload(run, finish)
+
+    # --- health and metrics -------------------------------------------------------------
+
+    def readiness(self) -> str | None:
+        """The last probe's verdict (or the last request's); starts a new
+        probe of the monitor and the OSD at most every PROBE_INTERVAL s."""
+        now = time.monotonic()
+        if not self._probing and self.cluster is not None \
+                and now - self._probe_started >= PROBE_INTERVAL:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # asked from outside the loop: no probe
+                return self._unreachable
+            self._probe_started = now
+            self._probing = True
+            self._probe_task = loop.create_task(self._probe())
+        return self._unreachable
+
+    async def _probe(self) -> None:
+        cluster, ioctx, header = self.cluster, self.ioctx, self._header
+        rados = self._rados
+        assert rados is not None
+
+        def check() -> str | None:
+            answered = threading.Event()
+            outcome: list[str | None] = []
+
+            def stat_done(completion: Any, *_: Any) -> None:
+                ret = completion.get_return_value()
+                outcome.append(None if ret >= 0 or ret == -errno.ENOENT
+                               else f"Ceph OSD error: {_strerror(-ret)}")
+                answered.set()
+
+            try:
+                cluster.mon_command(json.dumps({"prefix": "mon stat"}), b"",
+                                    timeout=int(PROBE_TIMEOUT))
+            except rados.Error as exc:
+                return f"Ceph monitor unreachable: {exc}"
+            try:
+                ioctx.aio_stat(header, stat_done)
+            except rados.Error as exc:
+                return f"Ceph OSD unreachable: {exc}"
+            if not answered.wait(PROBE_TIMEOUT):
+                return f"Ceph OSD unreachable: no answer within {PROBE_TIMEOUT:g} s"
+            return outcome[0]
+
+        try:
+            if cluster is not None:
+                self._unreachable = await self.node.graph.run_io(check)
+        except Exception as exc:  # the node closed under the probe
+            log.debug("rbd %s: probe: %s", self.image_name, exc)
+        finally:
+            self._probing = False
+
+    def driver_metrics(self) -> dict[str, float]:
+        s = self.stats
+        return {
+            "requests_in_flight": s.in_flight,
+            "requests": s.requests,
+            "request_errors": s.errors,
+            "request_seconds": s.seconds,
+            "resizes": s.resizes,
+            "cache_invalidations": s.cache_invalidations,
+            "lock_acquisitions": s.lock_acquisitions,
+            "lock_releases": s.lock_releases,
+            "cluster_reachable": 0 if self._unreachable else 1,
+        }
