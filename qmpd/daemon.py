@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import qmpd.commands  # noqa: F401  (registers the command handlers)
 from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
+from qmpd.block.filename import refresh_filename
 from qmpd.block.iopool import block_signals
 from qmpd.block.registry import load_all
 from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig, redact, redact_message
@@ -44,6 +45,7 @@ from qmpd.vm import VirtualMachine
 if TYPE_CHECKING:
     import ssl
 
+    from qmpd.block.driver import BlockNode
     from qmpd.http import Authorize, ConnectionGuard
     from qmpd.metrics import Metrics
     from qmpd.migration.manager import MigrationManager
@@ -197,6 +199,21 @@ class Daemon:
 
     def run_state(self) -> str:
         return self.vm.state.value
+
+    def status(self) -> dict[str, Any]:
+        """``/api/status`` (schema/http/status.json): what a person on call
+        wants at a glance; reads state, changes nothing."""
+        problems = self.readiness_problems()
+        migration = self.migration.status()
+        return {
+            **self.health(),
+            "ready": not problems,
+            "readiness-problems": problems,
+            "nodes": [node_status(node) for node in self.block.graph.newest_first()],
+            "exports": self.exports.status(),
+            "jobs": self.jobs.query(),
+            "migration": migration,
+        }
 
     def migration_failure(self) -> str | None:
         """Why the last outgoing migration failed (None if it did not)."""
@@ -544,6 +561,20 @@ def _sd_notify(message: str) -> None:
         log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
 
 
+def node_status(node: BlockNode) -> dict[str, Any]:
+    """One node for ``/api/status``: what it is and what lies below it."""
+    return {
+        "node-name": node.node_name,
+        "driver": node.driver.format_name,
+        "filename": refresh_filename(node),
+        "size": node.size(),
+        "active": node.active,
+        "read-only": node.read_only,
+        "children": [{"role": name, "node-name": edge.child.node_name}
+                     for name, edge in node.children.items()],
+    }
+
+
 class OnDemandExports:
     """The NBD server and exports (an ExportService), built at their first use.
 
@@ -585,6 +616,10 @@ class OnDemandExports:
     def query(self) -> list[dict[str, Any]]:
         return self.get().query()
 
+    def status(self) -> list[dict[str, Any]]:
+        """Exports and their clients; none before the first export (nothing is built)."""
+        return self._real.status() if self._real is not None else []
+
     def request_shutdown(self) -> None:
         self._shutdown_requested = True
         if self._real is not None:
@@ -625,6 +660,10 @@ class OnDemandMigration:
 
     def query(self) -> dict[str, Any]:
         return self.get().query()
+
+    def status(self) -> dict[str, Any]:
+        """query-migrate's answer, without building migration for it."""
+        return self._real.query() if self._real is not None else {}
 
     def cancel(self) -> None:
         self.get().cancel()

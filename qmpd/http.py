@@ -1,4 +1,4 @@
-"""HTTP endpoints on the daemon's own loop: liveness, readiness, metrics.
+"""HTTP endpoints on the daemon's own loop: liveness, readiness, metrics, status.
 
 Plain HTTP, or HTTPS with a ``tls-creds-x509`` object (:class:`HttpsListener`:
 each client's handshake in a task of its own, bounded by the handshake
@@ -40,6 +40,8 @@ class HealthService(Protocol):
 
     def migration_failure(self) -> str | None: ...
 
+    def status(self) -> dict[str, Any]: ...
+
 
 DAEMON_KEY: web.AppKey[HealthService] = web.AppKey("daemon")
 
@@ -78,6 +80,11 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if reasons else 200)
 
 
+async def api_status(request: web.Request) -> web.Response:
+    """The daemon at a glance, as JSON (schema/http/status.json)."""
+    return web.json_response(request.app[DAEMON_KEY].status())
+
+
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
     if daemon.metrics is None:
@@ -95,6 +102,7 @@ def build_app(daemon: HealthService, guard: ConnectionGuard | None = None) -> we
     for path in ("/ready", "/readyz"):
         app.router.add_get(path, ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/status", api_status)
     return app
 
 

@@ -730,6 +730,12 @@ class BlockExports:
     def query(self) -> list[dict[str, Any]]:
         return [e.info() for e in reversed(self.exports.values())]
 
+    def status(self) -> list[dict[str, Any]]:
+        """Each export with its name and connected clients (``/api/status``)."""
+        return [{**e.info(), "name": e.name,
+                 "clients": sorted(conn.peer for conn in e.connections)}
+                for e in reversed(self.exports.values())]
+
     # --- daemon shutdown ------------------------------------------------------------------
 
     def request_shutdown(self) -> None:
