@@ -8,8 +8,10 @@ teardown is the reverse of start-up and touches only what started.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import json
 import logging
 import os
 import resource
@@ -92,6 +94,8 @@ class Daemon:
         check = os.environ.get("QMPD_CHECK_SCHEMA") == "1"
         self.schema = schema or Schema()
         self.events = EventBus(self.metrics, self.schema if check else None)
+        self.recent_events = RecentEvents()
+        self.events.subscribe(self.recent_events)
         if config.incoming is not None:
             initial = RunState.INMIGRATE
         else:
@@ -213,7 +217,13 @@ class Daemon:
             "exports": self.exports.status(),
             "jobs": self.jobs.query(),
             "migration": migration,
+            "events": self.recent_events.list(),
         }
+
+    def watch(self, changed: Callable[[], None]) -> Callable[[], None]:
+        sink = _Watcher(changed)
+        self.events.subscribe(sink)
+        return functools.partial(self.events.unsubscribe, sink)
 
     def migration_failure(self) -> str | None:
         """Why the last outgoing migration failed (None if it did not)."""
@@ -559,6 +569,34 @@ def _sd_notify(message: str) -> None:
             sock.sendall(message.encode())
     except OSError as exc:
         log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+
+
+class RecentEvents:
+    """The last ``keep`` events, as the bus encoded them (for ``/api/status``)."""
+
+    pretty = False
+
+    def __init__(self, keep: int = 50) -> None:
+        self._kept: collections.deque[bytes] = collections.deque(maxlen=keep)
+
+    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
+        self._kept.append(plain)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Oldest first (decoded only when asked for)."""
+        return [json.loads(raw) for raw in self._kept]
+
+
+class _Watcher:
+    """An event-bus sink that only says something happened."""
+
+    pretty = False
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.changed = changed
+
+    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
+        self.changed()
 
 
 def node_status(node: BlockNode) -> dict[str, Any]:

@@ -9,8 +9,12 @@ sees a byte).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
+import json
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
@@ -42,8 +46,27 @@ class HealthService(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def watch(self, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed`` on every event; returns the way to stop."""
+
 
 DAEMON_KEY: web.AppKey[HealthService] = web.AppKey("daemon")
+
+
+class _Streams:
+    """The status streams open, and whether the listener is closing."""
+
+    def __init__(self) -> None:
+        self.open: set[asyncio.Event] = set()
+        self.closing = False
+
+
+STREAMS_KEY: web.AppKey[_Streams] = web.AppKey("streams", _Streams)
+
+#: A status stream's longest silence (what moves without an event: progress).
+STATUS_TICK = 1.0
+#: Events closer together than this are answered by one status.
+STATUS_COALESCE = 0.05
 
 log = logging.getLogger("qmpd")
 
@@ -85,6 +108,51 @@ async def api_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[DAEMON_KEY].status())
 
 
+async def page(request: web.Request) -> web.Response:
+    """The status page: one file of HTML, CSS and script, nothing fetched elsewhere."""
+    return web.Response(body=_page(), content_type="text/html", charset="utf-8")
+
+
+@functools.cache
+def _page() -> bytes:
+    with open(os.path.join(os.path.dirname(__file__), "page", "index.html"), "rb") as f:
+        return f.read()
+
+
+async def api_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the status now, again after each event (bursts
+    coalesced) and every :data:`STATUS_TICK` seconds (job progress)."""
+    daemon = request.app[DAEMON_KEY]
+    streams = request.app[STREAMS_KEY]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    changed = asyncio.Event()
+    stop = daemon.watch(changed.set)
+    streams.open.add(changed)
+    try:
+        while not streams.closing:
+            changed.clear()
+            body = json.dumps(daemon.status(), separators=(",", ":"))
+            await resp.write(b"data: " + body.encode() + b"\n\n")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), STATUS_TICK)
+            await asyncio.sleep(STATUS_COALESCE)
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        stop()
+        streams.open.discard(changed)
+    return resp
+
+
+async def _end_streams(app: web.Application) -> None:
+    streams = app[STREAMS_KEY]
+    streams.closing = True
+    for changed in list(streams.open):
+        changed.set()
+
+
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
     if daemon.metrics is None:
@@ -103,6 +171,10 @@ def build_app(daemon: HealthService, guard: ConnectionGuard | None = None) -> we
         app.router.add_get(path, ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/status", api_status)
+    app.router.add_get("/api/events", api_events)
+    app.router.add_get("/", page)
+    app[STREAMS_KEY] = _Streams()
+    app.on_shutdown.append(_end_streams)
     return app
 
 

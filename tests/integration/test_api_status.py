@@ -132,3 +132,26 @@ def test_status_follows_the_daemon_and_fits_its_schema(mig: Cluster) -> None:
     for peer in (src, dst):
         peer.quit()
     image_check(image)
+
+
+def test_an_open_event_stream_does_not_hold_up_shutdown(mig: Cluster) -> None:
+    peer, port = spawn(mig, "streamed")
+    start(peer)
+    stream = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events", timeout=10)
+    try:
+        first = stream.readline()
+        assert first.startswith(b"data: {")
+        VALIDATOR.validate(json.loads(first[len(b"data: "):]))
+        peer.add_disk(create_qcow2(mig.dir / "s.qcow2", "1M"))
+        # The node arrives on the stream, within the next statuses.
+        for _ in range(20):
+            line = stream.readline()
+            if line.startswith(b"data: ") and b'"node-name":"disk"' in line:
+                break
+        else:
+            raise AssertionError("the new node never came down the stream")
+        peer.qmp.cmd("quit")
+        # aiohttp would wait up to a minute for a handler still streaming.
+        assert peer.wait(10) == 0
+    finally:
+        stream.close()

@@ -1,0 +1,115 @@
+"""The status page in a real headless Chromium: it follows the daemon live
+(no reload) through an added node, an export, a job and a migration; it has
+nothing that could change the daemon; 1000 nodes render within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+from typing import Any
+
+from tests.integration.migration_helpers import Cluster, Peer, create_qcow2, start
+from tests.support.cdp import Browser, screenshot_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(mig: Cluster, name: str, **kw: Any) -> tuple[Peer, int]:
+    port = free_port()
+    return mig.spawn("qmpd", name, extra=["--http", f"127.0.0.1:{port}"], **kw), port
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args)
+
+
+async def test_page_follows_the_daemon_live(mig: Cluster) -> None:
+    image = create_qcow2(mig.dir / "disk.qcow2", "64M")
+    src, sport = spawn(mig, "src")
+    dst, dport = spawn(mig, "dst", incoming="defer")
+    start(src, dst)
+    page = f"http://127.0.0.1:{sport}/"
+    with urllib.request.urlopen(page, timeout=10) as resp:
+        html = resp.read().decode()
+    # Everything is in the one file: no script or style fetched from elsewhere.
+    assert "<script src" not in html and "http://" not in html and "https://" not in html
+    async with Browser() as browser:
+        await browser.goto(page)
+        await browser.wait_for("document.body.dataset.rendered")
+        assert await browser.evaluate("document.getElementById('run-state').textContent") \
+            == "running"
+        assert await browser.evaluate("document.getElementById('node-count').textContent") == "0"
+        # Nothing on the page can send anything: no forms, buttons or inputs.
+        assert await browser.evaluate(
+            "document.querySelectorAll('form,button,input,select,textarea,a[href]').length") == 0
+        await browser.evaluate("window.notReloaded = true")
+
+        await in_thread(src.add_disk, image)
+        await browser.wait_for("!!document.querySelector('[data-node=\"disk\"]')")
+        assert "active" in await browser.evaluate(
+            "document.querySelector('[data-node=\"disk\"] .pill').textContent")
+
+        nbd = mig.dir / "nbd.sock"
+        await in_thread(src.ok, "nbd-server-start",
+                        {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
+        await in_thread(src.ok, "block-export-add",
+                        {"type": "nbd", "id": "e0", "node-name": "disk", "name": "d0"})
+        await browser.wait_for("!!document.querySelector('[data-export=\"e0\"]')")
+
+        await in_thread(src.ok, "blockdev-create", {"job-id": "c0", "options": {
+            "driver": "file", "filename": str(mig.dir / "new.raw"), "size": 1 << 20}})
+        await browser.wait_for(
+            "document.querySelector('[data-job=\"c0\"]')?.textContent.includes('concluded')")
+        await in_thread(src.ok, "job-dismiss", {"id": "c0"})
+        await browser.wait_for("!document.querySelector('[data-job=\"c0\"]')")
+        await in_thread(src.ok, "block-export-del", {"id": "e0"})
+        await in_thread(src.ok, "nbd-server-stop")
+
+        await in_thread(dst.add_disk, image)
+        uri = f"unix:{mig.dir / 'mig.sock'}"
+        await in_thread(dst.ok, "migrate-incoming", {"uri": uri})
+        await in_thread(src.ok, "migrate", {"uri": uri})
+        await browser.wait_for(
+            "document.getElementById('migration').dataset.status === 'completed'")
+        await browser.wait_for(
+            "document.getElementById('run-state').textContent === 'postmigrate'")
+        await browser.wait_for(
+            "document.querySelector('[data-node=\"disk\"] .pill').textContent === 'inactive'")
+        events = await browser.evaluate("document.getElementById('events').textContent")
+        assert " STOP" in events and "BLOCK_EXPORT_DELETED" in events
+        assert await browser.evaluate("window.notReloaded") is True
+        shot = screenshot_path()
+        if shot is not None:
+            await browser.screenshot(shot)
+    # The destination's page shows the node it now runs.
+    async with Browser() as browser:
+        await browser.goto(f"http://127.0.0.1:{dport}/")
+        await browser.wait_for(
+            "document.querySelector('[data-node=\"disk\"] .pill')?.textContent === 'active'")
+    for peer in (src, dst):
+        peer.quit()
+
+
+async def test_thousand_nodes_render_within_a_second(mig: Cluster) -> None:
+    peer, port = spawn(mig, "many")
+    start(peer)
+
+    def add_all() -> None:
+        for i in range(1000):
+            peer.ok("blockdev-add", {"driver": "null-co", "node-name": f"n{i}",
+                                     "size": 1 << 30})
+
+    await in_thread(add_all)
+    async with Browser() as browser:
+        await browser.goto(f"http://127.0.0.1:{port}/")
+        await browser.wait_for(
+            "document.getElementById('node-count').textContent === '1000'", timeout=30)
+        assert await browser.evaluate("document.querySelectorAll('#nodes > li').length") == 1000
+        render_ms = float(await browser.evaluate("document.body.dataset.renderMs"))
+        assert render_ms < 1000, render_ms
+    peer.quit()
