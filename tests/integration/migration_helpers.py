@@ -588,3 +588,16 @@ def write_pattern_raw(path: Path, size: int, writes: Sequence[tuple[int, int, in
 def images_equal(image: Path, reference: Path) -> None:
     res = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(reference), check=False)
     assert res.returncode == 0, f"qemu-img compare: {res.stdout}{res.stderr}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_peer(mig: Cluster, name: str, **kw: Any) -> tuple[Peer, int]:
+    """A qmpd peer serving HTTP on 127.0.0.1, and its port."""
+    port = free_port()
+    return mig.spawn("qmpd", name, extra=["--http", f"127.0.0.1:{port}"], **kw), port

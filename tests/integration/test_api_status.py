@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -17,17 +16,18 @@ import jsonschema
 import pytest
 
 from qmpd.nbd.client import NbdClient
-from tests.integration.migration_helpers import Cluster, Peer, create_qcow2, image_check, start
+from tests.integration.migration_helpers import (
+    Cluster,
+    create_qcow2,
+    http_peer,
+    image_check,
+    start,
+)
 
 SCHEMA = json.loads(
     (Path(__file__).resolve().parents[2] / "schema" / "http" / "status.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status(port: int) -> dict[str, Any]:
@@ -43,15 +43,11 @@ def nodes(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n["node-name"]: n for n in body["nodes"]}
 
 
-def spawn(mig: Cluster, name: str, **kw: Any) -> tuple[Peer, int]:
-    port = free_port()
-    return mig.spawn("qmpd", name, extra=["--http", f"127.0.0.1:{port}"], **kw), port
-
 
 def test_status_follows_the_daemon_and_fits_its_schema(mig: Cluster) -> None:
     image = create_qcow2(mig.dir / "disk.qcow2", "64M")
-    src, sport = spawn(mig, "src")
-    dst, dport = spawn(mig, "dst", incoming="defer")
+    src, sport = http_peer(mig, "src")
+    dst, dport = http_peer(mig, "dst", incoming="defer")
     start(src, dst)
 
     first = status(sport)
@@ -135,7 +131,7 @@ def test_status_follows_the_daemon_and_fits_its_schema(mig: Cluster) -> None:
 
 
 def test_an_open_event_stream_does_not_hold_up_shutdown(mig: Cluster) -> None:
-    peer, port = spawn(mig, "streamed")
+    peer, port = http_peer(mig, "streamed")
     start(peer)
     stream = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events", timeout=10)
     try:

@@ -5,23 +5,11 @@ nothing that could change the daemon; 1000 nodes render within a second."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 from typing import Any
 
-from tests.integration.migration_helpers import Cluster, Peer, create_qcow2, start
+from tests.integration.migration_helpers import Cluster, create_qcow2, http_peer, start
 from tests.support.cdp import Browser, screenshot_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(mig: Cluster, name: str, **kw: Any) -> tuple[Peer, int]:
-    port = free_port()
-    return mig.spawn("qmpd", name, extra=["--http", f"127.0.0.1:{port}"], **kw), port
 
 
 async def in_thread(fn: Any, *args: Any) -> Any:
@@ -30,8 +18,8 @@ async def in_thread(fn: Any, *args: Any) -> Any:
 
 async def test_page_follows_the_daemon_live(mig: Cluster) -> None:
     image = create_qcow2(mig.dir / "disk.qcow2", "64M")
-    src, sport = spawn(mig, "src")
-    dst, dport = spawn(mig, "dst", incoming="defer")
+    src, sport = http_peer(mig, "src")
+    dst, dport = http_peer(mig, "dst", incoming="defer")
     start(src, dst)
     page = f"http://127.0.0.1:{sport}/"
     with urllib.request.urlopen(page, timeout=10) as resp:
@@ -96,7 +84,7 @@ async def test_page_follows_the_daemon_live(mig: Cluster) -> None:
 
 
 async def test_thousand_nodes_render_within_a_second(mig: Cluster) -> None:
-    peer, port = spawn(mig, "many")
+    peer, port = http_peer(mig, "many")
     start(peer)
 
     def add_all() -> None:
