@@ -16,13 +16,14 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qmpd import logs, net
 from qmpd.errors import GenericError
 from qmpd.migration import stream
 from qmpd.migration.bitmaps import IncomingBitmaps
-from qmpd.migration.channels import Channel, FdStore, Listener
+from qmpd.migration.channels import Channel, FdStore, Listener, TlsSettings
 from qmpd.migration.deps import BlockSide, Events, ExitRequest, MigrationMetrics, RunStateSide
 from qmpd.migration.state import MigrationSettings, MigrationStatus
 from qmpd.runstate import TRANSITIONS as RUN_STATE_TRANSITIONS
@@ -48,9 +49,10 @@ class IncomingMigration:
     def __init__(
         self, settings: MigrationSettings, fds: FdStore, *, events: Events,
         vm: RunStateSide, block: BlockSide, metrics: MigrationMetrics,
-        request_exit: ExitRequest,
+        request_exit: ExitRequest, tls: Callable[[], TlsSettings | None] = lambda: None,
     ) -> None:
         self.settings = settings
+        self.tls = tls
         self.fds = fds
         self.events = events
         self.vm = vm
@@ -107,7 +109,7 @@ class IncomingMigration:
             if net.is_bad_protocol(exc):
                 raise GenericError(f"unknown migration protocol: {uri_text}") from None
             raise
-        listener = Listener(uri, self.fds)
+        listener = Listener(uri, self.fds, self.tls)
         await listener.start()
         self.listener = listener
         self.started = True
