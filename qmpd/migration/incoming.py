@@ -181,6 +181,11 @@ class IncomingMigration:
                 f"{logs.ERROR}: load of migration failed: {exc.strerror or exc}", str(exc)
             ) from None
         self._check_globalstate(globalstate)
+        if not return_path and channel.writer is not None and channel.kind == "socket":
+            # The stream is in: an orderly close tells a source without a
+            # return path that it was taken (it waits for that on tcp: and
+            # TLS), before the activation rather than after it.
+            channel.writer.close()
         # A collection between the end of the stream and RESUME would be
         # downtime: the collector waits until the run state is set.
         collecting = gc.isenabled()
