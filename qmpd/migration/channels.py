@@ -183,6 +183,16 @@ async def _channel_from_fd(fd: int) -> Channel:
     return Channel(reader, writer, kind="file")
 
 
+def _no_delay(sock: socket.socket) -> None:
+    """No Nagle on TCP: the switchover's last small writes go out at once.
+
+    asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP,
+    which sockets made with proto 0 are not; TLS records suffer most.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     """migrate-set-parameters' TLS, read when a channel is made (as QEMU does)."""
@@ -243,6 +253,7 @@ async def connect(uri: net.MigrationURI, fds: FdStore, tls: TlsSettings | None =
         if uri.scheme in ("unix", "tcp"):
             assert uri.address is not None
             sock = await net.connect(uri.address)
+            _no_delay(sock)
             if tls is not None:
                 return await _tls_client(sock, uri, tls)
             reader, writer = await asyncio.open_connection(sock=sock)
@@ -328,6 +339,7 @@ class Listener:
                 conn, _ = await loop.sock_accept(sock)
             except OSError:
                 return  # closed
+            _no_delay(conn)
             tls = self.tls() if self.tls is not None else None
             if tls is None:
                 reader, writer = await asyncio.open_connection(sock=conn)
