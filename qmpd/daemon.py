@@ -161,7 +161,8 @@ class Daemon:
             self.metrics if self.metrics is not None else NoMigrationMetrics())
         return MigrationManager(
             events=self.events, vm=self.vm, block=self.block, metrics=metrics,
-            request_exit=self.request_exit,
+            request_exit=self.request_exit, objects=self.objects,
+            tls_handshake_timeout=self.config.tls_handshake_timeout,
         )
 
     # --- services for command handlers --------------------------------

@@ -13,6 +13,8 @@ from qmpd.runstate import RunState
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockNode
+    from qmpd.objects.authz import Authz
+    from qmpd.objects.tls import TlsCredsX509
 
 
 class Events(Protocol):
@@ -90,6 +92,18 @@ class MigrationMetrics(Protocol):
     def migration_done(self, total: float, downtime: float) -> None: ...
 
     def observe_activate_all(self, seconds: float) -> None: ...
+
+
+class TlsObjects(Protocol):
+    """The daemon's objects: TLS credentials and authorization lists by id (QEMU's texts)."""
+
+    def tls_creds(self, name: str, endpoint: str | None = None) -> TlsCredsX509: ...
+
+    def authz(self, name: str) -> Authz: ...
+
+    def hold(self, obj: TlsCredsX509 | Authz, user: str) -> None: ...
+
+    def release(self, obj: TlsCredsX509 | Authz, user: str) -> None: ...
 
 
 #: Leave the process with this status (a failed incoming migration exits 1).

@@ -16,13 +16,14 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qmpd import logs, net
 from qmpd.errors import GenericError
 from qmpd.migration import stream
 from qmpd.migration.bitmaps import IncomingBitmaps
-from qmpd.migration.channels import Channel, FdStore, Listener
+from qmpd.migration.channels import Channel, FdStore, Listener, TlsSettings
 from qmpd.migration.deps import BlockSide, Events, ExitRequest, MigrationMetrics, RunStateSide
 from qmpd.migration.state import MigrationSettings, MigrationStatus
 from qmpd.runstate import TRANSITIONS as RUN_STATE_TRANSITIONS
@@ -48,9 +49,10 @@ class IncomingMigration:
     def __init__(
         self, settings: MigrationSettings, fds: FdStore, *, events: Events,
         vm: RunStateSide, block: BlockSide, metrics: MigrationMetrics,
-        request_exit: ExitRequest,
+        request_exit: ExitRequest, tls: Callable[[], TlsSettings | None] = lambda: None,
     ) -> None:
         self.settings = settings
+        self.tls = tls
         self.fds = fds
         self.events = events
         self.vm = vm
@@ -107,7 +109,7 @@ class IncomingMigration:
             if net.is_bad_protocol(exc):
                 raise GenericError(f"unknown migration protocol: {uri_text}") from None
             raise
-        listener = Listener(uri, self.fds)
+        listener = Listener(uri, self.fds, self.tls)
         await listener.start()
         self.listener = listener
         self.started = True
@@ -179,6 +181,11 @@ class IncomingMigration:
                 f"{logs.ERROR}: load of migration failed: {exc.strerror or exc}", str(exc)
             ) from None
         self._check_globalstate(globalstate)
+        if not return_path and channel.writer is not None and channel.kind == "socket":
+            # The stream is in: an orderly close tells a source without a
+            # return path that it was taken (it waits for that on tcp: and
+            # TLS), before the activation rather than after it.
+            channel.writer.close()
         # A collection between the end of the stream and RESUME would be
         # downtime: the collector waits until the run state is set.
         collecting = gc.isenabled()

@@ -10,8 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from qmpd.errors import GenericError
-from qmpd.migration.channels import FdStore
-from qmpd.migration.deps import BlockSide, Events, ExitRequest, MigrationMetrics, RunStateSide
+from qmpd.migration.channels import FdStore, TlsSettings
+from qmpd.migration.deps import (
+    BlockSide,
+    Events,
+    ExitRequest,
+    MigrationMetrics,
+    RunStateSide,
+    TlsObjects,
+)
 from qmpd.migration.incoming import IncomingMigration
 from qmpd.migration.outgoing import OutgoingMigration
 from qmpd.migration.state import (
@@ -30,14 +37,26 @@ class MigrationManager:
     def __init__(
         self, *, events: Events, vm: RunStateSide, block: BlockSide,
         metrics: MigrationMetrics, request_exit: ExitRequest,
+        objects: TlsObjects | None = None, tls_handshake_timeout: float = 10.0,
     ) -> None:
         self.settings = MigrationSettings()
         self.fds = FdStore()
+        self.objects = objects
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.outgoing = OutgoingMigration(
-            self.settings, self.fds, events=events, vm=vm, block=block, metrics=metrics)
+            self.settings, self.fds, events=events, vm=vm, block=block, metrics=metrics,
+            tls=self.tls_settings)
         self.incoming = IncomingMigration(
             self.settings, self.fds, events=events, vm=vm, block=block, metrics=metrics,
-            request_exit=request_exit)
+            request_exit=request_exit, tls=self.tls_settings)
+
+    def tls_settings(self) -> TlsSettings | None:
+        """The TLS parameters now, or None without tls-creds (QEMU reads them per channel)."""
+        params = self.settings.parameters
+        if not params["tls-creds"] or self.objects is None:
+            return None
+        return TlsSettings(self.objects, params["tls-creds"], params["tls-hostname"],
+                           params["tls-authz"], self.tls_handshake_timeout)
 
     @property
     def last_failure(self) -> str | None:

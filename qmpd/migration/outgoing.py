@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qmpd import logs, net
@@ -27,6 +29,7 @@ from qmpd.migration.channels import (
     Channel,
     ChannelError,
     FdStore,
+    TlsSettings,
     connect,
 )
 from qmpd.migration.deps import BlockSide, Events, MigrationMetrics, RunStateSide
@@ -94,9 +97,11 @@ class OutgoingMigration:
     def __init__(
         self, settings: MigrationSettings, fds: FdStore, *, events: Events,
         vm: RunStateSide, block: BlockSide, metrics: MigrationMetrics,
+        tls: Callable[[], TlsSettings | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.fds = fds
+        self.tls = tls
         self.events = events
         self.vm = vm
         self.block = block
@@ -225,7 +230,7 @@ class OutgoingMigration:
         closing: Channel | None = None  # completed already: only the close is left
         try:
             try:
-                self.channel = await connect(uri, self.fds)
+                self.channel = await connect(uri, self.fds, self.tls())
             except ChannelError as exc:
                 self.error = str(exc)
                 logs.write_raw(f"{logs.ERROR}: {self.error}")
@@ -307,6 +312,21 @@ class OutgoingMigration:
                 finally:
                     self.awaiting_shut = False
                 self._check_cancel()  # a SHUT still buffered when the cancel came
+            elif uri.scheme == "tcp" or channel.tls:
+                # No return path: the destination's close is the only sign it
+                # took the stream.  A TLS destination refusing this source (no
+                # TLS, a certificate or DN it refuses) resets the connection
+                # instead, maybe after every byte was written: QEMU 7.2's
+                # source then often reports completed; this one never does.
+                sent_at = time.monotonic()
+                self.awaiting_shut = True
+                self._resume_gc()
+                try:
+                    await self._wait_for_close(channel)
+                finally:
+                    self.awaiting_shut = False
+                self._check_cancel()
+                stop_time += time.monotonic() - sent_at  # the downtime ends when all is sent
             # As QEMU 7.2, completed once everything is written, and the channel
             # closed after: at once if the kernel has every byte, else (bytes
             # still queued here, or an exec: command to wait for) first.
@@ -471,6 +491,27 @@ class OutgoingMigration:
                     raise self._return_path_failure(
                         "return path: the destination reported a failure")
                 return
+
+    @staticmethod
+    async def _wait_for_close(channel: Channel) -> None:
+        """Until the destination closes the channel: EOF, nothing else, is success."""
+        try:
+            data = await channel.reader.read(1)
+        except ssl.SSLError as exc:
+            if isinstance(exc, ssl.SSLEOFError):
+                return  # closed without close_notify, as QEMU 7.2 closes
+            reason = net.tls_reason(exc)
+            logs.write_raw(f"{logs.ERROR}: the destination refused the stream: {reason}")
+            raise _Failed(f"TLS handshake failed: {reason}") from None
+        except (ConnectionError, OSError) as exc:
+            strerror = getattr(exc, "strerror", None) or "Connection reset by peer"
+            logs.write_raw(f"{logs.ERROR}: the destination dropped the connection "
+                           f"before taking the stream: {strerror}")
+            raise _Failed(f"Unable to read from socket: {strerror}") from None
+        if data:
+            reason = "the destination sent data, but there is no return path"
+            logs.write_raw(f"{logs.ERROR}: {reason}")
+            raise _Failed(None, reason)
 
     @staticmethod
     def _return_path_failure(reason: str) -> _Failed:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -71,13 +72,20 @@ def expected_reads() -> list[tuple[int, int, int]]:
     return sorted(latest.values())
 
 
-def stale_run(mig: Cluster, src_kind: str, dst_kind: str, code: str | None = None
+def stale_run(mig: Cluster, src_kind: str, dst_kind: str, code: str | None = None, *,
+              src_extra: Sequence[str] = (), dst_extra: Sequence[str] = (),
+              uri: str | None = None, before_migrate: Callable[[Peer, Peer], str] | None = None,
               ) -> tuple[Peer, Peer, Path]:
-    """Steps up to the destination's reads; returns (src, dst, image) still running."""
+    """Steps up to the destination's reads; returns (src, dst, image) still running.
+
+    ``uri`` is what the destination listens on (unix: by default);
+    ``before_migrate(src, dst)``, called after migrate-incoming, returns the
+    URI the source migrates to (the TLS tests set their parameters there).
+    """
     work = mig.dir
     image = create_qcow2(work / "disk.qcow2", "2G")
-    src = mig.spawn(src_kind, "src")
-    dst = mig.spawn(dst_kind, "dst", incoming="defer", code=code)
+    src = mig.spawn(src_kind, "src", extra=src_extra)
+    dst = mig.spawn(dst_kind, "dst", incoming="defer", code=code, extra=dst_extra)
     start(src, dst)
     src.add_disk(image)
     for offset, length, pattern in BEFORE:
@@ -93,8 +101,10 @@ def stale_run(mig: Cluster, src_kind: str, dst_kind: str, code: str | None = Non
     assert dst.qemu_io("disk", "write -P 0x99 0 4k") == "Block node is read-only\r\n"
     for offset, length, pattern in AFTER:
         assert src.qemu_io("disk", f"write -P {pattern:#x} {offset} {length}") == ""
-    uri = f"unix:{work / 'mig.sock'}"
+    uri = uri or f"unix:{work / 'mig.sock'}"
     dst.ok("migrate-incoming", {"uri": uri})
+    if before_migrate is not None:
+        uri = before_migrate(src, dst)
     with LockWatcher(image, src, dst):
         src.ok("migrate", {"uri": uri})
         assert src.wait_migration()["status"] == "completed"
@@ -118,6 +128,11 @@ def test_destination_reads_what_the_source_wrote_late(mig: Cluster, src_kind: st
     if "qemu" in (src_kind, dst_kind):
         need_qemu()
     src, dst, image = stale_run(mig, src_kind, dst_kind)
+    check_after_handover(mig, src, dst, image)
+
+
+def check_after_handover(mig: Cluster, src: Peer, dst: Peer, image: Path) -> None:
+    """The destination read fresh data, writes, quits; the image is clean and as expected."""
     out = output_after_handover(dst)
     assert "Pattern verification failed" not in out, out
     assert out.count("read ") == len(expected_reads()), out
