@@ -216,6 +216,9 @@ class Daemon:
         for node in self.block.graph.all_nodes():
             if node.activation_error:
                 problems.append(f"node {node.node_name} failed activation: {node.activation_error}")
+            backend = node.driver.readiness()
+            if backend:
+                problems.append(f"node {node.node_name}: {backend}")
         return problems
 
     # --- lifecycle ------------------------------------------------------

@@ -689,6 +689,11 @@ class BlockDriver(ABC):
         without a header to rewrite refuse."""
         raise BlockDriverError("Operation not supported", 95)
 
+    def readiness(self) -> str | None:
+        """A reason the node's backend is not ready (a storage server that
+        cannot be reached), for ``/ready``; None when it is, by default."""
+        return None
+
     def image_info(self) -> dict[str, Any]:
         """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,
         ``dirty-flag``, backing-file names)."""

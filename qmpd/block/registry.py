@@ -47,6 +47,12 @@ def _nbd() -> type[BlockDriver]:
     return NbdDriver
 
 
+def _nfs() -> type[BlockDriver]:
+    from qmpd.block.nfs import NfsDriver
+
+    return NfsDriver
+
+
 def _qcow2() -> type[BlockDriver]:
     from qmpd.block.qcow2.driver import Qcow2Driver
 
@@ -76,14 +82,14 @@ class DriverTable(Mapping[str, type[BlockDriver]]):
 #: Every driver qmpd opens, by its ``format_name`` (the QAPI ``driver`` value).
 DRIVERS = DriverTable({
     "file": _file, "host_device": _host_device, "raw": _raw, "null-co": _null,
-    "throttle": _throttle, "qcow2": _qcow2, "nbd": _nbd,
+    "throttle": _throttle, "qcow2": _qcow2, "nbd": _nbd, "nfs": _nfs,
 })
 
 
 #: Drivers imported only when a blockdev-add names them, never by the warm-up
 #: or a format probe (they have no signature): the nbd driver brings the NBD
 #: client and protocol, which a daemon that never uses NBD does not load.
-ON_DEMAND = frozenset({"nbd"})
+ON_DEMAND = frozenset({"nbd", "nfs"})
 
 
 #: What QEMU reads of a file to probe its format.
