@@ -217,6 +217,51 @@ def test_grown_qcow2_without_size_refresh_fails(nfs_server: NfsServer, cluster: 
     assert _stale(out, check), (out, check)
 
 
+NO_PAGECACHE_DROP = (
+    "import qmpd.block.libnfs as l\n"
+    "l.NfsFile.invalidate_pagecache = lambda self: None\n"
+    "from qmpd.__main__ import main\n"
+    "main()\n"
+)
+
+
+def _pagecache_handover(nfs: NfsServer, cluster: Cluster, dst_code: str | None) -> str:
+    """raw on nfs with libnfs's page cache on both sides: the destination
+    reads before the migration (filling its cache), the source overwrites;
+    returns what the destination's read after activation printed."""
+    name = _name("pagecache") + ".img"
+    (nfs.export / name).write_bytes(b"\x11" * (1 << 20))
+    src = cluster.spawn("qmpd", "src")
+    dst = cluster.spawn("qmpd", "dst", incoming="defer", code=dst_code)
+    start(src, dst)
+    for peer in (src, dst):
+        peer.ok("blockdev-add", {"driver": "raw", "node-name": "disk",
+                                 "file": {**nfs.blockdev(name), "page-cache-size": 256}})
+    _io_ok(dst, "disk", "read -P 0x11 0 64k")  # cached now
+    _io_ok(src, "disk", "write -P 0x22 0 64k")
+    uri = f"unix:{cluster.dir / 'mig-pc.sock'}"
+    dst.ok("migrate-incoming", {"uri": uri})
+    src.ok("migrate", {"uri": uri})
+    assert src.wait_migration()["status"] == "completed"
+    assert dst.wait_migration()["status"] == "completed"
+    before = len(dst.stdout())
+    errors = dst.qemu_io("disk", "read -P 0x22 0 64k")
+    time.sleep(0.05)
+    return errors + dst.stdout()[before:]
+
+
+def test_activation_drops_libnfs_page_cache(nfs_server: NfsServer, cluster: Cluster) -> None:
+    out = _pagecache_handover(nfs_server, cluster, None)
+    assert "Pattern verification failed" not in out and "read 65536/65536" in out, out
+
+
+def test_without_page_cache_drop_destination_is_stale(nfs_server: NfsServer,
+                                                      cluster: Cluster) -> None:
+    """The negative control: the cache really keeps the old bytes."""
+    out = _pagecache_handover(nfs_server, cluster, NO_PAGECACHE_DROP)
+    assert "Pattern verification failed" in out, out
+
+
 # --- faults (last: they stop and restart the session's server) --------------------------
 
 
