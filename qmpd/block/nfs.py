@@ -1,10 +1,13 @@
 """The ``nfs`` protocol driver: a file on an NFSv3 server, through libnfs.
 
-Each node owns one libnfs context and one thread that makes every call on
-it (contexts are not thread-safe), so a slow server never blocks the event
-loop and nodes do not wait for each other.  Activation drops libnfs's page
-cache and asks the server for the file's size again: a migration source may
-have grown the file (QEMU 7.2 keeps the old size; README: differences).
+Each node owns one libnfs context.  Mount and open are synchronous libnfs
+calls in an I/O thread; after that every request goes through libnfs's
+asynchronous API on the event loop, as QEMU drives it (the context's socket
+watched for ``nfs_which_events``, ``nfs_service`` on each event), so a slow
+server never blocks the loop and many requests are in flight at once.
+Activation drops libnfs's page cache and asks the server for the file's
+size again: a migration source may have grown the file (QEMU 7.2 keeps the
+old size; README: differences).
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import posixpath
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
-from qmpd.block.libnfs import NfsError, NfsFile, NfsUnavailable
+from qmpd.block.libnfs import AsyncContext, NfsError, NfsFile, NfsUnavailable
 
 T = TypeVar("T")
 
@@ -49,21 +51,23 @@ class NfsDriver(BlockDriver):
         self.host = ""
         self.path = ""
         self._file: NfsFile | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._async: AsyncContext | None = None
         self._size = 0
         self._allocated: int | None = None
         self._writes = 0
         self._flushed = 0
         self._unreachable: str | None = None
+        self._options: dict[str, Any] = {}
+        #: The context lost its server: the next request connects anew.
+        self._broken = False
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._thread is None:
-            raise BlockDriverError("The NFS file is not open", errno.EBADF)
+    async def _call(self, request: Awaitable[T]) -> T:
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+            result = await request
         except NfsError as exc:
             if exc.errno not in _FILE_ERRORS:
                 self._unreachable = f"NFS server {self.host}: {exc.strerror}"
+                self._broken = self._async is not None
             raise _driver_error(exc) from None
         self._unreachable = None
         return result
@@ -72,15 +76,21 @@ class NfsDriver(BlockDriver):
         server = options["server"]
         self.host = server["host"]
         self.path = options["path"]
-        export, name = posixpath.split(self.path)
-        if not name:
+        if not posixpath.basename(self.path):
             raise BlockDriverError(f"Invalid path: {self.path}", errno.EINVAL)
+        self._options = options
+        self._size, self._allocated = await self._connect()
+
+    async def _connect(self) -> tuple[int, int]:
+        """A new context: mount and open in an I/O thread (synchronous calls),
+        then the asynchronous API on the loop.  Returns (size, allocated)."""
+        options = self._options
+        export, name = posixpath.split(self.path)
         try:
             nfs = NfsFile()
         except NfsUnavailable as exc:
             raise BlockDriverError(str(exc), errno.ENOTSUP) from None
         writable = not self.node.read_only
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"nfs-{self.node.node_name}")
 
         def run() -> tuple[int, int]:
             nfs.configure(uid=options.get("user"), gid=options.get("group"),
@@ -93,27 +103,35 @@ class NfsDriver(BlockDriver):
             return nfs.stat()
 
         try:
-            self._size, self._allocated = await self._call(run)
+            result = await self._call(self.node.graph.run_io(run))
         except BaseException:
-            thread, self._thread = self._thread, None
-            thread.submit(nfs.close)
-            thread.shutdown(wait=False)
+            await self.node.graph.run_io(nfs.close)
             raise
         self._file = nfs
+        self._async = AsyncContext(nfs, asyncio.get_running_loop())
+        return result
 
     async def close(self) -> None:
         nfs, self._file = self._file, None
-        thread = self._thread
-        if nfs is None or thread is None:
-            return
-        await asyncio.get_running_loop().run_in_executor(thread, nfs.close)
-        self._thread = None
-        thread.shutdown(wait=False)
+        ctx, self._async = self._async, None
+        if ctx is not None:
+            ctx.detach()
+        if nfs is not None:
+            await self.node.graph.run_io(nfs.close)
 
-    def _nfs(self) -> NfsFile:
-        if self._file is None:
+    def _nfs(self) -> AsyncContext:
+        if self._async is None:
             raise BlockDriverError("The NFS file is not open", errno.EBADF)
-        return self._file
+        return self._async
+
+    async def _ready(self) -> AsyncContext:
+        """The context, connected again first if the server was lost (libnfs
+        gives up on a context whose reconnection failed)."""
+        if self._broken:
+            await self.close()
+            self._broken = False
+            await self._connect()
+        return self._nfs()
 
     # --- I/O --------------------------------------------------------------------
 
@@ -123,11 +141,11 @@ class NfsDriver(BlockDriver):
         valid = max(0, min(length, self._size - offset))
         if valid == 0:
             return bytes(length)
-        data = await self._call(self._nfs().pread, offset, valid)
+        data = await self._call((await self._ready()).pread(offset, valid))
         return data if valid == length else data + bytes(length - valid)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self._call(self._nfs().pwrite, offset, data)
+        await self._call((await self._ready()).pwrite(offset, data))
         self._writes += 1
         self._size = max(self._size, offset + len(data))
         if fua:
@@ -137,7 +155,7 @@ class NfsDriver(BlockDriver):
         generation = self._writes
         if generation == self._flushed:
             return
-        await self._call(self._nfs().fsync)
+        await self._call((await self._ready()).fsync())
         self._flushed = max(self._flushed, generation)
 
     def has_pending_writes(self) -> bool:
@@ -147,7 +165,7 @@ class NfsDriver(BlockDriver):
         return self._writes == self._flushed
 
     async def truncate(self, size: int) -> None:
-        await self._call(self._nfs().truncate, size)
+        await self._call((await self._ready()).truncate(size))
         self._writes += 1
         self._size = size
 
@@ -161,13 +179,9 @@ class NfsDriver(BlockDriver):
     # --- activation ---------------------------------------------------------------
 
     async def invalidate_cache(self) -> None:
-        nfs = self._nfs()
-
-        def reload() -> tuple[int, int]:
-            nfs.invalidate_pagecache()
-            return nfs.stat()
-
-        size, allocated = await self._call(reload)
+        ctx = await self._ready()
+        ctx.nfs.invalidate_pagecache()  # memory only: no request to the server
+        size, allocated = await self._call(ctx.stat())
         if self.refresh_size:
             self._size = size
         self._allocated = allocated
