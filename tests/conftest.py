@@ -184,3 +184,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def nfs_server() -> Iterator[Any]:
+    """A throw-away NFS server (rpcbind + nfs-ganesha) on 127.0.0.1, for the
+    whole session; skips without its packages, fails in CI."""
+    import shutil
+    import tempfile
+
+    from tests.support.nfs import NfsServer, require_nfs
+
+    require_nfs()
+    workdir = Path(tempfile.mkdtemp(prefix="qnfs", dir="/tmp"))
+    server = NfsServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

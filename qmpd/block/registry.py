@@ -47,6 +47,12 @@ def _nbd() -> type[BlockDriver]:
     return NbdDriver
 
 
+def _nfs() -> type[BlockDriver]:
+    from qmpd.block.nfs import NfsDriver
+
+    return NfsDriver
+
+
 def _qcow2() -> type[BlockDriver]:
     from qmpd.block.qcow2.driver import Qcow2Driver
 
@@ -83,15 +89,15 @@ class DriverTable(Mapping[str, type[BlockDriver]]):
 DRIVERS = DriverTable({
     "file": _file, "host_device": _host_device, "raw": _raw, "null-co": _null,
     "throttle": _throttle, "qcow2": _qcow2, "nbd": _nbd,
-    "rbd": _rbd,
+    "rbd": _rbd, "nfs": _nfs,
 })
 
 
 #: Drivers imported only when a blockdev-add names them, never by the warm-up
 #: or a format probe (they have no signature): the nbd driver brings the NBD
 #: client and protocol, which a daemon that never uses NBD does not load; the
-#: rbd driver loads librados and librbd.
-ON_DEMAND = frozenset({"nbd", "rbd"})
+#: rbd driver loads librados and librbd, the nfs driver libnfs.
+ON_DEMAND = frozenset({"nbd", "rbd", "nfs"})
 
 
 #: What QEMU reads of a file to probe its format.

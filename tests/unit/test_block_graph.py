@@ -279,7 +279,7 @@ async def test_driver_errors_are_block_errors_with_qemu_texts(
 
 
 async def test_registry_names_every_driver(layer: BlockLayer) -> None:
-    assert sorted(DRIVERS) == ["file", "host_device", "nbd", "null-co", "qcow2", "raw",
+    assert sorted(DRIVERS) == ["file", "host_device", "nbd", "nfs", "null-co", "qcow2", "raw",
                                "rbd", "throttle"]
     assert all(cls.format_name == name for name, cls in DRIVERS.items())
     with pytest.raises(GenericError, match=r"^Unknown driver 'vmdk'$"):
