@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tools import IN_CI
+from tests.support.tools import IN_CI, stop_process
 
 #: The programs the cluster needs (ceph-mon, ceph-osd, ceph-common).
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rbd")
@@ -223,11 +222,11 @@ rbd_cache_max_dirty_age = 600
             time.sleep(0.2)
 
     def stop_osd(self) -> None:
-        _stop(self.osd)
+        stop_process(self.osd)
         self.osd = None
 
     def stop_mon(self) -> None:
-        _stop(self.mon)
+        stop_process(self.mon)
         self.mon = None
 
     def ensure_running(self) -> None:
@@ -275,17 +274,6 @@ rbd_cache_max_dirty_age = 600
         """``-blockdev``/``blockdev-add`` options of an rbd node on ``image``."""
         return {"driver": "rbd", "pool": POOL, "image": image,
                 "conf": str(self.client_conf), **extra}
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def lock_holders(cluster: CephCluster, image: str) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tools import IN_CI
+from tests.support.tools import IN_CI, stop_process
 
 PACKAGES = "nfs-ganesha nfs-ganesha-vfs rpcbind libnfs13 qemu-block-extra"
 HOST = "127.0.0.1"
@@ -121,17 +120,9 @@ class NfsServer:
 
     def stop_ganesha(self) -> None:
         proc, self.ganesha = self.ganesha, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 10)
 
     def stop(self) -> None:
         self.stop_ganesha()
         proc, self.rpcbind = self.rpcbind, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
+        stop_process(proc, 10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -85,3 +86,15 @@ def held_bytes(path: str | Path) -> set[int]:
                 # Adjacent bytes of one holder show up merged as a range.
                 out.update(range(int(fields[-2]), int(fields[-1]) + 1))
     return out
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20) -> None:
+    """SIGTERM a helper process that still runs; SIGKILL it after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -236,18 +236,12 @@ class ServerHandshake:
                 else:
                     self.state = _HsState.OPTION_DATA
             elif state is _HsState.OPTION_SKIP:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
-                if self._skip:
+                if not self._skipped(buf):
                     return NEED_DATA
                 self.state = _HsState.OPTION_HEADER
                 self._reply_error(Rep.ERR_TOO_BIG, "option too long")
             elif state is _HsState.PRE_TLS_SKIP:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
-                if self._skip:
+                if not self._skipped(buf):
                     return NEED_DATA
                 self.state = _HsState.OPTION_HEADER
                 event = self._refuse_before_tls(self._option, self._length)
@@ -270,6 +264,13 @@ class ServerHandshake:
 
     def _reply(self, reply: int, data: bytes = b"") -> None:
         self._out += option_reply(self._option, reply, data)
+
+    def _skipped(self, buf: bytearray) -> bool:
+        """Drop what is left of an option not read into memory; True once all of it went."""
+        n = min(self._skip, len(buf))
+        del buf[:n]
+        self._skip -= n
+        return not self._skip
 
     def _reply_error(self, reply: Rep, message: str) -> None:
         self._reply(reply, message.encode("utf-8", "replace"))
