@@ -39,7 +39,7 @@ from qmpd.qmp.server import MonitorConfig, MonitorTls, QMPServer
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
 from qmpd.services import Services
-from qmpd.status import RecentEvents, Watcher, node_status
+from qmpd.status import RecentEvents, Watcher, nodes_status
 from qmpd.vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class Daemon:
             **self.health(),
             "ready": not problems,
             "readiness-problems": problems,
-            "nodes": [node_status(node) for node in self.block.graph.newest_first()],
+            "nodes": nodes_status(self.block.graph.newest_first()),
             "exports": self.exports.status(),
             "jobs": self.jobs.query(),
             "migration": migration,

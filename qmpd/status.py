@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from qmpd.block.driver import PERM_NAMES, BlockNode
-from qmpd.block.filename import refresh_filename
+from qmpd.block.filename import FilenameMemo, refresh_filename
 
 _PERM_BITS = [(int(bit), name) for bit, name in PERM_NAMES.items()]
-_NAMES: dict[int, list[str]] = {}
+_LOCKS: dict[tuple[int, int], dict[str, list[str]]] = {}
 
 
 def perm_names(bits: int) -> list[str]:
     """The names of the permission bits in ``bits`` (QEMU's, as in its lock errors)."""
-    names = _NAMES.get(bits)
-    if names is None:
-        names = _NAMES[bits] = [name for bit, name in _PERM_BITS if bits & bit]
-    return list(names)
+    return [name for bit, name in _PERM_BITS if bits & bit]
+
+
+def _locks(held: int, unshared: int) -> dict[str, list[str]]:
+    """``locks`` of a node (made once per pair and shared: only ever encoded)."""
+    locks = _LOCKS.get((held, unshared))
+    if locks is None:
+        locks = _LOCKS[held, unshared] = {"held": perm_names(held),
+                                          "unshared": perm_names(unshared)}
+    return locks
 
 
 class RecentEvents:
@@ -53,8 +59,11 @@ class Watcher:
         self.changed()
 
 
-def node_status(node: BlockNode) -> dict[str, Any]:
-    """One node: what it is, what it holds, how its caches do, what lies below it."""
+def node_status(node: BlockNode, memo: FilenameMemo | None = None) -> dict[str, Any]:
+    """One node: what it is, what it holds, how its caches do, what lies below it.
+
+    ``memo``: one per status of many nodes, so each file name is made once.
+    """
     driver = node.driver
     locks = driver.locks_held()
     spent = node.stats.activation_seconds
@@ -66,14 +75,19 @@ def node_status(node: BlockNode) -> dict[str, Any]:
     return {
         "node-name": node.node_name,
         "driver": driver.format_name,
-        "filename": refresh_filename(node),
+        "filename": refresh_filename(node, memo),
         "size": node.size(),
         "active": node.active,
         "read-only": node.read_only,
-        "locks": None if locks is None else {"held": perm_names(locks[0]),
-                                             "unshared": perm_names(locks[1])},
+        "locks": None if locks is None else _locks(*locks),
         "cache": caches,
         "activation-ms": None if spent is None else round(spent * 1000, 3),
         "children": [{"role": name, "node-name": edge.child.node_name}
                      for name, edge in node.children.items()],
     }
+
+
+def nodes_status(nodes: Iterable[BlockNode]) -> list[dict[str, Any]]:
+    """:func:`node_status` of each node, sharing the file names' work."""
+    memo: FilenameMemo = {}
+    return [node_status(node, memo) for node in nodes]
