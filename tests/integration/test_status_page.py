@@ -135,16 +135,29 @@ async def test_thousand_nodes_render_within_a_second(mig: Cluster) -> None:
     start(peer)
 
     def add_all() -> None:
-        for i in range(1000):
-            peer.ok("blockdev-add", {"driver": "null-co", "node-name": f"n{i}",
-                                     "size": 1 << 30})
+        # 500 trees of two: a raw node over its null-co child.
+        for i in range(500):
+            peer.ok("blockdev-add", {"driver": "raw", "node-name": f"r{i}", "file": {
+                "driver": "null-co", "node-name": f"n{i}", "size": 1 << 30}})
 
     await in_thread(add_all)
     async with Browser() as browser:
         await browser.goto(f"http://127.0.0.1:{port}/")
         await browser.wait_for(
             "document.getElementById('node-count').textContent === '1000'", timeout=30)
-        assert await browser.evaluate("document.querySelectorAll('#nodes > li').length") == 1000
+        # Correct: every root once at the top, every child under its own parent.
+        assert await browser.evaluate("document.querySelectorAll('#nodes > li').length") == 500
+        assert await browser.evaluate(
+            "[...document.querySelectorAll('#nodes > li > ul > li')]"
+            ".every(li => li.dataset.node === 'n' + li.parentNode.parentNode.dataset.node.slice(1))")
+        assert await browser.evaluate(
+            "document.querySelectorAll('#nodes li[data-node]').length") == 1000
+        render_ms = float(await browser.evaluate("document.body.dataset.renderMs"))
+        assert render_ms < 1000, render_ms
+        # Still live at that size: one more node shows up without a reload.
+        await in_thread(peer.ok, "blockdev-add",
+                        {"driver": "null-co", "node-name": "extra", "size": 1 << 20})
+        await browser.wait_for("!!document.querySelector('[data-node=\"extra\"]')", timeout=10)
         render_ms = float(await browser.evaluate("document.body.dataset.renderMs"))
         assert render_ms < 1000, render_ms
     peer.quit()
