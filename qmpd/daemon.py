@@ -8,10 +8,8 @@ teardown is the reverse of start-up and touches only what started.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
-import json
 import logging
 import os
 import resource
@@ -25,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import qmpd.commands  # noqa: F401  (registers the command handlers)
 from qmpd import __version__, logs, net
 from qmpd.block.core import BlockLayer
-from qmpd.block.filename import refresh_filename
 from qmpd.block.iopool import block_signals
 from qmpd.block.registry import load_all
 from qmpd.cli import BlockdevConfig, Config, HttpConfig, ObjectConfig, redact, redact_message
@@ -42,12 +39,12 @@ from qmpd.qmp.server import MonitorConfig, MonitorTls, QMPServer
 from qmpd.runstate import RunState
 from qmpd.schema import Schema
 from qmpd.services import Services
+from qmpd.status import RecentEvents, Watcher, nodes_status
 from qmpd.vm import VirtualMachine
 
 if TYPE_CHECKING:
     import ssl
 
-    from qmpd.block.driver import BlockNode
     from qmpd.http import Authorize, ConnectionGuard
     from qmpd.metrics import Metrics
     from qmpd.migration.manager import MigrationManager
@@ -214,15 +211,16 @@ class Daemon:
             **self.health(),
             "ready": not problems,
             "readiness-problems": problems,
-            "nodes": [node_status(node) for node in self.block.graph.newest_first()],
+            "nodes": nodes_status(self.block.graph.newest_first()),
             "exports": self.exports.status(),
             "jobs": self.jobs.query(),
             "migration": migration,
+            "handover": self.migration.progress(),
             "events": self.recent_events.list(),
         }
 
     def watch(self, changed: Callable[[], None]) -> Callable[[], None]:
-        sink = _Watcher(changed)
+        sink = Watcher(changed)
         self.events.subscribe(sink)
         return functools.partial(self.events.unsubscribe, sink)
 
@@ -572,48 +570,6 @@ def _sd_notify(message: str) -> None:
         log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
 
 
-class RecentEvents:
-    """The last ``keep`` events, as the bus encoded them (for ``/api/status``)."""
-
-    pretty = False
-
-    def __init__(self, keep: int = 50) -> None:
-        self._kept: collections.deque[bytes] = collections.deque(maxlen=keep)
-
-    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
-        self._kept.append(plain)
-
-    def list(self) -> list[dict[str, Any]]:
-        """Oldest first (decoded only when asked for)."""
-        return [json.loads(raw) for raw in self._kept]
-
-
-class _Watcher:
-    """An event-bus sink that only says something happened."""
-
-    pretty = False
-
-    def __init__(self, changed: Callable[[], None]) -> None:
-        self.changed = changed
-
-    def send_event(self, plain: bytes, pretty: bytes | None) -> None:
-        self.changed()
-
-
-def node_status(node: BlockNode) -> dict[str, Any]:
-    """One node for ``/api/status``: what it is and what lies below it."""
-    return {
-        "node-name": node.node_name,
-        "driver": node.driver.format_name,
-        "filename": refresh_filename(node),
-        "size": node.size(),
-        "active": node.active,
-        "read-only": node.read_only,
-        "children": [{"role": name, "node-name": edge.child.node_name}
-                     for name, edge in node.children.items()],
-    }
-
-
 class OnDemandExports:
     """The NBD server and exports (an ExportService), built at their first use.
 
@@ -703,6 +659,10 @@ class OnDemandMigration:
     def status(self) -> dict[str, Any]:
         """query-migrate's answer, without building migration for it."""
         return self._real.query() if self._real is not None else {}
+
+    def progress(self) -> dict[str, Any] | None:
+        """The last migration's steps and timings (None before any)."""
+        return self._real.progress() if self._real is not None else None
 
     def cancel(self) -> None:
         self.get().cancel()

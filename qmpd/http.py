@@ -105,7 +105,11 @@ async def ready(request: web.Request) -> web.Response:
 
 async def api_status(request: web.Request) -> web.Response:
     """The daemon at a glance, as JSON (schema/http/status.json)."""
-    return web.json_response(request.app[DAEMON_KEY].status())
+    return web.json_response(request.app[DAEMON_KEY].status(), dumps=_compact)
+
+
+#: JSON without the spaces (a third smaller at 1000 nodes, and quicker to make).
+_compact = functools.partial(json.dumps, separators=(",", ":"))
 
 
 async def page(request: web.Request) -> web.Response:
@@ -133,7 +137,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     try:
         while not streams.closing:
             changed.clear()
-            body = json.dumps(daemon.status(), separators=(",", ":"))
+            body = _compact(daemon.status())
             await resp.write(b"data: " + body.encode() + b"\n\n")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), STATUS_TICK)

@@ -265,6 +265,8 @@ class NodeStats:
     wr_operations: int = 0
     flush_operations: int = 0
     invalidations: int = 0
+    #: How long the last activation of the node took (None: never activated).
+    activation_seconds: float | None = None
 
 
 @dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
@@ -708,6 +710,12 @@ class BlockDriver(ABC):
     def cache_stats(self) -> dict[str, tuple[int, int]]:
         """Metadata cache (hits, misses) by cache name, for /metrics."""
         return {}
+
+    def locks_held(self) -> tuple[int, int] | None:
+        """The image locks this node holds now, as permission bits: (the
+        permissions it holds, the ones it refuses to share); None when the
+        driver takes no locks (the default)."""
+        return None
 
     def driver_metrics(self) -> dict[str, float]:
         """The driver's own per-node figures for /metrics, by name

@@ -437,6 +437,10 @@ class FileDriver(BlockDriver):
 
     # --- permissions and activation -----------------------------------------------
 
+    def locks_held(self) -> tuple[int, int] | None:
+        lock = self.lock
+        return (lock.held, lock.unshared) if lock is not None else None
+
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
         if self._auto_read_only:
             await self._reopen(bool(perm & (Perm.WRITE | Perm.RESIZE)))

@@ -360,8 +360,10 @@ class BlockGraph:
         for edge in node.parents:
             if edge.parent is not None and edge.parent.active:
                 await self.refresh_perms(edge.parent)
+        spent = time.perf_counter() - start
+        node.stats.activation_seconds = spent
         if self.metrics is not None:
-            self.metrics.observe_activation(time.perf_counter() - start)
+            self.metrics.observe_activation(spent)
 
     async def activate_all(self, concurrency: int = 8) -> None:
         """Activate every inactive node, children first, in waves.

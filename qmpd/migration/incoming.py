@@ -66,6 +66,10 @@ class IncomingMigration:
         self.task: asyncio.Task[None] | None = None
         self.exit_on_error = True
         self.activation_error: str | None = None
+        #: Activating the nodes at the end of the stream (``progress()``).
+        self.activating = False
+        #: How long activating every node took, in ms (None: it did not happen).
+        self.activation_time: int | None = None
         self.bytes_received = 0
         self._bytes_in = metrics.migration_bytes.labels("in")
 
@@ -78,6 +82,28 @@ class IncomingMigration:
         if self.capabilities["events"]:
             self.events.emit("MIGRATION", {"status": status.value})
         self.metrics.migration_status(status.value)
+
+    def progress(self) -> dict[str, Any] | None:
+        """Where the incoming migration has got (for /api/status), and the
+        activation's time once it completed; None before migrate-incoming."""
+        if not self.started:
+            return None
+        status = self.status
+        if status in (_S.COMPLETED, _S.FAILED):
+            done, step = (3, "completed") if status == _S.COMPLETED else (0, "failed")
+        elif self.activating:
+            done, step = 2, "activating the nodes"
+        elif status == _S.ACTIVE:
+            done, step = 1, "receiving"
+        else:
+            done, step = 0, "waiting for the source"
+        info: dict[str, Any] = {
+            "role": "destination", "status": status.value, "step": step,
+            "steps-done": done, "steps-total": 3, "bytes": self.bytes_received,
+        }
+        if self.activation_time is not None:
+            info["activation-time"] = self.activation_time
+        return info
 
     def info(self) -> dict[str, Any]:
         """query-migrate's destination view."""
@@ -190,9 +216,11 @@ class IncomingMigration:
         # downtime: the collector waits until the run state is set.
         collecting = gc.isenabled()
         gc.disable()
+        self.activating = True
         try:
             await self._complete(globalstate, bitmaps)
         finally:
+            self.activating = False
             if collecting:
                 gc.enable()
         if return_path and channel.writer is not None:
@@ -283,6 +311,7 @@ class IncomingMigration:
                 bitmaps.before_vm_start()
             self._enter_run_state(globalstate)
         if spent is not None:
+            self.activation_time = round(spent * 1000)
             self.metrics.observe_activate_all(spent)
             log.info("incoming migration: %d block nodes activated in %.1f ms",
                      len(graph.nodes), spent * 1000)

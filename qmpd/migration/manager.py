@@ -111,6 +111,11 @@ class MigrationManager:
         source = self.outgoing.info()
         return source if source is not None else self.incoming.info()
 
+    def progress(self) -> dict[str, Any] | None:
+        """The last migration's steps and timings (source's view first, as query)."""
+        source = self.outgoing.progress()
+        return source if source is not None else self.incoming.progress()
+
     def migrate(self, args: dict[str, Any]) -> None:
         self.outgoing.migrate(args)
 

@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 _S = MigrationStatus
 
 
+#: The source's steps, each named when it begins (``progress()``).
+SOURCE_STEPS = ("connecting", "sending the setup", "switchover: stop, inactivate, send",
+                "waiting for the destination", "completed")
+
+
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -179,6 +184,37 @@ class OutgoingMigration:
             return info
         if self.error is not None:
             info["error-desc"] = self.error
+        return info
+
+    def progress(self) -> dict[str, Any] | None:
+        """Where the last migration has got, in the handover's steps (for
+        /api/status: the stream is small, its steps are the progress), and
+        its timings once it completed; None before the first migration."""
+        status = self.status
+        if status == _S.NONE:
+            return None
+        if status == _S.SETUP:
+            done, step = 0, "connecting"
+        elif status == _S.COMPLETED:
+            done, step = len(SOURCE_STEPS) - 1, "completed"
+        elif self.committed:
+            done, step = 3, SOURCE_STEPS[3]
+        elif status == _S.PRE_SWITCHOVER:
+            done, step = 2, "paused before switchover"
+        elif self.vm.state == RunState.FINISH_MIGRATE:
+            done, step = 2, SOURCE_STEPS[2]
+        elif status == _S.ACTIVE:
+            done, step = 1, SOURCE_STEPS[1]
+        else:  # failed, cancelling, cancelled
+            done, step = 0, status.value
+        info: dict[str, Any] = {
+            "role": "source", "status": status.value, "step": step,
+            "steps-done": done, "steps-total": len(SOURCE_STEPS) - 1,
+            "bytes": self.bytes_sent - self._bytes_at_start,
+        }
+        if status == _S.COMPLETED:
+            info.update({"setup-time": self.setup_time, "total-time": self.total_time,
+                         "downtime": self.downtime})
         return info
 
     def migrate(self, args: dict[str, Any]) -> None:

@@ -71,6 +71,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.machine import describe
 from tests.bench.startup_bench import (
     BINARIES,
     QEMU,
@@ -426,6 +427,7 @@ def main() -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     if args.json:
         Path(args.json).write_text(json.dumps({
+            "machine": describe(),
             "migration": {t: {str(k): v for k, v in by_k.items()} for t, by_k in results.items()},
             "startup": startup, "medians": {"migration": mig_med, "startup": start_med},
             "verdicts": rows, "nodes": nodes, "reps": args.reps}, indent=1))

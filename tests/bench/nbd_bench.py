@@ -327,7 +327,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     report(samples, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": {"size": args.size, "reps": args.reps,
+        sys.path.insert(0, str(REPO))
+        from tests.bench.machine import describe
+
+        Path(args.json).write_text(json.dumps({"machine": describe(),
+                                               "args": {"size": args.size, "reps": args.reps,
                                                          "count": args.count},
                                                "samples": samples}, indent=1))
     return 0

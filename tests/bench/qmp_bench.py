@@ -1333,7 +1333,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\n(total wall time {meta['wall_s']:.0f} s)")
     if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.bench.machine import describe
+
         doc = {
+            "machine": describe(),
             "meta": meta,
             "reps": reps,
             "summary": summary,

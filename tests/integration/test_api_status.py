@@ -43,6 +43,16 @@ def nodes(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n["node-name"]: n for n in body["nodes"]}
 
 
+#: QEMU's lock bytes: 100 + bit while holding a permission, 200 + bit while not sharing it.
+PERM_BIT = {"consistent read": 0, "write": 1, "write unchanged": 2, "resize": 3}
+
+
+def assert_locks_match(locks: dict[str, list[str]], kernel: set[int]) -> None:
+    """The locks /api/status names are the bytes the kernel says the process holds."""
+    named = {100 + PERM_BIT[p] for p in locks["held"]} | {200 + PERM_BIT[p] for p in locks["unshared"]}
+    assert named == kernel, (locks, sorted(kernel))
+
+
 
 def test_status_follows_the_daemon_and_fits_its_schema(mig: Cluster) -> None:
     image = create_qcow2(mig.dir / "disk.qcow2", "64M")
@@ -65,6 +75,16 @@ def test_status_follows_the_daemon_and_fits_its_schema(mig: Cluster) -> None:
     assert body["disk"]["filename"] == str(image)
     (child,) = body["disk"]["children"]
     assert child["role"] == "file" and body[child["node-name"]]["driver"] == "file"
+    # The locks are the ones the kernel shows for the image, by permission.
+    file_node = body[child["node-name"]]
+    assert body["disk"]["locks"] is None  # qcow2 itself takes none: its file does
+    assert_locks_match(file_node["locks"], src.lock_bytes(image))
+    assert "write" in file_node["locks"]["held"]
+    # qcow2's metadata caches: looked up while opening, so some hits and misses.
+    assert set(body["disk"]["cache"]) == {"l2", "refcount"}
+    assert file_node["cache"] == {}
+    assert body["disk"]["activation-ms"] is None  # opened active, never activated
+    assert first["handover"] is None
 
     # An export with a client connected to it.
     nbd_sock = mig.dir / "nbd.sock"
@@ -104,25 +124,55 @@ def test_status_follows_the_daemon_and_fits_its_schema(mig: Cluster) -> None:
 
     # A migration: the source ends inactive, the destination active.
     dst.add_disk(image)
-    assert nodes(status(dport))["disk"]["active"] is False
+    waiting = status(dport)
+    assert nodes(waiting)["disk"]["active"] is False
+    dst_file = nodes(waiting)["disk"]["children"][0]["node-name"]
+    assert nodes(waiting)[dst_file]["locks"] == {"held": [], "unshared": []}
     uri = f"unix:{mig.dir / 'mig.sock'}"
     dst.ok("migrate-incoming", {"uri": uri})
+    listening = status(dport)["handover"]
+    assert listening["role"] == "destination" and listening["steps-done"] == 0
+    # Paused before the switchover: part of the way, and the page can say where.
+    src.caps(pause_before_switchover=True)
     src.ok("migrate", {"uri": uri})
+    assert src.wait_migration(states=("pre-switchover",))["status"] == "pre-switchover"
+    paused = status(sport)["handover"]
+    assert paused["role"] == "source" and paused["status"] == "pre-switchover"
+    assert 0 < paused["steps-done"] < paused["steps-total"]
+    assert "downtime" not in paused
+    src.ok("migrate-continue", {"state": "pre-switchover"})
     assert src.wait_migration()["status"] == "completed"
     assert dst.wait_migration()["status"] == "completed"
     after = status(sport)
     assert after["migration"]["status"] == "completed" and after["run-state"] == "postmigrate"
     assert nodes(after)["disk"]["active"] is False
+    # The inactive source gave the write lock up (what it kept, the kernel agrees with).
+    src_locks = nodes(after)[child["node-name"]]["locks"]
+    assert "write" not in src_locks["held"]
+    assert_locks_match(src_locks, src.lock_bytes(image))
+    done = after["handover"]
+    assert done["steps-done"] == done["steps-total"] and done["step"] == "completed"
+    assert done["downtime"] == after["migration"]["downtime"]
+    assert done["total-time"] == after["migration"]["total-time"] >= done["downtime"]
     landed = status(dport)
     assert landed["run-state"] == "running" and nodes(landed)["disk"]["active"] is True
+    arrived = landed["handover"]
+    assert arrived["role"] == "destination" and arrived["step"] == "completed"
+    assert arrived["steps-done"] == arrived["steps-total"] and arrived["bytes"] > 0
+    assert arrived["activation-time"] >= 0
+    # Each node's own activation time, and the locks it took with it.
+    for name in ("disk", dst_file):
+        assert nodes(landed)[name]["activation-ms"] >= 0
+    assert_locks_match(nodes(landed)[dst_file]["locks"], dst.lock_bytes(image))
 
-    # Read-only: the endpoint takes no other method, and nothing moved.
-    for method in ("POST", "PUT", "DELETE"):
-        req = urllib.request.Request(f"http://127.0.0.1:{sport}/api/status", data=b"{}",
-                                     method=method)
-        with pytest.raises(urllib.error.HTTPError) as exc:
-            urllib.request.urlopen(req, timeout=10)
-        assert exc.value.code == 405
+    # Read-only: no endpoint takes another method, and nothing moved.
+    for path in ("/api/status", "/api/events", "/", "/metrics", "/ready", "/health"):
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            req = urllib.request.Request(f"http://127.0.0.1:{sport}{path}", data=b"{}",
+                                         method=method)
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(req, timeout=10)
+            assert exc.value.code == 405, (method, path)
     assert status(sport)["nodes"] == after["nodes"]
 
     for peer in (src, dst):
@@ -142,6 +192,8 @@ def test_an_open_event_stream_does_not_hold_up_shutdown(mig: Cluster) -> None:
         # The node arrives on the stream, within the next statuses.
         for _ in range(20):
             line = stream.readline()
+            if line.startswith(b"data: "):
+                VALIDATOR.validate(json.loads(line[len(b"data: "):]))
             if line.startswith(b"data: ") and b'"node-name":"disk"' in line:
                 break
         else:
@@ -149,5 +201,10 @@ def test_an_open_event_stream_does_not_hold_up_shutdown(mig: Cluster) -> None:
         peer.qmp.cmd("quit")
         # aiohttp would wait up to a minute for a handler still streaming.
         assert peer.wait(10) == 0
+        # Every status down to the shutdown fits the schema, and the stream ends.
+        rest = stream.read()
+        for line in rest.splitlines():
+            if line.startswith(b"data: "):
+                VALIDATOR.validate(json.loads(line[len(b"data: "):]))
     finally:
         stream.close()

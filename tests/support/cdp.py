@@ -39,6 +39,8 @@ class Browser:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ids = itertools.count(1)
         self._page_session = ""
+        #: Every protocol event received so far (``Network.requestWillBeSent``...).
+        self.events: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> Browser:
         self._proc = subprocess.Popen(
@@ -55,7 +57,13 @@ class Browser:
         self._page_session = attached["sessionId"]
         await self.send("Page.enable", page=True)
         await self.send("Runtime.enable", page=True)
+        await self.send("Network.enable", page=True)
         return self
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, URL) of every request the page made so far."""
+        return [(e["params"]["request"]["method"], e["params"]["request"]["url"])
+                for e in self.events if e["method"] == "Network.requestWillBeSent"]
 
     def _devtools_url(self) -> str:
         assert self._proc is not None and self._proc.stderr is not None
@@ -91,6 +99,8 @@ class Browser:
         await self._ws.send_str(json.dumps(msg))
         while True:
             reply = await asyncio.wait_for(self._ws.receive_json(), 30)
+            if "method" in reply:
+                self.events.append(reply)
             if reply.get("id") == msg_id:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
@@ -126,7 +136,8 @@ class Browser:
             await asyncio.sleep(0.05)
 
     async def screenshot(self, path: Path) -> None:
-        shot = await self.send("Page.captureScreenshot", {"format": "png"}, page=True)
+        shot = await self.send("Page.captureScreenshot",
+                               {"format": "png", "captureBeyondViewport": True}, page=True)
         path.write_bytes(base64.b64decode(shot["data"]))
 
 
