@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -54,11 +55,46 @@ DAEMON_KEY: web.AppKey[HealthService] = web.AppKey("daemon")
 
 
 class _Streams:
-    """The status streams open, and whether the listener is closing."""
+    """The status streams open, and the one status they all send.
+
+    Every stream wakes on the same events, so the status is made once per
+    change (or once per tick) and shared: N open pages cost what one does.
+    """
 
     def __init__(self) -> None:
         self.open: set[asyncio.Event] = set()
         self.closing = False
+        self.generation = 0
+        self._stop: Callable[[], None] | None = None
+        self._made: tuple[int, float, bytes] | None = None
+
+    def join(self, daemon: HealthService, changed: asyncio.Event) -> None:
+        if not self.open:
+            self._stop = daemon.watch(self._changed)
+        self.open.add(changed)
+
+    def leave(self, changed: asyncio.Event) -> None:
+        self.open.discard(changed)
+        if not self.open and self._stop is not None:
+            self._stop()
+            self._stop = None
+            self._made = None
+
+    def _changed(self) -> None:
+        self.generation += 1
+        for changed in self.open:
+            changed.set()
+
+    def body(self, daemon: HealthService) -> bytes:
+        """The status as one SSE message, made again only after a change or
+        when the last one is older than half a tick (progress moves silently)."""
+        now = time.monotonic()
+        made = self._made
+        if made is None or made[0] != self.generation or now - made[1] >= STATUS_TICK / 2:
+            made = (self.generation, now,
+                    b"data: " + _compact(daemon.status()).encode() + b"\n\n")
+            self._made = made
+        return made[2]
 
 
 STREAMS_KEY: web.AppKey[_Streams] = web.AppKey("streams", _Streams)
@@ -132,21 +168,18 @@ async def api_events(request: web.Request) -> web.StreamResponse:
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
     changed = asyncio.Event()
-    stop = daemon.watch(changed.set)
-    streams.open.add(changed)
+    streams.join(daemon, changed)
     try:
         while not streams.closing:
             changed.clear()
-            body = _compact(daemon.status())
-            await resp.write(b"data: " + body.encode() + b"\n\n")
+            await resp.write(streams.body(daemon))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), STATUS_TICK)
             await asyncio.sleep(STATUS_COALESCE)
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
-        stop()
-        streams.open.discard(changed)
+        streams.leave(changed)
     return resp
 
 
