@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from qmpd import logs, net
+from qmpd import eager, logs, net
 from qmpd.errors import GenericError
 from qmpd.net import StdioAddress, UnixAddress
 from qmpd.qmp.budget import QMPInputBudget
@@ -248,15 +248,24 @@ class QMPConnection(asyncio.Protocol):
             except Exception as exc:  # e.g. a reply that cannot be encoded
                 log.exception("%s: %s failed", self.monitor.config.id, item.command)
                 reply = self.session.error_reply(item, GenericError(f"internal error: {exc}"))
-            if isinstance(reply, bytes):
-                self.session.request_done(item)
-                self._write(reply)
-            else:
-                self.busy = True
-                server.run_command(self._finish(item, reply), reply)
-                return
+            if not isinstance(reply, bytes):
+                # A coroutine command starts here and now; most end here too
+                # (no task, no turn of the loop), the others go on in a task.
+                try:
+                    finished, value = eager.start(reply)
+                except asyncio.CancelledError:  # as a cancelled task: no reply
+                    self.session.request_done(item)
+                    continue
+                if not finished:
+                    self.busy = True
+                    server.run_command(
+                        self._finish(item, cast("eager.Started[bytes]", value)), reply)
+                    return
+                reply = cast(bytes, value)
+            self.session.request_done(item)
+            self._write(reply)
 
-    async def _finish(self, request: Request, reply: Coroutine[Any, Any, bytes]) -> None:
+    async def _finish(self, request: Request, reply: eager.Started[bytes]) -> None:
         try:
             data = await reply
         finally:
