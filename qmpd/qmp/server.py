@@ -74,6 +74,9 @@ class QMPConnection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self._batch: list[bytes] | None = None
+        #: Events to write at the end of this callback (see send_event).
+        self._events: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._batch_size = 0
         self._fd_sock: socket.socket | None = None
 
@@ -84,6 +87,7 @@ class QMPConnection(asyncio.Protocol):
         # isinstance check: any stream transport will do.
         stream = cast(asyncio.Transport, transport)
         self.transport = stream
+        self._loop = asyncio.get_running_loop()
         tls = self.monitor.tls
         if tls is not None and tls.authorize is not None:
             # After the handshake, before the greeting: a refused client sees nothing.
@@ -203,6 +207,7 @@ class QMPConnection(asyncio.Protocol):
         # these commands) goes out in one write, in order.
         if self._batch is not None:
             return
+        self._flush_events()  # what was emitted before goes before the batch
         self._batch = []
         self._batch_size = 0
         try:
@@ -294,6 +299,8 @@ class QMPConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
+        if self._events:  # events emitted before this come first
+            self._flush_events()
         if self._batch is not None:
             self._batch.append(data)
             self._batch_size += len(data)
@@ -306,10 +313,44 @@ class QMPConnection(asyncio.Protocol):
     def send_event(self, plain: bytes, pretty: bytes | None) -> None:
         if self.session.negotiating or self.closed or self.transport is None:
             return
+        data = pretty if self.pretty and pretty is not None else plain
+        if self._batch is not None:
+            self._write(data)
+            self._check_backlog()
+            return
+        # Outside a command's batch (a job, a migration): written once this
+        # callback is over, with every event it emits after this one, in one
+        # write; a reply or a batch that comes first sends them first.  The
+        # migration source's downtime, from STOP to completed, then has no
+        # write to the client in it (QEMU 7.2 writes its events at once).
+        if not self._events:
+            try:
+                # The loop that runs the transport (no getpid() of
+                # asyncio.get_running_loop on every event).
+                (self._loop or asyncio.get_running_loop()).call_soon(self._flush_events)
+            except RuntimeError:  # the loop is closed (shutdown): at once, as before
+                self._write(data)
+                self._check_backlog()
+                return
+        self._events.append(data)
+
+    def _flush_events(self) -> None:
+        events = self._events
+        if not events:
+            return
+        self._events = []
         transport = self.transport
-        self._write(pretty if self.pretty and pretty is not None else plain)
+        if transport is None or self.closed:
+            return
+        transport.write(events[0] if len(events) == 1 else b"".join(events))
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
         # Replies cannot pile up (requests stop running while output is
         # unread); events can, so they are what the output limit bounds.
+        transport = self.transport
+        if transport is None or self.closed:
+            return
         if transport.get_write_buffer_size() > self.monitor.server.output_limit:
             log.warning(
                 "%s: client does not read its output (%d bytes queued); disconnecting",
@@ -322,6 +363,7 @@ class QMPConnection(asyncio.Protocol):
             transport.abort()
 
     def close(self) -> None:
+        self._flush_events()
         if self.transport is not None and not self.closed:
             self.transport.close()
 
