@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -590,7 +592,11 @@ class QMPServer:
 
     def _command_done(self, task: asyncio.Task[None], reply: Coroutine[Any, Any, bytes]) -> None:
         self._commands.discard(task)
-        # A task cancelled before it started never awaited its reply.
+        if inspect.getcoroutinestate(reply) == inspect.CORO_SUSPENDED:
+            # Started in its first step, cancelled before its task went on:
+            # the cancel reaches it where it waits, as a task's would.
+            with contextlib.suppress(BaseException):
+                reply.throw(asyncio.CancelledError())
         reply.close()
         if not task.cancelled() and task.exception() is not None:
             log.error("command task failed", exc_info=task.exception())
