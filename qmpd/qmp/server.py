@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -22,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from qmpd import logs, net
+from qmpd import eager, logs, net
 from qmpd.errors import GenericError
 from qmpd.net import StdioAddress, UnixAddress
 from qmpd.qmp.budget import QMPInputBudget
@@ -74,6 +76,9 @@ class QMPConnection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self._batch: list[bytes] | None = None
+        #: Events to write at the end of this callback (see send_event).
+        self._events: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._batch_size = 0
         self._fd_sock: socket.socket | None = None
 
@@ -84,6 +89,7 @@ class QMPConnection(asyncio.Protocol):
         # isinstance check: any stream transport will do.
         stream = cast(asyncio.Transport, transport)
         self.transport = stream
+        self._loop = asyncio.get_running_loop()
         tls = self.monitor.tls
         if tls is not None and tls.authorize is not None:
             # After the handshake, before the greeting: a refused client sees nothing.
@@ -203,6 +209,7 @@ class QMPConnection(asyncio.Protocol):
         # these commands) goes out in one write, in order.
         if self._batch is not None:
             return
+        self._flush_events()  # what was emitted before goes before the batch
         self._batch = []
         self._batch_size = 0
         try:
@@ -248,15 +255,24 @@ class QMPConnection(asyncio.Protocol):
             except Exception as exc:  # e.g. a reply that cannot be encoded
                 log.exception("%s: %s failed", self.monitor.config.id, item.command)
                 reply = self.session.error_reply(item, GenericError(f"internal error: {exc}"))
-            if isinstance(reply, bytes):
-                self.session.request_done(item)
-                self._write(reply)
-            else:
-                self.busy = True
-                server.run_command(self._finish(item, reply), reply)
-                return
+            if not isinstance(reply, bytes):
+                # A coroutine command starts here and now; most end here too
+                # (no task, no turn of the loop), the others go on in a task.
+                try:
+                    finished, value = eager.start(reply)
+                except asyncio.CancelledError:  # as a cancelled task: no reply
+                    self.session.request_done(item)
+                    continue
+                if not finished:
+                    self.busy = True
+                    server.run_command(
+                        self._finish(item, cast("eager.Started[bytes]", value)), reply)
+                    return
+                reply = cast(bytes, value)
+            self.session.request_done(item)
+            self._write(reply)
 
-    async def _finish(self, request: Request, reply: Coroutine[Any, Any, bytes]) -> None:
+    async def _finish(self, request: Request, reply: eager.Started[bytes]) -> None:
         try:
             data = await reply
         finally:
@@ -285,6 +301,8 @@ class QMPConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
+        if self._events:  # events emitted before this come first
+            self._flush_events()
         if self._batch is not None:
             self._batch.append(data)
             self._batch_size += len(data)
@@ -297,10 +315,44 @@ class QMPConnection(asyncio.Protocol):
     def send_event(self, plain: bytes, pretty: bytes | None) -> None:
         if self.session.negotiating or self.closed or self.transport is None:
             return
+        data = pretty if self.pretty and pretty is not None else plain
+        if self._batch is not None:
+            self._write(data)
+            self._check_backlog()
+            return
+        # Outside a command's batch (a job, a migration): written once this
+        # callback is over, with every event it emits after this one, in one
+        # write; a reply or a batch that comes first sends them first.  The
+        # migration source's downtime, from STOP to completed, then has no
+        # write to the client in it (QEMU 7.2 writes its events at once).
+        if not self._events:
+            try:
+                # The loop that runs the transport (no getpid() of
+                # asyncio.get_running_loop on every event).
+                (self._loop or asyncio.get_running_loop()).call_soon(self._flush_events)
+            except RuntimeError:  # the loop is closed (shutdown): at once, as before
+                self._write(data)
+                self._check_backlog()
+                return
+        self._events.append(data)
+
+    def _flush_events(self) -> None:
+        events = self._events
+        if not events:
+            return
+        self._events = []
         transport = self.transport
-        self._write(pretty if self.pretty and pretty is not None else plain)
+        if transport is None or self.closed:
+            return
+        transport.write(events[0] if len(events) == 1 else b"".join(events))
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
         # Replies cannot pile up (requests stop running while output is
         # unread); events can, so they are what the output limit bounds.
+        transport = self.transport
+        if transport is None or self.closed:
+            return
         if transport.get_write_buffer_size() > self.monitor.server.output_limit:
             log.warning(
                 "%s: client does not read its output (%d bytes queued); disconnecting",
@@ -313,6 +365,7 @@ class QMPConnection(asyncio.Protocol):
             transport.abort()
 
     def close(self) -> None:
+        self._flush_events()
         if self.transport is not None and not self.closed:
             self.transport.close()
 
@@ -539,7 +592,11 @@ class QMPServer:
 
     def _command_done(self, task: asyncio.Task[None], reply: Coroutine[Any, Any, bytes]) -> None:
         self._commands.discard(task)
-        # A task cancelled before it started never awaited its reply.
+        if inspect.getcoroutinestate(reply) == inspect.CORO_SUSPENDED:
+            # Started in its first step, cancelled before its task went on:
+            # the cancel reaches it where it waits, as a task's would.
+            with contextlib.suppress(BaseException):
+                reply.throw(asyncio.CancelledError())
         reply.close()
         if not task.cancelled() and task.exception() is not None:
             log.error("command task failed", exc_info=task.exception())

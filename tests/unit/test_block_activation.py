@@ -17,7 +17,7 @@ from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
 from tests.support.block import qcow2
-from tests.support.tools import held_bytes
+from tests.support.tools import held_bytes, qemu_img, qemu_io
 
 MiB = 1 << 20
 
@@ -234,3 +234,68 @@ def test_the_first_conflict_in_qemus_order_is_named(image_fds: tuple[str, int, i
     with pytest.raises(LockError) as exc:
         ImageLock(ours).update(READ_WRITE, SHARES)
     assert str(exc.value) == 'Failed to get "write" lock'
+
+
+def _reftable_on_disk(path: Path) -> list[int]:
+    """The refcount table as the file holds it (header fields at 48 and 56)."""
+    data = path.read_bytes()
+    offset = int.from_bytes(data[48:56], "big")
+    clusters = int.from_bytes(data[56:60], "big")
+    cluster_size = 1 << int.from_bytes(data[20:24], "big")
+    raw = data[offset:offset + clusters * cluster_size]
+    return [int.from_bytes(raw[i:i + 8], "big") for i in range(0, len(raw), 8)]
+
+
+async def test_activation_rereads_the_refcount_table_into_the_dropped_ones_memory(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """Issue 10: the dropped image's refcount table takes the one read at
+    activation (no new pages); what it holds is what the disk says now, not
+    what it held, and a table of another size gets memory of its own."""
+    path = tmp_path / "small.qcow2"
+    # 512-byte clusters and 64-bit refcounts: a refcount block covers 32 KiB,
+    # so a few hundred KiB written by another process add reftable entries.
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
+             path, "16M")
+    node = await layer.add({"driver": "qcow2", "node-name": "small",
+                            "file": {"driver": "file", "filename": str(path)}}, inactive=True)
+    image = node.driver._image  # type: ignore[attr-defined]
+    old = image.refs.reftable
+    before = list(old)
+    # The source writes while this side is inactive (it holds no write lock).
+    qemu_io("-f", "qcow2", "-c", "write -P 0x5a 0 384k", path, check=True)
+    expected = _reftable_on_disk(path)
+    assert len(expected) == len(before)
+    assert expected != before  # the test means something: new refcount blocks
+    await layer.activate_all()
+    new = node.driver._image.refs.reftable  # type: ignore[attr-defined]
+    assert new is old  # the same memory ...
+    assert list(new) == expected  # ... holding the table read now, in host order
+    assert await node.read(0, 4096) == b"\x5a" * 4096
+    # A write allocating more refcount blocks works on the table read.
+    await node.write(1 << 20, b"w" * 65536)
+    await node.flush()
+    # A table that grew on disk (another size) is read into a table of its own.
+    await layer.inactivate_all()
+    stale = node.driver._image.refs.reftable  # type: ignore[attr-defined]
+    await layer.close_all()
+    layer.graph.close()
+    qemu_img("check", path)
+    qemu_io("-f", "qcow2", "-c", "write -P 0x33 2M 3M", path, check=True)
+    grown = _reftable_on_disk(path)
+    assert len(grown) != len(stale)
+    second = BlockLayer()
+    try:
+        again = await second.add({"driver": "qcow2", "node-name": "small",
+                                  "file": {"driver": "file", "filename": str(path)}},
+                                 inactive=True)
+        spare = again.driver._image.refs.reftable  # type: ignore[attr-defined]
+        spare.extend([0] * 8)  # another size than the table on disk
+        await second.activate_all()
+        table = again.driver._image.refs.reftable  # type: ignore[attr-defined]
+        assert table is not spare and list(table) == grown
+        assert await again.read(2 << 20, 4096) == b"\x33" * 4096
+    finally:
+        await second.close_all()
+        second.graph.close()
+    qemu_img("check", path)

@@ -378,3 +378,20 @@ def test_capability_list_is_qemu_72s() -> None:
     assert len(MIGRATION_CAPABILITIES) == 21
     assert {"events", "return-path", "late-block-activate", "pause-before-switchover"} <= set(
         MIGRATION_CAPABILITIES)
+
+
+@pytest.mark.parametrize("caps", [
+    {},
+    {"return-path": True},
+    {"dirty-bitmaps": True},
+    {"return-path": True, "dirty-bitmaps": True, "late-block-activate": True},
+])
+def test_incoming_rehearses_parsing_a_whole_stream(caps: dict[str, bool]) -> None:
+    """Issue 10: migrate-incoming parses a stream like the one to come, to
+    its end, every time (so the parser's code is warm in the downtime)."""
+    from qmpd.migration.incoming import _REHEARSALS, _rehearse_parsing
+    from qmpd.migration.state import MigrationSettings
+
+    settings = MigrationSettings()
+    settings.capabilities.update(caps)
+    assert _rehearse_parsing(settings.capabilities) == _REHEARSALS

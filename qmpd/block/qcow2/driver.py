@@ -533,13 +533,16 @@ class Qcow2Driver(BlockDriver):
         read = child.driver.blocking_reader() if child is not None else None
         if child is None or read is None:
             return None
+        # The dropped image's refcount table (nothing reads it any more: it is
+        # no part of a read's path) takes the new one, in pages already in use.
+        spare = image.refs.reftable if image is not None else None
         self._image = None
         config_for = self._config_for
         writable = not node.read_only
 
         def run() -> tuple[LoadedMetadata, int, int] | Exception:
             try:
-                return read_metadata_blocking(read, config_for, writable)
+                return read_metadata_blocking(read, config_for, writable, spare)
             except (Qcow2FormatError, BlockDriverError, OSError) as exc:
                 return exc
 

@@ -10,6 +10,7 @@ are bound straight onto the image, so a request costs no extra call.
 from __future__ import annotations
 
 import logging
+import sys
 from array import array
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -76,14 +77,18 @@ class LoadedMetadata:
 ReadRequest = tuple[int, int]
 
 
-def read_metadata(config_for: Callable[[Header], CacheConfig],
-                  writable: bool) -> Generator[list[ReadRequest], list[bytes], LoadedMetadata]:
+def read_metadata(config_for: Callable[[Header], CacheConfig], writable: bool,
+                  spare_reftable: array[int] | None = None,
+                  ) -> Generator[list[ReadRequest], list[bytes], LoadedMetadata]:
     """Read and check the header, L1 table, refcount table and snapshots.
 
     Written once for both ways of reading: the open path sends it the
     results of awaited reads, activation runs it whole in an I/O thread
     over a blocking read (so one node costs one thread hop, not three).
-    Pure apart from the reads: it touches no node or event-loop state.
+    Pure apart from the reads: it touches no node or event-loop state
+    but ``spare_reftable``, a refcount table nobody uses any more (the
+    dropped image's, at activation), which takes the one read from disk
+    if it has its size.
     """
     # One small read covers the header in practice (activation does this for
     # every node, so each round trip and each byte from the disk counts).
@@ -116,7 +121,7 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
     raws = yield tables
     if hdr.l1_size:
         l1 = u64_be_to_array(memoryview(raws[0])[:nbytes])
-    reftable = u64_be_to_array(raws[-1])
+    reftable = _refill(spare_reftable, raws[-1])
     snapshots: list[Snapshot] = []
     table_size = 0
     if hdr.nb_snapshots:
@@ -137,12 +142,27 @@ def read_metadata(config_for: Callable[[Header], CacheConfig],
 BlockingRead = Callable[[list[ReadRequest]], list[bytes]]
 
 
+def _refill(spare: array[int] | None, raw: bytes) -> array[int]:
+    """``raw`` (big-endian u64s) as a host-order array: in ``spare`` if it has
+    the size.  Memory already in use takes it without new pages (a fresh
+    64 KiB table costs ~17 page faults, the better part of activating a
+    node's Python)."""
+    if spare is None or len(spare) * 8 != len(raw):
+        return u64_be_to_array(raw)
+    with memoryview(spare) as view, view.cast("B") as octets:
+        octets[:] = raw
+    if sys.byteorder == "little":
+        spare.byteswap()
+    return spare
+
+
 def read_metadata_blocking(
     read: BlockingRead, config_for: Callable[[Header], CacheConfig], writable: bool,
+    spare_reftable: array[int] | None = None,
 ) -> tuple[LoadedMetadata, int, int]:
     """:func:`read_metadata` over a blocking ``read`` (in an I/O thread):
     the metadata, and the reads and bytes done (for the file's counters)."""
-    steps = read_metadata(config_for, writable)
+    steps = read_metadata(config_for, writable, spare_reftable)
     reads = nbytes = 0
     try:
         requests = next(steps)
