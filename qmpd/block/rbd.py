@@ -164,9 +164,23 @@ class _Completions:
             else:
                 future.set_result(data)
 
-    def start_unpinning(self) -> None:
-        """From now on each callback on a pinned thread drops its pin."""
+    async def unpin(self, image: Any) -> None:
+        """Before librbd's threads end, have each drop its pinned thread state:
+        flushes, which complete on those threads, until every pinned thread
+        has run one; given up after UNPIN_TIMEOUT s (a thread that ends
+        pinned leaves its thread state behind, a little memory)."""
         self._unpinning = True
+        deadline = time.monotonic() + UNPIN_TIMEOUT
+        while self.pinned and time.monotonic() < deadline:
+            futures = [self.loop.create_future() for _ in range(UNPIN_BATCH)]
+            try:
+                for future in futures:
+                    image.aio_flush(self.callback(future))
+                await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                       max(0.0, deadline - time.monotonic()))
+            except Exception as exc:  # the cluster is gone: nothing completes
+                log.debug("rbd: unpinning librbd's threads: %s", exc)
+                return
 
     def close(self) -> None:
         """After the last callback (the image and connection are closed)."""
@@ -325,7 +339,7 @@ class RbdDriver(BlockDriver):
             await asyncio.wait([probe])
         completions = self._completions
         if completions is not None:
-            await self._unpin(completions, image)
+            await completions.unpin(image)
         self.image = self.ioctx = self.cluster = None
 
         def shut() -> None:
@@ -341,24 +355,6 @@ class RbdDriver(BlockDriver):
             log.warning("rbd %s: close: %s", self.image_name, exc)
         if completions is not None:
             completions.close()
-
-    async def _unpin(self, completions: _Completions, image: Any) -> None:
-        """Before librbd's threads end, have each drop its pinned thread state
-        (see :class:`_Completions`): flushes, which complete on those threads,
-        until every pinned thread has run one; given up after UNPIN_TIMEOUT s
-        (a thread that ends pinned leaves its thread state behind)."""
-        completions.start_unpinning()
-        deadline = time.monotonic() + UNPIN_TIMEOUT
-        while completions.pinned and time.monotonic() < deadline:
-            futures = [completions.loop.create_future() for _ in range(UNPIN_BATCH)]
-            try:
-                for future in futures:
-                    image.aio_flush(completions.callback(future))
-                await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
-                                       max(0.0, deadline - time.monotonic()))
-            except Exception as exc:  # the cluster is gone: nothing completes
-                log.debug("rbd %s: unpin: %s", self.image_name, exc)
-                return
 
     # --- asynchronous requests ---------------------------------------------------
 
