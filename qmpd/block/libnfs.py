@@ -104,6 +104,13 @@ ST_BLOCKS = 9
 CHUNK = 1 << 20
 
 
+def _copy(data: bytes | bytearray, start: int, length: int) -> ctypes.Array[ctypes.c_char]:
+    """``length`` bytes of ``data`` from ``start`` in memory libnfs may keep
+    until the request is answered (a WRITE's payload may be a bytearray the
+    NBD server lends, or bytes)."""
+    return (ctypes.c_char * length).from_buffer_copy(data, start)
+
+
 class NfsFile:
     """One context, mounted, with one open file.  Every method blocks: call
     them from the context's own thread."""
@@ -174,8 +181,8 @@ class NfsFile:
             got += ret
         return buf.raw
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        buf = ctypes.create_string_buffer(data, len(data))
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None:
+        buf = _copy(data, 0, len(data))
         done = 0
         while done < len(data):
             n = min(len(data) - done, CHUNK)
@@ -336,11 +343,11 @@ class AsyncContext:
         data = b"".join(parts)
         return data if len(data) == length else data + bytes(length - len(data))
 
-    async def pwrite(self, offset: int, data: bytes) -> None:
+    async def pwrite(self, offset: int, data: bytes | bytearray) -> None:
         done = 0
         while done < len(data):
             n = min(len(data) - done, CHUNK)
-            buf = ctypes.create_string_buffer(data[done:done + n], n)
+            buf = _copy(data, done, n)
             wrote: int = await self.call("write", self._starter(
                 self.lib.nfs_pwrite_async, self.nfs.fh, offset + done, n, buf), buf)
             if wrote <= 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import posixpath
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -35,6 +36,22 @@ _FILE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, 
 
 def _driver_error(exc: OSError) -> BlockDriverError:
     return BlockDriverError(str(exc.strerror or exc), exc.errno or errno.EIO)
+
+
+class NfsStats:
+    """What the driver counts for /metrics (requests: every call to the
+    server, the mount and activation's included)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.seconds = 0.0
+        self.read_bytes = 0
+        self.written_bytes = 0
+        self.reconnects = 0
+        self.cache_invalidations = 0
+        self.size_changes = 0
 
 
 class NfsDriver(BlockDriver):
@@ -60,15 +77,24 @@ class NfsDriver(BlockDriver):
         self._options: dict[str, Any] = {}
         #: The context lost its server: the next request connects anew.
         self._broken = False
+        self.stats = NfsStats()
 
     async def _call(self, request: Awaitable[T]) -> T:
+        stats = self.stats
+        stats.in_flight += 1
+        stats.requests += 1
+        started = time.monotonic()
         try:
             result = await request
         except NfsError as exc:
+            stats.errors += 1
             if exc.errno not in _FILE_ERRORS:
                 self._unreachable = f"NFS server {self.host}: {exc.strerror}"
                 self._broken = self._async is not None
             raise _driver_error(exc) from None
+        finally:
+            stats.in_flight -= 1
+            stats.seconds += time.monotonic() - started
         self._unreachable = None
         return result
 
@@ -130,6 +156,7 @@ class NfsDriver(BlockDriver):
         if self._broken:
             await self.close()
             self._broken = False
+            self.stats.reconnects += 1
             await self._connect()
         return self._nfs()
 
@@ -142,10 +169,12 @@ class NfsDriver(BlockDriver):
         if valid == 0:
             return bytes(length)
         data = await self._call((await self._ready()).pread(offset, valid))
+        self.stats.read_bytes += valid
         return data if valid == length else data + bytes(length - valid)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._call((await self._ready()).pwrite(offset, data))
+        self.stats.written_bytes += len(data)
         self._writes += 1
         self._size = max(self._size, offset + len(data))
         if fua:
@@ -182,7 +211,9 @@ class NfsDriver(BlockDriver):
         ctx = await self._ready()
         ctx.nfs.invalidate_pagecache()  # memory only: no request to the server
         size, allocated = await self._call(ctx.stat())
-        if self.refresh_size:
+        self.stats.cache_invalidations += 1
+        if self.refresh_size and size != self._size:
+            self.stats.size_changes += 1
             self._size = size
         self._allocated = allocated
 
@@ -190,6 +221,21 @@ class NfsDriver(BlockDriver):
 
     def readiness(self) -> str | None:
         return self._unreachable
+
+    def driver_metrics(self) -> dict[str, float]:
+        s = self.stats
+        return {
+            "requests_in_flight": s.in_flight,
+            "requests": s.requests,
+            "request_errors": s.errors,
+            "request_seconds": s.seconds,
+            "read_bytes": s.read_bytes,
+            "written_bytes": s.written_bytes,
+            "reconnects": s.reconnects,
+            "cache_invalidations": s.cache_invalidations,
+            "size_changes": s.size_changes,
+            "server_reachable": 0 if self._unreachable else 1,
+        }
 
     def size(self) -> int:
         return self._size

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import ctypes
 import errno
 import json
 import logging
@@ -32,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from threading import get_ident
 from types import ModuleType
 from typing import Any
 
@@ -58,6 +60,10 @@ ZERO_THICK = 1 << 0
 #: probe waits for the monitor and the OSD before it calls them unreachable.
 PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 3.0
+#: At close, how long to try (and how many flushes at a time) to have
+#: librbd's threads drop their pinned thread states (see _Completions).
+UNPIN_TIMEOUT = 2.0
+UNPIN_BATCH = 8
 #: errnos that mean the cluster did not answer (not a refused request).
 _UNREACHABLE = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN,
                           errno.ECONNREFUSED, errno.EHOSTUNREACH})
@@ -78,39 +84,109 @@ def _strerror(code: int) -> str:
     return os.strerror(code)
 
 
+#: ``PyGILState_Ensure``: called without releasing the GIL (``pythonapi``).
+_gil_state_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_state_release = ctypes.pythonapi.PyGILState_Release
+_gil_state_release.argtypes = [ctypes.c_int]
+#: PyGILState_LOCKED: the state a nested ``PyGILState_Ensure`` returns.
+_GIL_LOCKED = 0
+
+
 class _Completions:
-    """Hands librbd's completions to the event loop, many per wake-up."""
+    """Hands librbd's completions to the event loop, many per wake-up.
+
+    librbd calls back from its own threads, and the bindings take the GIL
+    there with ``PyGILState_Ensure``: on a thread Python does not know, that
+    creates a thread state and the matching release destroys it again, which
+    costs more than the rest of the callback.  The first callback on each of
+    librbd's threads therefore takes one more reference (:meth:`_pin`), so the
+    thread state lives as long as the connection; :meth:`unpin` drops them
+    before librbd's threads end.  The callback itself only queues the
+    completion; the loop reads the results, woken by an eventfd written only
+    when the queue was empty.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._done: collections.deque[tuple[asyncio.Future[Any], int, Any]] = collections.deque()
-        self._lock = threading.Lock()
-        self._armed = False
+        self.done: collections.deque[tuple[asyncio.Future[Any], Any, Any]] = \
+            collections.deque()
+        self.armed = False
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        loop.add_reader(self.fd, self._deliver)
+        self.pinned: set[int] = set()
+        self._main = threading.main_thread().ident
+        self._unpinning = False
 
-    def complete(self, future: asyncio.Future[Any], ret: int, value: Any) -> None:
-        """From a librbd thread: ``ret`` is librbd's return value."""
-        self._done.append((future, ret, value))
-        with self._lock:
-            if self._armed:
-                return
-            self._armed = True
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+    def callback(self, future: asyncio.Future[Any]) -> Callable[..., None]:
+        """librbd's ``oncomplete`` for one request (a read's gets its data too)."""
+        done = self.done
+
+        def complete(completion: Any, data: Any = None) -> None:
+            if get_ident() not in self.pinned or self._unpinning:
+                self._pin()
+            done.append((future, completion, data))
+            # No lock: under the GIL a wake-up is at worst sent twice, never
+            # lost (_deliver clears the flag before it empties the queue).
+            if not self.armed:
+                self.armed = True
+                try:
+                    os.eventfd_write(self.fd, 1)
+                except OSError:  # closed: nobody waits any more
+                    pass
+
+        return complete
+
+    def _pin(self) -> None:
+        ident = get_ident()
+        if self._unpinning:
+            if ident in self.pinned:
+                self.pinned.discard(ident)
+                _gil_state_release(_GIL_LOCKED)
+            return
+        if ident != self._main:
+            self.pinned.add(ident)
+            _gil_state_ensure()
 
     def _deliver(self) -> None:
-        with self._lock:
-            self._armed = False
-        done = self._done
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        self.armed = False
+        done = self.done
         while done:
-            future, ret, value = done.popleft()
+            future, completion, data = done.popleft()
             if future.cancelled():
                 continue
+            ret = completion.get_return_value()
             if ret < 0:
                 future.set_exception(OSError(-ret, _strerror(-ret)))
             else:
-                future.set_result(value)
+                future.set_result(data)
+
+    async def unpin(self, image: Any) -> None:
+        """Before librbd's threads end, have each drop its pinned thread state:
+        flushes, which complete on those threads, until every pinned thread
+        has run one; given up after UNPIN_TIMEOUT s (a thread that ends
+        pinned leaves its thread state behind, a little memory)."""
+        self._unpinning = True
+        deadline = time.monotonic() + UNPIN_TIMEOUT
+        while self.pinned and time.monotonic() < deadline:
+            futures = [self.loop.create_future() for _ in range(UNPIN_BATCH)]
+            try:
+                for future in futures:
+                    image.aio_flush(self.callback(future))
+                await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                       max(0.0, deadline - time.monotonic()))
+            except Exception as exc:  # the cluster is gone: nothing completes
+                log.debug("rbd: unpinning librbd's threads: %s", exc)
+                return
+
+    def close(self) -> None:
+        """After the last callback (the image and connection are closed)."""
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
 
 
 class RbdStats:
@@ -261,6 +337,9 @@ class RbdDriver(BlockDriver):
         if probe is not None and not probe.done():
             # Its thread still uses the connection: shut down only after it.
             await asyncio.wait([probe])
+        completions = self._completions
+        if completions is not None:
+            await completions.unpin(image)
         self.image = self.ioctx = self.cluster = None
 
         def shut() -> None:
@@ -274,6 +353,8 @@ class RbdDriver(BlockDriver):
             await self.node.graph.run_io(shut)
         except Exception as exc:
             log.warning("rbd %s: close: %s", self.image_name, exc)
+        if completions is not None:
+            completions.close()
 
     # --- asynchronous requests ---------------------------------------------------
 
@@ -283,25 +364,19 @@ class RbdDriver(BlockDriver):
             raise BlockDriverError("Input/output error", errno.EIO)
         return image
 
-    async def _aio(self, submit: Callable[[Callable[..., None]], Any],
-                   value_of: Callable[..., Any] | None = None) -> Any:
-        """Submit one librbd AIO request and wait for its completion."""
+    async def _aio(self, submit: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Submit one librbd AIO request (``submit(*args, oncomplete, **kwargs)``)
+        and wait for its completion."""
         completions = self._completions
         assert completions is not None
         future: asyncio.Future[Any] = completions.loop.create_future()
-
-        def done(completion: Any, *result: Any) -> None:
-            ret = completion.get_return_value()
-            value = value_of(*result) if value_of is not None and ret >= 0 else None
-            completions.complete(future, ret, value)
-
         stats = self.stats
         stats.in_flight += 1
         stats.requests += 1
         started = time.monotonic()
         try:
             try:
-                submit(done)
+                submit(*args, completions.callback(future), **kwargs)
             except Exception as exc:  # refused before it was queued
                 raise OSError(_errno_of(exc), str(exc)) from None
             value = await future
@@ -323,8 +398,7 @@ class RbdDriver(BlockDriver):
         if offset >= size or length == 0:
             return bytes(length)
         n = min(length, size - offset)
-        data: bytes = await self._aio(lambda cb: image.aio_read(offset, n, cb),
-                                      lambda data: data)
+        data: bytes = await self._aio(image.aio_read, offset, n)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -348,7 +422,7 @@ class RbdDriver(BlockDriver):
         image = self._image()
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
-        await self._aio(lambda cb: image.aio_write(data, offset, cb))
+        await self._aio(image.aio_write, data, offset)
         if fua:
             await self.flush()
 
@@ -358,7 +432,7 @@ class RbdDriver(BlockDriver):
         if offset + length > self._size:
             await self._grow(offset + length)
         flags = 0 if may_unmap else ZERO_THICK
-        await self._aio(lambda cb: image.aio_write_zeroes(offset, length, cb, zero_flags=flags))
+        await self._aio(image.aio_write_zeroes, offset, length, zero_flags=flags)
         if fua:
             await self.flush()
 
@@ -368,13 +442,13 @@ class RbdDriver(BlockDriver):
         image = self._image()
         end = min(offset + length, self._size)
         if end > offset:
-            await self._aio(lambda cb: image.aio_discard(offset, end - offset, cb))
+            await self._aio(image.aio_discard, offset, end - offset)
 
     async def flush(self) -> None:
         image = self.image
         if image is None:
             return
-        await self._aio(lambda cb: image.aio_flush(cb))
+        await self._aio(image.aio_flush)
 
     async def truncate(self, size: int) -> None:
         image = self._image()

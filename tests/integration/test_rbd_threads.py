@@ -1,0 +1,82 @@
+"""The rbd driver in-process on a real Ceph cluster: librbd's callback threads
+keep one Python thread state each while the node is open (not one made and
+destroyed per completion), and give them back when the node closes."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+
+from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig
+from qmpd.block.rbd import RbdDriver
+from tests.support.ceph import CephCluster
+
+_api = ctypes.pythonapi
+_api.PyInterpreterState_Get.restype = ctypes.c_void_p
+_api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+_api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+_api.PyThreadState_Next.restype = ctypes.c_void_p
+_api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+
+
+def thread_states() -> int:
+    """How many thread states the interpreter has (read under the GIL:
+    ``pythonapi`` calls keep it)."""
+    count = 0
+    state = _api.PyInterpreterState_ThreadHead(_api.PyInterpreterState_Get())
+    while state:
+        count += 1
+        state = _api.PyThreadState_Next(state)
+    return count
+
+
+async def open_rbd(graph: BlockGraph, ceph: CephCluster, image: str) -> BlockNode:
+    config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
+                        discard_unmap=False, cache_direct=False, cache_no_flush=False,
+                        auto_read_only=False)
+    node = graph.new_node("r", False, config)
+    node.driver = RbdDriver(node)
+    await node.driver.open(ceph.blockdev(image))
+    graph.register(node)
+    return node
+
+
+async def test_callback_threads_keep_their_thread_state_until_close(ceph: CephCluster) -> None:
+    image = ceph.new_image("16M")
+    graph = BlockGraph(io_threads=2)
+    try:
+        node = await open_rbd(graph, ceph, image)
+        driver = node.driver
+        assert isinstance(driver, RbdDriver)
+        blocks = range(256)
+        sem = asyncio.Semaphore(16)
+
+        async def write(i: int) -> None:
+            async with sem:
+                await node.write(i * 4096, bytes([i % 251 + 1]) * 4096)
+
+        async def read(i: int) -> bytes:
+            async with sem:
+                return await node.read(i * 4096, 4096)
+
+        await asyncio.gather(*(write(i) for i in blocks))
+        assert await asyncio.gather(*(read(i) for i in blocks)) == \
+            [bytes([i % 251 + 1]) * 4096 for i in blocks]
+        completions = driver._completions
+        assert completions is not None
+        # librbd's own threads ran the callbacks, never the event loop's.
+        assert completions.pinned
+        assert threading.main_thread().ident not in completions.pinned
+        # Every other thread state, whichever of librbd's threads ran them.
+        others = thread_states() - len(completions.pinned)
+        await node.flush()
+        # Pinned threads keep theirs while idle (unpinned, each callback's
+        # thread state would be gone again by now).
+        assert thread_states() - len(completions.pinned) == others
+        await driver.close()
+        assert not completions.pinned
+        assert thread_states() == others
+    finally:
+        graph.close()
+        ceph.remove_image(image)
