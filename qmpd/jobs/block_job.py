@@ -9,13 +9,14 @@ edge: the permissions it needs and shares, and the blocker text that
 from __future__ import annotations
 
 import errno
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
 from qmpd.block.graph import BlockGraph
-from qmpd.errors import GenericError
+from qmpd.errors import BlockDriverError, GenericError, QMPError
 from qmpd.jobs.job import Job
 
 #: BLOCK_JOB_SLICE_TIME: the rate limit's accounting slice.
@@ -64,6 +65,27 @@ class JobNodeUser(NodeUser):
 
     def permissions(self, node: BlockNode) -> tuple[Perm, Perm]:
         return self.perm, self.shared
+
+
+#: What an I/O path raises: the block layer's errors, and the OS's (the file driver
+#: lets ENOSPC and the like through as they are, as the NBD server expects).
+IO_ERRORS = (BlockDriverError, OSError)
+
+
+def io_errno(exc: BaseException) -> int:
+    """The errno of an I/O error (EIO when it has none)."""
+    return getattr(exc, "errno", None) or errno.EIO
+
+
+def io_failure(exc: BaseException) -> BlockDriverError:
+    """What a job fails with on an I/O error: the errno's text, as QEMU's job->ret."""
+    err = io_errno(exc)
+    return BlockDriverError(os.strerror(err), err)
+
+
+def as_qmp_error(exc: BaseException) -> QMPError:
+    """An I/O error as the block layer's (an OS error becomes its errno's text)."""
+    return exc if isinstance(exc, QMPError) else io_failure(exc)
 
 
 #: BlockdevOnError values.

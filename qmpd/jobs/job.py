@@ -71,6 +71,8 @@ class Job:
         self.emit: Emit = lambda name, data: None
         self._wake = asyncio.Event()
         self._sleep_until: float | None = None
+        #: The status a pause point interrupted, while the job waits there.
+        self._paused_from: JobStatus | None = None
         self.run_done: asyncio.Future[None] | None = None
 
     # --- what run() uses ----------------------------------------------------------
@@ -112,10 +114,20 @@ class Job:
             self.transition(JobStatus.STANDBY if status is JobStatus.READY
                             else JobStatus.PAUSED)
             self.paused = True
+            self._paused_from = status
             await self._yield(None)
-            self.paused = False
-            self.transition(status)
+            self._leave_pause()
         self.on_resume()
+
+    def _leave_pause(self) -> None:
+        """Back to the status the pause interrupted.  QEMU enters a paused job's
+        coroutine at once, so whoever wakes it (job-resume, job-cancel) sees the
+        transition happen before its reply: :meth:`enter` does it right away."""
+        status, self._paused_from = self._paused_from, None
+        if status is not None:
+            self.paused = False
+            self.busy = True
+            self.transition(status)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep (woken early by a pause, a cancel or :meth:`enter`), then a pause point."""
@@ -138,6 +150,7 @@ class Job:
         if self.started and not self.deferred and not self.busy:
             self._sleep_until = None
             self._wake.set()
+            self._leave_pause()
 
     async def _yield(self, seconds: float | None) -> None:
         self._wake.clear()
