@@ -190,7 +190,9 @@ class ActiveCommitJob(BlockJob):
         if k is None:
             return
         g = bitmap.granularity
-        limit = min(bitmap.granules, k + max(1, BUF_SIZE // g))
+        # With a speed, a run of one operation: the limit is kept between runs.
+        run = MAX_IO if self.speed else BUF_SIZE
+        limit = min(bitmap.granules, k + max(1, run // g))
         end = k + 1
         while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1:
             end += 1
