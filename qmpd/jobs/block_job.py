@@ -103,6 +103,8 @@ class BlockJob(Job):
         self.limit = RateLimit()
         self.iostatus = "ok"
         self.edges: list[BdrvChild] = []
+        #: Bytes were copied since the last ratelimit_sleep.
+        self._owed = False
         if speed:
             self._set_speed(speed)
 
@@ -153,13 +155,21 @@ class BlockJob(Job):
 
     def ratelimit_processed(self, n: int) -> None:
         self.limit.delay(n)
+        self._owed = True
 
     async def ratelimit_sleep(self) -> None:
-        """block_job_ratelimit_sleep: wait out the quota (a pause or cancel ends it early)."""
+        """Wait out the quota the bytes copied since the last wait used, as QEMU
+        7.2's jobs sleep the delay their last copy computed: a pause or cancel
+        ends the wait, and the job goes on at once until its next copy."""
+        if not self._owed:
+            await self.sleep(0)
+            return
+        self._owed = False
         while True:
             delay = self.limit.delay(0)
+            pauses = self.pauses
             await self.sleep(delay)
-            if not delay or self.is_cancelled:
+            if not delay or self.is_cancelled or self.pauses != pauses:
                 return
 
     # --- errors ---------------------------------------------------------------------

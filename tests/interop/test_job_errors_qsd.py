@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.qsd import IMPLS, Peer, peer
+from tests.interop.test_chain_jobs_qsd import chain_nodes
+from tests.support.qsd import IMPLS, Peer, assert_same, peer
 from tests.support.tools import IN_CI, QSD, qemu_img, qemu_io, require_tool
 
 pytestmark = pytest.mark.qemu
@@ -269,3 +271,36 @@ def test_mirror_target_enospc_as_qsd(tmp_path: Path, mounts: Mounts, on_error: s
         for impl in ("qmpd", "qsd"):
             qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / impl / "top.qcow2",
                      tmp_path / impl / "fs" / "target.raw")
+
+
+def test_pause_and_resume_of_a_sleeping_job_as_qsd(tmp_path: Path) -> None:
+    """job-pause of a job that waits out its speed limit: QEMU enters it at once,
+    so ``paused`` comes before the reply; job-resume: ``running`` before it."""
+    def talk(p: Peer) -> None:
+        p.cmd("block-stream", {"job-id": "j", "device": "top", "base-node": "base",
+                               "speed": 1})
+        time.sleep(0.5)  # its first chunk copied, it sleeps (in QEMU too, else no event yet)
+        p.cmd("job-pause", {"id": "j"})
+        p.cmd("query-block-jobs")
+        p.cmd("block-job-resume", {"device": "j"})
+        time.sleep(0.5)
+        p.cmd("block-job-pause", {"device": "j"})
+        p.cmd("job-resume", {"id": "j"})
+        p.cmd("block-job-set-speed", {"device": "j", "speed": 0})
+        p.job("j", "null")
+
+    require_tool(QSD)
+    out: dict[str, list[Any]] = {}
+    for impl in IMPLS:
+        work = tmp_path / impl
+        work.mkdir()
+        with peer(impl, work, *chain_nodes()(work)) as p:
+            talk(p)
+            said = p.transcript()
+            # How far the job gets before set-speed's reply is QEMU's timing: the
+            # conversation is compared up to it, its events after it.
+            cut = said.index(("reply", "job-resume", {"return": {}})) + 1
+            out[impl] = said[:cut]
+            out[f"{impl}-after"] = [e for e in said[cut:] if e[0] == "event"]
+    assert_same(out, raw=False)
+    assert out["qmpd-after"] == out["qsd-after"]
