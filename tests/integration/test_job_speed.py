@@ -87,3 +87,48 @@ def test_speed_limit(tmp_path: Path, command: str, args: dict[str, Any]) -> None
         daemon.stop()
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", tmp_path / "top.qcow2",
              tmp_path / ("base.qcow2" if command == "block-commit" else "target.qcow2"))
+
+
+def test_running_job_progress_in_metrics(tmp_path: Path) -> None:
+    """/metrics while a block job runs: its status and its progress, which moves
+    (and matches query-jobs) as the job goes on."""
+    import re
+    import urllib.request
+
+    daemon = QmpdProcess(tmp_path, *make_images(tmp_path), "--http", "127.0.0.1:0",
+                         "--log-level", "info")
+    try:
+        client = QmpClient(daemon.sock, 30, negotiate=True)
+
+        def scrape() -> tuple[str, float, float]:
+            with urllib.request.urlopen(daemon.http_url() + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            values = [float(m.group(1)) for name in ("current", "total") for m in [re.search(
+                rf'^qmpd_job_progress_{name}\{{id="j",type="mirror"\}} (\S+)$', text, re.M)]
+                if m is not None]
+            assert len(values) == 2, text
+            return text, values[0], values[1]
+
+        client.ok("blockdev-mirror", {"job-id": "j", "device": "top", "target": "target",
+                                      "sync": "full", "speed": SPEED})
+        time.sleep(1.5)
+        text, first, total = scrape()
+        assert 'qmpd_jobs{status="running",type="mirror"} 1.0' in text
+        assert 0 < first < total == SIZE
+        time.sleep(1.5)
+        _, second, _ = scrape()
+        assert first < second < SIZE
+        job = client.ok("query-jobs")[0]
+        assert second <= job["current-progress"] <= SIZE
+        client.ok("block-job-set-speed", {"device": "j", "speed": 0})
+        client.wait_event("BLOCK_JOB_READY", timeout=60)
+        text, current, total = scrape()
+        assert 'qmpd_jobs{status="ready",type="mirror"} 1.0' in text
+        assert current == total == SIZE
+        client.ok("job-cancel", {"id": "j"})
+        client.wait_event("JOB_STATUS_CHANGE", "null", timeout=60)
+        with urllib.request.urlopen(daemon.http_url() + "/metrics", timeout=10) as resp:
+            assert 'id="j"' not in resp.read().decode()
+        client.close()
+    finally:
+        daemon.stop()
