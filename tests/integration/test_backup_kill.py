@@ -38,7 +38,7 @@ def test_kill_9_mid_backup(tmp_path: Path) -> None:
             writer = Writer(c, model, seed=17, fua=True)
             await qmp_call(qmp.ok, "blockdev-backup", {
                 "job-id": "b", "device": "src", "target": "tgt", "sync": "full",
-                "speed": 4 * MiB})
+                "speed": 1 * MiB})  # 4 MiB of data and more to copy: seconds
             task = asyncio.create_task(writer.run())
             await asyncio.sleep(1.0)
             writer.stop.set()
