@@ -26,7 +26,7 @@ from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.driver import BlockNode, Perm, WriteHook
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
-from qmpd.jobs.block_job import BlockJob
+from qmpd.jobs.block_job import BlockJob, as_qmp_error
 from qmpd.jobs.inflight import RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
@@ -271,8 +271,8 @@ class BackupJob(BlockJob):
                     data = await self.source.read(pos, n)
                     is_read = False
                     await self.target.write(pos, data)
-            except QMPError as exc:
-                raise _CopyError(exc, is_read) from exc
+            except (QMPError, OSError) as exc:
+                raise _CopyError(as_qmp_error(exc), is_read) from exc
             self._done(pos, n, copied=True)
             pos += n
 

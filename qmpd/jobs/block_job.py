@@ -9,13 +9,14 @@ edge: the permissions it needs and shares, and the blocker text that
 from __future__ import annotations
 
 import errno
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
 from qmpd.block.graph import BlockGraph
-from qmpd.errors import GenericError
+from qmpd.errors import BlockDriverError, GenericError, QMPError
 from qmpd.jobs.job import Job
 
 #: BLOCK_JOB_SLICE_TIME: the rate limit's accounting slice.
@@ -66,6 +67,27 @@ class JobNodeUser(NodeUser):
         return self.perm, self.shared
 
 
+#: What an I/O path raises: the block layer's errors, and the OS's (the file driver
+#: lets ENOSPC and the like through as they are, as the NBD server expects).
+IO_ERRORS = (BlockDriverError, OSError)
+
+
+def io_errno(exc: BaseException) -> int:
+    """The errno of an I/O error (EIO when it has none)."""
+    return getattr(exc, "errno", None) or errno.EIO
+
+
+def io_failure(exc: BaseException) -> BlockDriverError:
+    """What a job fails with on an I/O error: the errno's text, as QEMU's job->ret."""
+    err = io_errno(exc)
+    return BlockDriverError(os.strerror(err), err)
+
+
+def as_qmp_error(exc: BaseException) -> QMPError:
+    """An I/O error as the block layer's (an OS error becomes its errno's text)."""
+    return exc if isinstance(exc, QMPError) else io_failure(exc)
+
+
 #: BlockdevOnError values.
 ON_ERROR = ("report", "ignore", "enospc", "stop", "auto")
 
@@ -81,6 +103,8 @@ class BlockJob(Job):
         self.limit = RateLimit()
         self.iostatus = "ok"
         self.edges: list[BdrvChild] = []
+        #: Bytes were copied since the last ratelimit_sleep.
+        self._owed = False
         if speed:
             self._set_speed(speed)
 
@@ -131,13 +155,21 @@ class BlockJob(Job):
 
     def ratelimit_processed(self, n: int) -> None:
         self.limit.delay(n)
+        self._owed = True
 
     async def ratelimit_sleep(self) -> None:
-        """block_job_ratelimit_sleep: wait out the quota (a pause or cancel ends it early)."""
+        """Wait out the quota the bytes copied since the last wait used, as QEMU
+        7.2's jobs sleep the delay their last copy computed: a pause or cancel
+        ends the wait, and the job goes on at once until its next copy."""
+        if not self._owed:
+            await self.sleep(0)
+            return
+        self._owed = False
         while True:
             delay = self.limit.delay(0)
+            pauses = self.pauses
             await self.sleep(delay)
-            if not delay or self.is_cancelled:
+            if not delay or self.is_cancelled or self.pauses != pauses:
                 return
 
     # --- errors ---------------------------------------------------------------------

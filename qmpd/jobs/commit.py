@@ -16,6 +16,7 @@ qmp_block_commit).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -37,22 +38,20 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.filename import refresh_filename
+from qmpd.block.status import block_status_above
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError
-from qmpd.jobs.block_job import SLICE, BlockJob
+from qmpd.jobs.block_job import IO_ERRORS, SLICE, BlockJob, io_errno, io_failure
 from qmpd.jobs.inflight import next_dirty
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.stream import job_flags, lookup_bs, refuse_filter_node
 
 #: COMMIT_BUFFER_SIZE: the most one iteration of an intermediate commit copies.
 CHUNK = 512 * 1024
-#: The most one iteration of an active commit copies (a mirror's chunk).
-ACTIVE_CHUNK = 1024 * 1024
-
-
-def _failure(exc: BlockDriverError) -> BlockDriverError:
-    """A job fails with the errno's text, as QEMU's job->ret does."""
-    return BlockDriverError(os.strerror(exc.errno), exc.errno)
+#: An active commit's mirror: the most one iteration copies (DEFAULT_MIRROR_BUF_SIZE),
+#: the most one of its operations does (MAX_IO_BYTES).
+BUF_SIZE = 16 * 1024 * 1024
+MAX_IO = 1024 * 1024
 
 
 class CommitJob(BlockJob):
@@ -94,10 +93,10 @@ class CommitJob(BlockJob):
                         await self.base.write_zeroes(offset, n)
                     else:
                         await self.base.write(offset, data)
-            except BlockDriverError as exc:
-                action = self.error_action(self.on_error, is_read, exc.errno)
+            except IO_ERRORS as exc:
+                action = self.error_action(self.on_error, is_read, io_errno(exc))
                 if action == "report":
-                    raise _failure(exc) from None
+                    raise io_failure(exc) from None
                 continue
             self.progress_update(n)
             offset += n
@@ -114,8 +113,8 @@ class CommitJob(BlockJob):
         await set_backing(self.block, overlay, self.base)
         try:
             await overlay.driver.change_backing_file(name, fmt)
-        except BlockDriverError as exc:
-            raise _failure(exc) from None
+        except IO_ERRORS as exc:
+            raise io_failure(exc) from None
 
 
 class ActiveCommitJob(BlockJob):
@@ -181,21 +180,45 @@ class ActiveCommitJob(BlockJob):
             await self.sleep(SLICE)
 
     async def _iteration(self) -> None:
-        """Copy the first dirty extent (at most a chunk): its bits cleared first,
-        so that writes meanwhile mark it again."""
+        """mirror_iteration: the first dirty run (at most a buffer), its bits
+        cleared first so that writes meanwhile mark it again, copied as
+        mirror_perform's operations (one per block-status extent, at most
+        MAX_IO each), all under way at once; each failed one reports its
+        error, as QEMU's in-flight operations do."""
         bitmap = self.bitmap
-        # The first dirty run only: not every extent of the bitmap per chunk.
         k = next_dirty(bitmap.bits, 0, bitmap.granules)
         if k is None:
             return
         g = bitmap.granularity
-        limit = min(bitmap.granules, k + max(1, ACTIVE_CHUNK // g))
+        # With a speed, a run of one operation: the limit is kept between runs.
+        run = MAX_IO if self.speed else BUF_SIZE
+        limit = min(bitmap.granules, k + max(1, run // g))
         end = k + 1
         while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1:
             end += 1
         offset = k * g
-        length = min(end * g, bitmap.size, offset + ACTIVE_CHUNK) - offset
-        bitmap.reset_range(offset, length)
+        stop = min(end * g, bitmap.size)
+        bitmap.reset_range(offset, stop - offset)
+        ops: list[tuple[int, int]] = []
+        pos = offset
+        while pos < stop:
+            try:
+                status = await block_status_above(self.top, pos, stop - pos)
+                n = status.length if status.length > 0 else stop - pos
+            except IO_ERRORS:
+                n = stop - pos
+            n = min(n, MAX_IO, stop - pos)
+            if n >= g:
+                n -= n % g
+            ops.append((pos, n))
+            pos += n
+        results = await asyncio.gather(*(self._copy(o, n) for o, n in ops))
+        failed = next((r for r in results if r is not None), None)
+        if failed is not None:
+            raise io_failure(failed)
+
+    async def _copy(self, offset: int, length: int) -> BaseException | None:
+        """One operation: the error a ``report`` action makes fatal, if any."""
         is_read = True
         try:
             data = await self.top.read(offset, length)
@@ -204,22 +227,22 @@ class ActiveCommitJob(BlockJob):
                 await self.base.write_zeroes(offset, length)
             else:
                 await self.base.write(offset, data)
-        except BlockDriverError as exc:
-            bitmap.set_range(offset, length)
-            action = self.error_action(self.on_error, is_read, exc.errno)
-            if action == "report":
-                raise _failure(exc) from None
-            return
+        except IO_ERRORS as exc:
+            self.bitmap.set_range(offset, length)
+            if self.error_action(self.on_error, is_read, io_errno(exc)) == "report":
+                return exc
+            return None
         self.progress_update(length)
         self.ratelimit_processed(length)
+        return None
 
     async def _flush(self) -> None:
         try:
             await self.base.flush()
-        except BlockDriverError as exc:
-            action = self.error_action(self.on_error, False, exc.errno)
+        except IO_ERRORS as exc:
+            action = self.error_action(self.on_error, False, io_errno(exc))
             if action == "report":
-                raise _failure(exc) from None
+                raise io_failure(exc) from None
 
     async def prepare(self) -> None:
         """mirror_exit_common: what was written since the last copy, then the pivot
@@ -231,8 +254,8 @@ class ActiveCommitJob(BlockJob):
                     await self._iteration()
                 await self.release_nodes()
                 await self._pivot()
-        except BlockDriverError as exc:
-            raise _failure(exc) from None
+        except IO_ERRORS as exc:
+            raise io_failure(exc) from None
 
     async def _pivot(self) -> None:
         """The top's parents onto the base.  Writes to the base wait meanwhile

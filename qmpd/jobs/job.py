@@ -71,6 +71,12 @@ class Job:
         self.emit: Emit = lambda name, data: None
         self._wake = asyncio.Event()
         self._sleep_until: float | None = None
+        #: The status a pause point interrupted, while the job waits there.
+        self._paused_from: JobStatus | None = None
+        #: How many times the job paused.
+        self.pauses = 0
+        #: Waiting in :meth:`sleep` or :meth:`yield_` (a pause point follows).
+        self._sleeping = False
         self.run_done: asyncio.Future[None] | None = None
 
     # --- what run() uses ----------------------------------------------------------
@@ -104,25 +110,44 @@ class Job:
 
     async def pause_point(self) -> None:
         """Stop here while the job is paused (unless it is being cancelled)."""
-        if not self.should_pause or self.is_cancelled:
-            return
-        self.on_pause()
-        if self.should_pause and not self.is_cancelled:
-            status = self.status
-            self.transition(JobStatus.STANDBY if status is JobStatus.READY
-                            else JobStatus.PAUSED)
-            self.paused = True
+        if self._paused_from is None:
+            if not self.should_pause or self.is_cancelled:
+                return
+            self.on_pause()
+            if not self.should_pause or self.is_cancelled:
+                self.on_resume()
+                return
+            self._enter_pause()
+        # (else :meth:`enter` paused the job while it slept)
+        while self._paused_from is not None:
             await self._yield(None)
-            self.paused = False
-            self.transition(status)
         self.on_resume()
+
+    def _enter_pause(self) -> None:
+        status = self.status
+        self.transition(JobStatus.STANDBY if status is JobStatus.READY else JobStatus.PAUSED)
+        self.paused = True
+        self._paused_from = status
+        self.pauses += 1
+
+    def _leave_pause(self) -> None:
+        """Back to the status the pause interrupted."""
+        status, self._paused_from = self._paused_from, None
+        if status is not None:
+            self.paused = False
+            self.busy = True
+            self.transition(status)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep (woken early by a pause, a cancel or :meth:`enter`), then a pause point."""
         if self.is_cancelled:
             return
         if not self.should_pause:
-            await self._yield(seconds)
+            self._sleeping = True
+            try:
+                await self._yield(seconds)
+            finally:
+                self._sleeping = False
         await self.pause_point()
 
     async def yield_(self) -> None:
@@ -130,14 +155,35 @@ class Job:
         if self.is_cancelled:
             return
         if not self.should_pause:
-            await self._yield(None)
+            self._sleeping = True
+            try:
+                await self._yield(None)
+            finally:
+                self._sleeping = False
         await self.pause_point()
 
     def enter(self) -> None:
-        """Wake the job if it waits in a yield or a sleep."""
-        if self.started and not self.deferred and not self.busy:
-            self._sleep_until = None
-            self._wake.set()
+        """Wake the job if it waits in a yield or a sleep.
+
+        QEMU enters the job's coroutine at once, so whoever wakes it sees what
+        it does up to its next yield before the command's reply: a job that
+        sleeps or waits goes into its pause point (``paused``) when it should
+        pause, and a paused job that may go on leaves it (``running``).
+        """
+        if not self.started or self.deferred or self.busy:
+            return
+        if self._paused_from is not None:
+            if self.should_pause and not self.cancel_requested:
+                return  # still paused
+            self._leave_pause()
+        elif self._sleeping and self.should_pause and not self.is_cancelled:
+            self.on_pause()
+            if self.should_pause and not self.is_cancelled:
+                self._enter_pause()
+                self._sleep_until = None
+                return  # its sleep ends in the pause point, where it waits
+        self._sleep_until = None
+        self._wake.set()
 
     async def _yield(self, seconds: float | None) -> None:
         self._wake.clear()

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import functools
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -140,6 +141,11 @@ class JobManager:
             await job.run()
         except QMPError as exc:
             job.fail(exc.desc, getattr(exc, "errno", None) or errno.EIO)
+        except OSError as exc:
+            # An I/O error a job did not handle: it fails with the errno's text,
+            # as QEMU's jobs do (job->ret), not as a bug.
+            err = exc.errno or errno.EIO
+            job.fail(os.strerror(err), err)
         except asyncio.CancelledError:
             # Only close() cancels a job's task (one that ignored its cancel):
             # the job still finishes, so that it lets go of its nodes.

@@ -28,7 +28,7 @@ from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, Perm, WriteHook
 from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
-from qmpd.jobs.block_job import BlockJob, JobNodeUser
+from qmpd.jobs.block_job import BlockJob, JobNodeUser, as_qmp_error
 from qmpd.jobs.inflight import RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
@@ -253,7 +253,8 @@ class MirrorJob(BlockJob):
     async def _flush_target(self) -> None:
         try:
             await self.target.flush()
-        except QMPError as exc:
+        except (QMPError, OSError) as err:
+            exc = as_qmp_error(err)
             if self.error_action(self.on_target_error, False, _errno(exc)) == "report":
                 self.io_error = exc
 
@@ -331,7 +332,8 @@ class MirrorJob(BlockJob):
                         data = await self.source.read(pos, n)
                         is_read = False
                         await self.target.write(pos, data)
-                except QMPError as exc:
+                except (QMPError, OSError) as err:
+                    exc = as_qmp_error(err)
                     self.bitmap.set_range(pos, end - pos)
                     on_error = self.on_source_error if is_read else self.on_target_error
                     if self.error_action(on_error, is_read, _errno(exc)) == "report":
@@ -364,7 +366,8 @@ class MirrorJob(BlockJob):
                 await self.target.write_zeroes(offset, length, may_unmap=True)
             else:
                 await self.target.write(offset, data)
-        except QMPError as exc:
+        except (QMPError, OSError) as err:
+            exc = as_qmp_error(err)
             self.bitmap.set_range(offset, length)
             if self.error_action(self.on_target_error, False, _errno(exc)) == "report":
                 if self.io_error is None:

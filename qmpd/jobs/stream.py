@@ -8,7 +8,6 @@ node's virtual size.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from qmpd.block.chain import (
@@ -28,7 +27,7 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, GenericError
-from qmpd.jobs.block_job import BlockJob
+from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
 from qmpd.jobs.manager import JobManager
 
 #: STREAM_CHUNK: the most one iteration copies.
@@ -86,6 +85,7 @@ class StreamJob(BlockJob):
             if self.is_cancelled:
                 break
             copy = False
+            n = 0
             try:
                 allocated, n = await is_allocated(top, offset, CHUNK)
                 if not allocated:
@@ -98,11 +98,11 @@ class StreamJob(BlockJob):
                     copy = found
                 if copy:
                     await self._populate(offset, n)
-            except BlockDriverError as exc:
-                action = self.error_action(self.on_error, True, exc.errno)
+            except IO_ERRORS as exc:
+                action = self.error_action(self.on_error, True, io_errno(exc))
                 if action == "stop":
                     continue
-                error = error or BlockDriverError(os.strerror(exc.errno), exc.errno)
+                error = error or io_failure(exc)
                 if action == "report":
                     break
                 n = max(n, 0)
@@ -155,8 +155,8 @@ class StreamJob(BlockJob):
         await set_backing(self.block, top, base)
         try:
             await top.driver.change_backing_file(name, fmt)
-        except BlockDriverError as exc:
-            raise BlockDriverError(os.strerror(exc.errno), exc.errno) from None
+        except IO_ERRORS as exc:
+            raise io_failure(exc) from None
 
 
 async def start_stream(manager: JobManager, block: BlockLayer, args: dict[str, Any]) -> None:
