@@ -24,7 +24,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from qmpd import net
 from qmpd.nbd import protocol as p
@@ -60,6 +60,11 @@ class TlsSession:
         self.established = False
         #: The peer sent close_notify (or the input ended).
         self.eof = False
+        # SSLObject.read is a Python wrapper around this C method; called
+        # once per TLS record (16 KiB at most), the wrapper's frame is a
+        # good part of the cost of a record.
+        self._read = cast(Callable[[int, memoryview], int],
+                          getattr(self.obj, "_sslobj", self.obj).read)
 
     def feed(self, data: bytes | memoryview) -> None:
         """Ciphertext received from the peer."""
@@ -100,6 +105,28 @@ class TlsSession:
         except ssl.SSLEOFError:
             self.eof = True
             return 0
+
+    def read_into_all(self, buffer: memoryview, limit: int) -> int:
+        """Decrypt records into ``buffer`` until it is full, ``limit`` bytes came, or
+        more ciphertext is needed (see :attr:`eof`); bytes placed. ssl.SSLError on bad input.
+
+        One call for many records: what a large ``recv_into`` is to a socket.
+        """
+        read = self._read
+        size = len(buffer)
+        filled = 0
+        try:
+            while filled < size and filled < limit:
+                n = read(size - filled, buffer[filled:])
+                if not n:
+                    self.eof = True
+                    break
+                filled += n
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self.eof = True
+        return filled
 
     def seal(self, parts: Iterable[bytes | memoryview]) -> bytes:
         """Encrypt ``parts`` in order; the ciphertext to send."""
@@ -249,15 +276,7 @@ class TlsConnection(NbdConnection):
             while not self.closed:
                 if self.tx is not None:
                     # Decrypt a batch of records, then parse them in one pump.
-                    tx = self.tx
-                    got = 0
-                    while got < TLS_BATCH:
-                        n = tls.read_into(tx.get_buffer())
-                        if not n:
-                            break
-                        tx.buffer_updated(n)
-                        got += n
-                    if not got:
+                    if not self._decrypt(tls, self.tx):
                         break
                     self._pump()
                 elif self.handshake is not None:
@@ -278,6 +297,27 @@ class TlsConnection(NbdConnection):
         except Exception:  # a bug must not take the daemon down: drop this client
             log.exception("NBD client %s: internal error; disconnecting", self.peer)
             self._close()
+
+    @staticmethod
+    def _decrypt(tls: TlsSession, tx: p.Transmission) -> int:
+        """Decrypt a batch into the protocol's buffers; bytes taken.
+
+        A WRITE's payload is filled whole (many records, one call); after a
+        large WRITE only the next record is taken before it is parsed, so that
+        the following payload lands in its own buffer rather than being
+        copied out of the header buffer.
+        """
+        got = 0
+        while got < TLS_BATCH:
+            buf = tx.get_buffer()
+            limit = 1 if tx.header_first else TLS_BATCH - got
+            n = tls.read_into_all(buf, limit)
+            if n:
+                tx.buffer_updated(n)
+                got += n
+            if (n < len(buf) and n < limit) or limit == 1:
+                break  # more ciphertext is needed, or a header to parse first
+        return got
 
     def _tls_handshake(self) -> None:
         tls = self.tls

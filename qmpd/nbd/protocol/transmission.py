@@ -153,6 +153,18 @@ class Transmission:
         """Bytes received and not yet turned into events."""
         return self._end - self._start + (self._filled if self._header is not None else 0)
 
+    @property
+    def filling_payload(self) -> bool:
+        """Whether :meth:`get_buffer` returns a WRITE's payload (fill it all at once)."""
+        return self._header is not None and self._filled < len(self._payload)
+
+    @property
+    def header_first(self) -> bool:
+        """Whether the next bytes should be parsed before more are taken: after a
+        large WRITE, the next request is likely another whose payload is best
+        received in place (see :attr:`SMALL_WINDOW`)."""
+        return self._small_window and not self.filling_payload
+
     # --- input ----------------------------------------------------------------------------
 
     def get_buffer(self) -> memoryview:
