@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SEAL_CHUNK = 256 * 1024
 #: Ciphertext taken from the socket at a time.
 TLS_RECV = 256 * 1024
+#: Ciphertext made ahead while the socket is full.
+SEAL_AHEAD = 1024 * 1024
 #: Plaintext decrypted before the requests in it are parsed and started.
 TLS_BATCH = 256 * 1024
 
@@ -170,6 +172,8 @@ class TlsConnection(NbdConnection):
         self.tls: TlsSession | None = None
         #: Ciphertext bytes at the front of :attr:`_out` (the rest is plaintext).
         self._sealed = 0
+        #: How many items at the front of :attr:`_out` are ciphertext.
+        self._sealed_items = 0
         self._tls_leftover: bytes | None = None
         self._scratch = bytearray(65536)
         #: Where file data is read before it is encrypted.
@@ -349,27 +353,25 @@ class TlsConnection(NbdConnection):
 
     def _send_sealed(self, data: bytes) -> None:
         """Queue ciphertext (handshake messages) ahead of any plaintext not yet sealed."""
-        out = self._out
-        if self._sealed:
-            head = out[0]
-            assert not isinstance(head, p.FileSpan)
-            out[0] = memoryview(bytes(head) + data)
-        else:
-            out.appendleft(memoryview(data))
+        self._out.insert(self._sealed_items, memoryview(data))
+        self._sealed_items += 1
         self._sealed += len(data)
         self._out_bytes += len(data)
         self._kick()
 
     def _seal_front(self, budget: int) -> None:
-        """Encrypt queued replies (about ``budget`` bytes) into one buffer at the front."""
+        """Encrypt queued replies (about ``budget`` bytes) into one buffer, queued
+        after the ciphertext already at the front."""
         tls = self.tls
         assert tls is not None
         out = self._out
+        first = self._sealed_items
         parts: list[bytes | memoryview] = []
         plain = 0
         spans = 0  # bytes of the file buffer used by this batch
-        while out and plain < budget:
-            item = out.popleft()
+        while len(out) > first and plain < budget:
+            item = out[first]
+            del out[first]
             if isinstance(item, p.FileSpan):
                 # Read into one buffer kept for the connection: a fresh
                 # object per read costs page faults at these sizes.
@@ -384,10 +386,20 @@ class TlsConnection(NbdConnection):
                     item = memoryview(_pread_zero_filled(item))
             parts.append(item)
             plain += len(item)
+        if not parts:
+            return
         sealed = tls.seal(parts)
-        out.appendleft(memoryview(sealed))
-        self._sealed = len(sealed)
+        out.insert(first, memoryview(sealed))
+        self._sealed_items += 1
+        self._sealed += len(sealed)
         self._out_bytes += len(sealed) - plain
+
+    def _seal_ahead(self) -> None:
+        """While the client has not taken what was sent, encrypt what comes next:
+        it is ready when the socket is, and the client is not kept waiting for
+        the encryption of the next batch."""
+        if self._sealed < SEAL_AHEAD and len(self._out) > self._sealed_items:
+            self._seal_front(SEAL_AHEAD - self._sealed)
 
     def _flush_tls(self) -> None:
         out = self._out
@@ -401,6 +413,7 @@ class TlsConnection(NbdConnection):
             try:
                 sent = self.sock.send(head)
             except (BlockingIOError, InterruptedError):
+                self._seal_ahead()
                 return
             except OSError as exc:
                 log.debug("NBD client %s: %s", self.peer, exc)
@@ -411,6 +424,7 @@ class TlsConnection(NbdConnection):
             budget -= sent
             if sent < len(head):
                 out[0] = head[sent:]
+                self._seal_ahead()
                 return
             out.popleft()
-
+            self._sealed_items -= 1
