@@ -89,6 +89,14 @@ HANDSHAKE_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 5.0
 
 
+# Commands and flags as plain ints: comparing a request's int with an enum
+# member costs an attribute lookup through the enum class per request.
+_READ = int(p.Cmd.READ)
+_WRITE = int(p.Cmd.WRITE)
+_FUA = int(p.CmdFlag.FUA)
+_DF = int(p.CmdFlag.DF)
+
+
 class NbdFailure(Exception):
     """A request that failed: the NBD error value and QEMU's message."""
 
@@ -639,7 +647,8 @@ class NbdConnection:
 
     def _start(self, request: p.Request) -> None:
         self.in_flight += 1
-        size = request.length if request.type in (p.Cmd.READ, p.Cmd.WRITE) else 0
+        kind = request.type
+        size = request.length if kind == _READ or kind == _WRITE else 0
         self.in_flight_bytes += size
         self._idle.clear()
         self._step(self._execute(request, size))
@@ -706,15 +715,15 @@ class NbdConnection:
         kind = request.type
         cookie = request.cookie
         flags = request.flags
-        if kind == p.Cmd.READ:
+        if kind == _READ:
             pieces = await export.read(
                 request.offset, request.length,
-                sparse=self.replies.structured and not flags & p.CmdFlag.DF,
+                sparse=self.replies.structured and not flags & _DF,
             )
             return self.replies.read_parts(cookie, request.offset, pieces)
-        if kind == p.Cmd.WRITE:
+        if kind == _WRITE:
             assert request.payload is not None
-            await export.write(request.offset, request.payload, bool(flags & p.CmdFlag.FUA))
+            await export.write(request.offset, request.payload, bool(flags & _FUA))
         elif kind == p.Cmd.WRITE_ZEROES:
             await export.write_zeroes(
                 request.offset, request.length,

@@ -24,7 +24,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from qmpd import net
 from qmpd.nbd import protocol as p
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SEAL_CHUNK = 256 * 1024
 #: Ciphertext taken from the socket at a time.
 TLS_RECV = 256 * 1024
+#: Ciphertext made ahead while the socket is full.
+SEAL_AHEAD = 1024 * 1024
 #: Plaintext decrypted before the requests in it are parsed and started.
 TLS_BATCH = 256 * 1024
 
@@ -60,6 +62,11 @@ class TlsSession:
         self.established = False
         #: The peer sent close_notify (or the input ended).
         self.eof = False
+        # SSLObject.read is a Python wrapper around this C method; called
+        # once per TLS record (16 KiB at most), the wrapper's frame is a
+        # good part of the cost of a record.
+        self._read = cast(Callable[[int, memoryview], int],
+                          getattr(self.obj, "_sslobj", self.obj).read)
 
     def feed(self, data: bytes | memoryview) -> None:
         """Ciphertext received from the peer."""
@@ -100,6 +107,28 @@ class TlsSession:
         except ssl.SSLEOFError:
             self.eof = True
             return 0
+
+    def read_into_all(self, buffer: memoryview, limit: int) -> int:
+        """Decrypt records into ``buffer`` until it is full, ``limit`` bytes came, or
+        more ciphertext is needed (see :attr:`eof`); bytes placed. ssl.SSLError on bad input.
+
+        One call for many records: what a large ``recv_into`` is to a socket.
+        """
+        read = self._read
+        size = len(buffer)
+        filled = 0
+        try:
+            while filled < size and filled < limit:
+                n = read(size - filled, buffer[filled:])
+                if not n:
+                    self.eof = True
+                    break
+                filled += n
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self.eof = True
+        return filled
 
     def seal(self, parts: Iterable[bytes | memoryview]) -> bytes:
         """Encrypt ``parts`` in order; the ciphertext to send."""
@@ -143,6 +172,8 @@ class TlsConnection(NbdConnection):
         self.tls: TlsSession | None = None
         #: Ciphertext bytes at the front of :attr:`_out` (the rest is plaintext).
         self._sealed = 0
+        #: How many items at the front of :attr:`_out` are ciphertext.
+        self._sealed_items = 0
         self._tls_leftover: bytes | None = None
         self._scratch = bytearray(65536)
         #: Where file data is read before it is encrypted.
@@ -249,15 +280,7 @@ class TlsConnection(NbdConnection):
             while not self.closed:
                 if self.tx is not None:
                     # Decrypt a batch of records, then parse them in one pump.
-                    tx = self.tx
-                    got = 0
-                    while got < TLS_BATCH:
-                        n = tls.read_into(tx.get_buffer())
-                        if not n:
-                            break
-                        tx.buffer_updated(n)
-                        got += n
-                    if not got:
+                    if not self._decrypt(tls, self.tx):
                         break
                     self._pump()
                 elif self.handshake is not None:
@@ -278,6 +301,27 @@ class TlsConnection(NbdConnection):
         except Exception:  # a bug must not take the daemon down: drop this client
             log.exception("NBD client %s: internal error; disconnecting", self.peer)
             self._close()
+
+    @staticmethod
+    def _decrypt(tls: TlsSession, tx: p.Transmission) -> int:
+        """Decrypt a batch into the protocol's buffers; bytes taken.
+
+        A WRITE's payload is filled whole (many records, one call); after a
+        large WRITE only the next record is taken before it is parsed, so that
+        the following payload lands in its own buffer rather than being
+        copied out of the header buffer.
+        """
+        got = 0
+        while got < TLS_BATCH:
+            buf = tx.get_buffer()
+            limit = 1 if tx.header_first else TLS_BATCH - got
+            n = tls.read_into_all(buf, limit)
+            if n:
+                tx.buffer_updated(n)
+                got += n
+            if (n < len(buf) and n < limit) or limit == 1:
+                break  # more ciphertext is needed, or a header to parse first
+        return got
 
     def _tls_handshake(self) -> None:
         tls = self.tls
@@ -309,27 +353,25 @@ class TlsConnection(NbdConnection):
 
     def _send_sealed(self, data: bytes) -> None:
         """Queue ciphertext (handshake messages) ahead of any plaintext not yet sealed."""
-        out = self._out
-        if self._sealed:
-            head = out[0]
-            assert not isinstance(head, p.FileSpan)
-            out[0] = memoryview(bytes(head) + data)
-        else:
-            out.appendleft(memoryview(data))
+        self._out.insert(self._sealed_items, memoryview(data))
+        self._sealed_items += 1
         self._sealed += len(data)
         self._out_bytes += len(data)
         self._kick()
 
     def _seal_front(self, budget: int) -> None:
-        """Encrypt queued replies (about ``budget`` bytes) into one buffer at the front."""
+        """Encrypt queued replies (about ``budget`` bytes) into one buffer, queued
+        after the ciphertext already at the front."""
         tls = self.tls
         assert tls is not None
         out = self._out
+        first = self._sealed_items
         parts: list[bytes | memoryview] = []
         plain = 0
         spans = 0  # bytes of the file buffer used by this batch
-        while out and plain < budget:
-            item = out.popleft()
+        while len(out) > first and plain < budget:
+            item = out[first]
+            del out[first]
             if isinstance(item, p.FileSpan):
                 # Read into one buffer kept for the connection: a fresh
                 # object per read costs page faults at these sizes.
@@ -344,10 +386,20 @@ class TlsConnection(NbdConnection):
                     item = memoryview(_pread_zero_filled(item))
             parts.append(item)
             plain += len(item)
+        if not parts:
+            return
         sealed = tls.seal(parts)
-        out.appendleft(memoryview(sealed))
-        self._sealed = len(sealed)
+        out.insert(first, memoryview(sealed))
+        self._sealed_items += 1
+        self._sealed += len(sealed)
         self._out_bytes += len(sealed) - plain
+
+    def _seal_ahead(self) -> None:
+        """While the client has not taken what was sent, encrypt what comes next:
+        it is ready when the socket is, and the client is not kept waiting for
+        the encryption of the next batch."""
+        if self._sealed < SEAL_AHEAD and len(self._out) > self._sealed_items:
+            self._seal_front(SEAL_AHEAD - self._sealed)
 
     def _flush_tls(self) -> None:
         out = self._out
@@ -361,6 +413,7 @@ class TlsConnection(NbdConnection):
             try:
                 sent = self.sock.send(head)
             except (BlockingIOError, InterruptedError):
+                self._seal_ahead()
                 return
             except OSError as exc:
                 log.debug("NBD client %s: %s", self.peer, exc)
@@ -371,6 +424,7 @@ class TlsConnection(NbdConnection):
             budget -= sent
             if sent < len(head):
                 out[0] = head[sent:]
+                self._seal_ahead()
                 return
             out.popleft()
-
+            self._sealed_items -= 1
