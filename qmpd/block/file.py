@@ -48,6 +48,9 @@ _LOCAL_FILESYSTEMS = frozenset({
 })
 #: Largest request done on the event loop itself for a memory-backed file.
 _INLINE_MAX = 1 << 20
+#: The same for reads into and writes from callers' buffers (bulk copies of
+#: jobs, several in flight): past it, copies in the I/O threads overlap.
+_INLINE_VIEW_MAX = 128 << 10
 
 
 def _filesystem_type(fd: int) -> int:
@@ -334,7 +337,7 @@ class FileDriver(BlockDriver):
         return await self.node.graph.run_io(_pread_full, self.fd, length, offset)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        if self._inline and buf.nbytes <= _INLINE_MAX:
+        if self._inline and buf.nbytes <= _INLINE_VIEW_MAX:
             _preadv_full(self.fd, buf, offset)
         elif self.node.cache_direct:
             await self.node.graph.run_io(_direct_preadv, self.fd, buf, offset)
@@ -350,10 +353,11 @@ class FileDriver(BlockDriver):
         await self._write(offset, data, fua)
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
-        await self._write(offset, view, fua)
+        await self._write(offset, view, fua, _INLINE_VIEW_MAX)
 
-    async def _write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        if self._inline and len(data) <= _INLINE_MAX:
+    async def _write(self, offset: int, data: bytes | memoryview, fua: bool,
+                     inline_max: int = _INLINE_MAX) -> None:
+        if self._inline and len(data) <= inline_max:
             _pwrite_full(self.fd, data, offset)
         elif self.node.cache_direct:
             await self.node.graph.run_io(_direct_pwrite, self.fd, data, offset)

@@ -21,6 +21,14 @@ class RangeLocks:
                 return done
         return None
 
+    def next_start(self, pos: int) -> int | None:
+        """Where the first range held at or after ``pos`` begins (None: none is)."""
+        found: int | None = None
+        for lo, _, _ in self._held.values():
+            if lo >= pos and (found is None or lo < found):
+                found = lo
+        return found
+
     async def lock(self, start: int, end: int) -> int:
         while True:
             done = self.busy(start, end)

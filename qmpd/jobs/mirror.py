@@ -301,8 +301,13 @@ class MirrorJob(BlockJob):
             return False
         end = k + 1
         limit = min(granules, k + max(1, self.max_io // g))
-        while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1 \
-                and self.locks.busy(end * g, (end + 1) * g) is None:
+        # Granule k is free, so no held range overlaps it: the first busy
+        # granule after it is where the next held range begins.
+        held = self.locks.next_start(end * g)
+        if held is not None:
+            limit = min(limit, held // g)
+        bits = bitmap.bits
+        while end < limit and bits[end >> 3] >> (end & 7) & 1:
             end += 1
         start, stop = k * g, min(end * g, bitmap.size)
         self._cursor = end if end < granules else 0
