@@ -451,9 +451,9 @@ class NbdClient:
                 raise p.ProtocolError("simple reply when structured reply chunk was expected")
             data = await self.reader.readexactly(pending.length)
             if pending.into is not None:
-                if not pending.future.done():
+                if not pending.future.done():  # else cancelled: the buffer is not ours
                     pending.into[:] = data
-                pending.future.set_result(None)
+                    pending.future.set_result(None)
                 return
             pending.future.set_result(bytearray(data))
         elif pending.kind == p.Cmd.BLOCK_STATUS:
