@@ -23,13 +23,13 @@ import errno
 from typing import Any
 
 from qmpd.block.core import BlockLayer
-from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
+from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, Perm, WriteHook
 from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.block_job import BlockJob, JobNodeUser
-from qmpd.jobs.inflight import RangeLocks, next_dirty
+from qmpd.jobs.inflight import CountedBitmap, RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
 
@@ -111,7 +111,7 @@ class MirrorJob(BlockJob):
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.write_blocking = write_blocking
-        self.bitmap = DirtyBitmap("", source.size(), granularity)
+        self.bitmap = CountedBitmap("", source.size(), granularity)
         self.hook = _SourceHook(self)
         self.locks = RangeLocks()
         #: Open: guest writes pass; closed while completing (QEMU's drain).
