@@ -364,6 +364,37 @@ class BlockNode:
         self.stats.rd_operations += 1
         return data
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """:meth:`read` of ``len(buf)`` bytes into the caller's buffer (a
+        writable byte view), which the caller then reuses: no copy per request."""
+        length = buf.nbytes
+        self._check_range(offset, length)
+        if self.state is NodeState.INACTIVE:
+            await self.driver.refresh_inactive()
+        await self.driver.read_into(offset, buf)
+        self.stats.rd_bytes += length
+        self.stats.rd_operations += 1
+
+    async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
+        """:meth:`write` from a borrowed buffer, valid only until this returns
+        (the caller reuses it): drivers write it without copying it first."""
+        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
+            # Hooks may keep the data, zero detection reads it as bytes.
+            await self.write(offset, bytes(view), fua)
+            return
+        length = view.nbytes
+        self.plain_writes += 1
+        try:
+            self._check_writable()
+            self._check_range(offset, length)
+            await self.driver.write_view(offset, view, fua)
+            if self.dirty_bitmaps or self.internal_bitmaps:
+                self.mark_dirty(offset, length)
+            self.stats.wr_bytes += length
+            self.stats.wr_operations += 1
+        finally:
+            self._plain_write_done()
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self.write_hooks:
             await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
@@ -640,8 +671,19 @@ class BlockDriver(ABC):
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset``; reads past the end are an error."""
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """:meth:`read` into ``buf`` (a writable byte view of the length to
+        read), so that a caller reusing its buffers saves an allocation and a
+        copy per request; by default :meth:`read` copied into it."""
+        buf[:] = await self.read(offset, buf.nbytes)
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise BlockDriverError("Operation not supported", 95)
+
+    async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
+        """:meth:`write` from a byte view the caller reuses once this returns
+        (the driver must not keep it); by default as a copy through :meth:`write`."""
+        await self.write(offset, bytes(view), fua)
 
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False

@@ -48,6 +48,9 @@ _LOCAL_FILESYSTEMS = frozenset({
 })
 #: Largest request done on the event loop itself for a memory-backed file.
 _INLINE_MAX = 1 << 20
+#: The same for reads into and writes from callers' buffers (bulk copies of
+#: jobs, several in flight): past it, copies in the I/O threads overlap.
+_INLINE_VIEW_MAX = 128 << 10
 
 
 def _filesystem_type(fd: int) -> int:
@@ -146,7 +149,7 @@ def _direct_pread(fd: int, length: int, offset: int) -> bytes:
     return data
 
 
-def _direct_pwrite(fd: int, data: bytes, offset: int) -> None:
+def _direct_pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
     """O_DIRECT write; an unaligned range is read, patched and written back."""
     start = offset - offset % _DIRECT_ALIGN
     end = -(-(offset + len(data)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
@@ -167,7 +170,24 @@ def _direct_pwrite(fd: int, data: bytes, offset: int) -> None:
         os.ftruncate(fd, max(size, offset + len(data)))
 
 
-def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
+def _preadv_full(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; what lies past the end of the file reads as zeros."""
+    got = os.preadv(fd, [buf], offset)
+    length = buf.nbytes
+    while got < length:
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if not n:
+            buf[got:] = bytes(length - got)
+            return
+        got += n
+
+
+def _direct_preadv(fd: int, buf: memoryview, offset: int) -> None:
+    """O_DIRECT read into ``buf`` (through the aligned bounce buffer)."""
+    buf[:] = _direct_pread(fd, buf.nbytes, offset)
+
+
+def _pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -316,13 +336,28 @@ class FileDriver(BlockDriver):
             return await self.node.graph.run_io(_direct_pread, self.fd, length, offset)
         return await self.node.graph.run_io(_pread_full, self.fd, length, offset)
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        if self._inline and buf.nbytes <= _INLINE_VIEW_MAX:
+            _preadv_full(self.fd, buf, offset)
+        elif self.node.cache_direct:
+            await self.node.graph.run_io(_direct_preadv, self.fd, buf, offset)
+        else:
+            await self.node.graph.run_io(_preadv_full, self.fd, buf, offset)
+
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
         if self.fd < 0 or self.node.cache_direct or offset + length > self._size:
             return None
         return self.fd, offset
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        if self._inline and len(data) <= _INLINE_MAX:
+        await self._write(offset, data, fua)
+
+    async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
+        await self._write(offset, view, fua, _INLINE_VIEW_MAX)
+
+    async def _write(self, offset: int, data: bytes | memoryview, fua: bool,
+                     inline_max: int = _INLINE_MAX) -> None:
+        if self._inline and len(data) <= inline_max:
             _pwrite_full(self.fd, data, offset)
         elif self.node.cache_direct:
             await self.node.graph.run_io(_direct_pwrite, self.fd, data, offset)

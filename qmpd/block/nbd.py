@@ -278,6 +278,32 @@ class NbdDriver(BlockDriver):
             for o in range(offset, offset + length, self._max_block)))
         return b"".join(parts)
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        step = self._max_block
+        if buf.nbytes <= step:
+            await self._request(lambda c: c.read_into(offset, buf))
+            return
+        await asyncio.gather(*(self._read_into_part(offset + o, buf[o:o + step])
+                               for o in range(0, buf.nbytes, step)))
+
+    async def _read_into_part(self, offset: int, buf: memoryview) -> None:
+        await self._request(lambda c: c.read_into(offset, buf))
+
+    async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
+        if fua and not self._flags & p.TFlag.SEND_FUA:
+            await self.write_view(offset, view)
+            await self.flush()
+            return
+        step = self._max_block
+        if view.nbytes <= step:
+            await self._request(lambda c: c.write(offset, view, fua))
+            return
+        await asyncio.gather(*(self._write_view_part(offset + o, view[o:o + step], fua)
+                               for o in range(0, view.nbytes, step)))
+
+    async def _write_view_part(self, offset: int, view: memoryview, fua: bool) -> None:
+        await self._request(lambda c: c.write(offset, view, fua))
+
     async def _read_part(self, offset: int, length: int) -> bytes:
         return await self._request(lambda c: c.read(offset, length))
 

@@ -76,8 +76,14 @@ class RawDriver(BlockDriver):
     async def read(self, offset: int, length: int) -> bytes:
         return await self._file().driver.read(self.offset + offset, length)
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self._file().driver.read_into(self.offset + offset, buf)
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._file().driver.write(self.offset + offset, data, fua)
+
+    async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
+        await self._file().driver.write_view(self.offset + offset, view, fua)
 
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import re
 
+from qmpd.block.dirty_bitmap import DirtyBitmap
+
 
 class RangeLocks:
     """Ranges in flight; :meth:`lock` waits until no other holds an overlap."""
@@ -20,6 +22,14 @@ class RangeLocks:
             if lo < end and start < hi:
                 return done
         return None
+
+    def next_start(self, pos: int) -> int | None:
+        """Where the first range held at or after ``pos`` begins (None: none is)."""
+        found: int | None = None
+        for lo, _, _ in self._held.values():
+            if lo >= pos and (found is None or lo < found):
+                found = lo
+        return found
 
     async def lock(self, start: int, end: int) -> int:
         while True:
@@ -62,3 +72,28 @@ def next_dirty(bits: bytearray, k: int, granules: int) -> int | None:
         byte = bits[j]
         found = j * 8 + (byte & -byte).bit_length() - 1
     return found if found < granules else None
+
+
+class CountedBitmap(DirtyBitmap):
+    """A job's own dirty bitmap that keeps its count as it changes: the job
+    asks for it at every step, and counting a large disk's bits each time
+    would cost in proportion to the disk (QEMU's hbitmap keeps a count too).
+    Change it only through set_range, reset_range and set_all."""
+
+    __slots__ = ("_dirty",)
+
+    def __init__(self, name: str, size: int, granularity: int) -> None:
+        super().__init__(name, size, granularity)
+        self._dirty = 0
+
+    def _fill(self, first: int, end: int, value: bool) -> None:
+        if end <= first:
+            return
+        lo, hi = first >> 3, (end + 7) >> 3
+        chunk = int.from_bytes(self.bits[lo:hi], "little") >> (first & 7)
+        before = (chunk & ((1 << (end - first)) - 1)).bit_count()
+        super()._fill(first, end, value)
+        self._dirty += (end - first - before) if value else -before
+
+    def dirty_granules(self) -> int:
+        return self._dirty

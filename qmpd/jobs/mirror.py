@@ -23,19 +23,19 @@ import errno
 from typing import Any
 
 from qmpd.block.core import BlockLayer
-from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
+from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, Perm, WriteHook
 from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.block_job import BlockJob, JobNodeUser, as_qmp_error
-from qmpd.jobs.inflight import RangeLocks, next_dirty
+from qmpd.jobs.inflight import CountedBitmap, RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
 
 #: DEFAULT_MIRROR_BUF_SIZE and MAX_IO_BYTES.
 DEFAULT_BUF_SIZE = 16 << 20
-MAX_IO_BYTES = 4 << 20
+MAX_IO_BYTES = 1 << 20
 #: BLOCK_JOB_SLICE_TIME: how often a ready mirror looks for new writes.
 READY_POLL = 0.1
 
@@ -111,7 +111,7 @@ class MirrorJob(BlockJob):
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.write_blocking = write_blocking
-        self.bitmap = DirtyBitmap("", source.size(), granularity)
+        self.bitmap = CountedBitmap("", source.size(), granularity)
         self.hook = _SourceHook(self)
         self.locks = RangeLocks()
         #: Open: guest writes pass; closed while completing (QEMU's drain).
@@ -128,6 +128,9 @@ class MirrorJob(BlockJob):
         self.bytes_in_flight = 0
         self._cursor = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Copy buffers of max_io bytes, reused (QEMU's s->buf): reads fill
+        #: them in place and the target is written from them, no copies.
+        self._buffers: list[bytearray] = []
         self.io_error: QMPError | None = None
         self.source_edge: BdrvChild | None = None
         self.target_edge: BdrvChild | None = None
@@ -299,8 +302,13 @@ class MirrorJob(BlockJob):
             return False
         end = k + 1
         limit = min(granules, k + max(1, self.max_io // g))
-        while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1 \
-                and self.locks.busy(end * g, (end + 1) * g) is None:
+        # Granule k is free, so no held range overlaps it: the first busy
+        # granule after it is where the next held range begins.
+        held = self.locks.next_start(end * g)
+        if held is not None:
+            limit = min(limit, held // g)
+        bits = bitmap.bits
+        while end < limit and bits[end >> 3] >> (end & 7) & 1:
             end += 1
         start, stop = k * g, min(end * g, bitmap.size)
         self._cursor = end if end < granules else 0
@@ -318,22 +326,31 @@ class MirrorJob(BlockJob):
         self.enter()
 
     async def _copy(self, offset: int, length: int, token: int) -> None:
+        buf: bytearray | None = None
+        view: memoryview | None = None
+        done = False  # False: cancelled mid-request, whose I/O may still fill the buffer
         try:
             pos, end = offset, offset + length
             while pos < end:
                 is_read = True
                 try:
                     status = await block_status_above(self.source, pos, end - pos)
-                    n = status.length if status.length > 0 else end - pos
+                    n = min(status.length, end - pos) if status.length > 0 else end - pos
                     if not status.data and status.zero:
                         is_read = False
                         await self.target.write_zeroes(pos, n, may_unmap=True)
                     else:
-                        data = await self.source.read(pos, n)
+                        if view is None:
+                            buf = self._buffers.pop() if self._buffers else bytearray(self.max_io)
+                            view = memoryview(buf)
+                        part = view[pos - offset : pos - offset + n]
+                        await self.source.read_into(pos, part)
                         is_read = False
-                        await self.target.write(pos, data)
+                        await self.target.write_view(pos, part)
                 except (QMPError, OSError) as err:
                     exc = as_qmp_error(err)
+                    # A part of a failed read may still be under way: drop the buffer.
+                    buf = None
                     self.bitmap.set_range(pos, end - pos)
                     on_error = self.on_source_error if is_read else self.on_target_error
                     if self.error_action(on_error, is_read, _errno(exc)) == "report":
@@ -342,9 +359,12 @@ class MirrorJob(BlockJob):
                     break
                 self.progress_update(n)
                 pos += n
+            done = True
         finally:
             self.bytes_in_flight -= length
             self.locks.release(token)
+            if done and buf is not None and len(self._buffers) <= self.buf_size // self.max_io:
+                self._buffers.append(buf)
 
     async def _drain_ops(self) -> None:
         while self.tasks:

@@ -145,7 +145,9 @@ class _Pending:
     length: int
     offset: int
     future: asyncio.Future[object]
-    buffer: bytearray | None = None
+    buffer: bytearray | memoryview | None = None
+    #: The caller's buffer a read fills (holes zeroed), if it gave one.
+    into: memoryview | None = None
     error: NbdError | None = None
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     covered: int = 0
@@ -289,7 +291,12 @@ class NbdClient:
         assert isinstance(result, bytearray)
         return bytes(result)
 
-    async def write(self, offset: int, data: bytes, fua: bool = False, flags: int = 0) -> None:
+    async def read_into(self, offset: int, buf: memoryview, flags: int = 0) -> None:
+        """A read of ``buf.nbytes`` bytes straight into ``buf``."""
+        await self._submit(p.Cmd.READ, offset, buf.nbytes, flags, into=buf)
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False,
+                    flags: int = 0) -> None:
         flags |= p.CmdFlag.FUA if fua else 0
         await self._submit(p.Cmd.WRITE, offset, len(data), flags, data)
 
@@ -356,13 +363,14 @@ class NbdClient:
     # --- machinery ------------------------------------------------------------------------
 
     async def _submit(
-        self, kind: int, offset: int, length: int, flags: int, payload: bytes | None = None
+        self, kind: int, offset: int, length: int, flags: int,
+        payload: bytes | memoryview | None = None, into: memoryview | None = None,
     ) -> object:
         if self._failure is not None:
             raise ConnectionError(f"connection failed: {self._failure}")
         cookie = next(self._cookies)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[cookie] = _Pending(kind, length, offset, future)
+        self._pending[cookie] = _Pending(kind, length, offset, future, into=into)
         header = p.request_header(kind, cookie, offset, length, flags)
         if payload is not None and len(payload) > _PIECE:
             await self._send_big(header, payload)
@@ -375,13 +383,13 @@ class NbdClient:
             await self.writer.drain()
         return await future
 
-    def _send_small(self, header: bytes, payload: bytes | None) -> None:
+    def _send_small(self, header: bytes, payload: bytes | memoryview | None) -> None:
         if payload is not None:
             self.writer.writelines([header, payload])
         else:
             self.writer.write(header)
 
-    async def _send_big(self, header: bytes, payload: bytes) -> None:
+    async def _send_big(self, header: bytes, payload: bytes | memoryview) -> None:
         """A large request, a piece at a time, the transport drained in between.
 
         Handed over whole, the transport would keep most of it in its buffer
@@ -442,6 +450,11 @@ class NbdClient:
             if self.structured:
                 raise p.ProtocolError("simple reply when structured reply chunk was expected")
             data = await self.reader.readexactly(pending.length)
+            if pending.into is not None:
+                if not pending.future.done():  # else cancelled: the buffer is not ours
+                    pending.into[:] = data
+                    pending.future.set_result(None)
+                return
             pending.future.set_result(bytearray(data))
         elif pending.kind == p.Cmd.BLOCK_STATUS:
             pending.future.set_exception(
@@ -492,9 +505,14 @@ class NbdClient:
         if pending.kind != p.Cmd.READ or start < 0 or start + length > pending.length:
             raise p.ProtocolError("read chunk outside the request")
         if pending.buffer is None:
-            pending.buffer = bytearray(pending.length)
-        if data is not None:
+            pending.buffer = pending.into if pending.into is not None \
+                else bytearray(pending.length)
+        if pending.future.done():
+            pass  # the reader gave up (cancelled): its buffer may be in use again
+        elif data is not None:
             pending.buffer[start : start + length] = data
+        elif pending.into is not None:  # a fresh bytearray is zeros already
+            pending.into[start : start + length] = bytes(length)
         pending.covered += length
 
 

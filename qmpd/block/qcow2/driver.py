@@ -374,9 +374,21 @@ class Qcow2Driver(BlockDriver):
             raise BlockDriverError(self._broken or "No medium found", ENOMEDIUM)
         return await image.read(offset, length)
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        image = self._image
+        if image is None:
+            raise BlockDriverError(self._broken or "No medium found", ENOMEDIUM)
+        await image.read_into(offset, buf)
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         image = self._img_for_write()
         await image.write(offset, data)
+        if fua:
+            await image.flush()
+
+    async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
+        image = self._img_for_write()
+        await image.write(offset, view)
         if fua:
             await image.flush()
 

@@ -36,6 +36,19 @@ class ImageFile:
         stats.rd_operations += 1
         return data
 
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self.driver.read_into(offset, buf)
+        stats = self.stats
+        stats.rd_bytes += buf.nbytes
+        stats.rd_operations += 1
+
+    async def write_view(self, offset: int, view: memoryview) -> None:
+        """A write from a view valid until this returns (no copy)."""
+        await self.driver.write_view(offset, view)
+        stats = self.stats
+        stats.wr_bytes += view.nbytes
+        stats.wr_operations += 1
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
         stats = self.stats

@@ -186,6 +186,7 @@ class Qcow2Image(Qcow2State):
         self.host_run = mapping.host_run
         self.entries = mapping.entries
         self.read = mapping.read
+        self.read_into = mapping.read_into
         self.block_status = mapping.block_status
         self.write = alloc.write
         self.write_zeroes = alloc.write_zeroes

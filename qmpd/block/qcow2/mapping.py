@@ -26,6 +26,18 @@ from qmpd.block.qcow2.state import Qcow2State
 _CZ = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Set every byte of ``buf`` to zero."""
+    n = buf.nbytes
+    step = len(_ZEROS)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        buf[start:stop] = _ZEROS[: stop - start]
+
+
 class Qcow2Mapping:
     """L2 lookups, guest reads and block status of one image state."""
 
@@ -126,6 +138,76 @@ class Qcow2Mapping:
             return await self._read_general(offset, length)
         finally:
             st.leave(tok)
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """:meth:`read` into ``buf``, run by run as :meth:`_read_general`."""
+        st = self.st
+        if st.broken is not None:
+            raise BlockDriverError(st.broken, st.broken_errno)
+        length = buf.nbytes
+        if length <= 0 or offset < 0 or offset + length > st.size:
+            if length == 0:
+                return
+            raise BlockDriverError("Input/output error: request beyond end of device", 5)
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        cmask = self.cmask
+        tok = st.enter()
+        try:
+            pos = offset
+            end = offset + length
+            while pos < end:
+                ci = pos >> cb
+                ents = await self.entries(ci, ((end - 1) >> cb) - ci + 1)
+                m = len(ents)
+                i = 0
+                while i < m:
+                    e = int(ents[i])
+                    t = entry_type(e)
+                    j = i + 1
+                    if t == ClusterType.NORMAL:
+                        host = e & L2E_OFFSET_MASK
+                        if host & cmask:
+                            raise await st.bad_host(e, ci + i)
+                        nxt = host + cs
+                        while j < m and int(ents[j]) & (L2E_OFFSET_MASK | _CZ) == nxt:
+                            j += 1
+                            nxt += cs
+                    elif t == ClusterType.UNALLOCATED:
+                        while j < m and entry_type(int(ents[j])) == ClusterType.UNALLOCATED:
+                            j += 1
+                    elif t != ClusterType.COMPRESSED:
+                        while j < m and entry_type(int(ents[j])) in (
+                            ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC
+                        ):
+                            j += 1
+                    run_end = min(end, (ci + j) << cb)
+                    part = buf[pos - offset : run_end - offset]
+                    if t == ClusterType.NORMAL:
+                        await st.data_read_into((e & L2E_OFFSET_MASK) + (pos & cmask), part)
+                    elif t == ClusterType.UNALLOCATED:
+                        await self.read_backing_into(pos, part)
+                    elif t == ClusterType.COMPRESSED:
+                        data = await self.read_compressed(e)
+                        part[:] = memoryview(data)[pos & cmask : (pos & cmask) + part.nbytes]
+                    else:
+                        zero_fill(part)
+                    pos = run_end
+                    i = j
+        finally:
+            st.leave(tok)
+
+    async def read_backing_into(self, offset: int, buf: memoryview) -> None:
+        """:meth:`read_backing` into ``buf``."""
+        backing = self.st.node.backing
+        length = buf.nbytes
+        n = 0
+        if backing is not None:
+            n = max(0, min(length, backing.size() - offset))
+            if n:
+                await backing.read_into(offset, buf[:n])
+        if n < length:
+            zero_fill(buf[n:])
 
     async def read_backing(self, offset: int, length: int) -> bytes:
         backing = self.st.node.backing

@@ -333,6 +333,12 @@ class Qcow2State:
             return raw[host - start : host - start + length]
         return await self.file.read(host, length)
 
+    async def data_read_into(self, host: int, buf: memoryview) -> None:
+        if self.direct and (host | buf.nbytes) & (META_ALIGN - 1):
+            buf[:] = await self.data_read(host, buf.nbytes)
+            return
+        await self.file.read_into(host, buf)
+
     async def data_write(self, host: int, data: bytes | memoryview) -> None:
         if self.direct and (host | len(data)) & (META_ALIGN - 1):
             # O_DIRECT needs whole sectors: read-modify-write, one at a time so
@@ -345,8 +351,7 @@ class Qcow2State:
                 await self.file.write(start, bytes(buf))
             return
         if isinstance(data, memoryview):
-            # A view of a whole bytes object (a write of whole clusters) needs no copy.
-            whole = data.obj
-            data = whole if isinstance(whole, bytes) and len(whole) == data.nbytes \
-                else bytes(data)
+            # The caller's buffer outlives the write: no copy.
+            await self.file.write_view(host, data)
+            return
         await self.file.write(host, data)
