@@ -113,6 +113,7 @@ class Job:
         if self._paused_from is None:
             if not self.should_pause or self.is_cancelled:
                 return
+            await self.drain_io()
             self.on_pause()
             if not self.should_pause or self.is_cancelled:
                 self.on_resume()
@@ -176,7 +177,8 @@ class Job:
             if self.should_pause and not self.cancel_requested:
                 return  # still paused
             self._leave_pause()
-        elif self._sleeping and self.should_pause and not self.is_cancelled:
+        elif (self._sleeping and self.should_pause and not self.is_cancelled
+              and not self.io_in_flight()):
             self.on_pause()
             if self.should_pause and not self.is_cancelled:
                 self._enter_pause()
@@ -237,6 +239,14 @@ class Job:
         a soft cancel of a ready job its final sync.
         """
         return True
+
+    def io_in_flight(self) -> bool:
+        """Whether I/O the job started is still under way (a pause waits for it)."""
+        return False
+
+    async def drain_io(self) -> None:
+        """Wait for the job's I/O under way before it pauses (QEMU's mirror_pause),
+        so the errors that I/O meets are reported before ``paused``."""
 
     def on_pause(self) -> None:
         """About to pause."""

@@ -370,6 +370,12 @@ class MirrorJob(BlockJob):
         while self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
+    def io_in_flight(self) -> bool:
+        return bool(self.tasks)
+
+    async def drain_io(self) -> None:
+        await self._drain_ops()
+
     # --- guest writes (through the hook) --------------------------------------------------
 
     async def active_write(self, offset: int, length: int, data: bytes | None) -> None:

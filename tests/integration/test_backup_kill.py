@@ -38,7 +38,9 @@ def test_kill_9_mid_backup(tmp_path: Path) -> None:
             writer = Writer(c, model, seed=17, fua=True)
             await qmp_call(qmp.ok, "blockdev-backup", {
                 "job-id": "b", "device": "src", "target": "tgt", "sync": "full",
-                "speed": 1 * MiB})  # 4 MiB of data and more to copy: seconds
+                # 4 MiB of data at 128 KiB/s: half a minute, so a loaded
+                # machine's slow writer still finds it running.
+                "speed": 128 * 1024})
             task = asyncio.create_task(writer.run())
             await asyncio.sleep(1.0)
             writer.stop.set()
