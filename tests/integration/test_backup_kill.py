@@ -11,7 +11,6 @@ from pathlib import Path
 
 from qmpd.nbd.client import NbdClient
 from tests.integration.test_mirror_backup_io import (
-    MiB,
     Writer,
     add_target,
     image_bytes,
