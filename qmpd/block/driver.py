@@ -388,12 +388,16 @@ class BlockNode:
             self._check_writable()
             self._check_range(offset, length)
             await self.driver.write_view(offset, view, fua)
-            if self.dirty_bitmaps or self.internal_bitmaps:
-                self.mark_dirty(offset, length)
-            self.stats.wr_bytes += length
-            self.stats.wr_operations += 1
+            self._wrote(offset, length)
         finally:
             self._plain_write_done()
+
+    def _wrote(self, offset: int, length: int) -> None:
+        """A write (or write-zeroes) reached the driver: dirty bitmaps and stats."""
+        if self.dirty_bitmaps or self.internal_bitmaps:
+            self.mark_dirty(offset, length)
+        self.stats.wr_bytes += length
+        self.stats.wr_operations += 1
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self.write_hooks:
@@ -414,10 +418,7 @@ class BlockNode:
                 )
             else:
                 await self.driver.write(offset, data, fua)
-            if self.dirty_bitmaps or self.internal_bitmaps:
-                self.mark_dirty(offset, len(data))
-            self.stats.wr_bytes += len(data)
-            self.stats.wr_operations += 1
+            self._wrote(offset, len(data))
         finally:
             self._plain_write_done()
 
@@ -451,10 +452,7 @@ class BlockNode:
         finally:
             if serialiser is not None:
                 serialiser.end_write(token)
-        if self.dirty_bitmaps or self.internal_bitmaps:
-            self.mark_dirty(offset, len(data))
-        self.stats.wr_bytes += len(data)
-        self.stats.wr_operations += 1
+        self._wrote(offset, len(data))
 
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
@@ -472,10 +470,7 @@ class BlockNode:
             self._check_writable()
             self._check_range(offset, length)
             await self.driver.write_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
-            if self.dirty_bitmaps or self.internal_bitmaps:
-                self.mark_dirty(offset, length)
-            self.stats.wr_bytes += length
-            self.stats.wr_operations += 1
+            self._wrote(offset, length)
         finally:
             self._plain_write_done()
 
@@ -489,10 +484,7 @@ class BlockNode:
         finally:
             if serialiser is not None:
                 serialiser.end_write(token)
-        if self.dirty_bitmaps or self.internal_bitmaps:
-            self.mark_dirty(offset, length)
-        self.stats.wr_bytes += length
-        self.stats.wr_operations += 1
+        self._wrote(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
         if self.write_hooks:

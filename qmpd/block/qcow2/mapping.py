@@ -29,6 +29,33 @@ _CZ = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 _ZEROS = memoryview(bytes(1 << 20))
 
 
+def run_of(ents: array[int], i: int, cs: int, cmask: int) -> tuple[int, int]:
+    """The type of L2 entry ``i`` and the index just past the run of entries
+    read the same way (contiguous data, unallocated, or zero; a compressed
+    cluster is a run of one); -1 for data at a host offset not cluster-aligned."""
+    m = len(ents)
+    e = int(ents[i])
+    t = entry_type(e)
+    j = i + 1
+    if t == ClusterType.NORMAL:
+        host = e & L2E_OFFSET_MASK
+        if host & cmask:
+            return t, -1
+        nxt = host + cs
+        while j < m and int(ents[j]) & (L2E_OFFSET_MASK | _CZ) == nxt:
+            j += 1
+            nxt += cs
+    elif t == ClusterType.UNALLOCATED:
+        while j < m and entry_type(int(ents[j])) == ClusterType.UNALLOCATED:
+            j += 1
+    elif t != ClusterType.COMPRESSED:
+        while j < m and entry_type(int(ents[j])) in (
+            ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC
+        ):
+            j += 1
+    return t, j
+
+
 def zero_fill(buf: memoryview) -> None:
     """Set every byte of ``buf`` to zero."""
     n = buf.nbytes
@@ -163,24 +190,9 @@ class Qcow2Mapping:
                 i = 0
                 while i < m:
                     e = int(ents[i])
-                    t = entry_type(e)
-                    j = i + 1
-                    if t == ClusterType.NORMAL:
-                        host = e & L2E_OFFSET_MASK
-                        if host & cmask:
-                            raise await st.bad_host(e, ci + i)
-                        nxt = host + cs
-                        while j < m and int(ents[j]) & (L2E_OFFSET_MASK | _CZ) == nxt:
-                            j += 1
-                            nxt += cs
-                    elif t == ClusterType.UNALLOCATED:
-                        while j < m and entry_type(int(ents[j])) == ClusterType.UNALLOCATED:
-                            j += 1
-                    elif t != ClusterType.COMPRESSED:
-                        while j < m and entry_type(int(ents[j])) in (
-                            ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC
-                        ):
-                            j += 1
+                    t, j = run_of(ents, i, cs, cmask)
+                    if j < 0:
+                        raise await st.bad_host(e, ci + i)
                     run_end = min(end, (ci + j) << cb)
                     part = buf[pos - offset : run_end - offset]
                     if t == ClusterType.NORMAL:
@@ -259,24 +271,9 @@ class Qcow2Mapping:
             i = 0
             while i < m:
                 e = int(ents[i])
-                t = entry_type(e)
-                j = i + 1
-                if t == ClusterType.NORMAL:
-                    host = e & L2E_OFFSET_MASK
-                    if host & cmask:
-                        raise await st.bad_host(e, ci + i)
-                    nxt = host + cs
-                    while j < m and int(ents[j]) & (L2E_OFFSET_MASK | _CZ) == nxt:
-                        j += 1
-                        nxt += cs
-                elif t == ClusterType.UNALLOCATED:
-                    while j < m and entry_type(int(ents[j])) == ClusterType.UNALLOCATED:
-                        j += 1
-                elif t != ClusterType.COMPRESSED:
-                    while j < m and entry_type(int(ents[j])) in (
-                        ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC
-                    ):
-                        j += 1
+                t, j = run_of(ents, i, cs, cmask)
+                if j < 0:
+                    raise await st.bad_host(e, ci + i)
                 run_end = min(end, (ci + j) << cb)
                 n = run_end - pos
                 if t == ClusterType.NORMAL:
