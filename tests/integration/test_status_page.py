@@ -78,6 +78,28 @@ async def test_page_follows_the_daemon_live(mig: Cluster) -> None:
         await in_thread(src.ok, "block-export-del", {"id": "e0"})
         await in_thread(src.ok, "nbd-server-stop")
 
+        # A running job: its bar follows current/total-progress, which move
+        # without an event (the page's tick), and it goes when the job does.
+        await in_thread(src.qemu_io, "disk", "write 0 8M")
+        await in_thread(src.ok, "blockdev-add", {
+            "driver": "qcow2", "node-name": "tgt", "file": {
+                "driver": "file", "filename": str(create_qcow2(mig.dir / "tgt.qcow2", "64M"))}})
+        await in_thread(src.ok, "blockdev-mirror", {
+            "job-id": "m0", "device": "disk", "target": "tgt", "sync": "full",
+            "speed": 1 << 20})
+        bar = "document.querySelector('[data-job=\"m0\"] progress')"
+        await browser.wait_for(f"{bar} && {bar}.value > 0 && {bar}.value < {bar}.max")
+        first = await browser.evaluate(f"{bar}.value")
+        await browser.wait_for(f"{bar}.value > {first}")
+        jobs = await in_thread(src.ok, "query-jobs")
+        shown = await browser.evaluate(f"[{bar}.value, {bar}.max]")
+        # The page's numbers are the job's own (as of its last status).
+        assert 0 < shown[0] <= jobs[0]["current-progress"], (shown, jobs)
+        assert shown[0] < shown[1] <= jobs[0]["total-progress"], (shown, jobs)
+        await in_thread(src.ok, "block-job-cancel", {"device": "m0", "force": True})
+        await browser.wait_for("!document.querySelector('[data-job=\"m0\"]')")
+        await in_thread(src.ok, "blockdev-del", {"node-name": "tgt"})
+
         await in_thread(dst.add_disk, image)
         uri = f"unix:{mig.dir / 'mig.sock'}"
         await in_thread(dst.ok, "migrate-incoming", {"uri": uri})
