@@ -163,10 +163,16 @@ class BackupJob(BlockJob):
                 await self._skip_unallocated()
             await self._copy_all()
         finally:
-            while self.tasks:
-                await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            await self.drain_io()
         if self.io_error is not None and not self.is_cancelled:
             raise self.io_error
+
+    def io_in_flight(self) -> bool:
+        return bool(self.tasks)
+
+    async def drain_io(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     async def _skip_unallocated(self) -> None:
         """The clusters the source itself does not hold are not copied."""

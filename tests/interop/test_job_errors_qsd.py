@@ -268,6 +268,40 @@ def test_mirror_target_enospc_as_qsd(tmp_path: Path, mounts: Mounts, on_error: s
                      tmp_path / impl / "fs" / "target.raw")
 
 
+@pytest.mark.parametrize("on_error", ["stop", "report"])
+def test_backup_target_enospc_as_qsd(tmp_path: Path, mounts: Mounts, on_error: str) -> None:
+    """blockdev-backup onto a raw target on a full tmpfs (on-target-error): with
+    ``stop`` the job pauses, resumes once there is room and the target ends up
+    equal to the source; with ``report`` it fails with ENOSPC's text."""
+    def scenario(p: Peer) -> None:
+        target = p.work / "fs" / "target.raw"
+        qemu_img("create", "-q", "-f", "raw", target, str(SIZE))
+        p.ok("blockdev-add", {"driver": "raw", "node-name": "target", "file": {
+            "driver": "file", "filename": str(target)}})
+        p.cmd("blockdev-backup", {"job-id": "j", "device": "top", "target": "target",
+                                  "sync": "full", "on-target-error": on_error,
+                                  "auto-dismiss": False})
+        if on_error == "stop":
+            p.wait("BLOCK_JOB_ERROR")  # a backup pauses once as it starts, too
+            p.wait("JOB_STATUS_CHANGE", "paused")
+            p.cmd("query-block-jobs")
+            Mounts.grow(p.work / "fs", 64 * MiB)
+            p.cmd("block-job-resume", {"device": "j"})
+        p.job("j", "concluded")
+        p.cmd("query-block-jobs")
+        p.cmd("job-dismiss", {"id": "j"})
+        p.cmd("blockdev-del", {"node-name": "target"})
+
+    out = run(tmp_path, mounts, "none", scenario,
+              frozenset({("reply", "blockdev-backup")}))
+    assert collapsed(out["qmpd"]) == collapsed(out["qsd"])
+    assert errors(out["qsd"])[0] == {"device": "j", "operation": "write", "action": on_error}
+    if on_error == "stop":
+        for impl in ("qmpd", "qsd"):
+            qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / impl / "top.qcow2",
+                     tmp_path / impl / "fs" / "target.raw")
+
+
 def sleeping(p: Peer) -> None:
     """Until the job waits out its speed limit (polls left out of the transcript)."""
     deadline = time.monotonic() + 30
