@@ -83,7 +83,6 @@ class BackupJob(BlockJob):
         self.hook = _CopyBeforeWrite(self)
         self.successor: DirtyBitmap | None = None
         self._was_recording = False
-        self.tasks: set[asyncio.Task[None]] = set()
         self.io_error: QMPError | None = None
         self._cursor = 0
 
@@ -166,13 +165,6 @@ class BackupJob(BlockJob):
             await self.drain_io()
         if self.io_error is not None and not self.is_cancelled:
             raise self.io_error
-
-    def io_in_flight(self) -> bool:
-        return bool(self.tasks)
-
-    async def drain_io(self) -> None:
-        while self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     async def _skip_unallocated(self) -> None:
         """The clusters the source itself does not hold are not copied."""

@@ -8,6 +8,7 @@ edge: the permissions it needs and shares, and the blocker text that
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
@@ -103,10 +104,19 @@ class BlockJob(Job):
         self.limit = RateLimit()
         self.iostatus = "ok"
         self.edges: list[BdrvChild] = []
+        #: Copies under way, each in its own task (mirror, backup).
+        self.tasks: set[asyncio.Task[None]] = set()
         #: Bytes were copied since the last ratelimit_sleep.
         self._owed = False
         if speed:
             self._set_speed(speed)
+
+    def io_in_flight(self) -> bool:
+        return bool(self.tasks)
+
+    async def drain_io(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     # --- nodes ----------------------------------------------------------------------
 

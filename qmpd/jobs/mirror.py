@@ -127,7 +127,6 @@ class MirrorJob(BlockJob):
         self.active = True
         self.bytes_in_flight = 0
         self._cursor = 0
-        self.tasks: set[asyncio.Task[None]] = set()
         #: Copy buffers of max_io bytes, reused (QEMU's s->buf): reads fill
         #: them in place and the target is written from them, no copies.
         self._buffers: list[bytearray] = []
@@ -185,7 +184,7 @@ class MirrorJob(BlockJob):
         try:
             await self._run()
         finally:
-            await self._drain_ops()
+            await self.drain_io()
             if not self.gate.is_set() and not (self.should_complete and not self.is_cancelled
                                                and self.io_error is None):
                 self.gate.set()
@@ -366,15 +365,6 @@ class MirrorJob(BlockJob):
             if done and buf is not None and len(self._buffers) <= self.buf_size // self.max_io:
                 self._buffers.append(buf)
 
-    async def _drain_ops(self) -> None:
-        while self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
-
-    def io_in_flight(self) -> bool:
-        return bool(self.tasks)
-
-    async def drain_io(self) -> None:
-        await self._drain_ops()
 
     # --- guest writes (through the hook) --------------------------------------------------
 
