@@ -422,6 +422,32 @@ class BlockNode:
         finally:
             self._plain_write_done()
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read` without a coroutine when the driver need not wait
+        (:meth:`BlockDriver.read_now`); None, having done nothing, otherwise."""
+        if self.state is not _ACTIVE:
+            return None
+        self._check_range(offset, length)
+        data = self.driver.read_now(offset, length)
+        if data is not None:
+            self.stats.rd_bytes += length
+            self.stats.rd_operations += 1
+        return data
+
+    def write_now(self, offset: int, data: bytes, fua: bool = False) -> bool:
+        """:meth:`write` without a coroutine when nothing on the way waits: no
+        write hooks, no serialiser, no zero detection, and a driver that writes
+        in memory (:meth:`BlockDriver.write_now`).  True when done; False,
+        having done nothing, when :meth:`write` must be awaited."""
+        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
+            return False
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if not self.driver.write_now(offset, data, fua):
+            return False
+        self._wrote(offset, len(data))
+        return True
+
     def _plain_write_done(self) -> None:
         self.plain_writes -= 1
         if not self.plain_writes and self._plain_drained is not None:
@@ -671,6 +697,17 @@ class BlockDriver(ABC):
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise BlockDriverError("Operation not supported", 95)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read` without waiting, where it is a memory copy; None, having
+        done nothing, when :meth:`read` must be awaited (always, by default)."""
+        return None
+
+    def write_now(self, offset: int, data: bytes, fua: bool) -> bool:
+        """:meth:`write` without waiting, where it is a memory copy: True when
+        done; False, having done nothing, when :meth:`write` must be awaited
+        (always, by default)."""
+        return False
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         """:meth:`write` from a byte view the caller reuses once this returns

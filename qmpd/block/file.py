@@ -188,7 +188,11 @@ def _direct_preadv(fd: int, buf: memoryview, offset: int) -> None:
 
 
 def _pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
+    written = os.pwrite(fd, data, offset)
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
+    offset += written
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
@@ -351,6 +355,21 @@ class FileDriver(BlockDriver):
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._write(offset, data, fua)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        if self._inline and length <= _INLINE_MAX:
+            return _pread_full(self.fd, length, offset)
+        return None
+
+    def write_now(self, offset: int, data: bytes, fua: bool) -> bool:
+        if not self._inline or fua or len(data) > _INLINE_MAX:
+            return False
+        _pwrite_full(self.fd, data, offset)
+        self._writes += 1  # as _write
+        end = offset + len(data)
+        if end > self._size:
+            self._size = end
+        return True
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         await self._write(offset, view, fua, _INLINE_VIEW_MAX)

@@ -85,6 +85,12 @@ class RawDriver(BlockDriver):
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         await self._file().driver.write_view(self.offset + offset, view, fua)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        return self._file().driver.read_now(self.offset + offset, length)
+
+    def write_now(self, offset: int, data: bytes, fua: bool) -> bool:
+        return self._file().driver.write_now(self.offset + offset, data, fua)
+
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
     ) -> None:

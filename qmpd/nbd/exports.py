@@ -366,6 +366,36 @@ class NbdExport:
     def _forget_data(self, offset: int, length: int) -> None:
         self.data_ranges.forget(offset, offset + length)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """A small READ's data without waiting (:meth:`BlockNode.read_now`);
+        None, having done nothing, when :meth:`read` must be awaited."""
+        node = self.node
+        if not length or length >= SPARSE_READ_MIN:
+            return None
+        try:
+            data = node.read_now(offset, length)
+        except BaseException:
+            self._count("read", length)
+            raise
+        if data is not None:
+            self._count("read", length)
+        return data
+
+    def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool:
+        """:meth:`write` without waiting (:meth:`BlockNode.write_now`): True when
+        done; False, having done nothing, when :meth:`write` must be awaited."""
+        node = self.node
+        if not node.active:
+            return False
+        try:
+            done = node.write_now(offset, cast(bytes, data), fua or self.writethrough)
+        except BaseException:
+            self._count("write", len(data))
+            raise
+        if done:
+            self._count("write", len(data))
+        return done
+
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         self._count("write", len(data))
         self._check_active()

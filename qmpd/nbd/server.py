@@ -21,9 +21,10 @@ Per connection:
   too large to skip) closes the connection; an invalid request gets an error
   reply and the connection goes on, as with QEMU;
 * no payload is copied in Python: WRITE data is received into its own
-  buffer, replies leave with ``sendmsg`` (several small ones together while
-  the client is still sending), and large READs of a range stored as-is in
-  a host file are sent with ``sendfile``;
+  buffer, replies leave with ``sendmsg`` (those of every request that one
+  reader callback completed together, at its end: never held back while the
+  client waits), and large READs of a range stored as-is in a host file are
+  sent with ``sendfile``;
 * one connection never holds the event loop for long (:data:`PUMP_BUDGET`,
   :data:`FLUSH_BUDGET`): other clients and the QMP monitor stay responsive
   while an export runs at full speed.
@@ -37,14 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import functools
 import itertools
 import logging
 import os
 import socket
-import sys
-import termios
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -70,11 +68,6 @@ WRITE_LOW_WATER = 1024 * 1024
 #: Socket send buffer asked for (the kernel caps it).
 SOCKET_BUFFER = 1024 * 1024
 _IOV_MAX = 1024
-#: Replies of a client that is still sending wait up to this long ...
-COALESCE_DELAY = 0.0005
-#: ... or until this many replies / bytes are queued.
-COALESCE_REPLIES = 32
-COALESCE_BYTES = 256 * 1024
 #: Bytes one flush sends before yielding the loop (the writer callback,
 #: level-triggered, comes back for the rest).
 FLUSH_BUDGET = 1024 * 1024
@@ -126,6 +119,10 @@ class ServedExport(Protocol):
     async def read(
         self, offset: int, length: int, sparse: bool
     ) -> list[tuple[int, int, p.ReadData]]: ...
+
+    def read_now(self, offset: int, length: int) -> bytes | None: ...
+
+    def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None: ...
 
@@ -197,8 +194,8 @@ class NbdConnection:
         self._pumping = False
         self._resume_pending = False
         self._flush_soon = False
-        self._flush_handle: asyncio.TimerHandle | None = None
         self._unsent_replies = 0
+        self._in_reader = False
         self._out: deque[memoryview | p.FileSpan] = deque()
         self._out_bytes = 0
         self._writing = False
@@ -240,8 +237,6 @@ class NbdConnection:
             return
         self.closed = True
         self.draining = True
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
         if self.reading:
             self.loop.remove_reader(self.fd)
             self.reading = False
@@ -301,6 +296,18 @@ class NbdConnection:
         self.reading = on
 
     def _readable(self) -> None:
+        # The replies of every request this callback completes leave together
+        # when it ends: one sendmsg (one TLS record) for the batch the client
+        # sent, and none held back while the client waits for them.
+        self._in_reader = True
+        try:
+            self._receive()
+        finally:
+            self._in_reader = False
+        if self._unsent_replies and not self.closed:
+            self._kick()
+
+    def _receive(self) -> None:
         # A few receives per wake-up while the socket keeps filling our
         # buffers: fewer trips through the event loop for bulk transfers,
         # within the same time budget as one pump.
@@ -355,8 +362,9 @@ class NbdConnection:
         """Queue a reply's parts (in order, never interleaved with another reply's).
 
         They leave together with whatever else is ready in this turn of the
-        loop (one sendmsg for many small replies): at the end of the pump,
-        or in a callback scheduled for that.
+        loop (one sendmsg for many small replies): at the end of the reader
+        callback that received the request, or in a callback scheduled for
+        that (for a request that had to wait).
         """
         if self.closed:
             return
@@ -372,43 +380,15 @@ class NbdConnection:
             self._set_reading(False)
 
     def _schedule_flush(self) -> None:
-        """Flush soon; a little later while the client is still sending.
-
-        A client streaming WRITEs keeps many requests in flight, so its
-        replies can wait a fraction of a millisecond and leave together
-        (one sendmsg, one wake-up of the client instead of one per reply).
-        A client that has sent everything gets its replies at once.
-        """
-        if self._writing or self.closed:
+        """Flush in a callback of its own, soon: replies that complete in the
+        same turn of the loop (outside a reader callback) leave together."""
+        if self._writing or self.closed or self._flush_soon:
             return
-        tx = self.tx
-        busy = (
-            tx is not None and self._unsent_replies < COALESCE_REPLIES
-            and self._out_bytes < COALESCE_BYTES and not self._close_when_idle
-            and (tx.receiving or self._input_waiting())
-        )
-        if busy:
-            if self._flush_handle is None:
-                self._flush_handle = self.loop.call_later(COALESCE_DELAY, self._deferred_flush)
-        elif not self._flush_soon:
-            self._flush_soon = True
-            self.loop.call_soon(self._deferred_flush)
-
-    def _input_waiting(self) -> bool:
-        """Whether the client has sent more that we have not read yet."""
-        if not self.reading:
-            return False
-        try:
-            raw = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
-            return False
-        return int.from_bytes(raw, sys.byteorder) > 0
+        self._flush_soon = True
+        self.loop.call_soon(self._deferred_flush)
 
     def _deferred_flush(self) -> None:
         self._flush_soon = False
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
         self._kick()
 
     def _kick(self) -> None:
@@ -617,7 +597,7 @@ class NbdConnection:
             self._pumping = False
         if self.closed:
             return
-        if self._unsent_replies:
+        if self._unsent_replies and not self._in_reader:
             self._schedule_flush()
         self._set_reading(
             self._admit() and not tx.finished and not self._close_when_idle
@@ -646,8 +626,29 @@ class NbdConnection:
             self._finish()
 
     def _start(self, request: p.Request) -> None:
-        self.in_flight += 1
         kind = request.type
+        if kind == _WRITE or kind == _READ:
+            # Most small requests complete without waiting: no coroutine at all.
+            export = self.export
+            assert export is not None
+            try:
+                if kind == _WRITE:
+                    assert request.payload is not None
+                    if export.write_now(request.offset, request.payload,
+                                        bool(request.flags & _FUA)):
+                        self._send([self.replies.ok(request.cookie)])
+                        return
+                else:
+                    offset = request.offset
+                    data = export.read_now(offset, request.length)
+                    if data is not None:
+                        self._send(self.replies.read_parts(
+                            request.cookie, offset, [(offset, request.length, data)]))
+                        return
+            except Exception as exc:
+                self._send(self._failure(export, request, exc))
+                return
+        self.in_flight += 1
         size = request.length if kind == _READ or kind == _WRITE else 0
         self.in_flight_bytes += size
         self._idle.clear()
@@ -680,27 +681,8 @@ class NbdConnection:
         assert export is not None
         try:
             parts = await self._run(export, request)
-        except NbdFailure as exc:
-            export.count_error(request.command_name)
-            parts = [self.replies.error(request.cookie, exc.error, exc.message)]
-        except (BlockDriverError, OSError) as exc:
-            # An I/O error keeps its errno on the wire (ENOSPC stays ENOSPC,
-            # as QEMU's), and is logged once per node and errno.
-            export.count_error(request.command_name)
-            err = exc.errno or errno.EIO
-            message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
-            IO_ERRORS.report_errno(
-                export.node_name, err, f"NBD {request.command_name} on export {export.id}"
-            )
-            parts = [self.replies.error(request.cookie, p.errno_to_nbd(err), message)]
         except Exception as exc:
-            export.count_error(request.command_name)
-            IO_ERRORS.report(
-                export.node_name, type(exc).__name__,
-                f"NBD {request.command_name} on export {export.id} failed", exc,
-            )
-            message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
-            parts = [self.replies.error(request.cookie, p.Errno.EIO, message)]
+            parts = self._failure(export, request, exc)
         self.in_flight -= 1
         self.in_flight_bytes -= size
         self._send(parts)
@@ -710,6 +692,28 @@ class NbdConnection:
             self._pump()
         else:
             self._release()
+
+    def _failure(
+        self, export: ServedExport, request: p.Request, exc: Exception
+    ) -> list[p.ReplyPart]:
+        """The error reply of a request that raised ``exc``, counted and logged."""
+        export.count_error(request.command_name)
+        if isinstance(exc, NbdFailure):
+            return [self.replies.error(request.cookie, exc.error, exc.message)]
+        message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
+        if isinstance(exc, (BlockDriverError, OSError)):
+            # An I/O error keeps its errno on the wire (ENOSPC stays ENOSPC,
+            # as QEMU's), and is logged once per node and errno.
+            err = exc.errno or errno.EIO
+            IO_ERRORS.report_errno(
+                export.node_name, err, f"NBD {request.command_name} on export {export.id}"
+            )
+            return [self.replies.error(request.cookie, p.errno_to_nbd(err), message)]
+        IO_ERRORS.report(
+            export.node_name, type(exc).__name__,
+            f"NBD {request.command_name} on export {export.id} failed", exc,
+        )
+        return [self.replies.error(request.cookie, p.Errno.EIO, message)]
 
     async def _run(self, export: ServedExport, request: p.Request) -> list[p.ReplyPart]:
         kind = request.type

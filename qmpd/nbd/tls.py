@@ -191,9 +191,9 @@ class TlsConnection(NbdConnection):
         if on and not was and self.reading and self.tls is not None and self.tls.buffered:
             self.loop.call_soon(self._tls_input)  # received, not taken yet
 
-    def _readable(self) -> None:
+    def _receive(self) -> None:
         if self.tls is None:
-            super()._readable()
+            super()._receive()
         else:
             self._readable_tls()
 
@@ -202,14 +202,6 @@ class TlsConnection(NbdConnection):
             super()._flush()
         else:
             self._flush_tls()
-
-    def _input_waiting(self) -> bool:
-        # Over TLS, unread ciphertext is no sign of a client streaming a
-        # request (whole small requests come in records of their own): only
-        # a request half received holds replies back (for a few replies).
-        if self.tls is None:
-            return super()._input_waiting()
-        return False
 
     def _after_flush(self) -> None:
         super()._after_flush()
