@@ -253,7 +253,7 @@ class NbdExport:
 
     def size(self) -> int:
         # As QEMU: the export size is the node's, rounded down to 512 bytes.
-        return self.node.size() // 512 * 512
+        return self.edge.child.size() // 512 * 512
 
     def protocol_description(self, multi_conn: bool) -> p.ExportDescription:
         flags = p.TFlag.HAS_FLAGS | p.TFlag.SEND_FLUSH | p.TFlag.SEND_FUA | p.TFlag.SEND_CACHE

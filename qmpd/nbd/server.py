@@ -68,6 +68,8 @@ WRITE_LOW_WATER = 1024 * 1024
 #: Socket send buffer asked for (the kernel caps it).
 SOCKET_BUFFER = 1024 * 1024
 _IOV_MAX = 1024
+#: Replies that may wait for the rest of a WRITE payload being received.
+HOLD_REPLIES = 8
 #: Bytes one flush sends before yielding the loop (the writer callback,
 #: level-triggered, comes back for the rest).
 FLUSH_BUDGET = 1024 * 1024
@@ -196,7 +198,7 @@ class NbdConnection:
         self._flush_soon = False
         self._unsent_replies = 0
         self._in_reader = False
-        self._out: deque[memoryview | p.FileSpan] = deque()
+        self._out: deque[bytes | memoryview | p.FileSpan] = deque()
         self._out_bytes = 0
         self._writing = False
         self._idle = asyncio.Event()
@@ -304,8 +306,18 @@ class NbdConnection:
             self._receive()
         finally:
             self._in_reader = False
-        if self._unsent_replies and not self.closed:
+        if self._unsent_replies and not self.closed and not self._payload_coming():
             self._kick()
+
+    def _payload_coming(self) -> bool:
+        """Whether replies may wait for the next reader callback: the client is
+        in the middle of a WRITE's payload, which it sends whatever replies it
+        gets, so that callback comes (and a few replies leave together)."""
+        tx = self.tx
+        return (
+            tx is not None and tx.filling_payload and self.reading
+            and self._unsent_replies < HOLD_REPLIES and not self._close_when_idle
+        )
 
     def _receive(self) -> None:
         # A few receives per wake-up while the socket keeps filling our
@@ -370,7 +382,7 @@ class NbdConnection:
             return
         out = self._out
         for part in parts:
-            out.append(part if isinstance(part, p.FileSpan) else memoryview(part))
+            out.append(part)
             self._out_bytes += len(part)
         self._unsent_replies += 1
         if not self._pumping:
@@ -444,7 +456,7 @@ class NbdConnection:
                         return
                     out.popleft()
                     continue
-                buffers: list[memoryview] = []
+                buffers: list[bytes | memoryview] = []
                 for item in itertools.islice(out, _IOV_MAX):
                     if isinstance(item, p.FileSpan):
                         break
@@ -471,7 +483,7 @@ class NbdConnection:
                     remaining -= len(first)
                     out.popleft()
                 else:
-                    out[0] = first[remaining:]
+                    out[0] = memoryview(first)[remaining:]
                     remaining = 0
             if sent < total:
                 return
@@ -634,9 +646,8 @@ class NbdConnection:
             try:
                 if kind == _WRITE:
                     assert request.payload is not None
-                    if export.write_now(request.offset, request.payload,
-                                        bool(request.flags & _FUA)):
-                        self._send([self.replies.ok(request.cookie)])
+                    if export.write_now(request.offset, request.payload, request.flags & _FUA != 0):
+                        self._send((self.replies.ok(request.cookie),))
                         return
                 else:
                     offset = request.offset

@@ -122,9 +122,23 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
         got = _pending(client)
         assert _same(got, struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 3)
                      + content[8192:8192 + 512]), len(got)
+        # A WRITE whose payload is still on its way: whatever waited for it
+        # leaves, at the latest, with its own reply when the payload is in.
+        second = os.urandom(4096)
+        client.sendall(p.request_header(p.Cmd.WRITE, 4, 12288, 1000) + second[:1000]
+                       + p.request_header(p.Cmd.WRITE, 5, 12288, 4096) + second[:1000])
+        conn._readable()
+        got = _pending(client)
+        client.sendall(second[1000:])
+        conn._readable()
+        got += _pending(client)
+        assert got == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 4) \
+            + struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 5)
         with open(image, "rb") as f:
             f.seek(4096)
             assert _same(f.read(4096), payload)
+            f.seek(12288)
+            assert _same(f.read(4096), second)
         conn.loop.add_reader(conn.fd, conn._readable)
     finally:
         client.close()

@@ -261,13 +261,13 @@ class Transmission:
                     request, Errno.EINVAL,
                     f"len ({length}) is larger than max len ({self.max_payload})", fatal=True,
                 )
-            payload = bytearray(length)
             have = min(self._end - start, length)
-            payload[:have] = memoryview(buf)[start : start + have]
             self._start = start + have
-            if have == length:
-                request.payload = payload
+            if have == length:  # all here: one copy, no zero-filling first
+                request.payload = buf[start : start + have]
                 return self.validate(request)
+            payload = bytearray(length)
+            payload[:have] = memoryview(buf)[start : start + have]
             self._header = request
             self._payload = payload
             self._filled = have
