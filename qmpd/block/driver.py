@@ -438,7 +438,8 @@ class BlockNode:
         """:meth:`write` without a coroutine when nothing on the way waits: no
         write hooks, no serialiser, no zero detection, and a driver that writes
         in memory (:meth:`BlockDriver.write_now`).  True when done; False,
-        having done nothing, when :meth:`write` must be awaited."""
+        having done nothing, when :meth:`write` must be awaited.  Nothing
+        keeps ``data`` once it returns."""
         if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
             return False
         self._check_writable()
@@ -706,7 +707,8 @@ class BlockDriver(ABC):
     def write_now(self, offset: int, data: bytes, fua: bool) -> bool:
         """:meth:`write` without waiting, where it is a memory copy: True when
         done; False, having done nothing, when :meth:`write` must be awaited
-        (always, by default)."""
+        (always, by default).  Keeps no reference to ``data`` (the caller
+        may reuse its buffer)."""
         return False
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:

@@ -648,6 +648,9 @@ class NbdConnection:
                     assert request.payload is not None
                     if export.write_now(request.offset, request.payload, request.flags & _FUA != 0):
                         self._send((self.replies.ok(request.cookie),))
+                        # write_now keeps nothing of the payload: the next may reuse it.
+                        assert self.tx is not None
+                        self.tx.recycle(request.payload)
                         return
                 else:
                     offset = request.offset

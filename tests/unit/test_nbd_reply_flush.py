@@ -143,3 +143,33 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
     finally:
         client.close()
         await daemon.shutdown()
+
+
+def test_a_recycled_payload_takes_the_next_write_of_its_size_whole() -> None:
+    """Sans-IO: a payload handed back with recycle() receives the next WRITE of
+    the same length, which arrives in pieces; every byte is the new WRITE's."""
+    size = 128 * 1024
+    tx = p.Transmission(lambda: 1 << 30, read_only=False, structured=True)
+    first, second = os.urandom(size), os.urandom(size)
+    tx.receive_data(p.request_header(p.Cmd.WRITE, 1, 0, size) + first[:1000])
+    assert tx.next_event() is p.NEED_DATA
+    tx.receive_data(first[1000:])
+    one = tx.next_event()
+    assert isinstance(one, p.Request) and one.payload == first
+    buffer = one.payload
+    assert isinstance(buffer, bytearray)
+    tx.recycle(buffer)
+    tx.receive_data(p.request_header(p.Cmd.WRITE, 2, size, size) + second[:5000])
+    assert tx.next_event() is p.NEED_DATA
+    for pos in range(5000, size, 30000):
+        tx.receive_data(second[pos:pos + 30000])
+    two = tx.next_event()
+    assert isinstance(two, p.Request) and two.cookie == 2
+    assert two.payload is buffer and _same(bytes(buffer), second)
+    # A WRITE of another size gets a buffer of its own.
+    tx.recycle(buffer)
+    tx.receive_data(p.request_header(p.Cmd.WRITE, 3, 0, size // 2) + first[:10])
+    tx.receive_data(first[10:size // 2])
+    three = tx.next_event()
+    assert isinstance(three, p.Request) and three.payload is not buffer
+    assert three.payload == first[:size // 2]

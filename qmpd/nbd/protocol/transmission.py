@@ -144,6 +144,8 @@ class Transmission:
     #: take only this much into the parse buffer, so that the payload is
     #: received in place instead of being copied out of the parse buffer.
     SMALL_WINDOW = 4096
+    #: Payloads smaller than this are not worth recycling.
+    RECYCLE_MIN = 64 * 1024
 
     def __init__(
         self,
@@ -163,6 +165,7 @@ class Transmission:
         self._end = 0
         self._header: Request | None = None  # a WRITE waiting for its payload
         self._payload = bytearray()
+        self._spare: bytearray | None = None  # see recycle()
         self._filled = 0
         self._small_window = False
         self.finished = False  # after DISC or a violation nothing more is parsed
@@ -266,13 +269,25 @@ class Transmission:
             if have == length:  # all here: one copy, no zero-filling first
                 request.payload = buf[start : start + have]
                 return self.validate(request)
-            payload = bytearray(length)
+            spare = self._spare
+            if spare is not None and len(spare) == length:
+                payload = spare
+                self._spare = None
+            else:
+                payload = bytearray(length)
             payload[:have] = memoryview(buf)[start : start + have]
             self._header = request
             self._payload = payload
             self._filled = have
             return NEED_DATA
         return self.validate(request)
+
+    def recycle(self, payload: bytes | bytearray) -> None:
+        """A WRITE's payload that nothing refers to any more: the next WRITE of
+        the same length may be received into it (streamed WRITEs of one size
+        then cost no allocation and no zero-filling of a fresh buffer)."""
+        if isinstance(payload, bytearray) and len(payload) >= self.RECYCLE_MIN:
+            self._spare = payload
 
     def validate(self, request: Request) -> Request | Rejected:
         """QEMU's checks, in QEMU's order; the request itself when it passes."""
