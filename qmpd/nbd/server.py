@@ -461,8 +461,12 @@ class NbdConnection:
                     if isinstance(item, p.FileSpan):
                         break
                     buffers.append(item)
-                total = sum(len(b) for b in buffers)
+                total = sum(map(len, buffers))
                 sent = sock.sendmsg(buffers) if len(buffers) > 1 else sock.send(buffers[0])
+                if sent == total and len(buffers) == len(out):  # all of it, as usual
+                    out.clear()
+                    self._out_bytes -= sent
+                    return
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -656,8 +660,7 @@ class NbdConnection:
                     offset = request.offset
                     data = export.read_now(offset, request.length)
                     if data is not None:
-                        self._send(self.replies.read_parts(
-                            request.cookie, offset, [(offset, request.length, data)]))
+                        self._send(self.replies.read_data(request.cookie, offset, data))
                         return
             except Exception as exc:
                 self._send(self._failure(export, request, exc))

@@ -173,3 +173,13 @@ def test_a_recycled_payload_takes_the_next_write_of_its_size_whole() -> None:
     three = tx.next_event()
     assert isinstance(three, p.Request) and three.payload is not buffer
     assert three.payload == first[:size // 2]
+
+
+def test_read_data_is_read_parts_of_one_piece() -> None:
+    data = os.urandom(4096)
+    for structured in (False, True):
+        replies = p.Replies(structured)
+        fast = replies.read_data(0x1122334455667788, 1 << 40, data)
+        slow = replies.read_parts(0x1122334455667788, 1 << 40, [(1 << 40, 4096, data)])
+        assert b"".join(fast) == b"".join(bytes(x) for x in slow if isinstance(x, bytes))
+        assert fast[1] is data  # the data itself, not a copy

@@ -27,6 +27,10 @@ _U64 = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")
 _ERROR_HEAD = struct.Struct(">IH")
 _EXTENT = struct.Struct(">II")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # an OFFSET_DATA chunk's header and offset
+
+_DONE: Final = int(ReplyFlag.DONE)
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 
 SIMPLE_REPLY_SIZE: Final = _SIMPLE_REPLY.size  # 16
 CHUNK_HEADER_SIZE: Final = _CHUNK.size  # 20
@@ -110,6 +114,13 @@ class Replies:
         if self.structured:
             return error_chunk(cookie, error, message)
         return simple_reply(cookie, error)
+
+    def read_data(self, cookie: int, offset: int, data: bytes) -> tuple[bytes, bytes]:
+        """:meth:`read_parts` of one piece of data covering the request."""
+        if not self.structured:
+            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data
+        return _DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie,
+                                8 + len(data), offset), data
 
     def read_parts(
         self, cookie: int, offset: int, pieces: Sequence[tuple[int, int, ReadData]]
