@@ -68,8 +68,11 @@ WRITE_LOW_WATER = 1024 * 1024
 #: Socket send buffer asked for (the kernel caps it).
 SOCKET_BUFFER = 1024 * 1024
 _IOV_MAX = 1024
-#: Replies that may wait for the rest of a WRITE payload being received.
+#: Replies (and their bytes) that may wait for the rest of a WRITE payload
+#: being received, when no more than HOLD_MISSING bytes of it are to come.
 HOLD_REPLIES = 8
+HOLD_BYTES = 64 * 1024
+HOLD_MISSING = 256 * 1024
 #: Bytes one flush sends before yielding the loop (the writer callback,
 #: level-triggered, comes back for the rest).
 FLUSH_BUDGET = 1024 * 1024
@@ -312,11 +315,13 @@ class NbdConnection:
     def _payload_coming(self) -> bool:
         """Whether replies may wait for the next reader callback: the client is
         in the middle of a WRITE's payload, which it sends whatever replies it
-        gets, so that callback comes (and a few replies leave together)."""
+        gets, so that callback comes soon (and a few replies leave together).
+        Bounded: a few small replies, for the last 256 KiB of a payload."""
         tx = self.tx
         return (
-            tx is not None and tx.filling_payload and self.reading
-            and self._unsent_replies < HOLD_REPLIES and not self._close_when_idle
+            tx is not None and 0 < tx.payload_missing <= HOLD_MISSING and self.reading
+            and self._unsent_replies < HOLD_REPLIES and self._out_bytes < HOLD_BYTES
+            and not self._close_when_idle
         )
 
     def _receive(self) -> None:

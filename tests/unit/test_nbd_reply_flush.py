@@ -134,11 +134,32 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
         got += _pending(client)
         assert got == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 4) \
             + struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 5)
+        # ... but not for a long payload: what is done leaves now.
+        big = os.urandom(SIZE // 2)
+        client.sendall(p.request_header(p.Cmd.WRITE, 6, 0, 512) + second[:512]
+                       + p.request_header(p.Cmd.WRITE, 7, SIZE // 2, len(big)) + big[:1000])
+        conn._readable()
+        assert _pending(client) == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 6)
+        got = b""
+        rest = memoryview(big)[1000:]
+        for _ in range(10000):  # the socket takes the rest in pieces
+            if rest:
+                try:
+                    rest = rest[client.send(rest):]
+                except BlockingIOError:
+                    pass
+            conn._readable()
+            got += _pending(client)
+            if got:
+                break
+        assert not rest and got == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 7)
         with open(image, "rb") as f:
             f.seek(4096)
             assert _same(f.read(4096), payload)
             f.seek(12288)
             assert _same(f.read(4096), second)
+            f.seek(SIZE // 2)
+            assert _same(f.read(len(big)), big)
         conn.loop.add_reader(conn.fd, conn._readable)
     finally:
         client.close()

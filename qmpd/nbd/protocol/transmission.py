@@ -186,6 +186,11 @@ class Transmission:
         return self._header is not None and self._filled < len(self._payload)
 
     @property
+    def payload_missing(self) -> int:
+        """Bytes of a WRITE's payload still to come (0 when none is being received)."""
+        return len(self._payload) - self._filled if self._header is not None else 0
+
+    @property
     def header_first(self) -> bool:
         """Whether the next bytes should be parsed before more are taken: after a
         large WRITE, the next request is likely another whose payload is best
