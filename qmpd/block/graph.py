@@ -880,6 +880,30 @@ class BlockGraph:
             if error is not None:
                 raise error
 
+    def rehearse_inactivation(self, runs: int = 12, few: int = 4) -> None:
+        """Go through what :meth:`inactivate_all` reads, changing nothing.
+
+        Every active node once (its parents, its driver's checks and lock
+        plan: :meth:`BlockDriver.rehearse_inactivation`), then the first
+        ``few`` nodes ``runs`` - 1 times more (enough for the interpreter to
+        specialise the code they share with the inactivation).  A migration
+        source runs this just before it stops: right after an idle wait, the
+        inactivation of one node took ~70 us on cold caches against ~13 us
+        back to back.  Best effort: a driver that fails here fails later
+        where it counts, so the error is only logged."""
+        nodes = list(self.nodes.values())
+        try:
+            for run in range(runs):
+                for node in nodes if not run else nodes[:few]:
+                    if node.state is not _ACTIVE:
+                        continue
+                    for edge in node.parents:  # as _inactivate_now does
+                        if edge.user is not None:
+                            break
+                    node.driver.rehearse_inactivation()
+        except Exception as exc:
+            log.debug("rehearsing the inactivation: %s", exc)
+
     async def _finish_inactivation(
         self, later: list[tuple[BlockNode, bool]], roots: list[BlockNode]
     ) -> None:

@@ -57,6 +57,8 @@ class BlockSide(Protocol):
 
     async def inactivate_all(self) -> None: ...
 
+    def rehearse_inactivation(self) -> None: ...
+
 
 class RunStateSide(Protocol):
     """The VM's run state and autostart."""

@@ -310,9 +310,14 @@ class OutgoingMigration:
                 # allocates little, so the collector waits until it is over (or
                 # until something has to be waited for).
                 self._pause_gc()
+                pause = self.capabilities["pause-before-switchover"]
+                if not pause:
+                    # The inactivation follows the stop at once: its code and
+                    # data are made warm now (changing nothing), not in the
+                    # downtime.  Held before switchover, the wait cools them again.
+                    self.block.rehearse_inactivation()
                 stop_time = time.monotonic()
                 stopped = True
-                pause = self.capabilities["pause-before-switchover"]
                 await self._stop_for_switchover(pause)
                 if not pause:
                     inactivated = True  # if it fails, some nodes may be: re-activate them all
