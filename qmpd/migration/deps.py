@@ -22,6 +22,8 @@ class Events(Protocol):
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None: ...
 
+    def rehearse(self, name: str, data: dict[str, Any] | None = None) -> bytes: ...
+
 
 class GraphLockSide(Protocol):
     """The block graph's serialisation point, held across switchover steps."""
