@@ -403,6 +403,9 @@ class BlockLayer:
     async def inactivate_all(self) -> None:
         await self.graph.inactivate_all()
 
+    def rehearse_inactivation(self) -> None:
+        self.graph.rehearse_inactivation()
+
     # --- other commands ----------------------------------------------------------------
 
     def find(self, device: str | None, node_name: str | None) -> BlockNode:

@@ -888,6 +888,13 @@ class BlockDriver(ABC):
         """Flush caches and mark the image clean; no writes after this."""
         await self.flush()
 
+    def rehearse_inactivation(self) -> None:
+        """Read what :meth:`inactivate_now` and the permission update after it
+        read, changing nothing (no state, no lock, no write): a migration
+        source runs this just before it stops, so that the inactivation in its
+        downtime runs on warm code and data.  Nothing to read by default."""
+        return None
+
     def inactivate_now(self) -> bool:
         """:meth:`inactivate` without waiting, when there is nothing to write
         back: True when done, False, having done nothing, when

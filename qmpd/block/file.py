@@ -523,6 +523,11 @@ class FileDriver(BlockDriver):
                 raise _lock_error(exc) from None
         return True
 
+    def rehearse_inactivation(self) -> None:
+        lock = self.lock
+        if lock is not None and self.node.state is _ACTIVE and not self.has_pending_writes():
+            lock.rehearse_let_go(_WRITE_OR_RESIZE)
+
     def inactivate_now(self) -> bool:
         # inactivate is flush: nothing to sync (and no earlier sync failed)
         # means nothing to wait for.

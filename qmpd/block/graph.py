@@ -880,6 +880,35 @@ class BlockGraph:
             if error is not None:
                 raise error
 
+    def rehearse_inactivation(self, runs: int = 12, few: int = 8) -> None:
+        """Go through what :meth:`inactivate_all` reads, changing nothing.
+
+        The first ``few`` nodes, ``runs`` times (enough for the interpreter
+        to specialise the code they share with the inactivation): their
+        parents and their drivers' checks and lock plans
+        (:meth:`BlockDriver.rehearse_inactivation`).  A migration source runs
+        this just before it stops: after an idle wait, inactivating one node
+        took ~70 us on cold caches against ~13 us back to back.  Only a few
+        nodes: over many, the inactivation warms itself as it goes (a pass
+        over 1000 took ~6 ms).  Best effort: a driver that fails here fails
+        where it counts later, so the error is only logged."""
+        nodes: list[BlockNode] = []
+        for node in self.nodes.values():
+            if len(nodes) == few:
+                break
+            nodes.append(node)
+        try:
+            for _ in range(runs):
+                for node in nodes:
+                    if node.state is not _ACTIVE:
+                        continue
+                    for edge in node.parents:  # as _inactivate_now does
+                        if edge.user is not None:
+                            break
+                    node.driver.rehearse_inactivation()
+        except Exception as exc:
+            log.debug("rehearsing the inactivation: %s", exc)
+
     async def _finish_inactivation(
         self, later: list[tuple[BlockNode, bool]], roots: list[BlockNode]
     ) -> None:

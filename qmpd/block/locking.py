@@ -208,6 +208,20 @@ class ImageLock:
             raise
         self._apply(perm_i, unshared)
 
+    def rehearse_let_go(self, bits: int) -> None:
+        """Look up the requests that would let go of ``bits`` (held and
+        unshared), and ask the kernel whether anyone else holds the bytes
+        held here (F_OFD_GETLK: a question, it takes and drops nothing).
+        Changes nothing: the plan made here is not kept, no lock is touched."""
+        old_held, old_unshared = self.held, self.unshared
+        if not old_held:
+            return
+        held, unshared = old_held & ~bits, old_unshared & ~bits
+        if _PLANS.get(old_held << 12 | held << 8 | old_unshared << 4 | unshared) is None:
+            _let_go_plan(old_held, held, old_unshared, unshared)
+        low, count = _span(old_held)
+        byte_is_locked_by_others(self.fd, PERM_BASE + low, count)
+
     def copy_to(self, fd: int) -> None:
         """Take the bytes held here on another open file of the same image."""
         other = ImageLock(fd)

@@ -22,6 +22,8 @@ class Events(Protocol):
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None: ...
 
+    def rehearse(self, name: str, data: dict[str, Any] | None = None) -> bytes: ...
+
 
 class GraphLockSide(Protocol):
     """The block graph's serialisation point, held across switchover steps."""
@@ -56,6 +58,8 @@ class BlockSide(Protocol):
     async def activate_all(self) -> None: ...
 
     async def inactivate_all(self) -> None: ...
+
+    def rehearse_inactivation(self) -> None: ...
 
 
 class RunStateSide(Protocol):
