@@ -39,6 +39,7 @@ from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.filename import refresh_filename
 from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError, QMPError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
+from qmpd.jobs.inflight import CopyBuffers, is_zero
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import DEFAULT_BUF_SIZE, MirrorJob
 from qmpd.jobs.stream import job_flags, lookup_bs, refuse_filter_node
@@ -64,6 +65,7 @@ class CommitJob(BlockJob):
         self.base_overlay = find_overlay(top, base)
         self.backing_file = backing_file
         self.on_error = on_error
+        self.buffers = CopyBuffers(CHUNK)
 
     async def run(self) -> None:
         length = self.top.size()
@@ -80,12 +82,15 @@ class CommitJob(BlockJob):
                 copy, n = await is_allocated_above(self.top, self.base_overlay, True,
                                                    offset, min(CHUNK, length - offset))
                 if copy:
-                    data = await self.top.read(offset, n)
+                    buf = self.buffers.take()
+                    view = memoryview(buf)[:n]
+                    await self.top.read_into(offset, view)
                     is_read = False
-                    if data.count(0) == len(data):
+                    if is_zero(buf, 0, n):
                         await self.base.write_zeroes(offset, n)
                     else:
-                        await self.base.write(offset, data)
+                        await self.base.write_view(offset, view)
+                    self.buffers.give(buf)
             except IO_ERRORS as exc:
                 action = self.error_action(self.on_error, is_read, io_errno(exc))
                 if action == "report":
