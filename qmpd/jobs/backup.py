@@ -27,7 +27,7 @@ from qmpd.block.driver import BlockNode, Perm, WriteHook
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.block_job import BlockJob, as_qmp_error
-from qmpd.jobs.inflight import RangeLocks, next_dirty
+from qmpd.jobs.inflight import CopyBuffers, RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import create_block_job
@@ -80,6 +80,7 @@ class BackupJob(BlockJob):
         #: Clusters still to copy.
         self.copy_bitmap = DirtyBitmap("", self.size, self.cluster)
         self.locks = RangeLocks()
+        self.buffers = CopyBuffers(MAX_CHUNK, WORKERS)
         self.hook = _CopyBeforeWrite(self)
         self.successor: DirtyBitmap | None = None
         self._was_recording = False
@@ -266,9 +267,20 @@ class BackupJob(BlockJob):
                     is_read = False
                     await self.target.write_zeroes(pos, n, may_unmap=True)
                 else:
-                    data = await self.source.read(pos, n)
-                    is_read = False
-                    await self.target.write(pos, data)
+                    # Through a reused buffer, a MiB at a time (after a failed
+                    # read the buffer is dropped: the read may still fill it).
+                    n = min(n, end - pos)
+                    buf = self.buffers.take()
+                    view = memoryview(buf)
+                    done = 0
+                    while done < n:
+                        part = view[:min(MAX_CHUNK, n - done)]
+                        is_read = True
+                        await self.source.read_into(pos + done, part)
+                        is_read = False
+                        await self.target.write_view(pos + done, part)
+                        done += len(part)
+                    self.buffers.give(buf)
             except (QMPError, OSError) as exc:
                 raise _CopyError(as_qmp_error(exc), is_read) from exc
             self._done(pos, n, copied=True)

@@ -6,17 +6,17 @@ qmp_block_commit).
   (``prepare``) the top's overlay sits on the base and its header names it.
   Progress is the top's virtual size.
 * Active commit (the top is the active layer, or something writes to it):
-  mirror-like.  Every range the layers above the base hold is marked in an
-  internal dirty bitmap of the top, which the top's writes keep marking;
-  the job copies dirty ranges into the base until none is left, then is
-  READY and keeps copying.  ``job-complete`` moves every parent of the top
+  as in QEMU, a mirror (qmpd.jobs.mirror's MirrorJob) of the top into the
+  base.  Every range the layers above the base hold is marked in the job's
+  dirty bitmap, which the top's writes keep marking (the mirror's write
+  hook); the job copies dirty ranges into the base until none is left, then
+  is READY and keeps copying.  ``job-complete`` moves every parent of the top
   (exports included) onto the base; a soft cancel of a ready job completes
   without that pivot.  Progress is the dirty bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
@@ -31,27 +31,21 @@ from qmpd.block.chain import (
     find_overlay,
     is_allocated_above,
     is_root,
-    replace_node,
     set_backing,
 )
 from qmpd.block.core import BlockLayer
-from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
+from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.filename import refresh_filename
-from qmpd.block.status import block_status_above
-from qmpd.block.tracked import RangeSerialiser
-from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError
-from qmpd.jobs.block_job import IO_ERRORS, SLICE, BlockJob, io_errno, io_failure
-from qmpd.jobs.inflight import next_dirty
+from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError, QMPError
+from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
+from qmpd.jobs.inflight import CopyBuffers, is_zero
 from qmpd.jobs.manager import JobManager
+from qmpd.jobs.mirror import DEFAULT_BUF_SIZE, MirrorJob
 from qmpd.jobs.stream import job_flags, lookup_bs, refuse_filter_node
 
 #: COMMIT_BUFFER_SIZE: the most one iteration of an intermediate commit copies.
 CHUNK = 512 * 1024
-#: An active commit's mirror: the most one iteration copies (DEFAULT_MIRROR_BUF_SIZE),
-#: the most one of its operations does (MAX_IO_BYTES).
-BUF_SIZE = 16 * 1024 * 1024
-MAX_IO = 1024 * 1024
 
 
 class CommitJob(BlockJob):
@@ -71,6 +65,7 @@ class CommitJob(BlockJob):
         self.base_overlay = find_overlay(top, base)
         self.backing_file = backing_file
         self.on_error = on_error
+        self.buffers = CopyBuffers(CHUNK)
 
     async def run(self) -> None:
         length = self.top.size()
@@ -87,12 +82,15 @@ class CommitJob(BlockJob):
                 copy, n = await is_allocated_above(self.top, self.base_overlay, True,
                                                    offset, min(CHUNK, length - offset))
                 if copy:
-                    data = await self.top.read(offset, n)
+                    buf = self.buffers.take()
+                    view = memoryview(buf)[:n]
+                    await self.top.read_into(offset, view)
                     is_read = False
-                    if data.count(0) == len(data):
+                    if is_zero(buf, 0, n):
                         await self.base.write_zeroes(offset, n)
                     else:
-                        await self.base.write(offset, data)
+                        await self.base.write_view(offset, view)
+                    self.buffers.give(buf)
             except IO_ERRORS as exc:
                 action = self.error_action(self.on_error, is_read, io_errno(exc))
                 if action == "report":
@@ -117,176 +115,75 @@ class CommitJob(BlockJob):
             raise io_failure(exc) from None
 
 
-class ActiveCommitJob(BlockJob):
-    """Active commit: mirror ``top`` into ``base`` (a ``commit`` job with a ready phase)."""
+class ActiveCommitJob(MirrorJob):
+    """Active commit: a mirror of ``top`` into ``base`` (QEMU's commit_active_start,
+    a ``commit`` job): the mirror's copying, dirty tracking, error handling and
+    pivot, with commit's bulk phase, node permissions and resizing of the base."""
 
     job_type = "commit"
 
     def __init__(self, job_id: str, block: BlockLayer, top: BlockNode, base: BlockNode,
                  on_error: str, speed: int, auto_finalize: bool, auto_dismiss: bool) -> None:
-        super().__init__(job_id, block.graph, speed=speed, auto_finalize=auto_finalize,
-                         auto_dismiss=auto_dismiss)
+        super().__init__(
+            job_id, block, top, base, sync="top",
+            granularity=default_granularity(base.driver.cluster_size()),
+            buf_size=DEFAULT_BUF_SIZE, on_source_error=on_error, on_target_error=on_error,
+            write_blocking=False, replaces=top, speed=speed, auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss)
         self.block = block
         self.top = top
         self.base = base
         self.base_overlay = find_overlay(top, base)
-        self.on_error = on_error
-        self.should_complete = False
-        self.serialiser: RangeSerialiser | None = None
-        granularity = default_granularity(base.driver.cluster_size())
-        self.bitmap = DirtyBitmap("", top.size(), granularity)
 
-    def cancel(self, force: bool) -> bool:
-        """mirror_cancel: a soft cancel of a ready job is its final sync."""
-        return force or not self.ready
-
-    def complete(self) -> None:
-        self.should_complete = True
-        self.enter()
+    async def hold_nodes(self) -> None:
+        """mirror_start_job's permissions for a commit: the chain from the top down
+        to the base is held, the base written through the job's own backend."""
+        top, base = self.top, self.base
+        target_perm = Perm.WRITE
+        if base.size() < top.size():
+            target_perm |= Perm.RESIZE
+        shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
+        self.source_edge = await self.add_node("main node", top, Perm.CONSISTENT_READ, shared)
+        node = below(top)
+        while node is not None and node is not base:
+            await self.add_node("intermediate node", node, Perm.NONE, shared)
+            node = below(node)
+        self.target_edge = await self.add_node("target", base, target_perm, shared,
+                                               blocks=False)
+        top.write_hooks.append(self.hook)
+        # A write that started before the hook would never mark its range.
+        await top.drain_plain_writes()
 
     async def run(self) -> None:
-        top, bitmap = self.top, self.bitmap
-        top.internal_bitmaps.append(bitmap)
-        if top.serialiser is None:  # the pivot waits for the top's writes in flight
-            top.serialiser = self.serialiser = RangeSerialiser()
-        length = top.size()
-        offset = 0
-        while offset < length:  # mirror_dirty_init (mirror_throttle: a pause point)
+        try:
+            await super().run()
+        except QMPError as exc:
+            if exc is self.io_error:  # the job fails with the errno's text (job->ret)
+                raise io_failure(exc) from None
+            raise
+
+    async def check_target(self, size: int) -> None:
+        """mirror_run: a base smaller than the top grows to the top's size."""
+        if self.base.size() < size:
+            try:
+                await self.block.resize(self.base, size)
+            except IO_ERRORS as exc:
+                raise io_failure(exc) from None
+
+    async def _dirty_init(self, size: int) -> None:
+        """mirror_dirty_init with a base: what the layers above the base hold."""
+        top, offset = self.top, 0
+        while offset < size:
             await self.pause_point()
             if self.is_cancelled:
                 return
             found, n = await is_allocated_above(top, self.base_overlay, True, offset,
-                                                length - offset)
+                                                size - offset)
             if n <= 0:
                 break
             if found:
-                bitmap.set_range(offset, n)
+                self.bitmap.set_range(offset, n)
             offset += n
-        while True:
-            if self.is_cancelled:
-                return
-            dirty = bitmap.count()
-            self.progress_set_remaining(dirty)
-            if dirty:
-                await self._iteration()
-                await self.ratelimit_sleep()
-                continue
-            if not self.ready:
-                await self._flush()
-                self.transition_to_ready()
-                continue
-            if self.should_complete or self.cancel_requested:
-                return
-            await self.sleep(SLICE)
-
-    async def _iteration(self) -> None:
-        """mirror_iteration: the first dirty run (at most a buffer), its bits
-        cleared first so that writes meanwhile mark it again, copied as
-        mirror_perform's operations (one per block-status extent, at most
-        MAX_IO each), all under way at once; each failed one reports its
-        error, as QEMU's in-flight operations do."""
-        bitmap = self.bitmap
-        k = next_dirty(bitmap.bits, 0, bitmap.granules)
-        if k is None:
-            return
-        g = bitmap.granularity
-        # With a speed, a run of one operation: the limit is kept between runs.
-        run = MAX_IO if self.speed else BUF_SIZE
-        limit = min(bitmap.granules, k + max(1, run // g))
-        end = k + 1
-        while end < limit and bitmap.bits[end >> 3] >> (end & 7) & 1:
-            end += 1
-        offset = k * g
-        stop = min(end * g, bitmap.size)
-        bitmap.reset_range(offset, stop - offset)
-        ops: list[tuple[int, int]] = []
-        pos = offset
-        while pos < stop:
-            try:
-                status = await block_status_above(self.top, pos, stop - pos)
-                n = status.length if status.length > 0 else stop - pos
-            except IO_ERRORS:
-                n = stop - pos
-            n = min(n, MAX_IO, stop - pos)
-            if n >= g:
-                n -= n % g
-            ops.append((pos, n))
-            pos += n
-        results = await asyncio.gather(*(self._copy(o, n) for o, n in ops))
-        failed = next((r for r in results if r is not None), None)
-        if failed is not None:
-            raise io_failure(failed)
-
-    async def _copy(self, offset: int, length: int) -> BaseException | None:
-        """One operation: the error a ``report`` action makes fatal, if any."""
-        is_read = True
-        try:
-            data = await self.top.read(offset, length)
-            is_read = False
-            if data.count(0) == len(data):
-                await self.base.write_zeroes(offset, length)
-            else:
-                await self.base.write(offset, data)
-        except IO_ERRORS as exc:
-            self.bitmap.set_range(offset, length)
-            if self.error_action(self.on_error, is_read, io_errno(exc)) == "report":
-                return exc
-            return None
-        self.progress_update(length)
-        self.ratelimit_processed(length)
-        return None
-
-    async def _flush(self) -> None:
-        try:
-            await self.base.flush()
-        except IO_ERRORS as exc:
-            action = self.error_action(self.on_error, False, io_errno(exc))
-            if action == "report":
-                raise io_failure(exc) from None
-
-    async def prepare(self) -> None:
-        """mirror_exit_common: what was written since the last copy, then the pivot
-        (job-complete only)."""
-        bitmap = self.bitmap
-        try:
-            if self.should_complete:
-                while bitmap.count():
-                    await self._iteration()
-                await self.release_nodes()
-                await self._pivot()
-        except IO_ERRORS as exc:
-            raise io_failure(exc) from None
-
-    async def _pivot(self) -> None:
-        """The top's parents onto the base.  Writes to the base wait meanwhile
-        (QEMU keeps both drained): the top's writes still in flight land, and
-        are copied, before any write made through the base."""
-        top, base = self.top, self.base
-        size = top.size()
-        held = base.serialiser is None
-        if held:
-            base.serialiser = RangeSerialiser()
-        serialiser = base.serialiser
-        assert serialiser is not None
-        try:
-            async with serialiser.copy(0, size):
-                await replace_node(self.block, top, base)
-                if top.serialiser is not None:
-                    async with top.serialiser.copy(0, size):
-                        pass  # every write to the top in flight is done
-                while self.bitmap.count():
-                    await self._iteration()
-                await base.flush()
-        finally:
-            if held:
-                base.serialiser = None
-
-    async def clean(self) -> None:
-        if self.serialiser is not None and self.top.serialiser is self.serialiser:
-            self.top.serialiser = None
-        if self.bitmap in self.top.internal_bitmaps:
-            self.top.internal_bitmaps.remove(self.bitmap)
-        await super().clean()
 
 
 async def start_commit(manager: JobManager, block: BlockLayer, args: dict[str, Any]) -> None:
@@ -380,17 +277,8 @@ async def _start_active(manager: JobManager, block: BlockLayer, args: dict[str, 
         raise GenericError("Can't mirror node into itself")
     refuse_filter_node(args)
     manager.create(job)
-    target_perm = Perm.WRITE
-    if base.size() < top.size():
-        target_perm |= Perm.RESIZE
-    shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
     try:
-        await job.add_node("main node", top, Perm.CONSISTENT_READ, shared)
-        node = below(top)
-        while node is not None and node is not base:
-            await job.add_node("intermediate node", node, Perm.NONE, shared)
-            node = below(node)
-        await job.add_node("target", base, target_perm, shared, blocks=False)
+        await job.hold_nodes()
     except BaseException:
         await job.release_nodes()
         await manager.early_fail(job)

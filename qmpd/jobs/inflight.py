@@ -97,3 +97,41 @@ class CountedBitmap(DirtyBitmap):
 
     def dirty_granules(self) -> int:
         return self._dirty
+
+
+#: What :func:`is_zero` compares with, a piece at a time.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def is_zero(buf: bytearray, start: int, length: int) -> bool:
+    """Whether ``buf[start:start + length]`` is all zero bytes (a memcmp per
+    MiB, no copy: counting the zero bytes costs ten times as much)."""
+    end = start + length
+    if end > len(buf):
+        raise ValueError("range beyond the buffer")
+    zeros = len(_ZEROS)
+    while start < end:
+        n = min(zeros, end - start)
+        if not buf.startswith(_ZEROS[:n], start):
+            return False
+        start += n
+    return True
+
+
+class CopyBuffers:
+    """A job's copy buffers of one size, reused (as QEMU's jobs keep theirs): a
+    read fills one in place and the target is written from it, with no bytes
+    object made per chunk.  Give a buffer back only once no request may still
+    fill it (not after a failed or cancelled read)."""
+
+    def __init__(self, size: int, keep: int = 1) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(buf)

@@ -190,10 +190,8 @@ class MirrorJob(BlockJob):
                 self.gate.set()
 
     async def _run(self) -> None:
-        source, target = self.source, self.target
-        size = source.size()
-        if target.size() != size:
-            raise GenericError("Source and target image have different sizes")
+        size = self.source.size()
+        await self.check_target(size)
         if size == 0:
             self.synced = True
             self.transition_to_ready()
@@ -237,6 +235,11 @@ class MirrorJob(BlockJob):
                 await self.sleep(READY_POLL if self.synced and not count else 0)
             if self.is_cancelled:
                 return
+
+    async def check_target(self, size: int) -> None:
+        """mirror_run's size check (an active commit grows its base instead)."""
+        if self.target.size() != size:
+            raise GenericError("Source and target image have different sizes")
 
     async def _quiesce(self) -> bool:
         """Close the gate and wait for the writes under way; True when nothing is
@@ -332,6 +335,7 @@ class MirrorJob(BlockJob):
             pos, end = offset, offset + length
             while pos < end:
                 is_read = True
+                n = 0  # unknown until the block status said
                 try:
                     status = await block_status_above(self.source, pos, end - pos)
                     n = min(status.length, end - pos) if status.length > 0 else end - pos
@@ -348,14 +352,21 @@ class MirrorJob(BlockJob):
                         await self.target.write_view(pos, part)
                 except (QMPError, OSError) as err:
                     exc = as_qmp_error(err)
-                    # A part of a failed read may still be under way: drop the buffer.
+                    # A part of a failed read may still be under way: drop the buffer
+                    # (the other parts use other bytes of it).
                     buf = None
-                    self.bitmap.set_range(pos, end - pos)
+                    failed = n or end - pos
+                    self.bitmap.set_range(pos, failed)
                     on_error = self.on_source_error if is_read else self.on_target_error
                     if self.error_action(on_error, is_read, _errno(exc)) == "report":
                         if self.io_error is None:
                             self.io_error = exc
-                    break
+                    if not n:
+                        break
+                    # Each extent is an operation of its own in QEMU (mirror_perform):
+                    # the next one is tried, and reports its own error.
+                    pos += n
+                    continue
                 self.progress_update(n)
                 pos += n
             done = True

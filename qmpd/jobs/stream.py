@@ -28,6 +28,7 @@ from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, GenericError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
+from qmpd.jobs.inflight import CopyBuffers, is_zero
 from qmpd.jobs.manager import JobManager
 
 #: STREAM_CHUNK: the most one iteration copies.
@@ -71,6 +72,7 @@ class StreamJob(BlockJob):
         self.base_overlay = base_overlay
         self.backing_file = backing_file
         self.on_error = on_error
+        self.buffers = CopyBuffers(CHUNK)
 
     async def _run(self) -> None:
         top = self.top
@@ -127,11 +129,14 @@ class StreamJob(BlockJob):
                 if n <= 0:
                     break
                 if not allocated:
-                    data = await top.read(pos, n)
-                    if data.count(0) == len(data):
+                    buf = self.buffers.take()
+                    view = memoryview(buf)[:n]
+                    await top.read_into(pos, view)
+                    if is_zero(buf, 0, n):
                         await top.write_zeroes(pos, n)
                     else:
-                        await top.write(pos, data)
+                        await top.write_view(pos, view)
+                    self.buffers.give(buf)
                 pos += n
 
     async def run(self) -> None:

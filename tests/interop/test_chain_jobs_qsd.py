@@ -372,3 +372,52 @@ def test_a_writer_on_a_layer_conflicts_with_the_job_as_qsd(tmp_path: Path) -> No
     out = side_by_side_run(tmp_path, nodes, scenario)
     assert out["qmpd"] == out["qsd"]
     assert "Permission conflict on node 'mid'" in out["qsd"][0]["error"]["desc"]
+
+
+def test_active_commit_into_a_smaller_base_as_qsd(tmp_path: Path) -> None:
+    """A base smaller than the top: QEMU's mirror_run grows the base to the top's
+    size first (the job holds it with the resize permission), then commits;
+    after the pivot the export sees the whole disk through the base."""
+    def nodes(work: Path) -> list[str]:
+        base, top = work / "base.qcow2", work / "top.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", base, str(SIZE // 2))
+        qemu_io("-f", "qcow2", "-c", "write -P 1 0 1M", base, check=True)
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, str(SIZE))
+        qemu_io("-f", "qcow2", "-c", "write -P 3 1536k 1M", "-c", "write -P 5 3M 64k", top,
+                check=True)
+        return ["--blockdev", json.dumps({"driver": "qcow2", "node-name": "base", "file": {
+                    "driver": "file", "filename": str(base)}}),
+                "--blockdev", json.dumps({"driver": "qcow2", "node-name": "top",
+                                          "backing": "base", "file": {
+                                              "driver": "file", "filename": str(top)}}),
+                "--nbd-server", f"addr.type=unix,addr.path={work}/nbd.sock",
+                "--export", "nbd,id=e,node-name=top,name=disk,writable=on"]
+
+    def scenario(client: QmpClient, work: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {"start": client.cmd("block-commit", {
+            "job-id": "j", "device": "top", "base-node": "base", "auto-dismiss": False})}
+        client.wait_event("BLOCK_JOB_READY", timeout=60)
+        out["ready"] = client.cmd("query-block-jobs")
+        out["complete"] = client.cmd("job-complete", {"id": "j"})
+        client.wait_event("JOB_STATUS_CHANGE", "concluded", timeout=30)
+        out["concluded"] = client.cmd("query-block-jobs")
+        out["dismiss"] = client.cmd("job-dismiss", {"id": "j"})
+        out["events"] = events(client)
+        out["exports"] = client.cmd("query-block-exports")
+        qemu_io("-f", "raw", "-c", "write -P 7 3584k 64k",
+                f"nbd+unix:///disk?socket={work}/nbd.sock", check=True)
+        out["export-del"] = client.cmd("block-export-del", {"id": "e"})
+        client.wait_event("BLOCK_EXPORT_DELETED", timeout=30)
+        close_nodes(client, ["top", "base"])
+        return out
+
+    out = side_by_side_run(tmp_path, nodes, scenario)
+    assert out["qmpd"] == out["qsd"]
+    assert "error" not in out["qsd"]["concluded"]["return"][0]
+    for impl in ("qmpd", "qsd"):
+        base = tmp_path / impl / "base.qcow2"
+        qemu_img("check", base)
+        info = json.loads(qemu_img("info", "--output=json", base).stdout)
+        assert info["virtual-size"] == SIZE, impl
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", tmp_path / "qmpd" / "base.qcow2",
+             tmp_path / "qsd" / "base.qcow2")
