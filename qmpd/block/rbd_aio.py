@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 EVENT_TYPE_EVENTFD = 2
 #: Completions collected per rbd_poll_io_events call.
 POLL_BATCH = 64
+#: Reads up to this size get a zeroed buffer (bytes(n)), larger ones one
+#: that librbd is the first to write (PyBytes_FromStringAndSize(NULL, n)).
+SMALL_READ = 65536
 #: How often drain looks whether librbd completed the last requests.
 DRAIN_POLL = 0.005
 #: Where the Cython ``rbd.Image`` keeps its fields (Ceph 16 to 18):
@@ -149,7 +152,8 @@ class ImageAio:
     def read(self, offset: int, length: int) -> asyncio.Future[Any]:
         """Resolves to ``length`` bytes read at ``offset`` (a fresh bytes
         object that librbd fills, as the bindings' own aio_read does)."""
-        data = _new_bytes(None, length)
+        # Zeroing a small one costs less than the call that skips it.
+        data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
         comp = self._completion()
         ret = self._lib.rbd_aio_read(self.handle, offset, length, id(data) + _BYTES_DATA, comp)
         return self._queued(comp, ret, data, True)
