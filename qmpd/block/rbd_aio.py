@@ -137,7 +137,8 @@ class ImageAio:
 
     def _completion(self) -> int:
         out = self._out
-        self._lib.rbd_aio_create_completion(None, None, out)
+        if self._lib.rbd_aio_create_completion(None, None, out) < 0:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
         return out.value or 0
 
     def _queued(self, comp: int, ret: int, keep: Any, reading: bool = False
@@ -196,11 +197,11 @@ class ImageAio:
             n = lib.rbd_poll_io_events(self.handle, batch, POLL_BATCH)
             for i in range(max(n, 0)):
                 comp = batch[i]
+                entry = pending.pop(comp, None)
+                if entry is None:  # not ours to release (cannot happen, see the class)
+                    continue
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
-                entry = pending.pop(comp, None)
-                if entry is None:  # not ours (cannot happen, see the class)
-                    continue
                 future, data, reading = entry
                 if future.cancelled():
                     continue
