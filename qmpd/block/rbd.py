@@ -8,8 +8,11 @@ them ``driver=rbd`` is refused with an error naming the packages).
 I/O uses librbd's asynchronous calls: a request is submitted from the event
 loop and librbd's own threads complete it; completions come back to the loop
 in batches (one wake-up for all that finished meanwhile), so many requests in
-flight never queue on one thread.  Writes past the end grow the image first,
-as QEMU's driver does, so that a qcow2 on it can grow.
+flight never queue on one thread.  Requests go through librbd's C calls
+(:mod:`qmpd.block.rbd_aio`: librbd's threads then never take the GIL), or,
+when the bindings' image object is not the layout that module knows, through
+the bindings' own AIO calls.  Writes past the end grow the image first, as
+QEMU's driver does, so that a qcow2 on it can grow.
 
 Activation drops librbd's cache (``invalidate_cache``) and re-reads the size
 and features; inactivation flushes.  With the ``exclusive-lock`` feature the
@@ -37,6 +40,7 @@ from threading import get_ident
 from types import ModuleType
 from typing import Any
 
+from qmpd.block import rbd_aio
 from qmpd.block.ceph import bindings
 from qmpd.block.driver import (
     BlockDriver,
@@ -64,6 +68,11 @@ PROBE_TIMEOUT = 3.0
 #: librbd's threads drop their pinned thread states (see _Completions).
 UNPIN_TIMEOUT = 2.0
 UNPIN_BATCH = 8
+#: At close, how long to wait for requests librbd has not completed yet.
+DRAIN_TIMEOUT = 10.0
+#: Whether requests may go through librbd's C calls (tests turn it off to
+#: run the bindings' own AIO calls).
+C_AIO = True
 #: errnos that mean the cluster did not answer (not a refused request).
 _UNREACHABLE = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN,
                           errno.ECONNREFUSED, errno.EHOSTUNREACH})
@@ -189,6 +198,36 @@ class _Completions:
         self.fd = -1
 
 
+class _BindingsAio:
+    """The requests of :class:`rbd_aio.ImageAio` through the bindings' own
+    AIO calls (each returns a future the loop resolves)."""
+
+    def __init__(self, image: Any, completions: _Completions) -> None:
+        self.image = image
+        self.completions = completions
+
+    def _submit(self, submit: Callable[..., Any], *args: Any, **kwargs: Any
+                ) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.completions.loop.create_future()
+        submit(*args, self.completions.callback(future), **kwargs)
+        return future
+
+    def read(self, offset: int, length: int) -> asyncio.Future[Any]:
+        return self._submit(self.image.aio_read, offset, length)
+
+    def write(self, offset: int, data: bytes) -> asyncio.Future[Any]:
+        return self._submit(self.image.aio_write, data, offset)
+
+    def write_zeroes(self, offset: int, length: int, zero_flags: int) -> asyncio.Future[Any]:
+        return self._submit(self.image.aio_write_zeroes, offset, length, zero_flags=zero_flags)
+
+    def discard(self, offset: int, length: int) -> asyncio.Future[Any]:
+        return self._submit(self.image.aio_discard, offset, length)
+
+    def flush(self) -> asyncio.Future[Any]:
+        return self._submit(self.image.aio_flush)
+
+
 class RbdStats:
     """What the driver counts for /metrics."""
 
@@ -225,6 +264,7 @@ class RbdDriver(BlockDriver):
         self._object_size = 0
         self._header = ""
         self._completions: _Completions | None = None
+        self._io: rbd_aio.ImageAio | _BindingsAio | None = None
         self._grow_lock = asyncio.Lock()
         self.stats = RbdStats()
         self._unreachable: str | None = None
@@ -251,7 +291,18 @@ class RbdDriver(BlockDriver):
         opened = await self.node.graph.run_io(self._open_blocking, options, key, writable)
         self.cluster, self.ioctx, self.image, self._size, self._features, \
             self._object_size, self._header = opened
-        self._completions = _Completions(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        handle = rbd_aio.image_handle(self.image, self.ioctx, self.image_name) \
+            if C_AIO else None
+        if handle is not None:
+            try:
+                self._io = rbd_aio.ImageAio(handle, loop)
+            except OSError as exc:
+                log.warning("rbd %s: no completion notification (%s): using the "
+                            "bindings' AIO calls", self.image_name, exc)
+        if self._io is None:
+            self._completions = _Completions(loop)
+            self._io = _BindingsAio(self.image, self._completions)
 
     def _open_blocking(self, options: dict[str, Any], key: str | None,
                        writable: bool) -> tuple[Any, ...]:
@@ -337,10 +388,13 @@ class RbdDriver(BlockDriver):
         if probe is not None and not probe.done():
             # Its thread still uses the connection: shut down only after it.
             await asyncio.wait([probe])
-        completions = self._completions
+        io, completions = self._io, self._completions
+        if isinstance(io, rbd_aio.ImageAio):
+            await io.drain(DRAIN_TIMEOUT)
         if completions is not None:
             await completions.unpin(image)
         self.image = self.ioctx = self.cluster = None
+        self._io = None
 
         def shut() -> None:
             try:
@@ -353,6 +407,8 @@ class RbdDriver(BlockDriver):
             await self.node.graph.run_io(shut)
         except Exception as exc:
             log.warning("rbd %s: close: %s", self.image_name, exc)
+        if isinstance(io, rbd_aio.ImageAio):
+            io.close()
         if completions is not None:
             completions.close()
 
@@ -364,19 +420,24 @@ class RbdDriver(BlockDriver):
             raise BlockDriverError("Input/output error", errno.EIO)
         return image
 
-    async def _aio(self, submit: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Submit one librbd AIO request (``submit(*args, oncomplete, **kwargs)``)
-        and wait for its completion."""
-        completions = self._completions
-        assert completions is not None
-        future: asyncio.Future[Any] = completions.loop.create_future()
+    def _requests(self) -> rbd_aio.ImageAio | _BindingsAio:
+        io = self._io
+        if io is None:
+            raise BlockDriverError("Input/output error", errno.EIO)
+        return io
+
+    async def _aio(self, submit: Callable[..., asyncio.Future[Any]], *args: Any) -> Any:
+        """Submit one request (``submit(*args)`` gives its future) and wait
+        for its completion."""
         stats = self.stats
         stats.in_flight += 1
         stats.requests += 1
         started = time.monotonic()
         try:
             try:
-                submit(*args, completions.callback(future), **kwargs)
+                future = submit(*args)
+            except OSError:
+                raise
             except Exception as exc:  # refused before it was queued
                 raise OSError(_errno_of(exc), str(exc)) from None
             value = await future
@@ -393,12 +454,12 @@ class RbdDriver(BlockDriver):
             stats.seconds += time.monotonic() - started
 
     async def read(self, offset: int, length: int) -> bytes:
-        image = self._image()
+        io = self._requests()
         size = self._size
         if offset >= size or length == 0:
             return bytes(length)
         n = min(length, size - offset)
-        data: bytes = await self._aio(image.aio_read, offset, n)
+        data: bytes = await self._aio(io.read, offset, n)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -419,36 +480,36 @@ class RbdDriver(BlockDriver):
             self._size = end
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        image = self._image()
+        io = self._requests()
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
-        await self._aio(image.aio_write, data, offset)
+        await self._aio(io.write, offset, data)
         if fua:
             await self.flush()
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False) -> None:
-        image = self._image()
+        io = self._requests()
         if offset + length > self._size:
             await self._grow(offset + length)
         flags = 0 if may_unmap else ZERO_THICK
-        await self._aio(image.aio_write_zeroes, offset, length, zero_flags=flags)
+        await self._aio(io.write_zeroes, offset, length, flags)
         if fua:
             await self.flush()
 
     async def discard(self, offset: int, length: int) -> None:
         if not self.node.discard_unmap:
             return  # discard=ignore, QEMU's default
-        image = self._image()
+        io = self._requests()
         end = min(offset + length, self._size)
         if end > offset:
-            await self._aio(image.aio_discard, offset, end - offset)
+            await self._aio(io.discard, offset, end - offset)
 
     async def flush(self) -> None:
-        image = self.image
-        if image is None:
+        io = self._io
+        if io is None:
             return
-        await self._aio(image.aio_flush)
+        await self._aio(io.flush)
 
     async def truncate(self, size: int) -> None:
         image = self._image()

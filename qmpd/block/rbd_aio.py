@@ -1,0 +1,234 @@
+"""librbd's C asynchronous I/O calls (ctypes), for the ``rbd`` driver's requests.
+
+Through Ceph's Python bindings every completion runs a Python callback on one
+of librbd's threads: that thread must take the GIL from the event loop, which
+then waits to get it back, once or twice per request.  Here the requests go
+to librbd's C calls on the image the bindings opened, with completions that
+have no callback: librbd queues them and writes an eventfd
+(``rbd_set_image_notification``, as QEMU's driver once did), and the loop
+collects all that finished with ``rbd_poll_io_events``.  librbd's threads
+never run Python.
+
+The bindings do not expose the image's ``rbd_image_t``; :func:`image_handle`
+reads it from the binding's object when its layout is the one this module
+knows (checked against the image name and ioctx the object holds, and the
+size librbd reports), and returns None otherwise: the driver then stays on
+the bindings' own AIO calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: rbd_set_image_notification's type for an eventfd.
+EVENT_TYPE_EVENTFD = 2
+#: Completions collected per rbd_poll_io_events call.
+POLL_BATCH = 64
+#: Reads up to this size get a zeroed buffer (bytes(n)), larger ones one
+#: that librbd is the first to write (PyBytes_FromStringAndSize(NULL, n)).
+SMALL_READ = 65536
+#: How often drain looks whether librbd completed the last requests.
+DRAIN_POLL = 0.005
+#: Where the Cython ``rbd.Image`` keeps its fields (Ceph 16 to 18):
+#: ``rbd_image_t image`` right after the object header, then ``bint closed``,
+#: ``name`` (bytes) and ``ioctx`` (the rados.Ioctx it was opened on).
+_HEADER = object.__basicsize__
+_OFF_IMAGE, _OFF_NAME, _OFF_IOCTX = _HEADER, _HEADER + 16, _HEADER + 24
+#: Where a bytes object's characters start (PyBytesObject.ob_sval).
+_BYTES_DATA = bytes.__basicsize__ - 1
+
+_vp = ctypes.c_void_p
+_lib: Any = None
+_new_bytes: Any = None
+
+
+def _load() -> Any:
+    """librbd with the prototypes used here (None if it cannot be loaded)."""
+    global _lib, _new_bytes
+    if _lib is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("rbd") or "librbd.so.1")
+        except OSError as exc:
+            log.debug("rbd: no librbd for ctypes: %s", exc)
+            _lib = False
+            return None
+        u64, size_t, cint = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int
+        for name, args in (
+            ("rbd_aio_create_completion", [_vp, _vp, ctypes.POINTER(_vp)]),
+            ("rbd_aio_read", [_vp, u64, size_t, _vp, _vp]),
+            ("rbd_aio_write", [_vp, u64, size_t, _vp, _vp]),
+            ("rbd_aio_discard", [_vp, u64, u64, _vp]),
+            ("rbd_aio_write_zeroes", [_vp, u64, size_t, _vp, cint, cint]),
+            ("rbd_aio_flush", [_vp, _vp]),
+            ("rbd_aio_release", [_vp]),
+            ("rbd_aio_get_return_value", [_vp]),
+            ("rbd_poll_io_events", [_vp, ctypes.POINTER(_vp), cint]),
+            ("rbd_set_image_notification", [_vp, cint, cint]),
+            ("rbd_get_size", [_vp, ctypes.POINTER(u64)]),
+        ):
+            getattr(lib, name).argtypes = args
+        lib.rbd_aio_get_return_value.restype = ctypes.c_ssize_t
+        lib.rbd_aio_release.restype = None
+        _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+        _new_bytes.argtypes = [_vp, ctypes.c_ssize_t]
+        _new_bytes.restype = ctypes.py_object
+        _lib = lib
+    return _lib or None
+
+
+def _word(address: int) -> int:
+    return _vp.from_address(address).value or 0
+
+
+def image_handle(image: Any, ioctx: Any, name: str) -> int | None:
+    """The ``rbd_image_t`` of the bindings' open ``image`` (opened on
+    ``ioctx`` as ``name``), or None when its layout is not the known one."""
+    lib = _load()
+    if lib is None or type(image).__basicsize__ < _OFF_IOCTX + 8:
+        return None
+    base = id(image)
+    if _word(base + _OFF_IOCTX) != id(ioctx):
+        return None
+    held = _word(base + _OFF_NAME)
+    if held == 0 or ctypes.cast(held, ctypes.py_object).value != name.encode():
+        return None
+    handle = _word(base + _OFF_IMAGE)
+    size = ctypes.c_uint64()
+    if not handle or lib.rbd_get_size(handle, ctypes.byref(size)) != 0 \
+            or size.value != image.size():
+        return None
+    return handle
+
+
+class ImageAio:
+    """Requests on one image through librbd's C calls; each returns a future
+    that the event loop resolves when librbd has completed the request.
+
+    Once this is set up, the image must not get requests through the
+    bindings' ``aio_*`` calls (their completions would come out of
+    rbd_poll_io_events too); their synchronous calls are fine.
+    """
+
+    def __init__(self, handle: int, loop: asyncio.AbstractEventLoop) -> None:
+        lib = _load()
+        assert lib is not None
+        self._lib = lib
+        self.handle = handle
+        self.loop = loop
+        #: completion -> (future, what librbd reads from or writes into,
+        #: whether that is the result: a read's data)
+        self.pending: dict[int | None, tuple[asyncio.Future[Any], Any, bool]] = {}
+        self._out = _vp()
+        self._batch = (_vp * POLL_BATCH)()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ret = lib.rbd_set_image_notification(handle, self.fd, EVENT_TYPE_EVENTFD)
+        if ret < 0:
+            os.close(self.fd)
+            raise OSError(-ret, os.strerror(-ret))
+        loop.add_reader(self.fd, self._deliver)
+
+    def _completion(self) -> int:
+        out = self._out
+        if self._lib.rbd_aio_create_completion(None, None, out) < 0:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        return out.value or 0
+
+    def _queued(self, comp: int, ret: int, keep: Any, reading: bool = False
+                ) -> asyncio.Future[Any]:
+        if ret < 0:
+            self._lib.rbd_aio_release(comp)
+            raise OSError(-ret, os.strerror(-ret))
+        future = self.loop.create_future()
+        self.pending[comp] = (future, keep, reading)
+        return future
+
+    def read(self, offset: int, length: int) -> asyncio.Future[Any]:
+        """Resolves to ``length`` bytes read at ``offset`` (a fresh bytes
+        object that librbd fills, as the bindings' own aio_read does)."""
+        # Zeroing a small one costs less than the call that skips it.
+        data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
+        comp = self._completion()
+        ret = self._lib.rbd_aio_read(self.handle, offset, length, id(data) + _BYTES_DATA, comp)
+        return self._queued(comp, ret, data, True)
+
+    def write(self, offset: int, data: bytes) -> asyncio.Future[Any]:
+        """Writes ``data`` (bytes, or a bytearray the caller does not change
+        until this completes) at ``offset``."""
+        keep: Any = data
+        if type(data) is not bytes:
+            try:  # a writable buffer: librbd reads it where it is
+                keep = (ctypes.c_char * len(data)).from_buffer(data)
+            except TypeError:  # read-only
+                data = keep = bytes(data)
+        address = id(data) + _BYTES_DATA if keep is data else ctypes.addressof(keep)
+        comp = self._completion()
+        ret = self._lib.rbd_aio_write(self.handle, offset, len(data), address, comp)
+        return self._queued(comp, ret, keep)
+
+    def write_zeroes(self, offset: int, length: int, zero_flags: int) -> asyncio.Future[Any]:
+        comp = self._completion()
+        ret = self._lib.rbd_aio_write_zeroes(self.handle, offset, length, comp, zero_flags, 0)
+        return self._queued(comp, ret, None)
+
+    def discard(self, offset: int, length: int) -> asyncio.Future[Any]:
+        comp = self._completion()
+        return self._queued(comp, self._lib.rbd_aio_discard(self.handle, offset, length, comp),
+                            None)
+
+    def flush(self) -> asyncio.Future[Any]:
+        comp = self._completion()
+        return self._queued(comp, self._lib.rbd_aio_flush(self.handle, comp), None)
+
+    def _deliver(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        lib, batch, pending = self._lib, self._batch, self.pending
+        while True:
+            n = lib.rbd_poll_io_events(self.handle, batch, POLL_BATCH)
+            for i in range(max(n, 0)):
+                comp = batch[i]
+                entry = pending.pop(comp, None)
+                if entry is None:  # not ours to release (cannot happen, see the class)
+                    continue
+                ret = lib.rbd_aio_get_return_value(comp)
+                lib.rbd_aio_release(comp)
+                future, data, reading = entry
+                if future.cancelled():
+                    continue
+                if ret < 0:
+                    future.set_exception(OSError(-ret, os.strerror(-ret)))
+                elif not reading:
+                    future.set_result(None)
+                elif ret < len(data):  # short: librbd left the rest unwritten
+                    future.set_result(data[:ret] + bytes(len(data) - ret))
+                else:
+                    future.set_result(data)
+            if n < POLL_BATCH:
+                return
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until librbd has completed every
+        request in flight, cancelled or not (before the image closes)."""
+        deadline = self.loop.time() + timeout
+        while self.pending and self.loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+
+    def close(self) -> None:
+        """After the image closed: nothing completes any more."""
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        for future, _, _ in self.pending.values():
+            if not future.done():
+                future.set_exception(OSError(errno.EIO, os.strerror(errno.EIO)))
+        self.pending.clear()
