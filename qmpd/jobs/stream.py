@@ -125,7 +125,8 @@ class StreamJob(BlockJob):
         async with serialiser.copy(offset, length):
             pos, end = offset, offset + length
             while pos < end:
-                allocated, n = await is_allocated(top, pos, end - pos)
+                # Any range is copied a buffer at a time.
+                allocated, n = await is_allocated(top, pos, min(end - pos, self.buffers.size))
                 if n <= 0:
                     break
                 if not allocated:
