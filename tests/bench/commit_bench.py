@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.mirror_bench import start_daemon  # noqa: E402
 from tests.bench.nbd_bench import cpu_seconds, parse_size  # noqa: E402
 from tests.support.qmp import QmpClient  # noqa: E402
 
@@ -65,26 +65,13 @@ def make_chain(work: Path, size: int) -> tuple[Path, Path, Path]:
 def start(impl: str, work: Path, base: Path, top: Path,
           active: Path | None) -> tuple[subprocess.Popen[bytes], Path]:
     sock = work / f"{impl}.qmp"
-    sock.unlink(missing_ok=True)
     nodes = ["--blockdev", f"driver=qcow2,node-name=base,file.driver=file,file.filename={base}",
              "--blockdev", f"driver=qcow2,node-name=top,backing=base,file.driver=file,"
              f"file.filename={top}"]
     if active is not None:
         nodes += ["--blockdev", f"driver=qcow2,node-name=active,backing=top,file.driver=file,"
                   f"file.filename={active}"]
-    if impl == "qsd":
-        argv = ["qemu-storage-daemon", "--chardev",
-                f"socket,id=c,path={sock},server=on,wait=off", "--monitor", "chardev=c", *nodes]
-    else:
-        argv = [sys.executable, "-m", "qmpd", "--qmp", f"unix:{sock}", *nodes]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{impl} did not start")
-        time.sleep(0.01)
-    return proc, sock
+    return start_daemon(impl, sock, nodes)
 
 
 def one_run(impl: str, work: Path, size: int, job: str) -> dict[str, float]:

@@ -50,10 +50,10 @@ def make_source(path: Path, size: int) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def start(impl: str, work: Path, src: Path, tgt: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = work / f"{impl}.qmp"
-    nodes = ["--blockdev", f"driver=qcow2,node-name=src,file.driver=file,file.filename={src}",
-             "--blockdev", f"driver=qcow2,node-name=tgt,file.driver=file,file.filename={tgt}"]
+def start_daemon(impl: str, sock: Path,
+                 nodes: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    """qmpd (this checkout) or qemu-storage-daemon with ``nodes``, its QMP on ``sock``."""
+    sock.unlink(missing_ok=True)
     if impl == "qsd":
         argv = ["qemu-storage-daemon", "--chardev",
                 f"socket,id=c,path={sock},server=on,wait=off", "--monitor", "chardev=c", *nodes]
@@ -67,6 +67,12 @@ def start(impl: str, work: Path, src: Path, tgt: Path) -> tuple[subprocess.Popen
             raise SystemExit(f"{impl} did not start")
         time.sleep(0.01)
     return proc, sock
+
+
+def start(impl: str, work: Path, src: Path, tgt: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    nodes = ["--blockdev", f"driver=qcow2,node-name=src,file.driver=file,file.filename={src}",
+             "--blockdev", f"driver=qcow2,node-name=tgt,file.driver=file,file.filename={tgt}"]
+    return start_daemon(impl, work / f"{impl}.qmp", nodes)
 
 
 def one_run(impl: str, work: Path, src: Path, size: int) -> dict[str, float]:

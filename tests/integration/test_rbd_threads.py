@@ -10,8 +10,10 @@ back when the node closes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import threading
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -39,26 +41,30 @@ def thread_states() -> int:
     return count
 
 
-async def open_rbd(graph: BlockGraph, ceph: CephCluster, image: str) -> BlockNode:
-    config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
-                        discard_unmap=False, cache_direct=False, cache_no_flush=False,
-                        auto_read_only=False)
-    node = graph.new_node("r", False, config)
-    node.driver = RbdDriver(node)
-    await node.driver.open(ceph.blockdev(image))
-    graph.register(node)
-    return node
+@contextlib.asynccontextmanager
+async def rbd_node(ceph: CephCluster) -> AsyncIterator[tuple[BlockNode, RbdDriver, str]]:
+    """A writable rbd node on a new 16 MiB image (removed afterwards)."""
+    image = ceph.new_image("16M")
+    graph = BlockGraph(io_threads=2)
+    try:
+        config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
+                            discard_unmap=False, cache_direct=False, cache_no_flush=False,
+                            auto_read_only=False)
+        node = graph.new_node("r", False, config)
+        driver = RbdDriver(node)
+        node.driver = driver
+        await driver.open(ceph.blockdev(image))
+        graph.register(node)
+        yield node, driver, image
+    finally:
+        graph.close()
+        ceph.remove_image(image)
 
 
 async def test_callback_threads_keep_their_thread_state_until_close(
         ceph: CephCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rbd, "C_AIO", False)
-    image = ceph.new_image("16M")
-    graph = BlockGraph(io_threads=2)
-    try:
-        node = await open_rbd(graph, ceph, image)
-        driver = node.driver
-        assert isinstance(driver, RbdDriver)
+    async with rbd_node(ceph) as (node, driver, _image):
         blocks = range(256)
         sem = asyncio.Semaphore(16)
 
@@ -87,18 +93,10 @@ async def test_callback_threads_keep_their_thread_state_until_close(
         await driver.close()
         assert not completions.pinned
         assert thread_states() == others
-    finally:
-        graph.close()
-        ceph.remove_image(image)
 
 
 async def test_c_calls_leave_python_out_of_librbd_threads(ceph: CephCluster) -> None:
-    image = ceph.new_image("16M")
-    graph = BlockGraph(io_threads=2)
-    try:
-        node = await open_rbd(graph, ceph, image)
-        driver = node.driver
-        assert isinstance(driver, RbdDriver)
+    async with rbd_node(ceph) as (node, driver, image):
         io = driver._io
         assert isinstance(io, rbd_aio.ImageAio)
         assert driver._completions is None
@@ -133,18 +131,10 @@ async def test_c_calls_leave_python_out_of_librbd_threads(ceph: CephCluster) -> 
         assert not io.pending
         await driver.close()
         assert thread_states() == before
-    finally:
-        graph.close()
-        ceph.remove_image(image)
 
 
 async def test_cancelled_requests_are_collected_before_close(ceph: CephCluster) -> None:
-    image = ceph.new_image("16M")
-    graph = BlockGraph(io_threads=2)
-    try:
-        node = await open_rbd(graph, ceph, image)
-        driver = node.driver
-        assert isinstance(driver, RbdDriver)
+    async with rbd_node(ceph) as (node, driver, _image):
         io = driver._io
         assert isinstance(io, rbd_aio.ImageAio)
         tasks = [asyncio.ensure_future(node.write(i * 65536, bytes([7]) * 65536))
@@ -160,6 +150,3 @@ async def test_cancelled_requests_are_collected_before_close(ceph: CephCluster) 
         assert await driver.read(0, 4096) in (bytes(4096), bytes([7]) * 4096)
         await driver.close()
         assert io.fd == -1
-    finally:
-        graph.close()
-        ceph.remove_image(image)
