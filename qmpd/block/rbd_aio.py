@@ -37,7 +37,8 @@ POLL_BATCH = 64
 SMALL_READ = 65536
 #: How often drain looks whether librbd completed the last requests.
 DRAIN_POLL = 0.005
-#: Where the Cython ``rbd.Image`` keeps its fields (Ceph 16 to 18):
+#: Where the Cython ``rbd.Image`` keeps its fields (verified on Ceph 16.2;
+#: image_handle checks them before use):
 #: ``rbd_image_t image`` right after the object header, then ``bint closed``,
 #: ``name`` (bytes) and ``ioctx`` (the rados.Ioctx it was opened on).
 _HEADER = object.__basicsize__

@@ -105,6 +105,8 @@ async def test_c_calls_leave_python_out_of_librbd_threads(ceph: CephCluster) -> 
         assert rbd_aio.image_handle(driver.image, object(), image) is None
         assert rbd_aio.image_handle(driver.image, driver.ioctx, image + "x") is None
         before = thread_states()
+        # Another test's threads may still be ending meanwhile: fewer is fine,
+        # one more (a librbd thread running Python) is not.
         sem = asyncio.Semaphore(16)
 
         async def write(i: int) -> None:
@@ -127,10 +129,10 @@ async def test_c_calls_leave_python_out_of_librbd_threads(ceph: CephCluster) -> 
         assert await driver.read(size - 2, 5) == bytes(5)
         await driver.write_zeroes(4096, 8192)
         assert await driver.read(4096, 8192) == bytes(8192)
-        assert thread_states() == before
+        assert thread_states() <= before
         assert not io.pending
         await driver.close()
-        assert thread_states() == before
+        assert thread_states() <= before
 
 
 async def test_cancelled_requests_are_collected_before_close(ceph: CephCluster) -> None:
