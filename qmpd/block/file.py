@@ -365,10 +365,7 @@ class FileDriver(BlockDriver):
         if not self._inline or fua or len(data) > _INLINE_MAX:
             return False
         _pwrite_full(self.fd, data, offset)
-        self._writes += 1  # as _write
-        end = offset + len(data)
-        if end > self._size:
-            self._size = end
+        self._written(offset + len(data))
         return True
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
@@ -382,12 +379,14 @@ class FileDriver(BlockDriver):
             await self.node.graph.run_io(_direct_pwrite, self.fd, data, offset)
         else:
             await self.node.graph.run_io(_pwrite_full, self.fd, data, offset)
-        self._writes += 1  # counted once complete: a flush must cover it
-        end = offset + len(data)
-        if end > self._size:
-            self._size = end
+        self._written(offset + len(data))
         if fua:
             await self.flush()
+
+    def _written(self, end: int) -> None:
+        self._writes += 1  # counted once complete: a flush must cover it
+        if end > self._size:
+            self._size = end
 
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False

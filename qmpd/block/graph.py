@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import itertools
 import logging
 import operator
 import random
@@ -892,11 +893,7 @@ class BlockGraph:
         nodes: over many, the inactivation warms itself as it goes (a pass
         over 1000 took ~6 ms).  Best effort: a driver that fails here fails
         where it counts later, so the error is only logged."""
-        nodes: list[BlockNode] = []
-        for node in self.nodes.values():
-            if len(nodes) == few:
-                break
-            nodes.append(node)
+        nodes = list(itertools.islice(self.nodes.values(), few))
         try:
             for _ in range(runs):
                 for node in nodes:

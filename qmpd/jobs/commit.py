@@ -39,7 +39,7 @@ from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.filename import refresh_filename
 from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError, QMPError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
-from qmpd.jobs.inflight import CopyBuffers, is_zero
+from qmpd.jobs.inflight import CopyBuffers, write_copied
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import DEFAULT_BUF_SIZE, MirrorJob
 from qmpd.jobs.stream import job_flags, lookup_bs, refuse_filter_node
@@ -83,13 +83,9 @@ class CommitJob(BlockJob):
                                                    offset, min(CHUNK, length - offset))
                 if copy:
                     buf = self.buffers.take()
-                    view = memoryview(buf)[:n]
-                    await self.top.read_into(offset, view)
+                    await self.top.read_into(offset, memoryview(buf)[:n])
                     is_read = False
-                    if is_zero(buf, 0, n):
-                        await self.base.write_zeroes(offset, n)
-                    else:
-                        await self.base.write_view(offset, view)
+                    await write_copied(self.base, offset, buf, n)
                     self.buffers.give(buf)
             except IO_ERRORS as exc:
                 action = self.error_action(self.on_error, is_read, io_errno(exc))

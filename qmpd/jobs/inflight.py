@@ -8,6 +8,7 @@ import asyncio
 import re
 
 from qmpd.block.dirty_bitmap import DirtyBitmap
+from qmpd.block.driver import BlockNode
 
 
 class RangeLocks:
@@ -116,6 +117,15 @@ def is_zero(buf: bytearray, start: int, length: int) -> bool:
             return False
         start += n
     return True
+
+
+async def write_copied(target: BlockNode, offset: int, buf: bytearray, n: int) -> None:
+    """Write ``buf[:n]`` (what a copy read) at ``offset``: as zeroes when it is
+    all zero bytes."""
+    if is_zero(buf, 0, n):
+        await target.write_zeroes(offset, n)
+    else:
+        await target.write_view(offset, memoryview(buf)[:n])
 
 
 class CopyBuffers:

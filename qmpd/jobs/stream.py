@@ -28,7 +28,7 @@ from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, GenericError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
-from qmpd.jobs.inflight import CopyBuffers, is_zero
+from qmpd.jobs.inflight import CopyBuffers, write_copied
 from qmpd.jobs.manager import JobManager
 
 #: STREAM_CHUNK: the most one iteration copies.
@@ -131,12 +131,8 @@ class StreamJob(BlockJob):
                     break
                 if not allocated:
                     buf = self.buffers.take()
-                    view = memoryview(buf)[:n]
-                    await top.read_into(pos, view)
-                    if is_zero(buf, 0, n):
-                        await top.write_zeroes(pos, n)
-                    else:
-                        await top.write_view(pos, view)
+                    await top.read_into(pos, memoryview(buf)[:n])
+                    await write_copied(top, pos, buf, n)
                     self.buffers.give(buf)
                 pos += n
 
