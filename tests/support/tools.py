@@ -60,17 +60,38 @@ def qemu_io(*args: str | Path, check: bool = False, timeout: float = 60
     return run_tool(QEMU_IO, *args, check=check, timeout=timeout)
 
 
+#: /proc/net/unix's flag of a listening socket (__SO_ACCEPTCON).
+_ACCEPTING = 0x10000
+
+
+def _listening(path: Path) -> bool:
+    """Whether a UNIX socket at ``path`` listens.  QEMU's tools bind the path
+    itself: the file appears at bind(), before listen(), and a connection in
+    between is refused.  qmpd binds a temporary name and renames it into
+    place after listen(), so a path that no socket was bound to listens."""
+    if not path.exists():
+        return False
+    names = {str(path), str(path.absolute())}
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] in names:
+                return int(fields[3], 16) & _ACCEPTING != 0
+    return True
+
+
 def wait_for_socket(proc: subprocess.Popen[Any], path: Path, timeout: float = 30.0) -> None:
-    """Wait until the socket file at ``path`` exists (QEMU's tools create it listening)."""
+    """Wait until a UNIX socket at ``path`` listens (a QEMU tool's monitor or export)."""
     deadline = time.monotonic() + timeout
     argv = proc.args
     name = os.fsdecode(argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0])
-    while not path.exists():
+    while not _listening(path):
         if proc.poll() is not None:
             said = proc.stderr.read() if proc.stderr is not None else ""
             raise AssertionError(f"{name} exited with status {proc.returncode}: {said!r}")
         assert time.monotonic() < deadline, f"{name} did not start"
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
 def held_bytes(path: str | Path) -> set[int]:
