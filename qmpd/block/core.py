@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block import chain
 from qmpd.block.bitmaps import Bitmaps, bitmap_info
-from qmpd.block.driver import BlockDriverError, ChildRole, OpenJob
+from qmpd.block.blocking import OpenJob
+from qmpd.block.driver import BlockDriverError, ChildRole
 from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.registry import driver_class, probe_format

@@ -37,17 +37,22 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
 from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError as BlockDriverError
 from qmpd.objects import ObjectRegistry
 
 T = TypeVar("T")
+
+#: A request's completion callback: ``(result, None)`` or ``(None, error)``.
+IoDone = Callable[[Any, BaseException | None], None]
 
 
 class Perm(enum.IntFlag):
@@ -449,6 +454,50 @@ class BlockNode:
         self._wrote(offset, len(data))
         return True
 
+    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
+        """:meth:`read` without a coroutine where the driver submits it to an
+        engine that calls back (:meth:`BlockDriver.read_soon`): True when
+        started, ``done`` comes later; False, having done nothing, otherwise."""
+        if self.state is not _ACTIVE:
+            return False
+        self._check_range(offset, length)
+        return self.driver.read_soon(offset, length,
+                                     functools.partial(self._read_soon_done, length, done))
+
+    def _read_soon_done(self, length: int, done: IoDone, data: Any,
+                        error: BaseException | None) -> None:
+        if error is None:
+            self.stats.rd_bytes += length
+            self.stats.rd_operations += 1
+        done(data, error)
+
+    def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
+        """:meth:`write` without a coroutine, as :meth:`read_soon`, when nothing
+        on the way waits (as :meth:`write_now`).  ``data`` must stay unchanged
+        until ``done``."""
+        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
+            return False
+        self._check_writable()
+        length = len(data)
+        self._check_range(offset, length)
+        self.plain_writes += 1
+        try:
+            started = self.driver.write_soon(
+                offset, data, fua, functools.partial(self._write_soon_done, offset, length, done))
+        except BaseException:
+            self._plain_write_done()
+            raise
+        if not started:
+            self._plain_write_done()
+        return started
+
+    def _write_soon_done(self, offset: int, length: int, done: IoDone, _: Any,
+                         error: BaseException | None) -> None:
+        if error is None:
+            self._wrote(offset, length)
+        self._plain_write_done()
+        done(None, error)
+
     def _plain_write_done(self) -> None:
         self.plain_writes -= 1
         if not self.plain_writes and self._plain_drained is not None:
@@ -578,57 +627,6 @@ class BlockNode:
         return await self.driver.block_status(offset, length)
 
 
-@dataclass(frozen=True)
-class CacheReload:
-    """A driver's cache invalidation as one blocking job and a finishing step.
-
-    ``run`` goes to an I/O thread and touches no event-loop state; ``finish``
-    gets what it returned and installs it on the loop.
-    """
-
-    run: Callable[[], Any]
-    finish: Callable[[Any], Awaitable[None]]
-    #: Whether ``run`` waits for a device (a dropped page cache, O_DIRECT, a
-    #: network): such jobs go to the I/O threads; the others (page-cache
-    #: hits) cost less than a thread hop, so they run on the loop.
-    waits: bool = True
-
-    async def start(self, run_io: Callable[[Callable[[], Any]], Awaitable[Any]]) -> Any:
-        """``run``'s result: in an I/O thread (``run_io``) if it waits for a
-        device, else right here."""
-        return await run_io(self.run) if self.waits else self.run()
-
-
-#: ``read([(offset, length), ...])``: blocks, returns each range's bytes.
-BlockingRead = Callable[[list[tuple[int, int]]], list[bytes]]
-
-
-def _no_reader(_opened: Any) -> BlockingRead | None:
-    return None
-
-
-@dataclass(frozen=True)
-class OpenJob:
-    """A driver's open as one blocking job and a finishing step.
-
-    ``run`` goes to an I/O thread, touches no event-loop state and raises the
-    open's error; ``finish`` gets what it returned and installs it on the
-    loop.  ``reader`` turns that result into the blocking reads of the opened
-    node, so that a parent can read what it needs in the same job.
-    """
-
-    run: Callable[[], Any]
-    finish: Callable[[Any], Awaitable[None]]
-    reader: Callable[[Any], BlockingRead | None] = _no_reader
-    #: Whether ``run`` may wait (for a network, a device): then it goes to
-    #: the I/O threads; a quick open runs right on the loop.
-    waits: bool = True
-
-    async def start(self, run_io: Callable[[Callable[[], Any]], Awaitable[Any]]) -> Any:
-        """``run``'s result: in an I/O thread if it may wait, else right here."""
-        return await run_io(self.run) if self.waits else self.run()
-
-
 class BlockDriver(ABC):
     """One instance per node.  Subclasses set the class variables below."""
 
@@ -709,6 +707,19 @@ class BlockDriver(ABC):
         done; False, having done nothing, when :meth:`write` must be awaited
         (always, by default).  Keeps no reference to ``data`` (the caller
         may reuse its buffer)."""
+        return False
+
+    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
+        """Start :meth:`read` without a coroutine, where the driver hands it to
+        an engine that completes it on the event loop: True when started, and
+        ``done(data, None)`` or ``done(None, BlockDriverError)`` is called later
+        (never before this returns); False, having done nothing, when
+        :meth:`read` must be awaited (always, by default)."""
+        return False
+
+    def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
+        """:meth:`write` started as :meth:`read_soon` starts a read; ``done(None,
+        None)`` when written.  ``data`` stays unchanged until then."""
         return False
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:

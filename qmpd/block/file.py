@@ -11,16 +11,8 @@ import stat
 import threading
 from typing import Any
 
-from qmpd.block.driver import (
-    BlockDriver,
-    BlockDriverError,
-    BlockingRead,
-    BlockStatus,
-    CacheReload,
-    NodeState,
-    OpenJob,
-    Perm,
-)
+from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState, Perm
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 from qmpd.block.mounts import MOUNTS
 

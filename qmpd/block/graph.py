@@ -36,11 +36,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from qmpd.block.blocking import CacheReload
 from qmpd.block.driver import (
     PERM_ALL,
     BdrvChild,
     BlockDriverError,
-    CacheReload,
     ChildRole,
     NodeUser,
     Perm,

@@ -30,6 +30,7 @@ import base64
 import collections
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -41,15 +42,9 @@ from types import ModuleType
 from typing import Any
 
 from qmpd.block import rbd_aio
+from qmpd.block.blocking import BlockingRead, CacheReload
 from qmpd.block.ceph import bindings
-from qmpd.block.driver import (
-    BlockDriver,
-    BlockDriverError,
-    BlockingRead,
-    BlockNode,
-    BlockStatus,
-    CacheReload,
-)
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockNode, BlockStatus, IoDone
 
 log = logging.getLogger(__name__)
 
@@ -430,28 +425,51 @@ class RbdDriver(BlockDriver):
         """Submit one request (``submit(*args)`` gives its future) and wait
         for its completion."""
         stats = self.stats
-        stats.in_flight += 1
         stats.requests += 1
+        try:
+            future = submit(*args)
+        except Exception as exc:  # refused before it was queued
+            raise self._failed(exc) from None
+        stats.in_flight += 1
         started = time.monotonic()
         try:
-            try:
-                future = submit(*args)
-            except OSError:
-                raise
-            except Exception as exc:  # refused before it was queued
-                raise OSError(_errno_of(exc), str(exc)) from None
             value = await future
-            self._unreachable = None
-            return value
         except OSError as exc:
-            stats.errors += 1
-            code = exc.errno or errno.EIO
-            if code in _UNREACHABLE:
-                self._unreachable = f"Ceph cluster unreachable: {_strerror(code)}"
-            raise BlockDriverError(_strerror(code), code) from None
+            raise self._failed(exc) from None
         finally:
             stats.in_flight -= 1
             stats.seconds += time.monotonic() - started
+        self._unreachable = None
+        return value
+
+    def _failed(self, exc: BaseException) -> BlockDriverError:
+        """The error to report for a request that failed with ``exc`` (counted)."""
+        self.stats.errors += 1
+        code = _errno_of(exc)
+        if code in _UNREACHABLE:
+            self._unreachable = f"Ceph cluster unreachable: {_strerror(code)}"
+        return BlockDriverError(_strerror(code), code)
+
+    def _submit_soon(self, submit: Callable[..., None], done: IoDone, *args: Any) -> None:
+        """:meth:`_aio` for a request that calls back ``done`` instead."""
+        stats = self.stats
+        stats.requests += 1
+        try:
+            submit(*args, functools.partial(self._soon_done, time.monotonic(), done))
+        except Exception as exc:
+            raise self._failed(exc) from None
+        stats.in_flight += 1
+
+    def _soon_done(self, started: float, done: IoDone, value: Any,
+                   error: BaseException | None) -> None:
+        stats = self.stats
+        stats.in_flight -= 1
+        stats.seconds += time.monotonic() - started
+        if error is None:
+            self._unreachable = None
+            done(value, None)
+        else:
+            done(None, self._failed(error))
 
     async def read(self, offset: int, length: int) -> bytes:
         io = self._requests()
@@ -463,6 +481,20 @@ class RbdDriver(BlockDriver):
         if len(data) < length:
             data += bytes(length - len(data))
         return data
+
+    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
+        io = self._io
+        if not isinstance(io, rbd_aio.ImageAio) or not length or offset + length > self._size:
+            return False
+        self._submit_soon(io.read_cb, done, offset, length)
+        return True
+
+    def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
+        io = self._io
+        if not isinstance(io, rbd_aio.ImageAio) or fua or offset + len(data) > self._size:
+            return False
+        self._submit_soon(io.write_cb, done, offset, data)
+        return True
 
     async def _grow(self, end: int) -> None:
         """Resize the image to ``end`` before a write past its end (QEMU's

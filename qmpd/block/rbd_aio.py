@@ -22,11 +22,16 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: A request's callback: (result, None) or (None, the error).
+Done = Callable[[Any, BaseException | None], None]
 
 #: rbd_set_image_notification's type for an eventfd.
 EVENT_TYPE_EVENTFD = 2
@@ -110,8 +115,8 @@ def image_handle(image: Any, ioctx: Any, name: str) -> int | None:
 
 
 class ImageAio:
-    """Requests on one image through librbd's C calls; each returns a future
-    that the event loop resolves when librbd has completed the request.
+    """Requests on one image through librbd's C calls: each calls back (or
+    resolves a future) from the event loop once librbd has completed it.
 
     Once this is set up, the image must not get requests through the
     bindings' ``aio_*`` calls (their completions would come out of
@@ -124,9 +129,9 @@ class ImageAio:
         self._lib = lib
         self.handle = handle
         self.loop = loop
-        #: completion -> (future, what librbd reads from or writes into,
-        #: whether that is the result: a read's data)
-        self.pending: dict[int | None, tuple[asyncio.Future[Any], Any, bool]] = {}
+        #: completion -> (its callback, what librbd reads from or writes
+        #: into, whether that is the result: a read's data)
+        self.pending: dict[int | None, tuple[Done, Any, bool]] = {}
         self._out = _vp()
         self._batch = (_vp * POLL_BATCH)()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -142,27 +147,29 @@ class ImageAio:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
         return out.value or 0
 
-    def _queued(self, comp: int, ret: int, keep: Any, reading: bool = False
-                ) -> asyncio.Future[Any]:
+    def _queued(self, comp: int, ret: int, done: Done, keep: Any, reading: bool = False) -> None:
         if ret < 0:
             self._lib.rbd_aio_release(comp)
             raise OSError(-ret, os.strerror(-ret))
-        future = self.loop.create_future()
-        self.pending[comp] = (future, keep, reading)
-        return future
+        self.pending[comp] = (done, keep, reading)
 
-    def read(self, offset: int, length: int) -> asyncio.Future[Any]:
-        """Resolves to ``length`` bytes read at ``offset`` (a fresh bytes
-        object that librbd fills, as the bindings' own aio_read does)."""
+    def _future(self) -> tuple[asyncio.Future[Any], Done]:
+        future = self.loop.create_future()
+        return future, functools.partial(_settle, future)
+
+    def read_cb(self, offset: int, length: int, done: Done) -> None:
+        """Read ``length`` bytes at ``offset``: ``done(data, None)`` (a fresh
+        bytes object that librbd fills, as the bindings' own aio_read does)
+        or ``done(None, OSError)``, from the event loop."""
         # Zeroing a small one costs less than the call that skips it.
         data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
         comp = self._completion()
         ret = self._lib.rbd_aio_read(self.handle, offset, length, id(data) + _BYTES_DATA, comp)
-        return self._queued(comp, ret, data, True)
+        self._queued(comp, ret, done, data, True)
 
-    def write(self, offset: int, data: bytes) -> asyncio.Future[Any]:
-        """Writes ``data`` (bytes, or a bytearray the caller does not change
-        until this completes) at ``offset``."""
+    def write_cb(self, offset: int, data: bytes, done: Done) -> None:
+        """Write ``data`` (bytes, or a bytearray the caller does not change
+        until ``done``) at ``offset``; ``done(None, None)`` or ``done(None, OSError)``."""
         keep: Any = data
         if type(data) is not bytes:
             try:  # a writable buffer: librbd reads it where it is
@@ -172,21 +179,39 @@ class ImageAio:
         address = id(data) + _BYTES_DATA if keep is data else ctypes.addressof(keep)
         comp = self._completion()
         ret = self._lib.rbd_aio_write(self.handle, offset, len(data), address, comp)
-        return self._queued(comp, ret, keep)
+        self._queued(comp, ret, done, keep)
+
+    def read(self, offset: int, length: int) -> asyncio.Future[Any]:
+        """:meth:`read_cb` as a future."""
+        future, done = self._future()
+        self.read_cb(offset, length, done)
+        return future
+
+    def write(self, offset: int, data: bytes) -> asyncio.Future[Any]:
+        """:meth:`write_cb` as a future."""
+        future, done = self._future()
+        self.write_cb(offset, data, done)
+        return future
 
     def write_zeroes(self, offset: int, length: int, zero_flags: int) -> asyncio.Future[Any]:
+        future, done = self._future()
         comp = self._completion()
         ret = self._lib.rbd_aio_write_zeroes(self.handle, offset, length, comp, zero_flags, 0)
-        return self._queued(comp, ret, None)
+        self._queued(comp, ret, done, None)
+        return future
 
     def discard(self, offset: int, length: int) -> asyncio.Future[Any]:
+        future, done = self._future()
         comp = self._completion()
-        return self._queued(comp, self._lib.rbd_aio_discard(self.handle, offset, length, comp),
-                            None)
+        self._queued(comp, self._lib.rbd_aio_discard(self.handle, offset, length, comp),
+                     done, None)
+        return future
 
     def flush(self) -> asyncio.Future[Any]:
+        future, done = self._future()
         comp = self._completion()
-        return self._queued(comp, self._lib.rbd_aio_flush(self.handle, comp), None)
+        self._queued(comp, self._lib.rbd_aio_flush(self.handle, comp), done, None)
+        return future
 
     def _deliver(self) -> None:
         try:
@@ -203,17 +228,15 @@ class ImageAio:
                     continue
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
-                future, data, reading = entry
-                if future.cancelled():
-                    continue
+                done, data, reading = entry
                 if ret < 0:
-                    future.set_exception(OSError(-ret, os.strerror(-ret)))
+                    _call(done, None, OSError(-ret, os.strerror(-ret)))
                 elif not reading:
-                    future.set_result(None)
+                    _call(done, None, None)
                 elif ret < len(data):  # short: librbd left the rest unwritten
-                    future.set_result(data[:ret] + bytes(len(data) - ret))
+                    _call(done, data[:ret] + bytes(len(data) - ret), None)
                 else:
-                    future.set_result(data)
+                    _call(done, data, None)
             if n < POLL_BATCH:
                 return
 
@@ -229,7 +252,24 @@ class ImageAio:
         self.loop.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = -1
-        for future, _, _ in self.pending.values():
-            if not future.done():
-                future.set_exception(OSError(errno.EIO, os.strerror(errno.EIO)))
+        pending = list(self.pending.values())
         self.pending.clear()
+        for done, _, _ in pending:
+            _call(done, None, OSError(errno.EIO, os.strerror(errno.EIO)))
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _call(done: Done, value: Any, error: BaseException | None) -> None:
+    # One caller's bug must not stop the completions of the others.
+    try:
+        done(value, error)
+    except Exception:
+        log.exception("rbd: a completion callback failed")

@@ -53,6 +53,7 @@ from qmpd.block.driver import (
     BlockNode,
     BlockStatus,
     ChildRole,
+    IoDone,
     NodeUser,
     Perm,
 )
@@ -395,6 +396,35 @@ class NbdExport:
         if done:
             self._count("write", len(data))
         return done
+
+    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
+        """A small READ started without a coroutine (:meth:`BlockNode.read_soon`);
+        False, having done nothing, when :meth:`read` must be awaited."""
+        if not length or length >= SPARSE_READ_MIN:
+            return False
+        try:
+            started = self.node.read_soon(offset, length, done)
+        except BaseException:
+            self._count("read", length)
+            raise
+        if started:
+            self._count("read", length)
+        return started
+
+    def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool:
+        """:meth:`write` started without a coroutine (:meth:`BlockNode.write_soon`);
+        False, having done nothing, when it must be awaited."""
+        node = self.node
+        if not node.active:
+            return False
+        try:
+            started = node.write_soon(offset, cast(bytes, data), fua or self.writethrough, done)
+        except BaseException:
+            self._count("write", len(data))
+            raise
+        if started:
+            self._count("write", len(data))
+        return started
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         self._count("write", len(data))

@@ -49,7 +49,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from qmpd import net
-from qmpd.block.driver import BlockDriverError
+from qmpd.block.driver import BlockDriverError, IoDone
 from qmpd.block.errorlog import IO_ERRORS
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
@@ -128,6 +128,10 @@ class ServedExport(Protocol):
     def read_now(self, offset: int, length: int) -> bytes | None: ...
 
     def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
+
+    def read_soon(self, offset: int, length: int, done: IoDone) -> bool: ...
+
+    def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool: ...
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None: ...
 
@@ -649,32 +653,70 @@ class NbdConnection:
     def _start(self, request: p.Request) -> None:
         kind = request.type
         if kind == _WRITE or kind == _READ:
-            # Most small requests complete without waiting: no coroutine at all.
+            # Most small requests complete without waiting, and a driver with
+            # an engine that calls back needs no coroutine either.
             export = self.export
             assert export is not None
+            size = request.length
             try:
                 if kind == _WRITE:
-                    assert request.payload is not None
-                    if export.write_now(request.offset, request.payload, request.flags & _FUA != 0):
+                    payload = request.payload
+                    assert payload is not None
+                    fua = request.flags & _FUA != 0
+                    if export.write_now(request.offset, payload, fua):
                         self._send((self.replies.ok(request.cookie),))
                         # write_now keeps nothing of the payload: the next may reuse it.
                         assert self.tx is not None
-                        self.tx.recycle(request.payload)
+                        self.tx.recycle(payload)
+                        return
+                    if export.write_soon(request.offset, payload, fua,
+                                         functools.partial(self._soon_done, request)):
+                        self._began(size)
                         return
                 else:
                     offset = request.offset
-                    data = export.read_now(offset, request.length)
+                    data = export.read_now(offset, size)
                     if data is not None:
                         self._send(self.replies.read_data(request.cookie, offset, data))
+                        return
+                    if export.read_soon(offset, size, functools.partial(self._soon_done, request)):
+                        self._began(size)
                         return
             except Exception as exc:
                 self._send(self._failure(export, request, exc))
                 return
+        else:
+            size = 0
+        self._began(size)
+        self._step(self._execute(request, size))
+
+    def _began(self, size: int) -> None:
         self.in_flight += 1
-        size = request.length if kind == _READ or kind == _WRITE else 0
         self.in_flight_bytes += size
         self._idle.clear()
-        self._step(self._execute(request, size))
+
+    def _soon_done(self, request: p.Request, data: Any, error: BaseException | None) -> None:
+        """A READ or WRITE started with read_soon/write_soon completed."""
+        export = self.export
+        assert export is not None
+        if error is not None:
+            parts: Sequence[p.ReplyPart] = self._failure(export, request, error)
+        elif request.type == _READ:
+            parts = self.replies.read_data(request.cookie, request.offset, data)
+        else:
+            parts = (self.replies.ok(request.cookie),)
+        self._ended(request.length, parts)
+
+    def _ended(self, size: int, parts: Sequence[p.ReplyPart]) -> None:
+        self.in_flight -= 1
+        self.in_flight_bytes -= size
+        self._send(parts)
+        if self.in_flight == 0:
+            self._idle.set()
+        if not self.closed:
+            self._pump()
+        else:
+            self._release()
 
     def _step(self, coro: Coroutine[Any, Any, None], _done: object = None) -> None:
         """Run ``coro`` until it finishes or waits; continue when its future is done.
@@ -705,18 +747,10 @@ class NbdConnection:
             parts = await self._run(export, request)
         except Exception as exc:
             parts = self._failure(export, request, exc)
-        self.in_flight -= 1
-        self.in_flight_bytes -= size
-        self._send(parts)
-        if self.in_flight == 0:
-            self._idle.set()
-        if not self.closed:
-            self._pump()
-        else:
-            self._release()
+        self._ended(size, parts)
 
     def _failure(
-        self, export: ServedExport, request: p.Request, exc: Exception
+        self, export: ServedExport, request: p.Request, exc: BaseException
     ) -> list[p.ReplyPart]:
         """The error reply of a request that raised ``exc``, counted and logged."""
         export.count_error(request.command_name)

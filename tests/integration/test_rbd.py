@@ -5,7 +5,9 @@ Ceph's Python bindings."""
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +18,7 @@ import pytest
 from tests.conftest import QmpdProcess
 from tests.support.ceph import CephCluster, require_ceph
 from tests.support.qmp import QmpClient, wait_greeting
+from tests.support.tools import QEMU_IO, qemu_io, require_tool
 
 K, M = 1 << 10, 1 << 20
 
@@ -81,6 +84,45 @@ def test_requests_reach_the_image(qmpd_factory: Any, ceph: CephCluster) -> None:
     assert data[8 * M + 512 * K:9 * M] == b"\x33" * (512 * K)
 
 
+def export_nbd(proc: QmpdProcess, node: str) -> str:
+    """Export ``node`` writable over NBD on a UNIX socket: its URI."""
+    sock = proc.tmp / "nbd.sock"
+    assert qmp(proc, "nbd-server-start", {"addr": {"type": "unix", "data": {
+        "path": str(sock)}}}) == {"return": {}}
+    assert qmp(proc, "block-export-add", {"type": "nbd", "id": "e", "node-name": node,
+                                          "name": "e", "writable": True}) == {"return": {}}
+    return f"nbd+unix:///e?socket={sock}"
+
+
+def test_nbd_requests_in_flight_together(qmpd_factory: Any, ceph: CephCluster) -> None:
+    """Many 4 KiB writes and reads in flight at once through an NBD export
+    (the server starts them without a coroutine), each landing where it
+    should: read back over NBD and by a fresh client (rbd export)."""
+    image = ceph.new_image("16M")
+    proc = qmpd_factory()
+    assert qmp(proc, "blockdev-add", ceph.blockdev(image, **{"node-name": "r"})) == \
+        {"return": {}}
+    uri = export_nbd(proc, "r")
+    blocks = range(0, 16 * M, 64 * K)
+    writes = [f"aio_write -P {i % 250 + 1} {off} 4k" for i, off in enumerate(blocks)]
+    reads = [f"aio_read -P {i % 250 + 1} {off} 4k" for i, off in enumerate(blocks)]
+    for commands in ([*writes, "aio_flush"], [*reads, "aio_flush"]):
+        out = qemu_io("-f", "raw", *(a for c in commands for a in ("-c", c)), uri, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "fail" not in out.stdout and "verification" not in out.stdout, out.stdout
+    assert qmp(proc, "block-export-del", {"id": "e"}) == {"return": {}}
+    deadline = time.monotonic() + 30
+    while qmp(proc, "blockdev-del", {"node-name": "r"}) != {"return": {}}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    exported = ceph.root / f"{image}.raw"
+    ceph.rbd("export", "--no-progress", f"rbd/{image}", str(exported))
+    data = exported.read_bytes()
+    for i, off in enumerate(blocks):
+        assert data[off:off + 4 * K] == bytes([i % 250 + 1]) * (4 * K), off
+        assert data[off + 4 * K:off + 64 * K] == bytes(60 * K), off
+
+
 def test_unknown_pool_and_image_errors(qmpd_factory: Any, ceph: CephCluster) -> None:
     """QEMU 7.2's texts (checked against qemu-storage-daemon in tests/interop)."""
     proc = qmpd_factory()
@@ -124,8 +166,15 @@ def test_osd_stopped_mid_write(qmpd_factory: Any, ceph: CephCluster) -> None:
         image, **{"node-name": "r", "cache": {"direct": True}})) == {"return": {}}
     assert "failed" not in hmp_io(proc, "r", "write -P 0x44 0 1M")
     assert http_get(proc, "/ready")[0] == 200
+    uri = export_nbd(proc, "r")
     ceph.stop_osd()
     try:
+        # An NBD client's 4 KiB write and read meanwhile (their timeouts run
+        # alongside the monitor's requests'): error replies, nothing else.
+        nbd = subprocess.Popen(
+            [require_tool(QEMU_IO), "-f", "raw", "-c", "write -P 0x77 6M 4k",
+             "-c", "read 7M 4k", uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
         # librbd reports a timed-out object write as EIO, a read as ETIMEDOUT.
         out = hmp_io(proc, "r", "write -P 0x55 2M 1M")
         assert out.endswith(("write failed: Input/output error\n",
@@ -133,6 +182,10 @@ def test_osd_stopped_mid_write(qmpd_factory: Any, ceph: CephCluster) -> None:
         out = hmp_io(proc, "r", "read 4M 64k")
         assert out.endswith(("read failed: Input/output error\n",
                              "read failed: Connection timed out\n")), out
+        said = nbd.communicate(timeout=60)[0]
+        # NBD has no ETIMEDOUT: it goes as EINVAL, as from QEMU's server.
+        assert re.search(r"write failed: (Input/output error|Invalid argument)\n", said), said
+        assert re.search(r"read failed: (Input/output error|Invalid argument)\n", said), said
         assert qmp(proc, "query-status")["return"]["status"] == "running"
         deadline = time.monotonic() + 30
         while True:
@@ -145,7 +198,7 @@ def test_osd_stopped_mid_write(qmpd_factory: Any, ceph: CephCluster) -> None:
         assert any(r.startswith("node r: Ceph") for r in reasons), reasons
         metrics = http_get(proc, "/metrics")[1]
         assert 'qmpd_block_driver_cluster_reachable{driver="rbd",node="r"} 0.0' in metrics
-        assert 'qmpd_block_driver_request_errors{driver="rbd",node="r"} 2.0' in metrics
+        assert 'qmpd_block_driver_request_errors{driver="rbd",node="r"} 4.0' in metrics
     finally:
         ceph.ensure_running()
     assert "failed" not in hmp_io(proc, "r", "read -P 0x44 0 1M")

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from qmpd.block import rbd, rbd_aio
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig
 from qmpd.block.rbd import RbdDriver
+from qmpd.errors import BlockDriverError
 from tests.support.ceph import CephCluster
 
 _api = ctypes.pythonapi
@@ -42,13 +44,15 @@ def thread_states() -> int:
 
 
 @contextlib.asynccontextmanager
-async def rbd_node(ceph: CephCluster) -> AsyncIterator[tuple[BlockNode, RbdDriver, str]]:
-    """A writable rbd node on a new 16 MiB image (removed afterwards)."""
+async def rbd_node(ceph: CephCluster, cache_direct: bool = False
+                   ) -> AsyncIterator[tuple[BlockNode, RbdDriver, str]]:
+    """A writable rbd node on a new 16 MiB image (removed afterwards);
+    ``cache_direct``: without librbd's cache."""
     image = ceph.new_image("16M")
     graph = BlockGraph(io_threads=2)
     try:
         config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
-                            discard_unmap=False, cache_direct=False, cache_no_flush=False,
+                            discard_unmap=False, cache_direct=cache_direct, cache_no_flush=False,
                             auto_read_only=False)
         node = graph.new_node("r", False, config)
         driver = RbdDriver(node)
@@ -152,3 +156,77 @@ async def test_cancelled_requests_are_collected_before_close(ceph: CephCluster) 
         assert await driver.read(0, 4096) in (bytes(4096), bytes([7]) * 4096)
         await driver.close()
         assert io.fd == -1
+
+
+class Completions:
+    """What read_soon/write_soon callbacks delivered, by request."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, tuple[object, BaseException | None]] = {}
+        self.all_done = asyncio.get_running_loop().create_future()
+        self.expected = 0
+
+    def done(self, key: int) -> Callable[[object, BaseException | None], None]:
+        self.expected += 1
+
+        def deliver(value: object, error: BaseException | None) -> None:
+            assert key not in self.results
+            self.results[key] = (value, error)
+            if len(self.results) == self.expected and not self.all_done.done():
+                self.all_done.set_result(None)
+        return deliver
+
+
+async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
+    """read_soon/write_soon (the NBD server's path for rbd): librbd's completions
+    call back from the loop, after the call returned, with the node's
+    bookkeeping done; what cannot go that way is refused, having done nothing."""
+    async with rbd_node(ceph) as (node, driver, _image):
+        writes = Completions()
+        for i in range(256):
+            data = bytearray([i % 251 + 1]) * 4096
+            assert node.write_soon(i * 4096, data, False, writes.done(i))
+        assert not writes.results  # never before the call returned
+        assert node.plain_writes == 256 and driver.stats.in_flight == 256
+        await asyncio.wait_for(writes.all_done, 60)
+        assert all(result == (None, None) for result in writes.results.values())
+        assert node.plain_writes == 0 and driver.stats.in_flight == 0
+        assert node.stats.wr_operations == 256
+        reads = Completions()
+        for i in range(256):
+            assert node.read_soon(i * 4096, 4096, reads.done(i))
+        await asyncio.wait_for(reads.all_done, 60)
+        assert [reads.results[i] for i in range(256)] == \
+            [(bytes([i % 251 + 1]) * 4096, None) for i in range(256)]
+        assert node.stats.rd_operations == 256
+        # FUA, and ranges past the image's end, are the awaited path's.
+        nothing = Completions()
+        assert not node.write_soon(0, b"x" * 512, True, nothing.done(0))
+        assert not driver.read_soon(driver.size() - 512, 1024, nothing.done(1))
+        assert not nothing.results and node.plain_writes == 0
+        with pytest.raises(BlockDriverError):
+            node.read_soon(driver.size(), 512, nothing.done(2))
+        await asyncio.sleep(0.1)
+        assert not nothing.results
+
+
+async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> None:
+    """With the OSD stopped, both calls back report librbd's error (after the
+    client's OSD timeout) as a BlockDriverError, and the node's counts settle
+    (without librbd's cache, which would take the write)."""
+    async with rbd_node(ceph, cache_direct=True) as (node, driver, _image):
+        ceph.stop_osd()
+        try:
+            failed = Completions()
+            assert node.write_soon(0, bytes([5]) * 4096, False, failed.done(0))
+            assert node.read_soon(1 << 20, 4096, failed.done(1))
+            await asyncio.wait_for(failed.all_done, 60)
+        finally:
+            ceph.ensure_running()
+        for key in (0, 1):
+            value, error = failed.results[key]
+            assert value is None and isinstance(error, BlockDriverError), failed.results
+            assert error.errno in (errno.EIO, errno.ETIMEDOUT), error
+        assert node.plain_writes == 0 and driver.stats.in_flight == 0
+        assert driver.stats.errors == 2
+        assert node.stats.wr_operations == 0 and node.stats.rd_operations == 0

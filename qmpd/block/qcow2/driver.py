@@ -15,14 +15,8 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any, NoReturn
 
-from qmpd.block.driver import (
-    BlockDriver,
-    BlockDriverError,
-    BlockStatus,
-    CacheReload,
-    NodeState,
-    OpenJob,
-)
+from qmpd.block.blocking import CacheReload, OpenJob
+from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState
 from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps, write_header_cluster
 from qmpd.block.qcow2.fileio import ImageFile
