@@ -713,10 +713,14 @@ class NbdConnection:
         self._send(parts)
         if self.in_flight == 0:
             self._idle.set()
-        if not self.closed:
-            self._pump()
-        else:
+        if self.closed:
             self._release()
+            return
+        tx = self.tx
+        if self.reading and not self._close_when_idle and tx is not None \
+                and not tx.event_ready():
+            return  # still reading, nothing parsed waits: a pump would find nothing
+        self._pump()
 
     def _step(self, coro: Coroutine[Any, Any, None], _done: object = None) -> None:
         """Run ``coro`` until it finishes or waits; continue when its future is done.

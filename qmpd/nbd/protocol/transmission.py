@@ -287,6 +287,14 @@ class Transmission:
             return NEED_DATA
         return self.validate(request)
 
+    def event_ready(self) -> bool:
+        """Whether :meth:`next_event` may return something other than NeedData."""
+        if self.finished:
+            return False
+        if self._header is not None:
+            return self._filled >= len(self._payload)
+        return self._end - self._start >= REQUEST_SIZE
+
     def recycle(self, payload: bytes | bytearray) -> None:
         """A WRITE's payload that nothing refers to any more: the next WRITE of
         the same length may be received into it (streamed WRITEs of one size
