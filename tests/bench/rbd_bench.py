@@ -160,6 +160,11 @@ def handover(ceph: CephCluster, work: Path, kind: str, n: int) -> dict[str, Any]
             for side in (src, dst):
                 side.ok("blockdev-add", ceph.blockdev(image, **{"node-name": "disk"}))
             src.qemu_io("disk", "write -P 0x5a 0 1M")
+            # As libvirt (and migration_bench.py) sets capabilities before it
+            # migrates: qmpd imports its migration code at the first such command.
+            for side in (src, dst):
+                side.ok("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "events", "state": True}]})
             uri = f"unix:{work / f'{kind}{i}' / 'mig.sock'}"
             dst.ok("migrate-incoming", {"uri": uri})
             start = time.perf_counter()
