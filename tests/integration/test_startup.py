@@ -11,8 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from qmpd.cli import parse_args
 from qmpd.daemon import WARM_CHECKS, Daemon
@@ -53,6 +56,21 @@ ON_DEMAND = ("qmpd.migration", "qmpd.nbd.exports", "qmpd.nbd.server", "qmpd.nbd.
 WARMED = "qmpd: debug: warmed up: block drivers imported, I/O threads started"
 
 
+#: Every Recorded daemon of the running test (killed after it, if still up).
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left() -> Iterator[None]:
+    """A test that fails before it quits its daemons leaves none running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class Recorded:
     """A qmpd under the recording wrapper."""
 
@@ -66,6 +84,7 @@ class Recorded:
                 [sys.executable, "-c", _RECORD, "--qmp", f"unix:{self.sock}", *args],
                 env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=err)
+        _STARTED.append(self.proc)
         self.client = RawClient(self.sock, wait=30, proc=self.proc)
         self.client.negotiate()
 
