@@ -583,14 +583,47 @@ class TlsFailed(OSError):
         return self.reason
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def accept(listen_sock: socket.socket) -> tuple[socket.socket, Any]:
+    """``loop.sock_accept`` without its race: (non-blocking socket, peer address).
+
+    Python 3.11's sock_accept calls accept() in the reader callback itself.
+    When the listener is readable and, in the same turn of the loop, the
+    accept is cancelled and the socket closed (nbd-server-stop, a migration
+    cancelled), that callback still runs: accept() fails (or takes a
+    connection nobody will see) and setting the cancelled future's outcome
+    raises InvalidStateError on the loop.  Here the callback only wakes the
+    waiting coroutine, which accepts if it was not cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    fd = listen_sock.fileno()
+    while True:
+        try:
+            conn, peer = listen_sock.accept()
+        except (BlockingIOError, InterruptedError):
+            pass
+        else:
+            conn.setblocking(False)
+            return conn, peer
+        waiter: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(fd)
+
+
 async def accept_each(listen_sock: socket.socket, running: Callable[[], bool],
                       label: str) -> AsyncIterator[tuple[socket.socket, Any]]:
     """(socket, peer address) of each connection accepted while ``running()``.
     A failed accept (EMFILE and friends) is logged and waited out, not spun on."""
-    loop = asyncio.get_running_loop()
     while running():
         try:
-            sock, peer = await loop.sock_accept(listen_sock)
+            sock, peer = await accept(listen_sock)
         except OSError as exc:
             log.warning("%s: accept failed: %s", label, exc.strerror)
             await asyncio.sleep(0.1)

@@ -333,10 +333,9 @@ class Listener:
         task.add_done_callback(self.tasks.discard)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         while self._accepted is not None and not self._accepted.done():
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, _ = await net.accept(sock)
             except OSError:
                 return  # closed
             _no_delay(conn)

@@ -884,7 +884,6 @@ class NbdServer:
         self._slot_free.set()
 
     async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         assert self.sock is not None
         listener = self.sock
         while True:
@@ -892,7 +891,7 @@ class NbdServer:
                 self._slot_free.clear()
                 await self._slot_free.wait()
             try:
-                conn, _addr = await loop.sock_accept(listener)
+                conn, _addr = await net.accept(listener)
             except asyncio.CancelledError:
                 raise
             except OSError as exc:

@@ -417,7 +417,7 @@ class Monitor:
             if config.wait:
                 logs.write_raw(f"{logs.PROG}: info: waiting for connection on: "
                                f"disconnected:{self.bound},server=on")
-                conn_sock, _ = await loop.sock_accept(listen_sock)
+                conn_sock, _ = await net.accept(listen_sock)
                 self._pending.append(conn_sock)
             if self.tls is not None:
                 self._listen_sock = listen_sock

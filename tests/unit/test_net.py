@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,3 +299,46 @@ def test_vsock_address_texts() -> None:
         net.listen(VsockAddress("x", "1"))
     with pytest.raises(net.ConnectFailed, match=r"^Invalid CID '2' or port 'p'$"):
         asyncio.run(net.connect(VsockAddress("2", "p")))
+
+
+async def _accept_cancelled_as_ready(accept: Any, tmp_path: Path) -> list[dict[str, Any]]:
+    """Cancel an accept and close its listener in the turn of the loop in which
+    the listener turned readable (ahead of the reader's callback, as an
+    nbd-server-stop handled in that turn): what the loop reported."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    path = str(tmp_path / "l.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.setblocking(False)
+    task = asyncio.ensure_future(accept(listener))
+    await asyncio.sleep(0)  # waiting for a connection now
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)  # queued: the listener is readable at the next select
+
+    def stop() -> None:
+        task.cancel()
+        listener.close()
+
+    loop.call_soon(stop)  # ahead of the reader callback that select adds
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(3):
+        await asyncio.sleep(0)
+    client.close()
+    return reported
+
+
+async def test_accept_cancelled_with_its_listener_readable_reports_nothing(
+        tmp_path: Path) -> None:
+    assert await _accept_cancelled_as_ready(net.accept, tmp_path) == []
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="the control needs Python 3.11's race")
+async def test_control_loop_sock_accept_reports_an_error_there(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    reported = await _accept_cancelled_as_ready(loop.sock_accept, tmp_path)
+    assert any(isinstance(c.get("exception"), asyncio.InvalidStateError) for c in reported), \
+        reported
