@@ -458,7 +458,7 @@ class BlockNode:
         """:meth:`read` without a coroutine where the driver submits it to an
         engine that calls back (:meth:`BlockDriver.read_soon`): True when
         started, ``done`` comes later; False, having done nothing, otherwise."""
-        if self.state is not _ACTIVE:
+        if not self.driver.calls_back or self.state is not _ACTIVE:
             return False
         self._check_range(offset, length)
         return self.driver.read_soon(offset, length,
@@ -475,7 +475,8 @@ class BlockNode:
         """:meth:`write` without a coroutine, as :meth:`read_soon`, when nothing
         on the way waits (as :meth:`write_now`).  ``data`` must stay unchanged
         until ``done``."""
-        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
+        if not self.driver.calls_back or self.write_hooks or self.serialiser is not None \
+                or self.detect_zeroes != "off":
             return False
         self._check_writable()
         length = len(data)
@@ -643,6 +644,11 @@ class BlockDriver(ABC):
         # takes locks in set_perm and forgot it would silently take none there.
         if "set_perm" in cls.__dict__ and "set_perm_now" not in cls.__dict__:
             raise TypeError(f"{cls.__name__} overrides set_perm but not set_perm_now")
+
+    #: Whether :meth:`read_soon`/:meth:`write_soon` may start requests now
+    #: (the driver has an engine that calls back); while False the node does
+    #: not try them, and pays nothing for them on its hot path.
+    calls_back: bool = False
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node

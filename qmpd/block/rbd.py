@@ -292,6 +292,7 @@ class RbdDriver(BlockDriver):
         if handle is not None:
             try:
                 self._io = rbd_aio.ImageAio(handle, loop)
+                self.calls_back = True
             except OSError as exc:
                 log.warning("rbd %s: no completion notification (%s): using the "
                             "bindings' AIO calls", self.image_name, exc)
@@ -390,6 +391,7 @@ class RbdDriver(BlockDriver):
             await completions.unpin(image)
         self.image = self.ioctx = self.cluster = None
         self._io = None
+        self.calls_back = False
 
         def shut() -> None:
             try:

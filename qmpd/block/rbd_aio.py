@@ -25,13 +25,11 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from qmpd.block.driver import IoDone
 
-#: A request's callback: (result, None) or (None, the error).
-Done = Callable[[Any, BaseException | None], None]
+log = logging.getLogger(__name__)
 
 #: rbd_set_image_notification's type for an eventfd.
 EVENT_TYPE_EVENTFD = 2
@@ -131,7 +129,7 @@ class ImageAio:
         self.loop = loop
         #: completion -> (its callback, what librbd reads from or writes
         #: into, whether that is the result: a read's data)
-        self.pending: dict[int | None, tuple[Done, Any, bool]] = {}
+        self.pending: dict[int | None, tuple[IoDone, Any, bool]] = {}
         self._out = _vp()
         self._batch = (_vp * POLL_BATCH)()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -147,17 +145,17 @@ class ImageAio:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
         return out.value or 0
 
-    def _queued(self, comp: int, ret: int, done: Done, keep: Any, reading: bool = False) -> None:
+    def _queued(self, comp: int, ret: int, done: IoDone, keep: Any, reading: bool = False) -> None:
         if ret < 0:
             self._lib.rbd_aio_release(comp)
             raise OSError(-ret, os.strerror(-ret))
         self.pending[comp] = (done, keep, reading)
 
-    def _future(self) -> tuple[asyncio.Future[Any], Done]:
+    def _future(self) -> tuple[asyncio.Future[Any], IoDone]:
         future = self.loop.create_future()
         return future, functools.partial(_settle, future)
 
-    def read_cb(self, offset: int, length: int, done: Done) -> None:
+    def read_cb(self, offset: int, length: int, done: IoDone) -> None:
         """Read ``length`` bytes at ``offset``: ``done(data, None)`` (a fresh
         bytes object that librbd fills, as the bindings' own aio_read does)
         or ``done(None, OSError)``, from the event loop."""
@@ -167,7 +165,7 @@ class ImageAio:
         ret = self._lib.rbd_aio_read(self.handle, offset, length, id(data) + _BYTES_DATA, comp)
         self._queued(comp, ret, done, data, True)
 
-    def write_cb(self, offset: int, data: bytes, done: Done) -> None:
+    def write_cb(self, offset: int, data: bytes, done: IoDone) -> None:
         """Write ``data`` (bytes, or a bytearray the caller does not change
         until ``done``) at ``offset``; ``done(None, None)`` or ``done(None, OSError)``."""
         keep: Any = data
@@ -267,7 +265,7 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
         future.set_result(value)
 
 
-def _call(done: Done, value: Any, error: BaseException | None) -> None:
+def _call(done: IoDone, value: Any, error: BaseException | None) -> None:
     # One caller's bug must not stop the completions of the others.
     try:
         done(value, error)
