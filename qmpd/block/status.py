@@ -69,7 +69,7 @@ async def block_status_above(node: BlockNode, offset: int, length: int) -> Block
     if status is None:
         return BlockStatus(length=0, data=False, zero=False, allocated=False)
     if status.allocated or status.length <= 0:
-        return replace(status, depth=0)
+        return status if status.depth == 0 else replace(status, depth=0)
     length = status.length
     depth = 0
     below = node.driver.status_fallback()

@@ -271,10 +271,9 @@ class BackupJob(BlockJob):
                     # read the buffer is dropped: the read may still fill it).
                     n = min(n, end - pos)
                     buf = self.buffers.take()
-                    view = memoryview(buf)
                     done = 0
                     while done < n:
-                        part = view[:min(MAX_CHUNK, n - done)]
+                        part = buf[:min(MAX_CHUNK, n - done)]
                         is_read = True
                         await self.source.read_into(pos + done, part)
                         is_read = False

@@ -83,7 +83,7 @@ class CommitJob(BlockJob):
                                                    offset, min(CHUNK, length - offset))
                 if copy:
                     buf = self.buffers.take()
-                    await self.top.read_into(offset, memoryview(buf)[:n])
+                    await self.top.read_into(offset, buf[:n])
                     is_read = False
                     await write_copied(self.base, offset, buf, n)
                     self.buffers.give(buf)

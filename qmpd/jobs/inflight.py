@@ -9,6 +9,7 @@ import re
 
 from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.driver import BlockNode
+from qmpd.buffers import aligned_buffer
 
 
 class RangeLocks:
@@ -101,47 +102,49 @@ class CountedBitmap(DirtyBitmap):
 
 
 #: What :func:`is_zero` compares with, a piece at a time.
-_ZEROS = memoryview(bytes(1 << 20))
+_ZEROS = bytes(1 << 20)
 
 
-def is_zero(buf: bytearray, start: int, length: int) -> bool:
+def is_zero(buf: bytearray | memoryview, start: int, length: int) -> bool:
     """Whether ``buf[start:start + length]`` is all zero bytes (a memcmp per
     MiB, no copy: counting the zero bytes costs ten times as much)."""
     end = start + length
     if end > len(buf):
         raise ValueError("range beyond the buffer")
+    view = memoryview(buf)
     zeros = len(_ZEROS)
     while start < end:
         n = min(zeros, end - start)
-        if not buf.startswith(_ZEROS[:n], start):
+        if not _ZEROS.startswith(view[start : start + n]):
             return False
         start += n
     return True
 
 
-async def write_copied(target: BlockNode, offset: int, buf: bytearray, n: int) -> None:
+async def write_copied(target: BlockNode, offset: int, buf: memoryview, n: int) -> None:
     """Write ``buf[:n]`` (what a copy read) at ``offset``: as zeroes when it is
     all zero bytes."""
     if is_zero(buf, 0, n):
         await target.write_zeroes(offset, n)
     else:
-        await target.write_view(offset, memoryview(buf)[:n])
+        await target.write_view(offset, buf[:n])
 
 
 class CopyBuffers:
     """A job's copy buffers of one size, reused (as QEMU's jobs keep theirs): a
     read fills one in place and the target is written from it, with no bytes
     object made per chunk.  Give a buffer back only once no request may still
-    fill it (not after a failed or cancelled read)."""
+    fill it (not after a failed or cancelled read).  They are page-aligned
+    (:func:`~qmpd.buffers.aligned_buffer`)."""
 
     def __init__(self, size: int, keep: int = 1) -> None:
         self.size = size
         self.keep = keep
-        self._free: list[bytearray] = []
+        self._free: list[memoryview] = []
 
-    def take(self) -> bytearray:
-        return self._free.pop() if self._free else bytearray(self.size)
+    def take(self) -> memoryview:
+        return self._free.pop() if self._free else aligned_buffer(self.size)
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: memoryview) -> None:
         if len(self._free) < self.keep:
             self._free.append(buf)

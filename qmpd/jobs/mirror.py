@@ -27,6 +27,7 @@ from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, Perm, WriteHook
 from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
+from qmpd.buffers import aligned_buffer
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.block_job import BlockJob, JobNodeUser, as_qmp_error
 from qmpd.jobs.inflight import CountedBitmap, RangeLocks, next_dirty
@@ -129,7 +130,7 @@ class MirrorJob(BlockJob):
         self._cursor = 0
         #: Copy buffers of max_io bytes, reused (QEMU's s->buf): reads fill
         #: them in place and the target is written from them, no copies.
-        self._buffers: list[bytearray] = []
+        self._buffers: list[memoryview] = []
         self.io_error: QMPError | None = None
         self.source_edge: BdrvChild | None = None
         self.target_edge: BdrvChild | None = None
@@ -328,8 +329,7 @@ class MirrorJob(BlockJob):
         self.enter()
 
     async def _copy(self, offset: int, length: int, token: int) -> None:
-        buf: bytearray | None = None
-        view: memoryview | None = None
+        buf: memoryview | None = None
         done = False  # False: cancelled mid-request, whose I/O may still fill the buffer
         try:
             pos, end = offset, offset + length
@@ -343,10 +343,10 @@ class MirrorJob(BlockJob):
                         is_read = False
                         await self.target.write_zeroes(pos, n, may_unmap=True)
                     else:
-                        if view is None:
-                            buf = self._buffers.pop() if self._buffers else bytearray(self.max_io)
-                            view = memoryview(buf)
-                        part = view[pos - offset : pos - offset + n]
+                        if buf is None:
+                            buf = (self._buffers.pop() if self._buffers
+                                   else aligned_buffer(self.max_io))
+                        part = buf[pos - offset : pos - offset + n]
                         await self.source.read_into(pos, part)
                         is_read = False
                         await self.target.write_view(pos, part)

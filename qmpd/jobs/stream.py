@@ -131,7 +131,7 @@ class StreamJob(BlockJob):
                     break
                 if not allocated:
                     buf = self.buffers.take()
-                    await top.read_into(pos, memoryview(buf)[:n])
+                    await top.read_into(pos, buf[:n])
                     await write_copied(top, pos, buf, n)
                     self.buffers.give(buf)
                 pos += n

@@ -277,13 +277,12 @@ class Qcow2Allocation:
         """Allocate host clusters for guest clusters ``ci..ci+k-1`` and mark them
         in flight; the data is written and the L2 entries linked later."""
         st = self.st
-        old = [int(arr[slot + m]) for m in range(k)]
+        old = arr[slot : slot + k].tolist()
         host = await self.refs.alloc(k)
         # QEMU checks the guest data's range (its COW follows only if that passes)
         await st.pre_write_check(host + (pos & self.cmask), run_end - pos)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for c in range(ci, ci + k):
-            st.allocs[c] = fut
+        st.allocs.update(dict.fromkeys(range(ci, ci + k), fut))
         l2off = int(st.l1[ci >> st.l2_bits]) & L1E_OFFSET_MASK
         return _AllocPlan(ci, k, host, pos, run_end, old, l2off, fut)
 
@@ -318,10 +317,10 @@ class Qcow2Allocation:
                 entry = await self.l2cache.get(st.slice_key(plan.l2off, idx))
                 arr = entry.value
                 o = idx & st.slice_mask
-                for m in range(plan.k):
-                    if int(arr[o + m]) != plan.old[m]:
-                        raise BlockDriverError("qcow2: L2 entry changed during an allocation", 5)
-                    arr[o + m] = (plan.host + (m << cb)) | QCOW_OFLAG_COPIED
+                if arr[o : o + plan.k].tolist() != plan.old:
+                    raise BlockDriverError("qcow2: L2 entry changed during an allocation", 5)
+                first = plan.host | QCOW_OFLAG_COPIED
+                arr[o : o + plan.k] = array(arr.typecode, range(first, first + (plan.k << cb), cs))
                 self.l2cache.mark_dirty(entry)
                 frees = [e for e in plan.old if e & L2E_OFFSET_MASK or e & QCOW_OFLAG_COMPRESSED]
                 if frees:

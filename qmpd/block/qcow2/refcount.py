@@ -127,6 +127,19 @@ class RefBlock:
         pos = index >> shift
         self.data[pos] = (self.data[pos] & ~mask) | (value << bit)
 
+    def replace_all(self, start: int, stop: int, old: int, new: int) -> bool:
+        """Set the refcounts [start, stop) to ``new`` if every one of them is
+        ``old``; False, having changed nothing, otherwise (a run freshly
+        allocated or freed, set in one slice instead of one by one)."""
+        data = self.data
+        if not isinstance(data, array):
+            return False
+        n = stop - start
+        if data[start:stop].count(old) != n:
+            return False
+        data[start:stop] = array(data.typecode, (new,)) * n
+        return True
+
     def find_zero(self, start: int) -> int:
         """Index of the first zero refcount at or after ``start``, or -1."""
         if start >= self.entries:
@@ -349,6 +362,19 @@ class Refcounts:
             blk = entry.value
             stop = min(end, (rt + 1) << self.rb_bits)
             base = rt << self.rb_bits
+            if 0 < delta <= self.max_refcount:
+                fast = blk.replace_all(ci - base, stop - base, 0, delta)
+            else:
+                fast = delta < 0 and blk.replace_all(ci - base, stop - base, -delta, 0)
+            if fast:
+                if delta < 0:
+                    self.free_hint = min(self.free_hint, ci)
+                    if self.discard_passthrough:
+                        for c in range(ci, stop):
+                            self._queue_discard(c)
+                self.cache.mark_dirty(entry)
+                ci = stop
+                continue
             for c in range(ci, stop):
                 j = c - base
                 value = blk.get(j) + delta

@@ -305,7 +305,7 @@ class Qcow2State:
         if not allocs:
             return False
         if last - first < len(allocs):
-            return any(c in allocs for c in range(first, last + 1))
+            return not allocs.keys().isdisjoint(range(first, last + 1))
         return any(first <= c <= last for c in allocs)
 
     async def _wait_allocs(self, first: int, last: int) -> None:
