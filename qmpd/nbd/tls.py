@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from qmpd import net
+from qmpd.buffers import aligned_buffer
 from qmpd.nbd import protocol as p
 from qmpd.nbd.client import tls_failure_reason
 from qmpd.nbd.server import (
@@ -176,9 +177,9 @@ class TlsConnection(NbdConnection):
         self._sealed_items = 0
         self._tls_leftover: bytes | None = None
         self._scratch = bytearray(65536)
-        #: Where file data is read before it is encrypted.
-        self._file_buf = bytearray(FLUSH_BUDGET)
-        self._file_view = memoryview(self._file_buf)
+        #: Where file data is read before it is encrypted (page-aligned:
+        #: qmpd.buffers).
+        self._file_view = aligned_buffer(FLUSH_BUDGET)
         #: Where ciphertext is received (then copied into the session).
         self._raw = bytearray(TLS_RECV)
         self._raw_view = memoryview(self._raw)
@@ -367,7 +368,7 @@ class TlsConnection(NbdConnection):
             if isinstance(item, p.FileSpan):
                 # Read into one buffer kept for the connection: a fresh
                 # object per read costs page faults at these sizes.
-                if spans + item.length <= len(self._file_buf):
+                if spans + item.length <= len(self._file_view):
                     view = self._file_view[spans:spans + item.length]
                     n = os.preadv(item.fd, [view], item.offset)
                     if n < item.length:  # the file shrank: zeros, as promised
