@@ -446,3 +446,33 @@ async def test_host_file_for_normal_clusters(tmp_path: Path, graph: BlockGraph) 
     await node.write_zeroes(65536, 65536)  # zero flag: not a plain data run any more
     assert d.host_file(0, 2 * 65536) is None
     await close_image(node)
+
+
+async def test_one_write_over_mixed_clusters(tmp_path: Path, graph: BlockGraph) -> None:
+    """A write over unallocated, owned, zero-flagged and again unallocated
+    clusters in one L2 slice: owned ones are written in place, zero-flagged
+    owned ones reused, the unallocated runs get new clusters (the write path
+    takes a run of unallocated entries in one go; this is where it must stop)."""
+    cs = 65536
+    path = tmp_path / "m.qcow2"
+    create_image(str(path), 16 * MiB)
+    node = await open_image(graph, str(path))
+    await node.write(1 * cs, b"\x01" * cs)
+    await node.write(4 * cs, b"\x04" * cs)
+    await node.write_zeroes(4 * cs, cs)  # zero flag on an owned cluster
+    owned = await entry_of(node, 1 * cs)
+    zeroed = await entry_of(node, 4 * cs)
+    assert entry_type(zeroed) == ClusterType.ZERO_ALLOC
+    data = os.urandom(8 * cs)
+    await node.write(0, data)
+    assert await node.read(0, 8 * cs) == data
+    assert await entry_of(node, 1 * cs) == owned  # in place
+    reused = await entry_of(node, 4 * cs)
+    assert reused & 0x00FFFFFFFFFFFE00 == zeroed & 0x00FFFFFFFFFFFE00
+    assert entry_type(reused) == ClusterType.NORMAL
+    hosts = [await entry_of(node, k * cs) & 0x00FFFFFFFFFFFE00 for k in range(8)]
+    assert len(set(hosts)) == 8 and all(hosts)
+    await close_image(node)
+    node = await open_image(graph, str(path), read_only=True)
+    assert await node.read(0, 8 * cs) == data
+    await close_image(node)

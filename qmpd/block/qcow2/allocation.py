@@ -129,9 +129,12 @@ class Qcow2Allocation:
         pos = offset
         end = offset + len(data)
         while pos < end:
-            async with st.exclusive(pos >> cb, (end - 1) >> cb):
+            await st.lock_clusters(pos >> cb, (end - 1) >> cb)
+            try:
                 st.check_writable()
                 pos, plan = await self._write_step(offset, data, pos, end, True)
+            finally:
+                st.lock.release()
             if plan is not None:
                 await self._finish_alloc(plan, data[plan.pos - offset : plan.run_end - offset])
 
@@ -238,6 +241,8 @@ class Qcow2Allocation:
                         j += 1
                         nxt += cs
                 elif cat == _ALLOC:
+                    if not e and arr[o + i : o + m].count(0) == m - i:
+                        j = m  # all unallocated (a fresh image): no loop
                     while j < m and _write_category(int(arr[o + j])) == _ALLOC:
                         j += 1
                 run_end = min(end, (ci + j) << cb)

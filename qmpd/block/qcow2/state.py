@@ -289,15 +289,20 @@ class Qcow2State:
     async def exclusive(self, first: int, last: int) -> AsyncIterator[None]:
         """The metadata lock, once no allocation of guest clusters first..last is
         in flight."""
+        await self.lock_clusters(first, last)
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    async def lock_clusters(self, first: int, last: int) -> None:
+        """:meth:`exclusive` without the context manager (the write path's, per
+        request): the caller releases :attr:`lock`."""
         while True:
             await self._wait_allocs(first, last)
             await self.lock.acquire()
             if not self._allocs_overlap(first, last):
-                break
-            self.lock.release()
-        try:
-            yield
-        finally:
+                return
             self.lock.release()
 
     def _allocs_overlap(self, first: int, last: int) -> bool:
