@@ -86,6 +86,10 @@ class Qcow2Allocation:
         n = len(data)
         if not n:
             return
+        if not isinstance(data, (bytes, memoryview)):
+            # A bytearray (an NBD server's payload): each slice of it, and the
+            # file's write, would copy it; a view of it copies nothing.
+            data = memoryview(data)
         if offset < 0 or offset + n > st.size:
             raise BlockDriverError("Input/output error: request beyond end of device", 5)
         cb = self.cluster_bits
@@ -118,7 +122,7 @@ class Qcow2Allocation:
                 finally:
                     st.leave(tok)
                 return
-        await self._write_slow(offset, memoryview(data) if isinstance(data, bytes) else data)
+        await self._write_slow(offset, data if isinstance(data, memoryview) else memoryview(data))
 
     async def _write_slow(self, offset: int, data: memoryview) -> None:
         """Writes that change metadata.  Allocations drop the lock for the data
