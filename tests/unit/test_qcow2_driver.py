@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -475,4 +476,27 @@ async def test_one_write_over_mixed_clusters(tmp_path: Path, graph: BlockGraph) 
     await close_image(node)
     node = await open_image(graph, str(path), read_only=True)
     assert await node.read(0, 8 * cs) == data
+    await close_image(node)
+
+
+@pytest.mark.parametrize("allocated", [False, True])
+async def test_bytearray_write_is_not_copied(tmp_path: Path, graph: BlockGraph,
+                                             allocated: bool) -> None:
+    """A write given a bytearray (what the NBD server hands on) is written
+    from views of it: no copy of the megabyte is made on the way."""
+    path = tmp_path / "b.qcow2"
+    create_image(str(path), 16 * MiB)
+    node = await open_image(graph, str(path))
+    if allocated:
+        await node.write(0, bytes(MiB))  # the write below goes in place
+    data = bytearray(os.urandom(MiB))
+    await node.write(2 * MiB, bytes(65536))  # warm the caches and the I/O threads
+    tracemalloc.start()
+    try:
+        await node.write(0, data)  # type: ignore[arg-type]  # as NbdExport.write does
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MiB // 2, peak
+    assert await node.read(0, MiB) == data
     await close_image(node)
