@@ -27,10 +27,9 @@ from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, Perm, WriteHook
 from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
-from qmpd.buffers import aligned_buffer
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.block_job import BlockJob, JobNodeUser, as_qmp_error
-from qmpd.jobs.inflight import CountedBitmap, RangeLocks, next_dirty
+from qmpd.jobs.inflight import CopyBuffers, CountedBitmap, RangeLocks, next_dirty
 from qmpd.jobs.job import JobTxn
 from qmpd.jobs.manager import JobManager
 
@@ -130,7 +129,7 @@ class MirrorJob(BlockJob):
         self._cursor = 0
         #: Copy buffers of max_io bytes, reused (QEMU's s->buf): reads fill
         #: them in place and the target is written from them, no copies.
-        self._buffers: list[memoryview] = []
+        self._buffers = CopyBuffers(self.max_io, buf_size // self.max_io + 1)
         self.io_error: QMPError | None = None
         self.source_edge: BdrvChild | None = None
         self.target_edge: BdrvChild | None = None
@@ -344,8 +343,7 @@ class MirrorJob(BlockJob):
                         await self.target.write_zeroes(pos, n, may_unmap=True)
                     else:
                         if buf is None:
-                            buf = (self._buffers.pop() if self._buffers
-                                   else aligned_buffer(self.max_io))
+                            buf = self._buffers.take()
                         part = buf[pos - offset : pos - offset + n]
                         await self.source.read_into(pos, part)
                         is_read = False
@@ -373,8 +371,8 @@ class MirrorJob(BlockJob):
         finally:
             self.bytes_in_flight -= length
             self.locks.release(token)
-            if done and buf is not None and len(self._buffers) <= self.buf_size // self.max_io:
-                self._buffers.append(buf)
+            if done and buf is not None:
+                self._buffers.give(buf)
 
 
     # --- guest writes (through the hook) --------------------------------------------------
