@@ -29,7 +29,13 @@ class CacheReload:
         return await run_io(self.run) if self.waits else self.run()
 
 
-#: ``read([(offset, length), ...])``: blocks, returns each range's bytes.
+class WouldBlock(Exception):
+    """A read that only the disk could answer, tried where nothing may wait:
+    the caller does it again in an I/O thread."""
+
+
+#: ``read([(offset, length), ...])``: blocks, returns each range's bytes
+#: (or, for a reader that may not wait, raises :class:`WouldBlock`).
 BlockingRead = Callable[[list[tuple[int, int]]], list[bytes]]
 
 

@@ -11,7 +11,7 @@ import stat
 import threading
 from typing import Any
 
-from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
+from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob, WouldBlock
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState, Perm
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 from qmpd.block.mounts import MOUNTS
@@ -93,6 +93,25 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+def _pread_now(fd: int, length: int, offset: int) -> bytes:
+    """:func:`_pread_full` from the page cache alone; :class:`WouldBlock` where
+    a page would have to come from the disk."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got, os.RWF_NOWAIT)
+            if not n:
+                break  # the end of the file: the rest reads as zeros
+            got += n
+    except BlockingIOError:
+        raise WouldBlock(f"{length} bytes at {offset} are not in the page cache") from None
+    finally:
+        view.release()
+    return bytes(buf)
 
 
 def _pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -242,12 +261,17 @@ class FileDriver(BlockDriver):
         auto_read_only = bool(options.get("_auto_read_only")) and not node.read_only
         probe_locks = locking == "auto"
 
-        # On tmpfs, with no remote mount anywhere to reach through a link, the
-        # open and the reads after it cost less than the hop to an I/O thread.
-        # O_NONBLOCK keeps a FIFO (or a device) from blocking the loop.
-        quick = not node.cache_direct and MOUNTS.all_local() \
-            and _path_filesystem_type(self.path) == _TMPFS_MAGIC
+        # With no remote mount anywhere to reach through a link, on a local
+        # filesystem, the open costs less than the hop to an I/O thread: the
+        # statfs has just looked the path up, so the open finds it cached.
+        # The reads after it run here too on tmpfs; elsewhere only what the
+        # page cache holds (the rest waits for an I/O thread).  O_NONBLOCK
+        # keeps a FIFO (or a device) from blocking the loop.
+        fs_type = _path_filesystem_type(self.path) \
+            if not node.cache_direct and MOUNTS.all_local() else 0
+        quick = fs_type in _LOCAL_FILESYSTEMS
         open_flags = flags | os.O_NONBLOCK if quick else flags
+        cached_only = quick and fs_type != _TMPFS_MAGIC
 
         def run() -> _Opened:
             return self._open_blocking(open_flags, auto_read_only, probe_locks)
@@ -260,7 +284,13 @@ class FileDriver(BlockDriver):
             if locking == "on" or (locking == "auto" and lockable):
                 self.lock = ImageLock(self.fd)
 
-        return OpenJob(run, finish, self._reader_after_open, waits=not quick)
+        def reader(opened: _Opened) -> BlockingRead:
+            if cached_only:
+                fd = opened[0]
+                return lambda ranges: [_pread_now(fd, n, offset) for offset, n in ranges]
+            return self._reader_after_open(opened)
+
+        return OpenJob(run, finish, reader, waits=not quick)
 
     def _reader_after_open(self, opened: _Opened) -> BlockingRead:
         """The blocking reader the file will have once ``opened`` is installed."""

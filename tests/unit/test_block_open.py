@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,40 @@ def qcow2(path: Path, **extra: Any) -> dict[str, Any]:
             "file": {"driver": "file", "node-name": "f", "filename": str(path)}}
 
 
-def on_tmpfs(path: Path) -> bool:
+def fs_type(path: Path) -> str:
     res = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
                          check=True)
-    return res.stdout.strip() == "tmpfs"
+    return res.stdout.strip()
+
+
+def on_tmpfs(path: Path) -> bool:
+    return fs_type(path) == "tmpfs"
+
+
+#: Local disk filesystems, as ``stat -f -c %T`` names them (ext2/3/4 is "ext2/ext3").
+DISK_FILESYSTEMS = {"ext2/ext3", "xfs", "btrfs", "f2fs"}
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a local disk filesystem: pytest's, or one in /var/tmp."""
+    if fs_type(tmp_path) in DISK_FILESYSTEMS:
+        yield tmp_path
+        return
+    if not os.path.isdir("/var/tmp") or fs_type(Path("/var/tmp")) not in DISK_FILESYSTEMS:
+        pytest.skip("neither the temporary directory nor /var/tmp is on a local disk")
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as where:
+        yield Path(where)
+
+
+def evict(path: Path) -> None:
+    """Out of the page cache: written back, then dropped (clean pages go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def open_fds() -> set[str]:
@@ -64,8 +95,9 @@ async def test_qcow2_over_file_opens_in_one_job(tmp_path: Path, layer: BlockLaye
         create_image(str(path), 64 * MiB)
         jobs = count_jobs(layer)
         node = await layer.add(qcow2(path))
-        # On tmpfs, with only local mounts, the open runs on the loop: no job.
-        quick = on_tmpfs(path) and MountWatch().all_local()
+        # On a local filesystem, with only local mounts, the open runs on the
+        # loop (the image was just written: its pages are cached): no job.
+        quick = fs_type(path) in DISK_FILESYSTEMS | {"tmpfs"} and MountWatch().all_local()
         assert len(jobs) == (0 if quick else 1), jobs
         drv = node.driver
         assert isinstance(drv, Qcow2Driver) and drv.image is not None
@@ -82,6 +114,30 @@ async def test_qcow2_over_file_opens_in_one_job(tmp_path: Path, layer: BlockLaye
         if where == "shm":
             path.unlink(missing_ok=True)
             base.rmdir()
+
+
+async def test_metadata_not_in_the_page_cache_is_read_in_an_io_thread(
+        disk_dir: Path, layer: BlockLayer) -> None:
+    if not MountWatch().all_local():
+        pytest.skip("a remote filesystem is mounted: every open goes to an I/O thread")
+    path = disk_dir / "a.qcow2"
+    create_image(str(path), 64 * MiB)
+    evict(path)
+    jobs = count_jobs(layer)
+    node = await layer.add(qcow2(path))
+    # The file opened on the loop; its header was not cached, so the
+    # metadata was read in one I/O-thread job, not on the loop.
+    assert jobs == ["read_metadata_blocking"], jobs
+    drv = node.driver
+    assert isinstance(drv, Qcow2Driver) and drv.image is not None
+    await node.write(0, b"x" * 512)
+    assert await node.read(0, 512) == b"x" * 512
+    await layer.close_all()
+    # Cached now: the same open takes no job at all.
+    jobs.clear()
+    node = await layer.add(qcow2(path))
+    assert jobs == [], jobs
+    assert await node.read(0, 512) == b"x" * 512
 
 
 async def test_missing_file_is_reported_before_a_bad_format_option(

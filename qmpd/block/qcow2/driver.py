@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any, NoReturn
 
-from qmpd.block.blocking import CacheReload, OpenJob
+from qmpd.block.blocking import CacheReload, OpenJob, WouldBlock
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState
 from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps, write_header_cluster
@@ -232,7 +232,10 @@ class Qcow2Driver(BlockDriver):
             opened, outcome = result
             await below.finish(opened)
             self._validate_static_options(self._options)
-            await self._opening(self._load() if outcome is None else self._load_from(outcome))
+            if outcome is None or isinstance(outcome, WouldBlock):
+                await self._opening(self._load())
+            else:
+                await self._opening(self._load_from(outcome))
 
         return OpenJob(run, finish, waits=below.waits)
 
