@@ -102,6 +102,8 @@ class ChildRole(enum.Flag):
         return cls.DATA | cls.METADATA | cls.PRIMARY
 
 
+#: The default child_perms by (role, parent's perm and shared, active, read-only).
+_CHILD_PERMS: dict[int, tuple[Perm, Perm]] = {}
 _DATA, _METADATA, _FILTERED, _COW = (ChildRole.DATA.value, ChildRole.METADATA.value,
                                      ChildRole.FILTERED.value, ChildRole.COW.value)
 
@@ -851,11 +853,17 @@ class BlockDriver(ABC):
 
         The default is QEMU's storage/COW rule set.
         """
-        # Plain ints: this runs for every node at every (in)activation, and
-        # enum arithmetic costs several times what the rules themselves do.
+        # Plain ints, and each answer worked out once: this runs for every
+        # node at every (in)activation, and enum arithmetic costs several
+        # times what the rules themselves do.
         node = self.node
         active = node.state is _ACTIVE  # not through the properties: a hot path
         r: int = role._value_
+        key = (r << 10 | parent_perm._value_ << 6 | parent_shared._value_ << 2
+               | active << 1 | node.read_only)
+        known = _CHILD_PERMS.get(key)
+        if known is not None:
+            return known
         if r & _COW:
             perm = _CONSISTENT_READ
             shared = (_WRITE_RESIZE if int(parent_shared) & _WRITE else 0) \
@@ -873,7 +881,8 @@ class BlockDriver(ABC):
                     perm |= _CONSISTENT_READ
         if not active:
             shared |= _WRITE_RESIZE
-        return _PERMS[perm], _PERMS[shared]
+        known = _CHILD_PERMS[key] = _PERMS[perm], _PERMS[shared]
+        return known
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
         """Protocol drivers turn permissions into image locks here."""

@@ -157,6 +157,8 @@ class BlockGraph:
         #: Bumped by every change of the nodes or edges (a cache key for what
         #: is derived from the graph's shape, such as node file names).
         self.shape = 0
+        #: _root_groups and the shape it was worked out for.
+        self._roots: tuple[int, list[list[BlockNode]]] = (-1, [])
         self._auto_counter = 0
         self._rng = random.Random()
         #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``): the daemon
@@ -280,6 +282,7 @@ class BlockGraph:
         for other in node.parents:
             check_pair(node, edge, other)
             check_pair(node, other, edge)
+        self.shape += 1
         node.parents.append(edge)
         try:
             await self.refresh_perms(node)
@@ -714,6 +717,10 @@ class BlockGraph:
                 shared &= user_shared._value_
         if node.force_share:
             shared = _PERM_ALL
+        return self._set_perms_now(node, perm, shared)
+
+    def _set_perms_now(self, node: BlockNode, perm: int, shared: int) -> bool:
+        """:meth:`_refresh_perms_now` given what the parents of ``node`` ask."""
         driver = node.driver
         if not driver.set_perm_now(perm, shared):
             return False
@@ -727,7 +734,12 @@ class BlockGraph:
             try:
                 if len(child.parents) > 1:
                     self._check_conflicts(child)
-                if not self._refresh_perms_now(child):
+                    applied = self._refresh_perms_now(child)
+                else:  # this edge alone: what it asks is what the child gets
+                    applied = self._set_perms_now(
+                        child, child_perm._value_,
+                        _PERM_ALL if child.force_share else child_shared._value_)
+                if not applied:
                     # Not applied below: the edge keeps what its child holds,
                     # so that refresh_perms going back on a failure restores that.
                     edge.perm, edge.shared = old
@@ -749,7 +761,18 @@ class BlockGraph:
 
     def _root_groups(self) -> list[list[BlockNode]]:
         """The roots of :meth:`trees`, oldest first: without a node used by
-        two nodes (the usual graph), each root is a tree of its own."""
+        two nodes (the usual graph), each root is a tree of its own.
+
+        Kept while the graph's shape stays: a migration source works them out
+        when it rehearses, before it stops, not in the downtime."""
+        shape, roots = self._roots
+        if shape == self.shape:
+            return roots
+        roots = self._work_out_root_groups()
+        self._roots = (self.shape, roots)
+        return roots
+
+    def _work_out_root_groups(self) -> list[list[BlockNode]]:
         roots: list[list[BlockNode]] = []
         for node in sorted(self.nodes.values(), key=_serial):
             parents = node.parents
@@ -895,6 +918,7 @@ class BlockGraph:
         where it counts later, so the error is only logged."""
         nodes = list(itertools.islice(self.nodes.values(), few))
         try:
+            self._root_groups()
             for _ in range(runs):
                 for node in nodes:
                     if node.state is not _ACTIVE:

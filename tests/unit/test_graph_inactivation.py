@@ -436,3 +436,28 @@ def test_drivers_locking_without_waiting_say_so() -> None:
             return False
 
     load_all()  # every shipped driver's class was made, so passed the check
+
+
+async def test_trees_rehearsed_before_a_graph_change_are_worked_out_again(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """The rehearsal keeps the trees for the switchover; a node added, removed
+    or given a new parent after it must still be inactivated (or left alone)."""
+    for name in ("a", "b", "c"):
+        await layer.add(qcow2(tmp_path, name))
+    layer.graph.rehearse_inactivation()
+    await layer.add(qcow2(tmp_path, "late"))  # a new tree
+    await layer.delete("b")  # a tree gone
+    # "c" stops being a root: a raw node over it.
+    await layer.add({"driver": "raw", "node-name": "top", "file": "c"})
+    await layer.inactivate_all()
+    for name in ("a", "late", "c"):
+        assert [n.state for n in tree_nodes(layer, name)] == [NodeState.INACTIVE] * 2, name
+        assert not holds_write(layer, name)
+    top = layer.graph.lookup("top")
+    assert top is not None and top.state is NodeState.INACTIVE
+    assert layer.graph.lookup("b") is None
+    await layer.activate_all()
+    layer.graph.rehearse_inactivation()
+    await layer.inactivate_all()
+    assert all(n.state is NodeState.INACTIVE for n in layer.graph.nodes.values())
