@@ -29,10 +29,13 @@ wrong there raises :class:`NbdTlsError` with QEMU 7.2's client texts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import os
+import socket
 import ssl
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -40,8 +43,10 @@ from qmpd import net
 from qmpd.nbd import protocol as p
 from qmpd.nbd.protocol.options import option_name
 
-#: The piece a large request's payload is handed to the transport in.
+#: The piece a large request's payload is handed to the transport in (TLS).
 _PIECE = 256 << 10
+#: Buffers per sendmsg when the socket could not take everything at once.
+_IOV_BATCH = 64
 
 
 class NbdError(Exception):
@@ -153,6 +158,122 @@ class _Pending:
     covered: int = 0
 
 
+class _Sender:
+    """Requests written straight from the callers' buffers, on a duplicate of
+    a plain connection's socket (its stream transport reads the replies).
+
+    Python 3.11's stream transport copies what the socket does not take at
+    once into a buffer of its own, and moves that buffer's rest to its front
+    after every partial send: for a mirror's 1 MiB writes, a copy and several
+    memmoves per request on the event loop.  Here what the socket does not
+    take stays a view of the caller's buffer until the socket is writable.
+    A request's parts are queued whole and in order, so requests never
+    interleave on the wire.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._loop = loop
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._sock.setblocking(False)
+        self._on_error = on_error
+        #: [view not yet sent, owner] in wire order.
+        self._queue: collections.deque[list[object]] = collections.deque()
+        self._waiting = False
+        self._flushed: asyncio.Future[None] | None = None
+        self.failure: BaseException | None = None
+
+    def send(self, parts: Sequence[bytes | memoryview], owner: object) -> None:
+        """Write ``parts`` (one request) now, or as soon as the socket takes them.
+
+        The buffers must stay unchanged until the request's reply came (or
+        :meth:`detach` was called for ``owner``)."""
+        if self.failure is not None:
+            raise ConnectionError(f"connection failed: {self.failure}")
+        queue = self._queue
+        sent = 0
+        if not queue:
+            try:
+                sent = self._sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                self._fail(exc)
+                raise ConnectionError(f"connection failed: {exc}") from None
+        for part in parts:
+            size = part.nbytes if isinstance(part, memoryview) else len(part)
+            if sent >= size:
+                sent -= size
+                continue
+            view = memoryview(part)
+            if view.format != "B":
+                view = view.cast("B")
+            queue.append([view[sent:] if sent else view, owner])
+            sent = 0
+        if queue and not self._waiting:
+            self._loop.add_writer(self._sock.fileno(), self._writable)
+            self._waiting = True
+
+    def detach(self, owner: object) -> None:
+        """``owner``'s buffers may change from now on: what is left of them to
+        send is copied (a cancelled request still goes out whole)."""
+        for entry in self._queue:
+            if entry[1] == owner:
+                view = entry[0]
+                assert isinstance(view, memoryview)
+                entry[0] = memoryview(view.tobytes())
+
+    def _writable(self) -> None:
+        queue = self._queue
+        while queue:
+            batch = [entry[0] for entry in itertools.islice(queue, _IOV_BATCH)]
+            try:
+                sent = self._sock.sendmsg(batch)  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            while sent:
+                entry = queue[0]
+                view = entry[0]
+                assert isinstance(view, memoryview)
+                if sent >= view.nbytes:
+                    sent -= view.nbytes
+                    queue.popleft()
+                else:
+                    entry[0] = view[sent:]
+                    sent = 0
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._loop.remove_writer(self._sock.fileno())
+        if self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        self._queue.clear()
+        self._stop_waiting()
+        self._on_error(exc)
+
+    async def flushed(self) -> None:
+        """Until everything queued is in the socket (or the connection failed)."""
+        if not self._queue:
+            return
+        if self._flushed is None or self._flushed.done():
+            self._flushed = self._loop.create_future()
+        await self._flushed
+
+    def close(self) -> None:
+        self._queue.clear()
+        if self._sock.fileno() >= 0:
+            self._stop_waiting()
+            self._sock.close()
+
+
 class NbdClient:
     """One connection to one export (after a successful GO or EXPORT_NAME)."""
 
@@ -170,8 +291,17 @@ class NbdClient:
         self._sending = asyncio.Lock()
         self._failure: BaseException | None = None
         #: Done (with no result) once the connection is lost or closed.
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies())
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        #: Requests go straight from their buffers on a plain connection
+        #: (the handshake left nothing in the transport's buffer); over TLS,
+        #: through the transport.
+        self._sender: _Sender | None = None
+        sock = writer.get_extra_info("socket")
+        if sock is not None and writer.get_extra_info("ssl_object") is None \
+                and writer.transport.get_write_buffer_size() == 0:
+            self._sender = _Sender(loop, sock.fileno(), self._fail)
+        self._reader_task = loop.create_task(self._read_replies())
 
     # --- connecting -----------------------------------------------------------------------
 
@@ -333,14 +463,20 @@ class NbdClient:
         server to close (0: close at once, as QEMU's client does)."""
         if self.writer.is_closing():
             return
+        sender = self._sender
         if self._sending.locked():
             async with self._sending:  # not in the middle of a request
                 pass
             if self.writer.is_closing():
                 return
-        self.writer.write(p.request_header(p.Cmd.DISC, next(self._cookies)))
+        disc = p.request_header(p.Cmd.DISC, next(self._cookies))
         try:
-            await self.writer.drain()
+            if sender is not None:
+                sender.send((disc,), None)
+                await sender.flushed()
+            else:
+                self.writer.write(disc)
+                await self.writer.drain()
             if timeout > 0:
                 await asyncio.wait_for(asyncio.shield(self._reader_task), timeout)
         except (TimeoutError, ConnectionError, NbdError):
@@ -349,6 +485,8 @@ class NbdClient:
 
     def close(self) -> None:
         self._reader_task.cancel()
+        if self._sender is not None:
+            self._sender.close()
         self.writer.close()
 
     async def __aenter__(self) -> NbdClient:
@@ -370,8 +508,21 @@ class NbdClient:
             raise ConnectionError(f"connection failed: {self._failure}")
         cookie = next(self._cookies)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[cookie] = _Pending(kind, length, offset, future, into=into)
         header = p.request_header(kind, cookie, offset, length, flags)
+        sender = self._sender
+        if sender is not None:
+            sender.send((header,) if payload is None else (header, payload), cookie)
+            # After the send: a failed one must leave nothing pending (and no
+            # reply can come before the loop runs the reader again).
+            self._pending[cookie] = _Pending(kind, length, offset, future, into=into)
+            if payload is None:
+                return await future
+            try:
+                return await future
+            except asyncio.CancelledError:
+                sender.detach(cookie)
+                raise
+        self._pending[cookie] = _Pending(kind, length, offset, future, into=into)
         if payload is not None and len(payload) > _PIECE:
             await self._send_big(header, payload)
         elif self._sending.locked():
@@ -443,19 +594,26 @@ class NbdClient:
     async def _simple(self, reply: p.ReplyHeader) -> None:
         pending = self._take(reply.cookie)
         del self._pending[reply.cookie]
+        # A request whose caller gave up (cancelled) still gets its reply:
+        # read, and dropped (for a read, its buffer is not ours any more).
+        cancelled = pending.future.done()
         if reply.error:
-            pending.future.set_exception(NbdError(reply.error))
+            if not cancelled:
+                pending.future.set_exception(NbdError(reply.error))
             return
         if pending.kind == p.Cmd.READ:
             if self.structured:
                 raise p.ProtocolError("simple reply when structured reply chunk was expected")
             data = await self.reader.readexactly(pending.length)
+            if pending.future.done():
+                return
             if pending.into is not None:
-                if not pending.future.done():  # else cancelled: the buffer is not ours
-                    pending.into[:] = data
-                    pending.future.set_result(None)
+                pending.into[:] = data
+                pending.future.set_result(None)
                 return
             pending.future.set_result(bytearray(data))
+        elif cancelled:
+            return
         elif pending.kind == p.Cmd.BLOCK_STATUS:
             pending.future.set_exception(
                 NbdError(p.Errno.EIO, "Server did not reply with any status extents")
@@ -486,6 +644,8 @@ class NbdClient:
             raise p.ProtocolError(f"unexpected chunk type {kind}")
         if reply.flags & p.ReplyFlag.DONE:
             del self._pending[reply.cookie]
+            if pending.future.done():
+                return  # cancelled: nobody waits for it
             if pending.error is not None:
                 pending.future.set_exception(pending.error)
             elif pending.kind == p.Cmd.READ:

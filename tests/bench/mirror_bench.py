@@ -12,6 +12,7 @@ the daemon's CPU time (user + system) per GiB, and the ratio qmpd / QSD.
 Usage::
 
     python3 tests/bench/mirror_bench.py [--size 1G] [--reps 3] [--dir /dev/shm] [--json out.json]
+        [--drop-caches]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.machine import drop_caches  # noqa: E402
 from tests.bench.nbd_bench import cpu_seconds, parse_size  # noqa: E402
 from tests.support.qmp import QmpClient  # noqa: E402
 
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the images go (default: a temp dir)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the page cache before every run (root; steadier numbers)")
     args = parser.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="mirror-bench-", dir=args.dir))
@@ -120,6 +124,8 @@ def main() -> None:
         for rep in range(args.reps):
             order = impls if rep % 2 == 0 else impls[::-1]
             for impl in order:
+                if args.drop_caches and not drop_caches():
+                    raise SystemExit("--drop-caches needs root")
                 result = one_run(impl, work, src, size)
                 runs[impl].append(result)
                 print(f"rep {rep + 1} {impl:5s} {result['mb_s']:8.1f} MB/s "

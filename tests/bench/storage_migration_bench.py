@@ -19,6 +19,7 @@ rotating order; event timestamps are the processes' own, same host clock):
 Usage::
 
     python3 tests/bench/storage_migration_bench.py [--size 1G] [--reps 3] [--dir /tmp]
+        [--drop-caches]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.machine import drop_caches  # noqa: E402
 from tests.bench.nbd_bench import parse_size  # noqa: E402
 from tests.integration.migration_helpers import Cluster, Peer  # noqa: E402
 
@@ -126,6 +128,8 @@ def main() -> int:
     ap.add_argument("--size", default="1G", type=parse_size)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache before every run (root; steadier numbers)")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="smig", dir=args.dir))
     try:
@@ -137,6 +141,8 @@ def main() -> int:
             for kind in order:
                 work = base / f"{kind}{rep}"
                 work.mkdir()
+                if args.drop_caches and not drop_caches():
+                    raise SystemExit("--drop-caches needs root")
                 got = one_run(kind, work, source, args.size)
                 runs[kind].append(got)
                 print(f"rep {rep} {kind:5}: total {got['total']:.3f} s, mirror "
