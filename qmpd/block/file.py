@@ -99,18 +99,10 @@ def _pread_now(fd: int, length: int, offset: int) -> bytes:
     """:func:`_pread_full` from the page cache alone; :class:`WouldBlock` where
     a page would have to come from the disk."""
     buf = bytearray(length)
-    view = memoryview(buf)
-    got = 0
     try:
-        while got < length:
-            n = os.preadv(fd, [view[got:]], offset + got, os.RWF_NOWAIT)
-            if not n:
-                break  # the end of the file: the rest reads as zeros
-            got += n
+        _preadv_full(fd, memoryview(buf), offset, os.RWF_NOWAIT)
     except BlockingIOError:
         raise WouldBlock(f"{length} bytes at {offset} are not in the page cache") from None
-    finally:
-        view.release()
     return bytes(buf)
 
 
@@ -181,12 +173,12 @@ def _direct_pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
         os.ftruncate(fd, max(size, offset + len(data)))
 
 
-def _preadv_full(fd: int, buf: memoryview, offset: int) -> None:
+def _preadv_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
     """Fill ``buf`` from ``offset``; what lies past the end of the file reads as zeros."""
-    got = os.preadv(fd, [buf], offset)
+    got = os.preadv(fd, [buf], offset, flags)
     length = buf.nbytes
     while got < length:
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        n = os.preadv(fd, [buf[got:]], offset + got, flags)
         if not n:
             buf[got:] = bytes(length - got)
             return

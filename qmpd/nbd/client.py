@@ -515,12 +515,11 @@ class NbdClient:
             # After the send: a failed one must leave nothing pending (and no
             # reply can come before the loop runs the reader again).
             self._pending[cookie] = _Pending(kind, length, offset, future, into=into)
-            if payload is None:
-                return await future
             try:
                 return await future
             except asyncio.CancelledError:
-                sender.detach(cookie)
+                if payload is not None:
+                    sender.detach(cookie)
                 raise
         self._pending[cookie] = _Pending(kind, length, offset, future, into=into)
         if payload is not None and len(payload) > _PIECE:
