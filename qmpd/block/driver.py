@@ -45,6 +45,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
 from qmpd.block.dirty_bitmap import DirtyBitmap
+from qmpd.block.extent import BlockStatus as BlockStatus
+from qmpd.block.extent import HostSpan, read_span
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError as BlockDriverError
 from qmpd.objects import ObjectRegistry
@@ -106,28 +108,6 @@ class ChildRole(enum.Flag):
 _CHILD_PERMS: dict[int, tuple[Perm, Perm]] = {}
 _DATA, _METADATA, _FILTERED, _COW = (ChildRole.DATA.value, ChildRole.METADATA.value,
                                      ChildRole.FILTERED.value, ChildRole.COW.value)
-
-
-@dataclass(frozen=True)
-class BlockStatus:
-    """What ``block_status`` reports for ``length`` bytes from the offset asked.
-
-    ``allocated``: the data comes from this node (or its file), not from a
-    backing node.  ``zero``: it reads as zeros.  ``data``: it is stored data
-    (not a hole).  ``depth``: how many backing levels down it was found
-    (:func:`qmpd.block.status.block_status_above`; 0 from a driver).
-    ``offset``: where the range lives in the file child, when known.
-    ``recurse``: the file child's status at ``offset`` tells whether the data
-    reads as zeros (QEMU's BDRV_BLOCK_RECURSE: preallocated metadata).
-    """
-
-    length: int
-    data: bool
-    zero: bool
-    allocated: bool = True
-    depth: int = 0
-    offset: int | None = None
-    recurse: bool = False
 
 
 class NodeGraph(Protocol):
@@ -396,6 +376,22 @@ class BlockNode:
             self._check_range(offset, length)
             await self.driver.write_view(offset, view, fua)
             self._wrote(offset, length)
+        finally:
+            self._plain_write_done()
+
+    async def write_span(self, offset: int, span: HostSpan) -> None:
+        """:meth:`write_view` of the bytes of a host file span (a job's copy
+        between files: :mod:`qmpd.block.extent`)."""
+        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
+            await self.graph.run_io(read_span, span, span.scratch)
+            await self.write_view(offset, span.scratch)
+            return
+        self.plain_writes += 1
+        try:
+            self._check_writable()
+            self._check_range(offset, span.length)
+            await self.driver.write_span(offset, span)
+            self._wrote(offset, span.length)
         finally:
             self._plain_write_done()
 
@@ -734,6 +730,12 @@ class BlockDriver(ABC):
         """:meth:`write` from a byte view the caller reuses once this returns
         (the driver must not keep it); by default as a copy through :meth:`write`."""
         await self.write(offset, bytes(view), fua)
+
+    async def write_span(self, offset: int, span: HostSpan, fua: bool = False) -> None:
+        """:meth:`write_view` of the bytes a host file span holds; by default
+        read into the span's scratch buffer in an I/O thread first."""
+        await self.node.graph.run_io(read_span, span, span.scratch)
+        await self.write_view(offset, span.scratch, fua)
 
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False

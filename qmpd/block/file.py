@@ -13,6 +13,7 @@ from typing import Any
 
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob, WouldBlock
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState, Perm
+from qmpd.block.extent import HostSpan, read_span
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 from qmpd.block.mounts import MOUNTS
 
@@ -188,6 +189,22 @@ def _preadv_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
 def _direct_preadv(fd: int, buf: memoryview, offset: int) -> None:
     """O_DIRECT read into ``buf`` (through the aligned bounce buffer)."""
     buf[:] = _direct_pread(fd, buf.nbytes, offset)
+
+
+#: A span is copied in pieces of this size, each written while still cached.
+_SPAN_PIECE = 256 << 10
+
+
+def _copy_span(span: HostSpan, fd: int, offset: int) -> None:
+    """Copy ``span`` to ``offset`` of ``fd`` through its scratch buffer, a piece
+    at a time (in an I/O thread)."""
+    done = 0
+    while done < span.length:
+        n = min(_SPAN_PIECE, span.length - done)
+        view = span.scratch[:n]
+        read_span(span[done : done + n], view)
+        _pwrite_full(fd, view, offset + done)
+        done += n
 
 
 def _pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -384,6 +401,15 @@ class FileDriver(BlockDriver):
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         await self._write(offset, view, fua, _INLINE_VIEW_MAX)
+
+    async def write_span(self, offset: int, span: HostSpan, fua: bool = False) -> None:
+        if self.node.cache_direct:
+            await super().write_span(offset, span, fua)
+            return
+        await self.node.graph.run_io(_copy_span, span, self.fd, offset)
+        self._written(offset + span.length)
+        if fua:
+            await self.flush()
 
     async def _write(self, offset: int, data: bytes | memoryview, fua: bool,
                      inline_max: int = _INLINE_MAX) -> None:

@@ -13,6 +13,7 @@ from qmpd.block.driver import (
     ChildRole,
     Perm,
 )
+from qmpd.block.extent import HostSpan
 
 
 class RawDriver(BlockDriver):
@@ -84,6 +85,9 @@ class RawDriver(BlockDriver):
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         await self._file().driver.write_view(self.offset + offset, view, fua)
+
+    async def write_span(self, offset: int, span: HostSpan, fua: bool = False) -> None:
+        await self._file().driver.write_span(self.offset + offset, span, fua)
 
     def read_now(self, offset: int, length: int) -> bytes | None:
         return self._file().driver.read_now(self.offset + offset, length)

@@ -41,7 +41,7 @@ from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError, QMPError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
 from qmpd.jobs.inflight import CopyBuffers, write_copied
 from qmpd.jobs.manager import JobManager
-from qmpd.jobs.mirror import DEFAULT_BUF_SIZE, MirrorJob
+from qmpd.jobs.mirror import DEFAULT_BUF_SIZE, MAX_IO_BYTES, MirrorJob
 from qmpd.jobs.stream import job_flags, lookup_bs, refuse_filter_node
 
 #: COMMIT_BUFFER_SIZE: the most one iteration of an intermediate commit copies.
@@ -117,6 +117,9 @@ class ActiveCommitJob(MirrorJob):
     pivot, with commit's bulk phase, node permissions and resizing of the base."""
 
     job_type = "commit"
+    #: QEMU's copies: an error in each sends its own BLOCK_JOB_ERROR, and a
+    #: commit's events are compared with QEMU's one for one.
+    bulk_io = MAX_IO_BYTES
 
     def __init__(self, job_id: str, block: BlockLayer, top: BlockNode, base: BlockNode,
                  on_error: str, speed: int, auto_finalize: bool, auto_dismiss: bool) -> None:

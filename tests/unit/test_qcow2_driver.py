@@ -449,6 +449,35 @@ async def test_host_file_for_normal_clusters(tmp_path: Path, graph: BlockGraph) 
     await close_image(node)
 
 
+async def test_host_file_across_l2_slices(tmp_path: Path, graph: BlockGraph) -> None:
+    """host_file over runs that cross L2 cache slices (64 entries of 4 KiB
+    clusters here) answers as the entries do, cluster by cluster: the host
+    offset when they are one contiguous run of normal clusters, else None."""
+    cs = 4096
+    path = tmp_path / "s.qcow2"
+    create_image(str(path), 4 * MiB, cluster_size=cs)
+    node = await open_image(graph, str(path), options={"l2-cache-entry-size": 512})
+    d = drv(node)
+    await node.write(0, b"\x01" * (200 * cs))       # one run over four slices
+    await node.write(300 * cs, b"\x02" * (40 * cs))  # a run after a gap
+    await node.write(120 * cs, b"\x03" * cs)          # in place: still the same run
+    await node.write_zeroes(170 * cs, cs)              # a zero flag inside the run
+    rng = random.Random(7)
+    cases = [(0, 200 * cs), (10 * cs + 5, 150 * cs), (60 * cs, 10 * cs), (100 * cs, 100 * cs),
+             (190 * cs, 20 * cs), (300 * cs, 40 * cs), (250 * cs, 60 * cs)]
+    cases += [(rng.randrange(0, 340 * cs), rng.randrange(1, 80 * cs)) for _ in range(200)]
+    for offset, length in cases:
+        first, last = offset // cs, (offset + length - 1) // cs
+        entries = [await entry_of(node, c * cs) for c in range(first, last + 1)]
+        hosts = [e & 0x00FFFFFFFFFFFE00 for e in entries]
+        plain = all(e & 0x00FFFFFFFFFFFE00 and not e & 1 for e in entries)
+        run = plain and all(h == hosts[0] + i * cs for i, h in enumerate(hosts))
+        want = (hosts[0] + offset % cs) if run else None
+        where = d.host_file(offset, length)
+        assert (where[1] if where else None) == want, (offset, length)
+    await close_image(node)
+
+
 async def test_one_write_over_mixed_clusters(tmp_path: Path, graph: BlockGraph) -> None:
     """A write over unallocated, owned, zero-flagged and again unallocated
     clusters in one L2 slice: owned ones are written in place, zero-flagged

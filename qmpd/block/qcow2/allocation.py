@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmpd.block.driver import BlockDriverError
+from qmpd.block.extent import HostSpan
 from qmpd.block.qcow2.cache import CacheEntry
 from qmpd.block.qcow2.fileio import META_ALIGN
 from qmpd.block.qcow2.format import (
@@ -80,13 +81,15 @@ class Qcow2Allocation:
 
     # --- writes ---------------------------------------------------------------------------
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, offset: int, data: bytes | memoryview | HostSpan) -> None:
+        """A guest write; a :class:`HostSpan` only cluster-aligned (no COW),
+        on an image without O_DIRECT (see Qcow2Driver.write_span)."""
         st = self.st
         st.check_writable()
         n = len(data)
         if not n:
             return
-        if not isinstance(data, (bytes, memoryview)):
+        if not isinstance(data, (bytes, memoryview, HostSpan)):
             # A bytearray (an NBD server's payload): each slice of it, and the
             # file's write, would copy it; a view of it copies nothing.
             data = memoryview(data)
@@ -122,9 +125,10 @@ class Qcow2Allocation:
                 finally:
                     st.leave(tok)
                 return
-        await self._write_slow(offset, data if isinstance(data, memoryview) else memoryview(data))
+        await self._write_slow(
+            offset, data if isinstance(data, (memoryview, HostSpan)) else memoryview(data))
 
-    async def _write_slow(self, offset: int, data: memoryview) -> None:
+    async def _write_slow(self, offset: int, data: memoryview | HostSpan) -> None:
         """Writes that change metadata.  Allocations drop the lock for the data
         write (like QEMU's in-flight ``QCowL2Meta``): the guest clusters are
         registered as in flight, so any other request touching them waits."""
@@ -216,7 +220,7 @@ class Qcow2Allocation:
             return (await self.mapping.read_compressed(entry))[start:stop]
         return bytes(stop - start)
 
-    async def _write_step(self, offset: int, data: memoryview, pos: int, end: int,
+    async def _write_step(self, offset: int, data: memoryview | HostSpan, pos: int, end: int,
                           defer_alloc: bool) -> tuple[int, _AllocPlan | None]:
         """Write from ``pos`` through one L2 slice (lock held).  With
         ``defer_alloc``, stop at the first run that needs new clusters: allocate
@@ -264,8 +268,11 @@ class Qcow2Allocation:
                     await st.pre_write_check(host + (pos & cmask), len(chunk))
                     head = pos & cmask
                     tail = ((run_end - 1) & cmask) + 1
-                    buf = b"".join((bytes(head), chunk, bytes(cs - tail)))
-                    await st.data_write(host, buf)
+                    if head or tail != cs:
+                        assert not isinstance(chunk, HostSpan)  # spans are whole clusters
+                        await st.data_write(host, b"".join((bytes(head), chunk, bytes(cs - tail))))
+                    else:
+                        await st.data_write(host, chunk)
                     self.l2cache.set_depends_on_flush()
                     arr[o + i] = host | QCOW_OFLAG_COPIED
                     self.l2cache.mark_dirty(entry)
@@ -295,7 +302,7 @@ class Qcow2Allocation:
         l2off = int(st.l1[ci >> st.l2_bits]) & L1E_OFFSET_MASK
         return _AllocPlan(ci, k, host, pos, run_end, old, l2off, fut)
 
-    async def _finish_alloc(self, plan: _AllocPlan, chunk: memoryview) -> None:
+    async def _finish_alloc(self, plan: _AllocPlan, chunk: memoryview | HostSpan) -> None:
         """COW + data into the new clusters (no lock), then link the L2 entries."""
         st = self.st
         cb = self.cluster_bits
@@ -309,8 +316,11 @@ class Qcow2Allocation:
                         if head_len else b"")
                 tail = (await self.cow_part(plan.ci + plan.k - 1, plan.old[-1], tail_start, cs)
                         if tail_start < cs else b"")
-                buf = b"".join((head, chunk, tail)) if head or tail else chunk
-                await st.data_write(plan.host, buf)
+                if head or tail:
+                    assert not isinstance(chunk, HostSpan)  # spans are whole clusters
+                    await st.data_write(plan.host, b"".join((head, chunk, tail)))
+                else:
+                    await st.data_write(plan.host, chunk)
             except BaseException:
                 async with st.lock:
                     await self.refs.update(plan.host >> cb, plan.k, -1)
@@ -344,7 +354,8 @@ class Qcow2Allocation:
                 plan.fut.set_result(None)
 
     async def _alloc_run(self, ci: int, arr: array[int], slot: int, k: int, pos: int,
-                         run_end: int, chunk: memoryview, entry: CacheEntry[array[int]]) -> None:
+                         run_end: int, chunk: memoryview | HostSpan,
+                         entry: CacheEntry[array[int]]) -> None:
         """Write guest clusters ``ci..ci+k-1`` into ``k`` new host clusters."""
         st = self.st
         cb = self.cluster_bits
@@ -359,6 +370,7 @@ class Qcow2Allocation:
             head = await self.cow_part(ci, old[0], 0, head_len) if head_len else b""
             tail = (await self.cow_part(ci + k - 1, old[-1], tail_start, cs)
                     if tail_start < cs else b"")
+            assert not isinstance(chunk, HostSpan)  # only writes of memory lock throughout
             buf = b"".join((head, chunk, tail)) if head or tail else bytes(chunk)
             await st.data_write(host, buf)
         # data before the L2 entry; refcount before the L2 entry

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from qmpd.block.blocking import CacheReload, OpenJob, WouldBlock
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState
+from qmpd.block.extent import HostSpan
 from qmpd.block.filename import path_combine
 from qmpd.block.qcow2.bitmaps import cannot_store, store_bitmaps, write_header_cluster
 from qmpd.block.qcow2.fileio import ImageFile
@@ -386,6 +387,17 @@ class Qcow2Driver(BlockDriver):
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         image = self._img_for_write()
         await image.write(offset, view)
+        if fua:
+            await image.flush()
+
+    async def write_span(self, offset: int, span: HostSpan, fua: bool = False) -> None:
+        image = self._img_for_write()
+        cmask = image.cluster_size - 1
+        if image.direct or (offset | span.length) & cmask:
+            # A part cluster's copy-on-write joins bytes; O_DIRECT aligns them.
+            await super().write_span(offset, span, fua)
+            return
+        await image.write(offset, span)
         if fua:
             await image.flush()
 

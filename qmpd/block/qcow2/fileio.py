@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qmpd.block.extent import HostSpan
     from qmpd.block.graph import BlockNode
 
 #: Every metadata write is widened to this alignment (O_DIRECT safe).
@@ -47,6 +48,13 @@ class ImageFile:
         await self.driver.write_view(offset, view)
         stats = self.stats
         stats.wr_bytes += view.nbytes
+        stats.wr_operations += 1
+
+    async def write_span(self, offset: int, span: HostSpan) -> None:
+        """A write of the bytes a host file span holds."""
+        await self.driver.write_span(offset, span)
+        stats = self.stats
+        stats.wr_bytes += span.length
         stats.wr_operations += 1
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

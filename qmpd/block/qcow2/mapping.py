@@ -111,11 +111,26 @@ class Qcow2Mapping:
             return None
         host = e & L2E_OFFSET_MASK
         nxt = host
-        for c in range(ci + 1, last + 1):
-            nxt += self.cluster_size
-            f = self.lookup_cached(c)
-            if f is None or f & (_CZ | L2E_OFFSET_MASK) != nxt:
+        cs = self.cluster_size
+        mask = _CZ | L2E_OFFSET_MASK
+        l1 = self.st.l1
+        entries = self.l2cache.entries
+        c = ci + 1
+        while c <= last:
+            # The rest of the run a cached slice at a time, not a lookup per cluster.
+            l2off = l1[c >> self.l2_bits] & L1E_OFFSET_MASK
+            idx = c & self.l2_mask
+            key = l2off + ((idx >> self.slice_bits) << self.slice_shift)
+            ent = entries.get(key) if l2off else None
+            if ent is None:
                 return None
+            o = idx & self.slice_mask
+            k = min(last - c + 1, self.slice_entries - o)
+            for f in ent.value[o : o + k]:
+                nxt += cs
+                if f & mask != nxt:
+                    return None
+            c += k
         return host + (offset & self.cmask)
 
     async def entries(self, ci: int, n: int) -> array[int]:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpd.block.driver import BlockDriverError
+from qmpd.block.extent import HostSpan
 from qmpd.block.qcow2.cache import MetadataCache
 from qmpd.block.qcow2.fileio import META_ALIGN, ImageFile
 from qmpd.block.qcow2.format import (
@@ -344,7 +345,10 @@ class Qcow2State:
             return
         await self.file.read_into(host, buf)
 
-    async def data_write(self, host: int, data: bytes | memoryview) -> None:
+    async def data_write(self, host: int, data: bytes | memoryview | HostSpan) -> None:
+        if isinstance(data, HostSpan):
+            await self.file.write_span(host, data)
+            return
         if self.direct and (host | len(data)) & (META_ALIGN - 1):
             # O_DIRECT needs whole sectors: read-modify-write, one at a time so
             # that two writes to different bytes of one sector cannot race.
