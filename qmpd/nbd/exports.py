@@ -367,6 +367,10 @@ class NbdExport:
     def _forget_data(self, offset: int, length: int) -> None:
         self.data_ranges.forget(offset, offset + length)
 
+    @property
+    def calls_back(self) -> bool:
+        return self.node.driver.calls_back
+
     def read_now(self, offset: int, length: int) -> bytes | None:
         """A small READ's data without waiting (:meth:`BlockNode.read_now`);
         None, having done nothing, when :meth:`read` must be awaited."""

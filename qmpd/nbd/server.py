@@ -125,6 +125,12 @@ class ServedExport(Protocol):
         self, offset: int, length: int, sparse: bool
     ) -> list[tuple[int, int, p.ReadData]]: ...
 
+    @property
+    def calls_back(self) -> bool:
+        """Whether its node's driver completes requests by calling back (never
+        in memory: read_now and write_now would only say no)."""
+        ...
+
     def read_now(self, offset: int, length: int) -> bytes | None: ...
 
     def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
@@ -658,12 +664,14 @@ class NbdConnection:
             export = self.export
             assert export is not None
             size = request.length
+            # A driver that calls back never completes a request in memory.
+            now = not export.calls_back
             try:
                 if kind == _WRITE:
                     payload = request.payload
                     assert payload is not None
                     fua = request.flags & _FUA != 0
-                    if export.write_now(request.offset, payload, fua):
+                    if now and export.write_now(request.offset, payload, fua):
                         self._send((self.replies.ok(request.cookie),))
                         # write_now keeps nothing of the payload: the next may reuse it.
                         assert self.tx is not None
@@ -675,7 +683,7 @@ class NbdConnection:
                         return
                 else:
                     offset = request.offset
-                    data = export.read_now(offset, size)
+                    data = export.read_now(offset, size) if now else None
                     if data is not None:
                         self._send(self.replies.read_data(request.cookie, offset, data))
                         return
