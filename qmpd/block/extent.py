@@ -39,17 +39,24 @@ class HostSpan:
         return HostSpan(self.fd, self.offset + start, stop - start, self.scratch[start:stop])
 
 
-def read_span(span: HostSpan, buf: memoryview) -> None:
-    """Fill ``buf`` (at most the span's length) from the span's start; blocking.
-    Past the end of the file reads as zeros."""
-    offset, got, length = span.offset, 0, buf.nbytes
+def preadv_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
+    """Fill ``buf`` from ``offset`` of ``fd``; blocking.  What lies past the end
+    of the file reads as zeros."""
+    got = os.preadv(fd, [buf], offset, flags)
+    length = buf.nbytes
+    while got < length:
+        n = os.preadv(fd, [buf[got:]], offset + got, flags)
+        if not n:
+            buf[got:] = bytes(length - got)
+            return
+        got += n
+
+
+def read_span(span: HostSpan, buf: memoryview, at: int = 0) -> None:
+    """Fill ``buf`` with the span's bytes from ``at`` on (:func:`preadv_full`);
+    a failure is a :class:`SpanReadError`."""
     try:
-        while got < length:
-            n = os.preadv(span.fd, [buf[got:]], offset + got)
-            if not n:
-                buf[got:] = bytes(length - got)
-                return
-            got += n
+        preadv_full(span.fd, buf, span.offset + at)
     except OSError as err:
         raise SpanReadError(err.errno, err.strerror) from err
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob, WouldBlock
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState, Perm
-from qmpd.block.extent import HostSpan, read_span
+from qmpd.block.extent import HostSpan, preadv_full, read_span
 from qmpd.block.locking import ImageLock, LockError, ofd_locks_available
 from qmpd.block.mounts import MOUNTS
 
@@ -101,7 +101,7 @@ def _pread_now(fd: int, length: int, offset: int) -> bytes:
     a page would have to come from the disk."""
     buf = bytearray(length)
     try:
-        _preadv_full(fd, memoryview(buf), offset, os.RWF_NOWAIT)
+        preadv_full(fd, memoryview(buf), offset, os.RWF_NOWAIT)
     except BlockingIOError:
         raise WouldBlock(f"{length} bytes at {offset} are not in the page cache") from None
     return bytes(buf)
@@ -174,18 +174,6 @@ def _direct_pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
         os.ftruncate(fd, max(size, offset + len(data)))
 
 
-def _preadv_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
-    """Fill ``buf`` from ``offset``; what lies past the end of the file reads as zeros."""
-    got = os.preadv(fd, [buf], offset, flags)
-    length = buf.nbytes
-    while got < length:
-        n = os.preadv(fd, [buf[got:]], offset + got, flags)
-        if not n:
-            buf[got:] = bytes(length - got)
-            return
-        got += n
-
-
 def _direct_preadv(fd: int, buf: memoryview, offset: int) -> None:
     """O_DIRECT read into ``buf`` (through the aligned bounce buffer)."""
     buf[:] = _direct_pread(fd, buf.nbytes, offset)
@@ -202,7 +190,7 @@ def _copy_span(span: HostSpan, fd: int, offset: int) -> None:
     while done < span.length:
         n = min(_SPAN_PIECE, span.length - done)
         view = span.scratch[:n]
-        read_span(span[done : done + n], view)
+        read_span(span, view, done)
         _pwrite_full(fd, view, offset + done)
         done += n
 
@@ -373,11 +361,11 @@ class FileDriver(BlockDriver):
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         if self._inline and buf.nbytes <= _INLINE_VIEW_MAX:
-            _preadv_full(self.fd, buf, offset)
+            preadv_full(self.fd, buf, offset)
         elif self.node.cache_direct:
             await self.node.graph.run_io(_direct_preadv, self.fd, buf, offset)
         else:
-            await self.node.graph.run_io(_preadv_full, self.fd, buf, offset)
+            await self.node.graph.run_io(preadv_full, self.fd, buf, offset)
 
     def host_file(self, offset: int, length: int) -> tuple[int, int] | None:
         if self.fd < 0 or self.node.cache_direct or offset + length > self._size:
