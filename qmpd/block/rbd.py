@@ -493,10 +493,23 @@ class RbdDriver(BlockDriver):
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
         io = self._io
-        if not isinstance(io, rbd_aio.ImageAio) or fua or offset + len(data) > self._size:
+        if not isinstance(io, rbd_aio.ImageAio) or offset + len(data) > self._size:
             return False
+        if fua:  # as write(): the flush follows the write's completion
+            done = functools.partial(self._flush_soon, done)
         self._submit_soon(io.write_cb, done, offset, data)
         return True
+
+    def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:
+        io = self._io
+        if error is not None or not isinstance(io, rbd_aio.ImageAio):
+            # Failed; or the image is closing, which flushes (as flush()).
+            done(None, error)
+            return
+        try:
+            self._submit_soon(io.flush_cb, done)
+        except BlockDriverError as exc:
+            done(None, exc)
 
     async def _grow(self, end: int) -> None:
         """Resize the image to ``end`` before a write past its end (QEMU's

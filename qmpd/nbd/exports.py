@@ -401,13 +401,21 @@ class NbdExport:
             self._count("write", len(data))
         return done
 
-    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
-        """A small READ started without a coroutine (:meth:`BlockNode.read_soon`);
-        False, having done nothing, when :meth:`read` must be awaited."""
-        if not length or length >= SPARSE_READ_MIN:
+    def read_soon(self, offset: int, length: int, sparse: bool, done: IoDone) -> bool:
+        """A READ started without a coroutine (:meth:`BlockNode.read_soon`):
+        one that :meth:`read` would answer with one piece of data, read into
+        memory; False, having done nothing, when :meth:`read` must be awaited."""
+        if not length:
+            return False
+        node = self.node
+        if length >= SPARSE_READ_MIN and (
+            not node.driver.calls_back
+            or (sparse and not self.data_ranges.covers(offset, offset + length))
+            or node.driver.host_file(offset, length) is not None
+        ):
             return False
         try:
-            started = self.node.read_soon(offset, length, done)
+            started = node.read_soon(offset, length, done)
         except BaseException:
             self._count("read", length)
             raise

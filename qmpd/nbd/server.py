@@ -135,7 +135,7 @@ class ServedExport(Protocol):
 
     def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
 
-    def read_soon(self, offset: int, length: int, done: IoDone) -> bool: ...
+    def read_soon(self, offset: int, length: int, sparse: bool, done: IoDone) -> bool: ...
 
     def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool: ...
 
@@ -687,7 +687,9 @@ class NbdConnection:
                     if data is not None:
                         self._send(self.replies.read_data(request.cookie, offset, data))
                         return
-                    if export.read_soon(offset, size, functools.partial(self._soon_done, request)):
+                    sparse = self.replies.structured and not request.flags & _DF
+                    if export.read_soon(offset, size, sparse,
+                                        functools.partial(self._soon_done, request)):
                         self._began(size)
                         return
             except Exception as exc:
@@ -713,6 +715,11 @@ class NbdConnection:
             parts = self.replies.read_data(request.cookie, request.offset, data)
         else:
             parts = (self.replies.ok(request.cookie),)
+        payload = request.payload
+        if payload is not None and self.tx is not None:
+            # Nothing holds a WRITE's payload once the driver has completed
+            # it: the next WRITE of its length may be received into it.
+            self.tx.recycle(payload)
         self._ended(request.length, parts)
 
     def _ended(self, size: int, parts: Sequence[p.ReplyPart]) -> None:

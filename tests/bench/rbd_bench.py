@@ -21,6 +21,7 @@ given with ``--conf``, and measures:
 Usage::
 
     python3 tests/bench/rbd_bench.py [--size 256M] [--reps 3] [--handovers 5] [--json out.json]
+        [--drop-caches]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.machine import drop_caches  # noqa: E402
 from tests.integration.migration_helpers import Cluster  # noqa: E402
 from tests.support.ceph import POOL, CephCluster, start_ceph  # noqa: E402
 
@@ -124,7 +126,8 @@ def measure(target: Target, size: int) -> dict[str, float]:
     return res
 
 
-def io_bench(ceph: CephCluster, work: Path, size: int, reps: int) -> dict[str, Any]:
+def io_bench(ceph: CephCluster, work: Path, size: int, reps: int,
+             drop: bool = False) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {"qmpd": [], "qsd": []}
     images = {name: ceph.new_image(f"{size // MiB}M", prefix=f"bench-{name}")
               for name in results}
@@ -133,6 +136,8 @@ def io_bench(ceph: CephCluster, work: Path, size: int, reps: int) -> dict[str, A
         for name in order:
             node = (f"driver=rbd,node-name=r,pool={POOL},image={images[name]},"
                     f"conf={ceph.client_conf}")
+            if drop and not drop_caches():
+                raise SystemExit("--drop-caches needs root")
             target = Target(name, work, node)
             try:
                 results[name].append(measure(target, size))
@@ -192,6 +197,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--handovers", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache before every run (root; steadier numbers)")
     args = ap.parse_args()
     size = int(args.size.rstrip("M")) * MiB
     for tool in ("qemu-img", "qemu-storage-daemon", "qemu-system-x86_64"):
@@ -202,7 +209,7 @@ def main() -> int:
         ceph = stack.enter_context(start_ceph())
         work = Path(tempfile.mkdtemp(prefix="qrbdb", dir="/tmp"))
         stack.callback(shutil.rmtree, work, True)
-        out["io"] = io_bench(ceph, work, size, args.reps)
+        out["io"] = io_bench(ceph, work, size, args.reps, args.drop_caches)
         out["handover"] = {kind: handover(ceph, work, kind, args.handovers)
                            for kind in ("qmpd", "qemu")}
     print("\nI/O through NBD (median of reps; ratio: qmpd/qsd, CPU: qsd/qmpd)")

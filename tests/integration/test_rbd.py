@@ -5,7 +5,9 @@ Ceph's Python bindings."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -96,8 +98,9 @@ def export_nbd(proc: QmpdProcess, node: str) -> str:
 
 def test_nbd_requests_in_flight_together(qmpd_factory: Any, ceph: CephCluster) -> None:
     """Many 4 KiB writes and reads in flight at once through an NBD export
-    (the server starts them without a coroutine), each landing where it
-    should: read back over NBD and by a fresh client (rbd export)."""
+    (the server starts them without a coroutine: qemu-io in writeback mode
+    sends no FUA), each landing where it should: read back over NBD and by
+    a fresh client (rbd export)."""
     image = ceph.new_image("16M")
     proc = qmpd_factory()
     assert qmp(proc, "blockdev-add", ceph.blockdev(image, **{"node-name": "r"})) == \
@@ -107,7 +110,8 @@ def test_nbd_requests_in_flight_together(qmpd_factory: Any, ceph: CephCluster) -
     writes = [f"aio_write -P {i % 250 + 1} {off} 4k" for i, off in enumerate(blocks)]
     reads = [f"aio_read -P {i % 250 + 1} {off} 4k" for i, off in enumerate(blocks)]
     for commands in ([*writes, "aio_flush"], [*reads, "aio_flush"]):
-        out = qemu_io("-f", "raw", *(a for c in commands for a in ("-c", c)), uri, timeout=120)
+        out = qemu_io("-f", "raw", "-t", "writeback",
+                      *(a for c in commands for a in ("-c", c)), uri, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "fail" not in out.stdout and "verification" not in out.stdout, out.stdout
     assert qmp(proc, "block-export-del", {"id": "e"}) == {"return": {}}
@@ -121,6 +125,57 @@ def test_nbd_requests_in_flight_together(qmpd_factory: Any, ceph: CephCluster) -
     for i, off in enumerate(blocks):
         assert data[off:off + 4 * K] == bytes([i % 250 + 1]) * (4 * K), off
         assert data[off + 4 * K:off + 64 * K] == bytes(60 * K), off
+
+
+def test_nbd_large_requests_in_flight_together(
+        qmpd_factory: Any, ceph: CephCluster, tmp_path: Any) -> None:
+    """1 MiB writes and reads in flight at once through an NBD export, each
+    carrying its own bytes: a WRITE is received into the payload of one that
+    librbd completed, never of one it may still hold (the client allows
+    zero-copy writes, without a cache, and the OSD is stopped meanwhile;
+    librbd 16 copies anyway, a zero-copy librbd would send from those
+    buffers), and READs of data the export has seen start without a
+    coroutine."""
+    conf = tmp_path / "zero-copy.conf"
+    conf.write_text(ceph.client_conf.read_text().replace("rbd_cache = true", "rbd_cache = false")
+                    + "rbd_disable_zero_copy_writes = false\n")
+    image = ceph.new_image("48M")
+    proc = qmpd_factory()
+    node = {**ceph.blockdev(image, **{"node-name": "r"}), "conf": str(conf)}
+    assert qmp(proc, "blockdev-add", node) == {"return": {}}
+    uri = export_nbd(proc, "r")
+    count = 48
+    writes = [f"aio_write -P {i + 1} {i * M} 1M" for i in range(count)]
+    reads = [f"aio_read -P {i + 1} {i * M} 1M" for i in range(count)]
+    osd = ceph.osd
+    assert osd is not None
+    os.kill(osd.pid, signal.SIGSTOP)
+    try:
+        writer = subprocess.Popen(
+            [QEMU_IO, "-f", "raw", "-t", "writeback",  # no FUA: the soon path
+             *(a for c in [*writes, "aio_flush"] for a in ("-c", c)), uri],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # the writes reach librbd, which waits for the OSD
+    finally:
+        os.kill(osd.pid, signal.SIGCONT)
+    stdout, stderr = writer.communicate(timeout=120)
+    assert writer.returncode == 0, stderr
+    assert "fail" not in stdout, stdout
+    for commands in ([*reads, "aio_flush"], [*reads[::-1], "aio_flush"]):
+        out = qemu_io("-f", "raw", "-t", "writeback",
+                      *(a for c in commands for a in ("-c", c)), uri, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "fail" not in out.stdout and "verification" not in out.stdout, out.stdout
+    assert qmp(proc, "block-export-del", {"id": "e"}) == {"return": {}}
+    deadline = time.monotonic() + 30
+    while qmp(proc, "blockdev-del", {"node-name": "r"}) != {"return": {}}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    exported = ceph.root / f"{image}.raw"
+    ceph.rbd("export", "--no-progress", f"rbd/{image}", str(exported))
+    data = exported.read_bytes()
+    for i in range(count):
+        assert data[i * M:(i + 1) * M] == bytes([i + 1]) * M, i
 
 
 def test_unknown_pool_and_image_errors(qmpd_factory: Any, ceph: CephCluster) -> None:

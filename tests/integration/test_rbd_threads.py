@@ -199,15 +199,36 @@ async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
         assert [reads.results[i] for i in range(256)] == \
             [(bytes([i % 251 + 1]) * 4096, None) for i in range(256)]
         assert node.stats.rd_operations == 256
-        # FUA, and ranges past the image's end, are the awaited path's.
+        # Ranges past the image's end are the awaited path's.
         nothing = Completions()
-        assert not node.write_soon(0, b"x" * 512, True, nothing.done(0))
         assert not driver.read_soon(driver.size() - 512, 1024, nothing.done(1))
         assert not nothing.results and node.plain_writes == 0
         with pytest.raises(BlockDriverError):
             node.read_soon(driver.size(), 512, nothing.done(2))
         await asyncio.sleep(0.1)
         assert not nothing.results
+
+
+async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluster) -> None:
+    """A FUA write through write_soon calls back once librbd has flushed it:
+    another client sees it at once, while a later write without FUA stays in
+    librbd's writeback cache (the tests' client configuration keeps dirty
+    data for 600 s)."""
+    async with rbd_node(ceph) as (node, driver, image):
+        fua, plain = Completions(), Completions()
+        assert node.write_soon(0, bytearray([0x5A]) * 4096, True, fua.done(0))
+        await asyncio.wait_for(fua.all_done, 60)
+        assert fua.results == {0: (None, None)}
+        assert node.write_soon(4096, bytearray([0xA5]) * 4096, False, plain.done(0))
+        await asyncio.wait_for(plain.all_done, 60)
+        assert plain.results == {0: (None, None)}
+        assert node.stats.wr_operations == 2 and driver.stats.in_flight == 0
+        exported = ceph.root / f"{image}.seen"
+        await asyncio.to_thread(ceph.rbd, "export", "--no-progress", f"rbd/{image}",
+                                str(exported))
+        seen = exported.read_bytes()
+        assert seen[:4096] == bytes([0x5A]) * 4096
+        assert seen[4096:8192] == bytes(4096)
 
 
 async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> None:
