@@ -266,6 +266,8 @@ class RbdDriver(BlockDriver):
         self._probe_started = 0.0
         self._probing = False
         self._probe_task: asyncio.Task[None] | None = None
+        #: Taking the exclusive lock after an activation: writes wait for it.
+        self._locking: asyncio.Task[None] | None = None
 
     # --- open and close -------------------------------------------------------
 
@@ -376,6 +378,44 @@ class RbdDriver(BlockDriver):
             image.lock_acquire(LOCK_MODE_EXCLUSIVE)
         self.stats.lock_acquisitions += 1
 
+    def _start_locking(self) -> asyncio.Task[None]:
+        """Take the exclusive lock in the background (after an activation:
+        reads need no lock, and the node resumes without waiting for it)."""
+        task = asyncio.get_running_loop().create_task(self._lock_now(self._image()))
+        self._locking = task
+        return task
+
+    async def _lock_now(self, image: Any) -> None:
+        try:
+            await self.node.graph.run_io(self._take_lock, image)
+        except Exception as exc:
+            code = _errno_of(exc)
+            log.warning("rbd %s: could not take the exclusive lock: %s",
+                        self.image_name, _strerror(code))
+            raise BlockDriverError(
+                f"Failed to take the exclusive lock: {_strerror(code)}", code) from None
+        if self._locking is asyncio.current_task():
+            self._locking = None
+
+    async def _lock_taken(self) -> None:
+        """Before a write: wait for the lock an activation is taking (a
+        failed attempt is made again, and its error raised if it fails too)."""
+        task = self._locking
+        if task is None:
+            return
+        if task.done():
+            task = self._start_locking()
+        await asyncio.shield(task)
+
+    async def _lock_settled(self) -> None:
+        """Before the lock is given up or the image closes: no attempt runs."""
+        task = self._locking
+        self._locking = None
+        if task is not None:
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # retrieved: its failure was logged
+
     async def close(self) -> None:
         image, ioctx, cluster = self.image, self.ioctx, self.cluster
         if image is None:
@@ -384,6 +424,7 @@ class RbdDriver(BlockDriver):
         if probe is not None and not probe.done():
             # Its thread still uses the connection: shut down only after it.
             await asyncio.wait([probe])
+        await self._lock_settled()
         io, completions = self._io, self._completions
         if isinstance(io, rbd_aio.ImageAio):
             await io.drain(DRAIN_TIMEOUT)
@@ -493,7 +534,8 @@ class RbdDriver(BlockDriver):
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
         io = self._io
-        if not isinstance(io, rbd_aio.ImageAio) or offset + len(data) > self._size:
+        if not isinstance(io, rbd_aio.ImageAio) or offset + len(data) > self._size \
+                or self._locking is not None:
             return False
         if fua:  # as write(): the flush follows the write's completion
             done = functools.partial(self._flush_soon, done)
@@ -527,6 +569,8 @@ class RbdDriver(BlockDriver):
             self._size = end
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if self._locking is not None:
+            await self._lock_taken()
         io = self._requests()
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
@@ -536,6 +580,8 @@ class RbdDriver(BlockDriver):
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False) -> None:
+        if self._locking is not None:
+            await self._lock_taken()
         io = self._requests()
         if offset + length > self._size:
             await self._grow(offset + length)
@@ -547,6 +593,8 @@ class RbdDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         if not self.node.discard_unmap:
             return  # discard=ignore, QEMU's default
+        if self._locking is not None:
+            await self._lock_taken()
         io = self._requests()
         end = min(offset + length, self._size)
         if end > offset:
@@ -559,6 +607,8 @@ class RbdDriver(BlockDriver):
         await self._aio(io.flush)
 
     async def truncate(self, size: int) -> None:
+        if self._locking is not None:
+            await self._lock_taken()
         image = self._image()
         try:
             await self.node.graph.run_io(image.resize, size)
@@ -645,6 +695,7 @@ class RbdDriver(BlockDriver):
 
     async def inactivate(self) -> None:
         """Flush librbd's cache, then give the exclusive lock up."""
+        await self._lock_settled()
         await self.flush()
         image = self.image
         if image is None or not self._features & FEATURE_EXCLUSIVE_LOCK:
@@ -674,8 +725,6 @@ class RbdDriver(BlockDriver):
             try:
                 drop_cache(image)
                 size, features = image.size(), image.features()
-                if writable and features & FEATURE_EXCLUSIVE_LOCK:
-                    self._take_lock(image)
             except Exception as exc:
                 code = _errno_of(exc)
                 raise BlockDriverError(
@@ -685,6 +734,10 @@ class RbdDriver(BlockDriver):
         async def finish(result: tuple[int, int]) -> None:
             self._size, self._features = result
             self.stats.cache_invalidations += 1
+            if writable and self._features & FEATURE_EXCLUSIVE_LOCK:
+                # Writes wait for it; the node resumes without (an OSD round
+                # trip or two, most of a handover's activation on rbd).
+                self._start_locking()
 
         return CacheReload(run, finish)
 

@@ -13,6 +13,10 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator, Callable
 
@@ -22,7 +26,8 @@ from qmpd.block import rbd, rbd_aio
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig
 from qmpd.block.rbd import RbdDriver
 from qmpd.errors import BlockDriverError
-from tests.support.ceph import CephCluster
+from tests.support.ceph import POOL, CephCluster, lock_holders
+from tests.support.tools import REPO
 
 _api = ctypes.pythonapi
 _api.PyInterpreterState_Get.restype = ctypes.c_void_p
@@ -229,6 +234,62 @@ async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluste
         seen = exported.read_bytes()
         assert seen[:4096] == bytes([0x5A]) * 4096
         assert seen[4096:8192] == bytes(4096)
+
+
+#: Another client that holds an image's exclusive lock in exclusive mode
+#: (librbd does not hand it over on request) until its stdin has a line.
+_LOCK_HOLDER = textwrap.dedent("""
+    import sys
+    from qmpd.block import ceph
+    rados, rbd = ceph.bindings()
+    cluster = rados.Rados(conffile=sys.argv[1])
+    cluster.connect()
+    ioctx = cluster.open_ioctx(sys.argv[2])
+    image = rbd.Image(ioctx, sys.argv[3])
+    image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+    print("held", flush=True)
+    sys.stdin.readline()
+    image.lock_release()
+    image.close()
+    ioctx.close()
+    cluster.shutdown()
+""")
+
+
+async def test_an_activated_node_reads_before_it_holds_the_lock(ceph: CephCluster) -> None:
+    """An activation does not wait for the exclusive lock: the node reads at
+    once and takes the lock in the background, writes waiting for it.  With
+    the lock held elsewhere in exclusive mode the activation still succeeds
+    and reads work, a write fails with librbd's error, and once the lock is
+    free the next write takes it (the attempt is made again)."""
+    async with rbd_node(ceph) as (node, driver, image):
+        await node.write(0, bytes([0x11]) * 4096)
+        await node.graph.inactivate_all()
+        assert not node.active and lock_holders(ceph, image) == []
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _LOCK_HOLDER, str(ceph.client_conf), POOL, image],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)))
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert await asyncio.to_thread(holder.stdout.readline) == "held\n"
+            await node.graph.activate_all()
+            assert node.active
+            assert await node.read(0, 4096) == bytes([0x11]) * 4096
+            with pytest.raises(BlockDriverError) as refused:
+                await node.write(4096, bytes([0x22]) * 4096)
+            assert refused.value.errno == errno.EROFS, refused.value
+            assert "exclusive lock" in str(refused.value)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert await asyncio.to_thread(holder.wait, 30) == 0
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+        await node.write(4096, bytes([0x22]) * 4096)
+        assert await node.read(0, 8192) == bytes([0x11]) * 4096 + bytes([0x22]) * 4096
+        assert len(lock_holders(ceph, image)) == 1
+        assert driver.stats.lock_acquisitions == 2  # at the open, and on the retry
 
 
 async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> None:
