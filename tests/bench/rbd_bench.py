@@ -16,7 +16,7 @@ given with ``--conf``, and measures:
 * Handover downtime on rbd: a raw rbd node migrated qmpd -> qmpd and
   ``qemu-system-x86_64 -M none`` -> same (``downtime`` and ``total-time``
   of query-migrate on the source, and the wall time from ``migrate`` to the
-  destination's first completed read).
+  destination's first completed read, started at its RESUME event).
 
 Usage::
 
@@ -174,10 +174,13 @@ def handover(ceph: CephCluster, work: Path, kind: str, n: int) -> dict[str, Any]
             dst.ok("migrate-incoming", {"uri": uri})
             start = time.perf_counter()
             src.ok("migrate", {"uri": uri})
-            info = src.wait_migration()
-            dst.wait_migration()
+            # The first read as soon as the destination runs (RESUME), not
+            # after polling query-migrate (5 ms steps) on both sides.
+            dst.qmp.wait_event("RESUME", timeout=30)
             dst.qemu_io("disk", "read -P 0x5a 0 4k")
             wall = time.perf_counter() - start
+            info = src.wait_migration()
+            dst.wait_migration()
             assert info["status"] == "completed", info
             samples.append({"downtime_ms": float(info.get("downtime", 0)),
                             "total_ms": float(info.get("total-time", 0)),
