@@ -268,6 +268,11 @@ class RbdDriver(BlockDriver):
         self._probe_task: asyncio.Task[None] | None = None
         #: Taking the exclusive lock after an activation: writes wait for it.
         self._locking: asyncio.Task[None] | None = None
+        #: Writes completed, and how many of them the last flush covered: a
+        #: flush with nothing new to write back is skipped (QEMU's
+        #: bdrv_co_flush does the same with its write generations).
+        self._writes = 0
+        self._flushed = 0
 
     # --- open and close -------------------------------------------------------
 
@@ -539,8 +544,14 @@ class RbdDriver(BlockDriver):
             return False
         if fua:  # as write(): the flush follows the write's completion
             done = functools.partial(self._flush_soon, done)
-        self._submit_soon(io.write_cb, done, offset, data)
+        self._submit_soon(io.write_cb, functools.partial(self._written_soon, done),
+                          offset, data)
         return True
+
+    def _written_soon(self, done: IoDone, value: Any, error: BaseException | None) -> None:
+        if error is None:
+            self._writes += 1
+        done(value, error)
 
     def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:
         io = self._io
@@ -549,9 +560,16 @@ class RbdDriver(BlockDriver):
             done(None, error)
             return
         try:
-            self._submit_soon(io.flush_cb, done)
+            self._submit_soon(io.flush_cb, functools.partial(self._flushed_soon,
+                                                             self._writes, done))
         except BlockDriverError as exc:
             done(None, exc)
+
+    def _flushed_soon(self, generation: int, done: IoDone, value: Any,
+                      error: BaseException | None) -> None:
+        if error is None:
+            self._flushed = max(self._flushed, generation)
+        done(value, error)
 
     async def _grow(self, end: int) -> None:
         """Resize the image to ``end`` before a write past its end (QEMU's
@@ -567,6 +585,7 @@ class RbdDriver(BlockDriver):
                 raise BlockDriverError(_strerror(code), code) from None
             self.stats.resizes += 1
             self._size = end
+            self._writes += 1
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self._locking is not None:
@@ -575,6 +594,7 @@ class RbdDriver(BlockDriver):
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
         await self._aio(io.write, offset, data)
+        self._writes += 1
         if fua:
             await self.flush()
 
@@ -587,6 +607,7 @@ class RbdDriver(BlockDriver):
             await self._grow(offset + length)
         flags = 0 if may_unmap else ZERO_THICK
         await self._aio(io.write_zeroes, offset, length, flags)
+        self._writes += 1
         if fua:
             await self.flush()
 
@@ -599,12 +620,20 @@ class RbdDriver(BlockDriver):
         end = min(offset + length, self._size)
         if end > offset:
             await self._aio(io.discard, offset, end - offset)
+            self._writes += 1
 
     async def flush(self) -> None:
         io = self._io
         if io is None:
             return
+        generation = self._writes
+        if generation == self._flushed:
+            return
         await self._aio(io.flush)
+        self._flushed = max(self._flushed, generation)
+
+    def has_pending_writes(self) -> bool:
+        return self._writes != self._flushed
 
     async def truncate(self, size: int) -> None:
         if self._locking is not None:
@@ -617,6 +646,7 @@ class RbdDriver(BlockDriver):
             raise BlockDriverError(f"error resizing: {_strerror(code)}", code) from None
         self.stats.resizes += 1
         self._size = size
+        self._writes += 1
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """With fast-diff (and a valid object map), what ``diff_iterate`` says

@@ -236,6 +236,35 @@ async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluste
         assert seen[4096:8192] == bytes(4096)
 
 
+async def test_a_flush_with_nothing_to_write_back_is_skipped(ceph: CephCluster) -> None:
+    """As QEMU's block layer (write generations): a flush goes to librbd only
+    when a write completed since the last one, whichever path the write took;
+    an inactivation after a flush sends none."""
+    async with rbd_node(ceph) as (node, driver, _image):
+        stats = driver.stats
+        assert not driver.has_pending_writes()
+        await node.write(0, bytes([1]) * 4096)
+        assert driver.has_pending_writes()
+        before = stats.requests
+        await node.flush()
+        await node.flush()
+        assert stats.requests == before + 1 and not driver.has_pending_writes()
+        written = Completions()
+        assert node.write_soon(4096, bytearray([2]) * 4096, False, written.done(0))
+        await asyncio.wait_for(written.all_done, 60)
+        assert driver.has_pending_writes()
+        await node.flush()
+        assert stats.requests == before + 3 and not driver.has_pending_writes()
+        fua = Completions()  # its own flush covers it
+        assert node.write_soon(8192, bytearray([3]) * 4096, True, fua.done(0))
+        await asyncio.wait_for(fua.all_done, 60)
+        assert fua.results == {0: (None, None)}
+        assert stats.requests == before + 5 and not driver.has_pending_writes()
+        await node.flush()
+        await node.graph.inactivate_all()
+        assert stats.requests == before + 5 and stats.lock_releases == 1
+
+
 #: Another client that holds an image's exclusive lock in exclusive mode
 #: (librbd does not hand it over on request) until its stdin has a line.
 _LOCK_HOLDER = textwrap.dedent("""
