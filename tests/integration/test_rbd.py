@@ -96,6 +96,28 @@ def export_nbd(proc: QmpdProcess, node: str) -> str:
     return f"nbd+unix:///e?socket={sock}"
 
 
+def io_over_nbd(uri: str, commands: list[str]) -> None:
+    """qemu-io's ``commands`` over NBD, in writeback mode (no FUA: the
+    server's path without a coroutine); every one must pass."""
+    out = qemu_io("-f", "raw", "-t", "writeback",
+                  *(a for c in commands for a in ("-c", c)), uri, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fail" not in out.stdout and "verification" not in out.stdout, out.stdout
+
+
+def image_after_close(proc: QmpdProcess, ceph: CephCluster, image: str) -> bytes:
+    """Drop the export and the node (flushing librbd's cache), then what a
+    fresh client (rbd export) reads of the image."""
+    assert qmp(proc, "block-export-del", {"id": "e"}) == {"return": {}}
+    deadline = time.monotonic() + 30
+    while qmp(proc, "blockdev-del", {"node-name": "r"}) != {"return": {}}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    exported = ceph.root / f"{image}.raw"
+    ceph.rbd("export", "--no-progress", f"rbd/{image}", str(exported))
+    return exported.read_bytes()
+
+
 def test_nbd_requests_in_flight_together(qmpd_factory: Any, ceph: CephCluster) -> None:
     """Many 4 KiB writes and reads in flight at once through an NBD export
     (the server starts them without a coroutine: qemu-io in writeback mode
@@ -109,19 +131,9 @@ def test_nbd_requests_in_flight_together(qmpd_factory: Any, ceph: CephCluster) -
     blocks = range(0, 16 * M, 64 * K)
     writes = [f"aio_write -P {i % 250 + 1} {off} 4k" for i, off in enumerate(blocks)]
     reads = [f"aio_read -P {i % 250 + 1} {off} 4k" for i, off in enumerate(blocks)]
-    for commands in ([*writes, "aio_flush"], [*reads, "aio_flush"]):
-        out = qemu_io("-f", "raw", "-t", "writeback",
-                      *(a for c in commands for a in ("-c", c)), uri, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert "fail" not in out.stdout and "verification" not in out.stdout, out.stdout
-    assert qmp(proc, "block-export-del", {"id": "e"}) == {"return": {}}
-    deadline = time.monotonic() + 30
-    while qmp(proc, "blockdev-del", {"node-name": "r"}) != {"return": {}}:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    exported = ceph.root / f"{image}.raw"
-    ceph.rbd("export", "--no-progress", f"rbd/{image}", str(exported))
-    data = exported.read_bytes()
+    io_over_nbd(uri, [*writes, "aio_flush"])
+    io_over_nbd(uri, [*reads, "aio_flush"])
+    data = image_after_close(proc, ceph, image)
     for i, off in enumerate(blocks):
         assert data[off:off + 4 * K] == bytes([i % 250 + 1]) * (4 * K), off
         assert data[off + 4 * K:off + 64 * K] == bytes(60 * K), off
@@ -161,19 +173,9 @@ def test_nbd_large_requests_in_flight_together(
     stdout, stderr = writer.communicate(timeout=120)
     assert writer.returncode == 0, stderr
     assert "fail" not in stdout, stdout
-    for commands in ([*reads, "aio_flush"], [*reads[::-1], "aio_flush"]):
-        out = qemu_io("-f", "raw", "-t", "writeback",
-                      *(a for c in commands for a in ("-c", c)), uri, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert "fail" not in out.stdout and "verification" not in out.stdout, out.stdout
-    assert qmp(proc, "block-export-del", {"id": "e"}) == {"return": {}}
-    deadline = time.monotonic() + 30
-    while qmp(proc, "blockdev-del", {"node-name": "r"}) != {"return": {}}:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    exported = ceph.root / f"{image}.raw"
-    ceph.rbd("export", "--no-progress", f"rbd/{image}", str(exported))
-    data = exported.read_bytes()
+    io_over_nbd(uri, [*reads, "aio_flush"])
+    io_over_nbd(uri, [*reads[::-1], "aio_flush"])
+    data = image_after_close(proc, ceph, image)
     for i in range(count):
         assert data[i * M:(i + 1) * M] == bytes([i + 1]) * M, i
 
