@@ -79,6 +79,11 @@ def drop_cache(image: Any) -> None:
     image.invalidate_cache()
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _errno_of(exc: BaseException) -> int:
     code = getattr(exc, "errno", None)
     return abs(code) if isinstance(code, int) and code else errno.EIO
@@ -268,9 +273,10 @@ class RbdDriver(BlockDriver):
         self._probe_task: asyncio.Task[None] | None = None
         #: Taking the exclusive lock after an activation: writes wait for it.
         self._locking: asyncio.Task[None] | None = None
-        #: Writes completed, and how many of them the last flush covered: a
+        #: Writes submitted, and how many of them the last flush covered: a
         #: flush with nothing new to write back is skipped (QEMU's
-        #: bdrv_co_flush does the same with its write generations).
+        #: bdrv_co_flush does the same with its write generations; librbd's
+        #: flush covers the writes still in flight, so they count at once).
         self._writes = 0
         self._flushed = 0
 
@@ -387,6 +393,9 @@ class RbdDriver(BlockDriver):
         """Take the exclusive lock in the background (after an activation:
         reads need no lock, and the node resumes without waiting for it)."""
         task = asyncio.get_running_loop().create_task(self._lock_now(self._image()))
+        # Its failure is logged and raised to the writes that wait for it: a
+        # replaced or settled attempt need not be awaited by anyone.
+        task.add_done_callback(_retrieved)
         self._locking = task
         return task
 
@@ -413,13 +422,12 @@ class RbdDriver(BlockDriver):
         await asyncio.shield(task)
 
     async def _lock_settled(self) -> None:
-        """Before the lock is given up or the image closes: no attempt runs."""
+        """Before the lock is given up or the image closes: no attempt runs.
+        (A failed one stays: until the lock is held, writes still wait and
+        try again.)"""
         task = self._locking
-        self._locking = None
         if task is not None:
             await asyncio.wait([task])
-            if not task.cancelled():
-                task.exception()  # retrieved: its failure was logged
 
     async def close(self) -> None:
         image, ioctx, cluster = self.image, self.ioctx, self.cluster
@@ -544,20 +552,18 @@ class RbdDriver(BlockDriver):
             return False
         if fua:  # as write(): the flush follows the write's completion
             done = functools.partial(self._flush_soon, done)
-        self._submit_soon(io.write_cb, functools.partial(self._written_soon, done),
-                          offset, data)
+        # Counted when submitted: librbd's flush covers the writes in flight.
+        self._writes += 1
+        self._submit_soon(io.write_cb, done, offset, data)
         return True
-
-    def _written_soon(self, done: IoDone, value: Any, error: BaseException | None) -> None:
-        if error is None:
-            self._writes += 1
-        done(value, error)
 
     def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:
         io = self._io
-        if error is not None or not isinstance(io, rbd_aio.ImageAio):
-            # Failed; or the image is closing, which flushes (as flush()).
+        if error is not None:
             done(None, error)
+            return
+        if not isinstance(io, rbd_aio.ImageAio):  # closing: the FUA is not kept
+            done(None, BlockDriverError("Input/output error", errno.EIO))
             return
         try:
             self._submit_soon(io.flush_cb, functools.partial(self._flushed_soon,
@@ -593,8 +599,8 @@ class RbdDriver(BlockDriver):
         io = self._requests()
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
+        self._writes += 1  # counted when submitted (see write_soon)
         await self._aio(io.write, offset, data)
-        self._writes += 1
         if fua:
             await self.flush()
 
@@ -606,8 +612,8 @@ class RbdDriver(BlockDriver):
         if offset + length > self._size:
             await self._grow(offset + length)
         flags = 0 if may_unmap else ZERO_THICK
-        await self._aio(io.write_zeroes, offset, length, flags)
         self._writes += 1
+        await self._aio(io.write_zeroes, offset, length, flags)
         if fua:
             await self.flush()
 
@@ -619,8 +625,8 @@ class RbdDriver(BlockDriver):
         io = self._requests()
         end = min(offset + length, self._size)
         if end > offset:
-            await self._aio(io.discard, offset, end - offset)
             self._writes += 1
+            await self._aio(io.discard, offset, end - offset)
 
     async def flush(self) -> None:
         io = self._io

@@ -265,6 +265,24 @@ async def test_a_flush_with_nothing_to_write_back_is_skipped(ceph: CephCluster) 
         assert stats.requests == before + 5 and stats.lock_releases == 1
 
 
+async def test_a_flush_covers_the_writes_in_flight(ceph: CephCluster) -> None:
+    """A flush that comes while a write is in flight (not yet completed) is
+    not skipped: once it completes, another client reads the write (librbd's
+    writeback cache would otherwise keep it for 600 s)."""
+    async with rbd_node(ceph) as (node, _driver, image):
+        await node.write(0, bytes([1]) * 4096)
+        await node.flush()
+        written = Completions()
+        assert node.write_soon(4096, bytearray([0x77]) * 4096, False, written.done(0))
+        await node.flush()
+        await asyncio.wait_for(written.all_done, 60)
+        assert written.results == {0: (None, None)}
+        exported = ceph.root / f"{image}.seen"
+        await asyncio.to_thread(ceph.rbd, "export", "--no-progress", f"rbd/{image}",
+                                str(exported))
+        assert exported.read_bytes()[4096:8192] == bytes([0x77]) * 4096
+
+
 #: Another client that holds an image's exclusive lock in exclusive mode
 #: (librbd does not hand it over on request) until its stdin has a line.
 _LOCK_HOLDER = textwrap.dedent("""
