@@ -271,7 +271,10 @@ class RbdDriver(BlockDriver):
         self._probe_started = 0.0
         self._probing = False
         self._probe_task: asyncio.Task[None] | None = None
-        #: Taking the exclusive lock after an activation: writes wait for it.
+        #: Whether writes must first take the exclusive lock: from an
+        #: inactivation (or an inactive open) until an attempt succeeds.
+        self._lock_wanted = False
+        #: The attempt under way (started by an activation or a write).
         self._locking: asyncio.Task[None] | None = None
         #: Writes submitted, and how many of them the last flush covered: a
         #: flush with nothing new to write back is skipped (QEMU's
@@ -299,6 +302,7 @@ class RbdDriver(BlockDriver):
         opened = await self.node.graph.run_io(self._open_blocking, options, key, writable)
         self.cluster, self.ioctx, self.image, self._size, self._features, \
             self._object_size, self._header = opened
+        self._lock_wanted = not writable and self._needs_lock()
         loop = asyncio.get_running_loop()
         handle = rbd_aio.image_handle(self.image, self.ioctx, self.image_name) \
             if C_AIO else None
@@ -389,6 +393,9 @@ class RbdDriver(BlockDriver):
             image.lock_acquire(LOCK_MODE_EXCLUSIVE)
         self.stats.lock_acquisitions += 1
 
+    def _needs_lock(self) -> bool:
+        return not self.node.read_only and bool(self._features & FEATURE_EXCLUSIVE_LOCK)
+
     def _start_locking(self) -> asyncio.Task[None]:
         """Take the exclusive lock in the background (after an activation:
         reads need no lock, and the node resumes without waiting for it)."""
@@ -410,14 +417,13 @@ class RbdDriver(BlockDriver):
                 f"Failed to take the exclusive lock: {_strerror(code)}", code) from None
         if self._locking is asyncio.current_task():
             self._locking = None
+            self._lock_wanted = False
 
     async def _lock_taken(self) -> None:
-        """Before a write: wait for the lock an activation is taking (a
-        failed attempt is made again, and its error raised if it fails too)."""
+        """Before a write while the lock is wanted: wait for the attempt under
+        way, or make one (again, after a failed one), its error raised if it fails."""
         task = self._locking
-        if task is None:
-            return
-        if task.done():
+        if task is None or task.done():
             task = self._start_locking()
         await asyncio.shield(task)
 
@@ -548,7 +554,7 @@ class RbdDriver(BlockDriver):
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
         io = self._io
         if not isinstance(io, rbd_aio.ImageAio) or offset + len(data) > self._size \
-                or self._locking is not None:
+                or self._lock_wanted:
             return False
         if fua:  # as write(): the flush follows the write's completion
             done = functools.partial(self._flush_soon, done)
@@ -594,7 +600,7 @@ class RbdDriver(BlockDriver):
             self._writes += 1
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        if self._locking is not None:
+        if self._lock_wanted:
             await self._lock_taken()
         io = self._requests()
         if offset + len(data) > self._size:
@@ -606,7 +612,7 @@ class RbdDriver(BlockDriver):
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False) -> None:
-        if self._locking is not None:
+        if self._lock_wanted:
             await self._lock_taken()
         io = self._requests()
         if offset + length > self._size:
@@ -620,7 +626,7 @@ class RbdDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         if not self.node.discard_unmap:
             return  # discard=ignore, QEMU's default
-        if self._locking is not None:
+        if self._lock_wanted:
             await self._lock_taken()
         io = self._requests()
         end = min(offset + length, self._size)
@@ -642,7 +648,7 @@ class RbdDriver(BlockDriver):
         return self._writes != self._flushed
 
     async def truncate(self, size: int) -> None:
-        if self._locking is not None:
+        if self._lock_wanted:
             await self._lock_taken()
         image = self._image()
         try:
@@ -742,6 +748,9 @@ class RbdDriver(BlockDriver):
                 image.lock_release()
                 self.stats.lock_releases += 1
 
+        # From here on, until an attempt succeeds, a write takes the lock
+        # first: also one that comes before the next activation's reload.
+        self._lock_wanted = self._needs_lock()
         try:
             await self.node.graph.run_io(release)
         except Exception as exc:
@@ -770,7 +779,8 @@ class RbdDriver(BlockDriver):
         async def finish(result: tuple[int, int]) -> None:
             self._size, self._features = result
             self.stats.cache_invalidations += 1
-            if writable and self._features & FEATURE_EXCLUSIVE_LOCK:
+            self._lock_wanted = writable and self._needs_lock()
+            if self._lock_wanted:
                 # Writes wait for it; the node resumes without (an OSD round
                 # trip or two, most of a handover's activation on rbd).
                 self._start_locking()

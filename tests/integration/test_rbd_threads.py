@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from qmpd.block import rbd, rbd_aio
+from qmpd.block.driver import NodeState
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig
 from qmpd.block.rbd import RbdDriver
 from qmpd.errors import BlockDriverError
 from tests.support.ceph import POOL, CephCluster, lock_holders
-from tests.support.tools import REPO
+from tests.support.tools import REPO, qemu_io
 
 _api = ctypes.pythonapi
 _api.PyInterpreterState_Get.restype = ctypes.c_void_p
@@ -337,6 +338,26 @@ async def test_an_activated_node_reads_before_it_holds_the_lock(ceph: CephCluste
         assert await node.read(0, 8192) == bytes([0x11]) * 4096 + bytes([0x22]) * 4096
         assert len(lock_holders(ceph, image)) == 1
         assert driver.stats.lock_acquisitions == 2  # at the open, and on the retry
+
+
+async def test_a_write_before_the_reload_takes_the_lock_first(ceph: CephCluster) -> None:
+    """From an inactivation on, a write takes the exclusive lock (in exclusive
+    mode) before it goes to librbd: also one that comes while an activation
+    has marked the node active but its reload has not run yet.  Otherwise
+    the write reaches librbd without it: refused (EROFS) by an image this
+    client once locked explicitly, or, on one it never locked (opened
+    inactive), locked by librbd itself in its cooperative mode, which hands
+    the lock to the next client that asks."""
+    async with rbd_node(ceph) as (node, driver, image):
+        await node.write(0, bytes([1]) * 4096)
+        await node.graph.inactivate_all()
+        node.set_state(NodeState.ACTIVE)  # the activation's first step, before the reload
+        await node.write(4096, bytes([2]) * 4096)
+        assert driver.stats.lock_acquisitions == 2
+        other = await asyncio.to_thread(
+            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
+        assert "Read-only file system" in other.stdout + other.stderr, other.stdout
+        assert await node.read(0, 8192) == bytes([1]) * 4096 + bytes([2]) * 4096
 
 
 async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> None:
