@@ -196,6 +196,41 @@ def test_a_recycled_payload_takes_the_next_write_of_its_size_whole() -> None:
     assert three.payload == first[:size // 2]
 
 
+def test_recycled_payloads_are_kept_several_and_bounded() -> None:
+    """Sans-IO: completions come in bunches, so several recycled payloads are
+    kept (each handed to one WRITE only, even if recycled twice), within
+    SPARES and SPARE_BYTES beyond the first."""
+    size = 1 << 20
+    tx = p.Transmission(lambda: 1 << 30, read_only=False, structured=True)
+
+    def write(cookie: int, data: bytes) -> bytearray:
+        tx.receive_data(p.request_header(p.Cmd.WRITE, cookie, 0, len(data)) + data[:10])
+        assert tx.next_event() is p.NEED_DATA
+        tx.receive_data(data[10:])
+        got = tx.next_event()
+        assert isinstance(got, p.Request) and got.payload == data
+        assert isinstance(got.payload, bytearray)
+        return got.payload
+
+    datas = [os.urandom(size) for _ in range(6)]
+    first = [write(i, datas[i]) for i in range(4)]
+    tx.recycle(first[0])
+    tx.recycle(first[0])  # again: still one spare
+    for buffer in first[1:]:
+        tx.recycle(buffer)
+    again = [write(10 + i, datas[4 + i % 2]) for i in range(4)]
+    assert {id(b) for b in again} == {id(b) for b in first}
+    fresh = write(20, datas[0])  # all taken: a new one
+    assert all(fresh is not b for b in first)
+    # Beyond SPARES, or beyond SPARE_BYTES after the first, none is kept.
+    big = [write(30 + i, os.urandom(6 << 20)) for i in range(2)]
+    for buffer in big:
+        tx.recycle(buffer)
+    assert write(40, bytes(6 << 20)) is big[0]
+    other = write(41, bytes(6 << 20))
+    assert all(other is not b for b in big)
+
+
 def test_read_data_is_read_parts_of_one_piece() -> None:
     data = os.urandom(4096)
     for structured in (False, True):

@@ -146,6 +146,12 @@ class Transmission:
     SMALL_WINDOW = 4096
     #: Payloads smaller than this are not worth recycling.
     RECYCLE_MIN = 64 * 1024
+    #: Recycled payloads kept: several, as completions come in bunches (one
+    #: spare served 57% of a 1 MiB QD4 stream over rbd) ...
+    SPARES = 4
+    #: ... and this many bytes at most beyond the first (which may be one
+    #: payload of any size, as before).
+    SPARE_BYTES = 8 * 1024 * 1024
 
     def __init__(
         self,
@@ -165,7 +171,7 @@ class Transmission:
         self._end = 0
         self._header: Request | None = None  # a WRITE waiting for its payload
         self._payload = bytearray()
-        self._spare: bytearray | None = None  # see recycle()
+        self._spares: list[bytearray] = []  # see recycle()
         self._filled = 0
         self._small_window = False
         self.finished = False  # after DISC or a violation nothing more is parsed
@@ -274,12 +280,7 @@ class Transmission:
             if have == length:  # all here: one copy, no zero-filling first
                 request.payload = buf[start : start + have]
                 return self.validate(request)
-            spare = self._spare
-            if spare is not None and len(spare) == length:
-                payload = spare
-                self._spare = None
-            else:
-                payload = bytearray(length)
+            payload = self._take_spare(length)
             payload[:have] = memoryview(buf)[start : start + have]
             self._header = request
             self._payload = payload
@@ -299,8 +300,22 @@ class Transmission:
         """A WRITE's payload that nothing refers to any more: the next WRITE of
         the same length may be received into it (streamed WRITEs of one size
         then cost no allocation and no zero-filling of a fresh buffer)."""
-        if isinstance(payload, bytearray) and len(payload) >= self.RECYCLE_MIN:
-            self._spare = payload
+        if not isinstance(payload, bytearray) or len(payload) < self.RECYCLE_MIN:
+            return
+        spares = self._spares
+        if any(spare is payload for spare in spares):
+            return  # twice would hand one buffer to two WRITEs
+        if not spares or (len(spares) < self.SPARES and sum(map(len, spares)) + len(payload)
+                          <= self.SPARE_BYTES):
+            spares.append(payload)
+
+    def _take_spare(self, length: int) -> bytearray:
+        """A recycled payload of ``length`` bytes, or a new one."""
+        spares = self._spares
+        for index, spare in enumerate(spares):
+            if len(spare) == length:
+                return spares.pop(index)
+        return bytearray(length)
 
     def validate(self, request: Request) -> Request | Rejected:
         """QEMU's checks, in QEMU's order; the request itself when it passes."""
