@@ -50,6 +50,9 @@ TLS_RECV = 256 * 1024
 SEAL_AHEAD = 1024 * 1024
 #: Plaintext decrypted before the requests in it are parsed and started.
 TLS_BATCH = 256 * 1024
+#: How long a refused client's last bytes are read and dropped before the
+#: socket is closed (see :meth:`TlsConnection._refuse`).
+LINGER_TIMEOUT = 2.0
 
 class TlsSession:
     """One connection's TLS state: handshake, decryption, encryption."""
@@ -323,11 +326,7 @@ class TlsConnection(NbdConnection):
         try:
             done = tls.handshake()
         except (ssl.SSLError, OSError) as exc:
-            try:  # the alert, best effort
-                self.sock.send(tls.outgoing())
-            except OSError:
-                pass
-            self._negotiation_failed(tls_failure_reason(exc))
+            self._refuse(tls_failure_reason(exc), tls.outgoing())
             return
         out = tls.outgoing()
         if out:
@@ -337,12 +336,58 @@ class TlsConnection(NbdConnection):
         if server_tls.check_peer is not None:
             refused = server_tls.check_peer(tls.peer_certificate())
             if refused is not None:
-                self._negotiation_failed(refused)
+                self._refuse(refused)
                 return
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         self._tls_input()
+
+    def _refuse(self, reason: str, alert: bytes = b"") -> None:
+        """Refuse the client in or right after the TLS handshake: the alert (best
+        effort), then a lingering close.
+
+        OpenSSL refuses a client certificate as soon as it arrives, while the
+        client may still be sending the rest of its flight (CertificateVerify,
+        Finished) or its first option.  Closed with those bytes unread, the socket
+        would answer them with a reset: the client's handshake fails on EPIPE
+        half-way (QEMU 7.2's client then waits for ever in blockdev-add), and the
+        reset can discard the alert before the client reads it.  So our side is
+        shut down and what still comes is read and dropped until the client hangs
+        up, for :data:`LINGER_TIMEOUT` at most.  (QEMU's server, on GnuTLS, checks
+        the certificate only once the handshake is done.)
+        """
+        log.warning("NBD client %s: option negotiation failed: %s", self.peer, reason)
+        self.handshake = None
+        self.tls = None  # nothing more is decrypted or sealed
+        self._set_reading(False)
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+        self._out.clear()
+        self._out_bytes = self._sealed = self._sealed_items = 0
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            if alert:
+                self.sock.send(alert)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+            return
+        self.loop.add_reader(self.fd, self._linger)
+        self.reading = True  # so that _close removes this reader
+        self._timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+
+    def _linger(self) -> None:
+        try:
+            if self.sock.recv_into(self._raw):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close()
 
     def _send_sealed(self, data: bytes) -> None:
         """Queue ciphertext (handshake messages) ahead of any plaintext not yet sealed."""

@@ -395,3 +395,67 @@ def test_stalled_handshake_is_dropped_and_blocks_nobody(servers: Servers, pki: P
     log = server.stderr()[len(before):]
     assert log.count("option negotiation failed: the TLS handshake took too long") == 2, log
     good_client_works(server, pki)
+
+
+def _records(data: bytes) -> list[bytes]:
+    """TLS records, whole, in order."""
+    out = []
+    while data:
+        length = struct.unpack(">H", data[3:5])[0]
+        out.append(data[:5 + length])
+        data = data[5 + length:]
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_refused_certificate_mid_flight_is_not_reset(servers: Servers, pki: Pki,
+                                                     impl: str) -> None:
+    """A client whose certificate is refused is not reset in the middle of its
+    handshake, and reads qmpd's alert to a clean end.
+
+    OpenSSL (qmpd) refuses an expired certificate as soon as it arrives, GnuTLS
+    (QSD) once the handshake is done.  Here the client sends its last flight a
+    record at a time, with pauses between.  A server that closed as it refused
+    would answer the next record with a reset, and the client's send after that
+    fails (EPIPE): QEMU 7.2's own client, hit so in the middle of its handshake,
+    hangs in blockdev-add for ever.  qmpd lingers, so the client's first
+    options go through too.
+    """
+    server = servers.by_impl[impl]["tcp"]
+    before = server.stderr()
+    peer = Peer(server)
+    try:
+        assert peer.option(5) == [(5, 1, b"")]
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_ctx(pki, "client-expired").wrap_bio(incoming, outgoing)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                peer.sock.sendall(outgoing.read())
+                incoming.write(peer.sock.recv(65536))
+        flight = _records(outgoing.read())
+        assert len(flight) >= 3  # Certificate, CertificateVerify, Finished
+        if impl == "qmpd":  # and options: QEMU's server resets those (it has checked)
+            for _ in range(2):
+                tls.write(struct.pack(">QII", IHAVEOPT, 3, 0))  # NBD_OPT_LIST
+                flight.append(outgoing.read())
+        for record in flight:  # one at a time: a reset would be back before the next
+            peer.sock.sendall(record)
+            time.sleep(0.15)
+        received = b""
+        while chunk := peer.sock.recv(65536):
+            received += chunk
+    finally:
+        peer.close()
+    if impl == "qmpd":
+        incoming.write(received)
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_EXPIRED"):
+            tls.read(100)
+    logged = REFUSALS["expired"][1][impl]
+    deadline = time.monotonic() + 10
+    while logged not in server.stderr()[len(before):] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert logged in server.stderr()[len(before):]
+    good_client_works(server, pki)
