@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def make_chain(work: Path, size: int) -> tuple[Path, Path, Path]:
 
 
 def start(impl: str, work: Path, base: Path, top: Path,
-          active: Path | None) -> tuple[subprocess.Popen[bytes], Path]:
+          active: Path | None) -> tuple[subprocess.Popen[bytes], Path | socket.socket]:
     sock = work / f"{impl}.qmp"
     nodes = ["--blockdev", f"driver=qcow2,node-name=base,file.driver=file,file.filename={base}",
              "--blockdev", f"driver=qcow2,node-name=top,backing=base,file.driver=file,"

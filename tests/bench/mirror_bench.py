@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from tests.bench.machine import drop_caches  # noqa: E402
 from tests.bench.nbd_bench import cpu_seconds, parse_size  # noqa: E402
 from tests.support.qmp import QmpClient  # noqa: E402
+from tests.support.qsd import QsdMonitor  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 64 * MiB
@@ -52,15 +54,16 @@ def make_source(path: Path, size: int) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def start_daemon(impl: str, sock: Path,
-                 nodes: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-    """qmpd (this checkout) or qemu-storage-daemon with ``nodes``, its QMP on ``sock``."""
-    sock.unlink(missing_ok=True)
+def start_daemon(impl: str, sock: Path, nodes: list[str]
+                 ) -> tuple[subprocess.Popen[bytes], Path | socket.socket]:
+    """qmpd (this checkout) with ``nodes``, its QMP on ``sock``, or qemu-storage-daemon
+    with ``nodes``, its QMP on the socket returned (a :class:`QsdMonitor`)."""
     if impl == "qsd":
-        argv = ["qemu-storage-daemon", "--chardev",
-                f"socket,id=c,path={sock},server=on,wait=off", "--monitor", "chardev=c", *nodes]
-    else:
-        argv = [sys.executable, "-m", "qmpd", "--qmp", f"unix:{sock}", *nodes]
+        monitor = QsdMonitor("c")
+        return monitor.popen(["qemu-storage-daemon", *monitor.args, *nodes],
+                             stdout=subprocess.DEVNULL), monitor.sock
+    sock.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "qmpd", "--qmp", f"unix:{sock}", *nodes]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
@@ -71,7 +74,8 @@ def start_daemon(impl: str, sock: Path,
     return proc, sock
 
 
-def start(impl: str, work: Path, src: Path, tgt: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start(impl: str, work: Path, src: Path, tgt: Path
+          ) -> tuple[subprocess.Popen[bytes], Path | socket.socket]:
     nodes = ["--blockdev", f"driver=qcow2,node-name=src,file.driver=file,file.filename={src}",
              "--blockdev", f"driver=qcow2,node-name=tgt,file.driver=file,file.filename={tgt}"]
     return start_daemon(impl, work / f"{impl}.qmp", nodes)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.qmp import QmpClient, wait_greeting
+from tests.support.qsd import QsdMonitor
 from tests.support.tools import QEMU_SYSTEM, REPO, qemu_img, require_tool
 
 QEMU = QEMU_SYSTEM
@@ -71,7 +72,8 @@ class Qmp(QmpClient):
     """The shared QMP client, numbering its requests and keeping a transcript,
     with the migration tests' digest of what it saw (:meth:`names`)."""
 
-    def __init__(self, path: str, timeout: float = 15.0, check_schema: bool = False) -> None:
+    def __init__(self, path: str | socket.socket, timeout: float = 15.0,
+                 check_schema: bool = False) -> None:
         super().__init__(path, timeout, wait=timeout, check_schema=check_schema, ids=True,
                          trace=True, negotiate=True)
 
@@ -148,6 +150,8 @@ class Peer:
         self.qmp_path = str(self.dir / "qmp.sock")
         self.stdout_path = self.dir / "stdout"
         self.stderr_path = self.dir / "stderr"
+        #: QEMU's QMP monitor (a qmpd's is at ``qmp_path``).
+        self._monitor: QsdMonitor | None = None
         env = dict(os.environ)
         if kind == "qmpd":
             env["QMPD_CHECK_SCHEMA"] = "1"
@@ -159,7 +163,8 @@ class Peer:
             if paused:
                 argv += ["-S"]
         else:
-            argv = [require_tool(QEMU), *QEMU_ARGS, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+            self._monitor = QsdMonitor("qmp")
+            argv = [require_tool(QEMU), *QEMU_ARGS, *self._monitor.qemu_args]
             if incoming:
                 argv += ["-incoming", incoming]
             if paused:
@@ -170,8 +175,9 @@ class Peer:
         self.argv = argv
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=self._err, env=env, cwd=self.dir)
+        spawn = self._monitor.popen if self._monitor is not None else subprocess.Popen
+        self.proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=self._out,
+                          stderr=self._err, env=env, cwd=self.dir)
         self.pid = self.proc.pid
         self._qmp: Qmp | None = None
 
@@ -186,12 +192,13 @@ class Peer:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{self} did not start: {self.stderr()}")
                 time.sleep(0.005)
+            self._qmp = Qmp(self.qmp_path, check_schema=True)
         else:
-            while not os.path.exists(self.qmp_path):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self} did not start: {self.stderr()}")
-                time.sleep(0.002)
-        self._qmp = Qmp(self.qmp_path, check_schema=self.kind == "qmpd")
+            assert self._monitor is not None
+            try:
+                self._qmp = Qmp(self._monitor.sock)
+            except (EOFError, ConnectionError):
+                raise RuntimeError(f"{self} did not start: {self.stderr()}") from None
         if self.kind == "qemu" and not self.paused and not self.incoming:
             # QEMU's QMP accepts from its own thread, so under load a client
             # can connect before vm_start and see its start-up RESUME.

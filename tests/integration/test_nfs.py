@@ -25,6 +25,7 @@ from tests.integration.migration_helpers import (
     start,
 )
 from tests.support.nfs import NfsServer
+from tests.support.qsd import QsdMonitor
 from tests.support.tools import qemu_img, run_tool
 
 NO_SIZE_REFRESH = (
@@ -107,23 +108,18 @@ def test_raw_on_nfs_resize_and_flush(nfs_server: NfsServer, cluster: Cluster) ->
     assert data[4096:12288] == b"\x22" * 8192 and data[1 << 20:] == bytes(1 << 20)
 
 
-def test_query_named_block_nodes_like_qsd(nfs_server: NfsServer, cluster: Cluster,
-                                          work: Path) -> None:
+def test_query_named_block_nodes_like_qsd(nfs_server: NfsServer, cluster: Cluster) -> None:
     name = _name("info") + ".img"
     (nfs_server.export / name).write_bytes(bytes(1 << 20))
     node = {"node-name": "n0", **nfs_server.blockdev(name)}
     q = cluster("qmpd", "q")
     q.ok("blockdev-add", node)
     ours = q.ok("query-named-block-nodes")[0]
-    sock = str(work / "qsd.sock")
-    qsd = subprocess.Popen(["qemu-storage-daemon", "--blockdev", json.dumps(node),
-                            "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
-                            "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
+    monitor = QsdMonitor("m")
+    qsd = monitor.popen(["qemu-storage-daemon", "--blockdev", json.dumps(node), *monitor.args],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        from tests.support.qmp import QmpClient
-
-        c = QmpClient(sock, wait=20, check_schema=False, negotiate=True)
+        c = monitor.client(qsd, 20, check_schema=False, negotiate=True)
         try:
             theirs = c.ok("query-named-block-nodes")[0]
         finally:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QmpdProcess, RawClient, require_tool, wait_for_socket
+from tests.conftest import QmpdProcess, RawClient, require_tool
+from tests.support.qsd import QsdMonitor
 
 SECRET = "hunter2-do-not-leak"
 
@@ -93,18 +94,17 @@ def _replay(client: RawClient, conversation: list[tuple[str, dict[str, Any]]]) -
     return replies
 
 
-def _qsd(tmp: Path) -> tuple[subprocess.Popen[bytes], RawClient]:
+def _qsd() -> tuple[subprocess.Popen[bytes], RawClient]:
     qsd = require_tool("qemu-storage-daemon")
-    sock = tmp / "qsd.sock"
-    proc = subprocess.Popen(
-        [qsd, "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
-         "--monitor", "chardev=m0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    wait_for_socket(proc, sock)
-    client = RawClient(str(sock))
-    client.negotiate()
-    return proc, client
+    monitor = QsdMonitor("m0")
+    proc = monitor.popen([qsd, *monitor.args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc, monitor.client(proc, 10, negotiate=True)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def test_object_commands_match_qsd(qmpd: QmpdProcess, tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_object_commands_match_qsd(qmpd: QmpdProcess, tmp_path: Path) -> None:
     client = qmpd.client()
     client.negotiate()
     ours = _replay(client, conversation)
-    proc, qsd_client = _qsd(tmp_path)
+    proc, qsd_client = _qsd()
     try:
         theirs = _replay(qsd_client, conversation)
     finally:

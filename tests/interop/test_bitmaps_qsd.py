@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import QmpdProcess
 from tests.support.qmp import QmpClient
-from tests.support.qsd import side_by_side
-from tests.support.tools import QSD, qemu_io, require_tool, wait_for_socket
+from tests.support.qsd import QsdMonitor, side_by_side
+from tests.support.tools import QSD, qemu_io, require_tool
 
 pytestmark = pytest.mark.qemu
 
@@ -84,17 +84,16 @@ def pair(tmp_path: Path) -> Iterator[tuple[Side, Side]]:
     qsd_dir.mkdir()
     qmpd_dir.mkdir()
     export = ["--export", "nbd,id=e,node-name=n0,name=n0,writable=on"]
-    sock = qsd_dir / "qmp.sock"
-    proc = subprocess.Popen(
-        [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off", "--monitor", "chardev=c",
+    monitor = QsdMonitor("c")
+    proc = monitor.popen(
+        [QSD, *monitor.args,
          *NODES, "--nbd-server", f"addr.type=unix,addr.path={qsd_dir}/nbd.sock", *export],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     daemon = None
     try:
-        wait_for_socket(proc, sock)
         daemon = QmpdProcess(qmpd_dir, *NODES, "--nbd-server",
                              f"addr.type=unix,addr.path={qmpd_dir}/nbd.sock", *export)
-        qsd = Side("qsd", QmpClient(sock, 20, check_schema=False, negotiate=True),
+        qsd = Side("qsd", monitor.client(proc, 20, check_schema=False, negotiate=True),
                    qsd_dir / "nbd.sock")
         ours = Side("qmpd", QmpClient(daemon.sock, 20, negotiate=True), qmpd_dir / "nbd.sock")
         yield qsd, ours

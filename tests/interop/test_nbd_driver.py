@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import QmpdProcess
 from tests.support.qmp import QmpClient
+from tests.support.qsd import QsdMonitor
 from tests.support.tools import QSD, qemu_img, qemu_io, require_tool, wait_for_socket
 
 pytestmark = pytest.mark.qemu
@@ -58,15 +59,13 @@ class Qsd:
     def __init__(self, directory: Path, *args: str) -> None:
         directory.mkdir(exist_ok=True)
         self.dir = directory
-        self.sock = directory / "qmp.sock"
         self.log = directory / "qsd.log"
-        self.proc = subprocess.Popen(
-            [require_tool(QSD), "--chardev", f"socket,id=m,path={self.sock},server=on,wait=off",
-             "--monitor", "chardev=m", *args],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        monitor = QsdMonitor("m")
+        self.proc = monitor.popen([require_tool(QSD), *monitor.args, *args],
+                                  stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         try:
-            wait_for_socket(self.proc, self.sock)
-            self.qmp = QmpClient(self.sock, 30, check_schema=False, negotiate=True)
+            self.qmp = monitor.client(self.proc, 30, log=self.log, check_schema=False,
+                                      negotiate=True)
         except BaseException:
             self.proc.kill()
             self.proc.wait()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QmpdProcess, RawClient, require_tool, wait_for_socket
+from tests.support.qsd import QsdMonitor
 
 pytestmark = pytest.mark.qemu
 
@@ -44,18 +45,21 @@ def _access_modes(pid: int, path: Path) -> list[str]:
 def _qsd_nodes(tmp: Path, args: list[str], commands: list[Step],
                prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     qsd = require_tool("qemu-storage-daemon")
-    sock = tmp / "qsd.sock"
-    return _spawned_nodes([*prefix, qsd, "--chardev",
-                           f"socket,id=c,path={sock},server=on,wait=off",
-                           "--monitor", "chardev=c", *args], sock, commands)
+    monitor = QsdMonitor("c")
+    return _spawned_nodes([*prefix, qsd, *monitor.args, *args], monitor, commands)
 
 
-def _spawned_nodes(argv: list[str], sock: Path, commands: list[Step]) -> dict[str, Any]:
-    """Run a daemon with a QMP socket at ``sock`` and observe it."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _spawned_nodes(argv: list[str], sock: Path | QsdMonitor,
+                   commands: list[Step]) -> dict[str, Any]:
+    """Run a daemon with a QMP socket at ``sock`` (or on ``sock``, a QsdMonitor) and observe it."""
+    spawn = sock.popen if isinstance(sock, QsdMonitor) else subprocess.Popen
+    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_socket(proc, sock)
-        client = RawClient(str(sock))
+        if isinstance(sock, QsdMonitor):
+            client = sock.client(proc, 10)
+        else:
+            wait_for_socket(proc, sock)
+            client = RawClient(str(sock))
         try:
             return _observe(client, proc.pid, commands)
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -32,10 +33,10 @@ from tests.conftest import (
     RawClient,
     check_message,
     require_tool,
-    wait_for_socket,
 )
 from tests.integration.migration_helpers import Peer, need_qemu
 from tests.interop.test_qcow2_common import run
+from tests.support.qsd import QsdMonitor
 
 CS = 65536
 COPIED = 1 << 63
@@ -181,9 +182,9 @@ def command_line(images: dict[str, Path], healthy: Path, nbd: Path) -> list[str]
     return argv
 
 
-def scenario(qmp: Path, nbd: Path) -> dict[str, Any]:
+def scenario(qmp: Path | socket.socket, nbd: Path) -> dict[str, Any]:
     """The writes, their errors and events, as one daemon answers them."""
-    client = RawClient(str(qmp))
+    client = RawClient(qmp)
     client.negotiate()
     seen: dict[str, Any] = {}
     try:
@@ -213,9 +214,9 @@ def scenario(qmp: Path, nbd: Path) -> dict[str, Any]:
     return seen
 
 
-def reopen(qmp: Path, images: dict[str, Path]) -> dict[str, Any]:
+def reopen(qmp: Path | socket.socket, images: dict[str, Path]) -> dict[str, Any]:
     """blockdev-add of each corrupt image, read/write and read-only."""
-    client = RawClient(str(qmp))
+    client = RawClient(qmp)
     client.negotiate()
     out = {}
     try:
@@ -228,14 +229,12 @@ def reopen(qmp: Path, images: dict[str, Path]) -> dict[str, Any]:
     return out
 
 
-def serve_qsd(tmp: Path, argv: list[str]) -> subprocess.Popen[bytes]:
-    qmp = tmp / "qmp.sock"
-    proc = subprocess.Popen(
-        [require_tool("qemu-storage-daemon"),
-         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
-         *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(proc, qmp)
-    return proc
+def serve_qsd(argv: list[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """QSD with ``argv`` and our end of its QMP monitor."""
+    monitor = QsdMonitor("m")
+    proc = monitor.popen([require_tool("qemu-storage-daemon"), *monitor.args, *argv],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, monitor.sock
 
 
 def stop_qsd(proc: subprocess.Popen[bytes]) -> None:
@@ -269,14 +268,14 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         run("qemu-img", "create", "-q", "-f", "qcow2", healthy, "64M")
         argv = command_line(images, healthy, tmp / "nbd.sock")
         if who == "qemu":
-            proc = serve_qsd(tmp, argv)
+            proc, qmp = serve_qsd(argv)
             try:
-                seen = scenario(tmp / "qmp.sock", tmp / "nbd.sock")
+                seen = scenario(qmp, tmp / "nbd.sock")
             finally:
                 stop_qsd(proc)
-            proc = serve_qsd(tmp, [])
+            proc, qmp = serve_qsd([])
             try:
-                seen["reopen"] = reopen(tmp / "qmp.sock", images)
+                seen["reopen"] = reopen(qmp, images)
             finally:
                 stop_qsd(proc)
         else:

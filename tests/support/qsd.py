@@ -13,17 +13,19 @@ alike.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.conftest import QmpdProcess
 from tests.support.qmp import QmpClient
-from tests.support.tools import QSD, require_tool, wait_for_socket
+from tests.support.tools import QSD, require_tool
 
 T = TypeVar("T")
 Conversation = Callable[["Peer"], None]
@@ -129,25 +131,68 @@ class Peer:
                 for line in self.qmp.transcript[1:] if line.startswith(b"<- ")]
 
 
+class QsdMonitor:
+    """A QMP monitor on one end of a socket pair (``fd=N``), for QSD or QEMU.
+
+    QEMU 7.2 races on a listening monitor: a client that connects while the
+    accept watch moves to the monitor's I/O thread can leave that thread blocked
+    in accept(), so qmp_capabilities is never answered and SIGTERM hangs.  A
+    chardev connected from the start never accepts."""
+
+    def __init__(self, chardev: str = "mon") -> None:
+        #: Our end, for :meth:`client`.
+        self.sock, self._theirs = socket.socketpair()
+        spec = f"socket,id={chardev},fd={self._theirs.fileno()}"
+        #: The monitor's options for qemu-storage-daemon, and for qemu-system.
+        self.args = ["--chardev", spec, "--monitor", f"chardev={chardev}"]
+        self.qemu_args = ["-chardev", spec, "-mon", f"chardev={chardev},mode=control"]
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen`` that passes the daemon its end, then closes ours of it."""
+        try:
+            return subprocess.Popen(argv, pass_fds=(self._theirs.fileno(),), **kwargs)
+        finally:
+            self._theirs.close()
+
+    def client(self, proc: subprocess.Popen[Any], timeout: float = 30.0, *,
+               log: Path | None = None, **kwargs: Any) -> QmpClient:
+        """A :class:`QmpClient` on our end.  If ``proc`` exits instead of greeting,
+        an AssertionError with what it said (on its stderr pipe, or in ``log``)."""
+        try:
+            return QmpClient(self.sock, timeout, **kwargs)
+        except BaseException as exc:
+            self.sock.close()
+            if not isinstance(exc, (EOFError, ConnectionError)):
+                raise
+            try:
+                status = proc.wait(10)
+            except subprocess.TimeoutExpired:
+                raise exc from None
+            said: str | bytes = ""
+            if proc.stderr is not None:
+                said = proc.stderr.read()
+            elif log is not None:
+                said = log.read_text(errors="replace")
+            if isinstance(said, bytes):
+                said = said.decode(errors="replace")
+            argv = proc.args
+            name = os.fsdecode(argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0])
+            raise AssertionError(f"{name} exited with status {status}: {said}") from None
+
+
 @contextmanager
 def qsd_peer(work: Path, *args: str) -> Iterator[Peer]:
-    """qemu-storage-daemon with a QMP monitor on ``work``/qmp.sock and ``args``."""
+    """qemu-storage-daemon with a QMP monitor (:class:`QsdMonitor`) and ``args``."""
     require_tool(QSD)
-    sock = work / "qmp.sock"
     args = tuple(_subst(list(args), "$DIR", str(work)))
+    monitor = QsdMonitor("c")
     # A file, not a pipe: what QSD reports (error_report) never blocks it.
     with open(work / "qsd.stderr", "wb") as stderr:
-        proc = subprocess.Popen(
-            [QSD, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-             "--monitor", "chardev=c", *args],
-            stdout=subprocess.DEVNULL, stderr=stderr, cwd=work)
+        proc = monitor.popen([QSD, *monitor.args, *args],
+                             stdout=subprocess.DEVNULL, stderr=stderr, cwd=work)
     try:
-        try:
-            wait_for_socket(proc, sock)
-        except AssertionError as exc:
-            said = (work / "qsd.stderr").read_text(errors="replace")
-            raise AssertionError(f"{exc}: {said}") from None
-        client = QmpClient(sock, 30, check_schema=False, negotiate=True, trace=True)
+        client = monitor.client(proc, 30, log=work / "qsd.stderr", check_schema=False,
+                                negotiate=True, trace=True)
         try:
             yield Peer("qsd", client, work, proc)
         finally:
