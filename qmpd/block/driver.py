@@ -24,7 +24,9 @@ driver.  Two methods manage that cache across a change of owner:
   node's state (``node.state``) and keeps no copy of it.
 * :meth:`BlockDriver.invalidate_cache` (activation) throws away every piece
   of cached mutable metadata and reloads it from disk, keeping only the
-  immutable configuration (options).  It is only called on an inactive node.
+  immutable configuration (options).  It is only called on an inactive node
+  (the graph then marks it active to take its permissions, and requests wait
+  until the reload is done: :meth:`BlockNode.hold_requests`).
   A driver that can do it as one blocking job offers that job through
   :meth:`BlockDriver.begin_reload` (activation of many nodes then batches the
   jobs of every node into a few I/O-thread hops); a format driver reads its
@@ -36,7 +38,6 @@ driver.  Two methods manage that cache across a change of owner:
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
+from qmpd.block.common import NODE_TRANSITIONS as NODE_TRANSITIONS
+from qmpd.block.common import PERM_ALL as PERM_ALL
+from qmpd.block.common import PERM_NAMES as PERM_NAMES
+from qmpd.block.common import ChildRole as ChildRole
+from qmpd.block.common import NodeState as NodeState
+from qmpd.block.common import Perm as Perm
+from qmpd.block.common import perm_names as perm_names
 from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.extent import BlockStatus as BlockStatus
 from qmpd.block.extent import HostSpan, read_span
@@ -57,51 +65,12 @@ T = TypeVar("T")
 IoDone = Callable[[Any, BaseException | None], None]
 
 
-class Perm(enum.IntFlag):
-    """QEMU's block permissions (BLK_PERM_*); also the lock byte numbers."""
-
-    NONE = 0
-    CONSISTENT_READ = 0x1
-    WRITE = 0x2
-    WRITE_UNCHANGED = 0x4
-    RESIZE = 0x8
-
-
-PERM_ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
-
-PERM_NAMES = {
-    Perm.CONSISTENT_READ: "consistent read",
-    Perm.WRITE: "write",
-    Perm.WRITE_UNCHANGED: "write unchanged",
-    Perm.RESIZE: "resize",
-}
-
-
 #: Every permission set by value, and the bits as ints, for the hot paths.
 _PERMS = tuple(Perm(value) for value in range(16))
 _CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0x1, 0x2, 0x4, 0x8
 _ALL = PERM_ALL.value
 _WRITE_RESIZE = _WRITE | _RESIZE
 _NOT_WRITE_RESIZE = ~_WRITE_RESIZE
-
-
-def perm_names(perm: Perm) -> str:
-    """``'write, resize'``: the names QEMU prints for a permission set."""
-    return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
-
-
-class ChildRole(enum.Flag):
-    """What a child is to its parent (BDRV_CHILD_*)."""
-
-    DATA = enum.auto()
-    METADATA = enum.auto()
-    FILTERED = enum.auto()
-    COW = enum.auto()
-    PRIMARY = enum.auto()
-
-    @classmethod
-    def image(cls) -> ChildRole:
-        return cls.DATA | cls.METADATA | cls.PRIMARY
 
 
 #: The default child_perms by (role, parent's perm and shared, active, read-only).
@@ -123,26 +92,6 @@ class NodeGraph(Protocol):
         ...
 
 
-class NodeState(enum.Enum):
-    """Whether a node may write and trust its cached metadata.
-
-    ``INACTIVATING``: its driver is writing back (:meth:`BlockDriver.inactivate`)
-    before the node turns inactive, or before its cache is reloaded: no new
-    writes, but what it caches is still its own.
-    """
-
-    ACTIVE = "active"
-    INACTIVATING = "inactivating"
-    INACTIVE = "inactive"
-
-
-#: Allowed node-state changes: inactivation (through writing back) and
-#: activation (back to inactive when it fails).
-NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
-    NodeState.ACTIVE: frozenset({NodeState.INACTIVATING, NodeState.INACTIVE}),
-    NodeState.INACTIVATING: frozenset({NodeState.INACTIVE, NodeState.ACTIVE}),
-    NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
-}
 # The same by identity, for the hot paths (an enum member's hash is computed
 # in Python, and reading NodeState.X goes through a descriptor).
 _ACTIVE = NodeState.ACTIVE
@@ -292,6 +241,10 @@ class BlockNode:
     #: them (QEMU drains the node when it inserts its filter).
     plain_writes: int = 0
     _plain_drained: asyncio.Future[None] | None = None
+    #: Set while an activation reloads what the driver caches: the node is
+    #: marked active (its permissions and locks are being taken) but its cache
+    #: is not yet to be trusted, so requests wait for it (QEMU drains the node).
+    reloading: asyncio.Future[None] | None = None
 
     # --- structure ----------------------------------------------------------
 
@@ -336,6 +289,24 @@ class BlockNode:
         if offset < 0 or length < 0 or offset + length > self.size():
             raise BlockDriverError("Input/output error: request beyond end of device", 5)
 
+    def hold_requests(self) -> None:
+        """From now until :meth:`release_requests`, requests wait: an activation
+        marks the node active (to take its permissions) before its driver has
+        reloaded what it caches (QEMU drains the node meanwhile)."""
+        if self.reloading is None:
+            self.reloading = asyncio.get_running_loop().create_future()
+
+    def release_requests(self) -> None:
+        """The requests waiting for the reload go on (active or not)."""
+        reload = self.reloading
+        if reload is not None:
+            self.reloading = None
+            reload.set_result(None)
+
+    async def _reloaded(self) -> None:
+        while (reload := self.reloading) is not None:
+            await asyncio.shield(reload)
+
     def _check_writable(self) -> None:
         if not self.active:
             raise BlockDriverError("Block node is inactive", 1)
@@ -343,6 +314,8 @@ class BlockNode:
             raise BlockDriverError("Block node is read-only", 1)
 
     async def read(self, offset: int, length: int) -> bytes:
+        if self.reloading is not None:
+            await self._reloaded()
         self._check_range(offset, length)
         if self.state is NodeState.INACTIVE:
             await self.driver.refresh_inactive()
@@ -355,6 +328,8 @@ class BlockNode:
         """:meth:`read` of ``len(buf)`` bytes into the caller's buffer (a
         writable byte view), which the caller then reuses: no copy per request."""
         length = buf.nbytes
+        if self.reloading is not None:
+            await self._reloaded()
         self._check_range(offset, length)
         if self.state is NodeState.INACTIVE:
             await self.driver.refresh_inactive()
@@ -365,6 +340,8 @@ class BlockNode:
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         """:meth:`write` from a borrowed buffer, valid only until this returns
         (the caller reuses it): drivers write it without copying it first."""
+        if self.reloading is not None:
+            await self._reloaded()
         if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
             # Hooks may keep the data, zero detection reads it as bytes.
             await self.write(offset, bytes(view), fua)
@@ -382,6 +359,8 @@ class BlockNode:
     async def write_span(self, offset: int, span: HostSpan) -> None:
         """:meth:`write_view` of the bytes of a host file span (a job's copy
         between files: :mod:`qmpd.block.extent`)."""
+        if self.reloading is not None:
+            await self._reloaded()
         if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
             await self.graph.run_io(read_span, span, span.scratch)
             await self.write_view(offset, span.scratch)
@@ -403,6 +382,8 @@ class BlockNode:
         self.stats.wr_operations += 1
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if self.reloading is not None:
+            await self._reloaded()
         if self.write_hooks:
             await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
                                lambda: self._write(offset, data, fua))
@@ -428,7 +409,7 @@ class BlockNode:
     def read_now(self, offset: int, length: int) -> bytes | None:
         """:meth:`read` without a coroutine when the driver need not wait
         (:meth:`BlockDriver.read_now`); None, having done nothing, otherwise."""
-        if self.state is not _ACTIVE:
+        if self.state is not _ACTIVE or self.reloading is not None:
             return None
         self._check_range(offset, length)
         data = self.driver.read_now(offset, length)
@@ -443,7 +424,8 @@ class BlockNode:
         in memory (:meth:`BlockDriver.write_now`).  True when done; False,
         having done nothing, when :meth:`write` must be awaited.  Nothing
         keeps ``data`` once it returns."""
-        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
+        if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off" \
+                or self.reloading is not None:
             return False
         self._check_writable()
         self._check_range(offset, len(data))
@@ -456,7 +438,8 @@ class BlockNode:
         """:meth:`read` without a coroutine where the driver submits it to an
         engine that calls back (:meth:`BlockDriver.read_soon`): True when
         started, ``done`` comes later; False, having done nothing, otherwise."""
-        if not self.driver.calls_back or self.state is not _ACTIVE:
+        if not self.driver.calls_back or self.state is not _ACTIVE \
+                or self.reloading is not None:
             return False
         self._check_range(offset, length)
         return self.driver.read_soon(offset, length,
@@ -474,7 +457,7 @@ class BlockNode:
         on the way waits (as :meth:`write_now`).  ``data`` must stay unchanged
         until ``done``."""
         if not self.driver.calls_back or self.write_hooks or self.serialiser is not None \
-                or self.detect_zeroes != "off":
+                or self.detect_zeroes != "off" or self.reloading is not None:
             return False
         self._check_writable()
         length = len(data)
@@ -532,6 +515,8 @@ class BlockNode:
     async def write_zeroes(
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
     ) -> None:
+        if self.reloading is not None:
+            await self._reloaded()
         if self.write_hooks:
             await self._hooked(offset, length, None,
                                lambda n: n.write_zeroes(offset, length, may_unmap, fua),
@@ -562,6 +547,8 @@ class BlockNode:
         self._wrote(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
+        if self.reloading is not None:
+            await self._reloaded()
         if self.write_hooks:
             await self._hooked(offset, length, None, lambda n: n.discard(offset, length),
                                lambda: self._discard(offset, length))
@@ -615,11 +602,15 @@ class BlockNode:
 
     async def flush(self) -> None:
         self.stats.flush_operations += 1
+        if self.reloading is not None:
+            await self._reloaded()
         if self.cache_no_flush:
             return
         await self.driver.flush()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
+        if self.reloading is not None:
+            await self._reloaded()
         self._check_range(offset, max(length, 0))
         if self.state is NodeState.INACTIVE:
             await self.driver.refresh_inactive()

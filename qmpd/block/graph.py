@@ -339,26 +339,30 @@ class BlockGraph:
         await self._begin_activation(node)
         try:
             await node.driver.invalidate_cache()
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: it stays inactive
             self._activation_failed(node, exc)
             raise
         await self._end_activation(node, start)
 
     async def _begin_activation(self, node: BlockNode) -> None:
-        """Mark ``node`` active and take its permissions (and so its locks)."""
+        """Mark ``node`` active and take its permissions (and so its locks);
+        requests wait until its cache is reloaded (:meth:`BlockNode.hold_requests`)."""
+        node.hold_requests()
         node.set_state(NodeState.ACTIVE)
         try:
             await self.refresh_perms(node)
-        except Exception as exc:
+        except BaseException as exc:
             self._activation_failed(node, exc)
             raise
 
     def _activation_failed(self, node: BlockNode, exc: BaseException) -> None:
         node.set_state(NodeState.INACTIVE)
+        node.release_requests()
         node.activation_error = str(exc)
         log.error("activation of node %s failed: %s", node.node_name, exc)
 
     async def _end_activation(self, node: BlockNode, start: float) -> None:
+        node.release_requests()
         node.activation_error = None
         node.stats.invalidations += 1
         for edge in node.parents:
@@ -405,6 +409,8 @@ class BlockGraph:
         try:
             await self._activate_in_waves(order, concurrency)
         finally:
+            for node in order:  # whatever the way out, no request waits for ever
+                node.release_requests()
             if collecting:
                 gc.enable()
 
@@ -498,6 +504,7 @@ class BlockGraph:
                 cached: list[tuple[BlockNode, CacheReload]] = []
                 for node in todo[first:first + size]:
                     if id(node) in deferred:
+                        node.hold_requests()
                         node.set_state(NodeState.ACTIVE)
                     else:
                         try:
@@ -600,6 +607,7 @@ class BlockGraph:
         for node in reversed(order):
             await self.write_back(node)
         for node in order:
+            node.hold_requests()
             node.set_state(NodeState.ACTIVE)
             try:
                 await node.driver.invalidate_cache()
@@ -607,6 +615,8 @@ class BlockGraph:
                 node.activation_error = str(exc)
                 log.error("invalidation of node %s failed: %s", node.node_name, exc)
                 raise
+            finally:
+                node.release_requests()
             node.stats.invalidations += 1
 
     async def inactivate(self, node: BlockNode) -> None:

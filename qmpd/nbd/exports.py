@@ -356,7 +356,7 @@ class NbdExport:
         being read into memory and written out again.
         """
         node = self.node
-        if length >= SPARSE_READ_MIN:
+        if length >= SPARSE_READ_MIN and node.reloading is None:
             host = node.driver.host_file(offset, length)
             if host is not None:
                 node.stats.rd_bytes += length

@@ -340,6 +340,30 @@ async def test_an_activated_node_reads_before_it_holds_the_lock(ceph: CephCluste
         assert driver.stats.lock_acquisitions == 2  # at the open, and on the retry
 
 
+async def test_requests_during_the_reload_wait_for_it(ceph: CephCluster) -> None:
+    """While the activation has marked the node active but librbd's cache is
+    still being dropped (in an I/O thread), requests without a coroutine are
+    declined and awaited ones wait: none is served from the cache of before
+    the new owner's writes."""
+    async with rbd_node(ceph) as (node, driver, image):
+        await node.write(0, bytes([1]) * 4096)
+        await node.graph.inactivate_all()
+        assert await node.read(0, 4096) == bytes([1]) * 4096
+        await asyncio.to_thread(
+            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
+        task = asyncio.ensure_future(node.graph.activate_all())
+        while not (node.active and node.stats.invalidations == 0):
+            assert not task.done(), "no window: the reload did not wait"
+            await asyncio.sleep(0)
+        nothing = Completions()
+        assert not node.read_soon(0, 4096, nothing.done(1))
+        assert not node.write_soon(4096, bytearray(4096), False, nothing.done(2))
+        assert await node.read(0, 4096) == bytes([0x42]) * 4096
+        await task
+        assert node.stats.invalidations == 1 and driver.stats.cache_invalidations == 1
+        assert not nothing.results
+
+
 async def test_a_write_before_the_reload_takes_the_lock_first(ceph: CephCluster) -> None:
     """From an inactivation on, a write takes the exclusive lock (in exclusive
     mode) before it goes to librbd: also one that comes while an activation

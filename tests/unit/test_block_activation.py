@@ -115,6 +115,40 @@ async def test_cancelled_activation_leaves_nodes_whole(
         assert await node.read(0, 512) == bytes(512)
 
 
+async def test_requests_during_an_activation_wait_for_the_reload(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """While an activation has marked a node active (to take its locks) but its
+    driver is still reloading what it caches, requests wait for the reload
+    instead of meeting a half-reloaded driver: qcow2 without its tables
+    (ENOMEDIUM), or a cache from before the new owner's writes.  The fast
+    paths decline meanwhile (they fall back to the waiting ones)."""
+    options = qcow2(tmp_path, "img")
+    options["file"]["cache"] = {"direct": True}  # the reload waits for the disk
+    node = await layer.add(options, inactive=True)
+    assert await node.read(0, 512) == bytes(512)
+    # The source writes while this side is inactive.
+    qemu_io("-f", "qcow2", str(tmp_path / "img.qcow2"), "-c", "write -P 0x5a 0 64k",
+            check=True)
+    task = asyncio.create_task(layer.activate_all())
+    while not (node.active and node.stats.invalidations == 0):  # marked, not reloaded
+        assert not task.done(), "no window: the reload did not wait"
+        await asyncio.sleep(0)
+    assert node.read_now(0, 512) is None
+    assert not node.write_now(0, b"x" * 512)
+    reads = [asyncio.create_task(node.read(0, 512)) for _ in range(3)]
+    write = asyncio.create_task(node.write(65536, b"\x6b" * 512))
+    status = asyncio.create_task(node.block_status(0, 65536))
+    assert await asyncio.gather(*reads) == [b"\x5a" * 512] * 3
+    await write
+    assert (await status).data
+    await task
+    assert node.active and node.stats.invalidations == 1
+    assert await node.read(65536, 512) == b"\x6b" * 512
+    await node.flush()
+    qemu_img("check", str(tmp_path / "img.qcow2"), "-U")
+
+
 async def test_activate_all_reloads_shared_children_once(
     tmp_path: Path, layer: BlockLayer
 ) -> None:
