@@ -116,7 +116,7 @@ def test_tls_objects_and_qom_match_qsd(qmpd: QmpdProcess, pki: Pki, tmp_path: Pa
     client = qmpd.client()
     client.negotiate()
     ours = _replay(client, conversation)
-    proc, qsd_client = _qsd(tmp_path)
+    proc, qsd_client = _qsd()
     try:
         theirs = _replay(qsd_client, conversation)
     finally:
