@@ -60,6 +60,7 @@ import pstats
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,7 @@ from tests.bench.startup_bench import (
 )
 from tests.bench.startup_bench import one_run as startup_run
 from tests.support.qmp import QmpClient
+from tests.support.qsd import QsdMonitor
 
 # ---------------------------------------------------------------------------
 # The shared client, with receive times and pipelining
@@ -93,7 +95,7 @@ from tests.support.qmp import QmpClient
 class Qmp(QmpClient):
     """tests/support's client; each event also gets its arrival time as ``_recv``."""
 
-    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, path: str | socket.socket, proc: subprocess.Popen[bytes]) -> None:
         super().__init__(path, timeout=120, wait=60, proc=proc, check_schema=False,
                          negotiate=True)
 
@@ -135,10 +137,13 @@ class Server:
     def __init__(self, target: str, role: str, work: Path, profile: Path | None = None) -> None:
         self.dir = work / f"{target}-{role}-{time.monotonic_ns()}"
         self.dir.mkdir()
-        self.sock = str(self.dir / "qmp.sock")
+        self.sock: str | socket.socket = str(self.dir / "qmp.sock")
+        monitor = None
         if target == "qemu":
-            argv = [QEMU, "-M", "none", "-nodefaults", "-display", "none",
-                    "-qmp", f"unix:{self.sock},server=on,wait=off"]
+            # A socket pair, not a listening socket: QsdMonitor says why.
+            monitor = QsdMonitor("qmp")
+            self.sock = monitor.sock
+            argv = [QEMU, "-M", "none", "-nodefaults", "-display", "none", *monitor.qemu_args]
             if role == "dst":
                 argv += ["-incoming", "defer"]
         else:
@@ -150,8 +155,9 @@ class Server:
             if role == "dst":
                 argv += ["--incoming", "defer"]
         self.log = open(self.dir / "log", "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=self.log, env=child_env(), cwd=self.dir)
+        spawn = monitor.popen if monitor is not None else subprocess.Popen
+        self.proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=self.log,
+                          stderr=self.log, env=child_env(), cwd=self.dir)
         self.qmp: Qmp | None = None
         self.add_ms = 0.0  # blockdev-add of the images, pipelined
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from tests.bench.startup_bench import (
     rotated,
 )
 from tests.support.certs import CLIENT_DN, Pki, make_pki
+from tests.support.qsd import QsdMonitor
 
 METRICS = ["stop_to_resume", "downtime", "src_stop_to_completed", "migrate_to_resume"]
 
@@ -53,11 +55,14 @@ class Peer:
     def __init__(self, target: str, role: str, work: Path, pki: Pki, tls: bool) -> None:
         self.dir = work / f"{target}-{role}-{time.monotonic_ns()}"
         self.dir.mkdir()
-        self.sock = str(self.dir / "qmp.sock")
+        self.sock: str | socket.socket = str(self.dir / "qmp.sock")
         flag = "-object" if target == "qemu" else "--object"
+        monitor = None
         if target == "qemu":
-            argv = [QEMU, "-M", "none", "-nodefaults", "-display", "none",
-                    "-qmp", f"unix:{self.sock},server=on,wait=off"]
+            # A socket pair, not a listening socket: QsdMonitor says why.
+            monitor = QsdMonitor("qmp")
+            self.sock = monitor.sock
+            argv = [QEMU, "-M", "none", "-nodefaults", "-display", "none", *monitor.qemu_args]
         else:
             argv = [sys.executable, "-m", "qmpd", "--log-level", "warning",
                     "--qmp", f"unix:{self.sock}"]
@@ -69,8 +74,9 @@ class Peer:
             if role == "dst":
                 argv += [flag, "authz-simple,id=az0,identity=" + CLIENT_DN.replace(",", ",,")]
         self.log = open(self.dir / "log", "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=self.log, env=child_env(), cwd=self.dir)
+        spawn = monitor.popen if monitor is not None else subprocess.Popen
+        self.proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=self.log,
+                          stderr=self.log, env=child_env(), cwd=self.dir)
         self.qmp = Qmp(self.sock, self.proc)
 
     def stop(self) -> None:
