@@ -406,10 +406,15 @@ class BlockGraph:
         # cyclic collector waits until the handover is done.
         collecting = gc.isenabled()
         gc.disable()
+        # Held from the start (each released at its own end): a parent's driver
+        # calls its child's directly, and would meet a child mid-reload.
+        held = [node for node in order if not node.active and node.reloading is None]
+        for node in held:
+            node.hold_requests()
         try:
             await self._activate_in_waves(order, concurrency)
         finally:
-            for node in order:  # whatever the way out, no request waits for ever
+            for node in held:  # whatever the way out, no request waits for ever
                 node.release_requests()
             if collecting:
                 gc.enable()
@@ -606,18 +611,24 @@ class BlockGraph:
             visit(node)
         for node in reversed(order):
             await self.write_back(node)
-        for node in order:
+        held = [node for node in order if node.reloading is None]  # as activate_all
+        for node in held:
             node.hold_requests()
-            node.set_state(NodeState.ACTIVE)
-            try:
-                await node.driver.invalidate_cache()
-            except Exception as exc:
-                node.activation_error = str(exc)
-                log.error("invalidation of node %s failed: %s", node.node_name, exc)
-                raise
-            finally:
+        try:
+            for node in order:
+                node.set_state(NodeState.ACTIVE)
+                try:
+                    await node.driver.invalidate_cache()
+                except Exception as exc:
+                    node.activation_error = str(exc)
+                    log.error("invalidation of node %s failed: %s", node.node_name, exc)
+                    raise
+                finally:
+                    node.release_requests()
+                node.stats.invalidations += 1
+        finally:
+            for node in held:
                 node.release_requests()
-            node.stats.invalidations += 1
 
     async def inactivate(self, node: BlockNode) -> None:
         """Flush, mark clean, drop write permissions and locks (parents first).

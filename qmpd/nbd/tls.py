@@ -179,6 +179,8 @@ class TlsConnection(NbdConnection):
         #: How many items at the front of :attr:`_out` are ciphertext.
         self._sealed_items = 0
         self._tls_leftover: bytes | None = None
+        #: Refused: what the client still sends is read and dropped (:meth:`_refuse`).
+        self._lingering = False
         self._scratch = bytearray(65536)
         #: Where file data is read before it is encrypted (page-aligned:
         #: qmpd.buffers).
@@ -375,9 +377,16 @@ class TlsConnection(NbdConnection):
         except OSError:
             self._close()
             return
+        # Not through self.reading: a receive loop under way must stop here.
         self.loop.add_reader(self.fd, self._linger)
-        self.reading = True  # so that _close removes this reader
+        self._lingering = True
         self._timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+
+    def _close(self) -> None:
+        if self._lingering:
+            self._lingering = False
+            self.loop.remove_reader(self.fd)
+        super()._close()
 
     def _linger(self) -> None:
         try:

@@ -149,6 +149,28 @@ async def test_requests_during_an_activation_wait_for_the_reload(
     qemu_img("check", str(tmp_path / "img.qcow2"), "-U")
 
 
+async def test_a_parent_request_waits_for_its_child_reload(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """A raw node reaches its qcow2 child's driver directly: while the child
+    reloads, a read of the parent (not begun yet, inactive) waits too."""
+    under = qcow2(tmp_path, "under")
+    under["file"]["cache"] = {"direct": True}
+    top = await layer.add({"driver": "raw", "node-name": "top", "file": under}, inactive=True)
+    child = layer.graph.lookup("under")
+    assert child is not None
+    qemu_io("-f", "qcow2", str(tmp_path / "under.qcow2"), "-c", "write -P 0x5a 0 64k",
+            check=True)
+    task = asyncio.create_task(layer.activate_all())
+    while not (child.active and child.stats.invalidations == 0):
+        assert not task.done(), "no window: the reload did not wait"
+        await asyncio.sleep(0)
+    assert not top.active
+    assert await top.read(0, 512) == b"\x5a" * 512
+    await task
+    assert top.active and top.reloading is None and child.reloading is None
+
+
 async def test_activate_all_reloads_shared_children_once(
     tmp_path: Path, layer: BlockLayer
 ) -> None:
