@@ -1,9 +1,19 @@
 """The block graph's vocabulary, as QEMU's ``include/block/block-common.h``:
-permissions (BLK_PERM_*), child roles (BDRV_CHILD_*) and node states."""
+permissions (BLK_PERM_*), child roles (BDRV_CHILD_*), node states, and what
+nodes are given of their graph."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from qmpd.objects import ObjectRegistry
+
+T = TypeVar("T")
+
+#: A request's completion callback: ``(result, None)`` or ``(None, error)``.
+IoDone = Callable[[Any, BaseException | None], None]
 
 
 class Perm(enum.IntFlag):
@@ -65,3 +75,16 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.INACTIVATING: frozenset({NodeState.INACTIVE, NodeState.ACTIVE}),
     NodeState.INACTIVE: frozenset({NodeState.ACTIVE}),
 }
+
+
+class NodeGraph(Protocol):
+    """What a node (and so its driver) may use of the graph it belongs to."""
+
+    #: The objects drivers refer to (throttle groups).
+    objects: ObjectRegistry
+    #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``).
+    on_event: Callable[[str, dict[str, Any]], None]
+
+    async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in the I/O thread pool."""
+        ...

@@ -42,13 +42,16 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from qmpd.block.accounting import NodeStats as NodeStats
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
 from qmpd.block.common import NODE_TRANSITIONS as NODE_TRANSITIONS
 from qmpd.block.common import PERM_ALL as PERM_ALL
 from qmpd.block.common import PERM_NAMES as PERM_NAMES
 from qmpd.block.common import ChildRole as ChildRole
+from qmpd.block.common import IoDone as IoDone
+from qmpd.block.common import NodeGraph as NodeGraph
 from qmpd.block.common import NodeState as NodeState
 from qmpd.block.common import Perm as Perm
 from qmpd.block.common import perm_names as perm_names
@@ -57,13 +60,8 @@ from qmpd.block.extent import BlockStatus as BlockStatus
 from qmpd.block.extent import HostSpan, read_span
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError as BlockDriverError
-from qmpd.objects import ObjectRegistry
 
 T = TypeVar("T")
-
-#: A request's completion callback: ``(result, None)`` or ``(None, error)``.
-IoDone = Callable[[Any, BaseException | None], None]
-
 
 #: Every permission set by value, and the bits as ints, for the hot paths.
 _PERMS = tuple(Perm(value) for value in range(16))
@@ -77,19 +75,6 @@ _NOT_WRITE_RESIZE = ~_WRITE_RESIZE
 _CHILD_PERMS: dict[int, tuple[Perm, Perm]] = {}
 _DATA, _METADATA, _FILTERED, _COW = (ChildRole.DATA.value, ChildRole.METADATA.value,
                                      ChildRole.FILTERED.value, ChildRole.COW.value)
-
-
-class NodeGraph(Protocol):
-    """What a node (and so its driver) may use of the graph it belongs to."""
-
-    #: The objects drivers refer to (throttle groups).
-    objects: ObjectRegistry
-    #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``).
-    on_event: Callable[[str, dict[str, Any]], None]
-
-    async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking call in the I/O thread pool."""
-        ...
 
 
 # The same by identity, for the hot paths (an enum member's hash is computed
@@ -191,20 +176,6 @@ class NodeUser:
         return perm, PERM_ALL & ~Perm.RESIZE
 
 
-@dataclass
-class NodeStats:
-    """I/O counters of one node (exported as metrics)."""
-
-    rd_bytes: int = 0
-    wr_bytes: int = 0
-    rd_operations: int = 0
-    wr_operations: int = 0
-    flush_operations: int = 0
-    invalidations: int = 0
-    #: How long the last activation of the node took (None: never activated).
-    activation_seconds: float | None = None
-
-
 @dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
 class BlockNode:
     """One node of the graph."""
@@ -245,6 +216,9 @@ class BlockNode:
     #: marked active (its permissions and locks are being taken) but its cache
     #: is not yet to be trusted, so requests wait for it (QEMU drains the node).
     reloading: asyncio.Future[None] | None = None
+    #: io_plug's depth, and the children it plugged (unplugged even if detached).
+    io_plugged: int = 0
+    plugged_below: list[BlockNode] = field(default_factory=list)
 
     # --- structure ----------------------------------------------------------
 
@@ -302,6 +276,24 @@ class BlockNode:
         if reload is not None:
             self.reloading = None
             reload.set_result(None)
+
+    def io_plug(self) -> None:
+        """Until the matching :meth:`io_unplug`, this node's driver and those
+        below may hold back what is submitted and submit it together (QEMU's
+        ``bdrv_io_plug``).  A plugged section never awaits."""
+        self.io_plugged += 1
+        if self.io_plugged == 1:
+            self.driver.io_plug()
+            self.plugged_below = [edge.child for edge in self.children.values()]
+            for child in self.plugged_below:
+                child.io_plug()
+
+    def io_unplug(self) -> None:
+        self.io_plugged -= 1
+        if self.io_plugged == 0:
+            self.driver.io_unplug()
+            for child in self.plugged_below:
+                child.io_unplug()
 
     async def _reloaded(self) -> None:
         while (reload := self.reloading) is not None:
@@ -459,7 +451,8 @@ class BlockNode:
         if not self.driver.calls_back or self.write_hooks or self.serialiser is not None \
                 or self.detect_zeroes != "off" or self.reloading is not None:
             return False
-        self._check_writable()
+        if self.state is not _ACTIVE or self.read_only:
+            self._check_writable()
         length = len(data)
         self._check_range(offset, length)
         self.plain_writes += 1
@@ -703,6 +696,15 @@ class BlockDriver(ABC):
         (always, by default).  Keeps no reference to ``data`` (the caller
         may reuse its buffer)."""
         return False
+
+    def io_plug(self) -> None:
+        """Requests submitted from now until :meth:`io_unplug` may be held back
+        and submitted together (:meth:`BlockNode.io_plug`); nothing by default."""
+        return None
+
+    def io_unplug(self) -> None:
+        """Submit what was held back since :meth:`io_plug`."""
+        return None
 
     def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
         """Start :meth:`read` without a coroutine, where the driver hands it to

@@ -265,6 +265,7 @@ class RbdDriver(BlockDriver):
         self._header = ""
         self._completions: _Completions | None = None
         self._io: rbd_aio.ImageAio | _BindingsAio | None = None
+        self._plugged: rbd_aio.ImageAio | None = None
         self._grow_lock = asyncio.Lock()
         self.stats = RbdStats()
         self._unreachable: str | None = None
@@ -308,7 +309,9 @@ class RbdDriver(BlockDriver):
             if C_AIO else None
         if handle is not None:
             try:
-                self._io = rbd_aio.ImageAio(handle, loop)
+                io = rbd_aio.ImageAio(handle, loop)
+                io.failed, io.answered = self._failed, self._answered
+                self._io = io
                 self.calls_back = True
             except OSError as exc:
                 log.warning("rbd %s: no completion notification (%s): using the "
@@ -452,6 +455,9 @@ class RbdDriver(BlockDriver):
         self.image = self.ioctx = self.cluster = None
         self._io = None
         self.calls_back = False
+        if isinstance(io, rbd_aio.ImageAio):  # its counts are the node's from now on
+            self.stats.requests += io.requests
+            self.stats.seconds += io.seconds
 
         def shut() -> None:
             try:
@@ -486,6 +492,12 @@ class RbdDriver(BlockDriver):
     async def _aio(self, submit: Callable[..., asyncio.Future[Any]], *args: Any) -> Any:
         """Submit one request (``submit(*args)`` gives its future) and wait
         for its completion."""
+        if isinstance(self._io, rbd_aio.ImageAio):  # it counts and maps errors itself
+            try:
+                future = submit(*args)
+            except OSError as exc:
+                raise self._failed(exc) from None
+            return await future
         stats = self.stats
         stats.requests += 1
         try:
@@ -512,26 +524,15 @@ class RbdDriver(BlockDriver):
             self._unreachable = f"Ceph cluster unreachable: {_strerror(code)}"
         return BlockDriverError(_strerror(code), code)
 
+    def _answered(self) -> None:
+        self._unreachable = None
+
     def _submit_soon(self, submit: Callable[..., None], done: IoDone, *args: Any) -> None:
-        """:meth:`_aio` for a request that calls back ``done`` instead."""
-        stats = self.stats
-        stats.requests += 1
+        """:meth:`_aio` for a request (of an ImageAio) that calls back ``done`` instead."""
         try:
-            submit(*args, functools.partial(self._soon_done, time.monotonic(), done))
+            submit(*args, done)
         except Exception as exc:
             raise self._failed(exc) from None
-        stats.in_flight += 1
-
-    def _soon_done(self, started: float, done: IoDone, value: Any,
-                   error: BaseException | None) -> None:
-        stats = self.stats
-        stats.in_flight -= 1
-        stats.seconds += time.monotonic() - started
-        if error is None:
-            self._unreachable = None
-            done(value, None)
-        else:
-            done(None, self._failed(error))
 
     async def read(self, offset: int, length: int) -> bytes:
         io = self._requests()
@@ -544,11 +545,25 @@ class RbdDriver(BlockDriver):
             data += bytes(length - len(data))
         return data
 
+    def io_plug(self) -> None:
+        io = self._io
+        if isinstance(io, rbd_aio.ImageAio):
+            io.plug()
+            self._plugged = io
+
+    def io_unplug(self) -> None:
+        io, self._plugged = self._plugged, None
+        if io is not None:
+            io.unplug()
+
     def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
         io = self._io
         if not isinstance(io, rbd_aio.ImageAio) or not length or offset + length > self._size:
             return False
-        self._submit_soon(io.read_cb, done, offset, length)
+        try:
+            io.read_cb(offset, length, done)
+        except OSError as exc:
+            raise self._failed(exc) from None
         return True
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
@@ -560,7 +575,10 @@ class RbdDriver(BlockDriver):
             done = functools.partial(self._flush_soon, done)
         # Counted when submitted: librbd's flush covers the writes in flight.
         self._writes += 1
-        self._submit_soon(io.write_cb, done, offset, data)
+        try:
+            io.write_cb(offset, data, done)
+        except OSError as exc:
+            raise self._failed(exc) from None
         return True
 
     def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:
@@ -841,12 +859,14 @@ class RbdDriver(BlockDriver):
             self._probing = False
 
     def driver_metrics(self) -> dict[str, float]:
-        s = self.stats
+        s, io = self.stats, self._io
+        counted = (io.in_flight, io.requests, io.seconds) \
+            if isinstance(io, rbd_aio.ImageAio) else (0, 0, 0.0)
         return {
-            "requests_in_flight": s.in_flight,
-            "requests": s.requests,
+            "requests_in_flight": s.in_flight + counted[0],
+            "requests": s.requests + counted[1],
             "request_errors": s.errors,
-            "request_seconds": s.seconds,
+            "request_seconds": s.seconds + counted[2],
             "resizes": s.resizes,
             "cache_invalidations": s.cache_invalidations,
             "lock_acquisitions": s.lock_acquisitions,

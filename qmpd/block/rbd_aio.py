@@ -25,6 +25,8 @@ import errno
 import functools
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 from qmpd.block.driver import IoDone
@@ -48,6 +50,9 @@ _HEADER = object.__basicsize__
 _OFF_IMAGE, _OFF_NAME, _OFF_IOCTX = _HEADER, _HEADER + 16, _HEADER + 24
 #: Where a bytes object's characters start (PyBytesObject.ob_sval).
 _BYTES_DATA = bytes.__basicsize__ - 1
+#: Where a bytearray's pointer to its bytes is (PyByteArrayObject.ob_start,
+#: before ob_exports), once _load has checked it (0: not this layout).
+_BYTEARRAY_START = 0
 
 _vp = ctypes.c_void_p
 _lib: Any = None
@@ -84,8 +89,19 @@ def _load() -> Any:
         _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
         _new_bytes.argtypes = [_vp, ctypes.c_ssize_t]
         _new_bytes.restype = ctypes.py_object
+        _check_bytearray()
         _lib = lib
     return _lib or None
+
+
+def _check_bytearray() -> None:
+    global _BYTEARRAY_START
+    offset = bytearray.__basicsize__ - 16
+    sample = bytearray(64)
+    held = ctypes.c_char.from_buffer(sample)
+    if _word(id(sample) + offset) == ctypes.addressof(held):
+        _BYTEARRAY_START = offset
+    del held
 
 
 def _word(address: int) -> int:
@@ -119,6 +135,9 @@ class ImageAio:
     Once this is set up, the image must not get requests through the
     bindings' ``aio_*`` calls (their completions would come out of
     rbd_poll_io_events too); their synchronous calls are fine.
+
+    It counts its requests and their time itself (per batch of completions,
+    not per request), and maps a failure's OSError with :attr:`failed`.
     """
 
     def __init__(self, handle: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -128,8 +147,19 @@ class ImageAio:
         self.handle = handle
         self.loop = loop
         #: completion -> (its callback, what librbd reads from or writes
-        #: into, whether that is the result: a read's data)
-        self.pending: dict[int | None, tuple[IoDone, Any, bool]] = {}
+        #: into, whether that is the result: a read's data, when submitted)
+        self.pending: dict[int | None, tuple[IoDone, Any, bool, float]] = {}
+        #: Requests submitted, and the seconds they took, all together.
+        self.requests = 0
+        self.seconds = 0.0
+        #: What a request that failed with an OSError fails with instead.
+        self.failed: Callable[[OSError], BaseException] = _same
+        #: Called once per batch of completions in which one succeeded.
+        self.answered: Callable[[], None] = _nothing
+        #: plug's depth, and what waits for unplug: (call, its arguments but
+        #: the completion, done, keep, reading)
+        self.plugged = 0
+        self.held: list[tuple[Any, tuple[Any, ...], IoDone, Any, bool]] = []
         self._out = _vp()
         self._batch = (_vp * POLL_BATCH)()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -139,17 +169,50 @@ class ImageAio:
             raise OSError(-ret, os.strerror(-ret))
         loop.add_reader(self.fd, self._deliver)
 
-    def _completion(self) -> int:
+    def _submit(self, call: Any, args: tuple[Any, ...], done: IoDone, keep: Any,
+                reading: bool = False) -> None:
+        """``call(*args, completion)`` now, or when :meth:`unplug` submits
+        what is held back (raises OSError only when called now)."""
+        if self.plugged:
+            self.held.append((call, args, done, keep, reading))
+            return
         out = self._out
         if self._lib.rbd_aio_create_completion(None, None, out) < 0:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
-        return out.value or 0
-
-    def _queued(self, comp: int, ret: int, done: IoDone, keep: Any, reading: bool = False) -> None:
+        comp = out.value
+        ret = call(*args, comp)
         if ret < 0:
             self._lib.rbd_aio_release(comp)
             raise OSError(-ret, os.strerror(-ret))
-        self.pending[comp] = (done, keep, reading)
+        self.pending[comp] = (done, keep, reading, time.monotonic())
+        self.requests += 1
+
+    def plug(self) -> None:
+        """Hold requests back until the matching :meth:`unplug`: submitted one
+        right after the other, they wake librbd's thread once, not each."""
+        self.plugged += 1
+
+    def unplug(self) -> None:
+        self.plugged -= 1
+        if self.plugged or not self.held:
+            return
+        held, self.held = self.held, []
+        lib, out, pending = self._lib, self._out, self.pending
+        create = lib.rbd_aio_create_completion
+        now = time.monotonic()
+        self.requests += len(held)
+        for call, args, done, keep, reading in held:
+            if create(None, None, out) < 0:
+                ret = -errno.ENOMEM
+            else:
+                comp = out.value
+                ret = call(*args, comp)
+                if ret >= 0:
+                    pending[comp] = (done, keep, reading, now)
+                    continue
+                lib.rbd_aio_release(comp)
+            # Completes as it would have (never before its submission returned).
+            self.loop.call_soon(_call, done, None, self.failed(OSError(-ret, os.strerror(-ret))))
 
     def _future(self) -> tuple[asyncio.Future[Any], IoDone]:
         future = self.loop.create_future()
@@ -161,14 +224,19 @@ class ImageAio:
         or ``done(None, OSError)``, from the event loop."""
         # Zeroing a small one costs less than the call that skips it.
         data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
-        comp = self._completion()
-        ret = self._lib.rbd_aio_read(self.handle, offset, length, id(data) + _BYTES_DATA, comp)
-        self._queued(comp, ret, done, data, True)
+        self._submit(self._lib.rbd_aio_read, (self.handle, offset, length,
+                                              id(data) + _BYTES_DATA), done, data, True)
 
-    def write_cb(self, offset: int, data: bytes, done: IoDone) -> None:
+    def write_cb(self, offset: int, data: bytes | bytearray, done: IoDone) -> None:
         """Write ``data`` (bytes, or a bytearray the caller does not change
         until ``done``) at ``offset``; ``done(None, None)`` or ``done(None, OSError)``."""
         keep: Any = data
+        if type(data) is bytearray and data and _BYTEARRAY_START:
+            # Where its bytes are (the caller neither changes nor resizes it).
+            address = _vp.from_address(id(data) + _BYTEARRAY_START).value
+            self._submit(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
+                         done, data)
+            return
         if type(data) is not bytes:
             try:  # a writable buffer: librbd reads it where it is (a c_char
                 # on its first byte holds it: 4x cheaper than an array type)
@@ -178,14 +246,12 @@ class ImageAio:
             except ValueError:  # empty: nothing to point at
                 data = keep = b""
         address = id(data) + _BYTES_DATA if keep is data else ctypes.addressof(keep)
-        comp = self._completion()
-        ret = self._lib.rbd_aio_write(self.handle, offset, len(data), address, comp)
-        self._queued(comp, ret, done, keep)
+        self._submit(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
+                     done, keep)
 
     def flush_cb(self, done: IoDone) -> None:
         """Flush what was written before: ``done(None, None)`` or ``done(None, OSError)``."""
-        comp = self._completion()
-        self._queued(comp, self._lib.rbd_aio_flush(self.handle, comp), done, None)
+        self._submit(self._lib.rbd_aio_flush, (self.handle,), done, None)
 
     def read(self, offset: int, length: int) -> asyncio.Future[Any]:
         """:meth:`read_cb` as a future."""
@@ -201,16 +267,13 @@ class ImageAio:
 
     def write_zeroes(self, offset: int, length: int, zero_flags: int) -> asyncio.Future[Any]:
         future, done = self._future()
-        comp = self._completion()
-        ret = self._lib.rbd_aio_write_zeroes(self.handle, offset, length, comp, zero_flags, 0)
-        self._queued(comp, ret, done, None)
+        self._submit(_write_zeroes, (self._lib, self.handle, offset, length, zero_flags),
+                     done, None)
         return future
 
     def discard(self, offset: int, length: int) -> asyncio.Future[Any]:
         future, done = self._future()
-        comp = self._completion()
-        self._queued(comp, self._lib.rbd_aio_discard(self.handle, offset, length, comp),
-                     done, None)
+        self._submit(self._lib.rbd_aio_discard, (self.handle, offset, length), done, None)
         return future
 
     def flush(self) -> asyncio.Future[Any]:
@@ -223,7 +286,18 @@ class ImageAio:
             os.eventfd_read(self.fd)
         except BlockingIOError:
             pass
+        # What the callbacks submit (the next requests of a client that got
+        # its replies) leaves together at the end.
+        self.plug()
+        try:
+            self._collect()
+        finally:
+            self.unplug()
+
+    def _collect(self) -> None:
         lib, batch, pending = self._lib, self._batch, self.pending
+        now = time.monotonic()
+        answered = False
         while True:
             n = lib.rbd_poll_io_events(self.handle, batch, POLL_BATCH)
             for i in range(max(n, 0)):
@@ -233,17 +307,30 @@ class ImageAio:
                     continue
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
-                done, data, reading = entry
-                if ret < 0:
-                    _call(done, None, OSError(-ret, os.strerror(-ret)))
-                elif not reading:
-                    _call(done, None, None)
-                elif ret < len(data):  # short: librbd left the rest unwritten
-                    _call(done, data[:ret] + bytes(len(data) - ret), None)
-                else:
-                    _call(done, data, None)
+                done, data, reading, started = entry
+                self.seconds += now - started
+                # One caller's bug must not stop the completions of the others.
+                try:
+                    if ret < 0:
+                        done(None, self.failed(OSError(-ret, os.strerror(-ret))))
+                        continue
+                    answered = True
+                    if not reading:
+                        done(None, None)
+                    elif ret < len(data):  # short: librbd left the rest unwritten
+                        done(data[:ret] + bytes(len(data) - ret), None)
+                    else:
+                        done(data, None)
+                except Exception:
+                    log.exception("rbd: a completion callback failed")
             if n < POLL_BATCH:
-                return
+                break
+        if answered:
+            self.answered()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending) + len(self.held)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until librbd has completed every
@@ -257,10 +344,26 @@ class ImageAio:
         self.loop.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = -1
-        pending = list(self.pending.values())
+        pending = [entry[0] for entry in self.pending.values()]
+        pending += [entry[2] for entry in self.held]
         self.pending.clear()
-        for done, _, _ in pending:
-            _call(done, None, OSError(errno.EIO, os.strerror(errno.EIO)))
+        self.held.clear()
+        for done in pending:
+            _call(done, None, self.failed(OSError(errno.EIO, os.strerror(errno.EIO))))
+
+
+def _write_zeroes(lib: Any, handle: int, offset: int, length: int, zero_flags: int,
+                  comp: int) -> int:
+    # The completion comes before the flags here.
+    return int(lib.rbd_aio_write_zeroes(handle, offset, length, comp, zero_flags, 0))
+
+
+def _same(exc: OSError) -> BaseException:
+    return exc
+
+
+def _nothing() -> None:
+    return None
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

@@ -371,6 +371,11 @@ class NbdExport:
     def calls_back(self) -> bool:
         return self.node.driver.calls_back
 
+    def io_plug(self) -> Callable[[], None]:
+        node = self.node
+        node.io_plug()
+        return node.io_unplug
+
     def read_now(self, offset: int, length: int) -> bytes | None:
         """A small READ's data without waiting (:meth:`BlockNode.read_now`);
         None, having done nothing, when :meth:`read` must be awaited."""
@@ -419,8 +424,10 @@ class NbdExport:
         except BaseException:
             self._count("read", length)
             raise
-        if started:
-            self._count("read", length)
+        if started:  # (_count, inline: once per request)
+            stats = self.stats
+            stats.requests["read"] += 1
+            stats.bytes["read"] += length
         return started
 
     def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool:
@@ -434,8 +441,10 @@ class NbdExport:
         except BaseException:
             self._count("write", len(data))
             raise
-        if started:
-            self._count("write", len(data))
+        if started:  # (_count, inline: once per request)
+            stats = self.stats
+            stats.requests["write"] += 1
+            stats.bytes["write"] += len(data)
         return started
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:

@@ -46,7 +46,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from qmpd import net
 from qmpd.block.driver import BlockDriverError, IoDone
@@ -133,6 +133,11 @@ class ServedExport(Protocol):
 
     def read_now(self, offset: int, length: int) -> bytes | None: ...
 
+    def io_plug(self) -> Callable[[], None]:
+        """Let the node hold back what is submitted until the returned
+        function is called (:meth:`BlockNode.io_plug`)."""
+        ...
+
     def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
 
     def read_soon(self, offset: int, length: int, sparse: bool, done: IoDone) -> bool: ...
@@ -215,6 +220,8 @@ class NbdConnection:
         self._out_bytes = 0
         self._writing = False
         self._idle = asyncio.Event()
+        #: Replies go to the socket as they are (TLS seals them first).
+        self.sends_plain = True
         self._idle.set()
         self._lost: asyncio.Future[None] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
@@ -315,10 +322,14 @@ class NbdConnection:
         # when it ends: one sendmsg (one TLS record) for the batch the client
         # sent, and none held back while the client waits for them.
         self._in_reader = True
+        # The requests of one receive go to the driver together.
+        unplug = self.export.io_plug() if self.export is not None else None
         try:
             self._receive()
         finally:
             self._in_reader = False
+            if unplug is not None:
+                unplug()
         if self._unsent_replies and not self.closed and not self._payload_coming():
             self._kick()
 
@@ -385,26 +396,54 @@ class NbdConnection:
         self._finish(parse_rest=True)
         self._pump()
 
-    def _send(self, parts: Sequence[p.ReplyPart]) -> None:
+    def _send(self, parts: Sequence[p.ReplyPart], at_once: bool = False) -> None:
         """Queue a reply's parts (in order, never interleaved with another reply's).
 
         They leave together with whatever else is ready in this turn of the
         loop (one sendmsg for many small replies): at the end of the reader
         callback that received the request, or in a callback scheduled for
-        that (for a request that had to wait).
+        that (for a request that had to wait).  ``at_once``: outside a reader
+        callback, they leave now.
         """
         if self.closed:
             return
         out = self._out
-        for part in parts:
-            out.append(part)
-            self._out_bytes += len(part)
-        self._unsent_replies += 1
-        if not self._pumping:
-            self._schedule_flush()
+        if at_once and not out and self.sends_plain and not self._in_reader \
+                and not self._pumping and self._sent_now(parts):
+            pass
+        else:
+            for part in parts:
+                out.append(part)
+                self._out_bytes += len(part)
+            self._unsent_replies += 1
+            if at_once and not self._in_reader and not self._pumping:
+                self._kick()
+            elif not self._pumping:
+                self._schedule_flush()
         if self._out_bytes > WRITE_HIGH_WATER and not self.write_paused:
             self.write_paused = True
             self._set_reading(False)
+
+    def _sent_now(self, parts: Sequence[p.ReplyPart]) -> bool:
+        """Send a reply with nothing queued before it, straight from its parts
+        (no queue, no flush): True unless it must be queued instead."""
+        try:
+            sent = self.sock.sendmsg(cast("Sequence[bytes]", parts))
+        except (BlockingIOError, InterruptedError, TypeError):  # full; a FileSpan
+            return False
+        except OSError as exc:
+            log.debug("NBD client %s: %s", self.peer, exc)
+            self._close()
+            return True
+        if sent == sum(map(len, parts)):
+            return True
+        out = self._out
+        for part in parts:
+            out.append(part)
+            self._out_bytes += len(part)
+        self._consumed(sent)
+        self._kick()
+        return True
 
     def _schedule_flush(self) -> None:
         """Flush in a callback of its own, soon: replies that complete in the
@@ -492,20 +531,24 @@ class NbdConnection:
                 log.debug("NBD client %s: %s", self.peer, exc)
                 self._close()
                 return
-            self._out_bytes -= sent
             budget -= sent
-            remaining = sent
-            while remaining:
-                first = out[0]
-                assert not isinstance(first, p.FileSpan)
-                if remaining >= len(first):
-                    remaining -= len(first)
-                    out.popleft()
-                else:
-                    out[0] = memoryview(first)[remaining:]
-                    remaining = 0
+            self._consumed(sent)
             if sent < total:
                 return
+
+    def _consumed(self, sent: int) -> None:
+        """The socket took the first ``sent`` bytes of the buffers queued."""
+        out = self._out
+        self._out_bytes -= sent
+        while sent:
+            first = out[0]
+            assert not isinstance(first, p.FileSpan)
+            if sent >= len(first):
+                sent -= len(first)
+                out.popleft()
+            else:
+                out[0] = memoryview(first)[sent:]
+                sent = 0
 
     def _writable(self) -> None:
         self._flush()
@@ -701,9 +744,10 @@ class NbdConnection:
         self._step(self._execute(request, size))
 
     def _began(self, size: int) -> None:
+        if not self.in_flight:
+            self._idle.clear()
         self.in_flight += 1
         self.in_flight_bytes += size
-        self._idle.clear()
 
     def _soon_done(self, request: p.Request, data: Any, error: BaseException | None) -> None:
         """A READ or WRITE started with read_soon/write_soon completed."""
@@ -716,16 +760,20 @@ class NbdConnection:
         else:
             parts = (self.replies.ok(request.cookie),)
         payload = request.payload
-        if payload is not None and self.tx is not None:
+        if payload is not None and self.tx is not None \
+                and len(payload) >= p.Transmission.RECYCLE_MIN:
             # Nothing holds a WRITE's payload once the driver has completed
             # it: the next WRITE of its length may be received into it.
             self.tx.recycle(payload)
-        self._ended(request.length, parts)
+        # Sent at once, not with the others the driver completes in this
+        # callback: the client works on it while they are answered (its
+        # requests and ours then overlap instead of moving in one convoy).
+        self._ended(request.length, parts, at_once=True)
 
-    def _ended(self, size: int, parts: Sequence[p.ReplyPart]) -> None:
+    def _ended(self, size: int, parts: Sequence[p.ReplyPart], at_once: bool = False) -> None:
         self.in_flight -= 1
         self.in_flight_bytes -= size
-        self._send(parts)
+        self._send(parts, at_once)
         if self.in_flight == 0:
             self._idle.set()
         if self.closed:

@@ -193,10 +193,10 @@ async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
             data = bytearray([i % 251 + 1]) * 4096
             assert node.write_soon(i * 4096, data, False, writes.done(i))
         assert not writes.results  # never before the call returned
-        assert node.plain_writes == 256 and driver.stats.in_flight == 256
+        assert node.plain_writes == 256 and driver.driver_metrics()["requests_in_flight"] == 256
         await asyncio.wait_for(writes.all_done, 60)
         assert all(result == (None, None) for result in writes.results.values())
-        assert node.plain_writes == 0 and driver.stats.in_flight == 0
+        assert node.plain_writes == 0 and driver.driver_metrics()["requests_in_flight"] == 0
         assert node.stats.wr_operations == 256
         reads = Completions()
         for i in range(256):
@@ -228,7 +228,7 @@ async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluste
         assert node.write_soon(4096, bytearray([0xA5]) * 4096, False, plain.done(0))
         await asyncio.wait_for(plain.all_done, 60)
         assert plain.results == {0: (None, None)}
-        assert node.stats.wr_operations == 2 and driver.stats.in_flight == 0
+        assert node.stats.wr_operations == 2 and driver.driver_metrics()["requests_in_flight"] == 0
         exported = ceph.root / f"{image}.seen"
         await asyncio.to_thread(ceph.rbd, "export", "--no-progress", f"rbd/{image}",
                                 str(exported))
@@ -237,33 +237,36 @@ async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluste
         assert seen[4096:8192] == bytes(4096)
 
 
+def requests(driver: RbdDriver) -> float:
+    return driver.driver_metrics()["requests"]
+
+
 async def test_a_flush_with_nothing_to_write_back_is_skipped(ceph: CephCluster) -> None:
     """As QEMU's block layer (write generations): a flush goes to librbd only
     when a write completed since the last one, whichever path the write took;
     an inactivation after a flush sends none."""
     async with rbd_node(ceph) as (node, driver, _image):
-        stats = driver.stats
         assert not driver.has_pending_writes()
         await node.write(0, bytes([1]) * 4096)
         assert driver.has_pending_writes()
-        before = stats.requests
+        before = requests(driver)
         await node.flush()
         await node.flush()
-        assert stats.requests == before + 1 and not driver.has_pending_writes()
+        assert requests(driver) == before + 1 and not driver.has_pending_writes()
         written = Completions()
         assert node.write_soon(4096, bytearray([2]) * 4096, False, written.done(0))
         await asyncio.wait_for(written.all_done, 60)
         assert driver.has_pending_writes()
         await node.flush()
-        assert stats.requests == before + 3 and not driver.has_pending_writes()
+        assert requests(driver) == before + 3 and not driver.has_pending_writes()
         fua = Completions()  # its own flush covers it
         assert node.write_soon(8192, bytearray([3]) * 4096, True, fua.done(0))
         await asyncio.wait_for(fua.all_done, 60)
         assert fua.results == {0: (None, None)}
-        assert stats.requests == before + 5 and not driver.has_pending_writes()
+        assert requests(driver) == before + 5 and not driver.has_pending_writes()
         await node.flush()
         await node.graph.inactivate_all()
-        assert stats.requests == before + 5 and stats.lock_releases == 1
+        assert requests(driver) == before + 5 and driver.stats.lock_releases == 1
 
 
 async def test_a_flush_covers_the_writes_in_flight(ceph: CephCluster) -> None:
@@ -401,6 +404,46 @@ async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> N
             value, error = failed.results[key]
             assert value is None and isinstance(error, BlockDriverError), failed.results
             assert error.errno in (errno.EIO, errno.ETIMEDOUT), error
-        assert node.plain_writes == 0 and driver.stats.in_flight == 0
+        assert node.plain_writes == 0 and driver.driver_metrics()["requests_in_flight"] == 0
         assert driver.stats.errors == 2
         assert node.stats.wr_operations == 0 and node.stats.rd_operations == 0
+
+
+async def test_plugged_requests_go_to_librbd_at_the_unplug(ceph: CephCluster) -> None:
+    """io_plug (QEMU's bdrv_io_plug): what a plugged node is asked to write or
+    read reaches librbd only at the outermost io_unplug, all of it one right
+    after the other (librbd's thread is woken once, not per request), and
+    completes as usual."""
+    async with rbd_node(ceph) as (node, driver, _image):
+        io = driver._io
+        assert isinstance(io, rbd_aio.ImageAio)
+        writes = Completions()
+        node.io_plug()
+        node.io_plug()
+        for i in range(8):
+            assert node.write_soon(i * 4096, bytearray([i + 1]) * 4096, False, writes.done(i))
+        assert len(io.held) == 8 and not io.pending
+        assert driver.driver_metrics()["requests_in_flight"] == 8
+        node.io_unplug()
+        await asyncio.sleep(0.2)
+        assert len(io.held) == 8 and not io.pending and not writes.results
+        node.io_unplug()
+        assert not io.held and len(io.pending) == 8 and node.io_plugged == 0
+        # One batch: submitted together (one timestamp for all).
+        assert len({entry[3] for entry in io.pending.values()}) == 1
+        await asyncio.wait_for(writes.all_done, 60)
+        assert all(result == (None, None) for result in writes.results.values())
+        reads = Completions()
+        node.io_plug()
+        for i in range(8):
+            assert node.read_soon(i * 4096, 4096, reads.done(i))
+        future = asyncio.ensure_future(node.read(8 * 4096, 4096))
+        await asyncio.sleep(0)  # the awaited path is held too
+        assert len(io.held) == 9 and not reads.results
+        node.io_unplug()
+        await asyncio.wait_for(reads.all_done, 60)
+        assert [reads.results[i] for i in range(8)] == \
+            [(bytes([i + 1]) * 4096, None) for i in range(8)]
+        assert await asyncio.wait_for(future, 60) == bytes(4096)
+        assert driver.driver_metrics()["requests_in_flight"] == 0
+        assert node.stats.wr_operations == 8 and node.stats.rd_operations == 9

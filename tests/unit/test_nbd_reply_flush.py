@@ -25,40 +25,9 @@ from qmpd.cli import parse_args
 from qmpd.daemon import Daemon
 from qmpd.nbd import protocol as p
 from qmpd.nbd.server import NbdConnection
+from tests.support.nbd import negotiate, pending
 
 SIZE = 1 << 20
-
-
-async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    while len(data) < n:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, n - len(data)), 10)
-        assert chunk, "the server closed the connection"
-        data += chunk
-    return data
-
-
-async def _negotiate(sock: socket.socket) -> None:
-    """Fixed newstyle, NBD_OPT_EXPORT_NAME: simple replies."""
-    loop = asyncio.get_running_loop()
-    greeting = await _recv_exactly(sock, 18)
-    assert greeting[:16] == struct.pack(">QQ", p.NBDMAGIC, p.IHAVEOPT)
-    await loop.sock_sendall(sock, struct.pack(">I", int(p.ClientFlag.FIXED_NEWSTYLE
-                                                         | p.ClientFlag.NO_ZEROES)))
-    name = b"e"
-    await loop.sock_sendall(sock, struct.pack(">QII", p.IHAVEOPT, int(p.Opt.EXPORT_NAME),
-                                              len(name)) + name)
-    size, _flags = struct.unpack(">QH", await _recv_exactly(sock, 10))
-    assert size == SIZE
-
-
-def _pending(sock: socket.socket) -> bytes:
-    """What the server has sent so far, without waiting for more."""
-    try:
-        return sock.recv(1 << 20, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return b""
 
 
 @pytest.fixture
@@ -89,7 +58,7 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
     client.setblocking(False)
     try:
         await asyncio.get_running_loop().sock_connect(client, str(sock_path))
-        await _negotiate(client)
+        await negotiate(client, SIZE)
         server = daemon.exports.get().server
         assert server is not None
         for _ in range(100):
@@ -114,12 +83,12 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
         ok = struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 1)
         read = struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 2) + content[:4096]
         # Both replies are in the socket when the callback returns.
-        got = _pending(client)
+        got = pending(client)
         assert got[:16] == ok and _same(got, ok + read), len(got)
 
         client.sendall(third[10:])
         conn._readable()
-        got = _pending(client)
+        got = pending(client)
         assert _same(got, struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 3)
                      + content[8192:8192 + 512]), len(got)
         # A WRITE whose payload is still on its way: whatever waited for it
@@ -128,10 +97,10 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
         client.sendall(p.request_header(p.Cmd.WRITE, 4, 12288, 1000) + second[:1000]
                        + p.request_header(p.Cmd.WRITE, 5, 12288, 4096) + second[:1000])
         conn._readable()
-        got = _pending(client)
+        got = pending(client)
         client.sendall(second[1000:])
         conn._readable()
-        got += _pending(client)
+        got += pending(client)
         assert got == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 4) \
             + struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 5)
         # ... but not for a long payload: what is done leaves now.
@@ -139,7 +108,7 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
         client.sendall(p.request_header(p.Cmd.WRITE, 6, 0, 512) + second[:512]
                        + p.request_header(p.Cmd.WRITE, 7, SIZE // 2, len(big)) + big[:1000])
         conn._readable()
-        assert _pending(client) == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 6)
+        assert pending(client) == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 6)
         got = b""
         rest = memoryview(big)[1000:]
         for _ in range(10000):  # the socket takes the rest in pieces
@@ -149,7 +118,7 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
                 except BlockingIOError:
                     pass
             conn._readable()
-            got += _pending(client)
+            got += pending(client)
             if got:
                 break
         assert not rest and got == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 7)

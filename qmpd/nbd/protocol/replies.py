@@ -108,7 +108,7 @@ class Replies:
         self.structured = structured
 
     def ok(self, cookie: int) -> bytes:
-        return simple_reply(cookie)
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def error(self, cookie: int, error: int, message: str) -> bytes:
         if self.structured:
