@@ -291,9 +291,12 @@ class BlockNode:
     def io_unplug(self) -> None:
         self.io_plugged -= 1
         if self.io_plugged == 0:
-            self.driver.io_unplug()
-            for child in self.plugged_below:
-                child.io_unplug()
+            below, self.plugged_below = self.plugged_below, []
+            try:
+                self.driver.io_unplug()
+            finally:
+                for child in below:
+                    child.io_unplug()
 
     async def _reloaded(self) -> None:
         while (reload := self.reloading) is not None:

@@ -620,9 +620,9 @@ class RbdDriver(BlockDriver):
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self._lock_wanted:
             await self._lock_taken()
-        io = self._requests()
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
+        io = self._requests()  # (after the wait: the node may have closed meanwhile)
         self._writes += 1  # counted when submitted (see write_soon)
         await self._aio(io.write, offset, data)
         if fua:
@@ -632,9 +632,9 @@ class RbdDriver(BlockDriver):
                            fua: bool = False) -> None:
         if self._lock_wanted:
             await self._lock_taken()
-        io = self._requests()
         if offset + length > self._size:
             await self._grow(offset + length)
+        io = self._requests()  # (after the wait: the node may have closed meanwhile)
         flags = 0 if may_unmap else ZERO_THICK
         self._writes += 1
         await self._aio(io.write_zeroes, offset, length, flags)

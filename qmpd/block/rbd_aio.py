@@ -176,6 +176,7 @@ class ImageAio:
         if self.plugged:
             self.held.append((call, args, done, keep, reading))
             return
+        self.requests += 1
         out = self._out
         if self._lib.rbd_aio_create_completion(None, None, out) < 0:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
@@ -185,7 +186,6 @@ class ImageAio:
             self._lib.rbd_aio_release(comp)
             raise OSError(-ret, os.strerror(-ret))
         self.pending[comp] = (done, keep, reading, time.monotonic())
-        self.requests += 1
 
     def plug(self) -> None:
         """Hold requests back until the matching :meth:`unplug`: submitted one
@@ -202,17 +202,22 @@ class ImageAio:
         now = time.monotonic()
         self.requests += len(held)
         for call, args, done, keep, reading in held:
-            if create(None, None, out) < 0:
-                ret = -errno.ENOMEM
-            else:
-                comp = out.value
-                ret = call(*args, comp)
-                if ret >= 0:
-                    pending[comp] = (done, keep, reading, now)
-                    continue
-                lib.rbd_aio_release(comp)
+            try:
+                if create(None, None, out) < 0:
+                    ret = -errno.ENOMEM
+                else:
+                    comp = out.value
+                    ret = call(*args, comp)
+                    if ret >= 0:
+                        pending[comp] = (done, keep, reading, now)
+                        continue
+                    lib.rbd_aio_release(comp)
+                error = self.failed(OSError(-ret, os.strerror(-ret)))
+            except Exception as exc:  # (a bug) the others are still submitted
+                log.exception("rbd: a held request could not be submitted")
+                error = exc
             # Completes as it would have (never before its submission returned).
-            self.loop.call_soon(_call, done, None, self.failed(OSError(-ret, os.strerror(-ret))))
+            self.loop.call_soon(_call, done, None, error)
 
     def _future(self) -> tuple[asyncio.Future[Any], IoDone]:
         future = self.loop.create_future()
@@ -309,13 +314,14 @@ class ImageAio:
                 lib.rbd_aio_release(comp)
                 done, data, reading, started = entry
                 self.seconds += now - started
+                # As per request: the last completion of the batch says
+                # whether the cluster answers.
+                answered = ret >= 0
                 # One caller's bug must not stop the completions of the others.
                 try:
                     if ret < 0:
                         done(None, self.failed(OSError(-ret, os.strerror(-ret))))
-                        continue
-                    answered = True
-                    if not reading:
+                    elif not reading:
                         done(None, None)
                     elif ret < len(data):  # short: librbd left the rest unwritten
                         done(data[:ret] + bytes(len(data) - ret), None)
