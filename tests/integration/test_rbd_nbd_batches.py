@@ -27,7 +27,7 @@ from qmpd.daemon import Daemon
 from qmpd.nbd import protocol as p
 from qmpd.nbd.server import NbdConnection
 from tests.support.ceph import POOL, CephCluster
-from tests.support.nbd import negotiate, pending
+from tests.support.nbd import pending, raw_connection
 
 SIZE = 1 << 20
 #: Fewer than 8: the pump looks at its time budget every 8 requests, and
@@ -56,20 +56,9 @@ async def served(ceph: CephCluster, tmp_path: Path, raw: bool
         "--export", f"type=nbd,id=e0,node-name={'fmt' if raw else 'r'},name=e,writable=on",
     ]))
     await daemon.start()
-    client = socket.socket(socket.AF_UNIX)
-    client.setblocking(False)
+    client: socket.socket | None = None
     try:
-        await asyncio.get_running_loop().sock_connect(client, str(sock_path))
-        await negotiate(client, SIZE)
-        server = daemon.exports.get().server
-        assert server is not None
-        conns: list[NbdConnection] = []
-        for _ in range(100):
-            conns = [c for c in server.connections if c.tx is not None]
-            if conns:
-                break
-            await asyncio.sleep(0.01)
-        (conn,) = conns
+        client, conn = await raw_connection(daemon, sock_path, SIZE)
         driver = daemon.block.graph.nodes["r"].driver
         assert isinstance(driver, RbdDriver)
         io = driver._io
@@ -82,7 +71,8 @@ async def served(ceph: CephCluster, tmp_path: Path, raw: bool
             conn.loop.add_reader(io.fd, io._deliver)
             conn.loop.add_reader(conn.fd, conn._readable)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         await daemon.shutdown()
         ceph.remove_image(image)
 

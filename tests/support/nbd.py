@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from pathlib import Path
 
+from qmpd.daemon import Daemon
 from qmpd.nbd import protocol as p
+from qmpd.nbd.server import NbdConnection
 
 
 async def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -38,3 +41,27 @@ def pending(sock: socket.socket) -> bytes:
         return sock.recv(1 << 20, socket.MSG_DONTWAIT)
     except BlockingIOError:
         return b""
+
+
+async def raw_connection(daemon: Daemon, path: Path, size: int
+                         ) -> tuple[socket.socket, NbdConnection]:
+    """A client's non-blocking socket to the daemon's NBD server at ``path``,
+    past the handshake (export ``e``), and the server's side of it."""
+    client = socket.socket(socket.AF_UNIX)
+    client.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(client, str(path))
+        await negotiate(client, size)
+        server = daemon.exports.get().server
+        assert server is not None
+        conns: list[NbdConnection] = []
+        for _ in range(100):
+            conns = [c for c in server.connections if c.tx is not None]
+            if conns:
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = conns
+        return client, conn
+    except BaseException:
+        client.close()
+        raise

@@ -10,10 +10,8 @@ without the I/O thread pool, so these requests complete inside the callback
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -24,8 +22,7 @@ import pytest
 from qmpd.cli import parse_args
 from qmpd.daemon import Daemon
 from qmpd.nbd import protocol as p
-from qmpd.nbd.server import NbdConnection
-from tests.support.nbd import negotiate, pending
+from tests.support.nbd import pending, raw_connection
 
 SIZE = 1 << 20
 
@@ -54,20 +51,8 @@ async def test_replies_leave_when_the_reader_callback_ends(tmp_path: Path, shm: 
         "--export", "type=nbd,id=e0,node-name=f,name=e,writable=on",
     ]))
     await daemon.start()
-    client = socket.socket(socket.AF_UNIX)
-    client.setblocking(False)
+    client, conn = await raw_connection(daemon, sock_path, SIZE)
     try:
-        await asyncio.get_running_loop().sock_connect(client, str(sock_path))
-        await negotiate(client, SIZE)
-        server = daemon.exports.get().server
-        assert server is not None
-        for _ in range(100):
-            conns = [c for c in server.connections if c.tx is not None]
-            if conns:
-                break
-            await asyncio.sleep(0.01)
-        (conn,) = conns
-        assert isinstance(conn, NbdConnection)
         # Take the reader callback over: the test runs it, with no turn of the
         # event loop between the bytes arriving and the callback returning.
         conn.loop.remove_reader(conn.fd)
