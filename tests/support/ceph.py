@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -202,13 +203,29 @@ rbd_cache_max_dirty_age = 600
         self._wait(lambda: self.ceph("mon", "stat", timeout=10) != "", "monitor")
 
     def start_osd(self) -> None:
-        self.osd = self._spawn("ceph-osd", "-f", "-c", str(self.conf), "-i", "0",
-                               "--keyring", str(self.root / "osd" / "keyring"))
-        self._wait(lambda: '"num_up_osds":1' in self.ceph("osd", "stat", "-f", "json",
-                                                            timeout=10).replace(" ", ""),
-                   "OSD up")
+        def up() -> bool:
+            if self.osd is None or self.osd.poll() is not None:
+                # It exited on its way up (a restart right after a stop, on a
+                # loaded machine): what it said goes to the test's output.
+                if self.osd is not None:
+                    sys.stderr.write(f"ceph-osd exited with {self.osd.returncode}:\n"
+                                     f"{self._log_tail('osd.0.log')}\n")
+                self.osd = self._spawn("ceph-osd", "-f", "-c", str(self.conf), "-i", "0",
+                                       "--keyring", str(self.root / "osd" / "keyring"))
+            return '"num_up_osds":1' in self.ceph("osd", "stat", "-f", "json",
+                                                  timeout=10).replace(" ", "")
 
-    def _wait(self, ready: object, what: str, timeout: float = 90) -> None:
+        self.osd = None
+        self._wait(up, "OSD up", log="osd.0.log")
+
+    def _log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            text = (self.root / "log" / name).read_text(errors="replace")
+        except OSError as exc:
+            return f"({exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _wait(self, ready: object, what: str, timeout: float = 90, log: str = "") -> None:
         assert callable(ready)
         deadline = time.monotonic() + timeout
         while True:
@@ -218,7 +235,11 @@ rbd_cache_max_dirty_age = 600
             except (AssertionError, subprocess.TimeoutExpired):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Ceph test cluster: {what} not ready; logs in {self.root}/log")
+                # The cluster's directory goes with the session: its log's end
+                # goes with the error.
+                tail = f"\n{log}:\n{self._log_tail(log)}" if log else ""
+                raise RuntimeError(
+                    f"Ceph test cluster: {what} not ready; logs in {self.root}/log{tail}")
             time.sleep(0.2)
 
     def stop_osd(self) -> None:
