@@ -42,7 +42,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from qmpd.block.accounting import NodeStats as NodeStats
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob
@@ -60,8 +60,6 @@ from qmpd.block.extent import BlockStatus as BlockStatus
 from qmpd.block.extent import HostSpan, read_span
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError as BlockDriverError
-
-T = TypeVar("T")
 
 #: Every permission set by value, and the bits as ints, for the hot paths.
 _PERMS = tuple(Perm(value) for value in range(16))

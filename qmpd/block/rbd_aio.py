@@ -177,15 +177,24 @@ class ImageAio:
             self.held.append((call, args, done, keep, reading))
             return
         self.requests += 1
+        ret = self._launch(call, args, done, keep, reading, time.monotonic())
+        if ret < 0:
+            raise OSError(-ret, os.strerror(-ret))
+
+    def _launch(self, call: Any, args: tuple[Any, ...], done: IoDone, keep: Any,
+                reading: bool, now: float) -> int:
+        """Give librbd the request: 0, in flight from now; or a negative
+        errno, having left nothing behind."""
         out = self._out
         if self._lib.rbd_aio_create_completion(None, None, out) < 0:
-            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+            return -errno.ENOMEM
         comp = out.value
-        ret = call(*args, comp)
+        ret = int(call(*args, comp))
         if ret < 0:
             self._lib.rbd_aio_release(comp)
-            raise OSError(-ret, os.strerror(-ret))
-        self.pending[comp] = (done, keep, reading, time.monotonic())
+            return ret
+        self.pending[comp] = (done, keep, reading, now)
+        return 0
 
     def plug(self) -> None:
         """Hold requests back until the matching :meth:`unplug`: submitted one
@@ -197,21 +206,13 @@ class ImageAio:
         if self.plugged or not self.held:
             return
         held, self.held = self.held, []
-        lib, out, pending = self._lib, self._out, self.pending
-        create = lib.rbd_aio_create_completion
         now = time.monotonic()
         self.requests += len(held)
         for call, args, done, keep, reading in held:
             try:
-                if create(None, None, out) < 0:
-                    ret = -errno.ENOMEM
-                else:
-                    comp = out.value
-                    ret = call(*args, comp)
-                    if ret >= 0:
-                        pending[comp] = (done, keep, reading, now)
-                        continue
-                    lib.rbd_aio_release(comp)
+                ret = self._launch(call, args, done, keep, reading, now)
+                if ret >= 0:
+                    continue
                 error = self.failed(OSError(-ret, os.strerror(-ret)))
             except Exception as exc:  # (a bug) the others are still submitted
                 log.exception("rbd: a held request could not be submitted")

@@ -194,6 +194,9 @@ class NbdConnection:
     only if it suspends does it continue from the future it waits for.
     """
 
+    #: Replies go to the socket as they are (TLS seals them first).
+    sends_plain = True
+
     def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
         self.exports = server.exports
@@ -220,8 +223,6 @@ class NbdConnection:
         self._out_bytes = 0
         self._writing = False
         self._idle = asyncio.Event()
-        #: Replies go to the socket as they are (TLS seals them first).
-        self.sends_plain = True
         self._idle.set()
         self._lost: asyncio.Future[None] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
@@ -408,42 +409,36 @@ class NbdConnection:
         if self.closed:
             return
         out = self._out
-        if at_once and not out and self.sends_plain and not self._in_reader \
-                and not self._pumping and self._sent_now(parts):
-            pass
-        else:
-            for part in parts:
-                out.append(part)
-                self._out_bytes += len(part)
-            self._unsent_replies += 1
-            if at_once and not self._in_reader and not self._pumping:
-                self._kick()
-            elif not self._pumping:
-                self._schedule_flush()
+        now = at_once and not self._in_reader and not self._pumping
+        sent = self._sent_now(parts) if now and not out and self.sends_plain else 0
+        if self.closed or (sent and sent == sum(map(len, parts))):
+            return  # (nothing queued before it, nothing left of it)
+        for part in parts:
+            out.append(part)
+            self._out_bytes += len(part)
+        self._unsent_replies += 1
+        if sent:
+            self._consumed(sent)
+        if now:
+            self._kick()
+        elif not self._pumping:
+            self._schedule_flush()
         if self._out_bytes > WRITE_HIGH_WATER and not self.write_paused:
             self.write_paused = True
             self._set_reading(False)
 
-    def _sent_now(self, parts: Sequence[p.ReplyPart]) -> bool:
-        """Send a reply with nothing queued before it, straight from its parts
-        (no queue, no flush): True unless it must be queued instead."""
+    def _sent_now(self, parts: Sequence[p.ReplyPart]) -> int:
+        """Send a reply straight from its parts (nothing queued before it):
+        the bytes the socket took, 0 when it is full (or a FileSpan is among
+        them: those go through the queue)."""
         try:
-            sent = self.sock.sendmsg(cast("Sequence[bytes]", parts))
-        except (BlockingIOError, InterruptedError, TypeError):  # full; a FileSpan
-            return False
+            return self.sock.sendmsg(cast("Sequence[bytes]", parts))
+        except (BlockingIOError, InterruptedError, TypeError):
+            return 0
         except OSError as exc:
             log.debug("NBD client %s: %s", self.peer, exc)
             self._close()
-            return True
-        if sent == sum(map(len, parts)):
-            return True
-        out = self._out
-        for part in parts:
-            out.append(part)
-            self._out_bytes += len(part)
-        self._consumed(sent)
-        self._kick()
-        return True
+            return 0
 
     def _schedule_flush(self) -> None:
         """Flush in a callback of its own, soon: replies that complete in the

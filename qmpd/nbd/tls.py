@@ -168,10 +168,11 @@ class ServerTls:
 class TlsConnection(NbdConnection):
     """A connection to a server with TLS credentials."""
 
+    sends_plain = False
+
     def __init__(self, server: NbdServer, sock: socket.socket, config: ServerTls) -> None:
         super().__init__(server, sock)
         self.config = config
-        self.sends_plain = False
         self.handshake = p.ServerHandshake(server.exports, tls=True)
         #: The TLS session, from NBD_OPT_STARTTLS on.
         self.tls: TlsSession | None = None

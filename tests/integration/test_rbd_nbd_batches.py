@@ -86,6 +86,35 @@ def _reply(cookie: int, content: bytes) -> bytes:
     return struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, cookie) + content[offset:offset + 4096]
 
 
+async def deliver_all(io: rbd_aio.ImageAio, attempts: int = 200) -> None:
+    """Run the image's completion callback until nothing is in flight (the
+    test took it over from the loop)."""
+    for _ in range(attempts):
+        if not io.pending:
+            return
+        await asyncio.to_thread(select.select, [io.fd], [], [], 1)
+        io._deliver()
+        await asyncio.sleep(0)  # the raw node's coroutines go on
+
+
+async def received(client: socket.socket, length: int, attempts: int) -> bytes:
+    """What the server sent, once ``length`` bytes are in (or ``attempts`` turns
+    of the loop later: it sends the rest as the socket drains)."""
+    got = b""
+    for _ in range(attempts):
+        got += pending(client)
+        if len(got) >= length:
+            break
+        await asyncio.sleep(0.005)
+    return got
+
+
+def by_cookie(got: bytes, size: int) -> dict[int, bytes]:
+    """Simple replies of ``size`` bytes of data each, by cookie."""
+    return {struct.unpack(">Q", got[i + 8:i + 16])[0]: got[i:i + 16 + size]
+            for i in range(0, len(got), 16 + size)}
+
+
 async def test_a_reader_callback_submits_its_requests_together(
         ceph: CephCluster, tmp_path: Path) -> None:
     for raw in (False, True):
@@ -97,21 +126,10 @@ async def test_a_reader_callback_submits_its_requests_together(
             # through the raw node's coroutines too.
             assert not io.held and len(io.pending) == COUNT, raw
             assert len({entry[3] for entry in io.pending.values()}) == 1, raw
-            got = b""
-            for _ in range(1000):
-                if not io.pending:
-                    break
-                await asyncio.to_thread(select.select, [io.fd], [], [], 1)
-                io._deliver()
-                await asyncio.sleep(0)  # the raw node's coroutines go on
-            for _ in range(100):
-                got += pending(client)
-                if len(got) >= COUNT * (16 + 4096):
-                    break
-                await asyncio.sleep(0.01)
-            replies = {struct.unpack(">Q", got[i + 8:i + 16])[0]: got[i:i + 16 + 4096]
-                       for i in range(0, len(got), 16 + 4096)}
-            assert replies == {c: _reply(c, content) for c in range(1, COUNT + 1)}, raw
+            await deliver_all(io, 1000)
+            got = await received(client, COUNT * (16 + 4096), 200)
+            assert by_cookie(got, 4096) == {c: _reply(c, content)
+                                            for c in range(1, COUNT + 1)}, raw
 
 
 async def test_a_reply_leaves_in_the_completion_callback(
@@ -129,9 +147,7 @@ async def test_a_reply_leaves_in_the_completion_callback(
             # Every reply of what completed so far is in the socket already.
             got += pending(client)
             assert len(got) == completed * (16 + 4096), (len(got), completed)
-        replies = {struct.unpack(">Q", got[i + 8:i + 16])[0]: got[i:i + 16 + 4096]
-                   for i in range(0, len(got), 16 + 4096)}
-        assert replies == {c: _reply(c, content) for c in range(1, COUNT + 1)}
+        assert by_cookie(got, 4096) == {c: _reply(c, content) for c in range(1, COUNT + 1)}
 
 
 async def test_replies_the_socket_cannot_take_at_once_stay_whole(
@@ -148,21 +164,10 @@ async def test_replies_the_socket_cannot_take_at_once_stay_whole(
             client.sendall(b"".join(p.request_header(p.Cmd.READ, c, (c - 1) * 65536, size)
                                     for c in range(1, COUNT + 1)))
             conn._readable()
-            for _ in range(200):
-                if not io.pending:
-                    break
-                await asyncio.to_thread(select.select, [io.fd], [], [], 1)
-                io._deliver()
+            await deliver_all(io)
             assert not io.pending and conn._out  # short of room: some wait
-            got = b""
-            for _ in range(2000):
-                got += pending(client)
-                if len(got) >= COUNT * (16 + size):
-                    break
-                await asyncio.sleep(0.005)  # the loop sends the rest as the socket drains
-            replies = {struct.unpack(">Q", got[i + 8:i + 16])[0]: got[i:i + 16 + size]
-                       for i in range(0, len(got), 16 + size)}
-            assert replies == {
+            got = await received(client, COUNT * (16 + size), 2000)
+            assert by_cookie(got, size) == {
                 c: struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, c)
                 + content[(c - 1) * 65536:(c - 1) * 65536 + size] for c in range(1, COUNT + 1)}
             assert not conn._out
