@@ -431,12 +431,14 @@ class BlockNode:
         """:meth:`read` without a coroutine where the driver submits it to an
         engine that calls back (:meth:`BlockDriver.read_soon`): True when
         started, ``done`` comes later; False, having done nothing, otherwise."""
-        if not self.driver.calls_back or self.state is not _ACTIVE \
-                or self.reloading is not None:
+        driver = self.driver
+        if not driver.calls_back or self.state is not _ACTIVE or self.reloading is not None:
             return False
-        self._check_range(offset, length)
-        return self.driver.read_soon(offset, length,
-                                     functools.partial(self._read_soon_done, length, done))
+        # _check_range, inline: this is once per request.
+        if offset < 0 or length < 0 or offset + length > -(-driver.size() // 512) * 512:
+            self._check_range(offset, length)
+        return driver.read_soon(offset, length,
+                                functools.partial(self._read_soon_done, length, done))
 
     def _read_soon_done(self, length: int, done: IoDone, data: Any,
                         error: BaseException | None) -> None:
@@ -449,16 +451,18 @@ class BlockNode:
         """:meth:`write` without a coroutine, as :meth:`read_soon`, when nothing
         on the way waits (as :meth:`write_now`).  ``data`` must stay unchanged
         until ``done``."""
-        if not self.driver.calls_back or self.write_hooks or self.serialiser is not None \
+        driver = self.driver
+        if not driver.calls_back or self.write_hooks or self.serialiser is not None \
                 or self.detect_zeroes != "off" or self.reloading is not None:
             return False
         if self.state is not _ACTIVE or self.read_only:
             self._check_writable()
         length = len(data)
-        self._check_range(offset, length)
+        if offset < 0 or offset + length > -(-driver.size() // 512) * 512:
+            self._check_range(offset, length)
         self.plain_writes += 1
         try:
-            started = self.driver.write_soon(
+            started = driver.write_soon(
                 offset, data, fua, functools.partial(self._write_soon_done, offset, length, done))
         except BaseException:
             self._plain_write_done()

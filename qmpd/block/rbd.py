@@ -560,7 +560,10 @@ class RbdDriver(BlockDriver):
         io = self._io
         if not isinstance(io, rbd_aio.ImageAio) or not length or offset + length > self._size:
             return False
-        self._submit_soon(io.read_cb, done, offset, length)
+        try:  # (_submit_soon, inline: once per request)
+            io.read_cb(offset, length, done)
+        except Exception as exc:
+            raise self._failed(exc) from None
         return True
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
@@ -572,7 +575,10 @@ class RbdDriver(BlockDriver):
             done = functools.partial(self._flush_soon, done)
         # Counted when submitted: librbd's flush covers the writes in flight.
         self._writes += 1
-        self._submit_soon(io.write_cb, done, offset, data)
+        try:
+            io.write_cb(offset, data, done)
+        except Exception as exc:
+            raise self._failed(exc) from None
         return True
 
     def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:

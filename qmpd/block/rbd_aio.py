@@ -230,8 +230,11 @@ class ImageAio:
         or ``done(None, OSError)``, from the event loop."""
         # Zeroing a small one costs less than the call that skips it.
         data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
-        self._submit(self._lib.rbd_aio_read, (self.handle, offset, length,
-                                              id(data) + _BYTES_DATA), done, data, True)
+        args = (self.handle, offset, length, id(data) + _BYTES_DATA)
+        if self.plugged:  # (_submit's first step, inline: once per request)
+            self.held.append((self._lib.rbd_aio_read, args, done, data, True))
+            return
+        self._submit(self._lib.rbd_aio_read, args, done, data, True)
 
     def write_cb(self, offset: int, data: bytes | bytearray, done: IoDone) -> None:
         """Write ``data`` (bytes, or a bytearray the caller does not change
@@ -240,8 +243,11 @@ class ImageAio:
         if type(data) is bytearray and data and _BYTEARRAY_START:
             # Where its bytes are (the caller neither changes nor resizes it).
             address = _vp.from_address(id(data) + _BYTEARRAY_START).value
-            self._submit(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
-                         done, data)
+            args = (self.handle, offset, len(data), address)
+            if self.plugged:
+                self.held.append((self._lib.rbd_aio_write, args, done, data, False))
+                return
+            self._submit(self._lib.rbd_aio_write, args, done, data)
             return
         if type(data) is not bytes:
             try:  # a writable buffer: librbd reads it where it is (a c_char
@@ -304,6 +310,7 @@ class ImageAio:
         lib, batch, pending = self._lib, self._batch, self.pending
         now = time.monotonic()
         answered = False
+        seconds = 0.0
         while True:
             n = lib.rbd_poll_io_events(self.handle, batch, POLL_BATCH)
             for i in range(max(n, 0)):
@@ -314,7 +321,7 @@ class ImageAio:
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
                 done, data, reading, started = entry
-                self.seconds += now - started
+                seconds += now - started
                 # As per request: the last completion of the batch says
                 # whether the cluster answers.
                 answered = ret >= 0
@@ -332,6 +339,7 @@ class ImageAio:
                     log.exception("rbd: a completion callback failed")
             if n < POLL_BATCH:
                 break
+        self.seconds += seconds
         if answered:
             self.answered()
 

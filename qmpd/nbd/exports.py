@@ -369,7 +369,7 @@ class NbdExport:
 
     @property
     def calls_back(self) -> bool:
-        return self.node.driver.calls_back
+        return self.edge.child.driver.calls_back
 
     def io_plug(self) -> Callable[[], None]:
         node = self.node
@@ -412,7 +412,7 @@ class NbdExport:
         memory; False, having done nothing, when :meth:`read` must be awaited."""
         if not length:
             return False
-        node = self.node
+        node = self.edge.child
         if length >= SPARSE_READ_MIN and (
             not node.driver.calls_back
             or (sparse and not self.data_ranges.covers(offset, offset + length))
@@ -424,23 +424,29 @@ class NbdExport:
         except BaseException:
             self._count("read", length)
             raise
-        if started:
-            self._count("read", length)
+        if started:  # (_count, inline: once per request)
+            stats = self.stats
+            stats.requests["read"] += 1
+            stats.bytes["read"] += length
         return started
 
     def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool:
         """:meth:`write` started without a coroutine (:meth:`BlockNode.write_soon`);
         False, having done nothing, when it must be awaited."""
-        node = self.node
+        node = self.edge.child
         if not node.active:
             return False
         try:
-            started = node.write_soon(offset, cast(bytes, data), fua or self.writethrough, done)
+            # (bytes or a bytearray the request owns: drivers only read it)
+            started = node.write_soon(offset, data, fua or self.writethrough,  # type: ignore[arg-type]
+                                      done)
         except BaseException:
             self._count("write", len(data))
             raise
         if started:
-            self._count("write", len(data))
+            stats = self.stats
+            stats.requests["write"] += 1
+            stats.bytes["write"] += len(data)
         return started
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:

@@ -46,7 +46,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from qmpd import net
 from qmpd.block.driver import BlockDriverError, IoDone
@@ -410,9 +410,20 @@ class NbdConnection:
             return
         out = self._out
         now = at_once and not self._in_reader and not self._pumping
-        sent = self._sent_now(parts) if now and not out and self.sends_plain else 0
-        if self.closed or (sent and sent == sum(map(len, parts))):
-            return  # (nothing queued before it, nothing left of it)
+        sent = 0
+        if now and not out and self.sends_plain:
+            # Straight from its parts (nothing is queued before it); a
+            # FileSpan among them (TypeError) goes through the queue.
+            try:
+                sent = self.sock.sendmsg(parts)  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError, TypeError):
+                pass
+            except OSError as exc:
+                log.debug("NBD client %s: %s", self.peer, exc)
+                self._close()
+                return
+            if sent and sent == sum(map(len, parts)):
+                return  # (nothing left of it)
         for part in parts:
             out.append(part)
             self._out_bytes += len(part)
@@ -426,19 +437,6 @@ class NbdConnection:
         if self._out_bytes > WRITE_HIGH_WATER and not self.write_paused:
             self.write_paused = True
             self._set_reading(False)
-
-    def _sent_now(self, parts: Sequence[p.ReplyPart]) -> int:
-        """Send a reply straight from its parts (nothing queued before it):
-        the bytes the socket took, 0 when it is full (or a FileSpan is among
-        them: those go through the queue)."""
-        try:
-            return self.sock.sendmsg(cast("Sequence[bytes]", parts))
-        except (BlockingIOError, InterruptedError, TypeError):
-            return 0
-        except OSError as exc:
-            log.debug("NBD client %s: %s", self.peer, exc)
-            self._close()
-            return 0
 
     def _schedule_flush(self) -> None:
         """Flush in a callback of its own, soon: replies that complete in the
@@ -637,7 +635,9 @@ class NbdConnection:
         deadline = time.perf_counter() + PUMP_BUDGET
         count = 0
         try:
-            while self._admit():
+            # (_admit, inline: once per request)
+            while not self.draining and not self.write_paused and self.in_flight < MAX_IN_FLIGHT \
+                    and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES:
                 count += 1
                 if count & 7 == 0 and time.perf_counter() > deadline:
                     # Long enough: let other clients and the monitor in.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qmpd.nbd import protocol as p
 
@@ -327,6 +330,59 @@ def test_validation_messages(request_bytes: bytes, read_only: bool, structured: 
     (event,) = events(t)
     assert isinstance(event, p.Rejected)
     assert (event.error, event.message, event.fatal) == (p.Errno.EINVAL, message, False)
+
+
+def check_verdict(kind: int, flags: int, offset: int, length: int, size: int,
+                  read_only: bool, structured: bool) -> None:
+    """What next_event returns for a request received whole is what validate
+    returns for it (next_event answers the usual READ and WRITE in fewer steps)."""
+    def fresh() -> p.Transmission:
+        return p.Transmission(lambda: size, read_only, structured, {0: p.BASE_ALLOCATION},
+                              max_payload=8192)
+    payload = bytes(length) if kind == p.Cmd.WRITE and length <= 8192 else b""
+    t = fresh()
+    t.receive_data(req(kind, 7, offset, length, flags) + payload)
+    (event,) = events(t)
+    if kind == p.Cmd.WRITE and length > 8192:  # refused before validate: its payload is not read
+        assert isinstance(event, p.Rejected) and event.fatal
+        return
+    expected = fresh().validate(p.Request(flags, kind, 7, offset, length, payload or None))
+    if isinstance(expected, p.Rejected):
+        assert isinstance(event, p.Rejected), (kind, flags, offset, length, size, read_only)
+        assert (event.error, event.message, event.fatal) == (
+            expected.error, expected.message, expected.fatal)
+    else:
+        assert isinstance(event, p.Request), (event, kind, flags, offset, length, size)
+        assert (event.flags, event.type, event.offset, event.length) == (
+            flags, kind, offset, length)
+        assert (bytes(event.payload) if event.payload is not None else None) == (
+            payload if kind == p.Cmd.WRITE else None)
+
+
+def test_every_request_gets_validates_verdict_on_the_boundaries() -> None:
+    for kind, flags, offset, length, size, read_only, structured in itertools.product(
+        (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.CACHE),
+        (0, p.CmdFlag.FUA, p.CmdFlag.DF, 0x10),
+        (0, 512, 4096, 8192), (0, 512, 4096, 8192, 9000), (0, 512, 4096, 8192, 16384),
+        (False, True), (False, True),
+    ):
+        check_verdict(int(kind), int(flags), offset, length, size, read_only, structured)
+
+
+@given(
+    kind=st.sampled_from([p.Cmd.READ, p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.CACHE]),
+    flags=st.integers(0, 0x7F),
+    offset=st.integers(0, 20000),
+    length=st.integers(0, 20000),
+    size=st.integers(0, 20000),
+    read_only=st.booleans(),
+    structured=st.booleans(),
+)
+def test_every_request_gets_validates_verdict(
+    kind: p.Cmd, flags: int, offset: int, length: int, size: int, read_only: bool,
+    structured: bool,
+) -> None:
+    check_verdict(int(kind), flags, offset, length, size, read_only, structured)
 
 
 def test_write_to_read_only_consumes_payload() -> None:
