@@ -8,9 +8,11 @@ all) and the node queries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block import chain
@@ -421,10 +423,18 @@ class BlockLayer:
     async def resize(self, node: BlockNode, size: int) -> None:
         if size < 0:
             raise GenericError("Parameter 'size' expects a >0 size")
-        if not node.active:
-            raise GenericError("Permission 'resize' unavailable on inactive node")
-        if node.read_only:
-            raise GenericError("Block node is read-only")
+        # An activation marks a node active before its driver (or one below)
+        # has reloaded what it caches: the resize waits for that, as requests
+        # do, instead of changing metadata the reload is reading.
+        while True:
+            if not node.active:
+                raise GenericError("Permission 'resize' unavailable on inactive node")
+            if node.read_only:
+                raise GenericError("Block node is read-only")
+            reload = next((n.reloading for n in _subtree(node) if n.reloading is not None), None)
+            if reload is None:
+                break
+            await asyncio.shield(reload)
         await node.driver.truncate(size)
         # bdrv_co_truncate's bdrv_dirty_bitmap_truncate, on every node resized.
         stack = [node]
@@ -587,3 +597,10 @@ def _protocol(name: str) -> str | None:
     return head
 
 
+def _subtree(node: BlockNode) -> Iterator[BlockNode]:
+    """``node`` and every node below it."""
+    stack = [node]
+    while stack:
+        below = stack.pop()
+        yield below
+        stack.extend(edge.child for edge in below.children.values())

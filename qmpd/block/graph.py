@@ -358,8 +358,8 @@ class BlockGraph:
     def _activation_failed(self, node: BlockNode, exc: BaseException) -> None:
         node.set_state(NodeState.INACTIVE)
         node.release_requests()
-        node.activation_error = str(exc)
-        log.error("activation of node %s failed: %s", node.node_name, exc)
+        node.activation_error = str(exc) or type(exc).__name__  # (a cancellation has no text)
+        log.error("activation of node %s failed: %s", node.node_name, node.activation_error)
 
     async def _end_activation(self, node: BlockNode, start: float) -> None:
         node.release_requests()

@@ -115,6 +115,30 @@ async def test_cancelled_activation_leaves_nodes_whole(
         assert await node.read(0, 512) == bytes(512)
 
 
+async def test_an_activation_cut_short_says_so(
+    tmp_path: Path, layer: BlockLayer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose activation is cancelled during its reload stays inactive
+    with the reason recorded (readiness and the failed-activation metric
+    report a node by it) and logged: never an empty one."""
+    options = qcow2(tmp_path, "img")
+    options["file"]["cache"] = {"direct": True}  # the reload waits for the disk
+    node = await layer.add(options, inactive=True)
+    task = asyncio.create_task(layer.activate_all())
+    while not (node.active and node.reloading is not None):
+        assert not task.done()
+        await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR):
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert node.state is NodeState.INACTIVE
+    assert node.activation_error == "CancelledError"
+    assert "activation of node img failed: CancelledError" in caplog.text
+    await layer.activate_all()
+    assert node.active and node.activation_error is None
+
+
 async def test_requests_during_an_activation_wait_for_the_reload(
     tmp_path: Path, layer: BlockLayer
 ) -> None:

@@ -162,6 +162,37 @@ async def test_inactive_node_refuses_writes_and_resize(
     assert not file.cumulative_perms()[0] & Perm.WRITE
 
 
+async def test_a_resize_waits_for_a_reload_under_way(tmp_path: Path, layer: BlockLayer) -> None:
+    """An activation marks a node active before its driver, and those below,
+    have reloaded what they cache (requests are held meanwhile): block_resize
+    waits for the reload instead of changing the tables it reads, and is
+    refused if the activation fails."""
+    path = qcow2_file(tmp_path)
+    node = await layer.add(qcow2_options(path))
+    file = node.file
+    assert file is not None
+    file.hold_requests()  # the file node below is mid-reload
+    try:
+        task = asyncio.ensure_future(layer.resize(node, 8 * MiB))
+        await asyncio.sleep(0.1)
+        assert not task.done() and node.size() == 4 * MiB
+    finally:
+        file.release_requests()
+    await asyncio.wait_for(task, 10)
+    assert node.size() == 8 * MiB
+    node.hold_requests()  # an activation of the node itself, that fails
+    try:
+        task = asyncio.ensure_future(layer.resize(node, 16 * MiB))
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        node.set_state(NodeState.INACTIVE)
+    finally:
+        node.release_requests()
+    with pytest.raises(GenericError, match=r"^Permission .resize. unavailable on inactive node$"):
+        await asyncio.wait_for(task, 10)
+    assert node.size() == 8 * MiB
+
+
 async def test_activation_then_inactivation(tmp_path: Path, layer: BlockLayer) -> None:
     node = await layer.add(qcow2_options(qcow2_file(tmp_path)), inactive=True)
     file = node.file
