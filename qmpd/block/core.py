@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block import chain
@@ -401,6 +401,10 @@ class BlockLayer:
         await self.graph.write_back_early()
 
     async def activate_all(self) -> None:
+        # An activation already under way (blockdev-set-active of one node)
+        # finishes first: one that skipped its nodes as active would reload
+        # their parents over a driver still reloading, and return before it.
+        await _reloads_done(self.graph.all_nodes)
         await self.graph.activate_all()
 
     async def inactivate_all(self) -> None:
@@ -431,7 +435,7 @@ class BlockLayer:
                 raise GenericError("Permission 'resize' unavailable on inactive node")
             if node.read_only:
                 raise GenericError("Block node is read-only")
-            reload = next((n.reloading for n in _subtree(node) if n.reloading is not None), None)
+            reload = _reload_under_way(_subtree(node))
             if reload is None:
                 break
             await asyncio.shield(reload)
@@ -449,8 +453,10 @@ class BlockLayer:
         nodes = [self.find(None, node_name)] if node_name is not None else None
         if active:
             if nodes is None:
-                await self.graph.activate_all()
+                await self.activate_all()
             else:
+                # As activate_all: not alongside another activation's reload.
+                await _reloads_done(lambda: _subtree(nodes[0]))
                 await self.graph.activate(nodes[0])
         elif nodes is None:
             try:
@@ -604,3 +610,15 @@ def _subtree(node: BlockNode) -> Iterator[BlockNode]:
         below = stack.pop()
         yield below
         stack.extend(edge.child for edge in below.children.values())
+
+
+def _reload_under_way(nodes: Iterable[BlockNode]) -> asyncio.Future[None] | None:
+    """The reload of the first of ``nodes`` that is reloading its cache."""
+    return next((n.reloading for n in nodes if n.reloading is not None), None)
+
+
+async def _reloads_done(nodes: Callable[[], Iterable[BlockNode]]) -> None:
+    """Wait until none of ``nodes()`` is reloading (looked at again after each
+    wait: another activation may have begun meanwhile)."""
+    while (reload := _reload_under_way(nodes())) is not None:
+        await asyncio.shield(reload)

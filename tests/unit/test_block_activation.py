@@ -139,6 +139,26 @@ async def test_an_activation_cut_short_says_so(
     assert node.active and node.activation_error is None
 
 
+async def test_activate_all_waits_for_an_activation_under_way(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    """activate_all (a migration's handover, cont) while blockdev-set-active
+    of one node is reloading it: it waits for that reload instead of taking
+    the node as done (and returning, or reloading a parent over it, before
+    its driver has re-read what it caches)."""
+    options = qcow2(tmp_path, "img")
+    options["file"]["cache"] = {"direct": True}  # the reload waits for the disk
+    node = await layer.add(options, inactive=True)
+    one = asyncio.create_task(layer.set_active("img", True))
+    while not (node.active and node.reloading is not None):
+        assert not one.done()
+        await asyncio.sleep(0)
+    await layer.activate_all()
+    assert node.reloading is None and node.stats.invalidations == 1
+    await asyncio.wait_for(one, 10)
+    assert node.active and node.stats.invalidations == 1
+
+
 async def test_requests_during_an_activation_wait_for_the_reload(
     tmp_path: Path, layer: BlockLayer
 ) -> None:
