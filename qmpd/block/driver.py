@@ -434,9 +434,7 @@ class BlockNode:
         driver = self.driver
         if not driver.calls_back or self.state is not _ACTIVE or self.reloading is not None:
             return False
-        # _check_range, inline: this is once per request.
-        if offset < 0 or length < 0 or offset + length > -(-driver.size() // 512) * 512:
-            self._check_range(offset, length)
+        self._check_range(offset, length)
         return driver.read_soon(offset, length,
                                 functools.partial(self._read_soon_done, length, done))
 
@@ -458,8 +456,7 @@ class BlockNode:
         if self.state is not _ACTIVE or self.read_only:
             self._check_writable()
         length = len(data)
-        if offset < 0 or offset + length > -(-driver.size() // 512) * 512:
-            self._check_range(offset, length)
+        self._check_range(offset, length)
         self.plain_writes += 1
         try:
             started = driver.write_soon(

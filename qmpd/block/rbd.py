@@ -493,11 +493,7 @@ class RbdDriver(BlockDriver):
         """Submit one request (``submit(*args)`` gives its future) and wait
         for its completion."""
         if isinstance(self._io, rbd_aio.ImageAio):  # it counts and maps errors itself
-            try:
-                future = submit(*args)
-            except OSError as exc:
-                raise self._failed(exc) from None
-            return await future
+            return await submit(*args)
         stats = self.stats
         stats.requests += 1
         try:
@@ -527,13 +523,6 @@ class RbdDriver(BlockDriver):
     def _answered(self) -> None:
         self._unreachable = None
 
-    def _submit_soon(self, submit: Callable[..., None], done: IoDone, *args: Any) -> None:
-        """:meth:`_aio` for a request (of an ImageAio) that calls back ``done`` instead."""
-        try:
-            submit(*args, done)
-        except Exception as exc:
-            raise self._failed(exc) from None
-
     async def read(self, offset: int, length: int) -> bytes:
         io = self._requests()
         size = self._size
@@ -560,10 +549,7 @@ class RbdDriver(BlockDriver):
         io = self._io
         if not isinstance(io, rbd_aio.ImageAio) or not length or offset + length > self._size:
             return False
-        try:  # (_submit_soon, inline: once per request)
-            io.read_cb(offset, length, done)
-        except Exception as exc:
-            raise self._failed(exc) from None
+        io.read_cb(offset, length, done)
         return True
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
@@ -575,10 +561,7 @@ class RbdDriver(BlockDriver):
             done = functools.partial(self._flush_soon, done)
         # Counted when submitted: librbd's flush covers the writes in flight.
         self._writes += 1
-        try:
-            io.write_cb(offset, data, done)
-        except Exception as exc:
-            raise self._failed(exc) from None
+        io.write_cb(offset, data, done)
         return True
 
     def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:
@@ -590,8 +573,7 @@ class RbdDriver(BlockDriver):
             done(None, BlockDriverError("Input/output error", errno.EIO))
             return
         try:
-            self._submit_soon(io.flush_cb, functools.partial(self._flushed_soon,
-                                                             self._writes, done))
+            io.flush_cb(functools.partial(self._flushed_soon, self._writes, done))
         except BlockDriverError as exc:
             done(None, exc)
 

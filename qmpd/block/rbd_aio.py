@@ -172,14 +172,15 @@ class ImageAio:
     def _submit(self, call: Any, args: tuple[Any, ...], done: IoDone, keep: Any,
                 reading: bool = False) -> None:
         """``call(*args, completion)`` now, or when :meth:`unplug` submits
-        what is held back (raises OSError only when called now)."""
+        what is held back.  Refused now, it raises what :attr:`failed` makes
+        of the OSError (as a failure later is reported)."""
         if self.plugged:
             self.held.append((call, args, done, keep, reading))
             return
         self.requests += 1
         ret = self._launch(call, args, done, keep, reading, time.monotonic())
         if ret < 0:
-            raise OSError(-ret, os.strerror(-ret))
+            raise self.failed(OSError(-ret, os.strerror(-ret)))
 
     def _launch(self, call: Any, args: tuple[Any, ...], done: IoDone, keep: Any,
                 reading: bool, now: float) -> int:
@@ -230,11 +231,8 @@ class ImageAio:
         or ``done(None, OSError)``, from the event loop."""
         # Zeroing a small one costs less than the call that skips it.
         data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
-        args = (self.handle, offset, length, id(data) + _BYTES_DATA)
-        if self.plugged:  # (_submit's first step, inline: once per request)
-            self.held.append((self._lib.rbd_aio_read, args, done, data, True))
-            return
-        self._submit(self._lib.rbd_aio_read, args, done, data, True)
+        self._submit(self._lib.rbd_aio_read, (self.handle, offset, length,
+                                              id(data) + _BYTES_DATA), done, data, True)
 
     def write_cb(self, offset: int, data: bytes | bytearray, done: IoDone) -> None:
         """Write ``data`` (bytes, or a bytearray the caller does not change
@@ -243,11 +241,8 @@ class ImageAio:
         if type(data) is bytearray and data and _BYTEARRAY_START:
             # Where its bytes are (the caller neither changes nor resizes it).
             address = _vp.from_address(id(data) + _BYTEARRAY_START).value
-            args = (self.handle, offset, len(data), address)
-            if self.plugged:
-                self.held.append((self._lib.rbd_aio_write, args, done, data, False))
-                return
-            self._submit(self._lib.rbd_aio_write, args, done, data)
+            self._submit(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
+                         done, data)
             return
         if type(data) is not bytes:
             try:  # a writable buffer: librbd reads it where it is (a c_char

@@ -424,10 +424,8 @@ class NbdExport:
         except BaseException:
             self._count("read", length)
             raise
-        if started:  # (_count, inline: once per request)
-            stats = self.stats
-            stats.requests["read"] += 1
-            stats.bytes["read"] += length
+        if started:
+            self._count("read", length)
         return started
 
     def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool:
@@ -444,9 +442,7 @@ class NbdExport:
             self._count("write", len(data))
             raise
         if started:
-            stats = self.stats
-            stats.requests["write"] += 1
-            stats.bytes["write"] += len(data)
+            self._count("write", len(data))
         return started
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:

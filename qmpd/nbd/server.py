@@ -635,9 +635,7 @@ class NbdConnection:
         deadline = time.perf_counter() + PUMP_BUDGET
         count = 0
         try:
-            # (_admit, inline: once per request)
-            while not self.draining and not self.write_paused and self.in_flight < MAX_IN_FLIGHT \
-                    and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES:
+            while self._admit():
                 count += 1
                 if count & 7 == 0 and time.perf_counter() > deadline:
                     # Long enough: let other clients and the monitor in.
