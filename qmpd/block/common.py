@@ -14,6 +14,8 @@ T = TypeVar("T")
 
 #: A request's completion callback: ``(result, None)`` or ``(None, error)``.
 IoDone = Callable[[Any, BaseException | None], None]
+#: A read started without a coroutine: ``(offset, length, done)``.
+SoonRead = tuple[int, int, IoDone]
 
 
 class Perm(enum.IntFlag):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,6 +54,7 @@ from qmpd.block.common import IoDone as IoDone
 from qmpd.block.common import NodeGraph as NodeGraph
 from qmpd.block.common import NodeState as NodeState
 from qmpd.block.common import Perm as Perm
+from qmpd.block.common import SoonRead as SoonRead
 from qmpd.block.common import perm_names as perm_names
 from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.extent import BlockStatus as BlockStatus
@@ -427,26 +428,28 @@ class BlockNode:
         self._wrote(offset, len(data))
         return True
 
-    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
-        """:meth:`read` without a coroutine where the driver submits it to an
-        engine that calls back (:meth:`BlockDriver.read_soon`): True when
-        started, ``done`` comes later; False, having done nothing, otherwise."""
+    def read_many(self, reads: Sequence[SoonRead]) -> int:
+        """Start ``reads`` (``(offset, length, done)`` each, in order) without
+        a coroutine, where the driver hands them to an engine that calls back
+        (:meth:`BlockDriver.read_many`): how many were started, from the
+        first.  The next one, if any, was not: it must be awaited with
+        :meth:`read` (which also reports a bad range).  A started read's
+        ``done`` comes later, the read counted in :attr:`stats` if it succeeded."""
         driver = self.driver
         if not driver.calls_back or self.state is not _ACTIVE or self.reloading is not None:
-            return False
-        self._check_range(offset, length)
-        return driver.read_soon(offset, length,
-                                functools.partial(self._read_soon_done, length, done))
-
-    def _read_soon_done(self, length: int, done: IoDone, data: Any,
-                        error: BaseException | None) -> None:
-        if error is None:
-            self.stats.rd_bytes += length
-            self.stats.rd_operations += 1
-        done(data, error)
+            return 0
+        size = self.size()
+        n = 0
+        for offset, length, _ in reads:
+            if offset < 0 or length <= 0 or offset + length > size:
+                break
+            n += 1
+        if not n:
+            return 0
+        return driver.read_many(reads if n == len(reads) else reads[:n], self.stats)
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
-        """:meth:`write` without a coroutine, as :meth:`read_soon`, when nothing
+        """:meth:`write` without a coroutine, as :meth:`read_many`, when nothing
         on the way waits (as :meth:`write_now`).  ``data`` must stay unchanged
         until ``done``."""
         driver = self.driver
@@ -629,7 +632,7 @@ class BlockDriver(ABC):
         if "set_perm" in cls.__dict__ and "set_perm_now" not in cls.__dict__:
             raise TypeError(f"{cls.__name__} overrides set_perm but not set_perm_now")
 
-    #: Whether :meth:`read_soon`/:meth:`write_soon` may start requests now
+    #: Whether :meth:`read_many`/:meth:`write_soon` may start requests now
     #: (the driver has an engine that calls back); while False the node does
     #: not try them, and pays nothing for them on its hot path.
     calls_back: bool = False
@@ -708,17 +711,21 @@ class BlockDriver(ABC):
         """Submit what was held back since :meth:`io_plug`."""
         return None
 
-    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
-        """Start :meth:`read` without a coroutine, where the driver hands it to
-        an engine that completes it on the event loop: True when started, and
-        ``done(data, None)`` or ``done(None, BlockDriverError)`` is called later
-        (never before this returns); False, having done nothing, when
-        :meth:`read` must be awaited (always, by default)."""
-        return False
+    def read_many(self, reads: Sequence[SoonRead], stats: NodeStats) -> int:
+        """Start :meth:`read` of each ``(offset, length, done)`` in order,
+        without a coroutine, where the driver hands them to an engine that
+        completes them on the event loop (the node checked their ranges):
+        how many were started, from the first (the others are awaited).
+        ``done(data, None)``, once the read is added to ``stats``
+        (``rd_bytes``, ``rd_operations``), or ``done(None, BlockDriverError)``
+        comes later, never before this returns.  None by default."""
+        return 0
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
-        """:meth:`write` started as :meth:`read_soon` starts a read; ``done(None,
-        None)`` when written.  ``data`` stays unchanged until then."""
+        """Start :meth:`write` as :meth:`read_many` starts a read: True when
+        started, ``done(None, None)`` when written (``data`` stays unchanged
+        until then) or ``done(None, BlockDriverError)``; False, having done
+        nothing, when :meth:`write` must be awaited (always, by default)."""
         return False
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from threading import get_ident
 from types import ModuleType
 from typing import Any
@@ -44,7 +44,15 @@ from typing import Any
 from qmpd.block import rbd_aio
 from qmpd.block.blocking import BlockingRead, CacheReload
 from qmpd.block.ceph import bindings
-from qmpd.block.driver import BlockDriver, BlockDriverError, BlockNode, BlockStatus, IoDone
+from qmpd.block.driver import (
+    BlockDriver,
+    BlockDriverError,
+    BlockNode,
+    BlockStatus,
+    IoDone,
+    NodeStats,
+    SoonRead,
+)
 
 log = logging.getLogger(__name__)
 
@@ -545,12 +553,19 @@ class RbdDriver(BlockDriver):
         if io is not None:
             io.unplug()
 
-    def read_soon(self, offset: int, length: int, done: IoDone) -> bool:
+    def read_many(self, reads: Sequence[SoonRead], stats: NodeStats) -> int:
         io = self._io
-        if not isinstance(io, rbd_aio.ImageAio) or not length or offset + length > self._size:
-            return False
-        io.read_cb(offset, length, done)
-        return True
+        if not isinstance(io, rbd_aio.ImageAio):
+            return 0
+        size = self._size
+        n = 0
+        for offset, length, _ in reads:
+            if offset + length > size:  # (read() fills what is past the end)
+                break
+            n += 1
+        if n:
+            io.read_many(reads if n == len(reads) else reads[:n], stats)
+        return n
 
     def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
         io = self._io
@@ -572,10 +587,7 @@ class RbdDriver(BlockDriver):
         if not isinstance(io, rbd_aio.ImageAio):  # closing: the FUA is not kept
             done(None, BlockDriverError("Input/output error", errno.EIO))
             return
-        try:
-            io.flush_cb(functools.partial(self._flushed_soon, self._writes, done))
-        except BlockDriverError as exc:
-            done(None, exc)
+        io.flush_cb(functools.partial(self._flushed_soon, self._writes, done))
 
     def _flushed_soon(self, generation: int, done: IoDone, value: Any,
                       error: BaseException | None) -> None:

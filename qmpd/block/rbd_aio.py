@@ -26,10 +26,11 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from qmpd.block.driver import IoDone
+from qmpd.block.accounting import NodeStats
+from qmpd.block.common import IoDone, SoonRead
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ _BYTES_DATA = bytes.__basicsize__ - 1
 _BYTEARRAY_START = 0
 
 _vp = ctypes.c_void_p
+#: A request for librbd: the call, its arguments but the completion, the
+#: callback, what librbd reads from or writes into, whether that is the
+#: result, and the stats a successful read is added to.
+_Entry = tuple[Any, tuple[Any, ...], IoDone, Any, bool, NodeStats | None]
 _lib: Any = None
 _new_bytes: Any = None
 
@@ -147,8 +152,9 @@ class ImageAio:
         self.handle = handle
         self.loop = loop
         #: completion -> (its callback, what librbd reads from or writes
-        #: into, whether that is the result: a read's data, when submitted)
-        self.pending: dict[int | None, tuple[IoDone, Any, bool, float]] = {}
+        #: into, whether that is the result: a read's data, when submitted,
+        #: the stats a successful read is added to)
+        self.pending: dict[int | None, tuple[IoDone, Any, bool, float, NodeStats | None]] = {}
         #: Requests submitted, and the seconds they took, all together.
         self.requests = 0
         self.seconds = 0.0
@@ -156,10 +162,9 @@ class ImageAio:
         self.failed: Callable[[OSError], BaseException] = _same
         #: Called once per batch of completions in which one succeeded.
         self.answered: Callable[[], None] = _nothing
-        #: plug's depth, and what waits for unplug: (call, its arguments but
-        #: the completion, done, keep, reading)
+        #: plug's depth, and what waits for unplug
         self.plugged = 0
-        self.held: list[tuple[Any, tuple[Any, ...], IoDone, Any, bool]] = []
+        self.held: list[_Entry] = []
         self._out = _vp()
         self._batch = (_vp * POLL_BATCH)()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -169,33 +174,36 @@ class ImageAio:
             raise OSError(-ret, os.strerror(-ret))
         loop.add_reader(self.fd, self._deliver)
 
-    def _submit(self, call: Any, args: tuple[Any, ...], done: IoDone, keep: Any,
-                reading: bool = False) -> None:
-        """``call(*args, completion)`` now, or when :meth:`unplug` submits
-        what is held back.  Refused now, it raises what :attr:`failed` makes
-        of the OSError (as a failure later is reported)."""
+    def _submit(self, entries: list[_Entry]) -> None:
+        """Give librbd the requests now, or when :meth:`unplug` submits what
+        is held back."""
         if self.plugged:
-            self.held.append((call, args, done, keep, reading))
-            return
-        self.requests += 1
-        ret = self._launch(call, args, done, keep, reading, time.monotonic())
-        if ret < 0:
-            raise self.failed(OSError(-ret, os.strerror(-ret)))
+            self.held += entries
+        else:
+            self._launch(entries, time.monotonic())
 
-    def _launch(self, call: Any, args: tuple[Any, ...], done: IoDone, keep: Any,
-                reading: bool, now: float) -> int:
-        """Give librbd the request: 0, in flight from now; or a negative
-        errno, having left nothing behind."""
-        out = self._out
-        if self._lib.rbd_aio_create_completion(None, None, out) < 0:
-            return -errno.ENOMEM
-        comp = out.value
-        ret = int(call(*args, comp))
-        if ret < 0:
-            self._lib.rbd_aio_release(comp)
-            return ret
-        self.pending[comp] = (done, keep, reading, now)
-        return 0
+    def _launch(self, entries: list[_Entry], now: float) -> None:
+        """``call(*args, completion)`` for each request, in order: in flight
+        from now on; one that librbd refuses completes with its error, soon
+        (never before its submission returned), as a failure later does."""
+        lib, out, pending = self._lib, self._out, self.pending
+        self.requests += len(entries)
+        for call, args, done, keep, reading, stats in entries:
+            try:
+                if lib.rbd_aio_create_completion(None, None, out) < 0:
+                    ret = -errno.ENOMEM
+                else:
+                    comp = out.value
+                    ret = int(call(*args, comp))
+                    if ret >= 0:
+                        pending[comp] = (done, keep, reading, now, stats)
+                        continue
+                    lib.rbd_aio_release(comp)
+                error = self.failed(OSError(-ret, os.strerror(-ret)))
+            except Exception as exc:  # (a bug) the others are still submitted
+                log.exception("rbd: a request could not be submitted")
+                error = exc
+            self.loop.call_soon(_call, done, None, error)
 
     def plug(self) -> None:
         """Hold requests back until the matching :meth:`unplug`: submitted one
@@ -207,32 +215,25 @@ class ImageAio:
         if self.plugged or not self.held:
             return
         held, self.held = self.held, []
-        now = time.monotonic()
-        self.requests += len(held)
-        for call, args, done, keep, reading in held:
-            try:
-                ret = self._launch(call, args, done, keep, reading, now)
-                if ret >= 0:
-                    continue
-                error = self.failed(OSError(-ret, os.strerror(-ret)))
-            except Exception as exc:  # (a bug) the others are still submitted
-                log.exception("rbd: a held request could not be submitted")
-                error = exc
-            # Completes as it would have (never before its submission returned).
-            self.loop.call_soon(_call, done, None, error)
+        self._launch(held, time.monotonic())
 
     def _future(self) -> tuple[asyncio.Future[Any], IoDone]:
         future = self.loop.create_future()
         return future, functools.partial(_settle, future)
 
-    def read_cb(self, offset: int, length: int, done: IoDone) -> None:
-        """Read ``length`` bytes at ``offset``: ``done(data, None)`` (a fresh
-        bytes object that librbd fills, as the bindings' own aio_read does)
-        or ``done(None, OSError)``, from the event loop."""
-        # Zeroing a small one costs less than the call that skips it.
-        data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
-        self._submit(self._lib.rbd_aio_read, (self.handle, offset, length,
-                                              id(data) + _BYTES_DATA), done, data, True)
+    def read_many(self, reads: Sequence[SoonRead], stats: NodeStats | None = None) -> None:
+        """Read each ``(offset, length, done)``: ``done(data, None)`` (a fresh
+        bytes object that librbd fills, as the bindings' own aio_read does),
+        having added the read to ``stats`` (if given), or ``done(None,
+        error)``, from the event loop."""
+        read, handle = self._lib.rbd_aio_read, self.handle
+        entries: list[_Entry] = []
+        for offset, length, done in reads:
+            # Zeroing a small one costs less than the call that skips it.
+            data = bytes(length) if length <= SMALL_READ else _new_bytes(None, length)
+            entries.append((read, (handle, offset, length, id(data) + _BYTES_DATA),
+                            done, data, True, stats))
+        self._submit(entries)
 
     def write_cb(self, offset: int, data: bytes | bytearray, done: IoDone) -> None:
         """Write ``data`` (bytes, or a bytearray the caller does not change
@@ -241,8 +242,8 @@ class ImageAio:
         if type(data) is bytearray and data and _BYTEARRAY_START:
             # Where its bytes are (the caller neither changes nor resizes it).
             address = _vp.from_address(id(data) + _BYTEARRAY_START).value
-            self._submit(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
-                         done, data)
+            self._submit([(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
+                           done, data, False, None)])
             return
         if type(data) is not bytes:
             try:  # a writable buffer: librbd reads it where it is (a c_char
@@ -253,17 +254,17 @@ class ImageAio:
             except ValueError:  # empty: nothing to point at
                 data = keep = b""
         address = id(data) + _BYTES_DATA if keep is data else ctypes.addressof(keep)
-        self._submit(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
-                     done, keep)
+        self._submit([(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
+                       done, keep, False, None)])
 
     def flush_cb(self, done: IoDone) -> None:
         """Flush what was written before: ``done(None, None)`` or ``done(None, OSError)``."""
-        self._submit(self._lib.rbd_aio_flush, (self.handle,), done, None)
+        self._submit([(self._lib.rbd_aio_flush, (self.handle,), done, None, False, None)])
 
     def read(self, offset: int, length: int) -> asyncio.Future[Any]:
-        """:meth:`read_cb` as a future."""
+        """One read of :meth:`read_many`, as a future."""
         future, done = self._future()
-        self.read_cb(offset, length, done)
+        self.read_many(((offset, length, done),))
         return future
 
     def write(self, offset: int, data: bytes) -> asyncio.Future[Any]:
@@ -274,13 +275,14 @@ class ImageAio:
 
     def write_zeroes(self, offset: int, length: int, zero_flags: int) -> asyncio.Future[Any]:
         future, done = self._future()
-        self._submit(_write_zeroes, (self._lib, self.handle, offset, length, zero_flags),
-                     done, None)
+        self._submit([(_write_zeroes, (self._lib, self.handle, offset, length, zero_flags),
+                       done, None, False, None)])
         return future
 
     def discard(self, offset: int, length: int) -> asyncio.Future[Any]:
         future, done = self._future()
-        self._submit(self._lib.rbd_aio_discard, (self.handle, offset, length), done, None)
+        self._submit([(self._lib.rbd_aio_discard, (self.handle, offset, length),
+                       done, None, False, None)])
         return future
 
     def flush(self) -> asyncio.Future[Any]:
@@ -315,7 +317,7 @@ class ImageAio:
                     continue
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
-                done, data, reading, started = entry
+                done, data, reading, started, stats = entry
                 seconds += now - started
                 # As per request: the last completion of the batch says
                 # whether the cluster answers.
@@ -326,9 +328,12 @@ class ImageAio:
                         done(None, self.failed(OSError(-ret, os.strerror(-ret))))
                     elif not reading:
                         done(None, None)
-                    elif ret < len(data):  # short: librbd left the rest unwritten
-                        done(data[:ret] + bytes(len(data) - ret), None)
                     else:
+                        if ret < len(data):  # short: librbd left the rest unwritten
+                            data = data[:ret] + bytes(len(data) - ret)
+                        if stats is not None:
+                            stats.rd_bytes += len(data)
+                            stats.rd_operations += 1
                         done(data, None)
                 except Exception:
                     log.exception("rbd: a completion callback failed")

@@ -38,7 +38,7 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -56,11 +56,13 @@ from qmpd.block.driver import (
     IoDone,
     NodeUser,
     Perm,
+    SoonRead,
 )
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
-from qmpd.nbd.server import NbdConnection, NbdFailure, NbdServer
+from qmpd.nbd.failure import NbdFailure
+from qmpd.nbd.server import NbdConnection, NbdServer
 from qmpd.nbd.tls import ServerTls, TlsConnection
 from qmpd.net import parse_socket_address
 from qmpd.objects.authz import Authz, check_peer
@@ -84,6 +86,7 @@ MAX_EXTENTS = (1 << 20) // 8
 #: Reads at least this long are built from block status (holes are sent as
 #: NBD_REPLY_TYPE_OFFSET_HOLE chunks); shorter ones are sent as data.
 SPARSE_READ_MIN = 64 * 1024
+_DF = int(p.CmdFlag.DF)
 #: Data ranges an export remembers (see :class:`DataRanges`).
 MAX_DATA_RANGES = 64
 
@@ -406,26 +409,35 @@ class NbdExport:
             self._count("write", len(data))
         return done
 
-    def read_soon(self, offset: int, length: int, sparse: bool, done: IoDone) -> bool:
-        """A READ started without a coroutine (:meth:`BlockNode.read_soon`):
-        one that :meth:`read` would answer with one piece of data, read into
-        memory; False, having done nothing, when :meth:`read` must be awaited."""
-        if not length:
-            return False
+    def read_many(self, requests: Sequence[p.Request], structured: bool,
+                  done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
+        """READs started together without a coroutine, in order
+        (:meth:`BlockNode.read_many`): those :meth:`read` would answer with
+        one piece of data, read into memory.  How many were started, from the
+        first; ``done(request, data, error)`` comes later for each.  The next
+        one, if any, was not: it must be awaited with :meth:`read`."""
         node = self.edge.child
-        if length >= SPARSE_READ_MIN and (
-            not node.driver.calls_back
-            or (sparse and not self.data_ranges.covers(offset, offset + length))
-            or node.driver.host_file(offset, length) is not None
-        ):
-            return False
-        try:
-            started = node.read_soon(offset, length, done)
-        except BaseException:
-            self._count("read", length)
-            raise
+        driver = node.driver
+        reads: list[SoonRead] = []
+        total = 0
+        for request in requests:
+            offset, length = request.offset, request.length
+            if not length or (length >= SPARSE_READ_MIN and (
+                not driver.calls_back
+                or (structured and not request.flags & _DF
+                    and not self.data_ranges.covers(offset, offset + length))
+                or driver.host_file(offset, length) is not None
+            )):
+                break
+            reads.append((offset, length, functools.partial(done, request)))
+            total += length
+        started = node.read_many(reads) if reads else 0
         if started:
-            self._count("read", length)
+            if started < len(reads):
+                total = sum(read[1] for read in reads[:started])
+            stats = self.stats
+            stats.requests["read"] += started
+            stats.bytes["read"] += total
         return started
 
     def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool:

@@ -49,10 +49,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from qmpd import net
-from qmpd.block.driver import BlockDriverError, IoDone
-from qmpd.block.errorlog import IO_ERRORS
+from qmpd.block.driver import IoDone
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
+from qmpd.nbd.failure import error_reply
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,6 @@ _FUA = int(p.CmdFlag.FUA)
 _DF = int(p.CmdFlag.DF)
 
 
-class NbdFailure(Exception):
-    """A request that failed: the NBD error value and QEMU's message."""
-
-    def __init__(self, error: int, message: str) -> None:
-        super().__init__(message)
-        self.error = error
-        self.message = message
-
-
 class ServedExport(Protocol):
     """An export as its connections use it: its I/O, its counters, its clients."""
 
@@ -140,7 +131,11 @@ class ServedExport(Protocol):
 
     def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
 
-    def read_soon(self, offset: int, length: int, sparse: bool, done: IoDone) -> bool: ...
+    def read_many(self, requests: Sequence[p.Request], structured: bool,
+                  done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
+        """Start READs together without a coroutine, in order: how many were
+        started, from the first (the next, if any, must be awaited)."""
+        ...
 
     def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool: ...
 
@@ -167,17 +162,6 @@ class ExportRegistry(p.ExportCatalog, Protocol):
     def export_by_name(self, name: str) -> ServedExport | None: ...
 
     def stats_protocol_error(self) -> None: ...
-
-
-_IO_MESSAGES = {
-    p.Cmd.READ: "reading from file failed",
-    p.Cmd.WRITE: "writing to file failed",
-    p.Cmd.WRITE_ZEROES: "writing to file failed",
-    p.Cmd.TRIM: "discard failed",
-    p.Cmd.FLUSH: "flush failed",
-    p.Cmd.CACHE: "caching failed",
-    p.Cmd.BLOCK_STATUS: "can't get block status",
-}
 
 
 class NbdConnection:
@@ -634,6 +618,10 @@ class NbdConnection:
         self._pumping = True
         deadline = time.perf_counter() + PUMP_BUDGET
         count = 0
+        # READs for a driver that calls back go down the graph together, in
+        # order with the other requests: one call per layer, not per READ.
+        reads: list[p.Request] | None = [] if self.export is not None \
+            and self.export.calls_back else None
         try:
             while self._admit():
                 count += 1
@@ -645,6 +633,14 @@ class NbdConnection:
                     break
                 event = tx.next_event()
                 if isinstance(event, p.Request):
+                    if reads is not None:
+                        if event.type == _READ:
+                            reads.append(event)
+                            self._began(event.length)
+                            continue
+                        if reads:
+                            self._start_reads(reads)
+                            reads = []
                     self._start(event)
                 elif isinstance(event, p.NeedData):
                     break
@@ -661,7 +657,11 @@ class NbdConnection:
                         self._send([self.replies.error(event.cookie, p.Errno.EINVAL, event.reason)])
                     self._finish()
         finally:
-            self._pumping = False
+            try:
+                if reads:
+                    self._start_reads(reads)
+            finally:
+                self._pumping = False
         if self.closed:
             return
         if self._unsent_replies and not self._in_reader:
@@ -718,15 +718,11 @@ class NbdConnection:
                         self._began(size)
                         return
                 else:
+                    # (READs for a driver that calls back: _start_reads)
                     offset = request.offset
                     data = export.read_now(offset, size) if now else None
                     if data is not None:
                         self._send(self.replies.read_data(request.cookie, offset, data))
-                        return
-                    sparse = self.replies.structured and not request.flags & _DF
-                    if export.read_soon(offset, size, sparse,
-                                        functools.partial(self._soon_done, request)):
-                        self._began(size)
                         return
             except Exception as exc:
                 self._send(self._failure(export, request, exc))
@@ -736,6 +732,20 @@ class NbdConnection:
         self._began(size)
         self._step(self._execute(request, size))
 
+    def _start_reads(self, reads: list[p.Request]) -> None:
+        """Start READs parsed together (and counted in flight), in order; one
+        that cannot start without a coroutine is awaited where it stands."""
+        export = self.export
+        assert export is not None
+        structured = self.replies.structured
+        while reads:
+            started = export.read_many(reads, structured, self._soon_done)
+            if started == len(reads):
+                return
+            request = reads[started]
+            self._step(self._execute(request, request.length))
+            reads = reads[started + 1:]
+
     def _began(self, size: int) -> None:
         if not self.in_flight:
             self._idle.clear()
@@ -743,7 +753,7 @@ class NbdConnection:
         self.in_flight_bytes += size
 
     def _soon_done(self, request: p.Request, data: Any, error: BaseException | None) -> None:
-        """A READ or WRITE started with read_soon/write_soon completed."""
+        """A READ or WRITE started with read_many/write_soon completed."""
         export = self.export
         assert export is not None
         if error is not None:
@@ -814,22 +824,7 @@ class NbdConnection:
     ) -> list[p.ReplyPart]:
         """The error reply of a request that raised ``exc``, counted and logged."""
         export.count_error(request.command_name)
-        if isinstance(exc, NbdFailure):
-            return [self.replies.error(request.cookie, exc.error, exc.message)]
-        message = _IO_MESSAGES.get(p.Cmd(request.type), "request failed")
-        if isinstance(exc, (BlockDriverError, OSError)):
-            # An I/O error keeps its errno on the wire (ENOSPC stays ENOSPC,
-            # as QEMU's), and is logged once per node and errno.
-            err = exc.errno or errno.EIO
-            IO_ERRORS.report_errno(
-                export.node_name, err, f"NBD {request.command_name} on export {export.id}"
-            )
-            return [self.replies.error(request.cookie, p.errno_to_nbd(err), message)]
-        IO_ERRORS.report(
-            export.node_name, type(exc).__name__,
-            f"NBD {request.command_name} on export {export.id} failed", exc,
-        )
-        return [self.replies.error(request.cookie, p.Errno.EIO, message)]
+        return [error_reply(self.replies, request, exc, export.node_name, export.id)]
 
     async def _run(self, export: ServedExport, request: p.Request) -> list[p.ReplyPart]:
         kind = request.type

@@ -165,7 +165,7 @@ async def test_cancelled_requests_are_collected_before_close(ceph: CephCluster) 
 
 
 class Completions:
-    """What read_soon/write_soon callbacks delivered, by request."""
+    """What read_many/write_soon callbacks delivered, by request."""
 
     def __init__(self) -> None:
         self.results: dict[int, tuple[object, BaseException | None]] = {}
@@ -184,7 +184,7 @@ class Completions:
 
 
 async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
-    """read_soon/write_soon (the NBD server's path for rbd): librbd's completions
+    """read_many/write_soon (the NBD server's path for rbd): librbd's completions
     call back from the loop, after the call returned, with the node's
     bookkeeping done; what cannot go that way is refused, having done nothing."""
     async with rbd_node(ceph) as (node, driver, _image):
@@ -199,20 +199,24 @@ async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
         assert node.plain_writes == 0 and driver.driver_metrics()["requests_in_flight"] == 0
         assert node.stats.wr_operations == 256
         reads = Completions()
-        for i in range(256):
-            assert node.read_soon(i * 4096, 4096, reads.done(i))
+        assert node.read_many([(i * 4096, 4096, reads.done(i)) for i in range(256)]) == 256
+        assert not reads.results  # never before the call returned
         await asyncio.wait_for(reads.all_done, 60)
         assert [reads.results[i] for i in range(256)] == \
             [(bytes([i % 251 + 1]) * 4096, None) for i in range(256)]
-        assert node.stats.rd_operations == 256
-        # Ranges past the image's end are the awaited path's.
-        nothing = Completions()
-        assert not driver.read_soon(driver.size() - 512, 1024, nothing.done(1))
-        assert not nothing.results and node.plain_writes == 0
-        with pytest.raises(BlockDriverError):
-            node.read_soon(driver.size(), 512, nothing.done(2))
+        assert node.stats.rd_operations == 256 and node.stats.rd_bytes == 256 * 4096
+        # Ranges past the image's end are the awaited path's: the reads
+        # before one are started, it and those after it are not.
+        nothing, some = Completions(), Completions()
+        assert driver.read_many([(driver.size() - 512, 1024, nothing.done(1))], node.stats) == 0
+        assert node.read_many([(8192, 512, some.done(0)), (4096, 512, some.done(1)),
+                               (driver.size(), 512, nothing.done(2)),
+                               (0, 512, nothing.done(3))]) == 2
+        await asyncio.wait_for(some.all_done, 60)
+        assert some.results == {0: (bytes([3]) * 512, None), 1: (bytes([2]) * 512, None)}
         await asyncio.sleep(0.1)
-        assert not nothing.results
+        assert not nothing.results and node.plain_writes == 0
+        assert node.stats.rd_operations == 258
 
 
 async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluster) -> None:
@@ -359,7 +363,7 @@ async def test_requests_during_the_reload_wait_for_it(ceph: CephCluster) -> None
             assert not task.done(), "no window: the reload did not wait"
             await asyncio.sleep(0)
         nothing = Completions()
-        assert not node.read_soon(0, 4096, nothing.done(1))
+        assert node.read_many([(0, 4096, nothing.done(1))]) == 0
         assert not node.write_soon(4096, bytearray(4096), False, nothing.done(2))
         assert await node.read(0, 4096) == bytes([0x42]) * 4096
         await task
@@ -396,7 +400,7 @@ async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> N
         try:
             failed = Completions()
             assert node.write_soon(0, bytes([5]) * 4096, False, failed.done(0))
-            assert node.read_soon(1 << 20, 4096, failed.done(1))
+            assert node.read_many([(1 << 20, 4096, failed.done(1))]) == 1
             await asyncio.wait_for(failed.all_done, 60)
         finally:
             ceph.ensure_running()
@@ -436,7 +440,7 @@ async def test_plugged_requests_go_to_librbd_at_the_unplug(ceph: CephCluster) ->
         reads = Completions()
         node.io_plug()
         for i in range(8):
-            assert node.read_soon(i * 4096, 4096, reads.done(i))
+            assert node.read_many([(i * 4096, 4096, reads.done(i))]) == 1
         future = asyncio.ensure_future(node.read(8 * 4096, 4096))
         await asyncio.sleep(0)  # the awaited path is held too
         assert len(io.held) == 9 and not reads.results
