@@ -16,6 +16,8 @@ T = TypeVar("T")
 IoDone = Callable[[Any, BaseException | None], None]
 #: A read started without a coroutine: ``(offset, length, done)``.
 SoonRead = tuple[int, int, IoDone]
+#: A write started without a coroutine: ``(offset, data, fua, done)``.
+SoonWrite = tuple[int, bytes | bytearray, bool, IoDone]
 
 
 class Perm(enum.IntFlag):

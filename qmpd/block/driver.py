@@ -55,6 +55,7 @@ from qmpd.block.common import NodeGraph as NodeGraph
 from qmpd.block.common import NodeState as NodeState
 from qmpd.block.common import Perm as Perm
 from qmpd.block.common import SoonRead as SoonRead
+from qmpd.block.common import SoonWrite as SoonWrite
 from qmpd.block.common import perm_names as perm_names
 from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.extent import BlockStatus as BlockStatus
@@ -429,12 +430,10 @@ class BlockNode:
         return True
 
     def read_many(self, reads: Sequence[SoonRead]) -> int:
-        """Start ``reads`` (``(offset, length, done)`` each, in order) without
-        a coroutine, where the driver hands them to an engine that calls back
-        (:meth:`BlockDriver.read_many`): how many were started, from the
-        first.  The next one, if any, was not: it must be awaited with
-        :meth:`read` (which also reports a bad range).  A started read's
-        ``done`` comes later, the read counted in :attr:`stats` if it succeeded."""
+        """Start ``(offset, length, done)`` reads in order, without a coroutine,
+        where the driver calls back (:meth:`BlockDriver.read_many`): how many
+        were started, from the first; the next must be awaited with :meth:`read`
+        (which reports a bad range).  Each ``done`` comes later."""
         driver = self.driver
         if not driver.calls_back or self.state is not _ACTIVE or self.reloading is not None:
             return 0
@@ -448,27 +447,32 @@ class BlockNode:
             return 0
         return driver.read_many(reads if n == len(reads) else reads[:n], self.stats)
 
-    def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
-        """:meth:`write` without a coroutine, as :meth:`read_many`, when nothing
-        on the way waits (as :meth:`write_now`).  ``data`` must stay unchanged
-        until ``done``."""
+    def write_many(self, writes: Sequence[SoonWrite]) -> int:
+        """:meth:`read_many` for ``(offset, data, fua, done)`` writes, when
+        nothing on the way waits (as :meth:`write_now`); :meth:`write` refuses
+        what this does not start.  ``data`` stays unchanged until its ``done``."""
         driver = self.driver
         if not driver.calls_back or self.write_hooks or self.serialiser is not None \
-                or self.detect_zeroes != "off" or self.reloading is not None:
-            return False
-        if self.state is not _ACTIVE or self.read_only:
-            self._check_writable()
-        length = len(data)
-        self._check_range(offset, length)
-        self.plain_writes += 1
+                or self.detect_zeroes != "off" or self.reloading is not None \
+                or self.state is not _ACTIVE or self.read_only:
+            return 0
+        size = self.size()
+        todo: list[SoonWrite] = []
+        for offset, data, fua, done in writes:
+            length = len(data)
+            if offset < 0 or offset + length > size:
+                break
+            todo.append((offset, data, fua,
+                         functools.partial(self._write_soon_done, offset, length, done)))
+        if not todo:
+            return 0
+        self.plain_writes += len(todo)
+        started = 0
         try:
-            started = driver.write_soon(
-                offset, data, fua, functools.partial(self._write_soon_done, offset, length, done))
-        except BaseException:
-            self._plain_write_done()
-            raise
-        if not started:
-            self._plain_write_done()
+            started = driver.write_many(todo)
+        finally:
+            for _ in range(len(todo) - started):
+                self._plain_write_done()
         return started
 
     def _write_soon_done(self, offset: int, length: int, done: IoDone, _: Any,
@@ -632,7 +636,7 @@ class BlockDriver(ABC):
         if "set_perm" in cls.__dict__ and "set_perm_now" not in cls.__dict__:
             raise TypeError(f"{cls.__name__} overrides set_perm but not set_perm_now")
 
-    #: Whether :meth:`read_many`/:meth:`write_soon` may start requests now
+    #: Whether :meth:`read_many`/:meth:`write_many` may start requests now
     #: (the driver has an engine that calls back); while False the node does
     #: not try them, and pays nothing for them on its hot path.
     calls_back: bool = False
@@ -712,21 +716,18 @@ class BlockDriver(ABC):
         return None
 
     def read_many(self, reads: Sequence[SoonRead], stats: NodeStats) -> int:
-        """Start :meth:`read` of each ``(offset, length, done)`` in order,
-        without a coroutine, where the driver hands them to an engine that
-        completes them on the event loop (the node checked their ranges):
-        how many were started, from the first (the others are awaited).
-        ``done(data, None)``, once the read is added to ``stats``
-        (``rd_bytes``, ``rd_operations``), or ``done(None, BlockDriverError)``
-        comes later, never before this returns.  None by default."""
+        """Start :meth:`read` of each ``(offset, length, done)`` (ranges checked)
+        in order, handed to an engine that completes them on the event loop:
+        how many were started, from the first.  Later, never before this
+        returns, ``done(data, None)`` once the read is added to ``stats``
+        (``rd_bytes``, ``rd_operations``), or ``done(None, BlockDriverError)``."""
         return 0
 
-    def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
-        """Start :meth:`write` as :meth:`read_many` starts a read: True when
-        started, ``done(None, None)`` when written (``data`` stays unchanged
-        until then) or ``done(None, BlockDriverError)``; False, having done
-        nothing, when :meth:`write` must be awaited (always, by default)."""
-        return False
+    def write_many(self, writes: Sequence[SoonWrite]) -> int:
+        """:meth:`read_many` for ``(offset, data, fua, done)`` writes (nothing on
+        the way waits): ``done(None, None)`` once written (and flushed, with
+        ``fua``); ``data`` stays unchanged until then.  None by default."""
+        return 0
 
     async def write_view(self, offset: int, view: memoryview, fua: bool = False) -> None:
         """:meth:`write` from a byte view the caller reuses once this returns

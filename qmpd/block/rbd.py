@@ -52,6 +52,7 @@ from qmpd.block.driver import (
     IoDone,
     NodeStats,
     SoonRead,
+    SoonWrite,
 )
 
 log = logging.getLogger(__name__)
@@ -567,17 +568,23 @@ class RbdDriver(BlockDriver):
             io.read_many(reads if n == len(reads) else reads[:n], stats)
         return n
 
-    def write_soon(self, offset: int, data: bytes, fua: bool, done: IoDone) -> bool:
+    def write_many(self, writes: Sequence[SoonWrite]) -> int:
         io = self._io
-        if not isinstance(io, rbd_aio.ImageAio) or offset + len(data) > self._size \
-                or self._lock_wanted:
-            return False
-        if fua:  # as write(): the flush follows the write's completion
-            done = functools.partial(self._flush_soon, done)
-        # Counted when submitted: librbd's flush covers the writes in flight.
-        self._writes += 1
-        io.write_cb(offset, data, done)
-        return True
+        if not isinstance(io, rbd_aio.ImageAio) or self._lock_wanted:
+            return 0
+        size = self._size
+        todo: list[rbd_aio.AioWrite] = []
+        for offset, data, fua, done in writes:
+            if offset + len(data) > size:  # (write() grows the image first)
+                break
+            if fua:  # as write(): the flush follows the write's completion
+                done = functools.partial(self._flush_soon, done)
+            todo.append((offset, data, done))
+        if todo:
+            # Counted when submitted: librbd's flush covers the writes in flight.
+            self._writes += len(todo)
+            io.write_many(todo)
+        return len(todo)
 
     def _flush_soon(self, done: IoDone, _: Any, error: BaseException | None) -> None:
         io = self._io
@@ -617,7 +624,7 @@ class RbdDriver(BlockDriver):
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
         io = self._requests()  # (after the wait: the node may have closed meanwhile)
-        self._writes += 1  # counted when submitted (see write_soon)
+        self._writes += 1  # counted when submitted (see write_many)
         await self._aio(io.write, offset, data)
         if fua:
             await self.flush()

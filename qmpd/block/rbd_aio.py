@@ -32,6 +32,9 @@ from typing import Any
 from qmpd.block.accounting import NodeStats
 from qmpd.block.common import IoDone, SoonRead
 
+#: A write for librbd: ``(offset, data, done)``.
+AioWrite = tuple[int, bytes | bytearray, IoDone]
+
 log = logging.getLogger(__name__)
 
 #: rbd_set_image_notification's type for an eventfd.
@@ -235,27 +238,30 @@ class ImageAio:
                             done, data, True, stats))
         self._submit(entries)
 
-    def write_cb(self, offset: int, data: bytes | bytearray, done: IoDone) -> None:
-        """Write ``data`` (bytes, or a bytearray the caller does not change
-        until ``done``) at ``offset``; ``done(None, None)`` or ``done(None, OSError)``."""
-        keep: Any = data
-        if type(data) is bytearray and data and _BYTEARRAY_START:
-            # Where its bytes are (the caller neither changes nor resizes it).
-            address = _vp.from_address(id(data) + _BYTEARRAY_START).value
-            self._submit([(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
-                           done, data, False, None)])
-            return
-        if type(data) is not bytes:
-            try:  # a writable buffer: librbd reads it where it is (a c_char
-                # on its first byte holds it: 4x cheaper than an array type)
-                keep = ctypes.c_char.from_buffer(data)
-            except TypeError:  # read-only
-                data = keep = bytes(data)
-            except ValueError:  # empty: nothing to point at
-                data = keep = b""
-        address = id(data) + _BYTES_DATA if keep is data else ctypes.addressof(keep)
-        self._submit([(self._lib.rbd_aio_write, (self.handle, offset, len(data), address),
-                       done, keep, False, None)])
+    def write_many(self, writes: Sequence[AioWrite]) -> None:
+        """Write each ``(offset, data, done)``: ``data`` is bytes, or a buffer
+        the caller does not change until ``done(None, None)`` or ``done(None,
+        error)``, from the event loop."""
+        write, handle = self._lib.rbd_aio_write, self.handle
+        entries: list[_Entry] = []
+        for offset, data, done in writes:
+            keep: Any = data
+            if type(data) is bytearray and data and _BYTEARRAY_START:
+                # Where its bytes are (the caller neither changes nor resizes it).
+                address = _vp.from_address(id(data) + _BYTEARRAY_START).value
+            else:
+                if type(data) is not bytes:
+                    try:  # a writable buffer: librbd reads it where it is (a
+                        # c_char on its first byte holds it: 4x cheaper than
+                        # an array type)
+                        keep = ctypes.c_char.from_buffer(data)
+                    except TypeError:  # read-only
+                        data = keep = bytes(data)
+                    except ValueError:  # empty: nothing to point at
+                        data = keep = b""
+                address = id(data) + _BYTES_DATA if keep is data else ctypes.addressof(keep)
+            entries.append((write, (handle, offset, len(data), address), done, keep, False, None))
+        self._submit(entries)
 
     def flush_cb(self, done: IoDone) -> None:
         """Flush what was written before: ``done(None, None)`` or ``done(None, OSError)``."""
@@ -268,9 +274,9 @@ class ImageAio:
         return future
 
     def write(self, offset: int, data: bytes) -> asyncio.Future[Any]:
-        """:meth:`write_cb` as a future."""
+        """One write of :meth:`write_many`, as a future."""
         future, done = self._future()
-        self.write_cb(offset, data, done)
+        self.write_many(((offset, data, done),))
         return future
 
     def write_zeroes(self, offset: int, length: int, zero_flags: int) -> asyncio.Future[Any]:

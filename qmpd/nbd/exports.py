@@ -53,10 +53,10 @@ from qmpd.block.driver import (
     BlockNode,
     BlockStatus,
     ChildRole,
-    IoDone,
     NodeUser,
     Perm,
     SoonRead,
+    SoonWrite,
 )
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
@@ -87,6 +87,7 @@ MAX_EXTENTS = (1 << 20) // 8
 #: NBD_REPLY_TYPE_OFFSET_HOLE chunks); shorter ones are sent as data.
 SPARSE_READ_MIN = 64 * 1024
 _DF = int(p.CmdFlag.DF)
+_FUA = int(p.CmdFlag.FUA)
 #: Data ranges an export remembers (see :class:`DataRanges`).
 MAX_DATA_RANGES = 64
 
@@ -440,21 +441,29 @@ class NbdExport:
             stats.bytes["read"] += total
         return started
 
-    def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool:
-        """:meth:`write` started without a coroutine (:meth:`BlockNode.write_soon`);
-        False, having done nothing, when it must be awaited."""
-        node = self.edge.child
-        if not node.active:
-            return False
-        try:
-            # (bytes or a bytearray the request owns: drivers only read it)
-            started = node.write_soon(offset, data, fua or self.writethrough,  # type: ignore[arg-type]
-                                      done)
-        except BaseException:
-            self._count("write", len(data))
-            raise
+    def write_many(self, requests: Sequence[p.Request],
+                   done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
+        """WRITEs (their payloads received) started together without a
+        coroutine, in order (:meth:`BlockNode.write_many`): how many were
+        started, from the first; ``done(request, None, error)`` comes later
+        for each.  The next one, if any, was not: it must be awaited with
+        :meth:`write`."""
+        writethrough = self.writethrough
+        writes: list[SoonWrite] = []
+        total = 0
+        for request in requests:
+            # (a bytearray the request owns: drivers only read it)
+            payload = cast(bytes, request.payload)
+            writes.append((request.offset, payload, writethrough or bool(request.flags & _FUA),
+                           functools.partial(done, request)))
+            total += len(payload)
+        started = self.edge.child.write_many(writes)
         if started:
-            self._count("write", len(data))
+            if started < len(writes):
+                total = sum(len(write[1]) for write in writes[:started])
+            stats = self.stats
+            stats.requests["write"] += started
+            stats.bytes["write"] += total
         return started
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:

@@ -49,7 +49,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from qmpd import net
-from qmpd.block.driver import IoDone
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
 from qmpd.nbd.failure import error_reply
@@ -137,7 +136,10 @@ class ServedExport(Protocol):
         started, from the first (the next, if any, must be awaited)."""
         ...
 
-    def write_soon(self, offset: int, data: bytes | bytearray, fua: bool, done: IoDone) -> bool: ...
+    def write_many(self, requests: Sequence[p.Request],
+                   done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
+        """Start WRITEs together as :meth:`read_many` starts READs."""
+        ...
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None: ...
 
@@ -618,9 +620,10 @@ class NbdConnection:
         self._pumping = True
         deadline = time.perf_counter() + PUMP_BUDGET
         count = 0
-        # READs for a driver that calls back go down the graph together, in
-        # order with the other requests: one call per layer, not per READ.
-        reads: list[p.Request] | None = [] if self.export is not None \
+        # READs and WRITEs for a driver that calls back go down the graph
+        # together (one call per layer, not per request), a run of one kind
+        # at a time, in order with the other requests.
+        batch: list[p.Request] | None = [] if self.export is not None \
             and self.export.calls_back else None
         try:
             while self._admit():
@@ -633,14 +636,18 @@ class NbdConnection:
                     break
                 event = tx.next_event()
                 if isinstance(event, p.Request):
-                    if reads is not None:
-                        if event.type == _READ:
-                            reads.append(event)
+                    if batch is not None:
+                        kind = event.type
+                        if kind == _READ or kind == _WRITE:
+                            if batch and batch[0].type != kind:
+                                self._start_many(batch)
+                                batch = []
+                            batch.append(event)
                             self._began(event.length)
                             continue
-                        if reads:
-                            self._start_reads(reads)
-                            reads = []
+                        if batch:
+                            self._start_many(batch)
+                            batch = []
                     self._start(event)
                 elif isinstance(event, p.NeedData):
                     break
@@ -658,8 +665,8 @@ class NbdConnection:
                     self._finish()
         finally:
             try:
-                if reads:
-                    self._start_reads(reads)
+                if batch:
+                    self._start_many(batch)
             finally:
                 self._pumping = False
         if self.closed:
@@ -703,6 +710,7 @@ class NbdConnection:
             # A driver that calls back never completes a request in memory.
             now = not export.calls_back
             try:
+                # (READs and WRITEs for a driver that calls back: _start_many)
                 if kind == _WRITE:
                     payload = request.payload
                     assert payload is not None
@@ -713,12 +721,7 @@ class NbdConnection:
                         assert self.tx is not None
                         self.tx.recycle(payload)
                         return
-                    if export.write_soon(request.offset, payload, fua,
-                                         functools.partial(self._soon_done, request)):
-                        self._began(size)
-                        return
                 else:
-                    # (READs for a driver that calls back: _start_reads)
                     offset = request.offset
                     data = export.read_now(offset, size) if now else None
                     if data is not None:
@@ -732,19 +735,22 @@ class NbdConnection:
         self._began(size)
         self._step(self._execute(request, size))
 
-    def _start_reads(self, reads: list[p.Request]) -> None:
-        """Start READs parsed together (and counted in flight), in order; one
-        that cannot start without a coroutine is awaited where it stands."""
+    def _start_many(self, batch: list[p.Request]) -> None:
+        """Start READs (or WRITEs) parsed together, and counted in flight, in
+        order; one that cannot start without a coroutine is awaited where it
+        stands."""
         export = self.export
         assert export is not None
-        structured = self.replies.structured
-        while reads:
-            started = export.read_many(reads, structured, self._soon_done)
-            if started == len(reads):
+        while batch:
+            if batch[0].type == _READ:
+                started = export.read_many(batch, self.replies.structured, self._soon_done)
+            else:
+                started = export.write_many(batch, self._soon_done)
+            if started == len(batch):
                 return
-            request = reads[started]
+            request = batch[started]
             self._step(self._execute(request, request.length))
-            reads = reads[started + 1:]
+            batch = batch[started + 1:]
 
     def _began(self, size: int) -> None:
         if not self.in_flight:
@@ -753,7 +759,7 @@ class NbdConnection:
         self.in_flight_bytes += size
 
     def _soon_done(self, request: p.Request, data: Any, error: BaseException | None) -> None:
-        """A READ or WRITE started with read_many/write_soon completed."""
+        """A READ or WRITE started with read_many/write_many completed."""
         export = self.export
         assert export is not None
         if error is not None:

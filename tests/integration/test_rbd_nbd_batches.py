@@ -173,21 +173,25 @@ async def test_replies_the_socket_cannot_take_at_once_stay_whole(
             assert not conn._out
 
 
-async def test_the_reads_of_a_reader_callback_cross_the_graph_together(
+async def test_the_requests_of_a_reader_callback_cross_the_graph_together(
         ceph: CephCluster, tmp_path: Path) -> None:
-    """READs parsed in one reader callback reach the driver in one call
-    (export, node and driver each loop over them, instead of a call per READ
-    and layer), in their order with the other requests: a WRITE between
-    them splits them in two, and librbd gets all of it in the client's order."""
+    """READs and WRITEs parsed in one reader callback reach the driver in one
+    call per run of one kind (export, node and driver each loop over them,
+    instead of a call per request and layer), in the client's order: librbd
+    gets them in that order, and each is answered."""
     async with served(ceph, tmp_path, raw=False) as (conn, client, io, content):
         driver = conn.export.node.driver  # type: ignore[union-attr]
-        batches: list[list[int]] = []
+        batches: list[tuple[str, list[int]]] = []
         launched: list[str] = []
-        read_many, launch = driver.read_many, io._launch
+        read_many, write_many, launch = driver.read_many, driver.write_many, io._launch
 
         def observe_reads(reads: list[tuple[int, int, object]], stats: object) -> int:
-            batches.append([offset for offset, _, _ in reads])
+            batches.append(("read", [offset for offset, _, _ in reads]))
             return read_many(reads, stats)  # type: ignore[arg-type]
+
+        def observe_writes(writes: list[tuple[int, bytes, bool, object]]) -> int:
+            batches.append(("write", [offset for offset, _, _, _ in writes]))
+            return write_many(writes)  # type: ignore[arg-type]
 
         def observe_launch(entries: list[tuple[object, ...]], now: float) -> None:
             launched.extend("write" if entry[0] is io._lib.rbd_aio_write else "read"
@@ -195,21 +199,31 @@ async def test_the_reads_of_a_reader_callback_cross_the_graph_together(
             launch(entries, now)  # type: ignore[arg-type]
 
         driver.read_many = observe_reads  # type: ignore[method-assign]
+        driver.write_many = observe_writes  # type: ignore[method-assign]
         io._launch = observe_launch  # type: ignore[method-assign]
-        written = bytes([0x5A]) * 4096
+        written = {c: bytes([c]) * 4096 for c in (4, 5)}
         client.sendall(
             b"".join(p.request_header(p.Cmd.READ, c, (c - 1) * 65536, 4096) for c in (1, 2, 3))
-            + p.request_header(p.Cmd.WRITE, 4, 15 * 65536, 4096) + written
-            + b"".join(p.request_header(p.Cmd.READ, c, (c - 1) * 65536, 4096) for c in (5, 6)))
+            + b"".join(p.request_header(p.Cmd.WRITE, c, (10 + c) * 65536, 4096) + written[c]
+                       for c in (4, 5))
+            + b"".join(p.request_header(p.Cmd.READ, c, (c - 1) * 65536, 4096) for c in (6, 7)))
         conn._readable()
-        assert batches == [[0, 65536, 131072], [262144, 327680]]
-        assert launched == ["read"] * 3 + ["write"] + ["read"] * 2
+        assert batches == [("read", [0, 65536, 131072]), ("write", [14 * 65536, 15 * 65536]),
+                           ("read", [5 * 65536, 6 * 65536])]
+        assert launched == ["read"] * 3 + ["write"] * 2 + ["read"] * 2
         await deliver_all(io, 1000)
-        got = await received(client, 5 * (16 + 4096) + 16, 200)
-        write_reply = struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 4)
-        assert write_reply in got
-        got = got.replace(write_reply, b"", 1)
-        assert by_cookie(got, 4096) == {c: _reply(c, content) for c in (1, 2, 3, 5, 6)}
+        got = await received(client, 5 * (16 + 4096) + 2 * 16, 200)
+        for c in (4, 5):
+            write_reply = struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, c)
+            assert write_reply in got
+            got = got.replace(write_reply, b"", 1)
+        assert by_cookie(got, 4096) == {c: _reply(c, content) for c in (1, 2, 3, 6, 7)}
         node = conn.export.node  # type: ignore[union-attr]
         assert node.stats.rd_operations == 5 and node.stats.rd_bytes == 5 * 4096
+        assert node.stats.wr_operations == 2 and node.plain_writes == 0
         assert conn.export.stats.requests["read"] == 5  # type: ignore[union-attr]
+        assert conn.export.stats.requests["write"] == 2  # type: ignore[union-attr]
+        reads = [asyncio.ensure_future(node.read((10 + c) * 65536, 4096)) for c in (4, 5)]
+        await asyncio.sleep(0)
+        await deliver_all(io, 1000)
+        assert [await read for read in reads] == [written[4], written[5]]

@@ -165,7 +165,7 @@ async def test_cancelled_requests_are_collected_before_close(ceph: CephCluster) 
 
 
 class Completions:
-    """What read_many/write_soon callbacks delivered, by request."""
+    """What read_many/write_many callbacks delivered, by request."""
 
     def __init__(self) -> None:
         self.results: dict[int, tuple[object, BaseException | None]] = {}
@@ -184,14 +184,14 @@ class Completions:
 
 
 async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
-    """read_many/write_soon (the NBD server's path for rbd): librbd's completions
+    """read_many/write_many (the NBD server's path for rbd): librbd's completions
     call back from the loop, after the call returned, with the node's
     bookkeeping done; what cannot go that way is refused, having done nothing."""
     async with rbd_node(ceph) as (node, driver, _image):
         writes = Completions()
-        for i in range(256):
-            data = bytearray([i % 251 + 1]) * 4096
-            assert node.write_soon(i * 4096, data, False, writes.done(i))
+        data = [bytearray([i % 251 + 1]) * 4096 for i in range(256)]
+        assert node.write_many([(i * 4096, data[i], False, writes.done(i))
+                                for i in range(256)]) == 256
         assert not writes.results  # never before the call returned
         assert node.plain_writes == 256 and driver.driver_metrics()["requests_in_flight"] == 256
         await asyncio.wait_for(writes.all_done, 60)
@@ -217,19 +217,28 @@ async def test_requests_started_without_a_coroutine(ceph: CephCluster) -> None:
         await asyncio.sleep(0.1)
         assert not nothing.results and node.plain_writes == 0
         assert node.stats.rd_operations == 258
+        wrote = Completions()
+        assert node.write_many([(0, bytearray([1]) * 512, False, wrote.done(0)),
+                                (driver.size(), bytearray(512), False, nothing.done(4)),
+                                (512, bytearray(512), False, nothing.done(5))]) == 1
+        assert node.plain_writes == 1
+        await asyncio.wait_for(wrote.all_done, 60)
+        await asyncio.sleep(0.1)
+        assert wrote.results == {0: (None, None)} and not nothing.results
+        assert node.plain_writes == 0 and node.stats.wr_operations == 257
 
 
 async def test_fua_write_started_without_a_coroutine_is_flushed(ceph: CephCluster) -> None:
-    """A FUA write through write_soon calls back once librbd has flushed it:
+    """A FUA write through write_many calls back once librbd has flushed it:
     another client sees it at once, while a later write without FUA stays in
     librbd's writeback cache (the tests' client configuration keeps dirty
     data for 600 s)."""
     async with rbd_node(ceph) as (node, driver, image):
         fua, plain = Completions(), Completions()
-        assert node.write_soon(0, bytearray([0x5A]) * 4096, True, fua.done(0))
+        assert node.write_many([(0, bytearray([0x5A]) * 4096, True, fua.done(0))]) == 1
         await asyncio.wait_for(fua.all_done, 60)
         assert fua.results == {0: (None, None)}
-        assert node.write_soon(4096, bytearray([0xA5]) * 4096, False, plain.done(0))
+        assert node.write_many([(4096, bytearray([0xA5]) * 4096, False, plain.done(0))]) == 1
         await asyncio.wait_for(plain.all_done, 60)
         assert plain.results == {0: (None, None)}
         assert node.stats.wr_operations == 2 and driver.driver_metrics()["requests_in_flight"] == 0
@@ -258,13 +267,13 @@ async def test_a_flush_with_nothing_to_write_back_is_skipped(ceph: CephCluster) 
         await node.flush()
         assert requests(driver) == before + 1 and not driver.has_pending_writes()
         written = Completions()
-        assert node.write_soon(4096, bytearray([2]) * 4096, False, written.done(0))
+        assert node.write_many([(4096, bytearray([2]) * 4096, False, written.done(0))]) == 1
         await asyncio.wait_for(written.all_done, 60)
         assert driver.has_pending_writes()
         await node.flush()
         assert requests(driver) == before + 3 and not driver.has_pending_writes()
         fua = Completions()  # its own flush covers it
-        assert node.write_soon(8192, bytearray([3]) * 4096, True, fua.done(0))
+        assert node.write_many([(8192, bytearray([3]) * 4096, True, fua.done(0))]) == 1
         await asyncio.wait_for(fua.all_done, 60)
         assert fua.results == {0: (None, None)}
         assert requests(driver) == before + 5 and not driver.has_pending_writes()
@@ -281,7 +290,7 @@ async def test_a_flush_covers_the_writes_in_flight(ceph: CephCluster) -> None:
         await node.write(0, bytes([1]) * 4096)
         await node.flush()
         written = Completions()
-        assert node.write_soon(4096, bytearray([0x77]) * 4096, False, written.done(0))
+        assert node.write_many([(4096, bytearray([0x77]) * 4096, False, written.done(0))]) == 1
         await node.flush()
         await asyncio.wait_for(written.all_done, 60)
         assert written.results == {0: (None, None)}
@@ -364,7 +373,7 @@ async def test_requests_during_the_reload_wait_for_it(ceph: CephCluster) -> None
             await asyncio.sleep(0)
         nothing = Completions()
         assert node.read_many([(0, 4096, nothing.done(1))]) == 0
-        assert not node.write_soon(4096, bytearray(4096), False, nothing.done(2))
+        assert node.write_many([(4096, bytearray(4096), False, nothing.done(2))]) == 0
         assert await node.read(0, 4096) == bytes([0x42]) * 4096
         await task
         assert node.stats.invalidations == 1 and driver.stats.cache_invalidations == 1
@@ -399,7 +408,7 @@ async def test_requests_without_a_coroutine_fail_cleanly(ceph: CephCluster) -> N
         ceph.stop_osd()
         try:
             failed = Completions()
-            assert node.write_soon(0, bytes([5]) * 4096, False, failed.done(0))
+            assert node.write_many([(0, bytes([5]) * 4096, False, failed.done(0))]) == 1
             assert node.read_many([(1 << 20, 4096, failed.done(1))]) == 1
             await asyncio.wait_for(failed.all_done, 60)
         finally:
@@ -425,7 +434,7 @@ async def test_plugged_requests_go_to_librbd_at_the_unplug(ceph: CephCluster) ->
         node.io_plug()
         node.io_plug()
         for i in range(8):
-            assert node.write_soon(i * 4096, bytearray([i + 1]) * 4096, False, writes.done(i))
+            assert node.write_many([(i * 4096, bytearray([i + 1]) * 4096, False, writes.done(i))]) == 1
         assert len(io.held) == 8 and not io.pending
         assert driver.driver_metrics()["requests_in_flight"] == 8
         node.io_unplug()
