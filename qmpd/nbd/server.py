@@ -132,14 +132,11 @@ class ServedExport(Protocol):
 
     def read_many(self, requests: Sequence[p.Request], structured: bool,
                   done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
-        """Start READs together without a coroutine, in order: how many were
-        started, from the first (the next, if any, must be awaited)."""
-        ...
+        """Start READs together: how many, from the first (the next is awaited)."""
 
     def write_many(self, requests: Sequence[p.Request],
                    done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
         """Start WRITEs together as :meth:`read_many` starts READs."""
-        ...
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None: ...
 
@@ -626,46 +623,56 @@ class NbdConnection:
         batch: list[p.Request] | None = [] if self.export is not None \
             and self.export.calls_back else None
         try:
-            while self._admit():
-                count += 1
-                if count & 7 == 0 and time.perf_counter() > deadline:
-                    # Long enough: let other clients and the monitor in.
-                    if not self._resume_pending:
-                        self._resume_pending = True
-                        self.loop.call_soon(self._resume)
+            while True:
+                while self._admit():
+                    count += 1
+                    if count & 7 == 0 and time.perf_counter() > deadline:
+                        # Long enough: let other clients and the monitor in.
+                        if not self._resume_pending:
+                            self._resume_pending = True
+                            self.loop.call_soon(self._resume)
+                        break
+                    event = tx.next_event()
+                    if isinstance(event, p.Request):
+                        if batch is not None:
+                            kind = event.type
+                            if kind == _READ or kind == _WRITE:
+                                if batch and batch[0].type != kind:
+                                    run, batch = batch, []
+                                    self._start_many(run)
+                                batch.append(event)
+                                self._began(event.length)
+                                continue
+                            if batch:
+                                run, batch = batch, []
+                                self._start_many(run)
+                        self._start(event)
+                    elif isinstance(event, p.NeedData):
+                        break
+                    elif isinstance(event, p.Rejected):
+                        self._rejected(event)
+                    elif isinstance(event, p.Disconnect):
+                        self._finish()
+                    else:
+                        # Bad framing: nothing more can be parsed.  What is in
+                        # flight is still answered, then the connection closes.
+                        log.info("NBD client %s: %s; disconnecting", self.peer, event.reason)
+                        self.exports.stats_protocol_error()
+                        if event.cookie is not None:
+                            self._send([self.replies.error(event.cookie, p.Errno.EINVAL,
+                                                           event.reason)])
+                        self._finish()
+                if not batch:
                     break
-                event = tx.next_event()
-                if isinstance(event, p.Request):
-                    if batch is not None:
-                        kind = event.type
-                        if kind == _READ or kind == _WRITE:
-                            if batch and batch[0].type != kind:
-                                self._start_many(batch)
-                                batch = []
-                            batch.append(event)
-                            self._began(event.length)
-                            continue
-                        if batch:
-                            self._start_many(batch)
-                            batch = []
-                    self._start(event)
-                elif isinstance(event, p.NeedData):
+                run, batch = batch, []
+                self._start_many(run)
+                # Those of them answered at once (awaited, and failed) may
+                # have made room for requests parsed since: go on with them.
+                if self._resume_pending or not (self._admit() and tx.event_ready()):
                     break
-                elif isinstance(event, p.Rejected):
-                    self._rejected(event)
-                elif isinstance(event, p.Disconnect):
-                    self._finish()
-                else:
-                    # Bad framing: nothing more can be parsed.  What is in
-                    # flight is still answered, then the connection closes.
-                    log.info("NBD client %s: %s; disconnecting", self.peer, event.reason)
-                    self.exports.stats_protocol_error()
-                    if event.cookie is not None:
-                        self._send([self.replies.error(event.cookie, p.Errno.EINVAL, event.reason)])
-                    self._finish()
         finally:
             try:
-                if batch:
+                if batch:  # (a bug stopped the loop) what it took is answered
                     self._start_many(batch)
             finally:
                 self._pumping = False
@@ -737,15 +744,22 @@ class NbdConnection:
 
     def _start_many(self, batch: list[p.Request]) -> None:
         """Start READs (or WRITEs) parsed together, and counted in flight, in
-        order; one that cannot start without a coroutine is awaited where it
-        stands."""
+        order; one that cannot start so is awaited where it stands."""
         export = self.export
         assert export is not None
         while batch:
-            if batch[0].type == _READ:
-                started = export.read_many(batch, self.replies.structured, self._soon_done)
-            else:
-                started = export.write_many(batch, self._soon_done)
+            try:
+                if batch[0].type == _READ:
+                    started = export.read_many(batch, self.replies.structured, self._soon_done)
+                else:
+                    started = export.write_many(batch, self._soon_done)
+            except Exception as exc:
+                # A bug: the layers raise before they submit anything, so
+                # none of these started; each is answered, once.
+                log.exception("NBD client %s: internal error starting requests", self.peer)
+                for request in batch:
+                    self._ended(request.length, self._failure(export, request, exc))
+                return
             if started == len(batch):
                 return
             request = batch[started]

@@ -227,3 +227,54 @@ async def test_the_requests_of_a_reader_callback_cross_the_graph_together(
         await asyncio.sleep(0)
         await deliver_all(io, 1000)
         assert [await read for read in reads] == [written[4], written[5]]
+
+
+def _replies(got: bytes) -> list[tuple[int, int]]:
+    """(cookie, error) of each reply in ``got``: simple replies without data."""
+    return [struct.unpack(">IIQ", got[i:i + 16])[1:][::-1] for i in range(0, len(got), 16)]
+
+
+async def test_a_full_window_answered_at_once_lets_the_rest_in(
+        ceph: CephCluster, tmp_path: Path) -> None:
+    """More requests than may be in flight arrive in one read, and those the
+    batch sends the awaited way are answered at once (zero-length READs):
+    the freed room takes the rest, with no further read of the socket."""
+    async with served(ceph, tmp_path, raw=False) as (conn, client, io, _content):
+        count = 3 * 64 + 5
+        client.sendall(b"".join(p.request_header(p.Cmd.READ, c, 0, 0)
+                                for c in range(1, count + 1)))
+        conn._readable()
+        got = await received(client, count * 16, 200)
+        assert sorted(_replies(got)) == [(c, 0) for c in range(1, count + 1)]
+        assert conn.in_flight == 0 and not io.pending
+
+
+async def test_a_batch_that_raises_is_answered_once(
+        ceph: CephCluster, tmp_path: Path) -> None:
+    """A bug below the server raising while it starts a batch: what started
+    before is answered as usual, what raised is answered with EIO, each
+    request exactly once, and nothing stays counted in flight."""
+    async with served(ceph, tmp_path, raw=False) as (conn, client, io, content):
+        driver = conn.export.node.driver  # type: ignore[union-attr]
+        read_many = driver.read_many
+        calls: list[int] = []
+
+        def failing_second(reads: list[tuple[int, int, object]], stats: object) -> int:
+            calls.append(len(reads))
+            if len(calls) == 2:
+                raise RuntimeError("injected")
+            return read_many(reads, stats)  # type: ignore[arg-type]
+
+        driver.read_many = failing_second  # type: ignore[method-assign]
+        client.sendall(p.request_header(p.Cmd.READ, 1, 0, 4096)
+                       + p.request_header(p.Cmd.READ, 2, 0, 0)
+                       + p.request_header(p.Cmd.READ, 3, 65536, 4096)
+                       + p.request_header(p.Cmd.READ, 4, 131072, 4096))
+        conn._readable()
+        assert calls == [1, 2]
+        await deliver_all(io, 1000)
+        got = await received(client, 16 + 4096 + 3 * 16, 200)
+        first = struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, 1) + content[:4096]
+        assert got.count(first) == 1
+        assert sorted(_replies(got.replace(first, b""))) == [(2, 0), (3, 5), (4, 5)]
+        assert conn.in_flight == 0 and conn.in_flight_bytes == 0
