@@ -452,8 +452,8 @@ class NbdExport:
         writes: list[SoonWrite] = []
         total = 0
         for request in requests:
-            # (a bytearray the request owns: drivers only read it)
-            payload = cast(bytes, request.payload)
+            payload = request.payload  # (a bytearray the request owns: drivers only read it)
+            assert payload is not None
             writes.append((request.offset, payload, writethrough or bool(request.flags & _FUA),
                            functools.partial(done, request)))
             total += len(payload)
