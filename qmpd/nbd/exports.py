@@ -298,9 +298,9 @@ class NbdExport:
     def count_error(self, command: str) -> None:
         self.stats.errors[command] = self.stats.errors.get(command, 0) + 1
 
-    def _count(self, command: str, length: int) -> None:
+    def _count(self, command: str, length: int, requests: int = 1) -> None:
         stats = self.stats
-        stats.requests[command] += 1
+        stats.requests[command] += requests
         stats.bytes[command] += length
 
     def _check_active(self) -> None:
@@ -424,9 +424,8 @@ class NbdExport:
         for request in requests:
             offset, length = request.offset, request.length
             if not length or (length >= SPARSE_READ_MIN and (
-                not driver.calls_back
-                or (structured and not request.flags & _DF
-                    and not self.data_ranges.covers(offset, offset + length))
+                (structured and not request.flags & _DF
+                 and not self.data_ranges.covers(offset, offset + length))
                 or driver.host_file(offset, length) is not None
             )):
                 break
@@ -436,9 +435,7 @@ class NbdExport:
         if started:
             if started < len(reads):
                 total = sum(read[1] for read in reads[:started])
-            stats = self.stats
-            stats.requests["read"] += started
-            stats.bytes["read"] += total
+            self._count("read", total, started)
         return started
 
     def write_many(self, requests: Sequence[p.Request],
@@ -461,9 +458,7 @@ class NbdExport:
         if started:
             if started < len(writes):
                 total = sum(len(write[1]) for write in writes[:started])
-            stats = self.stats
-            stats.requests["write"] += started
-            stats.bytes["write"] += total
+            self._count("write", total, started)
         return started
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:

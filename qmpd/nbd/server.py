@@ -636,16 +636,14 @@ class NbdConnection:
                     if isinstance(event, p.Request):
                         if batch is not None:
                             kind = event.type
-                            if kind == _READ or kind == _WRITE:
-                                if batch and batch[0].type != kind:
-                                    run, batch = batch, []
-                                    self._start_many(run)
+                            batched = kind == _READ or kind == _WRITE
+                            if batch and (not batched or batch[0].type != kind):
+                                run, batch = batch, []
+                                self._start_many(run)
+                            if batched:
                                 batch.append(event)
                                 self._began(event.length)
                                 continue
-                            if batch:
-                                run, batch = batch, []
-                                self._start_many(run)
                         self._start(event)
                     elif isinstance(event, p.NeedData):
                         break
@@ -709,20 +707,17 @@ class NbdConnection:
     def _start(self, request: p.Request) -> None:
         kind = request.type
         if kind == _WRITE or kind == _READ:
-            # Most small requests complete without waiting, and a driver with
-            # an engine that calls back needs no coroutine either.
+            # Most small requests complete without waiting (those for a
+            # driver that calls back need no coroutine either: _start_many).
             export = self.export
             assert export is not None
             size = request.length
-            # A driver that calls back never completes a request in memory.
-            now = not export.calls_back
             try:
-                # (READs and WRITEs for a driver that calls back: _start_many)
                 if kind == _WRITE:
                     payload = request.payload
                     assert payload is not None
                     fua = request.flags & _FUA != 0
-                    if now and export.write_now(request.offset, payload, fua):
+                    if export.write_now(request.offset, payload, fua):
                         self._send((self.replies.ok(request.cookie),))
                         # write_now keeps nothing of the payload: the next may reuse it.
                         assert self.tx is not None
@@ -730,7 +725,7 @@ class NbdConnection:
                         return
                 else:
                     offset = request.offset
-                    data = export.read_now(offset, size) if now else None
+                    data = export.read_now(offset, size)
                     if data is not None:
                         self._send(self.replies.read_data(request.cookie, offset, data))
                         return
