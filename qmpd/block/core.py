@@ -441,13 +441,10 @@ class BlockLayer:
             await asyncio.shield(reload)
         await node.driver.truncate(size)
         # bdrv_co_truncate's bdrv_dirty_bitmap_truncate, on every node resized.
-        stack = [node]
-        while stack:
-            below = stack.pop()
+        for below in _subtree(node):
             for bitmap in below.dirty_bitmaps.values():
                 if bitmap.size != below.size():
                     bitmap.truncate(below.size())
-            stack.extend(edge.child for edge in below.children.values())
 
     async def set_active(self, node_name: str | None, active: bool) -> None:
         nodes = [self.find(None, node_name)] if node_name is not None else None
