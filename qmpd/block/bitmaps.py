@@ -16,6 +16,7 @@ from typing import Any
 
 from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
 from qmpd.block.driver import BlockNode
+from qmpd.block.reloads import reloaded
 from qmpd.errors import GenericError
 
 #: BDRV_BITMAP_MAX_NAME_SIZE
@@ -138,6 +139,8 @@ class Bitmaps:
         node, bitmap = self.find(args["node"], args["name"])
         check(bitmap, BUSY | READ_ONLY)
         if bitmap.persistent:
+            # Not over the image's metadata while an activation reloads it.
+            await reloaded(node)
             await node.driver.remove_persistent_bitmap(bitmap.name)
         bitmap.busy = True
 

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block import chain
@@ -22,6 +21,7 @@ from qmpd.block.driver import BlockDriverError, ChildRole
 from qmpd.block.filename import FilenameMemo, path_combine, refresh_filename
 from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig, NodeState
 from qmpd.block.registry import driver_class, probe_format
+from qmpd.block.reloads import reload_under_way, reloaded, reloads_done, subtree
 from qmpd.block.serial import GraphLock
 from qmpd.errors import DeviceNotFound, GenericError
 from qmpd.objects import ObjectRegistry
@@ -404,7 +404,7 @@ class BlockLayer:
         # An activation already under way (blockdev-set-active of one node)
         # finishes first: one that skipped its nodes as active would reload
         # their parents over a driver still reloading, and return before it.
-        await _reloads_done(self.graph.all_nodes)
+        await reloads_done(self.graph.all_nodes)
         await self.graph.activate_all()
 
     async def inactivate_all(self) -> None:
@@ -435,13 +435,13 @@ class BlockLayer:
                 raise GenericError("Permission 'resize' unavailable on inactive node")
             if node.read_only:
                 raise GenericError("Block node is read-only")
-            reload = _reload_under_way(_subtree(node))
+            reload = reload_under_way(subtree(node))
             if reload is None:
                 break
             await asyncio.shield(reload)
         await node.driver.truncate(size)
         # bdrv_co_truncate's bdrv_dirty_bitmap_truncate, on every node resized.
-        for below in _subtree(node):
+        for below in subtree(node):
             for bitmap in below.dirty_bitmaps.values():
                 if bitmap.size != below.size():
                     bitmap.truncate(below.size())
@@ -453,7 +453,7 @@ class BlockLayer:
                 await self.activate_all()
             else:
                 # As activate_all: not alongside another activation's reload.
-                await _reloads_done(lambda: _subtree(nodes[0]))
+                await reloaded(nodes[0])
                 await self.graph.activate(nodes[0])
         elif nodes is None:
             try:
@@ -598,24 +598,3 @@ def _protocol(name: str) -> str | None:
     if not colon or "/" in head:
         return None
     return head
-
-
-def _subtree(node: BlockNode) -> Iterator[BlockNode]:
-    """``node`` and every node below it."""
-    stack = [node]
-    while stack:
-        below = stack.pop()
-        yield below
-        stack.extend(edge.child for edge in below.children.values())
-
-
-def _reload_under_way(nodes: Iterable[BlockNode]) -> asyncio.Future[None] | None:
-    """The reload of the first of ``nodes`` that is reloading its cache."""
-    return next((n.reloading for n in nodes if n.reloading is not None), None)
-
-
-async def _reloads_done(nodes: Callable[[], Iterable[BlockNode]]) -> None:
-    """Wait until none of ``nodes()`` is reloading (looked at again after each
-    wait: another activation may have begun meanwhile)."""
-    while (reload := _reload_under_way(nodes())) is not None:
-        await asyncio.shield(reload)

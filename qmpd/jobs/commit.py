@@ -37,6 +37,7 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
 from qmpd.block.filename import refresh_filename
+from qmpd.block.reloads import reloaded
 from qmpd.errors import BlockDriverError, DeviceNotFound, GenericError, QMPError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
 from qmpd.jobs.inflight import CopyBuffers, write_copied
@@ -106,6 +107,8 @@ class CommitJob(BlockJob):
         name, fmt = backing_name(self.base, self.backing_file)
         await set_backing(self.block, overlay, self.base)
         try:
+            # Not over a header that an activation is reloading.
+            await reloaded(overlay)
             await overlay.driver.change_backing_file(name, fmt)
         except IO_ERRORS as exc:
             raise io_failure(exc) from None

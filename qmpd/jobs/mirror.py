@@ -26,6 +26,7 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.dirty_bitmap import default_granularity
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, Perm, WriteHook
 from qmpd.block.extent import HostSpan, SpanReadError
+from qmpd.block.reloads import reloading
 from qmpd.block.replace import replace_node
 from qmpd.block.status import block_status_above, layer_status
 from qmpd.errors import GenericError, QMPError
@@ -400,6 +401,10 @@ class MirrorJob(BlockJob):
         """The source's bytes for ``part`` as a host file span, where it stores
         them unchanged in a file (:mod:`qmpd.block.extent`); counted as a read."""
         source, n = self.source, part.nbytes
+        # Mapped through tables an activation may be reloading: read instead
+        # (the read waits for the reload).
+        if reloading(source):
+            return None
         host = source.driver.host_file(pos, n)
         if host is None:
             return None

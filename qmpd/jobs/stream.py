@@ -25,6 +25,7 @@ from qmpd.block.chain import (
 )
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BlockNode, Perm
+from qmpd.block.reloads import reloaded
 from qmpd.block.tracked import RangeSerialiser
 from qmpd.errors import BlockDriverError, GenericError
 from qmpd.jobs.block_job import IO_ERRORS, BlockJob, io_errno, io_failure
@@ -156,6 +157,8 @@ class StreamJob(BlockJob):
         name, fmt = backing_name(base, self.backing_file)
         await set_backing(self.block, top, base)
         try:
+            # Not over a header that an activation is reloading.
+            await reloaded(top)
             await top.driver.change_backing_file(name, fmt)
         except IO_ERRORS as exc:
             raise io_failure(exc) from None

@@ -1,0 +1,155 @@
+"""What reads or rewrites a node's metadata outside its requests waits for an
+activation's reload of the node (or one below it), as requests do: a
+persistent bitmap's removal and a job's backing-file rewrite would write an
+image's header and directories from the tables being replaced, and a mirror's
+host-file span would be mapped through them.  In process, on real images; the
+node is held as an activation holds it (``hold_requests``)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from qmpd.block.core import BlockLayer
+from qmpd.jobs.commit import CommitJob
+from qmpd.jobs.manager import JobManager
+from qmpd.jobs.mirror import start_blockdev_mirror
+from qmpd.jobs.stream import StreamJob
+from tests.support.block import qcow2
+from tests.support.tools import qemu_img, qemu_io
+
+MiB = 1 << 20
+#: QCOW2_EXT_MAGIC_BITMAPS, the header extension of persistent bitmaps.
+BITMAPS_EXT = 0x23852875
+
+
+def header(path: Path) -> tuple[bytes, set[int]]:
+    """The backing file name in the image's header, and its extensions' magics."""
+    raw = path.read_bytes()[:65536]
+    offset, length = struct.unpack_from(">QI", raw, 8)
+    version = struct.unpack_from(">I", raw, 4)[0]
+    pos = struct.unpack_from(">I", raw, 100)[0] if version >= 3 else 72
+    magics = set()
+    while pos + 8 <= len(raw):
+        magic, size = struct.unpack_from(">II", raw, pos)
+        if magic == 0:
+            break
+        magics.add(magic)
+        pos += 8 + -(-size // 8) * 8
+    return raw[offset:offset + length], magics
+
+
+async def still_waiting(task: asyncio.Task[Any]) -> bool:
+    await asyncio.sleep(0.2)
+    return not task.done()
+
+
+async def test_a_stream_rewrites_the_backing_name_after_the_reload(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    base = await layer.add(qcow2(tmp_path, "base"))
+    top = await layer.add({**qcow2(tmp_path, "top"), "backing": "base"})
+    path = tmp_path / "top.qcow2"
+    await top.driver.change_backing_file(str(tmp_path / "base.qcow2"), "qcow2")
+    job = StreamJob("j", layer, top, base, None, "report", 0, True, True)
+    top.hold_requests()
+    try:
+        prepare = asyncio.create_task(job.prepare())
+        assert await still_waiting(prepare)
+        assert header(path)[0] == str(tmp_path / "base.qcow2").encode()
+    finally:
+        top.release_requests()
+    await asyncio.wait_for(prepare, 10)
+    assert header(path)[0] == b""
+
+
+async def test_a_commit_rewrites_the_backing_name_after_the_reload(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    base = await layer.add(qcow2(tmp_path, "base"))
+    mid = await layer.add({**qcow2(tmp_path, "mid"), "backing": "base"})
+    top = await layer.add({**qcow2(tmp_path, "top"), "backing": "mid"})
+    path = tmp_path / "top.qcow2"
+    await top.driver.change_backing_file(str(tmp_path / "mid.qcow2"), "qcow2")
+    job = CommitJob("j", layer, top, mid, base, None, "report", 0, True, True)
+    top.hold_requests()
+    try:
+        prepare = asyncio.create_task(job.prepare())
+        assert await still_waiting(prepare)
+        assert header(path)[0] == str(tmp_path / "mid.qcow2").encode()
+    finally:
+        top.release_requests()
+    await asyncio.wait_for(prepare, 10)
+    assert header(path)[0] == str(tmp_path / "base.qcow2").encode()
+
+
+async def test_a_persistent_bitmap_leaves_the_image_after_the_reload(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    node = await layer.add(qcow2(tmp_path, "disk"))
+    path = tmp_path / "disk.qcow2"
+    layer.bitmaps.add({"node": "disk", "name": "b", "persistent": True}).commit()
+    await node.driver.store_persistent_bitmaps()
+    assert BITMAPS_EXT in header(path)[1]
+    node.hold_requests()
+    try:
+        remove = asyncio.create_task(layer.bitmaps.remove({"node": "disk", "name": "b"}))
+        assert await still_waiting(remove)
+        assert BITMAPS_EXT in header(path)[1]
+    finally:
+        node.release_requests()
+    (await asyncio.wait_for(remove, 10)).commit()
+    assert BITMAPS_EXT not in header(path)[1]
+    assert "b" not in node.dirty_bitmaps
+
+
+def manager(events: list[str]) -> JobManager:
+    lock = asyncio.Lock()
+
+    async def serialise(op: Callable[[], Awaitable[Any]]) -> Any:
+        async with lock:
+            return await op()
+
+    return JobManager(lambda name, data: events.append(name), serialise)
+
+
+async def test_a_mirror_maps_no_span_through_a_source_being_reloaded(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    """Between two qcow2 files a mirror copies host-file spans, mapped through
+    the source's tables; while a node below the source reloads, it reads the
+    data through the nodes instead."""
+    size = 8 * MiB
+    src, tgt = tmp_path / "src.qcow2", tmp_path / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, str(size))
+    qemu_img("create", "-q", "-f", "qcow2", tgt, str(size))
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x5a 0 {size}", src, check=True)
+    source = await layer.add({"driver": "qcow2", "node-name": "src",
+                              "file": {"driver": "file", "filename": str(src)}})
+    await layer.add({"driver": "qcow2", "node-name": "tgt",
+                     "file": {"driver": "file", "filename": str(tgt)}})
+    spans: list[str] = []
+    pool_run = layer.graph.io.run
+
+    async def counted(fn: Callable[..., Any], *args: Any) -> Any:
+        if fn.__name__ == "_copy_span":
+            spans.append(fn.__name__)
+        return await pool_run(fn, *args)
+
+    layer.graph.io.run = counted  # type: ignore[method-assign]
+    file = source.file
+    assert file is not None
+    events: list[str] = []
+    jobs = manager(events)
+    file.hold_requests()  # the file node below the source is mid-reload
+    try:
+        await start_blockdev_mirror(jobs, layer, {"job-id": "m", "device": "src",
+                                                  "target": "tgt", "sync": "full"})
+        async with asyncio.timeout(30):
+            while "BLOCK_JOB_READY" not in events:
+                await asyncio.sleep(0.01)
+    finally:
+        file.release_requests()
+        await jobs.close()
+        await layer.close_all()
+    assert spans == []
+    qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", src, tgt)
