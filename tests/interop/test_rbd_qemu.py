@@ -10,6 +10,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import pytest
 from tests.conftest import QmpdProcess
 from tests.support.ceph import CephCluster
 from tests.support.qmp import QmpClient
-from tests.support.tools import QSD, qemu_img, qemu_io, require_tool, wait_for_socket
+from tests.support.qsd import QsdMonitor
+from tests.support.tools import QSD, qemu_img, qemu_io, require_tool
 
 pytestmark = pytest.mark.qemu("qemu-img", "qemu-io")
 
@@ -50,16 +52,17 @@ def ok(sock: Path | str, execute: str, arguments: dict[str, Any] | None = None) 
 
 
 @pytest.fixture
-def qsd(tmp_path: Path) -> Iterator[Path]:
-    """A qemu-storage-daemon 7.2 with a QMP socket (its path is yielded)."""
-    sock = tmp_path / "qsd.sock"
-    proc = subprocess.Popen([require_tool(QSD), "--chardev",
-                             f"socket,id=c,path={sock},server=on,wait=off",
-                             "--monitor", "chardev=c"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def qsd(tmp_path: Path) -> Iterator[QmpClient]:
+    """A qemu-storage-daemon 7.2 and a negotiated QMP client of it."""
+    monitor = QsdMonitor("c")
+    proc = monitor.popen([require_tool(QSD), *monitor.args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for_socket(proc, sock)
-        yield sock
+        qmp = monitor.client(proc, 60, negotiate=True, check_schema=False)
+        try:
+            yield qmp
+        finally:
+            qmp.close()
     finally:
         proc.terminate()
         proc.wait(20)
@@ -144,36 +147,33 @@ def test_block_status_through_nbd_matches_qemu_map(qmpd: QmpdProcess,
     assert [e[2] for e in want] == [True, False, True, False], want
 
 
-def _nodes(sock: Path | str) -> list[dict[str, Any]]:
-    nodes = ok(sock, "query-named-block-nodes")
+def _nodes(qmp: QmpClient) -> list[dict[str, Any]]:
+    nodes = qmp.ok("query-named-block-nodes")
     for node in nodes:
         node.pop("active", None)  # QEMU 10's member, which qmpd reports
     return list(nodes)
 
 
-def test_node_info_and_errors_match_qemu_storage_daemon(qmpd: QmpdProcess, qsd: Path,
+def test_node_info_and_errors_match_qemu_storage_daemon(qmpd: QmpdProcess, qsd: QmpClient,
                                                          ceph: CephCluster) -> None:
     image = ceph.new_image("48M")
     opts = ceph.blockdev(image, **{"node-name": "r"})
     results: dict[str, Any] = {}
-    for name, sock in (("qmpd", qmpd.sock), ("qsd", qsd)):
-        qmp = client(sock)
-        try:
+    with closing(client(qmpd.sock)) as ours:
+        for name, qmp in (("qmpd", ours), ("qsd", qsd)):
             replies = [qmp.cmd("blockdev-add", opts),
                        qmp.cmd("blockdev-add", {**opts, "node-name": "x", "image": "nope"}),
                        qmp.cmd("blockdev-add", {**opts, "node-name": "y", "pool": "nopool"}),
                        qmp.cmd("blockdev-add", {**opts, "node-name": "z",
                                                 "snapshot": "nosnap"}),
                        qmp.cmd("block_resize", {"node-name": "r", "size": 64 * M})]
-        finally:
-            qmp.close()
-        results[name] = (replies, _nodes(sock))
-        ok(sock, "blockdev-del", {"node-name": "r"})
+            results[name] = (replies, _nodes(qmp))
+            qmp.ok("blockdev-del", {"node-name": "r"})
     assert results["qmpd"] == results["qsd"]
 
 
 def test_key_secret_user_and_auth_mode_match_qemu_storage_daemon(
-        qmpd: QmpdProcess, qsd: Path, ceph: CephCluster) -> None:
+        qmpd: QmpdProcess, qsd: QmpClient, ceph: CephCluster) -> None:
     """Without a keyring in the configuration, the key comes from a secret
     object (``key-secret``); a wrong key is refused as QEMU refuses it."""
     image = ceph.new_image("16M")
@@ -186,10 +186,9 @@ def test_key_secret_user_and_auth_mode_match_qemu_storage_daemon(
     opts = {**ceph.blockdev(image), "conf": str(conf), "user": "admin",
             "auth-client-required": ["cephx"]}
     results: dict[str, Any] = {}
-    for name, sock in (("qmpd", qmpd.sock), ("qsd", qsd)):
-        qmp = client(sock)
-        try:
-            replies = [
+    with closing(client(qmpd.sock)) as ours:
+        for name, qmp in (("qmpd", ours), ("qsd", qsd)):
+            results[name] = [
                 qmp.cmd("object-add", {"qom-type": "secret", "id": "k", "data": key,
                                        "format": "base64"}),
                 qmp.cmd("object-add", {"qom-type": "secret", "id": "bad", "data": wrong,
@@ -198,8 +197,5 @@ def test_key_secret_user_and_auth_mode_match_qemu_storage_daemon(
                 qmp.cmd("blockdev-add", {**opts, "node-name": "x", "key-secret": "bad"}),
                 qmp.cmd("blockdev-add", {**opts, "node-name": "y", "key-secret": "nosuch"}),
             ]
-        finally:
-            qmp.close()
-        results[name] = replies
     assert results["qmpd"] == results["qsd"]
     assert results["qmpd"][2] == {"return": {}}

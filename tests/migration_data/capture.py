@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.qmp import QmpClient
+from tests.support.qsd import QsdMonitor
 
 HERE = Path(__file__).resolve().parent
 QEMU = "qemu-system-x86_64"
@@ -52,16 +53,18 @@ class Qemu:
     """One qemu-system-x86_64 -M none with a QMP socket."""
 
     def __init__(self, workdir: Path, *extra: str) -> None:
-        self.qmp_path = str(workdir / "qmp.sock")
         self.stderr_path = workdir / "stderr"
         self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [QEMU, *BASE_ARGS, "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra],
+        # Connected from the start: QEMU 7.2 can hang a client that connects
+        # to a listening QMP socket during its start-up (see QsdMonitor).
+        monitor = QsdMonitor("qmp")
+        self.proc = monitor.popen(
+            [QEMU, *BASE_ARGS, *monitor.qemu_args, *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr,
         )
         # QEMU's replies are outside qmpd's schema.
-        self.qmp = QmpClient(self.qmp_path, 10.0, wait=10.0, check_schema=False, ids=True,
-                             negotiate=True)
+        self.qmp = monitor.client(self.proc, 10.0, log=self.stderr_path, check_schema=False,
+                                  ids=True, negotiate=True)
 
     def set_caps(self, caps: Sequence[str]) -> None:
         if caps:
