@@ -923,6 +923,8 @@ class NbdServer:
         self.address = address
         self.max_connections = max_connections
         self.connections: set[NbdConnection] = set()
+        #: Refused clients, read until they hang up (they hold no slot).
+        self.lingering: set[NbdConnection] = set()
         self.sock: socket.socket | None = None
         self.bound = str(address)
         self._accept_task: asyncio.Task[None] | None = None
@@ -991,5 +993,7 @@ class NbdServer:
 
     async def close(self) -> None:
         self.stop_listening()
+        for conn in list(self.lingering):
+            conn.abort()
         conns = list(self.connections)
         await asyncio.gather(*(c.drain() for c in conns), return_exceptions=True)

@@ -383,11 +383,17 @@ class TlsConnection(NbdConnection):
         self.loop.add_reader(self.fd, self._linger)
         self._lingering = True
         self._timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+        # Refused, it is no client any more (QEMU's server has dropped it by
+        # now): a silent one must not keep a max-connections slot meanwhile.
+        self.server.connections.discard(self)
+        self.server.lingering.add(self)
+        self.server.connection_gone()
 
     def _close(self) -> None:
         if self._lingering:
             self._lingering = False
             self.loop.remove_reader(self.fd)
+            self.server.lingering.discard(self)
         super()._close()
 
     def _linger(self) -> None:

@@ -459,3 +459,33 @@ def test_refused_certificate_mid_flight_is_not_reset(servers: Servers, pki: Pki,
         time.sleep(0.05)
     assert logged in server.stderr()[len(before):]
     good_client_works(server, pki)
+
+
+def test_a_refused_client_that_stays_keeps_no_connection_slot(tmp_path: Path, pki: Pki) -> None:
+    """With ``max-connections=1``, a client whose certificate is refused and
+    that then neither sends nor hangs up (qmpd reads it until it does, see
+    above) does not keep the next client out: QEMU's server has dropped such
+    a client, so its slot is free at once, not when the lingering ends."""
+    from qmpd.nbd.tls import LINGER_TIMEOUT
+
+    image = tmp_path / "disk.raw"
+    qemu_img("create", "-q", "-f", "raw", image, str(SIZE))
+    qemu_io("-f", "raw", "-c", "write -P 0x5a 0 1M", image, check=True)
+    port = free_port()
+    addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port},max-connections=1"
+    daemon = QmpdProcess(tmp_path, *server_args(pki, image, addr), default_qmp=False)
+    server = Server("qmpd", port, tmp_path / "unused.sock", image, daemon.stderr_path)
+    refused = Peer(server)
+    try:
+        assert refused.option(5) == [(5, 1, b"")]
+        refused.starttls(client_ctx(pki, "client-expired"))
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_EXPIRED"):
+            refused.sock.recv(100)  # the alert; the socket stays open, silent
+        started = time.monotonic()
+        Peer(server).close()  # greeted, so the refused one holds no slot
+        greeted = time.monotonic() - started
+        good_client_works(server, pki)
+        assert greeted < LINGER_TIMEOUT / 2, greeted
+    finally:
+        refused.close()
+        daemon.stop()
