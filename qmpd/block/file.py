@@ -11,6 +11,7 @@ import stat
 import threading
 from typing import Any
 
+from qmpd.block.accounting import WriteGenerations
 from qmpd.block.blocking import BlockingRead, CacheReload, OpenJob, WouldBlock
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus, NodeState, Perm
 from qmpd.block.extent import HostSpan, preadv_full, read_span
@@ -231,9 +232,7 @@ class FileDriver(BlockDriver):
         self._shared_page_cache = False
         self._size = 0
         self._inline = False
-        # Write generations: what has been written, and what is known stable.
-        self._writes = 0
-        self._flushed = 0
+        self._gens = WriteGenerations()
         self._page_cache_inconsistent = False
         # auto-read-only: the descriptor is read-write only while a parent
         # holds write or resize (QEMU's dynamic auto-read-only).
@@ -412,7 +411,7 @@ class FileDriver(BlockDriver):
             await self.flush()
 
     def _written(self, end: int) -> None:
-        self._writes += 1  # counted once complete: a flush must cover it
+        self._gens.written += 1  # counted once complete: a flush must cover it
         if end > self._size:
             self._size = end
 
@@ -429,7 +428,7 @@ class FileDriver(BlockDriver):
         except OSError:
             writer = _direct_pwrite if self.node.cache_direct else _pwrite_full
             await self.node.graph.run_io(writer, self.fd, bytes(length), offset)
-        self._writes += 1
+        self._gens.written += 1
         self._size = max(self._size, offset + length)
         if fua:
             await self.flush()
@@ -443,7 +442,7 @@ class FileDriver(BlockDriver):
             )
         except OSError:
             pass  # discard is advisory
-        self._writes += 1
+        self._gens.written += 1
 
     async def flush(self) -> None:
         # After a failed fdatasync the kernel may have dropped the dirty pages
@@ -451,24 +450,23 @@ class FileDriver(BlockDriver):
         # (QEMU's page_cache_inconsistent), so every one fails.
         if self._page_cache_inconsistent:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        # Nothing written through this descriptor since the last flush: QEMU
-        # skips the fdatasync too (it costs milliseconds on a real disk).
-        generation = self._writes
-        if generation == self._flushed:
-            return
+        # Nothing written through this descriptor since the last flush: no
+        # fdatasync (it costs milliseconds on a real disk).
+        await self._gens.flush(self._fdatasync)
+
+    async def _fdatasync(self) -> None:
         try:
             await self.node.graph.run_io(os.fdatasync, self.fd)
         except OSError:
             self._page_cache_inconsistent = True
             raise
-        self._flushed = max(self._flushed, generation)
 
     def has_pending_writes(self) -> bool:
-        return self._writes != self._flushed
+        return self._gens.pending()
 
     async def truncate(self, size: int) -> None:
         await self.node.graph.run_io(os.ftruncate, self.fd, size)
-        self._writes += 1
+        self._gens.written += 1
         self._size = size
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -558,7 +556,7 @@ class FileDriver(BlockDriver):
     def inactivate_now(self) -> bool:
         # inactivate is flush: nothing to sync (and no earlier sync failed)
         # means nothing to wait for.
-        return not self._page_cache_inconsistent and self._writes == self._flushed
+        return not self._page_cache_inconsistent and not self._gens.pending()
 
     def _reopen_flags(self, writable: bool) -> int:
         return (self._flags & ~(os.O_RDWR | os.O_RDONLY | os.O_WRONLY)) | (
@@ -596,7 +594,7 @@ class FileDriver(BlockDriver):
         if self.fd < 0:
             return None
         fd = self.fd
-        dirty = self._writes != self._flushed
+        dirty = self._gens.pending()
         drop = self._drops_page_cache()
         length = self._length
 
@@ -608,12 +606,12 @@ class FileDriver(BlockDriver):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             return length(fd)
 
-        generation = self._writes
+        generation = self._gens.written
 
         async def finish(size: int) -> None:
             self._size = size
             if dirty and drop:
-                self._flushed = max(self._flushed, generation)
+                self._gens.covered(generation)
 
         return CacheReload(refresh, finish, waits=drop)
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from qmpd.block.accounting import WriteGenerations
 from qmpd.block.driver import BlockDriver, BlockDriverError, BlockStatus
 from qmpd.block.libnfs import AsyncContext, NfsError, NfsFile, NfsUnavailable
 
@@ -71,8 +72,7 @@ class NfsDriver(BlockDriver):
         self._async: AsyncContext | None = None
         self._size = 0
         self._allocated: int | None = None
-        self._writes = 0
-        self._flushed = 0
+        self._gens = WriteGenerations()
         self._unreachable: str | None = None
         self._options: dict[str, Any] = {}
         #: The context lost its server: the next request connects anew.
@@ -175,27 +175,26 @@ class NfsDriver(BlockDriver):
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._call((await self._ready()).pwrite(offset, data))
         self.stats.written_bytes += len(data)
-        self._writes += 1
+        self._gens.written += 1
         self._size = max(self._size, offset + len(data))
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        generation = self._writes
-        if generation == self._flushed:
-            return
+        await self._gens.flush(self._fsync)
+
+    async def _fsync(self) -> None:
         await self._call((await self._ready()).fsync())
-        self._flushed = max(self._flushed, generation)
 
     def has_pending_writes(self) -> bool:
-        return self._writes != self._flushed
+        return self._gens.pending()
 
     def inactivate_now(self) -> bool:
-        return self._writes == self._flushed
+        return not self._gens.pending()
 
     async def truncate(self, size: int) -> None:
         await self._call((await self._ready()).truncate(size))
-        self._writes += 1
+        self._gens.written += 1
         self._size = size
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:

@@ -42,6 +42,7 @@ from types import ModuleType
 from typing import Any
 
 from qmpd.block import rbd_aio
+from qmpd.block.accounting import WriteGenerations
 from qmpd.block.blocking import BlockingRead, CacheReload
 from qmpd.block.ceph import bindings
 from qmpd.block.driver import (
@@ -286,12 +287,9 @@ class RbdDriver(BlockDriver):
         self._lock_wanted = False
         #: The attempt under way (started by an activation or a write).
         self._locking: asyncio.Task[None] | None = None
-        #: Writes submitted, and how many of them the last flush covered: a
-        #: flush with nothing new to write back is skipped (QEMU's
-        #: bdrv_co_flush does the same with its write generations; librbd's
-        #: flush covers the writes still in flight, so they count at once).
-        self._writes = 0
-        self._flushed = 0
+        #: Writes submitted (librbd's flush covers the writes still in
+        #: flight, so they count at once).
+        self._gens = WriteGenerations()
 
     # --- open and close -------------------------------------------------------
 
@@ -582,7 +580,7 @@ class RbdDriver(BlockDriver):
             todo.append((offset, data, done))
         if todo:
             # Counted when submitted: librbd's flush covers the writes in flight.
-            self._writes += len(todo)
+            self._gens.written += len(todo)
             io.write_many(todo)
         return len(todo)
 
@@ -594,12 +592,12 @@ class RbdDriver(BlockDriver):
         if not isinstance(io, rbd_aio.ImageAio):  # closing: the FUA is not kept
             done(None, BlockDriverError("Input/output error", errno.EIO))
             return
-        io.flush_cb(functools.partial(self._flushed_soon, self._writes, done))
+        io.flush_cb(functools.partial(self._flushed_soon, self._gens.written, done))
 
     def _flushed_soon(self, generation: int, done: IoDone, value: Any,
                       error: BaseException | None) -> None:
         if error is None:
-            self._flushed = max(self._flushed, generation)
+            self._gens.covered(generation)
         done(value, error)
 
     async def _grow(self, end: int) -> None:
@@ -616,7 +614,7 @@ class RbdDriver(BlockDriver):
                 raise BlockDriverError(_strerror(code), code) from None
             self.stats.resizes += 1
             self._size = end
-            self._writes += 1
+            self._gens.written += 1
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self._lock_wanted:
@@ -624,7 +622,7 @@ class RbdDriver(BlockDriver):
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
         io = self._requests()  # (after the wait: the node may have closed meanwhile)
-        self._writes += 1  # counted when submitted (see write_many)
+        self._gens.written += 1  # counted when submitted (see write_many)
         await self._aio(io.write, offset, data)
         if fua:
             await self.flush()
@@ -637,7 +635,7 @@ class RbdDriver(BlockDriver):
             await self._grow(offset + length)
         io = self._requests()  # (after the wait: the node may have closed meanwhile)
         flags = 0 if may_unmap else ZERO_THICK
-        self._writes += 1
+        self._gens.written += 1
         await self._aio(io.write_zeroes, offset, length, flags)
         if fua:
             await self.flush()
@@ -650,21 +648,17 @@ class RbdDriver(BlockDriver):
         io = self._requests()
         end = min(offset + length, self._size)
         if end > offset:
-            self._writes += 1
+            self._gens.written += 1
             await self._aio(io.discard, offset, end - offset)
 
     async def flush(self) -> None:
         io = self._io
         if io is None:
             return
-        generation = self._writes
-        if generation == self._flushed:
-            return
-        await self._aio(io.flush)
-        self._flushed = max(self._flushed, generation)
+        await self._gens.flush(lambda: self._aio(io.flush))
 
     def has_pending_writes(self) -> bool:
-        return self._writes != self._flushed
+        return self._gens.pending()
 
     async def truncate(self, size: int) -> None:
         if self._lock_wanted:
@@ -677,7 +671,7 @@ class RbdDriver(BlockDriver):
             raise BlockDriverError(f"error resizing: {_strerror(code)}", code) from None
         self.stats.resizes += 1
         self._size = size
-        self._writes += 1
+        self._gens.written += 1
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """With fast-diff (and a valid object map), what ``diff_iterate`` says

@@ -75,7 +75,7 @@ def snapshot(layer: BlockLayer, paths: list[Path]) -> dict[str, Any]:
             assert image is not None
             entry["image"] = (image.writable, image.idle(), image.broken)
         if isinstance(driver, FileDriver):
-            entry["file"] = (driver.locks_held(), driver._writes, driver._flushed, driver.fd)
+            entry["file"] = (driver.locks_held(), driver._gens.written, driver._gens.flushed, driver.fd)
         nodes[name] = entry
     files = {}
     for path in paths:
