@@ -408,6 +408,9 @@ class BlockLayer:
         await self.graph.activate_all()
 
     async def inactivate_all(self) -> None:
+        # Not over an activation's reload: the drivers would write back (and
+        # store bitmaps) from the caches being replaced.
+        await reloads_done(self.graph.all_nodes)
         await self.graph.inactivate_all()
 
     def rehearse_inactivation(self) -> None:
@@ -457,12 +460,13 @@ class BlockLayer:
                 await self.graph.activate(nodes[0])
         elif nodes is None:
             try:
-                await self.graph.inactivate_all()
+                await self.inactivate_all()
             except BlockDriverError as exc:
                 raise GenericError(
                     f"Failed to inactivate all nodes: {os.strerror(exc.errno)}"
                 ) from None
         else:
+            await reloaded(nodes[0])  # as inactivate_all
             for parent in nodes[0].parents:
                 if parent.parent is not None and parent.parent.active:
                     raise GenericError("Node has active parent node")

@@ -3,9 +3,10 @@
 An activation marks a node active (to take its permissions) before its
 driver, and those below, have reloaded what they cache; requests through the
 node wait meanwhile (:meth:`BlockNode.hold_requests`).  Whatever else reads
-or changes a node's metadata (a resize, a persistent bitmap's removal, a
-job's backing-file rewrite, a span read straight from the host file) waits
-for the reloads of the node's subtree here, or declines a shortcut.
+or changes a node's metadata (a resize, an inactivation's write-back, a
+persistent bitmap's removal, a job's backing-file rewrite, a span read
+straight from the host file) waits for the reloads of the node's subtree
+here, or declines a shortcut.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What reads or rewrites a node's metadata outside its requests waits for an
-activation's reload of the node (or one below it), as requests do: a
-persistent bitmap's removal and a job's backing-file rewrite would write an
-image's header and directories from the tables being replaced, and a mirror's
-host-file span would be mapped through them.  In process, on real images; the
+activation's reload of the node (or one below it), as requests do: an
+inactivation's write-back, a persistent bitmap's removal and a job's
+backing-file rewrite would write an image's header and directories from the
+tables being replaced, and a mirror's host-file span would be mapped through
+them.  In process, on real images; the
 node is held as an activation holds it (``hold_requests``)."""
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from qmpd.block.core import BlockLayer
+from qmpd.block.driver import NodeState
 from qmpd.jobs.commit import CommitJob
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import start_blockdev_mirror
@@ -153,3 +157,23 @@ async def test_a_mirror_maps_no_span_through_a_source_being_reloaded(
         await layer.close_all()
     assert spans == []
     qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", src, tgt)
+
+
+@pytest.mark.parametrize("which", ["all", "node"])
+async def test_an_inactivation_waits_for_the_reload(
+        layer: BlockLayer, tmp_path: Path, which: str) -> None:
+    """The migration's inactivate_all and blockdev-set-active: the drivers
+    write back (and store bitmaps) only once the reload is over."""
+    node = await layer.add(qcow2(tmp_path, "disk"))
+    await node.write(0, b"a" * 65536)  # something to write back
+    node.hold_requests()
+    try:
+        inactivation = asyncio.create_task(
+            layer.inactivate_all() if which == "all" else layer.set_active("disk", False))
+        assert await still_waiting(inactivation)
+        assert node.state is NodeState.ACTIVE
+    finally:
+        node.release_requests()
+    await asyncio.wait_for(inactivation, 10)
+    assert node.state is NodeState.INACTIVE
+    assert await node.read(0, 65536) == b"a" * 65536
