@@ -16,7 +16,7 @@ from typing import Any
 
 from qmpd.block.dirty_bitmap import DirtyBitmap, default_granularity
 from qmpd.block.driver import BlockNode
-from qmpd.block.reloads import reloaded
+from qmpd.block.reloads import reloaded, reloading
 from qmpd.errors import GenericError
 
 #: BDRV_BITMAP_MAX_NAME_SIZE
@@ -94,6 +94,13 @@ class Bitmaps:
             raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
+    async def settled(self, name: str) -> None:
+        """Wait until no activation reloads the node ``name`` (if any) or one
+        below it: a persistent bitmap's checks read the image."""
+        node = self.lookup(name)
+        if node is not None:
+            await reloaded(node)
+
     def find(self, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
         """block_dirty_bitmap_lookup."""
         node = self.lookup(node_name)
@@ -138,9 +145,13 @@ class Bitmaps:
         busy, until commit (a persistent one leaves the image at once)."""
         node, bitmap = self.find(args["node"], args["name"])
         check(bitmap, BUSY | READ_ONLY)
-        if bitmap.persistent:
-            # Not over the image's metadata while an activation reloads it.
+        if bitmap.persistent and reloading(node):
+            # Not over the image's metadata while an activation reloads it
+            # (which may replace the bitmap, or fail): looked up again after.
             await reloaded(node)
+            node, bitmap = self.find(args["node"], args["name"])
+            check(bitmap, BUSY | READ_ONLY)
+        if bitmap.persistent:
             await node.driver.remove_persistent_bitmap(bitmap.name)
         bitmap.busy = True
 

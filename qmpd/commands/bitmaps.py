@@ -9,7 +9,8 @@ from qmpd.qmp.dispatch import CommandContext, command
 
 
 @command("block-dirty-bitmap-add")
-def block_dirty_bitmap_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+async def block_dirty_bitmap_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    await ctx.services.block.bitmaps.settled(args["node"])
     ctx.services.block.bitmaps.run("block-dirty-bitmap-add", args)
 
 

@@ -105,10 +105,10 @@ class CommitJob(BlockJob):
         if overlay is None:
             raise BlockDriverError(os.strerror(1), 1)
         name, fmt = backing_name(self.base, self.backing_file)
+        # Not over nodes, and a header, that an activation is reloading.
+        await reloaded(overlay)
         await set_backing(self.block, overlay, self.base)
         try:
-            # Not over a header that an activation is reloading.
-            await reloaded(overlay)
             await overlay.driver.change_backing_file(name, fmt)
         except IO_ERRORS as exc:
             raise io_failure(exc) from None

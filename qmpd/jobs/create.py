@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import PERM_ALL, BdrvChild, BlockNode, ChildRole, NodeUser, Perm
+from qmpd.block.reloads import reloaded
 from qmpd.errors import GenericError, QMPError
 from qmpd.jobs.job import Job
 from qmpd.jobs.manager import JobManager
@@ -171,6 +172,8 @@ class CreateJob(Job):
         from qmpd.block.qcow2.fileio import ImageFile
 
         assert self.node is not None
+        # It writes through the driver: not while an activation reloads it.
+        await reloaded(self.node)
         file = ImageFile(self.node)
         run_io = self.block.graph.run_io
         try:

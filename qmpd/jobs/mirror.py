@@ -401,8 +401,9 @@ class MirrorJob(BlockJob):
         """The source's bytes for ``part`` as a host file span, where it stores
         them unchanged in a file (:mod:`qmpd.block.extent`); counted as a read."""
         source, n = self.source, part.nbytes
-        # Mapped through tables an activation may be reloading: read instead
-        # (the read waits for the reload).
+        # Not mapped through tables an activation may be reloading: read
+        # through the nodes instead (an activation holds every node it
+        # reloads, and the read waits for the source's).
         if reloading(source):
             return None
         host = source.driver.host_file(pos, n)

@@ -155,10 +155,10 @@ class StreamJob(BlockJob):
         if below(top) is None:
             return
         name, fmt = backing_name(base, self.backing_file)
+        # Not over nodes, and a header, that an activation is reloading.
+        await reloaded(top)
         await set_backing(self.block, top, base)
         try:
-            # Not over a header that an activation is reloading.
-            await reloaded(top)
             await top.driver.change_backing_file(name, fmt)
         except IO_ERRORS as exc:
             raise io_failure(exc) from None

@@ -631,9 +631,11 @@ class OutgoingMigration:
             log.error("migration failed: %s", self.failure_reason or "no reason recorded")
         if inactivated or stopped:
             # Another process may have opened the images while we were
-            # inactive: activation re-reads everything.
+            # inactive: activation re-reads everything, under the graph lock
+            # as every other activation (no graph change meets its reload).
             try:
-                await self.block.activate_all()
+                async with self.block.lock.held():
+                    await self.block.activate_all()
             except Exception as exc:
                 # The destination may have taken the images (its lock refuses
                 # us): never run without them; cont retries the activation.

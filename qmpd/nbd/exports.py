@@ -58,7 +58,6 @@ from qmpd.block.driver import (
     SoonRead,
     SoonWrite,
 )
-from qmpd.block.reloads import reloading
 from qmpd.block.status import block_status_above
 from qmpd.errors import GenericError
 from qmpd.nbd import protocol as p
@@ -361,7 +360,7 @@ class NbdExport:
         being read into memory and written out again.
         """
         node = self.node
-        if length >= SPARSE_READ_MIN and not reloading(node):
+        if length >= SPARSE_READ_MIN and node.reloading is None:
             host = node.driver.host_file(offset, length)
             if host is not None:
                 node.stats.rd_bytes += length

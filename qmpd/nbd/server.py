@@ -987,7 +987,7 @@ class NbdServer:
 
     def abort_negotiating(self) -> None:
         """Drop clients that have not reached an export yet."""
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.lingering]:  # (lingering: refused)
             if conn.export is None:
                 conn.abort()
 

@@ -53,6 +53,9 @@ TLS_BATCH = 256 * 1024
 #: How long a refused client's last bytes are read and dropped before the
 #: socket is closed (see :meth:`TlsConnection._refuse`).
 LINGER_TIMEOUT = 2.0
+#: At most this many refused clients linger at once (each holds a socket
+#: outside max-connections); those beyond are closed at once.
+MAX_LINGERING = 16
 
 class TlsSession:
     """One connection's TLS state: handshake, decryption, encryption."""
@@ -377,6 +380,9 @@ class TlsConnection(NbdConnection):
                 self.sock.send(alert)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
+            self._close()
+            return
+        if len(self.server.lingering) >= MAX_LINGERING:
             self._close()
             return
         # Not through self.reading: a receive loop under way must stop here.

@@ -17,6 +17,7 @@ Both serve the same image with the same certificates (tests/support/certs.py),
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -461,31 +462,71 @@ def test_refused_certificate_mid_flight_is_not_reset(servers: Servers, pki: Pki,
     good_client_works(server, pki)
 
 
-def test_a_refused_client_that_stays_keeps_no_connection_slot(tmp_path: Path, pki: Pki) -> None:
+def _refused(server: Server, pki: Pki) -> socket.socket:
+    """A client refused in its TLS handshake (an expired certificate) that has
+    read the alert and the server's end of stream, and neither sends nor hangs
+    up: its own socket, outside TLS."""
+    peer = Peer(server)
+    assert peer.option(5) == [(5, 1, b"")]
+    raw = socket.socket(fileno=os.dup(peer.sock.fileno()))
+    peer.starttls(client_ctx(pki, "client-expired"))
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_EXPIRED"):
+        peer.sock.recv(100)
+    peer.sock.detach()
+    return raw
+
+
+def _server_closed(raw: socket.socket) -> bool:
+    """Whether the server has closed its end: what we send then gets a reset
+    (while it lingers, it reads and drops what we send)."""
+    try:
+        raw.sendall(b"x")
+        time.sleep(0.2)  # for the reset (on loopback it is back at once)
+        raw.recv(1)
+        raw.sendall(b"x")
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return False
+
+
+def test_refused_clients_that_stay_keep_no_connection_slot(tmp_path: Path, pki: Pki) -> None:
     """With ``max-connections=1``, a client whose certificate is refused and
     that then neither sends nor hangs up (qmpd reads it until it does, see
     above) does not keep the next client out: QEMU's server has dropped such
-    a client, so its slot is free at once, not when the lingering ends."""
-    from qmpd.nbd.tls import LINGER_TIMEOUT
+    a client, so its slot is free at once, not when the lingering ends.  At
+    most MAX_LINGERING linger (those beyond are closed at once), and
+    nbd-server-stop closes those that do."""
+    from qmpd.nbd.tls import LINGER_TIMEOUT, MAX_LINGERING
 
     image = tmp_path / "disk.raw"
     qemu_img("create", "-q", "-f", "raw", image, str(SIZE))
     qemu_io("-f", "raw", "-c", "write -P 0x5a 0 1M", image, check=True)
     port = free_port()
     addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port},max-connections=1"
-    daemon = QmpdProcess(tmp_path, *server_args(pki, image, addr), default_qmp=False)
+    daemon = QmpdProcess(tmp_path, *server_args(pki, image, addr))
     server = Server("qmpd", port, tmp_path / "unused.sock", image, daemon.stderr_path)
-    refused = Peer(server)
+    refused: list[socket.socket] = []
     try:
-        assert refused.option(5) == [(5, 1, b"")]
-        refused.starttls(client_ctx(pki, "client-expired"))
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_EXPIRED"):
-            refused.sock.recv(100)  # the alert; the socket stays open, silent
+        refused.append(_refused(server, pki))
         started = time.monotonic()
         Peer(server).close()  # greeted, so the refused one holds no slot
         greeted = time.monotonic() - started
         good_client_works(server, pki)
         assert greeted < LINGER_TIMEOUT / 2, greeted
+        while len(refused) <= MAX_LINGERING:
+            refused.append(_refused(server, pki))
+        started = time.monotonic()
+        assert _server_closed(refused[-1])  # one too many: closed at once
+        assert not _server_closed(refused[-2])  # still lingering
+        assert time.monotonic() - started < LINGER_TIMEOUT / 2
+        qmp = daemon.client()
+        try:
+            qmp.cmd("qmp_capabilities")
+            assert qmp.cmd("nbd-server-stop") == {"return": {}}
+        finally:
+            qmp.close()
+        assert _server_closed(refused[-2])
     finally:
-        refused.close()
+        for raw in refused:
+            raw.close()
         daemon.stop()

@@ -55,10 +55,13 @@ def ok(sock: Path | str, execute: str, arguments: dict[str, Any] | None = None) 
 def qsd(tmp_path: Path) -> Iterator[QmpClient]:
     """A qemu-storage-daemon 7.2 and a negotiated QMP client of it."""
     monitor = QsdMonitor("c")
-    proc = monitor.popen([require_tool(QSD), *monitor.args],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "qsd.stderr"
+    # A file, not a pipe: what QSD reports never blocks it.
+    with open(log, "wb") as stderr:
+        proc = monitor.popen([require_tool(QSD), *monitor.args],
+                             stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        qmp = monitor.client(proc, 60, negotiate=True, check_schema=False)
+        qmp = monitor.client(proc, 60, log=log, negotiate=True, check_schema=False)
         try:
             yield qmp
         finally:

@@ -12,12 +12,14 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import NodeState
+from qmpd.commands.bitmaps import block_dirty_bitmap_add
 from qmpd.jobs.commit import CommitJob
 from qmpd.jobs.manager import JobManager
 from qmpd.jobs.mirror import start_blockdev_mirror
@@ -63,6 +65,7 @@ async def test_a_stream_rewrites_the_backing_name_after_the_reload(
         prepare = asyncio.create_task(job.prepare())
         assert await still_waiting(prepare)
         assert header(path)[0] == str(tmp_path / "base.qcow2").encode()
+        assert top.backing is base  # nor the graph changed meanwhile
     finally:
         top.release_requests()
     await asyncio.wait_for(prepare, 10)
@@ -82,6 +85,7 @@ async def test_a_commit_rewrites_the_backing_name_after_the_reload(
         prepare = asyncio.create_task(job.prepare())
         assert await still_waiting(prepare)
         assert header(path)[0] == str(tmp_path / "mid.qcow2").encode()
+        assert top.backing is mid  # nor the graph changed meanwhile
     finally:
         top.release_requests()
     await asyncio.wait_for(prepare, 10)
@@ -105,6 +109,40 @@ async def test_a_persistent_bitmap_leaves_the_image_after_the_reload(
     (await asyncio.wait_for(remove, 10)).commit()
     assert BITMAPS_EXT not in header(path)[1]
     assert "b" not in node.dirty_bitmaps
+
+
+async def test_a_persistent_bitmap_is_added_after_the_reload(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    """block-dirty-bitmap-add (persistent) during a real activation, stopped
+    while its qcow2 reload is in an I/O thread (the image is not there then:
+    the add would fail with 'No medium found')."""
+    node = await layer.add(qcow2(tmp_path, "disk"), inactive=True)
+    file = node.file
+    assert file is not None
+    file.driver.reads_cached = lambda: False  # type: ignore[method-assign]
+    gate = asyncio.Event()
+    pool_run = layer.graph.io.run
+
+    async def gated(fn: Callable[..., Any], *args: Any) -> Any:
+        if node.reloading is not None:  # the reload's blocking part
+            await gate.wait()
+        return await pool_run(fn, *args)
+
+    layer.graph.io.run = gated  # type: ignore[method-assign]
+    activation = asyncio.create_task(layer.set_active("disk", True))
+    try:
+        async with asyncio.timeout(10):
+            while node.reloading is None:
+                await asyncio.sleep(0.01)
+        ctx: Any = SimpleNamespace(services=SimpleNamespace(block=layer))
+        add = asyncio.create_task(block_dirty_bitmap_add(
+            ctx, {"node": "disk", "name": "b", "persistent": True}))
+        assert await still_waiting(add)
+    finally:
+        gate.set()
+    await asyncio.wait_for(activation, 10)
+    await asyncio.wait_for(add, 10)
+    assert node.dirty_bitmaps["b"].persistent
 
 
 def manager(events: list[str]) -> JobManager:
