@@ -5,30 +5,18 @@ of a real mirror between two image files, in process."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qmpd.block.core import BlockLayer
-from qmpd.jobs.manager import JobManager
-from qmpd.jobs.mirror import start_blockdev_mirror
+from tests.support.block import mirror_until_ready
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-
-
-def manager(events: list[str]) -> JobManager:
-    lock = asyncio.Lock()
-
-    async def serialise(op: Callable[[], Awaitable[Any]]) -> Any:
-        async with lock:
-            return await op()
-
-    return JobManager(lambda name, data: events.append(name), serialise)
 
 
 @pytest.mark.parametrize(("options", "length"), [
@@ -49,18 +37,9 @@ async def test_copy_lengths(layer: BlockLayer, tmp_path: Path, options: dict[str
                      "file": {"driver": "file", "filename": str(src)}})
     target = await layer.add({"driver": "raw", "node-name": "tgt",
                               "file": {"driver": "file", "filename": str(tgt)}})
-    events: list[str] = []
-    jobs = manager(events)
-    try:
-        await start_blockdev_mirror(jobs, layer, {"job-id": "m", "device": "src",
-                                                  "target": "tgt", "sync": "full", **options})
-        async with asyncio.timeout(30):
-            while "BLOCK_JOB_READY" not in events:
-                await asyncio.sleep(0.01)
-        assert target.stats.wr_bytes == SIZE
-        assert target.stats.wr_operations == SIZE // length
-    finally:
-        await jobs.close()
+    await mirror_until_ready(layer, **options)
+    assert target.stats.wr_bytes == SIZE
+    assert target.stats.wr_operations == SIZE // length
     assert tgt.read_bytes() == data
 
 
@@ -90,16 +69,9 @@ async def test_copies_between_files_are_one_io_job_each(layer: BlockLayer, tmp_p
         return await pool_run(fn, *args)
 
     layer.graph.io.run = counted  # type: ignore[method-assign]
-    events: list[str] = []
-    jobs = manager(events)
     try:
-        await start_blockdev_mirror(jobs, layer, {"job-id": "m", "device": "src",
-                                                  "target": "tgt", "sync": "full"})
-        async with asyncio.timeout(30):
-            while "BLOCK_JOB_READY" not in events:
-                await asyncio.sleep(0.01)
+        await mirror_until_ready(layer)
     finally:
-        await jobs.close()
         await layer.close_all()
     copies = [name for name in jobs_run if name in ("_copy_span", "read_span")]
     assert copies == (["read_span"] if direct else ["_copy_span"]) * (SIZE // (4 * MiB))

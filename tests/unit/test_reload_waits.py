@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,13 +18,11 @@ from typing import Any
 import pytest
 
 from qmpd.block.core import BlockLayer
-from qmpd.block.driver import NodeState
+from qmpd.block.driver import BlockNode, NodeState
 from qmpd.commands.bitmaps import block_dirty_bitmap_add
 from qmpd.jobs.commit import CommitJob
-from qmpd.jobs.manager import JobManager
-from qmpd.jobs.mirror import start_blockdev_mirror
 from qmpd.jobs.stream import StreamJob
-from tests.support.block import qcow2
+from tests.support.block import mirror_until_ready, qcow2
 from tests.support.tools import qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -53,23 +51,32 @@ async def still_waiting(task: asyncio.Task[Any]) -> bool:
     return not task.done()
 
 
-async def test_a_stream_rewrites_the_backing_name_after_the_reload(
-        layer: BlockLayer, tmp_path: Path) -> None:
-    base = await layer.add(qcow2(tmp_path, "base"))
-    top = await layer.add({**qcow2(tmp_path, "top"), "backing": "base"})
-    path = tmp_path / "top.qcow2"
-    await top.driver.change_backing_file(str(tmp_path / "base.qcow2"), "qcow2")
-    job = StreamJob("j", layer, top, base, None, "report", 0, True, True)
+async def completes_after_the_reload(job: StreamJob | CommitJob, top: BlockNode,
+                                     old: Path, new: Path | None) -> None:
+    """``job``'s completion while ``top`` is held: neither its header (which
+    names ``old``) nor the graph changes before the release; then the header
+    names ``new``."""
+    path = Path(top.driver.filename())
+    await top.driver.change_backing_file(str(old), "qcow2")
+    below = top.backing
     top.hold_requests()
     try:
         prepare = asyncio.create_task(job.prepare())
         assert await still_waiting(prepare)
-        assert header(path)[0] == str(tmp_path / "base.qcow2").encode()
-        assert top.backing is base  # nor the graph changed meanwhile
+        assert header(path)[0] == str(old).encode()
+        assert top.backing is below
     finally:
         top.release_requests()
     await asyncio.wait_for(prepare, 10)
-    assert header(path)[0] == b""
+    assert header(path)[0] == (str(new).encode() if new is not None else b"")
+
+
+async def test_a_stream_rewrites_the_backing_name_after_the_reload(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    base = await layer.add(qcow2(tmp_path, "base"))
+    top = await layer.add({**qcow2(tmp_path, "top"), "backing": "base"})
+    job = StreamJob("j", layer, top, base, None, "report", 0, True, True)
+    await completes_after_the_reload(job, top, tmp_path / "base.qcow2", None)
 
 
 async def test_a_commit_rewrites_the_backing_name_after_the_reload(
@@ -77,19 +84,8 @@ async def test_a_commit_rewrites_the_backing_name_after_the_reload(
     base = await layer.add(qcow2(tmp_path, "base"))
     mid = await layer.add({**qcow2(tmp_path, "mid"), "backing": "base"})
     top = await layer.add({**qcow2(tmp_path, "top"), "backing": "mid"})
-    path = tmp_path / "top.qcow2"
-    await top.driver.change_backing_file(str(tmp_path / "mid.qcow2"), "qcow2")
     job = CommitJob("j", layer, top, mid, base, None, "report", 0, True, True)
-    top.hold_requests()
-    try:
-        prepare = asyncio.create_task(job.prepare())
-        assert await still_waiting(prepare)
-        assert header(path)[0] == str(tmp_path / "mid.qcow2").encode()
-        assert top.backing is mid  # nor the graph changed meanwhile
-    finally:
-        top.release_requests()
-    await asyncio.wait_for(prepare, 10)
-    assert header(path)[0] == str(tmp_path / "base.qcow2").encode()
+    await completes_after_the_reload(job, top, tmp_path / "mid.qcow2", tmp_path / "base.qcow2")
 
 
 async def test_a_persistent_bitmap_leaves_the_image_after_the_reload(
@@ -145,16 +141,6 @@ async def test_a_persistent_bitmap_is_added_after_the_reload(
     assert node.dirty_bitmaps["b"].persistent
 
 
-def manager(events: list[str]) -> JobManager:
-    lock = asyncio.Lock()
-
-    async def serialise(op: Callable[[], Awaitable[Any]]) -> Any:
-        async with lock:
-            return await op()
-
-    return JobManager(lambda name, data: events.append(name), serialise)
-
-
 async def test_a_mirror_maps_no_span_through_a_source_being_reloaded(
         layer: BlockLayer, tmp_path: Path) -> None:
     """Between two qcow2 files a mirror copies host-file spans, mapped through
@@ -180,18 +166,11 @@ async def test_a_mirror_maps_no_span_through_a_source_being_reloaded(
     layer.graph.io.run = counted  # type: ignore[method-assign]
     file = source.file
     assert file is not None
-    events: list[str] = []
-    jobs = manager(events)
     file.hold_requests()  # the file node below the source is mid-reload
     try:
-        await start_blockdev_mirror(jobs, layer, {"job-id": "m", "device": "src",
-                                                  "target": "tgt", "sync": "full"})
-        async with asyncio.timeout(30):
-            while "BLOCK_JOB_READY" not in events:
-                await asyncio.sleep(0.01)
+        await mirror_until_ready(layer)
     finally:
         file.release_requests()
-        await jobs.close()
         await layer.close_all()
     assert spans == []
     qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", src, tgt)
