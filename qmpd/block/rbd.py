@@ -51,6 +51,7 @@ from qmpd.block.driver import (
     BlockNode,
     BlockStatus,
     IoDone,
+    NodeState,
     NodeStats,
     SoonRead,
     SoonWrite,
@@ -367,7 +368,18 @@ class RbdDriver(BlockDriver):
                 raise BlockDriverError(
                     f"error opening pool {pool}: {_strerror(code)}", code) from None
             try:
-                ioctx.set_namespace(options.get("namespace", ""))
+                namespace = options.get("namespace", "")
+                ioctx.set_namespace(namespace)
+                if namespace:  # as QEMU: a missing one is named, not a missing image
+                    try:
+                        exists = rbd.RBD().namespace_exists(ioctx, namespace)
+                    except (rbd.Error, rados.Error) as exc:
+                        code = _errno_of(exc)
+                        raise BlockDriverError(f"error checking namespace: {_strerror(code)}",
+                                               code) from None
+                    if not exists:
+                        raise BlockDriverError(f"namespace '{namespace}' does not exist",
+                                               errno.ENOENT)
                 try:
                     image = rbd.Image(ioctx, self.image_name, snapshot=self.snapshot,
                                       read_only=self.node.read_only)
@@ -381,6 +393,12 @@ class RbdDriver(BlockDriver):
                     raise BlockDriverError("rbd snapshots are read-only", errno.EINVAL)
                 try:
                     size, features, stat = image.size(), image.features(), image.stat()
+                except (rbd.Error, rados.Error) as exc:
+                    image.close()
+                    code = _errno_of(exc)
+                    raise BlockDriverError(f"error getting image info from {self.image_name}: "
+                                           f"{_strerror(code)}", code) from None
+                try:
                     if writable and features & FEATURE_EXCLUSIVE_LOCK:
                         self._take_lock(image)
                 except (rbd.Error, rados.Error) as exc:
@@ -431,7 +449,10 @@ class RbdDriver(BlockDriver):
 
     async def _lock_taken(self) -> None:
         """Before a write while the lock is wanted: wait for the attempt under
-        way, or make one (again, after a failed one), its error raised if it fails."""
+        way, or make one (again, after a failed one), its error raised if it
+        fails.  Never for a node that is not active (a parent's driver calls
+        this one's directly): it must not take the lock another host holds."""
+        self._check_active()
         task = self._locking
         if task is None or task.done():
             task = self._start_locking()
@@ -473,6 +494,9 @@ class RbdDriver(BlockDriver):
                 ioctx.close()
                 cluster.shutdown()
 
+        if isinstance(io, rbd_aio.ImageAio):
+            io.detach()
+
         try:
             await self.node.graph.run_io(shut)
         except Exception as exc:
@@ -489,6 +513,10 @@ class RbdDriver(BlockDriver):
         if image is None:
             raise BlockDriverError("Input/output error", errno.EIO)
         return image
+
+    def _check_active(self) -> None:
+        if self.node.state is not NodeState.ACTIVE:
+            raise BlockDriverError("Block node is inactive", errno.EPERM)
 
     def _requests(self) -> rbd_aio.ImageAio | _BindingsAio:
         io = self._io
@@ -606,6 +634,7 @@ class RbdDriver(BlockDriver):
         async with self._grow_lock:
             if end <= self._size:
                 return
+            self._check_active()  # (an inactivation may have run while this waited)
             image = self._image()
             try:
                 await self.node.graph.run_io(image.resize, end)
@@ -621,7 +650,9 @@ class RbdDriver(BlockDriver):
             await self._lock_taken()
         if offset + len(data) > self._size:
             await self._grow(offset + len(data))
-        io = self._requests()  # (after the wait: the node may have closed meanwhile)
+        # After the waits: the node may have been inactivated, or closed, meanwhile.
+        self._check_active()
+        io = self._requests()
         self._gens.written += 1  # counted when submitted (see write_many)
         await self._aio(io.write, offset, data)
         if fua:
@@ -633,7 +664,8 @@ class RbdDriver(BlockDriver):
             await self._lock_taken()
         if offset + length > self._size:
             await self._grow(offset + length)
-        io = self._requests()  # (after the wait: the node may have closed meanwhile)
+        self._check_active()  # (after the waits, as write)
+        io = self._requests()
         flags = 0 if may_unmap else ZERO_THICK
         self._gens.written += 1
         await self._aio(io.write_zeroes, offset, length, flags)
@@ -645,6 +677,7 @@ class RbdDriver(BlockDriver):
             return  # discard=ignore, QEMU's default
         if self._lock_wanted:
             await self._lock_taken()
+        self._check_active()  # (after the wait, as write)
         io = self._requests()
         end = min(offset + length, self._size)
         if end > offset:
@@ -663,15 +696,18 @@ class RbdDriver(BlockDriver):
     async def truncate(self, size: int) -> None:
         if self._lock_wanted:
             await self._lock_taken()
-        image = self._image()
-        try:
-            await self.node.graph.run_io(image.resize, size)
-        except Exception as exc:
-            code = _errno_of(exc)
-            raise BlockDriverError(f"error resizing: {_strerror(code)}", code) from None
-        self.stats.resizes += 1
-        self._size = size
-        self._gens.written += 1
+        async with self._grow_lock:  # not alongside a write's growth, nor an inactivation
+            self._check_active()
+            image = self._image()
+            try:
+                await self.node.graph.run_io(image.resize, size)
+            except Exception as exc:
+                code = _errno_of(exc)
+                raise BlockDriverError(f"Failed to resize file: {_strerror(code)}",
+                                       code) from None
+            self.stats.resizes += 1
+            self._size = size
+            self._gens.written += 1
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """With fast-diff (and a valid object map), what ``diff_iterate`` says
@@ -749,8 +785,14 @@ class RbdDriver(BlockDriver):
     # --- activation ---------------------------------------------------------------------
 
     async def inactivate(self) -> None:
-        """Flush librbd's cache, then give the exclusive lock up."""
+        """Flush librbd's cache, then give the exclusive lock up; a resize
+        under way (a write's growth, a truncate) ends first: librbd would
+        otherwise take the lock back for it, after the release."""
         await self._lock_settled()
+        async with self._grow_lock:
+            await self._write_back()
+
+    async def _write_back(self) -> None:
         await self.flush()
         image = self.image
         if image is None or not self._features & FEATURE_EXCLUSIVE_LOCK:
@@ -769,6 +811,24 @@ class RbdDriver(BlockDriver):
         except Exception as exc:
             code = _errno_of(exc)
             raise BlockDriverError(f"Failed to release the exclusive lock: {_strerror(code)}",
+                                   code) from None
+
+    async def refresh_inactive(self) -> None:
+        """Before each read of an inactive node: another host may own the
+        image and write it, so what librbd cached (and the size) is dropped."""
+        image = self.image
+        if image is None:
+            return
+
+        def run() -> int:
+            drop_cache(image)
+            return int(image.size())
+
+        try:
+            self._size = await self.node.graph.run_io(run)
+        except Exception as exc:
+            code = _errno_of(exc)
+            raise BlockDriverError(f"Failed to invalidate the cache: {_strerror(code)}",
                                    code) from None
 
     def begin_reload(self) -> CacheReload | None:

@@ -65,6 +65,9 @@ _vp = ctypes.c_void_p
 _Entry = tuple[Any, tuple[Any, ...], IoDone, Any, bool, NodeStats | None]
 _lib: Any = None
 _new_bytes: Any = None
+#: Requests of an image whose close failed, not completed by librbd: their
+#: completions and buffers, never released (librbd may still write into them).
+_ABANDONED: list[tuple[int | None, Any]] = []
 
 
 def _load() -> Any:
@@ -87,6 +90,7 @@ def _load() -> Any:
             ("rbd_aio_flush", [_vp, _vp]),
             ("rbd_aio_release", [_vp]),
             ("rbd_aio_get_return_value", [_vp]),
+            ("rbd_aio_is_complete", [_vp]),
             ("rbd_poll_io_events", [_vp, ctypes.POINTER(_vp), cint]),
             ("rbd_set_image_notification", [_vp, cint, cint]),
             ("rbd_get_size", [_vp, ctypes.POINTER(u64)]),
@@ -169,6 +173,7 @@ class ImageAio:
         self.plugged = 0
         self.held: list[_Entry] = []
         self._out = _vp()
+        self._detached = False
         self._batch = (_vp * POLL_BATCH)()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         ret = lib.rbd_set_image_notification(handle, self.fd, EVENT_TYPE_EVENTFD)
@@ -323,31 +328,35 @@ class ImageAio:
                     continue
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
-                done, data, reading, started, stats = entry
-                seconds += now - started
+                seconds += now - entry[3]
                 # As per request: the last completion of the batch says
                 # whether the cluster answers.
                 answered = ret >= 0
-                # One caller's bug must not stop the completions of the others.
-                try:
-                    if ret < 0:
-                        done(None, self.failed(OSError(-ret, os.strerror(-ret))))
-                    elif not reading:
-                        done(None, None)
-                    else:
-                        if ret < len(data):  # short: librbd left the rest unwritten
-                            data = data[:ret] + bytes(len(data) - ret)
-                        if stats is not None:
-                            stats.rd_bytes += len(data)
-                            stats.rd_operations += 1
-                        done(data, None)
-                except Exception:
-                    log.exception("rbd: a completion callback failed")
+                self._complete(entry, ret)
             if n < POLL_BATCH:
                 break
         self.seconds += seconds
         if answered:
             self.answered()
+
+    def _complete(self, entry: tuple[IoDone, Any, bool, float, NodeStats | None],
+                  ret: int) -> None:
+        done, data, reading, _, stats = entry
+        # One caller's bug must not stop the completions of the others.
+        try:
+            if ret < 0:
+                done(None, self.failed(OSError(-ret, os.strerror(-ret))))
+            elif not reading:
+                done(None, None)
+            else:
+                if ret < len(data):  # short: librbd left the rest unwritten
+                    data = data[:ret] + bytes(len(data) - ret)
+                if stats is not None:
+                    stats.rd_bytes += len(data)
+                    stats.rd_operations += 1
+                done(data, None)
+        except Exception:
+            log.exception("rbd: a completion callback failed")
 
     @property
     def in_flight(self) -> int:
@@ -360,17 +369,36 @@ class ImageAio:
         while self.pending and self.loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL)
 
+    def detach(self) -> None:
+        """Before the image closes: nothing is collected from it any more (the
+        close frees its handle, which a completion's wake-up would then poll)."""
+        if self.fd >= 0 and not self._detached:
+            self._detached = True
+            self.loop.remove_reader(self.fd)
+
     def close(self) -> None:
-        """After the image closed: nothing completes any more."""
-        self.loop.remove_reader(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        pending = [entry[0] for entry in self.pending.values()]
-        pending += [entry[2] for entry in self.held]
-        self.pending.clear()
-        self.held.clear()
-        for done in pending:
-            _call(done, None, self.failed(OSError(errno.EIO, os.strerror(errno.EIO))))
+        """After the image closed (librbd's close waits for its requests):
+        each request still pending completes with its own result; one that
+        librbd has not completed (a close that failed) fails, and keeps its
+        buffer and completion for good, as librbd may still write into it."""
+        self.detach()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        lib = self._lib
+        pending, self.pending = self.pending, {}
+        held, self.held = self.held, []
+        eio = OSError(errno.EIO, os.strerror(errno.EIO))
+        for comp, entry in pending.items():
+            if lib.rbd_aio_is_complete(comp):
+                ret = lib.rbd_aio_get_return_value(comp)
+                lib.rbd_aio_release(comp)
+                self._complete(entry, ret)
+            else:
+                _ABANDONED.append((comp, entry[1]))
+                _call(entry[0], None, self.failed(eio))
+        for held_entry in held:
+            _call(held_entry[2], None, self.failed(eio))
 
 
 def _write_zeroes(lib: Any, handle: int, offset: int, length: int, zero_flags: int,

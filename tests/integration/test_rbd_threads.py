@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -460,3 +462,134 @@ async def test_plugged_requests_go_to_librbd_at_the_unplug(ceph: CephCluster) ->
         assert await asyncio.wait_for(future, 60) == bytes(4096)
         assert driver.driver_metrics()["requests_in_flight"] == 0
         assert node.stats.wr_operations == 8 and node.stats.rd_operations == 9
+
+
+async def test_an_inactive_node_takes_no_lock_for_a_write(ceph: CephCluster) -> None:
+    """A write that reaches the driver of an inactive node (a parent's driver
+    calls its child's directly) is refused; it must not take the exclusive
+    lock, which the destination of a handover takes next."""
+    async with rbd_node(ceph) as (node, driver, image):
+        await node.graph.inactivate_all()
+        assert lock_holders(ceph, image) == []
+        for request in (driver.write(0, b"\x77" * 4096), driver.truncate(32 << 20),
+                        driver.write_zeroes(0, 4096)):
+            with pytest.raises(BlockDriverError, match=r"^Block node is inactive$"):
+                await request
+        assert lock_holders(ceph, image) == []
+        other = await asyncio.to_thread(
+            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
+        assert other.returncode == 0 and "wrote 4096/4096" in other.stdout, other.stderr
+        assert driver.size() == 16 << 20
+
+
+async def test_a_resize_under_way_ends_before_the_lock_is_released(ceph: CephCluster) -> None:
+    """A write past the end grows the image first; an inactivation that comes
+    meanwhile waits for that resize, and the write then fails (the node is no
+    longer active) instead of reaching librbd after the release, which would
+    take the lock back from under the next owner."""
+    async with rbd_node(ceph) as (node, driver, image):
+        await driver.truncate((16 << 20) + 512)  # the end is not a whole 4 KiB block
+        real = driver.image
+        resizing = threading.Event()
+
+        class SlowResize:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            def resize(self, size: int) -> None:
+                resizing.set()
+                time.sleep(0.5)  # an OSD round trip that takes a while
+                real.resize(size)
+
+        driver.image = SlowResize()
+        write = asyncio.ensure_future(driver.write((16 << 20) + 512, b"\xab" * 4096))
+        while not resizing.is_set():
+            await asyncio.sleep(0.01)
+        await node.graph.inactivate_all()
+        driver.image = real
+        with pytest.raises(BlockDriverError, match=r"^Block node is inactive$"):
+            await write
+        assert lock_holders(ceph, image) == []
+        other = await asyncio.to_thread(
+            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
+        assert other.returncode == 0 and "wrote 4096/4096" in other.stdout, other.stderr
+
+
+async def test_an_inactive_node_reads_what_the_owner_wrote(ceph: CephCluster) -> None:
+    """Reads of an inactive node (a destination's, before the handover) go
+    past librbd's cache, and see the size the owner gave the image: the
+    client configuration of these tests caches in writeback mode."""
+    async with rbd_node(ceph) as (node, driver, image):
+        await node.write(0, b"\x01" * 4096)
+        await node.graph.inactivate_all()
+        assert await node.read(0, 4096) == b"\x01" * 4096  # now in librbd's cache
+        other = await asyncio.to_thread(
+            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
+        assert other.returncode == 0, other.stderr
+        await asyncio.to_thread(ceph.rbd, "resize", "--size", "32M", f"{POOL}/{image}")
+        assert await node.read(0, 4096) == b"\x42" * 4096
+        assert driver.size() == 32 << 20
+
+
+_CLOSE_RACE = textwrap.dedent("""
+    import asyncio, json, os, signal, sys, time
+    from qmpd.block import rbd
+    from qmpd.block.graph import BlockGraph, NodeConfig
+    from qmpd.block.rbd import RbdDriver
+
+    async def main(options, osd):
+        graph = BlockGraph(io_threads=2)
+        config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
+                            discard_unmap=False, cache_direct=True, cache_no_flush=False,
+                            auto_read_only=False)
+        node = graph.new_node("r", False, config)
+        driver = RbdDriver(node)
+        node.driver = driver
+        await driver.open(options)
+        graph.register(node)
+        rbd.DRAIN_TIMEOUT = 0.3
+        results = {}
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            node.write_many([(i * 65536, bytes([i + 1]) * 65536, False,
+                              lambda v, e, i=i: results.__setitem__(i, repr(e)))
+                             for i in range(8)])
+
+            def blocker():  # the OSD answers while the loop is busy: during the close
+                os.kill(osd, signal.SIGCONT)
+                time.sleep(3)
+
+            asyncio.get_running_loop().call_later(1.0, blocker)
+            await driver.close()
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        graph.close()
+        print(json.dumps(results))
+
+    asyncio.run(main(json.loads(sys.argv[1]), int(sys.argv[2])))
+""")
+
+
+async def test_requests_that_complete_during_the_close_keep_their_results(
+        ceph: CephCluster) -> None:
+    """Requests still in flight when the drain gives up (the OSD stalled) and
+    completed while the image closes: nothing polls the closed image for them
+    (that crashed the daemon), and each gets its own result, not EIO.  In a
+    child process, so that a crash fails this test alone."""
+    assert ceph.osd is not None
+    image = ceph.new_image("16M")
+    try:
+        child = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", _CLOSE_RACE, json.dumps(ceph.blockdev(image)),
+                             str(ceph.osd.pid)],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert child.returncode == 0, child.stderr[-2000:]
+        assert json.loads(child.stdout) == {str(i): "None" for i in range(8)}
+        out = ceph.root / f"{image}.raw"
+        await asyncio.to_thread(ceph.rbd, "export", "--no-progress", f"{POOL}/{image}", str(out))
+        data = out.read_bytes()
+        out.unlink()
+        assert [data[i * 65536] for i in range(8)] == [i + 1 for i in range(8)]
+    finally:
+        ceph.remove_image(image)

@@ -169,6 +169,8 @@ def test_node_info_and_errors_match_qemu_storage_daemon(qmpd: QmpdProcess, qsd: 
                        qmp.cmd("blockdev-add", {**opts, "node-name": "y", "pool": "nopool"}),
                        qmp.cmd("blockdev-add", {**opts, "node-name": "z",
                                                 "snapshot": "nosnap"}),
+                       qmp.cmd("blockdev-add", {**opts, "node-name": "w",
+                                                "namespace": "nons"}),
                        qmp.cmd("block_resize", {"node-name": "r", "size": 64 * M})]
             results[name] = (replies, _nodes(qmp))
             qmp.ok("blockdev-del", {"node-name": "r"})
