@@ -90,6 +90,10 @@ def load() -> Any:
             fn = getattr(lib, fname)
             fn.restype = res
             fn.argtypes = args
+        # Not in every libnfs: without it, libnfs reconnects on its own.
+        fn = getattr(lib, "nfs_set_autoreconnect", None)
+        if fn is not None:
+            fn.restype, fn.argtypes = None, [c_p, c_int]
         _lib = lib
         return lib
 
@@ -121,6 +125,11 @@ class NfsFile:
         if not self.ctx:
             raise NfsError(errno.ENOMEM, "Failed to init NFS context")
         self.fh: Any = None
+        #: What libnfs may still use until ``nfs_destroy_context`` returned:
+        #: the asynchronous callback, and write payloads by request (a
+        #: payload leaves when its request's callback ran).
+        self.callback: Any = None
+        self.buffers: dict[int, Any] = {}
 
     def _error(self, ret: int, what: str) -> NfsError:
         msg = self.lib.nfs_get_error(self.ctx) or b""
@@ -144,6 +153,18 @@ class NfsFile:
             lib.nfs_set_pagecache(ctx, pagecache)
         if debug is not None:
             lib.nfs_set_debug(ctx, debug)
+        self.no_autoreconnect()
+
+    def no_autoreconnect(self) -> bool:
+        """Turn libnfs's own reconnection off (False where libnfs cannot): it
+        would put a new socket under the same fd number, unknown to the event
+        loop's watch.  A lost connection fails the context instead, and the
+        driver opens a new one."""
+        fn = getattr(self.lib, "nfs_set_autoreconnect", None)
+        if fn is None:
+            return False
+        fn(self.ctx, 0)
+        return True
 
     def mount(self, host: str, export: str) -> None:
         ret = self.lib.nfs_mount(self.ctx, host.encode(), export.encode())
@@ -212,8 +233,12 @@ class NfsFile:
             self.lib.nfs_close(self.ctx, self.fh)
             self.fh = None
         if self.ctx:
+            # Cancels what is in flight: libnfs calls the callbacks (on this
+            # thread), and reads no payload after it returned.
             self.lib.nfs_destroy_context(self.ctx)
             self.ctx = None
+        self.buffers.clear()
+        self.callback = None
 
 
 _POLLIN = 0x001
@@ -233,19 +258,27 @@ class AsyncContext:
         self.lib = nfs.lib
         self.ctx = nfs.ctx
         self.loop = loop
-        self._pending: dict[int, tuple[asyncio.Future[Any], str, Any]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
         self._next = 1
-        self._cb = NFS_CB(self._done)  # kept alive as long as the context
+        self._cb = NFS_CB(self._done)
+        nfs.callback = self._cb  # alive as long as the context, not this object
+        #: The connection is lost (libnfs does not reconnect it): the driver
+        #: replaces the context.
+        self.broken = False
         self._fd = -1
         self._reading = False
         self._writing = False
         self._timer: asyncio.TimerHandle | None = None
 
     def _done(self, err: int, _ctx: Any, data: Any, private: Any) -> None:
-        entry = self._pending.pop(int(private or 0), None)
+        # Also called on the closing thread by nfs_destroy_context, after
+        # detach(): then only the payload is let go.
+        key = int(private or 0)
+        self.nfs.buffers.pop(key, None)
+        entry = self._pending.pop(key, None)
         if entry is None:
             return
-        fut, kind, _keep = entry
+        fut, kind = entry
         if fut.done():
             return
         if err < 0:
@@ -261,27 +294,45 @@ class AsyncContext:
             fut.set_result(err)
 
     def _service(self, revents: int) -> None:
-        if self.ctx is None:
+        if self.ctx is None or self.broken:
             return
         if self.lib.nfs_service(self.ctx, revents) < 0:
+            # The connection is gone: stop watching its fd at once (libnfs
+            # may have closed it), fail what waits, and leave the context
+            # to the driver to replace.
             msg = (self.lib.nfs_get_error(self.ctx) or b"").decode(errors="replace")
+            self.broken = True
+            self._stop()
             self._fail_all(NfsError(errno.EIO, f"NFS service failed: {msg}"))
+            return
         self._update()
 
     def _fail_all(self, exc: NfsError) -> None:
+        """Fail the waiting requests (their payloads stay in ``nfs.buffers``)."""
         pending, self._pending = self._pending, {}
-        for fut, _kind, _keep in pending.values():
+        for fut, _kind in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
 
     def _update(self) -> None:
-        if self.ctx is None:
+        if self.ctx is None or self.broken:
             return
         fd = self.lib.nfs_get_fd(self.ctx)
         if fd != self._fd:
             self._unwatch()
             self._fd = fd
         events = self.lib.nfs_which_events(self.ctx) if fd >= 0 else 0
+        try:
+            self._watch(fd, events)
+        except OSError:
+            # The fd number has another socket under it (a libnfs without
+            # nfs_set_autoreconnect reconnected): watch the new one afresh.
+            self._unwatch()
+            self._watch(fd, events)
+        if self._pending and self._timer is None:
+            self._timer = self.loop.call_later(_TICK, self._tick)
+
+    def _watch(self, fd: int, events: int) -> None:
         want_read, want_write = bool(events & _POLLIN), bool(events & _POLLOUT)
         if want_read != self._reading:
             if want_read:
@@ -295,8 +346,6 @@ class AsyncContext:
             else:
                 self.loop.remove_writer(fd)
             self._writing = want_write
-        if self._pending and self._timer is None:
-            self._timer = self.loop.call_later(_TICK, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -304,21 +353,38 @@ class AsyncContext:
 
     def _unwatch(self) -> None:
         if self._fd >= 0:
-            if self._reading:
-                self.loop.remove_reader(self._fd)
-            if self._writing:
-                self.loop.remove_writer(self._fd)
+            for watching, remove in ((self._reading, self.loop.remove_reader),
+                                     (self._writing, self.loop.remove_writer)):
+                if watching:
+                    try:
+                        remove(self._fd)
+                    except OSError:  # libnfs closed the fd: the selector dropped it
+                        pass
         self._reading = self._writing = False
 
+    def _stop(self) -> None:
+        self._unwatch()
+        self._fd = -1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def call(self, kind: str, start: Callable[[Any, int], int], keep: Any = None) -> Any:
-        """Start one request (``start(callback, private)``) and await its callback."""
+        """Start one request (``start(callback, private)``) and await its
+        callback; ``keep`` (a payload libnfs reads) stays alive until the
+        callback ran or the context is destroyed."""
         if self.ctx is None:
             raise NfsError(errno.EBADF, "NFS context closed")
+        if self.broken:
+            raise NfsError(errno.EIO, f"NFS {kind} failed: the connection to the server is lost")
         key, self._next = self._next, self._next + 1
         fut: asyncio.Future[Any] = self.loop.create_future()
-        self._pending[key] = (fut, kind, keep)
+        self._pending[key] = (fut, kind)
+        if keep is not None:
+            self.nfs.buffers[key] = keep
         if start(self._cb, key) != 0:
             self._pending.pop(key, None)
+            self.nfs.buffers.pop(key, None)
             msg = (self.lib.nfs_get_error(self.ctx) or b"").decode(errors="replace")
             raise NfsError(errno.EIO, f"NFS {kind} failed: {msg}")
         self._update()
@@ -368,11 +434,8 @@ class AsyncContext:
         return result
 
     def detach(self) -> None:
-        """Stop watching the socket (before the context is closed)."""
-        self._unwatch()
-        self._fd = -1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Stop watching the socket (before the context is closed); the
+        payloads in flight stay with the context until it is destroyed."""
+        self._stop()
         self._fail_all(NfsError(errno.EBADF, "NFS context closed"))
         self.ctx = None

@@ -6,8 +6,10 @@ the handover of a qcow2 that the source grew during migration, and faults.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +28,7 @@ from tests.integration.migration_helpers import (
 )
 from tests.support.nfs import NfsServer
 from tests.support.qsd import QsdMonitor
-from tests.support.tools import qemu_img, run_tool
+from tests.support.tools import REPO, qemu_img, run_tool
 
 NO_SIZE_REFRESH = (
     "import qmpd.block.nfs as n\n"
@@ -258,6 +260,239 @@ def test_without_page_cache_drop_destination_is_stale(nfs_server: NfsServer,
     assert "Pattern verification failed" in out, out
 
 
+# --- the driver in a process of its own ---------------------------------------------------
+
+#: What a child process runs before a test's body: the driver on a stand-in
+#: node (the graph's I/O pool, nothing else), counting libnfs contexts.
+_DRIVER = """
+import asyncio, gc, os, sys, threading, types, weakref
+from qmpd.block import libnfs, nfs as nfsmod
+from qmpd.block.iopool import IOPool
+
+HOST, EXPORT = sys.argv[1], sys.argv[2]
+counts = {"created": 0, "closed": 0}
+_init, _close = libnfs.NfsFile.__init__, libnfs.NfsFile.close
+
+def _counted_init(self):
+    _init(self)
+    counts["created"] += 1
+
+def _counted_close(self):
+    if self.ctx:
+        counts["closed"] += 1
+    _close(self)
+
+libnfs.NfsFile.__init__ = _counted_init
+libnfs.NfsFile.close = _counted_close
+
+class Graph:
+    def __init__(self):
+        self.io = IOPool(4)
+
+    async def run_io(self, fn, *args):
+        return await self.io.run(fn, *args)
+
+def options(name):
+    return {"driver": "nfs", "server": {"type": "inet", "host": HOST},
+            "path": f"{EXPORT}/{name}"}
+
+async def driver(name):
+    d = nfsmod.NfsDriver(types.SimpleNamespace(graph=Graph(), read_only=False, node_name="n"))
+    await d.open(options(name))
+    return d
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+"""
+
+
+def _run_driver(nfs: NfsServer, name: str, body: str, timeout: float = 60) -> str:
+    """Run ``body`` (an ``async def main()`` using ``_DRIVER``) on a fresh
+    file ``name`` in a child process; returns its output, which must end
+    with ``DONE`` (a crash or a hang fails the test, not the session)."""
+    (nfs.export / name).write_bytes(bytes(1 << 20))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    code = _DRIVER + body + "\nasyncio.run(main())\nprint('DONE', flush=True)\n"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, "127.0.0.1", "/export"], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the driver hung: {exc.stdout!r} {exc.stderr!r}") from None
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("DONE"), \
+        f"exit status {proc.returncode}: {out}"
+    return out
+
+
+def test_concurrent_requests_share_one_reconnect(nfs_server: NfsServer) -> None:
+    """Requests arriving while the node reconnects wait for that one new
+    context and all use it; the old one is closed, no descriptor leaks."""
+    name = _name("race") + ".img"
+    _run_driver(nfs_server, name, """
+async def main():
+    d = await driver(NAME)
+    await d.read(0, 4096)
+    base = fds()
+    d._broken = True  # as after a request the server failed
+    results = await asyncio.gather(*(d.read(i * 4096, 4096) for i in range(8)),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    assert counts == {"created": 2, "closed": 1}, counts
+    assert fds() == base, (fds(), base)
+    await d.close()
+    assert counts == {"created": 2, "closed": 2}, counts
+""".replace("NAME", repr(name)))
+
+
+def test_cancelled_reconnect_closes_context_after_the_mount(nfs_server: NfsServer) -> None:
+    """A request cancelled while its reconnection mounts leaves the context
+    to the mounting thread: it is closed once the mount ended (closing it
+    meanwhile, from another thread, crashed the daemon)."""
+    name = _name("cancel") + ".img"
+    _run_driver(nfs_server, name, """
+gate, entered = threading.Event(), threading.Event()
+mounting, early = set(), []
+_mount, _close2 = libnfs.NfsFile.mount, libnfs.NfsFile.close
+
+def gated_mount(self, host, export):
+    mounting.add(id(self))
+    try:
+        entered.set()
+        assert gate.wait(30)
+        _mount(self, host, export)
+    finally:
+        mounting.discard(id(self))
+
+def watched_close(self):
+    if id(self) in mounting:
+        early.append("closed while nfs_mount runs on another thread")
+        print(early[-1], flush=True)
+        os._exit(3)  # what followed was a crash
+    _close2(self)
+
+async def main():
+    d = await driver(NAME)
+    libnfs.NfsFile.mount, libnfs.NfsFile.close = gated_mount, watched_close
+    d._broken = True
+    task = asyncio.ensure_future(d.read(0, 4096))
+    while not entered.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    try:
+        await task
+        raise AssertionError("not cancelled")
+    except asyncio.CancelledError:
+        pass
+    await asyncio.sleep(0.2)
+    assert counts == {"created": 2, "closed": 0}, counts  # the thread still mounts
+    gate.set()
+    for _ in range(1000):
+        if counts["closed"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert counts == {"created": 2, "closed": 1}, counts
+    libnfs.NfsFile.mount = _mount
+    assert await d.read(0, 4096) == bytes(4096)  # reconnects anew
+    await d.close()
+    assert counts == {"created": 3, "closed": 3}, counts
+""".replace("NAME", repr(name)))
+
+
+def test_write_payload_outlives_a_close_in_flight(nfs_server: NfsServer) -> None:
+    """A WRITE still in libnfs when the node closes keeps its payload until
+    libnfs is done with it: its callback ran or the context was destroyed."""
+    name = _name("payload") + ".img"
+    _run_driver(nfs_server, name, """
+refs, answered, report = [], [0], []
+collected = threading.Event()
+_copy, _done, _close2 = libnfs._copy, libnfs.AsyncContext._done, libnfs.NfsFile.close
+
+def tracked_copy(data, start, length):
+    buf = _copy(data, start, length)
+    refs.append(weakref.ref(buf))
+    return buf
+
+def counted_done(self, err, ctx, data, private):
+    entry = self._pending.get(int(private or 0))
+    if entry is not None and entry[1] == "write":
+        answered[0] += 1
+    return _done(self, err, ctx, data, private)
+
+def checked_close(self):
+    assert collected.wait(30)
+    # Before nfs_destroy_context: libnfs may still read every payload sent.
+    report.append((answered[0], [r() is not None for r in refs]))
+    _close2(self)
+
+libnfs._copy = tracked_copy
+libnfs.AsyncContext._done = counted_done
+libnfs.NfsFile.close = checked_close
+
+async def writer(d, data):
+    try:
+        await d.write(0, data)
+    except Exception:  # the error and its frames go
+        return "failed"
+    return "written"
+
+async def main():
+    d = await driver(NAME)
+    for rnd in range(3):
+        refs.clear()
+        answered[0] = 0
+        collected.clear()
+        write = asyncio.ensure_future(writer(d, bytes([rnd + 1]) * (1 << 20)))
+        await asyncio.sleep(0)  # the WRITE is in libnfs
+        assert refs, "no write started"
+        closing = asyncio.ensure_future(d.close())
+        assert await write == "failed"
+        del write
+        gc.collect()
+        collected.set()
+        await closing
+        await d.open(options(NAME))
+    collected.set()
+    await d.close()
+    for n, alive in report[:3]:
+        assert n == 0, "the write was answered before the close"
+        assert all(alive), f"a payload was freed before libnfs was done: {alive}"
+""".replace("NAME", repr(name)))
+
+
+@pytest.mark.parametrize("key, value, warning", [
+    ("readahead-size", 2**31 + 1, "Truncating NFS readahead size to 1048576"),
+    ("page-cache-size", 2**30, "Truncating NFS pagecache size to 2048 pages"),
+    ("page-cache-size", 2**31 + 1, "Truncating NFS pagecache size to 2048 pages"),
+    ("debug", 3, "Limiting NFS debug level to 2"),
+])
+def test_large_libnfs_settings_are_lowered_as_qemu_does(
+        nfs_server: NfsServer, cluster: Cluster, key: str, value: int, warning: str) -> None:
+    """Past QEMU 7.2's limits, libnfs looped forever (blockdev-add never
+    returned) or crashed on the first write: lowered, with QEMU's warning."""
+    name = _name("limits") + ".img"
+    (nfs_server.export / name).write_bytes(bytes(1 << 20))
+    q = cluster("qmpd", "q")
+    q.ok("blockdev-add", {"driver": "raw", "node-name": "disk",
+                          "file": {**nfs_server.blockdev(name), key: value}}, timeout=30)
+    _io_ok(q, "disk", "write -P 0x3c 0 64k")
+    _io_ok(q, "disk", "read -P 0x3c 0 64k")
+    assert warning in q.stderr(), q.stderr()
+    assert (nfs_server.export / name).read_bytes()[:65536] == b"\x3c" * 65536
+
+
+@pytest.mark.parametrize("key", ["readahead-size", "page-cache-size"])
+def test_negative_libnfs_sizes_are_refused(nfs_server: NfsServer, cluster: Cluster,
+                                           key: str) -> None:
+    """The QAPI members are ``int``: QEMU passes -1 on, and libnfs never
+    returns; qmpd refuses it."""
+    q = cluster("qmpd", "q")
+    msg = q.err("blockdev-add", {"node-name": "d", **nfs_server.blockdev("x.img"), key: -1},
+                timeout=30)
+    assert msg == f"Parameter '{key}' must not be negative", msg
+    assert q.ok("query-named-block-nodes") == []
+
+
 # --- faults (last: they stop and restart the session's server) --------------------------
 
 
@@ -315,3 +550,56 @@ def _ready(port: int) -> dict[str, Any]:
             return dict(json.load(r))
     except urllib.error.HTTPError as exc:
         return dict(json.load(exc))
+
+
+def _read_ok(q: Peer, what: str) -> None:
+    before = len(q.stdout())
+    reply = q.qemu_io("disk", "read -P 0x42 0 64k")
+    time.sleep(0.05)
+    out = reply + q.stdout()[before:]
+    assert "read 65536/65536" in out and "error" not in out.lower(), (what, out)
+
+
+def _read_fails(q: Peer, what: str) -> None:
+    before = len(q.stdout())
+    reply = q.qemu_io("disk", "read -P 0x42 0 64k")
+    time.sleep(0.05)
+    out = reply + q.stdout()[before:]
+    assert "read 65536/65536" not in out, (what, out)
+
+
+def test_node_reconnects_after_a_failed_reconnect(nfs_server: NfsServer,
+                                                  cluster: Cluster) -> None:
+    """A reconnection that fails (the server still down) leaves the node to
+    reconnect on the next request: it works at once when the server is back."""
+    name = _name("dead") + ".img"
+    (nfs_server.export / name).write_bytes(b"\x42" * (1 << 20))
+    q = cluster("qmpd", "q")
+    _add(q, nfs_server, name)
+    _read_ok(q, "before")
+    nfs_server.stop_ganesha()
+    try:
+        _read_fails(q, "server down")
+        _read_fails(q, "server down, reconnecting")
+        _read_fails(q, "server down, reconnecting again")
+    finally:
+        nfs_server.start_ganesha()
+    _read_ok(q, "server back")
+    _read_ok(q, "server back, again")
+
+
+def test_server_restart_while_idle(nfs_server: NfsServer, cluster: Cluster) -> None:
+    """The server restarts while the node is idle: the next request works, at
+    once (libnfs's own reconnection put a new socket under the watched fd
+    number, which the event loop never saw: the request timed out)."""
+    name = _name("restart") + ".img"
+    (nfs_server.export / name).write_bytes(b"\x42" * (1 << 20))
+    q = cluster("qmpd", "q")
+    _add(q, nfs_server, name)
+    _read_ok(q, "before")
+    nfs_server.stop_ganesha()
+    nfs_server.start_ganesha()
+    t0 = time.monotonic()
+    _read_ok(q, "after the restart")
+    assert time.monotonic() - t0 < 5
+    _read_ok(q, "again")
