@@ -568,15 +568,21 @@ def _read_fails(q: Peer, what: str) -> None:
     assert "read 65536/65536" not in out, (what, out)
 
 
-def test_node_reconnects_after_a_failed_reconnect(nfs_server: NfsServer,
-                                                  cluster: Cluster) -> None:
-    """A reconnection that fails (the server still down) leaves the node to
-    reconnect on the next request: it works at once when the server is back."""
-    name = _name("dead") + ".img"
+def _reading_node(nfs_server: NfsServer, cluster: Cluster, stem: str) -> Peer:
+    """A qmpd with node ``disk`` on a new 1 MiB file of 0x42, read once."""
+    name = _name(stem) + ".img"
     (nfs_server.export / name).write_bytes(b"\x42" * (1 << 20))
     q = cluster("qmpd", "q")
     _add(q, nfs_server, name)
     _read_ok(q, "before")
+    return q
+
+
+def test_node_reconnects_after_a_failed_reconnect(nfs_server: NfsServer,
+                                                  cluster: Cluster) -> None:
+    """A reconnection that fails (the server still down) leaves the node to
+    reconnect on the next request: it works at once when the server is back."""
+    q = _reading_node(nfs_server, cluster, "dead")
     nfs_server.stop_ganesha()
     try:
         _read_fails(q, "server down")
@@ -592,11 +598,7 @@ def test_server_restart_while_idle(nfs_server: NfsServer, cluster: Cluster) -> N
     """The server restarts while the node is idle: the next request works, at
     once (libnfs's own reconnection put a new socket under the watched fd
     number, which the event loop never saw: the request timed out)."""
-    name = _name("restart") + ".img"
-    (nfs_server.export / name).write_bytes(b"\x42" * (1 << 20))
-    q = cluster("qmpd", "q")
-    _add(q, nfs_server, name)
-    _read_ok(q, "before")
+    q = _reading_node(nfs_server, cluster, "restart")
     nfs_server.stop_ganesha()
     nfs_server.start_ganesha()
     t0 = time.monotonic()

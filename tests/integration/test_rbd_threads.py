@@ -464,6 +464,13 @@ async def test_plugged_requests_go_to_librbd_at_the_unplug(ceph: CephCluster) ->
         assert node.stats.wr_operations == 8 and node.stats.rd_operations == 9
 
 
+async def another_client_writes(ceph: CephCluster, image: str) -> None:
+    """qemu-io writes 0x42 to the first 4 KiB of ``image`` (as the next owner would)."""
+    other = await asyncio.to_thread(
+        qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
+    assert other.returncode == 0 and "wrote 4096/4096" in other.stdout, other.stderr
+
+
 async def test_an_inactive_node_takes_no_lock_for_a_write(ceph: CephCluster) -> None:
     """A write that reaches the driver of an inactive node (a parent's driver
     calls its child's directly) is refused; it must not take the exclusive
@@ -476,9 +483,7 @@ async def test_an_inactive_node_takes_no_lock_for_a_write(ceph: CephCluster) -> 
             with pytest.raises(BlockDriverError, match=r"^Block node is inactive$"):
                 await request
         assert lock_holders(ceph, image) == []
-        other = await asyncio.to_thread(
-            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
-        assert other.returncode == 0 and "wrote 4096/4096" in other.stdout, other.stderr
+        await another_client_writes(ceph, image)
         assert driver.size() == 16 << 20
 
 
@@ -510,9 +515,7 @@ async def test_a_resize_under_way_ends_before_the_lock_is_released(ceph: CephClu
         with pytest.raises(BlockDriverError, match=r"^Block node is inactive$"):
             await write
         assert lock_holders(ceph, image) == []
-        other = await asyncio.to_thread(
-            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
-        assert other.returncode == 0 and "wrote 4096/4096" in other.stdout, other.stderr
+        await another_client_writes(ceph, image)
 
 
 async def test_an_inactive_node_reads_what_the_owner_wrote(ceph: CephCluster) -> None:
@@ -523,9 +526,7 @@ async def test_an_inactive_node_reads_what_the_owner_wrote(ceph: CephCluster) ->
         await node.write(0, b"\x01" * 4096)
         await node.graph.inactivate_all()
         assert await node.read(0, 4096) == b"\x01" * 4096  # now in librbd's cache
-        other = await asyncio.to_thread(
-            qemu_io, "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.spec(image), timeout=60)
-        assert other.returncode == 0, other.stderr
+        await another_client_writes(ceph, image)
         await asyncio.to_thread(ceph.rbd, "resize", "--size", "32M", f"{POOL}/{image}")
         assert await node.read(0, 4096) == b"\x42" * 4096
         assert driver.size() == 32 << 20
