@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import ctypes
 import errno
 import functools
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from threading import get_ident
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from qmpd.block import rbd_aio
 from qmpd.block.accounting import WriteGenerations
@@ -58,6 +59,8 @@ from qmpd.block.driver import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: librbd's feature bits and flags this driver looks at.
 FEATURE_EXCLUSIVE_LOCK = 1 << 2
@@ -291,6 +294,10 @@ class RbdDriver(BlockDriver):
         #: Writes submitted (librbd's flush covers the writes still in
         #: flight, so they count at once).
         self._gens = WriteGenerations()
+        #: Thread jobs using the open image (see _on_image), and what the
+        #: close waits on until there are none.
+        self._image_jobs = 0
+        self._image_idle: asyncio.Future[None] | None = None
 
     # --- open and close -------------------------------------------------------
 
@@ -436,7 +443,7 @@ class RbdDriver(BlockDriver):
 
     async def _lock_now(self, image: Any) -> None:
         try:
-            await self.node.graph.run_io(self._take_lock, image)
+            await self._on_image(functools.partial(self._take_lock, image))
         except Exception as exc:
             code = _errno_of(exc)
             log.warning("rbd %s: could not take the exclusive lock: %s",
@@ -478,6 +485,7 @@ class RbdDriver(BlockDriver):
         io, completions = self._io, self._completions
         if isinstance(io, rbd_aio.ImageAio):
             await io.drain(DRAIN_TIMEOUT)
+        await self._image_jobs_done(DRAIN_TIMEOUT)
         if completions is not None:
             await completions.unpin(image)
         self.image = self.ioctx = self.cluster = None
@@ -505,6 +513,38 @@ class RbdDriver(BlockDriver):
             io.close()
         if completions is not None:
             completions.close()
+
+    async def _on_image(self, fn: Callable[[], T]) -> T:
+        """``fn``, which uses the open image, in an I/O thread.  The close waits
+        until the thread is done with it, also when this caller was cancelled
+        meanwhile (the thread goes on, and librbd's close frees the image)."""
+        loop = asyncio.get_running_loop()
+
+        def job() -> T:
+            try:
+                return fn()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(self._image_job_ended)
+
+        self._image_jobs += 1
+        return await self.node.graph.run_io(job)
+
+    def _image_job_ended(self) -> None:
+        self._image_jobs -= 1
+        idle = self._image_idle
+        if not self._image_jobs and idle is not None and not idle.done():
+            idle.set_result(None)
+
+    async def _image_jobs_done(self, timeout: float) -> None:
+        if not self._image_jobs:
+            return
+        self._image_idle = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._image_idle), timeout)
+        except TimeoutError:
+            log.warning("rbd %s: closing with %d jobs still using the image",
+                        self.image_name, self._image_jobs)
 
     # --- asynchronous requests ---------------------------------------------------
 
@@ -637,7 +677,7 @@ class RbdDriver(BlockDriver):
             self._check_active()  # (an inactivation may have run while this waited)
             image = self._image()
             try:
-                await self.node.graph.run_io(image.resize, end)
+                await self._on_image(functools.partial(image.resize, end))
             except Exception as exc:
                 code = _errno_of(exc)
                 raise BlockDriverError(_strerror(code), code) from None
@@ -700,7 +740,7 @@ class RbdDriver(BlockDriver):
             self._check_active()
             image = self._image()
             try:
-                await self.node.graph.run_io(image.resize, size)
+                await self._on_image(functools.partial(image.resize, size))
             except Exception as exc:
                 code = _errno_of(exc)
                 raise BlockDriverError(f"Failed to resize file: {_strerror(code)}",
@@ -749,7 +789,7 @@ class RbdDriver(BlockDriver):
             return BlockStatus(length=end - offset, data=False, zero=True, offset=offset)
 
         try:
-            return await self.node.graph.run_io(probe)
+            return await self._on_image(probe)
         except Exception as exc:
             code = _errno_of(exc)
             raise BlockDriverError(_strerror(code), code) from None
@@ -807,7 +847,7 @@ class RbdDriver(BlockDriver):
         # first: also one that comes before the next activation's reload.
         self._lock_wanted = self._needs_lock()
         try:
-            await self.node.graph.run_io(release)
+            await self._on_image(release)
         except Exception as exc:
             code = _errno_of(exc)
             raise BlockDriverError(f"Failed to release the exclusive lock: {_strerror(code)}",
@@ -825,7 +865,7 @@ class RbdDriver(BlockDriver):
             return int(image.size())
 
         try:
-            self._size = await self.node.graph.run_io(run)
+            self._size = await self._on_image(run)
         except Exception as exc:
             code = _errno_of(exc)
             raise BlockDriverError(f"Failed to invalidate the cache: {_strerror(code)}",

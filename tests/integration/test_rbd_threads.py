@@ -464,6 +464,34 @@ async def test_plugged_requests_go_to_librbd_at_the_unplug(ceph: CephCluster) ->
         assert node.stats.wr_operations == 8 and node.stats.rd_operations == 9
 
 
+class SlowResize:
+    """An open ``rbd.Image`` whose resizes take half a second more (an OSD
+    round trip that takes a while); ``order`` records resizes and the close."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.order: list[str] = []
+        self._started = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    async def resizing(self) -> None:
+        """Until a resize has begun."""
+        while not self._started.is_set():
+            await asyncio.sleep(0.01)
+
+    def resize(self, size: int) -> None:
+        self._started.set()
+        time.sleep(0.5)
+        self.real.resize(size)  # type: ignore[attr-defined]
+        self.order.append("resized")
+
+    def close(self) -> None:
+        self.order.append("close")
+        self.real.close()  # type: ignore[attr-defined]
+
+
 async def another_client_writes(ceph: CephCluster, image: str) -> None:
     """qemu-io writes 0x42 to the first 4 KiB of ``image`` (as the next owner would)."""
     other = await asyncio.to_thread(
@@ -495,21 +523,9 @@ async def test_a_resize_under_way_ends_before_the_lock_is_released(ceph: CephClu
     async with rbd_node(ceph) as (node, driver, image):
         await driver.truncate((16 << 20) + 512)  # the end is not a whole 4 KiB block
         real = driver.image
-        resizing = threading.Event()
-
-        class SlowResize:
-            def __getattr__(self, name: str) -> object:
-                return getattr(real, name)
-
-            def resize(self, size: int) -> None:
-                resizing.set()
-                time.sleep(0.5)  # an OSD round trip that takes a while
-                real.resize(size)
-
-        driver.image = SlowResize()
+        slow = driver.image = SlowResize(real)
         write = asyncio.ensure_future(driver.write((16 << 20) + 512, b"\xab" * 4096))
-        while not resizing.is_set():
-            await asyncio.sleep(0.01)
+        await slow.resizing()
         await node.graph.inactivate_all()
         driver.image = real
         with pytest.raises(BlockDriverError, match=r"^Block node is inactive$"):
@@ -594,3 +610,16 @@ async def test_requests_that_complete_during_the_close_keep_their_results(
         assert [data[i * 65536] for i in range(8)] == [i + 1 for i in range(8)]
     finally:
         ceph.remove_image(image)
+
+
+async def test_the_close_waits_for_a_thread_still_using_the_image(ceph: CephCluster) -> None:
+    """A resize whose caller was cancelled goes on in its I/O thread: the
+    close waits until that thread is done with the image before librbd's
+    close frees it."""
+    async with rbd_node(ceph) as (_node, driver, _image):
+        slow = driver.image = SlowResize(driver.image)
+        truncate = asyncio.ensure_future(driver.truncate(32 << 20))
+        await slow.resizing()
+        truncate.cancel()
+        await driver.close()
+        assert slow.order == ["resized", "close"]
