@@ -155,16 +155,14 @@ class NfsFile:
             lib.nfs_set_debug(ctx, debug)
         self.no_autoreconnect()
 
-    def no_autoreconnect(self) -> bool:
-        """Turn libnfs's own reconnection off (False where libnfs cannot): it
+    def no_autoreconnect(self) -> None:
+        """Turn libnfs's own reconnection off (where libnfs can): it
         would put a new socket under the same fd number, unknown to the event
         loop's watch.  A lost connection fails the context instead, and the
         driver opens a new one."""
         fn = getattr(self.lib, "nfs_set_autoreconnect", None)
-        if fn is None:
-            return False
-        fn(self.ctx, 0)
-        return True
+        if fn is not None:
+            fn(self.ctx, 0)
 
     def mount(self, host: str, export: str) -> None:
         ret = self.lib.nfs_mount(self.ctx, host.encode(), export.encode())

@@ -201,15 +201,22 @@ class NfsDriver(BlockDriver):
 
     async def close(self) -> None:
         self._closed = True
-        await self._drop()
+        await self._swap(None)
 
-    async def _drop(self) -> None:
-        nfs, self._file = self._file, None
-        ctx, self._async = self._async, None
-        if ctx is not None:
-            ctx.detach()
-        if nfs is not None:
-            await self.node.graph.run_io(nfs.close)
+    async def _swap(self, nfs: NfsFile | None) -> AsyncContext | None:
+        """Put ``nfs`` (None: nothing) in place of the context in use, then
+        close that one; returns the new context."""
+        old_file, old = self._file, self._async
+        if nfs is None:
+            self._file, self._async = None, None
+        else:
+            self._install(nfs)
+        new = self._async
+        if old is not None:
+            old.detach()
+        if old_file is not None:
+            await self.node.graph.run_io(old_file.close)
+        return new
 
     def _usable(self) -> AsyncContext | None:
         ctx = self._async
@@ -235,14 +242,8 @@ class NfsDriver(BlockDriver):
             if self._closed:  # closed meanwhile
                 await self.node.graph.run_io(nfs.close)
                 raise BlockDriverError("The NFS file is not open", errno.EBADF)
-            old_file, old = self._file, self._async
-            self._install(nfs)
-            ctx = self._async
+            ctx = await self._swap(nfs)
             assert ctx is not None
-            if old is not None:
-                old.detach()
-            if old_file is not None:
-                await self.node.graph.run_io(old_file.close)
             return ctx
 
     # --- I/O --------------------------------------------------------------------

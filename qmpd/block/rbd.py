@@ -672,18 +672,23 @@ class RbdDriver(BlockDriver):
         """Resize the image to ``end`` before a write past its end (QEMU's
         driver does the same, so that a qcow2 on it grows)."""
         async with self._grow_lock:
-            if end <= self._size:
-                return
-            self._check_active()  # (an inactivation may have run while this waited)
-            image = self._image()
-            try:
-                await self._on_image(functools.partial(image.resize, end))
-            except Exception as exc:
-                code = _errno_of(exc)
-                raise BlockDriverError(_strerror(code), code) from None
-            self.stats.resizes += 1
-            self._size = end
-            self._gens.written += 1
+            if end > self._size:
+                await self._resize(end, "")
+
+    async def _resize(self, size: int, failure: str) -> None:
+        """Resize the image (the grow lock held: not alongside another resize
+        nor an inactivation, which may have run while the caller waited);
+        ``failure`` prefixes librbd's error."""
+        self._check_active()
+        image = self._image()
+        try:
+            await self._on_image(functools.partial(image.resize, size))
+        except Exception as exc:
+            code = _errno_of(exc)
+            raise BlockDriverError(f"{failure}{_strerror(code)}", code) from None
+        self.stats.resizes += 1
+        self._size = size
+        self._gens.written += 1
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self._lock_wanted:
@@ -736,18 +741,8 @@ class RbdDriver(BlockDriver):
     async def truncate(self, size: int) -> None:
         if self._lock_wanted:
             await self._lock_taken()
-        async with self._grow_lock:  # not alongside a write's growth, nor an inactivation
-            self._check_active()
-            image = self._image()
-            try:
-                await self._on_image(functools.partial(image.resize, size))
-            except Exception as exc:
-                code = _errno_of(exc)
-                raise BlockDriverError(f"Failed to resize file: {_strerror(code)}",
-                                       code) from None
-            self.stats.resizes += 1
-            self._size = size
-            self._gens.written += 1
+        async with self._grow_lock:
+            await self._resize(size, "Failed to resize file: ")
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """With fast-diff (and a valid object map), what ``diff_iterate`` says

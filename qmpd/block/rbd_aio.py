@@ -63,6 +63,10 @@ _vp = ctypes.c_void_p
 #: callback, what librbd reads from or writes into, whether that is the
 #: result, and the stats a successful read is added to.
 _Entry = tuple[Any, tuple[Any, ...], IoDone, Any, bool, NodeStats | None]
+#: A request in flight: its callback, what librbd reads from or writes
+#: into, whether that is the result (a read's data), when it was submitted,
+#: and the stats a successful read is added to.
+_Pending = tuple[IoDone, Any, bool, float, NodeStats | None]
 _lib: Any = None
 _new_bytes: Any = None
 #: Requests of an image whose close failed, not completed by librbd: their
@@ -158,10 +162,8 @@ class ImageAio:
         self._lib = lib
         self.handle = handle
         self.loop = loop
-        #: completion -> (its callback, what librbd reads from or writes
-        #: into, whether that is the result: a read's data, when submitted,
-        #: the stats a successful read is added to)
-        self.pending: dict[int | None, tuple[IoDone, Any, bool, float, NodeStats | None]] = {}
+        #: completion -> the request
+        self.pending: dict[int | None, _Pending] = {}
         #: Requests submitted, and the seconds they took, all together.
         self.requests = 0
         self.seconds = 0.0
@@ -173,7 +175,6 @@ class ImageAio:
         self.plugged = 0
         self.held: list[_Entry] = []
         self._out = _vp()
-        self._detached = False
         self._batch = (_vp * POLL_BATCH)()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         ret = lib.rbd_set_image_notification(handle, self.fd, EVENT_TYPE_EVENTFD)
@@ -339,8 +340,7 @@ class ImageAio:
         if answered:
             self.answered()
 
-    def _complete(self, entry: tuple[IoDone, Any, bool, float, NodeStats | None],
-                  ret: int) -> None:
+    def _complete(self, entry: _Pending, ret: int) -> None:
         done, data, reading, _, stats = entry
         # One caller's bug must not stop the completions of the others.
         try:
@@ -372,9 +372,8 @@ class ImageAio:
     def detach(self) -> None:
         """Before the image closes: nothing is collected from it any more (the
         close frees its handle, which a completion's wake-up would then poll)."""
-        if self.fd >= 0 and not self._detached:
-            self._detached = True
-            self.loop.remove_reader(self.fd)
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)  # (a no-op once removed)
 
     def close(self) -> None:
         """After the image closed (librbd's close waits for its requests):
