@@ -75,8 +75,9 @@ HOLD_MISSING = 256 * 1024
 #: Bytes one flush sends before yielding the loop (the writer callback,
 #: level-triggered, comes back for the rest).
 FLUSH_BUDGET = 1024 * 1024
-#: Receives one wake-up of the reader may do while the socket fills the buffers.
-READS_PER_WAKEUP = 4
+#: Receives one wake-up of the reader may do while the socket fills the
+#: buffers, and while a WRITE's payload comes in (the client refills it).
+READS_PER_WAKEUP, PAYLOAD_READS_PER_WAKEUP = 4, 16
 #: How long one connection may process requests before yielding the loop
 #: (to other clients and to the QMP monitor).
 PUMP_BUDGET = 0.0005
@@ -92,6 +93,8 @@ _READ = int(p.Cmd.READ)
 _WRITE = int(p.Cmd.WRITE)
 _FUA = int(p.CmdFlag.FUA)
 _DF = int(p.CmdFlag.DF)
+#: How a request started with read_many/write_many completes: (request, data, error).
+SoonDone = Callable[[p.Request, Any, BaseException | None], None]
 
 
 class ServedExport(Protocol):
@@ -111,9 +114,8 @@ class ServedExport(Protocol):
 
     def count_error(self, command: str) -> None: ...
 
-    async def read(
-        self, offset: int, length: int, sparse: bool
-    ) -> list[tuple[int, int, p.ReadData]]: ...
+    async def read(self, offset: int, length: int,
+                   sparse: bool) -> list[tuple[int, int, p.ReadData]]: ...
 
     @property
     def calls_back(self) -> bool:
@@ -130,19 +132,16 @@ class ServedExport(Protocol):
 
     def write_now(self, offset: int, data: bytes | bytearray, fua: bool) -> bool: ...
 
-    def read_many(self, requests: Sequence[p.Request], structured: bool,
-                  done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
+    def read_many(self, requests: Sequence[p.Request], structured: bool, done: SoonDone) -> int:
         """Start READs together: how many, from the first (the next is awaited)."""
 
-    def write_many(self, requests: Sequence[p.Request],
-                   done: Callable[[p.Request, Any, BaseException | None], None]) -> int:
+    def write_many(self, requests: Sequence[p.Request], done: SoonDone) -> int:
         """Start WRITEs together as :meth:`read_many` starts READs."""
 
     async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None: ...
 
-    async def write_zeroes(
-        self, offset: int, length: int, no_hole: bool, fast: bool, fua: bool
-    ) -> None: ...
+    async def write_zeroes(self, offset: int, length: int, no_hole: bool, fast: bool,
+                           fua: bool) -> None: ...
 
     async def trim(self, offset: int, length: int, fua: bool) -> None: ...
 
@@ -150,9 +149,8 @@ class ServedExport(Protocol):
 
     async def cache(self, offset: int, length: int) -> None: ...
 
-    async def block_status(
-        self, offset: int, length: int, req_one: bool, contexts: dict[int, str]
-    ) -> list[tuple[int, list[tuple[int, int]]]]: ...
+    async def block_status(self, offset: int, length: int, req_one: bool, contexts: dict[int, str]
+                           ) -> list[tuple[int, list[tuple[int, int]]]]: ...
 
 
 class ExportRegistry(p.ExportCatalog, Protocol):
@@ -241,11 +239,9 @@ class NbdConnection:
         """Drop the connection now (whatever is queued is lost)."""
         if self.closed:
             return
+        self._set_reading(False)
         self.closed = True
         self.draining = True
-        if self.reading:
-            self.loop.remove_reader(self.fd)
-            self.reading = False
         if self._writing:
             self.loop.remove_writer(self.fd)
             self._writing = False
@@ -268,9 +264,8 @@ class NbdConnection:
     def _finish(self, parse_rest: bool = False) -> None:
         """No more requests: answer those in flight, send everything, close.
 
-        ``parse_rest``: requests already received still run (end of input);
-        otherwise nothing more is taken.  A client that does not take its
-        last replies is dropped after :data:`DRAIN_TIMEOUT`.
+        ``parse_rest``: requests already received still run (end of input); otherwise nothing
+        more is taken.  A client not taking its last replies is dropped after :data:`DRAIN_TIMEOUT`.
         """
         if not parse_rest:
             self.draining = True
@@ -334,7 +329,7 @@ class NbdConnection:
         # buffers: fewer trips through the event loop for bulk transfers,
         # within the same time budget as one pump.
         deadline = time.perf_counter() + PUMP_BUDGET
-        for _ in range(READS_PER_WAKEUP):
+        for count in range(1, PAYLOAD_READS_PER_WAKEUP + 1):
             try:
                 if self.tx is not None:
                     tx = self.tx
@@ -359,14 +354,20 @@ class NbdConnection:
                 if not n:
                     self._eof()
                 elif self.tx is not None:
-                    self._pump()
+                    if not self.tx.payload_missing:  # (else nothing to parse)
+                        self._pump()
                 else:
                     self._pump_handshake()
             except Exception:  # a bug must not take the daemon down: drop this client
                 log.exception("NBD client %s: internal error; disconnecting", self.peer)
                 self._close()
                 return
-            if n < want or not self.reading or self._resume_pending:
+            if not self.reading or self._resume_pending:
+                return
+            # In a payload even a short receive goes on (the client sent more
+            # meanwhile): a trip through the event loop and a wake-up saved.
+            if not (self.tx is not None and self.tx.payload_missing) \
+                    and (n < want or count >= READS_PER_WAKEUP):
                 return
             if time.perf_counter() > deadline:
                 return
