@@ -212,6 +212,9 @@ class BlockNode:
     #: them (QEMU drains the node when it inserts its filter).
     plain_writes: int = 0
     _plain_drained: asyncio.Future[None] | None = None
+    #: Set while an inactivation waits for the writes under way: new ones are
+    #: refused (QEMU's drained section before it inactivates).
+    quiesce_counter: int = 0
     #: Set while an activation reloads what the driver caches: the node is
     #: marked active (its permissions and locks are being taken) but its cache
     #: is not yet to be trusted, so requests wait for it (QEMU drains the node).
@@ -303,7 +306,7 @@ class BlockNode:
             await asyncio.shield(reload)
 
     def _check_writable(self) -> None:
-        if not self.active:
+        if self.state is not _ACTIVE or self.quiesce_counter:
             raise BlockDriverError("Block node is inactive", 1)
         if self.read_only:
             raise BlockDriverError("Block node is read-only", 1)
@@ -454,7 +457,7 @@ class BlockNode:
         driver = self.driver
         if not driver.calls_back or self.write_hooks or self.serialiser is not None \
                 or self.detect_zeroes != "off" or self.reloading is not None \
-                or self.state is not _ACTIVE or self.read_only:
+                or self.state is not _ACTIVE or self.read_only or self.quiesce_counter:
             return 0
         size = self.size()
         todo: list[SoonWrite] = []

@@ -13,10 +13,11 @@ import errno
 import itertools
 import logging
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from qmpd.block.driver import PERM_ALL, BlockDriverError, BlockNode, NodeState, Perm
+from qmpd.block.reloads import subtree
 from qmpd.errors import GenericError
 
 # Logged as the graph (the split is internal): filters and logs name it so.
@@ -80,9 +81,32 @@ class GraphInactivation:
         go) is done in one synchronous pass; the nodes whose driver has to
         wait are finished here afterwards, their subtrees with them.
         """
+        await self.drain_writes([node], lambda: subtree(node))
         later: list[tuple[BlockNode, bool]] = []
         self._inactivate_now(node, later, set())
         await self._finish_later(later)
+
+    async def drain_writes(self, tops: Sequence[BlockNode],
+                           members: Callable[[], Iterable[BlockNode]]) -> None:
+        """Wait for the writes under way on ``members`` (QEMU drains before it
+        inactivates): one still in a driver's thread or in librbd would land
+        after the write-back and the lock release, on an image that another
+        host may own by then.  New writes into ``tops`` are refused meanwhile,
+        as they would be a moment later; those the writes under way make
+        below them go on.  The caller inactivates right after, not waiting.
+        """
+        busy = next((n for n in members() if n.plain_writes), None)
+        if busy is None:
+            return
+        for top in tops:
+            top.quiesce_counter += 1
+        try:
+            while busy is not None:
+                await busy.drain_plain_writes()
+                busy = next((n for n in members() if n.plain_writes), None)
+        finally:
+            for top in tops:
+                top.quiesce_counter -= 1
 
     async def _finish_later(self, later: list[tuple[BlockNode, bool]]) -> None:
         # A child shared with a node whose permissions are still to update
@@ -336,6 +360,8 @@ class GraphInactivation:
         creation order, is raised once every tree is done.
         """
         trees = self._root_groups()
+        await self.drain_writes([root for roots in trees for root in roots],
+                                lambda: self.nodes.values())
         errors: list[BaseException | None] = [None] * len(trees)
         rest: list[tuple[int, Awaitable[None]]] = []
         # Shared by the trees while they stay empty (a node deferred is one left for later).
