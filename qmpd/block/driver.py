@@ -11,8 +11,7 @@ users (:class:`NodeUser`) live here too, so that the graph
 Drivers raise :class:`~qmpd.errors.BlockDriverError` only: it is a QMP
 GenericError carrying an errno, so it needs no translation on the way out.
 
-All I/O methods are coroutines.  Blocking system calls run in the graph's
-thread pool (``node.graph.run_io``), never on the event loop.
+All I/O methods are coroutines; blocking calls run in the I/O threads (``node.graph.run_io``).
 
 Mutable metadata (qcow2's L1/L2 tables, refcounts) may be cached by a
 driver.  Two methods manage that cache across a change of owner:
@@ -212,8 +211,7 @@ class BlockNode:
     #: them (QEMU drains the node when it inserts its filter).
     plain_writes: int = 0
     _plain_drained: asyncio.Future[None] | None = None
-    #: Set while an inactivation waits for the writes under way: new ones are
-    #: refused (QEMU's drained section before it inactivates).
+    #: Set while an inactivation waits for the writes under way: new ones are refused.
     quiesce_counter: int = 0
     #: Set while an activation reloads what the driver caches: the node is
     #: marked active (its permissions and locks are being taken) but its cache
