@@ -13,7 +13,7 @@ import errno
 import itertools
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from qmpd.block.driver import PERM_ALL, BlockDriverError, BlockNode, NodeState, Perm
@@ -81,29 +81,43 @@ class GraphInactivation:
         go) is done in one synchronous pass; the nodes whose driver has to
         wait are finished here afterwards, their subtrees with them.
         """
-        await self.drain_writes([node], lambda: subtree(node))
+        await self.drain_writes(node)
         later: list[tuple[BlockNode, bool]] = []
         self._inactivate_now(node, later, set())
         await self._finish_later(later)
 
-    async def drain_writes(self, tops: Sequence[BlockNode],
-                           members: Callable[[], Iterable[BlockNode]]) -> None:
-        """Wait for the writes under way on ``members`` (QEMU drains before it
-        inactivates): one still in a driver's thread or in librbd would land
-        after the write-back and the lock release, on an image that another
-        host may own by then.  New writes into ``tops`` are refused meanwhile,
-        as they would be a moment later; those the writes under way make
-        below them go on.  The caller inactivates right after, not waiting.
+    async def drain_writes(self, node: BlockNode | None = None) -> None:
+        """Wait for the writes under way below ``node`` (every node: None), as
+        QEMU drains before it inactivates: one still in a driver's thread or
+        in librbd would land after the write-back and the lock release, on an
+        image that another host may own by then.  New writes into the trees'
+        top nodes (and nodes a writing user, such as an export, writes into)
+        are refused meanwhile, as they would be a moment later; those the
+        writes under way make below them go on.  A tree whose inactivation
+        will be refused (a writable user without allow-inactive) is left
+        alone.  The caller inactivates right after, not waiting.
         """
-        busy = next((n for n in members() if n.plain_writes), None)
-        if busy is None:
+        everything = self.nodes.values() if node is None else list(subtree(node))
+        if not any(n.plain_writes for n in everything):
             return
+        trees = self.trees() if node is None else [([node], list(everything))]
+        tops: list[BlockNode] = []
+        members: list[BlockNode] = []
+        for roots, nodes in trees:
+            try:
+                for member in nodes:
+                    _check_inactivatable(member)
+            except BlockDriverError:
+                continue  # it stays active: nothing to wait for
+            members += nodes
+            tops += roots
+            tops += (n for n in nodes if n not in roots and any(
+                edge.user is not None and edge.user.writable for edge in n.parents))
         for top in tops:
             top.quiesce_counter += 1
         try:
-            while busy is not None:
+            while (busy := next((n for n in members if n.plain_writes), None)) is not None:
                 await busy.drain_plain_writes()
-                busy = next((n for n in members() if n.plain_writes), None)
         finally:
             for top in tops:
                 top.quiesce_counter -= 1
@@ -359,9 +373,8 @@ class GraphInactivation:
         must wait then runs side by side, a task each.  The first error, in
         creation order, is raised once every tree is done.
         """
+        await self.drain_writes()
         trees = self._root_groups()
-        await self.drain_writes([root for roots in trees for root in roots],
-                                lambda: self.nodes.values())
         errors: list[BaseException | None] = [None] * len(trees)
         rest: list[tuple[int, Awaitable[None]]] = []
         # Shared by the trees while they stay empty (a node deferred is one left for later).

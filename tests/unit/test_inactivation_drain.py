@@ -8,16 +8,43 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from qmpd.block.common import ChildRole
 from qmpd.block.core import BlockLayer
-from qmpd.block.driver import BlockDriverError, NodeState
+from qmpd.block.driver import BdrvChild, BlockDriverError, BlockNode, NodeState, NodeUser
+from qmpd.errors import QMPError
 from tests.support.tools import qemu_img
 
 MiB = 1 << 20
+
+
+async def raw_node(layer: BlockLayer, tmp_path: Path) -> tuple[BlockNode, Path]:
+    path = tmp_path / "disk.raw"
+    qemu_img("create", "-f", "raw", str(path), "4M")
+    return await layer.add({"driver": "file", "node-name": "f0", "filename": str(path)}), path
+
+
+@asynccontextmanager
+async def held_io(layer: BlockLayer) -> AsyncIterator[None]:
+    """Every I/O thread busy until the block ends."""
+    gate = threading.Event()
+    blockers = [asyncio.ensure_future(layer.graph.run_io(gate.wait))
+                for _ in range(layer.graph.io.threads)]
+    try:
+        yield
+    finally:
+        gate.set()
+        await asyncio.gather(*blockers)
+
+
+def write_under_way(node: BlockNode) -> asyncio.Task[None]:
+    # Larger than the file driver writes inline: its pwrite waits for a worker.
+    return asyncio.create_task(node.write(0, b"\x5a" * 2 * MiB))
 
 
 def inactivate_node(layer: BlockLayer) -> Awaitable[None]:
@@ -32,15 +59,9 @@ def inactivate_all(layer: BlockLayer) -> Awaitable[None]:
 async def test_an_inactivation_waits_for_the_writes_under_way(
         layer: BlockLayer, tmp_path: Path,
         inactivate: Callable[[BlockLayer], Awaitable[None]]) -> None:
-    path = tmp_path / "disk.raw"
-    qemu_img("create", "-f", "raw", str(path), "4M")
-    node = await layer.add({"driver": "file", "node-name": "f0", "filename": str(path)})
-    gate = threading.Event()
-    blockers = [asyncio.ensure_future(layer.graph.run_io(gate.wait))
-                for _ in range(layer.graph.io.threads)]
-    try:
-        # Larger than the file driver writes inline: its pwrite waits for a worker.
-        write = asyncio.create_task(node.write(0, b"\x5a" * 2 * MiB))
+    node, path = await raw_node(layer, tmp_path)
+    async with held_io(layer):
+        write = write_under_way(node)
         await asyncio.sleep(0.05)
         inactivation = asyncio.ensure_future(inactivate(layer))
         await asyncio.sleep(0.2)
@@ -50,9 +71,6 @@ async def test_an_inactivation_waits_for_the_writes_under_way(
         # Meanwhile a new write is refused, as it would be a moment later.
         with pytest.raises(BlockDriverError, match="inactive"):
             await node.write(3 * MiB, b"\xa5" * 4096)
-    finally:
-        gate.set()
-        await asyncio.gather(*blockers)
     await asyncio.wait_for(write, 10)
     await asyncio.wait_for(inactivation, 10)
     assert node.state is NodeState.INACTIVE
@@ -61,11 +79,30 @@ async def test_an_inactivation_waits_for_the_writes_under_way(
     assert data[3 * MiB:3 * MiB + 4096] == bytes(4096)
 
 
+async def test_an_inactivation_that_will_be_refused_refuses_no_write(
+        layer: BlockLayer, tmp_path: Path) -> None:
+    """A writable user without allow-inactive (an export) blocks the
+    inactivation: it fails at once, and the node's writes go on."""
+    node, path = await raw_node(layer, tmp_path)
+    export = NodeUser("export", "e0", writable=True)
+    await layer.graph.add_user(BdrvChild(name="root", role=ChildRole.image(), child=node,
+                                         user=export))
+    async with held_io(layer):
+        write = write_under_way(node)
+        await asyncio.sleep(0.05)
+        with pytest.raises(QMPError, match="Failed to inactivate node"):
+            await asyncio.wait_for(inactivate_node(layer), 2)
+        assert not write.done()
+        more = asyncio.create_task(node.write(3 * MiB, b"\xa5" * 4096))
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.gather(write, more), 10)
+    assert node.state is NodeState.ACTIVE and node.quiesce_counter == 0
+    assert path.read_bytes()[3 * MiB:3 * MiB + 4096] == b"\xa5" * 4096
+
+
 async def test_without_writes_under_way_nothing_is_refused_nor_waited_for(
         layer: BlockLayer, tmp_path: Path) -> None:
-    path = tmp_path / "disk.raw"
-    qemu_img("create", "-f", "raw", str(path), "4M")
-    node = await layer.add({"driver": "file", "node-name": "f0", "filename": str(path)})
+    node, _ = await raw_node(layer, tmp_path)
     await node.write(0, b"\x5a" * MiB)
     await asyncio.wait_for(layer.set_active("f0", False), 5)
     assert node.state is NodeState.INACTIVE
