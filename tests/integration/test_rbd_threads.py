@@ -26,10 +26,10 @@ import pytest
 
 from qmpd.block import rbd, rbd_aio
 from qmpd.block.driver import NodeState
-from qmpd.block.graph import BlockGraph, BlockNode, NodeConfig
+from qmpd.block.graph import BlockNode
 from qmpd.block.rbd import RbdDriver
 from qmpd.errors import BlockDriverError
-from tests.support.ceph import POOL, CephCluster, lock_holders
+from tests.support.ceph import POOL, CephCluster, lock_holders, open_rbd_node
 from tests.support.tools import REPO, qemu_io
 
 _api = ctypes.pythonapi
@@ -57,19 +57,13 @@ async def rbd_node(ceph: CephCluster, cache_direct: bool = False
     """A writable rbd node on a new 16 MiB image (removed afterwards);
     ``cache_direct``: without librbd's cache."""
     image = ceph.new_image("16M")
-    graph = BlockGraph(io_threads=2)
     try:
-        config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
-                            discard_unmap=False, cache_direct=cache_direct, cache_no_flush=False,
-                            auto_read_only=False)
-        node = graph.new_node("r", False, config)
-        driver = RbdDriver(node)
-        node.driver = driver
-        await driver.open(ceph.blockdev(image))
-        graph.register(node)
-        yield node, driver, image
+        graph, node, driver = await open_rbd_node(ceph.blockdev(image), cache_direct)
+        try:
+            yield node, driver, image
+        finally:
+            graph.close()
     finally:
-        graph.close()
         ceph.remove_image(image)
 
 
@@ -551,19 +545,10 @@ async def test_an_inactive_node_reads_what_the_owner_wrote(ceph: CephCluster) ->
 _CLOSE_RACE = textwrap.dedent("""
     import asyncio, json, os, signal, sys, time
     from qmpd.block import rbd
-    from qmpd.block.graph import BlockGraph, NodeConfig
-    from qmpd.block.rbd import RbdDriver
+    from tests.support.ceph import open_rbd_node
 
     async def main(options, osd):
-        graph = BlockGraph(io_threads=2)
-        config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
-                            discard_unmap=False, cache_direct=True, cache_no_flush=False,
-                            auto_read_only=False)
-        node = graph.new_node("r", False, config)
-        driver = RbdDriver(node)
-        node.driver = driver
-        await driver.open(options)
-        graph.register(node)
+        graph, node, driver = await open_rbd_node(options, cache_direct=True)
         rbd.DRAIN_TIMEOUT = 0.3
         results = {}
         os.kill(osd, signal.SIGSTOP)

@@ -23,10 +23,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.support.tools import IN_CI, stop_process
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockGraph, BlockNode
+    from qmpd.block.rbd import RbdDriver
 
 #: The programs the cluster needs (ceph-mon, ceph-osd, ceph-common).
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rbd")
@@ -304,3 +309,26 @@ def lock_holders(cluster: CephCluster, image: str) -> list[str]:
 
     out = cluster.rbd("lock", "ls", "--format", "json", f"{POOL}/{image}")
     return [entry["locker"] for entry in json.loads(out or "[]")]
+
+
+async def open_rbd_node(options: dict[str, Any], cache_direct: bool = False
+                        ) -> tuple[BlockGraph, BlockNode, RbdDriver]:
+    """A writable rbd node ``r`` opened with ``options`` (``blockdev``'s), in
+    a graph of its own with two I/O threads (closed if the open fails)."""
+    from qmpd.block.graph import BlockGraph, NodeConfig
+    from qmpd.block.rbd import RbdDriver
+
+    graph = BlockGraph(io_threads=2)
+    try:
+        config = NodeConfig(read_only=False, force_share=False, detect_zeroes="off",
+                            discard_unmap=False, cache_direct=cache_direct, cache_no_flush=False,
+                            auto_read_only=False)
+        node = graph.new_node("r", False, config)
+        driver = RbdDriver(node)
+        node.driver = driver
+        await driver.open(options)
+        graph.register(node)
+    except BaseException:
+        graph.close()
+        raise
+    return graph, node, driver
