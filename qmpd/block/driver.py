@@ -55,6 +55,7 @@ from qmpd.block.common import NodeState as NodeState
 from qmpd.block.common import Perm as Perm
 from qmpd.block.common import SoonRead as SoonRead
 from qmpd.block.common import SoonWrite as SoonWrite
+from qmpd.block.common import default_child_perms
 from qmpd.block.common import perm_names as perm_names
 from qmpd.block.dirty_bitmap import DirtyBitmap
 from qmpd.block.extent import BlockStatus as BlockStatus
@@ -64,16 +65,7 @@ from qmpd.errors import BlockDriverError as BlockDriverError
 
 #: Every permission set by value, and the bits as ints, for the hot paths.
 _PERMS = tuple(Perm(value) for value in range(16))
-_CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0x1, 0x2, 0x4, 0x8
 _ALL = PERM_ALL.value
-_WRITE_RESIZE = _WRITE | _RESIZE
-_NOT_WRITE_RESIZE = ~_WRITE_RESIZE
-
-
-#: The default child_perms by (role, parent's perm and shared, active, read-only).
-_CHILD_PERMS: dict[int, tuple[Perm, Perm]] = {}
-_DATA, _METADATA, _FILTERED, _COW = (ChildRole.DATA.value, ChildRole.METADATA.value,
-                                     ChildRole.FILTERED.value, ChildRole.COW.value)
 
 
 # The same by identity, for the hot paths (an enum member's hash is computed
@@ -210,7 +202,9 @@ class BlockNode:
     #: Writes under way that passed no hook: a job installing one waits for
     #: them (QEMU drains the node when it inserts its filter).
     plain_writes: int = 0
-    _plain_drained: asyncio.Future[None] | None = None
+    #: Writes under way through the hooks (an inactivation waits for them too).
+    hooked_writes: int = 0
+    _writes_ended: asyncio.Future[None] | None = None
     #: Set while an inactivation waits for the writes under way: new ones are refused.
     quiesce_counter: int = 0
     #: Set while an activation reloads what the driver caches: the node is
@@ -485,18 +479,29 @@ class BlockNode:
 
     def _plain_write_done(self) -> None:
         self.plain_writes -= 1
-        if not self.plain_writes and self._plain_drained is not None:
-            if not self._plain_drained.done():
-                self._plain_drained.set_result(None)
-            self._plain_drained = None
+        if not self.plain_writes:
+            self._wake_drains()
+
+    def _wake_drains(self) -> None:
+        ended, self._writes_ended = self._writes_ended, None
+        if ended is not None and not ended.done():
+            ended.set_result(None)
 
     async def drain_plain_writes(self) -> None:
         """Wait for the writes under way that passed no hook (after a hook was
         installed, new writes pass it: this ends)."""
         while self.plain_writes:
-            if self._plain_drained is None:
-                self._plain_drained = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._plain_drained)
+            await self._writes_change()
+
+    async def drain_writes(self) -> None:
+        """Wait for every write under way, hooked or not."""
+        while self.plain_writes or self.hooked_writes:
+            await self._writes_change()
+
+    async def _writes_change(self) -> None:
+        if self._writes_ended is None:
+            self._writes_ended = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._writes_ended)
 
     async def _write(self, offset: int, data: bytes, fua: bool) -> None:
         self._check_writable()
@@ -575,8 +580,11 @@ class BlockNode:
                       here: Callable[[], Awaitable[None]]) -> None:
         """A request through :attr:`write_hooks`: each hook before it (one may
         send it to another node), the request, each hook after it."""
+        if self.quiesce_counter:  # before a hook copies anything for it
+            self._check_writable()
         hooks = list(self.write_hooks)
         entered: list[WriteHook] = []
+        self.hooked_writes += 1
         try:
             for hook in hooks:
                 other = await hook.before_write(self, offset, length)
@@ -592,8 +600,13 @@ class BlockNode:
             for hook in reversed(entered):
                 hook.write_failed(self, offset, length)
             raise
-        for hook in entered:
-            await hook.after_write(self, offset, length, data)
+        else:
+            for hook in entered:
+                await hook.after_write(self, offset, length, data)
+        finally:
+            self.hooked_writes -= 1
+            if not self.hooked_writes:
+                self._wake_drains()
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a change in every recording bitmap (bdrv_set_dirty)."""
@@ -859,36 +872,10 @@ class BlockDriver(ABC):
 
         The default is QEMU's storage/COW rule set.
         """
-        # Plain ints, and each answer worked out once: this runs for every
-        # node at every (in)activation, and enum arithmetic costs several
-        # times what the rules themselves do.
         node = self.node
-        active = node.state is _ACTIVE  # not through the properties: a hot path
-        r: int = role._value_
-        key = (r << 10 | parent_perm._value_ << 6 | parent_shared._value_ << 2
-               | active << 1 | node.read_only)
-        known = _CHILD_PERMS.get(key)
-        if known is not None:
-            return known
-        if r & _COW:
-            perm = _CONSISTENT_READ
-            shared = (_WRITE_RESIZE if int(parent_shared) & _WRITE else 0) \
-                | _CONSISTENT_READ | _WRITE_UNCHANGED
-        else:
-            perm, shared = int(parent_perm), int(parent_shared)
-            if not r & _FILTERED:
-                if r & _METADATA:
-                    if active and not node.read_only:
-                        perm |= _WRITE_RESIZE | _CONSISTENT_READ
-                    else:
-                        perm |= _CONSISTENT_READ
-                    shared &= _NOT_WRITE_RESIZE
-                if r & _DATA:
-                    perm |= _CONSISTENT_READ
-        if not active:
-            shared |= _WRITE_RESIZE
-        known = _CHILD_PERMS[key] = _PERMS[perm], _PERMS[shared]
-        return known
+        # node.state, not the property: a hot path
+        return default_child_perms(role, parent_perm, parent_shared,
+                                   node.state is _ACTIVE, node.read_only)
 
     async def set_perm(self, perm: Perm, shared: Perm) -> None:
         """Protocol drivers turn permissions into image locks here."""

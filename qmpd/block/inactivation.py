@@ -98,7 +98,7 @@ class GraphInactivation:
         alone.  The caller inactivates right after, not waiting.
         """
         everything = self.nodes.values() if node is None else list(subtree(node))
-        if not any(n.plain_writes for n in everything):
+        if not any(n.plain_writes or n.hooked_writes for n in everything):
             return
         trees = self.trees() if node is None else [([node], list(everything))]
         tops: list[BlockNode] = []
@@ -116,8 +116,9 @@ class GraphInactivation:
         for top in tops:
             top.quiesce_counter += 1
         try:
-            while (busy := next((n for n in members if n.plain_writes), None)) is not None:
-                await busy.drain_plain_writes()
+            while (busy := next((n for n in members if n.plain_writes or n.hooked_writes),
+                                None)) is not None:
+                await busy.drain_writes()
         finally:
             for top in tops:
                 top.quiesce_counter -= 1

@@ -16,7 +16,14 @@ import pytest
 
 from qmpd.block.common import ChildRole
 from qmpd.block.core import BlockLayer
-from qmpd.block.driver import BdrvChild, BlockDriverError, BlockNode, NodeState, NodeUser
+from qmpd.block.driver import (
+    BdrvChild,
+    BlockDriverError,
+    BlockNode,
+    NodeState,
+    NodeUser,
+    WriteHook,
+)
 from qmpd.errors import QMPError
 from tests.support.tools import qemu_img
 
@@ -109,3 +116,43 @@ async def test_without_writes_under_way_nothing_is_refused_nor_waited_for(
     assert node.quiesce_counter == 0
     await layer.set_active("f0", True)
     await node.write(MiB, b"\x5a" * 4096)
+
+
+class CountingHook(WriteHook):
+    """A job's hook that only counts the writes it sees before they land."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def before_write(self, node: BlockNode, offset: int, length: int) -> BlockNode | None:
+        self.seen.append(offset)
+        return None
+
+
+@pytest.mark.parametrize("inactivate", [inactivate_node, inactivate_all])
+async def test_an_inactivation_waits_for_the_writes_through_a_hook(
+        layer: BlockLayer, tmp_path: Path,
+        inactivate: Callable[[BlockLayer], Awaitable[None]]) -> None:
+    """A write that passed a job's hook (a backup's copy-before-write) is
+    waited for as a plain one is; a new one is refused before its hook runs."""
+    node, path = await raw_node(layer, tmp_path)
+    hook = CountingHook()
+    node.write_hooks.append(hook)
+    async with held_io(layer):
+        write = write_under_way(node)
+        await asyncio.sleep(0.05)
+        assert hook.seen == [0] and node.hooked_writes == 1
+        inactivation = asyncio.ensure_future(inactivate(layer))
+        await asyncio.sleep(0.2)
+        assert not write.done()
+        assert not inactivation.done(), "inactivated with a hooked write under way"
+        assert node.state is NodeState.ACTIVE
+        with pytest.raises(BlockDriverError, match="inactive"):
+            await node.write(3 * MiB, b"\xa5" * 4096)
+        assert hook.seen == [0]
+    await asyncio.wait_for(write, 10)
+    await asyncio.wait_for(inactivation, 10)
+    assert node.state is NodeState.INACTIVE and node.hooked_writes == 0
+    data = path.read_bytes()
+    assert data[:2 * MiB] == b"\x5a" * 2 * MiB
+    assert data[3 * MiB:3 * MiB + 4096] == bytes(4096)
