@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Ceph RBD benchmark: qmpd side by side with QEMU 7.2 (not a pytest test).
 
-Starts a throw-away one-node cluster (tests/support/ceph.py), or uses one
-given with ``--conf``, and measures:
+Starts a throw-away one-node cluster (tests/support/ceph.py), or uses a
+running one whose files are in the folder given with ``--cluster`` (as
+tests/support/ceph.py writes them: ``ceph.conf``, ``client.conf``, the
+admin keyring), and measures:
 
 * I/O through an NBD export of an ``rbd`` node (writable, the client
   configuration of the tests: librbd's cache in writeback mode), qmpd against
@@ -22,7 +24,7 @@ given with ``--conf``, and measures:
 Usage::
 
     python3 tests/bench/rbd_bench.py [--size 256M] [--reps 3] [--handovers 5] [--json out.json]
-        [--drop-caches]
+        [--drop-caches] [--cluster DIR]
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the page cache before every run (root; steadier numbers)")
+    ap.add_argument("--cluster", type=Path,
+                    help="a running cluster's folder (default: start a throw-away one)")
     args = ap.parse_args()
     size = int(args.size.rstrip("M")) * MiB
     for tool in ("qemu-img", "qemu-storage-daemon", "qemu-system-x86_64"):
@@ -213,7 +217,12 @@ def main() -> int:
             raise SystemExit(f"{tool} is needed")
     out: dict[str, Any] = {}
     with ExitStack() as stack:
-        ceph = stack.enter_context(start_ceph())
+        if args.cluster is not None:
+            if not (args.cluster / "client.conf").is_file():
+                raise SystemExit(f"{args.cluster}: no client.conf (not a cluster's folder)")
+            ceph = CephCluster(args.cluster)
+        else:
+            ceph = stack.enter_context(start_ceph())
         work = Path(tempfile.mkdtemp(prefix="qrbdb", dir="/tmp"))
         stack.callback(shutil.rmtree, work, True)
         out["io"] = io_bench(ceph, work, size, args.reps, args.drop_caches)
