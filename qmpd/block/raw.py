@@ -11,6 +11,7 @@ from qmpd.block.driver import (
     BlockNode,
     BlockStatus,
     ChildRole,
+    NodeState,
     Perm,
 )
 from qmpd.block.extent import HostSpan
@@ -73,6 +74,12 @@ class RawDriver(BlockDriver):
         file = self.node.file
         assert file is not None
         return file
+
+    async def refresh_inactive(self) -> None:
+        # Reads go to the child's driver, past its node: its refresh too.
+        child = self._file()
+        if child.state is NodeState.INACTIVE:
+            await child.driver.refresh_inactive()
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._file().driver.read(self.offset + offset, length)

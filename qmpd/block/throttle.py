@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.driver import BlockDriver, BlockStatus, ChildRole, Perm
+from qmpd.block.driver import BlockDriver, BlockStatus, ChildRole, NodeState, Perm
 from qmpd.block.status import layer_status
 
 if TYPE_CHECKING:
@@ -42,6 +42,12 @@ class ThrottleDriver(BlockDriver):
     async def _intercept(self, is_write: bool, size: int) -> None:
         if self.group is not None:
             await self.group.intercept(is_write, size)
+
+    async def refresh_inactive(self) -> None:
+        # Reads go to the child's driver, past its node: its refresh too.
+        child = self._file()
+        if child.state is NodeState.INACTIVE:
+            await child.driver.refresh_inactive()
 
     async def read(self, offset: int, length: int) -> bytes:
         await self._intercept(False, length)

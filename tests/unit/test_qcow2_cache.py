@@ -165,3 +165,39 @@ async def test_store_failure_keeps_entry_dirty() -> None:
     with pytest.raises(OSError):
         await c.flush()
     assert e.dirty
+
+
+async def test_an_entry_being_written_back_is_not_evicted_nor_reloaded_stale() -> None:
+    """A lock-free read that evicted an entry whose store had not landed yet
+    made the next read load the old table from disk; the next change then
+    wrote that stale table back (QEMU clears the dirty flag only once the
+    write is done, and looks entries up under the lock)."""
+    disk: dict[int, bytes] = {1: b"\x00"}
+    loads: list[int] = []
+    landed = asyncio.Event()
+
+    async def load(key: int) -> bytearray:
+        loads.append(key)
+        return bytearray(disk.get(key, b"\0"))
+
+    async def store(key: int, data: bytes) -> None:
+        await landed.wait()  # a slow metadata write (O_DIRECT, NFS)
+        disk[key] = data
+
+    async def sync() -> None:
+        return None
+
+    c: MetadataCache[bytearray] = MetadataCache("l2", 2, load, store, bytes, sync)
+    e1 = await c.get(1)
+    e1.value[0] = 0xAA
+    c.mark_dirty(e1)
+    flush = asyncio.create_task(c.flush())
+    await asyncio.sleep(0)
+    await c.get(2)
+    await c.get(3)  # over capacity: a clean entry goes, never the one being stored
+    assert c.entries.get(1) is e1
+    assert (await c.get(1)).value[0] == 0xAA
+    landed.set()
+    await flush
+    assert disk[1] == b"\xaa"
+    assert loads == [1, 2, 3]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import qmpd.block.qcow2.driver as qcow2_driver
 from qmpd.block.core import BlockLayer
 from qmpd.block.driver import BlockNode, NodeState
 from qmpd.commands.bitmaps import block_dirty_bitmap_add
@@ -194,3 +196,45 @@ async def test_an_inactivation_waits_for_the_reload(
     await asyncio.wait_for(inactivation, 10)
     assert node.state is NodeState.INACTIVE
     assert await node.read(0, 65536) == b"a" * 65536
+
+
+async def test_an_inactive_reads_refresh_overtaken_by_an_activation_keeps_nothing(
+        layer: BlockLayer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of an inactive qcow2 node reloads its metadata first; when an
+    activation reloaded meanwhile (after the source's last write), the read's
+    older copy replaced the activation's, as a writable image: the source's
+    new cluster read as zeros and the next allocation leaked clusters."""
+    path = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "16M")
+    node = await layer.add({"driver": "qcow2", "node-name": "disk",
+                            "file": {"driver": "file", "node-name": "disk-file",
+                                     "filename": str(path)}}, inactive=True)
+    real = qcow2_driver.read_metadata_blocking
+    read_done, go_on = threading.Event(), threading.Event()
+
+    def slow_after_reading(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)  # what the image held at this moment ...
+        if not read_done.is_set():
+            read_done.set()
+            go_on.wait(10)  # ... handed back late, as over a slow network
+        return out
+
+    monkeypatch.setattr(qcow2_driver, "read_metadata_blocking", slow_after_reading)
+    read = asyncio.create_task(node.read(0, 512))
+    assert await asyncio.get_running_loop().run_in_executor(None, read_done.wait, 10)
+    # The source's last write: a new L2 table and cluster for 4M.
+    qemu_io("--image-opts", "-c", "write -P 0xaa 4M 64k",
+            f"driver=qcow2,file.driver=file,file.filename={path},file.locking=off", check=True)
+    activation = asyncio.create_task(layer.activate_all())
+    await asyncio.sleep(0.2)
+    go_on.set()
+    await asyncio.wait_for(activation, 10)
+    await asyncio.wait_for(read, 10)
+    assert node.state is NodeState.ACTIVE
+    assert await node.read(4 * MiB, 4) == b"\xaa" * 4
+    await node.write(4 * MiB + 65536, b"d" * 4096)
+    await node.flush()
+    await layer.close_all()
+    assert "Pattern verification failed" not in qemu_io(
+        "-f", "qcow2", "-c", "read -P 0xaa 4M 64k", str(path)).stdout
+    qemu_img("check", str(path))

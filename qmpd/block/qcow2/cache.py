@@ -198,11 +198,16 @@ class MetadataCache(Generic[T]):
             return
         data = self._serialize(entry.value)
         entry.dirty = False
+        # Pinned until the store lands: evicted before, a lock-free get would
+        # load the old table from disk, and the next change would write it back.
+        entry.pins += 1
         try:
             await self._store(entry.key, data)
         except BaseException:
             entry.dirty = True
             raise
+        finally:
+            entry.pins -= 1
 
     async def write_all(self) -> None:
         """Write every dirty entry back (in offset order), without a final sync."""

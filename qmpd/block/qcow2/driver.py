@@ -168,6 +168,9 @@ class Qcow2Driver(BlockDriver):
         self._prealloc: tuple[Qcow2Image, bool] | None = None
         self._size = 0
         self._header: Header | None = None
+        #: Activations (cache reloads) begun: a refresh of an inactive node
+        #: that one overtook must not install what it read.
+        self._activations = 0
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -241,23 +244,29 @@ class Qcow2Driver(BlockDriver):
         return OpenJob(run, finish, waits=below.waits)
 
     async def _load(self) -> None:
+        self._install(await self._read_image(not self.node.read_only, self.node.active))
+
+    async def _read_image(self, writable: bool, active: bool) -> Qcow2Image:
         node = self.node
-        writable = not node.read_only
         child = node.file
         read = child.driver.blocking_reader() if child is not None else None
         if child is None or read is None:
-            self._install(await Qcow2Image.load(node, self._config_for, writable, node.active))
-            return
+            return await Qcow2Image.load(node, self._config_for, writable, active)
         # Header, L1 and refcount tables in one I/O-thread job, not one hop
         # each (or right here when the file is in memory).
         if child.driver.reads_inline():
-            await self._load_from(read_metadata_blocking(read, self._config_for, writable))
+            outcome = read_metadata_blocking(read, self._config_for, writable)
         else:
-            await self._load_from(await node.graph.run_io(
-                read_metadata_blocking, read, self._config_for, writable))
+            outcome = await node.graph.run_io(
+                read_metadata_blocking, read, self._config_for, writable)
+        return await self._image_from(outcome, writable, active)
 
     async def _load_from(self, outcome: tuple[LoadedMetadata, int, int] | Exception) -> None:
         """Install what :func:`read_metadata_blocking` returned (or raise what it raised)."""
+        self._install(await self._image_from(outcome, not self.node.read_only, self.node.active))
+
+    async def _image_from(self, outcome: tuple[LoadedMetadata, int, int] | Exception,
+                          writable: bool, active: bool) -> Qcow2Image:
         if isinstance(outcome, Exception):
             raise outcome
         node = self.node
@@ -266,8 +275,7 @@ class Qcow2Driver(BlockDriver):
         loaded, reads, nbytes = outcome
         child.stats.rd_operations += reads
         child.stats.rd_bytes += nbytes
-        self._install(await Qcow2Image.from_metadata(
-            node, ImageFile(child), loaded, not node.read_only, node.active))
+        return await Qcow2Image.from_metadata(node, ImageFile(child), loaded, writable, active)
 
     def _install(self, image: Qcow2Image) -> None:
         default_request = bool(self.node.discard_unmap)
@@ -537,6 +545,7 @@ class Qcow2Driver(BlockDriver):
         if reload is not None:
             await reload.finish(await reload.start(self.node.graph.run_io))
             return
+        self._activations += 1
         self._image = None
         try:
             await self._load()
@@ -565,6 +574,7 @@ class Qcow2Driver(BlockDriver):
         # The dropped image's refcount table (nothing reads it any more: it is
         # no part of a read's path) takes the new one, in pages already in use.
         spare = image.refs.reftable if image is not None else None
+        self._activations += 1
         self._image = None
         config_for = self._config_for
         writable = not node.read_only
@@ -592,12 +602,19 @@ class Qcow2Driver(BlockDriver):
 
     async def refresh_inactive(self) -> None:
         """An inactive node trusts nothing it cached: load the header and tables
-        again for each request (another host may be writing the image)."""
+        again for each request (another host may be writing the image).
+
+        Always as an inactive, read-only image; installed only if the node is
+        still inactive and no activation began meanwhile (it reloads for
+        itself: what this read may be older than the source's last writes)."""
+        activations = self._activations
         try:
-            await self._load()
+            image = await self._read_image(False, False)
         except (Qcow2FormatError, _OptionError, OSError) as exc:
             raise BlockDriverError(f"Could not read qcow2 metadata: {exc}",
                                    getattr(exc, "errno", None) or 5) from None
+        if activations == self._activations and self.node.state is NodeState.INACTIVE:
+            self._install(image)
 
     # --- information ------------------------------------------------------------------------
 
