@@ -158,13 +158,13 @@ class NodeUser:
     def permissions(self, node: BlockNode) -> tuple[Perm, Perm]:
         """``(perm, shared)`` this user needs of ``node`` now.
 
-        By default: consistent reads, and writes while a writable user's
-        node is active; everything but resize is shared.
+        By default: consistent reads, and writes if writable, everything but
+        resize shared; of an inactive node, nothing (QEMU's blk_root_inactivate).
         """
-        perm = Perm.CONSISTENT_READ
-        if self.writable and node.active:
-            perm |= Perm.WRITE
-        return perm, PERM_ALL & ~Perm.RESIZE
+        if not node.active:
+            return Perm.NONE, PERM_ALL
+        return Perm.CONSISTENT_READ | Perm.WRITE if self.writable else Perm.CONSISTENT_READ, \
+            PERM_ALL & ~Perm.RESIZE
 
 
 @dataclass(eq=False, slots=True)  # slots: read for every node at every (in)activation
@@ -297,6 +297,12 @@ class BlockNode:
         while (reload := self.reloading) is not None:
             await asyncio.shield(reload)
 
+    async def _refresh_inactive(self) -> None:
+        """Before a read of an inactive node (waits for an activation begun meanwhile)."""
+        await self.driver.refresh_inactive()
+        if self.reloading is not None:
+            await self._reloaded()
+
     def _check_writable(self) -> None:
         if self.state is not _ACTIVE or self.quiesce_counter:
             raise BlockDriverError("Block node is inactive", 1)
@@ -308,7 +314,7 @@ class BlockNode:
             await self._reloaded()
         self._check_range(offset, length)
         if self.state is NodeState.INACTIVE:
-            await self.driver.refresh_inactive()
+            await self._refresh_inactive()
         data = await self.driver.read(offset, length)
         self.stats.rd_bytes += length
         self.stats.rd_operations += 1
@@ -322,7 +328,7 @@ class BlockNode:
             await self._reloaded()
         self._check_range(offset, length)
         if self.state is NodeState.INACTIVE:
-            await self.driver.refresh_inactive()
+            await self._refresh_inactive()
         await self.driver.read_into(offset, buf)
         self.stats.rd_bytes += length
         self.stats.rd_operations += 1
@@ -580,11 +586,10 @@ class BlockNode:
                       here: Callable[[], Awaitable[None]]) -> None:
         """A request through :attr:`write_hooks`: each hook before it (one may
         send it to another node), the request, each hook after it."""
-        if self.quiesce_counter:  # before a hook copies anything for it
-            self._check_writable()
+        self._check_writable()  # before a hook copies anything for it
         hooks = list(self.write_hooks)
         entered: list[WriteHook] = []
-        self.hooked_writes += 1
+        counted = False
         try:
             for hook in hooks:
                 other = await hook.before_write(self, offset, length)
@@ -595,6 +600,13 @@ class BlockNode:
                     await elsewhere(other)
                     return
                 entered.append(hook)
+            # Counted from here: one a hook holds back (a mirror's gate)
+            # has reached nothing yet, and an inactivation must not wait for
+            # it (it is refused when it goes on).
+            if self.reloading is not None:
+                await self._reloaded()
+            self.hooked_writes += 1
+            counted = True
             await here()
         except BaseException:
             for hook in reversed(entered):
@@ -604,9 +616,10 @@ class BlockNode:
             for hook in entered:
                 await hook.after_write(self, offset, length, data)
         finally:
-            self.hooked_writes -= 1
-            if not self.hooked_writes:
-                self._wake_drains()
+            if counted:
+                self.hooked_writes -= 1
+                if not self.hooked_writes:
+                    self._wake_drains()
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a change in every recording bitmap (bdrv_set_dirty)."""
@@ -629,7 +642,7 @@ class BlockNode:
             await self._reloaded()
         self._check_range(offset, max(length, 0))
         if self.state is NodeState.INACTIVE:
-            await self.driver.refresh_inactive()
+            await self._refresh_inactive()
         return await self.driver.block_status(offset, length)
 
 

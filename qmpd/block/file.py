@@ -209,7 +209,8 @@ def _pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 _WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
-_ACTIVE = NodeState.ACTIVE  # read once: a member read through its class is a descriptor call
+# Read once: a member read through its class is a descriptor call.
+_ACTIVE, _INACTIVE = NodeState.ACTIVE, NodeState.INACTIVE
 
 #: What opening does in an I/O thread: (fd, flags, size, filesystem type, OFD locks work).
 _Opened = tuple[int, int, int, int, bool]
@@ -525,11 +526,12 @@ class FileDriver(BlockDriver):
             await self._reopen(bool(perm & (Perm.WRITE | Perm.RESIZE)))
         # An inactive node keeps whatever locks it had when it was inactivated
         # (none, for a node opened inactive): QEMU returns early here too.
+        # One being inactivated still changes them: its users ask for less.
         self._update_lock(perm, shared)
 
     def _update_lock(self, perm: int, shared: int) -> None:
         lock = self.lock
-        if lock is None or self.node.state is not _ACTIVE:
+        if lock is None or self.node.state is _INACTIVE:
             return
         try:
             lock.update(perm, shared)
@@ -541,7 +543,7 @@ class FileDriver(BlockDriver):
                 and self._reopen_flags(bool(perm & _WRITE_OR_RESIZE)) != self._flags:
             return False  # a reopen opens the file again: in an I/O thread
         lock = self.lock
-        if lock is not None and self.node.state is _ACTIVE:  # _update_lock, one call fewer
+        if lock is not None and self.node.state is not _INACTIVE:  # _update_lock, inline
             try:
                 lock.update(perm, shared)
             except (LockError, OSError) as exc:

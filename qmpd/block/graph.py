@@ -46,7 +46,7 @@ from qmpd.block.driver import (
 # Re-exported: the graph's users name nodes and their state through it.
 from qmpd.block.driver import BlockNode as BlockNode
 from qmpd.block.driver import NodeState as NodeState
-from qmpd.block.inactivation import GraphInactivation
+from qmpd.block.inactivation import GraphInactivation, written_from_outside
 from qmpd.block.iopool import IOPool
 from qmpd.errors import GenericError
 from qmpd.objects import ObjectRegistry
@@ -568,17 +568,35 @@ class BlockGraph(GraphInactivation):
 
         for node in nodes:
             visit(node)
-        for node in reversed(order):
-            await self.write_back(node)
+        # As an inactivation: the writes under way end first, new ones are
+        # refused until the reload is over (the drivers' own go on).
+        tops = [node for node in order if written_from_outside(node)]
+        for node in tops:
+            node.quiesce_counter += 1
+        try:
+            for node in order:
+                await node.drain_writes()
+            for node in reversed(order):
+                await self.write_back(node)
+            await self._reload_written_back(order)
+        finally:
+            for node in tops:
+                node.quiesce_counter -= 1
+
+    async def _reload_written_back(self, order: list[BlockNode]) -> None:
         held = [node for node in order if node.reloading is None]  # as activate_all
         for node in held:
             node.hold_requests()
         try:
-            for node in order:
+            for i, node in enumerate(order):
                 node.set_state(NodeState.ACTIVE)
                 try:
                     await node.driver.invalidate_cache()
                 except Exception as exc:
+                    # This node and those not reloaded yet (written back) trust
+                    # nothing they cached: inactive, for activate_all (cont) to retry.
+                    for rest in order[i:]:
+                        rest.set_state(NodeState.INACTIVE)
                     node.activation_error = str(exc)
                     log.error("invalidation of node %s failed: %s", node.node_name, exc)
                     raise

@@ -42,6 +42,35 @@ def _check_inactivatable(node: BlockNode) -> None:
             )
 
 
+def _refuses_inactivation(node: BlockNode) -> bool:
+    """Whether :func:`_check_inactivatable` refuses ``node``."""
+    for edge in node.parents:
+        user = edge.user
+        if user is not None and user.writable and not user.allow_inactive:
+            return True
+    return False
+
+
+def _release(tops: list[BlockNode]) -> None:
+    """The end of :meth:`GraphInactivation.quiesce`."""
+    for top in tops:
+        top.quiesce_counter -= 1
+
+
+def written_from_outside(node: BlockNode) -> bool:
+    """A root (what uses it is outside the graph), or a node a writing user writes into."""
+    if not node.parents:
+        return True
+    uses = False
+    for edge in node.parents:
+        if edge.user is not None:
+            if edge.user.writable:
+                return True
+        else:
+            uses = True
+    return not uses
+
+
 def _unused(child: BlockNode, deferred: set[int] | tuple[()]) -> bool:
     """Whether no other node parent still uses ``child`` (active, or inactive
     with its permissions still to update)."""
@@ -81,47 +110,62 @@ class GraphInactivation:
         go) is done in one synchronous pass; the nodes whose driver has to
         wait are finished here afterwards, their subtrees with them.
         """
-        await self.drain_writes(node)
-        later: list[tuple[BlockNode, bool]] = []
-        self._inactivate_now(node, later, set())
-        await self._finish_later(later)
+        tops = await self.quiesce(node)
+        try:
+            later: list[tuple[BlockNode, bool]] = []
+            self._inactivate_now(node, later, set())
+            await self._finish_later(later)
+        finally:
+            _release(tops)
 
-    async def drain_writes(self, node: BlockNode | None = None) -> None:
-        """Wait for the writes under way below ``node`` (every node: None), as
-        QEMU drains before it inactivates: one still in a driver's thread or
-        in librbd would land after the write-back and the lock release, on an
-        image that another host may own by then.  New writes into the trees'
-        top nodes (and nodes a writing user, such as an export, writes into)
-        are refused meanwhile, as they would be a moment later; those the
-        writes under way make below them go on.  A tree whose inactivation
-        will be refused (a writable user without allow-inactive) is left
-        alone.  The caller inactivates right after, not waiting.
-        """
-        everything = self.nodes.values() if node is None else list(subtree(node))
-        if not any(n.plain_writes or n.hooked_writes for n in everything):
-            return
-        trees = self.trees() if node is None else [([node], list(everything))]
+    async def quiesce(self, node: BlockNode | None = None) -> list[BlockNode]:
+        """Before an inactivation below ``node`` (every node: None): refuse new
+        writes into the trees' top nodes and the nodes a writing user (an
+        export) writes into, as they would be refused a moment later, and wait
+        for the writes under way, as QEMU drains before it inactivates (one
+        still in a driver's thread or in librbd would land after the
+        write-back and the lock release, on an image another host may own by
+        then).  Returns the nodes refusing writes, for the caller to let go
+        (:func:`_release`) once the inactivation is over, not before: a node
+        waiting for its turn to write back is still active, and a request
+        already queued on the loop would otherwise slip in.  The drivers' own
+        writes (a format's write-back into its file) go on.  A tree whose
+        inactivation will be refused (a writable user without allow-inactive)
+        is left alone."""
+        everything = list(self.nodes.values()) if node is None else list(subtree(node))
         tops: list[BlockNode] = []
-        members: list[BlockNode] = []
-        for roots, nodes in trees:
-            try:
-                for member in nodes:
-                    _check_inactivatable(member)
-            except BlockDriverError:
-                continue  # it stays active: nothing to wait for
-            members += nodes
-            tops += roots
-            tops += (n for n in nodes if n not in roots and any(
-                edge.user is not None and edge.user.writable for edge in n.parents))
+        for n in everything:
+            if _refuses_inactivation(n):
+                tops, members = self._quiesce_trees(node, everything)
+                break
+            if n is node or written_from_outside(n):
+                tops.append(n)
+        else:
+            members = everything
         for top in tops:
             top.quiesce_counter += 1
         try:
             while (busy := next((n for n in members if n.plain_writes or n.hooked_writes),
                                 None)) is not None:
                 await busy.drain_writes()
-        finally:
-            for top in tops:
-                top.quiesce_counter -= 1
+        except BaseException:
+            _release(tops)
+            raise
+        return tops
+
+    def _quiesce_trees(self, node: BlockNode | None, everything: list[BlockNode]
+                       ) -> tuple[list[BlockNode], list[BlockNode]]:
+        """:meth:`quiesce`'s nodes when some tree's inactivation will be refused."""
+        trees = self.trees() if node is None else [([node], everything)]
+        tops: list[BlockNode] = []
+        members: list[BlockNode] = []
+        for roots, nodes in trees:
+            if any(_refuses_inactivation(n) for n in nodes):
+                continue  # it stays active: nothing to wait for nor refuse
+            members += nodes
+            tops += roots
+            tops += (n for n in nodes if n not in roots and written_from_outside(n))
+        return tops, members
 
     async def _finish_later(self, later: list[tuple[BlockNode, bool]]) -> None:
         # A child shared with a node whose permissions are still to update
@@ -142,8 +186,10 @@ class GraphInactivation:
             return
         _check_inactivatable(node)
         await self.write_back(node)
-        node.set_state(_INACTIVE)
-        await self.refresh_perms(node)
+        try:
+            await self.refresh_perms(node)  # still inactivating: see _inactivate_now
+        finally:
+            node.set_state(_INACTIVE)
         await self._inactivate_children(node)
 
     async def _inactivate_children(self, node: BlockNode) -> None:
@@ -191,12 +237,18 @@ class GraphInactivation:
             node.state = _ACTIVE
             later.append((node, False))
             return
-        node.state = _INACTIVE
+        if not used:
+            node.state = _INACTIVE
         children = node.children
+        # A node with users takes what they ask of it once inactive (nothing:
+        # QEMU's blk_root_inactivate) while still inactivating: its driver
+        # drops its locks then, as an inactive one no longer changes them.
         if not (settled and not used and not children) and not self._refresh_perms_now(node):
+            node.state = _INACTIVE
             deferred.add(id(node))
             later.append((node, True))
             return
+        node.state = _INACTIVE
         if children:
             for edge in children.values():  # inactivation changes no node's children
                 child = edge.child
@@ -374,7 +426,13 @@ class GraphInactivation:
         must wait then runs side by side, a task each.  The first error, in
         creation order, is raised once every tree is done.
         """
-        await self.drain_writes()
+        tops = await self.quiesce()
+        try:
+            await self._inactivate_all()
+        finally:
+            _release(tops)
+
+    async def _inactivate_all(self) -> None:
         trees = self._root_groups()
         errors: list[BaseException | None] = [None] * len(trees)
         rest: list[tuple[int, Awaitable[None]]] = []

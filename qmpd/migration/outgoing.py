@@ -225,7 +225,9 @@ class OutgoingMigration:
         """Checks, the setup event, and the migration task; returns at once."""
         if args.get("resume"):
             raise GenericError("Cannot resume if there is no paused migration")
-        if self.running:
+        # A failed one still giving the images back (it reported failed first,
+        # as QEMU does) is in progress too: its clean-up is not over.
+        if self.running or (self.task is not None and not self.task.done()):
             raise GenericError("There's a migration process in progress")
         state = self.vm.state
         if state == RunState.INMIGRATE:

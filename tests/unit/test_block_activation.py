@@ -6,13 +6,15 @@ import asyncio
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from qmpd.block.common import ChildRole
 from qmpd.block.core import BlockLayer
-from qmpd.block.driver import NodeState, Perm
+from qmpd.block.driver import BdrvChild, NodeState, NodeUser, Perm
 from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError
@@ -399,3 +401,105 @@ async def test_activation_rereads_the_refcount_table_into_the_dropped_ones_memor
         await second.close_all()
         second.graph.close()
     qemu_img("check", path)
+
+
+@pytest.mark.parametrize("parent", ["raw", "throttle"])
+async def test_a_read_through_a_parent_of_an_inactive_qcow2_node_sees_the_owners_writes(
+        tmp_path: Path, layer: BlockLayer, parent: str) -> None:
+    """raw and throttle pass reads to their child's driver, past the child's
+    node: the inactive qcow2 child's metadata was not reloaded, and the read
+    answered from the tables of when it was opened."""
+    options = qcow2(tmp_path, "disk")
+    path = options["file"]["filename"]
+    await layer.add(options, inactive=True)
+    top_options: dict[str, object] = {"driver": parent, "node-name": "top", "file": "disk"}
+    if parent == "throttle":
+        layer.graph.objects.add_object({"qom-type": "throttle-group", "id": "tg"})
+        top_options["throttle-group"] = "tg"
+    top = await layer.add(top_options, inactive=True)
+    assert await top.read(2 * MiB, 4) == bytes(4)
+    # The image's owner (the source host) writes: a new L2 entry and cluster.
+    qemu_io("--image-opts", "-c", "write -P 0x33 2M 4k",
+            f"driver=qcow2,file.driver=file,file.filename={path},file.locking=off", check=True)
+    assert top.state is NodeState.INACTIVE
+    assert await top.read(2 * MiB, 4) == b"\x33" * 4
+
+
+async def test_a_failed_re_read_of_an_early_activated_node_leaves_it_for_cont(
+        tmp_path: Path, layer: BlockLayer) -> None:
+    """A destination's node activated early is re-read when the migration
+    completes; a failed re-read left it active on no metadata, and cont
+    (activate_all) skipped it as active: unusable until deleted."""
+    node = await layer.add(qcow2(tmp_path, "d"))
+    path = tmp_path / "d.qcow2"
+    await node.write(0, b"\x01" * 4096)
+    good = path.read_bytes()[:4]
+    with open(path, "r+b") as f:  # the source's last state, unreadable for a moment
+        f.write(b"XXXX")
+    with pytest.raises(BlockDriverError):
+        await layer.graph.reload_active([node])
+    assert node.state is NodeState.INACTIVE and node.file is not None
+    assert node.file.state is NodeState.ACTIVE  # re-read fine: stays as it was
+    with open(path, "r+b") as f:
+        f.write(good)
+    await layer.activate_all()  # cont
+    assert node.state is NodeState.ACTIVE
+    await node.write(4096, b"\x02" * 4096)
+    assert await node.read(0, 8192) == b"\x01" * 4096 + b"\x02" * 4096
+
+
+async def test_the_re_read_of_an_early_activated_node_waits_for_the_writes_under_way(
+        tmp_path: Path, layer: BlockLayer) -> None:
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(4 * MiB))
+    node = await layer.add({"driver": "raw", "node-name": "d",
+                            "file": {"driver": "file", "node-name": "d-file",
+                                     "filename": str(path)}})
+    gate = threading.Event()
+    blockers = [asyncio.ensure_future(layer.graph.run_io(gate.wait))
+                for _ in range(layer.graph.io.threads)]
+    await asyncio.sleep(0.05)
+    try:
+        write = asyncio.ensure_future(node.write(0, b"\x5a" * 2 * MiB))
+        await asyncio.sleep(0.05)
+        reload = asyncio.ensure_future(layer.graph.reload_active([node]))
+        await asyncio.sleep(0.2)
+        assert not reload.done(), "re-read with a write under way"
+        assert node.state is NodeState.ACTIVE and node.stats.invalidations == 0
+        with pytest.raises(BlockDriverError, match="inactive"):
+            await node.write(3 * MiB, b"\xa5" * 4096)
+    finally:
+        gate.set()
+        await asyncio.gather(*blockers)
+    await asyncio.wait_for(write, 10)
+    await asyncio.wait_for(reload, 10)
+    assert node.state is NodeState.ACTIVE and node.quiesce_counter == 0
+    await node.write(3 * MiB, b"\xa5" * 4096)
+    assert path.read_bytes()[:2 * MiB] == b"\x5a" * 2 * MiB
+
+
+@pytest.mark.parametrize("how", ["inactivate_all", "set_active"])
+async def test_an_inactivated_node_with_users_lets_its_locks_go(
+        tmp_path: Path, layer: BlockLayer, how: str) -> None:
+    """A file node used straight by an export (allow-inactive) kept its write
+    lock once inactive: its users' permissions were refreshed after it turned
+    inactive, when the file driver no longer changes locks.  QEMU's users give
+    theirs up first (blk_root_inactivate): the node holds no lock bytes."""
+    path = tmp_path / "f.img"
+    path.write_bytes(bytes(MiB))
+    node = await layer.add({"driver": "file", "node-name": "f0", "filename": str(path)})
+    export = NodeUser("export", "e0", writable=True, allow_inactive=True)
+    await layer.graph.add_user(BdrvChild(name="root", role=ChildRole.image(), child=node,
+                                         user=export))
+    assert held_bytes(path) == {100, 101, 203}
+    await node.write(0, b"x" * 4096)
+    if how == "inactivate_all":
+        await layer.inactivate_all()
+    else:
+        await layer.set_active("f0", False)
+    assert node.state is NodeState.INACTIVE
+    assert held_bytes(path) == set()
+    # The destination's qcow2-style use (write and resize) is not refused.
+    qemu_img("resize", "-f", "raw", str(path), "2M")
+    await layer.set_active("f0", True)
+    assert held_bytes(path) == {100, 101, 203}

@@ -215,6 +215,37 @@ async def test_return_path_failure_gives_the_images_back(answer: bytes | None,
     assert source.active() == [True, True]
 
 
+async def test_no_new_migration_while_a_failed_one_gives_the_images_back() -> None:
+    """A migration that failed late reports failed before its re-activation
+    (QEMU's order) and that waits for the graph lock: a new migrate accepted
+    meanwhile ran beside the old task, whose clean-up then took the new one's
+    bitmaps and run state."""
+    source = await make_side(RunState.RUNNING, capabilities=("events", "return-path"))
+    a, b = socket.socketpair()
+    hand_over(source, a)
+    source.migration.migrate({"uri": "fd:mig"})
+    reader, writer = await asyncio.open_connection(sock=b)
+    stream = StreamReader({"return-path": True})
+    while not any(isinstance(e, Complete) for e in stream.feed(await reader.read(65536))):
+        pass
+    outgoing = source.migration.outgoing
+    async with source.block.lock.held():  # a command holds the graph lock meanwhile
+        writer.write(encode_rp_message(RPMessageType.SHUT, struct.pack(">I", 1)))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            while outgoing.status != _S.FAILED:
+                await asyncio.sleep(0.01)
+        assert outgoing.task is not None and not outgoing.task.done()
+        c, _ = socket.socketpair()
+        hand_over(source, c, "again")
+        with pytest.raises(GenericError, match="There's a migration process in progress"):
+            source.migration.migrate({"uri": "fd:again"})
+    await finish(outgoing.task)
+    writer.close()
+    assert source.vm.state == RunState.RUNNING
+    assert source.active() == [True, True]
+
+
 async def test_failed_connect_leaves_the_vm_alone(tmp_path: Any) -> None:
     source = await make_side(RunState.PAUSED)
     source.migration.migrate({"uri": f"unix:{tmp_path}/nobody"})
