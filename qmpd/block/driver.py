@@ -293,15 +293,15 @@ class BlockNode:
                 for child in below:
                     child.io_unplug()
 
-    async def _reloaded(self) -> None:
+    async def reloaded(self) -> None:
+        """Once no activation's reload of this node is under way."""
         while (reload := self.reloading) is not None:
             await asyncio.shield(reload)
 
     async def _refresh_inactive(self) -> None:
         """Before a read of an inactive node (waits for an activation begun meanwhile)."""
         await self.driver.refresh_inactive()
-        if self.reloading is not None:
-            await self._reloaded()
+        await self.reloaded()
 
     def _check_writable(self) -> None:
         if self.state is not _ACTIVE or self.quiesce_counter:
@@ -311,7 +311,7 @@ class BlockNode:
 
     async def read(self, offset: int, length: int) -> bytes:
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         self._check_range(offset, length)
         if self.state is NodeState.INACTIVE:
             await self._refresh_inactive()
@@ -325,7 +325,7 @@ class BlockNode:
         writable byte view), which the caller then reuses: no copy per request."""
         length = buf.nbytes
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         self._check_range(offset, length)
         if self.state is NodeState.INACTIVE:
             await self._refresh_inactive()
@@ -337,7 +337,7 @@ class BlockNode:
         """:meth:`write` from a borrowed buffer, valid only until this returns
         (the caller reuses it): drivers write it without copying it first."""
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
             # Hooks may keep the data, zero detection reads it as bytes.
             await self.write(offset, bytes(view), fua)
@@ -356,7 +356,7 @@ class BlockNode:
         """:meth:`write_view` of the bytes of a host file span (a job's copy
         between files: :mod:`qmpd.block.extent`)."""
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         if self.write_hooks or self.serialiser is not None or self.detect_zeroes != "off":
             await self.graph.run_io(read_span, span, span.scratch)
             await self.write_view(offset, span.scratch)
@@ -379,7 +379,7 @@ class BlockNode:
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         if self.write_hooks:
             await self._hooked(offset, len(data), data, lambda n: n.write(offset, data, fua),
                                lambda: self._write(offset, data, fua))
@@ -530,7 +530,7 @@ class BlockNode:
         self, offset: int, length: int, may_unmap: bool = False, fua: bool = False
     ) -> None:
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         if self.write_hooks:
             await self._hooked(offset, length, None,
                                lambda n: n.write_zeroes(offset, length, may_unmap, fua),
@@ -562,7 +562,7 @@ class BlockNode:
 
     async def discard(self, offset: int, length: int) -> None:
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         if self.write_hooks:
             await self._hooked(offset, length, None, lambda n: n.discard(offset, length),
                                lambda: self._discard(offset, length))
@@ -604,7 +604,7 @@ class BlockNode:
             # has reached nothing yet, and an inactivation must not wait for
             # it (it is refused when it goes on).
             if self.reloading is not None:
-                await self._reloaded()
+                await self.reloaded()
             self.hooked_writes += 1
             counted = True
             await here()
@@ -632,14 +632,14 @@ class BlockNode:
     async def flush(self) -> None:
         self.stats.flush_operations += 1
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         if self.cache_no_flush:
             return
         await self.driver.flush()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         if self.reloading is not None:
-            await self._reloaded()
+            await self.reloaded()
         self._check_range(offset, max(length, 0))
         if self.state is NodeState.INACTIVE:
             await self._refresh_inactive()

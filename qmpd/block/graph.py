@@ -309,6 +309,9 @@ class BlockGraph(GraphInactivation):
         node.hold_requests()
         node.set_state(NodeState.ACTIVE)
         try:
+            # Its users ask nothing of it while inactive: their needs meet
+            # each other's sharing again now (QEMU's blk_root_activate).
+            self._check_conflicts(node)
             await self.refresh_perms(node)
         except BaseException as exc:
             self._activation_failed(node, exc)
@@ -597,6 +600,11 @@ class BlockGraph(GraphInactivation):
                     # nothing they cached: inactive, for activate_all (cont) to retry.
                     for rest in order[i:]:
                         rest.set_state(NodeState.INACTIVE)
+                    for rest in order[i:]:  # their children's locks follow
+                        try:
+                            await self.refresh_perms(rest)
+                        except Exception as undo:
+                            log.error("node %s: %s", rest.node_name, undo)
                     node.activation_error = str(exc)
                     log.error("invalidation of node %s failed: %s", node.node_name, exc)
                     raise

@@ -173,7 +173,11 @@ class GraphInactivation:
         deferred = {id(node) for node, written_back in later if written_back}
         for pending, written_back in later:
             if written_back:
-                await self.refresh_perms(pending)
+                try:
+                    await self.refresh_perms(pending)
+                finally:
+                    if pending.state is _INACTIVATING:
+                        pending.set_state(_INACTIVE)
                 deferred.discard(id(pending))
                 for edge in list(pending.children.values()):
                     if _unused(edge.child, deferred):
@@ -183,6 +187,7 @@ class GraphInactivation:
 
     async def _inactivate_slowly(self, node: BlockNode) -> None:
         if node.state is _INACTIVE:
+            await self._inactivate_children(node)  # see _inactivate_now
             return
         _check_inactivatable(node)
         await self.write_back(node)
@@ -218,6 +223,11 @@ class GraphInactivation:
         """
         state = node.state
         if state is _INACTIVE:
+            # Left so by a failed activation or re-read: what it still has
+            # active below it goes too.
+            for edge in node.children.values():
+                if edge.child.state is _ACTIVE and _unused(edge.child, deferred):
+                    self._inactivate_now(edge.child, later, deferred)
             return
         used = False
         for edge in node.parents:
@@ -243,11 +253,16 @@ class GraphInactivation:
         # A node with users takes what they ask of it once inactive (nothing:
         # QEMU's blk_root_inactivate) while still inactivating: its driver
         # drops its locks then, as an inactive one no longer changes them.
-        if not (settled and not used and not children) and not self._refresh_perms_now(node):
-            node.state = _INACTIVE
-            deferred.add(id(node))
-            later.append((node, True))
-            return
+        if not (settled and not used and not children):
+            try:
+                refreshed = self._refresh_perms_now(node)
+            except BaseException:
+                node.state = _INACTIVE  # written back: it may not write again
+                raise
+            if not refreshed:  # a used node stays inactivating until then
+                deferred.add(id(node))
+                later.append((node, True))
+                return
         node.state = _INACTIVE
         if children:
             for edge in children.values():  # inactivation changes no node's children

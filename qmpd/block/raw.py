@@ -80,6 +80,8 @@ class RawDriver(BlockDriver):
         child = self._file()
         if child.state is NodeState.INACTIVE:
             await child.driver.refresh_inactive()
+        if child.reloading is not None:  # the child alone is being activated
+            await child.reloaded()
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._file().driver.read(self.offset + offset, length)

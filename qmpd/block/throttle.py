@@ -48,6 +48,8 @@ class ThrottleDriver(BlockDriver):
         child = self._file()
         if child.state is NodeState.INACTIVE:
             await child.driver.refresh_inactive()
+        if child.reloading is not None:  # the child alone is being activated
+            await child.reloaded()
 
     async def read(self, offset: int, length: int) -> bytes:
         await self._intercept(False, length)

@@ -17,7 +17,8 @@ from qmpd.block.core import BlockLayer
 from qmpd.block.driver import BdrvChild, NodeState, NodeUser, Perm
 from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
 from qmpd.block.qcow2.create import create_image
-from qmpd.errors import BlockDriverError
+from qmpd.errors import BlockDriverError, QMPError
+from qmpd.jobs.block_job import JobNodeUser
 from tests.support.block import qcow2
 from tests.support.tools import held_bytes, qemu_img, qemu_io
 
@@ -503,3 +504,60 @@ async def test_an_inactivated_node_with_users_lets_its_locks_go(
     qemu_img("resize", "-f", "raw", str(path), "2M")
     await layer.set_active("f0", True)
     assert held_bytes(path) == {100, 101, 203}
+
+
+async def test_inactivate_all_after_a_failed_re_read_lets_the_child_go_too(
+        tmp_path: Path, layer: BlockLayer) -> None:
+    """A destination whose re-read failed inactivates everything, so that
+    nothing is held while nothing may run: the failed qcow2 node was left
+    inactive over an active file child, which inactivate_all (from the roots)
+    never reached, with its write locks."""
+    node = await layer.add(qcow2(tmp_path, "d"))
+    twin = await layer.add(qcow2(tmp_path, "twin"))
+    path = tmp_path / "d.qcow2"
+    await node.write(0, b"\x01" * 4096)
+    await twin.write(0, b"\x01" * 4096)
+    with open(path, "r+b") as f:
+        f.write(b"XXXX")
+    with pytest.raises(BlockDriverError):
+        await layer.graph.reload_active([node])
+    await layer.inactivate_all()
+    assert node.file is not None and node.file.state is NodeState.INACTIVE
+    # What an inactivation that went well leaves (the shared read byte).
+    assert held_bytes(path) == held_bytes(tmp_path / "twin.qcow2") == {100}
+
+
+async def test_a_used_node_that_must_reopen_read_only_drops_its_locks_too(
+        tmp_path: Path, layer: BlockLayer) -> None:
+    path = tmp_path / "f.img"
+    path.write_bytes(bytes(MiB))
+    node = await layer.add({"driver": "file", "node-name": "f0", "filename": str(path),
+                            "auto-read-only": True})
+    export = NodeUser("export", "e0", writable=True, allow_inactive=True)
+    await layer.graph.add_user(BdrvChild(name="root", role=ChildRole.image(), child=node,
+                                         user=export))
+    assert held_bytes(path)
+    await layer.inactivate_all()
+    assert node.state is NodeState.INACTIVE
+    assert held_bytes(path) == set()
+
+
+async def test_users_that_conflict_meet_at_activation(
+        tmp_path: Path, layer: BlockLayer) -> None:
+    """Users ask nothing of an inactive node, so two that conflict can both
+    be added to it; activation checks them against each other, as QEMU's
+    re-activation of its BlockBackends' permissions does."""
+    path = tmp_path / "f.img"
+    path.write_bytes(bytes(MiB))
+    node = await layer.add({"driver": "file", "node-name": "f0", "filename": str(path)},
+                           inactive=True)
+    for user in (NodeUser("export", "e0", writable=True, allow_inactive=True),
+                 JobNodeUser(kind="mirror job", id="j", writable=True,
+                             perm=Perm.WRITE | Perm.RESIZE,
+                             shared=Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)):
+        await layer.graph.add_user(BdrvChild(name="u", role=ChildRole(0), child=node,
+                                             user=user))
+    with pytest.raises(QMPError, match="write"):
+        await layer.set_active("f0", True)
+    assert node.state is NodeState.INACTIVE
+    assert held_bytes(path) == set()

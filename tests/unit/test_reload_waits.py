@@ -238,3 +238,44 @@ async def test_an_inactive_reads_refresh_overtaken_by_an_activation_keeps_nothin
     assert "Pattern verification failed" not in qemu_io(
         "-f", "qcow2", "-c", "read -P 0xaa 4M 64k", str(path)).stdout
     qemu_img("check", str(path))
+
+
+async def test_a_read_through_a_filter_waits_for_its_childs_own_activation(
+        layer: BlockLayer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read through an inactive throttle node refreshes its qcow2 child;
+    when the child alone is activated meanwhile, the read went on to the
+    child's driver in the middle of its reload (No medium found)."""
+    opts = qcow2(tmp_path, "disk")
+    opts["file"]["drop-cache"] = True  # the reload runs in an I/O thread (as on NFS)
+    await layer.add(opts, inactive=True)
+    layer.graph.objects.add_object({"qom-type": "throttle-group", "id": "tg"})
+    top = await layer.add({"driver": "throttle", "node-name": "top", "file": "disk",
+                           "throttle-group": "tg"}, inactive=True)
+    real = qcow2_driver.read_metadata_blocking
+    loads: list[int] = []
+    first_in = threading.Event()
+    release_first, release_second = threading.Event(), threading.Event()
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        loads.append(1)
+        if len(loads) == 1:  # the read's refresh
+            first_in.set()
+            release_first.wait(10)
+        elif len(loads) == 2:  # the activation's reload
+            release_second.wait(10)
+        return out
+
+    monkeypatch.setattr(qcow2_driver, "read_metadata_blocking", gated)
+    read = asyncio.ensure_future(top.read(0, 512))
+    assert await asyncio.get_running_loop().run_in_executor(None, first_in.wait, 10)
+    activation = asyncio.ensure_future(layer.set_active("disk", True))
+    async with asyncio.timeout(10):
+        while len(loads) < 2:
+            await asyncio.sleep(0.01)
+    release_first.set()
+    await asyncio.sleep(0.2)
+    assert not read.done(), "the read did not wait for the child's reload"
+    release_second.set()
+    await asyncio.wait_for(activation, 10)
+    assert await asyncio.wait_for(read, 10) == bytes(512)
