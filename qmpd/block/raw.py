@@ -6,18 +6,16 @@ import errno
 from typing import Any
 
 from qmpd.block.driver import (
-    BlockDriver,
     BlockDriverError,
-    BlockNode,
     BlockStatus,
     ChildRole,
-    NodeState,
     Perm,
 )
 from qmpd.block.extent import HostSpan
+from qmpd.block.passthrough import FileChildDriver
 
 
-class RawDriver(BlockDriver):
+class RawDriver(FileChildDriver):
     """Options: ``offset`` and ``size`` (bytes); neither makes raw a pure filter."""
 
     format_name = "raw"
@@ -69,19 +67,6 @@ class RawDriver(BlockDriver):
                     errno.EINVAL,
                 )
             self.fixed_size = size
-
-    def _file(self) -> BlockNode:
-        file = self.node.file
-        assert file is not None
-        return file
-
-    async def refresh_inactive(self) -> None:
-        # Reads go to the child's driver, past its node: its refresh too.
-        child = self._file()
-        if child.state is NodeState.INACTIVE:
-            await child.driver.refresh_inactive()
-        if child.reloading is not None:  # the child alone is being activated
-            await child.reloaded()
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._file().driver.read(self.offset + offset, length)

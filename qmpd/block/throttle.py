@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.driver import BlockDriver, BlockStatus, ChildRole, NodeState, Perm
+from qmpd.block.driver import BlockStatus, ChildRole, Perm
+from qmpd.block.passthrough import FileChildDriver
 from qmpd.block.status import layer_status
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 _ROLE = ChildRole.FILTERED | ChildRole.PRIMARY
 
 
-class ThrottleDriver(BlockDriver):
+class ThrottleDriver(FileChildDriver):
     """Options: ``throttle-group`` (an object id) and ``file``."""
 
     format_name = "throttle"
@@ -34,22 +35,9 @@ class ThrottleDriver(BlockDriver):
             self.group.members.discard(self.node.node_name)
             self.group = None
 
-    def _file(self) -> BlockNode:
-        file = self.node.file
-        assert file is not None
-        return file
-
     async def _intercept(self, is_write: bool, size: int) -> None:
         if self.group is not None:
             await self.group.intercept(is_write, size)
-
-    async def refresh_inactive(self) -> None:
-        # Reads go to the child's driver, past its node: its refresh too.
-        child = self._file()
-        if child.state is NodeState.INACTIVE:
-            await child.driver.refresh_inactive()
-        if child.reloading is not None:  # the child alone is being activated
-            await child.reloaded()
 
     async def read(self, offset: int, length: int) -> bytes:
         await self._intercept(False, length)

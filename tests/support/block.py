@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,21 @@ def qcow2(tmp_path: Path, name: str, size: int = 4 * MiB) -> dict[str, Any]:
     create_image(path, size)
     return {"driver": "qcow2", "node-name": name,
             "file": {"driver": "file", "node-name": f"{name}-file", "filename": path}}
+
+
+@asynccontextmanager
+async def held_io(layer: BlockLayer) -> AsyncIterator[None]:
+    """Every I/O thread of ``layer`` busy until the block ends: what is
+    submitted meanwhile (a write, a reload) waits in the queue."""
+    gate = threading.Event()
+    blockers = [asyncio.ensure_future(layer.graph.run_io(gate.wait))
+                for _ in range(layer.graph.io.threads)]
+    await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        gate.set()
+        await asyncio.gather(*blockers)
 
 
 def job_manager(events: list[str]) -> JobManager:

@@ -6,7 +6,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from qmpd.block.locking import _F_OFD_SETLK, _FLOCK, ImageLock, LockError
 from qmpd.block.qcow2.create import create_image
 from qmpd.errors import BlockDriverError, QMPError
 from qmpd.jobs.block_job import JobNodeUser
-from tests.support.block import qcow2
+from tests.support.block import held_io, qcow2
 from tests.support.tools import held_bytes, qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -456,11 +455,7 @@ async def test_the_re_read_of_an_early_activated_node_waits_for_the_writes_under
     node = await layer.add({"driver": "raw", "node-name": "d",
                             "file": {"driver": "file", "node-name": "d-file",
                                      "filename": str(path)}})
-    gate = threading.Event()
-    blockers = [asyncio.ensure_future(layer.graph.run_io(gate.wait))
-                for _ in range(layer.graph.io.threads)]
-    await asyncio.sleep(0.05)
-    try:
+    async with held_io(layer):
         write = asyncio.ensure_future(node.write(0, b"\x5a" * 2 * MiB))
         await asyncio.sleep(0.05)
         reload = asyncio.ensure_future(layer.graph.reload_active([node]))
@@ -469,9 +464,6 @@ async def test_the_re_read_of_an_early_activated_node_waits_for_the_writes_under
         assert node.state is NodeState.ACTIVE and node.stats.invalidations == 0
         with pytest.raises(BlockDriverError, match="inactive"):
             await node.write(3 * MiB, b"\xa5" * 4096)
-    finally:
-        gate.set()
-        await asyncio.gather(*blockers)
     await asyncio.wait_for(write, 10)
     await asyncio.wait_for(reload, 10)
     assert node.state is NodeState.ACTIVE and node.quiesce_counter == 0
