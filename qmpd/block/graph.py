@@ -46,7 +46,7 @@ from qmpd.block.driver import (
 # Re-exported: the graph's users name nodes and their state through it.
 from qmpd.block.driver import BlockNode as BlockNode
 from qmpd.block.driver import NodeState as NodeState
-from qmpd.block.inactivation import GraphInactivation, written_from_outside
+from qmpd.block.inactivation import GraphInactivation, hold_writes, release, written_from_outside
 from qmpd.block.iopool import IOPool
 from qmpd.errors import GenericError
 from qmpd.objects import ObjectRegistry
@@ -573,18 +573,13 @@ class BlockGraph(GraphInactivation):
             visit(node)
         # As an inactivation: the writes under way end first, new ones are
         # refused until the reload is over (the drivers' own go on).
-        tops = [node for node in order if written_from_outside(node)]
-        for node in tops:
-            node.quiesce_counter += 1
+        tops = await hold_writes([node for node in order if written_from_outside(node)], order)
         try:
-            for node in order:
-                await node.drain_writes()
             for node in reversed(order):
                 await self.write_back(node)
             await self._reload_written_back(order)
         finally:
-            for node in tops:
-                node.quiesce_counter -= 1
+            release(tops)
 
     async def _reload_written_back(self, order: list[BlockNode]) -> None:
         held = [node for node in order if node.reloading is None]  # as activate_all

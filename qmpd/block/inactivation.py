@@ -16,7 +16,7 @@ import operator
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from qmpd.block.driver import PERM_ALL, BlockDriverError, BlockNode, NodeState, Perm
+from qmpd.block.driver import PERM_ALL, BlockDriverError, BlockNode, NodeState, NodeUser, Perm
 from qmpd.block.reloads import subtree
 from qmpd.errors import GenericError
 
@@ -33,26 +33,41 @@ _PERM_ALL = int(PERM_ALL)
 _WRITE_OR_RESIZE = int(Perm.WRITE | Perm.RESIZE)
 
 
+def _refusing_user(node: BlockNode) -> NodeUser | None:
+    """A writable user of ``node`` without allow-inactive: its inactivation is refused."""
+    for edge in node.parents:
+        user = edge.user
+        if user is not None and user.writable and not user.allow_inactive:
+            return user
+    return None
+
+
 def _check_inactivatable(node: BlockNode) -> None:
-    for edge in node.parents:
-        user = edge.user
-        if user is not None and user.writable and not user.allow_inactive:
-            raise BlockDriverError(
-                f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
-            )
+    user = _refusing_user(node)
+    if user is not None:
+        raise BlockDriverError(
+            f"Node '{node.node_name}' is in use by {user.describe()}", errno.EPERM
+        )
 
 
-def _refuses_inactivation(node: BlockNode) -> bool:
-    """Whether :func:`_check_inactivatable` refuses ``node``."""
-    for edge in node.parents:
-        user = edge.user
-        if user is not None and user.writable and not user.allow_inactive:
-            return True
-    return False
+async def hold_writes(tops: list[BlockNode], members: list[BlockNode]) -> list[BlockNode]:
+    """Refuse new writes into ``tops`` and wait for those under way on
+    ``members``; returns ``tops``, for the caller to :func:`release` once
+    the inactivation (or re-read) is over."""
+    for top in tops:
+        top.quiesce_counter += 1
+    try:
+        while (busy := next((n for n in members if n.plain_writes or n.hooked_writes),
+                            None)) is not None:
+            await busy.drain_writes()
+    except BaseException:
+        release(tops)
+        raise
+    return tops
 
 
-def _release(tops: list[BlockNode]) -> None:
-    """The end of :meth:`GraphInactivation.quiesce`."""
+def release(tops: list[BlockNode]) -> None:
+    """The end of :func:`hold_writes`."""
     for top in tops:
         top.quiesce_counter -= 1
 
@@ -116,7 +131,7 @@ class GraphInactivation:
             self._inactivate_now(node, later, set())
             await self._finish_later(later)
         finally:
-            _release(tops)
+            release(tops)
 
     async def quiesce(self, node: BlockNode | None = None) -> list[BlockNode]:
         """Before an inactivation below ``node`` (every node: None): refuse new
@@ -126,7 +141,7 @@ class GraphInactivation:
         still in a driver's thread or in librbd would land after the
         write-back and the lock release, on an image another host may own by
         then).  Returns the nodes refusing writes, for the caller to let go
-        (:func:`_release`) once the inactivation is over, not before: a node
+        (:func:`release`) once the inactivation is over, not before: a node
         waiting for its turn to write back is still active, and a request
         already queued on the loop would otherwise slip in.  The drivers' own
         writes (a format's write-back into its file) go on.  A tree whose
@@ -135,23 +150,14 @@ class GraphInactivation:
         everything = list(self.nodes.values()) if node is None else list(subtree(node))
         tops: list[BlockNode] = []
         for n in everything:
-            if _refuses_inactivation(n):
+            if _refusing_user(n) is not None:
                 tops, members = self._quiesce_trees(node, everything)
                 break
             if n is node or written_from_outside(n):
                 tops.append(n)
         else:
             members = everything
-        for top in tops:
-            top.quiesce_counter += 1
-        try:
-            while (busy := next((n for n in members if n.plain_writes or n.hooked_writes),
-                                None)) is not None:
-                await busy.drain_writes()
-        except BaseException:
-            _release(tops)
-            raise
-        return tops
+        return await hold_writes(tops, members)
 
     def _quiesce_trees(self, node: BlockNode | None, everything: list[BlockNode]
                        ) -> tuple[list[BlockNode], list[BlockNode]]:
@@ -160,7 +166,7 @@ class GraphInactivation:
         tops: list[BlockNode] = []
         members: list[BlockNode] = []
         for roots, nodes in trees:
-            if any(_refuses_inactivation(n) for n in nodes):
+            if any(_refusing_user(n) is not None for n in nodes):
                 continue  # it stays active: nothing to wait for nor refuse
             members += nodes
             tops += roots
@@ -445,7 +451,7 @@ class GraphInactivation:
         try:
             await self._inactivate_all()
         finally:
-            _release(tops)
+            release(tops)
 
     async def _inactivate_all(self) -> None:
         trees = self._root_groups()
